@@ -1,0 +1,557 @@
+//! The configuration model (`sluice.toml`) and its loader.
+//!
+//! Every key has a default, so an empty file (or no file) is a working relay on
+//! loopback. Unknown keys and bad values are errors naming the dotted key and, when
+//! it came from the file, its line. `--set a.b.c=value` overrides are applied to the
+//! parsed document before it is deserialized.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// Text of the example configuration shipped in the repository; its values are
+/// the built-in defaults, and a test keeps the two in agreement.
+pub const EXAMPLE_CONFIG: &str = include_str!("../../sluice.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{origin}: key `{key}`{}: {message}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Invalid {
+        origin: String,
+        key: String,
+        line: Option<usize>,
+        message: String,
+    },
+    #[error("{origin}: TOML syntax error{}: {message}", line.map(|l| format!(" at line {l}")).unwrap_or_default())]
+    Syntax {
+        origin: String,
+        line: Option<usize>,
+        message: String,
+    },
+    #[error("--set {arg}: {message}")]
+    Override { arg: String, message: String },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub spool: SpoolSection,
+    pub relay: RelaySection,
+    pub auth: AuthSection,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub hostname: String,
+    pub cores: usize,
+    pub io_memory: ByteSize,
+    pub ring_depth: usize,
+    pub shutdown_grace: HumanDuration,
+    pub listener: BTreeMap<String, ListenerConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            hostname: "localhost".into(),
+            cores: 0,
+            io_memory: ByteSize(512 * 1024),
+            ring_depth: 128,
+            shutdown_grace: HumanDuration(Duration::from_secs(10)),
+            listener: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Smtp,
+    Lmtp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    None,
+    Starttls,
+    Implicit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareNewline {
+    Reject,
+    Accept,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    pub bind: Vec<SocketAddr>,
+    pub protocol: Protocol,
+    pub tls: TlsMode,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub greeting: String,
+    pub hostname: Option<String>,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub proxy_trusted_networks: Vec<String>,
+    pub auth_plaintext: bool,
+    pub max_message_size: ByteSize,
+    pub max_recipients: usize,
+    pub max_line_length: usize,
+    pub max_errors: usize,
+    pub idle_timeout: HumanDuration,
+    pub session_timeout: HumanDuration,
+    pub bare_newline: BareNewline,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            bind: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
+            protocol: Protocol::Smtp,
+            tls: TlsMode::None,
+            tls_cert: None,
+            tls_key: None,
+            greeting: "ESMTP sluice".into(),
+            hostname: None,
+            max_connections: 4096,
+            max_connections_per_ip: 128,
+            proxy_trusted_networks: Vec::new(),
+            auth_plaintext: false,
+            max_message_size: ByteSize(50 * 1024 * 1024),
+            max_recipients: 1000,
+            max_line_length: 2048,
+            max_errors: 10,
+            idle_timeout: HumanDuration(Duration::from_secs(300)),
+            session_timeout: HumanDuration(Duration::from_secs(1800)),
+            bare_newline: BareNewline::Reject,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolSection {
+    pub path: PathBuf,
+    pub map_size: ByteSize,
+    pub max_batch: usize,
+    pub sync: bool,
+}
+
+impl Default for SpoolSection {
+    fn default() -> Self {
+        SpoolSection {
+            path: PathBuf::from("./data"),
+            map_size: ByteSize(4 << 30),
+            max_batch: 512,
+            sync: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelaySection {
+    pub local_domains: Vec<String>,
+    pub relay_networks: Vec<String>,
+}
+
+impl Default for RelaySection {
+    fn default() -> Self {
+        RelaySection {
+            local_domains: Vec::new(),
+            relay_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    pub users: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// A size in bytes: an integer, or a string with a unit ("512KiB", "50MiB", "4GiB", "10MB").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size like 512KiB, 50MiB or 4GiB"))?;
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            "t" | "tb" => 1_000_000_000_000,
+            "tib" => 1 << 40,
+            other => return Err(format!("unknown size unit `{other}` in `{text}`")),
+        };
+        number
+            .checked_mul(multiplier)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size `{text}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size: an integer number of bytes or a string like \"50MiB\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A duration written as "30s", "5m", "1h 30m".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(|e| de::Error::custom(format!("`{text}` is not a duration like 30s or 5m: {e}")))
+    }
+}
+
+impl Config {
+    /// Parse a configuration text, then apply `--set` overrides (each `dotted.key=value`).
+    /// `origin` names the source in errors (a file path, or "built-in defaults").
+    pub fn load(origin: &str, text: &str, overrides: &[String]) -> Result<Config, ConfigError> {
+        let doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
+            ConfigError::Syntax {
+                origin: origin.to_string(),
+                line: e.span().map(|s| line_of(text, s.start)),
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        // Deserialize the file alone first, so an error in it is reported with the
+        // file's own line numbers before overrides shift anything.
+        let mut config = deserialize(origin, text)?;
+        if !overrides.is_empty() {
+            let mut doc = doc;
+            for arg in overrides {
+                apply_override(&mut doc, arg)?;
+            }
+            let merged = doc.to_string();
+            config = deserialize(origin, &merged).map_err(|e| match e {
+                ConfigError::Invalid { key, message, .. } => ConfigError::Override {
+                    arg: overrides
+                        .iter()
+                        .find(|o| o.split('=').next().is_some_and(|k| key.starts_with(k.trim())))
+                        .cloned()
+                        .unwrap_or_else(|| key.clone()),
+                    message: format!("key `{key}`: {message}"),
+                },
+                other => other,
+            })?;
+        }
+        config.finish(origin, text)?;
+        Ok(config)
+    }
+
+    /// Fill implied values and check what serde cannot: cross-key rules.
+    fn finish(&mut self, origin: &str, text: &str) -> Result<(), ConfigError> {
+        if self.server.listener.is_empty() {
+            self.server
+                .listener
+                .insert("smtp".to_string(), ListenerConfig::default());
+        }
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            line: find_key_line(text, &key),
+            origin: origin.to_string(),
+            key,
+            message,
+        };
+        for (name, l) in &self.server.listener {
+            let key = |k: &str| format!("server.listener.{name}.{k}");
+            if l.bind.is_empty() {
+                return Err(invalid(key("bind"), "at least one address is needed".into()));
+            }
+            if l.tls != TlsMode::None && (l.tls_cert.is_none() || l.tls_key.is_none()) {
+                return Err(invalid(
+                    key("tls"),
+                    "tls_cert and tls_key are required when tls is not \"none\"".into(),
+                ));
+            }
+            if l.max_line_length < 512 {
+                return Err(invalid(
+                    key("max_line_length"),
+                    "must be at least 512 (RFC 5321 §4.5.3.1.4)".into(),
+                ));
+            }
+            if l.max_recipients == 0 || l.max_recipients > 100_000 {
+                return Err(invalid(key("max_recipients"), "must be 1 ..= 100000".into()));
+            }
+            if l.max_connections == 0 {
+                return Err(invalid(key("max_connections"), "must be at least 1".into()));
+            }
+            if l.max_errors == 0 {
+                return Err(invalid(key("max_errors"), "must be at least 1".into()));
+            }
+            if l.idle_timeout.0.is_zero() || l.session_timeout.0.is_zero() {
+                return Err(invalid(key("idle_timeout"), "timeouts must be above zero".into()));
+            }
+            if let Err(e) = sluice_policy::NetworkList::parse(&l.proxy_trusted_networks) {
+                return Err(invalid(key("proxy_trusted_networks"), e.to_string()));
+            }
+        }
+        if self.server.cores > 64 {
+            return Err(invalid("server.cores".into(), "at most 64 cores (spool shard id is 6 bits)".into()));
+        }
+        if self.spool.max_batch == 0 {
+            return Err(invalid("spool.max_batch".into(), "must be at least 1".into()));
+        }
+        if self.spool.map_size.0 < (1 << 20) {
+            return Err(invalid("spool.map_size".into(), "must be at least 1MiB".into()));
+        }
+        if let Err(e) = self.relay_policy() {
+            let key = if e.to_string().contains("network") || e.to_string().contains("CIDR") {
+                "relay.relay_networks"
+            } else {
+                "relay.local_domains"
+            };
+            return Err(invalid(key.into(), e.to_string()));
+        }
+        if let Err(e) = sluice_policy::Credentials::new(self.auth.users.clone()) {
+            return Err(invalid("auth.users".into(), e.to_string()));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid("log.level".into(), e.to_string()));
+        }
+        Ok(())
+    }
+
+    pub fn relay_policy(&self) -> Result<sluice_policy::RelayPolicy, sluice_policy::PolicyError> {
+        let networks = sluice_policy::NetworkList::parse(&self.relay.relay_networks)?;
+        sluice_policy::RelayPolicy::new(&self.relay.local_domains, networks)
+    }
+}
+
+fn deserialize(origin: &str, text: &str) -> Result<Config, ConfigError> {
+    let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax {
+        origin: origin.to_string(),
+        line: e.span().map(|s| line_of(text, s.start)),
+        message: e.message().trim().to_string(),
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner
+            .span()
+            .map(|s| line_of(text, s.start))
+            .or_else(|| find_key_line(text, &key));
+        ConfigError::Invalid {
+            origin: origin.to_string(),
+            key,
+            line,
+            message: inner.message().trim().to_string(),
+        }
+    })
+}
+
+/// Set `dotted.key=value` in the document. The value is parsed as TOML; if it is not
+/// valid TOML it is taken as a plain string, so `--set spool.path=/var/spool` works.
+fn apply_override(doc: &mut toml_edit::DocumentMut, arg: &str) -> Result<(), ConfigError> {
+    let err = |message: String| ConfigError::Override {
+        arg: arg.to_string(),
+        message,
+    };
+    let (path, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| err("expected dotted.key=value".into()))?;
+    let keys: Vec<&str> = path.trim().split('.').map(str::trim).collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(err("empty key segment".into()));
+    }
+    let value: toml_edit::Value = match format!("v = {raw}").parse::<toml_edit::DocumentMut>() {
+        Ok(parsed) => match parsed.get("v").and_then(|i| i.as_value()) {
+            Some(v) => v.clone(),
+            None => toml_edit::Value::from(raw),
+        },
+        Err(_) => toml_edit::Value::from(raw),
+    };
+    let (last, parents) = keys
+        .split_last()
+        .ok_or_else(|| err("empty key".into()))?;
+    let mut table: &mut dyn toml_edit::TableLike = doc.as_table_mut();
+    for key in parents {
+        let entry = table
+            .entry(key)
+            .or_insert(toml_edit::Item::Table(toml_edit::Table::new()));
+        table = entry
+            .as_table_like_mut()
+            .ok_or_else(|| err(format!("`{key}` is not a table")))?;
+    }
+    table.insert(last, toml_edit::Item::Value(value));
+    Ok(())
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Line of a dotted key in the file, for errors found after deserialization.
+fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
+    let doc: toml_edit::Document<&str> = toml_edit::Document::parse(text).ok()?;
+    let mut item: &toml_edit::Item = doc.as_item();
+    let mut span = None;
+    for key in dotted.split('.') {
+        let table = item.as_table_like()?;
+        let (k, v) = table.get_key_value(key)?;
+        span = k.span().or(v.span()).or(span);
+        item = v;
+    }
+    span.map(|s| line_of(text, s.start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_is_valid_and_equals_defaults() {
+        let from_file = Config::load("sluice.toml", EXAMPLE_CONFIG, &[]).expect("example loads");
+        let defaults = Config::load("defaults", "", &[]).expect("defaults load");
+        assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = "[server]\nhostname = \"a\"\nbogus = 1\n";
+        let err = Config::load("t.toml", text, &[]).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_key_and_line() {
+        let text = "[spool]\npath = \"x\"\nmap_size = \"lots\"\n";
+        let err = Config::load("t.toml", text, &[]).unwrap_err().to_string();
+        assert!(err.contains("spool.map_size"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn listener_value_error_has_path() {
+        let text = "[server.listener.a]\nbind = [\"127.0.0.1:25\"]\ntls = \"sometimes\"\n";
+        let err = Config::load("t.toml", text, &[]).unwrap_err().to_string();
+        assert!(err.contains("server.listener.a.tls"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn cross_key_error_has_line() {
+        let text = "[server.listener.a]\nbind = [\"127.0.0.1:25\"]\ntls = \"starttls\"\n";
+        let err = Config::load("t.toml", text, &[]).unwrap_err().to_string();
+        assert!(err.contains("server.listener.a.tls"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn overrides_apply_by_dotted_path() {
+        let cfg = Config::load(
+            "t",
+            "",
+            &[
+                "server.listener.smtp.bind=[\"127.0.0.1:2600\"]".into(),
+                "spool.path=/tmp/x y".into(),
+                "server.cores=1".into(),
+            ],
+        )
+        .expect("loads");
+        assert_eq!(cfg.server.cores, 1);
+        assert_eq!(cfg.spool.path, PathBuf::from("/tmp/x y"));
+        assert_eq!(
+            cfg.server.listener["smtp"].bind,
+            vec!["127.0.0.1:2600".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn bad_override_is_reported() {
+        let err = Config::load("t", "", &["server.cores=many".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.cores"), "{err}");
+        assert!(Config::load("t", "", &["nokey".into()]).is_err());
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(ByteSize::parse("512KiB"), Ok(ByteSize(512 * 1024)));
+        assert_eq!(ByteSize::parse("10MB"), Ok(ByteSize(10_000_000)));
+        assert!(ByteSize::parse("12 parsecs").is_err());
+    }
+}

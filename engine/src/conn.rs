@@ -1,0 +1,421 @@
+//! The connection driver: the thin I/O loop around the sans-IO SMTP session.
+//!
+//! It reads from the socket (plain or TLS), feeds the session, writes its replies,
+//! and carries out its actions: store in the spool, verify a password off the
+//! executor, start TLS. Replies to pipelined commands are written together once the
+//! input at hand is used up (RFC 2920 allows it; it saves syscalls).
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use glommio::timer::Timer;
+use sluice_policy::{Credentials, NetworkList};
+use sluice_spool::{IdGenerator, Spool};
+
+use crate::config::{ListenerConfig, TlsMode};
+use crate::proxy::{self, ProxyParse};
+use crate::smtp::server::{self, Action, PeerInfo, Session, SessionConfig, Submission};
+
+/// Everything about one listener that all cores share.
+pub struct ListenerShared {
+    pub name: String,
+    pub session: Arc<SessionConfig>,
+    pub tls_mode: TlsMode,
+    pub tls: Option<futures_rustls::TlsAcceptor>,
+    pub proxy_trusted: NetworkList,
+    pub max_connections: usize,
+    pub max_per_ip: usize,
+    pub idle_timeout: Duration,
+    pub session_timeout: Duration,
+    /// Connections open on this listener, all cores together (exact global limit).
+    pub active: AtomicUsize,
+    /// Connections per client IP, all cores together. Touched once per connection
+    /// open and close, never per command, so a mutex is cheap enough here.
+    pub per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl ListenerShared {
+    pub fn new(
+        name: &str,
+        cfg: &ListenerConfig,
+        session: Arc<SessionConfig>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<ListenerShared, sluice_policy::PolicyError> {
+        Ok(ListenerShared {
+            name: name.to_string(),
+            session,
+            tls_mode: cfg.tls,
+            tls: tls.map(futures_rustls::TlsAcceptor::from),
+            proxy_trusted: NetworkList::parse(&cfg.proxy_trusted_networks)?,
+            max_connections: cfg.max_connections,
+            max_per_ip: cfg.max_connections_per_ip,
+            idle_timeout: cfg.idle_timeout.0,
+            session_timeout: cfg.session_timeout.0,
+            active: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// What a connection task needs from its core.
+pub struct CoreContext {
+    pub core: u16,
+    pub spool: Arc<Spool>,
+    pub ids: Rc<IdGenerator>,
+    pub credentials: Arc<Credentials>,
+    pub shutdown: Arc<event_listener::Event>,
+    pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
+    /// Sessions alive on this core (for the drain at shutdown).
+    pub sessions: Cell<usize>,
+}
+
+const READ_BUFFER: usize = 64 * 1024;
+const PROXY_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::server::TlsStream<TcpStream>>),
+    /// Transient, while a STARTTLS handshake owns the stream.
+    Gone,
+}
+
+impl Conn {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf).await,
+            Conn::Tls(s) => s.read(buf).await,
+            Conn::Gone => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.write_all(data).await,
+            Conn::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Conn::Gone => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    async fn close(&mut self) {
+        match self {
+            Conn::Plain(s) => {
+                let _ = s.close().await;
+            }
+            Conn::Tls(s) => {
+                let _ = s.close().await;
+            }
+            Conn::Gone => {}
+        }
+    }
+}
+
+/// Removes this connection from the listener's counters when the session ends.
+struct Admission<'a> {
+    listener: &'a ListenerShared,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.listener.active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.ip {
+            if let Ok(mut map) = self.listener.per_ip.lock() {
+                if let Some(n) = map.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        map.remove(&ip);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<'a> Admission<'a> {
+    fn admit_ip(&mut self, ip: IpAddr) -> bool {
+        let Ok(mut map) = self.listener.per_ip.lock() else {
+            return false;
+        };
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.listener.max_per_ip {
+            return false;
+        }
+        *n += 1;
+        self.ip = Some(ip);
+        true
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Races a future against a timer; None when the timer wins.
+async fn within<T>(dur: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(fut.await) }, async {
+        Timer::new(dur).await;
+        None
+    })
+    .await
+}
+
+pub async fn handle(stream: TcpStream, listener: Arc<ListenerShared>, ctx: Rc<CoreContext>) {
+    let socket_peer = match stream.peer_addr() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!("peer address unavailable: {e}");
+            return;
+        }
+    };
+    ctx.sessions.set(ctx.sessions.get() + 1);
+    let result = serve(stream, socket_peer, &listener, &ctx).await;
+    ctx.sessions.set(ctx.sessions.get() - 1);
+    if let Err(e) = result {
+        tracing::debug!(peer = %socket_peer, listener = %listener.name, "connection ended: {e}");
+    }
+}
+
+async fn serve(
+    stream: TcpStream,
+    socket_peer: SocketAddr,
+    listener: &ListenerShared,
+    ctx: &CoreContext,
+) -> std::io::Result<()> {
+    let hostname = listener.session.hostname.clone();
+    let mut conn = Conn::Plain(stream);
+    let mut buf = vec![0u8; READ_BUFFER];
+    let (mut start, mut end) = (0usize, 0usize);
+
+    let previous = listener.active.fetch_add(1, Ordering::Relaxed);
+    let mut admission = Admission { listener, ip: None };
+    if previous >= listener.max_connections {
+        tracing::warn!(peer = %socket_peer, listener = %listener.name, "connection limit reached");
+        conn.write_all(&server::refusal(&hostname, "Error: too many connections")).await?;
+        conn.close().await;
+        return Ok(());
+    }
+
+    // PROXY protocol: only from trusted networks, and then mandatory.
+    let mut peer = socket_peer;
+    if !listener.proxy_trusted.is_empty() {
+        if !listener.proxy_trusted.contains(socket_peer.ip()) {
+            tracing::warn!(peer = %socket_peer, "PROXY listener: connection from untrusted network refused");
+            conn.close().await;
+            return Ok(());
+        }
+        loop {
+            match proxy::parse(&buf[..end]) {
+                ProxyParse::Header { len, source } => {
+                    if let Some(src) = source {
+                        peer = src;
+                    }
+                    start = len;
+                    break;
+                }
+                ProxyParse::Invalid(why) => {
+                    tracing::warn!(peer = %socket_peer, "bad PROXY header: {why}");
+                    conn.close().await;
+                    return Ok(());
+                }
+                ProxyParse::Incomplete => {
+                    if end >= proxy::MAX_HEADER {
+                        conn.close().await;
+                        return Ok(());
+                    }
+                    let n = match within(PROXY_TIMEOUT, conn.read(&mut buf[end..proxy::MAX_HEADER])).await {
+                        Some(r) => r?,
+                        None => return Ok(()),
+                    };
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    end += n;
+                }
+            }
+        }
+    }
+
+    if !admission.admit_ip(peer.ip()) {
+        tracing::warn!(client_ip = %peer.ip(), listener = %listener.name, "per-IP connection limit reached");
+        conn.write_all(&server::refusal(&hostname, "Error: too many connections from your address")).await?;
+        conn.close().await;
+        return Ok(());
+    }
+    if ctx.spool.is_failed() || ctx.shutting_down.load(Ordering::Relaxed) {
+        conn.write_all(&server::refusal(&hostname, "Service not available")).await?;
+        conn.close().await;
+        return Ok(());
+    }
+
+    let mut tls_info = None;
+    if listener.tls_mode == TlsMode::Implicit {
+        let Some(acceptor) = &listener.tls else {
+            return Ok(());
+        };
+        let Conn::Plain(tcp) = std::mem::replace(&mut conn, Conn::Gone) else {
+            return Ok(());
+        };
+        match within(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Some(Ok(tls)) => {
+                tls_info = Some(crate::tls::describe(tls.get_ref().1));
+                conn = Conn::Tls(Box::new(tls));
+            }
+            Some(Err(e)) => {
+                tracing::info!(client_ip = %peer.ip(), "TLS handshake failed: {e}");
+                return Ok(());
+            }
+            None => return Ok(()),
+        }
+    }
+
+    let started = Instant::now();
+    let mut session = Session::new(
+        listener.session.clone(),
+        ctx.ids.clone(),
+        PeerInfo {
+            ip: peer.ip(),
+            port: peer.port(),
+            tls: tls_info,
+        },
+    );
+    tracing::debug!(client_ip = %peer.ip(), listener = %listener.name, core = ctx.core, "connected");
+    session.greeting();
+
+    loop {
+        // Use up the input at hand; stop early for actions.
+        while start < end {
+            let (used, action) = session.receive(&buf[start..end], now_ms());
+            start += used;
+            match action {
+                Action::Read => {}
+                Action::Close => {
+                    conn.write_all(session.output()).await?;
+                    conn.close().await;
+                    return Ok(());
+                }
+                Action::StartTls => {
+                    conn.write_all(session.output()).await?;
+                    session.clear_output();
+                    // Bytes the client pipelined after STARTTLS were sent in clear
+                    // text before the handshake: they are dropped, never executed.
+                    start = 0;
+                    end = 0;
+                    let Some(acceptor) = &listener.tls else {
+                        return Ok(());
+                    };
+                    let Conn::Plain(tcp) = std::mem::replace(&mut conn, Conn::Gone) else {
+                        return Ok(());
+                    };
+                    match within(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Some(Ok(tls)) => {
+                            let info = crate::tls::describe(tls.get_ref().1);
+                            conn = Conn::Tls(Box::new(tls));
+                            session.tls_established(info);
+                        }
+                        Some(Err(e)) => {
+                            tracing::info!(client_ip = %peer.ip(), "STARTTLS handshake failed: {e}");
+                            return Ok(());
+                        }
+                        None => return Ok(()),
+                    }
+                }
+                Action::Store(submission) => {
+                    // Replies owed for earlier pipelined commands go out first.
+                    if !session.output().is_empty() {
+                        conn.write_all(session.output()).await?;
+                        session.clear_output();
+                    }
+                    let Submission { id, envelope, body } = *submission;
+                    let summary = server::TxSummary::of(&envelope);
+                    let result = ctx.spool.store(ctx.core, id, envelope, body).await;
+                    session.store_result(id, &summary, result);
+                }
+                Action::Authenticate { user, password } => {
+                    let credentials = ctx.credentials.clone();
+                    let user_for_check = user.clone();
+                    let ok = glommio::executor()
+                        .spawn_blocking(move || credentials.verify(&user_for_check, &password))
+                        .await;
+                    session.auth_result(user, ok);
+                }
+            }
+        }
+        start = 0;
+        if !session.output().is_empty() {
+            conn.write_all(session.output()).await?;
+            session.clear_output();
+        }
+        if session.is_closed() {
+            conn.close().await;
+            return Ok(());
+        }
+
+        let remaining = listener.session_timeout.saturating_sub(started.elapsed());
+        let wait = listener.idle_timeout.min(remaining);
+        let idle = !session.in_transaction();
+        let shutdown = ctx.shutdown.listen();
+        // Between transactions a shutdown ends the session at once; inside one, the
+        // client gets until its timeout (bounded by the shutdown grace).
+        let stop_now = idle && ctx.shutting_down.load(Ordering::Relaxed);
+        let outcome = if stop_now {
+            ReadOutcome::Shutdown
+        } else {
+            futures_lite::future::or(
+                async { ReadOutcome::Data(conn.read(&mut buf).await) },
+                futures_lite::future::or(
+                    async {
+                        Timer::new(wait).await;
+                        ReadOutcome::Timeout
+                    },
+                    async {
+                        if idle {
+                            shutdown.await;
+                            ReadOutcome::Shutdown
+                        } else {
+                            std::future::pending().await
+                        }
+                    },
+                ),
+            )
+            .await
+        };
+        match outcome {
+            ReadOutcome::Data(Ok(0)) => return Ok(()),
+            ReadOutcome::Data(Ok(n)) => end = n,
+            ReadOutcome::Data(Err(e)) => return Err(e),
+            ReadOutcome::Timeout => {
+                tracing::info!(client_ip = %peer.ip(), listener = %listener.name, "session timeout");
+                session.timeout();
+                conn.write_all(session.output()).await?;
+                conn.close().await;
+                return Ok(());
+            }
+            ReadOutcome::Shutdown => {
+                session.shutdown();
+                conn.write_all(session.output()).await?;
+                conn.close().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+enum ReadOutcome {
+    Data(std::io::Result<usize>),
+    Timeout,
+    Shutdown,
+}

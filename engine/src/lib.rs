@@ -1,0 +1,10 @@
+//! sluice engine: configuration, the thread-per-core runtime, listeners and the
+//! SMTP server. The `sluice` binary (main.rs) is a thin command line over this.
+
+pub mod config;
+pub mod conn;
+pub mod proxy;
+pub mod runtime;
+pub mod smtp;
+pub mod spool_view;
+pub mod tls;

@@ -1,0 +1,259 @@
+//! Thread-per-core runtime: one pinned glommio executor per core, each with its own
+//! SO_REUSEPORT socket per listener address, so the kernel spreads connections and a
+//! session lives and dies on the core that accepted it.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use glommio::net::TcpListener;
+use glommio::timer::Timer;
+use glommio::{LocalExecutorBuilder, Placement};
+use sluice_policy::Credentials;
+use sluice_spool::{IdGenerator, Spool, SpoolConfig};
+
+use crate::config::{Config, TlsMode};
+use crate::conn::{self, CoreContext, ListenerShared};
+use crate::smtp::server::SessionConfig;
+
+/// Starts the relay and blocks until it has shut down (SIGTERM or SIGINT).
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = if config.server.cores == 0 { cpus } else { config.server.cores };
+
+    let spool = Arc::new(
+        Spool::open(&SpoolConfig {
+            path: config.spool.path.clone(),
+            shards: cores as u16,
+            map_size: config.spool.map_size.0 as usize,
+            max_batch: config.spool.max_batch,
+            sync: config.spool.sync,
+        })
+        .with_context(|| format!("opening spool at {}", config.spool.path.display()))?,
+    );
+    let report = spool.recover().context("spool recovery")?;
+    tracing::info!(
+        messages = report.messages,
+        bytes = report.bytes,
+        elapsed_ms = report.elapsed.as_secs_f64() * 1000.0,
+        shards = spool.shard_count(),
+        "spool recovered"
+    );
+
+    let relay = Arc::new(config.relay_policy()?);
+    let credentials = Arc::new(Credentials::new(config.auth.users.clone())?);
+    let mut listeners = Vec::new();
+    for (name, l) in &config.server.listener {
+        let tls = match (l.tls, &l.tls_cert, &l.tls_key) {
+            (TlsMode::None, _, _) => None,
+            (_, Some(cert), Some(key)) => Some(
+                crate::tls::server_config(cert, key)
+                    .with_context(|| format!("server.listener.{name}: TLS"))?,
+            ),
+            _ => return Err(anyhow!("server.listener.{name}: tls_cert and tls_key are required")),
+        };
+        let session = Arc::new(SessionConfig::from_listener(
+            name,
+            l,
+            &config.server.hostname,
+            relay.clone(),
+            !credentials.is_empty(),
+        ));
+        let shared = Arc::new(ListenerShared::new(name, l, session, tls)?);
+        for addr in &l.bind {
+            listeners.push((shared.clone(), *addr));
+        }
+    }
+
+    let shutdown = Arc::new(event_listener::Event::new());
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let signals = spawn_signal_thread(shutdown.clone(), shutting_down.clone())?;
+
+    let grace = config.server.shutdown_grace.0;
+    let mut handles = Vec::with_capacity(cores);
+    // Each executor reports once its sockets are bound, so "listening" is logged
+    // only when connections can really be accepted.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<u16, String>>();
+    for core in 0..cores {
+        let spool = spool.clone();
+        let listeners = listeners.clone();
+        let credentials = credentials.clone();
+        let shutdown = shutdown.clone();
+        let shutting_down = shutting_down.clone();
+        let ready = ready_tx.clone();
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(core % cpus))
+            .name(&format!("sluice-core-{core}"))
+            .io_memory(config.server.io_memory.0 as usize)
+            .ring_depth(config.server.ring_depth)
+            .spawn(move || async move {
+                let result = core_main(
+                    core as u16,
+                    spool,
+                    listeners,
+                    credentials,
+                    shutdown,
+                    shutting_down,
+                    grace,
+                    ready,
+                )
+                .await;
+                if let Err(e) = &result {
+                    tracing::error!(core, "executor failed: {e:#}");
+                }
+                result
+            })
+            .map_err(|e| anyhow!("starting executor for core {core}: {e}"))?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    let mut ready = 0;
+    for msg in ready_rx.iter() {
+        match msg {
+            Ok(_) => ready += 1,
+            Err(e) => {
+                shutting_down.store(true, Ordering::SeqCst);
+                shutdown.notify(usize::MAX);
+                for h in handles {
+                    let _ = h.join();
+                }
+                return Err(anyhow!(e));
+            }
+        }
+        if ready == cores {
+            let addrs: Vec<String> = listeners
+                .iter()
+                .map(|(l, a)| format!("{}={a}", l.name))
+                .collect();
+            tracing::info!(cores, listeners = %addrs.join(","), "sluice listening");
+            break;
+        }
+    }
+
+    let mut failed = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed = Some(e),
+            Err(e) => failed = Some(anyhow!("executor thread panicked or failed: {e}")),
+        }
+    }
+    spool.shutdown();
+    drop(signals);
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("sluice stopped");
+            Ok(())
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn core_main(
+    core: u16,
+    spool: Arc<Spool>,
+    listeners: Vec<(Arc<ListenerShared>, std::net::SocketAddr)>,
+    credentials: Arc<Credentials>,
+    shutdown: Arc<event_listener::Event>,
+    shutting_down: Arc<AtomicBool>,
+    grace: Duration,
+    ready: std::sync::mpsc::Sender<Result<u16, String>>,
+) -> anyhow::Result<()> {
+    let last = spool.last_id(core).map_err(|e| anyhow!("spool shard {core}: {e}"))?;
+    let ctx = Rc::new(CoreContext {
+        core,
+        spool,
+        ids: Rc::new(IdGenerator::new(core, last)),
+        credentials,
+        shutdown: shutdown.clone(),
+        shutting_down: shutting_down.clone(),
+        sessions: Cell::new(0),
+    });
+
+    let mut sockets = Vec::new();
+    for (shared, addr) in &listeners {
+        match TcpListener::bind(addr) {
+            Ok(sock) => sockets.push((shared.clone(), Rc::new(sock))),
+            Err(e) => {
+                let msg = format!("server.listener.{}: cannot bind {addr}: {e}", shared.name);
+                let _ = ready.send(Err(msg.clone()));
+                return Err(anyhow!(msg));
+            }
+        }
+    }
+    let _ = ready.send(Ok(core));
+
+    let mut accept_tasks = Vec::new();
+    for (shared, sock) in sockets {
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        let shutting_down = shutting_down.clone();
+        accept_tasks.push(glommio::spawn_local(async move {
+            loop {
+                let stop = shutdown.listen();
+                if shutting_down.load(Ordering::SeqCst) {
+                    break;
+                }
+                let accepted = futures_lite::future::or(async { Some(sock.accept().await) }, async {
+                    stop.await;
+                    None
+                })
+                .await;
+                match accepted {
+                    None => break,
+                    Some(Ok(stream)) => {
+                        glommio::spawn_local(conn::handle(stream, shared.clone(), ctx.clone()))
+                            .detach();
+                    }
+                    Some(Err(e)) => {
+                        // Usually EMFILE: back off briefly instead of spinning.
+                        tracing::warn!(listener = %shared.name, "accept failed: {e}");
+                        Timer::new(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }));
+    }
+    for task in accept_tasks {
+        task.await;
+    }
+    // Stopped accepting: let sessions in flight finish, within the grace period.
+    let deadline = Instant::now() + grace;
+    while ctx.sessions.get() > 0 && Instant::now() < deadline {
+        Timer::new(Duration::from_millis(20)).await;
+    }
+    if ctx.sessions.get() > 0 {
+        tracing::warn!(core, sessions = ctx.sessions.get(), "shutdown grace over; closing sessions");
+    }
+    Ok(())
+}
+
+/// A plain thread turns SIGTERM/SIGINT into the shutdown event; SIGHUP is logged
+/// (reloading comes with the management issue).
+fn spawn_signal_thread(
+    shutdown: Arc<event_listener::Event>,
+    shutting_down: Arc<AtomicBool>,
+) -> anyhow::Result<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("installing signal handlers")?;
+    let handle = signals.handle();
+    std::thread::Builder::new()
+        .name("sluice-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig == SIGHUP {
+                    tracing::info!("SIGHUP received: reload is not supported yet; ignoring");
+                    continue;
+                }
+                tracing::info!(signal = sig, "shutting down: no new connections, draining sessions");
+                shutting_down.store(true, Ordering::SeqCst);
+                shutdown.notify(usize::MAX);
+            }
+        })
+        .context("starting signal thread")?;
+    Ok(handle)
+}

@@ -1,0 +1,3 @@
+//! SMTP protocol cores (sans-IO).
+pub mod data;
+pub mod server;

@@ -1,0 +1,1046 @@
+//! The SMTP/LMTP server session as a sans-IO state machine.
+//!
+//! Bytes go in through [`Session::receive`]; replies accumulate in an output buffer
+//! the driver writes out; anything that needs the outside world (store a message,
+//! check a password, start TLS, close) comes back as an [`Action`], and the session
+//! consumes no more input until the driver reports the outcome. There are no
+//! sockets, clocks or threads here: the time is passed in, so every rule is testable
+//! byte by byte.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use smtp_proto::{Request, RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS};
+use sluice_policy::{RelayDecision, RelayPolicy};
+use sluice_spool::{
+    BodyType, Envelope, IdGenerator, MessageId, Notify, Recipient, RecipientStatus, Ret,
+    SpoolError,
+};
+
+use super::data::{BareNewlineScanner, DataDecoder};
+use crate::config::{BareNewline, ListenerConfig, Protocol};
+
+/// Per-listener settings the session needs; built once, shared by all its sessions.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub listener: String,
+    pub hostname: String,
+    pub greeting: String,
+    pub protocol: Protocol,
+    /// STARTTLS can be offered (listener tls = "starttls").
+    pub starttls: bool,
+    /// AUTH may be offered without TLS.
+    pub auth_plaintext: bool,
+    /// Users exist, so AUTH is offered at all.
+    pub auth_enabled: bool,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_line_length: usize,
+    pub max_errors: usize,
+    pub bare_newline: BareNewline,
+    pub relay: Arc<RelayPolicy>,
+}
+
+impl SessionConfig {
+    pub fn from_listener(
+        name: &str,
+        l: &ListenerConfig,
+        server_hostname: &str,
+        relay: Arc<RelayPolicy>,
+        auth_enabled: bool,
+    ) -> SessionConfig {
+        SessionConfig {
+            listener: name.to_string(),
+            hostname: l.hostname.clone().unwrap_or_else(|| server_hostname.to_string()),
+            greeting: l.greeting.clone(),
+            protocol: l.protocol,
+            starttls: l.tls == crate::config::TlsMode::Starttls,
+            auth_plaintext: l.auth_plaintext,
+            auth_enabled,
+            max_message_size: l.max_message_size.0,
+            max_recipients: l.max_recipients,
+            max_line_length: l.max_line_length,
+            max_errors: l.max_errors,
+            bare_newline: l.bare_newline,
+            relay,
+        }
+    }
+}
+
+/// What the driver must do before the session can go on.
+#[derive(Debug)]
+pub enum Action {
+    /// Nothing: all input consumed, read more.
+    Read,
+    /// Write the output (the 220), then run the TLS handshake; input after the
+    /// STARTTLS line has been discarded (STARTTLS injection defence).
+    StartTls,
+    /// Store the message durably, then call [`Session::store_result`].
+    Store(Box<Submission>),
+    /// Verify credentials (slow hash: off the executor), then call [`Session::auth_result`].
+    Authenticate { user: String, password: String },
+    /// Write the output, then close the connection.
+    Close,
+}
+
+/// A complete message ready for the spool.
+#[derive(Debug)]
+pub struct Submission {
+    pub id: MessageId,
+    pub envelope: Envelope,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug)]
+enum State {
+    Command,
+    Data(DataDecoder),
+    /// Reading a BDAT chunk of `remaining` bytes; `discard` when the transaction
+    /// already failed (the bytes are still consumed to keep the stream in sync).
+    Bdat {
+        remaining: usize,
+        last: bool,
+        discard: Option<(u16, &'static str, String)>,
+    },
+    AuthPlainResponse,
+    AuthLoginUser,
+    AuthLoginPassword { user: String },
+    /// Waiting for the driver to report a store or auth outcome.
+    Paused,
+    Closed,
+}
+
+#[derive(Debug, Default)]
+struct Transaction {
+    sender: Option<String>,
+    ret: Option<Ret>,
+    envid: Option<String>,
+    body_type: Option<BodyType>,
+    smtputf8: bool,
+    priority: i16,
+    hold_until_unix: u64,
+    recipients: Vec<Recipient>,
+    /// Set when a body started (first BDAT chunk or DATA): id, buffer, checks.
+    id: Option<MessageId>,
+    body: Vec<u8>,
+    bdat_bytes: u64,
+    bdat_scan: BareNewlineScanner,
+    bdat_too_big: bool,
+}
+
+/// The parts of an envelope the transaction log line needs once the envelope has
+/// gone to the spool.
+#[derive(Debug, Clone)]
+pub struct TxSummary {
+    pub sender: String,
+    pub recipients: usize,
+    pub size: u64,
+}
+
+impl TxSummary {
+    pub fn of(envelope: &Envelope) -> TxSummary {
+        TxSummary {
+            sender: envelope.sender.clone(),
+            recipients: envelope.recipients.len(),
+            size: envelope.size,
+        }
+    }
+}
+
+/// Connection facts the driver knows.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// Set when the connection is TLS from the first byte (implicit TLS).
+    pub tls: Option<String>,
+}
+
+pub struct Session {
+    cfg: Arc<SessionConfig>,
+    ids: Rc<IdGenerator>,
+    peer: PeerInfo,
+    state: State,
+    out: Vec<u8>,
+    /// A command line split across reads.
+    line: Vec<u8>,
+    /// The current line outgrew the limit; discard up to its CRLF.
+    line_overflow: bool,
+    helo: Option<String>,
+    extended: bool,
+    tls: Option<String>,
+    auth_user: Option<String>,
+    errors: usize,
+    tx: Transaction,
+    /// Messages accepted in this session (for the log).
+    pub accepted: u64,
+}
+
+const MAX_AUTH_FAILURES_ARE_ERRORS: bool = true;
+
+impl Session {
+    pub fn new(cfg: Arc<SessionConfig>, ids: Rc<IdGenerator>, peer: PeerInfo) -> Session {
+        Session {
+            tls: peer.tls.clone(),
+            cfg,
+            ids,
+            peer,
+            state: State::Command,
+            out: Vec::with_capacity(512),
+            line: Vec::new(),
+            line_overflow: false,
+            helo: None,
+            extended: false,
+            auth_user: None,
+            errors: 0,
+            tx: Transaction::default(),
+            accepted: 0,
+        }
+    }
+
+    /// The 220 banner.
+    pub fn greeting(&mut self) {
+        let text = format!("{} {}", self.cfg.hostname, self.cfg.greeting);
+        self.reply(220, "", &text);
+    }
+
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    pub fn clear_output(&mut self) {
+        self.out.clear();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// A transaction is under way (MAIL given, or a body being received or stored).
+    pub fn in_transaction(&self) -> bool {
+        self.tx.sender.is_some() || !matches!(self.state, State::Command | State::Closed)
+    }
+
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+
+    /// The idle or session timer ran out.
+    pub fn timeout(&mut self) {
+        let text = format!("{} Error: timeout exceeded", self.cfg.hostname);
+        self.reply(421, "4.4.2", &text);
+        self.state = State::Closed;
+    }
+
+    /// The relay is shutting down or the spool failed: tell the client to come back.
+    pub fn shutdown(&mut self) {
+        let text = format!("{} Service not available, closing connection", self.cfg.hostname);
+        self.reply(421, "4.3.2", &text);
+        self.state = State::Closed;
+    }
+
+    /// The TLS handshake after STARTTLS finished; `info` is "version cipher".
+    pub fn tls_established(&mut self, info: String) {
+        self.tls = Some(info);
+        // RFC 3207 §4.2: forget everything learnt before TLS.
+        self.helo = None;
+        self.extended = false;
+        self.tx = Transaction::default();
+        self.line.clear();
+        self.line_overflow = false;
+        self.state = State::Command;
+    }
+
+    /// Feed received bytes. Returns how many were consumed and what the driver must do.
+    /// When the action is `Read`, all input was consumed.
+    pub fn receive(&mut self, input: &[u8], now_ms: u64) -> (usize, Action) {
+        let mut pos = 0;
+        loop {
+            let rest = &input[pos..];
+            match &mut self.state {
+                State::Closed => return (input.len(), Action::Close),
+                State::Paused => return (pos, Action::Read),
+                State::Data(decoder) => {
+                    let limit_hit = decoder.flags.too_big;
+                    match decoder.feed(rest, &mut self.tx.body) {
+                        None => {
+                            if decoder.flags.too_big && !limit_hit {
+                                // Stop holding the oversized body in memory.
+                                self.tx.body = Vec::new();
+                            }
+                            return (input.len(), Action::Read);
+                        }
+                        Some(n) => {
+                            pos += n;
+                            let flags = decoder.flags;
+                            self.state = State::Command;
+                            if flags.too_big {
+                                self.fail_body(552, "5.3.4", "Error: message too big");
+                            } else if flags.bare_newline
+                                && self.cfg.bare_newline == BareNewline::Reject
+                            {
+                                self.fail_body(
+                                    550,
+                                    "5.6.0",
+                                    "Error: bare <CR> or <LF> in message data (lines must end in CRLF)",
+                                );
+                            } else {
+                                return (pos, self.submit(now_ms));
+                            }
+                        }
+                    }
+                }
+                State::Bdat { remaining, last, discard } => {
+                    let take = (*remaining).min(rest.len());
+                    let chunk = &rest[..take];
+                    *remaining -= take;
+                    pos += take;
+                    if discard.is_none() {
+                        self.tx.bdat_bytes += take as u64;
+                        self.tx.bdat_scan.scan(chunk);
+                        if self.tx.bdat_bytes > self.cfg.max_message_size {
+                            self.tx.bdat_too_big = true;
+                            self.tx.body = Vec::new();
+                        } else {
+                            self.tx.body.extend_from_slice(chunk);
+                        }
+                    }
+                    if *remaining > 0 {
+                        return (input.len(), Action::Read);
+                    }
+                    let last = *last;
+                    let discard = discard.take();
+                    self.state = State::Command;
+                    if let Some((code, esc, text)) = discard {
+                        self.error_reply(code, esc, &text);
+                        if last {
+                            self.tx = Transaction::default();
+                        }
+                    } else if last {
+                        self.tx.bdat_scan.finish();
+                        if self.tx.bdat_too_big {
+                            self.fail_body(552, "5.3.4", "Error: message too big");
+                        } else if self.tx.bdat_scan.found
+                            && self.cfg.bare_newline == BareNewline::Reject
+                        {
+                            self.fail_body(
+                                550,
+                                "5.6.0",
+                                "Error: bare <CR> or <LF> in message data (lines must end in CRLF)",
+                            );
+                        } else {
+                            return (pos, self.submit(now_ms));
+                        }
+                    } else {
+                        let text = format!("Ok: {} octets received", self.tx.bdat_bytes);
+                        self.reply(250, "2.0.0", &text);
+                    }
+                }
+                State::Command
+                | State::AuthPlainResponse
+                | State::AuthLoginUser
+                | State::AuthLoginPassword { .. } => {
+                    if rest.is_empty() {
+                        return (pos, Action::Read);
+                    }
+                    match self.take_line(rest) {
+                        LineResult::Incomplete => return (input.len(), Action::Read),
+                        LineResult::TooLong(n) => {
+                            pos += n;
+                            self.state = State::Command;
+                            self.error_reply(500, "5.5.2", "Error: line too long");
+                            if self.is_closed() {
+                                return (input.len(), Action::Close);
+                            }
+                        }
+                        LineResult::BareNewline => {
+                            // Never treat a bare LF/CR as a line end (smuggling); the
+                            // stream is now unframed, so close like Postfix does.
+                            self.reply(
+                                500,
+                                "5.5.2",
+                                "Error: bare <CR> or <LF> received; commands must end in CRLF",
+                            );
+                            self.state = State::Closed;
+                            return (input.len(), Action::Close);
+                        }
+                        LineResult::Line(n) => {
+                            let owned;
+                            let line: &[u8] = if self.line.is_empty() {
+                                &rest[..n]
+                            } else {
+                                owned = std::mem::take(&mut self.line);
+                                &owned
+                            };
+                            pos += n;
+                            let more_input = pos < input.len();
+                            if let Some(action) = self.line_received(line, more_input, now_ms) {
+                                return match action {
+                                    // Anything after STARTTLS or a close is dropped.
+                                    Action::StartTls | Action::Close => (input.len(), action),
+                                    other => (pos, other),
+                                };
+                            }
+                            if self.is_closed() {
+                                return (input.len(), Action::Close);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finds the end of a command line in `rest` (continuing a partial line held in
+    /// `self.line`). Only CRLF ends a line.
+    fn take_line(&mut self, rest: &[u8]) -> LineResult {
+        // A CR ending the previous read must be followed by LF now.
+        if self.line.last() == Some(&b'\r') {
+            if rest[0] != b'\n' {
+                return LineResult::BareNewline;
+            }
+            if self.line_overflow || self.line.len() + 1 > self.cfg.max_line_length {
+                self.line.clear();
+                self.line_overflow = false;
+                return LineResult::TooLong(1);
+            }
+            self.line.push(b'\n');
+            return LineResult::Line(1);
+        }
+        let Some(at) = memchr::memchr2(b'\r', b'\n', rest) else {
+            self.hold_partial(rest);
+            return LineResult::Incomplete;
+        };
+        if rest[at] == b'\n' {
+            // LF with no CR before it.
+            return LineResult::BareNewline;
+        }
+        match rest.get(at + 1) {
+            None => {
+                self.hold_partial(rest);
+                LineResult::Incomplete
+            }
+            Some(b'\n') => {
+                let n = at + 2;
+                if self.line_overflow || self.line.len() + n > self.cfg.max_line_length {
+                    self.line.clear();
+                    self.line_overflow = false;
+                    return LineResult::TooLong(n);
+                }
+                if !self.line.is_empty() {
+                    self.line.extend_from_slice(&rest[..n]);
+                }
+                LineResult::Line(n)
+            }
+            Some(_) => LineResult::BareNewline,
+        }
+    }
+
+    /// Keeps a partial line, bounded: past the limit only the last byte is kept (to
+    /// see whether it is the CR of the terminating CRLF).
+    fn hold_partial(&mut self, rest: &[u8]) {
+        if self.line_overflow || self.line.len() + rest.len() > self.cfg.max_line_length {
+            self.line_overflow = true;
+            self.line.clear();
+            if rest.last() == Some(&b'\r') {
+                self.line.push(b'\r');
+            }
+        } else {
+            self.line.extend_from_slice(rest);
+        }
+    }
+
+    fn line_received(&mut self, line: &[u8], more_input: bool, now_ms: u64) -> Option<Action> {
+        match std::mem::replace(&mut self.state, State::Command) {
+            State::AuthPlainResponse => return self.auth_plain_response(strip_crlf(line)),
+            State::AuthLoginUser => {
+                let text = strip_crlf(line);
+                if text == b"*" {
+                    self.error_reply(501, "5.7.0", "Authentication cancelled");
+                    return None;
+                }
+                match decode_b64(text) {
+                    Some(user) => {
+                        let user = String::from_utf8_lossy(&user).into_owned();
+                        self.reply(334, "", "UGFzc3dvcmQ6");
+                        self.state = State::AuthLoginPassword { user };
+                    }
+                    None => self.error_reply(501, "5.5.2", "Invalid base64 data"),
+                }
+                return None;
+            }
+            State::AuthLoginPassword { user } => {
+                let text = strip_crlf(line);
+                if text == b"*" {
+                    self.error_reply(501, "5.7.0", "Authentication cancelled");
+                    return None;
+                }
+                return match decode_b64(text) {
+                    Some(pass) => {
+                        self.state = State::Paused;
+                        Some(Action::Authenticate {
+                            user,
+                            password: String::from_utf8_lossy(&pass).into_owned(),
+                        })
+                    }
+                    None => {
+                        self.error_reply(501, "5.5.2", "Invalid base64 data");
+                        None
+                    }
+                };
+            }
+            _ => {}
+        }
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.parse_error(e);
+                return None;
+            }
+        };
+        self.command(request, more_input, now_ms)
+    }
+
+    fn parse_error(&mut self, e: smtp_proto::Error) {
+        use smtp_proto::Error as E;
+        match e {
+            E::UnknownCommand => self.error_reply(500, "5.5.1", "Error: command not recognized"),
+            E::InvalidSenderAddress => {
+                self.error_reply(501, "5.1.7", "Error: bad sender address syntax")
+            }
+            E::InvalidRecipientAddress => {
+                self.error_reply(501, "5.1.3", "Error: bad recipient address syntax")
+            }
+            E::SyntaxError { syntax } => {
+                self.error_reply(501, "5.5.4", &format!("Syntax: {syntax}"))
+            }
+            E::InvalidParameter { param } => {
+                self.error_reply(501, "5.5.4", &format!("Error: invalid parameter {param}"))
+            }
+            E::UnsupportedParameter { param } => self.error_reply(
+                555,
+                "5.5.4",
+                &format!("Error: unsupported parameter {}", printable(&param)),
+            ),
+            _ => self.error_reply(500, "5.5.2", "Error: syntax error"),
+        }
+    }
+
+    fn command(
+        &mut self,
+        request: Request<Cow<'_, str>>,
+        more_input: bool,
+        now_ms: u64,
+    ) -> Option<Action> {
+        let lmtp = self.cfg.protocol == Protocol::Lmtp;
+        match request {
+            Request::Lhlo { host } if lmtp => self.ehlo(&host, true),
+            Request::Ehlo { host } if !lmtp => self.ehlo(&host, true),
+            Request::Helo { host } if !lmtp => self.ehlo(&host, false),
+            Request::Ehlo { .. } | Request::Helo { .. } => {
+                self.error_reply(500, "5.5.1", "Error: use LHLO with LMTP")
+            }
+            Request::Lhlo { .. } => self.error_reply(500, "5.5.1", "Error: LHLO is for LMTP"),
+            Request::Mail { from } => self.mail(from),
+            Request::Rcpt { to } => self.rcpt(to),
+            Request::Data => return self.data(more_input, now_ms),
+            Request::Bdat { chunk_size, is_last } => self.bdat(chunk_size, is_last, now_ms),
+            Request::Rset => {
+                self.tx = Transaction::default();
+                self.reply(250, "2.0.0", "Ok");
+            }
+            Request::Noop { .. } => self.reply(250, "2.0.0", "Ok"),
+            Request::Quit => {
+                let text = format!("{} closing connection", self.cfg.hostname);
+                self.reply(221, "2.0.0", &text);
+                self.state = State::Closed;
+                return Some(Action::Close);
+            }
+            Request::Help { .. } => self.reply(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS AUTH",
+            ),
+            Request::Vrfy { .. } => self.reply(
+                252,
+                "2.5.0",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            ),
+            Request::Expn { .. } | Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+                self.error_reply(502, "5.5.1", "Error: command not implemented")
+            }
+            Request::StartTls => return self.starttls(),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => return self.auth(mechanism, &initial_response),
+        }
+        None
+    }
+
+    fn ehlo(&mut self, host: &str, extended: bool) {
+        self.helo = Some(host.to_string());
+        self.extended = extended;
+        self.tx = Transaction::default();
+        if !extended {
+            let text = self.cfg.hostname.clone();
+            self.reply(250, "", &text);
+            return;
+        }
+        let mut lines = vec![format!("{} Hello {} [{}]", self.cfg.hostname, printable(host), self.peer.ip)];
+        lines.push("PIPELINING".into());
+        lines.push(format!("SIZE {}", self.cfg.max_message_size));
+        lines.push("8BITMIME".into());
+        lines.push("SMTPUTF8".into());
+        lines.push("ENHANCEDSTATUSCODES".into());
+        lines.push("CHUNKING".into());
+        lines.push("DSN".into());
+        if self.cfg.starttls && self.tls.is_none() {
+            lines.push("STARTTLS".into());
+        }
+        if self.auth_offered() {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
+        lines.push("HELP".into());
+        self.multiline(250, &lines);
+    }
+
+    fn auth_offered(&self) -> bool {
+        self.cfg.auth_enabled
+            && self.auth_user.is_none()
+            && (self.tls.is_some() || self.cfg.auth_plaintext)
+    }
+
+    fn mail(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>) {
+        if self.helo.is_none() {
+            let greet = if self.cfg.protocol == Protocol::Lmtp { "LHLO" } else { "EHLO/HELO" };
+            return self.error_reply(503, "5.5.1", &format!("Error: send {greet} first"));
+        }
+        if self.tx.sender.is_some() {
+            return self.error_reply(503, "5.5.1", "Error: nested MAIL command");
+        }
+        if from.size as u64 > self.cfg.max_message_size {
+            return self.error_reply(552, "5.3.4", "Error: message size exceeds fixed limit");
+        }
+        if from.flags & smtp_proto::MAIL_REQUIRETLS != 0 || from.by != 0 {
+            return self.error_reply(555, "5.5.4", "Error: unsupported MAIL parameter");
+        }
+        let body_type = if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
+            BodyType::BinaryMime
+        } else if from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0 {
+            BodyType::EightBitMime
+        } else {
+            BodyType::SevenBit
+        };
+        self.tx.body_type = Some(body_type);
+        self.tx.smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
+        self.tx.ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
+            Some(Ret::Full)
+        } else if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
+            Some(Ret::Headers)
+        } else {
+            None
+        };
+        self.tx.envid = from.env_id.map(Cow::into_owned);
+        self.tx.priority = from.mt_priority.clamp(-9, 9) as i16;
+        self.tx.hold_until_unix = from.hold_until;
+        self.tx.sender = Some(from.address.into_owned());
+        self.reply(250, "2.1.0", "Ok");
+    }
+
+    fn rcpt(&mut self, to: smtp_proto::RcptTo<Cow<'_, str>>) {
+        if self.tx.sender.is_none() {
+            return self.error_reply(503, "5.5.1", "Error: need MAIL command");
+        }
+        if self.tx.id.is_some() {
+            return self.error_reply(503, "5.5.1", "Error: RCPT after BDAT");
+        }
+        if self.tx.recipients.len() >= self.cfg.max_recipients {
+            // Not counted as a protocol error: a bulk client simply sends the rest later.
+            self.reply(452, "4.5.3", "Error: too many recipients");
+            return;
+        }
+        let address = to.address.as_ref();
+        let local = if address.eq_ignore_ascii_case("postmaster") {
+            true
+        } else {
+            match self.cfg.relay.check_recipient(address, self.peer.ip, self.auth_user.is_some()) {
+                RelayDecision::Local => true,
+                RelayDecision::Relay => false,
+                RelayDecision::Denied => {
+                    tracing::info!(
+                        client_ip = %self.peer.ip,
+                        recipient = %printable(address),
+                        "relay denied"
+                    );
+                    return self.error_reply(554, "5.7.1", "Error: relay access denied");
+                }
+            }
+        };
+        let mut notify = Notify::default();
+        for (flag, bit) in [
+            (RCPT_NOTIFY_SUCCESS, Notify::SUCCESS),
+            (RCPT_NOTIFY_FAILURE, Notify::FAILURE),
+            (RCPT_NOTIFY_DELAY, Notify::DELAY),
+            (RCPT_NOTIFY_NEVER, Notify::NEVER),
+        ] {
+            if to.flags & flag != 0 {
+                notify = notify | bit;
+            }
+        }
+        self.tx.recipients.push(Recipient {
+            address: to.address.into_owned(),
+            orcpt: to.orcpt.map(Cow::into_owned),
+            notify,
+            status: RecipientStatus::Pending,
+            local,
+        });
+        self.reply(250, "2.1.5", "Ok");
+    }
+
+    fn data(&mut self, more_input: bool, now_ms: u64) -> Option<Action> {
+        if self.tx.sender.is_none() {
+            self.error_reply(503, "5.5.1", "Error: need MAIL command");
+            return None;
+        }
+        if self.tx.recipients.is_empty() {
+            self.error_reply(554, "5.5.1", "Error: no valid recipients");
+            return None;
+        }
+        if self.tx.id.is_some() {
+            self.error_reply(503, "5.5.1", "Error: DATA after BDAT");
+            return None;
+        }
+        if more_input {
+            // The client sent message data without waiting for our 354: its stream
+            // can no longer be told apart from commands, so end the session.
+            self.reply(554, "5.5.0", "Error: data sent before the 354 reply");
+            self.tx = Transaction::default();
+            self.state = State::Closed;
+            return Some(Action::Close);
+        }
+        self.begin_body(now_ms);
+        self.reply(354, "", "End data with <CR><LF>.<CR><LF>");
+        let limit = self.cfg.max_message_size;
+        self.state = State::Data(DataDecoder::new(limit));
+        None
+    }
+
+    fn bdat(&mut self, size: usize, last: bool, now_ms: u64) {
+        let failure = if self.tx.sender.is_none() {
+            Some((503, "5.5.1", "Error: need MAIL command".to_string()))
+        } else if self.tx.recipients.is_empty() {
+            Some((554, "5.5.1", "Error: no valid recipients".to_string()))
+        } else {
+            None
+        };
+        if failure.is_none() && self.tx.id.is_none() {
+            self.begin_body(now_ms);
+        }
+        self.state = State::Bdat {
+            remaining: size,
+            last,
+            discard: failure,
+        };
+    }
+
+    /// Allocates the message id and starts the body with our Received: header.
+    fn begin_body(&mut self, now_ms: u64) {
+        let id = self.ids.next(now_ms);
+        self.tx.id = Some(id);
+        let header = self.received_header(id, now_ms);
+        let mut body = Vec::with_capacity(header.len() + 4096);
+        body.extend_from_slice(header.as_bytes());
+        self.tx.body = body;
+    }
+
+    fn received_header(&self, id: MessageId, now_ms: u64) -> String {
+        let helo = self.helo.as_deref().map(printable).unwrap_or_default();
+        let mut with = String::from(match (self.cfg.protocol, self.extended) {
+            (Protocol::Lmtp, _) => "LMTP",
+            (Protocol::Smtp, true) => "ESMTP",
+            (Protocol::Smtp, false) => "SMTP",
+        });
+        // RFC 3848 protocol types.
+        if self.extended {
+            if self.tls.is_some() {
+                with.push('S');
+            }
+            if self.auth_user.is_some() {
+                with.push('A');
+            }
+        }
+        let mut h = format!(
+            "Received: from {helo} ({helo} [{}])\r\n\tby {} (sluice) with {with} id {id}",
+            self.peer.ip, self.cfg.hostname
+        );
+        if let Some(tls) = &self.tls {
+            h.push_str(&format!("\r\n\t(using {tls})"));
+        }
+        if let [only] = self.tx.recipients.as_slice() {
+            h.push_str(&format!("\r\n\tfor <{}>", printable(&only.address)));
+        }
+        let date = chrono::DateTime::from_timestamp_millis(now_ms as i64)
+            .unwrap_or_default()
+            .to_rfc2822();
+        h.push_str(&format!(";\r\n\t{date}\r\n"));
+        h
+    }
+
+    fn submit(&mut self, now_ms: u64) -> Action {
+        let tx = std::mem::take(&mut self.tx);
+        let Some(id) = tx.id else {
+            self.error_reply(503, "5.5.1", "Error: no transaction");
+            return Action::Read;
+        };
+        let envelope = Envelope {
+            sender: tx.sender.unwrap_or_default(),
+            recipients: tx.recipients,
+            ret: tx.ret,
+            envid: tx.envid,
+            body_type: tx.body_type.unwrap_or(BodyType::SevenBit),
+            smtputf8: tx.smtputf8,
+            arrival_unix_ms: now_ms,
+            listener: self.cfg.listener.clone(),
+            client_ip: self.peer.ip.to_string(),
+            helo: self.helo.clone().unwrap_or_default(),
+            auth_user: self.auth_user.clone(),
+            tls: self.tls.clone(),
+            size: tx.body.len() as u64,
+            priority: tx.priority,
+            queue: "default".to_string(),
+            hold_until_unix: tx.hold_until_unix,
+        };
+        self.state = State::Paused;
+        Action::Store(Box::new(Submission {
+            id,
+            envelope,
+            body: tx.body,
+        }))
+    }
+
+    /// The outcome of an [`Action::Store`]; `summary` is what the transaction log needs.
+    pub fn store_result(&mut self, id: MessageId, summary: &TxSummary, result: Result<(), SpoolError>) {
+        self.state = State::Command;
+        let (code, esc, text) = match &result {
+            Ok(()) => {
+                self.accepted += 1;
+                (250, "2.0.0", format!("Ok: queued as {id}"))
+            }
+            Err(e) if e.is_full() => (452, "4.3.1", "Error: insufficient system storage".to_string()),
+            Err(_) => (451, "4.3.0", "Error: local error in processing".to_string()),
+        };
+        tracing::info!(
+            target: "sluice::smtp",
+            id = %id,
+            listener = %self.cfg.listener,
+            client_ip = %self.peer.ip,
+            tls = self.tls.as_deref().unwrap_or("no"),
+            auth = self.auth_user.as_deref().unwrap_or(""),
+            sender = %printable(&summary.sender),
+            recipients = summary.recipients,
+            size = summary.size,
+            result = code,
+            error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
+            "transaction"
+        );
+        if self.cfg.protocol == Protocol::Lmtp && result.is_ok() {
+            // RFC 2033: one reply per accepted recipient.
+            for _ in 0..summary.recipients {
+                self.reply(code, esc, &text);
+            }
+        } else {
+            self.reply(code, esc, &text);
+        }
+    }
+
+    /// A body that will not be stored: reply, log, forget the transaction.
+    fn fail_body(&mut self, code: u16, esc: &str, text: &str) {
+        let tx = std::mem::take(&mut self.tx);
+        tracing::info!(
+            target: "sluice::smtp",
+            id = %tx.id.map(|i| i.to_string()).unwrap_or_default(),
+            listener = %self.cfg.listener,
+            client_ip = %self.peer.ip,
+            tls = self.tls.as_deref().unwrap_or("no"),
+            sender = %printable(tx.sender.as_deref().unwrap_or("")),
+            recipients = tx.recipients.len(),
+            result = code,
+            error = text,
+            "transaction rejected"
+        );
+        self.error_reply(code, esc, text);
+    }
+
+    fn starttls(&mut self) -> Option<Action> {
+        if !self.cfg.starttls {
+            self.error_reply(502, "5.5.1", "Error: STARTTLS not available");
+            return None;
+        }
+        if self.tls.is_some() {
+            self.error_reply(503, "5.5.1", "Error: TLS already active");
+            return None;
+        }
+        self.reply(220, "2.0.0", "Ready to start TLS");
+        Some(Action::StartTls)
+    }
+
+    fn auth(&mut self, mechanism: u64, initial: &str) -> Option<Action> {
+        if !self.cfg.auth_enabled || (self.tls.is_none() && !self.cfg.auth_plaintext) {
+            if self.cfg.auth_enabled && self.cfg.starttls {
+                self.error_reply(538, "5.7.11", "Error: encryption required for requested authentication mechanism");
+            } else {
+                self.error_reply(502, "5.5.1", "Error: authentication not enabled");
+            }
+            return None;
+        }
+        if self.helo.is_none() {
+            self.error_reply(503, "5.5.1", "Error: send EHLO first");
+            return None;
+        }
+        if self.auth_user.is_some() {
+            self.error_reply(503, "5.5.1", "Error: already authenticated");
+            return None;
+        }
+        if self.tx.sender.is_some() {
+            self.error_reply(503, "5.5.1", "Error: AUTH not allowed during a mail transaction");
+            return None;
+        }
+        match mechanism {
+            smtp_proto::AUTH_PLAIN => {
+                if initial.is_empty() {
+                    self.reply(334, "", "");
+                    self.state = State::AuthPlainResponse;
+                    None
+                } else {
+                    self.auth_plain_response(initial.as_bytes())
+                }
+            }
+            smtp_proto::AUTH_LOGIN => {
+                if initial.is_empty() {
+                    self.reply(334, "", "VXNlcm5hbWU6");
+                    self.state = State::AuthLoginUser;
+                } else {
+                    match decode_b64(initial.as_bytes()) {
+                        Some(user) => {
+                            self.reply(334, "", "UGFzc3dvcmQ6");
+                            self.state = State::AuthLoginPassword {
+                                user: String::from_utf8_lossy(&user).into_owned(),
+                            };
+                        }
+                        None => self.error_reply(501, "5.5.2", "Invalid base64 data"),
+                    }
+                }
+                None
+            }
+            _ => {
+                self.error_reply(504, "5.5.4", "Error: unsupported authentication mechanism");
+                None
+            }
+        }
+    }
+
+    fn auth_plain_response(&mut self, text: &[u8]) -> Option<Action> {
+        if text == b"*" {
+            self.error_reply(501, "5.7.0", "Authentication cancelled");
+            return None;
+        }
+        let decoded = if text == b"=" { Some(Vec::new()) } else { decode_b64(text) };
+        let Some(decoded) = decoded else {
+            self.error_reply(501, "5.5.2", "Invalid base64 data");
+            return None;
+        };
+        // authzid NUL authcid NUL passwd
+        let mut parts = decoded.split(|&b| b == 0);
+        let (Some(authz), Some(user), Some(pass), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            self.error_reply(501, "5.5.2", "Error: malformed PLAIN response");
+            return None;
+        };
+        if !authz.is_empty() && authz != user {
+            self.error_reply(535, "5.7.8", "Error: authentication credentials invalid");
+            return None;
+        }
+        self.state = State::Paused;
+        Some(Action::Authenticate {
+            user: String::from_utf8_lossy(user).into_owned(),
+            password: String::from_utf8_lossy(pass).into_owned(),
+        })
+    }
+
+    /// The outcome of an [`Action::Authenticate`].
+    pub fn auth_result(&mut self, user: String, ok: bool) {
+        self.state = State::Command;
+        if ok {
+            tracing::info!(client_ip = %self.peer.ip, user = %printable(&user), "authenticated");
+            self.auth_user = Some(user);
+            self.reply(235, "2.7.0", "Authentication successful");
+        } else {
+            tracing::warn!(client_ip = %self.peer.ip, user = %printable(&user), "authentication failed");
+            if MAX_AUTH_FAILURES_ARE_ERRORS {
+                self.error_reply(535, "5.7.8", "Error: authentication credentials invalid");
+            }
+        }
+    }
+
+    fn reply(&mut self, code: u16, esc: &str, text: &str) {
+        use std::io::Write as _;
+        // Writing into a Vec cannot fail.
+        let _ = if esc.is_empty() {
+            write!(self.out, "{code} {text}\r\n")
+        } else {
+            write!(self.out, "{code} {esc} {text}\r\n")
+        };
+    }
+
+    fn multiline(&mut self, code: u16, lines: &[String]) {
+        for (i, line) in lines.iter().enumerate() {
+            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+            self.out.extend_from_slice(format!("{code}{sep}{line}\r\n").as_bytes());
+        }
+    }
+
+    /// A reply that counts towards max_errors; past the limit, 421 and close.
+    fn error_reply(&mut self, code: u16, esc: &str, text: &str) {
+        self.reply(code, esc, text);
+        self.errors += 1;
+        if self.errors >= self.cfg.max_errors {
+            let text = format!("{} Error: too many errors", self.cfg.hostname);
+            self.reply(421, "4.7.0", &text);
+            self.state = State::Closed;
+        }
+    }
+}
+
+enum LineResult {
+    Incomplete,
+    /// A complete line of n bytes (from `rest`, possibly completing `self.line`).
+    Line(usize),
+    /// The line exceeded the limit; n bytes up to and including its CRLF consumed.
+    TooLong(usize),
+    BareNewline,
+}
+
+fn strip_crlf(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r\n").unwrap_or(line)
+}
+
+fn decode_b64(text: &[u8]) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD.decode(text).ok()
+}
+
+/// Client-supplied text made safe for logs and headers: control characters become '?'.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// The reply sent when a connection is refused before a session exists.
+pub fn refusal(hostname: &str, reason: &str) -> Vec<u8> {
+    format!("421 4.7.0 {hostname} {reason}\r\n").into_bytes()
+}

@@ -1,0 +1,20 @@
+//! Durable message spool for sluice on LMDB.
+//!
+//! One LMDB environment per core shard, each with a dedicated writer thread that
+//! group-commits all queued requests in one transaction (and one fsync). Executor
+//! threads never block: they hand requests to the writer over a channel and await
+//! a oneshot that resolves only after the commit returned.
+
+mod envelope;
+mod error;
+mod id;
+mod spool;
+mod writer;
+
+pub use envelope::{BodyType, Envelope, Notify, Recipient, RecipientStatus, Ret};
+pub use error::SpoolError;
+pub use id::{IdGenerator, MessageId};
+pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,367 @@
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+
+use futures_lite::future::block_on;
+
+use crate::*;
+
+fn cfg(path: &Path, shards: u16) -> SpoolConfig {
+    SpoolConfig {
+        path: path.to_path_buf(),
+        shards,
+        map_size: 64 << 20,
+        max_batch: 256,
+        sync: true,
+    }
+}
+
+fn envelope(size: usize) -> Envelope {
+    Envelope {
+        sender: "alice@example.org".into(),
+        recipients: vec![
+            Recipient {
+                address: "bob@example.net".into(),
+                orcpt: Some("rfc822;bob@example.net".into()),
+                notify: Notify::FAILURE | Notify::DELAY,
+                status: RecipientStatus::Pending,
+                local: false,
+            },
+            Recipient {
+                address: "carol@example.net".into(),
+                orcpt: None,
+                notify: Notify::default(),
+                status: RecipientStatus::Deferred {
+                    reply: "451 4.7.1 later".into(),
+                    attempts: 2,
+                },
+                local: true,
+            },
+        ],
+        ret: Some(Ret::Headers),
+        envid: Some("QQ314159".into()),
+        body_type: BodyType::EightBitMime,
+        smtputf8: true,
+        arrival_unix_ms: 1_700_000_000_000,
+        listener: "mx".into(),
+        client_ip: "192.0.2.1".into(),
+        helo: "client.example.org".into(),
+        auth_user: None,
+        tls: Some("TLSv1.3 TLS13_AES_256_GCM_SHA384".into()),
+        size: size as u64,
+        priority: -3,
+        queue: "default".into(),
+        hold_until_unix: 0,
+    }
+}
+
+fn body(size: usize) -> Vec<u8> {
+    (0..size).map(|i| (i % 251) as u8).collect()
+}
+
+#[test]
+fn store_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(dir.path(), 2)).unwrap();
+    assert_eq!(spool.shard_count(), 2);
+    assert_eq!(spool.last_id(1).unwrap(), None);
+    let id = IdGenerator::new(1, None).next(1_700_000_000_000);
+    let env = envelope(4000);
+    let data = body(4000);
+    block_on(spool.store(1, id, env.clone(), data.clone())).unwrap();
+    assert_eq!(spool.envelope(id).unwrap(), env);
+    assert!(spool.with_body(id, |b| b == data.as_slice()).unwrap());
+    assert_eq!(spool.count().unwrap(), 1);
+    assert_eq!(spool.last_id(1).unwrap(), Some(id));
+    assert_eq!(spool.last_id(0).unwrap(), None);
+    assert_eq!(
+        spool.stats().unwrap(),
+        SpoolStats {
+            commits: 1,
+            messages: 1
+        }
+    );
+    let report = spool.recover().unwrap();
+    assert_eq!(
+        (report.messages, report.bytes, report.corrupt),
+        (1, 4000, 0)
+    );
+}
+
+#[test]
+fn list_in_id_order_per_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(dir.path(), 2)).unwrap();
+    let g0 = IdGenerator::new(0, None);
+    let g1 = IdGenerator::new(1, None);
+    let a: Vec<_> = (0..3).map(|i| g0.next(1000 + i)).collect();
+    let b: Vec<_> = (0..3).map(|i| g1.next(1000 + i)).collect();
+    // Stored out of order; list must still come back sorted.
+    for &(shard, id) in &[
+        (1, b[2]),
+        (0, a[1]),
+        (1, b[0]),
+        (0, a[2]),
+        (0, a[0]),
+        (1, b[1]),
+    ] {
+        block_on(spool.store(shard, id, envelope(10), body(10))).unwrap();
+    }
+    let mut seen = Vec::new();
+    spool
+        .list(|id, env| {
+            assert_eq!(env.size, 10);
+            seen.push(id);
+            true
+        })
+        .unwrap();
+    let expected: Vec<_> = a.iter().chain(b.iter()).copied().collect();
+    assert_eq!(seen, expected);
+
+    let mut first_two = Vec::new();
+    spool
+        .list(|id, _| {
+            first_two.push(id);
+            first_two.len() < 2
+        })
+        .unwrap();
+    assert_eq!(first_two, &expected[..2]);
+    assert_eq!(spool.count().unwrap(), 6);
+}
+
+#[test]
+fn remove_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
+    let g = IdGenerator::new(0, None);
+    let (a, b) = (g.next(1), g.next(1));
+    block_on(spool.store(0, a, envelope(5), body(5))).unwrap();
+    block_on(spool.store(0, b, envelope(5), body(5))).unwrap();
+    block_on(spool.remove(a)).unwrap();
+    assert_eq!(spool.envelope(a), Err(SpoolError::NotFound(a)));
+    assert_eq!(spool.with_body(a, |_| ()), Err(SpoolError::NotFound(a)));
+    assert_eq!(block_on(spool.remove(a)), Err(SpoolError::NotFound(a)));
+    assert_eq!(spool.count().unwrap(), 1);
+    assert!(spool.envelope(b).is_ok());
+    // An id naming a shard this spool does not have.
+    let far = IdGenerator::new(9, None).next(1);
+    assert_eq!(block_on(spool.remove(far)), Err(SpoolError::NotFound(far)));
+}
+
+#[test]
+fn group_commit_from_one_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
+    let g = IdGenerator::new(0, None);
+    // Requests are queued when store() is called, before anyone awaits.
+    let pending: Vec<_> = (0..64)
+        .map(|_| spool.store(0, g.next(7), envelope(1024), body(1024)))
+        .collect();
+    for f in pending {
+        block_on(f).unwrap();
+    }
+    let stats = spool.stats().unwrap();
+    assert_eq!(stats.messages, 64);
+    assert!(stats.commits < 64, "{stats:?}");
+}
+
+#[test]
+fn group_commit_from_many_threads() {
+    const THREADS: usize = 64;
+    const EACH: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(&cfg(dir.path(), 1)).unwrap());
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let spool = spool.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                for i in 0..EACH {
+                    // Distinct ids without sharing a (non-Sync) generator.
+                    let id = MessageId((1_000u64 << 22) | (t * EACH + i) as u64);
+                    block_on(spool.store(0, id, envelope(1024), body(1024))).unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let stats = spool.stats().unwrap();
+    let total = (THREADS * EACH) as u64;
+    assert_eq!(stats.messages, total);
+    assert_eq!(spool.count().unwrap(), total);
+    assert!(stats.commits < total, "{stats:?}");
+    assert!(stats.commits < 64 * EACH as u64 / 2, "{stats:?}");
+}
+
+#[test]
+fn map_full_is_transient() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path(), 1);
+    c.map_size = 1 << 20;
+    let spool = Spool::open(&c).unwrap();
+    let g = IdGenerator::new(0, None);
+    let err = block_on(spool.store(0, g.next(1), envelope(2 << 20), body(2 << 20))).unwrap_err();
+    assert!(err.is_full(), "{err:?}");
+    assert_eq!(spool.count().unwrap(), 0);
+    assert!(!spool.is_failed());
+    block_on(spool.store(0, g.next(1), envelope(1024), body(1024))).unwrap();
+    assert_eq!(spool.count().unwrap(), 1);
+}
+
+#[test]
+fn map_full_only_fails_the_big_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path(), 1);
+    c.map_size = 1 << 20;
+    let spool = Spool::open(&c).unwrap();
+    let g = IdGenerator::new(0, None);
+    let ids: Vec<_> = (0..5).map(|_| g.next(1)).collect();
+    let sizes = [1024, 2 << 20, 1024, 2 << 20, 1024];
+    let pending: Vec<_> = ids
+        .iter()
+        .zip(sizes)
+        .map(|(&id, n)| spool.store(0, id, envelope(n), body(n)))
+        .collect();
+    let results: Vec<_> = pending.into_iter().map(block_on).collect();
+    for (r, n) in results.iter().zip(sizes) {
+        if n > 1024 {
+            assert_eq!(r, &Err(SpoolError::Full));
+        } else {
+            assert_eq!(r, &Ok(()));
+        }
+    }
+    assert_eq!(spool.count().unwrap(), 3);
+    assert!(!spool.is_failed());
+}
+
+#[test]
+fn survives_drop_without_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = IdGenerator::new(0, None).next(42);
+    {
+        let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
+        block_on(spool.store(0, id, envelope(100), body(100))).unwrap();
+    }
+    let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
+    assert_eq!(spool.envelope(id).unwrap(), envelope(100));
+    assert_eq!(spool.last_id(0).unwrap(), Some(id));
+    assert_eq!(spool.stats().unwrap().messages, 1);
+    // A generator seeded from the spool never reuses an id, even with an old clock.
+    let g = IdGenerator::new(0, spool.last_id(0).unwrap());
+    block_on(spool.store(0, g.next(1), envelope(1), body(1))).unwrap();
+}
+
+#[test]
+fn fewer_shards_keeps_old_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = IdGenerator::new(3, None).next(42);
+    {
+        let spool = Spool::open(&cfg(dir.path(), 4)).unwrap();
+        block_on(spool.store(3, id, envelope(100), body(100))).unwrap();
+    }
+    let spool = Spool::open(&cfg(dir.path(), 2)).unwrap();
+    assert_eq!(spool.shard_count(), 4);
+    assert_eq!(spool.count().unwrap(), 1);
+    assert!(spool.with_body(id, |b| b == body(100).as_slice()).unwrap());
+    block_on(spool.remove(id)).unwrap();
+}
+
+#[test]
+fn readonly() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(Spool::open_readonly(dir.path()).is_err());
+    let id = IdGenerator::new(1, None).next(42);
+    {
+        let spool = Spool::open(&cfg(dir.path(), 2)).unwrap();
+        block_on(spool.store(1, id, envelope(100), body(100))).unwrap();
+    }
+    let ro = Spool::open_readonly(dir.path()).unwrap();
+    assert_eq!(ro.shard_count(), 2);
+    assert_eq!(ro.count().unwrap(), 1);
+    assert_eq!(ro.envelope(id).unwrap(), envelope(100));
+    assert!(ro.with_body(id, |b| b == body(100).as_slice()).unwrap());
+    let mut n = 0;
+    ro.list(|_, _| {
+        n += 1;
+        true
+    })
+    .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(ro.stats().unwrap().messages, 1);
+    let other = IdGenerator::new(1, Some(id)).next(42);
+    assert_eq!(
+        block_on(ro.store(1, other, envelope(1), body(1))),
+        Err(SpoolError::ReadOnly)
+    );
+    ro.shutdown();
+}
+
+#[test]
+fn rejects_duplicates_and_wrong_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(dir.path(), 2)).unwrap();
+    let id = IdGenerator::new(0, None).next(1);
+    block_on(spool.store(0, id, envelope(3), body(3))).unwrap();
+    assert_eq!(
+        block_on(spool.store(0, id, envelope(9), body(9))),
+        Err(SpoolError::Duplicate(id))
+    );
+    assert_eq!(spool.envelope(id).unwrap().size, 3);
+    assert!(matches!(
+        block_on(spool.store(1, id, envelope(3), body(3))),
+        Err(SpoolError::BadId(_))
+    ));
+    let far = IdGenerator::new(5, None).next(1);
+    assert_eq!(
+        block_on(spool.store(5, far, envelope(3), body(3))),
+        Err(SpoolError::NoShard(5))
+    );
+}
+
+#[test]
+fn closed_after_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
+    let g = IdGenerator::new(0, None);
+    let queued = spool.store(0, g.next(1), envelope(3), body(3));
+    spool.shutdown();
+    // Queued before shutdown: committed, not dropped.
+    block_on(queued).unwrap();
+    assert_eq!(
+        block_on(spool.store(0, g.next(1), envelope(3), body(3))),
+        Err(SpoolError::Closed)
+    );
+    assert_eq!(spool.count().unwrap(), 1);
+    spool.shutdown();
+}
+
+#[test]
+fn failed_spool_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
+    assert!(!spool.is_failed());
+    spool.health.fail("injected".into());
+    assert!(spool.is_failed());
+    let g = IdGenerator::new(0, None);
+    assert_eq!(
+        block_on(spool.store(0, g.next(1), envelope(3), body(3))),
+        Err(SpoolError::Failed("injected".into()))
+    );
+    assert_eq!(spool.count().unwrap(), 0);
+}
+
+#[test]
+fn undecodable_envelope_is_corrupt() {
+    let id = MessageId(0xABCD);
+    let good = envelope(1).encode().unwrap();
+    assert_eq!(Envelope::decode(id, &good).unwrap(), envelope(1));
+    for bad in [&[][..], &[9, 1, 2][..], &good[..good.len() / 2]] {
+        match Envelope::decode(id, bad) {
+            Err(SpoolError::Corrupt(msg)) => assert!(msg.contains(&id.to_string()), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

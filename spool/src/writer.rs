@@ -1,0 +1,239 @@
+//! The per-shard writer thread: group commit.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::OnceLock;
+
+use futures_channel::oneshot;
+use heed::types::{Bytes, Str, U64};
+use heed::{Database, Env, MdbError, PutFlags, WithoutTls};
+use tracing::{debug, error, warn};
+
+use crate::{MessageId, SpoolError};
+
+pub(crate) type IdDb = Database<Bytes, Bytes>;
+pub(crate) type MetaDb = Database<Str, U64<heed::byteorder::BigEndian>>;
+
+pub(crate) const META_COMMITS: &str = "commits";
+pub(crate) const META_MESSAGES: &str = "messages";
+
+/// The three databases of one shard environment.
+#[derive(Clone, Copy)]
+pub(crate) struct Dbs {
+    pub envelopes: IdDb,
+    pub bodies: IdDb,
+    pub meta: MetaDb,
+}
+
+/// Spool-wide fail-closed state, shared by all shards and writers.
+#[derive(Default)]
+pub(crate) struct Health {
+    failed: AtomicBool,
+    reason: OnceLock<String>,
+}
+
+impl Health {
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    pub fn check(&self) -> Result<(), SpoolError> {
+        if self.is_failed() {
+            Err(SpoolError::Failed(self.reason()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn reason(&self) -> String {
+        self.reason.get().cloned().unwrap_or_default()
+    }
+
+    /// Trip the spool into the failed state; the first reason is kept.
+    pub fn fail(&self, reason: String) -> SpoolError {
+        if self.reason.set(reason.clone()).is_ok() {
+            error!(%reason, "spool storage error: failing closed");
+        }
+        self.failed.store(true, Ordering::Release);
+        SpoolError::Failed(self.reason())
+    }
+}
+
+pub(crate) enum Msg {
+    Op(Op),
+    Shutdown,
+}
+
+pub(crate) struct Op {
+    pub kind: OpKind,
+    pub reply: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+pub(crate) enum OpKind {
+    /// The envelope is already encoded by the caller, off the writer thread.
+    Store {
+        id: MessageId,
+        envelope: Vec<u8>,
+        body: Vec<u8>,
+    },
+    Remove {
+        id: MessageId,
+    },
+}
+
+/// Capacity errors leave LMDB consistent and may clear up (smaller message,
+/// removals), so they are not fatal.
+fn is_capacity(e: &heed::Error) -> bool {
+    match e {
+        heed::Error::Mdb(MdbError::MapFull | MdbError::TxnFull) => true,
+        heed::Error::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        ),
+        _ => false,
+    }
+}
+
+pub(crate) struct Writer {
+    pub shard: u16,
+    pub env: Env<WithoutTls>,
+    pub dbs: Dbs,
+    pub health: std::sync::Arc<Health>,
+    pub max_batch: usize,
+}
+
+impl Writer {
+    pub fn run(self, rx: Receiver<Msg>) {
+        let mut batch: Vec<Op> = Vec::with_capacity(self.max_batch);
+        let mut shutting = false;
+        loop {
+            if !shutting {
+                match rx.recv() {
+                    Ok(Msg::Op(op)) => batch.push(op),
+                    Ok(Msg::Shutdown) => shutting = true,
+                    Err(_) => break,
+                }
+            }
+            // Whatever queued up while the last commit was fsyncing joins this txn.
+            while batch.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(Msg::Op(op)) => batch.push(op),
+                    Ok(Msg::Shutdown) => shutting = true,
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            if batch.is_empty() {
+                if shutting {
+                    break;
+                }
+                continue;
+            }
+            self.commit_batch(&mut batch);
+        }
+        debug!(shard = self.shard, "spool writer stopped");
+    }
+
+    fn commit_batch(&self, batch: &mut Vec<Op>) {
+        if let Err(e) = self.health.check() {
+            reply_all(batch, &e);
+            return;
+        }
+        match self.run_txn(batch) {
+            Ok(results) => {
+                for (op, r) in batch.drain(..).zip(results) {
+                    let _ = op.reply.send(r);
+                }
+            }
+            Err(e) if is_capacity(&e) && batch.len() > 1 => {
+                // Retry one by one so a single huge message only fails itself.
+                warn!(shard = self.shard, batch = batch.len(), error = %e, "spool batch did not fit, retrying singly");
+                for op in batch.drain(..) {
+                    let r = self.commit_single(&op);
+                    let _ = op.reply.send(r);
+                }
+            }
+            Err(e) if is_capacity(&e) => {
+                warn!(shard = self.shard, error = %e, "spool full");
+                reply_all(batch, &SpoolError::Full);
+            }
+            Err(e) => {
+                let err = self.fail(e);
+                reply_all(batch, &err);
+            }
+        }
+    }
+
+    fn commit_single(&self, op: &Op) -> Result<(), SpoolError> {
+        self.health.check()?;
+        match self.run_txn(std::slice::from_ref(op)) {
+            Ok(results) => results.into_iter().next().unwrap_or(Ok(())),
+            Err(e) if is_capacity(&e) => Err(SpoolError::Full),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn fail(&self, e: heed::Error) -> SpoolError {
+        self.health.fail(format!("shard {}: {e}", self.shard))
+    }
+
+    /// One write transaction for all `ops`. The outer error aborts the whole
+    /// txn (nothing written); inner results are per-op outcomes of a txn that
+    /// committed.
+    fn run_txn(&self, ops: &[Op]) -> Result<Vec<Result<(), SpoolError>>, heed::Error> {
+        let mut wtxn = self.env.write_txn()?;
+        let mut results = Vec::with_capacity(ops.len());
+        let mut stored = 0u64;
+        for op in ops {
+            let r = match &op.kind {
+                OpKind::Store { id, envelope, body } => {
+                    let key = id.key();
+                    // Never overwrite: a duplicate id must not replace a queued message.
+                    match self.dbs.envelopes.put_with_flags(
+                        &mut wtxn,
+                        PutFlags::NO_OVERWRITE,
+                        &key,
+                        envelope,
+                    ) {
+                        Ok(()) => {
+                            self.dbs.bodies.put(&mut wtxn, &key, body)?;
+                            stored += 1;
+                            Ok(())
+                        }
+                        Err(heed::Error::Mdb(MdbError::KeyExist)) => {
+                            Err(SpoolError::Duplicate(*id))
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                OpKind::Remove { id } => {
+                    let key = id.key();
+                    let had_envelope = self.dbs.envelopes.delete(&mut wtxn, &key)?;
+                    let had_body = self.dbs.bodies.delete(&mut wtxn, &key)?;
+                    if had_envelope || had_body {
+                        Ok(())
+                    } else {
+                        Err(SpoolError::NotFound(*id))
+                    }
+                }
+            };
+            results.push(r);
+        }
+        bump(&self.dbs.meta, &mut wtxn, META_COMMITS, 1)?;
+        if stored > 0 {
+            bump(&self.dbs.meta, &mut wtxn, META_MESSAGES, stored)?;
+        }
+        wtxn.commit()?;
+        Ok(results)
+    }
+}
+
+fn bump(meta: &MetaDb, wtxn: &mut heed::RwTxn, key: &str, by: u64) -> Result<(), heed::Error> {
+    let now = meta.get(wtxn, key)?.unwrap_or(0);
+    meta.put(wtxn, key, &now.wrapping_add(by))
+}
+
+fn reply_all(batch: &mut Vec<Op>, e: &SpoolError) {
+    for op in batch.drain(..) {
+        let _ = op.reply.send(Err(e.clone()));
+    }
+}
