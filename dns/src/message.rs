@@ -106,26 +106,20 @@ pub fn parse_answer(
 
     // Follow the CNAME chain from the question name.
     let mut records = Vec::new();
-    let mut chain = vec![qname];
-    loop {
-        let Some(current) = chain.last() else { break };
-        let next = message.answers().iter().find_map(|r| match r.data() {
-            RData::CNAME(target) if r.name() == current => Some((target.0.clone(), r.ttl())),
-            _ => None,
-        });
-        let Some((target, ttl)) = next else { break };
-        if chain.contains(&target) {
+    let mut owner = qname;
+    let mut seen = vec![owner.clone()];
+    while let Some((target, ttl)) = cname_of(&message, &owner) {
+        if seen.contains(&target) {
             return Err(DnsError::Malformed("CNAME loop in answer".into()));
         }
-        if chain.len() > MAX_CNAME_CHAIN {
+        if seen.len() > MAX_CNAME_CHAIN {
             return Err(DnsError::Malformed("CNAME chain too long".into()));
         }
         records.push(Record::Cname(name_string(&target), clamp_ttl(ttl)));
-        chain.push(target);
+        seen.push(target.clone());
+        owner = target;
     }
-    let Some(owner) = chain.last() else {
-        return Err(DnsError::Malformed("empty CNAME chain".into()));
-    };
+    let owner = &owner;
 
     let want = rtype.record_type();
     let mut found = false;
@@ -143,7 +137,8 @@ pub fn parse_answer(
         Some(NegativeKind::NxDomain {
             ttl: negative_ttl(&message, owner),
         })
-    } else if !found {
+    } else if !found && !message.truncated() {
+        // A truncated reply may just have lost its records: not proof of NODATA.
         Some(NegativeKind::NoData {
             ttl: negative_ttl(&message, owner),
         })
@@ -152,10 +147,10 @@ pub fn parse_answer(
     };
 
     let record_min = records.iter().map(Record::ttl).min();
-    let negative_ttl = negative.map(|n| match n {
+    let neg_ttl = negative.map(|n| match n {
         NegativeKind::NxDomain { ttl } | NegativeKind::NoData { ttl } => ttl,
     });
-    let min_ttl = match (record_min, negative_ttl) {
+    let min_ttl = match (record_min, neg_ttl) {
         (Some(a), Some(b)) => a.min(b),
         (Some(a), None) | (None, Some(a)) => a,
         (None, None) => 0,
@@ -167,6 +162,13 @@ pub fn parse_answer(
         authentic_data: message.authentic_data(),
         negative,
         min_ttl,
+    })
+}
+
+fn cname_of(message: &Message, owner: &Name) -> Option<(Name, u32)> {
+    message.answers().iter().find_map(|r| match r.data() {
+        RData::CNAME(target) if r.name() == owner => Some((target.0.clone(), r.ttl())),
+        _ => None,
     })
 }
 
@@ -427,6 +429,13 @@ mod tests {
                 got: 0x1234
             }
         ));
+        // The id is judged before the body: garbage under a foreign id is not ours.
+        let mut garbage = wire(&mx_answer());
+        garbage.truncate(20);
+        assert!(matches!(
+            parse_answer(0x9999, "example.com", QueryType::Mx, &garbage),
+            Err(DnsError::IdMismatch { .. })
+        ));
     }
 
     #[test]
@@ -476,6 +485,14 @@ mod tests {
         m.set_truncated(true);
         let a = parse_answer(0x1234, "example.com", QueryType::Mx, &wire(&m)).expect("answer");
         assert!(a.truncated);
+        assert_eq!(a.records.len(), 2);
+
+        // TC with no records left is not NODATA: the caller must retry over TCP.
+        let mut empty = response(0x1234, "example.com.", RecordType::MX);
+        empty.set_truncated(true);
+        let a = parse_answer(0x1234, "example.com", QueryType::Mx, &wire(&empty)).expect("tc");
+        assert!(a.truncated);
+        assert_eq!(a.negative, None);
 
         // Cut mid-record with TC set: still a truncated answer, not an error.
         let bytes = wire(&m);

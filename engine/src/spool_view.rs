@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
-use sluice_spool::{Envelope, MessageId, RecipientStatus, Spool};
+use sluice_spool::{Envelope, MessageId, Notify, RecipientStatus, Spool};
 
 fn open(path: &Path) -> anyhow::Result<Spool> {
     Spool::open_readonly(path).with_context(|| format!("opening spool at {}", path.display()))
@@ -23,6 +23,20 @@ fn status(s: &RecipientStatus) -> String {
         RecipientStatus::Deferred { reply, attempts } => format!("deferred ({attempts} attempts): {reply}"),
         RecipientStatus::Failed { reply } => format!("failed: {reply}"),
     }
+}
+
+fn notify_names(n: Notify) -> String {
+    [
+        (Notify::SUCCESS, "SUCCESS"),
+        (Notify::FAILURE, "FAILURE"),
+        (Notify::DELAY, "DELAY"),
+        (Notify::NEVER, "NEVER"),
+    ]
+    .iter()
+    .filter(|(bit, _)| n.contains(*bit))
+    .map(|(_, name)| *name)
+    .collect::<Vec<_>>()
+    .join(",")
 }
 
 pub fn list(path: &Path, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
@@ -74,10 +88,10 @@ pub fn show(path: &Path, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
     for r in &env.recipients {
         let mut extra = String::new();
         if let Some(o) = &r.orcpt {
-            extra.push_str(&format!(" orcpt={o}"));
+            extra.push_str(&format!(" orcpt=rfc822;{o}"));
         }
-        if r.notify != Default::default() {
-            extra.push_str(&format!(" notify={:?}", r.notify));
+        if !r.notify.is_empty() {
+            extra.push_str(&format!(" notify={}", notify_names(r.notify)));
         }
         if r.local {
             extra.push_str(" local");

@@ -244,7 +244,7 @@ impl Spool {
         }
     }
 
-    fn submit(
+    pub(crate) fn submit(
         &self,
         shard: u16,
         kind: OpKind,

@@ -365,3 +365,55 @@ fn undecodable_envelope_is_corrupt() {
         }
     }
 }
+
+#[test]
+fn corrupt_envelope_is_skipped_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
+    let g = IdGenerator::new(0, None);
+    let (good, bad) = (g.next(1), g.next(1));
+    block_on(spool.store(0, good, envelope(7), body(7))).unwrap();
+    // Bypass encoding to plant bytes that do not decode.
+    let rx = spool
+        .submit(
+            0,
+            crate::writer::OpKind::Store {
+                id: bad,
+                envelope: vec![1, 0xFF, 0xFF],
+                body: body(7),
+            },
+        )
+        .unwrap();
+    block_on(rx).unwrap().unwrap();
+    match spool.envelope(bad) {
+        Err(SpoolError::Corrupt(msg)) => assert!(msg.contains(&bad.to_string())),
+        other => panic!("{other:?}"),
+    }
+    let report = spool.recover().unwrap();
+    assert_eq!((report.messages, report.bytes, report.corrupt), (1, 7, 1));
+    let mut seen = Vec::new();
+    spool
+        .list(|id, _| {
+            seen.push(id);
+            true
+        })
+        .unwrap();
+    assert_eq!(seen, vec![good]);
+    assert!(!spool.is_failed());
+}
+
+#[test]
+fn shareable_across_threads() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send_static<T: Send + 'static>(_: &T) {}
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
+    send_sync(&spool);
+    let id = IdGenerator::new(0, None).next(1);
+    let fut = spool.store(0, id, envelope(1), body(1));
+    send_static(&fut);
+    block_on(fut).unwrap();
+    let fut = spool.remove(id);
+    send_static(&fut);
+    block_on(fut).unwrap();
+}

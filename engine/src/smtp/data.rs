@@ -122,9 +122,11 @@ impl DataDecoder {
 
     #[inline]
     fn emit(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        let room = self.limit.saturating_sub(self.written);
         self.written += bytes.len() as u64;
         if self.written > self.limit {
             self.flags.too_big = true;
+            out.extend_from_slice(&bytes[..room as usize]);
         } else {
             out.extend_from_slice(bytes);
         }
@@ -220,7 +222,7 @@ mod tests {
     fn plain_body_ends_at_crlf_dot_crlf() {
         let (out, end, flags) = decode_all_splits(b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n");
         assert_eq!(out, b"Subject: x\r\n\r\nhello\r\n");
-        assert_eq!(end, Some(25));
+        assert_eq!(end, Some(24));
         assert_eq!(flags, BodyFlags::default());
     }
 
