@@ -277,7 +277,9 @@ impl<'de> Deserialize<'de> for HumanDuration {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text)
             .map(HumanDuration)
-            .map_err(|e| de::Error::custom(format!("`{text}` is not a duration like 30s or 5m: {e}")))
+            .map_err(|e| {
+                de::Error::custom(format!("`{text}` is not a duration like 30s or 5m: {e}"))
+            })
     }
 }
 
@@ -285,13 +287,13 @@ impl Config {
     /// Parse a configuration text, then apply `--set` overrides (each `dotted.key=value`).
     /// `origin` names the source in errors (a file path, or "built-in defaults").
     pub fn load(origin: &str, text: &str, overrides: &[String]) -> Result<Config, ConfigError> {
-        let doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| {
-            ConfigError::Syntax {
-                origin: origin.to_string(),
-                line: e.span().map(|s| line_of(text, s.start)),
-                message: e.message().trim().to_string(),
-            }
-        })?;
+        let doc: toml_edit::DocumentMut =
+            text.parse()
+                .map_err(|e: toml_edit::TomlError| ConfigError::Syntax {
+                    origin: origin.to_string(),
+                    line: e.span().map(|s| line_of(text, s.start)),
+                    message: e.message().trim().to_string(),
+                })?;
         // Deserialize the file alone first, so an error in it is reported with the
         // file's own line numbers before overrides shift anything.
         let mut config = deserialize(origin, text)?;
@@ -305,7 +307,11 @@ impl Config {
                 ConfigError::Invalid { key, message, .. } => ConfigError::Override {
                     arg: overrides
                         .iter()
-                        .find(|o| o.split('=').next().is_some_and(|k| key.starts_with(k.trim())))
+                        .find(|o| {
+                            o.split('=')
+                                .next()
+                                .is_some_and(|k| key.starts_with(k.trim()))
+                        })
                         .cloned()
                         .unwrap_or_else(|| key.clone()),
                     message: format!("key `{key}`: {message}"),
@@ -333,7 +339,10 @@ impl Config {
         for (name, l) in &self.server.listener {
             let key = |k: &str| format!("server.listener.{name}.{k}");
             if l.bind.is_empty() {
-                return Err(invalid(key("bind"), "at least one address is needed".into()));
+                return Err(invalid(
+                    key("bind"),
+                    "at least one address is needed".into(),
+                ));
             }
             if l.tls != TlsMode::None && (l.tls_cert.is_none() || l.tls_key.is_none()) {
                 return Err(invalid(
@@ -348,7 +357,10 @@ impl Config {
                 ));
             }
             if l.max_recipients == 0 || l.max_recipients > 100_000 {
-                return Err(invalid(key("max_recipients"), "must be 1 ..= 100000".into()));
+                return Err(invalid(
+                    key("max_recipients"),
+                    "must be 1 ..= 100000".into(),
+                ));
             }
             if l.max_connections == 0 {
                 return Err(invalid(key("max_connections"), "must be at least 1".into()));
@@ -357,20 +369,32 @@ impl Config {
                 return Err(invalid(key("max_errors"), "must be at least 1".into()));
             }
             if l.idle_timeout.0.is_zero() || l.session_timeout.0.is_zero() {
-                return Err(invalid(key("idle_timeout"), "timeouts must be above zero".into()));
+                return Err(invalid(
+                    key("idle_timeout"),
+                    "timeouts must be above zero".into(),
+                ));
             }
             if let Err(e) = sluice_policy::NetworkList::parse(&l.proxy_trusted_networks) {
                 return Err(invalid(key("proxy_trusted_networks"), e.to_string()));
             }
         }
         if self.server.cores > 64 {
-            return Err(invalid("server.cores".into(), "at most 64 cores (spool shard id is 6 bits)".into()));
+            return Err(invalid(
+                "server.cores".into(),
+                "at most 64 cores (spool shard id is 6 bits)".into(),
+            ));
         }
         if self.spool.max_batch == 0 {
-            return Err(invalid("spool.max_batch".into(), "must be at least 1".into()));
+            return Err(invalid(
+                "spool.max_batch".into(),
+                "must be at least 1".into(),
+            ));
         }
         if self.spool.map_size.0 < (1 << 20) {
-            return Err(invalid("spool.map_size".into(), "must be at least 1MiB".into()));
+            return Err(invalid(
+                "spool.map_size".into(),
+                "must be at least 1MiB".into(),
+            ));
         }
         if let Err(e) = self.relay_policy() {
             let key = if e.to_string().contains("network") || e.to_string().contains("CIDR") {
@@ -438,9 +462,7 @@ fn apply_override(doc: &mut toml_edit::DocumentMut, arg: &str) -> Result<(), Con
         },
         Err(_) => toml_edit::Value::from(raw),
     };
-    let (last, parents) = keys
-        .split_last()
-        .ok_or_else(|| err("empty key".into()))?;
+    let (last, parents) = keys.split_last().ok_or_else(|| err("empty key".into()))?;
     let mut table: &mut dyn toml_edit::TableLike = doc.as_table_mut();
     for key in parents {
         let entry = table

@@ -204,7 +204,8 @@ async fn serve(
     let mut admission = Admission { listener, ip: None };
     if previous >= listener.max_connections {
         tracing::warn!(peer = %socket_peer, listener = %listener.name, "connection limit reached");
-        conn.write_all(&server::refusal(&hostname, "Error: too many connections")).await?;
+        conn.write_all(&server::refusal(&hostname, "Error: too many connections"))
+            .await?;
         conn.close().await;
         return Ok(());
     }
@@ -236,7 +237,9 @@ async fn serve(
                         conn.close().await;
                         return Ok(());
                     }
-                    let n = match within(PROXY_TIMEOUT, conn.read(&mut buf[end..proxy::MAX_HEADER])).await {
+                    let n = match within(PROXY_TIMEOUT, conn.read(&mut buf[end..proxy::MAX_HEADER]))
+                        .await
+                    {
                         Some(r) => r?,
                         None => return Ok(()),
                     };
@@ -251,12 +254,17 @@ async fn serve(
 
     if !admission.admit_ip(peer.ip()) {
         tracing::warn!(client_ip = %peer.ip(), listener = %listener.name, "per-IP connection limit reached");
-        conn.write_all(&server::refusal(&hostname, "Error: too many connections from your address")).await?;
+        conn.write_all(&server::refusal(
+            &hostname,
+            "Error: too many connections from your address",
+        ))
+        .await?;
         conn.close().await;
         return Ok(());
     }
     if ctx.spool.is_failed() || ctx.shutting_down.load(Ordering::Relaxed) {
-        conn.write_all(&server::refusal(&hostname, "Service not available")).await?;
+        conn.write_all(&server::refusal(&hostname, "Service not available"))
+            .await?;
         conn.close().await;
         return Ok(());
     }

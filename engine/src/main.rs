@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use sluice_engine::config::{Config, LogFormat, EXAMPLE_CONFIG};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "sluice: a thread-per-core SMTP relay")]
+#[command(
+    name = "sluice",
+    version,
+    about = "sluice: a thread-per-core SMTP relay"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -79,7 +83,9 @@ fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -107,7 +113,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             sluice_engine::runtime::run(config)
         }
         Command::CheckConfig { file, set } => {
-            let config = load(&ConfigArgs { config: Some(file.clone()), set })?;
+            let config = load(&ConfigArgs {
+                config: Some(file.clone()),
+                set,
+            })?;
             for (name, l) in &config.server.listener {
                 if let (Some(cert), Some(key)) = (&l.tls_cert, &l.tls_key) {
                     sluice_engine::tls::server_config(cert, key)
@@ -121,7 +130,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let config = load(&config)?;
             let path = &config.spool.path;
             match action {
-                SpoolCommand::List { json } => sluice_engine::spool_view::list(path, json, &mut out),
+                SpoolCommand::List { json } => {
+                    sluice_engine::spool_view::list(path, json, &mut out)
+                }
                 SpoolCommand::Show { id } => sluice_engine::spool_view::show(path, &id, &mut out),
                 SpoolCommand::Body { id } => sluice_engine::spool_view::body(path, &id, &mut out),
                 SpoolCommand::Count => sluice_engine::spool_view::count(path, &mut out),

@@ -15,7 +15,10 @@ pub enum ProxyParse {
     /// Need more bytes.
     Incomplete,
     /// Header of `len` bytes; `source` is None for LOCAL / UNKNOWN (keep the socket peer).
-    Header { len: usize, source: Option<SocketAddr> },
+    Header {
+        len: usize,
+        source: Option<SocketAddr>,
+    },
     Invalid(String),
 }
 
@@ -33,20 +36,34 @@ pub fn parse(input: &[u8]) -> ProxyParse {
     match result {
         ppp::HeaderResult::V1(Ok(h)) => {
             let source = match h.addresses {
-                v1::Addresses::Tcp4(a) => Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port)),
-                v1::Addresses::Tcp6(a) => Some(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port)),
+                v1::Addresses::Tcp4(a) => {
+                    Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port))
+                }
+                v1::Addresses::Tcp6(a) => {
+                    Some(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port))
+                }
                 v1::Addresses::Unknown => None,
             };
-            ProxyParse::Header { len: h.header.len(), source }
+            ProxyParse::Header {
+                len: h.header.len(),
+                source,
+            }
         }
         ppp::HeaderResult::V2(Ok(h)) => {
             let source = match (h.command, h.addresses) {
                 (v2::Command::Local, _) => None,
-                (_, v2::Addresses::IPv4(a)) => Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port)),
-                (_, v2::Addresses::IPv6(a)) => Some(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port)),
+                (_, v2::Addresses::IPv4(a)) => {
+                    Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port))
+                }
+                (_, v2::Addresses::IPv6(a)) => {
+                    Some(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port))
+                }
                 _ => None,
             };
-            ProxyParse::Header { len: h.header.len(), source }
+            ProxyParse::Header {
+                len: h.header.len(),
+                source,
+            }
         }
         ppp::HeaderResult::V1(Err(e)) => ProxyParse::Invalid(format!("PROXY v1: {e:?}")),
         ppp::HeaderResult::V2(Err(e)) => ProxyParse::Invalid(format!("PROXY v2: {e:?}")),
@@ -72,13 +89,17 @@ mod tests {
     #[test]
     fn v1_incomplete_then_invalid() {
         assert_eq!(parse(b"PROXY TCP4 192.0.2.7"), ProxyParse::Incomplete);
-        assert!(matches!(parse(b"EHLO example.org\r\n"), ProxyParse::Invalid(_)));
+        assert!(matches!(
+            parse(b"EHLO example.org\r\n"),
+            ProxyParse::Invalid(_)
+        ));
     }
 
     #[test]
     fn v2_tcp6() {
         let mut input = vec![
-            0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x21, 0x00, 36,
+            0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x21,
+            0x00, 36,
         ];
         let src: std::net::Ipv6Addr = "2001:db8::5".parse().unwrap();
         let dst: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();

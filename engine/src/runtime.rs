@@ -21,8 +21,14 @@ use crate::smtp::server::SessionConfig;
 
 /// Starts the relay and blocks until it has shut down (SIGTERM or SIGINT).
 pub fn run(config: Config) -> anyhow::Result<()> {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let cores = if config.server.cores == 0 { cpus } else { config.server.cores };
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let cores = if config.server.cores == 0 {
+        cpus
+    } else {
+        config.server.cores
+    };
 
     let spool = Arc::new(
         Spool::open(&SpoolConfig {
@@ -53,7 +59,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 crate::tls::server_config(cert, key)
                     .with_context(|| format!("server.listener.{name}: TLS"))?,
             ),
-            _ => return Err(anyhow!("server.listener.{name}: tls_cert and tls_key are required")),
+            _ => {
+                return Err(anyhow!(
+                    "server.listener.{name}: tls_cert and tls_key are required"
+                ))
+            }
         };
         let session = Arc::new(SessionConfig::from_listener(
             name,
@@ -162,7 +172,9 @@ async fn core_main(
     grace: Duration,
     ready: std::sync::mpsc::Sender<Result<u16, String>>,
 ) -> anyhow::Result<()> {
-    let last = spool.last_id(core).map_err(|e| anyhow!("spool shard {core}: {e}"))?;
+    let last = spool
+        .last_id(core)
+        .map_err(|e| anyhow!("spool shard {core}: {e}"))?;
     let ctx = Rc::new(CoreContext {
         core,
         spool,
@@ -197,11 +209,12 @@ async fn core_main(
                 if shutting_down.load(Ordering::SeqCst) {
                     break;
                 }
-                let accepted = futures_lite::future::or(async { Some(sock.accept().await) }, async {
-                    stop.await;
-                    None
-                })
-                .await;
+                let accepted =
+                    futures_lite::future::or(async { Some(sock.accept().await) }, async {
+                        stop.await;
+                        None
+                    })
+                    .await;
                 match accepted {
                     None => break,
                     Some(Ok(stream)) => {
@@ -226,7 +239,11 @@ async fn core_main(
         Timer::new(Duration::from_millis(20)).await;
     }
     if ctx.sessions.get() > 0 {
-        tracing::warn!(core, sessions = ctx.sessions.get(), "shutdown grace over; closing sessions");
+        tracing::warn!(
+            core,
+            sessions = ctx.sessions.get(),
+            "shutdown grace over; closing sessions"
+        );
     }
     Ok(())
 }
@@ -249,7 +266,10 @@ fn spawn_signal_thread(
                     tracing::info!("SIGHUP received: reload is not supported yet; ignoring");
                     continue;
                 }
-                tracing::info!(signal = sig, "shutting down: no new connections, draining sessions");
+                tracing::info!(
+                    signal = sig,
+                    "shutting down: no new connections, draining sessions"
+                );
                 shutting_down.store(true, Ordering::SeqCst);
                 shutdown.notify(usize::MAX);
             }

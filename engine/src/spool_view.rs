@@ -20,7 +20,9 @@ fn status(s: &RecipientStatus) -> String {
     match s {
         RecipientStatus::Pending => "pending".into(),
         RecipientStatus::Delivered { reply } => format!("delivered: {reply}"),
-        RecipientStatus::Deferred { reply, attempts } => format!("deferred ({attempts} attempts): {reply}"),
+        RecipientStatus::Deferred { reply, attempts } => {
+            format!("deferred ({attempts} attempts): {reply}")
+        }
         RecipientStatus::Failed { reply } => format!("failed: {reply}"),
     }
 }
@@ -80,7 +82,9 @@ pub fn list(path: &Path, json: bool, out: &mut impl Write) -> anyhow::Result<()>
 
 pub fn show(path: &Path, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
     let spool = open(path)?;
-    let id: MessageId = id.parse().with_context(|| format!("`{id}` is not a message id"))?;
+    let id: MessageId = id
+        .parse()
+        .with_context(|| format!("`{id}` is not a message id"))?;
     let env = spool.envelope(id)?;
     writeln!(out, "*** ENVELOPE {id} ***")?;
     writeln!(out, "arrival: {}", arrival(&env))?;
@@ -96,7 +100,12 @@ pub fn show(path: &Path, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
         if r.local {
             extra.push_str(" local");
         }
-        writeln!(out, "recipient: <{}>{extra} [{}]", r.address, status(&r.status))?;
+        writeln!(
+            out,
+            "recipient: <{}>{extra} [{}]",
+            r.address,
+            status(&r.status)
+        )?;
     }
     writeln!(out, "ret: {:?}", env.ret)?;
     writeln!(out, "envid: {}", env.envid.as_deref().unwrap_or(""))?;
@@ -118,7 +127,9 @@ pub fn show(path: &Path, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
 /// Just the body bytes, exactly as stored (for tools and tests).
 pub fn body(path: &Path, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
     let spool = open(path)?;
-    let id: MessageId = id.parse().with_context(|| format!("`{id}` is not a message id"))?;
+    let id: MessageId = id
+        .parse()
+        .with_context(|| format!("`{id}` is not a message id"))?;
     spool.with_body(id, |body| out.write_all(body))??;
     Ok(())
 }

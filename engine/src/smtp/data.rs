@@ -262,7 +262,10 @@ mod tests {
             let (out, end, flags) = decode_all_splits(body);
             assert_eq!(end, Some(body.len()), "{body:?}");
             assert!(flags.bare_newline, "{body:?}");
-            assert!(out.ends_with(b"\r\n") || out.ends_with(b"\r\r\n"), "{out:?}");
+            assert!(
+                out.ends_with(b"\r\n") || out.ends_with(b"\r\r\n"),
+                "{out:?}"
+            );
         }
     }
 

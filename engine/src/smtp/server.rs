@@ -13,11 +13,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use smtp_proto::{Request, RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS};
 use sluice_policy::{RelayDecision, RelayPolicy};
 use sluice_spool::{
-    BodyType, Envelope, IdGenerator, MessageId, Notify, Recipient, RecipientStatus, Ret,
-    SpoolError,
+    BodyType, Envelope, IdGenerator, MessageId, Notify, Recipient, RecipientStatus, Ret, SpoolError,
+};
+use smtp_proto::{
+    Request, RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS,
 };
 
 use super::data::{BareNewlineScanner, DataDecoder};
@@ -54,7 +55,10 @@ impl SessionConfig {
     ) -> SessionConfig {
         SessionConfig {
             listener: name.to_string(),
-            hostname: l.hostname.clone().unwrap_or_else(|| server_hostname.to_string()),
+            hostname: l
+                .hostname
+                .clone()
+                .unwrap_or_else(|| server_hostname.to_string()),
             greeting: l.greeting.clone(),
             protocol: l.protocol,
             starttls: l.tls == crate::config::TlsMode::Starttls,
@@ -107,7 +111,9 @@ enum State {
     },
     AuthPlainResponse,
     AuthLoginUser,
-    AuthLoginPassword { user: String },
+    AuthLoginPassword {
+        user: String,
+    },
     /// Waiting for the driver to report a store or auth outcome.
     Paused,
     Closed,
@@ -237,7 +243,10 @@ impl Session {
 
     /// The relay is shutting down or the spool failed: tell the client to come back.
     pub fn shutdown(&mut self) {
-        let text = format!("{} Service not available, closing connection", self.cfg.hostname);
+        let text = format!(
+            "{} Service not available, closing connection",
+            self.cfg.hostname
+        );
         self.reply(421, "4.3.2", &text);
         self.state = State::Closed;
     }
@@ -293,7 +302,11 @@ impl Session {
                         }
                     }
                 }
-                State::Bdat { remaining, last, discard } => {
+                State::Bdat {
+                    remaining,
+                    last,
+                    discard,
+                } => {
                     let take = (*remaining).min(rest.len());
                     let chunk = &rest[..take];
                     *remaining -= take;
@@ -547,7 +560,10 @@ impl Session {
             Request::Mail { from } => self.mail(from),
             Request::Rcpt { to } => self.rcpt(to),
             Request::Data => return self.data(more_input, now_ms),
-            Request::Bdat { chunk_size, is_last } => self.bdat(chunk_size, is_last, now_ms),
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => self.bdat(chunk_size, is_last, now_ms),
             Request::Rset => {
                 self.tx = Transaction::default();
                 self.reply(250, "2.0.0", "Ok");
@@ -569,7 +585,10 @@ impl Session {
                 "2.5.0",
                 "Cannot VRFY user, but will accept message and attempt delivery",
             ),
-            Request::Expn { .. } | Request::Etrn { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+            Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => {
                 self.error_reply(502, "5.5.1", "Error: command not implemented")
             }
             Request::StartTls => return self.starttls(),
@@ -590,7 +609,12 @@ impl Session {
             self.reply(250, "", &text);
             return;
         }
-        let mut lines = vec![format!("{} Hello {} [{}]", self.cfg.hostname, printable(host), self.peer.ip)];
+        let mut lines = vec![format!(
+            "{} Hello {} [{}]",
+            self.cfg.hostname,
+            printable(host),
+            self.peer.ip
+        )];
         lines.push("PIPELINING".into());
         lines.push(format!("SIZE {}", self.cfg.max_message_size));
         lines.push("8BITMIME".into());
@@ -616,7 +640,11 @@ impl Session {
 
     fn mail(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>) {
         if self.helo.is_none() {
-            let greet = if self.cfg.protocol == Protocol::Lmtp { "LHLO" } else { "EHLO/HELO" };
+            let greet = if self.cfg.protocol == Protocol::Lmtp {
+                "LHLO"
+            } else {
+                "EHLO/HELO"
+            };
             return self.error_reply(503, "5.5.1", &format!("Error: send {greet} first"));
         }
         if self.tx.sender.is_some() {
@@ -667,7 +695,11 @@ impl Session {
         let local = if address.eq_ignore_ascii_case("postmaster") {
             true
         } else {
-            match self.cfg.relay.check_recipient(address, self.peer.ip, self.auth_user.is_some()) {
+            match self
+                .cfg
+                .relay
+                .check_recipient(address, self.peer.ip, self.auth_user.is_some())
+            {
                 RelayDecision::Local => true,
                 RelayDecision::Relay => false,
                 RelayDecision::Denied => {
@@ -823,14 +855,23 @@ impl Session {
     }
 
     /// The outcome of an [`Action::Store`]; `summary` is what the transaction log needs.
-    pub fn store_result(&mut self, id: MessageId, summary: &TxSummary, result: Result<(), SpoolError>) {
+    pub fn store_result(
+        &mut self,
+        id: MessageId,
+        summary: &TxSummary,
+        result: Result<(), SpoolError>,
+    ) {
         self.state = State::Command;
         let (code, esc, text) = match &result {
             Ok(()) => {
                 self.accepted += 1;
                 (250, "2.0.0", format!("Ok: queued as {id}"))
             }
-            Err(e) if e.is_full() => (452, "4.3.1", "Error: insufficient system storage".to_string()),
+            Err(e) if e.is_full() => (
+                452,
+                "4.3.1",
+                "Error: insufficient system storage".to_string(),
+            ),
             Err(_) => (451, "4.3.0", "Error: local error in processing".to_string()),
         };
         tracing::info!(
@@ -891,7 +932,11 @@ impl Session {
     fn auth(&mut self, mechanism: u64, initial: &str) -> Option<Action> {
         if !self.cfg.auth_enabled || (self.tls.is_none() && !self.cfg.auth_plaintext) {
             if self.cfg.auth_enabled && self.cfg.starttls {
-                self.error_reply(538, "5.7.11", "Error: encryption required for requested authentication mechanism");
+                self.error_reply(
+                    538,
+                    "5.7.11",
+                    "Error: encryption required for requested authentication mechanism",
+                );
             } else {
                 self.error_reply(502, "5.5.1", "Error: authentication not enabled");
             }
@@ -906,7 +951,11 @@ impl Session {
             return None;
         }
         if self.tx.sender.is_some() {
-            self.error_reply(503, "5.5.1", "Error: AUTH not allowed during a mail transaction");
+            self.error_reply(
+                503,
+                "5.5.1",
+                "Error: AUTH not allowed during a mail transaction",
+            );
             return None;
         }
         match mechanism {
@@ -948,7 +997,11 @@ impl Session {
             self.error_reply(501, "5.7.0", "Authentication cancelled");
             return None;
         }
-        let decoded = if text == b"=" { Some(Vec::new()) } else { decode_b64(text) };
+        let decoded = if text == b"=" {
+            Some(Vec::new())
+        } else {
+            decode_b64(text)
+        };
         let Some(decoded) = decoded else {
             self.error_reply(501, "5.5.2", "Invalid base64 data");
             return None;
@@ -1000,7 +1053,8 @@ impl Session {
     fn multiline(&mut self, code: u16, lines: &[String]) {
         for (i, line) in lines.iter().enumerate() {
             let sep = if i + 1 == lines.len() { ' ' } else { '-' };
-            self.out.extend_from_slice(format!("{code}{sep}{line}\r\n").as_bytes());
+            self.out
+                .extend_from_slice(format!("{code}{sep}{line}\r\n").as_bytes());
         }
     }
 

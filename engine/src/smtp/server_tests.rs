@@ -53,7 +53,11 @@ impl Harness {
         let mut session = Session::new(
             Arc::new(cfg),
             Rc::new(IdGenerator::new(0, None)),
-            PeerInfo { ip, port: 1000, tls: None },
+            PeerInfo {
+                ip,
+                port: 1000,
+                tls: None,
+            },
         );
         session.greeting();
         let mut h = Harness {
@@ -68,7 +72,8 @@ impl Harness {
     }
 
     fn drain(&mut self) {
-        self.out.push_str(&String::from_utf8_lossy(self.session.output()));
+        self.out
+            .push_str(&String::from_utf8_lossy(self.session.output()));
         self.session.clear_output();
     }
 
@@ -116,7 +121,11 @@ fn run(cfg: SessionConfig, ip: &str, input: &[u8]) -> Harness {
     whole.feed(input, input.len());
     let mut bytewise = Harness::new(cfg, ip);
     bytewise.feed(input, 1);
-    assert_eq!(whole.codes(), bytewise.codes(), "replies differ when fed byte by byte");
+    assert_eq!(
+        whole.codes(),
+        bytewise.codes(),
+        "replies differ when fed byte by byte"
+    );
     assert_eq!(whole.stored.len(), bytewise.stored.len());
     for (a, b) in whole.stored.iter().zip(&bytewise.stored) {
         assert_eq!(strip_received(&a.body), strip_received(&b.body));
@@ -149,7 +158,10 @@ fn simple_transaction_is_stored_byte_exact() {
     assert_eq!(h.codes(), ["220", "250", "250", "250", "354", "250", "221"]);
     assert_eq!(h.stored.len(), 1);
     let msg = &h.stored[0];
-    assert_eq!(strip_received(&msg.body), b"Subject: hi\r\n\r\n.dot\r\nend\r\n");
+    assert_eq!(
+        strip_received(&msg.body),
+        b"Subject: hi\r\n\r\n.dot\r\nend\r\n"
+    );
     assert!(msg.body.starts_with(b"Received: from client.test"));
     assert_eq!(msg.envelope.sender, "a@local.test");
     assert_eq!(msg.envelope.recipients[0].address, "b@local.test");
@@ -161,7 +173,16 @@ fn simple_transaction_is_stored_byte_exact() {
 #[test]
 fn ehlo_advertises_extensions() {
     let h = run(config(), "198.51.100.1", b"EHLO x\r\n");
-    for ext in ["PIPELINING", "SIZE 10000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN", "STARTTLS"] {
+    for ext in [
+        "PIPELINING",
+        "SIZE 10000",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+        "DSN",
+        "STARTTLS",
+    ] {
         assert!(h.out.contains(ext), "{ext} missing in {}", h.out);
     }
     // No AUTH before TLS when plaintext auth is off.
@@ -179,8 +200,12 @@ fn pipelined_commands_answered_in_order() {
     let env = &h.stored[0].envelope;
     assert_eq!(env.envid.as_deref(), Some("e1"));
     assert_eq!(env.ret, Some(sluice_spool::Ret::Headers));
-    assert!(env.recipients[0].notify.contains(sluice_spool::Notify::SUCCESS));
-    assert!(env.recipients[0].notify.contains(sluice_spool::Notify::FAILURE));
+    assert!(env.recipients[0]
+        .notify
+        .contains(sluice_spool::Notify::SUCCESS));
+    assert!(env.recipients[0]
+        .notify
+        .contains(sluice_spool::Notify::FAILURE));
     // smtp-proto keeps the address of "rfc822;addr"; the type is implied.
     assert_eq!(env.recipients[0].orcpt.as_deref(), Some("b@remote.test"));
     assert!(!env.recipients[0].local);
@@ -200,9 +225,17 @@ fn bdat_chunks_concatenate() {
 
 #[test]
 fn relay_denied_for_outsiders_allowed_for_networks() {
-    let h = run(config(), "198.51.100.1", b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@remote.test>\r\n");
+    let h = run(
+        config(),
+        "198.51.100.1",
+        b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@remote.test>\r\n",
+    );
     assert!(h.out.contains("554 5.7.1"), "{}", h.out);
-    let h = run(config(), "192.0.2.1", b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@remote.test>\r\n");
+    let h = run(
+        config(),
+        "192.0.2.1",
+        b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@remote.test>\r\n",
+    );
     assert_eq!(h.codes(), ["220", "250", "250", "250"]);
 }
 
@@ -214,7 +247,10 @@ fn wrong_order_and_syntax() {
         b"MAIL FROM:<a@x.test>\r\nEHLO x\r\nRCPT TO:<b@x.test>\r\nDATA\r\nMAIL FROM:bad\r\nXYZZY\r\n",
     );
     // Five errors reach max_errors: 421 and close.
-    assert_eq!(h.codes(), ["220", "503", "250", "503", "503", "501", "500", "421"]);
+    assert_eq!(
+        h.codes(),
+        ["220", "503", "250", "503", "503", "501", "500", "421"]
+    );
     assert!(h.out.contains("500 5.5.1"));
     assert!(h.stored.is_empty());
 }
@@ -242,18 +278,26 @@ fn line_too_long_is_skipped_to_its_end() {
 
 #[test]
 fn message_too_big_stores_nothing() {
-    let h = run(config(), "192.0.2.1", b"EHLO x\r\nMAIL FROM:<a@x.test> SIZE=20000\r\n");
+    let h = run(
+        config(),
+        "192.0.2.1",
+        b"EHLO x\r\nMAIL FROM:<a@x.test> SIZE=20000\r\n",
+    );
     assert!(h.out.contains("552 5.3.4"), "{}", h.out);
 
     let mut h = Harness::new(config(), "192.0.2.1");
-    h.feed(b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@r.test>\r\nDATA\r\n", 64);
+    h.feed(
+        b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@r.test>\r\nDATA\r\n",
+        64,
+    );
     let big = vec![b'x'; 20_000];
     h.feed(&big, 1000);
     h.feed(b"\r\n.\r\nNOOP\r\n", 3);
     assert_eq!(h.codes(), ["220", "250", "250", "250", "354", "552", "250"]);
     assert!(h.stored.is_empty());
 
-    let mut input = b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@r.test>\r\nBDAT 20000 LAST\r\n".to_vec();
+    let mut input =
+        b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@r.test>\r\nBDAT 20000 LAST\r\n".to_vec();
     input.extend_from_slice(&big);
     input.extend_from_slice(b"NOOP\r\n");
     let h = run(config(), "192.0.2.1", &input);
@@ -282,7 +326,10 @@ fn smuggled_transaction_is_not_started() {
     h.feed(&input, input.len());
     h.feed(b"hi\n.\nMAIL FROM:<evil@x.test>\r\n.\r\n", 1);
     assert_eq!(h.stored.len(), 1);
-    assert_eq!(strip_received(&h.stored[0].body), b"hi\n.\nMAIL FROM:<evil@x.test>\r\n");
+    assert_eq!(
+        strip_received(&h.stored[0].body),
+        b"hi\n.\nMAIL FROM:<evil@x.test>\r\n"
+    );
 }
 
 #[test]
@@ -332,7 +379,10 @@ fn auth_after_tls_and_relay_by_authenticated_user() {
     assert!(h.out.contains("535 5.7.8"));
     h.feed(b"AUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\n", 3);
     assert!(h.out.contains("235 2.7.0"), "{}", h.out);
-    h.feed(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@remote.test>\r\nBDAT 2 LAST\r\nhi", 4);
+    h.feed(
+        b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@remote.test>\r\nBDAT 2 LAST\r\nhi",
+        4,
+    );
     assert_eq!(h.stored.len(), 1);
     assert_eq!(h.stored[0].envelope.auth_user.as_deref(), Some("alice"));
     let received = String::from_utf8_lossy(&h.stored[0].body).into_owned();
@@ -356,17 +406,24 @@ fn lmtp_replies_per_recipient() {
         "192.0.2.1",
         b"EHLO x\r\nLHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@local.test>\r\nRCPT TO:<c@local.test>\r\nBDAT 2 LAST\r\nhi",
     );
-    assert_eq!(h.codes(), ["220", "500", "250", "250", "250", "250", "250", "250"]);
+    assert_eq!(
+        h.codes(),
+        ["220", "500", "250", "250", "250", "250", "250", "250"]
+    );
 }
 
 #[test]
 fn spool_full_gives_452() {
     let mut h = Harness::new(config(), "192.0.2.1");
-    let (_, action) = h
-        .session
-        .receive(b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@r.test>\r\nBDAT 2 LAST\r\nhi", NOW);
-    let Action::Store(sub) = action else { panic!("expected a store") };
-    h.session.store_result(sub.id, &TxSummary::of(&sub.envelope), Err(SpoolError::Full));
+    let (_, action) = h.session.receive(
+        b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@r.test>\r\nBDAT 2 LAST\r\nhi",
+        NOW,
+    );
+    let Action::Store(sub) = action else {
+        panic!("expected a store")
+    };
+    h.session
+        .store_result(sub.id, &TxSummary::of(&sub.envelope), Err(SpoolError::Full));
     h.drain();
     assert!(h.out.contains("452 4.3.1"), "{}", h.out);
     assert!(!h.out.contains("queued as"));
@@ -374,6 +431,10 @@ fn spool_full_gives_452() {
 
 #[test]
 fn help_vrfy_noop_quit() {
-    let h = run(config(), "192.0.2.1", b"HELP\r\nVRFY x\r\nNOOP\r\nQUIT\r\nNOOP\r\n");
+    let h = run(
+        config(),
+        "192.0.2.1",
+        b"HELP\r\nVRFY x\r\nNOOP\r\nQUIT\r\nNOOP\r\n",
+    );
     assert_eq!(h.codes(), ["220", "214", "252", "250", "221"]);
 }
