@@ -1,6 +1,10 @@
-//! SMTP protocol cores (sans-IO).
+//! SMTP protocol cores (sans-IO): the server session, the DATA/BDAT decoders and
+//! the client session used for delivery.
+pub mod client;
 pub mod data;
 pub mod server;
 
+#[cfg(test)]
+mod client_tests;
 #[cfg(test)]
 mod server_tests;

@@ -1,0 +1,203 @@
+//! Byte-level tests of the sans-IO client session against scripted server replies.
+
+use super::client::*;
+
+fn cfg() -> ClientConfig {
+    ClientConfig {
+        ehlo_name: "relay.test".into(),
+        lmtp: false,
+        tls: TlsPolicy::Opportunistic,
+        auth: None,
+    }
+}
+
+fn msg(rcpts: &[&str]) -> OutboundMessage {
+    OutboundMessage {
+        sender: "a@x.test".into(),
+        recipients: rcpts
+            .iter()
+            .map(|r| OutboundRecipient { address: r.to_string(), notify: Some("FAILURE".into()), orcpt: Some(r.to_string()) })
+            .collect(),
+        size: 100,
+        eightbit: true,
+        smtputf8: false,
+        ret: Some("HDRS"),
+        envid: Some("id+1".into()),
+    }
+}
+
+/// Feeds `input` byte by byte; returns the first non-Read event.
+fn feed(c: &mut ClientSession, input: &[u8]) -> ClientEvent {
+    for i in 0..input.len() {
+        let (used, ev) = c.receive(&input[i..i + 1]);
+        assert_eq!(used, 1);
+        if !matches!(ev, ClientEvent::Read) {
+            assert_eq!(i + 1, input.len(), "event before the end of input");
+            return ev;
+        }
+    }
+    ClientEvent::Read
+}
+
+fn take(c: &mut ClientSession) -> String {
+    let s = String::from_utf8_lossy(c.output()).into_owned();
+    c.clear_output();
+    s
+}
+
+const EHLO_FULL: &[u8] = b"250-mx.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-DSN\r\n250 ENHANCEDSTATUSCODES\r\n";
+
+#[test]
+fn pipelined_bdat_transaction() {
+    let mut c = ClientSession::new(cfg());
+    assert!(matches!(feed(&mut c, b"220 mx.test ESMTP\r\n"), ClientEvent::Read));
+    assert_eq!(take(&mut c), "EHLO relay.test\r\n");
+    assert!(matches!(feed(&mut c, EHLO_FULL), ClientEvent::Ready));
+    assert!(c.capabilities().chunking && c.capabilities().dsn);
+    let ev = c.send(&msg(&["b@y.test", "c@y.test"]), 100).expect("sendable");
+    assert!(matches!(ev, Some(ClientEvent::SendBody(BodyMode::Bdat))));
+    assert_eq!(
+        take(&mut c),
+        "MAIL FROM:<a@x.test> SIZE=100 BODY=8BITMIME RET=HDRS ENVID=id+2B1\r\n\
+         RCPT TO:<b@y.test> NOTIFY=FAILURE ORCPT=rfc822;b@y.test\r\n\
+         RCPT TO:<c@y.test> NOTIFY=FAILURE ORCPT=rfc822;c@y.test\r\n\
+         BDAT 100 LAST\r\n"
+    );
+    let ev = feed(&mut c, b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n250 2.0.0 queued\r\n");
+    let ClientEvent::Done(result) = ev else { panic!("{ev:?}") };
+    assert_eq!(result.recipients[0].code, 250);
+    assert_eq!(result.recipients[0].esc.as_deref(), Some("2.0.0"));
+    assert_eq!(result.recipients[1].code, 550);
+    assert_eq!(result.recipients[1].text, "no such user");
+    // Next message reuses the session; no RSET after a completed transaction.
+    assert!(c.send(&msg(&["d@y.test"]), 10).is_ok());
+    assert!(take(&mut c).starts_with("MAIL FROM"));
+}
+
+#[test]
+fn data_path_and_mail_failure_then_rset() {
+    let mut c = ClientSession::new(cfg());
+    feed(&mut c, b"220 mx\r\n");
+    take(&mut c);
+    assert!(matches!(feed(&mut c, b"250-mx\r\n250 PIPELINING\r\n"), ClientEvent::Ready));
+    assert!(c.send(&msg(&["b@y.test"]), 5).expect("ok").is_none());
+    assert_eq!(take(&mut c), "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+    let ev = feed(&mut c, b"250 ok\r\n250 ok\r\n354 go\r\n");
+    assert!(matches!(ev, ClientEvent::SendBody(BodyMode::Data)));
+    let ev = feed(&mut c, b"451 4.3.0 try later\r\n");
+    let ClientEvent::Done(r) = ev else { panic!() };
+    assert_eq!(r.recipients[0].code, 451);
+    // A transaction the server did not complete: RSET goes first next time.
+    c.send(&msg(&["b@y.test"]), 5).expect("ok");
+    let out = take(&mut c);
+    assert!(out.starts_with("RSET\r\nMAIL FROM"), "{out}");
+    let ev = feed(&mut c, b"250 ok\r\n550 5.7.1 sender rejected\r\n503 need mail\r\n554 no valid recipients\r\n");
+    let ClientEvent::Done(r) = ev else { panic!() };
+    assert_eq!(r.recipients[0].code, 550, "MAIL failure applies to every recipient");
+}
+
+#[test]
+fn starttls_then_ehlo_again() {
+    let mut c = ClientSession::new(cfg());
+    feed(&mut c, b"220 mx\r\n");
+    take(&mut c);
+    assert!(matches!(feed(&mut c, b"250-mx\r\n250 STARTTLS\r\n"), ClientEvent::Read));
+    assert_eq!(take(&mut c), "STARTTLS\r\n");
+    assert!(matches!(feed(&mut c, b"220 go ahead\r\n"), ClientEvent::StartTls));
+    c.tls_established();
+    assert_eq!(take(&mut c), "EHLO relay.test\r\n");
+    assert!(matches!(feed(&mut c, b"250-mx\r\n250 PIPELINING\r\n"), ClientEvent::Ready));
+    assert!(c.is_tls());
+}
+
+#[test]
+fn tls_required_fails_without_starttls() {
+    let mut c = ClientSession::new(ClientConfig { tls: TlsPolicy::Required, ..cfg() });
+    feed(&mut c, b"220 mx\r\n");
+    let ev = feed(&mut c, b"250 mx\r\n");
+    let ClientEvent::Failed(r) = ev else { panic!() };
+    assert_eq!(r.code, 451);
+}
+
+#[test]
+fn smart_host_auth_login_over_tls() {
+    let mut c = ClientSession::new(ClientConfig { auth: Some(("u".into(), "p".into())), ..cfg() });
+    feed(&mut c, b"220 mx\r\n");
+    feed(&mut c, b"250-mx\r\n250 STARTTLS\r\n");
+    feed(&mut c, b"220 go\r\n");
+    c.tls_established();
+    take(&mut c);
+    assert!(matches!(feed(&mut c, b"250-mx\r\n250 AUTH LOGIN\r\n"), ClientEvent::Read));
+    assert_eq!(take(&mut c), "AUTH LOGIN\r\n");
+    feed(&mut c, b"334 VXNlcm5hbWU6\r\n");
+    assert_eq!(take(&mut c), "dQ==\r\n");
+    feed(&mut c, b"334 UGFzc3dvcmQ6\r\n");
+    assert_eq!(take(&mut c), "cA==\r\n");
+    assert!(matches!(feed(&mut c, b"235 2.7.0 ok\r\n"), ClientEvent::Ready));
+}
+
+#[test]
+fn greeting_refused_and_garbage() {
+    let mut c = ClientSession::new(cfg());
+    assert!(matches!(feed(&mut c, b"554 5.7.1 go away\r\n"), ClientEvent::Failed(r) if r.code == 554));
+    let mut c = ClientSession::new(cfg());
+    assert!(matches!(feed(&mut c, b"hello there\r\n"), ClientEvent::Failed(_)));
+    let mut c = ClientSession::new(cfg());
+    assert!(matches!(feed(&mut c, b"220-a\r\n250 b\r\n"), ClientEvent::Failed(_)));
+}
+
+#[test]
+fn lmtp_one_reply_per_accepted_recipient() {
+    let mut c = ClientSession::new(ClientConfig { lmtp: true, tls: TlsPolicy::Disabled, ..cfg() });
+    feed(&mut c, b"220 lmtp\r\n");
+    assert_eq!(take(&mut c), "LHLO relay.test\r\n");
+    feed(&mut c, b"250-lmtp\r\n250 PIPELINING\r\n");
+    c.send(&msg(&["a@l", "b@l", "c@l"]), 3).expect("ok");
+    take(&mut c);
+    let ev = feed(&mut c, b"250 ok\r\n250 ok\r\n550 no\r\n250 ok\r\n354 go\r\n");
+    assert!(matches!(ev, ClientEvent::SendBody(BodyMode::Data)));
+    assert!(matches!(feed(&mut c, b"250 2.0.0 a done\r\n"), ClientEvent::Read));
+    let ev = feed(&mut c, b"452 4.2.2 c over quota\r\n");
+    let ClientEvent::Done(r) = ev else { panic!("{ev:?}") };
+    let codes: Vec<u16> = r.recipients.iter().map(|r| r.code).collect();
+    assert_eq!(codes, [250, 550, 452]);
+}
+
+#[test]
+fn smtputf8_and_size_checked_before_sending() {
+    let mut c = ClientSession::new(cfg());
+    feed(&mut c, b"220 mx\r\n");
+    feed(&mut c, b"250-mx\r\n250 SIZE 50\r\n");
+    let mut m = msg(&["b@y"]);
+    assert_eq!(c.send(&m, 100).err(), Some(Unsendable::TooBig { size: 100, limit: 50 }));
+    m.size = 10;
+    m.smtputf8 = true;
+    assert_eq!(c.send(&m, 10).err(), Some(Unsendable::NeedsSmtpUtf8));
+}
+
+#[test]
+fn multiline_reply_and_bare_lf_tolerated() {
+    let mut c = ClientSession::new(cfg());
+    feed(&mut c, b"220-first\n220-second\r\n220 third\n");
+    assert_eq!(take(&mut c), "EHLO relay.test\r\n");
+}
+
+#[test]
+fn body_encoding() {
+    let mut out = Vec::new();
+    encode_data(b".leading\r\nmid\nbare lf\r.\r\nend", &mut out);
+    assert_eq!(out, b"..leading\r\nmid\r\nbare lf\r\n..\r\nend\r\n.\r\n");
+    let body = b"a\nb\rc\r\nd";
+    let mut out = Vec::new();
+    encode_crlf(body, &mut out);
+    assert_eq!(out, b"a\r\nb\r\nc\r\nd");
+    assert_eq!(crlf_len(body), out.len() as u64);
+    let mut out = Vec::new();
+    encode_data(b"", &mut out);
+    assert_eq!(out, b".\r\n");
+}
+
+#[test]
+fn xtext_encodes_specials() {
+    assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
+}
