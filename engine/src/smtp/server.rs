@@ -254,7 +254,8 @@ impl Session {
     /// The TLS handshake after STARTTLS finished; `info` is "version cipher".
     pub fn tls_established(&mut self, info: String) {
         self.tls = Some(info);
-        // RFC 3207 §4.2: forget everything learnt before TLS.
+        // RFC 3207 §4.2: forget everything learnt before TLS, credentials included.
+        self.auth_user = None;
         self.helo = None;
         self.extended = false;
         self.tx = Transaction::default();
@@ -508,6 +509,17 @@ impl Session {
             _ => {}
         }
         let request = match Request::parse(&mut line.iter()) {
+            // smtp-proto reads "<postmaster>" (no domain) as an empty address, like
+            // "<>"; RFC 5321 §4.5.1 requires accepting the former, so tell them apart.
+            Ok(Request::Rcpt { mut to }) if to.address.is_empty() => {
+                if is_bare_postmaster(line) {
+                    to.address = Cow::Borrowed("postmaster");
+                    Request::Rcpt { to }
+                } else {
+                    self.error_reply(501, "5.1.3", "Error: bad recipient address syntax");
+                    return None;
+                }
+            }
             Ok(r) => r,
             Err(e) => {
                 self.parse_error(e);
@@ -1077,6 +1089,15 @@ enum LineResult {
     /// The line exceeded the limit; n bytes up to and including its CRLF consumed.
     TooLong(usize),
     BareNewline,
+}
+
+/// "RCPT TO:<postmaster>" in any case, with optional spaces.
+fn is_bare_postmaster(line: &[u8]) -> bool {
+    let lower = line.to_ascii_lowercase();
+    let Some(start) = memchr::memchr(b'<', &lower) else {
+        return false;
+    };
+    lower[start..].starts_with(b"<postmaster>")
 }
 
 fn strip_crlf(line: &[u8]) -> &[u8] {

@@ -438,3 +438,28 @@ fn help_vrfy_noop_quit() {
     );
     assert_eq!(h.codes(), ["220", "214", "252", "250", "221"]);
 }
+
+#[test]
+fn bare_postmaster_accepted_null_recipient_refused() {
+    let h = run(
+        config(),
+        "198.51.100.1",
+        b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<PostMaster>\r\nRCPT TO:<>\r\n",
+    );
+    assert_eq!(h.codes(), ["220", "250", "250", "250", "501"]);
+}
+
+#[test]
+fn starttls_forgets_authentication() {
+    let mut cfg = config();
+    cfg.auth_plaintext = true;
+    let mut h = Harness::new(cfg, "198.51.100.1");
+    h.feed(b"EHLO x\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", 64);
+    assert!(h.out.contains("235 2.7.0"));
+    h.feed(b"STARTTLS\r\n", 64);
+    h.session.tls_established("TLSv1.3 TEST".into());
+    h.out.clear();
+    h.feed(b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@remote.test>\r\n", 64);
+    assert!(h.out.contains("AUTH PLAIN LOGIN"), "{}", h.out);
+    assert!(h.out.contains("554 5.7.1"), "{}", h.out);
+}
