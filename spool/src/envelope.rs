@@ -3,7 +3,7 @@ use serde::{Deserialize, Serialize};
 use crate::{MessageId, SpoolError};
 
 /// Leading byte of every stored envelope, so the format can change later.
-const ENVELOPE_VERSION: u8 = 1;
+const ENVELOPE_VERSION: u8 = 2;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -31,6 +31,20 @@ pub struct Envelope {
     pub queue: String,
     /// FUTURERELEASE, 0 = none.
     pub hold_until_unix: u64,
+    /// Delivery bookkeeping, persisted with each attempt's outcome.
+    pub schedule: Schedule,
+}
+
+/// When the message is next due and how it has fared so far. Recipients still
+/// `Pending` or `Deferred` are tried together at `next_attempt_unix_ms`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// Delivery attempts made (for the retry schedule and the log).
+    pub attempts: u32,
+    /// Unix ms of the next attempt; 0 = as soon as possible.
+    pub next_attempt_unix_ms: u64,
+    /// Delay notices already sent (index into the queue's notify schedule).
+    pub delay_notices: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -11,7 +11,7 @@ mod id;
 mod spool;
 mod writer;
 
-pub use envelope::{BodyType, Envelope, Notify, Recipient, RecipientStatus, Ret};
+pub use envelope::{BodyType, Envelope, Notify, Recipient, RecipientStatus, Ret, Schedule};
 pub use error::SpoolError;
 pub use id::{IdGenerator, MessageId};
 pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};

@@ -298,6 +298,22 @@ impl Spool {
         wait(submitted)
     }
 
+    /// Replaces a stored message's envelope (per-recipient results, schedule)
+    /// through the writer's group commit; NotFound if it is gone.
+    pub fn update(
+        &self,
+        id: MessageId,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Result<(), SpoolError>> + Send + 'static {
+        let submitted = match self.shard_of(id) {
+            Ok(_) => envelope
+                .encode()
+                .and_then(|envelope| self.submit(id.shard(), OpKind::Update { id, envelope })),
+            Err(e) => Err(e),
+        };
+        wait(submitted)
+    }
+
     /// Counts messages and body bytes by walking the envelopes only.
     pub fn recover(&self) -> Result<RecoveryReport, SpoolError> {
         let start = Instant::now();
@@ -349,23 +365,47 @@ impl Spool {
         &self,
         mut visit: impl FnMut(MessageId, &Envelope) -> bool,
     ) -> Result<(), SpoolError> {
-        for s in &self.shards {
-            let rtxn = self.read_txn(s)?;
-            for item in s.dbs.envelopes.iter(&rtxn).map_err(|e| self.storage(e))? {
-                let (key, value) = item.map_err(|e| self.storage(e))?;
-                let decoded =
-                    id_from_key(key).and_then(|id| Ok((id, Envelope::decode(id, value)?)));
-                match decoded {
-                    Ok((id, env)) => {
-                        if !visit(id, &env) {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) => error!(error = %e, "spool list: skipping undecodable envelope"),
-                }
+        for shard in 0..self.shard_count() {
+            if !self.visit_shard(shard, &mut visit)? {
+                break;
             }
         }
         Ok(())
+    }
+
+    /// Like [`Spool::list`] for one shard (each core recovers its own shards).
+    pub fn list_shard(
+        &self,
+        shard: u16,
+        mut visit: impl FnMut(MessageId, &Envelope) -> bool,
+    ) -> Result<(), SpoolError> {
+        self.visit_shard(shard, &mut visit).map(|_| ())
+    }
+
+    /// Returns false when `visit` asked to stop.
+    fn visit_shard(
+        &self,
+        shard: u16,
+        visit: &mut impl FnMut(MessageId, &Envelope) -> bool,
+    ) -> Result<bool, SpoolError> {
+        let s = self
+            .shards
+            .get(shard as usize)
+            .ok_or(SpoolError::NoShard(shard))?;
+        let rtxn = self.read_txn(s)?;
+        for item in s.dbs.envelopes.iter(&rtxn).map_err(|e| self.storage(e))? {
+            let (key, value) = item.map_err(|e| self.storage(e))?;
+            let decoded = id_from_key(key).and_then(|id| Ok((id, Envelope::decode(id, value)?)));
+            match decoded {
+                Ok((id, env)) => {
+                    if !visit(id, &env) {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => error!(error = %e, "spool list: skipping undecodable envelope"),
+            }
+        }
+        Ok(true)
     }
 
     pub fn envelope(&self, id: MessageId) -> Result<Envelope, SpoolError> {

@@ -51,6 +51,7 @@ fn envelope(size: usize) -> Envelope {
         priority: -3,
         queue: "default".into(),
         hold_until_unix: 0,
+        schedule: Default::default(),
     }
 }
 
@@ -416,4 +417,30 @@ fn shareable_across_threads() {
     let fut = spool.remove(id);
     send_static(&fut);
     block_on(fut).unwrap();
+}
+
+#[test]
+fn update_replaces_envelope_and_fails_for_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(&SpoolConfig {
+        path: dir.path().to_path_buf(),
+        shards: 1,
+        map_size: 16 << 20,
+        max_batch: 64,
+        sync: false,
+    })
+    .expect("open");
+    let ids = IdGenerator::new(0, None);
+    let id = ids.next(1_700_000_000_000);
+    let mut env = envelope(4);
+    futures_lite::future::block_on(spool.store(0, id, env.clone(), b"body".to_vec())).expect("store");
+    env.schedule.attempts = 3;
+    env.schedule.next_attempt_unix_ms = 42;
+    env.recipients[0].status = RecipientStatus::Deferred { reply: "451 later".into(), attempts: 3 };
+    futures_lite::future::block_on(spool.update(id, &env)).expect("update");
+    assert_eq!(spool.envelope(id).expect("read"), env);
+    spool.with_body(id, |b| assert_eq!(b, b"body")).expect("body kept");
+    futures_lite::future::block_on(spool.remove(id)).expect("remove");
+    let err = futures_lite::future::block_on(spool.update(id, &env)).expect_err("gone");
+    assert_eq!(err, SpoolError::NotFound(id));
 }

@@ -79,6 +79,11 @@ pub(crate) enum OpKind {
     Remove {
         id: MessageId,
     },
+    /// Replace the envelope of a stored message (delivery progress).
+    Update {
+        id: MessageId,
+        envelope: Vec<u8>,
+    },
 }
 
 /// Capacity errors leave LMDB consistent and may clear up (smaller message,
@@ -203,6 +208,15 @@ impl Writer {
                             Err(SpoolError::Duplicate(*id))
                         }
                         Err(e) => return Err(e),
+                    }
+                }
+                OpKind::Update { id, envelope } => {
+                    let key = id.key();
+                    if self.dbs.envelopes.get(&wtxn, &key)?.is_some() {
+                        self.dbs.envelopes.put(&mut wtxn, &key, envelope)?;
+                        Ok(())
+                    } else {
+                        Err(SpoolError::NotFound(*id))
                     }
                 }
                 OpKind::Remove { id } => {
