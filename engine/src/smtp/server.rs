@@ -857,6 +857,7 @@ impl Session {
             priority: tx.priority,
             queue: "default".to_string(),
             hold_until_unix: tx.hold_until_unix,
+            schedule: Default::default(),
         };
         self.state = State::Paused;
         Action::Store(Box::new(Submission {
