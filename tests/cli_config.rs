@@ -64,7 +64,11 @@ fn unknown_key_is_named_with_its_line() {
 #[test]
 fn bad_value_is_named_by_dotted_key_and_line() {
     let dir = tempfile::tempdir().unwrap();
-    let f = write(dir.path(), "badvalue.toml", "[spool]\npath = \"x\"\n\nmap_size = \"lots\"\n");
+    let f = write(
+        dir.path(),
+        "badvalue.toml",
+        "[spool]\npath = \"x\"\n\nmap_size = \"lots\"\n",
+    );
     let err = failure(&["check-config", &f]);
     assert!(err.contains("spool.map_size"), "{err}");
     assert!(err.contains("line 4"), "{err}");
@@ -90,7 +94,12 @@ fn bad_value_is_named_by_dotted_key_and_line() {
 #[test]
 fn bad_override_names_the_key() {
     let example = repo_root().join("sluice.toml");
-    let err = failure(&["check-config", example.to_str().unwrap(), "--set", "server.cores=many"]);
+    let err = failure(&[
+        "check-config",
+        example.to_str().unwrap(),
+        "--set",
+        "server.cores=many",
+    ]);
     assert!(err.contains("server.cores"), "{err}");
     let dir = tempfile::tempdir().unwrap();
     let spool = format!("spool.path={}", dir.path().join("spool").display());
@@ -135,9 +144,13 @@ fn run_fails_when_the_port_is_taken() {
             .args(["run", "--set", "server.cores=1", "--set"])
             .arg(format!("spool.path={}", dir.path().join("spool").display()))
             .arg("--set")
-            .arg(format!("server.listener.inbound.bind=[\"127.0.0.1:{port}\"]"))
+            .arg(format!(
+                "server.listener.inbound.bind=[\"127.0.0.1:{port}\"]"
+            ))
             .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(dir.path().join("err.log")).unwrap()))
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("err.log")).unwrap(),
+            ))
             .spawn()
             .unwrap(),
         "sluice run",
@@ -147,8 +160,14 @@ fn run_fails_when_the_port_is_taken() {
         .expect("sluice run kept running on a port that is in use");
     let err = std::fs::read_to_string(dir.path().join("err.log")).unwrap();
     assert!(!status.success(), "{status}: {err}");
-    assert!(err.contains("server.listener.inbound"), "the listener is not named: {err}");
-    assert!(err.contains(&port.to_string()), "the address is not named: {err}");
+    assert!(
+        err.contains("server.listener.inbound"),
+        "the listener is not named: {err}"
+    );
+    assert!(
+        err.contains(&port.to_string()),
+        "the address is not named: {err}"
+    );
     drop(holder);
 }
 
@@ -176,14 +195,18 @@ fn hash_password_makes_argon2id_hashes() {
 fn json_logs_have_one_line_per_transaction() {
     let relay = Relay::start(&["log.format=\"json\""]);
     let mut c = relay.session();
-    let id = c.send_mail("a@example.test", &["b@example.test", "c@example.test"], b"Subject: j\r\n\r\nx\r\n");
+    let id = c.send_mail(
+        "a@example.test",
+        &["b@example.test", "c@example.test"],
+        b"Subject: j\r\n\r\nx\r\n",
+    );
     c.expect("QUIT", 221);
     // The transaction line is written before the 250 goes out.
     let log = std::fs::read_to_string(relay.dir.path().join("relay-0.log")).unwrap();
     let mut found = 0;
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
         if v["id"] == serde_json::json!(id) {
             found += 1;
             assert_eq!(v["result"], 250, "{v}");

@@ -19,7 +19,12 @@ fn kill_9_under_load_loses_no_acked_message() {
     let mut senders = ChildGuard::new(
         Command::new("python3")
             .arg(py_script("senders.py"))
-            .args(["127.0.0.1", &relay.port.to_string(), &CLIENTS.to_string(), &PER_CLIENT.to_string()])
+            .args([
+                "127.0.0.1",
+                &relay.port.to_string(),
+                &CLIENTS.to_string(),
+                &PER_CLIENT.to_string(),
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -43,16 +48,26 @@ fn kill_9_under_load_loses_no_acked_message() {
         }
         true
     });
-    let status = senders.wait_timeout(Duration::from_secs(60)).expect("senders.py hangs");
+    let status = senders
+        .wait_timeout(Duration::from_secs(60))
+        .expect("senders.py hangs");
     assert!(status.success(), "senders.py failed: {status}");
-    assert_eq!(killed_after, Some(KILL_AT), "the relay was never killed: only {} acks", acked.len());
+    assert_eq!(
+        killed_after,
+        Some(KILL_AT),
+        "the relay was never killed: only {} acks",
+        acked.len()
+    );
     println!(
         "acked {} of {} before/around the kill; {} clients saw the connection fail",
         acked.len(),
         CLIENTS * PER_CLIENT,
         errors
     );
-    assert!(acked.len() < CLIENTS * PER_CLIENT, "the kill came after every message was sent");
+    assert!(
+        acked.len() < CLIENTS * PER_CLIENT,
+        "the kill came after every message was sent"
+    );
     assert!(errors > 0, "no sender noticed the kill");
 
     relay.restart();
@@ -62,11 +77,24 @@ fn kill_9_under_load_loses_no_acked_message() {
         *seen.entry(e.id.as_str()).or_default() += 1;
     }
     let duplicates: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
-    assert!(duplicates.is_empty(), "duplicate ids in the spool: {duplicates:?}");
-    let missing: Vec<&(String, String)> = acked.iter().filter(|(id, _)| !seen.contains_key(id.as_str())).collect();
-    assert!(missing.is_empty(), "acked but lost after kill -9: {missing:?}");
+    assert!(
+        duplicates.is_empty(),
+        "duplicate ids in the spool: {duplicates:?}"
+    );
+    let missing: Vec<&(String, String)> = acked
+        .iter()
+        .filter(|(id, _)| !seen.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acked but lost after kill -9: {missing:?}"
+    );
     assert!(list.len() >= acked.len());
-    println!("spool after restart: {} messages ({} acked)", list.len(), acked.len());
+    println!(
+        "spool after restart: {} messages ({} acked)",
+        list.len(),
+        acked.len()
+    );
 
     // Each acked id holds the message that was acked for it.
     for (id, marker) in &acked {
@@ -85,14 +113,24 @@ fn kill_9_under_load_loses_no_acked_message() {
             .find_map(|l| l.strip_prefix("X-Test-Marker: "))
             .unwrap_or_else(|| panic!("{} has no marker", e.id))
             .to_string();
-        assert!(markers.insert(marker.clone()), "message {marker} stored twice");
+        assert!(
+            markers.insert(marker.clone()),
+            "message {marker} stored twice"
+        );
     }
 
     // The restarted relay takes new mail with ids that do not collide.
     let mut c = relay.session();
-    let id = c.send_mail("after@example.test", &["r@example.test"], b"Subject: after restart\r\n\r\nx\r\n");
+    let id = c.send_mail(
+        "after@example.test",
+        &["r@example.test"],
+        b"Subject: after restart\r\n\r\nx\r\n",
+    );
     c.expect("QUIT", 221);
-    assert!(!seen.contains_key(id.as_str()), "new id {id} reuses a stored id");
+    assert!(
+        !seen.contains_key(id.as_str()),
+        "new id {id} reuses a stored id"
+    );
     assert_eq!(relay.count(), list.len() + 1);
 }
 
@@ -128,7 +166,11 @@ fn group_commit_batches_concurrent_sessions() {
         stats.commits,
         stats.messages_stored as f64 / stats.commits.max(1) as f64
     );
-    assert_eq!(stats.messages_stored, (CLIENTS * PER_CLIENT) as u64, "{stats:?}");
+    assert_eq!(
+        stats.messages_stored,
+        (CLIENTS * PER_CLIENT) as u64,
+        "{stats:?}"
+    );
     assert_eq!(stats.queued, (CLIENTS * PER_CLIENT) as u64, "{stats:?}");
     assert!(stats.commits >= 1, "{stats:?}");
     assert!(
@@ -147,7 +189,10 @@ fn sigterm_then_restart_keeps_the_queue() {
     let mut ids = Vec::new();
     for i in 0..N {
         let body = format!("Subject: keep {i}\r\n\r\nmessage {i}\r\n");
-        ids.push((c.send_mail("keep@example.test", &["r@example.test"], body.as_bytes()), body));
+        ids.push((
+            c.send_mail("keep@example.test", &["r@example.test"], body.as_bytes()),
+            body,
+        ));
     }
     // An idle session is told to come back later when the relay stops.
     let status = relay.terminate();
@@ -156,7 +201,11 @@ fn sigterm_then_restart_keeps_the_queue() {
         matches!(&r, Some(r) if r.code == 421),
         "an idle session should get 421 at shutdown, got {r:?}"
     );
-    assert!(status.success(), "SIGTERM exit status {status}; log:\n{}", relay.log());
+    assert!(
+        status.success(),
+        "SIGTERM exit status {status}; log:\n{}",
+        relay.log()
+    );
 
     relay.restart();
     assert_eq!(relay.count(), N);
@@ -168,7 +217,11 @@ fn sigterm_then_restart_keeps_the_queue() {
     }
     // And once more, with a message in between.
     let mut c = relay.session();
-    c.send_mail("keep@example.test", &["r@example.test"], b"Subject: one more\r\n\r\nx\r\n");
+    c.send_mail(
+        "keep@example.test",
+        &["r@example.test"],
+        b"Subject: one more\r\n\r\nx\r\n",
+    );
     c.expect("QUIT", 221);
     let status = relay.terminate();
     assert!(status.success(), "{status}");
@@ -209,7 +262,10 @@ fn sigterm_lets_a_transaction_in_flight_finish() {
                 }
             }
         }
-        assert!(std::time::Instant::now() < until, "relay still accepting 10s after SIGTERM");
+        assert!(
+            std::time::Instant::now() < until,
+            "relay still accepting 10s after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     // The session in flight still completes, and its 250 is honest.
@@ -228,7 +284,11 @@ fn sigterm_lets_a_transaction_in_flight_finish() {
     let status = relay.terminate_wait();
     assert!(status.success(), "{status}");
     relay.restart();
-    assert_stored_exact(&relay.body(&id), b"Subject: in flight\r\n\r\nfirst half, second half\r\n", &id);
+    assert_stored_exact(
+        &relay.body(&id),
+        b"Subject: in flight\r\n\r\nfirst half, second half\r\n",
+        &id,
+    );
 }
 
 #[test]
@@ -252,9 +312,17 @@ fn spool_full_gets_452_4_3_1_and_keeps_what_was_acked() {
             break r;
         }
         acked.push(queued_id(&r.text()).unwrap());
-        assert!(acked.len() < 30, "a 1MiB spool took {} messages of 100KB", acked.len());
+        assert!(
+            acked.len() < 30,
+            "a 1MiB spool took {} messages of 100KB",
+            acked.len()
+        );
     };
-    assert_eq!((refusal.code, refusal.enhanced()), (452, "4.3.1"), "{refusal:?}");
+    assert_eq!(
+        (refusal.code, refusal.enhanced()),
+        (452, "4.3.1"),
+        "{refusal:?}"
+    );
     assert!(!acked.is_empty());
     // The session is still usable, and the spool holds exactly the acked messages.
     c.expect("NOOP", 250);

@@ -36,7 +36,10 @@ fn b64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::new();
     for chunk in data.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &b)| acc | (b as u32) << (16 - 8 * i));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &b)| acc | (b as u32) << (16 - 8 * i));
         for i in 0..4 {
             if i <= chunk.len() {
                 s.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -68,10 +71,16 @@ fn relay_denied_outside_relay_networks_but_local_domains_accepted() {
 
     let list = relay.list();
     assert_eq!(list.len(), 1);
-    assert_eq!(list[0].recipients, vec!["user@local.test", "user2@LOCAL.Test"]);
+    assert_eq!(
+        list[0].recipients,
+        vec!["user@local.test", "user2@LOCAL.Test"]
+    );
     let show = relay.show(&id);
     for line in show_lines(&show, "recipient:") {
-        assert!(line.contains(" local"), "local recipient not marked local: {line}");
+        assert!(
+            line.contains(" local"),
+            "local recipient not marked local: {line}"
+        );
     }
 }
 
@@ -95,7 +104,10 @@ fn bare_postmaster_recipient_is_accepted() {
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].recipients.len(), 2, "{list:?}");
         for rcpt in &list[0].recipients {
-            assert!(rcpt.eq_ignore_ascii_case("postmaster"), "recipient stored as {rcpt:?}");
+            assert!(
+                rcpt.eq_ignore_ascii_case("postmaster"),
+                "recipient stored as {rcpt:?}"
+            );
         }
     }
 }
@@ -117,7 +129,14 @@ fn auth_after_starttls_with_smtplib_allows_relaying() {
     let relay = auth_relay(&[]);
     let port = relay.port.to_string();
     let run = |mech: &str, password: &str, flags: &[&str]| -> serde_json::Value {
-        let mut args = vec!["127.0.0.1", &port, mech, "alice", password, "other@remote.test"];
+        let mut args = vec![
+            "127.0.0.1",
+            &port,
+            mech,
+            "alice",
+            password,
+            "other@remote.test",
+        ];
         args.extend_from_slice(flags);
         let out = python("auth_client.py", &args, Duration::from_secs(30));
         assert_ok(&out, "auth_client.py");
@@ -132,11 +151,18 @@ fn auth_after_starttls_with_smtplib_allows_relaying() {
         ("LOGIN", &["--no-initial"][..]),
     ] {
         let v = run(mech, PASSWORD, flags);
-        let features: Vec<String> = serde_json::from_value(v["features_before_tls"].clone()).unwrap();
+        let features: Vec<String> =
+            serde_json::from_value(v["features_before_tls"].clone()).unwrap();
         assert!(features.contains(&"starttls".to_string()), "{v}");
-        assert!(!features.contains(&"auth".to_string()), "AUTH offered before TLS: {v}");
+        assert!(
+            !features.contains(&"auth".to_string()),
+            "AUTH offered before TLS: {v}"
+        );
         let after: Vec<String> = serde_json::from_value(v["features_after_tls"].clone()).unwrap();
-        assert!(after.contains(&"auth".to_string()), "AUTH not offered after TLS: {v}");
+        assert!(
+            after.contains(&"auth".to_string()),
+            "AUTH not offered after TLS: {v}"
+        );
         assert!(!after.contains(&"starttls".to_string()), "{v}");
         assert_eq!(v["auth"][0], 235, "{mech} {flags:?}: {v}");
         assert_eq!(v["rcpt"][0], 250, "authenticated relay refused: {v}");
@@ -161,7 +187,14 @@ fn auth_after_starttls_with_smtplib_allows_relaying() {
     // Unknown user.
     let out = python(
         "auth_client.py",
-        &["127.0.0.1", &port, "PLAIN", "mallory", PASSWORD, "other@remote.test"],
+        &[
+            "127.0.0.1",
+            &port,
+            "PLAIN",
+            "mallory",
+            PASSWORD,
+            "other@remote.test",
+        ],
         Duration::from_secs(30),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -176,7 +209,15 @@ fn starttls_forgets_an_earlier_authentication() {
     let relay = auth_relay(&[("auth_plaintext", "true")]);
     let out = python(
         "auth_client.py",
-        &["127.0.0.1", &relay.port.to_string(), "PLAIN", "alice", PASSWORD, "other@remote.test", "--auth-before-tls"],
+        &[
+            "127.0.0.1",
+            &relay.port.to_string(),
+            "PLAIN",
+            "alice",
+            PASSWORD,
+            "other@remote.test",
+            "--auth-before-tls",
+        ],
         Duration::from_secs(30),
     );
     assert_ok(&out, "auth_client.py --auth-before-tls");
@@ -184,8 +225,14 @@ fn starttls_forgets_an_earlier_authentication() {
     assert_eq!(v["auth_before_tls"][0], 235, "{v}");
     assert_eq!(v["starttls"][0], 220, "{v}");
     let after: Vec<String> = serde_json::from_value(v["features_after_tls"].clone()).unwrap();
-    assert!(after.contains(&"auth".to_string()), "AUTH must be offered again after STARTTLS: {v}");
-    assert_eq!(v["rcpt"][0], 554, "the clear-text AUTH must not survive STARTTLS: {v}");
+    assert!(
+        after.contains(&"auth".to_string()),
+        "AUTH must be offered again after STARTTLS: {v}"
+    );
+    assert_eq!(
+        v["rcpt"][0], 554,
+        "the clear-text AUTH must not survive STARTTLS: {v}"
+    );
     assert_eq!(relay.count(), 0);
 }
 
@@ -196,7 +243,16 @@ fn auth_with_swaks_tls() {
         let out = swaks(
             &relay,
             &[
-                "--tls", "-a", mech, "-au", "alice", "-ap", PASSWORD, "--from", "alice@example.test", "--to",
+                "--tls",
+                "-a",
+                mech,
+                "-au",
+                "alice",
+                "-ap",
+                PASSWORD,
+                "--from",
+                "alice@example.test",
+                "--to",
                 "other@remote.test",
             ],
         );
@@ -207,14 +263,32 @@ fn auth_with_swaks_tls() {
     }
     let out = swaks(
         &relay,
-        &["--tls", "-a", "PLAIN", "-au", "alice", "-ap", "bad", "--to", "other@remote.test"],
+        &[
+            "--tls",
+            "-a",
+            "PLAIN",
+            "-au",
+            "alice",
+            "-ap",
+            "bad",
+            "--to",
+            "other@remote.test",
+        ],
     );
     assert!(!out.status.success(), "swaks with a bad password must fail");
-    assert!(text(&out.stdout).contains("535 5.7.8"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("535 5.7.8"),
+        "{}",
+        text(&out.stdout)
+    );
     // Without AUTH, the same relay refuses the remote recipient.
     let out = swaks(&relay, &["--tls", "--to", "other@remote.test"]);
     assert!(!out.status.success());
-    assert!(text(&out.stdout).contains("554 5.7.1"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("554 5.7.1"),
+        "{}",
+        text(&out.stdout)
+    );
     assert_eq!(relay.count(), 2);
 }
 
@@ -223,20 +297,41 @@ fn auth_refused_before_tls_when_plaintext_is_off() {
     let relay = auth_relay(&[]);
     let mut c = relay.greeted();
     let ehlo = c.expect("EHLO clear.test", 250);
-    assert!(!ehlo.has_line_starting("AUTH"), "AUTH offered in clear text: {ehlo:?}");
+    assert!(
+        !ehlo.has_line_starting("AUTH"),
+        "AUTH offered in clear text: {ehlo:?}"
+    );
     assert!(ehlo.has_line_starting("STARTTLS"), "{ehlo:?}");
     let plain = b64(format!("\0alice\0{PASSWORD}").as_bytes());
     let r = c.cmd(&format!("AUTH PLAIN {plain}"));
-    assert!(r.code == 538 || r.code == 502 || r.code == 530, "AUTH before TLS: {r:?}");
+    assert!(
+        r.code == 538 || r.code == 502 || r.code == 530,
+        "AUTH before TLS: {r:?}"
+    );
     let r = c.cmd("AUTH LOGIN");
-    assert!(r.code == 538 || r.code == 502 || r.code == 530, "AUTH LOGIN before TLS: {r:?}");
+    assert!(
+        r.code == 538 || r.code == 502 || r.code == 530,
+        "AUTH LOGIN before TLS: {r:?}"
+    );
     // And it did not authenticate: relaying is still refused.
     c.expect("MAIL FROM:<alice@example.test>", 250);
     c.expect("RCPT TO:<other@remote.test>", 554);
     c.expect("QUIT", 221);
 
     // swaks insisting on AUTH without TLS fails too.
-    let out = swaks(&relay, &["-a", "PLAIN", "-au", "alice", "-ap", PASSWORD, "--to", "other@remote.test"]);
+    let out = swaks(
+        &relay,
+        &[
+            "-a",
+            "PLAIN",
+            "-au",
+            "alice",
+            "-ap",
+            PASSWORD,
+            "--to",
+            "other@remote.test",
+        ],
+    );
     assert!(!out.status.success(), "{}", text(&out.stdout));
     assert_eq!(relay.count(), 0);
 }
@@ -254,7 +349,18 @@ fn auth_without_tls_when_plaintext_is_on() {
 
     let out = swaks(
         &relay,
-        &["-a", "PLAIN", "-au", "alice", "-ap", PASSWORD, "--from", "alice@example.test", "--to", "other@remote.test"],
+        &[
+            "-a",
+            "PLAIN",
+            "-au",
+            "alice",
+            "-ap",
+            PASSWORD,
+            "--from",
+            "alice@example.test",
+            "--to",
+            "other@remote.test",
+        ],
     );
     assert_ok(&out, "swaks -a PLAIN");
     let ids = swaks_ids(&out);
@@ -338,7 +444,12 @@ fn proxy_protocol_v1_and_v2_carry_the_client_address() {
 
     // v2 binary header, with the EHLO in the same write.
     let mut c = relay.connect();
-    let mut first = proxy_v2_ipv4(Ipv4Addr::new(10, 1, 2, 4), Ipv4Addr::new(10, 0, 0, 1), 4444, 25);
+    let mut first = proxy_v2_ipv4(
+        Ipv4Addr::new(10, 1, 2, 4),
+        Ipv4Addr::new(10, 0, 0, 1),
+        4444,
+        25,
+    );
     first.extend_from_slice(b"EHLO v2.test\r\n");
     c.send(&first);
     assert_eq!(c.read_reply().code, 220);
@@ -358,7 +469,11 @@ fn proxy_listener_closes_connections_without_a_header() {
     let mut c = relay.connect();
     c.send(b"EHLO noproxy.test\r\n");
     let got = c.read_to_eof();
-    assert!(got.is_empty(), "no greeting expected without a PROXY header, got {:?}", text(&got));
+    assert!(
+        got.is_empty(),
+        "no greeting expected without a PROXY header, got {:?}",
+        text(&got)
+    );
 
     // A v1 header that is garbage is refused the same way.
     let mut c = relay.connect();
@@ -428,7 +543,10 @@ fn listener_connection_limit() {
 
 #[test]
 fn lmtp_listener_replies_per_recipient() {
-    let relay = Relay::builder().listener("lmtp").lset("protocol", "\"lmtp\"").start();
+    let relay = Relay::builder()
+        .listener("lmtp")
+        .lset("protocol", "\"lmtp\"")
+        .start();
     let mut c = relay.greeted();
     let r = c.cmd("EHLO wrong.test");
     assert_eq!(r.code, 500, "EHLO on LMTP: {r:?}");
@@ -450,7 +568,10 @@ fn lmtp_listener_replies_per_recipient() {
 
     let list = relay.list();
     assert_eq!(list.len(), 1);
-    assert_eq!(list[0].recipients, vec!["one@example.test", "two@example.test"]);
+    assert_eq!(
+        list[0].recipients,
+        vec!["one@example.test", "two@example.test"]
+    );
     let body = relay.body(&list[0].id);
     assert!(text(split_received(&body).0).contains("with LMTP"));
     // The SMTP listener is not there: only the lmtp one was configured.

@@ -26,7 +26,10 @@ fn line_too_long_gets_500_5_5_2_and_the_session_goes_on() {
     assert_eq!((r.code, r.enhanced()), (500, "5.5.2"), "{r:?}");
     // The over-long line was not taken as a recipient.
     let r = c.cmd("DATA");
-    assert!((r.code == 503 || r.code == 554) && r.enhanced() == "5.5.1", "{r:?}");
+    assert!(
+        (r.code == 503 || r.code == 554) && r.enhanced() == "5.5.1",
+        "{r:?}"
+    );
     c.expect("QUIT", 221);
     assert_eq!(relay.count(), 0);
 }
@@ -41,12 +44,18 @@ fn unknown_command_and_bad_syntax() {
     assert_eq!(r.code, 501, "{r:?}");
     assert!(r.enhanced().starts_with("5."), "{r:?}");
     let r = c.cmd("MAIL FROM:<a@example.test> FROBNICATE=yes");
-    assert!(r.code == 501 || r.code == 555, "unknown MAIL parameter: {r:?}");
+    assert!(
+        r.code == 501 || r.code == 555,
+        "unknown MAIL parameter: {r:?}"
+    );
     c.expect("MAIL FROM:<a@example.test>", 250);
     let r = c.cmd("RCPT TO:not an address");
     assert_eq!(r.code, 501, "{r:?}");
     let r = c.cmd("DATA");
-    assert!(r.code == 503 || r.code == 554, "DATA with no valid recipient: {r:?}");
+    assert!(
+        r.code == 503 || r.code == 554,
+        "DATA with no valid recipient: {r:?}"
+    );
     c.expect("QUIT", 221);
     assert_eq!(relay.count(), 0);
 }
@@ -111,7 +120,10 @@ fn too_many_recipients_gets_452_4_5_3() {
     c.expect("QUIT", 221);
     let list = relay.list();
     assert_eq!(list.len(), 1);
-    assert_eq!(list[0].recipients, vec!["r1@example.test", "r2@example.test", "r3@example.test"]);
+    assert_eq!(
+        list[0].recipients,
+        vec!["r1@example.test", "r2@example.test", "r3@example.test"]
+    );
 }
 
 #[test]
@@ -119,7 +131,10 @@ fn message_too_big_gets_552_5_3_4_by_size_data_and_bdat() {
     let relay = Relay::start(&["server.listener.smtp.max_message_size=1000"]);
     let mut c = relay.greeted();
     let ehlo = c.expect("EHLO big.test", 250);
-    assert!(ehlo.lines.iter().any(|l| l.ends_with("SIZE 1000")), "SIZE 1000 advertised: {ehlo:?}");
+    assert!(
+        ehlo.lines.iter().any(|l| l.ends_with("SIZE 1000")),
+        "SIZE 1000 advertised: {ehlo:?}"
+    );
 
     // Declared with SIZE= at MAIL.
     let r = c.cmd("MAIL FROM:<a@example.test> SIZE=5000");
@@ -217,11 +232,17 @@ fn session_timeout_ends_even_a_busy_session() {
         if r.code != 250 {
             break r;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "session_timeout=2s never fired");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "session_timeout=2s never fired"
+        );
     };
     let waited = started.elapsed();
     assert_eq!((r.code, r.enhanced()), (421, "4.4.2"), "{r:?}");
-    assert!(waited >= Duration::from_millis(1500), "421 after {waited:?}, expected about 2s");
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "421 after {waited:?}, expected about 2s"
+    );
     c.expect_closed();
 }
 
@@ -300,7 +321,10 @@ fn smuggle(relay: &Relay, variant: &[u8]) -> Reply {
     let end = c.read_reply();
     // Nothing else was answered: the next reply is the one to QUIT.
     let r = c.cmd("QUIT");
-    assert_eq!(r.code, 221, "a reply to a smuggled command came back: {r:?} (end of data: {end:?})");
+    assert_eq!(
+        r.code, 221,
+        "a reply to a smuggled command came back: {r:?} (end of data: {end:?})"
+    );
     c.expect_closed();
     end
 }
@@ -323,14 +347,24 @@ fn smtp_smuggling_with_bare_newline_accept_stores_one_message() {
         assert_eq!(r.code, 250, "{name}: {r:?}");
         let id = queued_id(&r.text()).expect("id");
         let list = relay.list();
-        assert_eq!(list.len(), i + 1, "{name}: exactly one message per attempt: {list:?}");
-        assert!(list.iter().all(|e| e.sender == "good@example.test"), "{name}: {list:?}");
+        assert_eq!(
+            list.len(),
+            i + 1,
+            "{name}: exactly one message per attempt: {list:?}"
+        );
+        assert!(
+            list.iter().all(|e| e.sender == "good@example.test"),
+            "{name}: {list:?}"
+        );
         let e = list.iter().find(|e| e.id == id).unwrap();
         assert_eq!(e.recipients, vec!["friend@example.test"], "{name}");
         let stored = relay.body(&id);
         let (_, rest) = split_received(&stored);
         let rest = text(rest);
-        assert!(rest.starts_with("Subject: innocent\r\n\r\nhello"), "{name}: {rest:?}");
+        assert!(
+            rest.starts_with("Subject: innocent\r\n\r\nhello"),
+            "{name}: {rest:?}"
+        );
         assert!(
             rest.contains("MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n"),
             "{name}: the smuggled text must be body: {rest:?}"
@@ -391,7 +425,11 @@ fn starttls_command_injection_is_discarded() {
         .lset("tls_cert", &format!("\"{}\"", cert.display()))
         .lset("tls_key", &format!("\"{}\"", key.display()))
         .start();
-    let out = python("starttls_inject.py", &["127.0.0.1", &relay.port.to_string()], Duration::from_secs(30));
+    let out = python(
+        "starttls_inject.py",
+        &["127.0.0.1", &relay.port.to_string()],
+        Duration::from_secs(30),
+    );
     assert_ok(&out, "starttls_inject.py");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let lines = |k: &str| -> Vec<String> {
@@ -404,15 +442,24 @@ fn starttls_command_injection_is_discarded() {
     assert!(lines("ehlo").iter().any(|l| l.ends_with("STARTTLS")), "{v}");
     let starttls = lines("starttls");
     assert!(starttls[0].starts_with("220"), "{v}");
-    assert!(v.get("handshake_error").is_none(), "handshake failed (clear-text reply injected?): {v}");
+    assert!(
+        v.get("handshake_error").is_none(),
+        "handshake failed (clear-text reply injected?): {v}"
+    );
     let first = v["first_after_tls"].as_str().unwrap();
     assert!(
         first.starts_with("250-"),
         "the first reply after TLS must be the EHLO's, got {first:?} (full: {v})"
     );
     let ehlo = lines("ehlo_after_tls");
-    assert!(!ehlo.iter().any(|l| l == "250 2.0.0 Ok"), "injected NOOP answered: {v}");
-    assert!(!ehlo.iter().any(|l| l.ends_with("STARTTLS")), "STARTTLS offered again: {v}");
+    assert!(
+        !ehlo.iter().any(|l| l == "250 2.0.0 Ok"),
+        "injected NOOP answered: {v}"
+    );
+    assert!(
+        !ehlo.iter().any(|l| l.ends_with("STARTTLS")),
+        "STARTTLS offered again: {v}"
+    );
     assert_eq!(lines("noop_after_tls"), vec!["250 2.0.0 Ok"], "{v}");
     assert!(lines("mail_before_tls")[0].starts_with("250"), "{v}");
     assert!(

@@ -24,24 +24,42 @@ fn swaks_message_is_queued_with_its_envelope() {
     );
     assert_ok(&out, "swaks");
     let ids = swaks_ids(&out);
-    assert_eq!(ids.len(), 1, "one queued id expected in:\n{}", text(&out.stdout));
+    assert_eq!(
+        ids.len(),
+        1,
+        "one queued id expected in:\n{}",
+        text(&out.stdout)
+    );
     let id = &ids[0];
 
     let list = relay.list();
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(&list[0].id, id);
     assert_eq!(list[0].sender, "sender@example.test");
-    assert_eq!(list[0].recipients, vec!["rcpt1@example.test", "rcpt2@example.net"]);
+    assert_eq!(
+        list[0].recipients,
+        vec!["rcpt1@example.test", "rcpt2@example.net"]
+    );
 
     let body = relay.body(id);
     let (header, rest) = split_received(&body);
     let header = text(header);
-    assert!(header.contains("swaks.test"), "HELO name missing from {header:?}");
-    assert!(header.contains("[127.0.0.1]"), "client IP missing from {header:?}");
+    assert!(
+        header.contains("swaks.test"),
+        "HELO name missing from {header:?}"
+    );
+    assert!(
+        header.contains("[127.0.0.1]"),
+        "client IP missing from {header:?}"
+    );
     let rest = text(rest);
     assert!(rest.contains("Subject: swaks e2e\r\n"), "{rest:?}");
     assert!(rest.contains("\r\n\r\nswaks body line\r\n"), "{rest:?}");
-    assert_eq!(list[0].size, body.len() as u64, "listed size is the stored size");
+    assert_eq!(
+        list[0].size,
+        body.len() as u64,
+        "listed size is the stored size"
+    );
 }
 
 #[test]
@@ -49,7 +67,14 @@ fn raw_message_is_byte_exact_with_dot_stuffing_8bit_smtputf8_and_dsn() {
     let relay = Relay::start(&[]);
     let mut c = relay.session();
     let ehlo = c.cmd("EHLO raw.test");
-    for ext in ["PIPELINING", "8BITMIME", "SMTPUTF8", "CHUNKING", "DSN", "ENHANCEDSTATUSCODES"] {
+    for ext in [
+        "PIPELINING",
+        "8BITMIME",
+        "SMTPUTF8",
+        "CHUNKING",
+        "DSN",
+        "ENHANCEDSTATUSCODES",
+    ] {
         assert!(ehlo.has_line_starting(ext), "EHLO lacks {ext}: {ehlo:?}");
     }
     assert!(ehlo.has_line_starting("SIZE "), "EHLO lacks SIZE: {ehlo:?}");
@@ -58,13 +83,18 @@ fn raw_message_is_byte_exact_with_dot_stuffing_8bit_smtputf8_and_dsn() {
         "MAIL FROM:<s\u{e9}nder@ex\u{e4}mple.test> BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=abc",
         250,
     );
-    c.expect("RCPT TO:<r\u{fc}cpt@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x@y", 250);
+    c.expect(
+        "RCPT TO:<r\u{fc}cpt@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x@y",
+        250,
+    );
     c.expect("RCPT TO:<plain@example.test>", 250);
     c.expect("DATA", 354);
 
     // What the client means (unstuffed) and what goes on the wire (stuffed).
     let mut meant: Vec<u8> = Vec::new();
-    meant.extend_from_slice(b"From: =?utf-8?q?S=C3=A9nder?= <s\xc3\xa9nder@ex\xc3\xa4mple.test>\r\n");
+    meant.extend_from_slice(
+        b"From: =?utf-8?q?S=C3=A9nder?= <s\xc3\xa9nder@ex\xc3\xa4mple.test>\r\n",
+    );
     meant.extend_from_slice(b"Subject: byte exact\r\n");
     meant.extend_from_slice(b"\r\n");
     meant.extend_from_slice(b".a line that starts with a dot\r\n");
@@ -95,27 +125,50 @@ fn raw_message_is_byte_exact_with_dot_stuffing_8bit_smtputf8_and_dsn() {
     assert_stored_exact(&stored, &meant, &id);
 
     let show = relay.show(&id);
-    assert_eq!(show_field(&show, "sender"), "<s\u{e9}nder@ex\u{e4}mple.test>");
+    assert_eq!(
+        show_field(&show, "sender"),
+        "<s\u{e9}nder@ex\u{e4}mple.test>"
+    );
     let rcpts = show_lines(&show, "recipient:");
     assert_eq!(rcpts.len(), 2, "{show}");
     let first = rcpts[0];
-    assert!(first.starts_with("recipient: <r\u{fc}cpt@example.test>"), "{first}");
+    assert!(
+        first.starts_with("recipient: <r\u{fc}cpt@example.test>"),
+        "{first}"
+    );
     let orcpt = first
         .split_whitespace()
         .find_map(|w| w.strip_prefix("orcpt="))
         .unwrap_or_else(|| panic!("no orcpt= in {first:?}"));
-    assert!(orcpt.ends_with("x@y") && orcpt.to_ascii_lowercase().contains("rfc822"), "orcpt: {orcpt:?}");
+    assert!(
+        orcpt.ends_with("x@y") && orcpt.to_ascii_lowercase().contains("rfc822"),
+        "orcpt: {orcpt:?}"
+    );
     let notify = first
         .split_once("notify=")
         .map(|(_, n)| n)
         .unwrap_or_else(|| panic!("no notify= in {first:?}"));
-    assert!(notify_is_success_failure(notify), "notify should be SUCCESS,FAILURE: {first:?}");
-    assert!(!rcpts[1].contains("notify=") && !rcpts[1].contains("orcpt="), "{}", rcpts[1]);
-    assert_eq!(show_field(&show, "ret").to_ascii_lowercase(), "some(headers)", "{show}");
+    assert!(
+        notify_is_success_failure(notify),
+        "notify should be SUCCESS,FAILURE: {first:?}"
+    );
+    assert!(
+        !rcpts[1].contains("notify=") && !rcpts[1].contains("orcpt="),
+        "{}",
+        rcpts[1]
+    );
+    assert_eq!(
+        show_field(&show, "ret").to_ascii_lowercase(),
+        "some(headers)",
+        "{show}"
+    );
     assert_eq!(show_field(&show, "envid"), "abc");
     assert_eq!(show_field(&show, "smtputf8"), "true");
     let body_type = show_field(&show, "body_type").to_ascii_lowercase();
-    assert!(body_type.contains("8bit") || body_type.contains("eightbit"), "{show}");
+    assert!(
+        body_type.contains("8bit") || body_type.contains("eightbit"),
+        "{show}"
+    );
     assert_eq!(show_field(&show, "client_ip"), "127.0.0.1");
     assert_eq!(show_field(&show, "helo"), "raw.test");
     assert_eq!(show_field(&show, "size"), stored.len().to_string());
@@ -123,9 +176,16 @@ fn raw_message_is_byte_exact_with_dot_stuffing_8bit_smtputf8_and_dsn() {
 
 /// `notify=` as printed by `spool show`: flag names, or the bit set SUCCESS|FAILURE = 3.
 fn notify_is_success_failure(notify: &str) -> bool {
-    let n = notify.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+    let n = notify
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_ascii_uppercase();
     if n.contains("SUCCESS") || n.contains("FAILURE") {
-        return n.contains("SUCCESS") && n.contains("FAILURE") && !n.contains("DELAY") && !n.contains("NEVER");
+        return n.contains("SUCCESS")
+            && n.contains("FAILURE")
+            && !n.contains("DELAY")
+            && !n.contains("NEVER");
     }
     let digits: String = n.chars().filter(char::is_ascii_digit).collect();
     digits == "3"
@@ -174,7 +234,11 @@ fn bdat_chunks_are_stored_byte_exact() {
     c.expect("RCPT TO:<r@example.test>", 250);
     for (i, chunk) in chunks.iter().enumerate() {
         let last = i + 1 == chunks.len();
-        let cmd = format!("BDAT {}{}\r\n", chunk.len(), if last { " LAST" } else { "" });
+        let cmd = format!(
+            "BDAT {}{}\r\n",
+            chunk.len(),
+            if last { " LAST" } else { "" }
+        );
         c.send(cmd.as_bytes());
         c.send(chunk);
         let r = c.read_reply();
@@ -184,7 +248,10 @@ fn bdat_chunks_are_stored_byte_exact() {
             let want: Vec<u8> = chunks.concat();
             assert_stored_exact(&relay.body(&id), &want, &id);
         } else {
-            assert!(queued_id(&r.text()).is_none(), "not queued before LAST: {r:?}");
+            assert!(
+                queued_id(&r.text()).is_none(),
+                "not queued before LAST: {r:?}"
+            );
         }
     }
 
@@ -215,7 +282,10 @@ fn bdat_chunks_are_stored_byte_exact() {
     assert_stored_exact(&relay.body(&id2), data, &id2);
     let list = relay.list();
     assert_eq!(list.len(), 3, "{list:?}");
-    let p = list.iter().find(|e| e.id == id2).expect("pipelined message listed");
+    let p = list
+        .iter()
+        .find(|e| e.id == id2)
+        .expect("pipelined message listed");
     assert_eq!(p.sender, "p@example.test");
     assert_eq!(p.recipients, vec!["q@example.test"]);
 }
@@ -235,7 +305,11 @@ fn many_transactions_on_one_connection_with_rset() {
             c.expect("RCPT TO:<nobody@example.test>", 503);
         }
         let body = format!("Subject: message {i}\r\n\r\nbody of message {i}\r\n");
-        let id = c.send_mail(&format!("s{i}@example.test"), &[&format!("r{i}@example.test")], body.as_bytes());
+        let id = c.send_mail(
+            &format!("s{i}@example.test"),
+            &[&format!("r{i}@example.test")],
+            body.as_bytes(),
+        );
         c.expect("RSET", 250);
         ids.push((id, body));
     }
@@ -246,7 +320,11 @@ fn many_transactions_on_one_connection_with_rset() {
     unique.dedup();
     assert_eq!(unique.len(), 6, "ids must be distinct: {ids:?}");
     let list = relay.list();
-    assert_eq!(list.len(), 6, "the abandoned transaction must not be stored: {list:?}");
+    assert_eq!(
+        list.len(),
+        6,
+        "the abandoned transaction must not be stored: {list:?}"
+    );
     assert!(list.iter().all(|e| e.sender != "abandoned@example.test"));
     for (i, (id, body)) in ids.iter().enumerate() {
         assert_stored_exact(&relay.body(id), body.as_bytes(), id);
@@ -259,23 +337,48 @@ fn many_transactions_on_one_connection_with_rset() {
 #[test]
 fn smtplib_send_message() {
     let relay = Relay::start(&[]);
-    let out = python("send_message.py", &["127.0.0.1", &relay.port.to_string()], Duration::from_secs(30));
+    let out = python(
+        "send_message.py",
+        &["127.0.0.1", &relay.port.to_string()],
+        Duration::from_secs(30),
+    );
     assert_ok(&out, "send_message.py");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["refused"], serde_json::json!({}), "{v}");
-    let features: Vec<&str> = v["features"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
-    for f in ["pipelining", "8bitmime", "smtputf8", "size", "chunking", "dsn"] {
-        assert!(features.contains(&f), "smtplib did not see {f}: {features:?}");
+    let features: Vec<&str> = v["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    for f in [
+        "pipelining",
+        "8bitmime",
+        "smtputf8",
+        "size",
+        "chunking",
+        "dsn",
+    ] {
+        assert!(
+            features.contains(&f),
+            "smtplib did not see {f}: {features:?}"
+        );
     }
 
     let list = relay.list();
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0].sender, "alice@example.test");
-    assert_eq!(list[0].recipients, vec!["bob@example.test", "carol@example.test"]);
+    assert_eq!(
+        list[0].recipients,
+        vec!["bob@example.test", "carol@example.test"]
+    );
     let body = relay.body(&list[0].id);
     let (_, rest) = split_received(&body);
     let rest = text(rest);
-    assert!(rest.contains("Subject: smtplib send_message\r\n"), "{rest:?}");
+    assert!(
+        rest.contains("Subject: smtplib send_message\r\n"),
+        "{rest:?}"
+    );
     // smtplib dot-stuffed this line; the relay must have removed the stuffing.
     assert!(rest.contains("\r\n.leading dot line\r\n"), "{rest:?}");
     assert!(rest.ends_with("Bye.\r\n"), "{rest:?}");
@@ -307,7 +410,11 @@ fn helo_session_works_without_extensions() {
     let mut c = relay.greeted();
     let r = c.expect("HELO old.test", 250);
     assert_eq!(r.lines.len(), 1, "HELO gets a one-line reply: {r:?}");
-    let id = c.send_mail("old@example.test", &["r@example.test"], b"Subject: helo\r\n\r\nx\r\n");
+    let id = c.send_mail(
+        "old@example.test",
+        &["r@example.test"],
+        b"Subject: helo\r\n\r\nx\r\n",
+    );
     c.expect("QUIT", 221);
     let stored = relay.body(&id);
     let (header, rest) = split_received(&stored);
@@ -346,7 +453,9 @@ fn implicit_tls_listener_with_swaks_tlsc() {
     let key = format!("\"{}\"", key.display());
     let relay = Relay::builder()
         .dir(dir)
-        .set(format!("server.listener.smtps.bind=[\"127.0.0.1:{tls_port}\"]"))
+        .set(format!(
+            "server.listener.smtps.bind=[\"127.0.0.1:{tls_port}\"]"
+        ))
         .set("server.listener.smtps.tls=\"implicit\"")
         .set(format!("server.listener.smtps.tls_cert={cert}"))
         .set(format!("server.listener.smtps.tls_key={key}"))
@@ -362,8 +471,21 @@ fn implicit_tls_listener_with_swaks_tlsc() {
     // swaks with TLS on connect to the implicit listener.
     let out = run_with_timeout(
         std::process::Command::new("swaks")
-            .args(["--server", &format!("127.0.0.1:{tls_port}"), "--tlsc", "--timeout", "10"])
-            .args(["--helo", "tlsc.test", "--from", "a@example.test", "--to", "b@example.test"]),
+            .args([
+                "--server",
+                &format!("127.0.0.1:{tls_port}"),
+                "--tlsc",
+                "--timeout",
+                "10",
+            ])
+            .args([
+                "--helo",
+                "tlsc.test",
+                "--from",
+                "a@example.test",
+                "--to",
+                "b@example.test",
+            ]),
         Duration::from_secs(30),
     );
     assert_ok(&out, "swaks --tlsc");
@@ -389,7 +511,11 @@ fn hostname_is_used_in_greeting_ehlo_and_received() {
     assert_eq!(g.lines, vec!["220 mx.example.test ESMTP ready"]);
     let ehlo = c.expect("EHLO host.test", 250);
     assert!(ehlo.lines[0].starts_with("250-mx.example.test"), "{ehlo:?}");
-    let id = c.send_mail("a@example.test", &["b@example.test"], b"Subject: h\r\n\r\nx\r\n");
+    let id = c.send_mail(
+        "a@example.test",
+        &["b@example.test"],
+        b"Subject: h\r\n\r\nx\r\n",
+    );
     let r = c.expect("QUIT", 221);
     assert!(r.text().contains("mx.example.test"), "{r:?}");
     let header = text(split_received(&relay.body(&id)).0);

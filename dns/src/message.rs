@@ -110,10 +110,10 @@ pub fn parse_answer(
     let mut seen = vec![owner.clone()];
     while let Some((target, ttl)) = cname_of(&message, &owner) {
         if seen.contains(&target) {
-            return Err(DnsError::Malformed("CNAME loop in answer".into()));
+            return Err(DnsError::CnameLoop(name_string(&target)));
         }
         if seen.len() > MAX_CNAME_CHAIN {
-            return Err(DnsError::Malformed("CNAME chain too long".into()));
+            return Err(DnsError::CnameChainTooLong);
         }
         records.push(Record::Cname(name_string(&target), clamp_ttl(ttl)));
         seen.push(target.clone());
@@ -653,13 +653,13 @@ mod tests {
     }
 
     #[test]
-    fn cname_loop_is_malformed() {
+    fn cname_loop_is_reported() {
         let mut m = response(13, "a.example.", RecordType::A);
         m.add_answer(rec("a.example.", 60, RData::CNAME(CNAME(n("b.example.")))))
             .add_answer(rec("b.example.", 60, RData::CNAME(CNAME(n("a.example.")))));
         assert!(matches!(
             parse_answer(13, "a.example", QueryType::A, &wire(&m)),
-            Err(DnsError::Malformed(_))
+            Err(DnsError::CnameLoop(_))
         ));
     }
 

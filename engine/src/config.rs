@@ -50,6 +50,16 @@ pub struct Config {
     pub relay: RelaySection,
     pub auth: AuthSection,
     pub log: LogSection,
+    pub dns: DnsSection,
+    pub delivery: crate::delivery::config::DeliverySection,
+    /// Virtual queues by name; "default" always exists.
+    pub queue: BTreeMap<String, crate::delivery::config::QueueConfig>,
+    /// Routes by name ("mx" is built in).
+    pub route: BTreeMap<String, crate::delivery::config::RouteConfig>,
+    /// Per-site limits; "default" applies to sites without their own entry.
+    pub destination: BTreeMap<String, crate::delivery::config::DestinationConfig>,
+    /// Ordered match arms choosing queue and route per recipient.
+    pub rule: Vec<sluice_policy::RuleConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -208,6 +218,96 @@ impl Default for LogSection {
             level: "info".into(),
             format: LogFormat::Text,
         }
+    }
+}
+
+/// Address families for delivery (`dns.ip_preference`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IpPreference {
+    Ipv4Only,
+    Ipv6Only,
+    PreferIpv4,
+    PreferIpv6,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSection {
+    pub servers: Vec<SocketAddr>,
+    pub timeout: HumanDuration,
+    pub attempts: u32,
+    pub server_holddown: HumanDuration,
+    pub min_ttl: HumanDuration,
+    pub max_ttl: HumanDuration,
+    pub negative_max_ttl: HumanDuration,
+    pub cache_size: usize,
+    pub ip_preference: IpPreference,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        DnsSection {
+            servers: Vec::new(),
+            timeout: HumanDuration(Duration::from_secs(2)),
+            attempts: 2,
+            server_holddown: HumanDuration(Duration::from_secs(30)),
+            min_ttl: HumanDuration(Duration::ZERO),
+            max_ttl: HumanDuration(Duration::from_secs(86_400)),
+            negative_max_ttl: HumanDuration(Duration::from_secs(3_600)),
+            cache_size: 50_000,
+            ip_preference: IpPreference::PreferIpv4,
+        }
+    }
+}
+
+impl DnsSection {
+    /// Cross-key checks: (dotted key, message) of the first problem.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        if let Some(bad) = self.servers.iter().find(|s| s.port() == 0) {
+            return Err(("dns.servers", format!("{bad}: port 0")));
+        }
+        if self.timeout.0.is_zero() {
+            return Err(("dns.timeout", "must be above zero".into()));
+        }
+        if !(1..=10).contains(&self.attempts) {
+            return Err(("dns.attempts", "must be 1 ..= 10".into()));
+        }
+        if self.min_ttl.0 > self.max_ttl.0 {
+            return Err(("dns.min_ttl", "must not exceed dns.max_ttl".into()));
+        }
+        Ok(())
+    }
+
+    /// The resolver settings; with no `servers`, those of `resolv_conf`
+    /// (normally /etc/resolv.conf).
+    pub fn resolver_config(
+        &self,
+        resolv_conf: &std::path::Path,
+    ) -> std::io::Result<sluice_dns::ResolverConfig> {
+        let servers = if self.servers.is_empty() {
+            sluice_dns::servers_from_resolv_conf(resolv_conf)?
+        } else {
+            self.servers.clone()
+        };
+        Ok(sluice_dns::ResolverConfig {
+            servers,
+            timeout: self.timeout.0,
+            attempts: self.attempts,
+            server_holddown: self.server_holddown.0,
+            ttl: sluice_dns::TtlPolicy {
+                min: self.min_ttl.0,
+                max: self.max_ttl.0,
+                negative_max: self.negative_max_ttl.0,
+            },
+            cache_size: self.cache_size,
+            ip_preference: match self.ip_preference {
+                IpPreference::Ipv4Only => sluice_dns::IpPreference::Ipv4Only,
+                IpPreference::Ipv6Only => sluice_dns::IpPreference::Ipv6Only,
+                IpPreference::PreferIpv4 => sluice_dns::IpPreference::PreferIpv4,
+                IpPreference::PreferIpv6 => sluice_dns::IpPreference::PreferIpv6,
+            },
+        })
     }
 }
 
@@ -410,7 +510,53 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level".into(), e.to_string()));
         }
+        if let Err((key, message)) = self.dns.check() {
+            return Err(invalid(key.into(), message));
+        }
+        for (name, route) in &self.route {
+            use crate::delivery::config::RouteKind;
+            if route.kind != RouteKind::Mx && route.host.is_none() {
+                return Err(invalid(
+                    format!("route.{name}.host"),
+                    "required for relay, lmtp and smtp routes".into(),
+                ));
+            }
+            if route.auth_user.is_some() != route.auth_password.is_some() {
+                return Err(invalid(
+                    format!("route.{name}.auth_user"),
+                    "auth_user and auth_password go together".into(),
+                ));
+            }
+        }
+        for (name, queue) in &self.queue {
+            if queue.retry.is_empty() || queue.retry.iter().any(|d| d.0.is_zero()) {
+                return Err(invalid(
+                    format!("queue.{name}.retry"),
+                    "needs at least one non-zero delay".into(),
+                ));
+            }
+        }
+        if let Err(e) = self.rule_set() {
+            return Err(invalid("rule".into(), e.to_string()));
+        }
         Ok(())
+    }
+
+    /// The delivery-related sections, for the delivery engine.
+    pub fn delivery_config(&self) -> crate::delivery::config::DeliveryConfig {
+        crate::delivery::config::DeliveryConfig {
+            delivery: self.delivery.clone(),
+            queues: self.queue.clone(),
+            routes: self.route.clone(),
+            destinations: self.destination.clone(),
+        }
+    }
+
+    /// The rule set, validated against the configured queue and route names.
+    pub fn rule_set(&self) -> Result<sluice_policy::RuleSet, sluice_policy::PolicyError> {
+        let queues: Vec<&str> = self.queue.keys().map(String::as_str).collect();
+        let routes: Vec<&str> = self.route.keys().map(String::as_str).collect();
+        sluice_policy::RuleSet::new(&self.rule, &queues, &routes)
     }
 
     pub fn relay_policy(&self) -> Result<sluice_policy::RelayPolicy, sluice_policy::PolicyError> {
@@ -568,6 +714,41 @@ mod tests {
             .to_string();
         assert!(err.contains("server.cores"), "{err}");
         assert!(Config::load("t", "", &["nokey".into()]).is_err());
+    }
+
+    #[test]
+    fn dns_section_keys() {
+        let cfg = Config::load(
+            "t",
+            "[dns]\nservers = [\"127.0.0.1:5353\"]\nip_preference = \"ipv6-only\"\n",
+            &["dns.min_ttl=\"10s\"".into()],
+        )
+        .expect("loads");
+        let r = cfg
+            .dns
+            .resolver_config(std::path::Path::new("/nonexistent"))
+            .expect("servers given, resolv.conf not read");
+        assert_eq!(
+            r.servers,
+            vec!["127.0.0.1:5353".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(r.ip_preference, sluice_dns::IpPreference::Ipv6Only);
+        assert_eq!(r.ttl.min, Duration::from_secs(10));
+
+        let err = Config::load("t", "[dns]\nservers = [\"127.0.0.1\"]\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("dns.servers") && err.contains("line 2"),
+            "{err}"
+        );
+        let err = Config::load("t", "[dns]\nattempts = 0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("dns.attempts") && err.contains("line 2"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -68,6 +68,8 @@ impl ListenerShared {
 pub struct CoreContext {
     pub core: u16,
     pub spool: Arc<Spool>,
+    /// None when delivery is disabled (accept and queue only).
+    pub delivery: Option<Rc<crate::delivery::CoreDelivery>>,
     pub ids: Rc<IdGenerator>,
     pub credentials: Arc<Credentials>,
     pub shutdown: Arc<event_listener::Event>,
@@ -349,7 +351,11 @@ async fn serve(
                     }
                     let Submission { id, envelope, body } = *submission;
                     let summary = server::TxSummary::of(&envelope);
+                    let for_delivery = ctx.delivery.as_ref().map(|_| envelope.clone());
                     let result = ctx.spool.store(ctx.core, id, envelope, body).await;
+                    if let (Ok(()), Some(d), Some(env)) = (&result, &ctx.delivery, for_delivery) {
+                        d.accepted(id, env);
+                    }
                     session.store_result(id, &summary, result);
                 }
                 Action::Authenticate { user, password } => {

@@ -3,6 +3,9 @@
 
 pub mod config;
 pub mod conn;
+pub mod debug_cmd;
+pub mod delivery;
+pub mod dsn;
 pub mod proxy;
 pub mod runtime;
 pub mod smtp;

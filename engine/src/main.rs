@@ -50,6 +50,13 @@ enum Command {
     HashPassword,
     /// Print the example configuration (every key, with defaults).
     ExampleConfig,
+    /// What the relay sees in DNS: routes and single lookups (uses [dns]).
+    Debug {
+        #[command(subcommand)]
+        action: sluice_engine::debug_cmd::DebugCommand,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -150,6 +157,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::ExampleConfig => {
             out.write_all(EXAMPLE_CONFIG.as_bytes())?;
             Ok(())
+        }
+        Command::Debug { action, config } => {
+            let config = load(&config)?;
+            sluice_engine::debug_cmd::run(&config, action, &mut out)
         }
     }
 }

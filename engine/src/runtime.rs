@@ -17,7 +17,10 @@ use sluice_spool::{IdGenerator, Spool, SpoolConfig};
 
 use crate::config::{Config, TlsMode};
 use crate::conn::{self, CoreContext, ListenerShared};
+use crate::delivery::outbound::OutboundTlsConfig;
+use crate::delivery::{CoreDelivery, DeliveryShared, MeshMsg};
 use crate::smtp::server::SessionConfig;
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
 
 /// Starts the relay and blocks until it has shut down (SIGTERM or SIGINT).
 pub fn run(config: Config) -> anyhow::Result<()> {
@@ -78,6 +81,29 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
+    let delivery = if config.delivery.enabled {
+        let resolver = config
+            .dns
+            .resolver_config(std::path::Path::new("/etc/resolv.conf"))
+            .context("dns: no servers configured and /etc/resolv.conf unreadable")?;
+        Some(Arc::new(DeliveryShared {
+            spool: spool.clone(),
+            cfg: config.delivery_config(),
+            hostname: config.server.hostname.clone(),
+            ehlo_name: config
+                .delivery
+                .ehlo_name
+                .clone()
+                .unwrap_or_else(|| config.server.hostname.clone()),
+            tls: OutboundTlsConfig::new().context("outbound TLS setup")?,
+            dns: resolver,
+            rules: config.rule_set()?,
+        }))
+    } else {
+        None
+    };
+    let mesh = MeshBuilder::<MeshMsg, Full>::full(cores, 1024);
+
     let shutdown = Arc::new(event_listener::Event::new());
     let shutting_down = Arc::new(AtomicBool::new(false));
     let signals = spawn_signal_thread(shutdown.clone(), shutting_down.clone())?;
@@ -94,6 +120,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let shutdown = shutdown.clone();
         let shutting_down = shutting_down.clone();
         let ready = ready_tx.clone();
+        let delivery = delivery.clone();
+        let mesh = mesh.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(core % cpus))
             .name(&format!("sluice-core-{core}"))
             .io_memory(config.server.io_memory.0 as usize)
@@ -101,6 +129,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .spawn(move || async move {
                 let result = core_main(
                     core as u16,
+                    cores,
+                    delivery,
+                    mesh,
                     spool,
                     listeners,
                     credentials,
@@ -164,6 +195,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 #[allow(clippy::too_many_arguments)]
 async fn core_main(
     core: u16,
+    cores: usize,
+    delivery: Option<Arc<DeliveryShared>>,
+    mesh: MeshBuilder<MeshMsg, Full>,
     spool: Arc<Spool>,
     listeners: Vec<(Arc<ListenerShared>, std::net::SocketAddr)>,
     credentials: Arc<Credentials>,
@@ -175,10 +209,29 @@ async fn core_main(
     let last = spool
         .last_id(core)
         .map_err(|e| anyhow!("spool shard {core}: {e}"))?;
+    let ids = Rc::new(IdGenerator::new(core, last));
+    // Every executor joins the mesh (it completes only when all have), so a
+    // delivery hand-off always finds its peer.
+    let (senders, receivers) = mesh
+        .join()
+        .await
+        .map_err(|_| anyhow!("core {core}: joining the delivery mesh failed"))?;
+    let delivery = match delivery {
+        Some(shared) => {
+            let d = CoreDelivery::new(core, cores, shared, ids.clone(), senders);
+            let scheduled = d
+                .start(receivers)
+                .map_err(|e| anyhow!("core {core}: delivery recovery: {e}"))?;
+            tracing::info!(core, scheduled, "delivery started");
+            Some(d)
+        }
+        None => None,
+    };
     let ctx = Rc::new(CoreContext {
         core,
         spool,
-        ids: Rc::new(IdGenerator::new(core, last)),
+        delivery,
+        ids,
         credentials,
         shutdown: shutdown.clone(),
         shutting_down: shutting_down.clone(),

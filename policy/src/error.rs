@@ -19,4 +19,16 @@ pub enum PolicyError {
 
     #[error("hashing password: {0}")]
     Hash(String),
+
+    /// `rule` is 1-based, as an operator counts `[[rule]]` tables; `key` is the
+    /// dotted key inside the rule ("match.client_ip", "queue").
+    #[error("rule {rule}: {key}: {reason}")]
+    InvalidRule {
+        rule: usize,
+        key: &'static str,
+        reason: String,
+    },
+
+    #[error("invalid rate {text:?}: {reason}")]
+    InvalidRate { text: String, reason: String },
 }

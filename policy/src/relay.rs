@@ -94,7 +94,7 @@ impl RelayPolicy {
 
 /// Lowercase and drop one trailing dot, borrowing when already normal (the common
 /// case on the per-RCPT path).
-fn normalize(domain: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn normalize(domain: &str) -> std::borrow::Cow<'_, str> {
     let trimmed = domain.strip_suffix('.').unwrap_or(domain);
     if trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
         std::borrow::Cow::Owned(trimmed.to_ascii_lowercase())
@@ -105,7 +105,7 @@ fn normalize(domain: &str) -> std::borrow::Cow<'_, str> {
 
 /// RFC 1035 host name syntax (LDH labels), as used in SMTP domains. Internationalised
 /// names must be given in A-label ("xn--") form.
-fn validate_domain(domain: &str) -> Result<(), &'static str> {
+pub(crate) fn validate_domain(domain: &str) -> Result<(), &'static str> {
     if domain.is_empty() {
         return Err("empty");
     }

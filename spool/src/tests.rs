@@ -433,13 +433,19 @@ fn update_replaces_envelope_and_fails_for_missing() {
     let ids = IdGenerator::new(0, None);
     let id = ids.next(1_700_000_000_000);
     let mut env = envelope(4);
-    futures_lite::future::block_on(spool.store(0, id, env.clone(), b"body".to_vec())).expect("store");
+    futures_lite::future::block_on(spool.store(0, id, env.clone(), b"body".to_vec()))
+        .expect("store");
     env.schedule.attempts = 3;
     env.schedule.next_attempt_unix_ms = 42;
-    env.recipients[0].status = RecipientStatus::Deferred { reply: "451 later".into(), attempts: 3 };
+    env.recipients[0].status = RecipientStatus::Deferred {
+        reply: "451 later".into(),
+        attempts: 3,
+    };
     futures_lite::future::block_on(spool.update(id, &env)).expect("update");
     assert_eq!(spool.envelope(id).expect("read"), env);
-    spool.with_body(id, |b| assert_eq!(b, b"body")).expect("body kept");
+    spool
+        .with_body(id, |b| assert_eq!(b, b"body"))
+        .expect("body kept");
     futures_lite::future::block_on(spool.remove(id)).expect("remove");
     let err = futures_lite::future::block_on(spool.update(id, &env)).expect_err("gone");
     assert_eq!(err, SpoolError::NotFound(id));

@@ -86,7 +86,12 @@ impl ChildGuard {
         let pid = self.pid() as libc::pid_t;
         // SAFETY: plain kill(2) on a child we own and have not reaped yet.
         let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(rc, 0, "kill({pid}, {sig}) failed: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {sig}) failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     /// Waits for the process to exit, polling, up to `deadline`; None on timeout.
@@ -132,7 +137,10 @@ impl Drop for ChildGuard {
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let desc = format!("{cmd:?}");
-    let mut child = ChildGuard::new(cmd.spawn().unwrap_or_else(|e| panic!("spawn {desc}: {e}")), &desc);
+    let mut child = ChildGuard::new(
+        cmd.spawn().unwrap_or_else(|e| panic!("spawn {desc}: {e}")),
+        &desc,
+    );
     let mut out = child.child.as_mut().unwrap().stdout.take().unwrap();
     let mut err = child.child.as_mut().unwrap().stderr.take().unwrap();
     let t_out = std::thread::spawn(move || {
@@ -240,7 +248,9 @@ impl RelayBuilder {
     }
 
     pub fn start(self) -> Relay {
-        let dir = self.dir.unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
+        let dir = self
+            .dir
+            .unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
         let port = free_port();
         let nonce = nonce();
         let spool = dir.path().join("spool");
@@ -249,6 +259,11 @@ impl RelayBuilder {
             format!("spool.path={}", spool.display()),
             format!("server.cores={}", self.cores),
             format!("server.listener.{l}.bind=[\"127.0.0.1:{port}\"]"),
+            // Tests never let the relay reach for the machine's resolver (it is
+            // not on loopback): delivery is off unless a test turns it on, and DNS
+            // goes to a loopback port unless a test names its own server.
+            "delivery.enabled=false".to_string(),
+            "dns.servers=[\"127.0.0.1:9\"]".to_string(),
         ];
         // A greeting unique to this relay, so the readiness probe can tell it
         // apart from anything else that might answer on the port.
@@ -358,12 +373,27 @@ impl Relay {
         let until = Instant::now() + READY_DEADLINE;
         let addr = self.addr();
         loop {
-            if let Some(status) = self.child.as_mut().unwrap().child.as_mut().unwrap().try_wait().unwrap() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .unwrap()
+                .child
+                .as_mut()
+                .unwrap()
+                .try_wait()
+                .unwrap()
+            {
                 self.child.as_mut().unwrap().child = None;
-                panic!("relay exited during startup ({status}); log:\n{}", self.log());
+                panic!(
+                    "relay exited during startup ({status}); log:\n{}",
+                    self.log()
+                );
             }
             if Instant::now() >= until {
-                panic!("relay not ready within {READY_DEADLINE:?}; log:\n{}", self.log());
+                panic!(
+                    "relay not ready within {READY_DEADLINE:?}; log:\n{}",
+                    self.log()
+                );
             }
             if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
                 s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -399,7 +429,10 @@ impl Relay {
         guard.signal(libc::SIGTERM);
         match guard.wait_timeout(Duration::from_secs(20)) {
             Some(s) => s,
-            None => panic!("relay did not exit within 20s of SIGTERM; log:\n{}", self.log()),
+            None => panic!(
+                "relay did not exit within 20s of SIGTERM; log:\n{}",
+                self.log()
+            ),
         }
     }
 
@@ -565,11 +598,16 @@ impl Reply {
 
     /// The enhanced status code of the last line ("2.0.0"), if any.
     pub fn enhanced(&self) -> &str {
-        self.last().get(4..).and_then(|t| t.split(' ').next()).unwrap_or("")
+        self.last()
+            .get(4..)
+            .and_then(|t| t.split(' ').next())
+            .unwrap_or("")
     }
 
     pub fn has_line_starting(&self, prefix: &str) -> bool {
-        self.lines.iter().any(|l| l.get(4..).is_some_and(|t| t.starts_with(prefix)))
+        self.lines
+            .iter()
+            .any(|l| l.get(4..).is_some_and(|t| t.starts_with(prefix)))
     }
 }
 
@@ -604,10 +642,17 @@ impl Client {
             let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             let rc = libc::bind(fd, &local as *const _ as *const libc::sockaddr, len);
             assert_eq!(rc, 0, "bind {src}: {}", std::io::Error::last_os_error());
-            let IpAddr::V4(dst_ip) = addr.ip() else { panic!("IPv4 only") };
+            let IpAddr::V4(dst_ip) = addr.ip() else {
+                panic!("IPv4 only")
+            };
             let remote = sin(dst_ip, addr.port());
             let rc = libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len);
-            assert_eq!(rc, 0, "connect {addr} from {src}: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                rc,
+                0,
+                "connect {addr} from {src}: {}",
+                std::io::Error::last_os_error()
+            );
             Client::from_stream(stream)
         }
     }
@@ -687,7 +732,10 @@ impl Client {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
             Err(e) => panic!("reading a reply: {e}"),
             Ok(Some(first)) => {
-                let code: u16 = first.get(..3).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("malformed reply line {first:?}"));
+                let code: u16 = first
+                    .get(..3)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or_else(|| panic!("malformed reply line {first:?}"));
                 let mut lines = vec![first.clone()];
                 if first.as_bytes().get(3) == Some(&b'-') {
                     let rest = self.read_reply();
@@ -721,7 +769,10 @@ impl Client {
                 Ok(0) => return all,
                 Ok(n) => all.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return all,
-                Err(e) => panic!("waiting for the server to close: {e} (got {:?})", text(&all)),
+                Err(e) => panic!(
+                    "waiting for the server to close: {e} (got {:?})",
+                    text(&all)
+                ),
             }
         }
     }
@@ -729,7 +780,11 @@ impl Client {
     /// Asserts the server closes the connection with nothing more to say.
     pub fn expect_closed(&mut self) {
         let rest = self.read_to_eof();
-        assert!(rest.is_empty(), "expected the connection to close, got {:?}", text(&rest));
+        assert!(
+            rest.is_empty(),
+            "expected the connection to close, got {:?}",
+            text(&rest)
+        );
     }
 
     /// MAIL, RCPT…, DATA, body (already dot-stuffed, without the final ".\r\n"),
@@ -751,7 +806,10 @@ impl Client {
 /// The id in "... queued as 0123456789ABCDEF".
 pub fn queued_id(text: &str) -> Option<String> {
     let at = text.find("queued as ")? + "queued as ".len();
-    let id: String = text[at..].chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
+    let id: String = text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect();
     (id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit())).then_some(id)
 }
 
@@ -782,7 +840,10 @@ pub fn split_received(stored: &[u8]) -> (&[u8], &[u8]) {
 pub fn assert_stored_exact(stored: &[u8], sent: &[u8], id: &str) {
     let (header, rest) = split_received(stored);
     let h = text(header);
-    assert!(h.contains(&format!("id {id}")), "Received: header lacks `id {id}`: {h:?}");
+    assert!(
+        h.contains(&format!("id {id}")),
+        "Received: header lacks `id {id}`: {h:?}"
+    );
     assert!(
         rest == sent,
         "stored bytes differ from what was sent\n  sent:   {:?}\n  stored: {:?}",
@@ -858,10 +919,15 @@ pub fn hash_password(password: &str) -> String {
     let mut stdout = child.take_stdout();
     let mut out = String::new();
     stdout.read_to_string(&mut out).unwrap();
-    let status = child.wait_timeout(Duration::from_secs(30)).expect("hash-password hangs");
+    let status = child
+        .wait_timeout(Duration::from_secs(30))
+        .expect("hash-password hangs");
     assert!(status.success(), "hash-password failed: {status}");
     let hash = out.trim().to_string();
-    assert!(hash.starts_with("$argon2id$"), "hash-password printed {hash:?}");
+    assert!(
+        hash.starts_with("$argon2id$"),
+        "hash-password printed {hash:?}"
+    );
     hash
 }
 

@@ -83,7 +83,9 @@ impl Capabilities {
         // The first line is the greeting name; the rest are keywords.
         for line in reply.text.lines().skip(1) {
             let mut words = line.split_ascii_whitespace();
-            let Some(keyword) = words.next() else { continue };
+            let Some(keyword) = words.next() else {
+                continue;
+            };
             match keyword.to_ascii_uppercase().as_str() {
                 "PIPELINING" => caps.pipelining = true,
                 "CHUNKING" => caps.chunking = true,
@@ -183,10 +185,14 @@ impl Unsendable {
     /// The reply recorded for the recipients.
     pub fn reply(&self) -> Reply {
         match self {
-            Unsendable::NeedsSmtpUtf8 => {
-                Reply::local(553, "5.6.7", "non-ASCII addresses and the server does not offer SMTPUTF8")
+            Unsendable::NeedsSmtpUtf8 => Reply::local(
+                553,
+                "5.6.7",
+                "non-ASCII addresses and the server does not offer SMTPUTF8",
+            ),
+            Unsendable::TooBig { .. } => {
+                Reply::local(552, "5.3.4", "message too big for the server")
             }
-            Unsendable::TooBig { .. } => Reply::local(552, "5.3.4", "message too big for the server"),
             Unsendable::NotReady => Reply::local(451, "4.4.0", "session not ready"),
         }
     }
@@ -323,15 +329,36 @@ impl ClientSession {
             let line = line.strip_suffix(b"\r").unwrap_or(&line);
             let text = String::from_utf8_lossy(line).into_owned();
             let Some((code, last, body)) = split_reply_line(&text) else {
-                return (input.len(), ClientEvent::Failed(Reply::local(451, "4.5.0", &format!("malformed reply line from server: {}", text.escape_debug()))));
+                return (
+                    input.len(),
+                    ClientEvent::Failed(Reply::local(
+                        451,
+                        "4.5.0",
+                        &format!("malformed reply line from server: {}", text.escape_debug()),
+                    )),
+                );
             };
             if let Some(first) = self.lines.first() {
                 if !first.starts_with(&format!("{code:03}")) {
-                    return (input.len(), ClientEvent::Failed(Reply::local(451, "4.5.0", "inconsistent multi-line reply from server")));
+                    return (
+                        input.len(),
+                        ClientEvent::Failed(Reply::local(
+                            451,
+                            "4.5.0",
+                            "inconsistent multi-line reply from server",
+                        )),
+                    );
                 }
             }
             if self.lines.len() >= MAX_LINES {
-                return (input.len(), ClientEvent::Failed(Reply::local(451, "4.5.0", "reply from server has too many lines")));
+                return (
+                    input.len(),
+                    ClientEvent::Failed(Reply::local(
+                        451,
+                        "4.5.0",
+                        "reply from server has too many lines",
+                    )),
+                );
             }
             self.lines.push(format!("{code:03}{body}"));
             if !last {
@@ -360,7 +387,11 @@ impl ClientSession {
 
     fn on_reply(&mut self, reply: Reply) -> Option<ClientEvent> {
         let Some(expect) = self.expect.pop_front() else {
-            return Some(ClientEvent::Failed(Reply::local(451, "4.5.0", &format!("unexpected reply from server: {reply}"))));
+            return Some(ClientEvent::Failed(Reply::local(
+                451,
+                "4.5.0",
+                &format!("unexpected reply from server: {reply}"),
+            )));
         };
         match expect {
             Expect::Greeting => {
@@ -381,7 +412,11 @@ impl ClientSession {
                         return None;
                     }
                     if self.cfg.tls == TlsPolicy::Required {
-                        return Some(ClientEvent::Failed(Reply::local(451, "4.7.10", "TLS required but the server does not offer STARTTLS")));
+                        return Some(ClientEvent::Failed(Reply::local(
+                            451,
+                            "4.7.10",
+                            "TLS required but the server does not offer STARTTLS",
+                        )));
                     }
                 }
                 self.after_ehlo()
@@ -503,7 +538,11 @@ impl ClientSession {
                 let b64 = base64::engine::general_purpose::STANDARD;
                 if self.caps.auth_plain {
                     let token = b64.encode(format!("\0{user}\0{pass}"));
-                    self.command(format!("AUTH PLAIN {token}\r\n").as_bytes(), Expect::AuthResult, Stage::Auth);
+                    self.command(
+                        format!("AUTH PLAIN {token}\r\n").as_bytes(),
+                        Expect::AuthResult,
+                        Stage::Auth,
+                    );
                     return None;
                 }
                 if self.caps.auth_login {
@@ -511,10 +550,18 @@ impl ClientSession {
                     self.command(b"AUTH LOGIN\r\n", Expect::AuthChallenge, Stage::Auth);
                     return None;
                 }
-                return Some(ClientEvent::Failed(Reply::local(451, "4.7.0", "server offers no AUTH mechanism we support")));
+                return Some(ClientEvent::Failed(Reply::local(
+                    451,
+                    "4.7.0",
+                    "server offers no AUTH mechanism we support",
+                )));
             }
             if !self.tls {
-                return Some(ClientEvent::Failed(Reply::local(451, "4.7.10", "AUTH configured but the session is not encrypted")));
+                return Some(ClientEvent::Failed(Reply::local(
+                    451,
+                    "4.7.10",
+                    "AUTH configured but the session is not encrypted",
+                )));
             }
         }
         self.stage = Stage::Idle;
@@ -545,7 +592,11 @@ impl ClientSession {
     /// Queue one transaction on a ready session. With PIPELINING the whole envelope
     /// goes in one write; with CHUNKING too, so does the body (BDAT n LAST), which
     /// makes a message one round trip.
-    pub fn send(&mut self, msg: &OutboundMessage, body_len: u64) -> Result<Option<ClientEvent>, Unsendable> {
+    pub fn send(
+        &mut self,
+        msg: &OutboundMessage,
+        body_len: u64,
+    ) -> Result<Option<ClientEvent>, Unsendable> {
         if self.stage != Stage::Idle || !self.expect.is_empty() {
             return Err(Unsendable::NotReady);
         }
@@ -554,7 +605,10 @@ impl ClientSession {
         }
         if let Some(limit) = self.caps.size.filter(|&l| l > 0) {
             if msg.size > limit {
-                return Err(Unsendable::TooBig { size: msg.size, limit });
+                return Err(Unsendable::TooBig {
+                    size: msg.size,
+                    limit,
+                });
             }
         }
         if self.needs_rset {
@@ -599,7 +653,11 @@ impl ClientSession {
         }
         if self.caps.chunking && self.caps.pipelining {
             self.body_mode = BodyMode::Bdat;
-            self.command(format!("BDAT {body_len} LAST\r\n").as_bytes(), Expect::DataEnd, Stage::DataEnd);
+            self.command(
+                format!("BDAT {body_len} LAST\r\n").as_bytes(),
+                Expect::DataEnd,
+                Stage::DataEnd,
+            );
             return Ok(Some(ClientEvent::SendBody(BodyMode::Bdat)));
         }
         self.body_mode = BodyMode::Data;
@@ -666,7 +724,9 @@ fn make_reply(code: u16, lines: Vec<String>) -> Reply {
         // Enhanced status code: class matches the reply's class ("5.1.1 text").
         let (code_part, rest) = text.split_once(' ').unwrap_or((text, ""));
         let is_esc = code_part.split('.').count() == 3
-            && code_part.split('.').all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+            && code_part
+                .split('.')
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
             && code_part.starts_with(char::from(b'0' + (code / 100) as u8));
         if is_esc {
             if i == 0 {
@@ -750,7 +810,11 @@ fn encode(body: &[u8], out: &mut Vec<u8>, dot_stuff: bool) {
                 let at = i + off;
                 out.extend_from_slice(&body[i..at]);
                 out.extend_from_slice(b"\r\n");
-                i = if body[at] == b'\r' && body.get(at + 1) == Some(&b'\n') { at + 2 } else { at + 1 };
+                i = if body[at] == b'\r' && body.get(at + 1) == Some(&b'\n') {
+                    at + 2
+                } else {
+                    at + 1
+                };
             }
         }
     }

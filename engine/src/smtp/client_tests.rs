@@ -16,7 +16,11 @@ fn msg(rcpts: &[&str]) -> OutboundMessage {
         sender: "a@x.test".into(),
         recipients: rcpts
             .iter()
-            .map(|r| OutboundRecipient { address: r.to_string(), notify: Some("FAILURE".into()), orcpt: Some(r.to_string()) })
+            .map(|r| OutboundRecipient {
+                address: r.to_string(),
+                notify: Some("FAILURE".into()),
+                orcpt: Some(r.to_string()),
+            })
             .collect(),
         size: 100,
         eightbit: true,
@@ -50,11 +54,16 @@ const EHLO_FULL: &[u8] = b"250-mx.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-
 #[test]
 fn pipelined_bdat_transaction() {
     let mut c = ClientSession::new(cfg());
-    assert!(matches!(feed(&mut c, b"220 mx.test ESMTP\r\n"), ClientEvent::Read));
+    assert!(matches!(
+        feed(&mut c, b"220 mx.test ESMTP\r\n"),
+        ClientEvent::Read
+    ));
     assert_eq!(take(&mut c), "EHLO relay.test\r\n");
     assert!(matches!(feed(&mut c, EHLO_FULL), ClientEvent::Ready));
     assert!(c.capabilities().chunking && c.capabilities().dsn);
-    let ev = c.send(&msg(&["b@y.test", "c@y.test"]), 100).expect("sendable");
+    let ev = c
+        .send(&msg(&["b@y.test", "c@y.test"]), 100)
+        .expect("sendable");
     assert!(matches!(ev, Some(ClientEvent::SendBody(BodyMode::Bdat))));
     assert_eq!(
         take(&mut c),
@@ -63,8 +72,13 @@ fn pipelined_bdat_transaction() {
          RCPT TO:<c@y.test> NOTIFY=FAILURE ORCPT=rfc822;c@y.test\r\n\
          BDAT 100 LAST\r\n"
     );
-    let ev = feed(&mut c, b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n250 2.0.0 queued\r\n");
-    let ClientEvent::Done(result) = ev else { panic!("{ev:?}") };
+    let ev = feed(
+        &mut c,
+        b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 no such user\r\n250 2.0.0 queued\r\n",
+    );
+    let ClientEvent::Done(result) = ev else {
+        panic!("{ev:?}")
+    };
     assert_eq!(result.recipients[0].code, 250);
     assert_eq!(result.recipients[0].esc.as_deref(), Some("2.0.0"));
     assert_eq!(result.recipients[1].code, 550);
@@ -79,9 +93,15 @@ fn data_path_and_mail_failure_then_rset() {
     let mut c = ClientSession::new(cfg());
     feed(&mut c, b"220 mx\r\n");
     take(&mut c);
-    assert!(matches!(feed(&mut c, b"250-mx\r\n250 PIPELINING\r\n"), ClientEvent::Ready));
+    assert!(matches!(
+        feed(&mut c, b"250-mx\r\n250 PIPELINING\r\n"),
+        ClientEvent::Ready
+    ));
     assert!(c.send(&msg(&["b@y.test"]), 5).expect("ok").is_none());
-    assert_eq!(take(&mut c), "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+    assert_eq!(
+        take(&mut c),
+        "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"
+    );
     let ev = feed(&mut c, b"250 ok\r\n250 ok\r\n354 go\r\n");
     assert!(matches!(ev, ClientEvent::SendBody(BodyMode::Data)));
     let ev = feed(&mut c, b"451 4.3.0 try later\r\n");
@@ -91,9 +111,15 @@ fn data_path_and_mail_failure_then_rset() {
     c.send(&msg(&["b@y.test"]), 5).expect("ok");
     let out = take(&mut c);
     assert!(out.starts_with("RSET\r\nMAIL FROM"), "{out}");
-    let ev = feed(&mut c, b"250 ok\r\n550 5.7.1 sender rejected\r\n503 need mail\r\n554 no valid recipients\r\n");
+    let ev = feed(
+        &mut c,
+        b"250 ok\r\n550 5.7.1 sender rejected\r\n503 need mail\r\n554 no valid recipients\r\n",
+    );
     let ClientEvent::Done(r) = ev else { panic!() };
-    assert_eq!(r.recipients[0].code, 550, "MAIL failure applies to every recipient");
+    assert_eq!(
+        r.recipients[0].code, 550,
+        "MAIL failure applies to every recipient"
+    );
 }
 
 #[test]
@@ -101,18 +127,30 @@ fn starttls_then_ehlo_again() {
     let mut c = ClientSession::new(cfg());
     feed(&mut c, b"220 mx\r\n");
     take(&mut c);
-    assert!(matches!(feed(&mut c, b"250-mx\r\n250 STARTTLS\r\n"), ClientEvent::Read));
+    assert!(matches!(
+        feed(&mut c, b"250-mx\r\n250 STARTTLS\r\n"),
+        ClientEvent::Read
+    ));
     assert_eq!(take(&mut c), "STARTTLS\r\n");
-    assert!(matches!(feed(&mut c, b"220 go ahead\r\n"), ClientEvent::StartTls));
+    assert!(matches!(
+        feed(&mut c, b"220 go ahead\r\n"),
+        ClientEvent::StartTls
+    ));
     c.tls_established();
     assert_eq!(take(&mut c), "EHLO relay.test\r\n");
-    assert!(matches!(feed(&mut c, b"250-mx\r\n250 PIPELINING\r\n"), ClientEvent::Ready));
+    assert!(matches!(
+        feed(&mut c, b"250-mx\r\n250 PIPELINING\r\n"),
+        ClientEvent::Ready
+    ));
     assert!(c.is_tls());
 }
 
 #[test]
 fn tls_required_fails_without_starttls() {
-    let mut c = ClientSession::new(ClientConfig { tls: TlsPolicy::Required, ..cfg() });
+    let mut c = ClientSession::new(ClientConfig {
+        tls: TlsPolicy::Required,
+        ..cfg()
+    });
     feed(&mut c, b"220 mx\r\n");
     let ev = feed(&mut c, b"250 mx\r\n");
     let ClientEvent::Failed(r) = ev else { panic!() };
@@ -121,44 +159,73 @@ fn tls_required_fails_without_starttls() {
 
 #[test]
 fn smart_host_auth_login_over_tls() {
-    let mut c = ClientSession::new(ClientConfig { auth: Some(("u".into(), "p".into())), ..cfg() });
+    let mut c = ClientSession::new(ClientConfig {
+        auth: Some(("u".into(), "p".into())),
+        ..cfg()
+    });
     feed(&mut c, b"220 mx\r\n");
     feed(&mut c, b"250-mx\r\n250 STARTTLS\r\n");
     feed(&mut c, b"220 go\r\n");
     c.tls_established();
     take(&mut c);
-    assert!(matches!(feed(&mut c, b"250-mx\r\n250 AUTH LOGIN\r\n"), ClientEvent::Read));
+    assert!(matches!(
+        feed(&mut c, b"250-mx\r\n250 AUTH LOGIN\r\n"),
+        ClientEvent::Read
+    ));
     assert_eq!(take(&mut c), "AUTH LOGIN\r\n");
     feed(&mut c, b"334 VXNlcm5hbWU6\r\n");
     assert_eq!(take(&mut c), "dQ==\r\n");
     feed(&mut c, b"334 UGFzc3dvcmQ6\r\n");
     assert_eq!(take(&mut c), "cA==\r\n");
-    assert!(matches!(feed(&mut c, b"235 2.7.0 ok\r\n"), ClientEvent::Ready));
+    assert!(matches!(
+        feed(&mut c, b"235 2.7.0 ok\r\n"),
+        ClientEvent::Ready
+    ));
 }
 
 #[test]
 fn greeting_refused_and_garbage() {
     let mut c = ClientSession::new(cfg());
-    assert!(matches!(feed(&mut c, b"554 5.7.1 go away\r\n"), ClientEvent::Failed(r) if r.code == 554));
+    assert!(
+        matches!(feed(&mut c, b"554 5.7.1 go away\r\n"), ClientEvent::Failed(r) if r.code == 554)
+    );
     let mut c = ClientSession::new(cfg());
-    assert!(matches!(feed(&mut c, b"hello there\r\n"), ClientEvent::Failed(_)));
+    assert!(matches!(
+        feed(&mut c, b"hello there\r\n"),
+        ClientEvent::Failed(_)
+    ));
     let mut c = ClientSession::new(cfg());
-    assert!(matches!(feed(&mut c, b"220-a\r\n250 b\r\n"), ClientEvent::Failed(_)));
+    assert!(matches!(
+        feed(&mut c, b"220-a\r\n250 b\r\n"),
+        ClientEvent::Failed(_)
+    ));
 }
 
 #[test]
 fn lmtp_one_reply_per_accepted_recipient() {
-    let mut c = ClientSession::new(ClientConfig { lmtp: true, tls: TlsPolicy::Disabled, ..cfg() });
+    let mut c = ClientSession::new(ClientConfig {
+        lmtp: true,
+        tls: TlsPolicy::Disabled,
+        ..cfg()
+    });
     feed(&mut c, b"220 lmtp\r\n");
     assert_eq!(take(&mut c), "LHLO relay.test\r\n");
     feed(&mut c, b"250-lmtp\r\n250 PIPELINING\r\n");
     c.send(&msg(&["a@l", "b@l", "c@l"]), 3).expect("ok");
     take(&mut c);
-    let ev = feed(&mut c, b"250 ok\r\n250 ok\r\n550 no\r\n250 ok\r\n354 go\r\n");
+    let ev = feed(
+        &mut c,
+        b"250 ok\r\n250 ok\r\n550 no\r\n250 ok\r\n354 go\r\n",
+    );
     assert!(matches!(ev, ClientEvent::SendBody(BodyMode::Data)));
-    assert!(matches!(feed(&mut c, b"250 2.0.0 a done\r\n"), ClientEvent::Read));
+    assert!(matches!(
+        feed(&mut c, b"250 2.0.0 a done\r\n"),
+        ClientEvent::Read
+    ));
     let ev = feed(&mut c, b"452 4.2.2 c over quota\r\n");
-    let ClientEvent::Done(r) = ev else { panic!("{ev:?}") };
+    let ClientEvent::Done(r) = ev else {
+        panic!("{ev:?}")
+    };
     let codes: Vec<u16> = r.recipients.iter().map(|r| r.code).collect();
     assert_eq!(codes, [250, 550, 452]);
 }
@@ -169,7 +236,13 @@ fn smtputf8_and_size_checked_before_sending() {
     feed(&mut c, b"220 mx\r\n");
     feed(&mut c, b"250-mx\r\n250 SIZE 50\r\n");
     let mut m = msg(&["b@y"]);
-    assert_eq!(c.send(&m, 100).err(), Some(Unsendable::TooBig { size: 100, limit: 50 }));
+    assert_eq!(
+        c.send(&m, 100).err(),
+        Some(Unsendable::TooBig {
+            size: 100,
+            limit: 50
+        })
+    );
     m.size = 10;
     m.smtputf8 = true;
     assert_eq!(c.send(&m, 10).err(), Some(Unsendable::NeedsSmtpUtf8));

@@ -732,7 +732,7 @@ impl Session {
             (RCPT_NOTIFY_NEVER, Notify::NEVER),
         ] {
             if to.flags & flag != 0 {
-                notify = notify | bit;
+                notify |= bit;
             }
         }
         self.tx.recipients.push(Recipient {

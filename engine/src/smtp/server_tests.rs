@@ -459,7 +459,10 @@ fn starttls_forgets_authentication() {
     h.feed(b"STARTTLS\r\n", 64);
     h.session.tls_established("TLSv1.3 TEST".into());
     h.out.clear();
-    h.feed(b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@remote.test>\r\n", 64);
+    h.feed(
+        b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@remote.test>\r\n",
+        64,
+    );
     assert!(h.out.contains("AUTH PLAIN LOGIN"), "{}", h.out);
     assert!(h.out.contains("554 5.7.1"), "{}", h.out);
 }

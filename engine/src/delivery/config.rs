@@ -1,0 +1,178 @@
+//! Configuration of outbound delivery: `[delivery]`, `[queue.NAME]`, `[route.NAME]`,
+//! `[destination.NAME]` and the `[[rule]]` list that picks queue and route per
+//! recipient.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{ByteSize, HumanDuration};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboundTls {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered, whether or not the certificate verifies (recorded).
+    Opportunistic,
+    /// STARTTLS must be offered and succeed, else the attempt is deferred.
+    Required,
+    /// TLS from the first byte (smart hosts on port 465).
+    Implicit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySection {
+    /// Deliver queued mail. Off: the relay only accepts and queues.
+    pub enabled: bool,
+    /// EHLO name; defaults to server.hostname.
+    pub ehlo_name: Option<String>,
+    /// Port for MX delivery (25; tests use others).
+    pub mx_port: u16,
+    pub tls: OutboundTls,
+    pub connect_timeout: HumanDuration,
+    pub greeting_timeout: HumanDuration,
+    pub ehlo_timeout: HumanDuration,
+    pub starttls_timeout: HumanDuration,
+    pub mail_timeout: HumanDuration,
+    pub rcpt_timeout: HumanDuration,
+    pub data_timeout: HumanDuration,
+    pub data_end_timeout: HumanDuration,
+    /// How long an idle connection waits for another message to its site.
+    pub idle_timeout: HumanDuration,
+    /// Recipients per SMTP transaction; more are split over transactions.
+    pub max_recipients_per_transaction: usize,
+}
+
+impl Default for DeliverySection {
+    fn default() -> Self {
+        let secs = |s| HumanDuration(Duration::from_secs(s));
+        DeliverySection {
+            enabled: true,
+            ehlo_name: None,
+            mx_port: 25,
+            tls: OutboundTls::Opportunistic,
+            connect_timeout: secs(30),
+            greeting_timeout: secs(300),
+            ehlo_timeout: secs(300),
+            starttls_timeout: secs(300),
+            mail_timeout: secs(300),
+            rcpt_timeout: secs(300),
+            data_timeout: secs(120),
+            data_end_timeout: secs(600),
+            idle_timeout: secs(5),
+            max_recipients_per_transaction: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Delay before each retry; the last one repeats.
+    pub retry: Vec<HumanDuration>,
+    /// Send a delay notice when a message has waited this long (each once).
+    pub notify_delay: Vec<HumanDuration>,
+    /// Give up and bounce after this long in the queue.
+    pub expire: HumanDuration,
+    /// Quota: most messages queued (0 = no limit); beyond → 452 4.3.1.
+    pub max_messages: u64,
+    /// Quota: most bytes queued (0 = no limit); beyond → 452 4.3.1.
+    pub max_bytes: ByteSize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        let m = |mins: u64| HumanDuration(Duration::from_secs(mins * 60));
+        QueueConfig {
+            retry: vec![m(2), m(5), m(10), m(15), m(30), m(60), m(120)],
+            notify_delay: vec![m(4 * 60), m(24 * 60)],
+            expire: m(5 * 24 * 60),
+            max_messages: 0,
+            max_bytes: ByteSize(0),
+        }
+    }
+}
+
+impl QueueConfig {
+    /// Delay before attempt number `attempts + 1` (attempts already made ≥ 1).
+    pub fn retry_delay(&self, attempts: u32) -> Duration {
+        let idx = (attempts.max(1) - 1) as usize;
+        self.retry
+            .get(idx)
+            .or(self.retry.last())
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(600))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteKind {
+    /// Look up the recipient domain's MX hosts.
+    Mx,
+    /// A smart host.
+    Relay,
+    /// A local mail store over LMTP.
+    Lmtp,
+    /// A local mail store over SMTP.
+    Smtp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(rename = "type")]
+    pub kind: RouteKind,
+    /// Host name or IP (relay, lmtp, smtp).
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    /// Overrides delivery.tls for this route.
+    pub tls: Option<OutboundTls>,
+    pub auth_user: Option<String>,
+    pub auth_password: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DestinationConfig {
+    /// Concurrent connections to one destination site.
+    pub max_connections: usize,
+    /// Messages sent over one connection before it is closed.
+    pub max_messages_per_connection: usize,
+}
+
+impl Default for DestinationConfig {
+    fn default() -> Self {
+        DestinationConfig {
+            max_connections: 16,
+            max_messages_per_connection: 100,
+        }
+    }
+}
+
+/// All delivery-related sections, as they sit in the top-level config.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryConfig {
+    pub delivery: DeliverySection,
+    pub queues: BTreeMap<String, QueueConfig>,
+    pub routes: BTreeMap<String, RouteConfig>,
+    pub destinations: BTreeMap<String, DestinationConfig>,
+}
+
+impl DeliveryConfig {
+    pub fn queue(&self, name: &str) -> QueueConfig {
+        self.queues.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Settings for a site: `[destination."example.com"]` or `[destination.default]`.
+    pub fn destination(&self, site: &str) -> DestinationConfig {
+        self.destinations
+            .get(site)
+            .or_else(|| self.destinations.get("default"))
+            .cloned()
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,451 @@
+//! One outbound SMTP/LMTP connection: the I/O loop around the sans-IO client
+//! session. Connects to a host's addresses in order, runs greeting, EHLO,
+//! STARTTLS (opportunistic by default) and AUTH, then runs transactions until the
+//! caller quits. Each stage has its own timeout.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use glommio::timer::Timer;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use super::config::{DeliverySection, OutboundTls};
+use crate::smtp::client::{
+    BodyMode, ClientConfig, ClientEvent, ClientSession, OutboundMessage, Reply, Stage, TlsPolicy,
+};
+
+/// Why a connection attempt or a session failed.
+#[derive(Debug, Clone)]
+pub struct SessionFailure {
+    pub reply: Reply,
+    /// Whether to try the next address or host (connect errors, 4xx/5xx greetings).
+    pub try_next: bool,
+}
+
+impl SessionFailure {
+    fn local(code: u16, esc: &str, text: String, try_next: bool) -> SessionFailure {
+        SessionFailure {
+            reply: Reply::local(code, esc, &text),
+            try_next,
+        }
+    }
+}
+
+/// TLS for outbound sessions. The handshake accepts any certificate, since
+/// opportunistic TLS beats plaintext; whether the chain verifies against the web
+/// PKI roots for the host name is checked afterwards and recorded.
+pub struct OutboundTlsConfig {
+    accept_any: Arc<rustls::ClientConfig>,
+    verifier: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl OutboundTlsConfig {
+    pub fn new() -> Result<OutboundTlsConfig, rustls::Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let accept_any = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+            .with_no_client_auth();
+        Ok(OutboundTlsConfig {
+            accept_any: Arc::new(accept_any),
+            verifier,
+        })
+    }
+
+    fn verified(&self, conn: &rustls::ClientConnection, name: &ServerName<'_>) -> bool {
+        let Some(certs) = conn.peer_certificates() else {
+            return false;
+        };
+        let Some((end, rest)) = certs.split_first() else {
+            return false;
+        };
+        self.verifier
+            .verify_server_cert(end, rest, name, &[], UnixTime::now())
+            .is_ok()
+    }
+}
+
+/// Accepts any certificate but still checks handshake signatures properly.
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
+    Gone,
+}
+
+impl Stream {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf).await,
+            Stream::Tls(s) => s.read(buf).await,
+            Stream::Gone => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.write_all(data).await,
+            Stream::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Stream::Gone => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+/// What the connection needs to know about where it goes.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Host name (for TLS SNI and logs).
+    pub host: String,
+    pub addr: SocketAddr,
+    pub lmtp: bool,
+    pub tls: OutboundTls,
+    pub auth: Option<(String, String)>,
+}
+
+pub struct Connection {
+    stream: Stream,
+    client: ClientSession,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    pub host: String,
+    pub ip: IpAddr,
+    /// "TLSv1.3 TLS13_AES_256_GCM_SHA384" once TLS is up.
+    pub tls: Option<String>,
+    pub tls_verified: bool,
+    timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    greeting: Duration,
+    ehlo: Duration,
+    starttls: Duration,
+    mail: Duration,
+    rcpt: Duration,
+    data: Duration,
+    data_end: Duration,
+}
+
+impl Timeouts {
+    fn for_stage(&self, stage: Stage) -> Duration {
+        match stage {
+            Stage::Greeting => self.greeting,
+            Stage::Ehlo | Stage::Auth | Stage::Rset | Stage::Quit | Stage::Idle => self.ehlo,
+            Stage::StartTls => self.starttls,
+            Stage::Mail => self.mail,
+            Stage::Rcpt => self.rcpt,
+            Stage::Data => self.data,
+            Stage::DataEnd => self.data_end,
+        }
+    }
+}
+
+/// Races a future against a timer; None when the timer wins.
+async fn within<T>(dur: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(fut.await) }, async {
+        Timer::new(dur).await;
+        None
+    })
+    .await
+}
+
+impl Connection {
+    /// Connects and runs the session up to "ready for MAIL".
+    pub async fn open(
+        endpoint: &Endpoint,
+        cfg: &DeliverySection,
+        ehlo_name: &str,
+        tls: &OutboundTlsConfig,
+    ) -> Result<Connection, SessionFailure> {
+        let stage_err = |what: &str, e: String| {
+            SessionFailure::local(
+                451,
+                "4.4.1",
+                format!("{what} {} [{}]: {e}", endpoint.host, endpoint.addr),
+                true,
+            )
+        };
+        let tcp = match within(cfg.connect_timeout.0, TcpStream::connect(endpoint.addr)).await {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return Err(stage_err("connect to", e.to_string())),
+            None => return Err(stage_err("connect to", "timed out".into())),
+        };
+        let _ = tcp.set_nodelay(true);
+        let policy = match endpoint.tls {
+            OutboundTls::None | OutboundTls::Implicit => TlsPolicy::Disabled,
+            OutboundTls::Opportunistic => TlsPolicy::Opportunistic,
+            OutboundTls::Required => TlsPolicy::Required,
+        };
+        let mut conn = Connection {
+            stream: Stream::Plain(tcp),
+            client: ClientSession::new(ClientConfig {
+                ehlo_name: ehlo_name.to_string(),
+                lmtp: endpoint.lmtp,
+                tls: policy,
+                auth: endpoint.auth.clone(),
+            }),
+            buf: vec![0; 16 * 1024],
+            start: 0,
+            end: 0,
+            host: endpoint.host.clone(),
+            ip: endpoint.addr.ip(),
+            tls: None,
+            tls_verified: false,
+            timeouts: Timeouts {
+                greeting: cfg.greeting_timeout.0,
+                ehlo: cfg.ehlo_timeout.0,
+                starttls: cfg.starttls_timeout.0,
+                mail: cfg.mail_timeout.0,
+                rcpt: cfg.rcpt_timeout.0,
+                data: cfg.data_timeout.0,
+                data_end: cfg.data_end_timeout.0,
+            },
+        };
+        if endpoint.tls == OutboundTls::Implicit {
+            conn.start_tls(tls, cfg.starttls_timeout.0).await?;
+        }
+        loop {
+            match conn.next_event().await? {
+                ClientEvent::Ready => return Ok(conn),
+                ClientEvent::StartTls => {
+                    conn.start_tls(tls, cfg.starttls_timeout.0).await?;
+                    conn.client.tls_established();
+                }
+                ClientEvent::Failed(reply) => {
+                    return Err(SessionFailure {
+                        reply,
+                        try_next: true,
+                    });
+                }
+                other => {
+                    return Err(SessionFailure::local(
+                        451,
+                        "4.5.0",
+                        format!("unexpected client state while opening session: {other:?}"),
+                        true,
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn start_tls(
+        &mut self,
+        tls: &OutboundTlsConfig,
+        timeout: Duration,
+    ) -> Result<(), SessionFailure> {
+        let err = |e: String| {
+            SessionFailure::local(451, "4.7.5", format!("TLS with {}: {e}", self.host), true)
+        };
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else {
+            return Err(err("stream not plain".into()));
+        };
+        let name = match self.host.parse::<IpAddr>() {
+            Ok(ip) => ServerName::IpAddress(ip.into()),
+            Err(_) => ServerName::try_from(self.host.clone()).map_err(|e| err(e.to_string()))?,
+        };
+        let connector = futures_rustls::TlsConnector::from(tls.accept_any.clone());
+        match within(timeout, connector.connect(name.clone(), tcp)).await {
+            Some(Ok(stream)) => {
+                let session = stream.get_ref().1;
+                self.tls_verified = tls.verified(session, &name);
+                self.tls = Some(describe(session));
+                self.stream = Stream::Tls(Box::new(stream));
+                // Bytes read before the handshake belong to the plaintext session.
+                self.start = 0;
+                self.end = 0;
+                Ok(())
+            }
+            Some(Err(e)) => Err(err(e.to_string())),
+            None => Err(err("handshake timed out".into())),
+        }
+    }
+
+    /// Writes what the client queued, then reads until the client reports an event.
+    async fn next_event(&mut self) -> Result<ClientEvent, SessionFailure> {
+        loop {
+            if !self.client.output().is_empty() {
+                let out = std::mem::take(&mut self.client_output());
+                if let Err(e) = self.stream.write_all(&out).await {
+                    return Err(self.io_failure(e.to_string()));
+                }
+            }
+            while self.start < self.end {
+                let (used, event) = self.client.receive(&self.buf[self.start..self.end]);
+                self.start += used;
+                if !matches!(event, ClientEvent::Read) {
+                    if matches!(event, ClientEvent::StartTls) {
+                        self.start = self.end;
+                    }
+                    return Ok(event);
+                }
+            }
+            if !self.client.output().is_empty() {
+                continue;
+            }
+            self.start = 0;
+            self.end = 0;
+            let timeout = self.timeouts.for_stage(self.client.stage());
+            match within(timeout, self.stream.read(&mut self.buf)).await {
+                Some(Ok(0)) => return Err(self.io_failure("connection closed by server".into())),
+                Some(Ok(n)) => self.end = n,
+                Some(Err(e)) => return Err(self.io_failure(e.to_string())),
+                None => {
+                    return Err(
+                        self.io_failure(format!("timeout in {:?} stage", self.client.stage()))
+                    );
+                }
+            }
+        }
+    }
+
+    fn client_output(&mut self) -> Vec<u8> {
+        let out = self.client.output().to_vec();
+        self.client.clear_output();
+        out
+    }
+
+    fn io_failure(&self, what: String) -> SessionFailure {
+        SessionFailure::local(
+            451,
+            "4.4.2",
+            format!("{} [{}]: {what}", self.host, self.ip),
+            false,
+        )
+    }
+
+    /// Runs one transaction. `body` is the stored message. Returns one reply per
+    /// recipient, or a session failure (the connection is then unusable).
+    pub async fn transaction(
+        &mut self,
+        msg: &OutboundMessage,
+        body: &[u8],
+    ) -> Result<Vec<Reply>, SessionFailure> {
+        let bdat_len = crate::smtp::client::crlf_len(body);
+        let first = match self.client.send(msg, bdat_len) {
+            Ok(ev) => ev,
+            Err(unsendable) => {
+                let reply = unsendable.reply();
+                return Ok(vec![reply; msg.recipients.len()]);
+            }
+        };
+        let mut event = match first {
+            Some(ev) => ev,
+            None => self.next_event().await?,
+        };
+        loop {
+            match event {
+                ClientEvent::SendBody(mode) => {
+                    let mut out = self.client_output();
+                    match mode {
+                        BodyMode::Bdat => crate::smtp::client::encode_crlf(body, &mut out),
+                        BodyMode::Data => crate::smtp::client::encode_data(body, &mut out),
+                    }
+                    if let Err(e) = self.stream.write_all(&out).await {
+                        return Err(self.io_failure(e.to_string()));
+                    }
+                    event = self.next_event().await?;
+                }
+                ClientEvent::Done(result) => return Ok(result.recipients),
+                ClientEvent::Failed(reply) => {
+                    return Err(SessionFailure {
+                        reply,
+                        try_next: false,
+                    })
+                }
+                other => {
+                    return Err(SessionFailure::local(
+                        451,
+                        "4.5.0",
+                        format!("unexpected client event {other:?}"),
+                        false,
+                    ))
+                }
+            }
+        }
+    }
+
+    /// QUIT, best effort and briefly.
+    pub async fn quit(mut self) {
+        self.client.quit();
+        let _ = within(Duration::from_secs(2), self.next_event()).await;
+    }
+}
+
+fn describe(conn: &rustls::ClientConnection) -> String {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(other) => format!("{other:?}"),
+        None => "TLS".to_string(),
+    };
+    match conn.negotiated_cipher_suite() {
+        Some(suite) => format!("{version} {:?}", suite.suite()),
+        None => version,
+    }
+}
