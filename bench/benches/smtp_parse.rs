@@ -52,7 +52,7 @@ fn wire_body(size: usize) -> Vec<u8> {
     let mut body = Vec::with_capacity(size + 100);
     let mut n = 0u64;
     while body.len() < size {
-        if n % 20 == 0 {
+        if n.is_multiple_of(20) {
             body.push(b'.');
         }
         body.extend_from_slice(

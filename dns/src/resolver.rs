@@ -734,3 +734,14 @@ mod tests {
         );
     }
 }
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn probe() {
+        let r = super::Resolver::new(crate::ResolverConfig::default());
+        let f = r.lookup("x", crate::QueryType::A);
+        eprintln!("lookup future: {} bytes", std::mem::size_of_val(&f));
+        let g = r.resolve_route("x");
+        eprintln!("route future: {} bytes", std::mem::size_of_val(&g));
+    }
+}
