@@ -43,8 +43,9 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
     Ok(Arc::new(config))
 }
 
-/// "TLSv1.3 TLS13_AES_256_GCM_SHA384" for logs, the envelope and Received:.
-pub fn describe(conn: &rustls::ServerConnection) -> String {
+/// "TLSv1.3 TLS13_AES_256_GCM_SHA384" for logs, the envelope and Received:
+/// (server and client connections alike).
+pub fn describe(conn: &rustls::CommonState) -> String {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),

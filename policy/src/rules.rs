@@ -446,35 +446,11 @@ fn check_known(name: &str, builtin: &str, known: &[&str], what: &str) -> Result<
     ))
 }
 
-/// Integer bytes or a number with a unit: B, KiB, MiB, GiB, TiB (binary) or K/KB,
-/// M/MB, G/GB, T/TB (decimal), the same spellings the server's size keys take.
 fn parse_size(spec: &SizeSpec) -> Result<u64, String> {
-    let text = match spec {
-        SizeSpec::Bytes(n) => return Ok(*n),
-        SizeSpec::Text(t) => t.trim(),
-    };
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size like 512KiB, 10MiB or 1GiB"))?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        "t" | "tb" => 1_000_000_000_000,
-        "tib" => 1 << 40,
-        _ => return Err(format!("unknown size unit in {text:?}")),
-    };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("size {text:?} is too large"))
+    match spec {
+        SizeSpec::Bytes(n) => Ok(*n),
+        SizeSpec::Text(t) => crate::parse_size(t),
+    }
 }
 
 impl Conditions {

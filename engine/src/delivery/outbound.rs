@@ -314,7 +314,7 @@ impl Connection {
             Some(Ok(stream)) => {
                 let session = stream.get_ref().1;
                 self.tls_verified = tls.verified(session, &name);
-                self.tls = Some(describe(session));
+                self.tls = Some(crate::tls::describe(session));
                 self.stream = Stream::Tls(Box::new(stream));
                 // Bytes read before the handshake belong to the plaintext session.
                 self.start = 0;
@@ -434,18 +434,5 @@ impl Connection {
     pub async fn quit(mut self) {
         self.client.quit();
         let _ = within(Duration::from_secs(2), self.next_event()).await;
-    }
-}
-
-fn describe(conn: &rustls::ClientConnection) -> String {
-    let version = match conn.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
-        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
-        Some(other) => format!("{other:?}"),
-        None => "TLS".to_string(),
-    };
-    match conn.negotiated_cipher_suite() {
-        Some(suite) => format!("{version} {:?}", suite.suite()),
-        None => version,
     }
 }
