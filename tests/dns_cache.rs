@@ -192,17 +192,33 @@ fn nxdomain_and_nodata_are_cached_for_the_soa_minimum() {
 
 #[test]
 fn concurrent_identical_lookups_share_one_query() {
-    let server = answering(300);
+    // The server holds each answer until the test has started all lookups, so
+    // an answer cannot come back before the last identical lookup is issued.
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    let server = ScriptServer::start(move |q| {
+        if q.name == "shared.script.test" && q.qtype == TYPE_A {
+            let _ = go_rx
+                .lock()
+                .expect("gate")
+                .recv_timeout(Duration::from_secs(5));
+        }
+        vec![Action::Send(a_answer(q, 300, [192, 0, 2, 1]))]
+    });
     block_on(async {
         for cache_size in [50_000, 0] {
             let r = Resolver::new(ResolverConfig {
                 cache_size,
-                ..quick(&[server.addr], 1000)
+                ..quick(&[server.addr], 5000)
             });
             let lookups = (0..50)
                 .map(|_| r.lookup("shared.script.test", QueryType::A))
                 .collect();
-            let results = join_all(lookups).await;
+            // zip polls the lookups first, then opens the gate.
+            let (results, _) = futures_lite::future::zip(join_all(lookups), async {
+                go_tx.send(()).expect("gate open");
+            })
+            .await;
             assert!(results
                 .iter()
                 .all(|r| r.as_ref().is_ok_and(|l| l.records().len() == 1)));

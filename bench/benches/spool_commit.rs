@@ -37,6 +37,7 @@ fn envelope(size: usize) -> Envelope {
         priority: 0,
         queue: "default".into(),
         hold_until_unix: 0,
+        deliver_by: None,
         schedule: Default::default(),
     }
 }

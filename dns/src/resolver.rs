@@ -230,22 +230,40 @@ impl Resolver {
     pub async fn lookup(&self, name: &str, qtype: QueryType) -> Result<Lookup, ResolveError> {
         let inner = &*self.inner;
         bump(&inner.metrics.queries);
-        let Some(key) = CacheKey::new(name, qtype) else {
-            return Err(ResolveError::InvalidName {
-                name: name.to_string(),
-                reason: "longer than 253 characters".into(),
-            });
-        };
-        let key = key.as_bytes();
-        if let Some(hit) = inner.cached(key) {
-            bump(&inner.metrics.cache_hits);
-            return Ok(hit);
+        {
+            let Some(key) = CacheKey::new(name, qtype) else {
+                return Err(ResolveError::InvalidName {
+                    name: name.to_string(),
+                    reason: "longer than 253 characters".into(),
+                });
+            };
+            if let Some(hit) = inner.cached(key.as_bytes()) {
+                bump(&inner.metrics.cache_hits);
+                return Ok(hit);
+            }
         }
         bump(&inner.metrics.cache_misses);
+        // The network path is a large state machine: boxed, so the future of a
+        // cache hit stays small and cheap to create, move and join.
+        Box::pin(inner.lookup_miss(name, qtype)).await
+    }
+}
 
+impl Inner {
+    async fn lookup_miss(&self, name: &str, qtype: QueryType) -> Result<Lookup, ResolveError> {
+        let key = match CacheKey::new(name, qtype) {
+            Some(key) => Box::<[u8]>::from(key.as_bytes()),
+            None => {
+                return Err(ResolveError::InvalidName {
+                    name: name.to_string(),
+                    reason: "longer than 253 characters".into(),
+                })
+            }
+        };
+        let key = &*key;
         loop {
             let waiter = {
-                let mut inflight = inner.inflight.borrow_mut();
+                let mut inflight = self.inflight.borrow_mut();
                 match inflight.get_mut(key) {
                     Some(waiters) => {
                         let (tx, rx) = oneshot::channel();
@@ -259,13 +277,13 @@ impl Resolver {
                 }
             };
             let Some(rx) = waiter else { break };
-            bump(&inner.metrics.inflight_joins);
+            bump(&self.metrics.inflight_joins);
             match rx.await {
                 Ok(result) => return result,
                 // The leading lookup was dropped (its caller gave up). Its answer
                 // may have reached the cache; if not, lead a lookup ourselves.
                 Err(oneshot::Canceled) => {
-                    if let Some(hit) = inner.cached(key) {
+                    if let Some(hit) = self.cached(key) {
                         return Ok(hit);
                     }
                 }
@@ -273,13 +291,13 @@ impl Resolver {
         }
 
         let leader = Leader {
-            inner,
+            inner: self,
             key,
             done: false,
         };
-        let result = inner.resolve_uncached(name, qtype).await;
+        let result = self.resolve_uncached(name, qtype).await;
         if result.is_err() {
-            bump(&inner.metrics.failures);
+            bump(&self.metrics.failures);
         }
         leader.finish(&result);
         result
@@ -732,16 +750,5 @@ mod tests {
             ResolveError::ServerFailure(ResponseCode::Refused).rank()
                 > ResolveError::Timeout.rank()
         );
-    }
-}
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn probe() {
-        let r = super::Resolver::new(crate::ResolverConfig::default());
-        let f = r.lookup("x", crate::QueryType::A);
-        eprintln!("lookup future: {} bytes", std::mem::size_of_val(&f));
-        let g = r.resolve_route("x");
-        eprintln!("route future: {} bytes", std::mem::size_of_val(&g));
     }
 }

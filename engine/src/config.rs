@@ -504,6 +504,22 @@ impl Config {
                     "auth_user and auth_password go together".into(),
                 ));
             }
+            if let Some(fallback) = &route.fallback {
+                let known =
+                    fallback == sluice_policy::DEFAULT_ROUTE || self.route.contains_key(fallback);
+                if !known || fallback == name {
+                    return Err(invalid(
+                        format!("route.{name}.fallback"),
+                        format!("`{fallback}` must name another route (or \"mx\")"),
+                    ));
+                }
+                if route.fallback_after == 0 {
+                    return Err(invalid(
+                        format!("route.{name}.fallback_after"),
+                        "must be at least 1".into(),
+                    ));
+                }
+            }
         }
         for (name, queue) in &self.queue {
             if queue.retry.is_empty() || queue.retry.iter().any(|d| d.0.is_zero()) {
@@ -711,6 +727,23 @@ mod tests {
         );
         assert_eq!(r.ip_preference, sluice_dns::IpPreference::Ipv6Only);
         assert_eq!(r.ttl.min, Duration::from_secs(10));
+
+        // No servers: the resolv.conf given (the relay passes /etc/resolv.conf).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let resolv = dir.path().join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 192.0.2.53\n").expect("write");
+        let r = Config::default()
+            .dns
+            .resolver_config(&resolv)
+            .expect("resolv.conf read");
+        assert_eq!(
+            r.servers,
+            vec!["192.0.2.53:53".parse::<SocketAddr>().unwrap()]
+        );
+        assert!(Config::default()
+            .dns
+            .resolver_config(std::path::Path::new("/nonexistent"))
+            .is_err());
 
         let err = Config::load("t", "[dns]\nservers = [\"127.0.0.1\"]\n", &[])
             .unwrap_err()

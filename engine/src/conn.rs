@@ -70,6 +70,9 @@ pub struct CoreContext {
     pub spool: Arc<Spool>,
     /// None when delivery is disabled (accept and queue only).
     pub delivery: Option<Rc<crate::delivery::CoreDelivery>>,
+    /// Queue choice and quotas, checked by sessions at RCPT and DATA; this core
+    /// counts what it stores.
+    pub queues: Arc<crate::delivery::quota::QueueAdmission>,
     pub ids: Rc<IdGenerator>,
     pub credentials: Arc<Credentials>,
     pub shutdown: Arc<event_listener::Event>,
@@ -302,6 +305,7 @@ async fn serve(
             tls: tls_info,
         },
     );
+    session.set_queue_admission(ctx.queues.clone());
     tracing::debug!(client_ip = %peer.ip(), listener = %listener.name, core = ctx.core, "connected");
     session.greeting();
 
@@ -352,7 +356,11 @@ async fn serve(
                     let Submission { id, envelope, body } = *submission;
                     let summary = server::TxSummary::of(&envelope);
                     let for_delivery = ctx.delivery.as_ref().map(|_| envelope.clone());
+                    let (queue, size) = (envelope.queue.clone(), envelope.size);
                     let result = ctx.spool.store(ctx.core, id, envelope, body).await;
+                    if result.is_ok() {
+                        ctx.queues.stats.add(usize::from(ctx.core), &queue, size);
+                    }
                     if let (Ok(()), Some(d), Some(env)) = (&result, &ctx.delivery, for_delivery) {
                         d.accepted(id, env);
                     }

@@ -677,6 +677,7 @@ line two\r\n";
             priority: 0,
             queue: "default".into(),
             hold_until_unix: 0,
+            deliver_by: None,
             schedule: Schedule::default(),
         }
     }

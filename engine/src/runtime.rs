@@ -18,6 +18,7 @@ use sluice_spool::{IdGenerator, Spool, SpoolConfig};
 use crate::config::{Config, TlsMode};
 use crate::conn::{self, CoreContext, ListenerShared};
 use crate::delivery::outbound::OutboundTlsConfig;
+use crate::delivery::quota::{QueueAdmission, QueueStats};
 use crate::delivery::{CoreDelivery, DeliveryShared, MeshMsg};
 use crate::smtp::server::SessionConfig;
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
@@ -81,6 +82,19 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
+    // Rules pick each message's queue (at RCPT, for quotas) and each
+    // recipient's route (at delivery); one compiled set serves both.
+    let rules = Arc::new(config.rule_set()?);
+    let queue_stats = Arc::new(QueueStats::new(
+        config.queue.keys().map(String::as_str),
+        cores,
+    ));
+    let admission = Arc::new(QueueAdmission::new(
+        rules.clone(),
+        &config.queue,
+        queue_stats.clone(),
+    ));
+
     let delivery = if config.delivery.enabled {
         let resolver = config
             .dns
@@ -97,7 +111,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 .unwrap_or_else(|| config.server.hostname.clone()),
             tls: OutboundTlsConfig::new().context("outbound TLS setup")?,
             dns: resolver,
-            rules: config.rule_set()?,
+            rules: rules.clone(),
+            queue_stats: queue_stats.clone(),
         }))
     } else {
         None
@@ -122,6 +137,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         let ready = ready_tx.clone();
         let delivery = delivery.clone();
         let mesh = mesh.clone();
+        let admission = admission.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(core % cpus))
             .name(&format!("sluice-core-{core}"))
             .io_memory(config.server.io_memory.0 as usize)
@@ -132,6 +148,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     cores,
                     delivery,
                     mesh,
+                    admission,
                     spool,
                     listeners,
                     credentials,
@@ -198,6 +215,7 @@ async fn core_main(
     cores: usize,
     delivery: Option<Arc<DeliveryShared>>,
     mesh: MeshBuilder<MeshMsg, Full>,
+    admission: Arc<QueueAdmission>,
     spool: Arc<Spool>,
     listeners: Vec<(Arc<ListenerShared>, std::net::SocketAddr)>,
     credentials: Arc<Credentials>,
@@ -225,12 +243,25 @@ async fn core_main(
             tracing::info!(core, scheduled, "delivery started");
             Some(d)
         }
-        None => None,
+        None => {
+            // No delivery to recover the schedule, but the queue quotas still
+            // need what is queued: count this core's shards.
+            for shard in (0..spool.shard_count()).filter(|s| *s as usize % cores == core as usize) {
+                spool
+                    .list_shard(shard, |_, env| {
+                        admission.stats.add(core as usize, &env.queue, env.size);
+                        true
+                    })
+                    .map_err(|e| anyhow!("core {core}: counting queued mail: {e}"))?;
+            }
+            None
+        }
     };
     let ctx = Rc::new(CoreContext {
         core,
         spool,
         delivery,
+        queues: admission,
         ids,
         credentials,
         shutdown: shutdown.clone(),

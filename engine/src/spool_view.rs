@@ -11,9 +11,44 @@ fn open(path: &Path) -> anyhow::Result<Spool> {
 }
 
 fn arrival(env: &Envelope) -> String {
-    chrono::DateTime::from_timestamp_millis(env.arrival_unix_ms as i64)
+    time_ms(env.arrival_unix_ms)
+}
+
+fn time_ms(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms as i64)
         .map(|d| d.format("%Y-%m-%d %H:%M:%S").to_string())
         .unwrap_or_default()
+}
+
+/// When the scheduler will next look at the message: "now" when due (or never
+/// tried), else the time (UTC). A FUTURERELEASE hold or an earlier DELIVERBY
+/// deadline counts.
+fn next_attempt(env: &Envelope, now_ms: u64) -> String {
+    let due = crate::delivery::timing::wake_time(env, now_ms);
+    if due <= now_ms {
+        "now".into()
+    } else {
+        time_ms(due)
+    }
+}
+
+/// The last error of a recipient still being tried or given up on.
+fn last_error(s: &RecipientStatus) -> Option<&str> {
+    match s {
+        RecipientStatus::Deferred { reply, .. } | RecipientStatus::Failed { reply } => {
+            Some(reply.as_str())
+        }
+        _ => None,
+    }
+}
+
+fn state(s: &RecipientStatus) -> &'static str {
+    match s {
+        RecipientStatus::Pending => "pending",
+        RecipientStatus::Delivered { .. } => "delivered",
+        RecipientStatus::Deferred { .. } => "deferred",
+        RecipientStatus::Failed { .. } => "failed",
+    }
 }
 
 fn status(s: &RecipientStatus) -> String {
@@ -45,31 +80,10 @@ pub fn list(path: &Path, json: bool, out: &mut impl Write) -> anyhow::Result<()>
     let spool = open(path)?;
     let mut result = Ok(());
     let mut count = 0u64;
+    let now = crate::delivery::now_ms();
     spool.list(|id, env| {
         count += 1;
-        let line = if json {
-            serde_json::json!({
-                "id": id.to_string(),
-                "size": env.size,
-                "arrival": arrival(env),
-                "sender": env.sender,
-                "recipients": env.recipients.iter().map(|r| r.address.clone()).collect::<Vec<_>>(),
-                "queue": env.queue,
-            })
-            .to_string()
-                + "\n"
-        } else {
-            let mut s = format!(
-                "{id}  {:>9}  {}  <{}>\n",
-                env.size,
-                arrival(env),
-                env.sender
-            );
-            for r in &env.recipients {
-                s.push_str(&format!("        <{}>  {}\n", r.address, status(&r.status)));
-            }
-            s
-        };
+        let line = list_entry(id, env, json, now);
         result = out.write_all(line.as_bytes());
         result.is_ok()
     })?;
@@ -78,6 +92,59 @@ pub fn list(path: &Path, json: bool, out: &mut impl Write) -> anyhow::Result<()>
         writeln!(out, "-- {count} message(s)")?;
     }
     Ok(())
+}
+
+/// One message in `sluice spool list`: like postqueue -p, with the queue, the
+/// attempt count and next attempt, and each recipient's state and last error.
+fn list_entry(id: MessageId, env: &Envelope, json: bool, now_ms: u64) -> String {
+    if json {
+        // "recipients" stays a list of addresses (tools read it); the
+        // per-recipient state is in "recipient_status", in the same order.
+        let status: Vec<serde_json::Value> = env
+            .recipients
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "address": r.address,
+                    "status": state(&r.status),
+                    "attempts": match &r.status {
+                        RecipientStatus::Deferred { attempts, .. } => *attempts,
+                        _ => 0,
+                    },
+                    "last_error": last_error(&r.status),
+                })
+            })
+            .collect();
+        return serde_json::json!({
+            "id": id.to_string(),
+            "size": env.size,
+            "arrival": arrival(env),
+            "sender": env.sender,
+            "recipients": env.recipients.iter().map(|r| r.address.as_str()).collect::<Vec<_>>(),
+            "recipient_status": status,
+            "queue": env.queue,
+            "priority": env.priority,
+            "attempts": env.schedule.attempts,
+            "next_attempt": next_attempt(env, now_ms),
+            "hold_until": (env.hold_until_unix > 0).then(|| time_ms(env.hold_until_unix * 1000)),
+            "deliver_by": env.deliver_by.map(|b| time_ms(b.deadline_unix_ms)),
+        })
+        .to_string()
+            + "\n";
+    }
+    let mut s = format!(
+        "{id}  {:>9}  {}  <{}>\n        queue {}  attempts {}  next attempt {}\n",
+        env.size,
+        arrival(env),
+        env.sender,
+        env.queue,
+        env.schedule.attempts,
+        next_attempt(env, now_ms),
+    );
+    for r in &env.recipients {
+        s.push_str(&format!("        <{}>  {}\n", r.address, status(&r.status)));
+    }
+    s
 }
 
 pub fn show(path: &Path, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
@@ -119,6 +186,26 @@ pub fn show(path: &Path, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
     writeln!(out, "size: {}", env.size)?;
     writeln!(out, "priority: {}", env.priority)?;
     writeln!(out, "queue: {}", env.queue)?;
+    if env.hold_until_unix > 0 {
+        writeln!(out, "hold_until: {}", time_ms(env.hold_until_unix * 1000))?;
+    }
+    if let Some(by) = env.deliver_by {
+        writeln!(
+            out,
+            "deliver_by: {} (BY={};{:?}{})",
+            time_ms(by.deadline_unix_ms),
+            by.by_secs,
+            by.mode,
+            if by.trace { ", trace" } else { "" }
+        )?;
+    }
+    writeln!(out, "attempts: {}", env.schedule.attempts)?;
+    writeln!(
+        out,
+        "next_attempt: {}",
+        next_attempt(&env, crate::delivery::now_ms())
+    )?;
+    writeln!(out, "delay_notices: {}", env.schedule.delay_notices)?;
     writeln!(out, "*** MESSAGE CONTENTS ***")?;
     spool.with_body(id, |body| out.write_all(body))??;
     Ok(())
@@ -147,4 +234,114 @@ pub fn stats(path: &Path, out: &mut impl Write) -> anyhow::Result<()> {
     writeln!(out, "commits {}", s.commits)?;
     writeln!(out, "queued {}", spool.count()?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_spool::{BodyType, Recipient, Schedule};
+
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn env() -> Envelope {
+        let rcpt = |address: &str, status| Recipient {
+            address: address.into(),
+            orcpt: None,
+            notify: Notify::default(),
+            status,
+            local: false,
+        };
+        Envelope {
+            sender: "a@example.org".into(),
+            recipients: vec![
+                rcpt(
+                    "b@example.net",
+                    RecipientStatus::Deferred {
+                        reply: "451 4.4.1 mx.example.net [192.0.2.9]: connection refused".into(),
+                        attempts: 3,
+                    },
+                ),
+                rcpt(
+                    "c@example.net",
+                    RecipientStatus::Delivered {
+                        reply: "250 2.0.0 ok".into(),
+                    },
+                ),
+                rcpt(
+                    "d@example.net",
+                    RecipientStatus::Failed {
+                        reply: "550 5.1.1 no such user".into(),
+                    },
+                ),
+            ],
+            ret: None,
+            envid: None,
+            body_type: BodyType::SevenBit,
+            smtputf8: false,
+            arrival_unix_ms: NOW - 600_000,
+            listener: "smtp".into(),
+            client_ip: "192.0.2.1".into(),
+            helo: "c".into(),
+            auth_user: None,
+            tls: None,
+            size: 1234,
+            priority: 0,
+            queue: "bulk".into(),
+            hold_until_unix: 0,
+            deliver_by: None,
+            schedule: Schedule {
+                attempts: 3,
+                next_attempt_unix_ms: NOW + 300_000,
+                delay_notices: 0,
+                deliver_by_notified: false,
+            },
+        }
+    }
+
+    #[test]
+    fn list_shows_attempts_next_attempt_and_last_errors() {
+        let id = MessageId(0x0123_4567_89ab_cdef);
+        let text = list_entry(id, &env(), false, NOW);
+        assert!(text.starts_with("0123456789ABCDEF"), "{text}");
+        assert!(
+            text.contains("queue bulk  attempts 3  next attempt 2027-01-15 08:05:00"),
+            "{text}"
+        );
+        assert!(
+            text.contains("<b@example.net>  deferred (3 attempts): 451 4.4.1 mx.example.net [192.0.2.9]: connection refused"),
+            "{text}"
+        );
+        assert!(
+            text.contains("<d@example.net>  failed: 550 5.1.1 no such user"),
+            "{text}"
+        );
+
+        let json: serde_json::Value =
+            serde_json::from_str(&list_entry(id, &env(), true, NOW)).expect("json");
+        assert_eq!(json["attempts"], 3);
+        assert_eq!(json["queue"], "bulk");
+        assert_eq!(json["next_attempt"], "2027-01-15 08:05:00");
+        assert_eq!(json["recipients"][0], "b@example.net");
+        let st = &json["recipient_status"];
+        assert_eq!(st[0]["address"], "b@example.net");
+        assert_eq!(st[0]["status"], "deferred");
+        assert_eq!(st[0]["attempts"], 3);
+        assert_eq!(
+            st[0]["last_error"],
+            "451 4.4.1 mx.example.net [192.0.2.9]: connection refused"
+        );
+        assert_eq!(st[1]["status"], "delivered");
+        assert_eq!(st[1]["last_error"], serde_json::Value::Null);
+        assert_eq!(st[2]["last_error"], "550 5.1.1 no such user");
+    }
+
+    #[test]
+    fn next_attempt_is_now_when_due_and_honours_holds() {
+        let mut e = env();
+        e.schedule.next_attempt_unix_ms = 0;
+        assert_eq!(next_attempt(&e, NOW), "now");
+        e.hold_until_unix = NOW / 1000 + 3600;
+        assert_eq!(next_attempt(&e, NOW), time_ms(NOW + 3_600_000));
+    }
 }

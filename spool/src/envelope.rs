@@ -3,7 +3,10 @@ use serde::{Deserialize, Serialize};
 use crate::{MessageId, SpoolError};
 
 /// Leading byte of every stored envelope, so the format can change later.
-const ENVELOPE_VERSION: u8 = 2;
+/// 3 added `deliver_by` and `Schedule::deliver_by_notified`; version 2 envelopes
+/// (written by earlier releases) still decode, with those fields empty.
+const ENVELOPE_VERSION: u8 = 3;
+const ENVELOPE_V2: u8 = 2;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -29,10 +32,33 @@ pub struct Envelope {
     pub priority: i16,
     /// Virtual queue name.
     pub queue: String,
-    /// FUTURERELEASE, 0 = none.
+    /// FUTURERELEASE (RFC 4865): unix seconds before which no attempt is made;
+    /// 0 = none. HOLDFOR is stored converted to this absolute time.
     pub hold_until_unix: u64,
+    /// DELIVERBY (RFC 2852), when the client asked for it.
+    pub deliver_by: Option<DeliverBy>,
     /// Delivery bookkeeping, persisted with each attempt's outcome.
     pub schedule: Schedule,
+}
+
+/// A DELIVERBY request: what to do when the deadline passes undelivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliverBy {
+    /// Unix ms by which the message should be delivered (arrival + by-time).
+    pub deadline_unix_ms: u64,
+    /// The by-time as the client gave it (seconds, may be negative in N mode).
+    pub by_secs: i64,
+    pub mode: DeliverByMode,
+    /// The T (trace) flag.
+    pub trace: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DeliverByMode {
+    /// R: return the message (fail it, DSN 5.4.7) when the deadline passes.
+    Return,
+    /// N: send a delay notice when the deadline passes and keep trying.
+    Notify,
 }
 
 /// When the message is next due and how it has fared so far. Recipients still
@@ -45,6 +71,8 @@ pub struct Schedule {
     pub next_attempt_unix_ms: u64,
     /// Delay notices already sent (index into the queue's notify schedule).
     pub delay_notices: u8,
+    /// The DELIVERBY (N mode) delay notice was sent.
+    pub deliver_by_notified: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -116,13 +144,164 @@ impl Envelope {
     }
 
     pub(crate) fn decode(id: MessageId, bytes: &[u8]) -> Result<Envelope, SpoolError> {
+        let corrupt = |e: postcard::Error| SpoolError::Corrupt(format!("envelope {id}: {e}"));
         match bytes.split_first() {
-            Some((&ENVELOPE_VERSION, rest)) => postcard::from_bytes(rest)
-                .map_err(|e| SpoolError::Corrupt(format!("envelope {id}: {e}"))),
+            Some((&ENVELOPE_VERSION, rest)) => postcard::from_bytes(rest).map_err(corrupt),
+            Some((&ENVELOPE_V2, rest)) => postcard::from_bytes::<v2::Envelope>(rest)
+                .map(Envelope::from)
+                .map_err(corrupt),
             Some((v, _)) => Err(SpoolError::Corrupt(format!(
                 "envelope {id}: unknown version {v}"
             ))),
             None => Err(SpoolError::Corrupt(format!("envelope {id}: empty"))),
+        }
+    }
+}
+
+/// The version 2 layout, decoded and converted so spools written before version 3
+/// keep working. Postcard is not self-describing: the field order is the format.
+mod v2 {
+    use serde::Deserialize;
+
+    use super::{BodyType, Recipient, Ret};
+
+    #[derive(Deserialize)]
+    pub(super) struct Envelope {
+        sender: String,
+        recipients: Vec<Recipient>,
+        ret: Option<Ret>,
+        envid: Option<String>,
+        body_type: BodyType,
+        smtputf8: bool,
+        arrival_unix_ms: u64,
+        listener: String,
+        client_ip: String,
+        helo: String,
+        auth_user: Option<String>,
+        tls: Option<String>,
+        size: u64,
+        priority: i16,
+        queue: String,
+        hold_until_unix: u64,
+        schedule: Schedule,
+    }
+
+    #[derive(Deserialize)]
+    struct Schedule {
+        attempts: u32,
+        next_attempt_unix_ms: u64,
+        delay_notices: u8,
+    }
+
+    impl From<Envelope> for super::Envelope {
+        fn from(e: Envelope) -> super::Envelope {
+            super::Envelope {
+                sender: e.sender,
+                recipients: e.recipients,
+                ret: e.ret,
+                envid: e.envid,
+                body_type: e.body_type,
+                smtputf8: e.smtputf8,
+                arrival_unix_ms: e.arrival_unix_ms,
+                listener: e.listener,
+                client_ip: e.client_ip,
+                helo: e.helo,
+                auth_user: e.auth_user,
+                tls: e.tls,
+                size: e.size,
+                priority: e.priority,
+                queue: e.queue,
+                hold_until_unix: e.hold_until_unix,
+                deliver_by: None,
+                schedule: super::Schedule {
+                    attempts: e.schedule.attempts,
+                    next_attempt_unix_ms: e.schedule.next_attempt_unix_ms,
+                    delay_notices: e.schedule.delay_notices,
+                    deliver_by_notified: false,
+                },
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use serde::Serialize;
+
+        use super::super::*;
+
+        /// The version 2 layout as written by earlier releases.
+        #[derive(Serialize)]
+        struct OldEnvelope<'a> {
+            sender: &'a str,
+            recipients: Vec<Recipient>,
+            ret: Option<Ret>,
+            envid: Option<&'a str>,
+            body_type: BodyType,
+            smtputf8: bool,
+            arrival_unix_ms: u64,
+            listener: &'a str,
+            client_ip: &'a str,
+            helo: &'a str,
+            auth_user: Option<&'a str>,
+            tls: Option<&'a str>,
+            size: u64,
+            priority: i16,
+            queue: &'a str,
+            hold_until_unix: u64,
+            schedule: (u32, u64, u8),
+        }
+
+        #[test]
+        fn version_2_envelopes_still_decode() {
+            let old = OldEnvelope {
+                sender: "a@example.org",
+                recipients: vec![Recipient {
+                    address: "b@example.net".into(),
+                    orcpt: None,
+                    notify: Notify::SUCCESS,
+                    status: RecipientStatus::Deferred {
+                        reply: "451 4.0.0 later".into(),
+                        attempts: 3,
+                    },
+                    local: false,
+                }],
+                ret: Some(Ret::Full),
+                envid: Some("e1"),
+                body_type: BodyType::SevenBit,
+                smtputf8: false,
+                arrival_unix_ms: 1_700_000_000_000,
+                listener: "smtp",
+                client_ip: "192.0.2.1",
+                helo: "c.example.org",
+                auth_user: Some("alice"),
+                tls: None,
+                size: 123,
+                priority: 4,
+                queue: "bulk",
+                hold_until_unix: 1_700_000_100,
+                schedule: (3, 1_700_000_200_000, 1),
+            };
+            let bytes = postcard::to_extend(&old, vec![2u8]).expect("encode v2");
+            let id = MessageId(1);
+            let env = Envelope::decode(id, &bytes).expect("v2 decodes");
+            assert_eq!(env.sender, "a@example.org");
+            assert_eq!(env.queue, "bulk");
+            assert_eq!(env.priority, 4);
+            assert_eq!(env.hold_until_unix, 1_700_000_100);
+            assert_eq!(env.deliver_by, None);
+            assert_eq!(
+                env.schedule,
+                Schedule {
+                    attempts: 3,
+                    next_attempt_unix_ms: 1_700_000_200_000,
+                    delay_notices: 1,
+                    deliver_by_notified: false,
+                }
+            );
+            // Written back, it is version 3 and round-trips.
+            let new = env.encode().expect("encode");
+            assert_eq!(new[0], ENVELOPE_VERSION);
+            assert_eq!(Envelope::decode(id, &new).expect("v3"), env);
         }
     }
 }

@@ -11,7 +11,9 @@ mod id;
 mod spool;
 mod writer;
 
-pub use envelope::{BodyType, Envelope, Notify, Recipient, RecipientStatus, Ret, Schedule};
+pub use envelope::{
+    BodyType, DeliverBy, DeliverByMode, Envelope, Notify, Recipient, RecipientStatus, Ret, Schedule,
+};
 pub use error::SpoolError;
 pub use id::{IdGenerator, MessageId};
 pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};

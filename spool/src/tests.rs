@@ -51,6 +51,7 @@ fn envelope(size: usize) -> Envelope {
         priority: -3,
         queue: "default".into(),
         hold_until_unix: 0,
+        deliver_by: None,
         schedule: Default::default(),
     }
 }

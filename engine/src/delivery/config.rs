@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
+use sluice_policy::Rate;
 
 use crate::config::{ByteSize, HumanDuration};
 
@@ -44,6 +45,10 @@ pub struct DeliverySection {
     pub idle_timeout: HumanDuration,
     /// Recipients per SMTP transaction; more are split over transactions.
     pub max_recipients_per_transaction: usize,
+    /// Concurrent connections to one destination host (MX host name, or a
+    /// route's host), whatever sites share it; 0 = no limit. Exact across cores:
+    /// each host is owned by one core, which hands out the slots.
+    pub max_connections_per_host: usize,
 }
 
 impl Default for DeliverySection {
@@ -64,6 +69,7 @@ impl Default for DeliverySection {
             data_end_timeout: secs(600),
             idle_timeout: secs(5),
             max_recipients_per_transaction: 100,
+            max_connections_per_host: 0,
         }
     }
 }
@@ -81,6 +87,9 @@ pub struct QueueConfig {
     pub max_messages: u64,
     /// Quota: most bytes queued (0 = no limit); beyond → 452 4.3.1.
     pub max_bytes: ByteSize,
+    /// Messages dispatched per period from this queue, e.g. ["100/s", "10000/h"];
+    /// empty = no limit. A message over the rate waits (it is not failed).
+    pub message_rate: Vec<Rate>,
 }
 
 impl Default for QueueConfig {
@@ -92,6 +101,7 @@ impl Default for QueueConfig {
             expire: m(5 * 24 * 60),
             max_messages: 0,
             max_bytes: ByteSize(0),
+            message_rate: Vec::new(),
         }
     }
 }
@@ -133,6 +143,16 @@ pub struct RouteConfig {
     pub tls: Option<OutboundTls>,
     pub auth_user: Option<String>,
     pub auth_password: Option<String>,
+    /// Route a recipient takes instead once it has been deferred
+    /// `fallback_after` times on this one (one level: the fallback's own
+    /// fallback is not followed).
+    pub fallback: Option<String>,
+    #[serde(default = "default_fallback_after")]
+    pub fallback_after: u32,
+}
+
+fn default_fallback_after() -> u32 {
+    3
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,6 +162,10 @@ pub struct DestinationConfig {
     pub max_connections: usize,
     /// Messages sent over one connection before it is closed.
     pub max_messages_per_connection: usize,
+    /// New connections per period, e.g. ["10/s", "1000/h"]; empty = no limit.
+    pub connection_rate: Vec<Rate>,
+    /// Messages (transactions) per period over all connections to the site.
+    pub message_rate: Vec<Rate>,
 }
 
 impl Default for DestinationConfig {
@@ -149,6 +173,8 @@ impl Default for DestinationConfig {
         DestinationConfig {
             max_connections: 16,
             max_messages_per_connection: 100,
+            connection_rate: Vec::new(),
+            message_rate: Vec::new(),
         }
     }
 }
@@ -165,6 +191,19 @@ pub struct DeliveryConfig {
 impl DeliveryConfig {
     pub fn queue(&self, name: &str) -> QueueConfig {
         self.queues.get(name).cloned().unwrap_or_default()
+    }
+
+    /// The route a recipient takes after `deferrals` deferred attempts: the named
+    /// route, or its fallback once `fallback_after` attempts were deferred.
+    pub fn effective_route<'a>(&'a self, name: &'a str, deferrals: u32) -> &'a str {
+        match self.routes.get(name) {
+            Some(RouteConfig {
+                fallback: Some(fallback),
+                fallback_after,
+                ..
+            }) if deferrals >= *fallback_after => fallback,
+            _ => name,
+        }
     }
 
     /// Settings for a site: `[destination."example.com"]` or `[destination.default]`.

@@ -7,11 +7,17 @@
 //!   the destination sites, merges their results into the envelope, persists it
 //!   (through the shard's writer, group-committed), schedules retries, expires,
 //!   sends DSNs and removes finished messages. Only this core writes the message.
+//!   It also applies the per-queue message rate at dispatch and the FUTURERELEASE
+//!   and DELIVERBY times of the message.
 //! * **Site owner.** Every destination site (an MX domain, or a configured route's
-//!   host) hashes to exactly one core, which holds its ready queue, its connection
-//!   count and its idle connections. Limits per site therefore hold across all
-//!   cores without locks, and connections are reused for every message to that
-//!   site whatever core accepted it.
+//!   host, per source IP and EHLO name) hashes to exactly one core, which holds its
+//!   ready queue, its connection count, its rate limiters and its idle
+//!   connections. Limits per site therefore hold across all cores without locks,
+//!   and connections are reused for every message to that site whatever core
+//!   accepted it.
+//! * **Host owner.** With `delivery.max_connections_per_host`, every destination
+//!   host also hashes to one core, which hands out its connection slots over the
+//!   mesh (several sites may share a host), so that limit is exact too.
 //!
 //! Jobs and results travel between cores over a glommio channel mesh by value
 //! (envelope facts + message id); the site owner reads the body from the shard's
@@ -19,6 +25,9 @@
 
 pub mod config;
 pub mod outbound;
+pub mod quota;
+pub mod throttle;
+pub mod timing;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
@@ -27,13 +36,19 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_channel::oneshot;
 use glommio::channels::channel_mesh::{Receivers, Senders};
 use glommio::timer::Timer;
 use sluice_dns::{QueryType, Record, Resolver, RouteError};
+use sluice_policy::MultiLimiter;
 use sluice_spool::{Envelope, IdGenerator, MessageId, Notify, RecipientStatus, Ret, Spool};
 
 use self::config::{DeliveryConfig, OutboundTls, RouteConfig, RouteKind};
 use self::outbound::{Connection, Endpoint, OutboundTlsConfig, SessionFailure};
+use self::quota::QueueStats;
+use self::throttle::{HostTable, SiteThrottle, Waiter};
+use self::timing::ByState;
+use crate::dsn::{DsnAction, DsnKind};
 use crate::smtp::client::{OutboundMessage, OutboundRecipient, Reply};
 
 /// Everything all cores share about delivery.
@@ -44,14 +59,20 @@ pub struct DeliveryShared {
     pub ehlo_name: String,
     pub tls: OutboundTlsConfig,
     pub dns: sluice_dns::ResolverConfig,
-    pub rules: sluice_policy::RuleSet,
+    pub rules: Arc<sluice_policy::RuleSet>,
+    /// Per-queue message and byte counts (quotas), updated by shard owners.
+    pub queue_stats: Arc<QueueStats>,
 }
 
 /// Where a group of recipients goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// The recipient domain's MX hosts.
-    Mx { domain: String, port: u16 },
+    Mx {
+        domain: String,
+        port: u16,
+        tls: OutboundTls,
+    },
     /// A configured host (smart host or local store).
     Host {
         route: String,
@@ -64,12 +85,38 @@ pub enum Target {
 }
 
 impl Target {
-    fn site(&self) -> String {
+    /// The destination's name: the domain, or "route:NAME". `[destination.*]`
+    /// settings are looked up by it.
+    fn destination(&self) -> String {
         match self {
             Target::Mx { domain, .. } => domain.clone(),
             Target::Host { route, .. } => format!("route:{route}"),
         }
     }
+}
+
+/// How connections are made (rules' `source_ip` and `ehlo_name`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Strategy {
+    pub source_ip: Option<IpAddr>,
+    pub ehlo_name: Option<String>,
+}
+
+/// The site key: destination plus connection strategy, since a connection from
+/// one source address cannot carry mail meant to leave from another.
+fn site_key(target: &Target, strategy: &Strategy) -> String {
+    let base = target.destination();
+    if strategy.source_ip.is_none() && strategy.ehlo_name.is_none() {
+        return base;
+    }
+    format!(
+        "{base}|{}|{}",
+        strategy
+            .source_ip
+            .map(|ip| ip.to_string())
+            .unwrap_or_default(),
+        strategy.ehlo_name.as_deref().unwrap_or("")
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +134,11 @@ pub struct Job {
     /// Mesh peer to send the result to (the shard owner).
     pub reply_to: usize,
     pub target: Target,
+    pub strategy: Strategy,
+    /// Route name that chose the target (after any fallback), for the log.
+    pub route: String,
+    /// Virtual queue of the message, for the log.
+    pub queue: String,
     pub recipients: Vec<JobRecipient>,
     pub sender: String,
     pub priority: i16,
@@ -123,28 +175,67 @@ pub struct JobResult {
     pub outcomes: Vec<(u16, Outcome)>,
     /// For DSNs: "dns; mx.example.com" of the host that answered, if any.
     pub remote_mta: Option<String>,
+    /// The next hop offered DSN (NOTIFY was passed on with each RCPT).
+    pub peer_dsn: bool,
+    /// The next hop was an LMTP store (final delivery).
+    pub lmtp: bool,
 }
 
 #[derive(Debug)]
 pub enum MeshMsg {
     Job(Box<Job>),
     Result(JobResult),
+    /// To a host's owner: a connection slot for `host`, answered by HostGrant.
+    HostAcquire {
+        host: String,
+        from: usize,
+        req: u64,
+    },
+    /// From a host's owner: request `req` holds a slot now.
+    HostGrant {
+        req: u64,
+    },
+    /// To a host's owner: a slot of `host` is given back.
+    HostRelease {
+        host: String,
+    },
 }
 
 /// A message with jobs out, waiting for their results (shard-owner side).
 struct Attempt {
     envelope: Envelope,
     outstanding: usize,
+    /// False when no job went out (deadline handling, nothing open).
+    attempted: bool,
     remote_mta: Option<String>,
     /// Recipients that failed permanently in this attempt (each is notified once).
     newly_failed: Vec<usize>,
+    /// Recipients delivered to a next hop that could not take over their
+    /// NOTIFY=SUCCESS: (index, action) of the success notice we owe.
+    success: Vec<(usize, DsnAction)>,
 }
 
-/// Site-owner side: one destination.
+impl Attempt {
+    fn new(envelope: Envelope, outstanding: usize, attempted: bool) -> Attempt {
+        Attempt {
+            envelope,
+            outstanding,
+            attempted,
+            remote_mta: None,
+            newly_failed: Vec::new(),
+            success: Vec::new(),
+        }
+    }
+}
+
+/// Site-owner side: one destination (per connection strategy).
 struct Site {
+    key: String,
     target: Target,
+    strategy: Strategy,
     max_connections: usize,
     max_per_connection: usize,
+    throttle: RefCell<SiteThrottle>,
     queue: RefCell<BinaryHeap<Queued>>,
     active: Cell<usize>,
     idle: Cell<usize>,
@@ -185,7 +276,7 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// FNV-1a: a stable hash so every core maps a site to the same owner.
+/// FNV-1a: a stable hash so every core maps a site (or host) to the same owner.
 fn site_owner(site: &str, peers: usize) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in site.bytes() {
@@ -195,9 +286,38 @@ fn site_owner(site: &str, peers: usize) -> usize {
     (h % peers.max(1) as u64) as usize
 }
 
+/// A connection slot on a destination host; given back to the host's owner
+/// when dropped.
+struct HostSlot {
+    host: String,
+    core: Rc<CoreDelivery>,
+}
+
+impl Drop for HostSlot {
+    fn drop(&mut self) {
+        let host = std::mem::take(&mut self.host);
+        self.core.release_host(host);
+    }
+}
+
+/// An open connection and the host slot it holds.
+struct Open {
+    conn: Connection,
+    _slot: Option<HostSlot>,
+}
+
+/// What a success/failure/delay notice says about one recipient.
+struct Notice {
+    index: usize,
+    action: DsnAction,
+    /// Enhanced status to report instead of the one in the recipient's reply.
+    status: Option<&'static str>,
+}
+
 /// Delivery state of one core.
 pub struct CoreDelivery {
     core: u16,
+    cores: usize,
     shared: Arc<DeliveryShared>,
     ids: Rc<IdGenerator>,
     senders: Senders<MeshMsg>,
@@ -208,6 +328,13 @@ pub struct CoreDelivery {
     sites: RefCell<HashMap<String, Rc<Site>>>,
     /// Shards this core schedules (its own, plus leftovers from runs with more cores).
     shards: Vec<u16>,
+    /// This core's share of each queue's message rate (shard-owner side).
+    queue_rates: RefCell<HashMap<String, MultiLimiter>>,
+    /// Host-owner side: slots of the hosts this core owns.
+    hosts: RefCell<HostTable>,
+    /// Requester side: host slot requests waiting for a grant.
+    host_requests: RefCell<HashMap<u64, (String, oneshot::Sender<()>)>>,
+    next_request: Cell<u64>,
 }
 
 impl CoreDelivery {
@@ -224,7 +351,9 @@ impl CoreDelivery {
             .collect();
         Rc::new(CoreDelivery {
             core,
+            cores,
             resolver: Resolver::new(shared.dns.clone()),
+            hosts: RefCell::new(HostTable::new(shared.cfg.delivery.max_connections_per_host)),
             shared,
             ids,
             senders,
@@ -233,11 +362,15 @@ impl CoreDelivery {
             timer_wake: event_listener::Event::new(),
             sites: RefCell::new(HashMap::new()),
             shards,
+            queue_rates: RefCell::new(HashMap::new()),
+            host_requests: RefCell::new(HashMap::new()),
+            next_request: Cell::new(0),
         })
     }
 
     /// Starts the mesh receivers and the timer loop, and schedules every message
-    /// of this core's shards found in the spool (recovery).
+    /// of this core's shards found in the spool (recovery), counting them in the
+    /// queue quotas.
     pub fn start(
         self: &Rc<Self>,
         mut receivers: Receivers<MeshMsg>,
@@ -246,28 +379,40 @@ impl CoreDelivery {
             let me = self.clone();
             glommio::spawn_local(async move {
                 while let Some(msg) = stream.recv().await {
-                    match msg {
-                        MeshMsg::Job(job) => me.enqueue(job),
-                        MeshMsg::Result(result) => me.on_result(result),
-                    }
+                    me.on_mesh(msg);
                 }
             })
             .detach();
         }
         let mut scheduled = 0;
+        let now = now_ms();
+        let stats = &self.shared.queue_stats;
         for &shard in &self.shards {
             let mut timers = self.timers.borrow_mut();
             self.shared.spool.list_shard(shard, |id, env| {
-                if has_pending(env) {
-                    timers.insert((env.schedule.next_attempt_unix_ms, id));
-                    scheduled += 1;
-                }
+                stats.add(self.core as usize, &env.queue, env.size);
+                // Messages with nothing open are scheduled too: the dispatch
+                // finds nothing to do and removes them.
+                timers.insert((timing::wake_time(env, now), id));
+                scheduled += 1;
                 true
             })?;
         }
         let me = self.clone();
         glommio::spawn_local(async move { me.timer_loop().await }).detach();
         Ok(scheduled)
+    }
+
+    fn on_mesh(self: &Rc<Self>, msg: MeshMsg) {
+        match msg {
+            MeshMsg::Job(job) => self.enqueue(job),
+            MeshMsg::Result(result) => self.on_result(result),
+            MeshMsg::HostAcquire { host, from, req } => {
+                self.host_acquire(host, Waiter { peer: from, req })
+            }
+            MeshMsg::HostGrant { req } => self.host_granted(req),
+            MeshMsg::HostRelease { host } => self.host_released(&host),
+        }
     }
 
     /// A message was just accepted on this core (its shard): deliver it now.
@@ -316,31 +461,79 @@ impl CoreDelivery {
         }
     }
 
+    /// This core's wait before another message of `queue` may go out; None = now
+    /// (and it is counted).
+    fn queue_rate_wait(&self, queue: &str, now: u64) -> Option<u64> {
+        let cfg = self.shared.cfg.queues.get(queue)?;
+        if cfg.message_rate.is_empty() {
+            return None;
+        }
+        let mut rates = self.queue_rates.borrow_mut();
+        let limiter = rates.entry(queue.to_string()).or_insert_with(|| {
+            MultiLimiter::new(
+                cfg.message_rate
+                    .iter()
+                    .map(|r| throttle::per_core_rate(*r, self.cores))
+                    .collect(),
+            )
+        });
+        limiter.try_acquire(now).err()
+    }
+
+    /// Settles a message without sending anything (deadline handling, or
+    /// nothing left open).
+    fn settle(self: &Rc<Self>, id: MessageId, envelope: Envelope) {
+        let me = self.clone();
+        glommio::spawn_local(
+            async move { me.finalize(id, Attempt::new(envelope, 0, false)).await },
+        )
+        .detach();
+    }
+
     /// Groups the message's open recipients by target and sends each group to the
     /// site's owner.
     fn dispatch(self: &Rc<Self>, id: MessageId, envelope: Envelope) {
         let now = now_ms();
-        if envelope.hold_until_unix * 1000 > now {
-            self.schedule(envelope.hold_until_unix * 1000, id);
+        let held = timing::held_until_ms(&envelope);
+        if held > now {
+            self.schedule(held, id);
             return;
         }
-        let mut groups: Vec<(Target, Vec<JobRecipient>)> = Vec::new();
+        // Woken for a DELIVERBY deadline before the next retry is due, or the
+        // deadline of an R-mode request has passed: no attempt now.
+        let by = timing::deliver_by_state(&envelope, now);
+        if by == ByState::Return
+            || (envelope.schedule.next_attempt_unix_ms > now && has_pending(&envelope))
+        {
+            self.settle(id, envelope);
+            return;
+        }
+        if has_pending(&envelope) {
+            if let Some(wait) = self.queue_rate_wait(&envelope.queue, now) {
+                self.schedule(now + wait, id);
+                return;
+            }
+        }
+        let mut groups: Vec<(Target, Strategy, String, Vec<JobRecipient>)> = Vec::new();
         let mut unroutable = Vec::new();
         for (i, r) in envelope.recipients.iter().enumerate() {
             if !is_open(&r.status) {
                 continue;
             }
-            match self.target_for(&envelope, &r.address, r.local) {
-                Ok(t) => {
+            match self.target_for(&envelope, r) {
+                Ok((route, t, strategy)) => {
                     let jr = JobRecipient {
                         index: i as u16,
                         address: r.address.clone(),
                         notify: notify_keywords(r.notify),
                         orcpt: r.orcpt.clone(),
                     };
-                    match groups.iter_mut().find(|(gt, _)| *gt == t) {
-                        Some((_, list)) => list.push(jr),
-                        None => groups.push((t, vec![jr])),
+                    match groups
+                        .iter_mut()
+                        .find(|(gt, gs, gr, _)| *gt == t && *gs == strategy && *gr == route)
+                    {
+                        Some((_, _, _, list)) => list.push(jr),
+                        None => groups.push((t, strategy, route, vec![jr])),
                     }
                 }
                 Err(reply) => unroutable.push((i as u16, Outcome::Failed(reply))),
@@ -355,12 +548,15 @@ impl CoreDelivery {
             .max_recipients_per_transaction
             .max(1);
         let mut jobs = Vec::new();
-        for (target, rcpts) in groups {
+        for (target, strategy, route, rcpts) in groups {
             for chunk in rcpts.chunks(per_tx) {
                 jobs.push(Box::new(Job {
                     id,
                     reply_to: me_peer,
                     target: target.clone(),
+                    strategy: strategy.clone(),
+                    route: route.clone(),
+                    queue: envelope.queue.clone(),
                     recipients: chunk.to_vec(),
                     sender: envelope.sender.clone(),
                     priority: envelope.priority,
@@ -380,34 +576,16 @@ impl CoreDelivery {
         let outstanding = jobs.len() + usize::from(!unroutable.is_empty());
         if outstanding == 0 {
             // Nothing open (e.g. recovered after its last result was persisted).
-            let me = self.clone();
-            glommio::spawn_local(async move {
-                me.finalize(
-                    id,
-                    Attempt {
-                        envelope,
-                        outstanding: 0,
-                        remote_mta: None,
-                        newly_failed: Vec::new(),
-                    },
-                )
-                .await
-            })
-            .detach();
+            self.settle(id, envelope);
             return;
         }
-        self.attempts.borrow_mut().insert(
-            id,
-            Attempt {
-                envelope,
-                outstanding,
-                remote_mta: None,
-                newly_failed: Vec::new(),
-            },
-        );
+        self.attempts
+            .borrow_mut()
+            .insert(id, Attempt::new(envelope, outstanding, true));
         for job in jobs {
-            let owner = site_owner(&job.target.site(), peers);
-            tracing::debug!(id = %id, site = %job.target.site(), owner, me = me_peer, "job dispatched");
+            let key = site_key(&job.target, &job.strategy);
+            let owner = site_owner(&key, peers);
+            tracing::debug!(id = %id, site = %key, owner, me = me_peer, "job dispatched");
             if owner == me_peer {
                 self.enqueue(job);
             } else {
@@ -427,18 +605,21 @@ impl CoreDelivery {
                 id,
                 outcomes: unroutable,
                 remote_mta: None,
+                peer_dsn: false,
+                lmtp: false,
             });
         }
     }
 
-    /// The route for one recipient: the first matching `[[rule]]` decides; local
-    /// domains go to the "local" route when one is configured.
+    /// Route, target and connection strategy for one recipient: the first
+    /// matching `[[rule]]` decides; local domains go to the "local" route when one
+    /// is configured; a route's fallback takes over after `fallback_after`
+    /// deferrals of this recipient.
     fn target_for(
         &self,
         envelope: &Envelope,
-        address: &str,
-        local: bool,
-    ) -> Result<Target, String> {
+        recipient: &sluice_spool::Recipient,
+    ) -> Result<(String, Target, Strategy), String> {
         let cfg = &self.shared.cfg;
         let client_ip = envelope
             .client_ip
@@ -452,51 +633,64 @@ impl CoreDelivery {
             priority: envelope.priority,
             size: envelope.size,
         };
-        let decision = self.shared.rules.evaluate(&facts, address, None);
+        let decision = self.shared.rules.evaluate(&facts, &recipient.address, None);
         // Without a deciding rule: local domains take the "local" route and the
         // rest the "default" route, when those are configured; else MX.
-        let route_name = match decision.rule {
+        let chosen = match decision.rule {
             Some(_) => decision.route.as_str(),
-            None if local && cfg.routes.contains_key("local") => "local",
+            None if recipient.local && cfg.routes.contains_key("local") => "local",
             None if cfg.routes.contains_key("default") => "default",
             None => decision.route.as_str(),
         };
-        match cfg.routes.get(route_name) {
+        let deferrals = match &recipient.status {
+            RecipientStatus::Deferred { attempts, .. } => *attempts,
+            _ => 0,
+        };
+        let route_name = cfg.effective_route(chosen, deferrals);
+        let strategy = Strategy {
+            source_ip: decision.source_ip,
+            ehlo_name: decision.ehlo_name.clone(),
+        };
+        let target = match cfg.routes.get(route_name) {
             Some(route) if route.kind != RouteKind::Mx => {
-                host_target(route_name, route, cfg.delivery.tls)
+                host_target(route_name, route, cfg.delivery.tls)?
             }
-            _ => {
-                let domain = address
+            route => {
+                let domain = recipient
+                    .address
                     .rsplit_once('@')
                     .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
                     .unwrap_or_default();
                 if domain.is_empty() {
                     return Err("550 5.1.2 recipient has no domain to route to".into());
                 }
-                let port = cfg
-                    .routes
-                    .get(route_name)
-                    .and_then(|r| r.port)
-                    .unwrap_or(cfg.delivery.mx_port);
-                Ok(Target::Mx { domain, port })
+                Target::Mx {
+                    domain,
+                    port: route.and_then(|r| r.port).unwrap_or(cfg.delivery.mx_port),
+                    tls: route.and_then(|r| r.tls).unwrap_or(cfg.delivery.tls),
+                }
             }
-        }
+        };
+        Ok((route_name.to_string(), target, strategy))
     }
 
     /// Site-owner side: queue a job and make sure a connection will take it.
     fn enqueue(self: &Rc<Self>, job: Box<Job>) {
-        let key = job.target.site();
+        let key = site_key(&job.target, &job.strategy);
         tracing::debug!(id = %job.id, site = %key, core = self.core, "job queued");
         let site = {
             let mut sites = self.sites.borrow_mut();
             sites
                 .entry(key.clone())
                 .or_insert_with(|| {
-                    let dest = self.shared.cfg.destination(&key);
+                    let dest = self.shared.cfg.destination(&job.target.destination());
                     Rc::new(Site {
+                        key: key.clone(),
                         target: job.target.clone(),
+                        strategy: job.strategy.clone(),
                         max_connections: dest.max_connections.max(1),
                         max_per_connection: dest.max_messages_per_connection.max(1),
+                        throttle: RefCell::new(SiteThrottle::new(&dest)),
                         queue: RefCell::new(BinaryHeap::new()),
                         active: Cell::new(0),
                         idle: Cell::new(0),
@@ -523,78 +717,104 @@ impl CoreDelivery {
     }
 
     /// One connection to a site: takes jobs off the site's queue until it is empty
-    /// (after an idle wait) or the per-connection message limit is reached.
+    /// (after an idle wait) or the per-connection message limit is reached. The
+    /// site's rate limits and the host's connection limit delay it (timer, or a
+    /// wait for a slot) rather than fail anything. A job is taken off the queue
+    /// only once the connection is open, so while this task waits for a host slot
+    /// another connection of the site can still take the job.
     async fn connection_task(self: Rc<Self>, site: Rc<Site>) {
         let cfg = &self.shared.cfg.delivery;
-        let mut conn: Option<Connection> = None;
+        let mut open: Option<Open> = None;
         let mut sent = 0usize;
         loop {
-            let next = site.queue.borrow_mut().pop();
-            let queued = match next {
-                Some(q) => q,
-                None => {
-                    let listener = site.wake.listen();
-                    if !site.queue.borrow().is_empty() {
-                        continue;
-                    }
-                    site.idle.set(site.idle.get() + 1);
-                    let woke = futures_lite::future::or(
-                        async {
-                            listener.await;
-                            true
-                        },
-                        async {
-                            Timer::new(cfg.idle_timeout.0).await;
-                            false
-                        },
-                    )
-                    .await;
-                    site.idle.set(site.idle.get() - 1);
-                    if woke {
-                        continue;
-                    }
-                    break;
+            if site.queue.borrow().is_empty() {
+                let listener = site.wake.listen();
+                if !site.queue.borrow().is_empty() {
+                    continue;
                 }
-            };
-            let job = queued.job;
-            if conn.is_none() {
-                match self.connect(&site.target).await {
-                    Ok(c) => conn = Some(c),
+                site.idle.set(site.idle.get() + 1);
+                let woke = futures_lite::future::or(
+                    async {
+                        listener.await;
+                        true
+                    },
+                    async {
+                        Timer::new(cfg.idle_timeout.0).await;
+                        false
+                    },
+                )
+                .await;
+                site.idle.set(site.idle.get() - 1);
+                if woke {
+                    continue;
+                }
+                break;
+            }
+            if open.is_none() {
+                // The site's connection rate.
+                let wait = site.throttle.borrow_mut().connection_wait(now_ms());
+                if let Some(wait) = wait {
+                    tracing::debug!(site = %site.key, wait_ms = wait.as_millis() as u64, "site connection rate: waiting");
+                    Timer::new(wait).await;
+                    continue;
+                }
+                match self.connect(&site).await {
+                    Ok(o) => {
+                        open = Some(o);
+                        sent = 0;
+                    }
                     Err(failure) => {
                         // Every job queued for this site would meet the same fate now.
-                        let mut failed = vec![job];
-                        failed.extend(site.queue.borrow_mut().drain().map(|q| q.job));
+                        let failed: Vec<Box<Job>> =
+                            site.queue.borrow_mut().drain().map(|q| q.job).collect();
                         for job in failed {
                             let result = result_for_failure(&job, &failure);
                             self.log_attempt(&job, None, &result);
                             self.report(&job, result);
                         }
-                        continue;
                     }
                 }
+                // The queue may have changed while connecting: look again.
+                continue;
             }
-            let Some(c) = conn.as_mut() else { continue };
-            let result = self.deliver(c, &job).await;
+            // The site's message rate.
+            let wait = site.throttle.borrow_mut().message_wait(now_ms());
+            if let Some(wait) = wait {
+                if wait > cfg.idle_timeout.0 {
+                    // Do not keep an idle connection (and its host slot) through a
+                    // long wait.
+                    if let Some(o) = open.take() {
+                        o.conn.quit().await;
+                    }
+                }
+                tracing::debug!(site = %site.key, wait_ms = wait.as_millis() as u64, "site message rate: waiting");
+                Timer::new(wait).await;
+                continue;
+            }
+            let Some(queued) = site.queue.borrow_mut().pop() else {
+                continue;
+            };
+            let job = queued.job;
+            let Some(o) = open.as_mut() else { continue };
+            let result = self.deliver(&mut o.conn, &job).await;
             let broken = result.is_err();
             let result = match result {
                 Ok(r) => r,
                 Err(failure) => result_for_failure(&job, &failure),
             };
-            self.log_attempt(&job, Some(&*c), &result);
+            self.log_attempt(&job, Some(&o.conn), &result);
             self.report(&job, result);
             sent += 1;
             if broken {
-                conn = None;
-                sent = 0;
+                open = None;
             } else if sent >= site.max_per_connection {
-                if let Some(c) = conn.take() {
-                    c.quit().await;
+                if let Some(o) = open.take() {
+                    o.conn.quit().await;
                 }
-                sent = 0;
             }
         }
-        if let Some(c) = conn.take() {
-            c.quit().await;
+        if let Some(o) = open.take() {
+            o.conn.quit().await;
         }
         site.active.set(site.active.get() - 1);
         // A job may have arrived after the idle wait gave up.
@@ -605,16 +825,32 @@ impl CoreDelivery {
         }
     }
 
-    async fn connect(&self, target: &Target) -> Result<Connection, SessionFailure> {
+    /// Connects to the site's addresses in order, holding a slot of each host
+    /// while trying it when `max_connections_per_host` is set.
+    async fn connect(self: &Rc<Self>, site: &Site) -> Result<Open, SessionFailure> {
         let cfg = &self.shared.cfg.delivery;
-        let endpoints = self.endpoints(target).await?;
+        let endpoints = self.endpoints(&site.target, &site.strategy).await?;
         let mut last = SessionFailure {
             reply: Reply::local(451, "4.4.4", "no host to connect to"),
             try_next: true,
         };
+        let ehlo = site
+            .strategy
+            .ehlo_name
+            .as_deref()
+            .unwrap_or(&self.shared.ehlo_name);
+        let mut slot: Option<HostSlot> = None;
         for ep in endpoints {
-            match Connection::open(&ep, cfg, &self.shared.ehlo_name, &self.shared.tls).await {
-                Ok(c) => return Ok(c),
+            if cfg.max_connections_per_host > 0 {
+                let key = throttle::host_key(&ep.host);
+                if slot.as_ref().is_none_or(|s| s.host != key) {
+                    // Give the previous host's slot back before waiting for another.
+                    drop(slot.take());
+                    slot = self.acquire_host(key).await;
+                }
+            }
+            match Connection::open(&ep, cfg, ehlo, &self.shared.tls).await {
+                Ok(conn) => return Ok(Open { conn, _slot: slot }),
                 Err(f) => {
                     tracing::info!(host = %ep.host, ip = %ep.addr.ip(), reply = %f.reply, "connection attempt failed");
                     let next = f.try_next;
@@ -628,15 +864,118 @@ impl CoreDelivery {
         Err(last)
     }
 
+    /// Waits for a connection slot on `host` from the host's owner core. None
+    /// only when the owner cannot be reached (shutting down).
+    async fn acquire_host(self: &Rc<Self>, host: String) -> Option<HostSlot> {
+        let peers = self.senders.nr_consumers().max(1);
+        let me = self.senders.peer_id();
+        let owner = site_owner(&host, peers);
+        let req = self.next_request.get();
+        self.next_request.set(req + 1);
+        let (tx, rx) = oneshot::channel();
+        self.host_requests
+            .borrow_mut()
+            .insert(req, (host.clone(), tx));
+        if owner == me {
+            self.host_acquire(host.clone(), Waiter { peer: me, req });
+        } else {
+            let msg = MeshMsg::HostAcquire {
+                host: host.clone(),
+                from: me,
+                req,
+            };
+            if self.senders.send_to(owner, msg).await.is_err() {
+                self.host_requests.borrow_mut().remove(&req);
+                return None;
+            }
+        }
+        if rx.await.is_err() {
+            return None;
+        }
+        Some(HostSlot {
+            host,
+            core: self.clone(),
+        })
+    }
+
+    /// Host-owner side: a slot is asked for.
+    fn host_acquire(self: &Rc<Self>, host: String, waiter: Waiter) {
+        let granted = self.hosts.borrow_mut().acquire(&host, waiter);
+        if granted {
+            self.host_grant(waiter);
+        } else {
+            tracing::debug!(host = %host, "destination host at its connection limit: waiting");
+        }
+    }
+
+    /// Host-owner side: a slot came back; pass it to the next waiter if any.
+    fn host_released(self: &Rc<Self>, host: &str) {
+        let next = self.hosts.borrow_mut().release(host);
+        if let Some(waiter) = next {
+            self.host_grant(waiter);
+        }
+    }
+
+    fn host_grant(self: &Rc<Self>, waiter: Waiter) {
+        if waiter.peer == self.senders.peer_id() {
+            self.host_granted(waiter.req);
+            return;
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let _ = me
+                .senders
+                .send_to(waiter.peer, MeshMsg::HostGrant { req: waiter.req })
+                .await;
+        })
+        .detach();
+    }
+
+    /// Requester side: a slot was granted. If the requester is gone, the slot
+    /// goes straight back.
+    fn host_granted(self: &Rc<Self>, req: u64) {
+        let entry = self.host_requests.borrow_mut().remove(&req);
+        if let Some((host, tx)) = entry {
+            if tx.send(()).is_err() {
+                self.release_host(host);
+            }
+        }
+    }
+
+    /// Gives a host slot back to its owner.
+    fn release_host(self: &Rc<Self>, host: String) {
+        let peers = self.senders.nr_consumers().max(1);
+        let owner = site_owner(&host, peers);
+        if owner == self.senders.peer_id() {
+            self.host_released(&host);
+            return;
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let _ = me
+                .senders
+                .send_to(owner, MeshMsg::HostRelease { host })
+                .await;
+        })
+        .detach();
+    }
+
     /// Addresses to try, in order.
-    async fn endpoints(&self, target: &Target) -> Result<Vec<Endpoint>, SessionFailure> {
+    async fn endpoints(
+        &self,
+        target: &Target,
+        strategy: &Strategy,
+    ) -> Result<Vec<Endpoint>, SessionFailure> {
         match target {
-            Target::Mx { domain, port } => {
+            Target::Mx { domain, port, tls } => {
                 let mut route = self.resolver.resolve_route(domain).await;
-                let own = [
+                let mut own = vec![
                     self.shared.hostname.as_str(),
                     self.shared.ehlo_name.as_str(),
                 ];
+                if let Some(name) = &strategy.ehlo_name {
+                    own.push(name);
+                }
                 route.drop_self(&own);
                 let mut eps = Vec::new();
                 for host in &route.hosts {
@@ -645,8 +984,9 @@ impl CoreDelivery {
                             host: host.name.clone(),
                             addr: SocketAddr::new(*ip, *port),
                             lmtp: false,
-                            tls: self.shared.cfg.delivery.tls,
+                            tls: *tls,
                             auth: None,
+                            source_ip: strategy.source_ip,
                         });
                     }
                 }
@@ -699,6 +1039,7 @@ impl CoreDelivery {
                         lmtp: *lmtp,
                         tls: *tls,
                         auth: auth.clone(),
+                        source_ip: strategy.source_ip,
                     })
                     .collect())
             }
@@ -729,20 +1070,10 @@ impl CoreDelivery {
         let body = match self.shared.spool.with_body(job.id, |b| b.to_vec()) {
             Ok(b) => b,
             Err(e) => {
-                return Ok(JobResult {
-                    id: job.id,
-                    outcomes: job
-                        .recipients
-                        .iter()
-                        .map(|r| {
-                            (
-                                r.index,
-                                Outcome::Deferred(format!("451 4.3.0 spool read failed: {e}")),
-                            )
-                        })
-                        .collect(),
-                    remote_mta: None,
-                })
+                return Ok(deferred_all(
+                    job,
+                    &format!("451 4.3.0 spool read failed: {e}"),
+                ))
             }
         };
         let replies = conn.transaction(&msg, &body).await?;
@@ -755,11 +1086,18 @@ impl CoreDelivery {
                 .map(|(r, reply)| (r.index, Outcome::of(reply)))
                 .collect(),
             remote_mta: Some(format!("dns; {}", conn.host)),
+            peer_dsn: conn.peer_dsn(),
+            lmtp: conn.lmtp(),
         })
     }
 
+    /// The delivery log: one record per recipient per attempt.
     fn log_attempt(&self, job: &Job, conn: Option<&Connection>, result: &JobResult) {
         let delay_ms = now_ms().saturating_sub(job.arrival_unix_ms);
+        let (tls_version, tls_cipher) = conn
+            .and_then(|c| c.tls.as_deref())
+            .map(|t| t.split_once(' ').unwrap_or((t, "")))
+            .unwrap_or(("no", ""));
         for (index, outcome) in &result.outcomes {
             let (status, reply) = match outcome {
                 Outcome::Delivered(r) => ("delivered", r),
@@ -776,10 +1114,15 @@ impl CoreDelivery {
                 target: "sluice::delivery",
                 id = %job.id,
                 recipient = %rcpt,
-                site = %job.target.site(),
+                recipients = job.recipients.len(),
+                queue = %job.queue,
+                route = %job.route,
+                site = %job.target.destination(),
                 host = conn.map(|c| c.host.as_str()).unwrap_or(""),
                 ip = %conn.map(|c| c.ip.to_string()).unwrap_or_default(),
-                tls = conn.and_then(|c| c.tls.as_deref()).unwrap_or("no"),
+                source_ip = %job.strategy.source_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                tls = tls_version,
+                tls_cipher,
                 tls_verified = conn.is_some_and(|c| c.tls_verified),
                 status,
                 reply = %reply,
@@ -820,17 +1163,25 @@ impl CoreDelivery {
                 return;
             };
             for (index, outcome) in &result.outcomes {
-                if let Some(r) = attempt.envelope.recipients.get_mut(*index as usize) {
+                let i = *index as usize;
+                if let Some(r) = attempt.envelope.recipients.get_mut(i) {
                     let attempts_so_far = match &r.status {
                         RecipientStatus::Deferred { attempts, .. } => *attempts,
                         _ => 0,
                     };
                     r.status = match outcome {
-                        Outcome::Delivered(reply) => RecipientStatus::Delivered {
-                            reply: reply.clone(),
-                        },
+                        Outcome::Delivered(reply) => {
+                            if let Some(action) =
+                                success_notice_due(r.notify, result.peer_dsn, result.lmtp)
+                            {
+                                attempt.success.push((i, action));
+                            }
+                            RecipientStatus::Delivered {
+                                reply: reply.clone(),
+                            }
+                        }
                         Outcome::Failed(reply) => {
-                            attempt.newly_failed.push(*index as usize);
+                            attempt.newly_failed.push(i);
                             RecipientStatus::Failed {
                                 reply: reply.clone(),
                             }
@@ -859,20 +1210,32 @@ impl CoreDelivery {
         }
     }
 
-    /// All results of an attempt are in: persist, notify, reschedule or remove.
+    /// All results of an attempt are in (or none was made): apply expiry and
+    /// DELIVERBY, send notices, then persist and reschedule, or remove.
     async fn finalize(self: Rc<Self>, id: MessageId, attempt: Attempt) {
         let Attempt {
             mut envelope,
             remote_mta,
             mut newly_failed,
+            success,
+            attempted,
             ..
         } = attempt;
         let now = now_ms();
         let queue = self.shared.cfg.queue(&envelope.queue);
-        envelope.schedule.attempts += 1;
-        let expired =
-            now.saturating_sub(envelope.arrival_unix_ms) >= queue.expire.0.as_millis() as u64;
-        if expired {
+        if attempted {
+            envelope.schedule.attempts += 1;
+        }
+        let expire_ms = queue.expire.0.as_millis() as u64;
+        let by = timing::deliver_by_state(&envelope, now);
+        let give_up = if timing::expired(&envelope, expire_ms, now) {
+            Some("550 5.4.7 message expired in the queue")
+        } else if by == ByState::Return {
+            Some("550 5.4.7 delivery time (DELIVERBY) expired")
+        } else {
+            None
+        };
+        if let Some(why) = give_up {
             for (i, r) in envelope.recipients.iter_mut().enumerate() {
                 if is_open(&r.status) {
                     newly_failed.push(i);
@@ -881,51 +1244,96 @@ impl CoreDelivery {
                         _ => String::new(),
                     };
                     r.status = RecipientStatus::Failed {
-                        reply: format!(
-                            "550 5.4.7 message expired in the queue; last error: {last}"
-                        ),
+                        reply: if last.is_empty() {
+                            why.to_string()
+                        } else {
+                            format!("{why}; last error: {last}")
+                        },
                     };
                 }
             }
         }
         if !newly_failed.is_empty() {
+            let notices: Vec<Notice> = newly_failed
+                .iter()
+                .map(|&index| Notice {
+                    index,
+                    action: DsnAction::Failed,
+                    status: None,
+                })
+                .collect();
             self.notify(
                 &envelope,
                 id,
-                crate::dsn::DsnKind::Failure,
-                &newly_failed,
+                DsnKind::Failure,
+                &notices,
+                remote_mta.as_deref(),
+                None,
+            )
+            .await;
+        }
+        if !success.is_empty() {
+            let notices: Vec<Notice> = success
+                .iter()
+                .map(|&(index, action)| Notice {
+                    index,
+                    action,
+                    status: None,
+                })
+                .collect();
+            self.notify(
+                &envelope,
+                id,
+                DsnKind::Success,
+                &notices,
                 remote_mta.as_deref(),
                 None,
             )
             .await;
         }
         if !has_pending(&envelope) {
-            if let Err(e) = self.shared.spool.remove(id).await {
-                tracing::error!(id = %id, "removing delivered message failed: {e}");
+            match self.shared.spool.remove(id).await {
+                Ok(()) => self.shared.queue_stats.remove(
+                    self.core as usize,
+                    &envelope.queue,
+                    envelope.size,
+                ),
+                Err(e) => tracing::error!(id = %id, "removing delivered message failed: {e}"),
             }
             return;
         }
-        let next = now + queue.retry_delay(envelope.schedule.attempts).as_millis() as u64;
-        envelope.schedule.next_attempt_unix_ms = next;
-        let waited = now.saturating_sub(envelope.arrival_unix_ms);
+        if attempted {
+            envelope.schedule.next_attempt_unix_ms =
+                now + queue.retry_delay(envelope.schedule.attempts).as_millis() as u64;
+        }
+        let start = timing::queue_clock_start(&envelope);
+        let until = start + expire_ms;
+        let open: Vec<usize> = envelope
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| is_open(&r.status))
+            .map(|(i, _)| i)
+            .collect();
+        let waited = now.saturating_sub(start);
         if let Some(threshold) = queue
             .notify_delay
             .get(envelope.schedule.delay_notices as usize)
         {
-            if waited >= threshold.0.as_millis() as u64 {
-                let open: Vec<usize> = envelope
-                    .recipients
+            if attempted && waited >= threshold.0.as_millis() as u64 {
+                let notices: Vec<Notice> = open
                     .iter()
-                    .enumerate()
-                    .filter(|(_, r)| is_open(&r.status))
-                    .map(|(i, _)| i)
+                    .map(|&index| Notice {
+                        index,
+                        action: DsnAction::Delayed,
+                        status: None,
+                    })
                     .collect();
-                let until = envelope.arrival_unix_ms + queue.expire.0.as_millis() as u64;
                 self.notify(
                     &envelope,
                     id,
-                    crate::dsn::DsnKind::Delay,
-                    &open,
+                    DsnKind::Delay,
+                    &notices,
                     remote_mta.as_deref(),
                     Some(until),
                 )
@@ -933,8 +1341,31 @@ impl CoreDelivery {
                 envelope.schedule.delay_notices += 1;
             }
         }
+        if by == ByState::Notify {
+            // RFC 2852 N mode: the deadline passed undelivered; say so once and
+            // keep trying.
+            let notices: Vec<Notice> = open
+                .iter()
+                .map(|&index| Notice {
+                    index,
+                    action: DsnAction::Delayed,
+                    status: Some("4.4.7"),
+                })
+                .collect();
+            self.notify(
+                &envelope,
+                id,
+                DsnKind::Delay,
+                &notices,
+                remote_mta.as_deref(),
+                Some(until),
+            )
+            .await;
+            envelope.schedule.deliver_by_notified = true;
+        }
+        let wake = timing::wake_time(&envelope, now).max(now);
         match self.shared.spool.update(id, &envelope).await {
-            Ok(()) => self.schedule(next, id),
+            Ok(()) => self.schedule(wake, id),
             Err(e) => tracing::error!(id = %id, "persisting delivery state failed: {e}"),
         }
     }
@@ -944,32 +1375,30 @@ impl CoreDelivery {
         self: &Rc<Self>,
         envelope: &Envelope,
         id: MessageId,
-        kind: crate::dsn::DsnKind,
-        indices: &[usize],
+        kind: DsnKind,
+        notices: &[Notice],
         remote_mta: Option<&str>,
         retry_until: Option<u64>,
     ) {
         let now = now_ms();
-        let recipients: Vec<crate::dsn::DsnRecipient<'_>> = indices
+        let recipients: Vec<crate::dsn::DsnRecipient<'_>> = notices
             .iter()
-            .filter_map(|&i| envelope.recipients.get(i))
-            .map(|r| {
-                let (action, reply) = match (&kind, &r.status) {
-                    (crate::dsn::DsnKind::Failure, RecipientStatus::Failed { reply }) => {
-                        (crate::dsn::DsnAction::Failed, reply.clone())
-                    }
-                    (_, RecipientStatus::Deferred { reply, .. }) => {
-                        (crate::dsn::DsnAction::Delayed, reply.clone())
-                    }
-                    (_, RecipientStatus::Delivered { reply }) => {
-                        (crate::dsn::DsnAction::Delivered, reply.clone())
-                    }
-                    (_, _) => (crate::dsn::DsnAction::Delayed, String::new()),
+            .filter_map(|n| envelope.recipients.get(n.index).map(|r| (n, r)))
+            .map(|(n, r)| {
+                let reply = match &r.status {
+                    RecipientStatus::Failed { reply }
+                    | RecipientStatus::Deferred { reply, .. }
+                    | RecipientStatus::Delivered { reply } => reply.clone(),
+                    RecipientStatus::Pending => String::new(),
+                };
+                let status = match n.status {
+                    Some(s) => s.to_string(),
+                    None => enhanced_status(&reply, &kind),
                 };
                 crate::dsn::DsnRecipient {
                     recipient: r,
-                    action,
-                    status: enhanced_status(&reply, &kind),
+                    action: n.action,
+                    status,
                     remote_mta: remote_mta.map(str::to_string),
                     diagnostic: (!reply.is_empty()).then_some(reply),
                     last_attempt_unix_ms: Some(now),
@@ -1014,6 +1443,7 @@ impl CoreDelivery {
             priority: 0,
             queue: envelope.queue.clone(),
             hold_until_unix: 0,
+            deliver_by: None,
             schedule: Default::default(),
         };
         match self
@@ -1023,12 +1453,33 @@ impl CoreDelivery {
             .await
         {
             Ok(()) => {
+                self.shared.queue_stats.add(
+                    self.core as usize,
+                    &dsn_envelope.queue,
+                    dsn_envelope.size,
+                );
                 tracing::info!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, to = %dsn.recipient, kind = ?kind, "notification queued");
                 self.dispatch(dsn_id, dsn_envelope);
             }
             Err(e) => tracing::error!(id = %id, "queuing a delivery notification failed: {e}"),
         }
     }
+}
+
+/// The success notice owed for a delivered recipient (RFC 3461 §5.2.2): when it
+/// asked for NOTIFY=SUCCESS and the next hop did not offer DSN, so the request
+/// could not travel on, we report "relayed" (or "delivered" for an LMTP store,
+/// which is final delivery). When the next hop offered DSN, NOTIFY went with the
+/// RCPT and the notice is its job.
+fn success_notice_due(notify: Notify, peer_dsn: bool, lmtp: bool) -> Option<DsnAction> {
+    if peer_dsn || notify.contains(Notify::NEVER) || !notify.contains(Notify::SUCCESS) {
+        return None;
+    }
+    Some(if lmtp {
+        DsnAction::Delivered
+    } else {
+        DsnAction::Relayed
+    })
 }
 
 fn is_open(status: &RecipientStatus) -> bool {
@@ -1061,7 +1512,7 @@ fn notify_keywords(n: Notify) -> Option<String> {
 
 /// The enhanced status code of a reply text ("550 5.1.1 …" → "5.1.1"), or a
 /// default for the notice kind.
-fn enhanced_status(reply: &str, kind: &crate::dsn::DsnKind) -> String {
+fn enhanced_status(reply: &str, kind: &DsnKind) -> String {
     let mut words = reply.split_whitespace();
     let code = words.next().unwrap_or("");
     if let Some(esc) = words.next() {
@@ -1076,7 +1527,7 @@ fn enhanced_status(reply: &str, kind: &crate::dsn::DsnKind) -> String {
     }
     match (code.as_bytes().first(), kind) {
         (Some(b'2'), _) => "2.0.0".into(),
-        (Some(b'5'), _) | (_, crate::dsn::DsnKind::Failure) => "5.0.0".into(),
+        (Some(b'5'), _) | (_, DsnKind::Failure) => "5.0.0".into(),
         _ => "4.0.0".into(),
     }
 }
@@ -1136,6 +1587,8 @@ fn result_for_failure(job: &Job, failure: &SessionFailure) -> JobResult {
             .map(|r| (r.index, outcome.clone()))
             .collect(),
         remote_mta: None,
+        peer_dsn: false,
+        lmtp: false,
     }
 }
 
@@ -1148,5 +1601,164 @@ fn deferred_all(job: &Job, reply: &str) -> JobResult {
             .map(|r| (r.index, Outcome::Deferred(reply.to_string())))
             .collect(),
         remote_mta: None,
+        peer_dsn: false,
+        lmtp: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> DeliveryConfig {
+        crate::config::Config::load("t", text, &[])
+            .expect("config")
+            .delivery_config()
+    }
+
+    #[test]
+    fn fallback_route_after_n_deferrals() {
+        let c = cfg(r#"
+            [route.mx]
+            type = "mx"
+            fallback = "smarthost"
+            fallback_after = 2
+
+            [route.smarthost]
+            type = "relay"
+            host = "127.0.0.1"
+            port = 2600
+            fallback = "mx"
+
+            [route.plain]
+            type = "relay"
+            host = "127.0.0.2"
+            fallback = "smarthost"
+            "#);
+        assert_eq!(c.effective_route("mx", 0), "mx");
+        assert_eq!(c.effective_route("mx", 1), "mx");
+        assert_eq!(c.effective_route("mx", 2), "smarthost");
+        assert_eq!(c.effective_route("mx", 9), "smarthost");
+        // One level only: the fallback's own fallback is not followed.
+        assert_eq!(c.effective_route("smarthost", 3), "mx");
+        // fallback_after defaults to 3.
+        assert_eq!(c.effective_route("plain", 2), "plain");
+        assert_eq!(c.effective_route("plain", 3), "smarthost");
+        // Unknown (built-in) routes have no fallback.
+        assert_eq!(c.effective_route("nothing", 100), "nothing");
+    }
+
+    #[test]
+    fn fallback_must_name_another_route() {
+        for (text, needle) in [
+            (
+                "[route.a]\ntype = \"mx\"\nfallback = \"nowhere\"\n",
+                "route.a.fallback",
+            ),
+            (
+                "[route.a]\ntype = \"mx\"\nfallback = \"a\"\n",
+                "route.a.fallback",
+            ),
+            (
+                "[route.a]\ntype = \"mx\"\nfallback = \"mx\"\nfallback_after = 0\n",
+                "route.a.fallback_after",
+            ),
+        ] {
+            let err = crate::config::Config::load("t", text, &[])
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        // The built-in "mx" route is a valid fallback.
+        cfg("[route.a]\ntype = \"relay\"\nhost = \"h\"\nfallback = \"mx\"\n");
+    }
+
+    #[test]
+    fn success_notices_only_when_the_next_hop_cannot_take_them() {
+        let s = Notify::SUCCESS;
+        assert_eq!(
+            success_notice_due(s, false, false),
+            Some(DsnAction::Relayed)
+        );
+        assert_eq!(
+            success_notice_due(s, false, true),
+            Some(DsnAction::Delivered)
+        );
+        assert_eq!(
+            success_notice_due(s | Notify::FAILURE, false, false),
+            Some(DsnAction::Relayed)
+        );
+        // The next hop offered DSN: NOTIFY went with the RCPT.
+        assert_eq!(success_notice_due(s, true, false), None);
+        assert_eq!(success_notice_due(s, true, true), None);
+        // Not asked for.
+        assert_eq!(success_notice_due(Notify::default(), false, false), None);
+        assert_eq!(
+            success_notice_due(Notify::FAILURE | Notify::DELAY, false, false),
+            None
+        );
+        assert_eq!(success_notice_due(Notify::NEVER, false, false), None);
+    }
+
+    #[test]
+    fn sites_are_split_by_connection_strategy() {
+        let t = Target::Mx {
+            domain: "example.com".into(),
+            port: 25,
+            tls: OutboundTls::Opportunistic,
+        };
+        assert_eq!(site_key(&t, &Strategy::default()), "example.com");
+        let s = Strategy {
+            source_ip: Some("192.0.2.7".parse().expect("ip")),
+            ehlo_name: Some("out7.example.net".into()),
+        };
+        assert_eq!(site_key(&t, &s), "example.com|192.0.2.7|out7.example.net");
+        let h = host_target(
+            "smart",
+            &RouteConfig {
+                kind: RouteKind::Relay,
+                host: Some("relay.example.net".into()),
+                port: None,
+                tls: None,
+                auth_user: None,
+                auth_password: None,
+                fallback: None,
+                fallback_after: 3,
+            },
+            OutboundTls::Opportunistic,
+        )
+        .expect("target");
+        assert_eq!(h.destination(), "route:smart");
+        assert_eq!(
+            site_key(
+                &h,
+                &Strategy {
+                    source_ip: None,
+                    ehlo_name: Some("e".into())
+                }
+            ),
+            "route:smart||e"
+        );
+    }
+
+    #[test]
+    fn enhanced_status_from_replies() {
+        assert_eq!(
+            enhanced_status("550 5.1.1 no such user", &DsnKind::Failure),
+            "5.1.1"
+        );
+        assert_eq!(
+            enhanced_status("550 no such user", &DsnKind::Failure),
+            "5.0.0"
+        );
+        assert_eq!(enhanced_status("451 try later", &DsnKind::Delay), "4.0.0");
+        assert_eq!(enhanced_status("250 ok", &DsnKind::Success), "2.0.0");
+        assert_eq!(
+            enhanced_status(
+                "550 5.4.7 delivery time (DELIVERBY) expired",
+                &DsnKind::Failure
+            ),
+            "5.4.7"
+        );
     }
 }

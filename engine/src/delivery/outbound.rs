@@ -164,6 +164,8 @@ pub struct Endpoint {
     pub lmtp: bool,
     pub tls: OutboundTls,
     pub auth: Option<(String, String)>,
+    /// Local address to connect from (rules' `source_ip`); None = the kernel picks.
+    pub source_ip: Option<IpAddr>,
 }
 
 pub struct Connection {
@@ -174,9 +176,12 @@ pub struct Connection {
     end: usize,
     pub host: String,
     pub ip: IpAddr,
+    /// The local address the connection was bound to, when the rules chose one.
+    pub source_ip: Option<IpAddr>,
     /// "TLSv1.3 TLS13_AES_256_GCM_SHA384" once TLS is up.
     pub tls: Option<String>,
     pub tls_verified: bool,
+    lmtp: bool,
     timeouts: Timeouts,
 }
 
@@ -230,10 +235,10 @@ impl Connection {
                 true,
             )
         };
-        let tcp = match within(cfg.connect_timeout.0, TcpStream::connect(endpoint.addr)).await {
-            Some(Ok(s)) => s,
-            Some(Err(e)) => return Err(stage_err("connect to", e.to_string())),
-            None => return Err(stage_err("connect to", "timed out".into())),
+        let tcp = match connect_tcp(endpoint.addr, endpoint.source_ip, cfg.connect_timeout.0).await
+        {
+            Ok(s) => s,
+            Err(e) => return Err(stage_err("connect to", e.to_string())),
         };
         let _ = tcp.set_nodelay(true);
         let policy = match endpoint.tls {
@@ -254,8 +259,10 @@ impl Connection {
             end: 0,
             host: endpoint.host.clone(),
             ip: endpoint.addr.ip(),
+            source_ip: endpoint.source_ip,
             tls: None,
             tls_verified: false,
+            lmtp: endpoint.lmtp,
             timeouts: Timeouts {
                 greeting: cfg.greeting_timeout.0,
                 ehlo: cfg.ehlo_timeout.0,
@@ -277,6 +284,17 @@ impl Connection {
                     conn.client.tls_established();
                 }
                 ClientEvent::Failed(reply) => {
+                    // A refused login is our configuration's fault, not the
+                    // recipients': defer (Postfix's smtp_sasl_auth_soft_bounce).
+                    let reply = if conn.client.stage() == Stage::Auth && reply.is_permanent() {
+                        Reply::local(
+                            454,
+                            "4.7.0",
+                            &format!("{} refused our credentials: {reply}", endpoint.host),
+                        )
+                    } else {
+                        reply
+                    };
                     return Err(SessionFailure {
                         reply,
                         try_next: true,
@@ -430,9 +448,151 @@ impl Connection {
         }
     }
 
+    /// Whether the peer offered DSN (RFC 3461): then NOTIFY and ORCPT went with
+    /// each RCPT and success notices are the peer's job, not ours.
+    pub fn peer_dsn(&self) -> bool {
+        self.client.capabilities().dsn
+    }
+
+    /// Whether this is an LMTP session (final delivery, not relaying).
+    pub fn lmtp(&self) -> bool {
+        self.lmtp
+    }
+
     /// QUIT, best effort and briefly.
     pub async fn quit(mut self) {
         self.client.quit();
         let _ = within(Duration::from_secs(2), self.next_event()).await;
+    }
+}
+
+/// Opens a TCP connection within `timeout`, from `source` when given.
+///
+/// glommio 0.9's `TcpStream::connect` creates its socket internally, so it
+/// cannot bind one first. With a source address the socket is made with
+/// socket2: bound, connected non-blocking (EINPROGRESS), then handed to glommio
+/// (`TcpStream::from(socket2::Socket)`). Completion is awaited with a zero-length
+/// send: Linux answers EAGAIN while the handshake is under way, so glommio polls
+/// for writability, and the retried send returns 0 once connected or the
+/// connect error (ECONNREFUSED …) if it failed.
+pub async fn connect_tcp(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+    let Some(source) = source else {
+        return within(timeout, TcpStream::connect(addr))
+            .await
+            .ok_or_else(timed_out)?
+            .map_err(std::io::Error::from);
+    };
+    if source.is_ipv4() != addr.is_ipv4() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("source address {source} is not of the same family as {addr}"),
+        ));
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&SocketAddr::new(source, 0).into())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("bind to {source}: {e}")))?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let mut stream = TcpStream::from(socket);
+    within(timeout, stream.write(&[]))
+        .await
+        .ok_or_else(timed_out)??;
+    // Connected for sure only if the peer address is known.
+    stream.peer_addr().map_err(std::io::Error::from)?;
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+    use std::net::TcpListener;
+
+    use glommio::{LocalExecutorBuilder, Placement};
+
+    use super::*;
+
+    fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
+        LocalExecutorBuilder::new(Placement::Unbound)
+            .io_memory(512 * 1024)
+            .make()
+            .expect("glommio executor")
+            .run(fut)
+    }
+
+    #[test]
+    fn connects_from_the_chosen_source_address() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let mut peers = Vec::new();
+            for _ in 0..2 {
+                let (mut s, peer) = listener.accept().expect("accept");
+                let mut b = [0u8; 4];
+                let _ = s.read(&mut b);
+                peers.push(peer.ip());
+            }
+            peers
+        });
+        let (from_source, default_local) = block_on(async move {
+            let source: IpAddr = "127.0.0.3".parse().expect("ip");
+            let s = connect_tcp(addr, Some(source), Duration::from_secs(5))
+                .await
+                .expect("connect from 127.0.0.3");
+            let local = s.local_addr().expect("local").ip();
+            let plain = connect_tcp(addr, None, Duration::from_secs(5))
+                .await
+                .expect("connect");
+            let plain_local = plain.local_addr().expect("local").ip();
+            drop((s, plain));
+            (local, plain_local)
+        });
+        assert_eq!(from_source, "127.0.0.3".parse::<IpAddr>().unwrap());
+        assert_eq!(default_local, "127.0.0.1".parse::<IpAddr>().unwrap());
+        let peers = server.join().expect("server");
+        assert_eq!(peers[0], "127.0.0.3".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn refused_and_mismatched_sources_fail_cleanly() {
+        // A port nobody listens on: bind then drop to get one.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("listen")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let (refused, family, bad_bind) = block_on(async move {
+            let src: IpAddr = "127.0.0.2".parse().expect("ip");
+            let refused = connect_tcp(addr, Some(src), Duration::from_secs(5)).await;
+            let v6: IpAddr = "::1".parse().expect("ip");
+            let family = connect_tcp(addr, Some(v6), Duration::from_secs(5)).await;
+            // 192.0.2.1 (TEST-NET) is not an address of this host: bind fails
+            // before any packet is sent.
+            let foreign: IpAddr = "192.0.2.1".parse().expect("ip");
+            let bad_bind = connect_tcp(addr, Some(foreign), Duration::from_secs(5)).await;
+            (
+                refused.err().map(|e| e.kind()),
+                family.err().map(|e| e.kind()),
+                bad_bind.err().map(|e| e.to_string()),
+            )
+        });
+        assert_eq!(refused, Some(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(family, Some(std::io::ErrorKind::InvalidInput));
+        let msg = bad_bind.expect("bind error");
+        assert!(msg.contains("bind to 192.0.2.1"), "{msg}");
     }
 }

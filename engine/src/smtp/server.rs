@@ -15,14 +15,27 @@ use std::sync::Arc;
 use base64::Engine as _;
 use sluice_policy::{RelayDecision, RelayPolicy};
 use sluice_spool::{
-    BodyType, Envelope, IdGenerator, MessageId, Notify, Recipient, RecipientStatus, Ret, SpoolError,
+    BodyType, DeliverBy, DeliverByMode, Envelope, IdGenerator, MessageId, Notify, Recipient,
+    RecipientStatus, Ret, SpoolError,
 };
 use smtp_proto::{
-    Request, RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS,
+    Request, MAIL_BY_NOTIFY, MAIL_BY_RETURN, MAIL_BY_TRACE, RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE,
+    RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS,
 };
 
 use super::data::{BareNewlineScanner, DataDecoder};
 use crate::config::{BareNewline, ListenerConfig, Protocol};
+use crate::delivery::quota::QueueAdmission;
+
+/// FUTURERELEASE (RFC 4865): the longest hold accepted, in seconds (7 days).
+/// Queue expiry and delay notices count from the release, not the arrival.
+pub const MAX_HOLD_SECS: u64 = 7 * 24 * 3600;
+/// DELIVERBY (RFC 2852): the shortest by-time accepted in R (return) mode, in
+/// seconds. Anything shorter could not survive one retry; N (notify) mode takes
+/// any by-time, even zero or negative (notify at once if not delivered).
+pub const MIN_BY_SECS: i64 = 60;
+/// RFC 2852's by-time range.
+const MAX_BY_SECS: i64 = 999_999_999;
 
 /// Per-listener settings the session needs; built once, shared by all its sessions.
 #[derive(Debug, Clone)]
@@ -128,6 +141,11 @@ struct Transaction {
     smtputf8: bool,
     priority: i16,
     hold_until_unix: u64,
+    deliver_by: Option<DeliverBy>,
+    /// SIZE= from MAIL (0 when not given), for quota checks before the body.
+    declared_size: u64,
+    /// Virtual queue, decided by the rules for the first recipient.
+    queue: Option<String>,
     recipients: Vec<Recipient>,
     /// Set when a body started (first BDAT chunk or DATA): id, buffer, checks.
     id: Option<MessageId>,
@@ -181,6 +199,8 @@ pub struct Session {
     auth_user: Option<String>,
     errors: usize,
     tx: Transaction,
+    /// Queue choice and quotas; without it every message goes to "default".
+    queues: Option<Arc<QueueAdmission>>,
     /// Messages accepted in this session (for the log).
     pub accepted: u64,
 }
@@ -203,8 +223,15 @@ impl Session {
             auth_user: None,
             errors: 0,
             tx: Transaction::default(),
+            queues: None,
             accepted: 0,
         }
+    }
+
+    /// Let the rules choose each message's virtual queue, and refuse mail for a
+    /// queue over its quota (452 4.3.1 at RCPT, DATA or the end of data).
+    pub fn set_queue_admission(&mut self, queues: Arc<QueueAdmission>) {
+        self.queues = Some(queues);
     }
 
     /// The 220 banner.
@@ -562,14 +589,14 @@ impl Session {
     ) -> Option<Action> {
         let lmtp = self.cfg.protocol == Protocol::Lmtp;
         match request {
-            Request::Lhlo { host } if lmtp => self.ehlo(&host, true),
-            Request::Ehlo { host } if !lmtp => self.ehlo(&host, true),
-            Request::Helo { host } if !lmtp => self.ehlo(&host, false),
+            Request::Lhlo { host } if lmtp => self.ehlo(&host, true, now_ms),
+            Request::Ehlo { host } if !lmtp => self.ehlo(&host, true, now_ms),
+            Request::Helo { host } if !lmtp => self.ehlo(&host, false, now_ms),
             Request::Ehlo { .. } | Request::Helo { .. } => {
                 self.error_reply(500, "5.5.1", "Error: use LHLO with LMTP")
             }
             Request::Lhlo { .. } => self.error_reply(500, "5.5.1", "Error: LHLO is for LMTP"),
-            Request::Mail { from } => self.mail(from),
+            Request::Mail { from } => self.mail(from, now_ms),
             Request::Rcpt { to } => self.rcpt(to),
             Request::Data => return self.data(more_input, now_ms),
             Request::Bdat {
@@ -612,7 +639,7 @@ impl Session {
         None
     }
 
-    fn ehlo(&mut self, host: &str, extended: bool) {
+    fn ehlo(&mut self, host: &str, extended: bool, now_ms: u64) {
         self.helo = Some(host.to_string());
         self.extended = extended;
         self.tx = Transaction::default();
@@ -634,6 +661,13 @@ impl Session {
         lines.push("ENHANCEDSTATUSCODES".into());
         lines.push("CHUNKING".into());
         lines.push("DSN".into());
+        lines.push(format!("DELIVERBY {MIN_BY_SECS}"));
+        // RFC 4865: max-future-release-interval and max-future-release-date-time.
+        let latest = chrono::DateTime::from_timestamp((now_ms / 1000 + MAX_HOLD_SECS) as i64, 0)
+            .unwrap_or_default()
+            .format("%Y-%m-%dT%H:%M:%SZ");
+        lines.push(format!("FUTURERELEASE {MAX_HOLD_SECS} {latest}"));
+        lines.push("MT-PRIORITY MIXER".into());
         if self.cfg.starttls && self.tls.is_none() {
             lines.push("STARTTLS".into());
         }
@@ -644,13 +678,36 @@ impl Session {
         self.multiline(250, &lines);
     }
 
+    /// What the rules match on, before the body (size as declared).
+    fn facts(&self, size: u64) -> sluice_policy::MessageFacts<'_> {
+        sluice_policy::MessageFacts {
+            listener: &self.cfg.listener,
+            client_ip: self.peer.ip,
+            auth_user: self.auth_user.as_deref(),
+            sender: self.tx.sender.as_deref().unwrap_or(""),
+            priority: self.tx.priority,
+            size,
+        }
+    }
+
+    /// The queue quota before a body is read; Err is the reply text.
+    fn quota_check(&self, size: u64) -> Result<(), String> {
+        let (Some(queues), Some(queue)) = (&self.queues, &self.tx.queue) else {
+            return Ok(());
+        };
+        queues.check(queue, size).map_err(|e| {
+            tracing::info!(client_ip = %self.peer.ip, "{e}");
+            "Error: insufficient system storage (queue full)".to_string()
+        })
+    }
+
     fn auth_offered(&self) -> bool {
         self.cfg.auth_enabled
             && self.auth_user.is_none()
             && (self.tls.is_some() || self.cfg.auth_plaintext)
     }
 
-    fn mail(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>) {
+    fn mail(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>, now_ms: u64) {
         if self.helo.is_none() {
             let greet = if self.cfg.protocol == Protocol::Lmtp {
                 "LHLO"
@@ -665,9 +722,13 @@ impl Session {
         if from.size as u64 > self.cfg.max_message_size {
             return self.error_reply(552, "5.3.4", "Error: message size exceeds fixed limit");
         }
-        if from.flags & smtp_proto::MAIL_REQUIRETLS != 0 || from.by != 0 {
+        if from.flags & smtp_proto::MAIL_REQUIRETLS != 0 {
             return self.error_reply(555, "5.5.4", "Error: unsupported MAIL parameter");
         }
+        let (hold_until_unix, deliver_by) = match mail_times(&from, now_ms) {
+            Ok(times) => times,
+            Err(text) => return self.error_reply(501, "5.5.4", &text),
+        };
         let body_type = if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
             BodyType::BinaryMime
         } else if from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0 {
@@ -686,7 +747,9 @@ impl Session {
         };
         self.tx.envid = from.env_id.map(Cow::into_owned);
         self.tx.priority = from.mt_priority.clamp(-9, 9) as i16;
-        self.tx.hold_until_unix = from.hold_until;
+        self.tx.hold_until_unix = hold_until_unix;
+        self.tx.deliver_by = deliver_by;
+        self.tx.declared_size = from.size as u64;
         self.tx.sender = Some(from.address.into_owned());
         self.reply(250, "2.1.0", "Ok");
     }
@@ -724,6 +787,23 @@ impl Session {
                 }
             }
         };
+        if let Some(queues) = self.queues.clone() {
+            let queue = match &self.tx.queue {
+                Some(q) => q.clone(),
+                None => queues.queue_for(&self.facts(self.tx.declared_size), address),
+            };
+            if let Err(e) = queues.check(&queue, self.tx.declared_size) {
+                // Not a protocol error: the client should simply try later.
+                tracing::info!(client_ip = %self.peer.ip, recipient = %printable(address), "{e}");
+                self.reply(
+                    452,
+                    "4.3.1",
+                    "Error: insufficient system storage (queue full)",
+                );
+                return;
+            }
+            self.tx.queue = Some(queue);
+        }
         let mut notify = Notify::default();
         for (flag, bit) in [
             (RCPT_NOTIFY_SUCCESS, Notify::SUCCESS),
@@ -758,6 +838,10 @@ impl Session {
             self.error_reply(503, "5.5.1", "Error: DATA after BDAT");
             return None;
         }
+        if let Err(text) = self.quota_check(self.tx.declared_size) {
+            self.reply(452, "4.3.1", &text);
+            return None;
+        }
         if more_input {
             // The client sent message data without waiting for our 354: its stream
             // can no longer be told apart from commands, so end the session.
@@ -778,6 +862,10 @@ impl Session {
             Some((503, "5.5.1", "Error: need MAIL command".to_string()))
         } else if self.tx.recipients.is_empty() {
             Some((554, "5.5.1", "Error: no valid recipients".to_string()))
+        } else if self.tx.id.is_none() {
+            self.quota_check(self.tx.declared_size)
+                .err()
+                .map(|text| (452, "4.3.1", text))
         } else {
             None
         };
@@ -840,6 +928,43 @@ impl Session {
             self.error_reply(503, "5.5.1", "Error: no transaction");
             return Action::Read;
         };
+        // The queue again, now that the real size is known (rules may match on
+        // size), and its quota with that size.
+        let size = tx.body.len() as u64;
+        let mut queue = tx
+            .queue
+            .clone()
+            .unwrap_or_else(|| sluice_policy::DEFAULT_QUEUE.to_string());
+        if let (Some(queues), Some(first)) = (self.queues.clone(), tx.recipients.first()) {
+            let facts = sluice_policy::MessageFacts {
+                listener: &self.cfg.listener,
+                client_ip: self.peer.ip,
+                auth_user: self.auth_user.as_deref(),
+                sender: tx.sender.as_deref().unwrap_or(""),
+                priority: tx.priority,
+                size,
+            };
+            queue = queues.queue_for(&facts, &first.address);
+            if let Err(e) = queues.check(&queue, size) {
+                tracing::info!(
+                    target: "sluice::smtp",
+                    id = %id,
+                    listener = %self.cfg.listener,
+                    client_ip = %self.peer.ip,
+                    recipients = tx.recipients.len(),
+                    size,
+                    result = 452,
+                    error = %e,
+                    "transaction rejected"
+                );
+                self.reply(
+                    452,
+                    "4.3.1",
+                    "Error: insufficient system storage (queue full)",
+                );
+                return Action::Read;
+            }
+        }
         let envelope = Envelope {
             sender: tx.sender.unwrap_or_default(),
             recipients: tx.recipients,
@@ -855,8 +980,9 @@ impl Session {
             tls: self.tls.clone(),
             size: tx.body.len() as u64,
             priority: tx.priority,
-            queue: "default".to_string(),
+            queue,
             hold_until_unix: tx.hold_until_unix,
+            deliver_by: tx.deliver_by,
             schedule: Default::default(),
         };
         self.state = State::Paused;
@@ -1081,6 +1207,67 @@ impl Session {
             self.state = State::Closed;
         }
     }
+}
+
+/// FUTURERELEASE and DELIVERBY of a MAIL command as stored times: the absolute
+/// hold (unix seconds, 0 = none) and the delivery deadline. Err is the 501 text.
+fn mail_times(
+    from: &smtp_proto::MailFrom<Cow<'_, str>>,
+    now_ms: u64,
+) -> Result<(u64, Option<DeliverBy>), String> {
+    let now_s = now_ms / 1000;
+    if from.hold_for != 0 && from.hold_until != 0 {
+        return Err("Error: HOLDFOR and HOLDUNTIL cannot be used together".into());
+    }
+    let mut hold_until = 0;
+    if from.hold_for != 0 {
+        if from.hold_for > MAX_HOLD_SECS {
+            return Err(format!(
+                "Error: HOLDFOR exceeds the maximum of {MAX_HOLD_SECS} seconds"
+            ));
+        }
+        hold_until = now_s + from.hold_for;
+    }
+    if from.hold_until != 0 {
+        if from.hold_until > now_s + MAX_HOLD_SECS {
+            return Err(format!(
+                "Error: HOLDUNTIL is more than {MAX_HOLD_SECS} seconds away"
+            ));
+        }
+        // A time in the past means "release now" (RFC 4865 §3).
+        if from.hold_until > now_s {
+            hold_until = from.hold_until;
+        }
+    }
+    if from.flags & (MAIL_BY_NOTIFY | MAIL_BY_RETURN) == 0 {
+        return Ok((hold_until, None));
+    }
+    let mode = if from.flags & MAIL_BY_RETURN != 0 {
+        DeliverByMode::Return
+    } else {
+        DeliverByMode::Notify
+    };
+    if !(-MAX_BY_SECS..=MAX_BY_SECS).contains(&from.by) {
+        return Err("Error: BY time out of range".into());
+    }
+    if mode == DeliverByMode::Return && from.by < MIN_BY_SECS {
+        return Err(format!(
+            "Error: BY time below the minimum of {MIN_BY_SECS} seconds"
+        ));
+    }
+    let deadline = (i128::from(now_ms) + i128::from(from.by) * 1000).max(0) as u64;
+    if mode == DeliverByMode::Return && hold_until.saturating_mul(1000) >= deadline {
+        return Err("Error: the message would be held past its BY deadline".into());
+    }
+    Ok((
+        hold_until,
+        Some(DeliverBy {
+            deadline_unix_ms: deadline,
+            by_secs: from.by,
+            mode,
+            trace: from.flags & MAIL_BY_TRACE != 0,
+        }),
+    ))
 }
 
 enum LineResult {

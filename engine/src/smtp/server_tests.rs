@@ -466,3 +466,234 @@ fn starttls_forgets_authentication() {
     assert!(h.out.contains("AUTH PLAIN LOGIN"), "{}", h.out);
     assert!(h.out.contains("554 5.7.1"), "{}", h.out);
 }
+
+// ---- FUTURERELEASE, DELIVERBY, MT-PRIORITY and queue quotas ----
+
+fn mail_with(params: &str) -> Harness {
+    let input = format!(
+        "EHLO client.test\r\nMAIL FROM:<a@local.test> {params}\r\nRCPT TO:<b@local.test>\r\nBDAT 2 LAST\r\nhi"
+    );
+    run(config(), "198.51.100.1", input.as_bytes())
+}
+
+#[test]
+fn ehlo_advertises_futurerelease_deliverby_and_mt_priority() {
+    let h = run(config(), "198.51.100.1", b"EHLO x\r\n");
+    let latest =
+        chrono::DateTime::from_timestamp((NOW / 1000 + super::server::MAX_HOLD_SECS) as i64, 0)
+            .expect("time")
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string();
+    for line in [
+        "250-DELIVERBY 60\r\n".to_string(),
+        format!("250-FUTURERELEASE 604800 {latest}\r\n"),
+        "250-MT-PRIORITY MIXER\r\n".to_string(),
+    ] {
+        assert!(h.out.contains(&line), "{line:?} missing in {}", h.out);
+    }
+}
+
+#[test]
+fn future_release_is_stored_as_an_absolute_time() {
+    let now_s = NOW / 1000;
+    let h = mail_with("HOLDFOR=3600");
+    assert_eq!(h.codes(), ["220", "250", "250", "250", "250"]);
+    assert_eq!(h.stored[0].envelope.hold_until_unix, now_s + 3600);
+
+    let until = chrono::DateTime::from_timestamp((now_s + 7200) as i64, 0)
+        .expect("time")
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let h = mail_with(&format!("HOLDUNTIL={until}"));
+    assert_eq!(h.stored[0].envelope.hold_until_unix, now_s + 7200);
+
+    // A release time in the past means now.
+    let h = mail_with("HOLDUNTIL=2001-01-01T00:00:00Z");
+    assert_eq!(h.stored[0].envelope.hold_until_unix, 0);
+    // The full interval is allowed, one second more is not.
+    let h = mail_with("HOLDFOR=604800");
+    assert_eq!(h.stored[0].envelope.hold_until_unix, now_s + 604_800);
+    for bad in [
+        "HOLDFOR=604801".to_string(),
+        format!(
+            "HOLDUNTIL={}",
+            chrono::DateTime::from_timestamp((now_s + 604_801) as i64, 0)
+                .expect("time")
+                .format("%Y-%m-%dT%H:%M:%SZ")
+        ),
+        format!("HOLDFOR=60 HOLDUNTIL={until}"),
+    ] {
+        let h = mail_with(&bad);
+        assert_eq!(h.codes()[1..3], ["250", "501"], "{bad}: {}", h.out);
+        assert!(h.out.contains("501 5.5.4"), "{bad}: {}", h.out);
+        assert!(h.stored.is_empty(), "{bad}");
+    }
+}
+
+#[test]
+fn deliver_by_is_accepted_and_stored_as_a_deadline() {
+    use sluice_spool::{DeliverBy, DeliverByMode};
+    let h = mail_with("BY=120;R");
+    assert_eq!(h.codes(), ["220", "250", "250", "250", "250"], "{}", h.out);
+    assert_eq!(
+        h.stored[0].envelope.deliver_by,
+        Some(DeliverBy {
+            deadline_unix_ms: NOW + 120_000,
+            by_secs: 120,
+            mode: DeliverByMode::Return,
+            trace: false,
+        })
+    );
+    // N mode takes any by-time, even past ones; T is kept.
+    let h = mail_with("BY=-10;NT");
+    assert_eq!(
+        h.stored[0].envelope.deliver_by,
+        Some(DeliverBy {
+            deadline_unix_ms: NOW - 10_000,
+            by_secs: -10,
+            mode: DeliverByMode::Notify,
+            trace: true,
+        })
+    );
+    let h = mail_with("BY=0;N");
+    assert_eq!(
+        h.stored[0].envelope.deliver_by.map(|b| b.deadline_unix_ms),
+        Some(NOW)
+    );
+    // No BY, no deadline.
+    let h = mail_with("");
+    assert_eq!(h.stored[0].envelope.deliver_by, None);
+    // R mode below the advertised minimum, zero or negative; and a hold that
+    // outlasts the deadline.
+    for bad in ["BY=59;R", "BY=0;R", "BY=-5;RT", "HOLDFOR=600 BY=300;R"] {
+        let h = mail_with(bad);
+        assert_eq!(h.codes()[1..3], ["250", "501"], "{bad}: {}", h.out);
+        assert!(h.out.contains("501 5.5.4"), "{bad}: {}", h.out);
+        assert!(h.stored.is_empty(), "{bad}");
+    }
+    // A hold shorter than an R deadline is fine.
+    let h = mail_with("HOLDFOR=60 BY=300;R");
+    assert_eq!(h.stored.len(), 1, "{}", h.out);
+}
+
+#[test]
+fn mt_priority_is_stored() {
+    let h = mail_with("MT-PRIORITY=3");
+    assert_eq!(h.stored[0].envelope.priority, 3);
+    let h = mail_with("MT-PRIORITY=-4");
+    assert_eq!(h.stored[0].envelope.priority, -4);
+}
+
+fn admission(
+    rules: &str,
+    queues: &[(&str, u64, u64)],
+) -> Arc<crate::delivery::quota::QueueAdmission> {
+    use crate::delivery::quota::{QueueAdmission, QueueStats};
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        #[serde(default)]
+        rule: Vec<sluice_policy::RuleConfig>,
+    }
+    let doc: Doc = toml::from_str(rules).expect("rules");
+    let mut cfg = std::collections::BTreeMap::new();
+    for (name, msgs, bytes) in queues {
+        cfg.insert(
+            name.to_string(),
+            crate::delivery::config::QueueConfig {
+                max_messages: *msgs,
+                max_bytes: crate::config::ByteSize(*bytes),
+                ..Default::default()
+            },
+        );
+    }
+    let names: Vec<&str> = cfg.keys().map(String::as_str).collect();
+    let set = sluice_policy::RuleSet::new(&doc.rule, &names, &[]).expect("rule set");
+    let stats = Arc::new(QueueStats::new(names.iter().copied(), 1));
+    Arc::new(QueueAdmission::new(Arc::new(set), &cfg, stats))
+}
+
+/// Like `run`, with queue admission on both harnesses.
+fn run_with_queues(adm: &Arc<crate::delivery::quota::QueueAdmission>, input: &[u8]) -> Harness {
+    // A relay client, so remote recipients are accepted.
+    let mut whole = Harness::new(config(), "192.0.2.9");
+    whole.session.set_queue_admission(adm.clone());
+    whole.feed(input, input.len());
+    let mut bytewise = Harness::new(config(), "192.0.2.9");
+    bytewise.session.set_queue_admission(adm.clone());
+    bytewise.feed(input, 1);
+    assert_eq!(whole.codes(), bytewise.codes());
+    whole
+}
+
+#[test]
+fn rules_choose_the_stored_queue() {
+    let adm = admission(
+        "[[rule]]\nmatch.recipient_domain = \"gmail.test\"\nqueue = \"gmail\"\n\n\
+         [[rule]]\nmatch.size_min = 100\nqueue = \"big\"\n",
+        &[("gmail", 0, 0), ("big", 0, 0)],
+    );
+    let h = run_with_queues(
+        &adm,
+        b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<u@gmail.test>\r\nRCPT TO:<v@local.test>\r\nBDAT 2 LAST\r\nhi",
+    );
+    assert_eq!(
+        h.codes(),
+        ["220", "250", "250", "250", "250", "250"],
+        "{}",
+        h.out
+    );
+    assert_eq!(h.stored[0].envelope.queue, "gmail");
+    // The first recipient decides; the size rule sees the real size at the end.
+    let h = run_with_queues(
+        &adm,
+        b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<v@local.test>\r\nBDAT 2 LAST\r\nhi",
+    );
+    // The Received: header alone is over 100 bytes.
+    assert_eq!(h.stored[0].envelope.queue, "big");
+}
+
+#[test]
+fn full_queues_get_452_at_rcpt_data_and_end_of_data() {
+    let adm = admission("", &[("default", 2, 1000)]);
+    // Room: accepted.
+    let h = run_with_queues(
+        &adm,
+        b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<v@local.test>\r\nBDAT 2 LAST\r\nhi",
+    );
+    assert_eq!(h.codes(), ["220", "250", "250", "250", "250"]);
+    // A declared SIZE beyond the byte quota: 452 at RCPT.
+    let h = run_with_queues(
+        &adm,
+        b"EHLO c\r\nMAIL FROM:<a@x.test> SIZE=2000\r\nRCPT TO:<v@local.test>\r\n",
+    );
+    assert_eq!(h.codes(), ["220", "250", "250", "452"]);
+    assert!(h.out.contains("452 4.3.1"), "{}", h.out);
+    // A body beyond it: 452 at the end of data, nothing stored.
+    let body = format!("{}\r\n.\r\n", "x".repeat(1200));
+    let mut input =
+        b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<v@local.test>\r\nDATA\r\n".to_vec();
+    let mut h = Harness::new(config(), "198.51.100.1");
+    h.session.set_queue_admission(adm.clone());
+    h.feed(&input, input.len());
+    h.feed(body.as_bytes(), 7);
+    assert_eq!(h.codes(), ["220", "250", "250", "250", "354", "452"]);
+    assert!(h.stored.is_empty());
+    // The queue fills up (two messages): 452 at RCPT, and at DATA for a
+    // transaction whose RCPT got in before.
+    adm.stats.add(0, "default", 10);
+    input = b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<v@local.test>\r\n".to_vec();
+    let mut h = Harness::new(config(), "198.51.100.1");
+    h.session.set_queue_admission(adm.clone());
+    h.feed(&input, input.len());
+    assert_eq!(h.codes(), ["220", "250", "250", "250"]);
+    adm.stats.add(0, "default", 10);
+    h.feed(b"DATA\r\n", 6);
+    assert_eq!(h.codes(), ["220", "250", "250", "250", "452"]);
+    let h = run_with_queues(
+        &adm,
+        b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<v@local.test>\r\nRCPT TO:<w@local.test>\r\n",
+    );
+    assert_eq!(h.codes(), ["220", "250", "250", "452", "452"]);
+    // 452 for a full queue is not a protocol error: no 421 after many.
+    assert!(!h.out.contains("421"), "{}", h.out);
+}

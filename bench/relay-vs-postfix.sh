@@ -1,0 +1,464 @@
+#!/usr/bin/env bash
+# End-to-end relay benchmark: sluice beside Postfix and beside the machine's ceiling,
+# in one run on this machine (design §9, issue 5 item 3).
+#
+# For every case (message size x concurrent connections) it measures three setups with the
+# same source and the same sink, all on loopback:
+#   ceiling   smtp-source -> sink
+#   sluice    smtp-source -> sluice (defaults: fsync on; fresh spool) -> sink
+#   postfix   smtp-source -> private Postfix instance (as shipped: queue files fsynced) -> sink
+# plus sluice with server.cores=1 for some cases. Source: Postfix's smtp-source (one new
+# connection per message, as smtp-source does without -d). Sink: sluice-loadgen sink, whose
+# counters say when every message has arrived.
+#
+# Per measurement: acceptance msgs/s (source wall time), end-to-end delivered msgs/s (source
+# start until the sink received the last message), relay CPU seconds per 1000 messages
+# (/proc utime+stime; for Postfix the master and all its processes, reaped ones included via
+# the master's cutime/cstime), peak memory (sluice: VmHWM; Postfix: peak of the summed PSS of
+# its processes, sampled every 0.5 s), and ratios against Postfix and the ceiling.
+#
+# Usage: bench/relay-vs-postfix.sh [--quick] [--messages N] [--port-base P] [--no-build]
+#                                  [--append | --no-append] [--workdir DIR]
+#   --quick       seconds-long smoke run (few messages, two cases); does not append by default
+#   --messages N  messages per measurement (default 20000; --quick: 300)
+#   --port-base P first loopback port (default 23100; each measurement uses P+4i .. P+4i+2)
+#   --no-build    use target/release binaries as they are (default: cargo build --release)
+#   --append      append the result section to BENCHMARKS.md (default unless --quick)
+#   --no-append   only print it
+#   --workdir DIR parent of the temp dir for spools and the Postfix instance (default
+#                 /var/tmp; must be a real disk: fsync on tmpfs measures nothing)
+# Needs root (Postfix runs its daemons as user postfix), smtp-source, postfix, curl, jq.
+set -Eeuo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_DIR="$REPO/bench"
+INVOCATION="bench/relay-vs-postfix.sh${*:+ $*}"
+
+QUICK=0
+MESSAGES=""
+PORT_BASE=23100
+BUILD=1
+APPEND=""
+WORK_PARENT=/var/tmp
+
+usage() { sed -n '2,/^set -E/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+die() { echo "relay-vs-postfix: $*" >&2; exit 1; }
+log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --messages) MESSAGES=${2:?}; shift ;;
+        --port-base) PORT_BASE=${2:?}; shift ;;
+        --no-build) BUILD=0 ;;
+        --append) APPEND=1 ;;
+        --no-append) APPEND=0 ;;
+        --workdir) WORK_PARENT=${2:?}; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown argument: $1" ;;
+    esac
+    shift
+done
+
+if [ "$QUICK" = 1 ]; then
+    : "${MESSAGES:=300}"
+    : "${APPEND:=0}"
+    # size connections setups
+    CASES=("1024 32 ceiling,sluice,sluice1,postfix"
+           "20480 32 ceiling,sluice,postfix")
+else
+    : "${MESSAGES:=20000}"
+    : "${APPEND:=1}"
+    CASES=("1024 32 ceiling,sluice,sluice1,postfix"
+           "20480 32 ceiling,sluice,sluice1,postfix"
+           "102400 32 ceiling,sluice,postfix"
+           "1024 256 ceiling,sluice,postfix")
+fi
+[[ "$MESSAGES" =~ ^[1-9][0-9]*$ ]] || die "--messages wants a positive integer"
+if ! [[ "$PORT_BASE" =~ ^[0-9]+$ ]] || [ "$PORT_BASE" -lt 1024 ] || [ "$PORT_BASE" -gt 60000 ]; then
+    die "--port-base wants 1024..60000"
+fi
+
+SMTP_SOURCE=/usr/sbin/smtp-source
+POSTFIX=/usr/sbin/postfix
+for tool in "$SMTP_SOURCE" "$POSTFIX" /usr/sbin/postconf curl jq timeout; do
+    command -v "$tool" >/dev/null || die "missing $tool"
+done
+[ "$(id -u)" = 0 ] || die "run as root (a private Postfix instance needs it)"
+CLK_TCK=$(getconf CLK_TCK)
+
+# Timeouts (every loop in this script is bounded by one of these).
+SOURCE_TIMEOUT=900        # s, one smtp-source run
+DELIVERY_TIMEOUT=300      # s, after the source finished, for the sink to get everything
+START_TIMEOUT_TICKS=200   # x 0.1 s, for a listener to appear
+STOP_TIMEOUT_TICKS=300    # x 0.1 s, for a process to exit after SIGTERM / postfix stop
+
+# ---------------------------------------------------------------------------------------
+# Process bookkeeping: every process we start is stopped by pid on exit.
+PIDS=()
+POSTFIX_CONF=""           # config dir of a running private Postfix instance, if any
+WORK=""
+
+pid_alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
+
+# stop_pid PID: SIGTERM, wait (bounded), then SIGKILL.
+stop_pid() {
+    local pid=$1 i=0
+    pid_alive "$pid" || { wait "$pid" 2>/dev/null || true; return 0; }
+    kill -TERM "$pid" 2>/dev/null || true
+    while pid_alive "$pid" && [ $i -lt $STOP_TIMEOUT_TICKS ]; do
+        # a zombie child of ours counts as alive until reaped; reap if it is one
+        if [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" = Z ]; then break; fi
+        sleep 0.1; i=$((i + 1))
+    done
+    if pid_alive "$pid" && [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]; then
+        log "pid $pid did not exit after SIGTERM; SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+# Pids of the private Postfix instance: its master and the master's children.
+postfix_master_pid() {
+    local f="$1/pid/master.pid" pid
+    [ -r "$f" ] || return 0
+    pid=$(tr -d ' \n' <"$f")
+    if pid_alive "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = master ]; then echo "$pid"; fi
+}
+postfix_pids() { # MASTER_PID -> master and children, one per line
+    cat /proc/[0-9]*/stat 2>/dev/null |
+        awk -v m="$1" '{ pid = $1; sub(/^[0-9]+ \(.*\) /, ""); if (pid == m || $2 == m) print pid }'
+}
+
+stop_postfix() {
+    local conf=$1 queue=$2 master i=0 p
+    master=$(postfix_master_pid "$queue")
+    "$POSTFIX" -c "$conf" stop >/dev/null 2>&1 || true
+    while [ -n "$master" ] && pid_alive "$master" && [ $i -lt $STOP_TIMEOUT_TICKS ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+    if [ -n "$master" ] && pid_alive "$master"; then
+        log "Postfix master $master still running; killing it and its children by pid"
+        for p in $(postfix_pids "$master"); do kill -KILL "$p" 2>/dev/null || true; done
+    fi
+    POSTFIX_CONF=""
+}
+
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    if [ -n "$POSTFIX_CONF" ]; then stop_postfix "$POSTFIX_CONF" "$POSTFIX_QUEUE"; fi
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
+        if [ "$rc" = 0 ]; then rm -rf "$WORK"; else log "kept $WORK for inspection"; fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------------------
+port_listening() { [ -n "$(ss -Htln "sport = :$1" 2>/dev/null)" ]; }
+wait_listening() { # PORT PID WHAT
+    local i=0
+    while ! port_listening "$1"; do
+        pid_alive "$2" || die "$3 exited before listening on :$1 (see $WORK)"
+        [ $i -lt $START_TIMEOUT_TICKS ] || die "$3 not listening on :$1 after $((START_TIMEOUT_TICKS / 10)) s"
+        sleep 0.1; i=$((i + 1))
+    done
+}
+port_free() { ! port_listening "$1"; }
+
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+
+# CPU ticks (utime+stime+cutime+cstime) of one pid, or of a Postfix instance (master and
+# its children; children already reaped are in the master's cutime/cstime).
+cpu_ticks_pids() {
+    local f=() p
+    for p in "$@"; do f+=("/proc/$p/stat"); done
+    cat "${f[@]}" 2>/dev/null |
+        awk '{ sub(/^[0-9]+ \(.*\) /, ""); t += $12 + $13 + $14 + $15 } END { printf "%d\n", t }'
+}
+vmhwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
+pss_sum_kib() {
+    local f=() p
+    for p in "$@"; do f+=("/proc/$p/smaps_rollup"); done
+    cat "${f[@]}" 2>/dev/null | awk '/^Pss:/ { s += $2 } END { printf "%d\n", s }'
+}
+
+# Background sampler of the Postfix instance's summed PSS (bounded; stops on a stop file).
+start_pss_sampler() { # MASTER_PID OUTFILE STOPFILE
+    (
+        peak=0 i=0
+        while [ ! -e "$3" ] && [ $i -lt $((2 * (SOURCE_TIMEOUT + DELIVERY_TIMEOUT + 60))) ]; do
+            # shellcheck disable=SC2046 # word splitting of the pid list is intended
+            v=$(pss_sum_kib $(postfix_pids "$1"))
+            [ "$v" -gt "$peak" ] && peak=$v
+            echo "$peak" >"$2"
+            sleep 0.5; i=$((i + 1))
+        done
+    ) &
+    PIDS+=($!)
+    SAMPLER_PID=$!
+}
+
+# ---------------------------------------------------------------------------------------
+start_sink() { # PORT STATS_PORT DIR
+    "$BIN/sluice-loadgen" sink --listen "127.0.0.1:$1" --stats-listen "127.0.0.1:$2" \
+        --no-tokens >"$3/sink.json" 2>"$3/sink.err" &
+    SINK_PID=$!
+    PIDS+=("$SINK_PID")
+    wait_listening "$2" "$SINK_PID" "sink"
+    wait_listening "$1" "$SINK_PID" "sink"
+}
+
+sluice_args() { # PORT SINK_PORT SPOOL CORES
+    local a=(run --set delivery.enabled=true
+        --set "route.default={type=\"relay\",host=\"127.0.0.1\",port=$2,tls=\"none\"}"
+        --set 'dns.servers=["127.0.0.1:9"]' --set log.level=warn
+        --set "server.listener.smtp.bind=[\"127.0.0.1:$1\"]"
+        --set "server.listener.smtp.max_connections_per_ip=1024"
+        --set "spool.path=$3")
+    [ "$4" = 0 ] || a+=(--set "server.cores=$4")
+    printf '%s\0' "${a[@]}"
+}
+
+start_sluice() { # PORT SINK_PORT DIR CORES
+    local args=()
+    mkdir -p "$3/spool"
+    mapfile -d '' args < <(sluice_args "$1" "$2" "$3/spool" "$4")
+    "$BIN/sluice" "${args[@]}" >"$3/sluice.out" 2>"$3/sluice.err" &
+    RELAY_PID=$!
+    PIDS+=("$RELAY_PID")
+    wait_listening "$1" "$RELAY_PID" "sluice"
+}
+
+POSTFIX_QUEUE=""
+start_postfix() { # PORT SINK_PORT DIR
+    local base="$3/postfix" i=0
+    mkdir -p "$base/conf" "$base/queue" "$base/data"
+    sed -e "s|@CONFIG_DIR@|$base/conf|g; s|@QUEUE_DIR@|$base/queue|g" \
+        -e "s|@DATA_DIR@|$base/data|g; s|@BASE_DIR@|$base|g; s|@SINK_PORT@|$2|g" \
+        "$BENCH_DIR/postfix/main.cf.in" >"$base/conf/main.cf"
+    sed -e "s|@SMTPD_ADDR@|127.0.0.1:$1|g" "$BENCH_DIR/postfix/master.cf.in" >"$base/conf/master.cf"
+    chown postfix "$base/data"
+    "$POSTFIX" -c "$base/conf" check >"$base/check.log" 2>&1 || { cat "$base/check.log" >&2; die "postfix check failed"; }
+    POSTFIX_CONF="$base/conf"
+    POSTFIX_QUEUE="$base/queue"
+    "$POSTFIX" -c "$base/conf" start >"$base/start.log" 2>&1 || { cat "$base/start.log" >&2; die "postfix start failed"; }
+    RELAY_PID=""
+    while [ -z "$RELAY_PID" ] && [ $i -lt $START_TIMEOUT_TICKS ]; do
+        RELAY_PID=$(postfix_master_pid "$base/queue")
+        [ -n "$RELAY_PID" ] || { sleep 0.1; i=$((i + 1)); }
+    done
+    [ -n "$RELAY_PID" ] || die "Postfix master did not start (see $base)"
+    wait_listening "$1" "$RELAY_PID" "postfix"
+    sleep 1   # let qmgr and friends come up before the clock starts
+}
+
+sink_stat() { # STATS_PORT FIELD -> value (empty on failure)
+    curl -s --max-time 2 "http://127.0.0.1:$1/stats" | jq -r ".$2 // empty" 2>/dev/null || true
+}
+
+# ---------------------------------------------------------------------------------------
+declare -A ACC E2E CPU MEM SINKCONN NOTE
+SAMPLER_PID="" SINK_PID="" RELAY_PID=""
+
+measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX
+    local ci=$1 setup=$2 size=$3 conns=$4 mi=$5
+    local key="$ci/$setup" dir="$WORK/m$mi-$setup-$size-$conns"
+    local p=$((PORT_BASE + 4 * mi))
+    local sink_port=$p stats_port=$((p + 1)) relay_port=$((p + 2)) target
+    local t0 t1 src_rc cpu0="" cpu1="" got="" last="" i=0 mem="" note="" q
+    mkdir -p "$dir"
+    for q in "$sink_port" "$stats_port" "$relay_port"; do
+        port_free "$q" || die "port $q is in use; pick another --port-base"
+    done
+    log "case $((ci + 1)): $setup, $size B x 1 rcpt, $conns connections, $MESSAGES messages"
+    start_sink "$sink_port" "$stats_port" "$dir"
+    RELAY_PID=""
+    case "$setup" in
+        ceiling) target=$sink_port ;;
+        sluice) start_sluice "$relay_port" "$sink_port" "$dir" 0; target=$relay_port ;;
+        sluice1) start_sluice "$relay_port" "$sink_port" "$dir" 1; target=$relay_port ;;
+        postfix) start_postfix "$relay_port" "$sink_port" "$dir"; target=$relay_port ;;
+        *) die "unknown setup $setup" ;;
+    esac
+
+    SAMPLER_PID=""
+    if [ "$setup" = postfix ]; then
+        start_pss_sampler "$RELAY_PID" "$dir/pss.peak" "$dir/pss.stop"
+        # shellcheck disable=SC2046
+        cpu0=$(cpu_ticks_pids $(postfix_pids "$RELAY_PID"))
+    elif [ -n "$RELAY_PID" ]; then
+        cpu0=$(cpu_ticks_pids "$RELAY_PID")
+    fi
+
+    t0=$(now_ms)
+    src_rc=0
+    timeout "$SOURCE_TIMEOUT" "$SMTP_SOURCE" -s "$conns" -m "$MESSAGES" -l "$size" -M bench.example \
+        -f from@example.org -t to@example.com "127.0.0.1:$target" >"$dir/source.log" 2>&1 || src_rc=$?
+    t1=$(now_ms)
+    [ "$src_rc" = 0 ] || note="smtp-source exit $src_rc ($(tail -n 1 "$dir/source.log" | tr '|' '/'))"
+
+    # Wait for the sink to count every message (bounded).
+    while [ $i -lt $((DELIVERY_TIMEOUT * 4)) ]; do
+        got=$(sink_stat "$stats_port" messages)
+        if [ -n "$got" ] && [ "$got" -ge "$MESSAGES" ]; then break; fi
+        if [ -n "$RELAY_PID" ] && ! pid_alive "$RELAY_PID"; then note="${note:+$note; }relay died"; break; fi
+        sleep 0.25; i=$((i + 1))
+    done
+
+    if [ "$setup" = postfix ]; then
+        # shellcheck disable=SC2046
+        cpu1=$(cpu_ticks_pids $(postfix_pids "$RELAY_PID"))
+        touch "$dir/pss.stop"
+        stop_pid "$SAMPLER_PID"
+        mem=$(cat "$dir/pss.peak" 2>/dev/null || echo "")
+    elif [ -n "$RELAY_PID" ] && pid_alive "$RELAY_PID"; then
+        cpu1=$(cpu_ticks_pids "$RELAY_PID")
+        mem=$(vmhwm_kib "$RELAY_PID")
+    fi
+    last=$(sink_stat "$stats_port" last_message_unix_ms)
+    SINKCONN[$key]=$(sink_stat "$stats_port" connections)
+    got=${got:-0}
+    if [ "$got" -lt "$MESSAGES" ]; then note="${note:+$note; }sink got only $got of $MESSAGES"; fi
+    if [ "$got" -gt "$MESSAGES" ]; then note="${note:+$note; }sink got $got (duplicates)"; fi
+
+    ACC[$key]=$(awk -v n="$MESSAGES" -v ms=$((t1 - t0)) 'BEGIN { printf "%.0f", (ms > 0 ? n * 1000 / ms : 0) }')
+    if [ "$got" -ge "$MESSAGES" ] && [ -n "$last" ]; then
+        E2E[$key]=$(awk -v n="$MESSAGES" -v ms=$((last - t0)) 'BEGIN { printf "%.0f", (ms > 0 ? n * 1000 / ms : 0) }')
+    else
+        E2E[$key]=""
+    fi
+    if [ -n "$cpu0" ] && [ -n "$cpu1" ]; then
+        CPU[$key]=$(awk -v d=$((cpu1 - cpu0)) -v hz="$CLK_TCK" -v n="$MESSAGES" \
+            'BEGIN { printf "%.2f", d / hz / n * 1000 }')
+    else
+        CPU[$key]=""
+    fi
+    if [ -n "$mem" ]; then MEM[$key]=$(awk -v k="$mem" 'BEGIN { printf "%.0f", k / 1024 }'); else MEM[$key]=""; fi
+    NOTE[$key]=$note
+
+    case "$setup" in
+        postfix) stop_postfix "$dir/postfix/conf" "$dir/postfix/queue" ;;
+        sluice*) stop_pid "$RELAY_PID" ;;
+    esac
+    stop_pid "$SINK_PID"
+    rm -rf "$dir/spool" "$dir/postfix/queue"   # bodies can be GiBs; keep logs only
+    log "  accept ${ACC[$key]}/s, delivered ${E2E[$key]:-?}/s, CPU ${CPU[$key]:-–} s/1000, mem ${MEM[$key]:-–} MiB${note:+, $note}"
+}
+
+# ---------------------------------------------------------------------------------------
+cd "$REPO"
+if [ "$BUILD" = 1 ]; then
+    log "cargo build --release --workspace"
+    cargo build --release --workspace >&2 || die "build failed"
+fi
+for b in sluice sluice-loadgen; do [ -x "target/release/$b" ] || die "missing target/release/$b (build first)"; done
+
+[ -d "$WORK_PARENT" ] || die "no such directory: $WORK_PARENT"
+fstype=$(stat -f -c %T "$WORK_PARENT")
+case "$fstype" in tmpfs|ramfs) die "$WORK_PARENT is $fstype: fsync would be free; use --workdir on a disk" ;; esac
+WORK=$(mktemp -d "$WORK_PARENT/sluice-bench.XXXXXX")
+chmod 755 "$WORK"
+# Copies, so that a rebuild by someone else during the run does not swap binaries under us.
+BIN="$WORK/bin"
+mkdir -p "$BIN"
+cp -p target/release/sluice target/release/sluice-loadgen "$BIN/"
+
+GIT_REV=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)
+BIN_INFO=$(for b in sluice sluice-loadgen; do
+    printf '%s built %s sha256 %s; ' "$b" "$(date -u -r "$BIN/$b" '+%F %T UTC')" \
+        "$(sha256sum "$BIN/$b" | cut -c1-12)"; done)
+BIN_INFO=${BIN_INFO%; }
+PF_VERSION=$(/usr/sbin/postconf -h -d mail_version)
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+DATE=$(date -u)
+START_S=$(date +%s)
+log "work dir $WORK (fs $fstype); sluice $GIT_REV; Postfix $PF_VERSION; load $LOAD_BEFORE"
+
+mi=0
+for ci in "${!CASES[@]}"; do
+    read -r size conns setups <<<"${CASES[$ci]}"
+    IFS=, read -r -a list <<<"$setups"
+    for setup in "${list[@]}"; do
+        measure "$ci" "$setup" "$size" "$conns" "$mi"
+        mi=$((mi + 1))
+    done
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+ELAPSED=$(($(date +%s) - START_S))
+
+# ---------------------------------------------------------------------------------------
+ratio() { # A B -> A/B with two decimals, or – when either is missing
+    if [ -n "$1" ] && [ -n "$2" ] && [ "$2" != 0 ]; then
+        awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'
+    else
+        echo "–"
+    fi
+}
+human_size() { awk -v s="$1" 'BEGIN { if (s % 1024 == 0) printf "%d KiB", s / 1024; else printf "%d B", s }'; }
+label() {
+    case "$1" in
+        ceiling) echo "ceiling (source → sink)" ;;
+        sluice) echo "sluice (cores=$(nproc))" ;;
+        sluice1) echo "sluice (cores=1)" ;;
+        postfix) echo "Postfix $PF_VERSION" ;;
+    esac
+}
+
+table() {
+    echo "| case | setup | accepted msg/s | delivered msg/s | relay CPU s/1000 msg | relay peak MiB | sink conns | accepted ÷ Postfix | delivered ÷ Postfix | delivered ÷ ceiling | notes |"
+    echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+    local ci size conns setups list setup key pf ce
+    for ci in "${!CASES[@]}"; do
+        read -r size conns setups <<<"${CASES[$ci]}"
+        IFS=, read -r -a list <<<"$setups"
+        pf="$ci/postfix" ce="$ci/ceiling"
+        for setup in "${list[@]}"; do
+            key="$ci/$setup"
+            printf '| %s × 1 rcpt, %s conn | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
+                "$(human_size "$size")" "$conns" "$(label "$setup")" \
+                "${ACC[$key]:-–}" "${E2E[$key]:-–}" "${CPU[$key]:-–}" "${MEM[$key]:-–}" "${SINKCONN[$key]:-–}" \
+                "$(ratio "${ACC[$key]:-}" "${ACC[$pf]:-}")" "$(ratio "${E2E[$key]:-}" "${E2E[$pf]:-}")" \
+                "$(ratio "${E2E[$key]:-}" "${E2E[$ce]:-}")" "${NOTE[$key]:-}"
+        done
+    done
+}
+
+shquote() { # ARGS... -> one shell-quoted line
+    local a out=""
+    for a in "$@"; do
+        if [[ "$a" =~ ^[A-Za-z0-9_./:=-]+$ ]]; then out+="$a "; else out+="'$a' "; fi   # (no arg here contains a quote)
+    done
+    echo "${out% }"
+}
+mapfile -d '' SLUICE_ARGS < <(sluice_args RELAYPORT SINKPORT SPOOLDIR 0)
+SLUICE_CMD="sluice $(shquote "${SLUICE_ARGS[@]}") [--set server.cores=1]"
+section() {
+    cat <<EOF
+
+## End-to-end relay: sluice vs Postfix vs ceiling — $DATE
+
+- Command: \`$INVOCATION\` (tree \`$GIT_REV\`; $BIN_INFO; Postfix $PF_VERSION, Debian package; $MESSAGES messages per measurement; run took ${ELAPSED} s)
+- Machine: nproc $(nproc) ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)); \`free -g\`: $(free -g | awk '/^Mem:/ { print "total " $2 " GiB, used " $3 ", available " $7 }'); kernel $(uname -r); spool and queue on $fstype
+- Load average (1/5/15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER
+- Source (same for all): \`smtp-source -s CONNS -m $MESSAGES -l SIZE -M bench.example -f from@example.org -t to@example.com 127.0.0.1:PORT\` (a new connection per message; SIZE is the body, smtp-source adds ~140 B of headers)
+- Sink (same for all, fresh per measurement): \`sluice-loadgen sink --listen 127.0.0.1:SINKPORT --stats-listen 127.0.0.1:STATSPORT --no-tokens\` (cores: all)
+- sluice (fresh spool per measurement, fsync on as by default): \`$SLUICE_CMD\`
+- Postfix: a private instance (own config, queue and data directories under the temp dir; \`postfix -c DIR start\`) from \`bench/postfix/main.cf.in\` and \`master.cf.in\`: Debian's shipped services and durability (queue files fsynced), no chroot, relayhost=[127.0.0.1]:SINKPORT, no TLS, default_destination_concurrency_limit=50, default_process_limit=300, logging to a file through postlogd; fresh queue per measurement
+- accepted = messages ÷ smtp-source wall time; delivered = messages ÷ (source start → the sink's last message); relay CPU = utime+stime (Postfix: master and all its processes, reaped ones included); relay peak = sluice VmHWM, Postfix peak of the summed PSS of its processes sampled every 0.5 s; sink conns = connections the sink saw (the relay's connection reuse)
+
+$(table)
+EOF
+}
+
+OUT=$(section)
+echo "$OUT"
+if [ "$APPEND" = 1 ]; then
+    [ -f "$REPO/BENCHMARKS.md" ] || printf '# Benchmarks\n' >"$REPO/BENCHMARKS.md"
+    echo "$OUT" >>"$REPO/BENCHMARKS.md"
+    log "appended to BENCHMARKS.md"
+fi
