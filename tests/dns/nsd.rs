@@ -141,6 +141,7 @@ impl Drop for Nsd {
         // SIGKILL to the whole group: NSD's forked processes go with it. The
         // leader is not reaped yet, so its group id cannot have been reused.
         let pgid = child.id() as libc::pid_t;
+        // SAFETY: kill(2) on the process group of a child we own and have not reaped.
         unsafe { libc::kill(-pgid, libc::SIGKILL) };
         let _ = child.wait();
     }
