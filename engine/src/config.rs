@@ -58,6 +58,8 @@ pub struct Config {
     pub route: BTreeMap<String, crate::delivery::config::RouteConfig>,
     /// Per-site limits; "default" applies to sites without their own entry.
     pub destination: BTreeMap<String, crate::delivery::config::DestinationConfig>,
+    /// Per sending address (an IP, or "default"): overrides of its limits.
+    pub source_ip: BTreeMap<String, crate::delivery::config::SourceIpConfig>,
     /// Ordered match arms choosing queue and route per recipient.
     pub rule: Vec<sluice_policy::RuleConfig>,
 }
@@ -529,6 +531,14 @@ impl Config {
                 ));
             }
         }
+        for name in self.source_ip.keys() {
+            if name != "default" && name.parse::<std::net::IpAddr>().is_err() {
+                return Err(invalid(
+                    format!("source_ip.{name}"),
+                    "must be an IP address or \"default\"".into(),
+                ));
+            }
+        }
         if let Err(e) = self.rule_set() {
             return Err(invalid("rule".into(), e.to_string()));
         }
@@ -542,6 +552,7 @@ impl Config {
             queues: self.queue.clone(),
             routes: self.route.clone(),
             destinations: self.destination.clone(),
+            source_ips: self.source_ip.clone(),
         }
     }
 

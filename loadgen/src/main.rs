@@ -20,14 +20,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Send messages to an SMTP server and report throughput and latency.
-    Send(send::SendArgs),
+    Send(Box<send::SendArgs>),
     /// Accept and count SMTP/LMTP messages, with fault injection; stats as JSON.
     Sink(Box<sink::SinkArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Send(args) => send::send(args),
+        Command::Send(args) => send::send(*args),
         Command::Sink(args) => sink::run(*args),
     }
 }

@@ -49,6 +49,12 @@ pub struct DeliverySection {
     /// route's host), whatever sites share it; 0 = no limit. Exact across cores:
     /// each host is owned by one core, which hands out the slots.
     pub max_connections_per_host: usize,
+    /// Messages per period from each source IP (a rule's `source_ip`, or
+    /// "default" for the kernel-chosen address), e.g. ["100/s", "10000/h"];
+    /// empty = no limit. `[source_ip."IP"] message_rate` overrides it per IP.
+    /// Exact across cores: each source IP is owned by one core, which grants the
+    /// message permits. A message over the rate waits (it is not failed).
+    pub source_ip_rate: Vec<Rate>,
 }
 
 impl Default for DeliverySection {
@@ -70,6 +76,7 @@ impl Default for DeliverySection {
             idle_timeout: secs(5),
             max_recipients_per_transaction: 100,
             max_connections_per_host: 0,
+            source_ip_rate: Vec::new(),
         }
     }
 }
@@ -179,6 +186,15 @@ impl Default for DestinationConfig {
     }
 }
 
+/// `[source_ip."IP"]`: settings of one sending address ("default" = the
+/// kernel-chosen one).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceIpConfig {
+    /// Replaces `delivery.source_ip_rate` for this address (empty = no limit).
+    pub message_rate: Option<Vec<Rate>>,
+}
+
 /// All delivery-related sections, as they sit in the top-level config.
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryConfig {
@@ -186,6 +202,7 @@ pub struct DeliveryConfig {
     pub queues: BTreeMap<String, QueueConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
     pub destinations: BTreeMap<String, DestinationConfig>,
+    pub source_ips: BTreeMap<String, SourceIpConfig>,
 }
 
 impl DeliveryConfig {
@@ -206,6 +223,24 @@ impl DeliveryConfig {
         }
     }
 
+    /// Message rate of a source IP key (see [`source_ip_key`]): its
+    /// `[source_ip."IP"] message_rate`, else `delivery.source_ip_rate`.
+    pub fn source_ip_rate(&self, key: &str) -> &[Rate] {
+        let ip = key.parse::<std::net::IpAddr>().ok();
+        self.source_ips
+            .get(key)
+            .or_else(|| {
+                // Keys written in another form ("::0:1" for "::1").
+                let ip = ip?;
+                self.source_ips
+                    .iter()
+                    .find(|(k, _)| k.parse::<std::net::IpAddr>().ok() == Some(ip))
+                    .map(|(_, v)| v)
+            })
+            .and_then(|s| s.message_rate.as_deref())
+            .unwrap_or(&self.delivery.source_ip_rate)
+    }
+
     /// Settings for a site: `[destination."example.com"]` or `[destination.default]`.
     pub fn destination(&self, site: &str) -> DestinationConfig {
         self.destinations
@@ -214,4 +249,9 @@ impl DeliveryConfig {
             .cloned()
             .unwrap_or_default()
     }
+}
+
+/// Key of a sending address: the IP as text, or "default" when the kernel picks.
+pub fn source_ip_key(ip: Option<std::net::IpAddr>) -> String {
+    ip.map_or_else(|| "default".to_string(), |ip| ip.to_string())
 }

@@ -18,6 +18,10 @@
 //! * **Host owner.** With `delivery.max_connections_per_host`, every destination
 //!   host also hashes to one core, which hands out its connection slots over the
 //!   mesh (several sites may share a host), so that limit is exact too.
+//! * **Source-IP owner.** With `delivery.source_ip_rate` (or `[source_ip."IP"]
+//!   message_rate`), every sending address hashes to one core, which keeps its
+//!   message rate limiter and grants a permit per message over the mesh; a
+//!   refusal carries the wait, and the connection sleeps it and asks again.
 //!
 //! Jobs and results travel between cores over a glommio channel mesh by value
 //! (envelope facts + message id); the site owner reads the body from the shard's
@@ -46,7 +50,7 @@ use sluice_spool::{Envelope, IdGenerator, MessageId, Notify, RecipientStatus, Re
 use self::config::{DeliveryConfig, OutboundTls, RouteConfig, RouteKind};
 use self::outbound::{Connection, Endpoint, OutboundTlsConfig, SessionFailure};
 use self::quota::QueueStats;
-use self::throttle::{HostTable, SiteThrottle, Waiter};
+use self::throttle::{HostTable, SiteThrottle, SourceIpLimits, Waiter};
 use self::timing::ByState;
 use crate::dsn::{DsnAction, DsnKind};
 use crate::smtp::client::{OutboundMessage, OutboundRecipient, Reply};
@@ -199,6 +203,18 @@ pub enum MeshMsg {
     HostRelease {
         host: String,
     },
+    /// To a source IP's owner: a permit to send one message from `ip` (a
+    /// source IP key), answered by IpPermitReply.
+    IpPermit {
+        ip: String,
+        from: usize,
+        req: u64,
+    },
+    /// From a source IP's owner: 0 = granted, else ask again after this many ms.
+    IpPermitReply {
+        req: u64,
+        wait_ms: u64,
+    },
 }
 
 /// A message with jobs out, waiting for their results (shard-owner side).
@@ -233,6 +249,8 @@ struct Site {
     key: String,
     target: Target,
     strategy: Strategy,
+    /// Key of the sending address (`config::source_ip_key`).
+    ip_key: String,
     max_connections: usize,
     max_per_connection: usize,
     throttle: RefCell<SiteThrottle>,
@@ -335,6 +353,10 @@ pub struct CoreDelivery {
     /// Requester side: host slot requests waiting for a grant.
     host_requests: RefCell<HashMap<u64, (String, oneshot::Sender<()>)>>,
     next_request: Cell<u64>,
+    /// Source-IP-owner side: message rate limiters of the IPs this core owns.
+    source_ips: RefCell<SourceIpLimits>,
+    /// Requester side: permit requests waiting for an answer (the wait in ms).
+    ip_requests: RefCell<HashMap<u64, oneshot::Sender<u64>>>,
 }
 
 impl CoreDelivery {
@@ -365,6 +387,8 @@ impl CoreDelivery {
             queue_rates: RefCell::new(HashMap::new()),
             host_requests: RefCell::new(HashMap::new()),
             next_request: Cell::new(0),
+            source_ips: RefCell::new(SourceIpLimits::default()),
+            ip_requests: RefCell::new(HashMap::new()),
         })
     }
 
@@ -412,6 +436,8 @@ impl CoreDelivery {
             }
             MeshMsg::HostGrant { req } => self.host_granted(req),
             MeshMsg::HostRelease { host } => self.host_released(&host),
+            MeshMsg::IpPermit { ip, from, req } => self.ip_permit_asked(&ip, from, req),
+            MeshMsg::IpPermitReply { req, wait_ms } => self.ip_permit_answered(req, wait_ms),
         }
     }
 
@@ -688,6 +714,7 @@ impl CoreDelivery {
                         key: key.clone(),
                         target: job.target.clone(),
                         strategy: job.strategy.clone(),
+                        ip_key: config::source_ip_key(job.strategy.source_ip),
                         max_connections: dest.max_connections.max(1),
                         max_per_connection: dest.max_messages_per_connection.max(1),
                         throttle: RefCell::new(SiteThrottle::new(&dest)),
@@ -726,6 +753,10 @@ impl CoreDelivery {
         let cfg = &self.shared.cfg.delivery;
         let mut open: Option<Open> = None;
         let mut sent = 0usize;
+        let ip_limited = !self.shared.cfg.source_ip_rate(&site.ip_key).is_empty();
+        // A source IP permit granted and not yet used (kept while the site's own
+        // message rate makes the next message wait).
+        let mut ip_permit = false;
         loop {
             if site.queue.borrow().is_empty() {
                 let listener = site.wake.listen();
@@ -777,6 +808,24 @@ impl CoreDelivery {
                 // The queue may have changed while connecting: look again.
                 continue;
             }
+            // The source IP's message rate, granted by the IP's owner core.
+            if ip_limited && !ip_permit {
+                match self.source_ip_permit(&site.ip_key).await {
+                    None => ip_permit = true,
+                    Some(wait) => {
+                        if wait > cfg.idle_timeout.0 {
+                            if let Some(o) = open.take() {
+                                o.conn.quit().await;
+                            }
+                        }
+                        tracing::debug!(site = %site.key, source_ip = %site.ip_key, wait_ms = wait.as_millis() as u64, "source IP message rate: waiting");
+                        Timer::new(wait).await;
+                        continue;
+                    }
+                }
+                // The queue may have changed while asking: look again.
+                continue;
+            }
             // The site's message rate.
             let wait = site.throttle.borrow_mut().message_wait(now_ms());
             if let Some(wait) = wait {
@@ -795,6 +844,7 @@ impl CoreDelivery {
                 continue;
             };
             let job = queued.job;
+            ip_permit = false;
             let Some(o) = open.as_mut() else { continue };
             let result = self.deliver(&mut o.conn, &job).await;
             let broken = result.is_err();
@@ -822,6 +872,64 @@ impl CoreDelivery {
             site.active.set(site.active.get() + 1);
             let me = self.clone();
             glommio::spawn_local(async move { me.connection_task(site).await }).detach();
+        }
+    }
+
+    /// Asks the owner of source IP `key` for a permit to send one message.
+    /// None: granted (and counted). Some: ask again after this long. When the
+    /// owner cannot be reached (shutting down) the message goes ahead.
+    async fn source_ip_permit(self: &Rc<Self>, key: &str) -> Option<Duration> {
+        let peers = self.senders.nr_consumers().max(1);
+        let me = self.senders.peer_id();
+        // Salted so an IP and a host of the same name need not share an owner.
+        let owner = site_owner(&format!("ip:{key}"), peers);
+        if owner == me {
+            return self.ip_permit_wait(key);
+        }
+        let req = self.next_request.get();
+        self.next_request.set(req + 1);
+        let (tx, rx) = oneshot::channel();
+        self.ip_requests.borrow_mut().insert(req, tx);
+        let msg = MeshMsg::IpPermit {
+            ip: key.to_string(),
+            from: me,
+            req,
+        };
+        if self.senders.send_to(owner, msg).await.is_err() {
+            self.ip_requests.borrow_mut().remove(&req);
+            return None;
+        }
+        match rx.await {
+            Ok(0) | Err(_) => None,
+            Ok(ms) => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Source-IP-owner side: the limiter's answer for one permit.
+    fn ip_permit_wait(&self, key: &str) -> Option<Duration> {
+        let rates = self.shared.cfg.source_ip_rate(key);
+        self.source_ips.borrow_mut().permit(key, rates, now_ms())
+    }
+
+    /// Source-IP-owner side: a peer asks for a permit.
+    fn ip_permit_asked(self: &Rc<Self>, key: &str, from: usize, req: u64) {
+        let wait_ms = self
+            .ip_permit_wait(key)
+            .map_or(0, |w| (w.as_millis() as u64).max(1));
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let _ = me
+                .senders
+                .send_to(from, MeshMsg::IpPermitReply { req, wait_ms })
+                .await;
+        })
+        .detach();
+    }
+
+    /// Requester side: the owner answered a permit request.
+    fn ip_permit_answered(&self, req: u64, wait_ms: u64) {
+        if let Some(tx) = self.ip_requests.borrow_mut().remove(&req) {
+            let _ = tx.send(wait_ms);
         }
     }
 

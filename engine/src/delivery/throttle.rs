@@ -6,6 +6,9 @@
 //!   a route's host) may serve many sites, so sites cannot own it; instead every
 //!   host hashes to one owner core that keeps this table and grants connection
 //!   slots over the mesh. Exact across cores.
+//! * [`SourceIpLimits`]: `[delivery] source_ip_rate` (and `[source_ip."IP"]
+//!   message_rate`). Every source IP hashes to one owner core that keeps its
+//!   limiter and grants message permits over the mesh. Exact across cores.
 //! * [`per_core_rate`]: `[queue.X] message_rate`, enforced at dispatch by each
 //!   shard owner with an even share of the rate, so the cores together never go
 //!   above it.
@@ -69,6 +72,32 @@ pub fn per_core_rate(rate: Rate, cores: usize) -> Rate {
     Rate {
         count: count as u32,
         per_ms: u64::try_from(per_ms).unwrap_or(u64::MAX),
+    }
+}
+
+/// Message rate limiters per source IP key, kept by the key's owner core.
+#[derive(Debug, Default)]
+pub struct SourceIpLimits {
+    limiters: HashMap<String, MultiLimiter>,
+}
+
+impl SourceIpLimits {
+    /// A message permit for `key`, limited by `rates` (fixed per key: the first
+    /// request's rates build the limiter). None: granted now (and counted).
+    /// Some: ask again after this long.
+    pub fn permit(&mut self, key: &str, rates: &[Rate], now_ms: u64) -> Option<Duration> {
+        if rates.is_empty() {
+            return None;
+        }
+        if !self.limiters.contains_key(key) {
+            self.limiters
+                .insert(key.to_string(), MultiLimiter::new(rates.to_vec()));
+        }
+        self.limiters
+            .get_mut(key)?
+            .try_acquire(now_ms)
+            .err()
+            .map(|ms| Duration::from_millis(ms.max(1)))
     }
 }
 
@@ -335,6 +364,99 @@ mod tests {
                 assert!(held <= 3);
             }
         }
+    }
+
+    fn delivery(text: &str) -> crate::delivery::config::DeliveryConfig {
+        let cfg = crate::config::Config::load("test", text, &[]).expect("config");
+        cfg.delivery_config()
+    }
+
+    #[test]
+    fn source_ip_rates_come_from_the_global_key_or_an_override() {
+        use crate::delivery::config::source_ip_key;
+        let none = delivery("");
+        assert!(none.source_ip_rate("default").is_empty());
+        let c = delivery(
+            "[delivery]\nsource_ip_rate = [\"2/s\", \"100/h\"]\n\
+             [source_ip.\"127.0.0.9\"]\nmessage_rate = [\"5/m\"]\n\
+             [source_ip.\"::0:1\"]\nmessage_rate = []\n",
+        );
+        assert_eq!(source_ip_key(None), "default");
+        assert_eq!(c.source_ip_rate("default"), &[rate("2/s"), rate("100/h")]);
+        assert_eq!(c.source_ip_rate("192.0.2.1"), &[rate("2/s"), rate("100/h")]);
+        assert_eq!(c.source_ip_rate("127.0.0.9"), &[rate("5/m")]);
+        // Another spelling of ::1; an empty override lifts the limit.
+        let ip: std::net::IpAddr = "::1".parse().expect("ip");
+        assert!(c.source_ip_rate(&source_ip_key(Some(ip))).is_empty());
+        // Keys must be addresses or "default"; rates must parse.
+        assert!(crate::config::Config::load("t", "[source_ip.example]\n", &[]).is_err());
+        assert!(
+            crate::config::Config::load("t", "[delivery]\nsource_ip_rate = [\"x\"]\n", &[])
+                .is_err()
+        );
+        assert!(
+            crate::config::Config::load("t", "[source_ip.default]\nmessage_rates = []\n", &[])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn source_ip_permits_are_per_ip_and_delay() {
+        let mut t = SourceIpLimits::default();
+        let r = [rate("2/s")];
+        let t0 = 1_700_000_000_000;
+        assert_eq!(t.permit("default", &r, t0), None);
+        assert_eq!(t.permit("default", &r, t0), None);
+        assert_eq!(
+            t.permit("default", &r, t0),
+            Some(Duration::from_millis(500))
+        );
+        // Another IP has its own budget; no rates means no limit.
+        assert_eq!(t.permit("192.0.2.1", &r, t0), None);
+        for _ in 0..100 {
+            assert_eq!(t.permit("192.0.2.2", &[], t0), None);
+        }
+        assert_eq!(
+            t.permit("default", &r, t0 + 499),
+            Some(Duration::from_millis(1))
+        );
+        assert_eq!(t.permit("default", &r, t0 + 500), None);
+        assert_eq!(
+            t.permit("default", &r, t0 + 500),
+            Some(Duration::from_millis(500))
+        );
+    }
+
+    #[test]
+    fn source_ip_permits_hold_the_rate_for_many_requesters() {
+        // Requesters (connections on any core) each ask, sleep what they are
+        // told and ask again: the grants never exceed burst + rate * time.
+        let mut t = SourceIpLimits::default();
+        let r = [rate("10/s"), rate("50/m")];
+        let mut next = [0u64; 7];
+        let mut grants = Vec::new();
+        while grants.len() < 200 {
+            let (i, &now) = next
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, &n)| n)
+                .expect("requesters");
+            match t.permit("default", &r, now) {
+                None => {
+                    grants.push(now);
+                    next[i] = now + 7;
+                }
+                Some(w) => next[i] = now + w.as_millis() as u64,
+            }
+        }
+        for (i, &at) in grants.iter().enumerate() {
+            let n = (i + 1) as u64;
+            assert!(n <= 10 + at * 10 / 1_000, "{n} grants by {at}ms");
+            assert!(n <= 50 + at * 50 / 60_000, "{n} grants by {at}ms");
+        }
+        // 200 grants at 50/min after a burst of 50: about 3 minutes.
+        let last = *grants.last().expect("grants");
+        assert!((179_000..=181_000).contains(&last), "{last}");
     }
 
     #[test]

@@ -1226,7 +1226,8 @@ fn mail_times(
                 "Error: HOLDFOR exceeds the maximum of {MAX_HOLD_SECS} seconds"
             ));
         }
-        hold_until = now_s + from.hold_for;
+        // Rounded up: a hold is never released before the seconds asked for.
+        hold_until = now_ms.div_ceil(1000) + from.hold_for;
     }
     if from.hold_until != 0 {
         if from.hold_until > now_s + MAX_HOLD_SECS {
