@@ -7,9 +7,15 @@
 #   ceiling   smtp-source -> sink
 #   sluice    smtp-source -> sluice (defaults: fsync on; fresh spool) -> sink
 #   postfix   smtp-source -> private Postfix instance (as shipped: queue files fsynced) -> sink
-# plus sluice with server.cores=1 for some cases. Source: Postfix's smtp-source (one new
-# connection per message, as smtp-source does without -d). Sink: sluice-loadgen sink, whose
-# counters say when every message has arrived.
+# plus sluice with server.cores=1 for some cases. Source (--source): Postfix's smtp-source
+# (default, one new connection per message, as smtp-source does without -d) or
+# sluice-loadgen send (persistent pipelined connections; reports p99 end of data -> 250 per
+# setup). Sink: sluice-loadgen sink, whose counters say when every recipient has arrived.
+# Cases: 1 KiB, 20 KiB, 100 KiB x 1 rcpt; 1 KiB x 5 rcpts over 5 domains (smtp-source: 5 rcpts
+# in one domain, it cannot spread them); 32 and 256 connections; STARTTLS on (sluice
+# listener tls="starttls", Postfix smtpd_tls_security_level=may, the sink for the ceiling, all
+# with one self-signed cert from the openssl CLI) -- loadgen source only, smtp-source has no
+# STARTTLS. Relay -> sink is always plain.
 #
 # Per measurement: acceptance msgs/s (source wall time), end-to-end delivered msgs/s (source
 # start until the sink received the last message), relay CPU seconds per 1000 messages
@@ -19,6 +25,7 @@
 #
 # Usage: bench/relay-vs-postfix.sh [--quick] [--messages N] [--port-base P] [--no-build]
 #                                  [--append | --no-append] [--workdir DIR]
+#                                  [--source smtp-source|loadgen] [--bin-dir DIR]
 #   --quick       seconds-long smoke run (few messages, two cases); does not append by default
 #   --messages N  messages per measurement (default 20000; --quick: 300)
 #   --port-base P first loopback port (default 23100; each measurement uses P+4i .. P+4i+2)
@@ -27,7 +34,10 @@
 #   --no-append   only print it
 #   --workdir DIR parent of the temp dir for spools and the Postfix instance (default
 #                 /var/tmp; must be a real disk: fsync on tmpfs measures nothing)
-# Needs root (Postfix runs its daemons as user postfix), smtp-source, postfix, curl, jq.
+#   --source S    smtp-source (default, comparable with earlier runs) or loadgen
+#   --bin-dir DIR take sluice and sluice-loadgen from DIR (implies --no-build)
+# Needs root (Postfix runs its daemons as user postfix), smtp-source, postfix, curl, jq,
+# openssl (STARTTLS cases).
 set -Eeuo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,6 +50,8 @@ PORT_BASE=23100
 BUILD=1
 APPEND=""
 WORK_PARENT=/var/tmp
+SOURCE=smtp-source
+BIN_SRC=""
 
 usage() { sed -n '2,/^set -E/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "relay-vs-postfix: $*" >&2; exit 1; }
@@ -54,25 +66,39 @@ while [ $# -gt 0 ]; do
         --append) APPEND=1 ;;
         --no-append) APPEND=0 ;;
         --workdir) WORK_PARENT=${2:?}; shift ;;
+        --source) SOURCE=${2:?}; shift ;;
+        --bin-dir) BIN_SRC=${2:?}; BUILD=0; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
     shift
 done
 
+case "$SOURCE" in smtp-source|loadgen) ;; *) die "--source wants smtp-source or loadgen" ;; esac
 if [ "$QUICK" = 1 ]; then
     : "${MESSAGES:=300}"
     : "${APPEND:=0}"
-    # size connections setups
-    CASES=("1024 32 ceiling,sluice,sluice1,postfix"
-           "20480 32 ceiling,sluice,postfix")
+    # size connections recipients tls(off|starttls) setups
+    CASES=("1024 32 1 off ceiling,sluice,sluice1,postfix"
+           "20480 32 1 off ceiling,sluice,postfix"
+           "1024 32 5 starttls ceiling,sluice,postfix")
 else
     : "${MESSAGES:=20000}"
     : "${APPEND:=1}"
-    CASES=("1024 32 ceiling,sluice,sluice1,postfix"
-           "20480 32 ceiling,sluice,sluice1,postfix"
-           "102400 32 ceiling,sluice,postfix"
-           "1024 256 ceiling,sluice,postfix")
+    CASES=("1024 32 1 off ceiling,sluice,sluice1,postfix"
+           "20480 32 1 off ceiling,sluice,sluice1,postfix"
+           "1024 32 5 off ceiling,sluice,postfix"
+           "102400 32 1 off ceiling,sluice,postfix"
+           "1024 256 1 off ceiling,sluice,postfix"
+           "1024 32 1 starttls ceiling,sluice,postfix")
+fi
+if [ "$SOURCE" = smtp-source ]; then   # smtp-source speaks no STARTTLS: drop those cases
+    kept=()
+    for c in "${CASES[@]}"; do
+        read -r _ _ _ t _ <<<"$c"
+        if [ "$t" = off ]; then kept+=("$c"); else log "skipping STARTTLS case ($c): needs --source loadgen"; fi
+    done
+    CASES=("${kept[@]}")
 fi
 [[ "$MESSAGES" =~ ^[1-9][0-9]*$ ]] || die "--messages wants a positive integer"
 if ! [[ "$PORT_BASE" =~ ^[0-9]+$ ]] || [ "$PORT_BASE" -lt 1024 ] || [ "$PORT_BASE" -gt 60000 ]; then
@@ -81,7 +107,7 @@ fi
 
 SMTP_SOURCE=/usr/sbin/smtp-source
 POSTFIX=/usr/sbin/postfix
-for tool in "$SMTP_SOURCE" "$POSTFIX" /usr/sbin/postconf curl jq timeout; do
+for tool in "$SMTP_SOURCE" "$POSTFIX" /usr/sbin/postconf curl jq timeout openssl; do
     command -v "$tool" >/dev/null || die "missing $tool"
 done
 [ "$(id -u)" = 0 ] || die "run as root (a private Postfix instance needs it)"
@@ -111,7 +137,7 @@ stop_pid() {
         if [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" = Z ]; then break; fi
         sleep 0.1; i=$((i + 1))
     done
-    if pid_alive "$pid" && [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]; then
+    if [ $i -ge $STOP_TIMEOUT_TICKS ] && pid_alive "$pid" && [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]; then
         log "pid $pid did not exit after SIGTERM; SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
     fi
@@ -204,16 +230,18 @@ start_pss_sampler() { # MASTER_PID OUTFILE STOPFILE
 }
 
 # ---------------------------------------------------------------------------------------
-start_sink() { # PORT STATS_PORT DIR
+start_sink() { # PORT STATS_PORT DIR [TLS]
+    local tls_args=()
+    [ "${4:-off}" = off ] || tls_args=(--tls-cert "$CERT" --tls-key "$KEY")
     "$BIN/sluice-loadgen" sink --listen "127.0.0.1:$1" --stats-listen "127.0.0.1:$2" \
-        --no-tokens >"$3/sink.json" 2>"$3/sink.err" &
+        --no-tokens "${tls_args[@]}" >"$3/sink.json" 2>"$3/sink.err" &
     SINK_PID=$!
     PIDS+=("$SINK_PID")
     wait_listening "$2" "$SINK_PID" "sink"
     wait_listening "$1" "$SINK_PID" "sink"
 }
 
-sluice_args() { # PORT SINK_PORT SPOOL CORES
+sluice_args() { # PORT SINK_PORT SPOOL CORES [TLS]
     local a=(run --set delivery.enabled=true
         --set "route.default={type=\"relay\",host=\"127.0.0.1\",port=$2,tls=\"none\"}"
         --set 'dns.servers=["127.0.0.1:9"]' --set log.level=warn
@@ -221,13 +249,15 @@ sluice_args() { # PORT SINK_PORT SPOOL CORES
         --set "server.listener.smtp.max_connections_per_ip=1024"
         --set "spool.path=$3")
     [ "$4" = 0 ] || a+=(--set "server.cores=$4")
+    [ "${5:-off}" = off ] || a+=(--set 'server.listener.smtp.tls="starttls"'
+        --set "server.listener.smtp.tls_cert=\"$CERT\"" --set "server.listener.smtp.tls_key=\"$KEY\"")
     printf '%s\0' "${a[@]}"
 }
 
-start_sluice() { # PORT SINK_PORT DIR CORES
+start_sluice() { # PORT SINK_PORT DIR CORES TLS
     local args=()
     mkdir -p "$3/spool"
-    mapfile -d '' args < <(sluice_args "$1" "$2" "$3/spool" "$4")
+    mapfile -d '' args < <(sluice_args "$1" "$2" "$3/spool" "$4" "$5")
     "$BIN/sluice" "${args[@]}" >"$3/sluice.out" 2>"$3/sluice.err" &
     RELAY_PID=$!
     PIDS+=("$RELAY_PID")
@@ -235,10 +265,12 @@ start_sluice() { # PORT SINK_PORT DIR CORES
 }
 
 POSTFIX_QUEUE=""
-start_postfix() { # PORT SINK_PORT DIR
-    local base="$3/postfix" i=0
+start_postfix() { # PORT SINK_PORT DIR TLS
+    local base="$3/postfix" i=0 level=none
+    [ "$4" = off ] || level=may
     mkdir -p "$base/conf" "$base/queue" "$base/data"
     sed -e "s|@CONFIG_DIR@|$base/conf|g; s|@QUEUE_DIR@|$base/queue|g" \
+        -e "s|@SMTPD_TLS_LEVEL@|$level|g; s|@TLS_CERT@|$CERT|g; s|@TLS_KEY@|$KEY|g" \
         -e "s|@DATA_DIR@|$base/data|g; s|@BASE_DIR@|$base|g; s|@SINK_PORT@|$2|g" \
         "$BENCH_DIR/postfix/main.cf.in" >"$base/conf/main.cf"
     sed -e "s|@SMTPD_ADDR@|127.0.0.1:$1|g" "$BENCH_DIR/postfix/master.cf.in" >"$base/conf/master.cf"
@@ -262,12 +294,12 @@ sink_stat() { # STATS_PORT FIELD -> value (empty on failure)
 }
 
 # ---------------------------------------------------------------------------------------
-declare -A ACC E2E CPU MEM SINKCONN NOTE
+declare -A ACC E2E CPU MEM SINKCONN NOTE P99
 SAMPLER_PID="" SINK_PID="" RELAY_PID=""
 
-measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX
-    local ci=$1 setup=$2 size=$3 conns=$4 mi=$5
-    local key="$ci/$setup" dir="$WORK/m$mi-$setup-$size-$conns"
+measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
+    local ci=$1 setup=$2 size=$3 conns=$4 mi=$5 rcpts=$6 tls=$7
+    local key="$ci/$setup" dir="$WORK/m$mi-$setup-$size-$conns-$rcpts-$tls" want=$((MESSAGES * rcpts))
     local p=$((PORT_BASE + 4 * mi))
     local sink_port=$p stats_port=$((p + 1)) relay_port=$((p + 2)) target
     local t0 t1 src_rc cpu0="" cpu1="" got="" last="" i=0 mem="" note="" q
@@ -275,14 +307,14 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX
     for q in "$sink_port" "$stats_port" "$relay_port"; do
         port_free "$q" || die "port $q is in use; pick another --port-base"
     done
-    log "case $((ci + 1)): $setup, $size B x 1 rcpt, $conns connections, $MESSAGES messages"
-    start_sink "$sink_port" "$stats_port" "$dir"
+    log "case $((ci + 1)): $setup, $size B x $rcpts rcpt, $conns connections, TLS $tls, $MESSAGES messages ($SOURCE)"
+    start_sink "$sink_port" "$stats_port" "$dir" "$([ "$setup" = ceiling ] && echo "$tls" || echo off)"
     RELAY_PID=""
     case "$setup" in
         ceiling) target=$sink_port ;;
-        sluice) start_sluice "$relay_port" "$sink_port" "$dir" 0; target=$relay_port ;;
-        sluice1) start_sluice "$relay_port" "$sink_port" "$dir" 1; target=$relay_port ;;
-        postfix) start_postfix "$relay_port" "$sink_port" "$dir"; target=$relay_port ;;
+        sluice) start_sluice "$relay_port" "$sink_port" "$dir" 0 "$tls"; target=$relay_port ;;
+        sluice1) start_sluice "$relay_port" "$sink_port" "$dir" 1 "$tls"; target=$relay_port ;;
+        postfix) start_postfix "$relay_port" "$sink_port" "$dir" "$tls"; target=$relay_port ;;
         *) die "unknown setup $setup" ;;
     esac
 
@@ -297,15 +329,33 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX
 
     t0=$(now_ms)
     src_rc=0
-    timeout "$SOURCE_TIMEOUT" "$SMTP_SOURCE" -s "$conns" -m "$MESSAGES" -l "$size" -M bench.example \
-        -f from@example.org -t to@example.com "127.0.0.1:$target" >"$dir/source.log" 2>&1 || src_rc=$?
+    if [ "$SOURCE" = loadgen ]; then
+        local lg=(send --target "127.0.0.1:$target" --connections "$conns" --messages "$MESSAGES"
+            --size "$size" --recipients "$rcpts" --json)
+        [ "$rcpts" = 1 ] || lg+=(--domains "$rcpts" --domain-dist uniform)
+        [ "$tls" = off ] || lg+=(--starttls)
+        timeout "$SOURCE_TIMEOUT" "$BIN/sluice-loadgen" "${lg[@]}" >"$dir/source.json" 2>"$dir/source.log" || src_rc=$?
+    else
+        local rc_args=()
+        [ "$rcpts" = 1 ] || rc_args=(-r "$rcpts")
+        timeout "$SOURCE_TIMEOUT" "$SMTP_SOURCE" -s "$conns" -m "$MESSAGES" -l "$size" "${rc_args[@]}" -M bench.example \
+            -f from@example.org -t to@example.com "127.0.0.1:$target" >"$dir/source.log" 2>&1 || src_rc=$?
+    fi
     t1=$(now_ms)
-    [ "$src_rc" = 0 ] || note="smtp-source exit $src_rc ($(tail -n 1 "$dir/source.log" | tr '|' '/'))"
+    [ "$src_rc" = 0 ] || note="$SOURCE exit $src_rc ($(tail -n 1 "$dir/source.log" | tr '|' '/'))"
+    P99[$key]=""
+    if [ "$SOURCE" = loadgen ]; then
+        P99[$key]=$(jq -r '.eod_to_250_ms.p99 // empty | . * 100 | round / 100' "$dir/source.json" 2>/dev/null || true)
+        local lacc
+        lacc=$(jq -r '.accepted // 0' "$dir/source.json" 2>/dev/null || echo 0)
+        [ "$lacc" = "$MESSAGES" ] || note="${note:+$note; }loadgen accepted $lacc of $MESSAGES ($(jq -c '.errors_by_code' "$dir/source.json" 2>/dev/null))"
+    fi
 
-    # Wait for the sink to count every message (bounded).
+    # Wait for the sink to count every recipient (bounded). A relay may split a message per
+    # domain, so recipients, not messages, say when everything has arrived.
     while [ $i -lt $((DELIVERY_TIMEOUT * 4)) ]; do
-        got=$(sink_stat "$stats_port" messages)
-        if [ -n "$got" ] && [ "$got" -ge "$MESSAGES" ]; then break; fi
+        got=$(sink_stat "$stats_port" recipients)
+        if [ -n "$got" ] && [ "$got" -ge "$want" ]; then break; fi
         if [ -n "$RELAY_PID" ] && ! pid_alive "$RELAY_PID"; then note="${note:+$note; }relay died"; break; fi
         sleep 0.25; i=$((i + 1))
     done
@@ -323,11 +373,11 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX
     last=$(sink_stat "$stats_port" last_message_unix_ms)
     SINKCONN[$key]=$(sink_stat "$stats_port" connections)
     got=${got:-0}
-    if [ "$got" -lt "$MESSAGES" ]; then note="${note:+$note; }sink got only $got of $MESSAGES"; fi
-    if [ "$got" -gt "$MESSAGES" ]; then note="${note:+$note; }sink got $got (duplicates)"; fi
+    if [ "$got" -lt "$want" ]; then note="${note:+$note; }sink got only $got of $want recipients"; fi
+    if [ "$got" -gt "$want" ]; then note="${note:+$note; }sink got $got of $want recipients (duplicates)"; fi
 
     ACC[$key]=$(awk -v n="$MESSAGES" -v ms=$((t1 - t0)) 'BEGIN { printf "%.0f", (ms > 0 ? n * 1000 / ms : 0) }')
-    if [ "$got" -ge "$MESSAGES" ] && [ -n "$last" ]; then
+    if [ "$got" -ge "$want" ] && [ -n "$last" ]; then
         E2E[$key]=$(awk -v n="$MESSAGES" -v ms=$((last - t0)) 'BEGIN { printf "%.0f", (ms > 0 ? n * 1000 / ms : 0) }')
     else
         E2E[$key]=""
@@ -347,7 +397,7 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX
     esac
     stop_pid "$SINK_PID"
     rm -rf "$dir/spool" "$dir/postfix/queue"   # bodies can be GiBs; keep logs only
-    log "  accept ${ACC[$key]}/s, delivered ${E2E[$key]:-?}/s, CPU ${CPU[$key]:-–} s/1000, mem ${MEM[$key]:-–} MiB${note:+, $note}"
+    log "  accept ${ACC[$key]}/s, delivered ${E2E[$key]:-?}/s, p99 ${P99[$key]:-–} ms, CPU ${CPU[$key]:-–} s/1000, mem ${MEM[$key]:-–} MiB${note:+, $note}"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -356,7 +406,8 @@ if [ "$BUILD" = 1 ]; then
     log "cargo build --release --workspace"
     cargo build --release --workspace >&2 || die "build failed"
 fi
-for b in sluice sluice-loadgen; do [ -x "target/release/$b" ] || die "missing target/release/$b (build first)"; done
+BIN_SRC=${BIN_SRC:-$REPO/target/release}
+for b in sluice sluice-loadgen; do [ -x "$BIN_SRC/$b" ] || die "missing $BIN_SRC/$b (build first)"; done
 
 [ -d "$WORK_PARENT" ] || die "no such directory: $WORK_PARENT"
 fstype=$(stat -f -c %T "$WORK_PARENT")
@@ -366,7 +417,15 @@ chmod 755 "$WORK"
 # Copies, so that a rebuild by someone else during the run does not swap binaries under us.
 BIN="$WORK/bin"
 mkdir -p "$BIN"
-cp -p target/release/sluice target/release/sluice-loadgen "$BIN/"
+cp -p "$BIN_SRC/sluice" "$BIN_SRC/sluice-loadgen" "$BIN/"
+CERT="" KEY=""
+if printf '%s\n' "${CASES[@]}" | awk '$4 != "off" { f = 1 } END { exit !f }'; then
+    CERT="$WORK/tls/cert.pem" KEY="$WORK/tls/key.pem"
+    mkdir -p "$WORK/tls"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=bench.localdomain \
+        -keyout "$KEY" -out "$CERT" >"$WORK/tls/openssl.log" 2>&1 || die "openssl req failed"
+    chmod 644 "$CERT" "$KEY"
+fi
 
 GIT_REV=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)
 BIN_INFO=$(for b in sluice sluice-loadgen; do
@@ -381,10 +440,10 @@ log "work dir $WORK (fs $fstype); sluice $GIT_REV; Postfix $PF_VERSION; load $LO
 
 mi=0
 for ci in "${!CASES[@]}"; do
-    read -r size conns setups <<<"${CASES[$ci]}"
+    read -r size conns rcpts tls setups <<<"${CASES[$ci]}"
     IFS=, read -r -a list <<<"$setups"
     for setup in "${list[@]}"; do
-        measure "$ci" "$setup" "$size" "$conns" "$mi"
+        measure "$ci" "$setup" "$size" "$conns" "$mi" "$rcpts" "$tls"
         mi=$((mi + 1))
     done
 done
@@ -410,18 +469,24 @@ label() {
 }
 
 table() {
-    echo "| case | setup | accepted msg/s | delivered msg/s | relay CPU s/1000 msg | relay peak MiB | sink conns | accepted ÷ Postfix | delivered ÷ Postfix | delivered ÷ ceiling | notes |"
-    echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"
-    local ci size conns setups list setup key pf ce
+    echo "| case | setup | accepted msg/s | delivered msg/s | p99 end of data → 250 ms | relay CPU s/1000 msg | relay peak MiB | sink conns | accepted ÷ Postfix | delivered ÷ Postfix | delivered ÷ ceiling | notes |"
+    echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+    local ci size conns rcpts tls setups list setup key pf ce desc
     for ci in "${!CASES[@]}"; do
-        read -r size conns setups <<<"${CASES[$ci]}"
+        read -r size conns rcpts tls setups <<<"${CASES[$ci]}"
+        desc="$(human_size "$size") × $rcpts rcpt"
+        if [ "$rcpts" != 1 ]; then
+            if [ "$SOURCE" = loadgen ]; then desc+=" over $rcpts domains"; else desc+=" (1 domain)"; fi
+        fi
+        desc+=", $conns conn"
+        [ "$tls" = off ] || desc+=", STARTTLS"
         IFS=, read -r -a list <<<"$setups"
         pf="$ci/postfix" ce="$ci/ceiling"
         for setup in "${list[@]}"; do
             key="$ci/$setup"
-            printf '| %s × 1 rcpt, %s conn | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
-                "$(human_size "$size")" "$conns" "$(label "$setup")" \
-                "${ACC[$key]:-–}" "${E2E[$key]:-–}" "${CPU[$key]:-–}" "${MEM[$key]:-–}" "${SINKCONN[$key]:-–}" \
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
+                "$desc" "$(label "$setup")" \
+                "${ACC[$key]:-–}" "${E2E[$key]:-–}" "${P99[$key]:-–}" "${CPU[$key]:-–}" "${MEM[$key]:-–}" "${SINKCONN[$key]:-–}" \
                 "$(ratio "${ACC[$key]:-}" "${ACC[$pf]:-}")" "$(ratio "${E2E[$key]:-}" "${E2E[$pf]:-}")" \
                 "$(ratio "${E2E[$key]:-}" "${E2E[$ce]:-}")" "${NOTE[$key]:-}"
         done
@@ -436,7 +501,7 @@ shquote() { # ARGS... -> one shell-quoted line
     echo "${out% }"
 }
 mapfile -d '' SLUICE_ARGS < <(sluice_args RELAYPORT SINKPORT SPOOLDIR 0)
-SLUICE_CMD="sluice $(shquote "${SLUICE_ARGS[@]}") [--set server.cores=1]"
+SLUICE_CMD="sluice $(shquote "${SLUICE_ARGS[@]}") [--set server.cores=1] [STARTTLS cases: --set 'server.listener.smtp.tls=\"starttls\"' --set server.listener.smtp.tls_cert=CERT --set server.listener.smtp.tls_key=KEY]"
 section() {
     cat <<EOF
 
@@ -445,16 +510,21 @@ section() {
 - Command: \`$INVOCATION\` (tree \`$GIT_REV\`; $BIN_INFO; Postfix $PF_VERSION, Debian package; $MESSAGES messages per measurement; run took ${ELAPSED} s)
 - Machine: nproc $(nproc) ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)); \`free -g\`: $(free -g | awk '/^Mem:/ { print "total " $2 " GiB, used " $3 ", available " $7 }'); kernel $(uname -r); spool and queue on $fstype
 - Load average (1/5/15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER
-- Source (same for all): \`smtp-source -s CONNS -m $MESSAGES -l SIZE -M bench.example -f from@example.org -t to@example.com 127.0.0.1:PORT\` (a new connection per message; SIZE is the body, smtp-source adds ~140 B of headers)
-- Sink (same for all, fresh per measurement): \`sluice-loadgen sink --listen 127.0.0.1:SINKPORT --stats-listen 127.0.0.1:STATSPORT --no-tokens\` (cores: all)
+- Source (same for all): $SOURCE_DESC
+- Sink (same for all, fresh per measurement): \`sluice-loadgen sink --listen 127.0.0.1:SINKPORT --stats-listen 127.0.0.1:STATSPORT --no-tokens\` (cores: all; for the STARTTLS ceiling also \`--tls-cert CERT --tls-key KEY\`; CERT/KEY: \`openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=bench.localdomain\`)
 - sluice (fresh spool per measurement, fsync on as by default): \`$SLUICE_CMD\`
-- Postfix: a private instance (own config, queue and data directories under the temp dir; \`postfix -c DIR start\`) from \`bench/postfix/main.cf.in\` and \`master.cf.in\`: Debian's shipped services and durability (queue files fsynced), no chroot, relayhost=[127.0.0.1]:SINKPORT, no TLS, default_destination_concurrency_limit=50, default_process_limit=300, logging to a file through postlogd; fresh queue per measurement
-- accepted = messages ÷ smtp-source wall time; delivered = messages ÷ (source start → the sink's last message); relay CPU = utime+stime (Postfix: master and all its processes, reaped ones included); relay peak = sluice VmHWM, Postfix peak of the summed PSS of its processes sampled every 0.5 s; sink conns = connections the sink saw (the relay's connection reuse)
+- Postfix: a private instance (own config, queue and data directories under the temp dir; \`postfix -c DIR start\`) from \`bench/postfix/main.cf.in\` and \`master.cf.in\`: Debian's shipped services and durability (queue files fsynced), no chroot, relayhost=[127.0.0.1]:SINKPORT, smtpd STARTTLS (smtpd_tls_security_level=may, same cert) only in the STARTTLS cases, no TLS to the sink, default_destination_concurrency_limit=50, default_process_limit=300, logging to a file through postlogd; fresh queue per measurement
+- accepted = messages ÷ source wall time; delivered = messages ÷ (source start → the sink's last message); relay CPU = utime+stime (Postfix: master and all its processes, reaped ones included); relay peak = sluice VmHWM, Postfix peak of the summed PSS of its processes sampled every 0.5 s; sink conns = connections the sink saw (the relay's connection reuse)
 
 $(table)
 EOF
 }
 
+if [ "$SOURCE" = loadgen ]; then
+    SOURCE_DESC="\`sluice-loadgen send --target 127.0.0.1:PORT --connections CONNS --messages $MESSAGES --size SIZE --recipients R [--domains R --domain-dist uniform] [--starttls] --json\` (persistent pipelined connections, cores: all; SIZE includes headers; p99 = its end of data → 250 histogram)"
+else
+    SOURCE_DESC="\`smtp-source -s CONNS -m $MESSAGES -l SIZE [-r R] -M bench.example -f from@example.org -t to@example.com 127.0.0.1:PORT\` (a new connection per message; SIZE is the body, smtp-source adds ~140 B of headers; R recipients all in one domain; no STARTTLS, so those cases are skipped; no latencies, so no p99)"
+fi
 OUT=$(section)
 echo "$OUT"
 if [ "$APPEND" = 1 ]; then

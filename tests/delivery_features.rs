@@ -253,9 +253,10 @@ fn futurerelease_holds_are_advertised_shown_and_honoured() {
         ehlo.has_line_starting("FUTURERELEASE 604800 "),
         "EHLO does not advertise FUTURERELEASE: {ehlo:?}"
     );
-    // HOLDFOR=3 sent just after a whole second, so whole-second rounding of the
-    // release time cannot matter here (see futurerelease_holdfor_is_not_released_early).
-    align_subsec(0, 100);
+    // HOLDFOR=3 sent just after a whole second (1 to 100 ms into it): the relay
+    // rounds the release up to a whole second, so it is the next second + 3 (see
+    // futurerelease_holdfor_is_not_released_early).
+    align_subsec(1, 100);
     let mail_at = now_ms();
     let id_for = send_with(&mut c, "HOLDFOR=3", "held@far.test", "holdfor");
     // HOLDUNTIL: an absolute time 4 whole seconds ahead.
@@ -291,7 +292,7 @@ fn futurerelease_holds_are_advertised_shown_and_honoured() {
         );
         assert_eq!(
             show_field(&show_for, "hold_until"),
-            fmt(mail_at / 1000 + 3),
+            fmt(mail_at.div_ceil(1000) + 3),
             "{show_for}"
         );
         assert_eq!(

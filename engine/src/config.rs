@@ -60,6 +60,9 @@ pub struct Config {
     pub destination: BTreeMap<String, crate::delivery::config::DestinationConfig>,
     /// Per sending address (an IP, or "default"): overrides of its limits.
     pub source_ip: BTreeMap<String, crate::delivery::config::SourceIpConfig>,
+    /// Per destination host (MX host name, route host or IP): overrides of the
+    /// `[delivery] host_*` limits.
+    pub host: BTreeMap<String, crate::delivery::config::HostConfig>,
     /// Ordered match arms choosing queue and route per recipient.
     pub rule: Vec<sluice_policy::RuleConfig>,
 }
@@ -553,6 +556,7 @@ impl Config {
             routes: self.route.clone(),
             destinations: self.destination.clone(),
             source_ips: self.source_ip.clone(),
+            hosts: self.host.clone(),
         }
     }
 

@@ -1,5 +1,5 @@
 //! Configuration of outbound delivery: `[delivery]`, `[queue.NAME]`, `[route.NAME]`,
-//! `[destination.NAME]` and the `[[rule]]` list that picks queue and route per
+//! `[destination.NAME]`, `[source_ip."IP"]`, `[host."NAME"]` and the `[[rule]]` list that picks queue and route per
 //! recipient.
 
 use std::collections::BTreeMap;
@@ -55,6 +55,17 @@ pub struct DeliverySection {
     /// Exact across cores: each source IP is owned by one core, which grants the
     /// message permits. A message over the rate waits (it is not failed).
     pub source_ip_rate: Vec<Rate>,
+    /// New connections per period to one destination host, e.g. ["10/s"];
+    /// empty = no limit. Exact across cores (the host's owner core checks it when
+    /// it grants the connection). `[host."NAME"] connection_rate` overrides it.
+    pub host_connection_rate: Vec<Rate>,
+    /// Messages per period to one destination host over all its connections and
+    /// sites; empty = no limit. Exact across cores (the host's owner core grants a
+    /// permit per message). `[host."NAME"] message_rate` overrides it.
+    pub host_message_rate: Vec<Rate>,
+    /// Messages over one connection to a destination host; 0 = no host limit.
+    /// The site's `max_messages_per_connection` still applies: the smaller wins.
+    pub host_max_messages_per_connection: usize,
 }
 
 impl Default for DeliverySection {
@@ -77,6 +88,9 @@ impl Default for DeliverySection {
             max_recipients_per_transaction: 100,
             max_connections_per_host: 0,
             source_ip_rate: Vec::new(),
+            host_connection_rate: Vec::new(),
+            host_message_rate: Vec::new(),
+            host_max_messages_per_connection: 0,
         }
     }
 }
@@ -97,6 +111,10 @@ pub struct QueueConfig {
     /// Messages dispatched per period from this queue, e.g. ["100/s", "10000/h"];
     /// empty = no limit. A message over the rate waits (it is not failed).
     pub message_rate: Vec<Rate>,
+    /// Most deliveries (jobs: one per message and site) of this queue in flight
+    /// at once; 0 = no limit. Enforced by each shard owner with a share of
+    /// ceil(concurrency / cores); messages over it wait until jobs finish.
+    pub concurrency: usize,
 }
 
 impl Default for QueueConfig {
@@ -109,6 +127,7 @@ impl Default for QueueConfig {
             max_messages: 0,
             max_bytes: ByteSize(0),
             message_rate: Vec::new(),
+            concurrency: 0,
         }
     }
 }
@@ -195,6 +214,39 @@ pub struct SourceIpConfig {
     pub message_rate: Option<Vec<Rate>>,
 }
 
+/// `[host."NAME"]`: limits of one destination host (an MX host name, a route's
+/// host, or an IP). Unset keys take the `[delivery] host_*` values.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// Replaces `delivery.max_connections_per_host` (0 = no limit).
+    pub max_connections: Option<usize>,
+    /// Replaces `delivery.host_connection_rate` (empty = no limit).
+    pub connection_rate: Option<Vec<Rate>>,
+    /// Replaces `delivery.host_message_rate` (empty = no limit).
+    pub message_rate: Option<Vec<Rate>>,
+    /// Replaces `delivery.host_max_messages_per_connection` (0 = no host limit).
+    pub max_messages_per_connection: Option<usize>,
+}
+
+/// The limits in force for one destination host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostLimits {
+    /// Concurrent connections; 0 = no limit.
+    pub max_connections: usize,
+    pub connection_rate: Vec<Rate>,
+    pub message_rate: Vec<Rate>,
+    /// Messages per connection; 0 = no host limit.
+    pub max_messages_per_connection: usize,
+}
+
+impl HostLimits {
+    /// Whether connecting needs the host owner at all.
+    pub fn gates_connections(&self) -> bool {
+        self.max_connections > 0 || !self.connection_rate.is_empty()
+    }
+}
+
 /// All delivery-related sections, as they sit in the top-level config.
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryConfig {
@@ -203,6 +255,8 @@ pub struct DeliveryConfig {
     pub routes: BTreeMap<String, RouteConfig>,
     pub destinations: BTreeMap<String, DestinationConfig>,
     pub source_ips: BTreeMap<String, SourceIpConfig>,
+    /// `[host."NAME"]` overrides, keyed as in the file.
+    pub hosts: BTreeMap<String, HostConfig>,
 }
 
 impl DeliveryConfig {
@@ -239,6 +293,33 @@ impl DeliveryConfig {
             })
             .and_then(|s| s.message_rate.as_deref())
             .unwrap_or(&self.delivery.source_ip_rate)
+    }
+
+    /// Limits of a destination host (`throttle::host_key` form): its
+    /// `[host."NAME"]` entry (names compared without case or trailing dot, IPs
+    /// by value), else the `[delivery] host_*` keys.
+    pub fn host_limits(&self, host: &str) -> HostLimits {
+        let key = super::throttle::host_key(host);
+        let ip = key.parse::<std::net::IpAddr>().ok();
+        let over = self.hosts.iter().find_map(|(k, v)| {
+            let k = super::throttle::host_key(k);
+            let same = k == key || (ip.is_some() && k.parse::<std::net::IpAddr>().ok() == ip);
+            same.then_some(v)
+        });
+        let d = &self.delivery;
+        let o = over.cloned().unwrap_or_default();
+        HostLimits {
+            max_connections: o.max_connections.unwrap_or(d.max_connections_per_host),
+            connection_rate: o
+                .connection_rate
+                .unwrap_or_else(|| d.host_connection_rate.clone()),
+            message_rate: o
+                .message_rate
+                .unwrap_or_else(|| d.host_message_rate.clone()),
+            max_messages_per_connection: o
+                .max_messages_per_connection
+                .unwrap_or(d.host_max_messages_per_connection),
+        }
     }
 
     /// Settings for a site: `[destination."example.com"]` or `[destination.default]`.

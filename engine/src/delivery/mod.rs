@@ -8,7 +8,9 @@
 //!   (through the shard's writer, group-committed), schedules retries, expires,
 //!   sends DSNs and removes finished messages. Only this core writes the message.
 //!   It also applies the per-queue message rate at dispatch and the FUTURERELEASE
-//!   and DELIVERBY times of the message.
+//!   and DELIVERBY times of the message, and the per-queue concurrency (its
+//!   share, ceil(limit / cores), of jobs in flight; held messages wait for a
+//!   job of their queue to finish).
 //! * **Site owner.** Every destination site (an MX domain, or a configured route's
 //!   host, per source IP and EHLO name) hashes to exactly one core, which holds its
 //!   ready queue, its connection count, its rate limiters and its idle
@@ -17,7 +19,9 @@
 //!   accepted it.
 //! * **Host owner.** With `delivery.max_connections_per_host`, every destination
 //!   host also hashes to one core, which hands out its connection slots over the
-//!   mesh (several sites may share a host), so that limit is exact too.
+//!   mesh (several sites may share a host), so that limit is exact too. The
+//!   same owner grants connection and message permits under the host's rates
+//!   (`delivery.host_connection_rate`, `host_message_rate`, `[host."NAME"]`).
 //! * **Source-IP owner.** With `delivery.source_ip_rate` (or `[source_ip."IP"]
 //!   message_rate`), every sending address hashes to one core, which keeps its
 //!   message rate limiter and grants a permit per message over the mesh; a
@@ -50,7 +54,7 @@ use sluice_spool::{Envelope, IdGenerator, MessageId, Notify, RecipientStatus, Re
 use self::config::{DeliveryConfig, OutboundTls, RouteConfig, RouteKind};
 use self::outbound::{Connection, Endpoint, OutboundTlsConfig, SessionFailure};
 use self::quota::QueueStats;
-use self::throttle::{HostTable, SiteThrottle, SourceIpLimits, Waiter};
+use self::throttle::{HostRate, HostTable, QueueConcurrency, SiteThrottle, SourceIpLimits, Waiter};
 use self::timing::ByState;
 use crate::dsn::{DsnAction, DsnKind};
 use crate::smtp::client::{OutboundMessage, OutboundRecipient, Reply};
@@ -210,7 +214,16 @@ pub enum MeshMsg {
         from: usize,
         req: u64,
     },
-    /// From a source IP's owner: 0 = granted, else ask again after this many ms.
+    /// To a host's owner: a permit for one connection or one message to `host`
+    /// under its rates, answered by IpPermitReply.
+    HostPermit {
+        host: String,
+        kind: HostRate,
+        from: usize,
+        req: u64,
+    },
+    /// From a source IP's (or host's) owner: 0 = granted, else ask again after
+    /// this many ms.
     IpPermitReply {
         req: u64,
         wait_ms: u64,
@@ -322,6 +335,10 @@ impl Drop for HostSlot {
 struct Open {
     conn: Connection,
     _slot: Option<HostSlot>,
+    /// The host (`throttle::host_key`), when it has a message rate.
+    rated_host: Option<String>,
+    /// Messages this connection may carry (site and host limits).
+    max_messages: usize,
 }
 
 /// What a success/failure/delay notice says about one recipient.
@@ -357,6 +374,12 @@ pub struct CoreDelivery {
     source_ips: RefCell<SourceIpLimits>,
     /// Requester side: permit requests waiting for an answer (the wait in ms).
     ip_requests: RefCell<HashMap<u64, oneshot::Sender<u64>>>,
+    /// Host-owner side: connection and message rate limiters of the hosts this
+    /// core owns (keys `throttle::host_rate_key`).
+    host_rates: RefCell<SourceIpLimits>,
+    /// Shard-owner side: jobs in flight per queue and messages held back by
+    /// `[queue.X] concurrency`.
+    queue_slots: RefCell<QueueConcurrency<MessageId>>,
 }
 
 impl CoreDelivery {
@@ -389,6 +412,8 @@ impl CoreDelivery {
             next_request: Cell::new(0),
             source_ips: RefCell::new(SourceIpLimits::default()),
             ip_requests: RefCell::new(HashMap::new()),
+            host_rates: RefCell::new(SourceIpLimits::default()),
+            queue_slots: RefCell::new(QueueConcurrency::default()),
         })
     }
 
@@ -437,6 +462,15 @@ impl CoreDelivery {
             MeshMsg::HostGrant { req } => self.host_granted(req),
             MeshMsg::HostRelease { host } => self.host_released(&host),
             MeshMsg::IpPermit { ip, from, req } => self.ip_permit_asked(&ip, from, req),
+            MeshMsg::HostPermit {
+                host,
+                kind,
+                from,
+                req,
+            } => {
+                let wait = self.host_rate_wait(&host, kind);
+                self.permit_reply(from, req, wait);
+            }
             MeshMsg::IpPermitReply { req, wait_ms } => self.ip_permit_answered(req, wait_ms),
         }
     }
@@ -506,6 +540,15 @@ impl CoreDelivery {
         limiter.try_acquire(now).err()
     }
 
+    /// This core's share of the queue's concurrency (0 = no limit).
+    fn queue_concurrency(&self, queue: &str) -> usize {
+        self.shared
+            .cfg
+            .queues
+            .get(queue)
+            .map_or(0, |q| throttle::per_core_share(q.concurrency, self.cores))
+    }
+
     /// Settles a message without sending anything (deadline handling, or
     /// nothing left open).
     fn settle(self: &Rc<Self>, id: MessageId, envelope: Envelope) {
@@ -533,12 +576,6 @@ impl CoreDelivery {
         {
             self.settle(id, envelope);
             return;
-        }
-        if has_pending(&envelope) {
-            if let Some(wait) = self.queue_rate_wait(&envelope.queue, now) {
-                self.schedule(now + wait, id);
-                return;
-            }
         }
         let mut groups: Vec<(Target, Strategy, String, Vec<JobRecipient>)> = Vec::new();
         let mut unroutable = Vec::new();
@@ -604,6 +641,28 @@ impl CoreDelivery {
             // Nothing open (e.g. recovered after its last result was persisted).
             self.settle(id, envelope);
             return;
+        }
+        // The queue's concurrency: over it, the message waits for a job of its
+        // queue to finish (no timer; `on_result` wakes it).
+        let limit = self.queue_concurrency(&envelope.queue);
+        if limit > 0
+            && !self
+                .queue_slots
+                .borrow()
+                .fits(&envelope.queue, limit, outstanding)
+        {
+            tracing::debug!(id = %id, queue = %envelope.queue, "queue concurrency: held");
+            self.queue_slots.borrow_mut().hold(&envelope.queue, id);
+            return;
+        }
+        if let Some(wait) = self.queue_rate_wait(&envelope.queue, now) {
+            self.schedule(now + wait, id);
+            return;
+        }
+        if limit > 0 {
+            self.queue_slots
+                .borrow_mut()
+                .start(&envelope.queue, outstanding);
         }
         self.attempts
             .borrow_mut()
@@ -757,6 +816,8 @@ impl CoreDelivery {
         // A source IP permit granted and not yet used (kept while the site's own
         // message rate makes the next message wait).
         let mut ip_permit = false;
+        // The same for the destination host's message rate.
+        let mut host_permit = false;
         loop {
             if site.queue.borrow().is_empty() {
                 let listener = site.wake.listen();
@@ -793,6 +854,7 @@ impl CoreDelivery {
                     Ok(o) => {
                         open = Some(o);
                         sent = 0;
+                        host_permit = false;
                     }
                     Err(failure) => {
                         // Every job queued for this site would meet the same fate now.
@@ -826,6 +888,23 @@ impl CoreDelivery {
                 // The queue may have changed while asking: look again.
                 continue;
             }
+            // The destination host's message rate, granted by the host's owner.
+            let rated_host = open.as_ref().and_then(|o| o.rated_host.clone());
+            if let (Some(host), false) = (rated_host, host_permit) {
+                match self.host_rate_permit(&host, HostRate::Message).await {
+                    None => host_permit = true,
+                    Some(wait) => {
+                        if wait > cfg.idle_timeout.0 {
+                            if let Some(o) = open.take() {
+                                o.conn.quit().await;
+                            }
+                        }
+                        tracing::debug!(site = %site.key, host = %host, wait_ms = wait.as_millis() as u64, "host message rate: waiting");
+                        Timer::new(wait).await;
+                    }
+                }
+                continue;
+            }
             // The site's message rate.
             let wait = site.throttle.borrow_mut().message_wait(now_ms());
             if let Some(wait) = wait {
@@ -845,6 +924,7 @@ impl CoreDelivery {
             };
             let job = queued.job;
             ip_permit = false;
+            host_permit = false;
             let Some(o) = open.as_mut() else { continue };
             let result = self.deliver(&mut o.conn, &job).await;
             let broken = result.is_err();
@@ -857,7 +937,7 @@ impl CoreDelivery {
             sent += 1;
             if broken {
                 open = None;
-            } else if sent >= site.max_per_connection {
+            } else if sent >= o.max_messages {
                 if let Some(o) = open.take() {
                     o.conn.quit().await;
                 }
@@ -913,9 +993,13 @@ impl CoreDelivery {
 
     /// Source-IP-owner side: a peer asks for a permit.
     fn ip_permit_asked(self: &Rc<Self>, key: &str, from: usize, req: u64) {
-        let wait_ms = self
-            .ip_permit_wait(key)
-            .map_or(0, |w| (w.as_millis() as u64).max(1));
+        let wait = self.ip_permit_wait(key);
+        self.permit_reply(from, req, wait);
+    }
+
+    /// Owner side (source IP or host): answers a permit request.
+    fn permit_reply(self: &Rc<Self>, from: usize, req: u64, wait: Option<Duration>) {
+        let wait_ms = wait.map_or(0, |w| (w.as_millis() as u64).max(1));
         let me = self.clone();
         glommio::spawn_local(async move {
             let _ = me
@@ -924,6 +1008,50 @@ impl CoreDelivery {
                 .await;
         })
         .detach();
+    }
+
+    /// Asks the owner of destination host `host` (a `throttle::host_key`) for a
+    /// permit under its connection or message rate. None: granted (and
+    /// counted). Some: ask again after this long. When the owner cannot be
+    /// reached (shutting down) it goes ahead.
+    async fn host_rate_permit(self: &Rc<Self>, host: &str, kind: HostRate) -> Option<Duration> {
+        let peers = self.senders.nr_consumers().max(1);
+        let me = self.senders.peer_id();
+        // The same owner as the host's connection slots.
+        let owner = site_owner(host, peers);
+        if owner == me {
+            return self.host_rate_wait(host, kind);
+        }
+        let req = self.next_request.get();
+        self.next_request.set(req + 1);
+        let (tx, rx) = oneshot::channel();
+        self.ip_requests.borrow_mut().insert(req, tx);
+        let msg = MeshMsg::HostPermit {
+            host: host.to_string(),
+            kind,
+            from: me,
+            req,
+        };
+        if self.senders.send_to(owner, msg).await.is_err() {
+            self.ip_requests.borrow_mut().remove(&req);
+            return None;
+        }
+        match rx.await {
+            Ok(0) | Err(_) => None,
+            Ok(ms) => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Host-owner side: the host's limiter's answer for one permit.
+    fn host_rate_wait(&self, host: &str, kind: HostRate) -> Option<Duration> {
+        let limits = self.shared.cfg.host_limits(host);
+        let rates = match kind {
+            HostRate::Connection => &limits.connection_rate,
+            HostRate::Message => &limits.message_rate,
+        };
+        self.host_rates
+            .borrow_mut()
+            .permit(&throttle::host_rate_key(kind, host), rates, now_ms())
     }
 
     /// Requester side: the owner answered a permit request.
@@ -948,17 +1076,39 @@ impl CoreDelivery {
             .as_deref()
             .unwrap_or(&self.shared.ehlo_name);
         let mut slot: Option<HostSlot> = None;
+        let site_max = site.max_per_connection;
         for ep in endpoints {
-            if cfg.max_connections_per_host > 0 {
-                let key = throttle::host_key(&ep.host);
+            let key = throttle::host_key(&ep.host);
+            let limits = self.shared.cfg.host_limits(&key);
+            if limits.max_connections > 0 {
                 if slot.as_ref().is_none_or(|s| s.host != key) {
                     // Give the previous host's slot back before waiting for another.
                     drop(slot.take());
-                    slot = self.acquire_host(key).await;
+                    slot = self.acquire_host(key.clone()).await;
+                }
+            } else {
+                drop(slot.take());
+            }
+            // The host's connection rate, granted by its owner (after the slot,
+            // so the connection follows the permit at once).
+            if !limits.connection_rate.is_empty() {
+                while let Some(wait) = self.host_rate_permit(&key, HostRate::Connection).await {
+                    tracing::debug!(host = %key, wait_ms = wait.as_millis() as u64, "host connection rate: waiting");
+                    Timer::new(wait).await;
                 }
             }
             match Connection::open(&ep, cfg, ehlo, &self.shared.tls).await {
-                Ok(conn) => return Ok(Open { conn, _slot: slot }),
+                Ok(conn) => {
+                    return Ok(Open {
+                        conn,
+                        _slot: slot,
+                        rated_host: (!limits.message_rate.is_empty()).then_some(key),
+                        max_messages: throttle::messages_per_connection(
+                            site_max,
+                            limits.max_messages_per_connection,
+                        ),
+                    })
+                }
                 Err(f) => {
                     tracing::info!(host = %ep.host, ip = %ep.addr.ip(), reply = %f.reply, "connection attempt failed");
                     let next = f.try_next;
@@ -1008,7 +1158,8 @@ impl CoreDelivery {
 
     /// Host-owner side: a slot is asked for.
     fn host_acquire(self: &Rc<Self>, host: String, waiter: Waiter) {
-        let granted = self.hosts.borrow_mut().acquire(&host, waiter);
+        let max = self.shared.cfg.host_limits(&host).max_connections;
+        let granted = self.hosts.borrow_mut().acquire_max(&host, max, waiter);
         if granted {
             self.host_grant(waiter);
         } else {
@@ -1303,6 +1454,17 @@ impl CoreDelivery {
             }
             if result.remote_mta.is_some() {
                 attempt.remote_mta = result.remote_mta.clone();
+            }
+            let limit = self.queue_concurrency(&attempt.envelope.queue);
+            if limit > 0 {
+                let woken = self
+                    .queue_slots
+                    .borrow_mut()
+                    .finish(&attempt.envelope.queue, limit);
+                let now = now_ms();
+                for held in woken {
+                    self.schedule(now, held);
+                }
             }
             attempt.outstanding = attempt.outstanding.saturating_sub(1);
             if attempt.outstanding == 0 {

@@ -9,9 +9,16 @@
 //! * [`SourceIpLimits`]: `[delivery] source_ip_rate` (and `[source_ip."IP"]
 //!   message_rate`). Every source IP hashes to one owner core that keeps its
 //!   limiter and grants message permits over the mesh. Exact across cores.
+//! * Host rates (`[delivery] host_connection_rate`, `host_message_rate`, and
+//!   `[host."NAME"]` overrides) use a [`SourceIpLimits`] table on the host's
+//!   owner core, keyed by kind and host: the owner grants a permit per
+//!   connection and per message, so these are exact across cores too.
 //! * [`per_core_rate`]: `[queue.X] message_rate`, enforced at dispatch by each
 //!   shard owner with an even share of the rate, so the cores together never go
 //!   above it.
+//! * [`QueueConcurrency`]: `[queue.X] concurrency`, jobs in flight per queue,
+//!   enforced at dispatch by each shard owner with a share of
+//!   [`per_core_share`] = ceil(limit / cores).
 //!
 //! Everything here is plain data with the time passed in, so it is tested without
 //! sleeping; the delivery engine turns a refusal into a timer wait.
@@ -75,7 +82,105 @@ pub fn per_core_rate(rate: Rate, cores: usize) -> Rate {
     }
 }
 
-/// Message rate limiters per source IP key, kept by the key's owner core.
+/// One core's share of a concurrency limit split over `cores`: ceil(limit /
+/// cores), so each core can run at least one (0 stays "no limit").
+pub fn per_core_share(limit: usize, cores: usize) -> usize {
+    limit.div_ceil(cores.max(1))
+}
+
+/// Jobs in flight per virtual queue on one shard owner, and the messages held
+/// back because their queue was full (woken as jobs finish).
+#[derive(Debug)]
+pub struct QueueConcurrency<T> {
+    inflight: HashMap<String, usize>,
+    held: HashMap<String, VecDeque<T>>,
+}
+
+impl<T> Default for QueueConcurrency<T> {
+    fn default() -> Self {
+        QueueConcurrency {
+            inflight: HashMap::new(),
+            held: HashMap::new(),
+        }
+    }
+}
+
+impl<T> QueueConcurrency<T> {
+    /// May a message with `jobs` jobs of `queue` start under `limit` (0 = no
+    /// limit)? True: its jobs are counted. A message with more jobs than the
+    /// limit starts only when nothing of the queue is in flight.
+    pub fn try_start(&mut self, queue: &str, limit: usize, jobs: usize) -> bool {
+        if !self.fits(queue, limit, jobs) {
+            return false;
+        }
+        self.start(queue, jobs);
+        true
+    }
+
+    /// Whether [`QueueConcurrency::try_start`] would start it (nothing counted).
+    pub fn fits(&self, queue: &str, limit: usize, jobs: usize) -> bool {
+        let n = self.inflight(queue);
+        limit == 0 || n == 0 || n + jobs <= limit
+    }
+
+    /// Counts `jobs` more jobs of `queue` in flight.
+    pub fn start(&mut self, queue: &str, jobs: usize) {
+        if jobs > 0 {
+            *self.inflight.entry(queue.to_string()).or_default() += jobs;
+        }
+    }
+
+    /// Keeps `item` until a job of `queue` finishes.
+    pub fn hold(&mut self, queue: &str, item: T) {
+        self.held
+            .entry(queue.to_string())
+            .or_default()
+            .push_back(item);
+    }
+
+    /// One job of `queue` finished: the held items that may try again now
+    /// (as many as there are free slots, at least one when the queue is idle).
+    pub fn finish(&mut self, queue: &str, limit: usize) -> Vec<T> {
+        let n = match self.inflight.get_mut(queue) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        if n == 0 {
+            self.inflight.remove(queue);
+        }
+        let free = if limit == 0 {
+            usize::MAX
+        } else {
+            limit.saturating_sub(n).max(usize::from(n == 0))
+        };
+        let Some(held) = self.held.get_mut(queue) else {
+            return Vec::new();
+        };
+        let take = free.min(held.len());
+        let out: Vec<T> = held.drain(..take).collect();
+        if held.is_empty() {
+            self.held.remove(queue);
+        }
+        out
+    }
+
+    /// Jobs of `queue` in flight.
+    pub fn inflight(&self, queue: &str) -> usize {
+        self.inflight.get(queue).copied().unwrap_or(0)
+    }
+
+    /// Messages of `queue` held back.
+    pub fn held(&self, queue: &str) -> usize {
+        self.held.get(queue).map_or(0, VecDeque::len)
+    }
+}
+
+/// Message rate limiters per source IP key, kept by the key's owner core. Also
+/// used by host owners for host connection and message rates (keys
+/// [`host_rate_key`]).
 #[derive(Debug, Default)]
 pub struct SourceIpLimits {
     limiters: HashMap<String, MultiLimiter>,
@@ -133,8 +238,15 @@ impl HostTable {
     /// True: the slot is granted now. False: `waiter` is queued and will be
     /// returned by a later [`HostTable::release`].
     pub fn acquire(&mut self, host: &str, waiter: Waiter) -> bool {
+        self.acquire_max(host, self.max, waiter)
+    }
+
+    /// Like [`HostTable::acquire`] with this host's own limit (`[host."NAME"]
+    /// max_connections`); 0 = no limit (still counted).
+    pub fn acquire_max(&mut self, host: &str, max: usize, waiter: Waiter) -> bool {
+        let max = if max == 0 { usize::MAX } else { max };
         let entry = self.hosts.entry(host.to_string()).or_default();
-        if entry.active < self.max {
+        if entry.active < max {
             entry.active += 1;
             true
         } else {
@@ -171,6 +283,32 @@ impl HostTable {
 /// Key of a destination host in the table: case-insensitive, no trailing dot.
 pub fn host_key(host: &str) -> String {
     host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// What a host rate permit is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostRate {
+    Connection,
+    Message,
+}
+
+/// Key of a host's rate limiter in the owner's [`SourceIpLimits`] table.
+pub fn host_rate_key(kind: HostRate, host: &str) -> String {
+    match kind {
+        HostRate::Connection => format!("conn|{host}"),
+        HostRate::Message => format!("msg|{host}"),
+    }
+}
+
+/// Messages one connection may carry: the site's limit, lowered by the host's
+/// (0 = no host limit).
+pub fn messages_per_connection(site: usize, host: usize) -> usize {
+    let site = site.max(1);
+    if host == 0 {
+        site
+    } else {
+        site.min(host)
+    }
 }
 
 #[cfg(test)]
@@ -457,6 +595,181 @@ mod tests {
         // 200 grants at 50/min after a burst of 50: about 3 minutes.
         let last = *grants.last().expect("grants");
         assert!((179_000..=181_000).contains(&last), "{last}");
+    }
+
+    #[test]
+    fn host_limits_come_from_delivery_or_a_host_override() {
+        use crate::delivery::config::HostLimits;
+        assert_eq!(
+            delivery("").host_limits("mx.example"),
+            HostLimits::default()
+        );
+        assert!(!HostLimits::default().gates_connections());
+        let c = delivery(
+            "[delivery]\nmax_connections_per_host = 3\n\
+             host_connection_rate = [\"10/s\"]\nhost_message_rate = [\"2/s\", \"100/h\"]\n\
+             host_max_messages_per_connection = 5\n\
+             [host.\"MX1.Example.com.\"]\nmax_connections = 1\nmessage_rate = []\n\
+             [host.\"::0:1\"]\nconnection_rate = [\"1/m\"]\nmax_messages_per_connection = 0\n",
+        );
+        let global = c.host_limits("mx2.example.com");
+        assert_eq!(
+            global,
+            HostLimits {
+                max_connections: 3,
+                connection_rate: vec![rate("10/s")],
+                message_rate: vec![rate("2/s"), rate("100/h")],
+                max_messages_per_connection: 5,
+            }
+        );
+        assert!(global.gates_connections());
+        // Override by name (any case, trailing dot): unset keys stay global.
+        let mx1 = c.host_limits("mx1.example.COM.");
+        assert_eq!(mx1.max_connections, 1);
+        assert!(mx1.message_rate.is_empty());
+        assert_eq!(mx1.connection_rate, vec![rate("10/s")]);
+        assert_eq!(mx1.max_messages_per_connection, 5);
+        // Override by IP, written in another form.
+        let lo = c.host_limits("::1");
+        assert_eq!(lo.connection_rate, vec![rate("1/m")]);
+        assert_eq!(lo.max_messages_per_connection, 0);
+        assert_eq!(lo.max_connections, 3);
+        // Unknown keys and bad rates fail.
+        assert!(crate::config::Config::load("t", "[host.a]\nmessage_rates = []\n", &[]).is_err());
+        assert!(
+            crate::config::Config::load("t", "[delivery]\nhost_message_rate = [\"x\"]\n", &[])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn host_messages_per_connection_take_the_smaller_limit() {
+        assert_eq!(messages_per_connection(100, 0), 100);
+        assert_eq!(messages_per_connection(100, 2), 2);
+        assert_eq!(messages_per_connection(3, 10), 3);
+        assert_eq!(messages_per_connection(0, 0), 1);
+    }
+
+    #[test]
+    fn host_slots_follow_a_per_host_maximum() {
+        let mut t = HostTable::new(1);
+        let w = |req| Waiter { peer: 0, req };
+        // 0 = no limit for that host (still counted).
+        for req in 0..10 {
+            assert!(t.acquire_max("free", 0, w(req)));
+        }
+        assert_eq!(t.active("free"), 10);
+        assert!(t.acquire_max("two", 2, w(20)));
+        assert!(t.acquire_max("two", 2, w(21)));
+        assert!(!t.acquire_max("two", 2, w(22)));
+        assert_eq!(t.release("two"), Some(w(22)));
+        assert_eq!(t.active("two"), 2);
+        // The table's own maximum for plain acquire.
+        assert!(t.acquire("one", w(30)));
+        assert!(!t.acquire("one", w(31)));
+    }
+
+    #[test]
+    fn host_rates_are_per_host_and_kind_and_hold_for_many_requesters() {
+        let mut t = SourceIpLimits::default();
+        let r = [rate("2/s")];
+        let t0 = 1_700_000_000_000u64;
+        let (c, m) = (HostRate::Connection, HostRate::Message);
+        let key = |k, h| host_rate_key(k, h);
+        assert_eq!(t.permit(&key(m, "mx1"), &r, t0), None);
+        assert_eq!(t.permit(&key(m, "mx1"), &r, t0), None);
+        assert_eq!(
+            t.permit(&key(m, "mx1"), &r, t0),
+            Some(Duration::from_millis(500))
+        );
+        // Connections and other hosts are counted apart.
+        assert_eq!(t.permit(&key(c, "mx1"), &r, t0), None);
+        assert_eq!(t.permit(&key(m, "mx2"), &r, t0), None);
+        // Six requesters (connections on any core, to any site sharing the
+        // host) sleeping what they are told: 6 messages span >= 2 s.
+        let mut t = SourceIpLimits::default();
+        let mut next = [t0; 6];
+        let mut grants = Vec::new();
+        while grants.len() < 6 {
+            let (i, &now) = next
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, &n)| n)
+                .expect("requesters");
+            match t.permit(&key(m, "mx"), &r, now) {
+                None => {
+                    grants.push(now);
+                    next[i] = u64::MAX;
+                }
+                Some(w) => next[i] = now + w.as_millis() as u64,
+            }
+        }
+        assert_eq!(grants.last().copied(), Some(t0 + 2_000));
+    }
+
+    #[test]
+    fn queue_concurrency_holds_and_wakes() {
+        assert_eq!(per_core_share(0, 4), 0);
+        assert_eq!(per_core_share(1, 2), 1);
+        assert_eq!(per_core_share(5, 2), 3);
+        assert_eq!(per_core_share(8, 4), 2);
+        assert_eq!(per_core_share(3, 1), 3);
+        let mut q: QueueConcurrency<u32> = QueueConcurrency::default();
+        // No limit: always starts.
+        assert!(q.try_start("open", 0, 100));
+        assert!(q.try_start("q", 2, 1));
+        assert!(q.try_start("q", 2, 1));
+        assert!(!q.try_start("q", 2, 1));
+        q.hold("q", 1);
+        q.hold("q", 2);
+        q.hold("q", 3);
+        assert_eq!((q.inflight("q"), q.held("q")), (2, 3));
+        // Other queues are apart.
+        assert!(q.try_start("other", 1, 1));
+        // One job finishes: one slot, one message may try again.
+        assert_eq!(q.finish("q", 2), vec![1]);
+        assert!(q.try_start("q", 2, 1));
+        assert!(!q.fits("q", 2, 1));
+        assert_eq!(q.finish("q", 2), vec![2]);
+        assert_eq!(q.finish("q", 2), vec![3]);
+        assert_eq!((q.inflight("q"), q.held("q")), (0, 0));
+        // A message with more jobs than the limit goes out alone.
+        assert!(q.try_start("q", 2, 3));
+        assert!(!q.try_start("q", 2, 1));
+        q.hold("q", 4);
+        assert_eq!(q.finish("q", 2), Vec::<u32>::new());
+        assert_eq!(q.finish("q", 2), vec![4]);
+        assert_eq!(q.finish("q", 2), Vec::<u32>::new());
+        assert_eq!(q.inflight("q"), 0);
+    }
+
+    #[test]
+    fn queue_concurrency_is_never_exceeded_in_a_simulation() {
+        let mut q: QueueConcurrency<u64> = QueueConcurrency::default();
+        let limit = 3;
+        let mut running: Vec<u64> = Vec::new();
+        let mut ready: Vec<u64> = (0..200).collect();
+        let mut done = 0;
+        let mut seed = 7u64;
+        while done < 200 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            if !ready.is_empty() && seed >> 63 == 0 {
+                let id = ready.remove(0);
+                if q.try_start("q", limit, 1) {
+                    running.push(id);
+                } else {
+                    q.hold("q", id);
+                }
+            } else if !running.is_empty() {
+                running.remove((seed >> 40) as usize % running.len());
+                done += 1;
+                ready.extend(q.finish("q", limit));
+            } else if ready.is_empty() {
+                panic!("stuck: {} held", q.held("q"));
+            }
+            assert!(running.len() <= limit);
+            assert_eq!(q.inflight("q"), running.len());
+        }
     }
 
     #[test]

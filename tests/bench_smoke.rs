@@ -1,0 +1,110 @@
+//! CI smoke run of the end-to-end benchmark script (issue 5): `bench/relay-vs-postfix.sh
+//! --quick` must keep working. No timing assertions: only that the script exits 0 and that
+//! its table has a sluice row with messages delivered.
+//!
+//! Needs what the script needs (root, Postfix's smtp-source and postfix, curl, jq); when
+//! those are missing the test says so and passes, like the other tests that lean on
+//! system tools.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin_dir() -> PathBuf {
+    // cargo builds every workspace binary into the same directory as this one.
+    Path::new(env!("CARGO_BIN_EXE_sluice"))
+        .parent()
+        .expect("binary directory")
+        .to_path_buf()
+}
+
+fn missing_tools() -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    for tool in [
+        "/usr/sbin/smtp-source",
+        "/usr/sbin/postfix",
+        "/usr/sbin/postconf",
+    ] {
+        if !Path::new(tool).exists() {
+            missing.push(tool);
+        }
+    }
+    for tool in ["curl", "jq", "timeout", "openssl", "ss"] {
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !found {
+            missing.push(tool);
+        }
+    }
+    let uid = Command::new("id").arg("-u").output().ok();
+    if uid
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() != "0")
+        .unwrap_or(true)
+    {
+        missing.push("root");
+    }
+    missing
+}
+
+/// Parse the markdown table: rows of `| case | setup | accepted | delivered | ...`.
+fn delivered_by_setup(out: &str) -> Vec<(String, String)> {
+    out.lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| case "))
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+            (cells.len() >= 4).then(|| (cells[1].to_string(), cells[3].to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn relay_vs_postfix_quick_runs() {
+    let missing = missing_tools();
+    if !missing.is_empty() {
+        eprintln!("skipping bench smoke: missing {missing:?}");
+        return;
+    }
+    let bins = bin_dir();
+    assert!(
+        bins.join("sluice-loadgen").exists(),
+        "no sluice-loadgen in {}",
+        bins.display()
+    );
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    // A port base of its own (the script refuses ports in use rather than sharing them).
+    let port_base = 40000 + (std::process::id() % 2000) * 10;
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg(repo.join("bench/relay-vs-postfix.sh"))
+        .args(["--quick", "--no-build", "--no-append", "--bin-dir"])
+        .arg(&bins)
+        .args(["--port-base", &port_base.to_string()])
+        .current_dir(repo)
+        .output()
+        .expect("run bench/relay-vs-postfix.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "script failed: {:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    let rows = delivered_by_setup(&stdout);
+    let sluice: Vec<_> = rows
+        .iter()
+        .filter(|(setup, _)| setup.starts_with("sluice"))
+        .collect();
+    assert!(
+        !sluice.is_empty(),
+        "no sluice row in the table:\n{stdout}\n{stderr}"
+    );
+    for (setup, delivered) in &sluice {
+        let n: f64 = delivered.parse().unwrap_or_else(|_| {
+            panic!("{setup}: delivered {delivered:?} is not a number\n{stdout}\n{stderr}")
+        });
+        assert!(n > 0.0, "{setup}: delivered {n}\n{stdout}");
+    }
+}
