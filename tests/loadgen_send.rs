@@ -433,3 +433,84 @@ fn error_counts_by_reply_code_with_fault_injection() {
     let seen: BTreeSet<String> = sink_tokens(&st).into_keys().collect();
     assert_eq!(acks, seen, "acked tokens are the ones the sink counted");
 }
+
+/// `send` checked by a sink nobody here wrote: Postfix's smtp-sink dumps every
+/// message it accepts; the dumps hold exactly the tokens send reports as accepted.
+#[test]
+fn send_against_postfix_smtp_sink() {
+    let ip = loopback();
+    let port = free_port(ip);
+    let dir = tempfile::tempdir().unwrap();
+    let template = format!("{}/msg-", dir.path().display());
+    let child = Command::new("smtp-sink")
+        .args(["-u", "root", "-d", &template])
+        .arg(format!("{ip}:{port}"))
+        .arg("64")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("smtp-sink (Debian package postfix) must be installed");
+    let _sink = Guard(Some(child));
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect((ip, port)).is_err() {
+        assert!(Instant::now() < until, "smtp-sink did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let acks = dir.path().join("acks.txt");
+    let started = Instant::now();
+    let child = Command::new(BIN)
+        .args(["send", "--json", "--target", &format!("{ip}:{port}")])
+        .args([
+            "--messages",
+            "120",
+            "--connections",
+            "4",
+            "--recipients",
+            "2",
+            "--run-id",
+            "auto",
+        ])
+        .arg("--ack-log")
+        .arg(&acks)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting sluice-loadgen send");
+    let mut guard = Guard(Some(child));
+    let output = loop {
+        if guard.0.as_mut().unwrap().try_wait().unwrap().is_some() {
+            break guard.0.take().unwrap().wait_with_output().unwrap();
+        }
+        assert!(started.elapsed() < RUN_TIMEOUT, "send did not finish");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let summary: Value = serde_json::from_slice(&output.stdout).expect("JSON summary");
+    assert_eq!(n(&summary["accepted"]), 120, "{summary}");
+    let acked: BTreeSet<String> = ack_log(&acks).into_iter().map(|(t, _)| t).collect();
+    assert_eq!(acked.len(), 120);
+    // smtp-sink writes each dump when it answers the final dot, so all are there.
+    let mut seen = BTreeMap::new();
+    for e in std::fs::read_dir(dir.path()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("msg-") {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        let token = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Message-ID: <")
+                    .or_else(|| l.strip_prefix("Message-Id: <"))
+            })
+            .and_then(|rest| rest.split('@').next())
+            .unwrap_or("?")
+            .to_string();
+        *seen.entry(token).or_insert(0u32) += 1;
+    }
+    let seen_tokens: BTreeSet<String> = seen.keys().cloned().collect();
+    assert_eq!(seen_tokens, acked, "tokens at smtp-sink vs send's ack log");
+    assert!(
+        seen.values().all(|&c| c == 1),
+        "a token arrived twice: {seen:?}"
+    );
+}
