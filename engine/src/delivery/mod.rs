@@ -966,15 +966,27 @@ impl CoreDelivery {
         if owner == me {
             return self.ip_permit_wait(key);
         }
+        self.ask_owner(owner, |from, req| MeshMsg::IpPermit {
+            ip: key.to_string(),
+            from,
+            req,
+        })
+        .await
+    }
+
+    /// Sends a permit request to an owner core and waits for its answer. None:
+    /// granted, or the owner cannot be reached (shutting down: go ahead). Some:
+    /// ask again after this long.
+    async fn ask_owner(
+        self: &Rc<Self>,
+        owner: usize,
+        request: impl FnOnce(usize, u64) -> MeshMsg,
+    ) -> Option<Duration> {
         let req = self.next_request.get();
         self.next_request.set(req + 1);
         let (tx, rx) = oneshot::channel();
         self.ip_requests.borrow_mut().insert(req, tx);
-        let msg = MeshMsg::IpPermit {
-            ip: key.to_string(),
-            from: me,
-            req,
-        };
+        let msg = request(self.senders.peer_id(), req);
         if self.senders.send_to(owner, msg).await.is_err() {
             self.ip_requests.borrow_mut().remove(&req);
             return None;
@@ -1022,24 +1034,13 @@ impl CoreDelivery {
         if owner == me {
             return self.host_rate_wait(host, kind);
         }
-        let req = self.next_request.get();
-        self.next_request.set(req + 1);
-        let (tx, rx) = oneshot::channel();
-        self.ip_requests.borrow_mut().insert(req, tx);
-        let msg = MeshMsg::HostPermit {
+        self.ask_owner(owner, |from, req| MeshMsg::HostPermit {
             host: host.to_string(),
             kind,
-            from: me,
+            from,
             req,
-        };
-        if self.senders.send_to(owner, msg).await.is_err() {
-            self.ip_requests.borrow_mut().remove(&req);
-            return None;
-        }
-        match rx.await {
-            Ok(0) | Err(_) => None,
-            Ok(ms) => Some(Duration::from_millis(ms)),
-        }
+        })
+        .await
     }
 
     /// Host-owner side: the host's limiter's answer for one permit.
