@@ -48,7 +48,7 @@ fn higher_mt_priority_is_delivered_first() {
     // priority, then arrival.
     let sink = LoadgenSink::start(
         &[SocketAddr::new(ip.into(), port)],
-        &["--delay-greeting", "3s"],
+        &["--delay-greeting", "6s"],
     );
     let relay = site_relay(
         &nsd,
@@ -84,7 +84,7 @@ fn higher_mt_priority_is_delivered_first() {
         s["messages"],
         0,
         "the sink took a message before all were queued ({:?} after the first): \
-         the machine is too slow for this test's 3 s hold",
+         the machine is too slow for this test's 6 s hold",
         started.elapsed()
     );
     let saved = sink.wait_saved(8, T, &relay);
