@@ -91,8 +91,7 @@ fn spool_commit(c: &mut Criterion) {
                             s.spawn(move || {
                                 for _ in 0..n {
                                     let id = id(next.fetch_add(1, Ordering::Relaxed));
-                                    block_on(spool.store(0, id, env.clone(), body.clone()))
-                                        .expect("store");
+                                    block_on(spool.store(0, id, env, body.clone())).expect("store");
                                 }
                             });
                         }

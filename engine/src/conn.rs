@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -22,6 +22,7 @@ use sluice_spool::{IdGenerator, Spool};
 use crate::config::{ListenerConfig, TlsMode};
 use crate::proxy::{self, ProxyParse};
 use crate::smtp::server::{self, Action, PeerInfo, Session, SessionConfig, Submission};
+use crate::time::{now_ms, within};
 
 /// Everything about one listener that all cores share.
 pub struct ListenerShared {
@@ -160,22 +161,6 @@ impl<'a> Admission<'a> {
         self.ip = Some(ip);
         true
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Races a future against a timer; None when the timer wins.
-async fn within<T>(dur: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
-    futures_lite::future::or(async { Some(fut.await) }, async {
-        Timer::new(dur).await;
-        None
-    })
-    .await
 }
 
 pub async fn handle(stream: TcpStream, listener: Arc<ListenerShared>, ctx: Rc<CoreContext>) {
@@ -355,14 +340,14 @@ async fn serve(
                     }
                     let Submission { id, envelope, body } = *submission;
                     let summary = server::TxSummary::of(&envelope);
-                    let for_delivery = ctx.delivery.as_ref().map(|_| envelope.clone());
-                    let (queue, size) = (envelope.queue.clone(), envelope.size);
-                    let result = ctx.spool.store(ctx.core, id, envelope, body).await;
+                    let result = ctx.spool.store(ctx.core, id, &envelope, body).await;
                     if result.is_ok() {
-                        ctx.queues.stats.add(usize::from(ctx.core), &queue, size);
-                    }
-                    if let (Ok(()), Some(d), Some(env)) = (&result, &ctx.delivery, for_delivery) {
-                        d.accepted(id, env);
+                        ctx.queues
+                            .stats
+                            .add(usize::from(ctx.core), &envelope.queue, envelope.size);
+                        if let Some(d) = &ctx.delivery {
+                            d.accepted(id, envelope);
+                        }
                     }
                     session.store_result(id, &summary, result);
                 }

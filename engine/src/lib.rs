@@ -10,4 +10,5 @@ pub mod proxy;
 pub mod runtime;
 pub mod smtp;
 pub mod spool_view;
+pub mod time;
 pub mod tls;

@@ -266,14 +266,15 @@ impl Spool {
         Ok(rx)
     }
 
-    /// Stores body + envelope durably. The request is queued at call time; the
-    /// future resolves only after the write transaction holding it committed
-    /// (fsynced when `sync`). Never blocks the calling thread.
+    /// Stores body + envelope durably. The envelope is encoded and the request
+    /// queued at call time (so the caller keeps its envelope); the future resolves
+    /// only after the write transaction holding it committed (fsynced when `sync`).
+    /// Never blocks the calling thread.
     pub fn store(
         &self,
         shard: u16,
         id: MessageId,
-        envelope: Envelope,
+        envelope: &Envelope,
         body: Vec<u8>,
     ) -> impl Future<Output = Result<(), SpoolError>> + Send + 'static {
         let submitted = if id.shard() != shard {

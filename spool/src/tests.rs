@@ -69,7 +69,7 @@ fn store_and_read_back() {
     let id = IdGenerator::new(1, None).next(1_700_000_000_000);
     let env = envelope(4000);
     let data = body(4000);
-    block_on(spool.store(1, id, env.clone(), data.clone())).unwrap();
+    block_on(spool.store(1, id, &env, data.clone())).unwrap();
     assert_eq!(spool.envelope(id).unwrap(), env);
     assert!(spool.with_body(id, |b| b == data.as_slice()).unwrap());
     assert_eq!(spool.count().unwrap(), 1);
@@ -106,7 +106,7 @@ fn list_in_id_order_per_shard() {
         (0, a[0]),
         (1, b[1]),
     ] {
-        block_on(spool.store(shard, id, envelope(10), body(10))).unwrap();
+        block_on(spool.store(shard, id, &envelope(10), body(10))).unwrap();
     }
     let mut seen = Vec::new();
     spool
@@ -136,8 +136,8 @@ fn remove_message() {
     let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
     let g = IdGenerator::new(0, None);
     let (a, b) = (g.next(1), g.next(1));
-    block_on(spool.store(0, a, envelope(5), body(5))).unwrap();
-    block_on(spool.store(0, b, envelope(5), body(5))).unwrap();
+    block_on(spool.store(0, a, &envelope(5), body(5))).unwrap();
+    block_on(spool.store(0, b, &envelope(5), body(5))).unwrap();
     block_on(spool.remove(a)).unwrap();
     assert_eq!(spool.envelope(a), Err(SpoolError::NotFound(a)));
     assert_eq!(spool.with_body(a, |_| ()), Err(SpoolError::NotFound(a)));
@@ -156,7 +156,7 @@ fn group_commit_from_one_thread() {
     let g = IdGenerator::new(0, None);
     // Requests are queued when store() is called, before anyone awaits.
     let pending: Vec<_> = (0..64)
-        .map(|_| spool.store(0, g.next(7), envelope(1024), body(1024)))
+        .map(|_| spool.store(0, g.next(7), &envelope(1024), body(1024)))
         .collect();
     for f in pending {
         block_on(f).unwrap();
@@ -182,7 +182,7 @@ fn group_commit_from_many_threads() {
                 for i in 0..EACH {
                     // Distinct ids without sharing a (non-Sync) generator.
                     let id = MessageId((1_000u64 << 22) | (t * EACH + i) as u64);
-                    block_on(spool.store(0, id, envelope(1024), body(1024))).unwrap();
+                    block_on(spool.store(0, id, &envelope(1024), body(1024))).unwrap();
                 }
             })
         })
@@ -205,11 +205,11 @@ fn map_full_is_transient() {
     c.map_size = 1 << 20;
     let spool = Spool::open(&c).unwrap();
     let g = IdGenerator::new(0, None);
-    let err = block_on(spool.store(0, g.next(1), envelope(2 << 20), body(2 << 20))).unwrap_err();
+    let err = block_on(spool.store(0, g.next(1), &envelope(2 << 20), body(2 << 20))).unwrap_err();
     assert!(err.is_full(), "{err:?}");
     assert_eq!(spool.count().unwrap(), 0);
     assert!(!spool.is_failed());
-    block_on(spool.store(0, g.next(1), envelope(1024), body(1024))).unwrap();
+    block_on(spool.store(0, g.next(1), &envelope(1024), body(1024))).unwrap();
     assert_eq!(spool.count().unwrap(), 1);
 }
 
@@ -225,7 +225,7 @@ fn map_full_only_fails_the_big_one() {
     let pending: Vec<_> = ids
         .iter()
         .zip(sizes)
-        .map(|(&id, n)| spool.store(0, id, envelope(n), body(n)))
+        .map(|(&id, n)| spool.store(0, id, &envelope(n), body(n)))
         .collect();
     let results: Vec<_> = pending.into_iter().map(block_on).collect();
     for (r, n) in results.iter().zip(sizes) {
@@ -245,7 +245,7 @@ fn survives_drop_without_shutdown() {
     let id = IdGenerator::new(0, None).next(42);
     {
         let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
-        block_on(spool.store(0, id, envelope(100), body(100))).unwrap();
+        block_on(spool.store(0, id, &envelope(100), body(100))).unwrap();
     }
     let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
     assert_eq!(spool.envelope(id).unwrap(), envelope(100));
@@ -253,7 +253,7 @@ fn survives_drop_without_shutdown() {
     assert_eq!(spool.stats().unwrap().messages, 1);
     // A generator seeded from the spool never reuses an id, even with an old clock.
     let g = IdGenerator::new(0, spool.last_id(0).unwrap());
-    block_on(spool.store(0, g.next(1), envelope(1), body(1))).unwrap();
+    block_on(spool.store(0, g.next(1), &envelope(1), body(1))).unwrap();
 }
 
 #[test]
@@ -262,7 +262,7 @@ fn fewer_shards_keeps_old_ones() {
     let id = IdGenerator::new(3, None).next(42);
     {
         let spool = Spool::open(&cfg(dir.path(), 4)).unwrap();
-        block_on(spool.store(3, id, envelope(100), body(100))).unwrap();
+        block_on(spool.store(3, id, &envelope(100), body(100))).unwrap();
     }
     let spool = Spool::open(&cfg(dir.path(), 2)).unwrap();
     assert_eq!(spool.shard_count(), 4);
@@ -278,7 +278,7 @@ fn readonly() {
     let id = IdGenerator::new(1, None).next(42);
     {
         let spool = Spool::open(&cfg(dir.path(), 2)).unwrap();
-        block_on(spool.store(1, id, envelope(100), body(100))).unwrap();
+        block_on(spool.store(1, id, &envelope(100), body(100))).unwrap();
     }
     let ro = Spool::open_readonly(dir.path()).unwrap();
     assert_eq!(ro.shard_count(), 2);
@@ -295,7 +295,7 @@ fn readonly() {
     assert_eq!(ro.stats().unwrap().messages, 1);
     let other = IdGenerator::new(1, Some(id)).next(42);
     assert_eq!(
-        block_on(ro.store(1, other, envelope(1), body(1))),
+        block_on(ro.store(1, other, &envelope(1), body(1))),
         Err(SpoolError::ReadOnly)
     );
     ro.shutdown();
@@ -306,19 +306,19 @@ fn rejects_duplicates_and_wrong_shard() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(&cfg(dir.path(), 2)).unwrap();
     let id = IdGenerator::new(0, None).next(1);
-    block_on(spool.store(0, id, envelope(3), body(3))).unwrap();
+    block_on(spool.store(0, id, &envelope(3), body(3))).unwrap();
     assert_eq!(
-        block_on(spool.store(0, id, envelope(9), body(9))),
+        block_on(spool.store(0, id, &envelope(9), body(9))),
         Err(SpoolError::Duplicate(id))
     );
     assert_eq!(spool.envelope(id).unwrap().size, 3);
     assert!(matches!(
-        block_on(spool.store(1, id, envelope(3), body(3))),
+        block_on(spool.store(1, id, &envelope(3), body(3))),
         Err(SpoolError::BadId(_))
     ));
     let far = IdGenerator::new(5, None).next(1);
     assert_eq!(
-        block_on(spool.store(5, far, envelope(3), body(3))),
+        block_on(spool.store(5, far, &envelope(3), body(3))),
         Err(SpoolError::NoShard(5))
     );
 }
@@ -328,12 +328,12 @@ fn closed_after_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
     let g = IdGenerator::new(0, None);
-    let queued = spool.store(0, g.next(1), envelope(3), body(3));
+    let queued = spool.store(0, g.next(1), &envelope(3), body(3));
     spool.shutdown();
     // Queued before shutdown: committed, not dropped.
     block_on(queued).unwrap();
     assert_eq!(
-        block_on(spool.store(0, g.next(1), envelope(3), body(3))),
+        block_on(spool.store(0, g.next(1), &envelope(3), body(3))),
         Err(SpoolError::Closed)
     );
     assert_eq!(spool.count().unwrap(), 1);
@@ -349,7 +349,7 @@ fn failed_spool_refuses_writes() {
     assert!(spool.is_failed());
     let g = IdGenerator::new(0, None);
     assert_eq!(
-        block_on(spool.store(0, g.next(1), envelope(3), body(3))),
+        block_on(spool.store(0, g.next(1), &envelope(3), body(3))),
         Err(SpoolError::Failed("injected".into()))
     );
     assert_eq!(spool.count().unwrap(), 0);
@@ -374,7 +374,7 @@ fn corrupt_envelope_is_skipped_not_fatal() {
     let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
     let g = IdGenerator::new(0, None);
     let (good, bad) = (g.next(1), g.next(1));
-    block_on(spool.store(0, good, envelope(7), body(7))).unwrap();
+    block_on(spool.store(0, good, &envelope(7), body(7))).unwrap();
     // Bypass encoding to plant bytes that do not decode.
     let rx = spool
         .submit(
@@ -412,7 +412,7 @@ fn shareable_across_threads() {
     let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
     send_sync(&spool);
     let id = IdGenerator::new(0, None).next(1);
-    let fut = spool.store(0, id, envelope(1), body(1));
+    let fut = spool.store(0, id, &envelope(1), body(1));
     send_static(&fut);
     block_on(fut).unwrap();
     let fut = spool.remove(id);
@@ -434,8 +434,7 @@ fn update_replaces_envelope_and_fails_for_missing() {
     let ids = IdGenerator::new(0, None);
     let id = ids.next(1_700_000_000_000);
     let mut env = envelope(4);
-    futures_lite::future::block_on(spool.store(0, id, env.clone(), b"body".to_vec()))
-        .expect("store");
+    futures_lite::future::block_on(spool.store(0, id, &env, b"body".to_vec())).expect("store");
     env.schedule.attempts = 3;
     env.schedule.next_attempt_unix_ms = 42;
     env.recipients[0].status = RecipientStatus::Deferred {

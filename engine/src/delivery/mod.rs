@@ -42,7 +42,7 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_channel::oneshot;
 use glommio::channels::channel_mesh::{Receivers, Senders};
@@ -58,6 +58,7 @@ use self::throttle::{HostRate, HostTable, QueueConcurrency, SiteThrottle, Source
 use self::timing::ByState;
 use crate::dsn::{DsnAction, DsnKind};
 use crate::smtp::client::{OutboundMessage, OutboundRecipient, Reply};
+pub use crate::time::now_ms;
 
 /// Everything all cores share about delivery.
 pub struct DeliveryShared {
@@ -298,13 +299,6 @@ impl Ord for Queued {
             .cmp(&other.priority)
             .then_with(|| other.seq.cmp(&self.seq))
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// FNV-1a: a stable hash so every core maps a site (or host) to the same owner.
@@ -1720,7 +1714,7 @@ impl CoreDelivery {
         match self
             .shared
             .spool
-            .store(self.core, dsn_id, dsn_envelope.clone(), dsn.body)
+            .store(self.core, dsn_id, &dsn_envelope, dsn.body)
             .await
         {
             Ok(()) => {

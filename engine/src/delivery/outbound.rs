@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
-use glommio::timer::Timer;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -18,6 +17,7 @@ use super::config::{DeliverySection, OutboundTls};
 use crate::smtp::client::{
     BodyMode, ClientConfig, ClientEvent, ClientSession, OutboundMessage, Reply, Stage, TlsPolicy,
 };
+use crate::time::within;
 
 /// Why a connection attempt or a session failed.
 #[derive(Debug, Clone)]
@@ -208,15 +208,6 @@ impl Timeouts {
             Stage::DataEnd => self.data_end,
         }
     }
-}
-
-/// Races a future against a timer; None when the timer wins.
-async fn within<T>(dur: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
-    futures_lite::future::or(async { Some(fut.await) }, async {
-        Timer::new(dur).await;
-        None
-    })
-    .await
 }
 
 impl Connection {
