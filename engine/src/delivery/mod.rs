@@ -1671,17 +1671,21 @@ impl CoreDelivery {
                 }
             })
             .collect();
-        let original = self
-            .shared
-            .spool
-            .with_body(id, |b| b.to_vec())
-            .unwrap_or_default();
         let ctx = crate::dsn::DsnContext {
             reporting_mta: &self.shared.hostname,
             now_unix_ms: now,
             original_id: id,
         };
-        let Some(dsn) = crate::dsn::build_dsn(kind, envelope, &original, &recipients, &ctx) else {
+        // Built straight from the memory map; an unreadable body still gets a
+        // notice, without the original.
+        let build =
+            |original: &[u8]| crate::dsn::build_dsn(kind, envelope, original, &recipients, &ctx);
+        let built = self
+            .shared
+            .spool
+            .with_body(id, build)
+            .unwrap_or_else(|_| build(&[]));
+        let Some(dsn) = built else {
             return;
         };
         let dsn_id = self.ids.next(now);
