@@ -50,6 +50,7 @@ pub struct Config {
     pub relay: RelaySection,
     pub auth: AuthSection,
     pub log: LogSection,
+    pub admin: AdminSection,
     pub dns: DnsSection,
     pub delivery: crate::delivery::config::DeliverySection,
     /// Virtual queues by name; "default" always exists.
@@ -197,10 +198,35 @@ impl Default for RelaySection {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
     pub users: BTreeMap<String, String>,
+    /// Wait before a 535: this times the failures so far in the session.
+    pub failure_delay: HumanDuration,
+    /// The longest such wait.
+    pub failure_delay_max: HumanDuration,
+    /// Failed AUTH attempts per connection; the last one's 535 is followed by
+    /// 421 4.7.0 and a close.
+    pub max_failures: usize,
+    /// Failed AUTH attempts per client IP, all connections and cores together;
+    /// past it AUTH gets 421 4.7.0 until the budget refills. Empty = no limit.
+    pub failure_rate_per_ip: Vec<sluice_policy::Rate>,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            users: BTreeMap::new(),
+            failure_delay: HumanDuration(Duration::from_secs(1)),
+            failure_delay_max: HumanDuration(Duration::from_secs(5)),
+            max_failures: 3,
+            failure_rate_per_ip: vec![sluice_policy::Rate {
+                count: 60,
+                per_ms: 3_600_000,
+            }],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -222,6 +248,28 @@ impl Default for LogSection {
         LogSection {
             level: "info".into(),
             format: LogFormat::Text,
+        }
+    }
+}
+
+/// The operations HTTP listener: `/metrics` and the management API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// "IP:PORT" to listen on; empty disables the listener.
+    pub listen: String,
+    /// File holding the bearer token for `/api/v1`; empty: the API answers 401.
+    pub token_file: Option<PathBuf>,
+    /// Whether `/metrics` also wants the token (scrapers usually don't send one).
+    pub metrics_auth: bool,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: "127.0.0.1:9925".into(),
+            token_file: None,
+            metrics_auth: false,
         }
     }
 }

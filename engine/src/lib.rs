@@ -1,11 +1,14 @@
 //! sluice engine: configuration, the thread-per-core runtime, listeners and the
 //! SMTP server. The `sluice` binary (main.rs) is a thin command line over this.
 
+pub mod admin;
+pub mod auth_guard;
 pub mod config;
 pub mod conn;
 pub mod debug_cmd;
 pub mod delivery;
 pub mod dsn;
+pub mod metrics;
 pub mod proxy;
 pub mod runtime;
 pub mod smtp;

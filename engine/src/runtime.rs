@@ -15,6 +15,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use sluice_policy::Credentials;
 use sluice_spool::{IdGenerator, Spool, SpoolConfig};
 
+use crate::admin::{AdminServer, AdminState};
 use crate::config::{Config, TlsMode};
 use crate::conn::{self, CoreContext, ListenerShared};
 use crate::delivery::outbound::OutboundTlsConfig;
@@ -55,6 +56,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let relay = Arc::new(config.relay_policy()?);
     let credentials = Arc::new(Credentials::new(config.auth.users.clone())?);
+    let auth_guard = Arc::new(crate::auth_guard::AuthGuard::new(&config.auth));
     let mut listeners = Vec::new();
     for (name, l) in &config.server.listener {
         let tls = match (l.tls, &l.tls_cert, &l.tls_key) {
@@ -75,6 +77,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             &config.server.hostname,
             relay.clone(),
             !credentials.is_empty(),
+            auth_guard.clone(),
         ));
         let shared = Arc::new(ListenerShared::new(name, l, session, tls)?);
         for addr in &l.bind {
@@ -122,6 +125,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = Arc::new(event_listener::Event::new());
     let shutting_down = Arc::new(AtomicBool::new(false));
     let signals = spawn_signal_thread(shutdown.clone(), shutting_down.clone())?;
+
+    let admin = start_admin(&config)?;
 
     let grace = config.server.shutdown_grace.0;
     let mut handles = Vec::with_capacity(cores);
@@ -198,6 +203,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             Err(e) => failed = Some(anyhow!("executor thread panicked or failed: {e}")),
         }
     }
+    if let Some(admin) = admin {
+        admin.stop();
+    }
     spool.shutdown();
     drop(signals);
     match failed {
@@ -207,6 +215,24 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Starts the operations listener (`admin.listen`), unless disabled.
+fn start_admin(config: &Config) -> anyhow::Result<Option<AdminServer>> {
+    if config.admin.listen.is_empty() {
+        return Ok(None);
+    }
+    let token = match &config.admin.token_file {
+        Some(path) => Some(crate::admin::read_token(path)?),
+        None => None,
+    };
+    let state = Arc::new(AdminState {
+        token,
+        metrics_auth: config.admin.metrics_auth,
+        reload: None,
+        api: Default::default(),
+    });
+    AdminServer::start(&config.admin.listen, state).map(Some)
 }
 
 #[allow(clippy::too_many_arguments)]

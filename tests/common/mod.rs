@@ -252,6 +252,7 @@ impl RelayBuilder {
             .dir
             .unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
         let port = free_port();
+        let admin_port = free_port();
         let nonce = nonce();
         let spool = dir.path().join("spool");
         let l = &self.listener;
@@ -264,6 +265,8 @@ impl RelayBuilder {
             // goes to a loopback port unless a test names its own server.
             "delivery.enabled=false".to_string(),
             "dns.servers=[\"127.0.0.1:9\"]".to_string(),
+            // Its own operations listener, so relays in parallel tests never collide.
+            format!("admin.listen=\"127.0.0.1:{admin_port}\""),
         ];
         // A greeting unique to this relay, so the readiness probe can tell it
         // apart from anything else that might answer on the port.
@@ -279,6 +282,7 @@ impl RelayBuilder {
         let mut relay = Relay {
             dir,
             port,
+            admin_port,
             listener: self.listener,
             args,
             child: None,
@@ -294,6 +298,8 @@ impl RelayBuilder {
 pub struct Relay {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// The operations listener (/metrics, /api/v1).
+    pub admin_port: u16,
     pub listener: String,
     args: Vec<String>,
     child: Option<ChildGuard>,
