@@ -3,7 +3,8 @@
 //! system: no user, no systemctl, no sysctl --load), the INSTALLED binary runs
 //! with the RENDERED config and queues mail from swaks (plain and STARTTLS), a
 //! config that `sluice check-config` rejects never replaces the installed one, a
-//! second run in --check mode changes nothing, and ansible-lint passes.
+//! second run in --check mode changes nothing, ansible-lint passes, and the
+//! Prometheus scrape job passes promtool (when installed).
 //!
 //! Needs ansible-playbook and ansible-lint (`apt-get install -y ansible
 //! ansible-lint`): without them the test fails under CI=true and skips otherwise.
@@ -25,13 +26,17 @@ fn ansible_dir() -> PathBuf {
     common::repo_root().join("ansible")
 }
 
-/// Whether `tool` is on PATH; missing is a failure in CI and a skip elsewhere.
-fn have_tool(tool: &str) -> bool {
-    let found = Command::new("sh")
+fn on_path(tool: &str) -> bool {
+    Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .stdout(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether `tool` is on PATH; missing is a failure in CI and a skip elsewhere.
+fn have_tool(tool: &str) -> bool {
+    let found = on_path(tool);
     if !found {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
@@ -352,4 +357,16 @@ fn role_installs_a_working_relay_and_is_idempotent() {
     ]);
     let out = run_with_timeout(&mut lint, ANSIBLE_TIMEOUT);
     assert_ok(&out, "ansible-lint");
+
+    // 6. The shipped scrape job is a valid Prometheus config (when promtool is
+    // installed; the metrics tests scrape a live relay).
+    if on_path("promtool") {
+        let out = run_with_timeout(
+            Command::new("promtool")
+                .args(["check", "config"])
+                .arg(ansible_dir().join("prometheus").join("sluice-scrape.yml")),
+            Duration::from_secs(60),
+        );
+        assert_ok(&out, "promtool check config");
+    }
 }
