@@ -20,6 +20,7 @@ use sluice_policy::{Credentials, NetworkList};
 use sluice_spool::{IdGenerator, Spool};
 
 use crate::config::{ListenerConfig, TlsMode};
+use crate::metrics::Reject;
 use crate::proxy::{self, ProxyParse};
 use crate::smtp::server::{self, Action, PeerInfo, Session, SessionConfig, Submission};
 use crate::time::{now_ms, within};
@@ -40,6 +41,8 @@ pub struct ListenerShared {
     /// Connections per client IP, all cores together. Touched once per connection
     /// open and close, never per command, so a mutex is cheap enough here.
     pub per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Metric handles of this listener.
+    pub metrics: crate::metrics::ListenerMetrics,
 }
 
 impl ListenerShared {
@@ -61,6 +64,7 @@ impl ListenerShared {
             session_timeout: cfg.session_timeout.0,
             active: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::ListenerMetrics::new(name),
         })
     }
 }
@@ -135,6 +139,7 @@ struct Admission<'a> {
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
         self.listener.active.fetch_sub(1, Ordering::Relaxed);
+        self.listener.metrics.current.decrement(1.0);
         if let Some(ip) = self.ip {
             if let Ok(mut map) = self.listener.per_ip.lock() {
                 if let Some(n) = map.get_mut(&ip) {
@@ -191,8 +196,11 @@ async fn serve(
     let (mut start, mut end) = (0usize, 0usize);
 
     let previous = listener.active.fetch_add(1, Ordering::Relaxed);
+    listener.metrics.connections.increment(1);
+    listener.metrics.current.increment(1.0);
     let mut admission = Admission { listener, ip: None };
     if previous >= listener.max_connections {
+        listener.metrics.rejected(Reject::ConnectionLimit);
         tracing::warn!(peer = %socket_peer, listener = %listener.name, "connection limit reached");
         conn.write_all(&server::refusal(&hostname, "Error: too many connections"))
             .await?;
@@ -204,6 +212,7 @@ async fn serve(
     let mut peer = socket_peer;
     if !listener.proxy_trusted.is_empty() {
         if !listener.proxy_trusted.contains(socket_peer.ip()) {
+            listener.metrics.rejected(Reject::ProxyUntrusted);
             tracing::warn!(peer = %socket_peer, "PROXY listener: connection from untrusted network refused");
             conn.close().await;
             return Ok(());
@@ -218,12 +227,14 @@ async fn serve(
                     break;
                 }
                 ProxyParse::Invalid(why) => {
+                    listener.metrics.rejected(Reject::ProxyInvalid);
                     tracing::warn!(peer = %socket_peer, "bad PROXY header: {why}");
                     conn.close().await;
                     return Ok(());
                 }
                 ProxyParse::Incomplete => {
                     if end >= proxy::MAX_HEADER {
+                        listener.metrics.rejected(Reject::ProxyInvalid);
                         conn.close().await;
                         return Ok(());
                     }
@@ -243,6 +254,7 @@ async fn serve(
     }
 
     if !admission.admit_ip(peer.ip()) {
+        listener.metrics.rejected(Reject::PerIpLimit);
         tracing::warn!(client_ip = %peer.ip(), listener = %listener.name, "per-IP connection limit reached");
         conn.write_all(&server::refusal(
             &hostname,
@@ -253,6 +265,7 @@ async fn serve(
         return Ok(());
     }
     if ctx.spool.is_failed() || ctx.shutting_down.load(Ordering::Relaxed) {
+        listener.metrics.rejected(Reject::Unavailable);
         conn.write_all(&server::refusal(&hostname, "Service not available"))
             .await?;
         conn.close().await;
@@ -269,14 +282,19 @@ async fn serve(
         };
         match within(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Some(Ok(tls)) => {
+                listener.metrics.tls_handshake(true);
                 tls_info = Some(crate::tls::describe(tls.get_ref().1));
                 conn = Conn::Tls(Box::new(tls));
             }
             Some(Err(e)) => {
+                listener.metrics.tls_handshake(false);
                 tracing::info!(client_ip = %peer.ip(), "TLS handshake failed: {e}");
                 return Ok(());
             }
-            None => return Ok(()),
+            None => {
+                listener.metrics.tls_handshake(false);
+                return Ok(());
+            }
         }
     }
 
@@ -291,6 +309,7 @@ async fn serve(
         },
     );
     session.set_queue_admission(ctx.queues.clone());
+    session.set_metrics(listener.metrics.smtp.clone());
     tracing::debug!(client_ip = %peer.ip(), listener = %listener.name, core = ctx.core, "connected");
     session.greeting();
 
@@ -321,15 +340,20 @@ async fn serve(
                     };
                     match within(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Some(Ok(tls)) => {
+                            listener.metrics.tls_handshake(true);
                             let info = crate::tls::describe(tls.get_ref().1);
                             conn = Conn::Tls(Box::new(tls));
                             session.tls_established(info);
                         }
                         Some(Err(e)) => {
+                            listener.metrics.tls_handshake(false);
                             tracing::info!(client_ip = %peer.ip(), "STARTTLS handshake failed: {e}");
                             return Ok(());
                         }
-                        None => return Ok(()),
+                        None => {
+                            listener.metrics.tls_handshake(false);
+                            return Ok(());
+                        }
                     }
                 }
                 Action::Store(submission) => {
@@ -342,6 +366,7 @@ async fn serve(
                     let summary = server::TxSummary::of(&envelope);
                     let result = ctx.spool.store(ctx.core, id, &envelope, body).await;
                     if result.is_ok() {
+                        crate::metrics::queue(&envelope.queue).received.increment(1);
                         ctx.queues
                             .stats
                             .add(usize::from(ctx.core), &envelope.queue, envelope.size);

@@ -1,6 +1,888 @@
 //! Prometheus metrics: the recorder and the text exposition served at `/metrics`.
+//!
+//! Instrumented code holds metric handles made once (per listener, per queue,
+//! or process-wide here), so counting is an atomic add, never a label lookup.
+//! What other parts already count (queue sizes, DNS counters, executor time) is
+//! read periodically or at scrape time instead of being counted twice.
+//! METRICS.md lists every metric; a test keeps it and [`CATALOGUE`] in step.
 
-/// The current metrics in Prometheus text format.
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::delivery::quota::QueueStats;
+use crate::delivery::CoreDelivery;
+
+/// How often each core publishes what is read rather than counted (executor
+/// time, DNS counters, the sites' backlog).
+pub const COLLECT_INTERVAL: Duration = Duration::from_secs(1);
+/// Destination sites shown by name in the site backlog gauges; the rest are
+/// summed under [`OTHER_SITE`], so the label set stays bounded.
+pub const TOP_SITES: usize = 20;
+/// Label of the sum of all sites outside the top ones. Mail domains never
+/// start with an underscore, so no real site is called this.
+pub const OTHER_SITE: &str = "_other";
+/// How often histogram samples are folded into their buckets when nobody
+/// scrapes (they would pile up otherwise).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric sluice exposes: name, type, labels, help text.
+pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
+    // Inbound connections and SMTP.
+    ("sluice_connections_total", Kind::Counter, "listener",
+     "Connections accepted by a listener (before any limit check)."),
+    ("sluice_connections_current", Kind::Gauge, "listener",
+     "Connections open on a listener now."),
+    ("sluice_connections_rejected_total", Kind::Counter, "listener,reason",
+     "Connections refused before the SMTP greeting, by reason."),
+    ("sluice_smtp_replies_total", Kind::Counter, "listener,class",
+     "SMTP replies sent to clients, by code class (2xx, 3xx, 4xx, 5xx)."),
+    ("sluice_smtp_transactions_total", Kind::Counter, "listener,result",
+     "Completed message transactions: accepted (queued), rejected (body refused), failed (spool error)."),
+    ("sluice_tls_inbound_handshakes_total", Kind::Counter, "listener,result",
+     "TLS handshakes with clients (STARTTLS or implicit TLS), ok or failed."),
+    ("sluice_messages_received_total", Kind::Counter, "queue",
+     "Messages accepted over SMTP and queued, by virtual queue."),
+    // Queue.
+    ("sluice_queue_messages", Kind::Gauge, "queue",
+     "Messages in the spool, by virtual queue."),
+    ("sluice_queue_bytes", Kind::Gauge, "queue",
+     "Bytes of messages in the spool, by virtual queue."),
+    ("sluice_site_queue_messages", Kind::Gauge, "site",
+     "Jobs (one message's recipients at one destination) ready and waiting at a destination site; the top 20 sites by name, the rest summed as site=\"_other\"."),
+    ("sluice_site_queue_bytes", Kind::Gauge, "site",
+     "Bytes of the jobs counted by sluice_site_queue_messages."),
+    // Delivery.
+    ("sluice_recipients_delivered_total", Kind::Counter, "queue",
+     "Recipients delivered to the next hop (2xx), by queue."),
+    ("sluice_recipients_deferred_total", Kind::Counter, "queue",
+     "Recipient delivery attempts that failed temporarily (will be retried), by queue."),
+    ("sluice_recipients_bounced_total", Kind::Counter, "queue",
+     "Recipients failed permanently (5xx or unroutable), by queue."),
+    ("sluice_recipients_expired_total", Kind::Counter, "queue",
+     "Recipients given up on because the message outlived its queue lifetime or DELIVERBY time, by queue."),
+    ("sluice_dsn_messages_total", Kind::Counter, "kind",
+     "Delivery status notifications queued, by kind (failure, delay, success)."),
+    ("sluice_delivery_attempt_seconds", Kind::Histogram, "",
+     "Time of one outbound transaction on an open connection (MAIL to the last reply)."),
+    ("sluice_delivery_delay_seconds", Kind::Histogram, "",
+     "End-to-end delay of delivered recipients: arrival to the next hop's 2xx."),
+    ("sluice_tls_outbound_handshakes_total", Kind::Counter, "result",
+     "TLS handshakes with next hops: verified (web PKI), unverified (accepted opportunistically) or failed."),
+    ("sluice_throttle_events_total", Kind::Counter, "kind",
+     "Times a limit delayed or refused mail (rates, concurrency, quotas), by kind."),
+    // Spool.
+    ("sluice_spool_commit_seconds", Kind::Histogram, "",
+     "Time of one spool write transaction including its fsync (group commit)."),
+    ("sluice_spool_commit_batch_size", Kind::Histogram, "",
+     "Operations (stores, updates, removals) written by one spool commit."),
+    // DNS.
+    ("sluice_dns_queries_total", Kind::Counter, "",
+     "DNS lookups asked of the resolver, cache hits included."),
+    ("sluice_dns_cache_hits_total", Kind::Counter, "",
+     "DNS lookups answered from the cache."),
+    ("sluice_dns_cache_misses_total", Kind::Counter, "",
+     "DNS lookups not in the cache."),
+    ("sluice_dns_upstream_queries_total", Kind::Counter, "server",
+     "Queries sent to a DNS server (retries, failover and TCP included)."),
+    ("sluice_dns_upstream_failures_total", Kind::Counter, "server",
+     "Exchanges with a DNS server that failed (timeout, I/O error, unusable answer)."),
+    ("sluice_dns_timeouts_total", Kind::Counter, "",
+     "DNS exchanges that timed out."),
+    ("sluice_dns_failures_total", Kind::Counter, "",
+     "DNS lookups that failed after every server and retry."),
+    ("sluice_dns_cache_entries", Kind::Gauge, "",
+     "Entries in the DNS caches of all cores."),
+    // Runtime.
+    ("sluice_executor_busy_ratio", Kind::Gauge, "core",
+     "Share of the last second a core's executor spent running tasks and polling I/O (0 to 1)."),
+    ("sluice_executor_tasks_total", Kind::Counter, "core",
+     "Tasks run by a core's executor."),
+];
+
+/// Buckets (upper bounds, seconds or counts) per histogram.
+const BUCKETS: &[(&str, &[f64])] = &[
+    (
+        "sluice_spool_commit_seconds",
+        &[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5,
+        ],
+    ),
+    (
+        "sluice_spool_commit_batch_size",
+        &[
+            1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+        ],
+    ),
+    (
+        "sluice_delivery_attempt_seconds",
+        &[
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0, 300.0,
+        ],
+    ),
+    (
+        "sluice_delivery_delay_seconds",
+        &[
+            0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
+            86400.0, 432000.0,
+        ],
+    ),
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The recorder with sluice's buckets (so latencies are real histograms).
+fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    let mut b = PrometheusBuilder::new();
+    for (name, buckets) in BUCKETS {
+        b = b.set_buckets_for_metric(Matcher::Full((*name).to_string()), buckets)?;
+    }
+    Ok(b)
+}
+
+fn describe_all() {
+    for (name, kind, _, help) in CATALOGUE {
+        let unit = if name.ends_with("_seconds") {
+            Some(Unit::Seconds)
+        } else {
+            None
+        };
+        let name = *name;
+        let help = *help;
+        match (kind, unit) {
+            (Kind::Counter, _) => metrics::describe_counter!(name, help),
+            (Kind::Gauge, _) => metrics::describe_gauge!(name, help),
+            (Kind::Histogram, Some(u)) => metrics::describe_histogram!(name, u, help),
+            (Kind::Histogram, None) => metrics::describe_histogram!(name, help),
+        }
+    }
+}
+
+/// Installs the process-wide recorder (once; later calls do nothing). Metric
+/// handles made before this stay no-ops, so it runs first in `runtime::run`.
+pub fn install() -> anyhow::Result<()> {
+    if HANDLE.get().is_some() {
+        return Ok(());
+    }
+    let recorder = builder()
+        .map_err(|e| anyhow::anyhow!("metrics: {e}"))?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)
+        .map_err(|e| anyhow::anyhow!("metrics: installing the recorder: {e}"))?;
+    describe_all();
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("sluice-metrics".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            upkeep.run_upkeep();
+        })
+        .map_err(|e| anyhow::anyhow!("metrics: starting the upkeep thread: {e}"))?;
+    let _ = HANDLE.set(handle);
+    Ok(())
+}
+
+/// The current metrics in Prometheus text format (empty before [`install`]).
 pub fn render() -> String {
-    String::new()
+    let Some(handle) = HANDLE.get() else {
+        return String::new();
+    };
+    if let Some(q) = QUEUES.get() {
+        q.refresh_depth();
+    }
+    let mut out = handle.render();
+    render_sites(&mut out);
+    out
+}
+
+// ---------------------------------------------------------------- listeners
+
+/// Why a connection was refused before the greeting.
+#[derive(Debug, Clone, Copy)]
+pub enum Reject {
+    /// `max_connections` of the listener.
+    ConnectionLimit,
+    /// `max_connections_per_ip`.
+    PerIpLimit,
+    /// PROXY listener, peer outside `proxy_trusted_networks`.
+    ProxyUntrusted,
+    /// Missing, malformed or late PROXY header.
+    ProxyInvalid,
+    /// Shutting down, or the spool has failed.
+    Unavailable,
+}
+
+impl Reject {
+    const ALL: [Reject; 5] = [
+        Reject::ConnectionLimit,
+        Reject::PerIpLimit,
+        Reject::ProxyUntrusted,
+        Reject::ProxyInvalid,
+        Reject::Unavailable,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Reject::ConnectionLimit => "connection_limit",
+            Reject::PerIpLimit => "per_ip_limit",
+            Reject::ProxyUntrusted => "proxy_untrusted",
+            Reject::ProxyInvalid => "proxy_invalid",
+            Reject::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// One listener's connection handles (made once, shared by all cores).
+#[derive(Debug)]
+pub struct ListenerMetrics {
+    pub connections: Counter,
+    pub current: Gauge,
+    rejected: [Counter; Reject::ALL.len()],
+    tls_ok: Counter,
+    tls_failed: Counter,
+    /// What its SMTP sessions count.
+    pub smtp: Arc<SmtpMetrics>,
+}
+
+impl ListenerMetrics {
+    pub fn new(listener: &str) -> ListenerMetrics {
+        let l = listener.to_string();
+        ListenerMetrics {
+            connections: counter!("sluice_connections_total", "listener" => l.clone()),
+            current: gauge!("sluice_connections_current", "listener" => l.clone()),
+            rejected: Reject::ALL.map(|r| {
+                counter!("sluice_connections_rejected_total",
+                    "listener" => l.clone(), "reason" => r.label())
+            }),
+            tls_ok: counter!("sluice_tls_inbound_handshakes_total",
+                "listener" => l.clone(), "result" => "ok"),
+            tls_failed: counter!("sluice_tls_inbound_handshakes_total",
+                "listener" => l.clone(), "result" => "failed"),
+            smtp: Arc::new(SmtpMetrics::new(listener)),
+        }
+    }
+
+    pub fn rejected(&self, why: Reject) {
+        self.rejected[why as usize].increment(1);
+    }
+
+    pub fn tls_handshake(&self, ok: bool) {
+        if ok {
+            self.tls_ok.increment(1);
+        } else {
+            self.tls_failed.increment(1);
+        }
+    }
+}
+
+/// What an SMTP session counts. Sessions count replies in plain fields and add
+/// them here once per transaction and at the end, not once per reply.
+#[derive(Debug)]
+pub struct SmtpMetrics {
+    /// 2xx, 3xx, 4xx, 5xx.
+    replies: [Counter; 4],
+    pub tx_accepted: Counter,
+    pub tx_rejected: Counter,
+    pub tx_failed: Counter,
+}
+
+impl SmtpMetrics {
+    pub fn new(listener: &str) -> SmtpMetrics {
+        let l = listener.to_string();
+        SmtpMetrics {
+            replies: ["2xx", "3xx", "4xx", "5xx"].map(|class| {
+                counter!("sluice_smtp_replies_total", "listener" => l.clone(), "class" => class)
+            }),
+            tx_accepted: counter!("sluice_smtp_transactions_total",
+                "listener" => l.clone(), "result" => "accepted"),
+            tx_rejected: counter!("sluice_smtp_transactions_total",
+                "listener" => l.clone(), "result" => "rejected"),
+            tx_failed: counter!("sluice_smtp_transactions_total",
+                "listener" => l, "result" => "failed"),
+        }
+    }
+
+    /// Adds a session's reply counts (see [`reply_class`]) and zeroes them.
+    pub fn add_replies(&self, counts: &mut [u64; 4]) {
+        for (c, n) in self.replies.iter().zip(counts.iter_mut()) {
+            if *n > 0 {
+                c.increment(*n);
+                *n = 0;
+            }
+        }
+    }
+}
+
+/// Index of a reply code's class in a `[u64; 4]` of 2xx..5xx counts.
+pub fn reply_class(code: u16) -> Option<usize> {
+    match code / 100 {
+        c @ 2..=5 => Some(usize::from(c - 2)),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------- queues
+
+/// One virtual queue's delivery handles.
+#[derive(Debug)]
+pub struct QueueMetrics {
+    pub received: Counter,
+    pub delivered: Counter,
+    pub deferred: Counter,
+    pub bounced: Counter,
+    pub expired: Counter,
+}
+
+impl QueueMetrics {
+    fn new(queue: &str) -> QueueMetrics {
+        let q = queue.to_string();
+        QueueMetrics {
+            received: counter!("sluice_messages_received_total", "queue" => q.clone()),
+            delivered: counter!("sluice_recipients_delivered_total", "queue" => q.clone()),
+            deferred: counter!("sluice_recipients_deferred_total", "queue" => q.clone()),
+            bounced: counter!("sluice_recipients_bounced_total", "queue" => q.clone()),
+            expired: counter!("sluice_recipients_expired_total", "queue" => q),
+        }
+    }
+
+    const NOOP: QueueMetrics = QueueMetrics {
+        received: Counter::noop(),
+        delivered: Counter::noop(),
+        deferred: Counter::noop(),
+        bounced: Counter::noop(),
+        expired: Counter::noop(),
+    };
+}
+
+/// The configured queues: their handles, and the spool counts behind the depth
+/// gauges.
+struct Queues {
+    stats: Arc<QueueStats>,
+    index: HashMap<String, usize>,
+    handles: Vec<QueueMetrics>,
+    depth: Vec<(Gauge, Gauge)>,
+}
+
+impl Queues {
+    fn refresh_depth(&self) {
+        for (name, (messages, bytes)) in self.stats.queues().iter().zip(&self.depth) {
+            let (m, b) = self.stats.usage(name);
+            messages.set(m as f64);
+            bytes.set(b as f64);
+        }
+    }
+}
+
+static QUEUES: OnceLock<Queues> = OnceLock::new();
+
+/// Makes the per-queue handles for the queues `stats` counts, and reads the
+/// queue depth from it at each scrape. Once per process.
+pub fn watch_queues(stats: Arc<QueueStats>) {
+    let names = stats.queues().to_vec();
+    let queues = Queues {
+        index: names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect(),
+        handles: names.iter().map(|n| QueueMetrics::new(n)).collect(),
+        depth: names
+            .iter()
+            .map(|n| {
+                (
+                    gauge!("sluice_queue_messages", "queue" => n.clone()),
+                    gauge!("sluice_queue_bytes", "queue" => n.clone()),
+                )
+            })
+            .collect(),
+        stats,
+    };
+    let _ = QUEUES.set(queues);
+}
+
+/// The handles of `queue`. A queue no longer configured counts as the first
+/// ("default"), as in the quota counters; before [`watch_queues`], no-ops.
+pub fn queue(name: &str) -> &'static QueueMetrics {
+    static NOOP: QueueMetrics = QueueMetrics::NOOP;
+    match QUEUES.get() {
+        Some(q) => {
+            let i = q.index.get(name).copied().unwrap_or(0);
+            q.handles.get(i).unwrap_or(&NOOP)
+        }
+        None => &NOOP,
+    }
+}
+
+// ---------------------------------------------------------------- process-wide
+
+/// A limit that delayed or refused mail.
+#[derive(Debug, Clone, Copy)]
+pub enum Throttle {
+    /// `[destination.*] connection_rate`.
+    SiteConnectionRate,
+    /// `[destination.*] message_rate`.
+    SiteMessageRate,
+    /// `source_ip_rate`.
+    SourceIpRate,
+    /// A host's connection rate.
+    HostConnectionRate,
+    /// A host's message rate.
+    HostMessageRate,
+    /// A host's connection limit (waiting for a slot).
+    HostConnectionLimit,
+    /// `[queue.X] message_rate`.
+    QueueRate,
+    /// `[queue.X] concurrency` (message held back).
+    QueueConcurrency,
+    /// `[queue.X] max_messages` / `max_bytes` (452 4.3.1 to the client).
+    QueueQuota,
+}
+
+impl Throttle {
+    const ALL: [Throttle; 9] = [
+        Throttle::SiteConnectionRate,
+        Throttle::SiteMessageRate,
+        Throttle::SourceIpRate,
+        Throttle::HostConnectionRate,
+        Throttle::HostMessageRate,
+        Throttle::HostConnectionLimit,
+        Throttle::QueueRate,
+        Throttle::QueueConcurrency,
+        Throttle::QueueQuota,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Throttle::SiteConnectionRate => "site_connection_rate",
+            Throttle::SiteMessageRate => "site_message_rate",
+            Throttle::SourceIpRate => "source_ip_rate",
+            Throttle::HostConnectionRate => "host_connection_rate",
+            Throttle::HostMessageRate => "host_message_rate",
+            Throttle::HostConnectionLimit => "host_connection_limit",
+            Throttle::QueueRate => "queue_rate",
+            Throttle::QueueConcurrency => "queue_concurrency",
+            Throttle::QueueQuota => "queue_quota",
+        }
+    }
+}
+
+/// Handles without per-listener or per-queue labels.
+pub struct Global {
+    throttle: [Counter; Throttle::ALL.len()],
+    pub attempt_seconds: Histogram,
+    pub delay_seconds: Histogram,
+    tls_verified: Counter,
+    tls_unverified: Counter,
+    tls_failed: Counter,
+    dsn: [Counter; 3],
+}
+
+/// The process-wide handles (made at first use: after [`install`]).
+pub fn global() -> &'static Global {
+    static GLOBAL: OnceLock<Global> = OnceLock::new();
+    GLOBAL.get_or_init(|| Global {
+        throttle: Throttle::ALL
+            .map(|t| counter!("sluice_throttle_events_total", "kind" => t.label())),
+        attempt_seconds: histogram!("sluice_delivery_attempt_seconds"),
+        delay_seconds: histogram!("sluice_delivery_delay_seconds"),
+        tls_verified: counter!("sluice_tls_outbound_handshakes_total", "result" => "verified"),
+        tls_unverified: counter!("sluice_tls_outbound_handshakes_total", "result" => "unverified"),
+        tls_failed: counter!("sluice_tls_outbound_handshakes_total", "result" => "failed"),
+        dsn: ["failure", "delay", "success"]
+            .map(|k| counter!("sluice_dsn_messages_total", "kind" => k)),
+    })
+}
+
+/// A limit delayed or refused mail.
+pub fn throttled(kind: Throttle) {
+    global().throttle[kind as usize].increment(1);
+}
+
+/// An outbound TLS handshake: Ok(verified) or Err.
+pub fn outbound_tls(result: Result<bool, ()>) {
+    let g = global();
+    match result {
+        Ok(true) => g.tls_verified.increment(1),
+        Ok(false) => g.tls_unverified.increment(1),
+        Err(()) => g.tls_failed.increment(1),
+    }
+}
+
+/// A delivery status notification was queued.
+pub fn dsn_queued(kind: crate::dsn::DsnKind) {
+    use crate::dsn::DsnKind;
+    let i = match kind {
+        DsnKind::Failure => 0,
+        DsnKind::Delay => 1,
+        DsnKind::Success => 2,
+    };
+    global().dsn[i].increment(1);
+}
+
+/// Counts a delivery job's per-recipient outcomes for `queue`; delivered ones
+/// also give their end-to-end delay since `arrival_unix_ms`.
+pub fn count_outcomes(
+    queue: &str,
+    arrival_unix_ms: u64,
+    outcomes: &[(u16, crate::delivery::Outcome)],
+) {
+    use crate::delivery::Outcome;
+    let q = self::queue(queue);
+    let now = crate::time::now_ms();
+    for (_, outcome) in outcomes {
+        match outcome {
+            Outcome::Delivered(_) => {
+                q.delivered.increment(1);
+                global()
+                    .delay_seconds
+                    .record(now.saturating_sub(arrival_unix_ms) as f64 / 1000.0);
+            }
+            Outcome::Deferred(_) => q.deferred.increment(1),
+            Outcome::Failed(_) => q.bounced.increment(1),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- per core
+
+/// A destination's backlog on its owner core: (site, jobs, bytes).
+pub type SiteBacklog = (String, u64, u64);
+
+/// What each core last published: its top sites and the sum of the rest.
+#[derive(Debug, Default, Clone)]
+struct CoreSites {
+    top: Vec<SiteBacklog>,
+    rest: (u64, u64),
+}
+
+static SITES: Mutex<Vec<CoreSites>> = Mutex::new(Vec::new());
+
+/// Keeps the `TOP_SITES` largest backlogs (by jobs, then bytes) and sums the rest.
+fn split_top(mut all: Vec<SiteBacklog>) -> (Vec<SiteBacklog>, (u64, u64)) {
+    all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
+    let rest = all
+        .iter()
+        .skip(TOP_SITES)
+        .fold((0, 0), |(m, b), s| (m + s.1, b + s.2));
+    all.truncate(TOP_SITES);
+    (all, rest)
+}
+
+fn publish_sites(core: usize, backlog: Vec<SiteBacklog>) {
+    // The same destination may be split over cores (one site per source IP).
+    let mut merged: HashMap<String, (u64, u64)> = HashMap::new();
+    for (site, m, b) in backlog {
+        let e = merged.entry(site).or_default();
+        e.0 += m;
+        e.1 += b;
+    }
+    let (top, rest) = split_top(merged.into_iter().map(|(s, (m, b))| (s, m, b)).collect());
+    if let Ok(mut sites) = SITES.lock() {
+        if sites.len() <= core {
+            sites.resize(core + 1, CoreSites::default());
+        }
+        sites[core] = CoreSites { top, rest };
+    }
+}
+
+/// The site gauges, written by hand: their label set changes as sites rise
+/// and fall, and a registered gauge would linger after its site left the top.
+fn render_sites(out: &mut String) {
+    let Ok(sites) = SITES.lock() else { return };
+    if sites.is_empty() {
+        return;
+    }
+    let mut merged: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut rest = (0u64, 0u64);
+    for core in sites.iter() {
+        for (site, m, b) in &core.top {
+            let e = merged.entry(site.clone()).or_default();
+            e.0 += m;
+            e.1 += b;
+        }
+        rest.0 += core.rest.0;
+        rest.1 += core.rest.1;
+    }
+    drop(sites);
+    let (top, more) = split_top(merged.into_iter().map(|(s, (m, b))| (s, m, b)).collect());
+    rest.0 += more.0;
+    rest.1 += more.1;
+    for (name, column) in [
+        ("sluice_site_queue_messages", 0usize),
+        ("sluice_site_queue_bytes", 1),
+    ] {
+        let help = CATALOGUE.iter().find(|m| m.0 == name).map_or("", |m| m.3);
+        let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for (site, m, b) in &top {
+            let v = if column == 0 { m } else { b };
+            let _ = writeln!(out, "{name}{{site=\"{}\"}} {v}", escape_label(site));
+        }
+        let v = if column == 0 { rest.0 } else { rest.1 };
+        let _ = writeln!(out, "{name}{{site=\"{OTHER_SITE}\"}} {v}");
+        out.push('\n');
+    }
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn escape_help(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// DNS counters as last added, to turn the resolver's totals into increments.
+#[derive(Default)]
+struct DnsSeen {
+    total: sluice_dns::MetricsSnapshot,
+    servers: HashMap<std::net::SocketAddr, (u64, u64)>,
+}
+
+struct DnsHandles {
+    queries: Counter,
+    hits: Counter,
+    misses: Counter,
+    timeouts: Counter,
+    failures: Counter,
+    entries: Gauge,
+}
+
+impl DnsHandles {
+    fn new() -> DnsHandles {
+        DnsHandles {
+            queries: counter!("sluice_dns_queries_total"),
+            hits: counter!("sluice_dns_cache_hits_total"),
+            misses: counter!("sluice_dns_cache_misses_total"),
+            timeouts: counter!("sluice_dns_timeouts_total"),
+            failures: counter!("sluice_dns_failures_total"),
+            entries: gauge!("sluice_dns_cache_entries"),
+        }
+    }
+
+    /// Adds what changed since `seen` and remembers `now`.
+    fn add(&self, seen: &mut DnsSeen, now: sluice_dns::MetricsSnapshot) {
+        let d = |new: u64, old: u64| new.saturating_sub(old);
+        let old = &seen.total;
+        self.queries.increment(d(now.queries, old.queries));
+        self.hits.increment(d(now.cache_hits, old.cache_hits));
+        self.misses.increment(d(now.cache_misses, old.cache_misses));
+        self.timeouts.increment(d(now.timeouts, old.timeouts));
+        self.failures.increment(d(now.failures, old.failures));
+        self.entries
+            .increment(now.cache_entries as f64 - old.cache_entries as f64);
+        for u in &now.upstreams {
+            let (q, f) = seen.servers.entry(u.server).or_default();
+            let server = u.server.to_string();
+            if u.queries > *q {
+                counter!("sluice_dns_upstream_queries_total", "server" => server.clone())
+                    .increment(u.queries - *q);
+            }
+            if u.failures > *f {
+                counter!("sluice_dns_upstream_failures_total", "server" => server)
+                    .increment(u.failures - *f);
+            }
+            *q = u.queries;
+            *f = u.failures;
+        }
+        seen.total = now;
+    }
+}
+
+/// Starts this core's collector: executor utilisation, and with delivery on,
+/// the DNS counters and the sites' backlog, every [`COLLECT_INTERVAL`].
+pub fn spawn_core_collector(core: u16, delivery: Option<Rc<CoreDelivery>>) {
+    glommio::spawn_local(async move {
+        let label = core.to_string();
+        let busy = gauge!("sluice_executor_busy_ratio", "core" => label.clone());
+        let tasks = counter!("sluice_executor_tasks_total", "core" => label);
+        let dns = DnsHandles::new();
+        let mut dns_seen = DnsSeen::default();
+        if delivery.is_some() {
+            // The site gauges exist (empty) from the start.
+            publish_sites(usize::from(core), Vec::new());
+        }
+        // The executor's counters are taken (reset) on each read.
+        let _ = glommio::executor().executor_stats();
+        let mut last = Instant::now();
+        loop {
+            glommio::timer::Timer::new(COLLECT_INTERVAL).await;
+            let stats = glommio::executor().executor_stats();
+            let now = Instant::now();
+            let wall = now.duration_since(last).as_secs_f64();
+            last = now;
+            if wall > 0.0 {
+                busy.set((stats.total_runtime().as_secs_f64() / wall).min(1.0));
+            }
+            tasks.increment(stats.tasks_executed());
+            if let Some(d) = &delivery {
+                dns.add(&mut dns_seen, d.dns_metrics());
+                publish_sites(usize::from(core), d.site_backlog());
+            }
+        }
+    })
+    .detach();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Renders what `f` records into a private recorder.
+    fn rendered(f: impl FnOnce()) -> String {
+        let recorder = builder().expect("builder").build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe_all();
+            f();
+        });
+        handle.render()
+    }
+
+    fn exposition() -> String {
+        rendered(|| {
+            let l = ListenerMetrics::new("smtp");
+            l.connections.increment(3);
+            l.current.set(2.0);
+            l.rejected(Reject::PerIpLimit);
+            l.tls_handshake(true);
+            let mut counts = [0u64; 4];
+            for code in [220, 250, 250, 354, 250, 452, 550, 221] {
+                if let Some(i) = reply_class(code) {
+                    counts[i] += 1;
+                }
+            }
+            l.smtp.add_replies(&mut counts);
+            assert_eq!(counts, [0; 4], "added counts are zeroed");
+            l.smtp.tx_accepted.increment(1);
+            let q = QueueMetrics::new("bulk");
+            q.received.increment(5);
+            q.delivered.increment(4);
+            histogram!("sluice_spool_commit_seconds").record(0.002);
+            histogram!("sluice_spool_commit_batch_size").record(7.0);
+            histogram!("sluice_delivery_attempt_seconds").record(0.3);
+            histogram!("sluice_delivery_delay_seconds").record(12.0);
+            counter!("sluice_throttle_events_total", "kind" => Throttle::QueueQuota.label())
+                .increment(1);
+            gauge!("sluice_executor_busy_ratio", "core" => "0").set(0.25);
+        })
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        for (name, kind, labels, help) in CATALOGUE {
+            assert!(name.starts_with("sluice_"), "{name}");
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{name}"
+            );
+            assert_eq!(*kind == Kind::Counter, name.ends_with("_total"), "{name}");
+            assert!(!name.ends_with("_ms") && !name.contains("milli"), "{name}");
+            assert!(!help.is_empty(), "{name}");
+            assert!(!labels.contains(' '), "{name}");
+        }
+        let mut names: Vec<_> = CATALOGUE.iter().map(|m| m.0).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), CATALOGUE.len(), "duplicate names");
+        for (name, _) in BUCKETS {
+            assert!(
+                CATALOGUE
+                    .iter()
+                    .any(|m| m.0 == *name && m.1 == Kind::Histogram),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn exposition_has_labels_buckets_and_help() {
+        let text = exposition();
+        for line in [
+            "sluice_connections_total{listener=\"smtp\"} 3",
+            "sluice_connections_current{listener=\"smtp\"} 2",
+            "sluice_connections_rejected_total{listener=\"smtp\",reason=\"per_ip_limit\"} 1",
+            "sluice_connections_rejected_total{listener=\"smtp\",reason=\"connection_limit\"} 0",
+            "sluice_tls_inbound_handshakes_total{listener=\"smtp\",result=\"ok\"} 1",
+            "sluice_smtp_replies_total{listener=\"smtp\",class=\"2xx\"} 5",
+            "sluice_smtp_replies_total{listener=\"smtp\",class=\"3xx\"} 1",
+            "sluice_smtp_replies_total{listener=\"smtp\",class=\"4xx\"} 1",
+            "sluice_smtp_replies_total{listener=\"smtp\",class=\"5xx\"} 1",
+            "sluice_smtp_transactions_total{listener=\"smtp\",result=\"accepted\"} 1",
+            "sluice_messages_received_total{queue=\"bulk\"} 5",
+            "sluice_recipients_delivered_total{queue=\"bulk\"} 4",
+            "sluice_throttle_events_total{kind=\"queue_quota\"} 1",
+            "sluice_spool_commit_seconds_bucket{le=\"0.0025\"} 1",
+            "sluice_spool_commit_batch_size_bucket{le=\"8\"} 1",
+            "sluice_delivery_attempt_seconds_bucket{le=\"0.5\"} 1",
+            "sluice_delivery_delay_seconds_bucket{le=\"30\"} 1",
+            "sluice_delivery_delay_seconds_count 1",
+            "sluice_executor_busy_ratio{core=\"0\"} 0.25",
+            "# TYPE sluice_delivery_attempt_seconds histogram",
+            "# TYPE sluice_messages_received_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("quantile="),
+            "latencies are histograms:\n{text}"
+        );
+        // Every family has help text, and every family is in the catalogue.
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split(' ').nth(2).unwrap_or_default();
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no help for {name}"
+            );
+            assert!(
+                CATALOGUE.iter().any(|m| m.0 == name),
+                "{name} not catalogued"
+            );
+        }
+    }
+
+    #[test]
+    fn site_backlog_keeps_the_top_and_sums_the_rest() {
+        let all: Vec<SiteBacklog> = (0..30u64)
+            .map(|i| (format!("d{i}.example"), i, i * 100))
+            .collect();
+        let (top, rest) = split_top(all);
+        assert_eq!(top.len(), TOP_SITES);
+        assert_eq!(top[0], ("d29.example".to_string(), 29, 2900));
+        assert_eq!(top[TOP_SITES - 1].1, 10);
+        assert_eq!(rest, ((0..10).sum(), (0..10).map(|i| i * 100).sum()));
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn every_metric_is_documented() {
+        let doc = include_str!("../../METRICS.md");
+        for (name, ..) in CATALOGUE {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "{name} missing in METRICS.md"
+            );
+        }
+    }
 }

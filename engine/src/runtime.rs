@@ -26,6 +26,8 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder};
 
 /// Starts the relay and blocks until it has shut down (SIGTERM or SIGINT).
 pub fn run(config: Config) -> anyhow::Result<()> {
+    // First: metric handles made before the recorder would count nothing.
+    crate::metrics::install()?;
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -92,6 +94,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         config.queue.keys().map(String::as_str),
         cores,
     ));
+    crate::metrics::watch_queues(queue_stats.clone());
     let admission = Arc::new(QueueAdmission::new(
         rules.clone(),
         &config.queue,
@@ -283,6 +286,7 @@ async fn core_main(
             None
         }
     };
+    crate::metrics::spawn_core_collector(core, delivery.clone());
     let ctx = Rc::new(CoreContext {
         core,
         spool,

@@ -162,6 +162,7 @@ impl Spool {
                 dbs,
                 health: spool.health.clone(),
                 max_batch: cfg.max_batch.max(1),
+                metrics: crate::writer::WriterMetrics::new(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("spool-writer-{i}"))

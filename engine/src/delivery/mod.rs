@@ -411,6 +411,27 @@ impl CoreDelivery {
         })
     }
 
+    /// For the metrics: this core's resolver counters.
+    pub fn dns_metrics(&self) -> sluice_dns::MetricsSnapshot {
+        self.resolver.metrics()
+    }
+
+    /// For the metrics: (destination, jobs, bytes) waiting at the sites this
+    /// core owns, for those with any.
+    pub fn site_backlog(&self) -> Vec<crate::metrics::SiteBacklog> {
+        self.sites
+            .borrow()
+            .values()
+            .filter_map(|s| {
+                let queue = s.queue.borrow();
+                (!queue.is_empty()).then(|| {
+                    let bytes = queue.iter().map(|q| q.job.size).sum();
+                    (s.target.destination(), queue.len() as u64, bytes)
+                })
+            })
+            .collect()
+    }
+
     /// Starts the mesh receivers and the timer loop, and schedules every message
     /// of this core's shards found in the spool (recovery), counting them in the
     /// queue quotas.
@@ -645,11 +666,13 @@ impl CoreDelivery {
                 .borrow()
                 .fits(&envelope.queue, limit, outstanding)
         {
+            crate::metrics::throttled(crate::metrics::Throttle::QueueConcurrency);
             tracing::debug!(id = %id, queue = %envelope.queue, "queue concurrency: held");
             self.queue_slots.borrow_mut().hold(&envelope.queue, id);
             return;
         }
         if let Some(wait) = self.queue_rate_wait(&envelope.queue, now) {
+            crate::metrics::throttled(crate::metrics::Throttle::QueueRate);
             self.schedule(now + wait, id);
             return;
         }
@@ -840,6 +863,7 @@ impl CoreDelivery {
                 // The site's connection rate.
                 let wait = site.throttle.borrow_mut().connection_wait(now_ms());
                 if let Some(wait) = wait {
+                    crate::metrics::throttled(crate::metrics::Throttle::SiteConnectionRate);
                     tracing::debug!(site = %site.key, wait_ms = wait.as_millis() as u64, "site connection rate: waiting");
                     Timer::new(wait).await;
                     continue;
@@ -874,6 +898,7 @@ impl CoreDelivery {
                                 o.conn.quit().await;
                             }
                         }
+                        crate::metrics::throttled(crate::metrics::Throttle::SourceIpRate);
                         tracing::debug!(site = %site.key, source_ip = %site.ip_key, wait_ms = wait.as_millis() as u64, "source IP message rate: waiting");
                         Timer::new(wait).await;
                         continue;
@@ -893,6 +918,7 @@ impl CoreDelivery {
                                 o.conn.quit().await;
                             }
                         }
+                        crate::metrics::throttled(crate::metrics::Throttle::HostMessageRate);
                         tracing::debug!(site = %site.key, host = %host, wait_ms = wait.as_millis() as u64, "host message rate: waiting");
                         Timer::new(wait).await;
                     }
@@ -909,6 +935,7 @@ impl CoreDelivery {
                         o.conn.quit().await;
                     }
                 }
+                crate::metrics::throttled(crate::metrics::Throttle::SiteMessageRate);
                 tracing::debug!(site = %site.key, wait_ms = wait.as_millis() as u64, "site message rate: waiting");
                 Timer::new(wait).await;
                 continue;
@@ -920,7 +947,11 @@ impl CoreDelivery {
             ip_permit = false;
             host_permit = false;
             let Some(o) = open.as_mut() else { continue };
+            let started = std::time::Instant::now();
             let result = self.deliver(&mut o.conn, &job).await;
+            crate::metrics::global()
+                .attempt_seconds
+                .record(started.elapsed().as_secs_f64());
             let broken = result.is_err();
             let result = match result {
                 Ok(r) => r,
@@ -1088,6 +1119,7 @@ impl CoreDelivery {
             // so the connection follows the permit at once).
             if !limits.connection_rate.is_empty() {
                 while let Some(wait) = self.host_rate_permit(&key, HostRate::Connection).await {
+                    crate::metrics::throttled(crate::metrics::Throttle::HostConnectionRate);
                     tracing::debug!(host = %key, wait_ms = wait.as_millis() as u64, "host connection rate: waiting");
                     Timer::new(wait).await;
                 }
@@ -1158,6 +1190,7 @@ impl CoreDelivery {
         if granted {
             self.host_grant(waiter);
         } else {
+            crate::metrics::throttled(crate::metrics::Throttle::HostConnectionLimit);
             tracing::debug!(host = %host, "destination host at its connection limit: waiting");
         }
     }
@@ -1416,6 +1449,11 @@ impl CoreDelivery {
             let Some(attempt) = attempts.get_mut(&result.id) else {
                 return;
             };
+            crate::metrics::count_outcomes(
+                &attempt.envelope.queue,
+                attempt.envelope.arrival_unix_ms,
+                &result.outcomes,
+            );
             for (index, outcome) in &result.outcomes {
                 let i = *index as usize;
                 if let Some(r) = attempt.envelope.recipients.get_mut(i) {
@@ -1504,6 +1542,7 @@ impl CoreDelivery {
             for (i, r) in envelope.recipients.iter_mut().enumerate() {
                 if is_open(&r.status) {
                     newly_failed.push(i);
+                    crate::metrics::queue(&envelope.queue).expired.increment(1);
                     let last = match &r.status {
                         RecipientStatus::Deferred { reply, .. } => reply.clone(),
                         _ => String::new(),
@@ -1727,7 +1766,8 @@ impl CoreDelivery {
                     &dsn_envelope.queue,
                     dsn_envelope.size,
                 );
-                tracing::info!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, to = %dsn.recipient, kind = ?kind, "notification queued");
+                crate::metrics::dsn_queued(kind);
+            tracing::info!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, to = %dsn.recipient, kind = ?kind, "notification queued");
                 self.dispatch(dsn_id, dsn_envelope);
             }
             Err(e) => tracing::error!(id = %id, "queuing a delivery notification failed: {e}"),

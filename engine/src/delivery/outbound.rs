@@ -323,6 +323,7 @@ impl Connection {
             Some(Ok(stream)) => {
                 let session = stream.get_ref().1;
                 self.tls_verified = tls.verified(session, &name);
+                crate::metrics::outbound_tls(Ok(self.tls_verified));
                 self.tls = Some(crate::tls::describe(session));
                 self.stream = Stream::Tls(Box::new(stream));
                 // Bytes read before the handshake belong to the plaintext session.
@@ -330,8 +331,14 @@ impl Connection {
                 self.end = 0;
                 Ok(())
             }
-            Some(Err(e)) => Err(err(e.to_string())),
-            None => Err(err("handshake timed out".into())),
+            Some(Err(e)) => {
+                crate::metrics::outbound_tls(Err(()));
+                Err(err(e.to_string()))
+            }
+            None => {
+                crate::metrics::outbound_tls(Err(()));
+                Err(err("handshake timed out".into()))
+            }
         }
     }
 

@@ -155,6 +155,7 @@ impl QueueAdmission {
         };
         let (messages, used) = self.stats.usage(queue);
         if max_messages > 0 && messages >= max_messages {
+            crate::metrics::throttled(crate::metrics::Throttle::QueueQuota);
             return Err(QuotaExceeded::Messages {
                 queue: queue.to_string(),
                 used: messages,
@@ -162,6 +163,7 @@ impl QueueAdmission {
             });
         }
         if max_bytes > 0 && used.saturating_add(bytes) > max_bytes {
+            crate::metrics::throttled(crate::metrics::Throttle::QueueQuota);
             return Err(QuotaExceeded::Bytes {
                 queue: queue.to_string(),
                 used,

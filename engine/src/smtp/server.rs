@@ -203,6 +203,9 @@ pub struct Session {
     queues: Option<Arc<QueueAdmission>>,
     /// Messages accepted in this session (for the log).
     pub accepted: u64,
+    /// Replies sent by class (2xx..5xx) and not yet added to `metrics`.
+    replies: [u64; 4],
+    metrics: Option<Arc<crate::metrics::SmtpMetrics>>,
 }
 
 const MAX_AUTH_FAILURES_ARE_ERRORS: bool = true;
@@ -225,6 +228,8 @@ impl Session {
             tx: Transaction::default(),
             queues: None,
             accepted: 0,
+            replies: [0; 4],
+            metrics: None,
         }
     }
 
@@ -232,6 +237,19 @@ impl Session {
     /// queue over its quota (452 4.3.1 at RCPT, DATA or the end of data).
     pub fn set_queue_admission(&mut self, queues: Arc<QueueAdmission>) {
         self.queues = Some(queues);
+    }
+
+    /// Count replies and transactions into a listener's metrics.
+    pub fn set_metrics(&mut self, metrics: Arc<crate::metrics::SmtpMetrics>) {
+        self.metrics = Some(metrics);
+    }
+
+    /// Adds the replies counted so far to the metrics (once per transaction
+    /// and at the end, rather than once per reply).
+    fn flush_metrics(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.add_replies(&mut self.replies);
+        }
     }
 
     /// The 220 banner.
@@ -1001,6 +1019,12 @@ impl Session {
         result: Result<(), SpoolError>,
     ) {
         self.state = State::Command;
+        if let Some(m) = &self.metrics {
+            match &result {
+                Ok(()) => m.tx_accepted.increment(1),
+                Err(_) => m.tx_failed.increment(1),
+            }
+        }
         let (code, esc, text) = match &result {
             Ok(()) => {
                 self.accepted += 1;
@@ -1035,6 +1059,7 @@ impl Session {
         } else {
             self.reply(code, esc, &text);
         }
+        self.flush_metrics();
     }
 
     /// A body that will not be stored: reply, log, forget the transaction.
@@ -1053,6 +1078,10 @@ impl Session {
             "transaction rejected"
         );
         self.error_reply(code, esc, text);
+        if let Some(m) = &self.metrics {
+            m.tx_rejected.increment(1);
+        }
+        self.flush_metrics();
     }
 
     fn starttls(&mut self) -> Option<Action> {
@@ -1180,6 +1209,7 @@ impl Session {
     }
 
     fn reply(&mut self, code: u16, esc: &str, text: &str) {
+        self.count_reply(code);
         use std::io::Write as _;
         // Writing into a Vec cannot fail.
         let _ = if esc.is_empty() {
@@ -1189,7 +1219,14 @@ impl Session {
         };
     }
 
+    fn count_reply(&mut self, code: u16) {
+        if let Some(i) = crate::metrics::reply_class(code) {
+            self.replies[i] += 1;
+        }
+    }
+
     fn multiline(&mut self, code: u16, lines: &[String]) {
+        self.count_reply(code);
         for (i, line) in lines.iter().enumerate() {
             let sep = if i + 1 == lines.len() { ' ' } else { '-' };
             self.out
@@ -1206,6 +1243,12 @@ impl Session {
             self.reply(421, "4.7.0", &text);
             self.state = State::Closed;
         }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.flush_metrics();
     }
 }
 
