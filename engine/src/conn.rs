@@ -382,7 +382,10 @@ async fn serve(
                     let ok = glommio::executor()
                         .spawn_blocking(move || credentials.verify(&user_for_check, &password))
                         .await;
-                    session.auth_result(user, ok);
+                    if let Some(delay) = session.auth_result(user, ok, now_ms()) {
+                        // The 535 (and anything after it) waits: guessing gets slow.
+                        Timer::new(delay).await;
+                    }
                 }
             }
         }

@@ -40,6 +40,11 @@ use sluice_spool::{BodyType, Envelope, MessageId, Notify, Recipient, Ret};
 /// Original messages up to this size are returned whole when RET is absent.
 pub const RETURN_FULL_MAX: usize = 64 * 1024;
 
+/// Most header bytes returned (RET=HDRS, or a large original without RET) and
+/// scanned for the Subject: a message that is nothing but headers (a header bomb)
+/// must not make its notice as large as itself. Cut at a line end.
+pub const RETURN_HEADERS_MAX: usize = 64 * 1024;
+
 /// Longest diagnostic we copy into a notice (characters).
 const DIAGNOSTIC_MAX: usize = 900;
 
@@ -171,7 +176,7 @@ pub fn build_dsn(
                 || r.recipient.orcpt.as_deref().is_some_and(|o| !o.is_ascii())
         });
 
-    let (headers, _) = split_headers(original);
+    let headers = bounded_headers(split_headers(original).0);
     let full = match envelope.ret {
         Some(Ret::Full) => true,
         Some(Ret::Headers) => false,
@@ -578,6 +583,19 @@ fn split_headers(msg: &[u8]) -> (&[u8], &[u8]) {
         }
         (Some((h, b)), None) | (None, Some((h, b))) => (&msg[..h], &msg[b..]),
         (None, None) => (msg, &[]),
+    }
+}
+
+/// The header block cut to [`RETURN_HEADERS_MAX`] at the last line end before it
+/// (a hard cut when one line is longer than that).
+fn bounded_headers(headers: &[u8]) -> &[u8] {
+    if headers.len() <= RETURN_HEADERS_MAX {
+        return headers;
+    }
+    let head = &headers[..RETURN_HEADERS_MAX];
+    match memchr::memrchr(b'\n', head) {
+        Some(at) => &head[..=at],
+        None => head,
     }
 }
 
@@ -1054,6 +1072,45 @@ assert len(m.get_all('To')) == 1 and m['Bcc'] is None
             "{text}"
         );
         assert!(text.contains("Content-Type: message/global\r\n"), "{text}");
+    }
+
+    #[test]
+    fn header_bomb_returns_bounded_headers() {
+        // 100k header lines and no body: the whole message is "headers".
+        let mut bomb = b"Subject: bomb\r\n".to_vec();
+        for i in 0..100_000 {
+            bomb.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+        }
+        assert!(bomb.len() > 10 * RETURN_HEADERS_MAX);
+        let r = rcpt("bob@example.net", Notify::default(), None);
+        // Without RET too: the bomb is over RETURN_FULL_MAX, so headers only.
+        for ret in [Some(Ret::Headers), None] {
+            let env = envelope("alice@example.org", ret, None);
+            let outcomes = [outcome(
+                &r,
+                DsnAction::Failed,
+                "5.1.1",
+                "550 5.1.1 no such user",
+            )];
+            let dsn =
+                build_dsn(DsnKind::Failure, &env, &bomb, &outcomes, &ctx()).expect("a notice");
+            assert!(
+                dsn.body.len() < RETURN_HEADERS_MAX + 8 * 1024,
+                "notice of {} bytes",
+                dsn.body.len()
+            );
+            let text = String::from_utf8_lossy(&dsn.body);
+            assert!(
+                text.contains("X-H0: v\r\n"),
+                "the first headers are returned"
+            );
+            assert!(!text.contains("X-H99999:"), "the tail is cut");
+            assert!(text.contains("bomb"), "the Subject is still found");
+            python(
+                &dsn.body,
+                "assert orig.get_content_type() == 'text/rfc822-headers'",
+            );
+        }
     }
 
     #[test]

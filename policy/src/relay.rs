@@ -67,7 +67,7 @@ impl RelayPolicy {
             .unwrap_or(address);
         // The last '@' separates the domain: quoted local parts and source routes
         // may contain '@' earlier.
-        let Some((_, domain)) = address.rsplit_once('@') else {
+        let Some((local_part, domain)) = address.rsplit_once('@') else {
             return if address.eq_ignore_ascii_case("postmaster") {
                 RelayDecision::Local
             } else {
@@ -77,10 +77,18 @@ impl RelayPolicy {
         if domain.is_empty() {
             return RelayDecision::Denied;
         }
+        let trusted = authenticated || self.relay_networks.contains(client_ip);
         if !domain.starts_with('[') && self.is_local_domain(domain) {
+            // Sender-specified routing in the local part (user%other@ours,
+            // other!user@ours, "user@other"@ours) could be honoured by a next hop
+            // and turn a local recipient into relaying: only clients that may
+            // relay anyway get to use it (Postfix: allow_untrusted_routing = no).
+            if !trusted && has_sender_routing(local_part) {
+                return RelayDecision::Denied;
+            }
             return RelayDecision::Local;
         }
-        if authenticated || self.relay_networks.contains(client_ip) {
+        if trusted {
             RelayDecision::Relay
         } else {
             RelayDecision::Denied
@@ -90,6 +98,12 @@ impl RelayPolicy {
     pub fn relay_networks(&self) -> &NetworkList {
         &self.relay_networks
     }
+}
+
+/// A local part carrying a route of its own: the percent hack, a UUCP bang path or
+/// an '@' (quoted, or left by a stripped source route).
+fn has_sender_routing(local_part: &str) -> bool {
+    local_part.contains(['%', '!', '@'])
 }
 
 /// Lowercase and drop one trailing dot, borrowing when already normal (the common
@@ -254,9 +268,34 @@ mod tests {
     #[test]
     fn unusual_local_parts() {
         let p = policy();
-        // Quoted local part containing '@'.
+        // Quoted local part containing '@': sender-specified routing, only for
+        // clients that may relay anyway.
         assert_eq!(
             p.check_recipient("\"a@example.org\"@example.com", ip(OUTSIDE), false),
+            RelayDecision::Denied
+        );
+        assert_eq!(
+            p.check_recipient("\"a@example.org\"@example.com", ip("127.0.0.1"), false),
+            RelayDecision::Local
+        );
+        for routed in [
+            "user%example.org@example.com",
+            "example.org!user@example.com",
+            "\"user%x\"@example.com",
+        ] {
+            assert_eq!(
+                p.check_recipient(routed, ip(OUTSIDE), false),
+                RelayDecision::Denied,
+                "{routed}"
+            );
+            assert_eq!(
+                p.check_recipient(routed, ip(OUTSIDE), true),
+                RelayDecision::Local,
+                "{routed}"
+            );
+        }
+        assert_eq!(
+            p.check_recipient("\"plain quoted\"@example.com", ip(OUTSIDE), false),
             RelayDecision::Local
         );
         assert_eq!(

@@ -1,5 +1,6 @@
 //! SMTP protocol cores (sans-IO): the server session, the DATA/BDAT decoders and
 //! the client session used for delivery.
+pub mod address;
 pub mod client;
 pub mod data;
 pub mod server;

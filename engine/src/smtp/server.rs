@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine as _;
 use sluice_policy::{RelayDecision, RelayPolicy};
@@ -24,6 +25,7 @@ use smtp_proto::{
 };
 
 use super::data::{BareNewlineScanner, DataDecoder};
+use crate::auth_guard::AuthGuard;
 use crate::config::{BareNewline, ListenerConfig, Protocol};
 use crate::delivery::quota::QueueAdmission;
 
@@ -56,6 +58,8 @@ pub struct SessionConfig {
     pub max_errors: usize,
     pub bare_newline: BareNewline,
     pub relay: Arc<RelayPolicy>,
+    /// AUTH failure delays and limits, shared by all listeners and cores.
+    pub auth_guard: Arc<AuthGuard>,
 }
 
 impl SessionConfig {
@@ -65,6 +69,7 @@ impl SessionConfig {
         server_hostname: &str,
         relay: Arc<RelayPolicy>,
         auth_enabled: bool,
+        auth_guard: Arc<AuthGuard>,
     ) -> SessionConfig {
         SessionConfig {
             listener: name.to_string(),
@@ -83,6 +88,7 @@ impl SessionConfig {
             max_errors: l.max_errors,
             bare_newline: l.bare_newline,
             relay,
+            auth_guard,
         }
     }
 }
@@ -198,6 +204,8 @@ pub struct Session {
     tls: Option<String>,
     auth_user: Option<String>,
     errors: usize,
+    /// Failed AUTH attempts in this session (for the delay and the cap).
+    auth_failures: usize,
     tx: Transaction,
     /// Queue choice and quotas; without it every message goes to "default".
     queues: Option<Arc<QueueAdmission>>,
@@ -207,8 +215,6 @@ pub struct Session {
     replies: [u64; 4],
     metrics: Option<Arc<crate::metrics::SmtpMetrics>>,
 }
-
-const MAX_AUTH_FAILURES_ARE_ERRORS: bool = true;
 
 impl Session {
     pub fn new(cfg: Arc<SessionConfig>, ids: Rc<IdGenerator>, peer: PeerInfo) -> Session {
@@ -225,6 +231,7 @@ impl Session {
             extended: false,
             auth_user: None,
             errors: 0,
+            auth_failures: 0,
             tx: Transaction::default(),
             queues: None,
             accepted: 0,
@@ -652,7 +659,7 @@ impl Session {
             Request::Auth {
                 mechanism,
                 initial_response,
-            } => return self.auth(mechanism, &initial_response),
+            } => return self.auth(mechanism, &initial_response, now_ms),
         }
         None
     }
@@ -768,7 +775,8 @@ impl Session {
         self.tx.hold_until_unix = hold_until_unix;
         self.tx.deliver_by = deliver_by;
         self.tx.declared_size = from.size as u64;
-        self.tx.sender = Some(from.address.into_owned());
+        // A quoted local part keeps its quotes (see smtp::address).
+        self.tx.sender = Some(super::address::requote(&from.address).into_owned());
         self.reply(250, "2.1.0", "Ok");
     }
 
@@ -784,7 +792,10 @@ impl Session {
             self.reply(452, "4.5.3", "Error: too many recipients");
             return;
         }
-        let address = to.address.as_ref();
+        // A quoted local part keeps its quotes, so the policy sees any '@' in it
+        // and the next hop gets the address the client sent (see smtp::address).
+        let address = super::address::requote(to.address.as_ref()).into_owned();
+        let address = address.as_str();
         let local = if address.eq_ignore_ascii_case("postmaster") {
             true
         } else {
@@ -834,7 +845,7 @@ impl Session {
             }
         }
         self.tx.recipients.push(Recipient {
-            address: to.address.into_owned(),
+            address: address.to_string(),
             orcpt: to.orcpt.map(Cow::into_owned),
             notify,
             status: RecipientStatus::Pending,
@@ -1097,7 +1108,7 @@ impl Session {
         Some(Action::StartTls)
     }
 
-    fn auth(&mut self, mechanism: u64, initial: &str) -> Option<Action> {
+    fn auth(&mut self, mechanism: u64, initial: &str, now_ms: u64) -> Option<Action> {
         if !self.cfg.auth_enabled || (self.tls.is_none() && !self.cfg.auth_plaintext) {
             if self.cfg.auth_enabled && self.cfg.starttls {
                 self.error_reply(
@@ -1125,6 +1136,17 @@ impl Session {
                 "Error: AUTH not allowed during a mail transaction",
             );
             return None;
+        }
+        if self.cfg.auth_guard.blocked(self.peer.ip, now_ms) {
+            // The password is not even looked at: guessing from here is over.
+            tracing::warn!(client_ip = %self.peer.ip, "AUTH refused: too many failures from this address");
+            let text = format!(
+                "{} Error: too many failed authentications from your address, try again later",
+                self.cfg.hostname
+            );
+            self.reply(421, "4.7.0", &text);
+            self.state = State::Closed;
+            return Some(Action::Close);
         }
         match mechanism {
             smtp_proto::AUTH_PLAIN => {
@@ -1193,19 +1215,35 @@ impl Session {
         })
     }
 
-    /// The outcome of an [`Action::Authenticate`].
-    pub fn auth_result(&mut self, user: String, ok: bool) {
+    /// The outcome of an [`Action::Authenticate`]. After a failure, the driver must
+    /// wait the returned time before writing the reply (slows password guessing).
+    pub fn auth_result(&mut self, user: String, ok: bool, now_ms: u64) -> Option<Duration> {
         self.state = State::Command;
         if ok {
             tracing::info!(client_ip = %self.peer.ip, user = %printable(&user), "authenticated");
             self.auth_user = Some(user);
             self.reply(235, "2.7.0", "Authentication successful");
-        } else {
-            tracing::warn!(client_ip = %self.peer.ip, user = %printable(&user), "authentication failed");
-            if MAX_AUTH_FAILURES_ARE_ERRORS {
-                self.error_reply(535, "5.7.8", "Error: authentication credentials invalid");
-            }
+            return None;
         }
+        self.auth_failures += 1;
+        let guard = self.cfg.auth_guard.clone();
+        let over_ip_budget = guard.failed(self.peer.ip, now_ms);
+        tracing::warn!(
+            client_ip = %self.peer.ip,
+            user = %printable(&user),
+            failures = self.auth_failures,
+            "authentication failed"
+        );
+        self.error_reply(535, "5.7.8", "Error: authentication credentials invalid");
+        if !self.is_closed() && (over_ip_budget || self.auth_failures >= guard.max_failures) {
+            let text = format!(
+                "{} Error: too many failed authentications",
+                self.cfg.hostname
+            );
+            self.reply(421, "4.7.0", &text);
+            self.state = State::Closed;
+        }
+        Some(guard.delay(self.auth_failures))
     }
 
     fn reply(&mut self, code: u16, esc: &str, text: &str) {

@@ -34,6 +34,9 @@ fn config() -> SessionConfig {
             )
             .expect("policy"),
         ),
+        auth_guard: Arc::new(crate::auth_guard::AuthGuard::new(
+            &crate::config::AuthSection::default(),
+        )),
     }
 }
 
@@ -98,7 +101,7 @@ impl Harness {
                     }
                     Action::Authenticate { user, password } => {
                         let ok = user == "alice" && password == "secret";
-                        self.session.auth_result(user, ok);
+                        let _ = self.session.auth_result(user, ok, NOW);
                     }
                 }
             }

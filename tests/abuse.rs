@@ -1,0 +1,904 @@
+//! Abuse: what an unauthenticated stranger can try against the relay, each case
+//! asserted against the real binary with real clients (raw sockets, swaks,
+//! openssl s_client) and real next hops (loadgen sink, Postfix smtp-sink).
+//!
+//! - the open-relay matrix (percent hack, source routes, bang paths, quoted local
+//!   parts, IP literals, trailing dots, case, IDN and lookalikes) from outside the
+//!   relay networks, and proof that accepted local recipients only go to the local
+//!   route, addresses intact;
+//! - AUTH guessing: a growing delay before 535, a per-connection cap (421 4.7.0),
+//!   a per-client-IP budget across connections;
+//! - AUTH in clear text refused (538 5.7.11); TLS 1.0 and 1.1 refused, 1.2 and 1.3
+//!   accepted, on a STARTTLS and an implicit-TLS listener;
+//! - SMTP smuggling: every fake end of data made of bare CR/LF and a dot, with and
+//!   without a smuggled transaction behind it, never splits a message, neither on
+//!   the way in nor at the next hop (a lenient one: smtp-sink);
+//! - header and MIME bombs: accepted promptly, the relay stays up, memory stays
+//!   bounded, and their bounces are bounded.
+//!
+//! Each test prints its table of cases and replies (`--nocapture`) for
+//! RELIABILITY.md. STARTTLS command injection is covered by
+//! tests/smtp_limits.rs (starttls_command_injection_is_discarded).
+
+mod common;
+#[path = "delivery/harness.rs"]
+mod harness;
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use harness::*;
+
+const T: Duration = Duration::from_secs(30);
+const PASSWORD: &str = "correct horse";
+
+// ---------------------------------------------------------------------------------
+// Open relay matrix
+// ---------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// 554 5.7.1 relay access denied.
+    Denied,
+    /// 501: the address does not parse (refused before any relay decision).
+    Syntax,
+    /// Accepted for a local domain, stored as this address.
+    Local(&'static str),
+}
+
+/// (class, what goes between RCPT TO:< and >, expected)
+const MATRIX: &[(&str, &str, Want)] = &[
+    ("percent hack", "user%other.org@example.com", Want::Denied),
+    ("percent hack", "user%other.org@EXAMPLE.COM.", Want::Denied),
+    (
+        "percent hack",
+        "\"user%other.org\"@example.com",
+        Want::Denied,
+    ),
+    ("percent hack", "user@other.org%example.com", Want::Denied),
+    ("source route", "@a.org,@b.org:user@other.org", Want::Denied),
+    ("source route", "@example.com:user@other.org", Want::Denied),
+    (
+        "source route",
+        "@other.org:user@example.com",
+        Want::Local("user@example.com"),
+    ),
+    ("bang path", "other.org!user@example.com", Want::Denied),
+    ("bang path", "\"other.org!user\"@example.com", Want::Denied),
+    ("bang path", "other.org!user", Want::Syntax),
+    ("bang path", "example.com!user", Want::Syntax),
+    ("quoted @", "\"user@other.org\"@example.com", Want::Denied),
+    ("quoted @", "\"@\"@example.com", Want::Denied),
+    ("quoted @", "\"user@other.org\"@other.org", Want::Denied),
+    ("quoted @", "user@other.org@example.com", Want::Syntax),
+    (
+        "quoted",
+        "\"user\"@example.com",
+        Want::Local("user@example.com"),
+    ),
+    (
+        "quoted",
+        "\"first last\"@example.com",
+        Want::Local("\"first last\"@example.com"),
+    ),
+    ("IP literal", "user@[127.0.0.1]", Want::Syntax),
+    ("IP literal", "user@[IPv6:::1]", Want::Syntax),
+    ("IP literal", "user@[IPv6:::ffff:127.0.0.1]", Want::Syntax),
+    ("IP literal", "\"user@other.org\"@[127.0.0.1]", Want::Syntax),
+    ("IP literal", "user@127.0.0.1", Want::Denied),
+    ("trailing dot", "user@other.org.", Want::Denied),
+    (
+        "trailing dot",
+        "user@example.com.",
+        Want::Local("user@example.com."),
+    ),
+    ("trailing dot", "user@example.com..", Want::Syntax),
+    ("trailing dot", "user@.example.com", Want::Syntax),
+    ("mixed case", "User@OTHER.org", Want::Denied),
+    (
+        "mixed case",
+        "USER@EXAMPLE.COM",
+        Want::Local("USER@EXAMPLE.COM"),
+    ),
+    (
+        "mixed case",
+        "user@ExAmPlE.cOm.",
+        Want::Local("user@ExAmPlE.cOm."),
+    ),
+    ("mixed case", "user@SUB.Example.com", Want::Denied),
+    ("suffix", "user@example.com.other.org", Want::Denied),
+    ("suffix", "user@example.co", Want::Denied),
+    ("suffix", "user@notexample.com", Want::Denied),
+    ("IDN", "user@bücher.de", Want::Denied),
+    ("IDN", "user@xn--bcher-kva.de", Want::Denied),
+    ("IDN lookalike", "user@ex\u{430}mple.com", Want::Denied),
+    ("IDN lookalike", "user@xn--exmple-4nf.com", Want::Denied),
+    (
+        "IDN lookalike",
+        "user@\u{ff45}\u{ff58}\u{ff41}\u{ff4d}\u{ff50}\u{ff4c}\u{ff45}.com",
+        Want::Denied,
+    ),
+    ("IDN lookalike", "user@example\u{3002}com", Want::Denied),
+    ("IDN lookalike", "user@exampl\u{e9}.com", Want::Denied),
+    ("IDN lookalike", "user@xn--exampl-gva.com", Want::Denied),
+    ("postmaster", "postmaster@other.org", Want::Denied),
+];
+
+/// Closed relay: loopback is outside the relay networks; example.com is ours.
+/// Delivery on: local recipients take route "local" (sink `local`), anything
+/// else route "default" (sink `other`).
+fn matrix_relay(local: SocketAddr, other: SocketAddr) -> Relay {
+    Relay::builder()
+        .set("relay.relay_networks=[\"10.0.0.0/8\"]")
+        .set("relay.local_domains=[\"example.com\"]")
+        .set("delivery.enabled=true")
+        .set("queue.default.retry=[\"1s\"]")
+        .set(format!(
+            "route.local={{type=\"relay\",host=\"{}\",port={},tls=\"none\"}}",
+            local.ip(),
+            local.port()
+        ))
+        .set(format!(
+            "route.default={{type=\"relay\",host=\"{}\",port={},tls=\"none\"}}",
+            other.ip(),
+            other.port()
+        ))
+        .start()
+}
+
+fn sink_addr() -> SocketAddr {
+    let ip = loopback();
+    let port = TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    SocketAddr::new(ip.into(), port)
+}
+
+#[test]
+fn open_relay_matrix_from_outside_the_relay_networks() {
+    let local_sink = LoadgenSink::start(&[sink_addr()], &[]);
+    let other_sink = LoadgenSink::start(&[sink_addr()], &[]);
+    let relay = matrix_relay(local_sink.listen[0], other_sink.listen[0]);
+
+    let mut table = Vec::new();
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for (class, rcpt, want) in MATRIX {
+        // A connection per case, so max_errors never ends the run early.
+        let mut c = relay.session();
+        c.expect("MAIL FROM:<probe@outside.test> SMTPUTF8", 250);
+        let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+        c.send_line("QUIT");
+        table.push(format!(
+            "| {class} | `<{rcpt}>` | {} |",
+            r.last().replace('|', "\\|")
+        ));
+        match want {
+            Want::Denied => {
+                assert_eq!((r.code, r.enhanced()), (554, "5.7.1"), "<{rcpt}>: {r:?}");
+                refused += 1;
+            }
+            Want::Syntax => {
+                assert_eq!(r.code, 501, "<{rcpt}>: {r:?}");
+                refused += 1;
+            }
+            Want::Local(stored) => {
+                assert_eq!(r.code, 250, "<{rcpt}>: {r:?}");
+                accepted.push((*rcpt, *stored));
+            }
+        }
+    }
+    println!("| class | RCPT TO | reply |\n|---|---|---|");
+    for row in &table {
+        println!("{row}");
+    }
+    println!(
+        "{} cases: {refused} refused, {} accepted as local",
+        MATRIX.len(),
+        accepted.len()
+    );
+
+    // The accepted ones, in one message: stored as meant, marked local, and
+    // delivered only to the local route.
+    let mut c = relay.session();
+    c.expect("MAIL FROM:<probe@outside.test>", 250);
+    for (rcpt, _) in &accepted {
+        c.expect(&format!("RCPT TO:<{rcpt}>"), 250);
+    }
+    c.expect("DATA", 354);
+    c.send(b"Subject: local only\r\nMessage-ID: <matrix@outside.test>\r\n\r\nhi\r\n.\r\n");
+    let r = c.read_reply();
+    assert_eq!(r.code, 250, "{r:?}");
+    c.send_line("QUIT");
+    let want: Vec<String> = accepted.iter().map(|(_, s)| s.to_string()).collect();
+
+    let saved = local_sink.wait_saved(1, T, &relay);
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let mut got = saved[0].rcpts();
+    let mut want_sorted = want.clone();
+    got.sort();
+    want_sorted.sort();
+    assert_eq!(got, want_sorted, "addresses at the local next hop");
+    wait_until(
+        "the spool to empty",
+        T,
+        || relay.count() == 0,
+        || relay.log(),
+    );
+    assert_eq!(
+        other_sink.messages(),
+        0,
+        "nothing may leave by the non-local route"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// AUTH guessing
+// ---------------------------------------------------------------------------------
+
+fn b64(data: &[u8]) -> String {
+    const TBL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for chunk in data.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &b)| acc | (b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                s.push(TBL[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+fn plain(user: &str, password: &str) -> String {
+    format!(
+        "AUTH PLAIN {}",
+        b64(format!("\0{user}\0{password}").as_bytes())
+    )
+}
+
+/// Sends a wrong password; returns the reply and how long it took.
+fn fail_once(c: &mut Client) -> (Reply, Duration) {
+    let t = Instant::now();
+    let r = c.cmd(&plain("alice", "wrong guess"));
+    (r, t.elapsed())
+}
+
+#[test]
+fn auth_failures_are_slowed_capped_per_connection_and_limited_per_ip() {
+    let delay = Duration::from_millis(300);
+    let relay = Relay::builder()
+        .set("relay.relay_networks=[\"10.0.0.0/8\"]")
+        .set(format!("auth.users.alice=\"{}\"", hash_password(PASSWORD)))
+        .set("auth.failure_delay=\"300ms\"")
+        .set("auth.failure_delay_max=\"600ms\"")
+        .set("auth.max_failures=4")
+        .set("auth.failure_rate_per_ip=[\"5/1h\"]")
+        .lset("auth_plaintext", "true")
+        .start();
+    let mut table = Vec::new();
+
+    // Connection 1: four failures; each 535 waits n × 300ms (at most 600ms); the
+    // fourth is followed by 421 4.7.0 and a close.
+    let mut c = relay.session();
+    for n in 1..=4u32 {
+        let (r, took) = fail_once(&mut c);
+        assert_eq!((r.code, r.enhanced()), (535, "5.7.8"), "failure {n}: {r:?}");
+        let floor = (delay * n).min(Duration::from_millis(600));
+        assert!(
+            took >= floor,
+            "failure {n}: the 535 came after {took:?}, before the {floor:?} delay"
+        );
+        table.push(format!(
+            "| 1 | wrong password #{n} | {} (after ≥ {floor:?}) |",
+            r.last()
+        ));
+    }
+    let r = c.read_reply();
+    assert_eq!((r.code, r.enhanced()), (421, "4.7.0"), "{r:?}");
+    table.push(format!("| 1 | (after #4) | {} |", r.last()));
+    c.expect_closed();
+
+    // Connection 2: the fifth failure still fits the per-IP budget of 5; the
+    // sixth does not (this connection has only 2 failures of its 4).
+    let mut c = relay.session();
+    let (r, _) = fail_once(&mut c);
+    assert_eq!(r.code, 535, "{r:?}");
+    table.push(format!("| 2 | wrong password #5 | {} |", r.last()));
+    let (r, _) = fail_once(&mut c);
+    assert_eq!(r.code, 535, "{r:?}");
+    let r2 = c.read_reply();
+    assert_eq!((r2.code, r2.enhanced()), (421, "4.7.0"), "{r2:?}");
+    table.push(format!(
+        "| 2 | wrong password #6 | {} / {} |",
+        r.last(),
+        r2.last()
+    ));
+    c.expect_closed();
+
+    // Connection 3 from the same IP: even the right password is not looked at.
+    let mut c = relay.session();
+    let r = c.cmd(&plain("alice", PASSWORD));
+    assert_eq!((r.code, r.enhanced()), (421, "4.7.0"), "{r:?}");
+    table.push(format!("| 3 | right password | {} |", r.last()));
+    c.expect_closed();
+
+    // swaks from the blocked IP fails the same way.
+    let out = swaks(
+        &relay,
+        &[
+            "-a",
+            "PLAIN",
+            "-au",
+            "alice",
+            "-ap",
+            PASSWORD,
+            "--to",
+            "x@remote.test",
+        ],
+    );
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("421 4.7.0"),
+        "{}",
+        text(&out.stdout)
+    );
+    table.push("| swaks | right password | 421 4.7.0 (swaks fails) |".to_string());
+
+    // Another client IP is not affected.
+    let mut c = Client::connect_from(Ipv4Addr::new(127, 0, 0, 2), relay.addr());
+    assert_eq!(c.read_reply().code, 220);
+    c.expect("EHLO other.test", 250);
+    let r = c.cmd(&plain("alice", PASSWORD));
+    assert_eq!((r.code, r.enhanced()), (235, "2.7.0"), "{r:?}");
+    table.push(format!("| 127.0.0.2 | right password | {} |", r.last()));
+    c.expect("MAIL FROM:<alice@example.test>", 250);
+    c.expect("RCPT TO:<x@remote.test>", 250);
+    c.expect("QUIT", 221);
+
+    println!("| connection | attempt | reply |\n|---|---|---|");
+    for row in &table {
+        println!("{row}");
+    }
+    assert_eq!(relay.count(), 0);
+    assert!(relay.log().contains("too many failures from this address"));
+}
+
+// ---------------------------------------------------------------------------------
+// TLS versions, AUTH in clear text
+// ---------------------------------------------------------------------------------
+
+/// `openssl s_client` forcing one protocol version; (exit ok, transcript).
+fn s_client(port: u16, starttls: bool, version: &str) -> (bool, String) {
+    let mut cmd = Command::new("openssl");
+    cmd.arg("s_client")
+        .arg("-connect")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["-servername", "localhost", version, "-msg"])
+        // Debian's OpenSSL refuses to even offer TLS 1.0/1.1 at its default level.
+        .args(["-cipher", "DEFAULT@SECLEVEL=0"])
+        .stdin(Stdio::null());
+    if starttls {
+        cmd.args(["-starttls", "smtp"]);
+    }
+    let out = run_with_timeout(&mut cmd, T);
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    (out.status.success(), all)
+}
+
+#[test]
+fn old_tls_versions_refused_and_auth_needs_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = make_cert(dir.path());
+    let tls_port = free_port();
+    let cert = format!("\"{}\"", cert.display());
+    let key = format!("\"{}\"", key.display());
+    let mut relay = Relay::builder()
+        .dir(dir)
+        .set("relay.relay_networks=[\"10.0.0.0/8\"]")
+        .set(format!("auth.users.alice=\"{}\"", hash_password(PASSWORD)))
+        .lset("tls", "\"starttls\"")
+        .lset("tls_cert", &cert)
+        .lset("tls_key", &key)
+        .set(format!(
+            "server.listener.smtps.bind=[\"127.0.0.1:{tls_port}\"]"
+        ))
+        .set("server.listener.smtps.tls=\"implicit\"")
+        .set(format!("server.listener.smtps.tls_cert={cert}"))
+        .set(format!("server.listener.smtps.tls_key={key}"))
+        .start();
+
+    // RFC 4954 §4: AUTH PLAIN before STARTTLS gets 538 5.7.11.
+    let mut c = relay.session();
+    let r = c.cmd(&plain("alice", PASSWORD));
+    assert_eq!((r.code, r.enhanced()), (538, "5.7.11"), "{r:?}");
+    c.expect("QUIT", 221);
+    println!("AUTH PLAIN before STARTTLS: {}", r.last());
+
+    println!("| listener | version | outcome |\n|---|---|---|");
+    for (listener, port, starttls) in [
+        ("STARTTLS", relay.port, true),
+        ("implicit TLS", tls_port, false),
+    ] {
+        for (version, name, ok_wanted) in [
+            ("-tls1", "TLS 1.0", false),
+            ("-tls1_1", "TLS 1.1", false),
+            ("-tls1_2", "TLS 1.2", true),
+            ("-tls1_3", "TLS 1.3", true),
+        ] {
+            let (ok, out) = s_client(port, starttls, version);
+            assert!(
+                out.contains(&format!(">>> {name}, Handshake")) && out.contains("ClientHello"),
+                "{listener} {name}: openssl did not offer the version:\n{out}"
+            );
+            if ok_wanted {
+                let wire = name.replace("TLS ", "TLSv");
+                assert!(
+                    ok && out.contains(&format!("New, {wire}, Cipher is")),
+                    "{listener} {name} must succeed:\n{out}"
+                );
+                println!("| {listener} | {name} | handshake ok |");
+            } else {
+                assert!(!ok, "{listener} {name} must fail:\n{out}");
+                assert!(
+                    out.contains("Cipher is (NONE)")
+                        && out.contains("Alert")
+                        && out.contains("fatal"),
+                    "{listener} {name}: no fatal alert from the server:\n{out}"
+                );
+                let alert = out
+                    .lines()
+                    .find(|l| l.starts_with("<<<") && l.contains("fatal"))
+                    .unwrap_or("")
+                    .to_string();
+                println!("| {listener} | {name} | refused: {alert} |");
+            }
+        }
+    }
+    assert!(relay.is_running());
+    assert!(relay.log().contains("handshake failed"), "{}", relay.log());
+}
+
+// ---------------------------------------------------------------------------------
+// SMTP smuggling
+// ---------------------------------------------------------------------------------
+
+/// Fake ends of data: a dot between every pair of line ends that is not CRLF-CRLF.
+fn fake_ends() -> Vec<(String, Vec<u8>)> {
+    let ends: [(&str, &[u8]); 3] = [("CRLF", b"\r\n"), ("LF", b"\n"), ("CR", b"\r")];
+    let mut out = Vec::new();
+    for (a, pre) in ends {
+        for (b, post) in ends {
+            if a == "CRLF" && b == "CRLF" {
+                continue; // the real end of data
+            }
+            let mut v = pre.to_vec();
+            v.push(b'.');
+            v.extend_from_slice(post);
+            out.push((format!("{a}.{b}"), v));
+        }
+    }
+    // A dot followed by CR CR LF, and by LF after a CRLF line.
+    out.push(("CRLF.CR CRLF".into(), b"\r\n.\r\r\n".to_vec()));
+    out.push(("CRLF.LF CRLF".into(), b"\r\n.\n\r\n".to_vec()));
+    out
+}
+
+const SMUGGLED: &[u8] =
+    b"MAIL FROM:<evil@smuggler.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n";
+
+/// Body (without the final CRLF.CRLF) hiding a fake end, with or without a
+/// smuggled transaction behind it.
+fn smuggling_body(fake_end: &[u8], with_tx: bool) -> Vec<u8> {
+    let mut b = b"Subject: innocent\r\nMessage-ID: <inn@good.test>\r\n\r\nhello".to_vec();
+    b.extend_from_slice(fake_end);
+    if with_tx {
+        b.extend_from_slice(SMUGGLED);
+    } else {
+        b.extend_from_slice(b"after the fake end\r\n");
+    }
+    b
+}
+
+/// One attempt: returns the end-of-data reply; asserts that nothing else was
+/// answered (the next reply is the one to QUIT).
+fn smuggle(relay: &Relay, body: &[u8]) -> Reply {
+    let mut c = relay.session();
+    c.expect("MAIL FROM:<good@good.test>", 250);
+    c.expect("RCPT TO:<friend@example.com>", 250);
+    c.expect("DATA", 354);
+    let mut all = body.to_vec();
+    all.extend_from_slice(b"\r\n.\r\n");
+    c.send(&all);
+    let end = c.read_reply();
+    let r = c.cmd("QUIT");
+    assert_eq!(
+        r.code, 221,
+        "a reply to a smuggled command came back: {r:?} (end of data: {end:?})"
+    );
+    c.expect_closed();
+    end
+}
+
+#[test]
+fn smuggling_inbound_with_bare_newline_reject_refuses_every_variant() {
+    let relay = Relay::start(&[]);
+    println!("| fake end of data | smuggled MAIL | reply |\n|---|---|---|");
+    for (name, end) in fake_ends() {
+        for with_tx in [true, false] {
+            let r = smuggle(&relay, &smuggling_body(&end, with_tx));
+            assert_eq!(
+                (r.code, r.enhanced()),
+                (550, "5.6.0"),
+                "{name}/{with_tx}: {r:?}"
+            );
+            println!("| {name} | {with_tx} | {} |", r.last());
+        }
+    }
+    assert_eq!(relay.count(), 0, "nothing may be stored");
+}
+
+/// tests/py/lenient_sink.py on a loopback address of this test.
+struct LenientSink {
+    _guard: ChildGuard,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl LenientSink {
+    fn start() -> LenientSink {
+        let ip = loopback();
+        let port = mx_port(&[ip]);
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new("python3");
+        child
+            .arg(py_script("lenient_sink.py"))
+            .args([ip.to_string(), port.to_string()])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        let mut guard = ChildGuard::new(child.spawn().expect("python3"), "lenient_sink.py");
+        let mut ready = false;
+        for_each_line(guard.take_stdout(), |l| {
+            ready = l == "ready";
+            false
+        });
+        assert!(ready, "lenient_sink.py did not start");
+        LenientSink {
+            _guard: guard,
+            addr: SocketAddr::new(ip.into(), port),
+            dir,
+        }
+    }
+
+    fn files(&self, prefix: &str, ext: &str) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(prefix) && name.ends_with(ext) {
+                out.push(std::fs::read(e.path()).unwrap());
+            }
+        }
+        out
+    }
+
+    fn transactions(&self) -> Vec<serde_json::Value> {
+        self.files("tx-", ".json")
+            .iter()
+            .map(|b| serde_json::from_slice(b).expect("tx JSON"))
+            .collect()
+    }
+}
+
+/// DATA transparency undone: a '.' at the start of a CRLF line is dropped.
+fn unstuff(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    for (i, &c) in b.iter().enumerate() {
+        let line_start = i == 0 || (i >= 2 && &b[i - 2..i] == b"\r\n");
+        if !(line_start && c == b'.') {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Positions of bare CR or bare LF in `b`.
+fn bare_newlines(b: &[u8]) -> usize {
+    (0..b.len())
+        .filter(|&i| match b[i] {
+            b'\r' => b.get(i + 1) != Some(&b'\n'),
+            b'\n' => i == 0 || b[i - 1] != b'\r',
+            _ => false,
+        })
+        .count()
+}
+
+#[test]
+fn smuggling_with_bare_newline_accept_never_splits_in_or_out() {
+    // The next hop ends lines at bare LF and bare CR too: the receiver a smuggled
+    // "<LF>.<LF>" would split if the relay passed it on raw. First prove it does.
+    let sink = LenientSink::start();
+    {
+        let mut c = Client::connect(sink.addr);
+        assert_eq!(c.read_reply().code, 220);
+        c.expect("EHLO control.test", 250);
+        c.expect("MAIL FROM:<good@good.test>", 250);
+        c.expect("RCPT TO:<friend@example.com>", 250);
+        c.expect("DATA", 354);
+        let mut body = smuggling_body(b"\n.\n", true);
+        body.extend_from_slice(b".\r\nQUIT\r\n");
+        c.send(&body);
+        let _ = c.read_to_eof();
+    }
+    let control = sink.transactions();
+    assert_eq!(
+        control.len(),
+        2,
+        "the lenient sink must split a raw smuggling payload: {control:?}"
+    );
+
+    // Phase 1: accept every variant (no delivery yet) and check what is stored.
+    let mut inbound = Relay::builder().lset("bare_newline", "\"accept\"").start();
+    let mut sent = 0;
+    println!("| fake end of data | smuggled MAIL | reply | stored |\n|---|---|---|---|");
+    for (name, end) in fake_ends() {
+        for with_tx in [true, false] {
+            let body = smuggling_body(&end, with_tx);
+            let r = smuggle(&inbound, &body);
+            assert_eq!(r.code, 250, "{name}/{with_tx}: {r:?}");
+            sent += 1;
+            let id = queued_id(&r.text()).expect("queued id");
+            // Stored as sent, less the RFC 5321 §4.5.2 transparency dot: a '.'
+            // opening a line (after CRLF; nothing else ends a line) is dropped.
+            let mut want = unstuff(&body);
+            want.extend_from_slice(b"\r\n");
+            assert_stored_exact(&inbound.body(&id), &want, &id);
+            assert_eq!(
+                inbound.count(),
+                sent,
+                "{name}/{with_tx}: one message per attempt"
+            );
+            println!(
+                "| {name} | {with_tx} | {} | 1 message, byte-exact |",
+                r.last()
+            );
+        }
+    }
+    assert!(inbound
+        .list()
+        .iter()
+        .all(|e| e.sender == "good@good.test" && e.recipients == ["friend@example.com"]));
+    inbound.terminate();
+
+    // Phase 2: the same spool, now delivering to the lenient sink.
+    let relay = Relay::builder()
+        .set(format!("spool.path={}", inbound.spool_path().display()))
+        .set("delivery.enabled=true")
+        .set("queue.default.retry=[\"1s\"]")
+        .set(format!(
+            "route.default={{type=\"relay\",host=\"{}\",port={},tls=\"none\"}}",
+            sink.addr.ip(),
+            sink.addr.port()
+        ))
+        .start();
+    wait_until(
+        &format!("{sent} deliveries"),
+        T,
+        || inbound.count() == 0,
+        || relay.log(),
+    );
+    let txs = sink.transactions();
+    assert_eq!(
+        txs.len(),
+        control.len() + sent,
+        "messages split at the next hop: {txs:#?}"
+    );
+    let relayed: Vec<_> = txs.iter().filter(|t| !control.contains(t)).collect();
+    assert_eq!(relayed.len(), sent);
+    for t in &relayed {
+        assert_eq!(t["from"], "<good@good.test>", "{t}");
+        assert_eq!(
+            t["rcpts"],
+            serde_json::json!(["<friend@example.com>"]),
+            "{t}"
+        );
+        let lines: Vec<&str> = t["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap())
+            .collect();
+        assert!(lines.contains(&"Subject: innocent"), "{t}");
+        assert!(
+            lines.contains(&"MAIL FROM:<evil@smuggler.test>")
+                || lines.contains(&"after the fake end"),
+            "the text after the fake end arrived as body: {t}"
+        );
+    }
+    // On the wire from the relay: CRLF only.
+    let raws = sink.files("conn-", ".raw");
+    let from_relay: Vec<&Vec<u8>> = raws
+        .iter()
+        .filter(|r| !text(r).contains("EHLO control.test"))
+        .collect();
+    assert!(!from_relay.is_empty());
+    for r in from_relay {
+        assert_eq!(bare_newlines(r), 0, "bare CR/LF sent on: {:?}", text(r));
+    }
+    println!(
+        "{sent} smuggling attempts accepted and relayed: {} transactions at a lenient next hop, 0 split \
+         (the raw payload sent straight to it splits into {})",
+        relayed.len(),
+        control.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// Header and MIME bombs
+// ---------------------------------------------------------------------------------
+
+fn header_bomb(lines: usize) -> Vec<u8> {
+    let mut b = b"Subject: header bomb\r\nMessage-ID: <hbomb@snd.test>\r\n".to_vec();
+    for i in 0..lines {
+        b.extend_from_slice(format!("X-Bomb-{i}: {i}\r\n").as_bytes());
+    }
+    b.extend_from_slice(b"\r\nbody\r\n");
+    b
+}
+
+fn long_header(len: usize) -> Vec<u8> {
+    let mut b = b"Subject: long header\r\nMessage-ID: <lbomb@snd.test>\r\nX-Long: ".to_vec();
+    b.extend(std::iter::repeat_n(b'a', len));
+    b.extend_from_slice(b"\r\n\r\nbody\r\n");
+    b
+}
+
+fn mime_bomb(depth: usize) -> Vec<u8> {
+    let mut b =
+        b"Subject: MIME bomb\r\nMessage-ID: <mbomb@snd.test>\r\nMIME-Version: 1.0\r\n".to_vec();
+    for i in 0..depth {
+        b.extend_from_slice(
+            format!("Content-Type: multipart/mixed; boundary=\"b{i}\"\r\n\r\n--b{i}\r\n")
+                .as_bytes(),
+        );
+    }
+    b.extend_from_slice(b"Content-Type: text/plain\r\n\r\nthe core\r\n");
+    for i in (0..depth).rev() {
+        b.extend_from_slice(format!("--b{i}--\r\n").as_bytes());
+    }
+    b
+}
+
+fn t_contains_tail(bounces: &[&Saved], needle: &str) -> bool {
+    bounces.iter().any(|b| text(&b.eml).contains(needle))
+}
+
+/// Peak resident memory of a process (VmHWM, KiB).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn header_and_mime_bombs_are_bounded_and_bounce_small() {
+    // Recipients at bad.test are refused by the next hop (550), so each bomb
+    // bounces; the bounce goes to snd.test at the same sink, which accepts it.
+    let sink = LoadgenSink::start(
+        &[sink_addr()],
+        &["--fault", "at=rcpt,code=550,share=100%,domain=bad.test"],
+    );
+    let s = sink.listen[0];
+    let mut relay = Relay::builder()
+        .set("delivery.enabled=true")
+        .set("queue.default.retry=[\"1s\"]")
+        .set(format!(
+            "route.default={{type=\"relay\",host=\"{}\",port={},tls=\"none\"}}",
+            s.ip(),
+            s.port()
+        ))
+        .start();
+    let baseline = peak_rss_kib(relay.pid());
+
+    let bombs: Vec<(&str, &str, Vec<u8>)> = vec![
+        ("100,000 header lines", "RET=HDRS", header_bomb(100_000)),
+        ("one 4 MiB header line", "", long_header(4 << 20)),
+        ("MIME nesting 1000 deep", "RET=FULL", mime_bomb(1000)),
+        ("MIME nesting 1000 deep", "", mime_bomb(1000)),
+    ];
+    println!("| bomb | size | MAIL params | reply |\n|---|---|---|---|");
+    let mut rows = Vec::new();
+    for (name, params, body) in &bombs {
+        let mut c = relay.session();
+        let sp = if params.is_empty() { "" } else { " " };
+        c.expect(&format!("MAIL FROM:<bomber@snd.test>{sp}{params}"), 250);
+        c.expect("RCPT TO:<victim@bad.test>", 250);
+        c.expect("DATA", 354);
+        c.send(body);
+        c.send(b".\r\n");
+        // Promptly: within the client's read timeout (IO_TIMEOUT).
+        let r = c.read_reply();
+        assert_eq!(r.code, 250, "{name}: {r:?}");
+        c.send_line("QUIT");
+        rows.push((name, body.len(), params, r.last().to_string()));
+    }
+    assert!(relay.is_running());
+
+    // One bounce per bomb, each small.
+    let saved = sink.wait_saved(bombs.len(), Duration::from_secs(60), &relay);
+    let bounces: Vec<&Saved> = saved.iter().filter(|m| m.from().is_empty()).collect();
+    assert_eq!(bounces.len(), bombs.len(), "{saved:?}");
+    let mut sizes = std::collections::BTreeMap::new();
+    for b in &bounces {
+        assert_eq!(b.rcpts(), vec!["bomber@snd.test"]);
+        let t = text(&b.eml);
+        let which = if t.contains("--b999--") {
+            // RET=FULL returned the bomb itself, which Python's email package
+            // cannot walk (recursion limit): check the report by its text.
+            assert!(t.contains("multipart/report"), "{t}");
+            assert!(t.contains("Action: failed"), "{t}");
+            assert!(t.contains("victim@bad.test"), "{t}");
+            "MIME bomb, RET=FULL"
+        } else {
+            assert_failure_dsn(&b.eml, &["victim@bad.test"], "5.");
+            // Named by the Subject the notice quotes.
+            if t.contains("Subject: header bomb") {
+                "header bomb"
+            } else if t.contains("Subject: long header") {
+                "long header"
+            } else if t.contains("Subject: MIME bomb") {
+                "MIME bomb, no RET"
+            } else {
+                panic!("which bounce is this? {t}")
+            }
+        };
+        assert!(
+            sizes.insert(which, b.eml.len()).is_none(),
+            "two bounces for {which}"
+        );
+    }
+    for (name, size, params, reply) in &rows {
+        println!("| {name} | {size} | {params} | {reply} |");
+    }
+    println!("bounce sizes: {sizes:?}");
+    // Headers are returned cut at 64 KiB; RET=FULL returns the (small) MIME
+    // bomb whole, as asked.
+    let limit = 64 * 1024 + 16 * 1024;
+    for which in ["header bomb", "long header", "MIME bomb, no RET"] {
+        assert!(
+            sizes[which] < limit,
+            "{which}: bounce of {} bytes",
+            sizes[which]
+        );
+    }
+    assert!(
+        !t_contains_tail(&bounces, "X-Bomb-99999:"),
+        "header bomb tail returned"
+    );
+
+    wait_until(
+        "the spool to empty",
+        T,
+        || relay.count() == 0,
+        || relay.log(),
+    );
+    assert!(relay.is_running());
+    let peak = peak_rss_kib(relay.pid());
+    println!("relay peak RSS: {baseline} KiB at start, {peak} KiB after the bombs");
+    assert!(
+        peak < baseline + 256 * 1024,
+        "memory grew from {baseline} to {peak} KiB"
+    );
+}
