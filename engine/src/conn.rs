@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
@@ -28,9 +29,13 @@ use crate::time::{now_ms, within};
 /// Everything about one listener that all cores share.
 pub struct ListenerShared {
     pub name: String,
-    pub session: Arc<SessionConfig>,
+    /// Replaced by a reload; each connection takes the current one when it opens
+    /// and keeps it for its life.
+    pub session: ArcSwap<SessionConfig>,
     pub tls_mode: TlsMode,
     pub tls: Option<futures_rustls::TlsAcceptor>,
+    /// The certificate the acceptor presents, replaceable by a reload.
+    pub certs: Option<Arc<crate::tls::CertSwap>>,
     pub proxy_trusted: NetworkList,
     pub max_connections: usize,
     pub max_per_ip: usize,
@@ -50,13 +55,18 @@ impl ListenerShared {
         name: &str,
         cfg: &ListenerConfig,
         session: Arc<SessionConfig>,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        tls: Option<(Arc<rustls::ServerConfig>, Arc<crate::tls::CertSwap>)>,
     ) -> Result<ListenerShared, sluice_policy::PolicyError> {
+        let (tls, certs) = match tls {
+            Some((config, certs)) => (Some(futures_rustls::TlsAcceptor::from(config)), Some(certs)),
+            None => (None, None),
+        };
         Ok(ListenerShared {
             name: name.to_string(),
-            session,
+            session: ArcSwap::new(session),
             tls_mode: cfg.tls,
-            tls: tls.map(futures_rustls::TlsAcceptor::from),
+            tls,
+            certs,
             proxy_trusted: NetworkList::parse(&cfg.proxy_trusted_networks)?,
             max_connections: cfg.max_connections,
             max_per_ip: cfg.max_connections_per_ip,
@@ -79,7 +89,8 @@ pub struct CoreContext {
     /// counts what it stores.
     pub queues: Arc<crate::delivery::quota::QueueAdmission>,
     pub ids: Rc<IdGenerator>,
-    pub credentials: Arc<Credentials>,
+    /// Replaced by a reload (auth.users).
+    pub credentials: Arc<ArcSwap<Credentials>>,
     pub shutdown: Arc<event_listener::Event>,
     pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
     /// Sessions alive on this core (for the drain at shutdown).
@@ -190,7 +201,8 @@ async fn serve(
     listener: &ListenerShared,
     ctx: &CoreContext,
 ) -> std::io::Result<()> {
-    let hostname = listener.session.hostname.clone();
+    let session_config = listener.session.load_full();
+    let hostname = session_config.hostname.clone();
     let mut conn = Conn::Plain(stream);
     let mut buf = vec![0u8; READ_BUFFER];
     let (mut start, mut end) = (0usize, 0usize);
@@ -300,7 +312,7 @@ async fn serve(
 
     let started = Instant::now();
     let mut session = Session::new(
-        listener.session.clone(),
+        session_config,
         ctx.ids.clone(),
         PeerInfo {
             ip: peer.ip(),
@@ -377,7 +389,7 @@ async fn serve(
                     session.store_result(id, &summary, result);
                 }
                 Action::Authenticate { user, password } => {
-                    let credentials = ctx.credentials.clone();
+                    let credentials = ctx.credentials.load_full();
                     let user_for_check = user.clone();
                     let ok = glommio::executor()
                         .spawn_blocking(move || credentials.verify(&user_for_check, &password))

@@ -10,6 +10,7 @@ pub mod delivery;
 pub mod dsn;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod runtime;
 pub mod smtp;
 pub mod spool_view;

@@ -117,7 +117,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => {
             let config = load(&args)?;
             init_logging(&config);
-            sluice_engine::runtime::run(config)
+            // Reloads (SIGHUP, the API) read the same file with the same --set.
+            let source = sluice_engine::reload::ConfigSource {
+                path: args
+                    .config
+                    .as_ref()
+                    .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
+                overrides: args.set.clone(),
+            };
+            sluice_engine::runtime::run(config, source)
         }
         Command::CheckConfig { file, set } => {
             let config = load(&ConfigArgs {

@@ -5,10 +5,11 @@
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
+use arc_swap::ArcSwap;
 use glommio::net::TcpListener;
 use glommio::timer::Timer;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -21,11 +22,18 @@ use crate::conn::{self, CoreContext, ListenerShared};
 use crate::delivery::outbound::OutboundTlsConfig;
 use crate::delivery::quota::{QueueAdmission, QueueStats};
 use crate::delivery::{CoreDelivery, DeliveryShared, MeshMsg};
+use crate::reload::{ConfigSource, Reloader};
 use crate::smtp::server::SessionConfig;
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
 
+/// How long after `shutdown_grace` the process waits for executors that have
+/// not stopped before it exits without them (a liveness bound; acknowledged
+/// mail is already committed, so nothing acknowledged is lost by it).
+const STOP_MARGIN: Duration = Duration::from_secs(10);
+
 /// Starts the relay and blocks until it has shut down (SIGTERM or SIGINT).
-pub fn run(config: Config) -> anyhow::Result<()> {
+/// `source` is where `config` came from, for reloads (SIGHUP, the API).
+pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     // First: metric handles made before the recorder would count nothing.
     crate::metrics::install()?;
     let cpus = std::thread::available_parallelism()
@@ -57,14 +65,16 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let relay = Arc::new(config.relay_policy()?);
-    let credentials = Arc::new(Credentials::new(config.auth.users.clone())?);
+    let credentials = Arc::new(ArcSwap::from_pointee(Credentials::new(
+        config.auth.users.clone(),
+    )?));
     let auth_guard = Arc::new(crate::auth_guard::AuthGuard::new(&config.auth));
     let mut listeners = Vec::new();
     for (name, l) in &config.server.listener {
         let tls = match (l.tls, &l.tls_cert, &l.tls_key) {
             (TlsMode::None, _, _) => None,
             (_, Some(cert), Some(key)) => Some(
-                crate::tls::server_config(cert, key)
+                crate::tls::reloadable_server_config(cert, key)
                     .with_context(|| format!("server.listener.{name}: TLS"))?,
             ),
             _ => {
@@ -78,7 +88,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             l,
             &config.server.hostname,
             relay.clone(),
-            !credentials.is_empty(),
+            !credentials.load().is_empty(),
             auth_guard.clone(),
         ));
         let shared = Arc::new(ListenerShared::new(name, l, session, tls)?);
@@ -96,7 +106,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     ));
     crate::metrics::watch_queues(queue_stats.clone());
     let admission = Arc::new(QueueAdmission::new(
-        rules.clone(),
+        rules,
         &config.queue,
         queue_stats.clone(),
     ));
@@ -117,7 +127,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 .unwrap_or_else(|| config.server.hostname.clone()),
             tls: OutboundTlsConfig::new().context("outbound TLS setup")?,
             dns: resolver,
-            rules: rules.clone(),
+            rules: admission.rules().clone(),
             queue_stats: queue_stats.clone(),
         }))
     } else {
@@ -127,9 +137,24 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let shutdown = Arc::new(event_listener::Event::new());
     let shutting_down = Arc::new(AtomicBool::new(false));
-    let signals = spawn_signal_thread(shutdown.clone(), shutting_down.clone())?;
+    let stop_started = Arc::new(OnceLock::new());
+    let shared_listeners: Vec<Arc<ListenerShared>> =
+        listeners.iter().map(|(l, _)| l.clone()).collect();
+    let reloader = Arc::new(Reloader::new(
+        source,
+        config.clone(),
+        &shared_listeners,
+        credentials.clone(),
+        admission.rules().clone(),
+    ));
+    let signals = spawn_signal_thread(
+        shutdown.clone(),
+        shutting_down.clone(),
+        stop_started.clone(),
+        reloader.clone(),
+    )?;
 
-    let admin = start_admin(&config)?;
+    let admin = start_admin(&config, &reloader)?;
 
     let grace = config.server.shutdown_grace.0;
     let mut handles = Vec::with_capacity(cores);
@@ -198,14 +223,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    let mut failed = None;
-    for h in handles {
-        match h.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failed = Some(e),
-            Err(e) => failed = Some(anyhow!("executor thread panicked or failed: {e}")),
-        }
-    }
+    let failed = join_executors(handles, &stop_started, grace + STOP_MARGIN);
     if let Some(admin) = admin {
         admin.stop();
     }
@@ -220,8 +238,64 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
 }
 
+/// Waits for every executor thread. Once a shutdown has begun, waits at most
+/// `bound` from its start: a core that has not stopped by then is logged and
+/// left behind, so the exit stays bounded whatever holds it.
+fn join_executors(
+    handles: Vec<glommio::ExecutorJoinHandle<anyhow::Result<()>>>,
+    stop_started: &OnceLock<Instant>,
+    bound: Duration,
+) -> Option<anyhow::Error> {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let mut remaining = 0;
+    for (core, h) in handles.into_iter().enumerate() {
+        let tx = done_tx.clone();
+        let joiner = std::thread::Builder::new()
+            .name(format!("sluice-join-{core}"))
+            .spawn(move || {
+                let _ = tx.send((core, h.join()));
+            });
+        match joiner {
+            Ok(_) => remaining += 1,
+            Err(e) => return Some(anyhow!("waiting for core {core}: {e}")),
+        }
+    }
+    drop(done_tx);
+    let mut failed = None;
+    while remaining > 0 {
+        match done_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok((_, Ok(Ok(())))) => remaining -= 1,
+            Ok((core, Ok(Err(e)))) => {
+                remaining -= 1;
+                failed = Some(e.context(format!("core {core}")));
+            }
+            Ok((core, Err(e))) => {
+                remaining -= 1;
+                failed = Some(anyhow!(
+                    "core {core}: executor thread panicked or failed: {e}"
+                ));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if stop_started.get().is_some_and(|t| t.elapsed() > bound) {
+                    tracing::error!(
+                        cores = remaining,
+                        "executors still running {}s after the shutdown began; exiting without them",
+                        bound.as_secs()
+                    );
+                    break;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    failed
+}
+
 /// Starts the operations listener (`admin.listen`), unless disabled.
-fn start_admin(config: &Config) -> anyhow::Result<Option<AdminServer>> {
+fn start_admin(
+    config: &Config,
+    reloader: &Arc<Reloader>,
+) -> anyhow::Result<Option<AdminServer>> {
     if config.admin.listen.is_empty() {
         return Ok(None);
     }
@@ -232,7 +306,10 @@ fn start_admin(config: &Config) -> anyhow::Result<Option<AdminServer>> {
     let state = Arc::new(AdminState {
         token,
         metrics_auth: config.admin.metrics_auth,
-        reload: None,
+        reload: Some({
+            let reloader = reloader.clone();
+            Arc::new(move || reloader.reload())
+        }),
         api: Default::default(),
     });
     AdminServer::start(&config.admin.listen, state).map(Some)
@@ -247,7 +324,7 @@ async fn core_main(
     admission: Arc<QueueAdmission>,
     spool: Arc<Spool>,
     listeners: Vec<(Arc<ListenerShared>, std::net::SocketAddr)>,
-    credentials: Arc<Credentials>,
+    credentials: Arc<ArcSwap<Credentials>>,
     shutdown: Arc<event_listener::Event>,
     shutting_down: Arc<AtomicBool>,
     grace: Duration,
@@ -359,14 +436,23 @@ async fn core_main(
             "shutdown grace over; closing sessions"
         );
     }
+    // Delivery tasks still running are dropped with the executor: an attempt
+    // not yet recorded leaves its recipients open in the spool (retried after
+    // a restart); updates already handed to the spool writer are committed by
+    // the spool's shutdown.
+    if let Some(d) = &ctx.delivery {
+        d.stop();
+    }
     Ok(())
 }
 
-/// A plain thread turns SIGTERM/SIGINT into the shutdown event; SIGHUP is logged
-/// (reloading comes with the management issue).
+/// A plain thread turns SIGTERM/SIGINT into the shutdown event and SIGHUP into
+/// a reload (run here, off the executors: it reads files and parses keys).
 fn spawn_signal_thread(
     shutdown: Arc<event_listener::Event>,
     shutting_down: Arc<AtomicBool>,
+    stop_started: Arc<OnceLock<Instant>>,
+    reloader: Arc<Reloader>,
 ) -> anyhow::Result<signal_hook::iterator::Handle> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
@@ -377,9 +463,12 @@ fn spawn_signal_thread(
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == SIGHUP {
-                    tracing::info!("SIGHUP received: reload is not supported yet; ignoring");
+                    tracing::info!("SIGHUP received: reloading the configuration");
+                    // The outcome is logged by reload() itself.
+                    let _ = reloader.reload();
                     continue;
                 }
+                let _ = stop_started.set(Instant::now());
                 tracing::info!(
                     signal = sig,
                     "shutting down: no new connections, draining sessions"

@@ -3,6 +3,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -17,8 +20,9 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Builds a server config from a PEM certificate chain and a PEM private key.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// Reads a PEM certificate chain and a PEM private key and checks that they
+/// belong together.
+pub fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Cert {
@@ -31,16 +35,58 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
             message: "no certificate found".into(),
         });
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
         path: key.display().to_string(),
         message: e.to_string(),
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
+    CertifiedKey::from_der(certs, key_der, &provider()).map_err(|e| TlsError::Key {
+        path: key.display().to_string(),
+        message: format!("does not fit {}: {e}", cert.display()),
+    })
+}
+
+fn provider() -> rustls::crypto::CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// Builds a server config from a PEM certificate chain and a PEM private key.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    Ok(reloadable_server_config(cert, key)?.0)
+}
+
+/// A listener's certificate and key, swapped in place by a reload: handshakes
+/// after the swap present the new one; established sessions keep theirs.
+#[derive(Debug)]
+pub struct CertSwap(ArcSwap<CertifiedKey>);
+
+impl CertSwap {
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.0.load_full()
+    }
+
+    pub fn store(&self, key: Arc<CertifiedKey>) {
+        self.0.store(key);
+    }
+}
+
+impl ResolvesServerCert for CertSwap {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+/// A server config whose certificate can be replaced later through the
+/// returned [`CertSwap`].
+pub fn reloadable_server_config(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Arc<ServerConfig>, Arc<CertSwap>), TlsError> {
+    let swap = Arc::new(CertSwap(ArcSwap::from_pointee(certified_key(cert, key)?)));
+    let config = ServerConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    Ok(Arc::new(config))
+        .with_cert_resolver(swap.clone());
+    Ok((Arc::new(config), swap))
 }
 
 /// "TLSv1.3 TLS13_AES_256_GCM_SHA384" for logs, the envelope and Received:

@@ -209,6 +209,7 @@ pub struct RelayBuilder {
     cores: usize,
     proxy_probe: bool,
     dir: Option<tempfile::TempDir>,
+    config: Option<PathBuf>,
 }
 
 impl RelayBuilder {
@@ -238,6 +239,12 @@ impl RelayBuilder {
     /// The listener expects a PROXY header: the readiness probe sends one.
     pub fn proxy_probe(mut self) -> Self {
         self.proxy_probe = true;
+        self
+    }
+
+    /// Start with `-c FILE` (the --set arguments still apply on top of it).
+    pub fn config(mut self, file: PathBuf) -> Self {
+        self.config = Some(file);
         self
     }
 
@@ -289,6 +296,7 @@ impl RelayBuilder {
             proxy_probe: self.proxy_probe,
             nonce,
             starts: 0,
+            config: self.config,
         };
         relay.launch();
         relay
@@ -306,6 +314,8 @@ pub struct Relay {
     proxy_probe: bool,
     nonce: String,
     starts: usize,
+    /// The `-c` file, if any.
+    config: Option<PathBuf>,
 }
 
 impl Relay {
@@ -316,6 +326,7 @@ impl Relay {
             cores: 1,
             proxy_probe: false,
             dir: None,
+            config: None,
         }
     }
 
@@ -363,6 +374,9 @@ impl Relay {
         let log = std::fs::File::create(&log_path).expect("create relay log");
         let mut cmd = Command::new(BIN);
         cmd.arg("run");
+        if let Some(file) = &self.config {
+            cmd.arg("-c").arg(file);
+        }
         for a in &self.args {
             cmd.arg("--set").arg(a);
         }

@@ -68,7 +68,8 @@ pub struct DeliveryShared {
     pub ehlo_name: String,
     pub tls: OutboundTlsConfig,
     pub dns: sluice_dns::ResolverConfig,
-    pub rules: Arc<sluice_policy::RuleSet>,
+    /// Shared with queue admission; replaced by a reload.
+    pub rules: Arc<arc_swap::ArcSwap<sluice_policy::RuleSet>>,
     /// Per-queue message and byte counts (quotas), updated by shard owners.
     pub queue_stats: Arc<QueueStats>,
 }
@@ -374,6 +375,9 @@ pub struct CoreDelivery {
     /// Shard-owner side: jobs in flight per queue and messages held back by
     /// `[queue.X] concurrency`.
     queue_slots: RefCell<QueueConcurrency<MessageId>>,
+    /// Set when the executor is about to stop: tasks dropped with it must not
+    /// spawn anything (there is no executor left to run it).
+    stopped: Cell<bool>,
 }
 
 impl CoreDelivery {
@@ -408,7 +412,15 @@ impl CoreDelivery {
             ip_requests: RefCell::new(HashMap::new()),
             host_rates: RefCell::new(SourceIpLimits::default()),
             queue_slots: RefCell::new(QueueConcurrency::default()),
+            stopped: Cell::new(false),
         })
+    }
+
+    /// The executor is stopping: attempts still in flight are abandoned (their
+    /// recipients are still open in the spool, so they are retried after a
+    /// restart) and nothing new is started.
+    pub fn stop(&self) {
+        self.stopped.set(true);
     }
 
     /// For the metrics: this core's resolver counters.
@@ -735,7 +747,8 @@ impl CoreDelivery {
             priority: envelope.priority,
             size: envelope.size,
         };
-        let decision = self.shared.rules.evaluate(&facts, &recipient.address, None);
+        let rules = self.shared.rules.load();
+        let decision = rules.evaluate(&facts, &recipient.address, None);
         // Without a deciding rule: local domains take the "local" route and the
         // rest the "default" route, when those are configured; else MX.
         let chosen = match decision.rule {
@@ -1231,6 +1244,10 @@ impl CoreDelivery {
 
     /// Gives a host slot back to its owner.
     fn release_host(self: &Rc<Self>, host: String) {
+        if self.stopped.get() {
+            // Every core is stopping; the owner's slot table goes with it.
+            return;
+        }
         let peers = self.senders.nr_consumers().max(1);
         let owner = site_owner(&host, peers);
         if owner == self.senders.peer_id() {

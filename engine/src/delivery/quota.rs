@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use sluice_policy::{MessageFacts, RuleSet, DEFAULT_QUEUE};
 
 use super::config::QueueConfig;
@@ -119,7 +120,8 @@ pub enum QuotaExceeded {
 /// Shared by all listeners and cores.
 #[derive(Debug)]
 pub struct QueueAdmission {
-    rules: Arc<RuleSet>,
+    /// Shared with delivery (routes) and replaced by a reload.
+    rules: Arc<ArcSwap<RuleSet>>,
     /// (max_messages, max_bytes) per queue with a quota; 0 = unlimited.
     limits: HashMap<String, (u64, u64)>,
     pub stats: Arc<QueueStats>,
@@ -137,15 +139,24 @@ impl QueueAdmission {
             .map(|(name, q)| (name.clone(), (q.max_messages, q.max_bytes.0)))
             .collect();
         QueueAdmission {
-            rules,
+            rules: Arc::new(ArcSwap::new(rules)),
             limits,
             stats,
         }
     }
 
+    /// The rule set in force; a reload stores a new one here.
+    pub fn rules(&self) -> &Arc<ArcSwap<RuleSet>> {
+        &self.rules
+    }
+
     /// The queue the rules give `recipient` of this message.
     pub fn queue_for(&self, facts: &MessageFacts<'_>, recipient: &str) -> String {
-        self.rules.evaluate(facts, recipient, None).queue.clone()
+        self.rules
+            .load()
+            .evaluate(facts, recipient, None)
+            .queue
+            .clone()
     }
 
     /// Whether `queue` can take one more message of `bytes` (0 when unknown yet).

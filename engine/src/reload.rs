@@ -1,0 +1,354 @@
+//! Configuration reload (SIGHUP, and the management API's reload call).
+//!
+//! A reload re-reads the file the relay was started with, applies the same
+//! `--set` overrides, and validates all of it (keys, cross-key checks,
+//! certificates and keys, rules) before anything changes. Then it swaps in what
+//! can change while running; the rest keeps its running value and is named in
+//! the summary as needing a restart. A bad file changes nothing.
+//!
+//! Reloadable: listener certificates and keys, the per-session listener settings
+//! (greeting, hostname, protocol, auth_plaintext, message/recipient/line/error
+//! limits, bare_newline), relay networks and local domains, auth users, and the
+//! `[[rule]]` list (queue and route choice). New sessions and new TLS handshakes
+//! see the new values; sessions already open keep what they started with.
+//!
+//! Swaps are `ArcSwap` stores: readers (a connection opening, a RCPT choosing a
+//! queue, a dispatch choosing a route) do one atomic load, no lock.
+
+use std::fmt::Debug;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
+use rustls::sign::CertifiedKey;
+use sluice_policy::{Credentials, RuleSet};
+
+use crate::config::{Config, ListenerConfig};
+use crate::conn::ListenerShared;
+
+/// Where the running configuration came from: `sluice run -c FILE --set K=V…`.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// None: the built-in defaults.
+    pub path: Option<PathBuf>,
+    pub overrides: Vec<String>,
+}
+
+impl ConfigSource {
+    /// Reads and validates the configuration as `sluice run` does.
+    pub fn load(&self) -> Result<Config, String> {
+        let (origin, text) = match &self.path {
+            Some(path) => (
+                path.display().to_string(),
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+            ),
+            None => ("built-in defaults".to_string(), String::new()),
+        };
+        Config::load(&origin, &text, &self.overrides).map_err(|e| e.to_string())
+    }
+}
+
+/// Everything a reload may replace, and the configuration now in force.
+pub struct Reloader {
+    source: ConfigSource,
+    /// The effective running configuration; the mutex also keeps two reloads
+    /// (a signal and an API call) from interleaving.
+    running: Mutex<Config>,
+    listeners: Vec<Arc<ListenerShared>>,
+    credentials: Arc<ArcSwap<Credentials>>,
+    rules: Arc<ArcSwap<RuleSet>>,
+}
+
+/// What a validated reload will store.
+struct Plan {
+    effective: Config,
+    changed: Vec<String>,
+    restart: Vec<String>,
+    certs: Vec<(Arc<ListenerShared>, Arc<CertifiedKey>)>,
+    sessions: Vec<(Arc<ListenerShared>, crate::smtp::server::SessionConfig)>,
+    credentials: Option<Credentials>,
+    rules: Option<RuleSet>,
+}
+
+impl Reloader {
+    /// `listeners` may repeat a listener (one entry per bound address).
+    pub fn new(
+        source: ConfigSource,
+        running: Config,
+        listeners: &[Arc<ListenerShared>],
+        credentials: Arc<ArcSwap<Credentials>>,
+        rules: Arc<ArcSwap<RuleSet>>,
+    ) -> Reloader {
+        let mut unique: Vec<Arc<ListenerShared>> = Vec::new();
+        for l in listeners {
+            if !unique.iter().any(|u| Arc::ptr_eq(u, l)) {
+                unique.push(l.clone());
+            }
+        }
+        Reloader {
+            source,
+            running: Mutex::new(running),
+            listeners: unique,
+            credentials,
+            rules,
+        }
+    }
+
+    /// Re-reads and applies the configuration. Ok: what changed (and what would
+    /// need a restart); Err: why it was refused (nothing changed). Logs either.
+    pub fn reload(&self) -> Result<String, String> {
+        let result = self.try_reload();
+        match &result {
+            Ok(summary) => tracing::info!("reload: {summary}"),
+            Err(why) => tracing::error!("reload refused: {why}"),
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<String, String> {
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        let new = self.source.load()?;
+        let plan = self.plan(&running, &new)?;
+        // Everything is valid: store it all.
+        for (listener, key) in plan.certs {
+            if let Some(certs) = &listener.certs {
+                certs.store(key);
+            }
+        }
+        for (listener, session) in plan.sessions {
+            listener.session.store(Arc::new(session));
+        }
+        if let Some(credentials) = plan.credentials {
+            self.credentials.store(Arc::new(credentials));
+        }
+        if let Some(rules) = plan.rules {
+            self.rules.store(Arc::new(rules));
+        }
+        *running = plan.effective;
+        let mut summary = if plan.changed.is_empty() {
+            "nothing changed".to_string()
+        } else {
+            plan.changed.join(", ")
+        };
+        if !plan.restart.is_empty() {
+            summary.push_str(&format!(
+                "; not applied, need a restart: {}",
+                plan.restart.join(", ")
+            ));
+        }
+        Ok(summary)
+    }
+
+    /// Validates `new` against the running configuration and prepares every
+    /// swap, without changing anything.
+    fn plan(&self, running: &Config, new: &Config) -> Result<Plan, String> {
+        let mut effective = running.clone();
+        let mut changed = Vec::new();
+
+        for (name, l) in effective.server.listener.iter_mut() {
+            if let Some(n) = new.server.listener.get(name) {
+                let before = format!("{l:?}");
+                take_reloadable(l, n);
+                if format!("{l:?}") != before {
+                    changed.push(format!("server.listener.{name}"));
+                }
+            }
+        }
+        if differs(&effective.relay, &new.relay) {
+            effective.relay = new.relay.clone();
+            changed.push("relay".into());
+        }
+        let users_changed = differs(&effective.auth.users, &new.auth.users);
+        if users_changed {
+            effective.auth.users = new.auth.users.clone();
+            changed.push("auth.users".into());
+        }
+        let rules_changed = differs(&effective.rule, &new.rule);
+        if rules_changed {
+            effective.rule = new.rule.clone();
+            changed.push(format!("[[rule]] ({} in force)", new.rule.len()));
+        }
+        let restart = restart_only_changes(&effective, new);
+
+        // Build everything before storing anything.
+        let rules = effective.rule_set().map_err(|e| {
+            let hint = if restart.iter().any(|k| k == "queue" || k == "route") {
+                " (new queues and routes need a restart)"
+            } else {
+                ""
+            };
+            format!("rule: {e}{hint}")
+        })?;
+        let relay = Arc::new(
+            effective
+                .relay_policy()
+                .map_err(|e| format!("relay: {e}"))?,
+        );
+        let credentials = Credentials::new(effective.auth.users.clone())
+            .map_err(|e| format!("auth.users: {e}"))?;
+
+        let mut certs = Vec::new();
+        let mut sessions = Vec::new();
+        for shared in &self.listeners {
+            let Some(l) = effective.server.listener.get(&shared.name) else {
+                continue;
+            };
+            if let (Some(swap), Some(cert), Some(key)) = (&shared.certs, &l.tls_cert, &l.tls_key) {
+                let key = crate::tls::certified_key(cert, key)
+                    .map_err(|e| format!("server.listener.{}: {e}", shared.name))?;
+                if swap.current().cert != key.cert {
+                    changed.push(format!("server.listener.{} certificate", shared.name));
+                }
+                certs.push((shared.clone(), Arc::new(key)));
+            }
+            let mut session = crate::smtp::server::SessionConfig::clone(&shared.session.load());
+            session.hostname = l
+                .hostname
+                .clone()
+                .unwrap_or_else(|| effective.server.hostname.clone());
+            session.greeting = l.greeting.clone();
+            session.protocol = l.protocol;
+            session.auth_plaintext = l.auth_plaintext;
+            session.auth_enabled = !credentials.is_empty();
+            session.max_message_size = l.max_message_size.0;
+            session.max_recipients = l.max_recipients;
+            session.max_line_length = l.max_line_length;
+            session.max_errors = l.max_errors;
+            session.bare_newline = l.bare_newline;
+            session.relay = relay.clone();
+            sessions.push((shared.clone(), session));
+        }
+        Ok(Plan {
+            effective,
+            changed: dedup(changed),
+            restart,
+            certs,
+            sessions,
+            credentials: users_changed.then_some(credentials),
+            rules: rules_changed.then_some(rules),
+        })
+    }
+}
+
+/// Copies the listener keys a reload may change; the others keep running values.
+fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
+    l.tls_cert = n.tls_cert.clone();
+    l.tls_key = n.tls_key.clone();
+    l.greeting = n.greeting.clone();
+    l.hostname = n.hostname.clone();
+    l.protocol = n.protocol;
+    l.auth_plaintext = n.auth_plaintext;
+    l.max_message_size = n.max_message_size;
+    l.max_recipients = n.max_recipients;
+    l.max_line_length = n.max_line_length;
+    l.max_errors = n.max_errors;
+    l.bare_newline = n.bare_newline;
+}
+
+/// Keys that differ between what runs and the new file but cannot change
+/// without a restart (sockets, executors, spool, delivery engine state).
+fn restart_only_changes(effective: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let (a, b) = (&effective.server, &new.server);
+    let fields: [(&str, bool); 5] = [
+        ("server.hostname", a.hostname != b.hostname),
+        ("server.cores", a.cores != b.cores),
+        ("server.io_memory", differs(&a.io_memory, &b.io_memory)),
+        ("server.ring_depth", a.ring_depth != b.ring_depth),
+        (
+            "server.shutdown_grace",
+            differs(&a.shutdown_grace, &b.shutdown_grace),
+        ),
+    ];
+    out.extend(fields.iter().filter(|f| f.1).map(|f| f.0.to_string()));
+    let names = |m: &std::collections::BTreeMap<String, ListenerConfig>| {
+        m.keys().cloned().collect::<Vec<_>>()
+    };
+    if names(&a.listener) != names(&b.listener) {
+        out.push("server.listener (added or removed)".into());
+    }
+    for (name, l) in &a.listener {
+        if let Some(n) = b.listener.get(name) {
+            if differs(l, n) {
+                out.push(format!(
+                    "server.listener.{name} (bind, tls, proxy, connection limits or timeouts)"
+                ));
+            }
+        }
+    }
+    let sections: [(&str, bool); 11] = [
+        ("spool", differs(&effective.spool, &new.spool)),
+        ("log", differs(&effective.log, &new.log)),
+        ("admin", differs(&effective.admin, &new.admin)),
+        ("dns", differs(&effective.dns, &new.dns)),
+        ("delivery", differs(&effective.delivery, &new.delivery)),
+        ("queue", differs(&effective.queue, &new.queue)),
+        ("route", differs(&effective.route, &new.route)),
+        (
+            "destination",
+            differs(&effective.destination, &new.destination),
+        ),
+        ("source_ip", differs(&effective.source_ip, &new.source_ip)),
+        ("host", differs(&effective.host, &new.host)),
+        ("auth", differs(&effective.auth, &new.auth)),
+    ];
+    out.extend(sections.iter().filter(|s| s.1).map(|s| s.0.to_string()));
+    out
+}
+
+/// Configuration types have Debug but not PartialEq; their Debug output is
+/// complete and ordered (BTreeMap), so it compares them.
+fn differs<T: Debug>(a: &T, b: &T) -> bool {
+    format!("{a:?}") != format!("{b:?}")
+}
+
+fn dedup(v: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in v {
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::load("test", text, &[]).expect("config")
+    }
+
+    #[test]
+    fn reloadable_listener_keys_are_taken_the_rest_kept() {
+        let running = config("[server.listener.smtp]\nbind=[\"127.0.0.1:2525\"]\n");
+        let new = config(
+            "[server.listener.smtp]\nbind=[\"127.0.0.1:2600\"]\ngreeting=\"hi\"\nmax_errors=3\n",
+        );
+        let mut effective = running.clone();
+        let l = effective.server.listener.get_mut("smtp").expect("smtp");
+        take_reloadable(l, &new.server.listener["smtp"]);
+        assert_eq!(l.greeting, "hi");
+        assert_eq!(l.max_errors, 3);
+        assert_eq!(l.bind, running.server.listener["smtp"].bind);
+        let restart = restart_only_changes(&effective, &new);
+        assert_eq!(restart.len(), 1, "{restart:?}");
+        assert!(
+            restart[0].starts_with("server.listener.smtp"),
+            "{restart:?}"
+        );
+    }
+
+    #[test]
+    fn restart_only_sections_are_named() {
+        let running = config("");
+        let new = config("[server]\ncores=2\n[spool]\npath=\"/elsewhere\"\n");
+        assert_eq!(
+            restart_only_changes(&running, &new),
+            vec!["server.cores".to_string(), "spool".to_string()]
+        );
+        assert!(restart_only_changes(&running, &running.clone()).is_empty());
+    }
+}
