@@ -8,6 +8,7 @@
 mod envelope;
 mod error;
 mod id;
+mod space;
 mod spool;
 mod writer;
 

@@ -10,7 +10,7 @@ use heed::types::{Bytes, Str, U64};
 use heed::{Database, Env, MdbError, PutFlags, WithoutTls};
 use tracing::{debug, error, warn};
 
-use crate::{MessageId, SpoolError};
+use crate::{space, MessageId, SpoolError};
 
 pub(crate) type IdDb = Database<Bytes, Bytes>;
 pub(crate) type MetaDb = Database<Str, U64<heed::byteorder::BigEndian>>;
@@ -85,6 +85,17 @@ pub(crate) enum OpKind {
         id: MessageId,
         envelope: Vec<u8>,
     },
+}
+
+impl OpKind {
+    /// Bytes this operation writes, pages aside.
+    fn bytes(&self) -> u64 {
+        match self {
+            OpKind::Store { envelope, body, .. } => (envelope.len() + body.len()) as u64,
+            OpKind::Update { envelope, .. } => envelope.len() as u64,
+            OpKind::Remove { .. } => 0,
+        }
+    }
 }
 
 /// Capacity errors leave LMDB consistent and may clear up (smaller message,
@@ -173,7 +184,7 @@ impl Writer {
                     let _ = op.reply.send(r);
                 }
             }
-            Err(e) if is_capacity(&e) && batch.len() > 1 => {
+            Err(e) if self.is_capacity(&e, batch) && batch.len() > 1 => {
                 // Retry one by one so a single huge message only fails itself.
                 warn!(shard = self.shard, batch = batch.len(), error = %e, "spool batch did not fit, retrying singly");
                 for op in batch.drain(..) {
@@ -181,7 +192,7 @@ impl Writer {
                     let _ = op.reply.send(r);
                 }
             }
-            Err(e) if is_capacity(&e) => {
+            Err(e) if self.is_capacity(&e, batch) => {
                 warn!(shard = self.shard, error = %e, "spool full");
                 reply_all(batch, &SpoolError::Full);
             }
@@ -196,9 +207,27 @@ impl Writer {
         self.health.check()?;
         match self.run_txn(std::slice::from_ref(op)) {
             Ok(results) => results.into_iter().next().unwrap_or(Ok(())),
-            Err(e) if is_capacity(&e) => Err(SpoolError::Full),
+            Err(e) if self.is_capacity(&e, std::slice::from_ref(op)) => Err(SpoolError::Full),
             Err(e) => Err(self.fail(e)),
         }
+    }
+
+    /// A full map or disk. LMDB reports a write that ended short as EIO, and a
+    /// short write is what a filesystem that just ran out of space does: an EIO
+    /// with less space left than the transaction needed is a full disk (452,
+    /// transient), not a failing one (fail closed).
+    fn is_capacity(&self, e: &heed::Error, ops: &[Op]) -> bool {
+        if is_capacity(e) {
+            return true;
+        }
+        let heed::Error::Io(io) = e else {
+            return false;
+        };
+        if io.raw_os_error() != Some(libc::EIO) {
+            return false;
+        }
+        let needed = ops.iter().map(|op| op.kind.bytes()).sum::<u64>() + space::SHORT_WRITE_SLACK;
+        space::free_bytes(self.env.path()).is_some_and(|free| free < needed)
     }
 
     fn fail(&self, e: heed::Error) -> SpoolError {

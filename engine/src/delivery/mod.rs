@@ -518,6 +518,11 @@ impl CoreDelivery {
                     if self.attempts.borrow().contains_key(&id) {
                         continue;
                     }
+                    if self.shared.spool.is_failed() {
+                        // Not even a read: the storage is suspect.
+                        halted();
+                        continue;
+                    }
                     match self.shared.spool.envelope(id) {
                         Ok(env) => self.dispatch(id, env),
                         Err(e) => tracing::warn!(id = %id, "scheduled message unreadable: {e}"),
@@ -589,6 +594,12 @@ impl CoreDelivery {
     /// Groups the message's open recipients by target and sends each group to the
     /// site's owner.
     fn dispatch(self: &Rc<Self>, id: MessageId, envelope: Envelope) {
+        if self.shared.spool.is_failed() {
+            // Failed closed: a delivery whose result cannot be recorded would be
+            // sent again after the restart. The message stays on disk for then.
+            halted();
+            return;
+        }
         let now = now_ms();
         let held = timing::held_until_ms(&envelope);
         if held > now {
@@ -1369,6 +1380,14 @@ impl CoreDelivery {
             ret: job.ret,
             envid: job.envid.clone(),
         };
+        if self.shared.spool.is_failed() {
+            // Jobs queued before the spool failed closed do not go out either.
+            halted();
+            return Ok(deferred_all(
+                job,
+                "451 4.3.0 spool failed: delivery stopped",
+            ));
+        }
         // The body is copied out of the memory map once, into the send buffer;
         // a read transaction cannot be held across an await.
         let body = match self.shared.spool.with_body(job.id, |b| b.to_vec()) {
@@ -1613,13 +1632,14 @@ impl CoreDelivery {
             .await;
         }
         if !has_pending(&envelope) {
-            match self.shared.spool.remove(id).await {
-                Ok(()) => self.shared.queue_stats.remove(
-                    self.core as usize,
-                    &envelope.queue,
-                    envelope.size,
-                ),
-                Err(e) => tracing::error!(id = %id, "removing delivered message failed: {e}"),
+            if persist(id, "removing a finished message", || {
+                self.shared.spool.remove(id)
+            })
+            .await
+            {
+                self.shared
+                    .queue_stats
+                    .remove(self.core as usize, &envelope.queue, envelope.size);
             }
             return;
         }
@@ -1685,9 +1705,12 @@ impl CoreDelivery {
             envelope.schedule.deliver_by_notified = true;
         }
         let wake = timing::wake_time(&envelope, now).max(now);
-        match self.shared.spool.update(id, &envelope).await {
-            Ok(()) => self.schedule(wake, id),
-            Err(e) => tracing::error!(id = %id, "persisting delivery state failed: {e}"),
+        if persist(id, "persisting delivery state", || {
+            self.shared.spool.update(id, &envelope)
+        })
+        .await
+        {
+            self.schedule(wake, id);
         }
     }
 
@@ -1771,24 +1794,60 @@ impl CoreDelivery {
             deliver_by: None,
             schedule: Default::default(),
         };
-        match self
-            .shared
-            .spool
-            .store(self.core, dsn_id, &dsn_envelope, dsn.body)
-            .await
-        {
-            Ok(()) => {
-                self.shared.queue_stats.add(
-                    self.core as usize,
-                    &dsn_envelope.queue,
-                    dsn_envelope.size,
-                );
-                crate::metrics::dsn_queued(kind);
+        let stored = persist(id, "queuing a delivery notification", || {
+            self.shared
+                .spool
+                .store(self.core, dsn_id, &dsn_envelope, dsn.body.clone())
+        })
+        .await;
+        if stored {
+            self.shared
+                .queue_stats
+                .add(self.core as usize, &dsn_envelope.queue, dsn_envelope.size);
+            crate::metrics::dsn_queued(kind);
             tracing::info!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, to = %dsn.recipient, kind = ?kind, "notification queued");
-                self.dispatch(dsn_id, dsn_envelope);
-            }
-            Err(e) => tracing::error!(id = %id, "queuing a delivery notification failed: {e}"),
+            self.dispatch(dsn_id, dsn_envelope);
         }
+    }
+}
+
+/// Runs a spool write of the delivery side until it commits. A full spool is
+/// transient (removals and freed space end it), so the write is retried with
+/// backoff rather than dropped: dropping a removal would send the message again
+/// after a restart, dropping an update would forget the message until then.
+/// Any other error means the spool failed closed (logged there); the message
+/// stays on disk for the next start. False when it did not commit.
+async fn persist<F, Fut>(id: MessageId, what: &str, mut write: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), sluice_spool::SpoolError>>,
+{
+    let mut wait = Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        match write().await {
+            Ok(()) => return true,
+            Err(e) if e.is_full() => {
+                if !warned {
+                    tracing::warn!(id = %id, "{what}: spool full, retrying until it commits");
+                    warned = true;
+                }
+                Timer::new(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(id = %id, "{what} failed: {e}");
+                return false;
+            }
+        }
+    }
+}
+
+/// Logs, once per process, that delivery stopped because the spool failed closed.
+fn halted() {
+    static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::error!("spool failed closed: delivery stopped (restart once storage is repaired)");
     }
 }
 
