@@ -364,3 +364,84 @@ fn delivery_counters_follow_what_the_sink_received() {
         "{text}"
     );
 }
+
+/// Polls the exposition until `series` has `want`; the last exposition on failure.
+fn wait_sample(relay: &Relay, series: &str, want: f64) {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = scrape(relay);
+        if sample(&text, series) == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "{series} never reached {want}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn inbound_tls_and_refused_connections_are_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = make_cert(dir.path());
+    let relay = Relay::builder()
+        .dir(dir)
+        .lset("tls", "\"starttls\"")
+        .lset("tls_cert", &format!("\"{}\"", cert.display()))
+        .lset("tls_key", &format!("\"{}\"", key.display()))
+        .lset("max_connections_per_ip", "2")
+        .start();
+
+    // Two STARTTLS sessions that send mail: two good handshakes.
+    let out = run_with_timeout(
+        Command::new(loadgen_bin())
+            .args([
+                "send",
+                "--json",
+                "--starttls",
+                "--target",
+                &relay.addr_string(),
+            ])
+            .args(["--connections", "2", "--messages", "10"]),
+        Duration::from_secs(60),
+    );
+    let sent: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("loadgen send: {e}; stderr {}", text(&out.stderr)));
+    assert_eq!(sent["accepted"].as_u64(), Some(10), "{sent}");
+    wait_sample(
+        &relay,
+        "sluice_tls_inbound_handshakes_total{listener=\"smtp\",result=\"ok\"}",
+        2.0,
+    );
+
+    // A client that answers the 220 to STARTTLS with something not TLS.
+    let mut c = relay.session();
+    c.expect("STARTTLS", 220);
+    c.send(b"this is no ClientHello\r\n\r\n");
+    let _ = c.read_to_eof();
+    wait_sample(
+        &relay,
+        "sluice_tls_inbound_handshakes_total{listener=\"smtp\",result=\"failed\"}",
+        1.0,
+    );
+
+    // Two sessions held open from one address; the third is refused.
+    let held = [relay.greeted(), relay.greeted()];
+    wait_sample(&relay, "sluice_connections_current{listener=\"smtp\"}", 2.0);
+    let mut third = relay.connect();
+    let refusal = third.read_reply();
+    assert_eq!(refusal.code, 421, "{refusal:?}");
+    wait_sample(
+        &relay,
+        "sluice_connections_rejected_total{listener=\"smtp\",reason=\"per_ip_limit\"}",
+        1.0,
+    );
+    drop(held);
+    drop(third);
+    wait_sample(&relay, "sluice_connections_current{listener=\"smtp\"}", 0.0);
+    let text = scrape(&relay);
+    // The readiness probe, the loadgen's two, the bad handshake, two held, one refused.
+    let total = sample(&text, "sluice_connections_total{listener=\"smtp\"}").unwrap_or(0.0);
+    assert!(total >= 6.0, "connections_total {total}");
+}
