@@ -50,6 +50,24 @@ enum Command {
     HashPassword,
     /// Print the example configuration (every key, with defaults).
     ExampleConfig,
+    /// The running relay's queue, through the management API.
+    Queue {
+        #[command(subcommand)]
+        action: sluice_engine::admin::cli::QueueCommand,
+        #[command(flatten)]
+        api: sluice_engine::admin::cli::ApiArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Suspend or resume delivery to a destination, through the management API.
+    Destination {
+        #[command(subcommand)]
+        action: sluice_engine::admin::cli::DestinationCommand,
+        #[command(flatten)]
+        api: sluice_engine::admin::cli::ApiArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// What the relay sees in DNS: routes and single lookups (uses [dns]).
     Debug {
         #[command(subcommand)]
@@ -165,6 +183,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::ExampleConfig => {
             out.write_all(EXAMPLE_CONFIG.as_bytes())?;
             Ok(())
+        }
+        Command::Queue {
+            action,
+            api,
+            config,
+        } => {
+            let config = load(&config)?;
+            let client = sluice_engine::admin::cli::Client::new(&api, &config)?;
+            sluice_engine::admin::cli::run_queue(&client, api.json, action, &mut out)
+        }
+        Command::Destination {
+            action,
+            api,
+            config,
+        } => {
+            let config = load(&config)?;
+            let client = sluice_engine::admin::cli::Client::new(&api, &config)?;
+            sluice_engine::admin::cli::run_destination(&client, api.json, action, &mut out)
         }
         Command::Debug { action, config } => {
             let config = load(&config)?;

@@ -129,6 +129,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             dns: resolver,
             rules: admission.rules().clone(),
             queue_stats: queue_stats.clone(),
+            admin: crate::delivery::admin::AdminChannels::new(cores),
         }))
     } else {
         None
@@ -154,7 +155,12 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         reloader.clone(),
     )?;
 
-    let admin = start_admin(&config, &reloader)?;
+    // The management API reads the spool itself and asks the cores to act.
+    let api = crate::admin::api::ApiContext {
+        spool: Some(spool.clone()),
+        cores: delivery.as_ref().map(|d| d.admin.senders()),
+    };
+    let admin = start_admin(&config, &reloader, api)?;
 
     let grace = config.server.shutdown_grace.0;
     let mut handles = Vec::with_capacity(cores);
@@ -295,6 +301,7 @@ fn join_executors(
 fn start_admin(
     config: &Config,
     reloader: &Arc<Reloader>,
+    api: crate::admin::api::ApiContext,
 ) -> anyhow::Result<Option<AdminServer>> {
     if config.admin.listen.is_empty() {
         return Ok(None);
@@ -310,7 +317,7 @@ fn start_admin(
             let reloader = reloader.clone();
             Arc::new(move || reloader.reload())
         }),
-        api: Default::default(),
+        api,
     });
     AdminServer::start(&config.admin.listen, state).map(Some)
 }

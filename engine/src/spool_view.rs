@@ -128,18 +128,20 @@ fn list_entry(id: MessageId, env: &Envelope, json: bool, now_ms: u64) -> String 
             "next_attempt": next_attempt(env, now_ms),
             "hold_until": (env.hold_until_unix > 0).then(|| time_ms(env.hold_until_unix * 1000)),
             "deliver_by": env.deliver_by.map(|b| time_ms(b.deadline_unix_ms)),
+            "held": env.schedule.held,
         })
         .to_string()
             + "\n";
     }
     let mut s = format!(
-        "{id}  {:>9}  {}  <{}>\n        queue {}  attempts {}  next attempt {}\n",
+        "{id}  {:>9}  {}  <{}>\n        queue {}  attempts {}  next attempt {}{}\n",
         env.size,
         arrival(env),
         env.sender,
         env.queue,
         env.schedule.attempts,
         next_attempt(env, now_ms),
+        if env.schedule.held { "  HELD" } else { "" },
     );
     for r in &env.recipients {
         s.push_str(&format!("        <{}>  {}\n", r.address, status(&r.status)));
@@ -188,6 +190,9 @@ pub fn show(path: &Path, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
     writeln!(out, "queue: {}", env.queue)?;
     if env.hold_until_unix > 0 {
         writeln!(out, "hold_until: {}", time_ms(env.hold_until_unix * 1000))?;
+    }
+    if env.schedule.held {
+        writeln!(out, "held: yes (by the operator)")?;
     }
     if let Some(by) = env.deliver_by {
         writeln!(
@@ -295,6 +300,7 @@ mod tests {
                 next_attempt_unix_ms: NOW + 300_000,
                 delay_notices: 0,
                 deliver_by_notified: false,
+                held: false,
             },
         }
     }

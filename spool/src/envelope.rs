@@ -5,8 +5,18 @@ use crate::{MessageId, SpoolError};
 /// Leading byte of every stored envelope, so the format can change later.
 /// 3 added `deliver_by` and `Schedule::deliver_by_notified`; version 2 envelopes
 /// (written by earlier releases) still decode, with those fields empty.
-const ENVELOPE_VERSION: u8 = 3;
+/// 4 appends an extension record ([`Extension`]) after the version 3 layout, so
+/// fields added since are optional for readers of the version 3 part; version 3
+/// envelopes decode with the extension's defaults.
+const ENVELOPE_VERSION: u8 = 4;
+const ENVELOPE_V3: u8 = 3;
 const ENVELOPE_V2: u8 = 2;
+
+/// Fields stored after the version 3 layout (version 4 on).
+#[derive(Default, Serialize, Deserialize)]
+struct Extension {
+    held: bool,
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -73,6 +83,10 @@ pub struct Schedule {
     pub delay_notices: u8,
     /// The DELIVERBY (N mode) delay notice was sent.
     pub deliver_by_notified: bool,
+    /// Put on hold by the operator: no attempt until released. Stored in the
+    /// version 4 extension record, not in the version 3 layout.
+    #[serde(skip)]
+    pub held: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -139,14 +153,25 @@ pub enum RecipientStatus {
 
 impl Envelope {
     pub(crate) fn encode(&self) -> Result<Vec<u8>, SpoolError> {
-        postcard::to_extend(self, vec![ENVELOPE_VERSION])
-            .map_err(|e| SpoolError::Encode(e.to_string()))
+        let enc = |e: postcard::Error| SpoolError::Encode(e.to_string());
+        let out = postcard::to_extend(self, vec![ENVELOPE_VERSION]).map_err(enc)?;
+        let ext = Extension {
+            held: self.schedule.held,
+        };
+        postcard::to_extend(&ext, out).map_err(enc)
     }
 
     pub(crate) fn decode(id: MessageId, bytes: &[u8]) -> Result<Envelope, SpoolError> {
         let corrupt = |e: postcard::Error| SpoolError::Corrupt(format!("envelope {id}: {e}"));
         match bytes.split_first() {
-            Some((&ENVELOPE_VERSION, rest)) => postcard::from_bytes(rest).map_err(corrupt),
+            Some((&ENVELOPE_VERSION, rest)) => {
+                let (mut env, ext) =
+                    postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
+                let ext: Extension = postcard::from_bytes(ext).map_err(corrupt)?;
+                env.schedule.held = ext.held;
+                Ok(env)
+            }
+            Some((&ENVELOPE_V3, rest)) => postcard::from_bytes(rest).map_err(corrupt),
             Some((&ENVELOPE_V2, rest)) => postcard::from_bytes::<v2::Envelope>(rest)
                 .map(Envelope::from)
                 .map_err(corrupt),
@@ -218,6 +243,7 @@ mod v2 {
                     next_attempt_unix_ms: e.schedule.next_attempt_unix_ms,
                     delay_notices: e.schedule.delay_notices,
                     deliver_by_notified: false,
+                    held: false,
                 },
             }
         }
@@ -296,12 +322,70 @@ mod v2 {
                     next_attempt_unix_ms: 1_700_000_200_000,
                     delay_notices: 1,
                     deliver_by_notified: false,
+                    held: false,
                 }
             );
-            // Written back, it is version 3 and round-trips.
+            // Written back, it is the current version and round-trips.
             let new = env.encode().expect("encode");
             assert_eq!(new[0], ENVELOPE_VERSION);
             assert_eq!(Envelope::decode(id, &new).expect("v3"), env);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Envelope {
+        Envelope {
+            sender: "a@example.org".into(),
+            recipients: vec![Recipient {
+                address: "b@example.net".into(),
+                orcpt: None,
+                notify: Notify::default(),
+                status: RecipientStatus::Pending,
+                local: false,
+            }],
+            ret: None,
+            envid: None,
+            body_type: BodyType::SevenBit,
+            smtputf8: false,
+            arrival_unix_ms: 1_700_000_000_000,
+            listener: "smtp".into(),
+            client_ip: "192.0.2.1".into(),
+            helo: "c.example.org".into(),
+            auth_user: None,
+            tls: None,
+            size: 10,
+            priority: 0,
+            queue: "default".into(),
+            hold_until_unix: 0,
+            deliver_by: None,
+            schedule: Schedule::default(),
+        }
+    }
+
+    #[test]
+    fn the_hold_flag_round_trips() {
+        let id = MessageId(7);
+        let mut env = sample();
+        env.schedule.held = true;
+        let bytes = env.encode().expect("encode");
+        assert_eq!(bytes[0], ENVELOPE_VERSION);
+        assert_eq!(Envelope::decode(id, &bytes).expect("decode"), env);
+        env.schedule.held = false;
+        let bytes = env.encode().expect("encode");
+        assert!(!Envelope::decode(id, &bytes).expect("decode").schedule.held);
+    }
+
+    #[test]
+    fn version_3_envelopes_still_decode() {
+        // Version 3 is the version 4 layout without the extension record.
+        let env = sample();
+        let bytes = postcard::to_extend(&env, vec![ENVELOPE_V3]).expect("encode v3");
+        let back = Envelope::decode(MessageId(1), &bytes).expect("v3 decodes");
+        assert_eq!(back, env);
+        assert!(!back.schedule.held);
     }
 }

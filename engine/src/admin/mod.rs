@@ -7,6 +7,8 @@
 //! (see `api`).
 
 pub mod api;
+pub mod cli;
+mod queue_view;
 
 use std::io::Read;
 use std::net::SocketAddr;

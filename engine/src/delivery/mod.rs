@@ -31,6 +31,7 @@
 //! (envelope facts + message id); the site owner reads the body from the shard's
 //! LMDB environment directly (readers are safe across threads).
 
+pub mod admin;
 pub mod config;
 pub mod outbound;
 pub mod quota;
@@ -72,6 +73,8 @@ pub struct DeliveryShared {
     pub rules: Arc<arc_swap::ArcSwap<sluice_policy::RuleSet>>,
     /// Per-queue message and byte counts (quotas), updated by shard owners.
     pub queue_stats: Arc<QueueStats>,
+    /// Command channels from the management API, one per core.
+    pub admin: admin::AdminChannels,
 }
 
 /// Where a group of recipients goes.
@@ -378,6 +381,8 @@ pub struct CoreDelivery {
     /// Set when the executor is about to stop: tasks dropped with it must not
     /// spawn anything (there is no executor left to run it).
     stopped: Cell<bool>,
+    /// Operator holds and destination suspensions (`admin`).
+    admin: admin::CoreAdmin,
 }
 
 impl CoreDelivery {
@@ -413,6 +418,7 @@ impl CoreDelivery {
             host_rates: RefCell::new(SourceIpLimits::default()),
             queue_slots: RefCell::new(QueueConcurrency::default()),
             stopped: Cell::new(false),
+            admin: admin::CoreAdmin::default(),
         })
     }
 
@@ -476,6 +482,7 @@ impl CoreDelivery {
         }
         let me = self.clone();
         glommio::spawn_local(async move { me.timer_loop().await }).detach();
+        self.start_admin_commands();
         Ok(scheduled)
     }
 
@@ -584,10 +591,12 @@ impl CoreDelivery {
     /// Settles a message without sending anything (deadline handling, or
     /// nothing left open).
     fn settle(self: &Rc<Self>, id: MessageId, envelope: Envelope) {
+        let busy = self.admin_finalizing(id);
         let me = self.clone();
-        glommio::spawn_local(
-            async move { me.finalize(id, Attempt::new(envelope, 0, false)).await },
-        )
+        glommio::spawn_local(async move {
+            let _busy = busy;
+            me.finalize(id, Attempt::new(envelope, 0, false)).await
+        })
         .detach();
     }
 
@@ -598,6 +607,10 @@ impl CoreDelivery {
             // Failed closed: a delivery whose result cannot be recorded would be
             // sent again after the restart. The message stays on disk for then.
             halted();
+            return;
+        }
+        if self.admin_held(id, &envelope) {
+            // Held by the operator: nothing until released (which dispatches).
             return;
         }
         let now = now_ms();
@@ -638,6 +651,14 @@ impl CoreDelivery {
                     }
                 }
                 Err(reply) => unroutable.push((i as u16, Outcome::Failed(reply))),
+            }
+        }
+        // Destinations suspended by the operator: their recipients wait; when
+        // nothing else is to be done, wake at the suspension's end.
+        if let Some(until) = self.admin_park_suspended(id, &mut groups, now) {
+            if groups.is_empty() && unroutable.is_empty() {
+                self.schedule(until, id);
+                return;
             }
         }
         let peers = self.senders.nr_consumers().max(1);
@@ -1545,7 +1566,12 @@ impl CoreDelivery {
         if let Some(attempt) = done {
             let me = self.clone();
             let id = result.id;
-            glommio::spawn_local(async move { me.finalize(id, attempt).await }).detach();
+            let busy = self.admin_finalizing(id);
+            glommio::spawn_local(async move {
+                let _busy = busy;
+                me.finalize(id, attempt).await
+            })
+            .detach();
         }
     }
 
@@ -1705,6 +1731,7 @@ impl CoreDelivery {
             envelope.schedule.deliver_by_notified = true;
         }
         let wake = timing::wake_time(&envelope, now).max(now);
+        self.admin_apply_hold(id, &mut envelope);
         if persist(id, "persisting delivery state", || {
             self.shared.spool.update(id, &envelope)
         })
