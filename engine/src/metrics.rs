@@ -373,7 +373,8 @@ impl QueueMetrics {
 /// gauges.
 struct Queues {
     stats: Arc<QueueStats>,
-    index: HashMap<String, usize>,
+    /// Queue names, "default" first; few, so a scan beats hashing the name.
+    names: Vec<String>,
     handles: Vec<QueueMetrics>,
     depth: Vec<(Gauge, Gauge)>,
 }
@@ -395,11 +396,6 @@ static QUEUES: OnceLock<Queues> = OnceLock::new();
 pub fn watch_queues(stats: Arc<QueueStats>) {
     let names = stats.queues().to_vec();
     let queues = Queues {
-        index: names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.clone(), i))
-            .collect(),
         handles: names.iter().map(|n| QueueMetrics::new(n)).collect(),
         depth: names
             .iter()
@@ -410,6 +406,7 @@ pub fn watch_queues(stats: Arc<QueueStats>) {
                 )
             })
             .collect(),
+        names,
         stats,
     };
     let _ = QUEUES.set(queues);
@@ -421,7 +418,7 @@ pub fn queue(name: &str) -> &'static QueueMetrics {
     static NOOP: QueueMetrics = QueueMetrics::NOOP;
     match QUEUES.get() {
         Some(q) => {
-            let i = q.index.get(name).copied().unwrap_or(0);
+            let i = q.names.iter().position(|n| n == name).unwrap_or(0);
             q.handles.get(i).unwrap_or(&NOOP)
         }
         None => &NOOP,
