@@ -8,6 +8,7 @@ pub mod conn;
 pub mod debug_cmd;
 pub mod delivery;
 pub mod dsn;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -135,6 +135,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => {
             let config = load(&args)?;
             init_logging(&config);
+            // One descriptor per connection: use all the open files allowed.
+            match sluice_engine::limits::raise_nofile() {
+                Ok(c) => tracing::info!(
+                    soft_before = c.before,
+                    soft = c.after,
+                    hard = c.hard,
+                    "open files limit (RLIMIT_NOFILE) raised to the hard limit"
+                ),
+                Err(e) => tracing::warn!("cannot raise the open files limit: {e}"),
+            }
             // Reloads (SIGHUP, the API) read the same file with the same --set.
             let source = sluice_engine::reload::ConfigSource {
                 path: args

@@ -232,6 +232,11 @@ impl Connection {
             Err(e) => return Err(stage_err("connect to", e.to_string())),
         };
         let _ = tcp.set_nodelay(true);
+        // A peer that stops reading (its window full) would block a write
+        // forever; no progress for data_timeout fails the write instead.
+        if !cfg.data_timeout.0.is_zero() {
+            let _ = tcp.set_write_timeout(Some(cfg.data_timeout.0));
+        }
         let policy = match endpoint.tls {
             OutboundTls::None | OutboundTls::Implicit => TlsPolicy::Disabled,
             OutboundTls::Opportunistic => TlsPolicy::Opportunistic,
@@ -348,7 +353,7 @@ impl Connection {
             if !self.client.output().is_empty() {
                 let out = std::mem::take(&mut self.client_output());
                 if let Err(e) = self.stream.write_all(&out).await {
-                    return Err(self.io_failure(e.to_string()));
+                    return Err(self.write_failure(e));
                 }
             }
             while self.start < self.end {
@@ -384,6 +389,16 @@ impl Connection {
         let out = self.client.output().to_vec();
         self.client.clear_output();
         out
+    }
+
+    fn write_failure(&self, e: std::io::Error) -> SessionFailure {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            return self.io_failure(format!(
+                "write timeout in {:?} stage (the server stopped reading)",
+                self.client.stage()
+            ));
+        }
+        self.io_failure(e.to_string())
     }
 
     fn io_failure(&self, what: String) -> SessionFailure {
@@ -423,7 +438,7 @@ impl Connection {
                         BodyMode::Data => crate::smtp::client::encode_data(body, &mut out),
                     }
                     if let Err(e) = self.stream.write_all(&out).await {
-                        return Err(self.io_failure(e.to_string()));
+                        return Err(self.write_failure(e));
                     }
                     event = self.next_event().await?;
                 }
