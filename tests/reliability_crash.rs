@@ -3,7 +3,8 @@
 //! loadgen sink (5 ms per message, four connections, so a queue builds up). The
 //! relay is SIGKILLed at random moments and started again on the same spool:
 //!
-//! - *accepting*: while loadgen is sending (group commits in progress);
+//! - *accepting*: while loadgen is sending, after a random number of this
+//!   round's messages were committed (group commits in progress);
 //! - *draining*: after loadgen finished, while the queue is being delivered;
 //! - *recovery*: a copy of the relay's own command line is started on the big
 //!   queue it left and killed as soon as it opened its spool (start-up recovery
@@ -286,17 +287,24 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
         attempted_runs.push(run.clone());
         match moment {
             Moment::Accepting => {
-                // Four rounds' worth, so the kill lands while loadgen is still
-                // sending (800 messages take 0.2-1 s here, the kill comes earlier).
+                // Four rounds' worth, and the kill comes after a random number
+                // of this round's messages were committed (at most half a
+                // round): loadgen is still sending, commits are under way.
+                let base = relay.stats().messages_stored;
+                let target = base + rng.range(20, messages / 2);
                 let mut send = Send::start(&relay, work.path(), &run, 4 * messages);
-                std::thread::sleep(Duration::from_millis(rng.range(30, 250)));
+                wait_until(
+                    "messages committed before the kill",
+                    Duration::from_secs(60),
+                    || relay.stats().messages_stored >= target,
+                    || relay.log(),
+                );
                 let sending = send.guard.is_running();
                 relay.kill9();
                 sigkills += 1;
                 let (summary, tokens) = send.finish();
-                let cut = summary["failed"].as_u64().unwrap_or(0)
-                    + summary["connection_errors"].as_u64().unwrap_or(0);
-                if sending && cut > 0 {
+                // A transaction loadgen had under way was cut by the kill.
+                if sending && summary["failed"].as_u64().unwrap_or(0) > 0 {
                     during_accept += 1;
                 }
                 send_failed += summary["failed"].as_u64().unwrap_or(0);
