@@ -82,7 +82,7 @@ pass() {
     wait_listening "$STATS_PORT" "$sink" sink
     "$BIN/sluice" run --set delivery.enabled=true \
         --set "route.default={type=\"relay\",host=\"127.0.0.1\",port=$SINK_PORT,tls=\"none\"}" \
-        --set 'dns.servers=["127.0.0.1:9"]' --set log.level=warn \
+        --set 'dns.servers=["127.0.0.1:9"]' --set log.level=warn --set 'admin.listen=""' \
         --set "server.listener.smtp.bind=[\"127.0.0.1:$RELAY_PORT\"]" \
         --set server.listener.smtp.max_connections_per_ip=1024 --set "spool.path=$dir/spool" \
         >"$dir/sluice.out" 2>"$dir/sluice.err" &

@@ -141,6 +141,10 @@ level = "warn,sluice_engine::runtime=info"
 [dns]
 servers = ["127.0.0.1:9"]
 
+[admin]
+# Benchmarks need no operations listener (and must not collide with one).
+listen = ""
+
 [delivery]
 enabled = true
 tls = "none"

@@ -244,7 +244,7 @@ start_sink() { # PORT STATS_PORT DIR [TLS]
 sluice_args() { # PORT SINK_PORT SPOOL CORES [TLS]
     local a=(run --set delivery.enabled=true
         --set "route.default={type=\"relay\",host=\"127.0.0.1\",port=$2,tls=\"none\"}"
-        --set 'dns.servers=["127.0.0.1:9"]' --set log.level=warn
+        --set 'dns.servers=["127.0.0.1:9"]' --set log.level=warn --set 'admin.listen=""'
         --set "server.listener.smtp.bind=[\"127.0.0.1:$1\"]"
         --set "server.listener.smtp.max_connections_per_ip=1024"
         --set "spool.path=$3")

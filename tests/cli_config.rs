@@ -141,7 +141,15 @@ fn run_fails_when_the_port_is_taken() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = ChildGuard::new(
         Command::new(BIN)
-            .args(["run", "--set", "server.cores=1", "--set"])
+            // No operations listener: only the SMTP port's conflict is under test.
+            .args([
+                "run",
+                "--set",
+                "server.cores=1",
+                "--set",
+                "admin.listen=\"\"",
+                "--set",
+            ])
             .arg(format!("spool.path={}", dir.path().join("spool").display()))
             .arg("--set")
             .arg(format!(
