@@ -11,7 +11,7 @@ mod harness;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use common::*;
 use harness::*;
@@ -408,6 +408,28 @@ fn api_and_cli_drive_a_real_queue() {
     assert_eq!(spooled(&relay, &m7).expect("m7")["held"], false);
     let (ok, summary, _) = cli(&relay, &token_file, &["queue", "summary"]);
     assert!(ok && summary.contains("dead.test"), "{summary}");
+
+    // --- a suspension runs out by itself ----------------------------------------------
+    let v = api(
+        &relay,
+        "POST",
+        "/api/v1/destinations/expiring.test/suspend?for=2s",
+    );
+    let until = v["until_unix_ms"].as_u64().expect("until_unix_ms");
+    let m8 = submit(&relay, "a@snd.test", "", &["e@expiring.test"], &body("m8"));
+    let saved = wait_arrived(&sink, "e@expiring.test", &relay);
+    let saved_at = std::fs::metadata(sink.save_dir.join(format!("{}.json", saved.name)))
+        .and_then(|m| m.modified())
+        .expect("saved file time");
+    let saved_ms = saved_at.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    // File times come from the kernel's coarse clock, up to a tick (≤ 10 ms)
+    // behind; a delivery that ignored the suspension would be ~2 s early.
+    assert!(
+        saved_ms + 10 >= until,
+        "delivered {} ms before the suspension ended",
+        until - saved_ms
+    );
+    wait_gone(&relay, &m8);
 }
 
 #[test]

@@ -265,7 +265,16 @@ impl CoreDelivery {
         if suspended.is_empty() {
             return None;
         }
-        suspended.retain(|_, until| *until > now);
+        // Suspensions that ran out end here; their waiting messages were
+        // scheduled for that time when parked.
+        let mut parked = self.admin.parked.borrow_mut();
+        suspended.retain(|name, until| {
+            let live = *until > now;
+            if !live {
+                parked.remove(name);
+            }
+            live
+        });
         let mut earliest: Option<u64> = None;
         let mut parked_on: Vec<String> = Vec::new();
         let mut hit = |name: &str| -> bool {
@@ -288,7 +297,6 @@ impl CoreDelivery {
             });
             !rcpts.is_empty()
         });
-        let mut parked = self.admin.parked.borrow_mut();
         for name in parked_on {
             parked.entry(name).or_default().insert(id);
         }
