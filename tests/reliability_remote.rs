@@ -2,7 +2,8 @@
 //! loadgen sink injecting 4xx/5xx at RCPT and at the end of data, 421s,
 //! disconnects in the middle of DATA and after it, greylisting; sinks that stall
 //! before the greeting, at RCPT or after the final dot; and a small scripted
-//! server of this file that stops reading in the middle of the message body.
+//! server of this file (no PIPELINING) that never answers EHLO, MAIL or RCPT,
+//! or stops reading in the middle of the message body.
 //!
 //! What must hold: temporary failures are retried and delivered once the fault
 //! clears, permanent ones bounce (one DSN to the sender), every stage has its
@@ -243,10 +244,10 @@ fn stalled_next_hops_time_out_per_stage_then_mail_is_delivered() {
     );
     let baseline = baseline(&relay);
     // The sink offers PIPELINING and CHUNKING, so MAIL, RCPT and BDAT LAST go
-    // in one write and a stalled RCPT reply is awaited in the last stage.
+    // in one write; each reply is still awaited under its own stage's timeout.
     for (stall, stage, timeout_in) in [
         ("--delay-greeting", "Greeting", "Greeting"),
-        ("--delay-rcpt", "Rcpt", "DataEnd"),
+        ("--delay-rcpt", "Rcpt", "Rcpt"),
         ("--delay-data", "DataEnd", "DataEnd"),
     ] {
         // A sink that takes an hour at this stage.
@@ -300,11 +301,13 @@ fn stalled_next_hops_time_out_per_stage_then_mail_is_delivered() {
 // (3) A next hop that stops reading in the middle of the body
 // ---------------------------------------------------------------------------------
 
-/// A scripted SMTP server: greets, takes EHLO/MAIL/RCPT, answers DATA with 354,
-/// then — while `stall` is set — never reads another byte (the relay's writes
-/// fill the socket buffers and block). Otherwise it takes the body and says 250.
+/// A scripted SMTP server without PIPELINING (one command per reply). While
+/// `stall` names a verb it stalls there: at "EHLO", "MAIL" or "RCPT" it never
+/// replies; at "DATA" it answers 354 and never reads another byte (the relay's
+/// writes fill the socket buffers and block). Otherwise it takes the message
+/// and says 250.
 struct NoReadServer {
-    stall: Arc<AtomicBool>,
+    stall: Arc<Mutex<Option<&'static str>>>,
     stop: Arc<AtomicBool>,
     delivered: Arc<Mutex<Vec<usize>>>,
     stalled_sessions: Arc<AtomicUsize>,
@@ -318,7 +321,7 @@ impl NoReadServer {
         let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         listener.set_nonblocking(true).expect("nonblocking");
         let mut s = NoReadServer {
-            stall: Arc::new(AtomicBool::new(true)),
+            stall: Arc::new(Mutex::new(Some("DATA"))),
             stop: Arc::new(AtomicBool::new(false)),
             delivered: Arc::default(),
             stalled_sessions: Arc::default(),
@@ -363,7 +366,7 @@ impl Drop for NoReadServer {
 
 fn no_read_session(
     s: TcpStream,
-    stall: &AtomicBool,
+    stall: &Mutex<Option<&'static str>>,
     delivered: &Mutex<Vec<usize>>,
     stalled: &AtomicUsize,
     held: &Mutex<Vec<TcpStream>>,
@@ -379,12 +382,19 @@ fn no_read_session(
         if r.read_line(&mut line)? == 0 {
             return Ok(());
         }
-        match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
+        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+        if *stall.lock().expect("stall") == Some(verb.as_str()) && verb != "DATA" {
+            stalled.fetch_add(1, Ordering::Relaxed);
+            // No reply, ever; keep the socket open.
+            held.lock().expect("held").push(s);
+            return Ok(());
+        }
+        match verb.as_str() {
             "EHLO" => w.write_all(b"250-noread.test\r\n250 SIZE 100000000\r\n")?,
             "MAIL" | "RCPT" | "RSET" | "NOOP" => w.write_all(b"250 2.0.0 Ok\r\n")?,
             "DATA" => {
                 w.write_all(b"354 go ahead\r\n")?;
-                if stall.load(Ordering::Relaxed) {
+                if *stall.lock().expect("stall") == Some("DATA") {
                     stalled.fetch_add(1, Ordering::Relaxed);
                     // Never read again; keep the socket open.
                     held.lock().expect("held").push(s);
@@ -447,7 +457,7 @@ fn next_hop_that_stops_reading_mid_body_times_out_and_is_retried() {
     let after = wait_sockets_back(&relay, baseline, "stalled body");
     eprintln!("stalled body: deferred ({reply}); TCP connections {baseline} -> {after}");
     // The peer reads again: the retry delivers the whole body.
-    server.stall.store(false, Ordering::Relaxed);
+    *server.stall.lock().expect("stall") = None;
     wait_until(
         "delivery after the stall",
         T,
@@ -467,4 +477,66 @@ fn baseline(relay: &Relay) -> usize {
 /// Waits until the relay holds no more TCP connections than `baseline`.
 fn wait_sockets_back(relay: &Relay, baseline: usize, what: &str) -> usize {
     wait_connections_at_most(relay.pid(), baseline, what, Duration::from_secs(30))
+}
+
+#[test]
+fn scripted_stalls_at_ehlo_mail_and_rcpt_time_out_by_their_own_timeouts() {
+    let ip = loopback();
+    let port = mx_port(&[ip]);
+    let server = NoReadServer::start(sa(ip, port));
+    let relay = relay_to(
+        ip,
+        port,
+        1,
+        &[
+            "delivery.ehlo_timeout=\"1s\"".into(),
+            "delivery.mail_timeout=\"1s\"".into(),
+            "delivery.rcpt_timeout=\"1s\"".into(),
+        ],
+    );
+    let baseline = baseline(&relay);
+    for (verb, stage) in [("EHLO", "Ehlo"), ("MAIL", "Mail"), ("RCPT", "Rcpt")] {
+        *server.stall.lock().expect("stall") = Some(verb);
+        let before = server.delivered.lock().expect("delivered").len();
+        let tag = format!("scripted-{stage}");
+        let id = submit(
+            &relay,
+            "alice@snd.test",
+            "",
+            &["bob@far.test"],
+            format!("Subject: {tag}\r\nMessage-ID: <{tag}@snd.test>\r\n\r\nbody\r\n").as_bytes(),
+        );
+        let want = format!("timeout in {stage} stage");
+        wait_until(
+            &format!("a deferral by the {stage} timeout"),
+            Duration::from_secs(30),
+            || {
+                attempts(&relay, &id)
+                    .iter()
+                    .any(|a| field(a, "status") == "deferred" && field(a, "reply").contains(&want))
+                    || log_events(&relay, "connection attempt failed")
+                        .iter()
+                        .any(|a| field(a, "reply").contains(&want))
+            },
+            || relay.log(),
+        );
+        assert!(
+            try_show(&relay, &id).is_some(),
+            "the deferred message is kept"
+        );
+        let after = wait_sockets_back(&relay, baseline, stage);
+        // The fault clears: the retry goes through.
+        *server.stall.lock().expect("stall") = None;
+        wait_until(
+            "delivery after the stall",
+            T,
+            || try_show(&relay, &id).is_none(),
+            || relay.log(),
+        );
+        assert_eq!(
+            server.delivered.lock().expect("delivered").len(),
+            before + 1
+        );
+        eprintln!("scripted stall at {verb}: deferred ({want}), delivered after; TCP connections {baseline} -> {after}");
+    }
 }

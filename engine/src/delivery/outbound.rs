@@ -371,15 +371,15 @@ impl Connection {
             }
             self.start = 0;
             self.end = 0;
-            let timeout = self.timeouts.for_stage(self.client.stage());
+            // The timeout of the reply awaited, not of the last command sent.
+            let stage = self.client.awaited_stage();
+            let timeout = self.timeouts.for_stage(stage);
             match within(timeout, self.stream.read(&mut self.buf)).await {
                 Some(Ok(0)) => return Err(self.io_failure("connection closed by server".into())),
                 Some(Ok(n)) => self.end = n,
                 Some(Err(e)) => return Err(self.io_failure(e.to_string())),
                 None => {
-                    return Err(
-                        self.io_failure(format!("timeout in {:?} stage", self.client.stage()))
-                    );
+                    return Err(self.io_failure(format!("timeout in {stage:?} stage")));
                 }
             }
         }

@@ -309,6 +309,25 @@ impl ClientSession {
     pub fn stage(&self) -> Stage {
         self.stage
     }
+
+    /// The stage of the oldest reply still awaited: what a read is waiting for.
+    /// `stage()` is that of the last command queued, which is later when commands
+    /// went out together (a stalled MAIL reply is not a DATA timeout).
+    pub fn awaited_stage(&self) -> Stage {
+        match self.expect.front() {
+            Some(Expect::Greeting) => Stage::Greeting,
+            Some(Expect::Ehlo) => Stage::Ehlo,
+            Some(Expect::StartTls) => Stage::StartTls,
+            Some(Expect::AuthChallenge | Expect::AuthResult) => Stage::Auth,
+            Some(Expect::Mail) => Stage::Mail,
+            Some(Expect::Rcpt(_)) => Stage::Rcpt,
+            Some(Expect::Data) => Stage::Data,
+            Some(Expect::DataEnd | Expect::LmtpRcpt(_)) => Stage::DataEnd,
+            Some(Expect::Rset) => Stage::Rset,
+            Some(Expect::Quit) => Stage::Quit,
+            None => self.stage,
+        }
+    }
     pub fn is_tls(&self) -> bool {
         self.tls
     }
