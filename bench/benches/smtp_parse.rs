@@ -6,6 +6,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sluice_engine::auth_guard::AuthGuard;
+use sluice_engine::config::AuthSection;
 use sluice_engine::config::{BareNewline, Protocol};
 use sluice_engine::smtp::data::DataDecoder;
 use sluice_engine::smtp::server::{Action, PeerInfo, Session, SessionConfig};
@@ -29,6 +31,7 @@ fn session_config() -> Arc<SessionConfig> {
         max_errors: usize::MAX,
         bare_newline: BareNewline::Reject,
         relay: Arc::new(relay),
+        auth_guard: Arc::new(AuthGuard::new(&AuthSection::default())),
     })
 }
 
