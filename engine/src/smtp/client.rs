@@ -269,6 +269,12 @@ pub struct ClientSession {
     body_mode: BodyMode,
     /// The previous transaction ended without the server completing it: RSET first.
     needs_rset: bool,
+    /// Without PIPELINING (RFC 2920), the transaction's commands not yet sent:
+    /// each goes out only once the reply to the one before it has arrived.
+    held: VecDeque<(Vec<u8>, Expect, Stage)>,
+    /// Without PIPELINING, the body command is still to come after the last
+    /// RCPT reply (BDAT's length, or DATA when `body_mode` is Data).
+    held_body: Option<u64>,
     stage: Stage,
     auth_login_sent_user: bool,
 }
@@ -292,6 +298,8 @@ impl ClientSession {
             data_reply: None,
             body_mode: BodyMode::Data,
             needs_rset: false,
+            held: VecDeque::new(),
+            held_body: None,
             stage: Stage::Greeting,
             auth_login_sent_user: false,
         }
@@ -483,17 +491,17 @@ impl ClientSession {
                 if !reply.is_positive() {
                     return Some(ClientEvent::Failed(reply));
                 }
-                None
+                self.next_held()
             }
             Expect::Mail => {
                 self.mail_reply = Some(reply);
-                None
+                self.next_held()
             }
             Expect::Rcpt(i) => {
                 if let Some(slot) = self.rcpt_replies.get_mut(i) {
                     *slot = Some(reply);
                 }
-                None
+                self.next_held()
             }
             Expect::Data => {
                 if reply.code == 354 {
@@ -599,6 +607,53 @@ impl ClientSession {
         self.stage = stage;
     }
 
+    /// Queues `bytes` now with PIPELINING, else holds it until the previous
+    /// command is answered.
+    fn envelope_command(&mut self, bytes: Vec<u8>, expect: Expect, stage: Stage) {
+        if self.caps.pipelining || (self.expect.is_empty() && self.held.is_empty()) {
+            self.command(&bytes, expect, stage);
+        } else {
+            self.held.push_back((bytes, expect, stage));
+        }
+    }
+
+    /// Without PIPELINING, after an envelope reply: sends the next held command
+    /// once every sent one is answered. A refused MAIL ends the transaction
+    /// (RCPTs would only earn 503s); after the last RCPT the body command goes
+    /// out only when a recipient was accepted.
+    fn next_held(&mut self) -> Option<ClientEvent> {
+        if !self.expect.is_empty() || (self.held.is_empty() && self.held_body.is_none()) {
+            return None;
+        }
+        if self.mail_reply.as_ref().is_some_and(|m| !m.is_positive()) {
+            self.held.clear();
+            self.held_body = None;
+            return Some(self.finish());
+        }
+        if let Some((bytes, expect, stage)) = self.held.pop_front() {
+            self.command(&bytes, expect, stage);
+            return None;
+        }
+        let body_len = self.held_body.take()?;
+        let any_accepted = self
+            .rcpt_replies
+            .iter()
+            .any(|r| r.as_ref().is_some_and(Reply::is_positive));
+        if !any_accepted {
+            return Some(self.finish());
+        }
+        if self.body_mode == BodyMode::Bdat {
+            self.command(
+                format!("BDAT {body_len} LAST\r\n").as_bytes(),
+                Expect::DataEnd,
+                Stage::DataEnd,
+            );
+            return Some(ClientEvent::SendBody(BodyMode::Bdat));
+        }
+        self.command(b"DATA\r\n", Expect::Data, Stage::Data);
+        None
+    }
+
     /// The TLS handshake after STARTTLS succeeded: say EHLO again (RFC 3207).
     pub fn tls_established(&mut self) {
         self.tls = true;
@@ -610,7 +665,9 @@ impl ClientSession {
 
     /// Queue one transaction on a ready session. With PIPELINING the whole envelope
     /// goes in one write; with CHUNKING too, so does the body (BDAT n LAST), which
-    /// makes a message one round trip.
+    /// makes a message one round trip. Without PIPELINING only the first command
+    /// is queued; the rest follow reply by reply (RFC 2920 forbids sending ahead,
+    /// and servers such as Postfix with reject_unauth_pipelining refuse it).
     pub fn send(
         &mut self,
         msg: &OutboundMessage,
@@ -630,6 +687,8 @@ impl ClientSession {
                 });
             }
         }
+        self.held.clear();
+        self.held_body = None;
         if self.needs_rset {
             self.command(b"RSET\r\n", Expect::Rset, Stage::Rset);
             self.needs_rset = false;
@@ -653,7 +712,7 @@ impl ClientSession {
             }
         }
         mail.push_str("\r\n");
-        self.command(mail.as_bytes(), Expect::Mail, Stage::Mail);
+        self.envelope_command(mail.into_bytes(), Expect::Mail, Stage::Mail);
         self.mail_reply = None;
         self.data_reply = None;
         self.rcpt_replies = vec![None; msg.recipients.len()];
@@ -668,7 +727,17 @@ impl ClientSession {
                 }
             }
             rcpt.push_str("\r\n");
-            self.command(rcpt.as_bytes(), Expect::Rcpt(i), Stage::Rcpt);
+            self.envelope_command(rcpt.into_bytes(), Expect::Rcpt(i), Stage::Rcpt);
+        }
+        if !self.caps.pipelining {
+            // DATA or BDAT waits for the RCPT replies (see next_held).
+            self.body_mode = if self.caps.chunking {
+                BodyMode::Bdat
+            } else {
+                BodyMode::Data
+            };
+            self.held_body = Some(body_len);
+            return Ok(None);
         }
         if self.caps.chunking && self.caps.pipelining {
             self.body_mode = BodyMode::Bdat;
@@ -681,8 +750,6 @@ impl ClientSession {
         }
         self.body_mode = BodyMode::Data;
         self.command(b"DATA\r\n", Expect::Data, Stage::Data);
-        // Without PIPELINING the commands still go in order; the driver writes the
-        // output and reads the replies one by one, which the expect queue handles.
         Ok(None)
     }
 

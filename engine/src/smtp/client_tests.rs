@@ -274,3 +274,163 @@ fn body_encoding() {
 fn xtext_encodes_specials() {
     assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
 }
+
+// ---------------------------------------------------------------------------------
+// Servers without PIPELINING (RFC 2920): one command, then its reply, then the next
+// ---------------------------------------------------------------------------------
+
+/// A session that said EHLO to a server offering `ehlo` (no PIPELINING).
+fn ready_without_pipelining(ehlo: &[u8]) -> ClientSession {
+    let mut c = ClientSession::new(cfg());
+    feed(&mut c, b"220 mx.test\r\n");
+    take(&mut c);
+    assert!(matches!(feed(&mut c, ehlo), ClientEvent::Ready));
+    assert!(!c.capabilities().pipelining);
+    c
+}
+
+/// Feeds `reply` byte by byte, checking nothing is queued before its last byte;
+/// returns the event and what was queued after it.
+fn answer(c: &mut ClientSession, reply: &[u8]) -> (ClientEvent, String) {
+    for i in 0..reply.len() {
+        assert!(
+            c.output().is_empty(),
+            "command queued before the reply arrived: {:?}",
+            String::from_utf8_lossy(c.output())
+        );
+        let (used, ev) = c.receive(&reply[i..i + 1]);
+        assert_eq!(used, 1);
+        if !matches!(ev, ClientEvent::Read) {
+            assert_eq!(i + 1, reply.len(), "event before the end of the reply");
+            return (ev, take(c));
+        }
+    }
+    (ClientEvent::Read, take(c))
+}
+
+#[test]
+fn without_pipelining_each_command_waits_for_the_previous_reply() {
+    let mut c = ready_without_pipelining(b"250-mx.test\r\n250 8BITMIME\r\n");
+    let rcpts = ["b@y.test", "c@y.test", "d@y.test"];
+    assert!(c.send(&msg(&rcpts), 10).expect("sendable").is_none());
+    assert_eq!(take(&mut c), "MAIL FROM:<a@x.test> BODY=8BITMIME\r\n");
+    assert_eq!(c.awaited_stage(), Stage::Mail);
+    let (ev, out) = answer(&mut c, b"250 2.1.0 ok\r\n");
+    assert!(matches!(ev, ClientEvent::Read), "{ev:?}");
+    assert_eq!(out, "RCPT TO:<b@y.test>\r\n");
+    assert_eq!(c.awaited_stage(), Stage::Rcpt);
+    // A refused recipient in the middle: the others still go, one at a time.
+    let (_, out) = answer(&mut c, b"550 5.1.1 no such user\r\n");
+    assert_eq!(out, "RCPT TO:<c@y.test>\r\n");
+    let (_, out) = answer(&mut c, b"250 2.1.5 ok\r\n");
+    assert_eq!(out, "RCPT TO:<d@y.test>\r\n");
+    let (ev, out) = answer(&mut c, b"250 2.1.5 ok\r\n");
+    assert!(matches!(ev, ClientEvent::Read), "{ev:?}");
+    assert_eq!(out, "DATA\r\n");
+    assert_eq!(c.awaited_stage(), Stage::Data);
+    let (ev, out) = answer(&mut c, b"354 go\r\n");
+    assert!(
+        matches!(ev, ClientEvent::SendBody(BodyMode::Data)),
+        "{ev:?}"
+    );
+    assert_eq!(out, "");
+    assert_eq!(c.awaited_stage(), Stage::DataEnd);
+    let (ev, _) = answer(&mut c, b"250 2.0.0 queued\r\n");
+    let ClientEvent::Done(r) = ev else {
+        panic!("{ev:?}")
+    };
+    let codes: Vec<u16> = r.recipients.iter().map(|r| r.code).collect();
+    assert_eq!(codes, [550, 250, 250]);
+    assert_eq!(r.recipients[0].text, "no such user");
+    // Completed: the next transaction starts with MAIL alone, no RSET.
+    c.send(&msg(&["e@y.test"]), 10).expect("sendable");
+    assert_eq!(take(&mut c), "MAIL FROM:<a@x.test> BODY=8BITMIME\r\n");
+}
+
+#[test]
+fn without_pipelining_all_recipients_refused_means_no_data_then_rset() {
+    let mut c = ready_without_pipelining(b"250 mx.test\r\n");
+    c.send(&msg(&["b@y.test", "c@y.test"]), 10)
+        .expect("sendable");
+    assert_eq!(take(&mut c), "MAIL FROM:<a@x.test>\r\n");
+    answer(&mut c, b"250 ok\r\n");
+    let (ev, out) = answer(&mut c, b"550 5.1.1 no\r\n");
+    assert!(matches!(ev, ClientEvent::Read), "{ev:?}");
+    assert_eq!(out, "RCPT TO:<c@y.test>\r\n");
+    let (ev, out) = answer(&mut c, b"450 4.2.1 later\r\n");
+    let ClientEvent::Done(r) = ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(out, "", "no DATA without an accepted recipient");
+    let codes: Vec<u16> = r.recipients.iter().map(|r| r.code).collect();
+    assert_eq!(codes, [550, 450]);
+    // The next transaction resets first, and waits for the RSET reply.
+    c.send(&msg(&["d@y.test"]), 10).expect("sendable");
+    assert_eq!(take(&mut c), "RSET\r\n");
+    assert_eq!(c.awaited_stage(), Stage::Rset);
+    let (_, out) = answer(&mut c, b"250 ok\r\n");
+    assert_eq!(out, "MAIL FROM:<a@x.test>\r\n");
+}
+
+#[test]
+fn without_pipelining_a_refused_mail_sends_no_rcpt() {
+    let mut c = ready_without_pipelining(b"250 mx.test\r\n");
+    c.send(&msg(&["b@y.test", "c@y.test"]), 10)
+        .expect("sendable");
+    assert_eq!(take(&mut c), "MAIL FROM:<a@x.test>\r\n");
+    let (ev, out) = answer(&mut c, b"553 5.7.1 sender refused\r\n");
+    let ClientEvent::Done(r) = ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(out, "");
+    assert!(r.recipients.iter().all(|r| r.code == 553), "{r:?}");
+    assert_eq!(r.recipients.len(), 2);
+}
+
+#[test]
+fn chunking_without_pipelining_sends_bdat_after_the_rcpt_replies() {
+    let mut c = ready_without_pipelining(b"250-mx.test\r\n250 CHUNKING\r\n");
+    assert!(c
+        .send(&msg(&["b@y.test", "c@y.test"]), 42)
+        .expect("sendable")
+        .is_none());
+    assert_eq!(take(&mut c), "MAIL FROM:<a@x.test>\r\n");
+    let (_, out) = answer(&mut c, b"250 ok\r\n");
+    assert_eq!(out, "RCPT TO:<b@y.test>\r\n");
+    let (_, out) = answer(&mut c, b"250 ok\r\n");
+    assert_eq!(out, "RCPT TO:<c@y.test>\r\n");
+    let (ev, out) = answer(&mut c, b"250 ok\r\n");
+    assert!(
+        matches!(ev, ClientEvent::SendBody(BodyMode::Bdat)),
+        "{ev:?}"
+    );
+    assert_eq!(out, "BDAT 42 LAST\r\n");
+    assert_eq!(c.awaited_stage(), Stage::DataEnd);
+    let (ev, _) = answer(&mut c, b"250 2.0.0 queued\r\n");
+    let ClientEvent::Done(r) = ev else {
+        panic!("{ev:?}")
+    };
+    assert!(r.recipients.iter().all(|r| r.code == 250), "{r:?}");
+}
+
+#[test]
+fn with_pipelining_the_envelope_still_goes_in_one_write() {
+    let mut c = ClientSession::new(cfg());
+    feed(&mut c, b"220 mx.test\r\n");
+    take(&mut c);
+    feed(&mut c, b"250-mx.test\r\n250 PIPELINING\r\n");
+    c.send(&msg(&["b@y.test", "c@y.test"]), 10)
+        .expect("sendable");
+    assert_eq!(
+        take(&mut c),
+        "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n"
+    );
+    // Replies arriving together are all taken; the stage is that of the oldest.
+    assert_eq!(c.awaited_stage(), Stage::Mail);
+    let ev = feed(&mut c, b"250 ok\r\n550 no\r\n250 ok\r\n354 go\r\n");
+    assert!(
+        matches!(ev, ClientEvent::SendBody(BodyMode::Data)),
+        "{ev:?}"
+    );
+    assert_eq!(take(&mut c), "");
+}
