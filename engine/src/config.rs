@@ -417,18 +417,19 @@ impl Config {
     /// Parse a configuration text, then apply `--set` overrides (each `dotted.key=value`).
     /// `origin` names the source in errors (a file path, or "built-in defaults").
     pub fn load(origin: &str, text: &str, overrides: &[String]) -> Result<Config, ConfigError> {
-        let doc: toml_edit::DocumentMut =
-            text.parse()
-                .map_err(|e: toml_edit::TomlError| ConfigError::Syntax {
-                    origin: origin.to_string(),
-                    line: e.span().map(|s| line_of(text, s.start)),
-                    message: e.message().trim().to_string(),
-                })?;
         // Deserialize the file alone first, so an error in it is reported with the
-        // file's own line numbers before overrides shift anything.
+        // file's own line numbers before overrides shift anything. This also
+        // keeps invalid TOML away from toml_edit, which panics on some of it
+        // ("all items have spans"; found by the config_load fuzz target).
         let mut config = deserialize(origin, text)?;
         if !overrides.is_empty() {
-            let mut doc = doc;
+            let mut doc: toml_edit::DocumentMut =
+                text.parse()
+                    .map_err(|e: toml_edit::TomlError| ConfigError::Syntax {
+                        origin: origin.to_string(),
+                        line: e.span().map(|s| line_of(text, s.start)),
+                        message: e.message().trim().to_string(),
+                    })?;
             for arg in overrides {
                 apply_override(&mut doc, arg)?;
             }
@@ -537,6 +538,19 @@ impl Config {
         if let Err(e) = sluice_policy::Credentials::new(self.auth.users.clone()) {
             return Err(invalid("auth.users".into(), e.to_string()));
         }
+        // tracing-subscriber's filter parser panics on some non-ASCII text, and
+        // span/field filters ("[span{field=value}]") compile values into DFAs that
+        // can take minutes to build (both found by the config_load fuzz target).
+        // Targets and levels are all a relay's operator needs.
+        let level = &self.log.level;
+        if !level.is_ascii() || level.contains(['[', '{']) || level.len() > MAX_LOG_LEVEL {
+            return Err(invalid(
+                "log.level".into(),
+                format!(
+                    "targets and levels only, like \"info,sluice=debug\" (ASCII, no [span] or {{field}} filters, at most {MAX_LOG_LEVEL} characters)"
+                ),
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level".into(), e.to_string()));
         }
@@ -621,6 +635,9 @@ impl Config {
     }
 }
 
+/// Longest `log.level` filter accepted.
+const MAX_LOG_LEVEL: usize = 1024;
+
 fn deserialize(origin: &str, text: &str) -> Result<Config, ConfigError> {
     let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax {
         origin: origin.to_string(),
@@ -657,12 +674,19 @@ fn apply_override(doc: &mut toml_edit::DocumentMut, arg: &str) -> Result<(), Con
     if keys.iter().any(|k| k.is_empty()) {
         return Err(err("empty key segment".into()));
     }
-    let value: toml_edit::Value = match format!("v = {raw}").parse::<toml_edit::DocumentMut>() {
-        Ok(parsed) => match parsed.get("v").and_then(|i| i.as_value()) {
-            Some(v) => v.clone(),
-            None => toml_edit::Value::from(raw),
-        },
-        Err(_) => toml_edit::Value::from(raw),
+    let assignment = format!("v = {raw}");
+    // Only TOML the toml crate accepts reaches toml_edit (see `Config::load`).
+    let parsed = match toml::Deserializer::parse(&assignment) {
+        Ok(_) => assignment.parse::<toml_edit::DocumentMut>().ok(),
+        Err(_) => None,
+    };
+    let value: toml_edit::Value = match parsed
+        .as_ref()
+        .and_then(|p| p.get("v"))
+        .and_then(|i| i.as_value())
+    {
+        Some(v) => v.clone(),
+        None => toml_edit::Value::from(raw),
     };
     let (last, parents) = keys.split_last().ok_or_else(|| err("empty key".into()))?;
     let mut table: &mut dyn toml_edit::TableLike = doc.as_table_mut();
@@ -709,6 +733,34 @@ mod tests {
         let from_file = Config::load("sluice.toml", EXAMPLE_CONFIG, &[]).expect("example loads");
         let defaults = Config::load("defaults", "", &[]).expect("defaults load");
         assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+    }
+
+    /// Found by the config_load fuzz target: toml_edit panicked on this text.
+    #[test]
+    fn invalid_toml_is_an_error_not_a_panic() {
+        let text = "[rou53\"]\ntimeo=+ \"0010.10.1:53\"]\ntimeout==+ \".0.10.1:53\"]\ntimeout.=+\u{fffd}\"0010.1:53T";
+        for overrides in [vec![], vec!["server.cores=2".to_string()]] {
+            match Config::load("t", text, &overrides) {
+                Err(ConfigError::Syntax { line: Some(2), .. }) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// Found by the config_load fuzz target: tracing-subscriber panicked on the
+    /// first and spent minutes compiling the field filter of the second.
+    #[test]
+    fn log_level_is_targets_and_levels_only() {
+        let slow = format!("0[s{{f=R.+{}}}]", ".".repeat(100));
+        for bad in ["x[\u{fffd}\u{fffd}]", "info,[span]=debug", slow.as_str()] {
+            let text = format!("[log]\nlevel = {}\n", toml_edit::Value::from(bad));
+            match Config::load("t", &text, &[]) {
+                Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "log.level"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let ok = Config::load("t", "[log]\nlevel = \"warn,sluice::smtp=debug\"\n", &[]);
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

@@ -8,6 +8,8 @@ pub mod conn;
 pub mod debug_cmd;
 pub mod delivery;
 pub mod dsn;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;

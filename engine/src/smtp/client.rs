@@ -354,7 +354,12 @@ impl ClientSession {
             let line = std::mem::take(&mut self.line);
             self.line_truncated = false;
             let line = line.strip_suffix(b"\r").unwrap_or(&line);
-            let text = String::from_utf8_lossy(line).into_owned();
+            // Server text ends up in logs, the spool and DSNs: no control
+            // characters (a CR inside a line would pass straight through).
+            let text: String = String::from_utf8_lossy(line)
+                .chars()
+                .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+                .collect();
             let Some((code, last, body)) = split_reply_line(&text) else {
                 return (
                     input.len(),
@@ -423,14 +428,14 @@ impl ClientSession {
         match expect {
             Expect::Greeting => {
                 if reply.code != 220 {
-                    return Some(ClientEvent::Failed(reply));
+                    return Some(session_failed(reply));
                 }
                 self.send_ehlo();
                 None
             }
             Expect::Ehlo => {
                 if !reply.is_positive() {
-                    return Some(ClientEvent::Failed(reply));
+                    return Some(session_failed(reply));
                 }
                 self.caps = Capabilities::parse(&reply);
                 if !self.tls && self.cfg.tls != TlsPolicy::Disabled {
@@ -451,7 +456,7 @@ impl ClientSession {
             Expect::StartTls => {
                 if reply.code != 220 {
                     if self.cfg.tls == TlsPolicy::Required {
-                        return Some(ClientEvent::Failed(reply));
+                        return Some(session_failed(reply));
                     }
                     // Opportunistic: go on in plaintext.
                     return self.after_ehlo();
@@ -460,10 +465,10 @@ impl ClientSession {
             }
             Expect::AuthChallenge => {
                 if reply.code != 334 {
-                    return Some(ClientEvent::Failed(reply));
+                    return Some(session_failed(reply));
                 }
                 let Some((user, pass)) = self.cfg.auth.clone() else {
-                    return Some(ClientEvent::Failed(reply));
+                    return Some(session_failed(reply));
                 };
                 let b64 = base64::engine::general_purpose::STANDARD;
                 let answer = if !self.auth_login_sent_user {
@@ -480,7 +485,7 @@ impl ClientSession {
             }
             Expect::AuthResult => {
                 if reply.code != 235 {
-                    return Some(ClientEvent::Failed(reply));
+                    return Some(session_failed(reply));
                 }
                 self.authenticated = true;
                 self.stage = Stage::Idle;
@@ -489,7 +494,7 @@ impl ClientSession {
             Expect::Rset => {
                 // A failed RSET leaves the session unusable.
                 if !reply.is_positive() {
-                    return Some(ClientEvent::Failed(reply));
+                    return Some(session_failed(reply));
                 }
                 self.next_held()
             }
@@ -508,6 +513,10 @@ impl ClientSession {
                     self.stage = Stage::DataEnd;
                     self.expect.push_back(Expect::DataEnd);
                     return Some(ClientEvent::SendBody(BodyMode::Data));
+                }
+                if reply.class() < 4 {
+                    // A 2xx here would mark the message delivered without its body.
+                    return Some(session_failed(reply));
                 }
                 self.data_reply = Some(reply);
                 Some(self.finish())
@@ -782,6 +791,21 @@ impl ClientSession {
     pub fn quit(&mut self) {
         self.command(b"QUIT\r\n", Expect::Quit, Stage::Quit);
     }
+}
+
+/// The session ends on a server reply. Only a 4xx or 5xx may stand for the
+/// recipients' outcome: anything else where it is not expected ("219" to the
+/// greeting, "250" to STARTTLS or DATA) is a protocol error, since a 2xx would
+/// otherwise count as delivered when nothing was sent.
+fn session_failed(reply: Reply) -> ClientEvent {
+    if reply.is_transient() || reply.is_permanent() {
+        return ClientEvent::Failed(reply);
+    }
+    ClientEvent::Failed(Reply::local(
+        451,
+        "4.5.0",
+        &format!("unexpected reply from server: {reply}"),
+    ))
 }
 
 /// "250-text" / "250 text" / "250" → (code, is_last, rest-with-separator).

@@ -275,6 +275,50 @@ fn xtext_encodes_specials() {
     assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
 }
 
+/// Found by the smtp_client fuzz target: a failure carried the server's 2xx,
+/// and delivery records a failure's reply for every recipient (2xx = delivered).
+#[test]
+fn positive_reply_out_of_place_is_a_local_failure() {
+    let mut c = ClientSession::new(cfg());
+    let ev = feed(&mut c, b"219 x\r\n");
+    let ClientEvent::Failed(r) = ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!((r.code, r.esc.as_deref()), (451, Some("4.5.0")));
+
+    // 250 to DATA (no 354): the body was never sent.
+    let mut c = ClientSession::new(cfg());
+    feed(&mut c, b"220 mx.test\r\n");
+    assert!(matches!(
+        feed(&mut c, b"250 mx.test\r\n"),
+        ClientEvent::Ready
+    ));
+    take(&mut c);
+    assert!(c.send(&msg(&["b@y.test"]), 10).expect("sendable").is_none());
+    let ev = feed(&mut c, b"250 ok\r\n250 ok\r\n250 ok\r\n");
+    let ClientEvent::Failed(r) = ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(r.code, 451);
+
+    // A real 4xx/5xx is passed through as it came.
+    let mut c = ClientSession::new(cfg());
+    let ev = feed(&mut c, b"554 5.7.1 go away\r\n");
+    assert!(matches!(ev, ClientEvent::Failed(r) if r.code == 554));
+}
+
+/// Found by the smtp_client fuzz target: a CR inside a reply line was kept in
+/// the reply text (which goes to logs, the spool and DSNs).
+#[test]
+fn control_characters_in_replies_are_replaced() {
+    let mut c = ClientSession::new(cfg());
+    let ev = feed(&mut c, b"554 5.7.1 no\rpe\x00\x1b[31m\r\n");
+    let ClientEvent::Failed(r) = ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(r.text, "no?pe??[31m");
+}
+
 // ---------------------------------------------------------------------------------
 // Servers without PIPELINING (RFC 2920): one command, then its reply, then the next
 // ---------------------------------------------------------------------------------

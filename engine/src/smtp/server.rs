@@ -180,6 +180,23 @@ impl TxSummary {
     }
 }
 
+/// A snapshot of a session's internals, see [`Session::debug_view`].
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebugView {
+    /// "command", "data", "bdat", "auth", "paused" or "closed".
+    pub state: &'static str,
+    /// Bytes of a command line held across reads.
+    pub line: usize,
+    /// The current line outgrew the limit and is being skipped to its CRLF.
+    pub discarding: bool,
+    /// Bytes of the message body held (Received header included).
+    pub body: usize,
+    pub recipients: usize,
+    /// Bytes still to come in the current BDAT chunk.
+    pub bdat_remaining: usize,
+}
+
 /// Connection facts the driver knows.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
@@ -284,6 +301,30 @@ impl Session {
 
     pub fn peer(&self) -> &PeerInfo {
         &self.peer
+    }
+
+    /// For the fuzz targets and property tests: where the state machine is and
+    /// what it buffers, so they can check its bounds from outside.
+    #[doc(hidden)]
+    pub fn debug_view(&self) -> DebugView {
+        let (state, bdat_remaining) = match &self.state {
+            State::Command => ("command", 0),
+            State::Data(_) => ("data", 0),
+            State::Bdat { remaining, .. } => ("bdat", *remaining),
+            State::AuthPlainResponse | State::AuthLoginUser | State::AuthLoginPassword { .. } => {
+                ("auth", 0)
+            }
+            State::Paused => ("paused", 0),
+            State::Closed => ("closed", 0),
+        };
+        DebugView {
+            state,
+            line: self.line.len(),
+            discarding: self.line_overflow,
+            body: self.tx.body.len(),
+            recipients: self.tx.recipients.len(),
+            bdat_remaining,
+        }
     }
 
     /// The idle or session timer ran out.
