@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,6 +19,8 @@ use crate::config::AuthSection;
 /// the table is still full, new IPs are not tracked (their failures still count
 /// per connection).
 const MAX_TRACKED_IPS: usize = 65_536;
+/// How often a full table may be swept for idle entries.
+const SWEEP_INTERVAL_MS: u64 = 1_000;
 
 struct IpEntry {
     limiter: MultiLimiter,
@@ -34,6 +37,8 @@ pub struct AuthGuard {
     /// Time after which an untouched bucket is full again (the longest period).
     idle_ms: u64,
     per_ip: Mutex<HashMap<IpAddr, IpEntry>>,
+    /// When a full table was last swept (unix ms).
+    last_sweep_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for AuthGuard {
@@ -62,6 +67,7 @@ impl AuthGuard {
                 .max()
                 .unwrap_or(0),
             per_ip: Mutex::new(HashMap::new()),
+            last_sweep_ms: AtomicU64::new(0),
         }
     }
 
@@ -94,6 +100,14 @@ impl AuthGuard {
             return false;
         };
         if map.len() >= MAX_TRACKED_IPS && !map.contains_key(&ip) {
+            // A full table is swept at most once per interval: otherwise every new
+            // address in a spread-out guessing attack would scan it under the lock
+            // all cores share.
+            let last = self.last_sweep_ms.load(Ordering::Relaxed);
+            if now_ms.saturating_sub(last) < SWEEP_INTERVAL_MS {
+                return false;
+            }
+            self.last_sweep_ms.store(now_ms, Ordering::Relaxed);
             let idle = self.idle_ms;
             map.retain(|_, e| {
                 now_ms < e.blocked_until_ms || now_ms.saturating_sub(e.last_failure_ms) < idle

@@ -373,8 +373,7 @@ impl QueueMetrics {
 /// gauges.
 struct Queues {
     stats: Arc<QueueStats>,
-    /// Queue names, "default" first; few, so a scan beats hashing the name.
-    names: Vec<String>,
+    /// In the order of `stats.queues()`, indexed by `stats.queue_index`.
     handles: Vec<QueueMetrics>,
     depth: Vec<(Gauge, Gauge)>,
 }
@@ -406,7 +405,6 @@ pub fn watch_queues(stats: Arc<QueueStats>) {
                 )
             })
             .collect(),
-        names,
         stats,
     };
     let _ = QUEUES.set(queues);
@@ -417,10 +415,7 @@ pub fn watch_queues(stats: Arc<QueueStats>) {
 pub fn queue(name: &str) -> &'static QueueMetrics {
     static NOOP: QueueMetrics = QueueMetrics::NOOP;
     match QUEUES.get() {
-        Some(q) => {
-            let i = q.names.iter().position(|n| n == name).unwrap_or(0);
-            q.handles.get(i).unwrap_or(&NOOP)
-        }
+        Some(q) => q.handles.get(q.stats.queue_index(name)).unwrap_or(&NOOP),
         None => &NOOP,
     }
 }

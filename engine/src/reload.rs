@@ -202,21 +202,17 @@ impl Reloader {
                 }
                 certs.push((shared.clone(), Arc::new(key)));
             }
-            let mut session = crate::smtp::server::SessionConfig::clone(&shared.session.load());
-            session.hostname = l
-                .hostname
-                .clone()
-                .unwrap_or_else(|| effective.server.hostname.clone());
-            session.greeting = l.greeting.clone();
-            session.protocol = l.protocol;
-            session.auth_plaintext = l.auth_plaintext;
-            session.auth_enabled = !credentials.is_empty();
-            session.max_message_size = l.max_message_size.0;
-            session.max_recipients = l.max_recipients;
-            session.max_line_length = l.max_line_length;
-            session.max_errors = l.max_errors;
-            session.bare_newline = l.bare_newline;
-            session.relay = relay.clone();
+            let current = shared.session.load();
+            let mut session = crate::smtp::server::SessionConfig::from_listener(
+                &shared.name,
+                l,
+                &effective.server.hostname,
+                relay.clone(),
+                !credentials.is_empty(),
+                current.auth_guard.clone(),
+            );
+            // The TLS mode is restart-only: keep what the running listener offers.
+            session.starttls = current.starttls;
             sessions.push((shared.clone(), session));
         }
         Ok(Plan {

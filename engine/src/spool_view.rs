@@ -42,6 +42,20 @@ fn last_error(s: &RecipientStatus) -> Option<&str> {
     }
 }
 
+/// One recipient's state as JSON: address, status, attempts, last error (the
+/// offline `spool list --json` and the management API show the same).
+pub(crate) fn recipient_json(r: &sluice_spool::Recipient) -> serde_json::Value {
+    serde_json::json!({
+        "address": r.address,
+        "status": state(&r.status),
+        "attempts": match &r.status {
+            RecipientStatus::Deferred { attempts, .. } => *attempts,
+            _ => 0,
+        },
+        "last_error": last_error(&r.status),
+    })
+}
+
 fn state(s: &RecipientStatus) -> &'static str {
     match s {
         RecipientStatus::Pending => "pending",
@@ -100,21 +114,7 @@ fn list_entry(id: MessageId, env: &Envelope, json: bool, now_ms: u64) -> String 
     if json {
         // "recipients" stays a list of addresses (tools read it); the
         // per-recipient state is in "recipient_status", in the same order.
-        let status: Vec<serde_json::Value> = env
-            .recipients
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "address": r.address,
-                    "status": state(&r.status),
-                    "attempts": match &r.status {
-                        RecipientStatus::Deferred { attempts, .. } => *attempts,
-                        _ => 0,
-                    },
-                    "last_error": last_error(&r.status),
-                })
-            })
-            .collect();
+        let status: Vec<serde_json::Value> = env.recipients.iter().map(recipient_json).collect();
         return serde_json::json!({
             "id": id.to_string(),
             "size": env.size,

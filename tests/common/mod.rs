@@ -298,8 +298,20 @@ impl RelayBuilder {
             starts: 0,
             config: self.config,
         };
-        relay.launch();
-        relay
+        // free_port() only finds a port free a moment ago; a busy machine (or a
+        // test holding thousands of client sockets) may take it before the relay
+        // binds. Then start again on fresh ports, a few times.
+        let mut retries = 5;
+        loop {
+            match relay.try_launch() {
+                Ok(()) => break relay,
+                Err(log) if retries > 0 && log.contains("cannot bind") => {
+                    retries -= 1;
+                    relay.move_ports(free_port(), free_port());
+                }
+                Err(log) => panic!("relay exited during startup; log:\n{log}"),
+            }
+        }
     }
 }
 
@@ -368,6 +380,30 @@ impl Relay {
     }
 
     fn launch(&mut self) {
+        if let Err(log) = self.try_launch() {
+            panic!("relay exited during startup; log:\n{log}");
+        }
+    }
+
+    /// Moves the relay (not yet running) to new SMTP and operations ports.
+    fn move_ports(&mut self, port: u16, admin_port: u16) {
+        let (old_bind, old_admin) = (
+            format!("127.0.0.1:{}\"]", self.port),
+            format!("\"127.0.0.1:{}\"", self.admin_port),
+        );
+        for a in &mut self.args {
+            if a.starts_with(&format!("server.listener.{}.bind=", self.listener)) {
+                *a = a.replace(&old_bind, &format!("127.0.0.1:{port}\"]"));
+            } else if a.starts_with("admin.listen=") {
+                *a = a.replace(&old_admin, &format!("\"127.0.0.1:{admin_port}\""));
+            }
+        }
+        self.port = port;
+        self.admin_port = admin_port;
+    }
+
+    /// Starts the relay and waits until it serves; Err(its log) if it exited.
+    fn try_launch(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "relay already running");
         let log_path = self.dir.path().join(format!("relay-{}.log", self.starts));
         self.starts += 1;
@@ -385,11 +421,11 @@ impl Relay {
             .stderr(Stdio::from(log));
         let child = cmd.spawn().expect("spawn sluice run");
         self.child = Some(ChildGuard::new(child, "sluice run"));
-        self.wait_ready();
+        self.wait_ready()
     }
 
     /// Polls until a connection gets this relay's 220, or the deadline passes.
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let until = Instant::now() + READY_DEADLINE;
         let addr = self.addr();
         loop {
@@ -404,10 +440,8 @@ impl Relay {
                 .unwrap()
             {
                 self.child.as_mut().unwrap().child = None;
-                panic!(
-                    "relay exited during startup ({status}); log:\n{}",
-                    self.log()
-                );
+                self.child = None;
+                return Err(format!("({status})\n{}", self.log()));
             }
             if Instant::now() >= until {
                 panic!(
@@ -430,7 +464,7 @@ impl Relay {
                     c.send(b"QUIT\r\n");
                     // Wait for the close so the probe no longer counts as a connection.
                     let _ = c.read_to_eof();
-                    return;
+                    return Ok(());
                 }
             }
             std::thread::sleep(Duration::from_millis(10));

@@ -11,7 +11,8 @@ use super::api::{
     ApiContext, ApiError, ApiResult,
 };
 use super::Request;
-use crate::delivery::admin::normalize_destination;
+use crate::delivery::admin::{normalize_destination, recipient_destination};
+use crate::delivery::is_open;
 use crate::delivery::{now_ms, timing};
 
 /// Page size bounds for listing.
@@ -73,17 +74,6 @@ impl Status {
             )),
         }
     }
-}
-
-fn is_open(s: &RecipientStatus) -> bool {
-    matches!(
-        s,
-        RecipientStatus::Pending | RecipientStatus::Deferred { .. }
-    )
-}
-
-fn domain_of(address: &str) -> String {
-    normalize_destination(address.rsplit_once('@').map_or("", |(_, d)| d))
 }
 
 /// Search criteria (all given ones must hold).
@@ -153,7 +143,7 @@ impl Filter {
             if !env
                 .recipients
                 .iter()
-                .any(|x| is_open(&x.status) && domain_of(&x.address) == *d)
+                .any(|x| is_open(&x.status) && recipient_destination(&x.address) == *d)
             {
                 return false;
             }
@@ -178,22 +168,7 @@ fn message_json(id: MessageId, env: &Envelope, now: u64) -> Value {
     let recipients: Vec<Value> = env
         .recipients
         .iter()
-        .map(|r| {
-            let (state, attempts, last_error) = match &r.status {
-                RecipientStatus::Pending => ("pending", 0, None),
-                RecipientStatus::Delivered { .. } => ("delivered", 0, None),
-                RecipientStatus::Deferred { reply, attempts } => {
-                    ("deferred", *attempts, Some(reply.as_str()))
-                }
-                RecipientStatus::Failed { reply } => ("failed", 0, Some(reply.as_str())),
-            };
-            json!({
-                "address": r.address,
-                "status": state,
-                "attempts": attempts,
-                "last_error": last_error,
-            })
-        })
+        .map(crate::spool_view::recipient_json)
         .collect();
     let last_error = env.recipients.iter().rev().find_map(|r| match &r.status {
         RecipientStatus::Deferred { reply, .. } => Some(reply.clone()),
@@ -283,7 +258,9 @@ pub(super) fn summary(api: &ApiContext, req: &Request) -> ApiResult {
                 .add(env, open.len() as u64);
             let mut per_domain: BTreeMap<String, u64> = BTreeMap::new();
             for r in open {
-                *per_domain.entry(domain_of(&r.address)).or_default() += 1;
+                *per_domain
+                    .entry(recipient_destination(&r.address))
+                    .or_default() += 1;
             }
             for (domain, n) in per_domain {
                 dests.entry(domain).or_default().add(env, n);

@@ -128,6 +128,11 @@ pub fn normalize_destination(name: &str) -> String {
     name.trim().trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// The normalized destination (domain) of a recipient address.
+pub fn recipient_destination(address: &str) -> String {
+    normalize_destination(address.rsplit_once('@').map_or("", |(_, d)| d))
+}
+
 /// Per-core operator state (shard-owner side).
 #[derive(Default)]
 pub struct CoreAdmin {
@@ -291,10 +296,7 @@ impl CoreDelivery {
             if hit(&normalize_destination(&target.destination())) {
                 return false;
             }
-            rcpts.retain(|r| {
-                let domain = r.address.rsplit_once('@').map_or("", |(_, d)| d);
-                !hit(&normalize_destination(domain))
-            });
+            rcpts.retain(|r| !hit(&recipient_destination(&r.address)));
             !rcpts.is_empty()
         });
         for name in parked_on {

@@ -1894,7 +1894,8 @@ fn success_notice_due(notify: Notify, peer_dsn: bool, lmtp: bool) -> Option<DsnA
     })
 }
 
-fn is_open(status: &RecipientStatus) -> bool {
+/// A recipient still to be tried (pending or deferred).
+pub(crate) fn is_open(status: &RecipientStatus) -> bool {
     matches!(
         status,
         RecipientStatus::Pending | RecipientStatus::Deferred { .. }

@@ -64,9 +64,9 @@ impl QueueStats {
         }
     }
 
-    /// A queue no longer configured (message from an older config) counts as
-    /// "default".
-    fn queue_index(&self, queue: &str) -> usize {
+    /// Position of `queue` in [`QueueStats::queues`]; a queue no longer
+    /// configured (a message from an older config) counts as "default", the first.
+    pub fn queue_index(&self, queue: &str) -> usize {
         self.index.get(queue).copied().unwrap_or(0)
     }
 
