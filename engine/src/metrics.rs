@@ -531,7 +531,7 @@ pub fn dsn_queued(kind: crate::dsn::DsnKind) {
 pub fn count_outcomes(
     queue: &str,
     arrival_unix_ms: u64,
-    outcomes: &[(u16, crate::delivery::Outcome)],
+    outcomes: &[(u32, crate::delivery::Outcome)],
 ) {
     use crate::delivery::Outcome;
     let q = self::queue(queue);

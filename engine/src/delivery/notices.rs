@@ -1,0 +1,107 @@
+//! Notices (DSNs) to the sender: built from the envelope and the original
+//! body, then queued like any other message.
+
+use std::rc::Rc;
+
+use sluice_spool::{Envelope, MessageId, Notify, RecipientStatus};
+
+use super::ledger::{enhanced_status, Notice};
+use super::{now_ms, persist, CoreDelivery};
+use crate::dsn::DsnKind;
+
+impl CoreDelivery {
+    /// Builds and queues a DSN to the envelope sender for the given recipients.
+    pub(super) async fn notify(
+        self: &Rc<Self>,
+        envelope: &Envelope,
+        id: MessageId,
+        kind: DsnKind,
+        notices: &[Notice],
+        retry_until: Option<u64>,
+    ) {
+        let now = now_ms();
+        let recipients: Vec<crate::dsn::DsnRecipient<'_>> = notices
+            .iter()
+            .filter_map(|n| envelope.recipients.get(n.index).map(|r| (n, r)))
+            .map(|(n, r)| {
+                let reply = match &r.status {
+                    RecipientStatus::Failed { reply }
+                    | RecipientStatus::Deferred { reply, .. }
+                    | RecipientStatus::Delivered { reply } => reply.clone(),
+                    RecipientStatus::Pending => String::new(),
+                };
+                let status = match n.status {
+                    Some(s) => s.to_string(),
+                    None => enhanced_status(&reply, &kind),
+                };
+                crate::dsn::DsnRecipient {
+                    recipient: r,
+                    action: n.action,
+                    status,
+                    remote_mta: n.remote_mta.as_deref().map(str::to_string),
+                    diagnostic: (!reply.is_empty()).then_some(reply),
+                    last_attempt_unix_ms: Some(now),
+                    will_retry_until_unix_ms: retry_until,
+                }
+            })
+            .collect();
+        let ctx = crate::dsn::DsnContext {
+            reporting_mta: &self.shared.hostname,
+            now_unix_ms: now,
+            original_id: id,
+        };
+        // Built straight from the memory map; an unreadable body still gets a
+        // notice, without the original.
+        let build =
+            |original: &[u8]| crate::dsn::build_dsn(kind, envelope, original, &recipients, &ctx);
+        let built = self
+            .shared
+            .spool
+            .with_body(id, build)
+            .unwrap_or_else(|_| build(&[]));
+        let Some(dsn) = built else {
+            return;
+        };
+        let dsn_id = self.ids.next(now);
+        let dsn_envelope = Envelope {
+            sender: String::new(),
+            recipients: vec![sluice_spool::Recipient {
+                address: dsn.recipient.clone(),
+                orcpt: None,
+                notify: Notify::NEVER,
+                status: RecipientStatus::Pending,
+                local: false,
+            }],
+            ret: None,
+            envid: None,
+            body_type: dsn.body_type,
+            smtputf8: false,
+            arrival_unix_ms: now,
+            listener: "dsn".into(),
+            client_ip: String::new(),
+            helo: String::new(),
+            auth_user: None,
+            tls: None,
+            size: dsn.body.len() as u64,
+            priority: 0,
+            queue: envelope.queue.clone(),
+            hold_until_unix: 0,
+            deliver_by: None,
+            schedule: Default::default(),
+        };
+        let stored = persist(id, "queuing a delivery notification", || {
+            self.shared
+                .spool
+                .store(self.core, dsn_id, &dsn_envelope, dsn.body.clone())
+        })
+        .await;
+        if stored {
+            self.shared
+                .queue_stats
+                .add(self.core as usize, &dsn_envelope.queue, dsn_envelope.size);
+            crate::metrics::dsn_queued(kind);
+            tracing::info!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, to = %dsn.recipient, kind = ?kind, "notification queued");
+            self.dispatch(dsn_id, dsn_envelope);
+        }
+    }
+}
