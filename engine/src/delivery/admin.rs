@@ -415,9 +415,7 @@ impl CoreDelivery {
                     .remove(id)
                     .await
                     .map_err(|e| format!("spool: {e}"))?;
-                self.shared
-                    .queue_stats
-                    .remove(self.core as usize, &envelope.queue, envelope.size);
+                self.queue.removed(&envelope);
                 Ok(())
             }
             QueueAction::Bounce => {

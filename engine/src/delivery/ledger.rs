@@ -13,7 +13,7 @@ use sluice_spool::{Envelope, MessageId, Notify, Recipient, RecipientStatus};
 use super::config::QueueConfig;
 use super::job::{Job, JobRecipient, JobResult, Outcome, Strategy, Target};
 use super::timing::{self, ByState};
-use crate::dsn::{DsnAction, DsnKind};
+use crate::queue::dsn::{DsnAction, DsnKind};
 
 /// What to do with a message the scheduler was woken for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -34,14 +34,12 @@
 //!   sans-IO.
 
 pub mod admin;
-pub mod config;
 mod job;
 pub mod ledger;
 mod log;
 mod mesh;
 mod notices;
 pub mod outbound;
-pub mod quota;
 mod routing;
 mod scheduler;
 mod site;
@@ -59,7 +57,7 @@ use glommio::channels::channel_mesh::{Receivers, Senders};
 use glommio::timer::Timer;
 use sluice_dns::Resolver;
 use sluice_policy::MultiLimiter;
-use sluice_spool::{IdGenerator, MessageId, Spool};
+use sluice_spool::{Envelope, IdGenerator, MessageId, Spool};
 
 use self::config::DeliveryConfig;
 pub use self::job::{JobRecipient, Outcome, Strategy, Target};
@@ -67,9 +65,10 @@ pub use self::ledger::is_open;
 use self::ledger::Attempt;
 pub use self::mesh::MeshMsg;
 use self::outbound::OutboundTlsConfig;
-use self::quota::QueueStats;
 use self::site::Site;
 use self::throttle::{HostTable, QueueConcurrency, SourceIpLimits};
+pub use crate::config::delivery as config;
+use crate::queue::{CoreQueue, Handoff};
 pub use crate::time::now_ms;
 
 /// Everything all cores share about delivery.
@@ -82,14 +81,14 @@ pub struct DeliveryShared {
     pub dns: sluice_dns::ResolverConfig,
     /// Shared with queue admission; replaced by a reload.
     pub rules: Arc<arc_swap::ArcSwap<sluice_policy::RuleSet>>,
-    /// Per-queue message and byte counts (quotas), updated by shard owners.
-    pub queue_stats: Arc<QueueStats>,
     /// Command channels from the management API, one per core.
     pub admin: admin::AdminChannels,
 }
 
 /// Delivery state of one core.
 pub struct CoreDelivery {
+    /// This core's own handle, for tasks it spawns from `&self` callers.
+    me: std::rc::Weak<CoreDelivery>,
     core: u16,
     cores: usize,
     shared: Arc<DeliveryShared>,
@@ -124,6 +123,8 @@ pub struct CoreDelivery {
     stopped: Cell<bool>,
     /// Operator holds and destination suspensions (`admin`).
     admin: admin::CoreAdmin,
+    /// The way into the queue (notices are queued through it).
+    queue: Rc<CoreQueue>,
 }
 
 impl CoreDelivery {
@@ -133,12 +134,11 @@ impl CoreDelivery {
         shared: Arc<DeliveryShared>,
         ids: Rc<IdGenerator>,
         senders: Senders<MeshMsg>,
+        queue: Rc<CoreQueue>,
     ) -> Rc<CoreDelivery> {
-        let shard_count = shared.spool.shard_count();
-        let shards = (0..shard_count)
-            .filter(|s| (*s as usize) % cores == core as usize)
-            .collect();
-        Rc::new(CoreDelivery {
+        let shards = crate::queue::recovery::core_shards(shared.spool.shard_count(), core, cores);
+        let d = Rc::new_cyclic(|me| CoreDelivery {
+            me: me.clone(),
             core,
             cores,
             resolver: Resolver::new(shared.dns.clone()),
@@ -160,19 +160,21 @@ impl CoreDelivery {
             queue_slots: RefCell::new(QueueConcurrency::default()),
             stopped: Cell::new(false),
             admin: admin::CoreAdmin::default(),
-        })
+            queue,
+        });
+        d.queue.set_handoff(crate::queue::weak_handoff(&d));
+        d
     }
 
     /// The executor is stopping: attempts still in flight are abandoned (their
     /// recipients are still open in the spool, so they are retried after a
     /// restart) and nothing new is started.
-    pub fn stop(&self) {
-        self.stopped.set(true);
+    fn me(&self) -> Option<Rc<CoreDelivery>> {
+        self.me.upgrade()
     }
 
-    /// For the metrics: this core's resolver counters.
-    pub fn dns_metrics(&self) -> sluice_dns::MetricsSnapshot {
-        self.resolver.metrics()
+    pub fn stop(&self) {
+        self.stopped.set(true);
     }
 
     /// Starts the mesh receivers and the timer loop, and schedules every message
@@ -191,24 +193,38 @@ impl CoreDelivery {
             })
             .detach();
         }
-        let mut scheduled = 0;
         let now = now_ms();
-        let stats = &self.shared.queue_stats;
-        for &shard in &self.shards {
+        let scheduled = {
             let mut timers = self.timers.borrow_mut();
-            self.shared.spool.list_shard(shard, |id, env| {
-                stats.add(self.core as usize, &env.queue, env.size);
-                // Messages with nothing open are scheduled too: the dispatch
-                // finds nothing to do and removes them.
+            // Messages with nothing open are scheduled too: the dispatch finds
+            // nothing to do and removes them.
+            crate::queue::recovery::recover(&self.queue, &self.shards, |id, env| {
                 timers.insert((timing::wake_time(env, now), id));
-                scheduled += 1;
-                true
-            })?;
-        }
+            })?
+        };
         let me = self.clone();
         glommio::spawn_local(async move { me.timer_loop().await }).detach();
         self.start_admin_commands();
         Ok(scheduled)
+    }
+}
+
+impl Handoff for CoreDelivery {
+    /// A message was just stored on this core (its shard): deliver it now.
+    fn accepted(&self, id: MessageId, envelope: Envelope) {
+        // The scheduler's methods take the Rc (they spawn tasks holding it).
+        if let Some(me) = self.me() {
+            me.dispatch(id, envelope);
+        }
+    }
+}
+
+impl crate::metrics::DeliveryGauges for CoreDelivery {
+    fn dns_metrics(&self) -> sluice_dns::MetricsSnapshot {
+        self.resolver.metrics()
+    }
+    fn site_backlog(&self) -> Vec<crate::metrics::SiteBacklog> {
+        CoreDelivery::site_backlog(self)
     }
 }
 

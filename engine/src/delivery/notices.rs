@@ -7,7 +7,7 @@ use sluice_spool::{Envelope, MessageId, Notify, RecipientStatus};
 
 use super::ledger::{enhanced_status, Notice};
 use super::{now_ms, persist, CoreDelivery};
-use crate::dsn::DsnKind;
+use crate::queue::dsn::DsnKind;
 
 impl CoreDelivery {
     /// Builds and queues a DSN to the envelope sender for the given recipients.
@@ -20,7 +20,7 @@ impl CoreDelivery {
         retry_until: Option<u64>,
     ) {
         let now = now_ms();
-        let recipients: Vec<crate::dsn::DsnRecipient<'_>> = notices
+        let recipients: Vec<crate::queue::dsn::DsnRecipient<'_>> = notices
             .iter()
             .filter_map(|n| envelope.recipients.get(n.index).map(|r| (n, r)))
             .map(|(n, r)| {
@@ -34,7 +34,7 @@ impl CoreDelivery {
                     Some(s) => s.to_string(),
                     None => enhanced_status(&reply, &kind),
                 };
-                crate::dsn::DsnRecipient {
+                crate::queue::dsn::DsnRecipient {
                     recipient: r,
                     action: n.action,
                     status,
@@ -45,15 +45,16 @@ impl CoreDelivery {
                 }
             })
             .collect();
-        let ctx = crate::dsn::DsnContext {
+        let ctx = crate::queue::dsn::DsnContext {
             reporting_mta: &self.shared.hostname,
             now_unix_ms: now,
             original_id: id,
         };
         // Built straight from the memory map; an unreadable body still gets a
         // notice, without the original.
-        let build =
-            |original: &[u8]| crate::dsn::build_dsn(kind, envelope, original, &recipients, &ctx);
+        let build = |original: &[u8]| {
+            crate::queue::dsn::build_dsn(kind, envelope, original, &recipients, &ctx)
+        };
         let built = self
             .shared
             .spool
@@ -89,19 +90,20 @@ impl CoreDelivery {
             deliver_by: None,
             schedule: Default::default(),
         };
+        // The same way into the queue as SMTP (store, count, hand to the
+        // scheduler), with the write retried through a full spool.
         let stored = persist(id, "queuing a delivery notification", || {
-            self.shared
-                .spool
-                .store(self.core, dsn_id, &dsn_envelope, dsn.body.clone())
+            self.queue.store(dsn_id, &dsn_envelope, dsn.body.clone())
         })
         .await;
         if stored {
-            self.shared
-                .queue_stats
-                .add(self.core as usize, &dsn_envelope.queue, dsn_envelope.size);
-            crate::metrics::dsn_queued(kind);
+            crate::metrics::dsn_queued(match kind {
+                DsnKind::Failure => "failure",
+                DsnKind::Delay => "delay",
+                DsnKind::Success => "success",
+            });
             tracing::info!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, to = %dsn.recipient, kind = ?kind, "notification queued");
-            self.dispatch(dsn_id, dsn_envelope);
+            self.queue.admitted(dsn_id, dsn_envelope);
         }
     }
 }

@@ -104,7 +104,7 @@ pub(super) fn host_target(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delivery::config::DeliveryConfig;
+    use crate::config::delivery::DeliveryConfig;
     use crate::delivery::job::site_key;
 
     fn cfg(text: &str) -> DeliveryConfig {

@@ -12,17 +12,13 @@ use glommio::timer::Timer;
 use sluice_policy::MultiLimiter;
 use sluice_spool::{Envelope, MessageId};
 
-use super::job::{deferred_all, site_key, JobResult};
+use super::job::{deferred_all, site_key, JobResult, Outcome};
 use super::ledger::{self, Admit, Attempt, Effect};
 use super::mesh::{owner_of, MeshMsg};
 use super::{halted, now_ms, persist, throttle, CoreDelivery};
 
 impl CoreDelivery {
     /// A message was just accepted on this core (its shard): deliver it now.
-    pub fn accepted(self: &Rc<Self>, id: MessageId, envelope: Envelope) {
-        self.dispatch(id, envelope);
-    }
-
     pub(super) async fn timer_loop(self: Rc<Self>) {
         loop {
             let listener = self.timer_wake.listen();
@@ -213,11 +209,7 @@ impl CoreDelivery {
             let Some(attempt) = attempts.get_mut(&id) else {
                 return;
             };
-            crate::metrics::count_outcomes(
-                &attempt.envelope.queue,
-                attempt.envelope.arrival_unix_ms,
-                &result.outcomes,
-            );
+            count_outcomes(&attempt.envelope, &result.outcomes);
             let last = attempt.record(result);
             let limit = self.queue_concurrency(&attempt.envelope.queue);
             if limit > 0 {
@@ -273,11 +265,7 @@ impl CoreDelivery {
                     })
                     .await
                     {
-                        self.shared.queue_stats.remove(
-                            self.core as usize,
-                            &envelope.queue,
-                            envelope.size,
-                        );
+                        self.queue.removed(&envelope);
                         self.log_removed(id, &envelope, now);
                     }
                 }
@@ -292,6 +280,25 @@ impl CoreDelivery {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Counts a job's per-recipient outcomes in the queue's metrics; delivered
+/// ones also give their end-to-end delay.
+fn count_outcomes(envelope: &Envelope, outcomes: &[(u32, Outcome)]) {
+    let q = crate::metrics::queue(&envelope.queue);
+    let now = now_ms();
+    for (_, outcome) in outcomes {
+        match outcome {
+            Outcome::Delivered(_) => {
+                q.delivered.increment(1);
+                crate::metrics::delivered_after(
+                    now.saturating_sub(envelope.arrival_unix_ms) as f64 / 1000.0,
+                );
+            }
+            Outcome::Deferred(_) => q.deferred.increment(1),
+            Outcome::Failed(_) => q.bounced.increment(1),
         }
     }
 }
