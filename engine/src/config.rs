@@ -5,6 +5,8 @@
 //! it came from the file, its line. `--set a.b.c=value` overrides are applied to the
 //! parsed document before it is deserialized.
 
+pub mod delivery;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -52,18 +54,18 @@ pub struct Config {
     pub log: LogSection,
     pub admin: AdminSection,
     pub dns: DnsSection,
-    pub delivery: crate::delivery::config::DeliverySection,
+    pub delivery: delivery::DeliverySection,
     /// Virtual queues by name; "default" always exists.
-    pub queue: BTreeMap<String, crate::delivery::config::QueueConfig>,
+    pub queue: BTreeMap<String, delivery::QueueConfig>,
     /// Routes by name ("mx" is built in).
-    pub route: BTreeMap<String, crate::delivery::config::RouteConfig>,
+    pub route: BTreeMap<String, delivery::RouteConfig>,
     /// Per-site limits; "default" applies to sites without their own entry.
-    pub destination: BTreeMap<String, crate::delivery::config::DestinationConfig>,
+    pub destination: BTreeMap<String, delivery::DestinationConfig>,
     /// Per sending address (an IP, or "default"): overrides of its limits.
-    pub source_ip: BTreeMap<String, crate::delivery::config::SourceIpConfig>,
+    pub source_ip: BTreeMap<String, delivery::SourceIpConfig>,
     /// Per destination host (MX host name, route host or IP): overrides of the
     /// `[delivery] host_*` limits.
-    pub host: BTreeMap<String, crate::delivery::config::HostConfig>,
+    pub host: BTreeMap<String, delivery::HostConfig>,
     /// Ordered match arms choosing queue and route per recipient.
     pub rule: Vec<sluice_policy::RuleConfig>,
 }
@@ -558,7 +560,7 @@ impl Config {
             return Err(invalid(key.into(), message));
         }
         for (name, route) in &self.route {
-            use crate::delivery::config::RouteKind;
+            use delivery::RouteKind;
             if route.kind != RouteKind::Mx && route.host.is_none() {
                 return Err(invalid(
                     format!("route.{name}.host"),
@@ -611,8 +613,8 @@ impl Config {
     }
 
     /// The delivery-related sections, for the delivery engine.
-    pub fn delivery_config(&self) -> crate::delivery::config::DeliveryConfig {
-        crate::delivery::config::DeliveryConfig {
+    pub fn delivery_config(&self) -> delivery::DeliveryConfig {
+        delivery::DeliveryConfig {
             delivery: self.delivery.clone(),
             queues: self.queue.clone(),
             routes: self.route.clone(),

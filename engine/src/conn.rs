@@ -83,11 +83,11 @@ impl ListenerShared {
 pub struct CoreContext {
     pub core: u16,
     pub spool: Arc<Spool>,
-    /// None when delivery is disabled (accept and queue only).
-    pub delivery: Option<Rc<crate::delivery::CoreDelivery>>,
+    /// The way into the queue: store, count, hand to delivery (when enabled).
+    pub queue: Rc<crate::queue::CoreQueue>,
     /// Queue choice and quotas, checked by sessions at RCPT and DATA; this core
     /// counts what it stores.
-    pub queues: Arc<crate::delivery::quota::QueueAdmission>,
+    pub queues: Arc<crate::queue::admission::QueueAdmission>,
     pub ids: Rc<IdGenerator>,
     /// Replaced by a reload (auth.users).
     pub credentials: Arc<ArcSwap<Credentials>>,
@@ -388,15 +388,10 @@ async fn serve(
                     }
                     let Submission { id, envelope, body } = *submission;
                     let summary = server::TxSummary::of(&envelope);
-                    let result = ctx.spool.store(ctx.core, id, &envelope, body).await;
+                    let received = crate::metrics::queue(&envelope.queue);
+                    let result = ctx.queue.enqueue(id, envelope, body).await;
                     if result.is_ok() {
-                        crate::metrics::queue(&envelope.queue).received.increment(1);
-                        ctx.queues
-                            .stats
-                            .add(usize::from(ctx.core), &envelope.queue, envelope.size);
-                        if let Some(d) = &ctx.delivery {
-                            d.accepted(id, envelope);
-                        }
+                        received.received.increment(1);
                     }
                     session.store_result(id, &summary, result);
                 }

@@ -7,12 +7,14 @@ pub mod config;
 pub mod conn;
 pub mod debug_cmd;
 pub mod delivery;
-pub mod dsn;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod queue;
+/// The notice builder moved to `queue::dsn`; the old path still works.
+pub use queue::dsn;
 pub mod reload;
 pub mod runtime;
 pub mod smtp;

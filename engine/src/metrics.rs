@@ -15,8 +15,22 @@ use std::time::{Duration, Instant};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::delivery::quota::QueueStats;
-use crate::delivery::CoreDelivery;
+/// Queue depth as counted for the quotas (implemented by the queue's
+/// counters), read at each scrape.
+pub trait QueueDepth: Send + Sync {
+    /// The queues, "default" first.
+    fn queues(&self) -> &[String];
+    /// Position in [`QueueDepth::queues`]; unknown names count as the first.
+    fn queue_index(&self, queue: &str) -> usize;
+    /// (messages, bytes) queued.
+    fn usage(&self, queue: &str) -> (u64, u64);
+}
+
+/// What a core's delivery publishes (implemented by delivery).
+pub trait DeliveryGauges {
+    fn dns_metrics(&self) -> sluice_dns::MetricsSnapshot;
+    fn site_backlog(&self) -> Vec<SiteBacklog>;
+}
 
 /// How often each core publishes what is read rather than counted (executor
 /// time, DNS counters, the sites' backlog).
@@ -372,7 +386,7 @@ impl QueueMetrics {
 /// The configured queues: their handles, and the spool counts behind the depth
 /// gauges.
 struct Queues {
-    stats: Arc<QueueStats>,
+    stats: Arc<dyn QueueDepth>,
     /// In the order of `stats.queues()`, indexed by `stats.queue_index`.
     handles: Vec<QueueMetrics>,
     depth: Vec<(Gauge, Gauge)>,
@@ -392,7 +406,7 @@ static QUEUES: OnceLock<Queues> = OnceLock::new();
 
 /// Makes the per-queue handles for the queues `stats` counts, and reads the
 /// queue depth from it at each scrape. Once per process.
-pub fn watch_queues(stats: Arc<QueueStats>) {
+pub fn watch_queues(stats: Arc<dyn QueueDepth>) {
     let names = stats.queues().to_vec();
     let queues = Queues {
         handles: names.iter().map(|n| QueueMetrics::new(n)).collect(),
@@ -516,38 +530,19 @@ pub fn outbound_tls(result: Result<bool, ()>) {
 }
 
 /// A delivery status notification was queued.
-pub fn dsn_queued(kind: crate::dsn::DsnKind) {
-    use crate::dsn::DsnKind;
+/// `kind`: "failure", "delay" or "success".
+pub fn dsn_queued(kind: &str) {
     let i = match kind {
-        DsnKind::Failure => 0,
-        DsnKind::Delay => 1,
-        DsnKind::Success => 2,
+        "failure" => 0,
+        "delay" => 1,
+        _ => 2,
     };
     global().dsn[i].increment(1);
 }
 
-/// Counts a delivery job's per-recipient outcomes for `queue`; delivered ones
-/// also give their end-to-end delay since `arrival_unix_ms`.
-pub fn count_outcomes(
-    queue: &str,
-    arrival_unix_ms: u64,
-    outcomes: &[(u16, crate::delivery::Outcome)],
-) {
-    use crate::delivery::Outcome;
-    let q = self::queue(queue);
-    let now = crate::time::now_ms();
-    for (_, outcome) in outcomes {
-        match outcome {
-            Outcome::Delivered(_) => {
-                q.delivered.increment(1);
-                global()
-                    .delay_seconds
-                    .record(now.saturating_sub(arrival_unix_ms) as f64 / 1000.0);
-            }
-            Outcome::Deferred(_) => q.deferred.increment(1),
-            Outcome::Failed(_) => q.bounced.increment(1),
-        }
-    }
+/// A message was delivered (to the next hop) `secs` after it arrived.
+pub fn delivered_after(secs: f64) {
+    global().delay_seconds.record(secs);
 }
 
 // ---------------------------------------------------------------- per core
@@ -700,7 +695,7 @@ impl DnsHandles {
 
 /// Starts this core's collector: executor utilisation, and with delivery on,
 /// the DNS counters and the sites' backlog, every [`COLLECT_INTERVAL`].
-pub fn spawn_core_collector(core: u16, delivery: Option<Rc<CoreDelivery>>) {
+pub fn spawn_core_collector(core: u16, delivery: Option<Rc<dyn DeliveryGauges>>) {
     glommio::spawn_local(async move {
         let label = core.to_string();
         let busy = gauge!("sluice_executor_busy_ratio", "core" => label.clone());

@@ -20,8 +20,9 @@ use crate::admin::{AdminServer, AdminState};
 use crate::config::{Config, TlsMode};
 use crate::conn::{self, CoreContext, ListenerShared};
 use crate::delivery::outbound::OutboundTlsConfig;
-use crate::delivery::quota::{QueueAdmission, QueueStats};
 use crate::delivery::{CoreDelivery, DeliveryShared, MeshMsg};
+use crate::queue::admission::{QueueAdmission, QueueStats};
+use crate::queue::CoreQueue;
 use crate::reload::{ConfigSource, Reloader};
 use crate::smtp::server::SessionConfig;
 use glommio::channels::channel_mesh::{Full, MeshBuilder};
@@ -128,7 +129,6 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             tls: OutboundTlsConfig::new().context("outbound TLS setup")?,
             dns: resolver,
             rules: admission.rules().clone(),
-            queue_stats: queue_stats.clone(),
             admin: crate::delivery::admin::AdminChannels::new(cores),
         }))
     } else {
@@ -347,9 +347,10 @@ async fn core_main(
         .join()
         .await
         .map_err(|_| anyhow!("core {core}: joining the delivery mesh failed"))?;
+    let queue = Rc::new(CoreQueue::new(core, spool.clone(), admission.stats.clone()));
     let delivery = match delivery {
         Some(shared) => {
-            let d = CoreDelivery::new(core, cores, shared, ids.clone(), senders);
+            let d = CoreDelivery::new(core, cores, shared, ids.clone(), senders, queue.clone());
             let scheduled = d
                 .start(receivers)
                 .map_err(|e| anyhow!("core {core}: delivery recovery: {e}"))?;
@@ -358,23 +359,23 @@ async fn core_main(
         }
         None => {
             // No delivery to recover the schedule, but the queue quotas still
-            // need what is queued: count this core's shards.
-            for shard in (0..spool.shard_count()).filter(|s| *s as usize % cores == core as usize) {
-                spool
-                    .list_shard(shard, |_, env| {
-                        admission.stats.add(core as usize, &env.queue, env.size);
-                        true
-                    })
-                    .map_err(|e| anyhow!("core {core}: counting queued mail: {e}"))?;
-            }
+            // need what is queued: the same walk, counting only.
+            let shards = crate::queue::recovery::core_shards(spool.shard_count(), core, cores);
+            crate::queue::recovery::recover(&queue, &shards, |_, _| {})
+                .map_err(|e| anyhow!("core {core}: counting queued mail: {e}"))?;
             None
         }
     };
-    crate::metrics::spawn_core_collector(core, delivery.clone());
+    crate::metrics::spawn_core_collector(
+        core,
+        delivery
+            .clone()
+            .map(|d| d as Rc<dyn crate::metrics::DeliveryGauges>),
+    );
     let ctx = Rc::new(CoreContext {
         core,
         spool,
-        delivery,
+        queue,
         queues: admission,
         ids,
         credentials,
@@ -447,7 +448,7 @@ async fn core_main(
     // not yet recorded leaves its recipients open in the spool (retried after
     // a restart); updates already handed to the spool writer are committed by
     // the spool's shutdown.
-    if let Some(d) = &ctx.delivery {
+    if let Some(d) = &delivery {
         d.stop();
     }
     Ok(())

@@ -19,9 +19,9 @@ use std::sync::{mpsc, Mutex, PoisonError};
 
 use futures_channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures_lite::StreamExt;
-use sluice_spool::{Envelope, MessageId, RecipientStatus, SpoolError};
+use sluice_spool::{Envelope, MessageId, SpoolError};
 
-use super::{is_open, now_ms, Attempt, CoreDelivery, JobRecipient, Strategy, Target};
+use super::{now_ms, Attempt, CoreDelivery, JobRecipient, Strategy, Target};
 
 /// What to do with a queued message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -415,27 +415,14 @@ impl CoreDelivery {
                     .remove(id)
                     .await
                     .map_err(|e| format!("spool: {e}"))?;
-                self.shared
-                    .queue_stats
-                    .remove(self.core as usize, &envelope.queue, envelope.size);
+                self.queue.removed(&envelope);
                 Ok(())
             }
             QueueAction::Bounce => {
                 self.forget(id);
                 // Every open recipient fails; finalize sends the failure DSN
                 // through the usual path and removes the message.
-                let mut env = envelope;
-                let mut failed = Vec::new();
-                for (i, r) in env.recipients.iter_mut().enumerate() {
-                    if is_open(&r.status) {
-                        r.status = RecipientStatus::Failed {
-                            reply: CANCELLED.to_string(),
-                        };
-                        failed.push(i);
-                    }
-                }
-                let mut attempt = Attempt::new(env, 0, false);
-                attempt.newly_failed = failed;
+                let attempt = Attempt::cancel(envelope, CANCELLED);
                 let _busy = self.admin_finalizing(id);
                 self.clone().finalize(id, attempt).await;
                 Ok(())

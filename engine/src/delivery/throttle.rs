@@ -280,10 +280,7 @@ impl HostTable {
     }
 }
 
-/// Key of a destination host in the table: case-insensitive, no trailing dot.
-pub fn host_key(host: &str) -> String {
-    host.trim_end_matches('.').to_ascii_lowercase()
-}
+pub use crate::config::delivery::host_key;
 
 /// What a host rate permit is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -504,14 +501,14 @@ mod tests {
         }
     }
 
-    fn delivery(text: &str) -> crate::delivery::config::DeliveryConfig {
+    fn delivery(text: &str) -> crate::config::delivery::DeliveryConfig {
         let cfg = crate::config::Config::load("test", text, &[]).expect("config");
         cfg.delivery_config()
     }
 
     #[test]
     fn source_ip_rates_come_from_the_global_key_or_an_override() {
-        use crate::delivery::config::source_ip_key;
+        use crate::config::delivery::source_ip_key;
         let none = delivery("");
         assert!(none.source_ip_rate("default").is_empty());
         let c = delivery(
@@ -599,7 +596,7 @@ mod tests {
 
     #[test]
     fn host_limits_come_from_delivery_or_a_host_override() {
-        use crate::delivery::config::HostLimits;
+        use crate::config::delivery::HostLimits;
         assert_eq!(
             delivery("").host_limits("mx.example"),
             HostLimits::default()

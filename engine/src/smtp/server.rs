@@ -27,7 +27,7 @@ use smtp_proto::{
 use super::data::{BareNewlineScanner, DataDecoder};
 use crate::auth_guard::AuthGuard;
 use crate::config::{BareNewline, ListenerConfig, Protocol};
-use crate::delivery::quota::QueueAdmission;
+use crate::queue::admission::QueueAdmission;
 
 /// FUTURERELEASE (RFC 4865): the longest hold accepted, in seconds (7 days).
 /// Queue expiry and delay notices count from the release, not the arrival.

@@ -590,8 +590,8 @@ fn mt_priority_is_stored() {
 fn admission(
     rules: &str,
     queues: &[(&str, u64, u64)],
-) -> Arc<crate::delivery::quota::QueueAdmission> {
-    use crate::delivery::quota::{QueueAdmission, QueueStats};
+) -> Arc<crate::queue::admission::QueueAdmission> {
+    use crate::queue::admission::{QueueAdmission, QueueStats};
     #[derive(serde::Deserialize)]
     struct Doc {
         #[serde(default)]
@@ -602,7 +602,7 @@ fn admission(
     for (name, msgs, bytes) in queues {
         cfg.insert(
             name.to_string(),
-            crate::delivery::config::QueueConfig {
+            crate::config::delivery::QueueConfig {
                 max_messages: *msgs,
                 max_bytes: crate::config::ByteSize(*bytes),
                 ..Default::default()
@@ -616,7 +616,7 @@ fn admission(
 }
 
 /// Like `run`, with queue admission on both harnesses.
-fn run_with_queues(adm: &Arc<crate::delivery::quota::QueueAdmission>, input: &[u8]) -> Harness {
+fn run_with_queues(adm: &Arc<crate::queue::admission::QueueAdmission>, input: &[u8]) -> Harness {
     // A relay client, so remote recipients are accepted.
     let mut whole = Harness::new(config(), "192.0.2.9");
     whole.session.set_queue_admission(adm.clone());

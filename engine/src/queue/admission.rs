@@ -21,7 +21,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use sluice_policy::{MessageFacts, RuleSet, DEFAULT_QUEUE};
 
-use super::config::QueueConfig;
+use crate::config::delivery::QueueConfig;
 
 #[repr(align(64))]
 #[derive(Debug, Default)]
@@ -104,6 +104,18 @@ impl QueueStats {
     /// Queue names known to the counters ("default" first).
     pub fn queues(&self) -> &[String] {
         &self.names
+    }
+}
+
+impl crate::metrics::QueueDepth for QueueStats {
+    fn queues(&self) -> &[String] {
+        QueueStats::queues(self)
+    }
+    fn queue_index(&self, queue: &str) -> usize {
+        QueueStats::queue_index(self, queue)
+    }
+    fn usage(&self, queue: &str) -> (u64, u64) {
+        QueueStats::usage(self, queue)
     }
 }
 

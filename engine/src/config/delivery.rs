@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sluice_policy::Rate;
 
-use crate::config::{ByteSize, HumanDuration};
+use super::{ByteSize, HumanDuration};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -299,10 +299,10 @@ impl DeliveryConfig {
     /// `[host."NAME"]` entry (names compared without case or trailing dot, IPs
     /// by value), else the `[delivery] host_*` keys.
     pub fn host_limits(&self, host: &str) -> HostLimits {
-        let key = super::throttle::host_key(host);
+        let key = host_key(host);
         let ip = key.parse::<std::net::IpAddr>().ok();
         let over = self.hosts.iter().find_map(|(k, v)| {
-            let k = super::throttle::host_key(k);
+            let k = host_key(k);
             let same = k == key || (ip.is_some() && k.parse::<std::net::IpAddr>().ok() == ip);
             same.then_some(v)
         });
@@ -335,4 +335,9 @@ impl DeliveryConfig {
 /// Key of a sending address: the IP as text, or "default" when the kernel picks.
 pub fn source_ip_key(ip: Option<std::net::IpAddr>) -> String {
     ip.map_or_else(|| "default".to_string(), |ip| ip.to_string())
+}
+
+/// Key of a destination host (limits, slots): case-insensitive, no trailing dot.
+pub fn host_key(host: &str) -> String {
+    host.trim_end_matches('.').to_ascii_lowercase()
 }

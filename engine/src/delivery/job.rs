@@ -1,0 +1,186 @@
+//! What travels between cores: a job (recipients of one message for one
+//! site) and its result, plus where a job goes (target and connection
+//! strategy) and the site key that picks the site's owner core.
+
+use std::net::IpAddr;
+
+use sluice_spool::{MessageId, Notify, Ret};
+
+use super::config::OutboundTls;
+use super::outbound::SessionFailure;
+use crate::smtp::client::Reply;
+
+/// Where a group of recipients goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The recipient domain's MX hosts.
+    Mx {
+        domain: String,
+        port: u16,
+        tls: OutboundTls,
+    },
+    /// A configured host (smart host or local store).
+    Host {
+        route: String,
+        host: String,
+        port: u16,
+        lmtp: bool,
+        tls: OutboundTls,
+        auth: Option<(String, String)>,
+    },
+}
+
+impl Target {
+    /// The destination's name: the domain, or "route:NAME". `[destination.*]`
+    /// settings are looked up by it.
+    pub fn destination(&self) -> String {
+        match self {
+            Target::Mx { domain, .. } => domain.clone(),
+            Target::Host { route, .. } => format!("route:{route}"),
+        }
+    }
+}
+
+/// How connections are made (rules' `source_ip` and `ehlo_name`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Strategy {
+    pub source_ip: Option<IpAddr>,
+    pub ehlo_name: Option<String>,
+}
+
+/// The site key: destination plus connection strategy, since a connection from
+/// one source address cannot carry mail meant to leave from another.
+pub fn site_key(target: &Target, strategy: &Strategy) -> String {
+    let base = target.destination();
+    if strategy.source_ip.is_none() && strategy.ehlo_name.is_none() {
+        return base;
+    }
+    format!(
+        "{base}|{}|{}",
+        strategy
+            .source_ip
+            .map(|ip| ip.to_string())
+            .unwrap_or_default(),
+        strategy.ehlo_name.as_deref().unwrap_or("")
+    )
+}
+
+#[derive(Debug, Clone)]
+pub struct JobRecipient {
+    /// Position in the envelope's recipient list.
+    pub index: u32,
+    pub address: String,
+    pub notify: Notify,
+    pub orcpt: Option<String>,
+}
+
+/// Recipients of one message for one site, sent to the site's owner.
+#[derive(Debug)]
+pub struct Job {
+    pub id: MessageId,
+    /// Mesh peer to send the result to (the shard owner).
+    pub reply_to: usize,
+    pub target: Target,
+    pub strategy: Strategy,
+    /// Route name that chose the target (after any fallback), for the log.
+    pub route: String,
+    /// Virtual queue of the message, for the log.
+    pub queue: String,
+    pub recipients: Vec<JobRecipient>,
+    pub sender: String,
+    pub priority: i16,
+    pub size: u64,
+    pub eightbit: bool,
+    pub smtputf8: bool,
+    pub ret: Option<Ret>,
+    pub envid: Option<String>,
+    pub attempt: u32,
+    pub arrival_unix_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Delivered(String),
+    Deferred(String),
+    Failed(String),
+}
+
+impl Outcome {
+    pub fn of(reply: &Reply) -> Outcome {
+        let text = reply.to_string();
+        match reply.class() {
+            2 => Outcome::Delivered(text),
+            5 => Outcome::Failed(text),
+            _ => Outcome::Deferred(text),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct JobResult {
+    pub id: MessageId,
+    pub outcomes: Vec<(u32, Outcome)>,
+    /// For DSNs: "dns; mx.example.com" of the host that answered, if any.
+    pub remote_mta: Option<String>,
+    /// The next hop offered DSN (NOTIFY was passed on with each RCPT).
+    pub peer_dsn: bool,
+    /// The next hop was an LMTP store (final delivery).
+    pub lmtp: bool,
+}
+
+/// NOTIFY as it goes on the RCPT command (RFC 3461), None when not given.
+pub fn notify_keywords(n: Notify) -> Option<String> {
+    if n.is_empty() {
+        return None;
+    }
+    let names: Vec<&str> = [
+        (Notify::NEVER, "NEVER"),
+        (Notify::SUCCESS, "SUCCESS"),
+        (Notify::FAILURE, "FAILURE"),
+        (Notify::DELAY, "DELAY"),
+    ]
+    .iter()
+    .filter(|(bit, _)| n.contains(*bit))
+    .map(|(_, name)| *name)
+    .collect();
+    Some(names.join(","))
+}
+
+/// Every recipient of the job gets the session failure's reply.
+pub fn result_for_failure(job: &Job, failure: &SessionFailure) -> JobResult {
+    let outcome = Outcome::of(&failure.reply);
+    JobResult {
+        id: job.id,
+        outcomes: job
+            .recipients
+            .iter()
+            .map(|r| (r.index, outcome.clone()))
+            .collect(),
+        remote_mta: None,
+        peer_dsn: false,
+        lmtp: false,
+    }
+}
+
+/// Every recipient of the job is deferred with `reply`.
+pub fn deferred_all(job: &Job, reply: &str) -> JobResult {
+    JobResult {
+        id: job.id,
+        outcomes: job
+            .recipients
+            .iter()
+            .map(|r| (r.index, Outcome::Deferred(reply.to_string())))
+            .collect(),
+        remote_mta: None,
+        peer_dsn: false,
+        lmtp: false,
+    }
+}
+
+/// RET as it goes on the MAIL command (RFC 3461).
+pub fn ret_keyword(ret: Ret) -> &'static str {
+    match ret {
+        Ret::Full => "FULL",
+        Ret::Headers => "HDRS",
+    }
+}

@@ -1,0 +1,95 @@
+//! The delivery log (`sluice::delivery` target): one record per recipient per
+//! attempt, and one when a message is given up on or removed.
+
+use sluice_spool::{Envelope, MessageId};
+
+use super::job::{Job, JobResult, Outcome};
+use super::outbound::Connection;
+use super::{now_ms, CoreDelivery};
+
+impl CoreDelivery {
+    /// The delivery log: one record per recipient per attempt.
+    pub(super) fn log_attempt(&self, job: &Job, conn: Option<&Connection>, result: &JobResult) {
+        let delay_ms = now_ms().saturating_sub(job.arrival_unix_ms);
+        let (tls_version, tls_cipher) = conn
+            .and_then(|c| c.tls.as_deref())
+            .map(|t| t.split_once(' ').unwrap_or((t, "")))
+            .unwrap_or(("no", ""));
+        for (index, outcome) in &result.outcomes {
+            let (status, reply) = match outcome {
+                Outcome::Delivered(r) => ("delivered", r),
+                Outcome::Deferred(r) => ("deferred", r),
+                Outcome::Failed(r) => ("failed", r),
+            };
+            let rcpt = job
+                .recipients
+                .iter()
+                .find(|r| r.index == *index)
+                .map(|r| r.address.as_str())
+                .unwrap_or("");
+            tracing::info!(
+                target: "sluice::delivery",
+                id = %job.id,
+                recipient = %rcpt,
+                recipients = job.recipients.len(),
+                queue = %job.queue,
+                route = %job.route,
+                site = %job.target.destination(),
+                host = conn.map(|c| c.host.as_str()).unwrap_or(""),
+                ip = %conn.map(|c| c.ip.to_string()).unwrap_or_default(),
+                source_ip = %job.strategy.source_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                tls = tls_version,
+                tls_cipher,
+                tls_verified = conn.is_some_and(|c| c.tls_verified),
+                status,
+                reply = %reply,
+                delay_ms,
+                attempt = job.attempt,
+                core = self.core,
+                "delivery attempt"
+            );
+        }
+    }
+
+    /// A recipient given up on (queue expiry or DELIVERBY): the record that
+    /// says so, after the deferrals before it.
+    pub(super) fn log_gave_up(
+        &self,
+        id: MessageId,
+        envelope: &Envelope,
+        index: usize,
+        why: &str,
+        now: u64,
+    ) {
+        let rcpt = envelope
+            .recipients
+            .get(index)
+            .map(|r| r.address.as_str())
+            .unwrap_or("");
+        tracing::info!(
+            target: "sluice::delivery",
+            id = %id,
+            recipient = %rcpt,
+            queue = %envelope.queue,
+            status = "expired",
+            reply = %why,
+            delay_ms = now.saturating_sub(envelope.arrival_unix_ms),
+            attempt = envelope.schedule.attempts,
+            core = self.core,
+            "given up"
+        );
+    }
+
+    /// The message left the queue: every recipient delivered or failed.
+    pub(super) fn log_removed(&self, id: MessageId, envelope: &Envelope, now: u64) {
+        tracing::info!(
+            target: "sluice::delivery",
+            id = %id,
+            queue = %envelope.queue,
+            recipients = envelope.recipients.len(),
+            delay_ms = now.saturating_sub(envelope.arrival_unix_ms),
+            core = self.core,
+            "removed"
+        );
+    }
+}

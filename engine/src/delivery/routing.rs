@@ -1,0 +1,213 @@
+//! Routing: which route, target and connection strategy a recipient takes
+//! (the `[[rule]]` set, then the route's fallback after repeated deferrals).
+
+use std::net::IpAddr;
+
+use sluice_spool::{Envelope, RecipientStatus};
+
+use super::config::{OutboundTls, RouteConfig, RouteKind};
+use super::job::{Strategy, Target};
+use super::CoreDelivery;
+
+impl CoreDelivery {
+    /// Route, target and connection strategy for one recipient: the first
+    /// matching `[[rule]]` decides; local domains go to the "local" route when one
+    /// is configured; a route's fallback takes over after `fallback_after`
+    /// deferrals of this recipient.
+    pub(super) fn target_for(
+        &self,
+        envelope: &Envelope,
+        recipient: &sluice_spool::Recipient,
+    ) -> Result<(String, Target, Strategy), String> {
+        let cfg = &self.shared.cfg;
+        let client_ip = envelope
+            .client_ip
+            .parse()
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let facts = sluice_policy::MessageFacts {
+            listener: &envelope.listener,
+            client_ip,
+            auth_user: envelope.auth_user.as_deref(),
+            sender: &envelope.sender,
+            priority: envelope.priority,
+            size: envelope.size,
+        };
+        let rules = self.shared.rules.load();
+        let decision = rules.evaluate(&facts, &recipient.address, None);
+        // Without a deciding rule: local domains take the "local" route and the
+        // rest the "default" route, when those are configured; else MX.
+        let chosen = match decision.rule {
+            Some(_) => decision.route.as_str(),
+            None if recipient.local && cfg.routes.contains_key("local") => "local",
+            None if cfg.routes.contains_key("default") => "default",
+            None => decision.route.as_str(),
+        };
+        let deferrals = match &recipient.status {
+            RecipientStatus::Deferred { attempts, .. } => *attempts,
+            _ => 0,
+        };
+        let route_name = cfg.effective_route(chosen, deferrals);
+        let strategy = Strategy {
+            source_ip: decision.source_ip,
+            ehlo_name: decision.ehlo_name.clone(),
+        };
+        let target = match cfg.routes.get(route_name) {
+            Some(route) if route.kind != RouteKind::Mx => {
+                host_target(route_name, route, cfg.delivery.tls)?
+            }
+            route => {
+                let domain = recipient
+                    .address
+                    .rsplit_once('@')
+                    .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
+                    .unwrap_or_default();
+                if domain.is_empty() {
+                    return Err("550 5.1.2 recipient has no domain to route to".into());
+                }
+                Target::Mx {
+                    domain,
+                    port: route.and_then(|r| r.port).unwrap_or(cfg.delivery.mx_port),
+                    tls: route.and_then(|r| r.tls).unwrap_or(cfg.delivery.tls),
+                }
+            }
+        };
+        Ok((route_name.to_string(), target, strategy))
+    }
+}
+
+pub(super) fn host_target(
+    name: &str,
+    route: &RouteConfig,
+    default_tls: OutboundTls,
+) -> Result<Target, String> {
+    let host = route
+        .host
+        .clone()
+        .ok_or_else(|| format!("451 4.3.5 route {name} has no host"))?;
+    let (lmtp, default_port) = match route.kind {
+        RouteKind::Lmtp => (true, 24),
+        RouteKind::Smtp | RouteKind::Relay | RouteKind::Mx => (false, 25),
+    };
+    let tls = route
+        .tls
+        .unwrap_or(if lmtp { OutboundTls::None } else { default_tls });
+    Ok(Target::Host {
+        route: name.to_string(),
+        host,
+        port: route.port.unwrap_or(default_port),
+        lmtp,
+        tls,
+        auth: route.auth_user.clone().zip(route.auth_password.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::delivery::DeliveryConfig;
+    use crate::delivery::job::site_key;
+
+    fn cfg(text: &str) -> DeliveryConfig {
+        crate::config::Config::load("t", text, &[])
+            .expect("config")
+            .delivery_config()
+    }
+
+    #[test]
+    fn fallback_route_after_n_deferrals() {
+        let c = cfg(r#"
+            [route.mx]
+            type = "mx"
+            fallback = "smarthost"
+            fallback_after = 2
+
+            [route.smarthost]
+            type = "relay"
+            host = "127.0.0.1"
+            port = 2600
+            fallback = "mx"
+
+            [route.plain]
+            type = "relay"
+            host = "127.0.0.2"
+            fallback = "smarthost"
+            "#);
+        assert_eq!(c.effective_route("mx", 0), "mx");
+        assert_eq!(c.effective_route("mx", 1), "mx");
+        assert_eq!(c.effective_route("mx", 2), "smarthost");
+        assert_eq!(c.effective_route("mx", 9), "smarthost");
+        // One level only: the fallback's own fallback is not followed.
+        assert_eq!(c.effective_route("smarthost", 3), "mx");
+        // fallback_after defaults to 3.
+        assert_eq!(c.effective_route("plain", 2), "plain");
+        assert_eq!(c.effective_route("plain", 3), "smarthost");
+        // Unknown (built-in) routes have no fallback.
+        assert_eq!(c.effective_route("nothing", 100), "nothing");
+    }
+
+    #[test]
+    fn fallback_must_name_another_route() {
+        for (text, needle) in [
+            (
+                "[route.a]\ntype = \"mx\"\nfallback = \"nowhere\"\n",
+                "route.a.fallback",
+            ),
+            (
+                "[route.a]\ntype = \"mx\"\nfallback = \"a\"\n",
+                "route.a.fallback",
+            ),
+            (
+                "[route.a]\ntype = \"mx\"\nfallback = \"mx\"\nfallback_after = 0\n",
+                "route.a.fallback_after",
+            ),
+        ] {
+            let err = crate::config::Config::load("t", text, &[])
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        // The built-in "mx" route is a valid fallback.
+        cfg("[route.a]\ntype = \"relay\"\nhost = \"h\"\nfallback = \"mx\"\n");
+    }
+
+    #[test]
+    fn sites_are_split_by_connection_strategy() {
+        let t = Target::Mx {
+            domain: "example.com".into(),
+            port: 25,
+            tls: OutboundTls::Opportunistic,
+        };
+        assert_eq!(site_key(&t, &Strategy::default()), "example.com");
+        let s = Strategy {
+            source_ip: Some("192.0.2.7".parse().expect("ip")),
+            ehlo_name: Some("out7.example.net".into()),
+        };
+        assert_eq!(site_key(&t, &s), "example.com|192.0.2.7|out7.example.net");
+        let h = host_target(
+            "smart",
+            &RouteConfig {
+                kind: RouteKind::Relay,
+                host: Some("relay.example.net".into()),
+                port: None,
+                tls: None,
+                auth_user: None,
+                auth_password: None,
+                fallback: None,
+                fallback_after: 3,
+            },
+            OutboundTls::Opportunistic,
+        )
+        .expect("target");
+        assert_eq!(h.destination(), "route:smart");
+        assert_eq!(
+            site_key(
+                &h,
+                &Strategy {
+                    source_ip: None,
+                    ehlo_name: Some("e".into())
+                }
+            ),
+            "route:smart||e"
+        );
+    }
+}

@@ -1,0 +1,304 @@
+//! The shard owner: schedules the messages of its spool shards. A timer set
+//! `(due, id)` wakes messages; the ledger decides what each wake-up means; the
+//! scheduler routes open recipients into jobs, hands them to the site owners,
+//! merges their results and carries out the ledger's effects (notices,
+//! persist, remove). It also applies the per-queue message rate and
+//! concurrency at dispatch. Only this core writes the message.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use glommio::timer::Timer;
+use sluice_policy::MultiLimiter;
+use sluice_spool::{Envelope, MessageId};
+
+use super::job::{deferred_all, site_key, JobResult, Outcome};
+use super::ledger::{self, Admit, Attempt, Effect};
+use super::mesh::{owner_of, MeshMsg};
+use super::{halted, now_ms, persist, throttle, CoreDelivery};
+
+impl CoreDelivery {
+    /// A message was just accepted on this core (its shard): deliver it now.
+    pub(super) async fn timer_loop(self: Rc<Self>) {
+        loop {
+            let listener = self.timer_wake.listen();
+            let now = now_ms();
+            let next = self.timers.borrow().first().copied();
+            match next {
+                Some((due, id)) if due <= now => {
+                    self.timers.borrow_mut().remove(&(due, id));
+                    if self.attempts.borrow().contains_key(&id) {
+                        continue;
+                    }
+                    if self.shared.spool.is_failed() {
+                        // Not even a read: the storage is suspect.
+                        halted();
+                        continue;
+                    }
+                    match self.shared.spool.envelope(id) {
+                        Ok(env) => self.dispatch(id, env),
+                        Err(e) => tracing::warn!(id = %id, "scheduled message unreadable: {e}"),
+                    }
+                    // Let other tasks run between dispatches of a large backlog.
+                    glommio::yield_if_needed().await;
+                }
+                Some((due, _)) => {
+                    let wait = Duration::from_millis((due - now).min(60_000));
+                    futures_lite::future::or(
+                        async {
+                            Timer::new(wait).await;
+                        },
+                        listener,
+                    )
+                    .await;
+                }
+                None => listener.await,
+            }
+        }
+    }
+
+    pub(super) fn schedule(&self, due: u64, id: MessageId) {
+        let earliest = self.timers.borrow().first().map(|t| t.0);
+        self.timers.borrow_mut().insert((due, id));
+        if earliest.is_none_or(|e| due < e) {
+            self.timer_wake.notify(1);
+        }
+    }
+
+    /// This core's wait before another message of `queue` may go out; None = now
+    /// (and it is counted).
+    fn queue_rate_wait(&self, queue: &str, now: u64) -> Option<u64> {
+        let cfg = self.shared.cfg.queues.get(queue)?;
+        if cfg.message_rate.is_empty() {
+            return None;
+        }
+        let mut rates = self.queue_rates.borrow_mut();
+        let limiter = rates.entry(queue.to_string()).or_insert_with(|| {
+            MultiLimiter::new(
+                cfg.message_rate
+                    .iter()
+                    .map(|r| throttle::per_core_rate(*r, self.cores))
+                    .collect(),
+            )
+        });
+        limiter.try_acquire(now).err()
+    }
+
+    /// This core's share of the queue's concurrency (0 = no limit).
+    fn queue_concurrency(&self, queue: &str) -> usize {
+        self.shared
+            .cfg
+            .queues
+            .get(queue)
+            .map_or(0, |q| throttle::per_core_share(q.concurrency, self.cores))
+    }
+
+    /// Settles a message without sending anything (deadline handling, or
+    /// nothing left open).
+    pub(super) fn settle(self: &Rc<Self>, id: MessageId, envelope: Envelope) {
+        let busy = self.admin_finalizing(id);
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let _busy = busy;
+            me.finalize(id, Attempt::new(envelope, 0, false)).await
+        })
+        .detach();
+    }
+
+    /// Groups the message's open recipients by target and sends each group to the
+    /// site's owner.
+    /// Groups the message's open recipients by target and sends each group to the
+    /// site's owner.
+    pub(super) fn dispatch(self: &Rc<Self>, id: MessageId, envelope: Envelope) {
+        if self.shared.spool.is_failed() {
+            // Failed closed: a delivery whose result cannot be recorded would be
+            // sent again after the restart. The message stays on disk for then.
+            halted();
+            return;
+        }
+        if self.admin_held(id, &envelope) {
+            // Held by the operator: nothing until released (which dispatches).
+            return;
+        }
+        let now = now_ms();
+        match ledger::admit(&envelope, now) {
+            Admit::WakeAt(at) => return self.schedule(at, id),
+            Admit::Settle => return self.settle(id, envelope),
+            Admit::Attempt => {}
+        }
+        let (mut groups, unroutable) = ledger::group(&envelope, |r| self.target_for(&envelope, r));
+        // Destinations suspended by the operator: their recipients wait; when
+        // nothing else is to be done, wake at the suspension's end.
+        if let Some(until) = self.admin_park_suspended(id, &mut groups, now) {
+            if groups.is_empty() && unroutable.is_empty() {
+                self.schedule(until, id);
+                return;
+            }
+        }
+        let peers = self.senders.nr_consumers().max(1);
+        let me_peer = self.senders.peer_id();
+        let per_tx = self.shared.cfg.delivery.max_recipients_per_transaction;
+        let jobs = ledger::jobs(id, me_peer, &envelope, groups, per_tx);
+        let outstanding = jobs.len() + usize::from(!unroutable.is_empty());
+        if outstanding == 0 {
+            // Nothing open (e.g. recovered after its last result was persisted).
+            self.settle(id, envelope);
+            return;
+        }
+        // The queue's concurrency: over it, the message waits for a job of its
+        // queue to finish (no timer; `on_result` wakes it).
+        let limit = self.queue_concurrency(&envelope.queue);
+        if limit > 0
+            && !self
+                .queue_slots
+                .borrow()
+                .fits(&envelope.queue, limit, outstanding)
+        {
+            crate::metrics::throttled(crate::metrics::Throttle::QueueConcurrency);
+            tracing::debug!(id = %id, queue = %envelope.queue, "queue concurrency: held");
+            self.queue_slots.borrow_mut().hold(&envelope.queue, id);
+            return;
+        }
+        if let Some(wait) = self.queue_rate_wait(&envelope.queue, now) {
+            crate::metrics::throttled(crate::metrics::Throttle::QueueRate);
+            self.schedule(now + wait, id);
+            return;
+        }
+        if limit > 0 {
+            self.queue_slots
+                .borrow_mut()
+                .start(&envelope.queue, outstanding);
+        }
+        self.attempts
+            .borrow_mut()
+            .insert(id, Attempt::new(envelope, outstanding, true));
+        for job in jobs {
+            let key = site_key(&job.target, &job.strategy);
+            let owner = owner_of(&key, peers);
+            tracing::debug!(id = %id, site = %key, owner, me = me_peer, "job dispatched");
+            if owner == me_peer {
+                self.enqueue(job);
+            } else {
+                let me = self.clone();
+                // If the peer is gone (shutdown), defer instead of losing track.
+                let fallback = deferred_all(&job, "451 4.3.2 delivery core unavailable");
+                glommio::spawn_local(async move {
+                    if me.senders.send_to(owner, MeshMsg::Job(job)).await.is_err() {
+                        me.on_result(fallback);
+                    }
+                })
+                .detach();
+            }
+        }
+        if !unroutable.is_empty() {
+            self.on_result(JobResult {
+                id,
+                outcomes: unroutable,
+                remote_mta: None,
+                peer_dsn: false,
+                lmtp: false,
+            });
+        }
+    }
+
+    /// Shard-owner side: merge a job's result; finalize when the attempt is complete.
+    pub(super) fn on_result(self: &Rc<Self>, result: JobResult) {
+        let id = result.id;
+        let done = {
+            let mut attempts = self.attempts.borrow_mut();
+            let Some(attempt) = attempts.get_mut(&id) else {
+                return;
+            };
+            count_outcomes(&attempt.envelope, &result.outcomes);
+            let last = attempt.record(result);
+            let limit = self.queue_concurrency(&attempt.envelope.queue);
+            if limit > 0 {
+                let woken = self
+                    .queue_slots
+                    .borrow_mut()
+                    .finish(&attempt.envelope.queue, limit);
+                let now = now_ms();
+                for held in woken {
+                    self.schedule(now, held);
+                }
+            }
+            if last {
+                attempts.remove(&id)
+            } else {
+                None
+            }
+        };
+        if let Some(attempt) = done {
+            let me = self.clone();
+            let busy = self.admin_finalizing(id);
+            glommio::spawn_local(async move {
+                let _busy = busy;
+                me.finalize(id, attempt).await
+            })
+            .detach();
+        }
+    }
+
+    /// All results of an attempt are in (or none was made): carries out what
+    /// the ledger decides (notices, then persist and reschedule, or remove).
+    pub(super) async fn finalize(self: Rc<Self>, id: MessageId, attempt: Attempt) {
+        let now = now_ms();
+        let queue = self.shared.cfg.queue(&attempt.envelope.queue);
+        let (mut envelope, effects) = ledger::finalize(attempt, &queue, now);
+        for effect in effects {
+            match effect {
+                Effect::GaveUp { index, why } => {
+                    crate::metrics::queue(&envelope.queue).expired.increment(1);
+                    self.log_gave_up(id, &envelope, index, why, now);
+                }
+                Effect::Notify {
+                    kind,
+                    notices,
+                    retry_until,
+                } => {
+                    self.notify(&envelope, id, kind, &notices, retry_until)
+                        .await
+                }
+                Effect::Remove => {
+                    if persist(id, "removing a finished message", || {
+                        self.shared.spool.remove(id)
+                    })
+                    .await
+                    {
+                        self.queue.removed(&envelope);
+                        self.log_removed(id, &envelope, now);
+                    }
+                }
+                Effect::Persist { wake_at } => {
+                    self.admin_apply_hold(id, &mut envelope);
+                    if persist(id, "persisting delivery state", || {
+                        self.shared.spool.update(id, &envelope)
+                    })
+                    .await
+                    {
+                        self.schedule(wake_at, id);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Counts a job's per-recipient outcomes in the queue's metrics; delivered
+/// ones also give their end-to-end delay.
+fn count_outcomes(envelope: &Envelope, outcomes: &[(u32, Outcome)]) {
+    let q = crate::metrics::queue(&envelope.queue);
+    let now = now_ms();
+    for (_, outcome) in outcomes {
+        match outcome {
+            Outcome::Delivered(_) => {
+                q.delivered.increment(1);
+                crate::metrics::delivered_after(
+                    now.saturating_sub(envelope.arrival_unix_ms) as f64 / 1000.0,
+                );
+            }
+            Outcome::Deferred(_) => q.deferred.increment(1),
+            Outcome::Failed(_) => q.bounced.increment(1),
+        }
+    }
+}

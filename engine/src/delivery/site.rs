@@ -1,0 +1,518 @@
+//! The site owner: every destination site (an MX domain or a route's host,
+//! per source IP and EHLO name) lives on one core, which keeps its ready queue
+//! (priority, then arrival), its connections (opened, reused, idle) and its
+//! rate limiters, and carries out the jobs: read the body, run the SMTP
+//! transaction, log it and report the result to the shard owner.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BinaryHeap;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+
+use glommio::timer::Timer;
+use sluice_dns::{QueryType, Record, RouteError};
+
+use super::job::{
+    deferred_all, notify_keywords, result_for_failure, ret_keyword, site_key, Job, JobResult,
+    Outcome, Strategy, Target,
+};
+use super::mesh::HostSlot;
+use super::outbound::{Connection, Endpoint, SessionFailure};
+use super::throttle::{self, HostRate, SiteThrottle};
+use super::{config, halted, now_ms, CoreDelivery};
+use crate::smtp::client::{OutboundMessage, OutboundRecipient, Reply};
+
+/// Site-owner side: one destination (per connection strategy).
+pub(super) struct Site {
+    key: String,
+    target: Target,
+    strategy: Strategy,
+    /// Key of the sending address (`config::source_ip_key`).
+    ip_key: String,
+    max_connections: usize,
+    max_per_connection: usize,
+    throttle: RefCell<SiteThrottle>,
+    queue: RefCell<BinaryHeap<Queued>>,
+    active: Cell<usize>,
+    idle: Cell<usize>,
+    wake: event_listener::Event,
+    seq: Cell<u64>,
+}
+
+struct Queued {
+    priority: i16,
+    seq: u64,
+    job: Box<Job>,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        self.priority == other.priority && self.seq == other.seq
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Queued {
+    /// Max-heap: higher priority first, then earlier arrival (lower seq).
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.priority
+            .cmp(&other.priority)
+            .then_with(|| other.seq.cmp(&self.seq))
+    }
+}
+
+/// An open connection and the host slot it holds.
+struct Open {
+    conn: Connection,
+    _slot: Option<HostSlot>,
+    /// The host (`throttle::host_key`), when it has a message rate.
+    rated_host: Option<String>,
+    /// Messages this connection may carry (site and host limits).
+    max_messages: usize,
+}
+
+impl CoreDelivery {
+    /// For the metrics: (destination, jobs, bytes) waiting at the sites this
+    /// core owns, for those with any.
+    pub fn site_backlog(&self) -> Vec<crate::metrics::SiteBacklog> {
+        self.sites
+            .borrow()
+            .values()
+            .filter_map(|s| {
+                let queue = s.queue.borrow();
+                (!queue.is_empty()).then(|| {
+                    let bytes = queue.iter().map(|q| q.job.size).sum();
+                    (s.target.destination(), queue.len() as u64, bytes)
+                })
+            })
+            .collect()
+    }
+
+    /// Site-owner side: queue a job and make sure a connection will take it.
+    pub(super) fn enqueue(self: &Rc<Self>, job: Box<Job>) {
+        let key = site_key(&job.target, &job.strategy);
+        tracing::debug!(id = %job.id, site = %key, core = self.core, "job queued");
+        let site = {
+            let mut sites = self.sites.borrow_mut();
+            sites
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let dest = self.shared.cfg.destination(&job.target.destination());
+                    Rc::new(Site {
+                        key: key.clone(),
+                        target: job.target.clone(),
+                        strategy: job.strategy.clone(),
+                        ip_key: config::source_ip_key(job.strategy.source_ip),
+                        max_connections: dest.max_connections.max(1),
+                        max_per_connection: dest.max_messages_per_connection.max(1),
+                        throttle: RefCell::new(SiteThrottle::new(&dest)),
+                        queue: RefCell::new(BinaryHeap::new()),
+                        active: Cell::new(0),
+                        idle: Cell::new(0),
+                        wake: event_listener::Event::new(),
+                        seq: Cell::new(0),
+                    })
+                })
+                .clone()
+        };
+        let seq = site.seq.get();
+        site.seq.set(seq + 1);
+        site.queue.borrow_mut().push(Queued {
+            priority: job.priority,
+            seq,
+            job,
+        });
+        if site.idle.get() > 0 {
+            site.wake.notify(1);
+        } else if site.active.get() < site.max_connections {
+            site.active.set(site.active.get() + 1);
+            let me = self.clone();
+            glommio::spawn_local(async move { me.connection_task(site).await }).detach();
+        }
+    }
+
+    /// One connection to a site: takes jobs off the site's queue until it is empty
+    /// (after an idle wait) or the per-connection message limit is reached. The
+    /// site's rate limits and the host's connection limit delay it (timer, or a
+    /// wait for a slot) rather than fail anything. A job is taken off the queue
+    /// only once the connection is open, so while this task waits for a host slot
+    /// another connection of the site can still take the job.
+    async fn connection_task(self: Rc<Self>, site: Rc<Site>) {
+        let cfg = &self.shared.cfg.delivery;
+        let mut open: Option<Open> = None;
+        let mut sent = 0usize;
+        let ip_limited = !self.shared.cfg.source_ip_rate(&site.ip_key).is_empty();
+        // A source IP permit granted and not yet used (kept while the site's own
+        // message rate makes the next message wait).
+        let mut ip_permit = false;
+        // The same for the destination host's message rate.
+        let mut host_permit = false;
+        loop {
+            if site.queue.borrow().is_empty() {
+                let listener = site.wake.listen();
+                if !site.queue.borrow().is_empty() {
+                    continue;
+                }
+                site.idle.set(site.idle.get() + 1);
+                let woke = futures_lite::future::or(
+                    async {
+                        listener.await;
+                        true
+                    },
+                    async {
+                        Timer::new(cfg.idle_timeout.0).await;
+                        false
+                    },
+                )
+                .await;
+                site.idle.set(site.idle.get() - 1);
+                if woke {
+                    continue;
+                }
+                break;
+            }
+            if open.is_none() {
+                // The site's connection rate.
+                let wait = site.throttle.borrow_mut().connection_wait(now_ms());
+                if let Some(wait) = wait {
+                    crate::metrics::throttled(crate::metrics::Throttle::SiteConnectionRate);
+                    tracing::debug!(site = %site.key, wait_ms = wait.as_millis() as u64, "site connection rate: waiting");
+                    Timer::new(wait).await;
+                    continue;
+                }
+                match self.connect(&site).await {
+                    Ok(o) => {
+                        open = Some(o);
+                        sent = 0;
+                        host_permit = false;
+                    }
+                    Err(failure) => {
+                        // Every job queued for this site would meet the same fate now.
+                        let failed: Vec<Box<Job>> =
+                            site.queue.borrow_mut().drain().map(|q| q.job).collect();
+                        for job in failed {
+                            let result = result_for_failure(&job, &failure);
+                            self.log_attempt(&job, None, &result);
+                            self.report(&job, result);
+                        }
+                    }
+                }
+                // The queue may have changed while connecting: look again.
+                continue;
+            }
+            // The source IP's message rate, granted by the IP's owner core.
+            if ip_limited && !ip_permit {
+                match self.source_ip_permit(&site.ip_key).await {
+                    None => ip_permit = true,
+                    Some(wait) => {
+                        if wait > cfg.idle_timeout.0 {
+                            if let Some(o) = open.take() {
+                                o.conn.quit().await;
+                            }
+                        }
+                        crate::metrics::throttled(crate::metrics::Throttle::SourceIpRate);
+                        tracing::debug!(site = %site.key, source_ip = %site.ip_key, wait_ms = wait.as_millis() as u64, "source IP message rate: waiting");
+                        Timer::new(wait).await;
+                        continue;
+                    }
+                }
+                // The queue may have changed while asking: look again.
+                continue;
+            }
+            // The destination host's message rate, granted by the host's owner.
+            let rated_host = open.as_ref().and_then(|o| o.rated_host.clone());
+            if let (Some(host), false) = (rated_host, host_permit) {
+                match self.host_rate_permit(&host, HostRate::Message).await {
+                    None => host_permit = true,
+                    Some(wait) => {
+                        if wait > cfg.idle_timeout.0 {
+                            if let Some(o) = open.take() {
+                                o.conn.quit().await;
+                            }
+                        }
+                        crate::metrics::throttled(crate::metrics::Throttle::HostMessageRate);
+                        tracing::debug!(site = %site.key, host = %host, wait_ms = wait.as_millis() as u64, "host message rate: waiting");
+                        Timer::new(wait).await;
+                    }
+                }
+                continue;
+            }
+            // The site's message rate.
+            let wait = site.throttle.borrow_mut().message_wait(now_ms());
+            if let Some(wait) = wait {
+                if wait > cfg.idle_timeout.0 {
+                    // Do not keep an idle connection (and its host slot) through a
+                    // long wait.
+                    if let Some(o) = open.take() {
+                        o.conn.quit().await;
+                    }
+                }
+                crate::metrics::throttled(crate::metrics::Throttle::SiteMessageRate);
+                tracing::debug!(site = %site.key, wait_ms = wait.as_millis() as u64, "site message rate: waiting");
+                Timer::new(wait).await;
+                continue;
+            }
+            let Some(queued) = site.queue.borrow_mut().pop() else {
+                continue;
+            };
+            let job = queued.job;
+            ip_permit = false;
+            host_permit = false;
+            let Some(o) = open.as_mut() else { continue };
+            let started = std::time::Instant::now();
+            let result = self.deliver(&mut o.conn, &job).await;
+            crate::metrics::global()
+                .attempt_seconds
+                .record(started.elapsed().as_secs_f64());
+            let broken = result.is_err();
+            let result = match result {
+                Ok(r) => r,
+                Err(failure) => result_for_failure(&job, &failure),
+            };
+            self.log_attempt(&job, Some(&o.conn), &result);
+            self.report(&job, result);
+            sent += 1;
+            if broken {
+                open = None;
+            } else if sent >= o.max_messages {
+                if let Some(o) = open.take() {
+                    o.conn.quit().await;
+                }
+            }
+        }
+        if let Some(o) = open.take() {
+            o.conn.quit().await;
+        }
+        site.active.set(site.active.get() - 1);
+        // A job may have arrived after the idle wait gave up.
+        if !site.queue.borrow().is_empty() && site.active.get() < site.max_connections {
+            site.active.set(site.active.get() + 1);
+            let me = self.clone();
+            glommio::spawn_local(async move { me.connection_task(site).await }).detach();
+        }
+    }
+
+    /// Connects to the site's addresses in order, holding a slot of each host
+    /// while trying it when `max_connections_per_host` is set.
+    async fn connect(self: &Rc<Self>, site: &Site) -> Result<Open, SessionFailure> {
+        let cfg = &self.shared.cfg.delivery;
+        let endpoints = self.endpoints(&site.target, &site.strategy).await?;
+        let mut last = SessionFailure {
+            reply: Reply::local(451, "4.4.4", "no host to connect to"),
+            try_next: true,
+        };
+        let ehlo = site
+            .strategy
+            .ehlo_name
+            .as_deref()
+            .unwrap_or(&self.shared.ehlo_name);
+        let mut slot: Option<HostSlot> = None;
+        let site_max = site.max_per_connection;
+        for ep in endpoints {
+            let key = throttle::host_key(&ep.host);
+            let limits = self.shared.cfg.host_limits(&key);
+            if limits.max_connections > 0 {
+                if slot.as_ref().is_none_or(|s| s.host != key) {
+                    // Give the previous host's slot back before waiting for another.
+                    drop(slot.take());
+                    slot = self.acquire_host(key.clone()).await;
+                }
+            } else {
+                drop(slot.take());
+            }
+            // The host's connection rate, granted by its owner (after the slot,
+            // so the connection follows the permit at once).
+            if !limits.connection_rate.is_empty() {
+                while let Some(wait) = self.host_rate_permit(&key, HostRate::Connection).await {
+                    crate::metrics::throttled(crate::metrics::Throttle::HostConnectionRate);
+                    tracing::debug!(host = %key, wait_ms = wait.as_millis() as u64, "host connection rate: waiting");
+                    Timer::new(wait).await;
+                }
+            }
+            match Connection::open(&ep, cfg, ehlo, &self.shared.tls).await {
+                Ok(conn) => {
+                    return Ok(Open {
+                        conn,
+                        _slot: slot,
+                        rated_host: (!limits.message_rate.is_empty()).then_some(key),
+                        max_messages: throttle::messages_per_connection(
+                            site_max,
+                            limits.max_messages_per_connection,
+                        ),
+                    })
+                }
+                Err(f) => {
+                    tracing::info!(host = %ep.host, ip = %ep.addr.ip(), reply = %f.reply, "connection attempt failed");
+                    let next = f.try_next;
+                    last = f;
+                    if !next {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Addresses to try, in order.
+    async fn endpoints(
+        &self,
+        target: &Target,
+        strategy: &Strategy,
+    ) -> Result<Vec<Endpoint>, SessionFailure> {
+        match target {
+            Target::Mx { domain, port, tls } => {
+                let mut route = self.resolver.resolve_route(domain).await;
+                let mut own = vec![
+                    self.shared.hostname.as_str(),
+                    self.shared.ehlo_name.as_str(),
+                ];
+                if let Some(name) = &strategy.ehlo_name {
+                    own.push(name);
+                }
+                route.drop_self(&own);
+                let mut eps = Vec::new();
+                for host in &route.hosts {
+                    for ip in &host.addrs {
+                        eps.push(Endpoint {
+                            host: host.name.clone(),
+                            addr: SocketAddr::new(*ip, *port),
+                            lmtp: false,
+                            tls: *tls,
+                            auth: None,
+                            source_ip: strategy.source_ip,
+                        });
+                    }
+                }
+                if eps.is_empty() {
+                    let error = route
+                        .error
+                        .clone()
+                        .or_else(|| route.hosts.iter().find_map(|h| h.error.clone()));
+                    return Err(route_failure(domain, error));
+                }
+                Ok(eps)
+            }
+            Target::Host {
+                host,
+                port,
+                lmtp,
+                tls,
+                auth,
+                ..
+            } => {
+                let ips: Vec<IpAddr> = match host.parse::<IpAddr>() {
+                    Ok(ip) => vec![ip],
+                    Err(_) => {
+                        let mut ips = Vec::new();
+                        for qt in [QueryType::A, QueryType::Aaaa] {
+                            if let Ok(l) = self.resolver.lookup(host, qt).await {
+                                for r in l.records() {
+                                    match r {
+                                        Record::A(ip, _) => ips.push(IpAddr::V4(*ip)),
+                                        Record::Aaaa(ip, _) => ips.push(IpAddr::V6(*ip)),
+                                        _ => {}
+                                    }
+                                }
+                            }
+                        }
+                        ips
+                    }
+                };
+                if ips.is_empty() {
+                    return Err(SessionFailure {
+                        reply: Reply::local(451, "4.4.3", &format!("cannot resolve host {host}")),
+                        try_next: false,
+                    });
+                }
+                Ok(ips
+                    .into_iter()
+                    .map(|ip| Endpoint {
+                        host: host.clone(),
+                        addr: SocketAddr::new(ip, *port),
+                        lmtp: *lmtp,
+                        tls: *tls,
+                        auth: auth.clone(),
+                        source_ip: strategy.source_ip,
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// One transaction on an open connection.
+    async fn deliver(&self, conn: &mut Connection, job: &Job) -> Result<JobResult, SessionFailure> {
+        let msg = OutboundMessage {
+            sender: job.sender.clone(),
+            recipients: job
+                .recipients
+                .iter()
+                .map(|r| OutboundRecipient {
+                    address: r.address.clone(),
+                    notify: notify_keywords(r.notify),
+                    orcpt: r.orcpt.clone(),
+                })
+                .collect(),
+            size: job.size,
+            eightbit: job.eightbit,
+            smtputf8: job.smtputf8,
+            ret: job.ret.map(ret_keyword),
+            envid: job.envid.clone(),
+        };
+        if self.shared.spool.is_failed() {
+            // Jobs queued before the spool failed closed do not go out either.
+            halted();
+            return Ok(deferred_all(
+                job,
+                "451 4.3.0 spool failed: delivery stopped",
+            ));
+        }
+        // The body is copied out of the memory map once, into the send buffer;
+        // a read transaction cannot be held across an await.
+        let body = match self.shared.spool.with_body(job.id, |b| b.to_vec()) {
+            Ok(b) => b,
+            Err(e) => {
+                return Ok(deferred_all(
+                    job,
+                    &format!("451 4.3.0 spool read failed: {e}"),
+                ))
+            }
+        };
+        let replies = conn.transaction(&msg, &body).await?;
+        Ok(JobResult {
+            id: job.id,
+            outcomes: job
+                .recipients
+                .iter()
+                .zip(replies.iter())
+                .map(|(r, reply)| (r.index, Outcome::of(reply)))
+                .collect(),
+            remote_mta: Some(format!("dns; {}", conn.host)),
+            peer_dsn: conn.peer_dsn(),
+            lmtp: conn.lmtp(),
+        })
+    }
+}
+
+fn route_failure(domain: &str, error: Option<RouteError>) -> SessionFailure {
+    let reply = match &error {
+        Some(RouteError::NullMx(_)) => Reply::local(
+            556,
+            "5.1.10",
+            &format!("{domain} does not accept mail (null MX)"),
+        ),
+        Some(e) if e.is_permanent() => {
+            Reply::local(550, "5.1.2", &format!("cannot route to {domain}: {e}"))
+        }
+        Some(e) => Reply::local(451, "4.4.3", &format!("cannot route to {domain} now: {e}")),
+        None => Reply::local(451, "4.4.3", &format!("no usable MX host for {domain}")),
+    };
+    SessionFailure {
+        reply,
+        try_next: false,
+    }
+}

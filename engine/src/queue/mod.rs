@@ -1,0 +1,123 @@
+//! The queue: the one way a message enters (and is counted in) the spool.
+//!
+//! * `admission.rs` — which virtual queue a message belongs to and its quota
+//!   (`[queue.X] max_messages`, `max_bytes`), checked by the SMTP session, and
+//!   the per-core counters behind it.
+//! * [`CoreQueue::enqueue`] (this file) — store in the spool, count in the
+//!   quota, hand to delivery. SMTP (`conn.rs`) and notices
+//!   (`delivery/notices.rs`) both come in here.
+//! * `recovery.rs` — at start, one walk of each shard counts what is queued
+//!   and hands each message to the scheduler.
+//! * `dsn.rs` — building delivery status notifications (RFC 3461/3464/6533).
+//!
+//! The inbound side knows only this module; delivery registers itself as the
+//! [`Handoff`] of its core.
+
+pub mod admission;
+pub mod dsn;
+pub mod recovery;
+
+use std::cell::RefCell;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+
+use sluice_spool::{Envelope, MessageId, Spool, SpoolError};
+
+use self::admission::QueueStats;
+
+/// Takes a message that was just stored on this core (its shard).
+pub trait Handoff {
+    fn accepted(&self, id: MessageId, envelope: Envelope);
+}
+
+/// This core's way into the queue.
+pub struct CoreQueue {
+    core: u16,
+    spool: Arc<Spool>,
+    stats: Arc<QueueStats>,
+    /// Delivery on this core, when enabled (weak: delivery holds the queue).
+    handoff: RefCell<Option<Weak<dyn Handoff>>>,
+}
+
+impl CoreQueue {
+    pub fn new(core: u16, spool: Arc<Spool>, stats: Arc<QueueStats>) -> CoreQueue {
+        CoreQueue {
+            core,
+            spool,
+            stats,
+            handoff: RefCell::new(None),
+        }
+    }
+
+    /// Delivery takes what is stored from now on.
+    pub fn set_handoff(&self, handoff: Weak<dyn Handoff>) {
+        *self.handoff.borrow_mut() = Some(handoff);
+    }
+
+    pub fn core(&self) -> u16 {
+        self.core
+    }
+
+    pub fn spool(&self) -> &Arc<Spool> {
+        &self.spool
+    }
+
+    pub fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
+    }
+
+    /// Stores a message in this core's shard (group-committed with other
+    /// sessions' messages); once it is durable, counts it in its queue and
+    /// hands it to delivery.
+    pub async fn enqueue(
+        &self,
+        id: MessageId,
+        envelope: Envelope,
+        body: Vec<u8>,
+    ) -> Result<(), SpoolError> {
+        self.store(id, &envelope, body).await?;
+        self.admitted(id, envelope);
+        Ok(())
+    }
+
+    /// The spool write alone, for callers that retry it (a notice waits out a
+    /// full spool); follow a success with [`CoreQueue::admitted`].
+    pub async fn store(
+        &self,
+        id: MessageId,
+        envelope: &Envelope,
+        body: Vec<u8>,
+    ) -> Result<(), SpoolError> {
+        self.spool.store(self.core, id, envelope, body).await
+    }
+
+    /// A stored message is counted and handed to delivery.
+    pub fn admitted(&self, id: MessageId, envelope: Envelope) {
+        self.stats
+            .add(usize::from(self.core), &envelope.queue, envelope.size);
+        let handoff = self.handoff.borrow().as_ref().and_then(Weak::upgrade);
+        if let Some(h) = handoff {
+            h.accepted(id, envelope);
+        }
+    }
+
+    /// A message left the spool.
+    pub fn removed(&self, envelope: &Envelope) {
+        self.stats
+            .remove(usize::from(self.core), &envelope.queue, envelope.size);
+    }
+}
+
+impl std::fmt::Debug for CoreQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoreQueue")
+            .field("core", &self.core)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Keeps `Rc` in the signature simple for callers holding an `Rc<T>`.
+pub fn weak_handoff<T: Handoff + 'static>(h: &Rc<T>) -> Weak<dyn Handoff> {
+    let weak: Weak<T> = Rc::downgrade(h);
+    weak
+}
