@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod data;
 pub mod dns;
+pub mod lenient;
 pub mod server;
 
 /// A target body: arbitrary bytes in, a panic on any broken invariant.
