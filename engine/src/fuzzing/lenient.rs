@@ -162,6 +162,11 @@ pub fn check_relay_output(body: &[u8]) {
     assert_eq!(chunk, canonical(body), "BDAT bytes are not the canonical body");
 }
 
+/// Fuzz target `relay_output`. Input: a stored body, any bytes.
+pub fn relay_output(input: &[u8]) {
+    check_relay_output(input);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
