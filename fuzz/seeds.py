@@ -67,6 +67,23 @@ bodies = [
 for i, body in enumerate(bodies):
     write("smtp_data", bytes([i % 4 | (0x10 if i % 2 else 0), i]) + body)
 
+# NUL, whitespace and line-end variants around a dot (issue 17): what a lenient
+# next hop could take for the end of data.
+JUNK = [b"", b"\x00", b" ", b"\t", b"\x0b\x0c", b"\x00 \x00", b"\xc2\xa0"]
+ENDS = [b"\r\n", b"\n", b"\r", b"\r\x00\n", b"\r\r\n"]
+dot_variants = []
+for pre in ENDS:
+    for post in ENDS:
+        for before in JUNK:
+            for after in JUNK:
+                if before and after and before != after:
+                    continue
+                dot_variants.append(b"Subject: x\r\n\r\nhello" + pre + before + b"." + after + post
+                                    + b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<v@local.test>\r\nDATA\r\n")
+for i, body in enumerate(dot_variants):
+    if i % 7 == 0:
+        write("smtp_data", bytes([i % 4 | (0x10 if i % 2 else 0), i % 256]) + body + b"\r\n.\r\n")
+
 # --- smtp_client: flags, chunk seed, server bytes ----------------------------
 EHLO = b"250-mx.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-SIZE 100000\r\n250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n"
 client = [
@@ -168,3 +185,7 @@ configs = [
 ]
 for c in configs:
     write("config_load", c)
+
+# --- relay_output: a stored body as it may sit in a spool --------------------
+for body in dot_variants + bodies:
+    write("relay_output", body)

@@ -63,7 +63,8 @@ fn every_target_has_a_test() {
             "smtp_data",
             "smtp_client",
             "dns_answer",
-            "config_load"
+            "config_load",
+            "relay_output"
         ]
     );
 }
@@ -91,4 +92,9 @@ fn dns_answer() {
 #[test]
 fn config_load() {
     replay("config_load");
+}
+
+#[test]
+fn relay_output() {
+    replay("relay_output");
 }

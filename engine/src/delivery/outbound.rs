@@ -417,7 +417,7 @@ impl Connection {
         msg: &OutboundMessage,
         body: &[u8],
     ) -> Result<Vec<Reply>, SessionFailure> {
-        let bdat_len = crate::smtp::client::crlf_len(body);
+        let bdat_len = crate::smtp::body_out::bdat_len(body);
         let first = match self.client.send(msg, bdat_len) {
             Ok(ev) => ev,
             Err(unsendable) => {
@@ -434,8 +434,8 @@ impl Connection {
                 ClientEvent::SendBody(mode) => {
                     let mut out = self.client_output();
                     match mode {
-                        BodyMode::Bdat => crate::smtp::client::encode_crlf(body, &mut out),
-                        BodyMode::Data => crate::smtp::client::encode_data(body, &mut out),
+                        BodyMode::Bdat => crate::smtp::body_out::encode_bdat(body, &mut out),
+                        BodyMode::Data => crate::smtp::body_out::encode_data(body, &mut out),
                     }
                     if let Err(e) = self.stream.write_all(&out).await {
                         return Err(self.write_failure(e));

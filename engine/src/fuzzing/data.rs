@@ -7,7 +7,7 @@
 use super::server::{fuzz_config, ServerDriver, OUTSIDE_IP};
 use super::{find, has_bare_newline, Chunker};
 use crate::config::BareNewline;
-use crate::smtp::client::{crlf_len, encode_crlf, encode_data};
+use crate::smtp::body_out::encode_data;
 use crate::smtp::data::{BareNewlineScanner, BodyFlags, DataDecoder};
 
 const LIMITS: [u64; 4] = [16, 64, 1024, 65_536];
@@ -106,29 +106,15 @@ fn check_decoder(input: &[u8], limit: u64, seed: u8) -> Decoded {
     whole
 }
 
-/// What we send onward: dot-stuffed, CRLF only, one end marker at the very end;
-/// decoding it gives the body back (line ends made CRLF).
+/// What we send onward: see [`super::lenient::check_relay_output`]; and what a
+/// strict decoder stored, sent again, comes back the same.
 fn check_encoder(body: &[u8]) {
+    super::lenient::check_relay_output(body);
     let mut wire = Vec::new();
     encode_data(body, &mut wire);
     assert!(!has_bare_newline(&wire), "bare CR/LF sent onward");
-    let mut framed = b"\r\n".to_vec();
-    framed.extend_from_slice(&wire);
-    assert_eq!(
-        find(&framed, b"\r\n.\r\n"),
-        Some(framed.len() - 5),
-        "an end-of-data marker before the end of the relayed body (smuggling)"
-    );
     let back = decode(&wire, u64::MAX, &[&wire]);
     assert_eq!(back.end, Some(wire.len()));
-    let mut normalized = Vec::new();
-    encode_crlf(body, &mut normalized);
-    assert_eq!(crlf_len(body), normalized.len() as u64);
-    assert!(!has_bare_newline(&normalized));
-    if !normalized.is_empty() && !normalized.ends_with(b"\r\n") {
-        normalized.extend_from_slice(b"\r\n");
-    }
-    assert_eq!(back.out, normalized, "decode(encode(body)) is not the body");
 }
 
 fn check_scanner(input: &[u8], seed: u8) {

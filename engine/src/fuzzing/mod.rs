@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod data;
 pub mod dns;
+pub mod lenient;
 pub mod server;
 
 /// A target body: arbitrary bytes in, a panic on any broken invariant.
@@ -21,6 +22,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("smtp_client", client::smtp_client),
     ("dns_answer", dns::dns_answer),
     ("config_load", config::config_load),
+    ("relay_output", lenient::relay_output),
 ];
 
 /// The clock every target runs at (sessions take the time as an argument).

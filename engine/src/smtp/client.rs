@@ -201,10 +201,10 @@ impl Unsendable {
 /// How a body goes out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyMode {
-    /// After the 354: dot-stuffed, then CRLF.CRLF (use [`encode_data`]).
+    /// After the 354: dot-stuffed, then CRLF.CRLF (use [`super::body_out::encode_data`]).
     Data,
-    /// Right after "BDAT n LAST" (already in the output): raw CRLF-normalized bytes
-    /// (use [`encode_crlf`]); n is [`crlf_len`] of the body.
+    /// Right after "BDAT n LAST" (already in the output): the canonical bytes
+    /// (use [`super::body_out::encode_bdat`]); n is [`super::body_out::bdat_len`].
     Bdat,
 }
 
@@ -865,67 +865,4 @@ pub fn xtext(s: &str) -> String {
         }
     }
     out
-}
-
-/// Length of `body` on the wire with every line ending made CRLF (bare CR or LF
-/// become CRLF), so BDAT can announce it.
-pub fn crlf_len(body: &[u8]) -> u64 {
-    let mut len = body.len() as u64;
-    let mut i = 0;
-    while let Some(off) = memchr::memchr2(b'\r', b'\n', &body[i..]) {
-        let at = i + off;
-        if body[at] == b'\r' {
-            if body.get(at + 1) == Some(&b'\n') {
-                i = at + 2;
-                continue;
-            }
-            len += 1; // bare CR → CRLF
-        } else {
-            len += 1; // bare LF → CRLF
-        }
-        i = at + 1;
-    }
-    len
-}
-
-/// Appends `body` with only CRLF line ends (for BDAT).
-pub fn encode_crlf(body: &[u8], out: &mut Vec<u8>) {
-    encode(body, out, false);
-}
-
-/// Appends `body` dot-stuffed with only CRLF line ends, then the terminating
-/// CRLF.CRLF (adding a CRLF first when the body does not end with one).
-pub fn encode_data(body: &[u8], out: &mut Vec<u8>) {
-    encode(body, out, true);
-    if !body.is_empty() && !out.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-}
-
-fn encode(body: &[u8], out: &mut Vec<u8>, dot_stuff: bool) {
-    out.reserve(body.len() + body.len() / 64 + 8);
-    // Each turn of the loop starts a line.
-    let mut i = 0;
-    while i < body.len() {
-        if dot_stuff && body[i] == b'.' {
-            out.push(b'.');
-        }
-        match memchr::memchr2(b'\r', b'\n', &body[i..]) {
-            None => {
-                out.extend_from_slice(&body[i..]);
-                return;
-            }
-            Some(off) => {
-                let at = i + off;
-                out.extend_from_slice(&body[i..at]);
-                out.extend_from_slice(b"\r\n");
-                i = if body[at] == b'\r' && body.get(at + 1) == Some(&b'\n') {
-                    at + 2
-                } else {
-                    at + 1
-                };
-            }
-        }
-    }
 }

@@ -256,21 +256,6 @@ fn multiline_reply_and_bare_lf_tolerated() {
 }
 
 #[test]
-fn body_encoding() {
-    let mut out = Vec::new();
-    encode_data(b".leading\r\nmid\nbare lf\r.\r\nend", &mut out);
-    assert_eq!(out, b"..leading\r\nmid\r\nbare lf\r\n..\r\nend\r\n.\r\n");
-    let body = b"a\nb\rc\r\nd";
-    let mut out = Vec::new();
-    encode_crlf(body, &mut out);
-    assert_eq!(out, b"a\r\nb\r\nc\r\nd");
-    assert_eq!(crlf_len(body), out.len() as u64);
-    let mut out = Vec::new();
-    encode_data(b"", &mut out);
-    assert_eq!(out, b".\r\n");
-}
-
-#[test]
 fn xtext_encodes_specials() {
     assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
 }
