@@ -11,6 +11,7 @@ pub mod dsn;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;
