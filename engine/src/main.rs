@@ -153,11 +153,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 config = %path.as_ref().map_or("built-in defaults".into(), |p| p.display().to_string()),
                 "configuration loaded"
             );
-            if let LocalToken::Created(token) = admin_cli::ensure_local_token(&config)? {
-                tracing::info!(
+            match admin_cli::ensure_local_token(&config) {
+                Ok(LocalToken::Created(token)) => tracing::info!(
                     path = %token.display(),
                     "created the management API token (admin.token_file is unset); `sluice queue` reads it"
-                );
+                ),
+                Ok(_) => {}
+                // Mail does not depend on it: the API answers 401 instead.
+                Err(e) => tracing::warn!("no management API token: {e:#}"),
             }
             // One descriptor per connection: use all the open files allowed.
             match sluice_engine::limits::raise_nofile() {

@@ -380,10 +380,15 @@ fn start_admin(
     if config.admin.listen.is_empty() {
         return Ok(None);
     }
-    // admin.token_file, or the one `sluice run` made in the spool directory.
-    let token = match crate::admin::cli::token_path(config) {
-        Some(path) => Some(crate::admin::read_token(&path)?),
-        None => None,
+    let token = match (
+        &config.admin.token_file,
+        crate::admin::cli::token_path(config),
+    ) {
+        (Some(path), _) => Some(crate::admin::read_token(path)?),
+        // The token `sluice run` made in the spool directory; if it could not
+        // be made, the API answers 401 as with no token at all.
+        (None, Some(path)) => crate::admin::read_token(&path).ok(),
+        (None, None) => None,
     };
     let state = Arc::new(AdminState {
         token,

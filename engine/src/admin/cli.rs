@@ -375,9 +375,7 @@ impl Client {
                 Ok(v) => return Ok(v),
                 Err(CallError::Unreachable(e)) if self.offline.is_some() && method == "GET" => {
                     if !self.noted.replace(true) {
-                        eprintln!(
-                            "sluice: {e:#}; reading the spool instead (the relay is not running)"
-                        );
+                        eprintln!("sluice: {e:#}; reading the spool instead");
                     }
                 }
                 Err(CallError::Unreachable(e) | CallError::Failed(e)) => return Err(e),
@@ -422,7 +420,7 @@ impl Client {
             }
             Err(ureq::Error::Transport(t)) if t.kind() == ureq::ErrorKind::ConnectionFailed => {
                 return Err(CallError::Unreachable(anyhow!(
-                    "{base}: the management API is not answering"
+                    "the management API at {base} is not answering (is the relay running?)"
                 )))
             }
             Err(e) => return Err(CallError::Failed(anyhow!("{url}: {e}"))),
