@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn write(dir: &std::path::Path, name: &str, content: &str) -> String {
     let path = dir.join(name);
@@ -209,7 +209,9 @@ fn json_logs_have_one_line_per_transaction() {
         b"Subject: j\r\n\r\nx\r\n",
     );
     c.expect("QUIT", 221);
-    // The transaction line is written before the 250 goes out.
+    // Lines go out through the log writer thread; a SIGTERM stop flushes them.
+    let mut relay = relay;
+    assert!(relay.terminate().success());
     let log = std::fs::read_to_string(relay.dir.path().join("relay-0.log")).unwrap();
     let mut found = 0;
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
@@ -224,4 +226,206 @@ fn json_logs_have_one_line_per_transaction() {
         }
     }
     assert_eq!(found, 1, "one log line for transaction {id}:\n{log}");
+}
+
+#[test]
+fn text_logs_off_a_terminal_have_no_colour_and_are_flushed_at_stop() {
+    // stderr is a file here, as under journald: no ANSI escape codes.
+    let mut relay = Relay::start(&[]);
+    let mut c = relay.session();
+    let id = c.send_mail(
+        "a@example.test",
+        &["b@example.test"],
+        b"Subject: c\r\n\r\nx\r\n",
+    );
+    c.expect("QUIT", 221);
+    assert!(relay.terminate().success());
+    let log = relay.log();
+    assert!(!log.contains('\x1b'), "colour codes in a log file:\n{log}");
+    // Everything logged up to the exit was written (the writer is flushed).
+    assert!(log.contains(&id), "the transaction line is missing:\n{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("sluice stopped"),
+        "last line {last:?}:\n{log}"
+    );
+}
+
+#[test]
+fn too_little_locked_memory_fails_at_start_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = format!("spool.path={}", dir.path().join("spool").display());
+    let port = free_port();
+    let bind = format!("server.listener.smtp.bind=[\"127.0.0.1:{port}\"]");
+    // 64 KiB: below the 512 KiB glommio needs for io_uring.
+    let out = run_with_timeout(
+        Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -l 64 && exec \"$@\"")
+            .arg("sh")
+            .arg(BIN)
+            .args([
+                "run",
+                "--set",
+                "server.cores=1",
+                "--set",
+                "admin.listen=\"\"",
+            ])
+            .args(["--set", &spool, "--set", &bind]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        !out.status.success(),
+        "started with 64 KiB of locked memory"
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("RLIMIT_MEMLOCK"), "{err}");
+    assert!(err.contains("LimitMEMLOCK=infinity"), "{err}");
+    assert!(err.contains("ulimit -l"), "{err}");
+}
+
+#[test]
+fn check_config_changes_says_restart_reload_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = write(
+        dir.path(),
+        "old.toml",
+        "[relay]\nlocal_domains = [\"a.test\"]\n",
+    );
+    let reload = write(
+        dir.path(),
+        "reload.toml",
+        "[relay]\nlocal_domains = [\"b.test\"]\n",
+    );
+    let restart = write(
+        dir.path(),
+        "restart.toml",
+        "[server]\ncores = 2\n[relay]\nlocal_domains = [\"b.test\"]\n",
+    );
+    let first_line = |new: &str| {
+        let out = sluice(&["check-config", "--changes", &old, new]);
+        assert_ok(&out, "check-config --changes");
+        text(&out.stdout)
+    };
+    assert_eq!(first_line(&old), "none\n");
+    assert_eq!(first_line(&reload), "reload\nreloadable: relay\n");
+    let out = first_line(&restart);
+    assert!(
+        out.starts_with("restart\nneed a restart: server.cores\n"),
+        "{out}"
+    );
+    // The new file is still checked in full.
+    let bad = write(dir.path(), "bad.toml", "[server]\ncores = \"many\"\n");
+    let err = failure(&["check-config", "--changes", &old, &bad]);
+    assert!(err.contains("server.cores"), "{err}");
+}
+
+/// `sluice ARGS` with only SLUICE_CONFIG to find everything (no -c, no token).
+fn sluice_env(config: &str, args: &[&str]) -> std::process::Output {
+    run_with_timeout(
+        Command::new(BIN)
+            .args(args)
+            .env("SLUICE_CONFIG", config)
+            .env_remove("SLUICE_API_TOKEN"),
+        Duration::from_secs(60),
+    )
+}
+
+#[test]
+fn queue_commands_work_with_the_defaults_online_and_offline() {
+    // Delivery goes to a port where nothing listens: the message is deferred.
+    let dead = free_port();
+    let mut relay = Relay::builder()
+        .set("delivery.enabled=true")
+        .set(format!(
+            "route.default={{type=\"relay\",host=\"127.0.0.1\",port={dead},tls=\"none\"}}"
+        ))
+        .start();
+    // What the relay was started with, as a file the CLI finds by itself.
+    let config = write(
+        relay.dir.path(),
+        "sluice.toml",
+        &format!(
+            "[spool]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+            relay.spool_path().display(),
+            relay.admin_port
+        ),
+    );
+    let token = relay.spool_path().join("admin.token");
+    assert!(token.exists(), "sluice run made no API token");
+
+    let mut c = relay.session();
+    let id = c.send_mail(
+        "a@example.test",
+        &["b@example.net"],
+        b"Subject: q\r\n\r\nx\r\n",
+    );
+    c.expect("QUIT", 221);
+
+    // Wait for the failed attempt to be recorded.
+    let until = Instant::now() + Duration::from_secs(60);
+    let online = loop {
+        let out = sluice_env(&config, &["queue", "list"]);
+        assert_ok(&out, "sluice queue list (online)");
+        let t = text(&out.stdout);
+        if t.contains("last error:") {
+            assert!(text(&out.stderr).is_empty(), "{}", text(&out.stderr));
+            break t;
+        }
+        assert!(
+            Instant::now() < until,
+            "no deferral listed:\n{t}\n{}",
+            relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(online.contains(&format!("{id} deferred")), "{online}");
+    let reason = online
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("last error: "))
+        .expect("a last error line");
+    assert!(reason.starts_with("4"), "a temporary failure: {reason}");
+    assert!(
+        reason.contains(&dead.to_string()),
+        "names the host: {reason}"
+    );
+
+    let out = sluice_env(&config, &["queue", "summary"]);
+    assert_ok(&out, "sluice queue summary");
+    assert!(
+        text(&out.stdout).starts_with("1 message(s)"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = sluice_env(&config, &["queue", "count"]);
+    assert_ok(&out, "sluice queue count");
+    assert_eq!(text(&out.stdout), "1\n");
+
+    // The relay stops: the same commands read the spool, with the same output.
+    assert!(relay.terminate().success());
+    let out = sluice_env(&config, &["queue", "list"]);
+    assert_ok(&out, "sluice queue list (offline)");
+    assert_eq!(text(&out.stdout), online, "offline output differs");
+    assert!(
+        text(&out.stderr).contains("reading the spool instead"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sluice_env(&config, &["queue", "show", &id]);
+    assert_ok(&out, "sluice queue show (offline)");
+    assert!(
+        text(&out.stdout).contains("Subject: q"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = sluice_env(&config, &["queue", "count"]);
+    assert_eq!(text(&out.stdout), "1\n");
+    // Actions need the running relay.
+    let out = sluice_env(&config, &["queue", "retry", &id]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("is the relay running?"),
+        "{}",
+        text(&out.stderr)
+    );
 }

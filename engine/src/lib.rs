@@ -13,6 +13,7 @@ pub mod delivery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod queue;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_engine::config::{Config, LogFormat, EXAMPLE_CONFIG};
+use sluice_engine::admin::cli::{self as admin_cli, LocalToken};
+use sluice_engine::config::{Config, EXAMPLE_CONFIG};
 
 #[derive(Parser)]
 #[command(
@@ -21,7 +22,8 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct ConfigArgs {
-    /// Configuration file (TOML). Without it, the built-in defaults (see sluice.toml).
+    /// Configuration file (TOML). Default: $SLUICE_CONFIG, else
+    /// /etc/sluice/sluice.toml when it exists, else the built-in defaults (see sluice.toml).
     #[arg(long, short = 'c', global = true)]
     config: Option<PathBuf>,
     /// Override a key by dotted path, e.g. --set server.cores=1 (repeatable).
@@ -34,12 +36,19 @@ enum Command {
     /// Run the relay.
     Run(ConfigArgs),
     /// Validate a configuration file (and any --set overrides) and exit.
+    /// With --changes OLD: also print what going from OLD to FILE needs, on the
+    /// first line `restart`, `reload` or `none`, then the keys.
     CheckConfig {
         file: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// The configuration now in force (e.g. the file before an update).
+        #[arg(long, value_name = "OLD")]
+        changes: Option<PathBuf>,
     },
-    /// Offline views of the spool (the relay may be running).
+    /// Old spelling of the offline spool views, kept for scripts (output as it
+    /// always was). `sluice queue …` is the one vocabulary: it asks the running
+    /// relay, or reads the spool when the relay is not running.
     Spool {
         #[command(subcommand)]
         action: SpoolCommand,
@@ -50,21 +59,22 @@ enum Command {
     HashPassword,
     /// Print the example configuration (every key, with defaults).
     ExampleConfig,
-    /// The running relay's queue, through the management API.
+    /// The queue: through the running relay's management API, or read from the
+    /// spool when the relay is not running (same output; --offline forces it).
     Queue {
         #[command(subcommand)]
-        action: sluice_engine::admin::cli::QueueCommand,
+        action: admin_cli::QueueCommand,
         #[command(flatten)]
-        api: sluice_engine::admin::cli::ApiArgs,
+        api: admin_cli::ApiArgs,
         #[command(flatten)]
         config: ConfigArgs,
     },
     /// Suspend or resume delivery to a destination, through the management API.
     Destination {
         #[command(subcommand)]
-        action: sluice_engine::admin::cli::DestinationCommand,
+        action: admin_cli::DestinationCommand,
         #[command(flatten)]
-        api: sluice_engine::admin::cli::ApiArgs,
+        api: admin_cli::ApiArgs,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -94,27 +104,29 @@ enum SpoolCommand {
     Stats,
 }
 
-fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
-    let (origin, text) = match &args.config {
+/// The configuration file a command uses: `-c`, else `$SLUICE_CONFIG`, else
+/// /etc/sluice/sluice.toml when it exists, else none (built-in defaults).
+fn config_path(args: &ConfigArgs) -> Option<PathBuf> {
+    admin_cli::config_path(
+        args.config.clone(),
+        std::env::var_os(admin_cli::CONFIG_ENV),
+        |p| p.exists(),
+    )
+}
+
+fn load_from(path: Option<&std::path::Path>, set: &[String]) -> anyhow::Result<Config> {
+    let (origin, text) = match path {
         Some(path) => (
             path.display().to_string(),
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
         ),
         None => ("built-in defaults".to_string(), String::new()),
     };
-    Ok(Config::load(&origin, &text, &args.set)?)
+    Ok(Config::load(&origin, &text, set)?)
 }
 
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
+    load_from(config_path(args).as_deref(), &args.set)
 }
 
 fn main() -> ExitCode {
@@ -133,8 +145,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let mut out = stdout.lock();
     match cli.command {
         Command::Run(args) => {
-            let config = load(&args)?;
-            init_logging(&config);
+            let path = config_path(&args);
+            let config = load_from(path.as_deref(), &args.set)?;
+            // Flushes buffered log lines when `run` returns (SIGTERM included).
+            let _log_guard = sluice_engine::logging::init(&config);
+            tracing::info!(
+                config = %path.as_ref().map_or("built-in defaults".into(), |p| p.display().to_string()),
+                "configuration loaded"
+            );
+            match admin_cli::ensure_local_token(&config) {
+                Ok(LocalToken::Created(token)) => tracing::info!(
+                    path = %token.display(),
+                    "created the management API token (admin.token_file is unset); `sluice queue` reads it"
+                ),
+                Ok(_) => {}
+                // Mail does not depend on it: the API answers 401 instead.
+                Err(e) => tracing::warn!("no management API token: {e:#}"),
+            }
             // One descriptor per connection: use all the open files allowed.
             match sluice_engine::limits::raise_nofile() {
                 Ok(c) => tracing::info!(
@@ -147,26 +174,35 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             // Reloads (SIGHUP, the API) read the same file with the same --set.
             let source = sluice_engine::reload::ConfigSource {
-                path: args
-                    .config
+                path: path
                     .as_ref()
                     .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
                 overrides: args.set.clone(),
             };
             sluice_engine::runtime::run(config, source)
         }
-        Command::CheckConfig { file, set } => {
-            let config = load(&ConfigArgs {
-                config: Some(file.clone()),
-                set,
-            })?;
+        Command::CheckConfig { file, set, changes } => {
+            let config = load_from(Some(&file), &set)?;
             for (name, l) in &config.server.listener {
                 if let (Some(cert), Some(key)) = (&l.tls_cert, &l.tls_key) {
                     sluice_engine::tls::server_config(cert, key)
                         .with_context(|| format!("server.listener.{name}"))?;
                 }
             }
-            writeln!(out, "{}: ok", file.display())?;
+            let Some(old) = changes else {
+                writeln!(out, "{}: ok", file.display())?;
+                return Ok(());
+            };
+            // The running file may not load with this binary (a key it no
+            // longer knows): only a restart is sure to apply the new one.
+            let diff = match load_from(Some(&old), &set) {
+                Ok(running) => sluice_engine::reload::changes(&running, &config),
+                Err(e) => sluice_engine::reload::Changes {
+                    reload: Vec::new(),
+                    restart: vec![format!("{} does not load: {e:#}", old.display())],
+                },
+            };
+            write!(out, "{diff}")?;
             Ok(())
         }
         Command::Spool { action, config } => {
@@ -200,8 +236,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             config,
         } => {
             let config = load(&config)?;
-            let client = sluice_engine::admin::cli::Client::new(&api, &config)?;
-            sluice_engine::admin::cli::run_queue(&client, api.json, action, &mut out)
+            let client = admin_cli::Client::for_queue(&api, &config, &action)?;
+            admin_cli::run_queue(&client, &config, api.json, action, &mut out)
         }
         Command::Destination {
             action,
@@ -209,8 +245,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             config,
         } => {
             let config = load(&config)?;
-            let client = sluice_engine::admin::cli::Client::new(&api, &config)?;
-            sluice_engine::admin::cli::run_destination(&client, api.json, action, &mut out)
+            let client = admin_cli::Client::new(&api, &config)?;
+            admin_cli::run_destination(&client, api.json, action, &mut out)
         }
         Command::Debug { action, config } => {
             let config = load(&config)?;

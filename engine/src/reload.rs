@@ -143,33 +143,9 @@ impl Reloader {
     /// Validates `new` against the running configuration and prepares every
     /// swap, without changing anything.
     fn plan(&self, running: &Config, new: &Config) -> Result<Plan, String> {
-        let mut effective = running.clone();
-        let mut changed = Vec::new();
-
-        for (name, l) in effective.server.listener.iter_mut() {
-            if let Some(n) = new.server.listener.get(name) {
-                let before = format!("{l:?}");
-                take_reloadable(l, n);
-                if format!("{l:?}") != before {
-                    changed.push(format!("server.listener.{name}"));
-                }
-            }
-        }
-        if differs(&effective.relay, &new.relay) {
-            effective.relay = new.relay.clone();
-            changed.push("relay".into());
-        }
-        let users_changed = differs(&effective.auth.users, &new.auth.users);
-        if users_changed {
-            effective.auth.users = new.auth.users.clone();
-            changed.push("auth.users".into());
-        }
-        let rules_changed = differs(&effective.rule, &new.rule);
-        if rules_changed {
-            effective.rule = new.rule.clone();
-            changed.push(format!("[[rule]] ({} in force)", new.rule.len()));
-        }
-        let restart = restart_only_changes(&effective, new);
+        let (effective, mut changed, restart) = merge(running, new);
+        let users_changed = changed.iter().any(|c| c == "auth.users");
+        let rules_changed = changed.iter().any(|c| c.starts_with("[[rule]]"));
 
         // Build everything before storing anything.
         let rules = effective.rule_set().map_err(|e| {
@@ -224,6 +200,83 @@ impl Reloader {
             credentials: users_changed.then_some(credentials),
             rules: rules_changed.then_some(rules),
         })
+    }
+}
+
+/// The running configuration with what a reload takes from `new`, the names of
+/// what it takes, and the changes that need a restart.
+fn merge(running: &Config, new: &Config) -> (Config, Vec<String>, Vec<String>) {
+    let mut effective = running.clone();
+    let mut changed = Vec::new();
+    for (name, l) in effective.server.listener.iter_mut() {
+        if let Some(n) = new.server.listener.get(name) {
+            let before = format!("{l:?}");
+            take_reloadable(l, n);
+            if format!("{l:?}") != before {
+                changed.push(format!("server.listener.{name}"));
+            }
+        }
+    }
+    if differs(&effective.relay, &new.relay) {
+        effective.relay = new.relay.clone();
+        changed.push("relay".into());
+    }
+    if differs(&effective.auth.users, &new.auth.users) {
+        effective.auth.users = new.auth.users.clone();
+        changed.push("auth.users".into());
+    }
+    if differs(&effective.rule, &new.rule) {
+        effective.rule = new.rule.clone();
+        changed.push(format!("[[rule]] ({} in force)", new.rule.len()));
+    }
+    let restart = restart_only_changes(&effective, new);
+    (effective, changed, restart)
+}
+
+/// What going from one configuration to another needs (`sluice check-config
+/// --changes OLD NEW`; the Ansible role's handler choice).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// Applied by a reload (SIGHUP).
+    pub reload: Vec<String>,
+    /// Only applied by a restart.
+    pub restart: Vec<String>,
+}
+
+impl Changes {
+    /// `restart`, `reload` or `none`: the least that applies all of it.
+    pub fn verdict(&self) -> &'static str {
+        if !self.restart.is_empty() {
+            "restart"
+        } else if !self.reload.is_empty() {
+            "reload"
+        } else {
+            "none"
+        }
+    }
+}
+
+/// The verdict on the first line, then the keys (the first line is for tools).
+impl std::fmt::Display for Changes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}", self.verdict())?;
+        if !self.restart.is_empty() {
+            writeln!(f, "need a restart: {}", self.restart.join(", "))?;
+        }
+        if !self.reload.is_empty() {
+            writeln!(f, "reloadable: {}", self.reload.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Compares two configurations as a reload would (file contents such as
+/// certificates are not compared: a changed certificate file is a reload).
+pub fn changes(running: &Config, new: &Config) -> Changes {
+    let (_, changed, restart) = merge(running, new);
+    Changes {
+        reload: dedup(changed),
+        restart,
     }
 }
 
@@ -346,5 +399,32 @@ mod tests {
             vec!["server.cores".to_string(), "spool".to_string()]
         );
         assert!(restart_only_changes(&running, &running.clone()).is_empty());
+    }
+
+    #[test]
+    fn changes_say_restart_reload_or_none() {
+        let running = config("[relay]\nlocal_domains = [\"a.test\"]\n");
+        assert_eq!(changes(&running, &running.clone()).verdict(), "none");
+        assert_eq!(changes(&running, &running.clone()).to_string(), "none\n");
+
+        let relay = config("[relay]\nlocal_domains = [\"b.test\"]\n");
+        let c = changes(&running, &relay);
+        assert_eq!(c.verdict(), "reload");
+        assert_eq!(c.to_string(), "reload\nreloadable: relay\n");
+
+        // Any restart-only key makes it a restart, whatever else changed.
+        let both = config("[server]\ncores = 2\n[relay]\nlocal_domains = [\"b.test\"]\n");
+        let c = changes(&running, &both);
+        assert_eq!(c.verdict(), "restart");
+        assert_eq!(
+            c.to_string(),
+            "restart\nneed a restart: server.cores\nreloadable: relay\n"
+        );
+        let admin = config("[relay]\nlocal_domains = [\"a.test\"]\n[admin]\nlisten = \"\"\n");
+        assert_eq!(changes(&running, &admin).verdict(), "restart");
+        let greeting = config(
+            "[relay]\nlocal_domains = [\"a.test\"]\n[server.listener.smtp]\nbind = [\"127.0.0.1:2525\"]\ngreeting = \"hi\"\n",
+        );
+        assert_eq!(changes(&running, &greeting).verdict(), "reload");
     }
 }

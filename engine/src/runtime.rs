@@ -32,6 +32,70 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder};
 /// mail is already committed, so nothing acknowledged is lost by it).
 const STOP_MARGIN: Duration = Duration::from_secs(10);
 
+/// Most executors (and spool shards): a message id has 6 bits of shard.
+pub const MAX_CORES: usize = 64;
+
+/// Executors to start: `server.cores`, or with 0 one per CPU up to
+/// `MAX_CORES` (config validation refuses an explicit value above it).
+pub fn executor_count(configured: usize, cpus: usize) -> usize {
+    if configured == 0 {
+        cpus.clamp(1, MAX_CORES)
+    } else {
+        configured
+    }
+}
+
+/// glommio refuses to start an executor below this RLIMIT_MEMLOCK.
+const MIN_MEMLOCK: libc::rlim_t = 512 * 1024;
+
+/// How to give the relay locked memory, for every error that lacks it.
+pub const MEMLOCK_FIX: &str = "raise the locked-memory limit: LimitMEMLOCK=infinity in the \
+     systemd unit, or `ulimit -l unlimited` (as root) in the shell that starts sluice; \
+     at least cores x 3 x server.io_memory + 16 MiB (README \"Production box\")";
+
+/// Fails early, with the fix, when glommio would refuse the locked-memory limit.
+fn check_memlock() -> anyhow::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit we own; no other memory is touched.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
+        return Ok(()); // Unknown: glommio checks again.
+    }
+    memlock_verdict(lim.rlim_cur)
+}
+
+fn memlock_verdict(soft: libc::rlim_t) -> anyhow::Result<()> {
+    if soft != libc::RLIM_INFINITY && soft < MIN_MEMLOCK {
+        return Err(anyhow!(
+            "the locked-memory limit (RLIMIT_MEMLOCK) is {} KiB; io_uring needs at least {} KiB: {MEMLOCK_FIX}",
+            soft / 1024,
+            MIN_MEMLOCK / 1024
+        ));
+    }
+    Ok(())
+}
+
+/// What to do about an executor that failed to start, when its error says so:
+/// locked memory (glommio's `MemLockLimit`, or ENOMEM registering buffers) or
+/// io_uring missing (ENOSYS; EPERM from a seccomp filter or
+/// kernel.io_uring_disabled).
+pub fn startup_hint(error: &str) -> Option<String> {
+    if error.contains("MemLockLimit") || error.contains("Cannot allocate memory") {
+        Some(MEMLOCK_FIX.to_string())
+    } else if error.contains("os error 38") || error.contains("os error 1)") {
+        Some(
+            "io_uring is not available: sluice needs Linux >= 5.8 with io_uring allowed \
+             (sysctl kernel.io_uring_disabled = 0; containers: a seccomp profile that \
+             permits io_uring_setup)"
+                .to_string(),
+        )
+    } else {
+        None
+    }
+}
+
 /// Starts the relay and blocks until it has shut down (SIGTERM or SIGINT).
 /// `source` is where `config` came from, for reloads (SIGHUP, the API).
 pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
@@ -40,11 +104,15 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let cores = if config.server.cores == 0 {
-        cpus
-    } else {
-        config.server.cores
-    };
+    let cores = executor_count(config.server.cores, cpus);
+    if config.server.cores == 0 && cores < cpus {
+        tracing::warn!(
+            cpus,
+            cores,
+            "server.cores = 0: using {MAX_CORES} executors, the most message ids can name"
+        );
+    }
+    check_memlock()?;
 
     let spool = Arc::new(
         Spool::open(&SpoolConfig {
@@ -202,7 +270,11 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                 }
                 result
             })
-            .map_err(|e| anyhow!("starting executor for core {core}: {e}"))?;
+            .map_err(|e| {
+                let hint =
+                    startup_hint(&e.to_string()).map_or(String::new(), |h| format!(" ({h})"));
+                anyhow!("starting executor for core {core}: {e}{hint}")
+            })?;
         handles.push(handle);
     }
     drop(ready_tx);
@@ -277,8 +349,10 @@ fn join_executors(
             }
             Ok((core, Err(e))) => {
                 remaining -= 1;
+                let e = e.to_string();
+                let hint = startup_hint(&e).map_or(String::new(), |h| format!(" ({h})"));
                 failed = Some(anyhow!(
-                    "core {core}: executor thread panicked or failed: {e}"
+                    "core {core}: executor thread panicked or failed: {e}{hint}"
                 ));
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
@@ -306,9 +380,15 @@ fn start_admin(
     if config.admin.listen.is_empty() {
         return Ok(None);
     }
-    let token = match &config.admin.token_file {
-        Some(path) => Some(crate::admin::read_token(path)?),
-        None => None,
+    let token = match (
+        &config.admin.token_file,
+        crate::admin::cli::token_path(config),
+    ) {
+        (Some(path), _) => Some(crate::admin::read_token(path)?),
+        // The token `sluice run` made in the spool directory; if it could not
+        // be made, the API answers 401 as with no token at all.
+        (None, Some(path)) => crate::admin::read_token(&path).ok(),
+        (None, None) => None,
     };
     let state = Arc::new(AdminState {
         token,
@@ -487,4 +567,38 @@ fn spawn_signal_thread(
         })
         .context("starting signal thread")?;
     Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cores_zero_is_one_per_cpu_capped_at_the_id_shard_bits() {
+        assert_eq!(executor_count(0, 8), 8);
+        assert_eq!(executor_count(0, 64), 64);
+        // More CPUs than a message id can name shards for: capped.
+        assert_eq!(executor_count(0, 96), MAX_CORES);
+        assert_eq!(executor_count(0, 256), MAX_CORES);
+        assert_eq!(executor_count(0, 0), 1);
+        // An explicit value stands (validation caps it at 64).
+        assert_eq!(executor_count(3, 96), 3);
+        assert_eq!(MAX_CORES, 1 << 6);
+    }
+
+    #[test]
+    fn memlock_errors_say_how_to_fix_them() {
+        let e = memlock_verdict(64 * 1024).expect_err("64 KiB is too little");
+        let e = e.to_string();
+        assert!(e.contains("64 KiB") && e.contains("512 KiB"), "{e}");
+        assert!(e.contains("LimitMEMLOCK") && e.contains("ulimit -l"), "{e}");
+        assert!(memlock_verdict(512 * 1024).is_ok());
+        assert!(memlock_verdict(libc::RLIM_INFINITY).is_ok());
+
+        let hint = startup_hint("IO error occurred: MemLockLimit(65536/524288)").expect("hint");
+        assert!(hint.contains("LimitMEMLOCK"), "{hint}");
+        let hint = startup_hint("Function not implemented (os error 38)").expect("hint");
+        assert!(hint.contains("io_uring"), "{hint}");
+        assert_eq!(startup_hint("address in use"), None);
+    }
 }

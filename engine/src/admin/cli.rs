@@ -1,9 +1,17 @@
 //! `sluice queue …` and `sluice destination …`: a command line over the
 //! management API (`api`). Human tables by default, `--json` prints the API's
 //! answer as it is; a refused call exits non-zero with the API's message.
+//!
+//! When the relay is not running (its API refuses the connection), the queue
+//! reads (summary, list, show, count) are answered by the same API code over
+//! the spool opened read-only here, so the output is the same either way;
+//! actions need the running relay.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::cell::Cell;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -14,6 +22,89 @@ use crate::config::Config;
 
 /// The environment variable holding the API token (instead of a file).
 pub const TOKEN_ENV: &str = "SLUICE_API_TOKEN";
+/// The environment variable naming the configuration file.
+pub const CONFIG_ENV: &str = "SLUICE_CONFIG";
+/// The configuration file used when neither `-c` nor `SLUICE_CONFIG` names one.
+pub const DEFAULT_CONFIG: &str = "/etc/sluice/sluice.toml";
+/// The token file `sluice run` creates in the spool directory when
+/// `admin.token_file` is unset (the one directory the service may write).
+pub const LOCAL_TOKEN_FILE: &str = "admin.token";
+
+/// Which configuration file to load: the explicit one, else the environment's
+/// (an empty value counts as unset), else the default path if it exists, else
+/// none (the built-in defaults).
+pub fn config_path(
+    explicit: Option<PathBuf>,
+    env: Option<OsString>,
+    exists: impl Fn(&Path) -> bool,
+) -> Option<PathBuf> {
+    explicit
+        .or_else(|| env.filter(|v| !v.is_empty()).map(PathBuf::from))
+        .or_else(|| {
+            let default = Path::new(DEFAULT_CONFIG);
+            exists(default).then(|| default.to_path_buf())
+        })
+}
+
+/// The API token file in force: `admin.token_file`, else the one `sluice run`
+/// creates in the spool directory (None when the API is off).
+pub fn token_path(config: &Config) -> Option<PathBuf> {
+    if let Some(path) = &config.admin.token_file {
+        return Some(path.clone());
+    }
+    (!config.admin.listen.is_empty()).then(|| config.spool.path.join(LOCAL_TOKEN_FILE))
+}
+
+/// What `ensure_local_token` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LocalToken {
+    /// `admin.token_file` is set, or the API is off: nothing to do.
+    NotUsed,
+    /// The file was there already.
+    Existing(PathBuf),
+    /// Made now, with a new random token.
+    Created(PathBuf),
+}
+
+/// With `admin.token_file` unset, makes `<spool.path>/admin.token` (mode 0600,
+/// 32 random bytes as hex) unless it exists, so the CLI on the same box can
+/// use the API with the defaults.
+pub fn ensure_local_token(config: &Config) -> anyhow::Result<LocalToken> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if config.admin.token_file.is_some() {
+        return Ok(LocalToken::NotUsed);
+    }
+    let Some(path) = token_path(config) else {
+        return Ok(LocalToken::NotUsed);
+    };
+    if path.exists() {
+        return Ok(LocalToken::Existing(path));
+    }
+    std::fs::create_dir_all(&config.spool.path)
+        .with_context(|| format!("spool.path: creating {}", config.spool.path.display()))?;
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .context("reading /dev/urandom for the API token")?;
+    let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let mut file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+    {
+        Ok(f) => f,
+        // Made by another start in the meantime: use that one.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Ok(LocalToken::Existing(path))
+        }
+        Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+    };
+    file.write_all(format!("{token}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(LocalToken::Created(path))
+}
 /// How long the CLI waits for an answer (queue actions wait for every core).
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -26,12 +117,17 @@ pub struct ApiArgs {
     /// API base URL, e.g. http://127.0.0.1:9925 (default: from admin.listen).
     #[arg(long, global = true)]
     pub api: Option<String>,
-    /// File holding the bearer token (default: admin.token_file, or $SLUICE_API_TOKEN).
+    /// File holding the bearer token (default: $SLUICE_API_TOKEN, else
+    /// admin.token_file, else <spool.path>/admin.token made by `sluice run`).
     #[arg(long, global = true)]
     pub token_file: Option<PathBuf>,
     /// Print the API's JSON answer.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Read the spool here instead of asking the relay (reads only). Without
+    /// it, reads fall back to the spool when the relay's API is not running.
+    #[arg(long, global = true)]
+    pub offline: bool,
 }
 
 /// Which messages a queue action applies to: one id, or a filter.
@@ -109,6 +205,12 @@ pub enum QueueCommand {
     },
     /// Show one message: envelope, recipients, schedule, headers.
     Show { id: String },
+    /// Number of queued messages.
+    Count,
+    /// One message's stored bytes exactly (read from the spool on this box).
+    Body { id: String },
+    /// Spool lifetime counters: messages stored vs. commits (read from the spool on this box).
+    Stats,
     /// Attempt now: one message, or every one matching the filter.
     Retry(Selection),
     /// Hold (no attempts until released; survives a restart).
@@ -140,20 +242,80 @@ pub enum DestinationCommand {
     List,
 }
 
-/// An API connection: base URL and token.
+/// Why a call to the API failed.
+enum CallError {
+    /// Nothing listens there (the relay is not running): a read may fall back.
+    Unreachable(anyhow::Error),
+    /// It answered with an error, or the answer was unusable.
+    Failed(anyhow::Error),
+}
+
+/// Where queue calls go: the relay's API, and/or the spool read here.
 pub struct Client {
-    base: String,
-    token: String,
+    /// Base URL and token (the token may be empty: the API then says 401).
+    online: Option<(String, String)>,
+    /// Spool to read when the API is not answering (or with --offline).
+    offline: Option<PathBuf>,
+    /// Why no token was found, told if the API asks for one.
+    token_missing: Option<String>,
+    /// The fallback note is printed once.
+    noted: Cell<bool>,
 }
 
 impl Client {
-    /// From the command line, the environment and the configuration.
+    /// For `sluice destination …`: the running relay only.
     pub fn new(args: &ApiArgs, config: &Config) -> anyhow::Result<Client> {
+        if args.offline {
+            bail!("--offline: destination suspensions live in the running relay");
+        }
+        Client::build(args, config, false)
+    }
+
+    /// For `sluice queue …`: the API, with the spool as the fallback for reads
+    /// when the API address comes from the configuration.
+    pub fn for_queue(
+        args: &ApiArgs,
+        config: &Config,
+        cmd: &QueueCommand,
+    ) -> anyhow::Result<Client> {
+        let read = matches!(
+            cmd,
+            QueueCommand::Summary { .. }
+                | QueueCommand::List { .. }
+                | QueueCommand::Show { .. }
+                | QueueCommand::Count
+                | QueueCommand::Body { .. }
+                | QueueCommand::Stats
+        );
+        if args.offline {
+            if !read {
+                bail!("--offline: queue actions need the running relay");
+            }
+            return Ok(Client {
+                online: None,
+                offline: Some(config.spool.path.clone()),
+                token_missing: None,
+                noted: Cell::new(true),
+            });
+        }
+        Client::build(args, config, read && args.api.is_none())
+    }
+
+    fn build(args: &ApiArgs, config: &Config, fallback: bool) -> anyhow::Result<Client> {
+        let offline = fallback.then(|| config.spool.path.clone());
         let base = match &args.api {
             Some(url) => url.trim_end_matches('/').to_string(),
             None => {
                 let listen = &config.admin.listen;
                 if listen.is_empty() {
+                    if offline.is_some() {
+                        return Ok(Client {
+                            online: None,
+                            offline,
+                            token_missing: None,
+                            noted: Cell::new(true),
+                        });
+                    }
                     bail!("admin.listen is empty (the API is off); give --api URL");
                 }
                 let addr: std::net::SocketAddr = listen
@@ -174,30 +336,72 @@ impl Client {
                 format!("http://{ip}:{}", addr.port())
             }
         };
-        let token = match (&args.token_file, std::env::var(TOKEN_ENV)) {
-            (Some(path), _) => read_token(path)?,
-            (None, Ok(t)) if !t.trim().is_empty() => t.trim().to_string(),
-            _ => match &config.admin.token_file {
-                Some(path) => read_token(path)?,
-                None => bail!(
-                    "no API token: give --token-file, set {TOKEN_ENV}, or set admin.token_file"
+        let (token, token_missing) = match (&args.token_file, std::env::var(TOKEN_ENV)) {
+            (Some(path), _) => (read_token(path)?, None),
+            (None, Ok(t)) if !t.trim().is_empty() => (t.trim().to_string(), None),
+            _ => match token_path(config) {
+                Some(path) => match read_token(&path) {
+                    Ok(t) => (t, None),
+                    // Not fatal yet: the relay may not be running (the
+                    // fallback needs no token), or may not want one.
+                    Err(e) => (String::new(), Some(format!("{e:#}"))),
+                },
+                None => (
+                    String::new(),
+                    Some(format!(
+                        "no API token: give --token-file, set {TOKEN_ENV}, or set admin.token_file"
+                    )),
                 ),
             },
         };
-        Ok(Client { base, token })
+        Ok(Client {
+            online: Some((base, token)),
+            offline,
+            token_missing,
+            noted: Cell::new(false),
+        })
     }
 
-    /// Calls the API; the JSON answer, or an error carrying the API's message.
+    /// Calls the API (or answers a read from the spool); the JSON answer, or
+    /// an error carrying the API's message.
     pub fn call(
         &self,
         method: &str,
         path: &str,
         query: &[(&str, String)],
     ) -> anyhow::Result<Value> {
-        let url = format!("{}/api/v1{path}", self.base);
+        if let Some((base, token)) = &self.online {
+            match self.call_online(base, token, method, path, query) {
+                Ok(v) => return Ok(v),
+                Err(CallError::Unreachable(e)) if self.offline.is_some() && method == "GET" => {
+                    if !self.noted.replace(true) {
+                        eprintln!("sluice: {e:#}; reading the spool instead");
+                    }
+                }
+                Err(CallError::Unreachable(e) | CallError::Failed(e)) => return Err(e),
+            }
+        }
+        let Some(spool_path) = &self.offline else {
+            bail!("no API to call");
+        };
+        if method != "GET" {
+            bail!("{method} {path}: the relay is not running; queue actions need it");
+        }
+        self.call_offline(spool_path, method, path, query)
+    }
+
+    fn call_online(
+        &self,
+        base: &str,
+        token: &str,
+        method: &str,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<Value, CallError> {
+        let url = format!("{base}/api/v1{path}");
         let mut req = ureq::request(method, &url)
             .timeout(TIMEOUT)
-            .set("Authorization", &format!("Bearer {}", self.token));
+            .set("Authorization", &format!("Bearer {token}"));
         for (k, v) in query {
             req = req.query(k, v);
         }
@@ -206,12 +410,61 @@ impl Client {
             Err(ureq::Error::Status(code, r)) => {
                 let body: Value = r.into_json().unwrap_or(Value::Null);
                 let msg = body["error"].as_str().unwrap_or("(no message)");
-                bail!("{method} {path}: HTTP {code}: {msg}");
+                let hint = match (&self.token_missing, code) {
+                    (Some(why), 401) => format!(" ({why})"),
+                    _ => String::new(),
+                };
+                return Err(CallError::Failed(anyhow!(
+                    "{method} {path}: HTTP {code}: {msg}{hint}"
+                )));
             }
-            Err(e) => return Err(anyhow!("{url}: {e}")),
+            Err(ureq::Error::Transport(t)) if t.kind() == ureq::ErrorKind::ConnectionFailed => {
+                return Err(CallError::Unreachable(anyhow!(
+                    "the management API at {base} is not answering (is the relay running?)"
+                )))
+            }
+            Err(e) => return Err(CallError::Failed(anyhow!("{url}: {e}"))),
         };
         resp.into_json::<Value>()
             .with_context(|| format!("{url}: the answer is not JSON"))
+            .map_err(CallError::Failed)
+    }
+
+    /// A read answered by the API's own code over the spool opened read-only.
+    fn call_offline(
+        &self,
+        spool_path: &Path,
+        method: &str,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> anyhow::Result<Value> {
+        let spool = sluice_spool::Spool::open_readonly(spool_path)
+            .with_context(|| format!("opening spool at {}", spool_path.display()))?;
+        let state = super::AdminState {
+            token: None,
+            metrics_auth: false,
+            reload: None,
+            api: super::api::ApiContext {
+                spool: Some(Arc::new(spool)),
+                cores: None,
+            },
+        };
+        let req = super::Request {
+            method: method.to_string(),
+            path: format!("/api/v1{path}"),
+            query: query
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            body: Vec::new(),
+        };
+        let resp = super::api::handle(&state, &req);
+        let body: Value = serde_json::from_slice(&resp.body).context("the answer is not JSON")?;
+        if resp.status != 200 {
+            let msg = body["error"].as_str().unwrap_or("(no message)");
+            bail!("{method} {path}: {msg}");
+        }
+        Ok(body)
     }
 }
 
@@ -235,11 +488,23 @@ fn enc(s: &str) -> String {
 
 pub fn run_queue(
     client: &Client,
+    config: &Config,
     json: bool,
     cmd: QueueCommand,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
     let (value, render): (Value, Render) = match cmd {
+        // The stored bytes and the commit counters are not in the API: read
+        // here (LMDB readers are safe beside the running relay).
+        QueueCommand::Body { id } => return crate::spool_view::body(&config.spool.path, &id, out),
+        QueueCommand::Stats => return crate::spool_view::stats(&config.spool.path, out),
+        QueueCommand::Count => {
+            let v = client.call("GET", "/queue/summary", &[("top", "0".to_string())])?;
+            (
+                serde_json::json!({ "messages": v["total"]["messages"] }),
+                |v, o| writeln!(o, "{}", s(&v["messages"])),
+            )
+        }
         QueueCommand::Summary { top } => (
             client.call("GET", "/queue/summary", &[("top", top.to_string())])?,
             print_summary,
@@ -460,6 +725,10 @@ fn print_list(v: &Value, o: &mut dyn Write) -> std::io::Result<()> {
             s(&m["sender"]),
             rcpts.join(", ")
         )?;
+        // Why it is still here: the last deferral reply.
+        if let Some(e) = m["last_error"].as_str() {
+            writeln!(o, "{:<16} last error: {e}", "")?;
+        }
     }
     write!(o, "-- {} message(s) match", s(&v["total"]))?;
     if let Some(c) = v["next_cursor"].as_str() {
@@ -553,7 +822,11 @@ mod tests {
             "total": 2, "next_cursor": "00000000000000ff",
             "messages": [{"id": "00000000000000ff", "status": "held", "size": 10,
                 "attempts": 0, "arrival": "2026-01-01T00:00:00.000Z", "sender": "",
-                "recipients": [{"address": "b@x.test", "status": "pending"}]}]
+                "recipients": [{"address": "b@x.test", "status": "pending"}]},
+                {"id": "0000000000000100", "status": "deferred", "size": 10,
+                "attempts": 2, "arrival": "2026-01-01T00:00:00.000Z", "sender": "a@y.test",
+                "last_error": "451 4.4.1 mx.x.test [192.0.2.9]: connection refused",
+                "recipients": [{"address": "c@x.test", "status": "deferred"}]}]
         });
         let mut out = Vec::new();
         print_list(&v, &mut out).expect("render");
@@ -561,5 +834,69 @@ mod tests {
         assert!(text.contains("00000000000000ff held"), "{text}");
         assert!(text.contains("b@x.test (pending)"), "{text}");
         assert!(text.contains("--cursor 00000000000000ff"), "{text}");
+        // The deferral reason is on the line after its message, and only there.
+        let lines: Vec<&str> = text.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with("0000000000000100 deferred"))
+            .expect("deferred message listed");
+        assert_eq!(
+            lines[at + 1].trim(),
+            "last error: 451 4.4.1 mx.x.test [192.0.2.9]: connection refused",
+            "{text}"
+        );
+        assert_eq!(text.matches("last error:").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn config_file_is_found_by_flag_then_environment_then_default_path() {
+        let yes = |_: &Path| true;
+        let no = |_: &Path| false;
+        let flag = Some(PathBuf::from("/x/flag.toml"));
+        let env = Some(OsString::from("/x/env.toml"));
+        assert_eq!(config_path(flag.clone(), env.clone(), yes), flag, "-c wins");
+        assert_eq!(
+            config_path(None, env.clone(), yes),
+            Some(PathBuf::from("/x/env.toml"))
+        );
+        assert_eq!(
+            config_path(None, Some(OsString::new()), yes),
+            Some(PathBuf::from(DEFAULT_CONFIG)),
+            "an empty SLUICE_CONFIG is unset"
+        );
+        assert_eq!(config_path(None, None, no), None, "built-in defaults");
+    }
+
+    #[test]
+    fn local_token_is_made_once_private_and_found_by_the_cli() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spool = dir.path().join("spool");
+        let config = Config::load(
+            "t",
+            &format!("[spool]\npath = {:?}\n", spool.display().to_string()),
+            &[],
+        )
+        .expect("config");
+        let path = spool.join(LOCAL_TOKEN_FILE);
+        assert_eq!(token_path(&config), Some(path.clone()));
+        assert_eq!(
+            ensure_local_token(&config).expect("create"),
+            LocalToken::Created(path.clone())
+        );
+        let token = read_token(&path).expect("read");
+        assert_eq!(token.len(), 64, "{token}");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            ensure_local_token(&config).expect("again"),
+            LocalToken::Existing(path.clone())
+        );
+        assert_eq!(read_token(&path).expect("read"), token, "not replaced");
+
+        // A configured token file, or no API: nothing is made.
+        let off = Config::load("t", "[admin]\nlisten = \"\"\n", &[]).expect("config");
+        assert_eq!(token_path(&off), None);
+        assert_eq!(ensure_local_token(&off).expect("off"), LocalToken::NotUsed);
     }
 }
