@@ -194,10 +194,103 @@ fn second_mx_is_used_when_the_first_refuses_connections() {
     let refused = failed_connections(&relay, &dead.to_string());
     assert_eq!(refused.len(), 1, "the first MX was tried: {}", relay.log());
     assert_eq!(field(&refused[0], "host"), "mx1.dlv.test");
+    assert_eq!(field(&refused[0], "ids"), id, "the line names the message");
     let a = attempts(&relay, &id);
     assert_eq!(a.len(), 1, "one attempt, delivered: {a:#?}");
     assert_eq!(field(&a[0], "status"), "delivered", "{a:#?}");
     assert_eq!(field(&a[0], "host"), "mx2.dlv.test", "{a:#?}");
+}
+
+#[test]
+fn an_idle_site_is_evicted_and_made_again_for_the_next_message() {
+    let ips = loopbacks(1);
+    let port = mx_port(&ips);
+    let nsd = Nsd::start(&format!("a MX 10 mx1\nmx1 A {}", ips[0]));
+    let sink = LoadgenSink::start(&[sa(ips[0], port)], &[]);
+    let relay = mx_relay(
+        &nsd,
+        port,
+        1,
+        &[
+            "delivery.idle_timeout=\"200ms\"".into(),
+            "log.level=\"info,sluice_engine::delivery=debug\"".into(),
+        ],
+    );
+    let evicted = |relay: &Relay| {
+        log_events(relay, "idle site evicted")
+            .iter()
+            .filter(|v| field(v, "site") == "a.dlv.test")
+            .count()
+    };
+    for n in 1..=2 {
+        submit(
+            &relay,
+            "alice@snd.dlv.test",
+            "",
+            &["bob@a.dlv.test"],
+            format!("Subject: evict {n}\r\n\r\nhi\r\n").as_bytes(),
+        );
+        sink.wait_saved(n, T, &relay);
+        // Idle (connection closed after idle_timeout, nothing queued, no
+        // rates to remember): the site leaves the table.
+        wait_until(
+            "the idle site to be evicted",
+            T,
+            || evicted(&relay) == n,
+            || relay.log(),
+        );
+    }
+}
+
+#[test]
+fn a_rule_matching_the_mx_host_name_routes_the_recipient() {
+    // a.dlv.test's MX host answers nowhere; a rule on that MX host name sends
+    // its recipients to a route whose host listens.
+    let ips = loopbacks(2);
+    let (dead, live) = (ips[0], ips[1]);
+    let port = mx_port(&ips);
+    let nsd = Nsd::start(&format!(
+        "a MX 10 mx1.provider\nmx1.provider A {dead}\nb MX 10 mx2\nmx2 A {dead}"
+    ));
+    let sink = LoadgenSink::start(&[sa(live, port)], &[]);
+    let relay = mx_relay(
+        &nsd,
+        port,
+        1,
+        &[
+            "queue.default.retry=[\"1h\"]".into(),
+            format!("route.provider={{type=\"relay\",host=\"{live}\",port={port},tls=\"none\"}}"),
+            "rule=[{match={mx=[\"*.provider.dlv.test\"]},route=\"provider\"}]".into(),
+        ],
+    );
+    let id = submit(
+        &relay,
+        "alice@snd.dlv.test",
+        "",
+        &["bob@a.dlv.test", "carol@b.dlv.test"],
+        b"Subject: by mx\r\n\r\nhi\r\n",
+    );
+    sink.wait_saved(1, T, &relay);
+    wait_until(
+        "both recipients to have an attempt",
+        T,
+        || attempts(&relay, &id).len() >= 2,
+        || relay.log(),
+    );
+    let a = attempts(&relay, &id);
+    let bob = a
+        .iter()
+        .find(|l| field(l, "recipient") == "bob@a.dlv.test")
+        .expect("bob's attempt");
+    assert_eq!(field(bob, "status"), "delivered", "{a:#?}");
+    assert_eq!(field(bob, "route"), "provider", "{a:#?}");
+    // The other domain's MX does not match: it stays on MX delivery.
+    let carol = a
+        .iter()
+        .find(|l| field(l, "recipient") == "carol@b.dlv.test")
+        .expect("carol's attempt");
+    assert_eq!(field(carol, "route"), "mx", "{a:#?}");
+    assert_eq!(field(carol, "status"), "deferred", "{a:#?}");
 }
 
 #[test]
@@ -460,6 +553,24 @@ fn expired_message_bounces_with_5_4_7() {
     let a = attempts(&relay, &id);
     assert!(a.len() >= 2, "retried before expiring: {a:#?}");
     assert!(a.iter().all(|l| field(l, "status") == "deferred"), "{a:#?}");
+    // The log says what happened after the last deferral: given up, removed.
+    let gave_up: Vec<_> = log_events(&relay, "given up")
+        .into_iter()
+        .filter(|v| v["id"] == id.as_str())
+        .collect();
+    assert_eq!(gave_up.len(), 1, "{}", relay.log());
+    assert_eq!(field(&gave_up[0], "status"), "expired");
+    assert_eq!(field(&gave_up[0], "recipient"), "bob@a.dlv.test");
+    assert!(
+        field(&gave_up[0], "reply").contains("5.4.7"),
+        "{gave_up:#?}"
+    );
+    let removed = log_events(&relay, "removed");
+    assert!(
+        removed.iter().any(|v| v["id"] == id.as_str()),
+        "removal logged: {}",
+        relay.log()
+    );
 }
 
 #[test]

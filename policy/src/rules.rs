@@ -17,7 +17,11 @@
 //!   sets (`queue`, `route`, `source_ip`, `ehlo_name`) are used; fields it leaves
 //!   unset take the defaults (queue [`DEFAULT_QUEUE`], route [`DEFAULT_ROUTE`], no
 //!   source address, the server's own EHLO name). Later rules are never consulted,
-//!   so put specific rules before general ones. No match at all gives the defaults.
+//!   so put specific rules before general ones. No match at all gives the defaults,
+//!   except for the route when the config names the built-in routes: a recipient
+//!   no rule decides takes route `local` when it is in a local domain and a route
+//!   named "local" exists, else route `default` when one named "default" exists,
+//!   else [`DEFAULT_ROUTE`] (see [`RuleSet::evaluate_recipient`]).
 //! - Domains (`recipient_domain`, `sender_domain`, `mx`) are an exact name or
 //!   `*.suffix`, which matches names strictly below `suffix` (not `suffix`
 //!   itself). Compared ASCII case-insensitively, a trailing dot ignored.
@@ -30,8 +34,9 @@
 //!   `authenticated = true` means the session authenticated, `false` that it did not.
 //! - `priority_min` is the lowest MT-PRIORITY (RFC 6710, -9..=9) that matches;
 //!   `size_min`/`size_max` are inclusive byte bounds (integer or "512KiB", "10MiB").
-//! - `mx` needs the MX host names, known only once the route has been resolved: see
-//!   [`RuleSet::decide_with_mx`]. Before that such rules never match.
+//! - `mx` needs the MX host names of the recipient's domain: see
+//!   [`RuleSet::decide_with_mx`]. Without them such rules never match; the
+//!   delivery engine looks the MX hosts up before routing when a rule uses `mx`.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -48,6 +53,12 @@ use crate::{NetworkList, PolicyError};
 pub const DEFAULT_QUEUE: &str = "default";
 /// Route used when no rule (or the deciding rule) names one: delivery by MX lookup.
 pub const DEFAULT_ROUTE: &str = "mx";
+
+/// A route of this name, when configured, takes what no rule decides.
+pub const BUILTIN_DEFAULT_ROUTE: &str = "default";
+/// A route of this name, when configured, takes the local domains' recipients
+/// no rule decides.
+pub const BUILTIN_LOCAL_ROUTE: &str = "local";
 
 /// Lists with more exact domains than this are looked up in a hash set; below it a
 /// linear case-insensitive scan is cheaper than hashing a lowercased copy.
@@ -172,6 +183,9 @@ pub struct Decision {
 pub struct RuleSet {
     rules: Vec<Rule>,
     fallback: Decision,
+    /// What no rule decides for a recipient in a local domain, when a route
+    /// named "local" exists.
+    local_fallback: Option<Decision>,
     uses_mx: bool,
 }
 
@@ -212,9 +226,20 @@ impl RuleSet {
             compiled.push(compile_rule(i + 1, config, known_queues, known_routes)?);
         }
         let uses_mx = compiled.iter().any(|r| r.cond.mx.is_some());
+        let mut fallback = default_decision(None);
+        if known_routes.contains(&BUILTIN_DEFAULT_ROUTE) {
+            fallback.route = BUILTIN_DEFAULT_ROUTE.to_string();
+        }
+        let local_fallback = known_routes
+            .contains(&BUILTIN_LOCAL_ROUTE)
+            .then(|| Decision {
+                route: BUILTIN_LOCAL_ROUTE.to_string(),
+                ..default_decision(None)
+            });
         Ok(RuleSet {
             rules: compiled,
-            fallback: default_decision(None),
+            fallback,
+            local_fallback,
             uses_mx,
         })
     }
@@ -251,6 +276,23 @@ impl RuleSet {
             .iter()
             .find(|r| r.cond.matches(facts, &rcpt, &sender, mx_hosts))
             .map_or(&self.fallback, |r| &r.decision)
+    }
+
+    /// Like [`RuleSet::evaluate`] for a recipient whose domain is local or not:
+    /// when no rule matches, a local recipient takes the route named "local" if
+    /// the config has one.
+    pub fn evaluate_recipient(
+        &self,
+        facts: &MessageFacts,
+        recipient: &str,
+        local: bool,
+        mx_hosts: Option<&[&str]>,
+    ) -> &Decision {
+        let d = self.evaluate(facts, recipient, mx_hosts);
+        match (&self.local_fallback, d.rule, local) {
+            (Some(l), None, true) => l,
+            _ => d,
+        }
     }
 
     /// True when some rule uses `match.mx`, so decisions may change once the MX
@@ -1309,5 +1351,45 @@ mod tests {
         let cfg = parse("[[rule]]\nmatch = { listener = \"smtp\", size_max = 5 }\n");
         assert_eq!(cfg[0].when.listener, Some(vec!["smtp".to_string()]));
         assert_eq!(cfg[0].when.size_max, Some(SizeSpec::Bytes(5)));
+    }
+
+    #[test]
+    fn routes_named_local_and_default_take_what_no_rule_decides() {
+        let rules = parse(
+            r#"
+            [[rule]]
+            match.recipient_domain = "special.example"
+            queue = "bulk"
+            "#,
+        );
+        let f = facts();
+        // Neither route configured: MX.
+        let plain = RuleSet::new(&rules, QUEUES, &["mx"]).expect("rules");
+        assert_eq!(
+            plain
+                .evaluate_recipient(&f, "a@x.example", true, None)
+                .route,
+            "mx"
+        );
+        // Both configured: local recipients go to "local", the rest to "default".
+        let both = RuleSet::new(&rules, QUEUES, &["local", "default"]).expect("rules");
+        let local = both.evaluate_recipient(&f, "a@x.example", true, None);
+        assert_eq!((local.route.as_str(), local.rule), ("local", None));
+        assert_eq!(
+            both.evaluate_recipient(&f, "a@x.example", false, None)
+                .route,
+            "default"
+        );
+        // A deciding rule keeps its own route (unset: MX), local or not.
+        let d = both.evaluate_recipient(&f, "a@special.example", true, None);
+        assert_eq!((d.route.as_str(), d.rule), ("mx", Some(1)));
+        // Only "default": local recipients take it too.
+        let default = RuleSet::new(&rules, QUEUES, &["default"]).expect("rules");
+        assert_eq!(
+            default
+                .evaluate_recipient(&f, "a@x.example", true, None)
+                .route,
+            "default"
+        );
     }
 }

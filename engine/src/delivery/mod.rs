@@ -96,6 +96,8 @@ pub struct CoreDelivery {
     senders: Senders<MeshMsg>,
     resolver: Resolver,
     attempts: RefCell<HashMap<MessageId, Attempt>>,
+    /// Messages whose MX hosts are being looked up before routing (`match.mx`).
+    resolving: RefCell<std::collections::HashSet<MessageId>>,
     timers: RefCell<BTreeSet<(u64, MessageId)>>,
     timer_wake: event_listener::Event,
     sites: RefCell<HashMap<String, Rc<Site>>>,
@@ -147,6 +149,7 @@ impl CoreDelivery {
             ids,
             senders,
             attempts: RefCell::new(HashMap::new()),
+            resolving: RefCell::new(Default::default()),
             timers: RefCell::new(BTreeSet::new()),
             timer_wake: event_listener::Event::new(),
             sites: RefCell::new(HashMap::new()),

@@ -1,6 +1,9 @@
 //! Routing: which route, target and connection strategy a recipient takes
 //! (the `[[rule]]` set, then the route's fallback after repeated deferrals).
+//! When a rule uses `match.mx`, the MX host names of the recipients' domains
+//! are looked up first ([`CoreDelivery::mx_hosts`]).
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use sluice_spool::{Envelope, RecipientStatus};
@@ -11,13 +14,15 @@ use super::CoreDelivery;
 
 impl CoreDelivery {
     /// Route, target and connection strategy for one recipient: the first
-    /// matching `[[rule]]` decides; local domains go to the "local" route when one
-    /// is configured; a route's fallback takes over after `fallback_after`
-    /// deferrals of this recipient.
+    /// matching `[[rule]]` decides (with the domain's MX host names when they
+    /// were looked up); what no rule decides takes the rule set's built-in
+    /// routes ("local", "default" when configured); a route's fallback takes
+    /// over after `fallback_after` deferrals of this recipient.
     pub(super) fn target_for(
         &self,
         envelope: &Envelope,
         recipient: &sluice_spool::Recipient,
+        mx: Option<&MxHosts>,
     ) -> Result<(String, Target, Strategy), String> {
         let cfg = &self.shared.cfg;
         let client_ip = envelope
@@ -33,15 +38,18 @@ impl CoreDelivery {
             size: envelope.size,
         };
         let rules = self.shared.rules.load();
-        let decision = rules.evaluate(&facts, &recipient.address, None);
-        // Without a deciding rule: local domains take the "local" route and the
-        // rest the "default" route, when those are configured; else MX.
-        let chosen = match decision.rule {
-            Some(_) => decision.route.as_str(),
-            None if recipient.local && cfg.routes.contains_key("local") => "local",
-            None if cfg.routes.contains_key("default") => "default",
-            None => decision.route.as_str(),
-        };
+        let hosts: Option<Vec<&str>> = mx.map(|m| {
+            m.get(&domain_of(&recipient.address))
+                .map(|h| h.iter().map(String::as_str).collect())
+                .unwrap_or_default()
+        });
+        let decision = rules.evaluate_recipient(
+            &facts,
+            &recipient.address,
+            recipient.local,
+            hosts.as_deref(),
+        );
+        let chosen = decision.route.as_str();
         let deferrals = match &recipient.status {
             RecipientStatus::Deferred { attempts, .. } => *attempts,
             _ => 0,
@@ -56,11 +64,7 @@ impl CoreDelivery {
                 host_target(route_name, route, cfg.delivery.tls)?
             }
             route => {
-                let domain = recipient
-                    .address
-                    .rsplit_once('@')
-                    .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
-                    .unwrap_or_default();
+                let domain = domain_of(&recipient.address);
                 if domain.is_empty() {
                     return Err("550 5.1.2 recipient has no domain to route to".into());
                 }
@@ -72,6 +76,40 @@ impl CoreDelivery {
             }
         };
         Ok((route_name.to_string(), target, strategy))
+    }
+}
+
+/// MX host names per recipient domain, for rules using `match.mx`.
+pub(super) type MxHosts = HashMap<String, Vec<String>>;
+
+/// The domain of an address, lowercased, without a trailing dot.
+fn domain_of(address: &str) -> String {
+    address
+        .rsplit_once('@')
+        .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+impl CoreDelivery {
+    /// The MX host names of the open recipients' domains (cached by the
+    /// resolver, so the connection's own lookup costs nothing more). A domain
+    /// whose lookup fails has none: `match.mx` rules do not match it, and the
+    /// connection reports the failure.
+    pub(super) async fn mx_hosts(&self, envelope: &Envelope) -> MxHosts {
+        let mut out = MxHosts::new();
+        for r in &envelope.recipients {
+            if !super::is_open(&r.status) {
+                continue;
+            }
+            let domain = domain_of(&r.address);
+            if domain.is_empty() || out.contains_key(&domain) {
+                continue;
+            }
+            let route = self.resolver.resolve_route(&domain).await;
+            let names = route.hosts.iter().map(|h| h.name.clone()).collect();
+            out.insert(domain, names);
+        }
+        out
     }
 }
 

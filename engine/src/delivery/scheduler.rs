@@ -15,6 +15,7 @@ use sluice_spool::{Envelope, MessageId};
 use super::job::{deferred_all, site_key, JobResult, Outcome};
 use super::ledger::{self, Admit, Attempt, Effect};
 use super::mesh::{owner_of, MeshMsg};
+use super::routing::MxHosts;
 use super::{halted, now_ms, persist, throttle, CoreDelivery};
 
 impl CoreDelivery {
@@ -27,7 +28,9 @@ impl CoreDelivery {
             match next {
                 Some((due, id)) if due <= now => {
                     self.timers.borrow_mut().remove(&(due, id));
-                    if self.attempts.borrow().contains_key(&id) {
+                    if self.attempts.borrow().contains_key(&id)
+                        || self.resolving.borrow().contains(&id)
+                    {
                         continue;
                     }
                     if self.shared.spool.is_failed() {
@@ -126,7 +129,34 @@ impl CoreDelivery {
             Admit::Settle => return self.settle(id, envelope),
             Admit::Attempt => {}
         }
-        let (mut groups, unroutable) = ledger::group(&envelope, |r| self.target_for(&envelope, r));
+        if self.shared.rules.load().uses_mx() {
+            // A rule matches on MX host names: look them up before routing.
+            self.resolving.borrow_mut().insert(id);
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                let mx = me.mx_hosts(&envelope).await;
+                me.resolving.borrow_mut().remove(&id);
+                if !me.stopped.get() {
+                    me.send_jobs(id, envelope, Some(&mx), now_ms());
+                }
+            })
+            .detach();
+            return;
+        }
+        self.send_jobs(id, envelope, None, now);
+    }
+
+    /// Routes the open recipients, groups them into jobs and sends each to its
+    /// site's owner (after the queue's concurrency and rate allow it).
+    fn send_jobs(
+        self: &Rc<Self>,
+        id: MessageId,
+        envelope: Envelope,
+        mx: Option<&MxHosts>,
+        now: u64,
+    ) {
+        let (mut groups, unroutable) =
+            ledger::group(&envelope, |r| self.target_for(&envelope, r, mx));
         // Destinations suspended by the operator: their recipients wait; when
         // nothing else is to be done, wake at the suspension's end.
         if let Some(until) = self.admin_park_suspended(id, &mut groups, now) {

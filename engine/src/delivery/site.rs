@@ -293,7 +293,42 @@ impl CoreDelivery {
             site.active.set(site.active.get() + 1);
             let me = self.clone();
             glommio::spawn_local(async move { me.connection_task(site).await }).detach();
+        } else if site.active.get() == 0 {
+            self.evict_site(site);
         }
+    }
+
+    /// An idle site (no connection, nothing queued) leaves the table once its
+    /// rate limiters are full again, so the table holds the sites in use, not
+    /// every domain ever mailed. The next job makes a new one.
+    fn evict_site(self: &Rc<Self>, site: Rc<Site>) {
+        let idle = |s: &Site| s.active.get() == 0 && s.queue.borrow().is_empty();
+        let at = site.throttle.borrow().forgettable_at();
+        if at <= now_ms() {
+            if idle(&site) {
+                let mut sites = self.sites.borrow_mut();
+                if sites.get(&site.key).is_some_and(|s| Rc::ptr_eq(s, &site)) {
+                    sites.remove(&site.key);
+                    tracing::debug!(site = %site.key, "idle site evicted");
+                }
+            }
+            return;
+        }
+        if self.stopped.get() {
+            return;
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            Timer::new(std::time::Duration::from_millis(
+                at.saturating_sub(now_ms()),
+            ))
+            .await;
+            // Used again meanwhile: its own connection task evicts it later.
+            if idle(&site) {
+                me.evict_site(site);
+            }
+        })
+        .detach();
     }
 
     /// Connects to the site's addresses in order, holding a slot of each host
@@ -346,7 +381,7 @@ impl CoreDelivery {
                     })
                 }
                 Err(f) => {
-                    tracing::info!(host = %ep.host, ip = %ep.addr.ip(), reply = %f.reply, "connection attempt failed");
+                    tracing::info!(host = %ep.host, ip = %ep.addr.ip(), reply = %f.reply, ids = %waiting_ids(site), "connection attempt failed");
                     let next = f.try_next;
                     last = f;
                     if !next {
@@ -515,4 +550,22 @@ fn route_failure(domain: &str, error: Option<RouteError>) -> SessionFailure {
         reply,
         try_next: false,
     }
+}
+
+/// The messages waiting at a site (at most 32, then a count), for a log line
+/// about a connection they all depend on.
+fn waiting_ids(site: &Site) -> String {
+    const SHOWN: usize = 32;
+    let queue = site.queue.borrow();
+    let mut ids: Vec<String> = queue
+        .iter()
+        .take(SHOWN)
+        .map(|q| q.job.id.to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    if queue.len() > SHOWN {
+        ids.push(format!("+{}", queue.len() - SHOWN));
+    }
+    ids.join(",")
 }

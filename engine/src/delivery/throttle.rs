@@ -30,11 +30,19 @@ use sluice_policy::{MultiLimiter, Rate};
 
 use super::config::DestinationConfig;
 
+/// When a limiter last used at `last_ms` is full again (and so no different
+/// from a new one): a bucket refills completely within its longest period.
+fn refilled_at(limiter: &MultiLimiter, last_ms: u64) -> u64 {
+    last_ms.saturating_add(limiter.rates().map(|r| r.per_ms).max().unwrap_or(0))
+}
+
 /// Rate limits of one destination site.
 #[derive(Debug, Clone)]
 pub struct SiteThrottle {
     connections: MultiLimiter,
     messages: MultiLimiter,
+    /// Time of the last permit asked for.
+    last_ms: u64,
 }
 
 impl SiteThrottle {
@@ -42,12 +50,19 @@ impl SiteThrottle {
         SiteThrottle {
             connections: MultiLimiter::new(dest.connection_rate.clone()),
             messages: MultiLimiter::new(dest.message_rate.clone()),
+            last_ms: 0,
         }
+    }
+
+    /// From when forgetting this throttle loses nothing (both buckets full).
+    pub fn forgettable_at(&self) -> u64 {
+        refilled_at(&self.connections, self.last_ms).max(refilled_at(&self.messages, self.last_ms))
     }
 
     /// None: a new connection may be opened now (and is counted). Some: wait
     /// this long, then ask again.
     pub fn connection_wait(&mut self, now_ms: u64) -> Option<Duration> {
+        self.last_ms = self.last_ms.max(now_ms);
         self.connections
             .try_acquire(now_ms)
             .err()
@@ -56,6 +71,7 @@ impl SiteThrottle {
 
     /// None: one more message may be sent now (and is counted). Some: wait.
     pub fn message_wait(&mut self, now_ms: u64) -> Option<Duration> {
+        self.last_ms = self.last_ms.max(now_ms);
         self.messages
             .try_acquire(now_ms)
             .err()
@@ -183,8 +199,14 @@ impl<T> QueueConcurrency<T> {
 /// [`host_rate_key`]).
 #[derive(Debug, Default)]
 pub struct SourceIpLimits {
-    limiters: HashMap<String, MultiLimiter>,
+    /// Limiter and the time it was last asked.
+    limiters: HashMap<String, (MultiLimiter, u64)>,
+    /// Time of the last sweep for limiters that are full again.
+    swept_ms: u64,
 }
+
+/// How often the limiter tables are swept for idle entries.
+const SWEEP_MS: u64 = 60_000;
 
 impl SourceIpLimits {
     /// A message permit for `key`, limited by `rates` (fixed per key: the first
@@ -194,15 +216,36 @@ impl SourceIpLimits {
         if rates.is_empty() {
             return None;
         }
+        if now_ms >= self.swept_ms.saturating_add(SWEEP_MS) {
+            self.evict_idle(now_ms);
+        }
         if !self.limiters.contains_key(key) {
             self.limiters
-                .insert(key.to_string(), MultiLimiter::new(rates.to_vec()));
+                .insert(key.to_string(), (MultiLimiter::new(rates.to_vec()), now_ms));
         }
-        self.limiters
-            .get_mut(key)?
+        let (limiter, last) = self.limiters.get_mut(key)?;
+        *last = (*last).max(now_ms);
+        limiter
             .try_acquire(now_ms)
             .err()
             .map(|ms| Duration::from_millis(ms.max(1)))
+    }
+
+    /// Drops the limiters that are full again (a new one would be the same),
+    /// so addresses and hosts seen once do not stay forever.
+    pub fn evict_idle(&mut self, now_ms: u64) {
+        self.swept_ms = now_ms;
+        self.limiters
+            .retain(|_, (limiter, last)| refilled_at(limiter, *last) > now_ms);
+    }
+
+    /// Limiters held.
+    pub fn len(&self) -> usize {
+        self.limiters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.limiters.is_empty()
     }
 }
 
@@ -773,5 +816,42 @@ mod tests {
     fn host_keys_fold_case_and_dot() {
         assert_eq!(host_key("MX1.Example.COM."), "mx1.example.com");
         assert_eq!(host_key("192.0.2.1"), "192.0.2.1");
+    }
+
+    #[test]
+    fn idle_limiters_are_evicted_once_full_again() {
+        let mut t = SourceIpLimits::default();
+        let r = [rate("2/m")];
+        let t0 = 1_000_000;
+        for i in 0..100 {
+            assert_eq!(t.permit(&format!("192.0.2.{i}"), &r, t0), None);
+        }
+        assert_eq!(t.len(), 100);
+        // Used up: a key still limited is kept through a sweep.
+        assert_eq!(t.permit("busy", &r, t0), None);
+        assert_eq!(t.permit("busy", &r, t0), None);
+        assert!(t.permit("busy", &r, t0 + 29_000).is_some());
+        t.evict_idle(t0 + 59_999);
+        assert_eq!(t.len(), 101, "nothing is full yet");
+        // A minute after their last use the one-off keys are full again: gone.
+        t.evict_idle(t0 + 60_000);
+        assert_eq!(t.len(), 1, "only the key still limited is left");
+        // A permit a sweep interval later sweeps without an explicit call.
+        assert_eq!(t.permit("late", &r, t0 + 60_000 + SWEEP_MS), None);
+        assert_eq!(t.len(), 1, "only the key just asked for is left");
+        // Forgetting a full limiter changed nothing: the rate still holds.
+        let mut fresh = SourceIpLimits::default();
+        let now = t0 + 200_000;
+        assert_eq!(t.permit("busy", &r, now), fresh.permit("busy", &r, now));
+    }
+
+    #[test]
+    fn a_site_throttle_is_forgettable_after_its_longest_period() {
+        let d = dest("connection_rate = [\"1/s\"]\nmessage_rate = [\"10/m\", \"100/h\"]\n");
+        let mut t = SiteThrottle::new(&d);
+        assert_eq!(t.message_wait(5_000), None);
+        assert_eq!(t.forgettable_at(), 5_000 + 3_600_000);
+        let none = SiteThrottle::new(&DestinationConfig::default());
+        assert_eq!(none.forgettable_at(), 0, "no rates: nothing to remember");
     }
 }

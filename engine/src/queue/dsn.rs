@@ -237,7 +237,15 @@ pub fn build_dsn(
     ];
     let report = MimePart::new(
         ContentType::new("multipart/report")
-            .attribute("report-type", "delivery-status")
+            // RFC 6533 §6.3: the report type names the second part.
+            .attribute(
+                "report-type",
+                if global {
+                    "global-delivery-status"
+                } else {
+                    "delivery-status"
+                },
+            )
             .attribute("boundary", boundary),
         parts,
     );
@@ -1066,6 +1074,11 @@ assert len(m.get_all('To')) == 1 and m['Bcc'] is None
         assert!(
             text.contains("Content-Type: message/global-delivery-status"),
             "{text}"
+        );
+        assert!(
+            text.contains("report-type=global-delivery-status")
+                || text.contains("report-type=\"global-delivery-status\""),
+            "the report type matches the second part: {text}"
         );
         assert!(
             text.contains("Final-Recipient: utf-8;bjørn@exämple.net"),
