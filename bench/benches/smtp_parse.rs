@@ -8,7 +8,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sluice_engine::auth_guard::AuthGuard;
 use sluice_engine::config::AuthSection;
-use sluice_engine::config::{BareNewline, Protocol};
+use sluice_engine::config::{BareNewline, NulBytes, Protocol};
 use sluice_engine::smtp::data::DataDecoder;
 use sluice_engine::smtp::server::{Action, PeerInfo, Session, SessionConfig};
 use sluice_policy::{NetworkList, RelayPolicy};
@@ -30,6 +30,8 @@ fn session_config() -> Arc<SessionConfig> {
         max_line_length: 2048,
         max_errors: usize::MAX,
         bare_newline: BareNewline::Reject,
+        nul_bytes: NulBytes::Reject,
+        max_message_line_length: 998,
         relay: Arc::new(relay),
         auth_guard: Arc::new(AuthGuard::new(&AuthSection::default())),
     })
@@ -111,7 +113,7 @@ fn bench_data(c: &mut Criterion) {
             let mut out = Vec::with_capacity(body.len());
             b.iter(|| {
                 out.clear();
-                let mut d = DataDecoder::new(u64::MAX);
+                let mut d = DataDecoder::new(u64::MAX, 0);
                 // 16 KiB reads, as from a socket.
                 let mut done = false;
                 for chunk in body.chunks(16 << 10) {

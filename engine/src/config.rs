@@ -116,6 +116,16 @@ pub enum BareNewline {
     Accept,
 }
 
+/// NUL bytes in message data (DATA and BDAT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NulBytes {
+    /// 550 5.6.0 at the end of data.
+    Reject,
+    /// Accepted, stored without them.
+    Strip,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenerConfig {
@@ -137,6 +147,8 @@ pub struct ListenerConfig {
     pub idle_timeout: HumanDuration,
     pub session_timeout: HumanDuration,
     pub bare_newline: BareNewline,
+    pub nul_bytes: NulBytes,
+    pub max_message_line_length: usize,
 }
 
 impl Default for ListenerConfig {
@@ -160,6 +172,8 @@ impl Default for ListenerConfig {
             idle_timeout: HumanDuration(Duration::from_secs(300)),
             session_timeout: HumanDuration(Duration::from_secs(1800)),
             bare_newline: BareNewline::Reject,
+            nul_bytes: NulBytes::Reject,
+            max_message_line_length: 998,
         }
     }
 }

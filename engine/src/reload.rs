@@ -8,7 +8,8 @@
 //!
 //! Reloadable: listener certificates and keys, the per-session listener settings
 //! (greeting, hostname, protocol, auth_plaintext, message/recipient/line/error
-//! limits, bare_newline), relay networks and local domains, auth users, and the
+//! limits, bare_newline, nul_bytes, max_message_line_length), relay networks
+//! and local domains, auth users, and the
 //! `[[rule]]` list (queue and route choice). New sessions and new TLS handshakes
 //! see the new values; sessions already open keep what they started with.
 //!
@@ -293,6 +294,8 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
     l.max_line_length = n.max_line_length;
     l.max_errors = n.max_errors;
     l.bare_newline = n.bare_newline;
+    l.nul_bytes = n.nul_bytes;
+    l.max_message_line_length = n.max_message_line_length;
 }
 
 /// Keys that differ between what runs and the new file but cannot change

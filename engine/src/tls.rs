@@ -82,10 +82,13 @@ pub fn reloadable_server_config(
     key: &Path,
 ) -> Result<(Arc<ServerConfig>, Arc<CertSwap>), TlsError> {
     let swap = Arc::new(CertSwap(ArcSwap::from_pointee(certified_key(cert, key)?)));
-    let config = ServerConfig::builder_with_provider(Arc::new(provider()))
+    let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(swap.clone());
+    // Server cipher preference: our suite order (AEADs, ECDHE only, strongest
+    // first in ring's list) wins over a client that lists weaker ones first.
+    config.ignore_client_order = true;
     Ok((Arc::new(config), swap))
 }
 

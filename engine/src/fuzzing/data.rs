@@ -4,7 +4,7 @@
 //! (what we relay onward never carries an early end marker), the BDAT bare-newline
 //! scanner, and both paths through a whole server session.
 
-use super::server::{fuzz_config, ServerDriver, OUTSIDE_IP};
+use super::server::{fuzz_config, ServerDriver, FUZZ_MAX_MESSAGE_LINE, OUTSIDE_IP};
 use super::{find, has_bare_newline, Chunker};
 use crate::config::BareNewline;
 use crate::smtp::body_out::encode_data;
@@ -25,7 +25,7 @@ struct Decoded {
 }
 
 fn decode(input: &[u8], limit: u64, reads: &[&[u8]]) -> Decoded {
-    let mut d = DataDecoder::new(limit);
+    let mut d = DataDecoder::new(limit, FUZZ_MAX_MESSAGE_LINE);
     let mut out = Vec::new();
     let mut offset = 0;
     let mut end = None;
@@ -63,6 +63,15 @@ fn unstuff(raw: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The longest run of bytes between CR or LF (any line end a next hop may see).
+fn longest_line(bytes: &[u8]) -> usize {
+    bytes
+        .split(|&b| b == b'\r' || b == b'\n')
+        .map(<[u8]>::len)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Checks one decoder run of `input` against the reference; returns it.
@@ -103,6 +112,12 @@ fn check_decoder(input: &[u8], limit: u64, seed: u8) -> Decoded {
         raw
     };
     assert_eq!(whole.flags.bare_newline, has_bare_newline(scanned));
+    assert_eq!(whole.flags.nul, reference.contains(&0), "NUL detection");
+    assert_eq!(
+        whole.flags.long_line,
+        longest_line(&reference) > FUZZ_MAX_MESSAGE_LINE,
+        "long line detection"
+    );
     whole
 }
 
@@ -118,12 +133,18 @@ fn check_encoder(body: &[u8]) {
 }
 
 fn check_scanner(input: &[u8], seed: u8) {
-    let mut s = BareNewlineScanner::default();
+    let mut s = BareNewlineScanner::new(FUZZ_MAX_MESSAGE_LINE);
     for piece in Chunker::new(seed).split(input) {
         s.scan(piece);
     }
     s.finish();
     assert_eq!(s.found, has_bare_newline(input), "BDAT bare newline scan");
+    assert_eq!(s.nul, input.contains(&0), "BDAT NUL scan");
+    assert_eq!(
+        s.long_line,
+        longest_line(input) > FUZZ_MAX_MESSAGE_LINE,
+        "BDAT line length scan"
+    );
 }
 
 /// The body through a whole session with DATA.
@@ -133,7 +154,7 @@ fn check_session_data(input: &[u8], limit: u64, flags: u8, seed: u8, expect: &De
     };
     let mut cfg = fuzz_config(flags & 0x10);
     cfg.max_message_size = limit;
-    let reject_bare = cfg.bare_newline == BareNewline::Reject;
+    let lenient = cfg.bare_newline == BareNewline::Accept;
     let mut d = ServerDriver::new(cfg, ip(), false, false);
     let mut turn = ENVELOPE.to_vec();
     turn.extend_from_slice(b"DATA\r\n");
@@ -141,19 +162,18 @@ fn check_session_data(input: &[u8], limit: u64, flags: u8, seed: u8, expect: &De
     assert_eq!(d.codes(), [220, 250, 250, 250, 354]);
     d.feed(&input[..end], &mut Chunker::new(seed));
     let last = d.codes().last().copied();
-    if expect.flags.too_big {
+    let f = expect.flags;
+    if f.too_big {
         assert_eq!(last, Some(552));
-    } else if expect.flags.bare_newline && reject_bare {
+    } else if f.long_line || (!lenient && (f.bare_newline || f.nul)) {
         assert_eq!(last, Some(550));
     } else {
         assert_eq!(last, Some(250));
         let [msg] = d.stored.as_slice() else {
             panic!("{} messages stored", d.stored.len());
         };
-        assert!(
-            msg.body.ends_with(&expect.out),
-            "stored body is not the data"
-        );
+        let want: Vec<u8> = expect.out.iter().copied().filter(|&b| b != 0).collect();
+        assert!(msg.body.ends_with(&want), "stored body is not the data");
     }
     assert_eq!(d.view().state, "command");
 }
@@ -162,7 +182,7 @@ fn check_session_data(input: &[u8], limit: u64, flags: u8, seed: u8, expect: &De
 fn check_session_bdat(input: &[u8], limit: u64, flags: u8, seed: u8) {
     let mut cfg = fuzz_config(flags & 0x10);
     cfg.max_message_size = limit;
-    let reject_bare = cfg.bare_newline == BareNewline::Reject;
+    let lenient = cfg.bare_newline == BareNewline::Accept;
     let mut d = ServerDriver::new(cfg, ip(), false, false);
     d.read(ENVELOPE);
     let mut pieces = Chunker::new(seed.wrapping_add(1)).split(input);
@@ -189,16 +209,19 @@ fn check_session_bdat(input: &[u8], limit: u64, flags: u8, seed: u8) {
         }
     }
     let last = d.codes().last().copied();
+    let refused = longest_line(&total) > FUZZ_MAX_MESSAGE_LINE
+        || (!lenient && (has_bare_newline(&total) || total.contains(&0)));
     if total.len() as u64 > limit {
         assert_eq!(last, Some(552));
-    } else if has_bare_newline(&total) && reject_bare {
+    } else if refused {
         assert_eq!(last, Some(550));
     } else {
         assert_eq!(last, Some(250));
         let [msg] = d.stored.as_slice() else {
             panic!("{} messages stored", d.stored.len());
         };
-        assert!(msg.body.ends_with(&total), "stored body is not the chunks");
+        let want: Vec<u8> = total.iter().copied().filter(|&b| b != 0).collect();
+        assert!(msg.body.ends_with(&want), "stored body is not the chunks");
     }
     assert_eq!(d.view().state, "command");
 }

@@ -147,7 +147,7 @@ pub fn check_relay_output(body: &[u8]) {
     let mut framed = b"\r\n".to_vec();
     framed.extend_from_slice(&wire);
     assert_eq!(find(&framed, b"\r\n.\r\n"), Some(framed.len() - 5));
-    let mut d = DataDecoder::new(u64::MAX);
+    let mut d = DataDecoder::new(u64::MAX, 0);
     let mut back = Vec::new();
     assert_eq!(d.feed(&wire, &mut back), Some(wire.len()));
     let mut want = canonical(body);
@@ -159,7 +159,11 @@ pub fn check_relay_output(body: &[u8]) {
     let mut chunk = Vec::new();
     encode_bdat(body, &mut chunk);
     assert_eq!(bdat_len(body), chunk.len() as u64, "BDAT length");
-    assert_eq!(chunk, canonical(body), "BDAT bytes are not the canonical body");
+    assert_eq!(
+        chunk,
+        canonical(body),
+        "BDAT bytes are not the canonical body"
+    );
 }
 
 /// Fuzz target `relay_output`. Input: a stored body, any bytes.

@@ -11,7 +11,7 @@ use sluice_spool::{IdGenerator, SpoolError};
 
 use super::{has_bare_newline, Chunker, NOW_MS};
 use crate::auth_guard::AuthGuard;
-use crate::config::{AuthSection, BareNewline, Protocol};
+use crate::config::{AuthSection, BareNewline, NulBytes, Protocol};
 use crate::smtp::server::{
     Action, DebugView, PeerInfo, Session, SessionConfig, Submission, TxSummary, MAX_HOLD_SECS,
 };
@@ -27,7 +27,11 @@ pub const PASSWORD: &str = "secret";
 /// replies between turns, so DATA and STARTTLS may end a turn safely).
 pub const TURN: u8 = 0xff;
 
-/// The session settings a fuzz input selects with its first byte.
+/// The longest message line the fuzz sessions accept (small, so fuzzing hits it).
+pub const FUZZ_MAX_MESSAGE_LINE: usize = 100;
+
+/// The session settings a fuzz input selects with its first byte (0x10: the
+/// lenient listener, bare_newline = "accept" and nul_bytes = "strip").
 pub fn fuzz_config(flags: u8) -> SessionConfig {
     SessionConfig {
         listener: "fuzz".into(),
@@ -50,6 +54,12 @@ pub fn fuzz_config(flags: u8) -> SessionConfig {
         } else {
             BareNewline::Reject
         },
+        nul_bytes: if flags & 0x10 != 0 {
+            NulBytes::Strip
+        } else {
+            NulBytes::Reject
+        },
+        max_message_line_length: FUZZ_MAX_MESSAGE_LINE,
         relay: Arc::new(relay_policy()),
         // Default limits: a fresh guard per session config, so runs do not share
         // failure budgets.
@@ -305,12 +315,20 @@ impl ServerDriver {
                 "bare CR/LF stored despite bare_newline = reject"
             );
         }
+        assert!(
+            !sub.body.contains(&0),
+            "NUL stored (nul_bytes is reject or strip)"
+        );
         assert!((-9..=9).contains(&env.priority));
         assert!(env.hold_until_unix <= NOW_MS / 1000 + MAX_HOLD_SECS + 1);
         for addr in std::iter::once(&env.sender).chain(env.recipients.iter().map(|r| &r.address)) {
             assert!(
-                !addr.contains(['\r', '\n']),
-                "line break in an address {addr:?}"
+                !addr.contains(['\r', '\n', '\0', char::REPLACEMENT_CHARACTER]),
+                "line break, NUL or U+FFFD in an address {addr:?}"
+            );
+            assert!(
+                env.smtputf8 || addr.is_ascii(),
+                "non-ASCII address stored without SMTPUTF8: {addr:?}"
             );
         }
         let may_relay = self.trusted_ip || self.authenticated;

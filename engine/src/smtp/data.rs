@@ -12,6 +12,10 @@ pub struct BodyFlags {
     pub bare_newline: bool,
     /// The body grew beyond the size limit; bytes past it were discarded.
     pub too_big: bool,
+    /// A NUL byte was seen (kept in the output; the caller applies the policy).
+    pub nul: bool,
+    /// A line (between any CR or LF) was longer than the line limit.
+    pub long_line: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,17 +38,24 @@ pub struct DataDecoder {
     pos: Pos,
     limit: u64,
     written: u64,
+    /// Longest line allowed in octets, line ends excluded (0: no limit).
+    max_line: usize,
+    /// Octets of the current decoded line.
+    line_len: usize,
     pub flags: BodyFlags,
 }
 
 impl DataDecoder {
     /// `limit` is the most body bytes kept in `out` (beyond it, bytes are counted
-    /// as too big and dropped, but the terminator is still searched for).
-    pub fn new(limit: u64) -> DataDecoder {
+    /// as too big and dropped, but the terminator is still searched for);
+    /// `max_line` the longest line before `flags.long_line` is set (0: none).
+    pub fn new(limit: u64, max_line: usize) -> DataDecoder {
         DataDecoder {
             pos: Pos::LineStart,
             limit,
             written: 0,
+            max_line,
+            line_len: 0,
             flags: BodyFlags::default(),
         }
     }
@@ -56,14 +67,14 @@ impl DataDecoder {
         let mut i = 0;
         while i < input.len() {
             if self.pos == Pos::Mid {
-                // Fast path: copy up to the next CR or LF in one go.
-                match memchr::memchr2(b'\r', b'\n', &input[i..]) {
+                // Fast path: copy up to the next CR, LF or NUL in one go.
+                match memchr::memchr3(b'\r', b'\n', 0, &input[i..]) {
                     None => {
-                        self.emit(&input[i..], out);
+                        self.content(&input[i..], out);
                         return None;
                     }
                     Some(off) => {
-                        self.emit(&input[i..i + off], out);
+                        self.content(&input[i..i + off], out);
                         i += off;
                     }
                 }
@@ -75,49 +86,68 @@ impl DataDecoder {
                 (Pos::LineStart | Pos::Mid, b'\r') => self.pos = Pos::Cr,
                 (Pos::LineStart | Pos::Mid, b'\n') => self.bare(b"\n", out),
                 (Pos::LineStart | Pos::Mid, _) => {
-                    self.emit(&[b], out);
+                    self.content(&[b], out);
                     self.pos = Pos::Mid;
                 }
                 (Pos::Cr, b'\n') => {
-                    self.emit(b"\r\n", out);
+                    self.line_end(b"\r\n", out);
                     self.pos = Pos::LineStart;
                 }
                 (Pos::Cr, b'\r') => {
                     // The first CR was bare; the second may still start a CRLF.
                     self.flags.bare_newline = true;
-                    self.emit(b"\r", out);
+                    self.line_end(b"\r", out);
                 }
                 (Pos::Cr, _) => {
                     self.bare(b"\r", out);
-                    self.emit(&[b], out);
+                    self.content(&[b], out);
                 }
                 (Pos::Dot, b'\r') => self.pos = Pos::DotCr,
                 (Pos::Dot, b'\n') => self.bare(b"\n", out),
                 (Pos::Dot, _) => {
                     // Dot-stuffed line: the leading dot is dropped.
-                    self.emit(&[b], out);
+                    self.content(&[b], out);
                     self.pos = Pos::Mid;
                 }
                 (Pos::DotCr, b'\n') => return Some(i),
                 (Pos::DotCr, b'\r') => {
                     // ".\r\r": the first CR is bare, the second may start a CRLF.
                     self.flags.bare_newline = true;
-                    self.emit(b"\r", out);
+                    self.line_end(b"\r", out);
                     self.pos = Pos::Cr;
                 }
                 (Pos::DotCr, _) => {
                     self.bare(b"\r", out);
-                    self.emit(&[b], out);
+                    self.content(&[b], out);
                 }
             }
         }
         None
     }
 
+    /// A bare CR or LF: it ends the line for anyone who reads it as one.
     fn bare(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
         self.flags.bare_newline = true;
-        self.emit(bytes, out);
+        self.line_end(bytes, out);
         self.pos = Pos::Mid;
+    }
+
+    fn line_end(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        self.line_len = 0;
+        self.emit(bytes, out);
+    }
+
+    /// Line content (never CR or LF); NUL only when single.
+    #[inline]
+    fn content(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        if bytes == [0] {
+            self.flags.nul = true;
+        }
+        self.line_len += bytes.len();
+        if self.max_line != 0 && self.line_len > self.max_line {
+            self.flags.long_line = true;
+        }
+        self.emit(bytes, out);
     }
 
     #[inline]
@@ -137,19 +167,40 @@ impl DataDecoder {
     }
 }
 
-/// Tracks bare CR/LF across BDAT chunks (which are raw octets, no dot-stuffing).
+/// Checks BDAT chunks (raw octets, no dot-stuffing) across chunk boundaries:
+/// bare CR/LF, NUL bytes and overlong lines.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct BareNewlineScanner {
     prev_cr: bool,
+    /// Bare CR or LF seen.
     pub found: bool,
+    /// NUL seen.
+    pub nul: bool,
+    /// A line (between any CR or LF) longer than `max_line` seen.
+    pub long_line: bool,
+    /// 0: no limit.
+    pub max_line: usize,
+    line_len: usize,
 }
 
 impl BareNewlineScanner {
+    pub fn new(max_line: usize) -> BareNewlineScanner {
+        BareNewlineScanner {
+            max_line,
+            ..Default::default()
+        }
+    }
+
     pub fn scan(&mut self, chunk: &[u8]) {
+        if memchr::memchr(0, chunk).is_some() {
+            self.nul = true;
+        }
         let mut prev_cr = self.prev_cr;
         let mut start = 0;
         while let Some(off) = memchr::memchr2(b'\r', b'\n', &chunk[start..]) {
             let at = start + off;
+            self.line(off);
+            self.line_len = 0;
             let cr_before = prev_cr && at == start;
             if prev_cr && at != start {
                 // A CR was followed by something other than LF.
@@ -168,11 +219,19 @@ impl BareNewlineScanner {
             }
             start = at + 1;
         }
+        self.line(chunk.len() - start);
         if prev_cr && start < chunk.len() {
             self.found = true;
             prev_cr = false;
         }
         self.prev_cr = prev_cr;
+    }
+
+    fn line(&mut self, octets: usize) {
+        self.line_len += octets;
+        if self.max_line != 0 && self.line_len > self.max_line {
+            self.long_line = true;
+        }
     }
 
     /// Call at the end of the message: a trailing CR is bare.
@@ -188,7 +247,7 @@ mod tests {
     use super::*;
 
     fn decode_split(input: &[u8], split: usize) -> (Vec<u8>, Option<usize>, BodyFlags) {
-        let mut d = DataDecoder::new(1 << 20);
+        let mut d = DataDecoder::new(1 << 20, 0);
         let mut out = Vec::new();
         let (a, b) = input.split_at(split.min(input.len()));
         if let Some(n) = d.feed(a, &mut out) {
@@ -204,7 +263,7 @@ mod tests {
             assert_eq!(decode_split(input, split), whole, "split at {split}");
         }
         // Byte by byte too.
-        let mut d = DataDecoder::new(1 << 20);
+        let mut d = DataDecoder::new(1 << 20, 0);
         let mut out = Vec::new();
         let mut end = None;
         for (i, b) in input.iter().enumerate() {
@@ -271,7 +330,7 @@ mod tests {
 
     #[test]
     fn size_limit_discards_but_finds_end() {
-        let mut d = DataDecoder::new(4);
+        let mut d = DataDecoder::new(4, 0);
         let mut out = Vec::new();
         assert_eq!(d.feed(b"123456789\r\n.\r\n", &mut out), Some(14));
         assert!(d.flags.too_big);
@@ -296,5 +355,73 @@ mod tests {
         assert!(check(&[b"a\r"]));
         assert!(check(&[b"\n"]));
         assert!(check(&[b"a\r\r\n"]));
+    }
+
+    #[test]
+    fn nul_is_reported_wherever_it_is() {
+        for body in [
+            &b"a\0b\r\n.\r\n"[..],
+            b"\0\r\n.\r\n",
+            b"a\r\n\0.\r\n.\r\n",
+            b"a\r\n.\0\r\n.\r\n",
+            b"a\r\0\nb\r\n.\r\n",
+            b"a\r\n.\r\0\r\n.\r\n",
+        ] {
+            let (out, end, flags) = decode_all_splits(body);
+            assert!(flags.nul, "{body:?}");
+            // NUL never ends the body: only the last CRLF.CRLF does.
+            assert_eq!(end, Some(body.len()), "{body:?}");
+            assert!(
+                out.contains(&0),
+                "NUL kept for the policy to decide: {body:?}"
+            );
+        }
+        let (_, _, flags) = decode_all_splits(b"plain\r\n.\r\n");
+        assert!(!flags.nul);
+    }
+
+    #[test]
+    fn long_lines_are_reported() {
+        let check = |body: &[u8], max: usize| {
+            let mut d = DataDecoder::new(1 << 20, max);
+            let mut out = Vec::new();
+            let mut end = None;
+            for b in body {
+                if let Some(n) = d.feed(std::slice::from_ref(b), &mut out) {
+                    end = Some(n);
+                }
+            }
+            let mut whole = DataDecoder::new(1 << 20, max);
+            assert!(whole.feed(body, &mut Vec::new()).is_some());
+            assert_eq!(whole.flags, d.flags);
+            assert!(end.is_some());
+            d.flags.long_line
+        };
+        assert!(!check(b"12345\r\n.\r\n", 5));
+        assert!(check(b"123456\r\n.\r\n", 5));
+        // The transparency dot is not part of the line.
+        assert!(!check(b"..2345\r\n.\r\n", 5));
+        // Any CR or LF ends a line, as any next hop may read it.
+        assert!(!check(b"123\n45\r678\r\n.\r\n", 5));
+        assert!(check(b"123\n456789\r\n.\r\n", 5));
+        assert!(!check(b"123456789\r\n.\r\n", 0));
+    }
+
+    #[test]
+    fn bdat_scanner_nul_and_long_lines() {
+        let scan = |chunks: &[&[u8]], max: usize| {
+            let mut s = BareNewlineScanner::new(max);
+            for c in chunks {
+                s.scan(c);
+            }
+            s.finish();
+            (s.nul, s.long_line)
+        };
+        assert_eq!(scan(&[b"a\r\nb"], 3), (false, false));
+        assert_eq!(scan(&[b"a\0"], 3), (true, false));
+        assert_eq!(scan(&[b"ab", b"cd\r\n"], 3), (false, true));
+        assert_eq!(scan(&[b"abc\r", b"\nabc"], 3), (false, false));
+        assert_eq!(scan(&[b"abc\r", b"\nabcd"], 3), (false, true));
+        assert_eq!(scan(&[b"abcdef"], 0), (false, false));
     }
 }

@@ -24,9 +24,9 @@ use smtp_proto::{
     RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS,
 };
 
-use super::data::{BareNewlineScanner, DataDecoder};
+use super::data::{BareNewlineScanner, BodyFlags, DataDecoder};
 use crate::auth_guard::AuthGuard;
-use crate::config::{BareNewline, ListenerConfig, Protocol};
+use crate::config::{BareNewline, ListenerConfig, NulBytes, Protocol};
 use crate::queue::admission::QueueAdmission;
 
 /// FUTURERELEASE (RFC 4865): the longest hold accepted, in seconds (7 days).
@@ -57,6 +57,9 @@ pub struct SessionConfig {
     pub max_line_length: usize,
     pub max_errors: usize,
     pub bare_newline: BareNewline,
+    pub nul_bytes: NulBytes,
+    /// Longest line of message data, CRLF excluded (0: no limit).
+    pub max_message_line_length: usize,
     pub relay: Arc<RelayPolicy>,
     /// AUTH failure delays and limits, shared by all listeners and cores.
     pub auth_guard: Arc<AuthGuard>,
@@ -87,6 +90,8 @@ impl SessionConfig {
             max_line_length: l.max_line_length,
             max_errors: l.max_errors,
             bare_newline: l.bare_newline,
+            nul_bytes: l.nul_bytes,
+            max_message_line_length: l.max_message_line_length,
             relay,
             auth_guard,
         }
@@ -382,15 +387,13 @@ impl Session {
                             self.state = State::Command;
                             if flags.too_big {
                                 self.fail_body(552, "5.3.4", "Error: message too big");
-                            } else if flags.bare_newline
-                                && self.cfg.bare_newline == BareNewline::Reject
-                            {
-                                self.fail_body(
-                                    550,
-                                    "5.6.0",
-                                    "Error: bare <CR> or <LF> in message data (lines must end in CRLF)",
-                                );
+                            } else if let Some(text) = self.body_refusal(flags) {
+                                self.fail_body(550, "5.6.0", &text);
                             } else {
+                                if flags.nul {
+                                    // nul_bytes = "strip" (body_refusal let it through).
+                                    self.tx.body.retain(|&b| b != 0);
+                                }
                                 return (pos, self.submit(now_ms));
                             }
                         }
@@ -428,17 +431,21 @@ impl Session {
                         }
                     } else if last {
                         self.tx.bdat_scan.finish();
-                        if self.tx.bdat_too_big {
+                        let scan = self.tx.bdat_scan;
+                        let flags = BodyFlags {
+                            bare_newline: scan.found,
+                            too_big: self.tx.bdat_too_big,
+                            nul: scan.nul,
+                            long_line: scan.long_line,
+                        };
+                        if flags.too_big {
                             self.fail_body(552, "5.3.4", "Error: message too big");
-                        } else if self.tx.bdat_scan.found
-                            && self.cfg.bare_newline == BareNewline::Reject
-                        {
-                            self.fail_body(
-                                550,
-                                "5.6.0",
-                                "Error: bare <CR> or <LF> in message data (lines must end in CRLF)",
-                            );
+                        } else if let Some(text) = self.body_refusal(flags) {
+                            self.fail_body(550, "5.6.0", &text);
                         } else {
+                            if flags.nul {
+                                self.tx.body.retain(|&b| b != 0);
+                            }
                             return (pos, self.submit(now_ms));
                         }
                     } else {
@@ -499,6 +506,26 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Why a complete body (not too big) is refused under this listener's
+    /// policies, if it is; all three answer 550 5.6.0.
+    fn body_refusal(&self, flags: BodyFlags) -> Option<String> {
+        if flags.bare_newline && self.cfg.bare_newline == BareNewline::Reject {
+            return Some(
+                "Error: bare <CR> or <LF> in message data (lines must end in CRLF)".into(),
+            );
+        }
+        if flags.nul && self.cfg.nul_bytes == NulBytes::Reject {
+            return Some("Error: NUL byte in message data".into());
+        }
+        if flags.long_line {
+            return Some(format!(
+                "Error: message data line longer than {} octets",
+                self.cfg.max_message_line_length
+            ));
+        }
+        None
     }
 
     /// Finds the end of a command line in `rest` (continuing a partial line held in
@@ -569,9 +596,8 @@ impl Session {
                     self.error_reply(501, "5.7.0", "Authentication cancelled");
                     return None;
                 }
-                match decode_b64(text) {
+                match decode_b64_utf8(text) {
                     Some(user) => {
-                        let user = String::from_utf8_lossy(&user).into_owned();
                         self.reply(334, "", "UGFzc3dvcmQ6");
                         self.state = State::AuthLoginPassword { user };
                     }
@@ -585,13 +611,10 @@ impl Session {
                     self.error_reply(501, "5.7.0", "Authentication cancelled");
                     return None;
                 }
-                return match decode_b64(text) {
-                    Some(pass) => {
+                return match decode_b64_utf8(text) {
+                    Some(password) => {
                         self.state = State::Paused;
-                        Some(Action::Authenticate {
-                            user,
-                            password: String::from_utf8_lossy(&pass).into_owned(),
-                        })
+                        Some(Action::Authenticate { user, password })
                     }
                     None => {
                         self.error_reply(501, "5.5.2", "Invalid base64 data");
@@ -600,6 +623,10 @@ impl Session {
                 };
             }
             _ => {}
+        }
+        if let Some((code, esc, text)) = unusable_command(line) {
+            self.error_reply(code, esc, text);
+            return None;
         }
         let request = match Request::parse(&mut line.iter()) {
             // smtp-proto reads "<postmaster>" (no domain) as an empty address, like
@@ -680,11 +707,21 @@ impl Session {
                 self.state = State::Closed;
                 return Some(Action::Close);
             }
-            Request::Help { .. } => self.reply(
-                214,
-                "2.0.0",
-                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS AUTH",
-            ),
+            Request::Help { .. } => {
+                // Only what this session would accept now (as EHLO advertises it).
+                let mut text = String::from(if lmtp {
+                    "Commands: LHLO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY"
+                } else {
+                    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY"
+                });
+                if self.cfg.starttls && self.tls.is_none() {
+                    text.push_str(" STARTTLS");
+                }
+                if self.auth_offered() {
+                    text.push_str(" AUTH");
+                }
+                self.reply(214, "2.0.0", &text);
+            }
             Request::Vrfy { .. } => self.reply(
                 252,
                 "2.5.0",
@@ -802,8 +839,20 @@ impl Session {
         } else {
             BodyType::SevenBit
         };
+        let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
+        if !smtputf8 && !from.address.is_ascii() {
+            // RFC 6531 §3.5: never sent on without SMTPUTF8, so never accepted.
+            return self.error_reply(
+                553,
+                "5.6.7",
+                "Error: non-ASCII sender address without SMTPUTF8",
+            );
+        }
+        if from.env_id.as_deref().is_some_and(|e| !is_xtext_safe(e)) {
+            return self.error_reply(501, "5.5.4", "Error: invalid parameter ENVID");
+        }
         self.tx.body_type = Some(body_type);
-        self.tx.smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
+        self.tx.smtputf8 = smtputf8;
         self.tx.ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
             Some(Ret::Full)
         } else if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
@@ -827,6 +876,16 @@ impl Session {
         }
         if self.tx.id.is_some() {
             return self.error_reply(503, "5.5.1", "Error: RCPT after BDAT");
+        }
+        if !self.tx.smtputf8 && !to.address.is_ascii() {
+            return self.error_reply(
+                553,
+                "5.6.7",
+                "Error: non-ASCII recipient address without SMTPUTF8",
+            );
+        }
+        if to.orcpt.as_deref().is_some_and(|o| !is_xtext_safe(o)) {
+            return self.error_reply(501, "5.5.4", "Error: invalid parameter ORCPT");
         }
         if self.tx.recipients.len() >= self.cfg.max_recipients {
             // Not counted as a protocol error: a bulk client simply sends the rest later.
@@ -923,7 +982,8 @@ impl Session {
         self.begin_body(now_ms);
         self.reply(354, "", "End data with <CR><LF>.<CR><LF>");
         let limit = self.cfg.max_message_size;
-        self.state = State::Data(DataDecoder::new(limit));
+        let max_line = self.cfg.max_message_line_length;
+        self.state = State::Data(DataDecoder::new(limit, max_line));
         None
     }
 
@@ -941,6 +1001,7 @@ impl Session {
         };
         if failure.is_none() && self.tx.id.is_none() {
             self.begin_body(now_ms);
+            self.tx.bdat_scan = BareNewlineScanner::new(self.cfg.max_message_line_length);
         }
         self.state = State::Bdat {
             remaining: size,
@@ -1204,12 +1265,10 @@ impl Session {
                     self.reply(334, "", "VXNlcm5hbWU6");
                     self.state = State::AuthLoginUser;
                 } else {
-                    match decode_b64(initial.as_bytes()) {
+                    match decode_b64_utf8(initial.as_bytes()) {
                         Some(user) => {
                             self.reply(334, "", "UGFzc3dvcmQ6");
-                            self.state = State::AuthLoginPassword {
-                                user: String::from_utf8_lossy(&user).into_owned(),
-                            };
+                            self.state = State::AuthLoginPassword { user };
                         }
                         None => self.error_reply(501, "5.5.2", "Invalid base64 data"),
                     }
@@ -1239,20 +1298,23 @@ impl Session {
         };
         // authzid NUL authcid NUL passwd
         let mut parts = decoded.split(|&b| b == 0);
-        let (Some(authz), Some(user), Some(pass), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(authz), Some(Ok(user)), Some(Ok(pass)), None) = (
+            parts.next(),
+            parts.next().map(std::str::from_utf8),
+            parts.next().map(std::str::from_utf8),
+            parts.next(),
+        ) else {
             self.error_reply(501, "5.5.2", "Error: malformed PLAIN response");
             return None;
         };
-        if !authz.is_empty() && authz != user {
+        if !authz.is_empty() && authz != user.as_bytes() {
             self.error_reply(535, "5.7.8", "Error: authentication credentials invalid");
             return None;
         }
         self.state = State::Paused;
         Some(Action::Authenticate {
-            user: String::from_utf8_lossy(user).into_owned(),
-            password: String::from_utf8_lossy(pass).into_owned(),
+            user: user.to_string(),
+            password: pass.to_string(),
         })
     }
 
@@ -1411,12 +1473,43 @@ fn is_bare_postmaster(line: &[u8]) -> bool {
     lower[start..].starts_with(b"<postmaster>")
 }
 
+/// A command line that must not reach the parser: NUL anywhere (RFC 5321
+/// §4.1.4 leaves no room for it, and C-string code downstream would cut the line
+/// there), or bytes that are not UTF-8 (the parser would replace them with
+/// U+FFFD and the relay would send on an address the client never gave).
+fn unusable_command(line: &[u8]) -> Option<(u16, &'static str, &'static str)> {
+    let verb = line.get(..4).map(<[u8]>::to_ascii_uppercase);
+    if memchr::memchr(0, line).is_some() {
+        return Some((501, "5.5.2", "Error: NUL byte in command"));
+    }
+    if std::str::from_utf8(line).is_ok() {
+        return None;
+    }
+    Some(match verb.as_deref() {
+        Some(b"MAIL") => (501, "5.1.7", "Error: sender address is not valid UTF-8"),
+        Some(b"RCPT") => (501, "5.1.3", "Error: recipient address is not valid UTF-8"),
+        _ => (500, "5.5.2", "Error: command is not valid UTF-8"),
+    })
+}
+
+/// ENVID and ORCPT after xtext decoding: the parser turns "+FF" into U+00FF,
+/// which would go on as two other bytes; printable ASCII only (RFC 3461).
+fn is_xtext_safe(value: &str) -> bool {
+    value.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
 fn strip_crlf(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r\n").unwrap_or(line)
 }
 
 fn decode_b64(text: &[u8]) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(text).ok()
+}
+
+/// Base64 that decodes to UTF-8 (a user name or password): invalid bytes are
+/// refused, never replaced, so two different secrets cannot become one.
+fn decode_b64_utf8(text: &[u8]) -> Option<String> {
+    String::from_utf8(decode_b64(text)?).ok()
 }
 
 /// Client-supplied text made safe for logs and headers: control characters become '?'.

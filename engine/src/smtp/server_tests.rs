@@ -9,7 +9,7 @@ use sluice_policy::{NetworkList, RelayPolicy};
 use sluice_spool::{IdGenerator, SpoolError};
 
 use super::server::{Action, PeerInfo, Session, SessionConfig, TxSummary};
-use crate::config::{BareNewline, Protocol};
+use crate::config::{BareNewline, NulBytes, Protocol};
 
 const NOW: u64 = 1_790_000_000_000;
 
@@ -27,6 +27,8 @@ fn config() -> SessionConfig {
         max_line_length: 512,
         max_errors: 5,
         bare_newline: BareNewline::Reject,
+        nul_bytes: NulBytes::Reject,
+        max_message_line_length: 998,
         relay: Arc::new(
             RelayPolicy::new(
                 &["local.test".to_string()],
@@ -672,7 +674,7 @@ fn full_queues_get_452_at_rcpt_data_and_end_of_data() {
     assert_eq!(h.codes(), ["220", "250", "250", "452"]);
     assert!(h.out.contains("452 4.3.1"), "{}", h.out);
     // A body beyond it: 452 at the end of data, nothing stored.
-    let body = format!("{}\r\n.\r\n", "x".repeat(1200));
+    let body = format!("{0}\r\n{0}\r\n.\r\n", "x".repeat(600));
     let mut input =
         b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<v@local.test>\r\nDATA\r\n".to_vec();
     let mut h = Harness::new(config(), "198.51.100.1");
@@ -699,4 +701,281 @@ fn full_queues_get_452_at_rcpt_data_and_end_of_data() {
     assert_eq!(h.codes(), ["220", "250", "250", "452", "452"]);
     // 452 for a full queue is not a protocol error: no 421 after many.
     assert!(!h.out.contains("421"), "{}", h.out);
+}
+
+// ---------------------------------------------------------------------------------
+// Issue 17: NUL, UTF-8, long lines, HELP (byte-level classes)
+// ---------------------------------------------------------------------------------
+
+/// Like [`run`], but the client waits for the 354 after each DATA (a turn
+/// ends after every "DATA\r\n"), as a real client does.
+fn run_turns(cfg: SessionConfig, ip: &str, input: &[u8]) -> Harness {
+    let mut turns = Vec::new();
+    let mut rest = input;
+    while let Some(at) = rest.windows(6).position(|w| w == b"DATA\r\n") {
+        turns.push(&rest[..at + 6]);
+        rest = &rest[at + 6..];
+    }
+    turns.push(rest);
+    let mut whole = Harness::new(cfg.clone(), ip);
+    let mut bytewise = Harness::new(cfg, ip);
+    for t in turns {
+        whole.feed(t, t.len());
+        bytewise.feed(t, 1);
+    }
+    assert_eq!(whole.codes(), bytewise.codes(), "byte by byte differs");
+    assert_eq!(whole.stored.len(), bytewise.stored.len());
+    for (a, b) in whole.stored.iter().zip(&bytewise.stored) {
+        assert_eq!(strip_received(&a.body), strip_received(&b.body));
+    }
+    whole
+}
+
+/// The last reply line of a harness.
+fn last_line(h: &Harness) -> &str {
+    h.out.lines().last().unwrap_or("")
+}
+
+#[test]
+fn nul_in_data_and_bdat_is_refused_by_default() {
+    for body in [
+        &b"a\r\n\0.\r\nMAIL FROM:<evil@x.test>\r\n"[..],
+        b"a\r\n\0.\0\r\nx\r\n",
+        b"a\0b\r\n",
+        b"\0\r\n",
+    ] {
+        let mut input = TX.to_vec();
+        input.extend_from_slice(b"DATA\r\n");
+        input.extend_from_slice(body);
+        input.extend_from_slice(b".\r\nQUIT\r\n");
+        let h = run_turns(config(), "198.51.100.1", &input);
+        assert_eq!(
+            h.codes(),
+            ["220", "250", "250", "250", "354", "550", "221"],
+            "{body:?}"
+        );
+        assert!(last_line(&h).starts_with("221"));
+        assert!(
+            h.out.contains("550 5.6.0 Error: NUL byte in message data"),
+            "{}",
+            h.out
+        );
+        assert!(h.stored.is_empty());
+
+        let mut input = TX.to_vec();
+        input.extend_from_slice(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+        input.extend_from_slice(body);
+        let h = run_turns(config(), "198.51.100.1", &input);
+        assert_eq!(
+            h.codes().last().map(String::as_str),
+            Some("550"),
+            "{body:?}"
+        );
+        assert!(h.stored.is_empty());
+    }
+}
+
+#[test]
+fn nul_strip_mode_stores_without_nul() {
+    let mut cfg = config();
+    cfg.nul_bytes = NulBytes::Strip;
+    let mut input = TX.to_vec();
+    input.extend_from_slice(b"DATA\r\na\r\n\0.\0\r\nb\0c\r\n.\r\n");
+    let h = run_turns(cfg.clone(), "198.51.100.1", &input);
+    assert_eq!(h.codes().last().map(String::as_str), Some("250"));
+    assert_eq!(strip_received(&h.stored[0].body), b"a\r\n.\r\nbc\r\n");
+    // BDAT, with the NUL split from its line across chunks.
+    let mut input = TX.to_vec();
+    input.extend_from_slice(b"BDAT 4\r\na\r\n\0BDAT 3 LAST\r\n.\r\n");
+    let h = run_turns(cfg.clone(), "198.51.100.1", &input);
+    assert_eq!(h.codes().last().map(String::as_str), Some("250"));
+    assert_eq!(strip_received(&h.stored[0].body), b"a\r\n.\r\n");
+    // With bare_newline = "accept" too: LF NUL . LF is stored as LF . LF (body
+    // bytes; the outbound encoder makes it CRLF ".." CRLF).
+    cfg.bare_newline = BareNewline::Accept;
+    let mut input = TX.to_vec();
+    input.extend_from_slice(b"DATA\r\na\n\0.\nMAIL FROM:<e@x.test>\r\n.\r\nQUIT\r\n");
+    let h = run_turns(cfg, "198.51.100.1", &input);
+    assert_eq!(h.codes(), ["220", "250", "250", "250", "354", "250", "221"]);
+    assert_eq!(
+        strip_received(&h.stored[0].body),
+        b"a\n.\nMAIL FROM:<e@x.test>\r\n"
+    );
+}
+
+#[test]
+fn nul_anywhere_in_a_command_is_refused() {
+    for line in [
+        &b"EHLO a\0b\r\n"[..],
+        b"\0EHLO ab\r\n",
+        b"EHLO ab\0\r\n",
+        b"NOOP \0\r\n",
+    ] {
+        let h = run_turns(config(), "198.51.100.1", line);
+        assert_eq!(h.codes(), ["220", "501"], "{line:?}");
+        assert!(h.out.contains("501 5.5.2 Error: NUL byte in command"));
+    }
+    let h = run_turns(
+        config(),
+        "198.51.100.1",
+        b"EHLO ok.test\r\nMAIL FROM:<a\0@local.test>\r\nMAIL FROM:<a@local.test>\r\nRCPT TO:<b@local\0.test>\r\n",
+    );
+    assert_eq!(h.codes(), ["220", "250", "501", "250", "501"]);
+}
+
+/// Invalid UTF-8 in an address, every kind: never replaced, always refused.
+const BAD_UTF8: &[&[u8]] = &[
+    b"\xff\xfe",
+    b"\xc0\xaf",         // overlong '/'
+    b"\xe0\x80\xaf",     // overlong, 3 bytes
+    b"\xed\xa0\x80",     // UTF-16 surrogate
+    b"\xc3",             // truncated
+    b"\xe2\x82",         // truncated
+    b"\xf4\x90\x80\x80", // above U+10FFFF
+    b"\x80",             // lone continuation byte
+];
+
+#[test]
+fn invalid_utf8_addresses_are_refused_with_or_without_smtputf8() {
+    for bad in BAD_UTF8 {
+        for smtputf8 in ["", " SMTPUTF8"] {
+            let mut mail = b"EHLO c.test\r\nMAIL FROM:<j".to_vec();
+            mail.extend_from_slice(bad);
+            mail.extend_from_slice(format!("rg@local.test>{smtputf8}\r\n").as_bytes());
+            let h = run_turns(config(), "198.51.100.1", &mail);
+            assert_eq!(h.codes(), ["220", "250", "501"], "{bad:?}{smtputf8}");
+            assert!(h.out.contains("501 5.1.7"), "{}", h.out);
+
+            let mut rcpt =
+                format!("EHLO c.test\r\nMAIL FROM:<a@local.test>{smtputf8}\r\nRCPT TO:<j")
+                    .into_bytes();
+            rcpt.extend_from_slice(bad);
+            rcpt.extend_from_slice(
+                b"rg@local.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\nx\r\n.\r\n",
+            );
+            let h = run_turns(config(), "198.51.100.1", &rcpt);
+            assert_eq!(
+                h.codes(),
+                ["220", "250", "250", "501", "250", "354", "250"],
+                "{bad:?}{smtputf8}"
+            );
+            assert!(h.out.contains("501 5.1.3"), "{}", h.out);
+            let rcpts: Vec<&str> = h.stored[0]
+                .envelope
+                .recipients
+                .iter()
+                .map(|r| r.address.as_str())
+                .collect();
+            assert_eq!(rcpts, ["b@local.test"]);
+        }
+    }
+    // Other commands too: the parser would have replaced the bytes.
+    let h = run_turns(config(), "198.51.100.1", b"EHLO \xff\xfe.test\r\n");
+    assert_eq!(h.codes(), ["220", "500"]);
+}
+
+#[test]
+fn non_ascii_addresses_need_smtputf8() {
+    let h = run_turns(
+        config(),
+        "198.51.100.1",
+        "EHLO c.test\r\nMAIL FROM:<jörg@local.test>\r\nMAIL FROM:<a@local.test>\r\n\
+         RCPT TO:<jörg@local.test>\r\nRCPT TO:<b@bücher.local.test>\r\nRSET\r\n\
+         MAIL FROM:<jörg@local.test> SMTPUTF8\r\nRCPT TO:<jörg@local.test>\r\nDATA\r\nx\r\n.\r\n"
+            .as_bytes(),
+    );
+    assert_eq!(
+        h.codes(),
+        ["220", "250", "553", "250", "553", "553", "250", "250", "250", "354", "250"]
+    );
+    assert!(h.out.contains("553 5.6.7"), "{}", h.out);
+    let env = &h.stored[0].envelope;
+    assert!(env.smtputf8);
+    assert_eq!(env.sender, "jörg@local.test");
+    assert_eq!(env.recipients[0].address, "jörg@local.test");
+}
+
+#[test]
+fn envid_and_orcpt_that_decode_to_non_ascii_are_refused() {
+    let h = run_turns(
+        config(),
+        "198.51.100.1",
+        b"EHLO c.test\r\nMAIL FROM:<a@local.test> ENVID=a+FFb\r\nMAIL FROM:<a@local.test> ENVID=a+2Bb\r\n\
+          RCPT TO:<b@local.test> ORCPT=rfc822;b+FF@local.test\r\nRCPT TO:<b@local.test> ORCPT=rfc822;b+2B1@local.test\r\n",
+    );
+    assert_eq!(h.codes(), ["220", "250", "501", "250", "501", "250"]);
+}
+
+#[test]
+fn auth_credentials_that_are_not_utf8_are_refused() {
+    use base64::Engine as _;
+    // PLAIN "\0alice\0secr\xff" and LOGIN with a non-UTF-8 password.
+    let plain = base64::engine::general_purpose::STANDARD.encode(b"\0alice\0secr\xff");
+    let pass = base64::engine::general_purpose::STANDARD.encode(b"\xff\xfe");
+    let mut cfg = config();
+    cfg.auth_plaintext = true;
+    let input = format!("EHLO c.test\r\nAUTH PLAIN {plain}\r\nAUTH LOGIN YWxpY2U=\r\n{pass}\r\n");
+    let h = run_turns(cfg, "198.51.100.1", input.as_bytes());
+    assert_eq!(h.codes(), ["220", "250", "501", "334", "501"]);
+}
+
+#[test]
+fn long_message_lines_are_refused() {
+    let mut cfg = config();
+    cfg.max_message_line_length = 20;
+    cfg.bare_newline = BareNewline::Accept;
+    // (body, DATA accepted, BDAT accepted): DATA counts decoded octets (the
+    // transparency dot is not part of the line), BDAT raw ones; any CR or LF
+    // ends a line.
+    for (body, data_ok, bdat_ok) in [
+        (&b"12345678901234567890\r\n"[..], true, true),
+        (b"123456789012345678901\r\n", false, false),
+        (b".2345678901234567890\r\n", true, true),
+        (b"..234567890123456789012\r\n", false, false),
+        (b"..2345678901234567890\r\n", true, false),
+        (b"1234567890\n1234567890\r\n", true, true),
+        (b"1234567890\n123456789012345678901\r\n", false, false),
+    ] {
+        let mut input = TX.to_vec();
+        input.extend_from_slice(b"DATA\r\n");
+        input.extend_from_slice(body);
+        input.extend_from_slice(b".\r\n");
+        let h = run_turns(cfg.clone(), "198.51.100.1", &input);
+        let want = if data_ok { "250" } else { "550" };
+        assert_eq!(h.codes().last().map(String::as_str), Some(want), "{body:?}");
+        if !data_ok {
+            assert!(last_line(&h).starts_with("550 5.6.0"), "{}", h.out);
+        }
+        let mut input = TX.to_vec();
+        input.extend_from_slice(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+        input.extend_from_slice(body);
+        let h = run_turns(cfg.clone(), "198.51.100.1", &input);
+        let want = if bdat_ok { "250" } else { "550" };
+        assert_eq!(
+            h.codes().last().map(String::as_str),
+            Some(want),
+            "BDAT {body:?}"
+        );
+    }
+}
+
+#[test]
+fn help_names_only_what_is_offered() {
+    // A STARTTLS listener with users and no auth_plaintext: STARTTLS, not AUTH.
+    let h = run_turns(config(), "198.51.100.1", b"HELP\r\n");
+    assert!(h.out.contains(" STARTTLS"), "{}", h.out);
+    assert!(!h.out.contains(" AUTH"), "{}", h.out);
+    let mut cfg = config();
+    cfg.starttls = false;
+    cfg.auth_enabled = false;
+    cfg.auth_plaintext = true;
+    let h = run_turns(cfg.clone(), "198.51.100.1", b"HELP\r\n");
+    assert!(
+        !h.out.contains("STARTTLS") && !h.out.contains("AUTH"),
+        "{}",
+        h.out
+    );
+    cfg.auth_enabled = true;
+    let h = run_turns(cfg, "198.51.100.1", b"HELP\r\n");
+    assert!(h.out.contains(" AUTH"), "{}", h.out);
 }
