@@ -346,7 +346,58 @@ fn role_installs_a_working_relay_and_is_idempotent() {
         text(&out.stdout)
     );
 
-    // 5. Lint (offline: .ansible-lint sets it; no galaxy, no schema downloads).
+    // 5. A changed sluice.toml restarts when a key only read at start changed,
+    // and reloads when only reloadable keys did (with the default action). The
+    // handlers themselves skip under a prefix; the play shows which ran.
+    let restart_file = work.join("restart.json");
+    let mut restart_vars = vars.clone();
+    restart_vars["sluice_cores"] = serde_json::json!(2);
+    std::fs::write(&restart_file, restart_vars.to_string()).expect("write vars");
+    let out = playbook(work, &[&restart_file], &[]);
+    assert_ok(&out, "ansible-playbook (server.cores changed)");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("sluice.toml changed, restart: need a restart: server.cores"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("RUNNING HANDLER [sluice : Restart sluice]"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("RUNNING HANDLER [sluice : Reload sluice]"),
+        "{stdout}"
+    );
+
+    let reload_file = work.join("reload.json");
+    let mut reload_vars = restart_vars.clone();
+    reload_vars["sluice_local_domains"] = serde_json::json!(["relay.test", "other.test"]);
+    std::fs::write(&reload_file, reload_vars.to_string()).expect("write vars");
+    let out = playbook(work, &[&reload_file], &[]);
+    assert_ok(&out, "ansible-playbook (relay.local_domains changed)");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("sluice.toml changed, reload: reloadable: relay"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("RUNNING HANDLER [sluice : Reload sluice]"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("RUNNING HANDLER [sluice : Restart sluice]"),
+        "{stdout}"
+    );
+    // No backups pile up beside the live file and its candidate.
+    let leftovers: Vec<String> = std::fs::read_dir(prefix.join("etc/sluice"))
+        .expect("config dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("sluice.toml") && n != "sluice.toml" && n != "sluice.toml.new")
+        .collect();
+    assert!(leftovers.is_empty(), "backups left behind: {leftovers:?}");
+
+    // 6. Lint (offline: .ansible-lint sets it; no galaxy, no schema downloads).
     let mut lint = ansible_command("ansible-lint", work);
     lint.args([
         "-c",
@@ -358,7 +409,7 @@ fn role_installs_a_working_relay_and_is_idempotent() {
     let out = run_with_timeout(&mut lint, ANSIBLE_TIMEOUT);
     assert_ok(&out, "ansible-lint");
 
-    // 6. The shipped scrape job is a valid Prometheus config (when promtool is
+    // 7. The shipped scrape job is a valid Prometheus config (when promtool is
     // installed; the metrics tests scrape a live relay).
     if on_path("promtool") {
         let out = run_with_timeout(

@@ -36,6 +36,7 @@ enum Command {
     /// Run the relay.
     Run(ConfigArgs),
     /// Validate a configuration file (and any --set overrides) and exit.
+    ///
     /// With --changes OLD: also print what going from OLD to FILE needs, on the
     /// first line `restart`, `reload` or `none`, then the keys.
     CheckConfig {
@@ -46,9 +47,10 @@ enum Command {
         #[arg(long, value_name = "OLD")]
         changes: Option<PathBuf>,
     },
-    /// Old spelling of the offline spool views, kept for scripts (output as it
-    /// always was). `sluice queue …` is the one vocabulary: it asks the running
-    /// relay, or reads the spool when the relay is not running.
+    /// Offline spool views: the old spelling of `sluice queue` (kept for scripts).
+    ///
+    /// The output is as it always was. `sluice queue …` is the one vocabulary:
+    /// it asks the running relay, or reads the spool when the relay is not running.
     Spool {
         #[command(subcommand)]
         action: SpoolCommand,
@@ -59,8 +61,10 @@ enum Command {
     HashPassword,
     /// Print the example configuration (every key, with defaults).
     ExampleConfig,
-    /// The queue: through the running relay's management API, or read from the
-    /// spool when the relay is not running (same output; --offline forces it).
+    /// The queue: from the running relay, or from the spool when it is not running.
+    ///
+    /// Reads go to the management API; when it refuses the connection (or with
+    /// --offline) they read the spool, with the same output. Actions need the relay.
     Queue {
         #[command(subcommand)]
         action: admin_cli::QueueCommand,
