@@ -32,6 +32,7 @@ fn session_config() -> Arc<SessionConfig> {
         bare_newline: BareNewline::Reject,
         relay: Arc::new(relay),
         auth_guard: Arc::new(AuthGuard::new(&AuthSection::default())),
+        untrusted: Default::default(),
     })
 }
 
