@@ -994,6 +994,24 @@ fn many_sessions_of_endless_data_stay_within_the_body_budget() {
     other.send_line("QUIT");
     let after_legit = rss_anon_kib(pid);
 
+    println!(
+        "| {sessions} sessions × {mib} MiB of DATA without the final dot, one address | \
+         RssAnon {before} KiB before, {under_attack} KiB under attack ({sent_s:.1} s), \
+         {after_legit} KiB after a legitimate 8 MiB message from another address (250) | \
+         per-client budget {client_budget_kib} KiB |"
+    );
+    let sent_kib = (sessions * mib) as u64 * 1024;
+    let bound = client_budget_kib + 8 * 1024 + 48 * 1024;
+    for (what, kib) in [
+        ("under attack", under_attack),
+        ("after the legitimate message", after_legit),
+    ] {
+        assert!(
+            kib.saturating_sub(before) < bound,
+            "{what}: RssAnon grew from {before} to {kib} KiB ({sent_kib} KiB sent; bound {bound} KiB)"
+        );
+    }
+
     // The sessions still within the attacker's share hold it (those past it
     // gave theirs back when they started discarding): one more message of the
     // same size does not fit and gets 452 4.3.1, refused, not lost.
@@ -1013,29 +1031,14 @@ fn many_sessions_of_endless_data_stay_within_the_body_budget() {
         assert_eq!((r.code, r.enhanced()), (452, "4.3.1"), "{r:?}");
     }
     drop(again);
-
     println!(
-        "| {sessions} sessions × {mib} MiB of DATA without the final dot, one address | \
-         RssAnon {before} KiB before, {under_attack} KiB under attack ({sent_s:.1} s), \
-         {after_legit} KiB after a legitimate 8 MiB message from another address (250) | \
-         per-client budget {client_budget_kib} KiB; the attacker's next DATA: {} |",
+        "the attacker's next {mib} MiB message: 452 4.3.1 {}",
         if refused_at_once {
-            "452 at once"
+            "at DATA"
         } else {
-            "452 after its data"
+            "after its data"
         }
     );
-    let sent_kib = (sessions * mib) as u64 * 1024;
-    let bound = client_budget_kib + 8 * 1024 + 48 * 1024;
-    for (what, kib) in [
-        ("under attack", under_attack),
-        ("after the legitimate message", after_legit),
-    ] {
-        assert!(
-            kib.saturating_sub(before) < bound,
-            "{what}: RssAnon grew from {before} to {kib} KiB ({sent_kib} KiB sent; bound {bound} KiB)"
-        );
-    }
 
     // Every way out gives the budget back: the attacker's connections drop,
     // and its address may send again.
@@ -1197,4 +1200,46 @@ fn untrusted_clients_cannot_raise_priority_or_hold_mail() {
         "| relay network | MT-PRIORITY=9 HOLDFOR=3600 | {} | priority 9, held |",
         r.last()
     );
+}
+
+#[test]
+fn endless_data_from_many_addresses_stays_within_the_process_budget() {
+    // Six addresses × four sessions × 20 MiB: each address within its own
+    // share (32 MiB), together far beyond the process budget (96 MiB).
+    let relay = Relay::builder()
+        .set("relay.relay_networks=[\"10.0.0.0/8\"]")
+        .set("relay.local_domains=[\"example.com\"]")
+        .set("server.max_body_memory=\"96MiB\"")
+        .set("server.max_body_memory_per_client=\"32MiB\"")
+        .start();
+    let pid = relay.pid();
+    let before = rss_anon_kib(pid);
+    let mut attack = Vec::new();
+    for ip in loopbacks(6) {
+        for _ in 0..4 {
+            let mut c = Client::connect_from(ip, relay.addr());
+            assert_eq!(c.read_reply().code, 220);
+            c.expect("EHLO attacker.test", 250);
+            c.expect("MAIL FROM:<a@attacker.test>", 250);
+            c.expect("RCPT TO:<user@example.com>", 250);
+            // Once the process budget is spent, DATA is refused at once.
+            if c.cmd("DATA").code == 354 {
+                attack.push(c);
+            }
+        }
+    }
+    for c in &mut attack {
+        endless_data(c, 20);
+    }
+    let under_attack = rss_anon_kib(pid);
+    println!(
+        "| 6 addresses × 4 sessions × 20 MiB without the final dot | RssAnon {before} KiB before, \
+         {under_attack} KiB under attack ({} sessions got 354) | process budget 98304 KiB |",
+        attack.len()
+    );
+    assert!(
+        under_attack.saturating_sub(before) < 96 * 1024 + 48 * 1024,
+        "RssAnon grew from {before} to {under_attack} KiB"
+    );
+    assert!(relay.count() == 0, "nothing stored from endless data");
 }
