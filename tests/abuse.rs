@@ -902,3 +902,344 @@ fn header_and_mime_bombs_are_bounded_and_bounce_small() {
         "memory grew from {baseline} to {peak} KiB"
     );
 }
+
+// ---------------------------------------------------------------------------------
+// Memory exhaustion, reflection, trust for envelope extensions (issue 17: 3, 4, 5)
+// ---------------------------------------------------------------------------------
+
+/// Anonymous resident memory of a process (RssAnon, KiB): the heap, where
+/// bodies being received live (the spool's memory map is file-backed).
+fn rss_anon_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// About `mib` MiB of whole message lines (76 octets and CRLF), never a
+/// final dot.
+fn endless_data(c: &mut Client, mib: usize) {
+    let line = [b"x".repeat(76), b"\r\n".to_vec()].concat();
+    let block = line.repeat((1 << 20) / line.len());
+    for _ in 0..mib {
+        c.send(&block);
+    }
+}
+
+/// The scale of the attack: `SLUICE_ABUSE_FULL=1` runs the one from the issue
+/// (40 sessions × 45 MiB) with the default budget; otherwise a smaller one
+/// with a smaller budget, which shows the same.
+fn attack_scale() -> (usize, usize, Vec<String>, u64) {
+    if std::env::var_os("SLUICE_ABUSE_FULL").is_some() {
+        (40, 45, vec![], 128 << 10)
+    } else {
+        (
+            24,
+            20,
+            vec![
+                "server.max_body_memory=\"96MiB\"".into(),
+                "server.max_body_memory_per_client=\"32MiB\"".into(),
+            ],
+            32 << 10,
+        )
+    }
+}
+
+#[test]
+fn many_sessions_of_endless_data_stay_within_the_body_budget() {
+    let (sessions, mib, sets, client_budget_kib) = attack_scale();
+    let mut builder = Relay::builder()
+        .set("relay.relay_networks=[\"10.0.0.0/8\"]")
+        .set("relay.local_domains=[\"example.com\"]");
+    for s in sets {
+        builder = builder.set(s);
+    }
+    let relay = builder.start();
+    let pid = relay.pid();
+    let attacker = loopback();
+    let before = rss_anon_kib(pid);
+
+    let started = Instant::now();
+    let mut attack = Vec::new();
+    for _ in 0..sessions {
+        let mut c = Client::connect_from(attacker, relay.addr());
+        assert_eq!(c.read_reply().code, 220);
+        c.expect("EHLO attacker.test", 250);
+        c.expect("MAIL FROM:<a@attacker.test>", 250);
+        c.expect("RCPT TO:<user@example.com>", 250);
+        c.expect("DATA", 354);
+        attack.push(c);
+    }
+    // Each write returns once the relay has read nearly all of it (loopback
+    // socket buffers hold a few MiB at most).
+    for c in &mut attack {
+        endless_data(c, mib);
+    }
+    let sent_s = started.elapsed().as_secs_f64();
+    let under_attack = rss_anon_kib(pid);
+
+    // Another client, also a stranger, is still served, with a large message.
+    let mut other = Client::connect_from(loopback(), relay.addr());
+    assert_eq!(other.read_reply().code, 220);
+    other.expect("EHLO legit.test", 250);
+    other.expect("MAIL FROM:<b@legit.test>", 250);
+    other.expect("RCPT TO:<user@example.com>", 250);
+    other.expect("DATA", 354);
+    endless_data(&mut other, 8);
+    other.send(b".\r\n");
+    let r = other.read_reply();
+    assert_eq!(r.code, 250, "legitimate client under attack: {r:?}");
+    other.send_line("QUIT");
+    let after_legit = rss_anon_kib(pid);
+
+    println!(
+        "| {sessions} sessions × {mib} MiB of DATA without the final dot, one address | \
+         RssAnon {before} KiB before, {under_attack} KiB under attack ({sent_s:.1} s), \
+         {after_legit} KiB after a legitimate 8 MiB message from another address (250) | \
+         per-client budget {client_budget_kib} KiB |"
+    );
+    let sent_kib = (sessions * mib) as u64 * 1024;
+    let bound = client_budget_kib + 8 * 1024 + 48 * 1024;
+    for (what, kib) in [
+        ("under attack", under_attack),
+        ("after the legitimate message", after_legit),
+    ] {
+        assert!(
+            kib.saturating_sub(before) < bound,
+            "{what}: RssAnon grew from {before} to {kib} KiB ({sent_kib} KiB sent; bound {bound} KiB)"
+        );
+    }
+
+    // The sessions still within the attacker's share hold it (those past it
+    // gave theirs back when they started discarding): one more message of the
+    // same size does not fit and gets 452 4.3.1, refused, not lost.
+    let mut again = Client::connect_from(attacker, relay.addr());
+    assert_eq!(again.read_reply().code, 220);
+    again.expect("EHLO attacker.test", 250);
+    again.expect("MAIL FROM:<a@attacker.test>", 250);
+    again.expect("RCPT TO:<user@example.com>", 250);
+    let r = again.cmd("DATA");
+    let refused_at_once = r.code == 452;
+    if r.code == 354 {
+        endless_data(&mut again, mib);
+        again.send(b".\r\n");
+        let r = again.read_reply();
+        assert_eq!((r.code, r.enhanced()), (452, "4.3.1"), "{r:?}");
+    } else {
+        assert_eq!((r.code, r.enhanced()), (452, "4.3.1"), "{r:?}");
+    }
+    drop(again);
+    println!(
+        "the attacker's next {mib} MiB message: 452 4.3.1 {}",
+        if refused_at_once {
+            "at DATA"
+        } else {
+            "after its data"
+        }
+    );
+
+    // Every way out gives the budget back: the attacker's connections drop,
+    // and its address may send again.
+    drop(attack);
+    wait_until(
+        "the attacker's share to be given back",
+        T,
+        || {
+            let mut c = Client::connect_from(attacker, relay.addr());
+            let _ = c.read_reply();
+            c.expect("EHLO attacker.test", 250);
+            c.expect("MAIL FROM:<a@attacker.test>", 250);
+            c.expect("RCPT TO:<user@example.com>", 250);
+            if c.cmd("DATA").code != 354 {
+                return false;
+            }
+            endless_data(&mut c, mib);
+            c.send(b".\r\n");
+            c.read_reply().code == 250
+        },
+        || relay.log(),
+    );
+}
+
+/// Closed relay with delivery: example.com is local (sink `local`, which does
+/// not offer DSN, so sluice owes the success notice itself), anything else goes
+/// to sink `other`, where the notices to forged senders land.
+fn reflection_relay(local: SocketAddr, other: SocketAddr, notices: &str) -> Relay {
+    Relay::builder()
+        .set("relay.relay_networks=[\"10.0.0.0/8\"]")
+        .set("relay.local_domains=[\"example.com\"]")
+        .set("delivery.enabled=true")
+        .set("queue.default.retry=[\"1s\"]")
+        .lset("untrusted_notices", &format!("\"{notices}\""))
+        .set(format!(
+            "route.local={{type=\"relay\",host=\"{}\",port={},tls=\"none\"}}",
+            local.ip(),
+            local.port()
+        ))
+        .set(format!(
+            "route.default={{type=\"relay\",host=\"{}\",port={},tls=\"none\"}}",
+            other.ip(),
+            other.port()
+        ))
+        .start()
+}
+
+/// A stranger names a victim as sender, RET=FULL, NOTIFY=SUCCESS on a local
+/// recipient, with a 1 MiB body.
+fn reflect(relay: &Relay) {
+    let mut c = relay.session();
+    c.expect("MAIL FROM:<victim@victim.test> RET=FULL", 250);
+    c.expect("RCPT TO:<user@example.com> NOTIFY=SUCCESS", 250);
+    c.expect("DATA", 354);
+    c.send(b"Subject: reflected\r\nMessage-ID: <reflect@attacker.test>\r\n\r\n");
+    for _ in 0..(1 << 20) / 78 {
+        c.send(b"REFLECTED-BODY-LINE xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n");
+    }
+    c.send(b".\r\n");
+    let r = c.read_reply();
+    assert_eq!(r.code, 250, "{r:?}");
+    c.send_line("QUIT");
+}
+
+#[test]
+fn success_notices_to_a_forged_sender_are_not_an_amplifier() {
+    println!("| untrusted_notices | original | notice to the forged sender |\n|---|---|---|");
+    // Default: the notice returns the headers only.
+    let local = PostfixSink::start(sink_addr(), &["-N"]);
+    let other = LoadgenSink::start(&[sink_addr()], &[]);
+    let relay = reflection_relay(local.addr, other.listen[0], "headers");
+    reflect(&relay);
+    let saved = other.wait_saved(1, T, &relay);
+    assert_eq!(saved.len(), 1);
+    let notice = &saved[0];
+    assert!(notice.from().is_empty(), "a notice: {:?}", notice.env);
+    assert_eq!(notice.rcpts(), vec!["victim@victim.test"]);
+    let t = text(&notice.eml);
+    assert!(t.contains("multipart/report"), "{t}");
+    assert!(t.contains("text/rfc822-headers"), "{t}");
+    assert!(t.contains("Subject: reflected"), "{t}");
+    assert!(!t.contains("REFLECTED-BODY-LINE"), "body reflected");
+    assert!(notice.eml.len() < 16 * 1024, "{} bytes", notice.eml.len());
+    println!(
+        "| headers (default) | 1 MiB, RET=FULL | {} bytes, headers only |",
+        notice.eml.len()
+    );
+    drop(relay);
+
+    // "none": no notice at all; the message itself is delivered.
+    let local = PostfixSink::start(sink_addr(), &["-N"]);
+    let other = LoadgenSink::start(&[sink_addr()], &[]);
+    let relay = reflection_relay(local.addr, other.listen[0], "none");
+    reflect(&relay);
+    wait_until(
+        "delivery to the local next hop",
+        T,
+        || !local.dumps().is_empty(),
+        || relay.log(),
+    );
+    wait_until(
+        "the spool to empty",
+        T,
+        || relay.count() == 0,
+        || relay.log(),
+    );
+    assert_eq!(other.messages(), 0, "a success notice was sent");
+    println!("| none | 1 MiB, RET=FULL | none |");
+}
+
+#[test]
+fn untrusted_clients_cannot_raise_priority_or_hold_mail() {
+    let trusted = loopback();
+    let relay = Relay::builder()
+        .set(format!("relay.relay_networks=[\"{trusted}/32\"]"))
+        .set("relay.local_domains=[\"example.com\"]")
+        .start();
+    let send = |c: &mut Client, params: &str| -> Reply {
+        let r = c.cmd(&format!("MAIL FROM:<s@outside.test> {params}"));
+        if r.code != 250 {
+            return r;
+        }
+        c.expect("RCPT TO:<user@example.com>", 250);
+        c.expect("DATA", 354);
+        c.send(b"Subject: t\r\n\r\nhi\r\n.\r\n");
+        c.read_reply()
+    };
+    println!("| client | MAIL parameters | reply | stored |\n|---|---|---|---|");
+    let mut stranger = relay.session();
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1))
+        .format("HOLDUNTIL=%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    for params in ["HOLDFOR=604800", tomorrow.as_str()] {
+        let r = send(&mut stranger, params);
+        assert_eq!((r.code, r.enhanced()), (550, "5.7.1"), "{params}: {r:?}");
+        println!("| stranger | {params} | {} | — |", r.last());
+    }
+    let r = send(&mut stranger, "MT-PRIORITY=9");
+    assert_eq!(r.code, 250, "{r:?}");
+    let id = queued_id(&r.text()).expect("queued id");
+    let show = relay.show(&id);
+    assert!(show.contains("priority: 0"), "{show}");
+    println!("| stranger | MT-PRIORITY=9 | {} | priority 0 |", r.last());
+    let r = send(&mut stranger, "MT-PRIORITY=-3");
+    let show = relay.show(&queued_id(&r.text()).expect("queued id"));
+    assert!(show.contains("priority: -3"), "{show}");
+    println!("| stranger | MT-PRIORITY=-3 | {} | priority -3 |", r.last());
+
+    // The relay networks are trusted with both.
+    let mut c = Client::connect_from(trusted, relay.addr());
+    assert_eq!(c.read_reply().code, 220);
+    c.expect("EHLO inside.test", 250);
+    let r = send(&mut c, "MT-PRIORITY=9 HOLDFOR=3600");
+    assert_eq!(r.code, 250, "{r:?}");
+    let show = relay.show(&queued_id(&r.text()).expect("queued id"));
+    assert!(show.contains("priority: 9"), "{show}");
+    assert!(show.contains("hold_until: "), "{show}");
+    println!(
+        "| relay network | MT-PRIORITY=9 HOLDFOR=3600 | {} | priority 9, held |",
+        r.last()
+    );
+}
+
+#[test]
+fn endless_data_from_many_addresses_stays_within_the_process_budget() {
+    // Six addresses × four sessions × 20 MiB: each address within its own
+    // share (32 MiB), together far beyond the process budget (96 MiB).
+    let relay = Relay::builder()
+        .set("relay.relay_networks=[\"10.0.0.0/8\"]")
+        .set("relay.local_domains=[\"example.com\"]")
+        .set("server.max_body_memory=\"96MiB\"")
+        .set("server.max_body_memory_per_client=\"32MiB\"")
+        .start();
+    let pid = relay.pid();
+    let before = rss_anon_kib(pid);
+    let mut attack = Vec::new();
+    for ip in loopbacks(6) {
+        for _ in 0..4 {
+            let mut c = Client::connect_from(ip, relay.addr());
+            assert_eq!(c.read_reply().code, 220);
+            c.expect("EHLO attacker.test", 250);
+            c.expect("MAIL FROM:<a@attacker.test>", 250);
+            c.expect("RCPT TO:<user@example.com>", 250);
+            // Once the process budget is spent, DATA is refused at once.
+            if c.cmd("DATA").code == 354 {
+                attack.push(c);
+            }
+        }
+    }
+    for c in &mut attack {
+        endless_data(c, 20);
+    }
+    let under_attack = rss_anon_kib(pid);
+    println!(
+        "| 6 addresses × 4 sessions × 20 MiB without the final dot | RssAnon {before} KiB before, \
+         {under_attack} KiB under attack ({} sessions got 354) | process budget 98304 KiB |",
+        attack.len()
+    );
+    assert!(
+        under_attack.saturating_sub(before) < 96 * 1024 + 48 * 1024,
+        "RssAnon grew from {before} to {under_attack} KiB"
+    );
+    assert!(relay.count() == 0, "nothing stored from endless data");
+}

@@ -34,6 +34,7 @@ fn session_config() -> Arc<SessionConfig> {
         max_message_line_length: 998,
         relay: Arc::new(relay),
         auth_guard: Arc::new(AuthGuard::new(&AuthSection::default())),
+        untrusted: Default::default(),
     })
 }
 

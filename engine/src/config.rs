@@ -78,6 +78,11 @@ pub struct ServerConfig {
     pub io_memory: ByteSize,
     pub ring_depth: usize,
     pub shutdown_grace: HumanDuration,
+    /// Message-body bytes held in RAM by all sessions receiving (see budget.rs).
+    pub max_body_memory: ByteSize,
+    /// The same for one client address (IPv4, IPv6 /64) outside the relay
+    /// networks and not authenticated.
+    pub max_body_memory_per_client: ByteSize,
     pub listener: BTreeMap<String, ListenerConfig>,
 }
 
@@ -89,6 +94,8 @@ impl Default for ServerConfig {
             io_memory: ByteSize(512 * 1024),
             ring_depth: 128,
             shutdown_grace: HumanDuration(Duration::from_secs(10)),
+            max_body_memory: ByteSize(512 << 20),
+            max_body_memory_per_client: ByteSize(128 << 20),
             listener: BTreeMap::new(),
         }
     }
@@ -126,6 +133,31 @@ pub enum NulBytes {
     Strip,
 }
 
+/// What an envelope extension asked for by an untrusted client (outside the
+/// relay networks, not authenticated) gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UntrustedExtension {
+    /// Honoured as from anyone.
+    Accept,
+    /// Accepted but not honoured (250, as if not given).
+    Ignore,
+    /// MAIL refused with 550 5.7.1.
+    Reject,
+}
+
+/// What success and delay notices for mail from untrusted clients may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UntrustedNotices {
+    /// As asked (RET=FULL returns the whole message).
+    Full,
+    /// The header block only, whatever RET says.
+    Headers,
+    /// None at all; failure notices are not affected.
+    None,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenerConfig {
@@ -149,6 +181,11 @@ pub struct ListenerConfig {
     pub bare_newline: BareNewline,
     pub nul_bytes: NulBytes,
     pub max_message_line_length: usize,
+    /// MT-PRIORITY above 0 from untrusted clients (lowering is always allowed).
+    pub untrusted_mt_priority: UntrustedExtension,
+    /// HOLDFOR / HOLDUNTIL from untrusted clients.
+    pub untrusted_hold: UntrustedExtension,
+    pub untrusted_notices: UntrustedNotices,
 }
 
 impl Default for ListenerConfig {
@@ -174,6 +211,9 @@ impl Default for ListenerConfig {
             bare_newline: BareNewline::Reject,
             nul_bytes: NulBytes::Reject,
             max_message_line_length: 998,
+            untrusted_mt_priority: UntrustedExtension::Ignore,
+            untrusted_hold: UntrustedExtension::Reject,
+            untrusted_notices: UntrustedNotices::Headers,
         }
     }
 }
@@ -524,6 +564,22 @@ impl Config {
             if let Err(e) = sluice_policy::NetworkList::parse(&l.proxy_trusted_networks) {
                 return Err(invalid(key("proxy_trusted_networks"), e.to_string()));
             }
+        }
+        let body = (
+            self.server.max_body_memory.0,
+            self.server.max_body_memory_per_client.0,
+        );
+        if body.0 < crate::budget::GRANT {
+            return Err(invalid(
+                "server.max_body_memory".into(),
+                "must be at least 64KiB".into(),
+            ));
+        }
+        if body.1 < crate::budget::GRANT || body.1 > body.0 {
+            return Err(invalid(
+                "server.max_body_memory_per_client".into(),
+                "must be at least 64KiB and at most server.max_body_memory".into(),
+            ));
         }
         if self.server.cores > 64 {
             return Err(invalid(

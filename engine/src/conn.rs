@@ -48,6 +48,8 @@ pub struct ListenerShared {
     pub per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// Metric handles of this listener.
     pub metrics: crate::metrics::ListenerMetrics,
+    /// Bytes of message bodies held in RAM; one budget for all listeners.
+    pub body_budget: Arc<crate::budget::BodyBudget>,
 }
 
 impl ListenerShared {
@@ -56,6 +58,7 @@ impl ListenerShared {
         cfg: &ListenerConfig,
         session: Arc<SessionConfig>,
         tls: Option<(Arc<rustls::ServerConfig>, Arc<crate::tls::CertSwap>)>,
+        body_budget: Arc<crate::budget::BodyBudget>,
     ) -> Result<ListenerShared, sluice_policy::PolicyError> {
         let (tls, certs) = match tls {
             Some((config, certs)) => (Some(futures_rustls::TlsAcceptor::from(config)), Some(certs)),
@@ -75,6 +78,7 @@ impl ListenerShared {
             active: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             metrics: crate::metrics::ListenerMetrics::new(name),
+            body_budget,
         })
     }
 }
@@ -334,6 +338,7 @@ async fn serve(
     );
     session.set_queue_admission(ctx.queues.clone());
     session.set_metrics(listener.metrics.smtp.clone());
+    session.set_body_budget(listener.body_budget.clone());
     tracing::debug!(client_ip = %peer.ip(), listener = %listener.name, core = ctx.core, "connected");
     session.greeting();
 
@@ -386,10 +391,17 @@ async fn serve(
                         conn.write_all(session.output()).await?;
                         session.clear_output();
                     }
-                    let Submission { id, envelope, body } = *submission;
+                    let Submission {
+                        id,
+                        envelope,
+                        body,
+                        reservation,
+                    } = *submission;
                     let summary = server::TxSummary::of(&envelope);
                     let received = crate::metrics::queue(&envelope.queue);
                     let result = ctx.queue.enqueue(id, envelope, body).await;
+                    // The body has left this session's memory (stored or not).
+                    drop(reservation);
                     if result.is_ok() {
                         received.received.increment(1);
                     }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth_guard;
+pub mod budget;
 pub mod config;
 pub mod conn;
 pub mod debug_cmd;

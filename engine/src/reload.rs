@@ -8,8 +8,8 @@
 //!
 //! Reloadable: listener certificates and keys, the per-session listener settings
 //! (greeting, hostname, protocol, auth_plaintext, message/recipient/line/error
-//! limits, bare_newline, nul_bytes, max_message_line_length), relay networks
-//! and local domains, auth users, and the
+//! limits, bare_newline, nul_bytes, max_message_line_length, untrusted_*), relay
+//! networks and local domains, auth users, and the
 //! `[[rule]]` list (queue and route choice). New sessions and new TLS handshakes
 //! see the new values; sessions already open keep what they started with.
 //!
@@ -296,6 +296,9 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
     l.bare_newline = n.bare_newline;
     l.nul_bytes = n.nul_bytes;
     l.max_message_line_length = n.max_message_line_length;
+    l.untrusted_mt_priority = n.untrusted_mt_priority;
+    l.untrusted_hold = n.untrusted_hold;
+    l.untrusted_notices = n.untrusted_notices;
 }
 
 /// Keys that differ between what runs and the new file but cannot change
@@ -303,7 +306,7 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
 fn restart_only_changes(effective: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     let (a, b) = (&effective.server, &new.server);
-    let fields: [(&str, bool); 5] = [
+    let fields: [(&str, bool); 7] = [
         ("server.hostname", a.hostname != b.hostname),
         ("server.cores", a.cores != b.cores),
         ("server.io_memory", differs(&a.io_memory, &b.io_memory)),
@@ -311,6 +314,14 @@ fn restart_only_changes(effective: &Config, new: &Config) -> Vec<String> {
         (
             "server.shutdown_grace",
             differs(&a.shutdown_grace, &b.shutdown_grace),
+        ),
+        (
+            "server.max_body_memory",
+            differs(&a.max_body_memory, &b.max_body_memory),
+        ),
+        (
+            "server.max_body_memory_per_client",
+            differs(&a.max_body_memory_per_client, &b.max_body_memory_per_client),
         ),
     ];
     out.extend(fields.iter().filter(|f| f.1).map(|f| f.0.to_string()));

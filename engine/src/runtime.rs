@@ -138,6 +138,10 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         config.auth.users.clone(),
     )?));
     let auth_guard = Arc::new(crate::auth_guard::AuthGuard::new(&config.auth));
+    let body_budget = Arc::new(crate::budget::BodyBudget::new(
+        config.server.max_body_memory.0,
+        config.server.max_body_memory_per_client.0,
+    ));
     let mut listeners = Vec::new();
     for (name, l) in &config.server.listener {
         let tls = match (l.tls, &l.tls_cert, &l.tls_key) {
@@ -160,7 +164,13 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             !credentials.load().is_empty(),
             auth_guard.clone(),
         ));
-        let shared = Arc::new(ListenerShared::new(name, l, session, tls)?);
+        let shared = Arc::new(ListenerShared::new(
+            name,
+            l,
+            session,
+            tls,
+            body_budget.clone(),
+        )?);
         for addr in &l.bind {
             listeners.push((shared.clone(), *addr));
         }

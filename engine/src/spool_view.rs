@@ -301,6 +301,7 @@ mod tests {
                 delay_notices: 0,
                 deliver_by_notified: false,
                 held: false,
+                notices: Default::default(),
             },
         }
     }

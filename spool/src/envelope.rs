@@ -8,7 +8,10 @@ use crate::{MessageId, SpoolError};
 /// 4 appends an extension record ([`Extension`]) after the version 3 layout, so
 /// fields added since are optional for readers of the version 3 part; version 3
 /// envelopes decode with the extension's defaults.
-const ENVELOPE_VERSION: u8 = 4;
+/// 5 appends a second record ([`Extension5`]) after version 4's; version 4
+/// envelopes decode with its defaults.
+const ENVELOPE_VERSION: u8 = 5;
+const ENVELOPE_V4: u8 = 4;
 const ENVELOPE_V3: u8 = 3;
 const ENVELOPE_V2: u8 = 2;
 
@@ -16,6 +19,27 @@ const ENVELOPE_V2: u8 = 2;
 #[derive(Default, Serialize, Deserialize)]
 struct Extension {
     held: bool,
+}
+
+/// Fields stored after version 4's extension record (version 5 on).
+#[derive(Default, Serialize, Deserialize)]
+struct Extension5 {
+    notices: NoticeLimit,
+}
+
+/// What success and delay notices about a message may carry, decided when it
+/// is received: a client that is not trusted can forge the sender and turn
+/// them into a reflector. Failure notices are never limited by this.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NoticeLimit {
+    /// As the client asked (RET decides what is returned). Messages stored
+    /// before version 5 decode as this.
+    #[default]
+    Unlimited,
+    /// The original's header block only, whatever RET says.
+    HeadersOnly,
+    /// No success or delay notices.
+    FailuresOnly,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,6 +111,10 @@ pub struct Schedule {
     /// version 4 extension record, not in the version 3 layout.
     #[serde(skip)]
     pub held: bool,
+    /// Limit on success and delay notices. Stored in the version 5 extension
+    /// record, not in the version 3 layout.
+    #[serde(skip)]
+    pub notices: NoticeLimit,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -158,13 +186,26 @@ impl Envelope {
         let ext = Extension {
             held: self.schedule.held,
         };
-        postcard::to_extend(&ext, out).map_err(enc)
+        let out = postcard::to_extend(&ext, out).map_err(enc)?;
+        let ext5 = Extension5 {
+            notices: self.schedule.notices,
+        };
+        postcard::to_extend(&ext5, out).map_err(enc)
     }
 
     pub(crate) fn decode(id: MessageId, bytes: &[u8]) -> Result<Envelope, SpoolError> {
         let corrupt = |e: postcard::Error| SpoolError::Corrupt(format!("envelope {id}: {e}"));
         match bytes.split_first() {
             Some((&ENVELOPE_VERSION, rest)) => {
+                let (mut env, ext) =
+                    postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
+                let (ext, ext5) = postcard::take_from_bytes::<Extension>(ext).map_err(corrupt)?;
+                let ext5: Extension5 = postcard::from_bytes(ext5).map_err(corrupt)?;
+                env.schedule.held = ext.held;
+                env.schedule.notices = ext5.notices;
+                Ok(env)
+            }
+            Some((&ENVELOPE_V4, rest)) => {
                 let (mut env, ext) =
                     postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
                 let ext: Extension = postcard::from_bytes(ext).map_err(corrupt)?;
@@ -188,7 +229,7 @@ impl Envelope {
 mod v2 {
     use serde::Deserialize;
 
-    use super::{BodyType, Recipient, Ret};
+    use super::{BodyType, NoticeLimit, Recipient, Ret};
 
     #[derive(Deserialize)]
     pub(super) struct Envelope {
@@ -244,6 +285,7 @@ mod v2 {
                     delay_notices: e.schedule.delay_notices,
                     deliver_by_notified: false,
                     held: false,
+                    notices: NoticeLimit::Unlimited,
                 },
             }
         }
@@ -323,6 +365,7 @@ mod v2 {
                     delay_notices: 1,
                     deliver_by_notified: false,
                     held: false,
+                    notices: NoticeLimit::Unlimited,
                 }
             );
             // Written back, it is the current version and round-trips.
@@ -377,6 +420,35 @@ mod tests {
         env.schedule.held = false;
         let bytes = env.encode().expect("encode");
         assert!(!Envelope::decode(id, &bytes).expect("decode").schedule.held);
+    }
+
+    #[test]
+    fn the_notice_limit_round_trips() {
+        let id = MessageId(8);
+        for limit in [
+            NoticeLimit::Unlimited,
+            NoticeLimit::HeadersOnly,
+            NoticeLimit::FailuresOnly,
+        ] {
+            let mut env = sample();
+            env.schedule.notices = limit;
+            env.schedule.held = true;
+            let bytes = env.encode().expect("encode");
+            assert_eq!(bytes[0], ENVELOPE_VERSION);
+            assert_eq!(Envelope::decode(id, &bytes).expect("decode"), env);
+        }
+    }
+
+    #[test]
+    fn version_4_envelopes_still_decode() {
+        // Version 4: the version 3 layout and one extension record.
+        let mut env = sample();
+        env.schedule.held = true;
+        let bytes = postcard::to_extend(&env, vec![ENVELOPE_V4]).expect("encode v4");
+        let bytes = postcard::to_extend(&Extension { held: true }, bytes).expect("ext");
+        let back = Envelope::decode(MessageId(1), &bytes).expect("v4 decodes");
+        assert_eq!(back, env);
+        assert_eq!(back.schedule.notices, NoticeLimit::Unlimited);
     }
 
     #[test]

@@ -13,7 +13,8 @@ mod spool;
 mod writer;
 
 pub use envelope::{
-    BodyType, DeliverBy, DeliverByMode, Envelope, Notify, Recipient, RecipientStatus, Ret, Schedule,
+    BodyType, DeliverBy, DeliverByMode, Envelope, NoticeLimit, Notify, Recipient, RecipientStatus,
+    Ret, Schedule,
 };
 pub use error::SpoolError;
 pub use id::{IdGenerator, MessageId};

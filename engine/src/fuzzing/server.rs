@@ -64,6 +64,7 @@ pub fn fuzz_config(flags: u8) -> SessionConfig {
         // Default limits: a fresh guard per session config, so runs do not share
         // failure budgets.
         auth_guard: Arc::new(AuthGuard::new(&AuthSection::default())),
+        untrusted: Default::default(),
     }
 }
 

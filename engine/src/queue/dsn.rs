@@ -16,6 +16,11 @@
 //!   the whole original when it is at most 64 KiB and the headers otherwise; delay
 //!   and success notices return the headers (the sender still has the message, and a
 //!   delay notice may repeat several times).
+//! - Mail from a client that was neither in the relay networks nor authenticated
+//!   carries a [`NoticeLimit`] (the listener's `untrusted_notices`): its success and
+//!   delay notices return the headers only, or are not sent. Such a client can name
+//!   any sender, and a "relayed" notice with RET=FULL would mail the whole message
+//!   there: a reflector. Failure notices are what a sender needs; they are not limited.
 //! - The original's headers are found by splitting at the first empty line (CRLF
 //!   CRLF, or LF LF for tolerance); no MIME parser is needed for that, and the
 //!   original is embedded as borrowed bytes (bare CR or LF normalised to CRLF).
@@ -35,7 +40,7 @@ use mail_builder::headers::content_type::ContentType;
 use mail_builder::headers::raw::Raw;
 use mail_builder::mime::{make_boundary, BodyPart, MimePart};
 use mail_builder::MessageBuilder;
-use sluice_spool::{BodyType, Envelope, MessageId, Notify, Recipient, Ret};
+use sluice_spool::{BodyType, Envelope, MessageId, NoticeLimit, Notify, Recipient, Ret};
 
 /// Original messages up to this size are returned whole when RET is absent.
 pub const RETURN_FULL_MAX: usize = 64 * 1024;
@@ -146,9 +151,40 @@ pub struct DsnMessage {
     pub body_type: BodyType,
 }
 
+/// What a notice returns of the original message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Returned {
+    Whole,
+    Headers,
+}
+
+/// Whether a notice of `kind` may be sent, and what it returns: RET as asked
+/// (without RET, a failure notice returns an original of at most
+/// [`RETURN_FULL_MAX`] whole, anything else the headers), then `limit` for
+/// success and delay notices. `None`: no notice of this kind.
+pub fn returned_content(
+    kind: DsnKind,
+    ret: Option<Ret>,
+    original_len: usize,
+    limit: NoticeLimit,
+) -> Option<Returned> {
+    let asked = match ret {
+        Some(Ret::Full) => Returned::Whole,
+        Some(Ret::Headers) => Returned::Headers,
+        None if kind == DsnKind::Failure && original_len <= RETURN_FULL_MAX => Returned::Whole,
+        None => Returned::Headers,
+    };
+    match (kind, limit) {
+        (DsnKind::Failure, _) | (_, NoticeLimit::Unlimited) => Some(asked),
+        (_, NoticeLimit::HeadersOnly) => Some(Returned::Headers),
+        (_, NoticeLimit::FailuresOnly) => None,
+    }
+}
+
 /// Build the notice, or `None` when none must be sent: null envelope sender (never
 /// bounce a bounce), or no recipient whose NOTIFY asks for a notice about its
-/// action (NOTIFY=NEVER; SUCCESS not requested; FAILURE/DELAY explicitly left out).
+/// action (NOTIFY=NEVER; SUCCESS not requested; FAILURE/DELAY explicitly left out),
+/// or a success or delay notice the message's [`NoticeLimit`] rules out.
 pub fn build_dsn(
     kind: DsnKind,
     envelope: &Envelope,
@@ -160,6 +196,12 @@ pub fn build_dsn(
     if sender.is_empty() {
         return None;
     }
+    let returned_kind = returned_content(
+        kind,
+        envelope.ret,
+        original.len(),
+        envelope.schedule.notices,
+    )?;
     let rcpts: Vec<&DsnRecipient<'_>> = recipients
         .iter()
         .filter(|r| r.action.wanted_by(r.recipient.notify))
@@ -177,11 +219,7 @@ pub fn build_dsn(
         });
 
     let headers = bounded_headers(split_headers(original).0);
-    let full = match envelope.ret {
-        Some(Ret::Full) => true,
-        Some(Ret::Headers) => false,
-        None => kind == DsnKind::Failure && original.len() <= RETURN_FULL_MAX,
-    };
+    let full = returned_kind == Returned::Whole;
     let returned: Cow<'_, [u8]> = crlf(if full { original } else { headers });
     let returned_8bit = !returned.is_ascii();
     let returned_binary = full && envelope.body_type == BodyType::BinaryMime;
@@ -953,6 +991,64 @@ assert orig.get_content_type() == 'text/rfc822-headers'
         );
         let outcomes = [ok(&b, DsnAction::Delivered), ok(&c, DsnAction::Delivered)];
         assert!(build_dsn(DsnKind::Success, &env, ORIGINAL, &outcomes, &ctx()).is_none());
+    }
+
+    #[test]
+    fn notice_limit_decides_success_and_delay_content_only() {
+        use DsnKind::*;
+        use NoticeLimit::*;
+        use Returned::*;
+        let small = ORIGINAL.len();
+        let large = RETURN_FULL_MAX + 1;
+        // (kind, ret, original length, limit) -> expected
+        type Case = (DsnKind, Option<Ret>, usize, NoticeLimit, Option<Returned>);
+        let cases: &[Case] = &[
+            (Failure, Some(Ret::Full), large, FailuresOnly, Some(Whole)),
+            (Failure, Some(Ret::Full), large, HeadersOnly, Some(Whole)),
+            (Failure, None, small, HeadersOnly, Some(Whole)),
+            (Failure, None, large, Unlimited, Some(Headers)),
+            (Failure, Some(Ret::Headers), small, Unlimited, Some(Headers)),
+            (Success, Some(Ret::Full), large, Unlimited, Some(Whole)),
+            (Success, Some(Ret::Full), large, HeadersOnly, Some(Headers)),
+            (Success, Some(Ret::Full), small, FailuresOnly, None),
+            (Success, None, small, Unlimited, Some(Headers)),
+            (Delay, Some(Ret::Full), small, Unlimited, Some(Whole)),
+            (Delay, Some(Ret::Full), small, HeadersOnly, Some(Headers)),
+            (Delay, None, small, FailuresOnly, None),
+        ];
+        for &(kind, ret, len, limit, want) in cases {
+            assert_eq!(
+                returned_content(kind, ret, len, limit),
+                want,
+                "{kind:?} {ret:?} {len} {limit:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn untrusted_success_notice_is_limited() {
+        let a = rcpt("bob@example.net", Notify::SUCCESS | Notify::FAILURE, None);
+        let mut env = envelope("victim@example.org", Some(Ret::Full), None);
+        let outcomes = [outcome(&a, DsnAction::Relayed, "2.0.0", "")];
+        let full = build_dsn(DsnKind::Success, &env, ORIGINAL, &outcomes, &ctx()).unwrap();
+        assert!(text_of(&full.body).contains("BODY-MARKER"));
+        env.schedule.notices = NoticeLimit::HeadersOnly;
+        let hdrs = build_dsn(DsnKind::Success, &env, ORIGINAL, &outcomes, &ctx()).unwrap();
+        assert!(!text_of(&hdrs.body).contains("BODY-MARKER"));
+        python(
+            &hdrs.body,
+            "assert orig.get_content_type() == 'text/rfc822-headers'",
+        );
+        env.schedule.notices = NoticeLimit::FailuresOnly;
+        assert!(build_dsn(DsnKind::Success, &env, ORIGINAL, &outcomes, &ctx()).is_none());
+        // A failure notice still returns what RET asked for.
+        let failed = [outcome(&a, DsnAction::Failed, "5.1.1", "550 5.1.1 no")];
+        let f = build_dsn(DsnKind::Failure, &env, ORIGINAL, &failed, &ctx()).unwrap();
+        assert!(text_of(&f.body).contains("BODY-MARKER"));
+    }
+
+    fn text_of(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use sluice_policy::{RelayDecision, RelayPolicy};
 use sluice_spool::{
-    BodyType, DeliverBy, DeliverByMode, Envelope, IdGenerator, MessageId, Notify, Recipient,
-    RecipientStatus, Ret, SpoolError,
+    BodyType, DeliverBy, DeliverByMode, Envelope, IdGenerator, MessageId, NoticeLimit, Notify,
+    Recipient, RecipientStatus, Ret, Schedule, SpoolError,
 };
 use smtp_proto::{
     Request, MAIL_BY_NOTIFY, MAIL_BY_RETURN, MAIL_BY_TRACE, RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE,
@@ -26,7 +26,10 @@ use smtp_proto::{
 
 use super::data::{BareNewlineScanner, BodyFlags, DataDecoder};
 use crate::auth_guard::AuthGuard;
-use crate::config::{BareNewline, ListenerConfig, NulBytes, Protocol};
+use crate::budget::{BodyBudget, BodyReservation};
+use crate::config::{
+    BareNewline, ListenerConfig, NulBytes, Protocol, UntrustedExtension, UntrustedNotices,
+};
 use crate::queue::admission::QueueAdmission;
 
 /// FUTURERELEASE (RFC 4865): the longest hold accepted, in seconds (7 days).
@@ -63,6 +66,33 @@ pub struct SessionConfig {
     pub relay: Arc<RelayPolicy>,
     /// AUTH failure delays and limits, shared by all listeners and cores.
     pub auth_guard: Arc<AuthGuard>,
+    /// What untrusted clients' envelope extensions and notices get.
+    pub untrusted: UntrustedPolicy,
+}
+
+/// The listener's `untrusted_*` keys: what a client outside the relay networks,
+/// not authenticated, gets for MT-PRIORITY, HOLDFOR/HOLDUNTIL and notices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UntrustedPolicy {
+    pub mt_priority: UntrustedExtension,
+    pub hold: UntrustedExtension,
+    pub notices: UntrustedNotices,
+}
+
+impl UntrustedPolicy {
+    pub fn of(l: &ListenerConfig) -> UntrustedPolicy {
+        UntrustedPolicy {
+            mt_priority: l.untrusted_mt_priority,
+            hold: l.untrusted_hold,
+            notices: l.untrusted_notices,
+        }
+    }
+}
+
+impl Default for UntrustedPolicy {
+    fn default() -> Self {
+        UntrustedPolicy::of(&ListenerConfig::default())
+    }
 }
 
 impl SessionConfig {
@@ -94,6 +124,7 @@ impl SessionConfig {
             max_message_line_length: l.max_message_line_length,
             relay,
             auth_guard,
+            untrusted: UntrustedPolicy::of(l),
         }
     }
 }
@@ -120,6 +151,9 @@ pub struct Submission {
     pub id: MessageId,
     pub envelope: Envelope,
     pub body: Vec<u8>,
+    /// The body's share of the memory budget; dropping it (once the body is
+    /// stored or given up) gives it back.
+    pub reservation: Option<BodyReservation>,
 }
 
 #[derive(Debug)]
@@ -164,6 +198,12 @@ struct Transaction {
     bdat_bytes: u64,
     bdat_scan: BareNewlineScanner,
     bdat_too_big: bool,
+    /// The body's share of the memory budget (None without a budget, or once
+    /// the body is no longer kept).
+    reservation: Option<BodyReservation>,
+    /// The budget could not hold the body: it is read to its end and discarded,
+    /// then answered 452 4.3.1.
+    over_budget: bool,
 }
 
 /// The parts of an envelope the transaction log line needs once the envelope has
@@ -236,7 +276,12 @@ pub struct Session {
     /// Replies sent by class (2xx..5xx) and not yet added to `metrics`.
     replies: [u64; 4],
     metrics: Option<Arc<crate::metrics::SmtpMetrics>>,
+    /// Bytes of bodies held in RAM, shared by all sessions; None = unbounded.
+    body_budget: Option<Arc<BodyBudget>>,
 }
+
+/// The reply when the memory budget cannot hold a body.
+const BUDGET_TEXT: &str = "Error: insufficient system resources, try again later";
 
 impl Session {
     pub fn new(cfg: Arc<SessionConfig>, ids: Rc<IdGenerator>, peer: PeerInfo) -> Session {
@@ -259,7 +304,35 @@ impl Session {
             accepted: 0,
             replies: [0; 4],
             metrics: None,
+            body_budget: None,
         }
+    }
+
+    /// Bound the bytes of message bodies this session holds by `budget`.
+    pub fn set_body_budget(&mut self, budget: Arc<BodyBudget>) {
+        self.body_budget = Some(budget);
+    }
+
+    /// In the relay networks or authenticated: trusted with envelope
+    /// extensions, notices and a larger share of the body budget.
+    fn trusted(&self) -> bool {
+        self.auth_user.is_some() || self.cfg.relay.relay_networks().contains(self.peer.ip)
+    }
+
+    /// Takes the first share of the body budget for a new body; false when the
+    /// budget has nothing left for this client.
+    fn reserve_body(&mut self) -> bool {
+        let Some(budget) = &self.body_budget else {
+            return true;
+        };
+        let slot = (!self.trusted()).then(|| budget.client_slot(self.peer.ip));
+        let mut r = BodyReservation::new(budget.clone(), slot);
+        if !r.cover(crate::budget::GRANT) {
+            tracing::info!(client_ip = %self.peer.ip, "message memory budget spent: body refused");
+            return false;
+        }
+        self.tx.reservation = Some(r);
+        true
     }
 
     /// Let the rules choose each message's virtual queue, and refuse mail for a
@@ -373,11 +446,27 @@ impl Session {
                 State::Paused => return (pos, Action::Read),
                 State::Data(decoder) => {
                     let limit_hit = decoder.flags.too_big;
+                    // Decoding never makes the body grow by more than the input.
+                    let grown = (self.tx.body.len() + rest.len()) as u64;
+                    if let Some(r) = self.tx.reservation.as_mut() {
+                        if !r.cover(grown) {
+                            tracing::info!(client_ip = %self.peer.ip, "message memory budget spent: body discarded");
+                            self.tx.over_budget = true;
+                            self.tx.reservation = None;
+                            self.tx.body = Vec::new();
+                        }
+                    }
                     match decoder.feed(rest, &mut self.tx.body) {
                         None => {
                             if decoder.flags.too_big && !limit_hit {
                                 // Stop holding the oversized body in memory.
                                 self.tx.body = Vec::new();
+                                self.tx.reservation = None;
+                            }
+                            if self.tx.over_budget {
+                                // Decoded only to find the end; the buffer is
+                                // reused, at most one read's worth.
+                                self.tx.body.clear();
                             }
                             return (input.len(), Action::Read);
                         }
@@ -385,7 +474,9 @@ impl Session {
                             pos += n;
                             let flags = decoder.flags;
                             self.state = State::Command;
-                            if flags.too_big {
+                            if self.tx.over_budget {
+                                self.fail_body(452, "4.3.1", BUDGET_TEXT);
+                            } else if flags.too_big {
                                 self.fail_body(552, "5.3.4", "Error: message too big");
                             } else if let Some(text) = self.body_refusal(flags) {
                                 self.fail_body(550, "5.6.0", &text);
@@ -414,8 +505,18 @@ impl Session {
                         if self.tx.bdat_bytes > self.cfg.max_message_size {
                             self.tx.bdat_too_big = true;
                             self.tx.body = Vec::new();
-                        } else {
-                            self.tx.body.extend_from_slice(chunk);
+                            self.tx.reservation = None;
+                        } else if !self.tx.over_budget {
+                            let grown = (self.tx.body.len() + take) as u64;
+                            let fits = self.tx.reservation.as_mut().is_none_or(|r| r.cover(grown));
+                            if fits {
+                                self.tx.body.extend_from_slice(chunk);
+                            } else {
+                                tracing::info!(client_ip = %self.peer.ip, "message memory budget spent: body discarded");
+                                self.tx.over_budget = true;
+                                self.tx.reservation = None;
+                                self.tx.body = Vec::new();
+                            }
                         }
                     }
                     if *remaining > 0 {
@@ -428,6 +529,13 @@ impl Session {
                         self.error_reply(code, esc, &text);
                         if last {
                             self.tx = Transaction::default();
+                        }
+                    } else if self.tx.over_budget {
+                        if last {
+                            self.fail_body(452, "4.3.1", BUDGET_TEXT);
+                        } else {
+                            // Later chunks of this transaction are refused too.
+                            self.reply(452, "4.3.1", BUDGET_TEXT);
                         }
                     } else if last {
                         self.tx.bdat_scan.finish();
@@ -828,10 +936,35 @@ impl Session {
         if from.flags & smtp_proto::MAIL_REQUIRETLS != 0 {
             return self.error_reply(555, "5.5.4", "Error: unsupported MAIL parameter");
         }
-        let (hold_until_unix, deliver_by) = match mail_times(&from, now_ms) {
+        let (mut hold_until_unix, deliver_by) = match mail_times(&from, now_ms) {
             Ok(times) => times,
             Err(text) => return self.error_reply(501, "5.5.4", &text),
         };
+        let mut priority = from.mt_priority.clamp(-9, 9) as i16;
+        if !self.trusted() {
+            // RFC 6710 §5: a priority is only worth what its source is trusted
+            // with; lowering one's own mail harms no one.
+            let hold_asked = from.hold_for != 0 || from.hold_until != 0;
+            let policy = self.cfg.untrusted;
+            for (asked, what, rule) in [
+                (priority > 0, "MT-PRIORITY above 0", policy.mt_priority),
+                (hold_asked, "HOLDFOR/HOLDUNTIL", policy.hold),
+            ] {
+                if asked && rule == UntrustedExtension::Reject {
+                    tracing::info!(client_ip = %self.peer.ip, "{what} from an untrusted client refused");
+                    let text = format!("Error: {what} only from trusted or authenticated clients");
+                    return self.error_reply(550, "5.7.1", &text);
+                }
+            }
+            if priority > 0 && policy.mt_priority == UntrustedExtension::Ignore {
+                tracing::info!(client_ip = %self.peer.ip, priority, "MT-PRIORITY from an untrusted client ignored");
+                priority = 0;
+            }
+            if hold_asked && policy.hold == UntrustedExtension::Ignore {
+                tracing::info!(client_ip = %self.peer.ip, "HOLDFOR/HOLDUNTIL from an untrusted client ignored");
+                hold_until_unix = 0;
+            }
+        }
         let body_type = if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
             BodyType::BinaryMime
         } else if from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0 {
@@ -861,7 +994,7 @@ impl Session {
             None
         };
         self.tx.envid = from.env_id.map(Cow::into_owned);
-        self.tx.priority = from.mt_priority.clamp(-9, 9) as i16;
+        self.tx.priority = priority;
         self.tx.hold_until_unix = hold_until_unix;
         self.tx.deliver_by = deliver_by;
         self.tx.declared_size = from.size as u64;
@@ -979,6 +1112,11 @@ impl Session {
             self.state = State::Closed;
             return Some(Action::Close);
         }
+        if !self.reserve_body() {
+            // Nothing read yet: the client keeps the transaction and may retry.
+            self.reply(452, "4.3.1", BUDGET_TEXT);
+            return None;
+        }
         self.begin_body(now_ms);
         self.reply(354, "", "End data with <CR><LF>.<CR><LF>");
         let limit = self.cfg.max_message_size;
@@ -992,10 +1130,13 @@ impl Session {
             Some((503, "5.5.1", "Error: need MAIL command".to_string()))
         } else if self.tx.recipients.is_empty() {
             Some((554, "5.5.1", "Error: no valid recipients".to_string()))
+        } else if self.tx.over_budget {
+            Some((452, "4.3.1", BUDGET_TEXT.to_string()))
         } else if self.tx.id.is_none() {
             self.quota_check(self.tx.declared_size)
                 .err()
                 .map(|text| (452, "4.3.1", text))
+                .or_else(|| (!self.reserve_body()).then(|| (452, "4.3.1", BUDGET_TEXT.to_string())))
         } else {
             None
         };
@@ -1114,14 +1255,31 @@ impl Session {
             queue,
             hold_until_unix: tx.hold_until_unix,
             deliver_by: tx.deliver_by,
-            schedule: Default::default(),
+            schedule: Schedule {
+                notices: self.notice_limit(),
+                ..Default::default()
+            },
         };
         self.state = State::Paused;
         Action::Store(Box::new(Submission {
             id,
             envelope,
             body: tx.body,
+            reservation: tx.reservation,
         }))
+    }
+
+    /// What this message's success and delay notices may carry: as asked for
+    /// trusted clients, the listener's `untrusted_notices` for the others.
+    fn notice_limit(&self) -> NoticeLimit {
+        if self.trusted() {
+            return NoticeLimit::Unlimited;
+        }
+        match self.cfg.untrusted.notices {
+            UntrustedNotices::Full => NoticeLimit::Unlimited,
+            UntrustedNotices::Headers => NoticeLimit::HeadersOnly,
+            UntrustedNotices::None => NoticeLimit::FailuresOnly,
+        }
     }
 
     /// The outcome of an [`Action::Store`]; `summary` is what the transaction log needs.

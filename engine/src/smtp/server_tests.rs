@@ -39,6 +39,7 @@ fn config() -> SessionConfig {
         auth_guard: Arc::new(crate::auth_guard::AuthGuard::new(
             &crate::config::AuthSection::default(),
         )),
+        untrusted: Default::default(),
     }
 }
 
@@ -478,7 +479,8 @@ fn mail_with(params: &str) -> Harness {
     let input = format!(
         "EHLO client.test\r\nMAIL FROM:<a@local.test> {params}\r\nRCPT TO:<b@local.test>\r\nBDAT 2 LAST\r\nhi"
     );
-    run(config(), "198.51.100.1", input.as_bytes())
+    // A client in the relay networks: these extensions are for trusted ones.
+    run(config(), "192.0.2.1", input.as_bytes())
 }
 
 #[test]
@@ -587,6 +589,190 @@ fn mt_priority_is_stored() {
     assert_eq!(h.stored[0].envelope.priority, 3);
     let h = mail_with("MT-PRIORITY=-4");
     assert_eq!(h.stored[0].envelope.priority, -4);
+}
+
+// ---- trust: envelope extensions, notices ----
+
+fn mail_from(cfg: SessionConfig, ip: &str, params: &str) -> Harness {
+    let input = format!(
+        "EHLO client.test\r\nMAIL FROM:<a@outside.test> {params}\r\nRCPT TO:<b@local.test>\r\nBDAT 2 LAST\r\nhi"
+    );
+    run(cfg, ip, input.as_bytes())
+}
+
+const UNTRUSTED: &str = "198.51.100.1";
+
+#[test]
+fn untrusted_clients_cannot_raise_priority_or_hold_mail() {
+    use crate::config::UntrustedExtension::*;
+    // Defaults: a raised priority is ignored, a lowered one kept; a hold refused.
+    let h = mail_from(config(), UNTRUSTED, "MT-PRIORITY=3");
+    assert_eq!(h.codes(), ["220", "250", "250", "250", "250"], "{}", h.out);
+    assert_eq!(h.stored[0].envelope.priority, 0);
+    let h = mail_from(config(), UNTRUSTED, "MT-PRIORITY=-4");
+    assert_eq!(h.stored[0].envelope.priority, -4);
+    for hold in ["HOLDFOR=3600", "HOLDUNTIL=2001-01-01T00:00:00Z"] {
+        let h = mail_from(config(), UNTRUSTED, hold);
+        assert_eq!(h.codes()[1..3], ["250", "550"], "{hold}: {}", h.out);
+        assert!(h.out.contains("550 5.7.1"), "{}", h.out);
+        assert!(h.stored.is_empty());
+    }
+    // Configurable both ways.
+    let mut cfg = config();
+    cfg.untrusted.mt_priority = Reject;
+    cfg.untrusted.hold = Ignore;
+    let h = mail_from(cfg.clone(), UNTRUSTED, "MT-PRIORITY=1");
+    assert!(
+        h.out.contains("550 5.7.1") && h.stored.is_empty(),
+        "{}",
+        h.out
+    );
+    let h = mail_from(cfg.clone(), UNTRUSTED, "MT-PRIORITY=0 HOLDFOR=3600");
+    assert_eq!(h.stored[0].envelope.hold_until_unix, 0, "{}", h.out);
+    cfg.untrusted.mt_priority = Accept;
+    cfg.untrusted.hold = Accept;
+    let h = mail_from(cfg, UNTRUSTED, "MT-PRIORITY=5 HOLDFOR=60");
+    assert_eq!(h.stored[0].envelope.priority, 5);
+    assert_eq!(h.stored[0].envelope.hold_until_unix, NOW / 1000 + 60);
+    // The relay networks are trusted.
+    let h = mail_from(config(), "192.0.2.1", "MT-PRIORITY=5 HOLDFOR=60");
+    assert_eq!(h.stored[0].envelope.priority, 5);
+}
+
+#[test]
+fn authenticated_clients_are_trusted_with_extensions() {
+    use base64::Engine as _;
+    let mut cfg = config();
+    cfg.auth_plaintext = true;
+    let input = format!(
+        "EHLO c\r\nAUTH PLAIN {}\r\nMAIL FROM:<a@outside.test> MT-PRIORITY=4 HOLDFOR=60\r\nRCPT TO:<b@local.test>\r\nBDAT 2 LAST\r\nhi",
+        base64::engine::general_purpose::STANDARD.encode("\0alice\0secret")
+    );
+    let h = run(cfg, UNTRUSTED, input.as_bytes());
+    assert_eq!(h.stored.len(), 1, "{}", h.out);
+    let env = &h.stored[0].envelope;
+    assert_eq!((env.priority, env.hold_until_unix), (4, NOW / 1000 + 60));
+    assert_eq!(env.schedule.notices, sluice_spool::NoticeLimit::Unlimited);
+}
+
+#[test]
+fn notice_limit_is_set_by_trust_and_the_listener_key() {
+    use crate::config::UntrustedNotices;
+    use sluice_spool::NoticeLimit;
+    let limit = |cfg: SessionConfig, ip: &str| {
+        mail_from(cfg, ip, "RET=FULL").stored[0]
+            .envelope
+            .schedule
+            .notices
+    };
+    assert_eq!(limit(config(), "192.0.2.1"), NoticeLimit::Unlimited);
+    assert_eq!(limit(config(), UNTRUSTED), NoticeLimit::HeadersOnly);
+    for (key, want) in [
+        (UntrustedNotices::Full, NoticeLimit::Unlimited),
+        (UntrustedNotices::None, NoticeLimit::FailuresOnly),
+    ] {
+        let mut cfg = config();
+        cfg.untrusted.notices = key;
+        assert_eq!(limit(cfg.clone(), UNTRUSTED), want);
+        assert_eq!(limit(cfg, "192.0.2.1"), NoticeLimit::Unlimited);
+    }
+}
+
+// ---- the memory budget for bodies ----
+
+fn budgeted(ip: &str, budget: &Arc<crate::budget::BodyBudget>) -> Harness {
+    let mut cfg = config();
+    cfg.max_message_size = 1 << 20;
+    let mut h = Harness::new(cfg, ip);
+    h.session.set_body_budget(budget.clone());
+    h
+}
+
+/// Sends one DATA transaction: the commands whole, then the body in pieces of
+/// `chunk` bytes (the body may only follow the 354).
+fn send_data(h: &mut Harness, ehlo: bool, body_len: usize, chunk: usize) {
+    let cmds = if ehlo {
+        TX
+    } else {
+        &TX[b"EHLO client.test\r\n".len()..]
+    };
+    h.feed(cmds, usize::MAX);
+    h.feed(b"DATA\r\n", usize::MAX);
+    let line = [b'x'; 98];
+    let mut body = Vec::new();
+    while body.len() < body_len {
+        body.extend_from_slice(&line);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b".\r\n");
+    h.feed(&body, chunk);
+}
+
+#[test]
+fn body_over_the_client_budget_is_read_to_its_end_then_452() {
+    use crate::budget::{BodyBudget, GRANT};
+    let budget = Arc::new(BodyBudget::new(8 * GRANT, 2 * GRANT));
+    for chunk in [usize::MAX, 4096, 1] {
+        let mut h = budgeted(UNTRUSTED, &budget);
+        send_data(&mut h, true, 3 * GRANT as usize, chunk);
+        assert_eq!(
+            h.codes(),
+            ["220", "250", "250", "250", "354", "452"],
+            "{}",
+            h.out
+        );
+        assert!(h.out.contains("452 4.3.1"), "{}", h.out);
+        assert!(h.stored.is_empty());
+        assert_eq!(budget.used(), 0, "given back at the end of data");
+        // In sync: the next transaction on the same connection fits and is stored.
+        send_data(&mut h, false, 1000, chunk);
+        assert_eq!(h.stored.len(), 1, "{}", h.out);
+        assert!(budget.used() > 0, "held until the store completes");
+        h.stored.clear();
+        assert_eq!(budget.used(), 0);
+    }
+    // A trusted client only meets the process budget.
+    let mut h = budgeted("192.0.2.1", &budget);
+    send_data(&mut h, true, 3 * GRANT as usize, usize::MAX);
+    assert_eq!(h.stored.len(), 1, "{}", h.out);
+    drop(h);
+    assert_eq!(budget.used(), 0);
+}
+
+#[test]
+fn spent_budget_refuses_data_at_once_and_bdat_chunks() {
+    use crate::budget::{BodyBudget, BodyReservation, GRANT};
+    let budget = Arc::new(BodyBudget::new(4 * GRANT, 2 * GRANT));
+    // Someone else holds it all: DATA gets 452 without a 354.
+    let mut all = BodyReservation::new(budget.clone(), None);
+    assert!(all.cover(4 * GRANT));
+    let mut h = budgeted(UNTRUSTED, &budget);
+    let mut input = TX.to_vec();
+    input.extend_from_slice(b"DATA\r\n");
+    h.feed(&input, usize::MAX);
+    assert_eq!(h.codes(), ["220", "250", "250", "250", "452"], "{}", h.out);
+    drop(all);
+    // BDAT past the client's share: that chunk and the rest get 452, nothing stored.
+    let mut h = budgeted(UNTRUSTED, &budget);
+    let mut input = TX.to_vec();
+    let big = 3 * GRANT as usize;
+    input.extend_from_slice(format!("BDAT {big}\r\n").as_bytes());
+    input.extend(std::iter::repeat_n(b'x', big));
+    input.extend_from_slice(b"BDAT 2 LAST\r\nhi");
+    input.extend_from_slice(
+        b"MAIL FROM:<a@local.test>\r\nRCPT TO:<b@local.test>\r\nBDAT 2 LAST\r\nhi",
+    );
+    h.feed(&input, 1000);
+    assert_eq!(
+        h.codes(),
+        ["220", "250", "250", "250", "452", "452", "250", "250", "250"],
+        "{}",
+        h.out
+    );
+    assert_eq!(h.stored.len(), 1, "the transaction after the refused one");
+    h.stored.clear();
+    drop(h);
+    assert_eq!(budget.used(), 0);
 }
 
 fn admission(
