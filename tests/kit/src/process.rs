@@ -331,3 +331,32 @@ pub fn assert_ok(out: &Output, what: &str) {
         text(&out.stderr)
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MISSING: &str = "sluice-no-such-tool";
+
+    #[test]
+    fn tools_are_found_on_path_and_by_absolute_path() {
+        assert!(have_tool("sh"));
+        assert!(have_tool("/bin/sh"));
+        assert!(!have_tool(MISSING));
+        assert!(!have_tool("/nonexistent/sh"));
+    }
+
+    // One test sets CI both ways, so no other test of this binary reads it meanwhile
+    // (nextest runs each test in a process of its own).
+    #[test]
+    fn a_missing_tool_fails_under_ci_and_skips_elsewhere() {
+        std::env::set_var("CI", "true");
+        assert!(require_tool("sh"));
+        let caught = std::panic::catch_unwind(|| require_tools(&["sh", MISSING]));
+        assert!(caught.is_err(), "a missing tool must fail under CI=true");
+        std::env::set_var("CI", "false");
+        assert!(!require_tools(&["sh", MISSING]));
+        std::env::remove_var("CI");
+        assert!(!require_tool(MISSING));
+    }
+}

@@ -612,3 +612,107 @@ fn send(w: &mut TcpStream, reply: &str) -> std::io::Result<()> {
     out.push_str("\r\n");
     w.write_all(out.as_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::Client;
+    use crate::process::wait_until;
+
+    fn local() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    }
+
+    fn greeted(server: &ScriptedServer) -> Client {
+        let mut c = Client::connect(server.addr());
+        assert_eq!(c.read_reply().code, 220);
+        c
+    }
+
+    #[test]
+    fn strict_server_refuses_a_pipelined_command_and_closes() {
+        let server = ScriptedServer::builder().strict_pipelining().start(local());
+        let mut c = greeted(&server);
+        c.send(b"EHLO a.test\r\nMAIL FROM:<>\r\n");
+        let r = c.read_reply();
+        assert_eq!(r.last(), PIPELINING_REFUSAL);
+        c.expect_closed();
+        assert_eq!(server.early(), ["EHLO a.test"]);
+        assert!(server.messages().is_empty());
+    }
+
+    #[test]
+    fn lenient_server_answers_pipelined_commands_and_records_them() {
+        let server = ScriptedServer::builder()
+            .capability("PIPELINING")
+            .capability("SIZE 1000")
+            .start(local());
+        let mut c = greeted(&server);
+        c.send(b"EHLO a.test\r\nMAIL FROM:<s@a.test>\r\n");
+        let ehlo = c.read_reply();
+        assert_eq!(
+            ehlo.lines,
+            ["250-scripted.test", "250-PIPELINING", "250 SIZE 1000"]
+        );
+        assert_eq!(c.read_reply().code, 250);
+        assert_eq!(server.early(), ["EHLO a.test"]);
+        assert_eq!(server.commands(), ["EHLO a.test", "MAIL FROM:<s@a.test>"]);
+    }
+
+    #[test]
+    fn per_verb_replies_data_and_bdat_are_recorded() {
+        let server = ScriptedServer::builder()
+            .capability("CHUNKING")
+            .on_arg("RCPT", "<nobody", Act::Reply("550 5.1.1 no".into()))
+            .start(local());
+        let mut c = greeted(&server);
+        c.expect("EHLO a.test", 250);
+        c.expect("MAIL FROM:<s@a.test>", 250);
+        c.expect("RCPT TO:<nobody@b.test>", 550);
+        c.expect("RCPT TO:<r@b.test>", 250);
+        c.expect("DATA", 354);
+        c.send(b"Subject: one\r\n\r\n..dot\r\n.\r\n");
+        assert_eq!(c.read_reply().code, 250);
+        c.expect("MAIL FROM:<s@a.test>", 250);
+        c.expect("RCPT TO:<q@b.test>", 250);
+        c.send(b"BDAT 3\r\nabc");
+        assert_eq!(c.read_reply().code, 250);
+        c.send(b"BDAT 2 LAST\r\nde");
+        assert_eq!(c.read_reply().code, 250);
+        let m = server.messages();
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m[0].how, "DATA");
+        assert_eq!(m[0].rcpt_addresses(), ["r@b.test"]);
+        assert_eq!(m[0].body, b"Subject: one\r\n\r\n..dot\r\n");
+        assert_eq!(m[1].how, "BDAT");
+        assert_eq!(m[1].body, b"abcde");
+        assert_eq!(m[1].rcpt_addresses(), ["q@b.test"]);
+        assert_eq!(server.max_transactions(), 1);
+    }
+
+    #[test]
+    fn refuse_closes_and_stop_reading_holds_the_session() {
+        let server = ScriptedServer::builder()
+            .on("MAIL", Act::Refuse("421 4.3.2 go away".into()))
+            .start(local());
+        let mut c = greeted(&server);
+        c.expect("EHLO a.test", 250);
+        c.expect("MAIL FROM:<>", 421);
+        c.expect_closed();
+
+        server.set("MAIL", None);
+        server.set("DATA", Some(Act::StopReading));
+        let mut c = greeted(&server);
+        c.expect("EHLO a.test", 250);
+        c.expect("MAIL FROM:<>", 250);
+        c.expect("RCPT TO:<r@b.test>", 250);
+        c.expect("DATA", 354);
+        wait_until(
+            "the session to be held",
+            Duration::from_secs(5),
+            || server.hung() == 1,
+            String::new,
+        );
+        assert!(server.messages().is_empty());
+    }
+}
