@@ -102,28 +102,20 @@ impl Sink {
 /// returns its summary and how long it took.
 fn send(sink: &Sink, args: &[&str]) -> (Value, Duration) {
     let started = Instant::now();
-    let child = Command::new(BIN)
-        .args(["send", "--json", "--target", &sink.addr.to_string()])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting sluice-loadgen send");
-    let mut guard = ChildGuard::new(child, "sluice-loadgen send");
-    loop {
-        if let Some(status) = guard.child.as_mut().unwrap().try_wait().unwrap() {
-            let elapsed = started.elapsed();
-            let output = guard.child.take().unwrap().wait_with_output().unwrap();
-            let out = String::from_utf8_lossy(&output.stdout);
-            let err = String::from_utf8_lossy(&output.stderr);
-            let v: Value = serde_json::from_str(out.trim())
-                .unwrap_or_else(|e| panic!("send printed {out:?} ({e}); stderr {err}"));
-            assert!(status.success(), "send failed: {status}; {v}; stderr {err}");
-            return (v, elapsed);
-        }
-        assert!(started.elapsed() < RUN_TIMEOUT, "send did not finish");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let output = run_with_timeout(
+        Command::new(BIN)
+            .args(["send", "--json", "--target", &sink.addr.to_string()])
+            .args(args),
+        RUN_TIMEOUT,
+    );
+    let elapsed = started.elapsed();
+    let out = String::from_utf8_lossy(&output.stdout);
+    let err = String::from_utf8_lossy(&output.stderr);
+    let v: Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("send printed {out:?} ({e}); stderr {err}"));
+    let status = output.status;
+    assert!(status.success(), "send failed: {status}; {v}; stderr {err}");
+    (v, elapsed)
 }
 
 /// The ack log: token → queue id.
