@@ -20,16 +20,11 @@
 //! RELIABILITY.md. STARTTLS command injection is covered by
 //! tests/smtp_limits.rs (starttls_command_injection_is_discarded).
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use harness::*;
+use sluice_testkit::*;
 
 const T: Duration = Duration::from_secs(30);
 const PASSWORD: &str = "correct horse";

@@ -4,18 +4,13 @@
 //! every action is checked through the spool (`sluice spool list --json`) and
 //! what arrives at the sink, through both raw HTTP requests and the CLI.
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
-use common::*;
-use harness::*;
 use serde_json::Value;
+use sluice_testkit::*;
 
 const T: Duration = Duration::from_secs(30);
 const TOKEN: &str = "test-token-0123456789abcdef";
@@ -524,7 +519,7 @@ fn queue_actions_need_delivery() {
     );
     // Token from the environment, API address from the config.
     let out = run_with_timeout(
-        std::process::Command::new(BIN)
+        std::process::Command::new(bin())
             .args(["queue", "list", "--json", "--set"])
             .arg(format!("admin.listen=\"127.0.0.1:{}\"", relay.admin_port))
             .env("SLUICE_API_TOKEN", TOKEN),

@@ -9,42 +9,21 @@
 //! Needs ansible-playbook and ansible-lint (`apt-get install -y ansible
 //! ansible-lint`): without them the test fails under CI=true and skips otherwise.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_ok, free_port, run_with_timeout, text, ChildGuard, BIN};
+use sluice_testkit::{
+    assert_ok, bin, free_port, have_tool, require_tools, run_with_timeout, text, ChildGuard,
+};
 
 /// One playbook run (about 5 s) or lint run may take this long on a loaded box.
 const ANSIBLE_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn ansible_dir() -> PathBuf {
-    common::repo_root().join("ansible")
-}
-
-fn on_path(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Whether `tool` is on PATH; missing is a failure in CI and a skip elsewhere.
-fn have_tool(tool: &str) -> bool {
-    let found = on_path(tool);
-    if !found {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{tool} is not installed; .ci/run installs it (apt-get install -y ansible ansible-lint)"
-        );
-        eprintln!("skipping: {tool} not installed (apt-get install -y ansible ansible-lint)");
-    }
-    found
+    sluice_testkit::repo_root().join("ansible")
 }
 
 fn id(flag: &str) -> String {
@@ -174,21 +153,19 @@ fn http_get(port: u16, path: &str) -> (String, String) {
 
 #[test]
 fn role_installs_a_working_relay_and_is_idempotent() {
-    if !have_tool("ansible-playbook") || !have_tool("ansible-lint") {
-        return;
-    }
+    require_tools!("ansible-playbook", "ansible-lint");
     let work = tempfile::tempdir().expect("tempdir");
     let work = work.path();
     let prefix = work.join("prefix");
     let (cert, key) = make_cert(work);
     let (smtp_port, submission_port, admin_port) = (free_port(), free_port(), free_port());
     // Builds from before the [admin] section cannot take the keys.
-    let example = common::sluice(&["example-config"]);
+    let example = sluice_testkit::sluice(&["example-config"]);
     let admin = text(&example.stdout).contains("\n[admin]\n");
 
     let vars = serde_json::json!({
         "sluice_prefix": prefix,
-        "sluice_binary_src": BIN,
+        "sluice_binary_src": bin(),
         // The test's own account owns everything; no user is created.
         "sluice_manage_user": false,
         "sluice_user": id("-un"),
@@ -411,7 +388,7 @@ fn role_installs_a_working_relay_and_is_idempotent() {
 
     // 7. The shipped scrape job is a valid Prometheus config (when promtool is
     // installed; the metrics tests scrape a live relay).
-    if on_path("promtool") {
+    if have_tool("promtool") {
         let out = run_with_timeout(
             Command::new("promtool")
                 .args(["check", "config"])

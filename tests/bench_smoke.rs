@@ -2,51 +2,23 @@
 //! --quick` must keep working. No timing assertions: only that the script exits 0 and that
 //! its table has a sluice row with messages delivered.
 //!
-//! Needs what the script needs (root, Postfix's smtp-source and postfix, curl, jq); when
-//! those are missing the test says so and passes, like the other tests that lean on
-//! system tools.
+//! Needs what the script needs (root, Postfix's smtp-source and postfix, curl, jq): when
+//! one is missing the test fails under CI=true and is skipped elsewhere (the test kit's
+//! skip policy, `require_tools!`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
+use sluice_testkit::{bin, in_ci, repo_root, require_tools};
+
 fn bin_dir() -> PathBuf {
-    // cargo builds every workspace binary into the same directory as this one.
-    Path::new(env!("CARGO_BIN_EXE_sluice"))
-        .parent()
-        .expect("binary directory")
-        .to_path_buf()
+    // cargo builds every workspace binary into the same directory.
+    bin().parent().expect("binary directory").to_path_buf()
 }
 
-fn missing_tools() -> Vec<&'static str> {
-    let mut missing = Vec::new();
-    for tool in [
-        "/usr/sbin/smtp-source",
-        "/usr/sbin/postfix",
-        "/usr/sbin/postconf",
-    ] {
-        if !Path::new(tool).exists() {
-            missing.push(tool);
-        }
-    }
-    for tool in ["curl", "jq", "timeout", "openssl", "ss"] {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !found {
-            missing.push(tool);
-        }
-    }
-    let uid = Command::new("id").arg("-u").output().ok();
-    if uid
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() != "0")
-        .unwrap_or(true)
-    {
-        missing.push("root");
-    }
-    missing
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Parse the markdown table: rows of `| case | setup | accepted | delivered | ...`.
@@ -62,9 +34,20 @@ fn delivered_by_setup(out: &str) -> Vec<(String, String)> {
 
 #[test]
 fn relay_vs_postfix_quick_runs() {
-    let missing = missing_tools();
-    if !missing.is_empty() {
-        eprintln!("skipping bench smoke: missing {missing:?}");
+    require_tools!(
+        "/usr/sbin/smtp-source",
+        "/usr/sbin/postfix",
+        "/usr/sbin/postconf",
+        "curl",
+        "jq",
+        "timeout",
+        "openssl",
+        "ss"
+    );
+    if !is_root() {
+        // Like a missing tool: a failure in CI, a skip elsewhere.
+        assert!(!in_ci(), "the bench script needs root, and CI=true");
+        eprintln!("SKIP relay_vs_postfix_quick_runs: not root");
         return;
     }
     let bins = bin_dir();
@@ -73,7 +56,7 @@ fn relay_vs_postfix_quick_runs() {
         "no sluice-loadgen in {}",
         bins.display()
     );
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let repo = repo_root();
     // A port base of its own (the script refuses ports in use rather than sharing them).
     let port_base = 40000 + (std::process::id() % 2000) * 10;
     let out = Command::new("timeout")
@@ -82,7 +65,7 @@ fn relay_vs_postfix_quick_runs() {
         .args(["--quick", "--no-build", "--no-append", "--bin-dir"])
         .arg(&bins)
         .args(["--port-base", &port_base.to_string()])
-        .current_dir(repo)
+        .current_dir(&repo)
         .output()
         .expect("run bench/relay-vs-postfix.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,8 +1,6 @@
 //! The command line and configuration errors, as an operator meets them.
 
-mod common;
-
-use common::*;
+use sluice_testkit::*;
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -140,7 +138,7 @@ fn run_fails_when_the_port_is_taken() {
     let port = holder.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
     let mut child = ChildGuard::new(
-        Command::new(BIN)
+        Command::new(bin())
             // No operations listener: only the SMTP port's conflict is under test.
             .args([
                 "run",
@@ -186,7 +184,7 @@ fn hash_password_makes_argon2id_hashes() {
     assert_ne!(a, b, "hashes must be salted");
     // An empty password is refused.
     let mut child = ChildGuard::new(
-        Command::new(BIN)
+        Command::new(bin())
             .arg("hash-password")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -263,7 +261,7 @@ fn too_little_locked_memory_fails_at_start_with_the_fix() {
             .arg("-c")
             .arg("ulimit -l 64 && exec \"$@\"")
             .arg("sh")
-            .arg(BIN)
+            .arg(bin())
             .args([
                 "run",
                 "--set",
@@ -323,7 +321,7 @@ fn check_config_changes_says_restart_reload_or_none() {
 /// `sluice ARGS` with only SLUICE_CONFIG to find everything (no -c, no token).
 fn sluice_env(config: &str, args: &[&str]) -> std::process::Output {
     run_with_timeout(
-        Command::new(BIN)
+        Command::new(bin())
             .args(args)
             .env("SLUICE_CONFIG", config)
             .env_remove("SLUICE_API_TOKEN"),

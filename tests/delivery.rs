@@ -2,13 +2,11 @@
 //! nobody here wrote) over a configured route; the sink's dump files show what
 //! arrived on the wire, and the relay's spool shows what is left.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use sluice_testkit::*;
 
 /// Postfix's smtp-sink on a loopback port, dumping each message to `dir`.
 struct Sink {

@@ -4,17 +4,12 @@
 //! end every acknowledged message reached the sink at least once (matched by the
 //! loadgen token in Message-ID); duplicates are counted and reported.
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
-use harness::*;
 use serde_json::Value;
+use sluice_testkit::*;
 
 const MESSAGES: u64 = 300;
 const SENDERS: u64 = 8;

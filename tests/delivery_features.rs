@@ -1,22 +1,14 @@
 //! Delivery features seen end to end through the real relay binary, a real NSD
 //! on loopback and real next hops (the loadgen sink, Postfix's smtp-sink and a
-//! small recording SMTP server of this file): FUTURERELEASE holds, DELIVERBY
+//! scripted SMTP server of the test kit): FUTURERELEASE holds, DELIVERBY
 //! deadlines, queue quotas, fallback routes, destination connection and message
 //! rates, the per-host connection limit, a rule's source IP and EHLO name, and
 //! success notices (NOTIFY=SUCCESS) to next hops with and without DSN.
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
-use harness::*;
+use sluice_testkit::*;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -76,143 +68,14 @@ fn arrivals(sink: &LoadgenSink, n: usize, relay: &Relay) -> Vec<(Saved, u64)> {
     seen
 }
 
-// ---------------------------------------------------------------------------------
-// A small recording SMTP server: accept and message times, concurrent sessions
-// ---------------------------------------------------------------------------------
-
-#[derive(Debug, Clone)]
-struct MiniMsg {
-    at: Instant,
-    conn: usize,
-    mail: String,
-    rcpts: Vec<String>,
-}
-
-#[derive(Default)]
-struct MiniState {
-    accepts: Vec<Instant>,
-    msgs: Vec<MiniMsg>,
-    active: usize,
-    max_active: usize,
-}
-
-struct MiniSink {
-    state: Arc<Mutex<MiniState>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl MiniSink {
-    /// Listens on `addr`; one thread per session; no PIPELINING, no DSN.
-    fn start(addr: SocketAddr) -> MiniSink {
-        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-        listener.set_nonblocking(true).unwrap();
-        let state = Arc::new(Mutex::new(MiniState::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (state.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            while !sp.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        let conn = {
-                            let mut g = st.lock().unwrap();
-                            g.accepts.push(Instant::now());
-                            g.active += 1;
-                            g.max_active = g.max_active.max(g.active);
-                            g.accepts.len() - 1
-                        };
-                        let st2 = st.clone();
-                        std::thread::spawn(move || {
-                            let _ = mini_session(s, conn, &st2);
-                            st2.lock().unwrap().active -= 1;
-                        });
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
-        });
-        MiniSink {
-            state,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn msgs(&self) -> Vec<MiniMsg> {
-        self.state.lock().unwrap().msgs.clone()
-    }
-
-    fn accepts(&self) -> Vec<Instant> {
-        self.state.lock().unwrap().accepts.clone()
-    }
-}
-
-impl Drop for MiniSink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn mini_session(s: TcpStream, conn: usize, st: &Mutex<MiniState>) -> std::io::Result<()> {
-    s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(Duration::from_secs(15)))?;
-    let mut w = s.try_clone()?;
-    let mut r = BufReader::new(s);
-    w.write_all(b"220 mini.test ESMTP\r\n")?;
-    let (mut mail, mut rcpts) = (String::new(), Vec::new());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let cmd = line.trim_end().to_string();
-        let verb = cmd.get(..4).unwrap_or("").to_ascii_uppercase();
-        match verb.as_str() {
-            "EHLO" => w.write_all(b"250-mini.test\r\n250-8BITMIME\r\n250 SIZE 100000000\r\n")?,
-            "HELO" => w.write_all(b"250 mini.test\r\n")?,
-            "MAIL" => {
-                mail = cmd;
-                rcpts.clear();
-                w.write_all(b"250 2.1.0 Ok\r\n")?;
-            }
-            "RCPT" => {
-                rcpts.push(cmd);
-                w.write_all(b"250 2.1.5 Ok\r\n")?;
-            }
-            "DATA" => {
-                w.write_all(b"354 go ahead\r\n")?;
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line)? == 0 {
-                        return Ok(());
-                    }
-                    if line == ".\r\n" {
-                        break;
-                    }
-                }
-                st.lock().unwrap().msgs.push(MiniMsg {
-                    at: Instant::now(),
-                    conn,
-                    mail: mail.clone(),
-                    rcpts: rcpts.clone(),
-                });
-                w.write_all(b"250 2.0.0 Ok: queued\r\n")?;
-            }
-            "RSET" | "NOOP" => w.write_all(b"250 2.0.0 Ok\r\n")?,
-            "QUIT" => {
-                w.write_all(b"221 2.0.0 Bye\r\n")?;
-                return Ok(());
-            }
-            _ => w.write_all(b"502 5.5.2 Error: command not recognized\r\n")?,
-        }
-    }
+/// A recording next hop (accept and message times, one thread per session): no
+/// PIPELINING, no DSN.
+fn mini_sink(addr: SocketAddr) -> ScriptedServer {
+    ScriptedServer::builder()
+        .name("mini.test")
+        .capability("8BITMIME")
+        .capability("SIZE 100000000")
+        .start(addr)
 }
 
 // ---------------------------------------------------------------------------------
@@ -528,7 +391,7 @@ fn fallback_route_takes_over_after_fallback_after_deferrals() {
 fn destination_message_rate_spreads_deliveries() {
     let ip = loopback();
     let port = mx_port(&[ip]);
-    let sink = MiniSink::start(sa(ip, port));
+    let sink = mini_sink(sa(ip, port));
     let relay = route_relay(
         ip,
         port,
@@ -547,10 +410,10 @@ fn destination_message_rate_spreads_deliveries() {
     wait_until(
         "6 messages at the sink",
         T,
-        || sink.msgs().len() >= 6,
+        || sink.messages().len() >= 6,
         || relay.log(),
     );
-    let msgs = sink.msgs();
+    let msgs = sink.messages();
     assert_eq!(msgs.len(), 6);
     for m in &msgs {
         assert!(m.mail.contains("<alice@snd.dlv.test>"), "{m:?}");
@@ -574,7 +437,7 @@ fn destination_message_rate_spreads_deliveries() {
 fn destination_connection_rate_spaces_connections() {
     let ip = loopback();
     let port = mx_port(&[ip]);
-    let sink = MiniSink::start(sa(ip, port));
+    let sink = mini_sink(sa(ip, port));
     let relay = route_relay(
         ip,
         port,
@@ -596,10 +459,10 @@ fn destination_connection_rate_spaces_connections() {
     wait_until(
         "3 messages at the sink",
         T,
-        || sink.msgs().len() >= 3,
+        || sink.messages().len() >= 3,
         || relay.log(),
     );
-    let msgs = sink.msgs();
+    let msgs = sink.messages();
     let mut conns: Vec<usize> = msgs.iter().map(|m| m.conn).collect();
     conns.dedup();
     assert_eq!(conns.len(), 3, "one message per connection: {msgs:?}");

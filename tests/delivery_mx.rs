@@ -5,15 +5,10 @@
 //! every address of a host, greylisting then success, 5xx → DSN, expiry, null MX,
 //! NXDOMAIN, and DNS SERVFAIL/timeouts (deferral, not bounce).
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use common::*;
-use harness::*;
+use sluice_testkit::*;
 
 const T: Duration = Duration::from_secs(20);
 

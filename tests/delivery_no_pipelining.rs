@@ -4,269 +4,30 @@
 //! reject_unauth_pipelining, looks right after each command line for bytes of
 //! the next one and answers 554 (closing) when it finds any.
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::*;
-use harness::*;
+use sluice_testkit::*;
 
 const T: Duration = Duration::from_secs(20);
-const REFUSAL: &[u8] = b"554 5.5.0 Error: pipelining not allowed\r\n";
-
-#[derive(Debug, Clone)]
-struct Got {
-    mail: String,
-    /// Recipients the server accepted.
-    rcpts: Vec<String>,
-    body: String,
-    /// "DATA" or "BDAT".
-    how: &'static str,
-}
-
-#[derive(Default)]
-struct Seen {
-    msgs: Vec<Got>,
-    /// Commands after which bytes of the next one were already there.
-    early: Vec<String>,
-    commands: Vec<String>,
-}
-
-struct StrictServer {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Seen>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl StrictServer {
-    /// Listens on a fresh loopback address; EHLO offers CHUNKING when `chunking`,
-    /// never PIPELINING. Recipients starting with "nobody" get 550.
-    fn start(chunking: bool) -> StrictServer {
-        let listener = TcpListener::bind((loopback(), 0)).expect("bind strict server");
-        let addr = listener.local_addr().expect("addr");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (seen.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let mut sessions = Vec::new();
-            while !sp.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        let st = st.clone();
-                        sessions.push(std::thread::spawn(move || {
-                            let _ = Session::new(s, chunking, &st).run();
-                        }));
-                    }
-                    // Nothing to accept: poll the stop flag again shortly.
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-            for s in sessions {
-                let _ = s.join();
-            }
-        });
-        StrictServer {
-            addr,
-            seen,
-            stop,
-            thread: Some(thread),
-        }
+/// The scripted next hop: strict about pipelining, EHLO offers CHUNKING when
+/// `chunking` and never PIPELINING; recipients starting with "nobody" get 550.
+fn strict_server(chunking: bool) -> ScriptedServer {
+    let mut b = ScriptedServer::builder()
+        .name("strict.test")
+        .strict_pipelining()
+        .capability("8BITMIME");
+    if chunking {
+        b = b.capability("CHUNKING");
     }
-
-    fn msgs(&self) -> Vec<Got> {
-        self.seen.lock().unwrap().msgs.clone()
-    }
-    fn early(&self) -> Vec<String> {
-        self.seen.lock().unwrap().early.clone()
-    }
-    fn commands(&self) -> Vec<String> {
-        self.seen.lock().unwrap().commands.clone()
-    }
-}
-
-impl Drop for StrictServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-struct Session<'a> {
-    s: TcpStream,
-    /// Read but not yet used.
-    pending: Vec<u8>,
-    chunking: bool,
-    seen: &'a Mutex<Seen>,
-}
-
-impl<'a> Session<'a> {
-    fn new(s: TcpStream, chunking: bool, seen: &'a Mutex<Seen>) -> Session<'a> {
-        Session {
-            s,
-            pending: Vec::new(),
-            chunking,
-            seen,
-        }
-    }
-
-    fn fill(&mut self) -> std::io::Result<bool> {
-        let mut buf = [0u8; 4096];
-        let n = self.s.read(&mut buf)?;
-        self.pending.extend_from_slice(&buf[..n]);
-        Ok(n > 0)
-    }
-
-    /// The next line (without CRLF); None at end of stream.
-    fn line(&mut self) -> std::io::Result<Option<String>> {
-        loop {
-            if let Some(lf) = self.pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.pending.drain(..=lf).collect();
-                let line = String::from_utf8_lossy(&line);
-                return Ok(Some(line.trim_end_matches(['\r', '\n']).to_string()));
-            }
-            if !self.fill()? {
-                return Ok(None);
-            }
-        }
-    }
-
-    /// Whether bytes of a next command are already here, right after the one
-    /// just read (Postfix's unauth_pipelining check: what is buffered, no wait).
-    fn early(&mut self, after: &str) -> std::io::Result<bool> {
-        let mut buffered = !self.pending.is_empty();
-        if !buffered {
-            self.s.set_nonblocking(true)?;
-            let peeked = self.s.peek(&mut [0u8; 64]);
-            self.s.set_nonblocking(false)?;
-            buffered = matches!(peeked, Ok(n) if n > 0);
-        }
-        if buffered {
-            self.seen.lock().unwrap().early.push(after.to_string());
-            self.s.write_all(REFUSAL)?;
-            let _ = self.s.shutdown(Shutdown::Both);
-        }
-        Ok(buffered)
-    }
-
-    fn reply(&mut self, r: &str) -> std::io::Result<()> {
-        self.s.write_all(r.as_bytes())
-    }
-
-    fn run(&mut self) -> std::io::Result<()> {
-        self.s.set_nonblocking(false)?;
-        self.s.set_read_timeout(Some(T))?;
-        self.reply("220 strict.test ESMTP\r\n")?;
-        let (mut mail, mut rcpts) = (String::new(), Vec::new());
-        while let Some(cmd) = self.line()? {
-            self.seen.lock().unwrap().commands.push(cmd.clone());
-            let verb = cmd.get(..4).unwrap_or("").to_ascii_uppercase();
-            // BDAT's data follows its command by design; every other command
-            // must be alone until answered.
-            if verb != "BDAT" && self.early(&cmd)? {
-                return Ok(());
-            }
-            match verb.as_str() {
-                "EHLO" => {
-                    let chunking = if self.chunking {
-                        "250-CHUNKING\r\n"
-                    } else {
-                        ""
-                    };
-                    self.reply(&format!(
-                        "250-strict.test\r\n250-8BITMIME\r\n{chunking}250 SIZE 10000000\r\n"
-                    ))?;
-                }
-                "HELO" => self.reply("250 strict.test\r\n")?,
-                "MAIL" => {
-                    mail = cmd;
-                    rcpts.clear();
-                    self.reply("250 2.1.0 Ok\r\n")?;
-                }
-                "RCPT" if cmd.to_ascii_lowercase().contains("<nobody") => {
-                    self.reply("550 5.1.1 <nobody>: Recipient address rejected\r\n")?;
-                }
-                "RCPT" => {
-                    rcpts.push(cmd);
-                    self.reply("250 2.1.5 Ok\r\n")?;
-                }
-                "DATA" if rcpts.is_empty() => {
-                    self.reply("554 5.5.1 Error: no valid recipients\r\n")?
-                }
-                "DATA" => {
-                    self.reply("354 End data with <CR><LF>.<CR><LF>\r\n")?;
-                    let mut body = String::new();
-                    loop {
-                        let Some(l) = self.line()? else {
-                            return Ok(());
-                        };
-                        if l == "." {
-                            break;
-                        }
-                        body.push_str(&l);
-                        body.push('\n');
-                    }
-                    if self.early("end of data")? {
-                        return Ok(());
-                    }
-                    self.accept(&mail, &rcpts, body, "DATA")?;
-                }
-                "BDAT" => {
-                    let mut words = cmd.split_ascii_whitespace().skip(1);
-                    let len: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-                    let last = words.next().is_some_and(|w| w.eq_ignore_ascii_case("LAST"));
-                    while self.pending.len() < len {
-                        if !self.fill()? {
-                            return Ok(());
-                        }
-                    }
-                    let chunk: Vec<u8> = self.pending.drain(..len).collect();
-                    if self.early(&cmd)? {
-                        return Ok(());
-                    }
-                    if !last || rcpts.is_empty() {
-                        // One chunk with LAST is all the relay should send.
-                        self.reply("554 5.5.1 Error: expected one BDAT LAST\r\n")?;
-                        continue;
-                    }
-                    let body = String::from_utf8_lossy(&chunk).into_owned();
-                    self.accept(&mail, &rcpts, body, "BDAT")?;
-                }
-                "RSET" | "NOOP" => self.reply("250 2.0.0 Ok\r\n")?,
-                "QUIT" => {
-                    self.reply("221 2.0.0 Bye\r\n")?;
-                    return Ok(());
-                }
-                _ => self.reply("502 5.5.2 Error: command not recognized\r\n")?,
-            }
-        }
-        Ok(())
-    }
-
-    fn accept(
-        &mut self,
-        mail: &str,
-        rcpts: &[String],
-        body: String,
-        how: &'static str,
-    ) -> std::io::Result<()> {
-        self.seen.lock().unwrap().msgs.push(Got {
-            mail: mail.to_string(),
-            rcpts: rcpts.to_vec(),
-            body,
-            how,
-        });
-        self.reply("250 2.0.0 Ok: queued\r\n")
-    }
+    b.capability("SIZE 10000000")
+        .on_arg(
+            "RCPT",
+            "<nobody",
+            Act::Reply("550 5.1.1 <nobody>: Recipient address rejected".into()),
+        )
+        .start(SocketAddr::new(loopback().into(), 0))
 }
 
 /// A relay sending everything over route "default" (type relay) to `hop`.
@@ -309,35 +70,25 @@ fn assert_server_refuses_pipelining(addr: SocketAddr) {
         }
         got.extend_from_slice(&buf[..n]);
     }
-    assert_eq!(text(&got), text(REFUSAL), "pipelining was not refused");
+    assert_eq!(
+        text(&got),
+        format!("{PIPELINING_REFUSAL}\r\n"),
+        "pipelining was not refused"
+    );
 }
 
 /// Checks the server's pipelining check, then forgets the probe.
-fn probe(server: &StrictServer) {
-    assert_server_refuses_pipelining(server.addr);
-    let mut seen = server.seen.lock().unwrap();
-    assert_eq!(seen.early, ["HELO probe.test"]);
-    *seen = Seen::default();
+fn probe(server: &ScriptedServer) {
+    assert_server_refuses_pipelining(server.addr());
+    assert_eq!(server.early(), ["HELO probe.test"]);
+    server.reset();
 }
 
-fn sorted_addresses(rcpts: &[String]) -> Vec<String> {
-    let mut v: Vec<String> = rcpts
-        .iter()
-        .filter_map(|r| {
-            let start = r.find('<')? + 1;
-            let end = r[start..].find('>')? + start;
-            Some(r[start..end].to_string())
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-fn wait_delivered(relay: &Relay, server: &StrictServer, n: usize) {
+fn wait_delivered(relay: &Relay, server: &ScriptedServer, n: usize) {
     wait_until(
         &format!("{n} message(s) at the strict server"),
         T,
-        || server.msgs().len() >= n || !server.early().is_empty(),
+        || server.messages().len() >= n || !server.early().is_empty(),
         || format!("commands: {:?}\n{}", server.commands(), relay.log()),
     );
     assert!(
@@ -356,9 +107,9 @@ fn wait_delivered(relay: &Relay, server: &StrictServer, n: usize) {
 
 #[test]
 fn no_pipelining_server_gets_one_command_per_reply_with_data() {
-    let server = StrictServer::start(false);
+    let server = strict_server(false);
     probe(&server);
-    let relay = relay_to(server.addr);
+    let relay = relay_to(server.addr());
     submit(
         &relay,
         "alice@snd.dlv.test",
@@ -376,11 +127,11 @@ fn no_pipelining_server_gets_one_command_per_reply_with_data() {
         &body("lockstep2"),
     );
     wait_delivered(&relay, &server, 2);
-    let msgs = server.msgs();
+    let msgs = server.messages();
     assert_eq!(msgs.len(), 2, "{msgs:?}");
     let first = msgs
         .iter()
-        .find(|m| m.body.contains("lockstep1 body"))
+        .find(|m| m.body_text().contains("lockstep1 body"))
         .expect("first message");
     assert_eq!(first.how, "DATA");
     assert!(
@@ -388,17 +139,14 @@ fn no_pipelining_server_gets_one_command_per_reply_with_data() {
         "{first:?}"
     );
     assert_eq!(
-        sorted_addresses(&first.rcpts),
+        first.rcpt_addresses(),
         ["bob@far.test", "carol@far.test", "dave@far.test"]
     );
     let second = msgs
         .iter()
-        .find(|m| m.body.contains("lockstep2 body"))
+        .find(|m| m.body_text().contains("lockstep2 body"))
         .expect("second message");
-    assert_eq!(
-        sorted_addresses(&second.rcpts),
-        ["erin@far.test", "frank@far.test"]
-    );
+    assert_eq!(second.rcpt_addresses(), ["erin@far.test", "frank@far.test"]);
     let commands = server.commands();
     assert!(
         commands
@@ -410,9 +158,9 @@ fn no_pipelining_server_gets_one_command_per_reply_with_data() {
 
 #[test]
 fn chunking_without_pipelining_sends_bdat_after_the_rcpt_replies() {
-    let server = StrictServer::start(true);
+    let server = strict_server(true);
     probe(&server);
-    let relay = relay_to(server.addr);
+    let relay = relay_to(server.addr());
     submit(
         &relay,
         "alice@snd.dlv.test",
@@ -421,12 +169,22 @@ fn chunking_without_pipelining_sends_bdat_after_the_rcpt_replies() {
         &body("chunked"),
     );
     wait_delivered(&relay, &server, 1);
-    let msgs = server.msgs();
+    let msgs = server.messages();
     assert_eq!(msgs.len(), 1, "{msgs:?}");
     assert_eq!(msgs[0].how, "BDAT");
-    assert!(msgs[0].body.contains("chunked body"), "{msgs:?}");
+    assert!(msgs[0].body_text().contains("chunked body"), "{msgs:?}");
     assert_eq!(
-        sorted_addresses(&msgs[0].rcpts),
+        msgs[0].rcpt_addresses(),
         ["bob@far.test", "carol@far.test", "dave@far.test"]
+    );
+    // One chunk with LAST is all the relay should send.
+    let bdats: Vec<String> = server
+        .commands()
+        .into_iter()
+        .filter(|c| c.to_ascii_uppercase().starts_with("BDAT "))
+        .collect();
+    assert!(
+        bdats.len() == 1 && bdats[0].to_ascii_uppercase().ends_with(" LAST"),
+        "expected one BDAT LAST: {bdats:?}"
     );
 }

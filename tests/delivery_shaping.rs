@@ -3,17 +3,12 @@
 //! are never exceeded (the loadgen sink records its maximum concurrent sessions
 //! and messages per connection), and connections are reused.
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
-use harness::*;
 use serde_json::Value;
+use sluice_testkit::*;
 
 const T: Duration = Duration::from_secs(30);
 

@@ -3,15 +3,10 @@
 //! sluice as the upstream relay (which checks the password and records the
 //! authenticated user and TLS in its spool).
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use common::*;
-use harness::*;
+use sluice_testkit::*;
 
 const T: Duration = Duration::from_secs(20);
 const USER: &str = "relay-user";

@@ -4,14 +4,12 @@
 //! both cores. Postfix's smtp-sink (a server nobody here wrote) dumps each message
 //! to a file; the test notes when each file appears.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use sluice_testkit::*;
 
 /// Postfix's smtp-sink on a loopback port, dumping each message to `dir`.
 struct Sink {

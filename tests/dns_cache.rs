@@ -1,23 +1,16 @@
 //! The per-core cache, observed from outside: a scripted server counts the
 //! queries that reach it while a manual clock moves time (no sleeping).
 
-#[path = "dns/nsd.rs"]
-mod nsd;
-#[path = "dns/rt.rs"]
-mod rt;
-#[path = "dns/script.rs"]
-mod script;
-
 use std::net::Ipv4Addr;
 use std::rc::Rc;
 use std::time::Duration;
 
 use glommio::timer::Timer;
-use rt::{block_on, config, join_all, quick};
-use script::*;
 use sluice_dns::{
     ManualClock, NegativeKind, QueryType, Record, Resolver, ResolverConfig, TtlPolicy,
 };
+use sluice_testkit::dns::rt::{block_on, config, join_all, quick};
+use sluice_testkit::dns::script::*;
 
 fn answering(ttl: u32) -> ScriptServer {
     ScriptServer::start(move |q| vec![Action::Send(a_answer(q, ttl, [192, 0, 2, 1]))])
@@ -292,7 +285,7 @@ fn cache_size_is_bounded() {
 
 #[test]
 fn short_ttl_from_a_real_server_expires() {
-    let nsd = nsd::Nsd::start();
+    let nsd = sluice_testkit::nsd::Nsd::fixture();
     let clock = Rc::new(ManualClock::new());
     block_on(async {
         let r = Resolver::with_clock(config(&[nsd.addr]), clock.clone());

@@ -1,20 +1,16 @@
 //! `sluice debug route` and `sluice debug dns`: the real binary against NSD,
 //! pointed at it with --set dns.servers=[…].
 
-#[path = "dns/nsd.rs"]
-mod nsd;
-
 use std::process::{Command, Output};
 
-use nsd::Nsd;
-
-const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+use sluice_testkit::bin;
+use sluice_testkit::nsd::Nsd;
 
 fn sluice(nsd: &Nsd, args: &[&str]) -> Output {
-    Command::new(BIN)
+    Command::new(bin())
         .args(args)
         .arg("--set")
-        .arg(nsd.servers_override())
+        .arg(nsd.servers_set())
         .arg("--set")
         .arg("dns.timeout=\"2s\"")
         .output()
@@ -31,7 +27,7 @@ fn stderr(out: &Output) -> String {
 
 #[test]
 fn debug_route_prints_hosts_addresses_ttls_and_security() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     let out = sluice(&nsd, &["debug", "route", "unequal.mail.test"]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let text = stdout(&out);
@@ -75,7 +71,7 @@ fn debug_route_prints_hosts_addresses_ttls_and_security() {
 
 #[test]
 fn debug_route_reports_failures_with_their_kind() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     let out = sluice(&nsd, &["debug", "route", "nullmx.mail.test"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -95,7 +91,7 @@ fn debug_route_reports_failures_with_their_kind() {
 
     // A server that does not answer: temporary, within the configured timeout.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["debug", "route", "example.test", "--set"])
         .arg(format!(
             "dns.servers=[\"{}\"]",
@@ -114,7 +110,7 @@ fn debug_route_reports_failures_with_their_kind() {
 
 #[test]
 fn debug_dns_does_one_lookup() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     let out = sluice(&nsd, &["debug", "dns", "MX", "equal.mail.test"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
@@ -176,7 +172,7 @@ fn debug_dns_does_one_lookup() {
 
 #[test]
 fn debug_uses_the_config_file() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("sluice.toml");
     std::fs::write(
@@ -187,7 +183,7 @@ fn debug_uses_the_config_file() {
         ),
     )
     .expect("write config");
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["debug", "route", "dualmx.mail.test", "--config"])
         .arg(&path)
         .output()
@@ -201,7 +197,7 @@ fn debug_uses_the_config_file() {
 
     // A bad [dns] key is named with its line.
     std::fs::write(&path, "[dns]\ntimeout = \"2s\"\nretries = 3\n").expect("write");
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["debug", "route", "x.test", "--config"])
         .arg(&path)
         .output()

@@ -3,20 +3,15 @@
 //! answers from the wrong address, garbage. Each must end in an answer, a typed
 //! error or a fallback — never a panic, never a wait past the timeout.
 
-#[path = "dns/rt.rs"]
-mod rt;
-#[path = "dns/script.rs"]
-mod script;
-
 use std::net::Ipv4Addr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use rt::{block_on, config, join_all, quick};
-use script::*;
 use sluice_dns::{
     ManualClock, QueryType, Record, ResolveError, Resolver, ResolverConfig, ResponseCode,
 };
+use sluice_testkit::dns::rt::{block_on, config, join_all, quick};
+use sluice_testkit::dns::script::*;
 
 fn ok_a(q: &Query) -> Vec<Action> {
     vec![Action::Send(a_answer(q, 300, [192, 0, 2, 1]))]

@@ -3,25 +3,20 @@
 //! their SOA TTL, the TCP fallback for a big answer, and real answers cut and
 //! mutated byte by byte into the parser.
 
-#[path = "dns/nsd.rs"]
-mod nsd;
-#[path = "dns/rt.rs"]
-mod rt;
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use nsd::Nsd;
-use rt::{block_on, config};
 use sluice_dns::{
     build_query, parse_answer, reverse_name, DnsError, NegativeKind, QueryType, Record,
     ResolveError, Resolver,
 };
+use sluice_testkit::dns::rt::{block_on, config};
+use sluice_testkit::nsd::Nsd;
 
 #[test]
 fn mx_records_and_cache_hit() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         let first = r
@@ -71,7 +66,7 @@ fn mx_records_and_cache_hit() {
 
 #[test]
 fn address_txt_ptr_and_tlsa_records() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         let a = r
@@ -130,7 +125,7 @@ fn address_txt_ptr_and_tlsa_records() {
 
 #[test]
 fn cname_chain_in_one_answer() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         let l = r
@@ -151,7 +146,7 @@ fn cname_chain_in_one_answer() {
 
 #[test]
 fn cname_into_another_zone() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         // NSD serves both zones and follows the chain into other.test itself.
@@ -175,7 +170,7 @@ fn cname_into_another_zone() {
 
 #[test]
 fn cname_loops_end_in_an_error() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         // Loop inside one answer.
@@ -191,7 +186,7 @@ fn cname_loops_end_in_an_error() {
 
 #[test]
 fn nxdomain_and_nodata_use_the_soa_ttl() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         let nx = r
@@ -240,7 +235,7 @@ fn nxdomain_and_nodata_use_the_soa_ttl() {
 
 #[test]
 fn big_answer_falls_back_to_tcp() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         let l = r.lookup("big.mail.test", QueryType::A).await.expect("big");
@@ -256,7 +251,7 @@ fn big_answer_falls_back_to_tcp() {
 
 #[test]
 fn bad_names_fail_without_network() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         for bad in [
@@ -321,7 +316,7 @@ fn real_answers(nsd: &Nsd) -> Vec<(u16, &'static str, QueryType, Vec<u8>)> {
 
 #[test]
 fn real_answers_cut_and_mutated_never_panic() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     let answers = real_answers(&nsd);
     assert!(
         answers.iter().any(|a| a.3.len() > 1232),

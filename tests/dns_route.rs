@@ -2,17 +2,12 @@
 //! and shuffling, implicit MX, null MX, MX to CNAME and to an IP literal,
 //! missing hosts, address-family preference, a host whose addresses need TCP.
 
-#[path = "dns/nsd.rs"]
-mod nsd;
-#[path = "dns/rt.rs"]
-mod rt;
-
 use std::collections::HashSet;
 use std::net::IpAddr;
 
-use nsd::Nsd;
-use rt::{block_on, config};
 use sluice_dns::{IpPreference, ResolveError, Resolver, ResolverConfig, Route, RouteError};
+use sluice_testkit::dns::rt::{block_on, config};
+use sluice_testkit::nsd::Nsd;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")
@@ -35,7 +30,7 @@ fn with_preference(nsd: &Nsd, ip_preference: IpPreference) -> ResolverConfig {
 
 #[test]
 fn unequal_preferences_in_order_with_addresses() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         let route = r.resolve_route("Unequal.Mail.Test.").await;
@@ -66,7 +61,7 @@ fn unequal_preferences_in_order_with_addresses() {
 
 #[test]
 fn equal_preferences_are_shuffled_backup_stays_last() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         let mut first = HashSet::new();
@@ -87,7 +82,7 @@ fn equal_preferences_are_shuffled_backup_stays_last() {
 
 #[test]
 fn addresses_of_one_host_are_shuffled() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(with_preference(&nsd, IpPreference::Ipv4Only));
         let mut first = HashSet::new();
@@ -103,7 +98,7 @@ fn addresses_of_one_host_are_shuffled() {
 
 #[test]
 fn no_mx_means_the_domain_itself() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         let route = r.resolve_route("implicit.mail.test").await;
@@ -125,7 +120,7 @@ fn no_mx_means_the_domain_itself() {
 
 #[test]
 fn null_mx_and_nxdomain_are_permanent() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         let route = r.resolve_route("nullmx.mail.test").await;
@@ -146,7 +141,7 @@ fn null_mx_and_nxdomain_are_permanent() {
 
 #[test]
 fn missing_mx_hosts() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         // The only MX host does not exist: permanent.
@@ -174,7 +169,7 @@ fn missing_mx_hosts() {
 
 #[test]
 fn mx_pointing_at_a_cname_is_followed() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         let route = r.resolve_route("cnamemx.mail.test").await;
@@ -191,7 +186,7 @@ fn mx_pointing_at_a_cname_is_followed() {
 
 #[test]
 fn mx_naming_an_ip_address_is_a_failed_host() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(config(&[nsd.addr]));
         let route = r.resolve_route("ipmx.mail.test").await;
@@ -211,7 +206,7 @@ fn mx_naming_an_ip_address_is_a_failed_host() {
 
 #[test]
 fn ip_family_preference() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let cases = [
             (
@@ -243,7 +238,7 @@ fn ip_family_preference() {
 
 #[test]
 fn host_with_addresses_needing_tcp() {
-    let nsd = Nsd::start();
+    let nsd = Nsd::fixture();
     block_on(async {
         let r = Resolver::new(with_preference(&nsd, IpPreference::Ipv4Only));
         let route = r.resolve_route("bigmx.mail.test").await;

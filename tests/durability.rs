@@ -2,9 +2,7 @@
 //! message and duplicates none; group commit batches many messages per fsync; a
 //! clean SIGTERM restart keeps the queue.
 
-mod common;
-
-use common::*;
+use sluice_testkit::*;
 use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
 use std::time::Duration;

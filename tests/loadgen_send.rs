@@ -8,11 +8,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sluice_testkit::{run_with_timeout, ChildGuard, PostfixSink};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice-loadgen");
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -38,20 +39,8 @@ fn free_port(ip: IpAddr) -> u16 {
         .port()
 }
 
-/// Kills and reaps its child on drop.
-struct Guard(Option<Child>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 struct Sink {
-    guard: Guard,
+    guard: ChildGuard,
     addr: SocketAddr,
     stats: SocketAddr,
 }
@@ -71,13 +60,13 @@ impl Sink {
             .spawn()
             .expect("starting sluice-loadgen sink");
         let mut sink = Sink {
-            guard: Guard(Some(child)),
+            guard: ChildGuard::new(child, "sluice-loadgen sink"),
             addr,
             stats,
         };
         let start = Instant::now();
         loop {
-            if let Ok(Some(status)) = sink.guard.0.as_mut().unwrap().try_wait() {
+            if let Ok(Some(status)) = sink.guard.child.as_mut().unwrap().try_wait() {
                 panic!("sink exited during start-up: {status}");
             }
             if sink.try_stats().is_ok() {
@@ -113,28 +102,20 @@ impl Sink {
 /// returns its summary and how long it took.
 fn send(sink: &Sink, args: &[&str]) -> (Value, Duration) {
     let started = Instant::now();
-    let child = Command::new(BIN)
-        .args(["send", "--json", "--target", &sink.addr.to_string()])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting sluice-loadgen send");
-    let mut guard = Guard(Some(child));
-    loop {
-        if let Some(status) = guard.0.as_mut().unwrap().try_wait().unwrap() {
-            let elapsed = started.elapsed();
-            let output = guard.0.take().unwrap().wait_with_output().unwrap();
-            let out = String::from_utf8_lossy(&output.stdout);
-            let err = String::from_utf8_lossy(&output.stderr);
-            let v: Value = serde_json::from_str(out.trim())
-                .unwrap_or_else(|e| panic!("send printed {out:?} ({e}); stderr {err}"));
-            assert!(status.success(), "send failed: {status}; {v}; stderr {err}");
-            return (v, elapsed);
-        }
-        assert!(started.elapsed() < RUN_TIMEOUT, "send did not finish");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let output = run_with_timeout(
+        Command::new(BIN)
+            .args(["send", "--json", "--target", &sink.addr.to_string()])
+            .args(args),
+        RUN_TIMEOUT,
+    );
+    let elapsed = started.elapsed();
+    let out = String::from_utf8_lossy(&output.stdout);
+    let err = String::from_utf8_lossy(&output.stderr);
+    let v: Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("send printed {out:?} ({e}); stderr {err}"));
+    let status = output.status;
+    assert!(status.success(), "send failed: {status}; {v}; stderr {err}");
+    (v, elapsed)
 }
 
 /// The ack log: token → queue id.
@@ -440,62 +421,34 @@ fn error_counts_by_reply_code_with_fault_injection() {
 fn send_against_postfix_smtp_sink() {
     let ip = loopback();
     let port = free_port(ip);
+    let sink = PostfixSink::start(SocketAddr::new(ip, port), &[]);
     let dir = tempfile::tempdir().unwrap();
-    let template = format!("{}/msg-", dir.path().display());
-    let child = Command::new("smtp-sink")
-        .args(["-u", "root", "-d", &template])
-        .arg(format!("{ip}:{port}"))
-        .arg("64")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("smtp-sink (Debian package postfix) must be installed");
-    let _sink = Guard(Some(child));
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect((ip, port)).is_err() {
-        assert!(Instant::now() < until, "smtp-sink did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let acks = dir.path().join("acks.txt");
-    let started = Instant::now();
-    let child = Command::new(BIN)
-        .args(["send", "--json", "--target", &format!("{ip}:{port}")])
-        .args([
-            "--messages",
-            "120",
-            "--connections",
-            "4",
-            "--recipients",
-            "2",
-            "--run-id",
-            "auto",
-        ])
-        .arg("--ack-log")
-        .arg(&acks)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting sluice-loadgen send");
-    let mut guard = Guard(Some(child));
-    let output = loop {
-        if guard.0.as_mut().unwrap().try_wait().unwrap().is_some() {
-            break guard.0.take().unwrap().wait_with_output().unwrap();
-        }
-        assert!(started.elapsed() < RUN_TIMEOUT, "send did not finish");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let output = run_with_timeout(
+        Command::new(BIN)
+            .args(["send", "--json", "--target", &format!("{ip}:{port}")])
+            .args([
+                "--messages",
+                "120",
+                "--connections",
+                "4",
+                "--recipients",
+                "2",
+                "--run-id",
+                "auto",
+            ])
+            .arg("--ack-log")
+            .arg(&acks),
+        RUN_TIMEOUT,
+    );
     let summary: Value = serde_json::from_slice(&output.stdout).expect("JSON summary");
     assert_eq!(n(&summary["accepted"]), 120, "{summary}");
     let acked: BTreeSet<String> = ack_log(&acks).into_iter().map(|(t, _)| t).collect();
     assert_eq!(acked.len(), 120);
     // smtp-sink writes each dump when it answers the final dot, so all are there.
     let mut seen = BTreeMap::new();
-    for e in std::fs::read_dir(dir.path()).unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("msg-") {
-            continue;
-        }
-        let text = std::fs::read_to_string(e.path()).unwrap();
+    for dump in sink.dumps() {
+        let text = String::from_utf8_lossy(&dump);
         let token = text
             .lines()
             .find_map(|l| {

@@ -11,11 +11,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sluice_testkit::{run_with_timeout, ChildGuard};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice-loadgen");
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -68,7 +69,7 @@ fn addrs(n: usize) -> Vec<SocketAddr> {
 // ---------------------------------------------------------------------------------
 
 struct Sink {
-    child: Option<Child>,
+    guard: ChildGuard,
     listen: Vec<SocketAddr>,
     stats: SocketAddr,
 }
@@ -87,15 +88,13 @@ impl Sink {
             .stderr(Stdio::inherit());
         let child = cmd.spawn().expect("starting sluice-loadgen sink");
         let mut sink = Sink {
-            child: Some(child),
+            guard: ChildGuard::new(child, "sluice-loadgen sink"),
             listen: listen.to_vec(),
             stats,
         };
         let start = Instant::now();
         loop {
-            if let Ok(Some(status)) = sink.child.as_mut().unwrap().try_wait() {
-                panic!("sink exited during start-up: {status}");
-            }
+            assert!(sink.guard.is_running(), "sink exited during start-up");
             if sink.try_http("GET", "/stats").is_ok() {
                 return sink;
             }
@@ -112,7 +111,7 @@ impl Sink {
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.guard.pid()
     }
 
     fn try_http(&self, method: &str, path: &str) -> std::io::Result<String> {
@@ -158,73 +157,20 @@ impl Sink {
             .status()
             .unwrap();
         assert!(status.success());
-        let mut child = self.child.take().unwrap();
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > DEADLINE {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("sink did not exit after SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let mut stdout = self.guard.take_stdout();
+        let Some(status) = self.guard.wait_timeout(DEADLINE) else {
+            panic!("sink did not exit after SIGTERM");
         };
         let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
+        stdout.read_to_string(&mut out).expect("sink stdout");
         assert!(status.success(), "sink exit status {status}; stdout {out}");
         serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("summary {out:?}: {e}"))
     }
 }
 
-impl Drop for Sink {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Runs a short-lived command to completion (a guard kills it if the test fails
-/// while it runs, e.g. on a timeout).
+/// Runs a short-lived command to completion (killed past two minutes).
 fn run(cmd: &mut Command) -> Output {
-    struct Guard(Option<Child>);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            if let Some(mut c) = self.0.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
-    let pid = child.id();
-    let mut guard = Guard(Some(child));
-    // Reading to EOF cannot hang forever: a watchdog thread kills a stuck child.
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if rx.recv_timeout(Duration::from_secs(120)).is_err() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    });
-    let out = guard.0.take().unwrap().wait_with_output().unwrap();
-    let _ = tx.send(());
-    let _ = watchdog.join();
-    out
+    run_with_timeout(cmd.stdin(Stdio::null()), Duration::from_secs(120))
 }
 
 /// `sluice-loadgen send … --json`; returns its summary.

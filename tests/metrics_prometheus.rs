@@ -8,35 +8,20 @@
 //! workspace's `sluice-loadgen`; without them the test is skipped, except under
 //! CI=true, where it fails.
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use harness::*;
 use serde_json::Value;
+use sluice_testkit::*;
 
 /// Messages in the load; a few hundred, over several connections.
 const MESSAGES: u64 = 300;
 
+/// The tool's name when installed (the kit's skip policy otherwise).
 fn tool(name: &str) -> Option<String> {
-    for dir in ["/usr/bin", "/usr/local/bin", "/bin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return Some(p.display().to_string());
-        }
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{name} is missing (install the Debian package prometheus)");
-    }
-    eprintln!("SKIP: {name} not installed (apt-get install prometheus)");
-    None
+    require_tool(name).then(|| name.to_string())
 }
 
 /// A plain HTTP/1.0 GET on loopback: (status, body).

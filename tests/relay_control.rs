@@ -1,9 +1,7 @@
 //! Who may send where: relay networks, local domains, SMTP AUTH over STARTTLS,
 //! PROXY protocol, connection limits, and the LMTP listener.
 
-mod common;
-
-use common::*;
+use sluice_testkit::*;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 

@@ -22,19 +22,14 @@
 //! bench/reliability.sh) is the long form. `SLUICE_CRASH_SEED` replays a run,
 //! `SLUICE_CRASH_MESSAGES` sets the messages per sending round.
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use harness::*;
 use serde_json::Value;
+use sluice_testkit::*;
 
 const MAX_CONNECTIONS: u64 = 4;
 /// Deliveries per connection that can be done at the sink but not yet recorded

@@ -8,21 +8,13 @@
 //! Size: `RELIABILITY_LOAD_CONNECTIONS` (default 10000). The test raises its own
 //! RLIMIT_NOFILE soft limit to the hard limit; the relay raises its own at start.
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-#[path = "reliability/procfs.rs"]
-mod procfs;
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
-use harness::*;
-use procfs::*;
 use serde_json::Value;
+use sluice_testkit::*;
 
 fn env_count(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -1,8 +1,8 @@
 //! Remote faults: the real relay delivers to next hops that misbehave — the
 //! loadgen sink injecting 4xx/5xx at RCPT and at the end of data, 421s,
 //! disconnects in the middle of DATA and after it, greylisting; sinks that stall
-//! before the greeting, at RCPT or after the final dot; and a small scripted
-//! server of this file (no PIPELINING) that never answers EHLO, MAIL or RCPT,
+//! before the greeting, at RCPT or after the final dot; and the test kit's
+//! scripted server (no PIPELINING) that never answers EHLO, MAIL or RCPT,
 //! or stops reading in the middle of the message body.
 //!
 //! What must hold: temporary failures are retried and delivered once the fault
@@ -12,24 +12,13 @@
 //!
 //! Size of the storm: `RELIABILITY_REMOTE_MESSAGES` (default 200, the CI form).
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-#[path = "reliability/procfs.rs"]
-mod procfs;
-
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
-use harness::*;
-use procfs::*;
 use serde_json::Value;
+use sluice_testkit::*;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -301,125 +290,27 @@ fn stalled_next_hops_time_out_per_stage_then_mail_is_delivered() {
 // (3) A next hop that stops reading in the middle of the body
 // ---------------------------------------------------------------------------------
 
-/// A scripted SMTP server without PIPELINING (one command per reply). While
-/// `stall` names a verb it stalls there: at "EHLO", "MAIL" or "RCPT" it never
-/// replies; at "DATA" it answers 354 and never reads another byte (the relay's
-/// writes fill the socket buffers and block). Otherwise it takes the message
-/// and says 250.
-struct NoReadServer {
-    stall: Arc<Mutex<Option<&'static str>>>,
-    stop: Arc<AtomicBool>,
-    delivered: Arc<Mutex<Vec<usize>>>,
-    stalled_sessions: Arc<AtomicUsize>,
-    /// Streams of stalled sessions, held open until the server is dropped.
-    held: Arc<Mutex<Vec<TcpStream>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+/// The scripted next hop without PIPELINING (one command per reply): it
+/// starts stalled at DATA (answers 354, then never reads another byte, so the
+/// relay's writes fill the socket buffers and block); tests move the stall to
+/// EHLO, MAIL or RCPT (no reply, ever) or clear it.
+fn no_read_server(addr: SocketAddr) -> ScriptedServer {
+    ScriptedServer::builder()
+        .name("noread.test")
+        .capability("SIZE 100000000")
+        .on("DATA", Act::StopReading)
+        .start(addr)
 }
 
-impl NoReadServer {
-    fn start(addr: SocketAddr) -> NoReadServer {
-        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-        listener.set_nonblocking(true).expect("nonblocking");
-        let mut s = NoReadServer {
-            stall: Arc::new(Mutex::new(Some("DATA"))),
-            stop: Arc::new(AtomicBool::new(false)),
-            delivered: Arc::default(),
-            stalled_sessions: Arc::default(),
-            held: Arc::default(),
-            thread: None,
-        };
-        let (stall, stop, delivered, n, held) = (
-            s.stall.clone(),
-            s.stop.clone(),
-            s.delivered.clone(),
-            s.stalled_sessions.clone(),
-            s.held.clone(),
-        );
-        let thread = std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((sock, _)) => {
-                        let (stall, delivered, n, held) =
-                            (stall.clone(), delivered.clone(), n.clone(), held.clone());
-                        std::thread::spawn(move || {
-                            let _ = no_read_session(sock, &stall, &delivered, &n, &held);
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        s.thread = Some(thread);
-        s
+/// Moves the server's stall to `verb` (None: no stall).
+fn stall_at(server: &ScriptedServer, verb: Option<&str>) {
+    for v in ["EHLO", "MAIL", "RCPT", "DATA"] {
+        server.set(v, None);
     }
-}
-
-impl Drop for NoReadServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.held.lock().map(|mut h| h.clear()).ok();
-    }
-}
-
-fn no_read_session(
-    s: TcpStream,
-    stall: &Mutex<Option<&'static str>>,
-    delivered: &Mutex<Vec<usize>>,
-    stalled: &AtomicUsize,
-    held: &Mutex<Vec<TcpStream>>,
-) -> std::io::Result<()> {
-    s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut w = s.try_clone()?;
-    let mut r = BufReader::new(s.try_clone()?);
-    w.write_all(b"220 noread.test ESMTP\r\n")?;
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
-        if *stall.lock().expect("stall") == Some(verb.as_str()) && verb != "DATA" {
-            stalled.fetch_add(1, Ordering::Relaxed);
-            // No reply, ever; keep the socket open.
-            held.lock().expect("held").push(s);
-            return Ok(());
-        }
-        match verb.as_str() {
-            "EHLO" => w.write_all(b"250-noread.test\r\n250 SIZE 100000000\r\n")?,
-            "MAIL" | "RCPT" | "RSET" | "NOOP" => w.write_all(b"250 2.0.0 Ok\r\n")?,
-            "DATA" => {
-                w.write_all(b"354 go ahead\r\n")?;
-                if *stall.lock().expect("stall") == Some("DATA") {
-                    stalled.fetch_add(1, Ordering::Relaxed);
-                    // Never read again; keep the socket open.
-                    held.lock().expect("held").push(s);
-                    return Ok(());
-                }
-                let mut size = 0;
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line)? == 0 {
-                        return Ok(());
-                    }
-                    if line == ".\r\n" {
-                        break;
-                    }
-                    size += line.len();
-                }
-                delivered.lock().expect("delivered").push(size);
-                w.write_all(b"250 2.0.0 Ok: queued\r\n")?;
-            }
-            "QUIT" => {
-                w.write_all(b"221 2.0.0 Bye\r\n")?;
-                return Ok(());
-            }
-            _ => w.write_all(b"502 5.5.2 Error: command not recognized\r\n")?,
-        }
+    match verb {
+        Some("DATA") => server.set("DATA", Some(Act::StopReading)),
+        Some(v) => server.set(v, Some(Act::Hang)),
+        None => {}
     }
 }
 
@@ -427,7 +318,7 @@ fn no_read_session(
 fn next_hop_that_stops_reading_mid_body_times_out_and_is_retried() {
     let ip = loopback();
     let port = mx_port(&[ip]);
-    let server = NoReadServer::start(sa(ip, port));
+    let server = no_read_server(sa(ip, port));
     let relay = relay_to(ip, port, 1, &["delivery.data_timeout=\"2s\"".into()]);
     let baseline = baseline(&relay);
     // 12 MiB: far more than the socket buffers of both ends on loopback hold.
@@ -452,19 +343,19 @@ fn next_hop_that_stops_reading_mid_body_times_out_and_is_retried() {
         .map(|a| field(a, "reply").to_string())
         .next()
         .unwrap_or_default();
-    assert!(server.stalled_sessions.load(Ordering::Relaxed) >= 1);
+    assert!(server.hung() >= 1);
     // The relay gave up its side of the stalled connection.
     let after = wait_sockets_back(&relay, baseline, "stalled body");
     eprintln!("stalled body: deferred ({reply}); TCP connections {baseline} -> {after}");
     // The peer reads again: the retry delivers the whole body.
-    *server.stall.lock().expect("stall") = None;
+    stall_at(&server, None);
     wait_until(
         "delivery after the stall",
         T,
         || try_show(&relay, &id).is_none(),
         || relay.log(),
     );
-    let sizes = server.delivered.lock().expect("delivered").clone();
+    let sizes: Vec<usize> = server.messages().iter().map(|m| m.body.len()).collect();
     assert_eq!(sizes.len(), 1, "{sizes:?}");
     assert!(sizes[0] >= 12 * 1024 * 1024, "{sizes:?}");
 }
@@ -483,7 +374,7 @@ fn wait_sockets_back(relay: &Relay, baseline: usize, what: &str) -> usize {
 fn scripted_stalls_at_ehlo_mail_and_rcpt_time_out_by_their_own_timeouts() {
     let ip = loopback();
     let port = mx_port(&[ip]);
-    let server = NoReadServer::start(sa(ip, port));
+    let server = no_read_server(sa(ip, port));
     let relay = relay_to(
         ip,
         port,
@@ -496,8 +387,8 @@ fn scripted_stalls_at_ehlo_mail_and_rcpt_time_out_by_their_own_timeouts() {
     );
     let baseline = baseline(&relay);
     for (verb, stage) in [("EHLO", "Ehlo"), ("MAIL", "Mail"), ("RCPT", "Rcpt")] {
-        *server.stall.lock().expect("stall") = Some(verb);
-        let before = server.delivered.lock().expect("delivered").len();
+        stall_at(&server, Some(verb));
+        let before = server.messages().len();
         let tag = format!("scripted-{stage}");
         let id = submit(
             &relay,
@@ -526,17 +417,14 @@ fn scripted_stalls_at_ehlo_mail_and_rcpt_time_out_by_their_own_timeouts() {
         );
         let after = wait_sockets_back(&relay, baseline, stage);
         // The fault clears: the retry goes through.
-        *server.stall.lock().expect("stall") = None;
+        stall_at(&server, None);
         wait_until(
             "delivery after the stall",
             T,
             || try_show(&relay, &id).is_none(),
             || relay.log(),
         );
-        assert_eq!(
-            server.delivered.lock().expect("delivered").len(),
-            before + 1
-        );
+        assert_eq!(server.messages().len(), before + 1);
         eprintln!("scripted stall at {verb}: deferred ({want}), delivered after; TCP connections {baseline} -> {after}");
     }
 }

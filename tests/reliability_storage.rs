@@ -18,10 +18,6 @@
 //!
 //! Every mount and loop device is undone by a guard, also when the test fails.
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -29,9 +25,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
-use harness::*;
 use serde_json::Value;
+use sluice_testkit::*;
 
 /// Runs a system tool; panics (loudly, with its output) when it fails.
 fn sys(cmd: &str, args: &[&str]) -> String {

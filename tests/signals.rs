@@ -6,18 +6,13 @@
 //! through a real NSD to the loadgen sink) exits 0 within a bound and loses no
 //! acknowledged message.
 
-mod common;
-#[path = "delivery/harness.rs"]
-mod harness;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use harness::*;
+use sluice_testkit::*;
 
 const RELOAD_DEADLINE: Duration = Duration::from_secs(20);
 

@@ -1,9 +1,7 @@
 //! Bad input and limits: each gets its reply and leaves nothing in the spool.
 //! Raw sockets, so the bytes on the wire are exactly the abuse being tested.
 
-mod common;
-
-use common::*;
+use sluice_testkit::*;
 use std::time::{Duration, Instant};
 
 #[test]

@@ -1,9 +1,7 @@
 //! End-to-end SMTP sessions against the real relay: swaks, smtplib and raw sockets.
 //! What is sent is compared byte for byte with what `sluice spool body` returns.
 
-mod common;
-
-use common::*;
+use sluice_testkit::*;
 use std::time::Duration;
 
 #[test]

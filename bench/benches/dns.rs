@@ -4,12 +4,9 @@
 //!
 //!     cargo bench -p sluice-bench --bench dns
 //!
-//! Starts NSD itself (tests/dns/nsd.rs), serving tests/dns/zones. Cold lookups
-//! ask for a fresh name under the wildcard `*.wild.mail.test` each time, so
+//! Starts NSD itself (the test kit's, tests/kit/src/nsd.rs), serving tests/dns/zones.
+//! Cold lookups ask for a fresh name under the wildcard `*.wild.mail.test` each time, so
 //! neither cache can answer.
-
-#[path = "../../tests/dns/nsd.rs"]
-mod nsd;
 
 use std::cell::Cell;
 use std::future::Future;
@@ -25,6 +22,7 @@ use hickory_resolver::config::{NameServerConfigGroup, ResolveHosts, ResolverConf
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::Resolver as Hickory;
 use sluice_dns::{QueryType, Record, Resolver, ResolverConfig};
+use sluice_testkit::nsd;
 
 const CONCURRENCY: usize = 64;
 
@@ -257,7 +255,7 @@ fn cold(c: &mut Criterion, nsd: &nsd::Nsd) {
 }
 
 fn benches(c: &mut Criterion) {
-    let nsd = nsd::Nsd::start();
+    let nsd = nsd::Nsd::fixture();
     cached(c, &nsd);
     cold(c, &nsd);
 }

@@ -7,46 +7,19 @@
 //! Every process started here is owned by a guard that kills and reaps it (by
 //! pid) on drop. Waiting is polling with a deadline, never a bare sleep.
 
-#![allow(dead_code)]
-
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{run_with_timeout, text, ChildGuard, Relay};
-
-/// The zone every test serves (its own NSD, so the name can repeat).
-pub const ZONE: &str = "dlv.test";
-/// A zone NSD is configured for but cannot load: it answers SERVFAIL for it.
-pub const BROKEN_ZONE: &str = "broken.test";
-
-// ---------------------------------------------------------------------------------
-// Waiting
-// ---------------------------------------------------------------------------------
-
-/// Polls `cond` until it holds; panics with `what` (and `detail()`) past the deadline.
-pub fn wait_until(
-    what: &str,
-    deadline: Duration,
-    mut cond: impl FnMut() -> bool,
-    detail: impl Fn() -> String,
-) {
-    let until = Instant::now() + deadline;
-    while !cond() {
-        if Instant::now() >= until {
-            panic!(
-                "timed out after {deadline:?} waiting for {what}\n{}",
-                detail()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use crate::client::queued_id;
+use crate::nsd::Nsd;
+use crate::process::{bin, loadgen_bin, need_tool, run_with_timeout, text, wait_until, ChildGuard};
+use crate::relay::Relay;
 
 // ---------------------------------------------------------------------------------
 // Addresses
@@ -98,155 +71,8 @@ pub fn mx_port(ips: &[Ipv4Addr]) -> u16 {
 }
 
 // ---------------------------------------------------------------------------------
-// NSD with a zone written by the test
-// ---------------------------------------------------------------------------------
-
-pub struct Nsd {
-    guard: ChildGuard,
-    pub addr: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Nsd {
-    /// Serves `records` (zone-file lines relative to dlv.test, e.g.
-    /// "a MX 10 mx1" / "mx1 A 127.1.2.3") plus SOA/NS, and a broken.test zone
-    /// whose file is missing (SERVFAIL).
-    pub fn start(records: &str) -> Nsd {
-        let mut last = String::new();
-        for _ in 0..5 {
-            match Nsd::try_start(records) {
-                Ok(n) => return n,
-                Err(e) => last = e,
-            }
-        }
-        panic!("could not start nsd: {last}");
-    }
-
-    fn try_start(records: &str) -> Result<Nsd, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let d = dir.path().display().to_string();
-        let zone = format!(
-            "$ORIGIN {ZONE}.\n$TTL 60\n@ SOA ns hostmaster 1 3600 600 86400 5\n@ NS ns\nns A 127.0.0.1\n{records}\n"
-        );
-        std::fs::write(dir.path().join("dlv.zone"), zone).map_err(|e| e.to_string())?;
-        let port = free_udp_tcp_port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let conf = format!(
-            "server:\n  ip-address: 127.0.0.1@{port}\n  port: {port}\n  do-ip6: no\n  \
-             username: \"\"\n  chroot: \"\"\n  zonesdir: \"{d}\"\n  \
-             pidfile: \"{d}/nsd.pid\"\n  database: \"\"\n  xfrdfile: \"{d}/xfrd.state\"\n  \
-             zonelistfile: \"{d}/zone.list\"\n  logfile: \"{d}/nsd.log\"\n  \
-             server-count: 1\n  verbosity: 1\n  hide-version: yes\n  tcp-count: 16\n  \
-             rrl-ratelimit: 0\n  rrl-whitelist-ratelimit: 0\n\
-             remote-control:\n  control-enable: no\n\
-             zone:\n  name: {ZONE}\n  zonefile: dlv.zone\n\
-             zone:\n  name: {BROKEN_ZONE}\n  zonefile: missing.zone\n"
-        );
-        let conf_path = dir.path().join("nsd.conf");
-        std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
-        let nsd = ["/usr/sbin/nsd", "/usr/local/sbin/nsd"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .unwrap_or("nsd");
-        let mut cmd = Command::new(nsd);
-        cmd.arg("-d")
-            .arg("-c")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // Its own process group: NSD forks, and Drop kills the group by the leader's pid.
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("spawn nsd (Debian package nsd): {e}"))?;
-        let mut nsd = Nsd {
-            guard: ChildGuard::new(child, "nsd"),
-            addr,
-            dir,
-        };
-        nsd.wait_ready()?;
-        Ok(nsd)
-    }
-
-    fn wait_ready(&mut self) -> Result<(), String> {
-        let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        socket
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .map_err(|e| e.to_string())?;
-        let name = format!("ns.{ZONE}");
-        let until = Instant::now() + Duration::from_secs(15);
-        let mut buf = [0u8; 4096];
-        while Instant::now() < until {
-            if !self.guard.is_running() {
-                return Err(format!("nsd exited: {}", self.log()));
-            }
-            let query = sluice_dns::build_query(0x5eed, &name, sluice_dns::QueryType::A)
-                .map_err(|e| e.to_string())?;
-            let _ = socket.send_to(&query, self.addr);
-            if let Ok((n, _)) = socket.recv_from(&mut buf) {
-                let answer =
-                    sluice_dns::parse_answer(0x5eed, &name, sluice_dns::QueryType::A, &buf[..n]);
-                if answer.is_ok_and(|a| !a.records.is_empty()) {
-                    return Ok(());
-                }
-            }
-        }
-        Err(format!("nsd not answering: {}", self.log()))
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("nsd.log")).unwrap_or_default()
-    }
-
-    /// `--set` pointing the relay's resolver here.
-    pub fn servers_set(&self) -> String {
-        format!("dns.servers=[\"{}\"]", self.addr)
-    }
-}
-
-impl Drop for Nsd {
-    fn drop(&mut self) {
-        if let Some(child) = self.guard.child.take() {
-            // The whole group (NSD's forked children too); the leader is not
-            // reaped yet, so its pid cannot have been reused as a group id.
-            let pgid = child.id() as libc::pid_t;
-            // SAFETY: kill(2) on the process group of a child we own.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            let mut child = child;
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A port free for both UDP and TCP on 127.0.0.1.
-pub fn free_udp_tcp_port() -> u16 {
-    for _ in 0..1000 {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        let port = udp.local_addr().expect("local addr").port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no port free for UDP and TCP");
-}
-
-// ---------------------------------------------------------------------------------
 // sluice-loadgen sink
 // ---------------------------------------------------------------------------------
-
-/// The loadgen binary: built by `cargo nextest run --workspace` (another package
-/// of the workspace), found next to the sluice binary.
-pub fn loadgen_bin() -> PathBuf {
-    let p = Path::new(env!("CARGO_BIN_EXE_sluice")).with_file_name("sluice-loadgen");
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --release --workspace, \
-         or run the tests with `cargo nextest run --workspace --release`)",
-        p.display()
-    );
-    p
-}
 
 /// One message the sink saved: its envelope JSON and exact bytes.
 #[derive(Debug, Clone)]
@@ -429,6 +255,7 @@ impl PostfixSink {
     /// smtp-sink on `addr`, dumping each message under its directory; `extra` are
     /// smtp-sink options (-Q CONNECT: 421 greeting; -r CONNECT: 450 greeting…).
     pub fn start(addr: SocketAddr, extra: &[&str]) -> PostfixSink {
+        need_tool("smtp-sink", "postfix");
         let dir = tempfile::tempdir().expect("tempdir");
         let template = format!("{}/msg-", dir.path().display());
         let mut cmd = Command::new("smtp-sink");
@@ -516,7 +343,7 @@ pub fn submit(relay: &Relay, from: &str, mail_params: &str, rcpts: &[&str], body
     c.send(b".\r\n");
     let r = c.read_reply();
     assert_eq!(r.code, 250, "end of data: {r:?}");
-    let id = crate::common::queued_id(&r.text()).unwrap_or_else(|| panic!("no id in {r:?}"));
+    let id = queued_id(&r.text()).unwrap_or_else(|| panic!("no id in {r:?}"));
     c.send_line("QUIT");
     id
 }
@@ -594,6 +421,7 @@ print(json.dumps(out))
 /// what it found (content type, report type, per-message and per-recipient fields,
 /// the returned content).
 pub fn parse_dsn(raw: &[u8]) -> Value {
+    need_tool("python3", "python3");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("dsn.eml");
     std::fs::write(&path, raw).unwrap();
@@ -664,7 +492,7 @@ pub fn assert_failure_dsn(raw: &[u8], rcpts: &[&str], status_prefix: &str) -> Va
 /// `sluice spool show ID`, or None once the message has left the spool.
 pub fn try_show(relay: &Relay, id: &str) -> Option<String> {
     let out = run_with_timeout(
-        Command::new(crate::common::BIN)
+        Command::new(bin())
             .args(["spool", "show", id, "--set"])
             .arg(format!("spool.path={}", relay.spool_path().display())),
         Duration::from_secs(30),

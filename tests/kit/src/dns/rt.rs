@@ -1,8 +1,6 @@
 //! Running the resolver inside a test: a glommio executor on the test thread and
 //! resolver settings aimed at one server.
 
-#![allow(dead_code)]
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,17 +1,24 @@
 //! A real authoritative DNS server for the tests and benches: NSD on 127.0.0.1 at
-//! a free port, serving the zones in tests/dns/zones, in its own temporary
-//! directory. Started in the foreground as a child process, ready once it
-//! answers a real query, stopped (its whole process group) when dropped.
-
-#![allow(dead_code)]
+//! a free port, in its own temporary directory, serving either the fixture zones
+//! in tests/dns/zones ([`Nsd::fixture`]) or a dlv.test zone the test writes
+//! ([`Nsd::start`]). Started in the foreground as a child process in its own
+//! process group, ready once it answers a real query, stopped (the whole group,
+//! by the leader's pid) when dropped.
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Zones served, as (origin, file under tests/dns/zones).
-pub const ZONES: &[(&str, &str)] = &[
+use crate::process::{need_tool, repo_root};
+
+/// The zone [`Nsd::start`] serves (each test has its own NSD, so the name repeats).
+pub const ZONE: &str = "dlv.test";
+/// A zone [`Nsd::start`] is configured for but cannot load: it answers SERVFAIL.
+pub const BROKEN_ZONE: &str = "broken.test";
+
+/// Fixture zones served by [`Nsd::fixture`], as (origin, file under tests/dns/zones).
+const ZONES: &[(&str, &str)] = &[
     ("mail.test", "mail.test.zone"),
     ("other.test", "other.test.zone"),
     ("2.0.192.in-addr.arpa", "2.0.192.in-addr.arpa.zone"),
@@ -19,12 +26,8 @@ pub const ZONES: &[(&str, &str)] = &[
 
 const READY_DEADLINE: Duration = Duration::from_secs(15);
 
-pub fn zones_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("tests")
-        .join("dns")
-        .join("zones")
+fn zones_dir() -> PathBuf {
+    repo_root().join("tests").join("dns").join("zones")
 }
 
 pub struct Nsd {
@@ -33,13 +36,54 @@ pub struct Nsd {
     dir: tempfile::TempDir,
 }
 
+/// What one NSD serves: zone clauses, where their files are, and a name that
+/// must resolve once it is ready.
+struct Zones {
+    dir: Option<PathBuf>,
+    clauses: String,
+    probe: String,
+    /// (file name, contents) written into the server's own directory.
+    write: Option<(&'static str, String)>,
+}
+
 impl Nsd {
-    /// Start NSD; panics with its log if it cannot be started.
-    pub fn start() -> Nsd {
+    /// Serves `records` (zone-file lines relative to dlv.test, e.g.
+    /// "a MX 10 mx1" / "mx1 A 127.1.2.3") plus SOA/NS, and a broken.test zone
+    /// whose file is missing (SERVFAIL).
+    pub fn start(records: &str) -> Nsd {
+        let zone = format!(
+            "$ORIGIN {ZONE}.\n$TTL 60\n@ SOA ns hostmaster 1 3600 600 86400 5\n@ NS ns\nns A 127.0.0.1\n{records}\n"
+        );
+        Nsd::start_with(|| Zones {
+            dir: None,
+            clauses: format!(
+                "zone:\n  name: {ZONE}\n  zonefile: dlv.zone\n\
+                 zone:\n  name: {BROKEN_ZONE}\n  zonefile: missing.zone\n"
+            ),
+            probe: format!("ns.{ZONE}"),
+            write: Some(("dlv.zone", zone.clone())),
+        })
+    }
+
+    /// Serves the fixture zones of tests/dns/zones ([`ZONES`]).
+    pub fn fixture() -> Nsd {
+        Nsd::start_with(|| Zones {
+            dir: Some(zones_dir()),
+            clauses: ZONES
+                .iter()
+                .map(|(name, file)| format!("zone:\n  name: {name}\n  zonefile: {file}\n"))
+                .collect(),
+            probe: "ns.mail.test".into(),
+            write: None,
+        })
+    }
+
+    fn start_with(zones: impl Fn() -> Zones) -> Nsd {
+        need_tool("nsd", "nsd");
         let mut last_error = String::new();
         // A port found free can be taken before NSD binds it: try a few.
         for _ in 0..5 {
-            match Nsd::try_start() {
+            match Nsd::try_start(zones()) {
                 Ok(nsd) => return nsd,
                 Err(e) => last_error = e,
             }
@@ -47,24 +91,26 @@ impl Nsd {
         panic!("could not start nsd: {last_error}");
     }
 
-    fn try_start() -> Result<Nsd, String> {
+    fn try_start(zones: Zones) -> Result<Nsd, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        if let Some((file, contents)) = &zones.write {
+            std::fs::write(dir.path().join(file), contents).map_err(|e| e.to_string())?;
+        }
         let port = free_udp_tcp_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let d = dir.path().display();
-        let mut conf = format!(
+        let zonesdir = zones.dir.unwrap_or_else(|| dir.path().to_path_buf());
+        let conf = format!(
             "server:\n  ip-address: 127.0.0.1@{port}\n  port: {port}\n  do-ip6: no\n  \
              username: \"\"\n  chroot: \"\"\n  zonesdir: \"{zones}\"\n  \
              pidfile: \"{d}/nsd.pid\"\n  database: \"\"\n  xfrdfile: \"{d}/xfrd.state\"\n  \
              zonelistfile: \"{d}/zone.list\"\n  logfile: \"{d}/nsd.log\"\n  \
              server-count: 1\n  verbosity: 1\n  hide-version: yes\n  tcp-count: 64\n  \
              rrl-ratelimit: 0\n  rrl-whitelist-ratelimit: 0\n\
-             remote-control:\n  control-enable: no\n",
-            zones = zones_dir().display()
+             remote-control:\n  control-enable: no\n{clauses}",
+            zones = zonesdir.display(),
+            clauses = zones.clauses,
         );
-        for (name, file) in ZONES {
-            conf.push_str(&format!("zone:\n  name: {name}\n  zonefile: {file}\n"));
-        }
         let conf_path = dir.path().join("nsd.conf");
         std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
 
@@ -83,12 +129,12 @@ impl Nsd {
             addr,
             dir,
         };
-        nsd.wait_ready()?;
+        nsd.wait_ready(&zones.probe)?;
         Ok(nsd)
     }
 
-    /// Poll with a real query until NSD answers it.
-    fn wait_ready(&mut self) -> Result<(), String> {
+    /// Polls with a real query until NSD answers it.
+    fn wait_ready(&mut self, name: &str) -> Result<(), String> {
         let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
@@ -102,16 +148,12 @@ impl Nsd {
                 }
             }
             let id = 0x5eed;
-            let query = sluice_dns::build_query(id, "ns.mail.test", sluice_dns::QueryType::A)
+            let query = sluice_dns::build_query(id, name, sluice_dns::QueryType::A)
                 .map_err(|e| e.to_string())?;
             let _ = socket.send_to(&query, self.addr);
             if let Ok((n, _)) = socket.recv_from(&mut buf) {
-                let answer = sluice_dns::parse_answer(
-                    id,
-                    "ns.mail.test",
-                    sluice_dns::QueryType::A,
-                    &buf[..n],
-                );
+                let answer =
+                    sluice_dns::parse_answer(id, name, sluice_dns::QueryType::A, &buf[..n]);
                 if answer.is_ok_and(|a| !a.records.is_empty()) {
                     return Ok(());
                 }
@@ -127,8 +169,8 @@ impl Nsd {
         std::fs::read_to_string(self.dir.path().join("nsd.log")).unwrap_or_default()
     }
 
-    /// `--set` value pointing the relay's resolver at this server.
-    pub fn servers_override(&self) -> String {
+    /// `--set` pointing the relay's resolver at this server.
+    pub fn servers_set(&self) -> String {
         format!("dns.servers=[\"{}\"]", self.addr)
     }
 }
@@ -157,12 +199,13 @@ fn nsd_binary() -> PathBuf {
 }
 
 /// A port free for both UDP and TCP on 127.0.0.1 (NSD serves both).
-pub fn free_udp_tcp_port() -> u16 {
-    loop {
+fn free_udp_tcp_port() -> u16 {
+    for _ in 0..1000 {
         let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
         let port = udp.local_addr().expect("local addr").port();
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+    panic!("no port free for UDP and TCP");
 }

@@ -1,12 +1,10 @@
 //! What a process holds, read from /proc: its TCP connections (to count them
 //! before and after faults and loads) and its memory.
 
-#![allow(dead_code)]
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::harness::wait_until;
+use crate::process::wait_until;
 
 /// Inodes of the process's open sockets (/proc/PID/fd links "socket:[N]").
 fn socket_inodes(pid: u32) -> HashSet<String> {

@@ -4,8 +4,6 @@
 //! address, garbage. It counts every query it receives. Answers are built by
 //! hand (RFC 1035 wire format) so they can be broken on purpose.
 
-#![allow(dead_code)]
-
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -229,11 +227,9 @@ fn parse_query(b: &[u8], tcp: bool, from: SocketAddr) -> Option<Query> {
 // ---------------------------------------------------------------------------------
 
 pub const TYPE_A: u16 = 1;
-pub const TYPE_CNAME: u16 = 5;
-pub const TYPE_SOA: u16 = 6;
+const TYPE_CNAME: u16 = 5;
+const TYPE_SOA: u16 = 6;
 pub const TYPE_MX: u16 = 15;
-pub const TYPE_TXT: u16 = 16;
-pub const TYPE_AAAA: u16 = 28;
 
 pub const NOERROR: u8 = 0;
 pub const FORMERR: u8 = 1;

@@ -1,0 +1,37 @@
+//! The shared kit of sluice's integration tests (tests/*.rs), one crate every
+//! test binary depends on instead of copying helpers:
+//!
+//! - [`process`]: where the workspace's binaries are, child processes killed and
+//!   reaped by pid on drop, polling with a deadline, and the skip policy for
+//!   missing peer tools ([`require_tool`]: a failure under CI=true, a skip line
+//!   elsewhere);
+//! - [`relay`]: the real `sluice run` on free ports with `--set` overrides;
+//! - [`client`]: a raw SMTP client, swaks, certificates, stored-message checks;
+//! - [`nsd`]: a real NSD serving the fixture zones or a zone the test writes;
+//! - [`delivery`]: loopback next hops (loadgen sink, Postfix smtp-sink), a relay
+//!   delivering through the test's DNS, its JSON log, DSNs read by Python;
+//! - [`smtp_server`]: a scripted SMTP next hop (capabilities, strict or lenient
+//!   pipelining, per-verb replies, stalls, refusals, no-read) that records what
+//!   it was sent;
+//! - [`procfs`]: a process's TCP connections and memory from /proc;
+//! - [`dns`]: running the resolver in a test, and a scripted DNS server.
+//!
+//! Tests `use sluice_testkit::*;` for the everyday items; the DNS pieces stay
+//! under [`dns`] and [`nsd`].
+
+pub mod client;
+pub mod delivery;
+pub mod dns;
+pub mod nsd;
+pub mod process;
+pub mod procfs;
+pub mod relay;
+pub mod smtp_server;
+
+pub use client::*;
+pub use delivery::*;
+pub use nsd::{Nsd, BROKEN_ZONE};
+pub use process::*;
+pub use procfs::*;
+pub use relay::*;
+pub use smtp_server::*;
