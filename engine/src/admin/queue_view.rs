@@ -171,7 +171,7 @@ fn message_json(id: MessageId, env: &Envelope, now: u64) -> Value {
         .map(crate::spool_view::recipient_json)
         .collect();
     let last_error = env.recipients.iter().rev().find_map(|r| match &r.status {
-        RecipientStatus::Deferred { reply, .. } => Some(reply.clone()),
+        RecipientStatus::Deferred { reply, .. } => Some(reply.to_string()),
         _ => None,
     });
     let next_attempt = (status != Status::Held)

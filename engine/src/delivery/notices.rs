@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use sluice_spool::{Envelope, MessageId, Notify, RecipientStatus};
 
-use super::ledger::{enhanced_status, Notice};
+use super::ledger::{dsn_status, Notice};
 use super::{now_ms, persist, CoreDelivery};
 use crate::queue::dsn::DsnKind;
 
@@ -27,19 +27,16 @@ impl CoreDelivery {
                 let reply = match &r.status {
                     RecipientStatus::Failed { reply }
                     | RecipientStatus::Deferred { reply, .. }
-                    | RecipientStatus::Delivered { reply } => reply.clone(),
-                    RecipientStatus::Pending => String::new(),
+                    | RecipientStatus::Delivered { reply } => Some(reply),
+                    RecipientStatus::Pending => None,
                 };
-                let status = match n.status {
-                    Some(s) => s.to_string(),
-                    None => enhanced_status(&reply, &kind),
-                };
+                let status = n.status.unwrap_or_else(|| dsn_status(reply, kind));
                 crate::queue::dsn::DsnRecipient {
                     recipient: r,
                     action: n.action,
-                    status,
+                    status: status.to_string(),
                     remote_mta: n.remote_mta.as_deref().map(str::to_string),
-                    diagnostic: (!reply.is_empty()).then_some(reply),
+                    diagnostic: reply.map(ToString::to_string),
                     last_attempt_unix_ms: Some(now),
                     will_retry_until_unix_ms: retry_until,
                 }
