@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{json, Value};
 use sluice_spool::{Envelope, MessageId, RecipientStatus};
 
-use super::api::{
+use super::calls::{
     err, parse_count, parse_duration, parse_id, rfc3339, spool, spool_err, suspended_list,
     ApiContext, ApiError, ApiResult,
 };
