@@ -286,10 +286,7 @@ impl CoreDelivery {
                     kind,
                     notices,
                     retry_until,
-                } => {
-                    self.notify(&envelope, id, kind, &notices, retry_until)
-                        .await
-                }
+                } => self.notify(&envelope, id, kind, notices, retry_until).await,
                 Effect::Remove => {
                     if persist(id, "removing a finished message", || {
                         self.shared.spool.remove(id)

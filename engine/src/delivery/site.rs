@@ -512,9 +512,19 @@ impl CoreDelivery {
                 Reply::new(451, "4.3.0", "spool failed: delivery stopped"),
             ));
         }
-        // The body is copied out of the memory map once, into the send buffer;
-        // a read transaction cannot be held across an await.
-        let body = match self.shared.spool.with_body(job.id, |b| b.to_vec()) {
+        // The body is copied out of the memory map (a read transaction cannot
+        // be held across an await); a large one on a blocking thread, so a
+        // copy of up to the message size limit does not stall the executor.
+        let read = if job.size > OFF_EXECUTOR_BYTES {
+            let spool = self.shared.spool.clone();
+            let id = job.id;
+            glommio::executor()
+                .spawn_blocking(move || spool.with_body(id, |b| b.to_vec()))
+                .await
+        } else {
+            self.shared.spool.with_body(job.id, |b| b.to_vec())
+        };
+        let body = match read {
             Ok(b) => b,
             Err(e) => {
                 return Ok(deferred_all(
@@ -559,6 +569,10 @@ fn route_failure(domain: &str, error: Option<RouteError>) -> SessionFailure {
         try_next: false,
     }
 }
+
+/// Bodies larger than this are read (and notices about them built) on a
+/// blocking thread rather than on the executor.
+pub(super) const OFF_EXECUTOR_BYTES: u64 = 1024 * 1024;
 
 /// The messages waiting at a site (at most 32, then a count), for a log line
 /// about a connection they all depend on.
