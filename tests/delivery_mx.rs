@@ -452,6 +452,86 @@ fn bounce_setup(extra_zone: &str) -> BounceSetup {
 }
 
 #[test]
+fn a_bounce_names_each_recipients_own_remote_mta() {
+    // bad@a.dlv.test is refused by mx1 (which answered); nobody@null.dlv.test
+    // never reached a host (null MX): it gets no Remote-MTA.
+    let s = bounce_setup("null MX 0 .");
+    let _sink = LoadgenSink::start(
+        &[sa(s.rcpt_ip, s.port)],
+        &[
+            "--fault",
+            "at=rcpt,code=550,esc=5.1.1,prefix=bad,share=100%,text=no such user",
+        ],
+    );
+    let relay = mx_relay(&s.nsd, s.port, 1, &["queue.default.retry=[\"1h\"]".into()]);
+    submit(
+        &relay,
+        "alice@snd.dlv.test",
+        "",
+        &["bad@a.dlv.test", "nobody@null.dlv.test"],
+        b"Subject: two bounces\r\n\r\nbody\r\n",
+    );
+    let dsns = s.bounce.wait_saved(1, T, &relay);
+    wait_until(
+        "the spool to empty",
+        T,
+        || relay.count() == 0,
+        || relay.log(),
+    );
+    assert_eq!(dsns.len(), 1, "one notice for both");
+    let v = parse_dsn(&dsns[0].eml);
+    let recipients = v["recipients"].as_array().expect("recipients");
+    assert_eq!(recipients.len(), 2, "{v:#}");
+    for r in recipients {
+        let who = r["final-recipient"].as_str().unwrap_or("");
+        let mta = r["remote-mta"].as_str();
+        if who.contains("bad@a.dlv.test") {
+            assert!(mta.unwrap_or("").contains("mx1.dlv.test"), "{v:#}");
+        } else {
+            assert!(who.contains("nobody@null.dlv.test"), "{v:#}");
+            assert_eq!(mta, None, "no host was reached: {v:#}");
+        }
+    }
+}
+
+#[test]
+fn a_large_message_is_delivered_and_returned_whole() {
+    // Over the size where the body is read, and the notice built, off the
+    // executor.
+    let s = bounce_setup("");
+    let sink = LoadgenSink::start(
+        &[sa(s.rcpt_ip, s.port)],
+        &[
+            "--fault",
+            "at=rcpt,code=550,esc=5.1.1,prefix=bad,share=100%,text=no such user",
+        ],
+    );
+    let relay = mx_relay(&s.nsd, s.port, 1, &["queue.default.retry=[\"1h\"]".into()]);
+    let line = "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuv\r\n";
+    let mut body = b"Subject: large\r\n\r\n".to_vec();
+    while body.len() < 2 * 1024 * 1024 {
+        body.extend_from_slice(line.as_bytes());
+    }
+    body.extend_from_slice(b"the-end-marker\r\n");
+    submit(
+        &relay,
+        "alice@snd.dlv.test",
+        "RET=FULL",
+        &["good@a.dlv.test", "bad@a.dlv.test"],
+        &body,
+    );
+    let dsns = s.bounce.wait_saved(1, T, &relay);
+    let delivered = sink.wait_saved(1, T, &relay);
+    let got = text(&delivered[0].eml);
+    assert!(got.contains("the-end-marker"), "the whole body arrived");
+    assert!(got.len() >= 2 * 1024 * 1024, "{}", got.len());
+    assert!(
+        text(&dsns[0].eml).contains("the-end-marker"),
+        "RET=FULL returns the whole original"
+    );
+}
+
+#[test]
 fn rcpt_5xx_bounces_with_a_dsn_python_reads_as_multipart_report() {
     let s = bounce_setup("");
     let sink = LoadgenSink::start(

@@ -33,10 +33,10 @@ fn next_attempt(env: &Envelope, now_ms: u64) -> String {
 }
 
 /// The last error of a recipient still being tried or given up on.
-fn last_error(s: &RecipientStatus) -> Option<&str> {
+fn last_error(s: &RecipientStatus) -> Option<String> {
     match s {
         RecipientStatus::Deferred { reply, .. } | RecipientStatus::Failed { reply } => {
-            Some(reply.as_str())
+            Some(reply.to_string())
         }
         _ => None,
     }

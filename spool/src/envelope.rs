@@ -1,6 +1,6 @@
 use serde::{Deserialize, Serialize};
 
-use crate::{MessageId, SpoolError};
+use crate::{MessageId, Reply, SpoolError};
 
 /// Leading byte of every stored envelope, so the format can change later.
 /// 3 added `deliver_by` and `Schedule::deliver_by_notified`; version 2 envelopes
@@ -10,7 +10,11 @@ use crate::{MessageId, SpoolError};
 /// envelopes decode with the extension's defaults.
 /// 5 appends a second record ([`Extension5`]) after version 4's; version 4
 /// envelopes decode with its defaults.
-const ENVELOPE_VERSION: u8 = 5;
+/// 6 stores recipient replies typed ([`Reply`]: code, enhanced status, text)
+/// instead of reply lines, followed by both extension records; version 5 and
+/// older envelopes decode with their lines read into that type.
+const ENVELOPE_VERSION: u8 = 6;
+const ENVELOPE_V5: u8 = 5;
 const ENVELOPE_V4: u8 = 4;
 const ENVELOPE_V3: u8 = 3;
 const ENVELOPE_V2: u8 = 2;
@@ -174,9 +178,9 @@ pub enum BodyType {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RecipientStatus {
     Pending,
-    Delivered { reply: String },
-    Deferred { reply: String, attempts: u32 },
-    Failed { reply: String },
+    Delivered { reply: Reply },
+    Deferred { reply: Reply, attempts: u32 },
+    Failed { reply: Reply },
 }
 
 impl Envelope {
@@ -205,16 +209,29 @@ impl Envelope {
                 env.schedule.notices = ext5.notices;
                 Ok(env)
             }
+            Some((&ENVELOPE_V5, rest)) => {
+                let (env, ext) =
+                    postcard::take_from_bytes::<v4::Envelope>(rest).map_err(corrupt)?;
+                let (ext, ext5) = postcard::take_from_bytes::<Extension>(ext).map_err(corrupt)?;
+                let ext5: Extension5 = postcard::from_bytes(ext5).map_err(corrupt)?;
+                let mut env = Envelope::from(env);
+                env.schedule.held = ext.held;
+                env.schedule.notices = ext5.notices;
+                Ok(env)
+            }
             Some((&ENVELOPE_V4, rest)) => {
-                let (mut env, ext) =
-                    postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
+                let (env, ext) =
+                    postcard::take_from_bytes::<v4::Envelope>(rest).map_err(corrupt)?;
                 let ext: Extension = postcard::from_bytes(ext).map_err(corrupt)?;
+                let mut env = Envelope::from(env);
                 env.schedule.held = ext.held;
                 Ok(env)
             }
-            Some((&ENVELOPE_V3, rest)) => postcard::from_bytes(rest).map_err(corrupt),
-            Some((&ENVELOPE_V2, rest)) => postcard::from_bytes::<v2::Envelope>(rest)
+            Some((&ENVELOPE_V3, rest)) => postcard::from_bytes::<v4::Envelope>(rest)
                 .map(Envelope::from)
+                .map_err(corrupt),
+            Some((&ENVELOPE_V2, rest)) => postcard::from_bytes::<v2::Envelope>(rest)
+                .map(|e| Envelope::from(v4::Envelope::from(e)))
                 .map_err(corrupt),
             Some((v, _)) => Err(SpoolError::Corrupt(format!(
                 "envelope {id}: unknown version {v}"
@@ -224,12 +241,165 @@ impl Envelope {
     }
 }
 
+/// The version 3/4/5 layout (reply lines as text), decoded and converted: each
+/// line is read into a [`Reply`] once, here.
+mod v4 {
+    use serde::{Deserialize, Serialize};
+
+    use super::{BodyType, DeliverBy, Notify, Ret, Schedule};
+    use crate::Reply;
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct Envelope {
+        pub sender: String,
+        pub recipients: Vec<Recipient>,
+        pub ret: Option<Ret>,
+        pub envid: Option<String>,
+        pub body_type: BodyType,
+        pub smtputf8: bool,
+        pub arrival_unix_ms: u64,
+        pub listener: String,
+        pub client_ip: String,
+        pub helo: String,
+        pub auth_user: Option<String>,
+        pub tls: Option<String>,
+        pub size: u64,
+        pub priority: i16,
+        pub queue: String,
+        pub hold_until_unix: u64,
+        pub deliver_by: Option<DeliverBy>,
+        pub schedule: Schedule,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct Recipient {
+        pub address: String,
+        pub orcpt: Option<String>,
+        pub notify: Notify,
+        pub status: RecipientStatus,
+        pub local: bool,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) enum RecipientStatus {
+        Pending,
+        Delivered { reply: String },
+        Deferred { reply: String, attempts: u32 },
+        Failed { reply: String },
+    }
+
+    impl From<RecipientStatus> for super::RecipientStatus {
+        fn from(s: RecipientStatus) -> super::RecipientStatus {
+            use super::RecipientStatus as New;
+            match s {
+                RecipientStatus::Pending => New::Pending,
+                RecipientStatus::Delivered { reply } => New::Delivered {
+                    reply: Reply::parse(&reply),
+                },
+                RecipientStatus::Deferred { reply, attempts } => New::Deferred {
+                    reply: Reply::parse(&reply),
+                    attempts,
+                },
+                RecipientStatus::Failed { reply } => New::Failed {
+                    reply: Reply::parse(&reply),
+                },
+            }
+        }
+    }
+
+    impl From<Envelope> for super::Envelope {
+        fn from(e: Envelope) -> super::Envelope {
+            super::Envelope {
+                sender: e.sender,
+                recipients: e
+                    .recipients
+                    .into_iter()
+                    .map(|r| super::Recipient {
+                        address: r.address,
+                        orcpt: r.orcpt,
+                        notify: r.notify,
+                        status: r.status.into(),
+                        local: r.local,
+                    })
+                    .collect(),
+                ret: e.ret,
+                envid: e.envid,
+                body_type: e.body_type,
+                smtputf8: e.smtputf8,
+                arrival_unix_ms: e.arrival_unix_ms,
+                listener: e.listener,
+                client_ip: e.client_ip,
+                helo: e.helo,
+                auth_user: e.auth_user,
+                tls: e.tls,
+                size: e.size,
+                priority: e.priority,
+                queue: e.queue,
+                hold_until_unix: e.hold_until_unix,
+                deliver_by: e.deliver_by,
+                schedule: e.schedule,
+            }
+        }
+    }
+
+    /// For tests: the old layout of a current envelope (replies as lines).
+    #[cfg(test)]
+    impl From<&super::Envelope> for Envelope {
+        fn from(e: &super::Envelope) -> Envelope {
+            use super::RecipientStatus as New;
+            Envelope {
+                sender: e.sender.clone(),
+                recipients: e
+                    .recipients
+                    .iter()
+                    .map(|r| Recipient {
+                        address: r.address.clone(),
+                        orcpt: r.orcpt.clone(),
+                        notify: r.notify,
+                        status: match &r.status {
+                            New::Pending => RecipientStatus::Pending,
+                            New::Delivered { reply } => RecipientStatus::Delivered {
+                                reply: reply.to_string(),
+                            },
+                            New::Deferred { reply, attempts } => RecipientStatus::Deferred {
+                                reply: reply.to_string(),
+                                attempts: *attempts,
+                            },
+                            New::Failed { reply } => RecipientStatus::Failed {
+                                reply: reply.to_string(),
+                            },
+                        },
+                        local: r.local,
+                    })
+                    .collect(),
+                ret: e.ret,
+                envid: e.envid.clone(),
+                body_type: e.body_type,
+                smtputf8: e.smtputf8,
+                arrival_unix_ms: e.arrival_unix_ms,
+                listener: e.listener.clone(),
+                client_ip: e.client_ip.clone(),
+                helo: e.helo.clone(),
+                auth_user: e.auth_user.clone(),
+                tls: e.tls.clone(),
+                size: e.size,
+                priority: e.priority,
+                queue: e.queue.clone(),
+                hold_until_unix: e.hold_until_unix,
+                deliver_by: e.deliver_by,
+                schedule: e.schedule.clone(),
+            }
+        }
+    }
+}
+
 /// The version 2 layout, decoded and converted so spools written before version 3
 /// keep working. Postcard is not self-describing: the field order is the format.
 mod v2 {
     use serde::Deserialize;
 
-    use super::{BodyType, NoticeLimit, Recipient, Ret};
+    use super::v4::Recipient;
+    use super::{BodyType, Ret};
 
     #[derive(Deserialize)]
     pub(super) struct Envelope {
@@ -259,9 +429,9 @@ mod v2 {
         delay_notices: u8,
     }
 
-    impl From<Envelope> for super::Envelope {
-        fn from(e: Envelope) -> super::Envelope {
-            super::Envelope {
+    impl From<Envelope> for super::v4::Envelope {
+        fn from(e: Envelope) -> super::v4::Envelope {
+            super::v4::Envelope {
                 sender: e.sender,
                 recipients: e.recipients,
                 ret: e.ret,
@@ -285,7 +455,7 @@ mod v2 {
                     delay_notices: e.schedule.delay_notices,
                     deliver_by_notified: false,
                     held: false,
-                    notices: NoticeLimit::Unlimited,
+                    notices: super::NoticeLimit::Unlimited,
                 },
             }
         }
@@ -301,7 +471,7 @@ mod v2 {
         #[derive(Serialize)]
         struct OldEnvelope<'a> {
             sender: &'a str,
-            recipients: Vec<Recipient>,
+            recipients: Vec<super::super::v4::Recipient>,
             ret: Option<Ret>,
             envid: Option<&'a str>,
             body_type: BodyType,
@@ -323,11 +493,11 @@ mod v2 {
         fn version_2_envelopes_still_decode() {
             let old = OldEnvelope {
                 sender: "a@example.org",
-                recipients: vec![Recipient {
+                recipients: vec![super::super::v4::Recipient {
                     address: "b@example.net".into(),
                     orcpt: None,
                     notify: Notify::SUCCESS,
-                    status: RecipientStatus::Deferred {
+                    status: super::super::v4::RecipientStatus::Deferred {
                         reply: "451 4.0.0 later".into(),
                         attempts: 3,
                     },
@@ -423,6 +593,28 @@ mod tests {
     }
 
     #[test]
+    fn version_4_envelopes_still_decode_with_their_replies_typed() {
+        let mut env = sample();
+        env.recipients[0].status = RecipientStatus::Failed {
+            reply: Reply::new(550, "5.1.1", "no such user"),
+        };
+        env.schedule.held = true;
+        let old = v4::Envelope::from(&env);
+        let bytes = postcard::to_extend(&old, vec![ENVELOPE_V4]).expect("encode v4");
+        let bytes = postcard::to_extend(&Extension { held: true }, bytes).expect("ext");
+        let back = Envelope::decode(MessageId(1), &bytes).expect("v4 decodes");
+        assert_eq!(back, env);
+        let RecipientStatus::Failed { reply } = &back.recipients[0].status else {
+            panic!("failed status expected: {back:?}");
+        };
+        assert_eq!(reply.status, Some(crate::EnhancedStatus::new(5, 1, 1)));
+        // Written back, it is version 6 and round-trips.
+        let new = back.encode().expect("encode");
+        assert_eq!(new[0], 6);
+        assert_eq!(Envelope::decode(MessageId(1), &new).expect("v6"), env);
+    }
+
+    #[test]
     fn the_notice_limit_round_trips() {
         let id = MessageId(8);
         for limit in [
@@ -440,22 +632,36 @@ mod tests {
     }
 
     #[test]
-    fn version_4_envelopes_still_decode() {
-        // Version 4: the version 3 layout and one extension record.
+    fn version_5_envelopes_still_decode_with_their_notice_limit() {
+        // Version 5: the version 4 layout (reply lines) and both extension records.
         let mut env = sample();
+        env.recipients[0].status = RecipientStatus::Deferred {
+            reply: Reply::new(451, "4.7.1", "try later"),
+            attempts: 2,
+        };
         env.schedule.held = true;
-        let bytes = postcard::to_extend(&env, vec![ENVELOPE_V4]).expect("encode v4");
+        env.schedule.notices = NoticeLimit::HeadersOnly;
+        let old = v4::Envelope::from(&env);
+        let bytes = postcard::to_extend(&old, vec![ENVELOPE_V5]).expect("encode v5");
         let bytes = postcard::to_extend(&Extension { held: true }, bytes).expect("ext");
-        let back = Envelope::decode(MessageId(1), &bytes).expect("v4 decodes");
+        let bytes = postcard::to_extend(
+            &Extension5 {
+                notices: NoticeLimit::HeadersOnly,
+            },
+            bytes,
+        )
+        .expect("ext5");
+        let back = Envelope::decode(MessageId(1), &bytes).expect("v5 decodes");
         assert_eq!(back, env);
-        assert_eq!(back.schedule.notices, NoticeLimit::Unlimited);
+        assert_eq!(back.schedule.notices, NoticeLimit::HeadersOnly);
     }
 
     #[test]
     fn version_3_envelopes_still_decode() {
         // Version 3 is the version 4 layout without the extension record.
         let env = sample();
-        let bytes = postcard::to_extend(&env, vec![ENVELOPE_V3]).expect("encode v3");
+        let bytes =
+            postcard::to_extend(&v4::Envelope::from(&env), vec![ENVELOPE_V3]).expect("encode v3");
         let back = Envelope::decode(MessageId(1), &bytes).expect("v3 decodes");
         assert_eq!(back, env);
         assert!(!back.schedule.held);

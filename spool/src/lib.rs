@@ -8,6 +8,7 @@
 mod envelope;
 mod error;
 mod id;
+mod reply;
 mod space;
 mod spool;
 mod writer;
@@ -18,6 +19,7 @@ pub use envelope::{
 };
 pub use error::SpoolError;
 pub use id::{IdGenerator, MessageId};
+pub use reply::{EnhancedStatus, Reply};
 pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};
 
 #[cfg(test)]

@@ -9,20 +9,23 @@
 //! every core.
 
 use std::collections::BTreeMap;
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use futures_channel::mpsc::UnboundedSender;
-use serde_json::{json, Value};
-use sluice_spool::{MessageId, Spool, SpoolError};
+use serde_json::json;
+use sluice_spool::MessageId;
 
+pub use super::calls::ApiContext;
+use super::calls::{
+    broadcast, cores, err, parse_duration, parse_id, rfc3339, spool, spool_err, suspended_list,
+    ApiError, ApiResult, REPLY_TIMEOUT,
+};
 use super::queue_view::{list, show, summary, Filter};
 use super::{AdminState, Request, Response};
 use crate::delivery::admin::{normalize_destination, owner_core, Command, QueueAction};
 use crate::delivery::now_ms;
 
-/// How long an API thread waits for the cores to answer.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most messages one filtered action touches; the answer says when more matched.
 const MAX_ACTION_IDS: usize = 10_000;
 /// Longest suspension.
@@ -30,15 +33,6 @@ const MAX_SUSPEND: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Messages acted on, and those skipped with the reason.
 type Outcomes = (Vec<MessageId>, Vec<(MessageId, String)>);
-
-/// What the API threads use: the spool and the channels to the cores.
-#[derive(Default)]
-pub struct ApiContext {
-    /// The running spool (None only in tests of the router).
-    pub spool: Option<Arc<Spool>>,
-    /// Command senders indexed by core; None when delivery is disabled.
-    pub cores: Option<Vec<UnboundedSender<Command>>>,
-}
 
 /// Everything the API serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,82 +211,6 @@ pub fn handle(state: &AdminState, req: &Request) -> Response {
     }
 }
 
-/// An error answer: HTTP status and message.
-#[derive(Debug)]
-pub(super) struct ApiError {
-    pub(super) status: u16,
-    pub(super) message: String,
-}
-
-pub(super) fn err(status: u16, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status,
-        message: message.into(),
-    }
-}
-
-pub(super) type ApiResult = Result<Value, ApiError>;
-
-pub(super) fn spool(api: &ApiContext) -> Result<&Spool, ApiError> {
-    api.spool
-        .as_deref()
-        .ok_or_else(|| err(503, "the spool is not available"))
-}
-
-pub(super) fn cores(api: &ApiContext) -> Result<&[UnboundedSender<Command>], ApiError> {
-    api.cores.as_deref().ok_or_else(|| {
-        err(
-            409,
-            "delivery is disabled (delivery.enabled = false): queue actions and \
-             destination suspensions need the delivery cores",
-        )
-    })
-}
-
-pub(super) fn spool_err(e: SpoolError) -> ApiError {
-    match e {
-        SpoolError::NotFound(id) => err(404, format!("no message {id} in the queue")),
-        e => err(500, format!("spool: {e}")),
-    }
-}
-
-pub(super) fn parse_id(s: &str) -> Result<MessageId, ApiError> {
-    s.parse()
-        .map_err(|_| err(400, format!("`{s}` is not a message id (16 hex digits)")))
-}
-
-pub(super) fn rfc3339(ms: u64) -> Option<String> {
-    chrono::DateTime::from_timestamp_millis(ms as i64)
-        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-}
-
-/// A duration: plain seconds ("90") or humantime ("90s", "1h 30m").
-pub(super) fn parse_duration(name: &str, v: &str) -> Result<Duration, ApiError> {
-    let v = v.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(v).map_err(|e| err(400, format!("{name}: `{v}`: {e}")))
-}
-
-pub(super) fn parse_count(
-    req: &Request,
-    name: &str,
-    default: usize,
-    max: usize,
-) -> Result<usize, ApiError> {
-    match req.param(name) {
-        None | Some("") => Ok(default),
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if n <= max => Ok(n),
-            _ => Err(err(
-                400,
-                format!("{name}: `{v}` must be a number up to {max}"),
-            )),
-        },
-    }
-}
-
 // ---------------------------------------------------------------------------------
 // Changes, through the owning cores
 // ---------------------------------------------------------------------------------
@@ -405,39 +323,6 @@ fn act_many(api: &ApiContext, action: QueueAction, req: &Request) -> ApiResult {
     }))
 }
 
-/// Sends a command built by `make` to every core and collects the answers.
-fn broadcast<T>(
-    senders: &[UnboundedSender<Command>],
-    make: impl Fn(mpsc::Sender<T>) -> Command,
-) -> Result<Vec<T>, ApiError> {
-    let (tx, rx) = mpsc::channel();
-    for s in senders {
-        s.unbounded_send(make(tx.clone()))
-            .map_err(|_| err(503, "the delivery cores are stopping"))?;
-    }
-    let deadline = Instant::now() + REPLY_TIMEOUT;
-    let mut out = Vec::with_capacity(senders.len());
-    for _ in senders {
-        let left = deadline.saturating_duration_since(Instant::now());
-        out.push(
-            rx.recv_timeout(left)
-                .map_err(|_| err(504, "the delivery cores did not answer in time"))?,
-        );
-    }
-    Ok(out)
-}
-
-pub(super) fn suspended_list(senders: &[UnboundedSender<Command>]) -> Result<Vec<Value>, ApiError> {
-    // Every core holds the same table; the first core's copy is the answer.
-    let first = senders.get(..1).unwrap_or_default();
-    let lists = broadcast(first, |reply| Command::Suspended { reply })?;
-    Ok(lists
-        .into_iter()
-        .flatten()
-        .map(|(d, until)| json!({ "destination": d, "until": rfc3339(until), "until_unix_ms": until }))
-        .collect())
-}
-
 fn destinations(api: &ApiContext) -> ApiResult {
     let suspended = match &api.cores {
         Some(senders) => suspended_list(senders)?,
@@ -497,6 +382,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
+    use serde_json::Value;
 
     const OPENAPI: &str = include_str!("../../../docs/openapi.yaml");
 

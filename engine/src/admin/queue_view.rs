@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{json, Value};
 use sluice_spool::{Envelope, MessageId, RecipientStatus};
 
-use super::api::{
+use super::calls::{
     err, parse_count, parse_duration, parse_id, rfc3339, spool, spool_err, suspended_list,
     ApiContext, ApiError, ApiResult,
 };
@@ -171,7 +171,7 @@ fn message_json(id: MessageId, env: &Envelope, now: u64) -> Value {
         .map(crate::spool_view::recipient_json)
         .collect();
     let last_error = env.recipients.iter().rev().find_map(|r| match &r.status {
-        RecipientStatus::Deferred { reply, .. } => Some(reply.clone()),
+        RecipientStatus::Deferred { reply, .. } => Some(reply.to_string()),
         _ => None,
     });
     let next_attempt = (status != Status::Held)

@@ -19,7 +19,7 @@ use std::sync::{mpsc, Mutex, PoisonError};
 
 use futures_channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures_lite::StreamExt;
-use sluice_spool::{Envelope, MessageId, SpoolError};
+use sluice_spool::{Envelope, MessageId, Reply, SpoolError};
 
 use super::{now_ms, Attempt, CoreDelivery, JobRecipient, Strategy, Target};
 
@@ -167,7 +167,7 @@ impl Drop for Finalizing {
     }
 }
 
-const CANCELLED: &str = "550 5.0.0 message cancelled by the operator";
+const CANCELLED: &str = "message cancelled by the operator";
 
 impl CoreDelivery {
     /// Starts draining this core's command channel (when the API has one).
@@ -422,7 +422,7 @@ impl CoreDelivery {
                 self.forget(id);
                 // Every open recipient fails; finalize sends the failure DSN
                 // through the usual path and removes the message.
-                let attempt = Attempt::cancel(envelope, CANCELLED);
+                let attempt = Attempt::cancel(envelope, Reply::new(550, "5.0.0", CANCELLED));
                 let _busy = self.admin_finalizing(id);
                 self.clone().finalize(id, attempt).await;
                 Ok(())

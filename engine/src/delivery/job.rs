@@ -4,11 +4,11 @@
 
 use std::net::IpAddr;
 
-use sluice_spool::{MessageId, Notify, Ret};
+use sluice_spool::{EnhancedStatus, MessageId, Notify, Reply, Ret};
 
 use super::config::OutboundTls;
 use super::outbound::SessionFailure;
-use crate::smtp::client::Reply;
+use crate::smtp::client;
 
 /// Where a group of recipients goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,18 +100,24 @@ pub struct Job {
 
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Delivered(String),
-    Deferred(String),
-    Failed(String),
+    Delivered(Reply),
+    Deferred(Reply),
+    Failed(Reply),
 }
 
 impl Outcome {
-    pub fn of(reply: &Reply) -> Outcome {
-        let text = reply.to_string();
+    pub fn of(reply: &client::Reply) -> Outcome {
+        let recorded = recorded(reply);
         match reply.class() {
-            2 => Outcome::Delivered(text),
-            5 => Outcome::Failed(text),
-            _ => Outcome::Deferred(text),
+            2 => Outcome::Delivered(recorded),
+            5 => Outcome::Failed(recorded),
+            _ => Outcome::Deferred(recorded),
+        }
+    }
+
+    pub fn reply(&self) -> &Reply {
+        match self {
+            Outcome::Delivered(r) | Outcome::Deferred(r) | Outcome::Failed(r) => r,
         }
     }
 }
@@ -163,13 +169,13 @@ pub fn result_for_failure(job: &Job, failure: &SessionFailure) -> JobResult {
 }
 
 /// Every recipient of the job is deferred with `reply`.
-pub fn deferred_all(job: &Job, reply: &str) -> JobResult {
+pub fn deferred_all(job: &Job, reply: Reply) -> JobResult {
     JobResult {
         id: job.id,
         outcomes: job
             .recipients
             .iter()
-            .map(|r| (r.index, Outcome::Deferred(reply.to_string())))
+            .map(|r| (r.index, Outcome::Deferred(reply.clone())))
             .collect(),
         remote_mta: None,
         peer_dsn: false,
@@ -182,5 +188,15 @@ pub fn ret_keyword(ret: Ret) -> &'static str {
     match ret {
         Ret::Full => "FULL",
         Ret::Headers => "HDRS",
+    }
+}
+
+/// A next hop's reply (or one made up for a local condition) as recorded:
+/// the enhanced status kept apart, lines joined.
+pub fn recorded(reply: &client::Reply) -> Reply {
+    Reply {
+        code: reply.code,
+        status: reply.esc.as_deref().and_then(EnhancedStatus::parse),
+        text: reply.text.replace('\n', " "),
     }
 }

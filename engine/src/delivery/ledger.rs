@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use sluice_spool::{Envelope, MessageId, Notify, Recipient, RecipientStatus};
+use sluice_spool::{
+    EnhancedStatus, Envelope, MessageId, Notify, Recipient, RecipientStatus, Reply,
+};
 
 use super::config::QueueConfig;
 use super::job::{Job, JobRecipient, JobResult, Outcome, Strategy, Target};
@@ -47,7 +49,7 @@ pub type Group = (Target, Strategy, String, Vec<JobRecipient>);
 /// recipient); those that cannot be routed fail with the reply it gave.
 pub fn group(
     env: &Envelope,
-    mut route: impl FnMut(&Recipient) -> Result<(String, Target, Strategy), String>,
+    mut route: impl FnMut(&Recipient) -> Result<(String, Target, Strategy), Reply>,
 ) -> (Vec<Group>, Vec<(u32, Outcome)>) {
     let mut groups: Vec<Group> = Vec::new();
     let mut unroutable = Vec::new();
@@ -143,12 +145,12 @@ impl Attempt {
 
     /// An operator cancel: every open recipient fails with `reply`; finalizing
     /// sends the failure notice and removes the message.
-    pub fn cancel(mut envelope: Envelope, reply: &str) -> Attempt {
+    pub fn cancel(mut envelope: Envelope, reply: Reply) -> Attempt {
         let mut failed = Vec::new();
         for (i, r) in envelope.recipients.iter_mut().enumerate() {
             if is_open(&r.status) {
                 r.status = RecipientStatus::Failed {
-                    reply: reply.to_string(),
+                    reply: reply.clone(),
                 };
                 failed.push(i);
             }
@@ -203,7 +205,7 @@ pub struct Notice {
     pub index: usize,
     pub action: DsnAction,
     /// Enhanced status to report instead of the one in the recipient's reply.
-    pub status: Option<&'static str>,
+    pub status: Option<EnhancedStatus>,
     /// The host that answered for this recipient, if one did.
     pub remote_mta: Option<Arc<str>>,
 }
@@ -226,8 +228,10 @@ pub enum Effect {
     Persist { wake_at: u64 },
 }
 
-const EXPIRED: &str = "550 5.4.7 message expired in the queue";
-const DELIVER_BY_EXPIRED: &str = "550 5.4.7 delivery time (DELIVERBY) expired";
+const EXPIRED: &str = "message expired in the queue";
+const DELIVER_BY_EXPIRED: &str = "delivery time (DELIVERBY) expired";
+/// 5.4.7: delivery time expired (RFC 3463).
+const TIME_EXPIRED: EnhancedStatus = EnhancedStatus::new(5, 4, 7);
 
 /// All results of an attempt are in (or none was made): applies expiry and
 /// DELIVERBY, decides the notices, the retry time, and whether the message is
@@ -262,13 +266,17 @@ pub fn finalize(attempt: Attempt, queue: &QueueConfig, now: u64) -> (Envelope, V
             }
             newly_failed.push(i);
             effects.push(Effect::GaveUp { index: i, why });
-            let reply = match &r.status {
-                RecipientStatus::Deferred { reply, .. } if !reply.is_empty() => {
-                    format!("{why}; last error: {reply}")
-                }
+            let text = match &r.status {
+                RecipientStatus::Deferred { reply, .. } => format!("{why}; last error: {reply}"),
                 _ => why.to_string(),
             };
-            r.status = RecipientStatus::Failed { reply };
+            r.status = RecipientStatus::Failed {
+                reply: Reply {
+                    code: 550,
+                    status: Some(TIME_EXPIRED),
+                    text,
+                },
+            };
         }
     }
     if !newly_failed.is_empty() {
@@ -352,7 +360,7 @@ pub fn finalize(attempt: Attempt, queue: &QueueConfig, now: u64) -> (Envelope, V
                 .map(|&index| Notice {
                     index,
                     action: DsnAction::Delayed,
-                    status: Some("4.4.7"),
+                    status: Some(EnhancedStatus::new(4, 4, 7)),
                     remote_mta: mta(index),
                 })
                 .collect(),
@@ -393,25 +401,16 @@ pub fn has_pending(env: &Envelope) -> bool {
     env.recipients.iter().any(|r| is_open(&r.status))
 }
 
-/// The enhanced status code of a reply text ("550 5.1.1 …" → "5.1.1"), or a
-/// default for the notice kind.
-pub fn enhanced_status(reply: &str, kind: &DsnKind) -> String {
-    let mut words = reply.split_whitespace();
-    let code = words.next().unwrap_or("");
-    if let Some(esc) = words.next() {
-        let parts: Vec<&str> = esc.split('.').collect();
-        if parts.len() == 3
-            && parts
-                .iter()
-                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        {
-            return esc.to_string();
-        }
+/// The enhanced status a notice reports for a reply: its own, or a default
+/// for its class and the notice kind.
+pub fn dsn_status(reply: Option<&Reply>, kind: DsnKind) -> EnhancedStatus {
+    if let Some(s) = reply.and_then(|r| r.status) {
+        return s;
     }
-    match (code.as_bytes().first(), kind) {
-        (Some(b'2'), _) => "2.0.0".into(),
-        (Some(b'5'), _) | (_, DsnKind::Failure) => "5.0.0".into(),
-        _ => "4.0.0".into(),
+    match (reply.map(Reply::class), kind) {
+        (Some(2), _) => EnhancedStatus::new(2, 0, 0),
+        (Some(5), _) | (_, DsnKind::Failure) => EnhancedStatus::new(5, 0, 0),
+        _ => EnhancedStatus::new(4, 0, 0),
     }
 }
 

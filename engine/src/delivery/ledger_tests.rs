@@ -238,7 +238,9 @@ fn deliver_by_return_mode_fails_at_the_deadline() {
     assert_eq!(
         out.recipients[0].status,
         RecipientStatus::Failed {
-            reply: format!("{DELIVER_BY_EXPIRED}; last error: 451 later")
+            reply: format!("550 5.4.7 {DELIVER_BY_EXPIRED}; last error: 451 later")
+                .as_str()
+                .into()
         }
     );
     assert!(effects.contains(&Effect::Remove));
@@ -257,7 +259,7 @@ fn deliver_by_notify_mode_says_so_once_and_keeps_trying() {
     let (e, effects) = attempt_all(e, deferred("451 later"), T0 + 2 * MIN);
     let notices = notices_of(&effects, DsnKind::Delay);
     assert_eq!(notices.len(), 1);
-    assert_eq!(notices[0].status, Some("4.4.7"));
+    assert_eq!(notices[0].status, Some(EnhancedStatus::new(4, 4, 7)));
     assert!(e.schedule.deliver_by_notified);
     assert!(matches!(effects.last(), Some(Effect::Persist { .. })));
     let (_, effects) = attempt_all(e, deferred("451 later"), T0 + 4 * MIN);
@@ -363,7 +365,7 @@ fn operator_cancel_fails_open_recipients_and_removes() {
         reply: "250 ok".into(),
     };
     let (out, effects) = finalize(
-        Attempt::cancel(e, "550 5.0.0 cancelled"),
+        Attempt::cancel(e, "550 5.0.0 cancelled".into()),
         &queue(),
         T0 + MIN,
     );
@@ -380,7 +382,7 @@ fn mx(domain: &str) -> Target {
     }
 }
 
-fn route_by_domain(r: &Recipient) -> Result<(String, Target, Strategy), String> {
+fn route_by_domain(r: &Recipient) -> Result<(String, Target, Strategy), Reply> {
     match r.address.rsplit_once('@') {
         Some((_, d)) if d != "bad.example" => Ok(("mx".into(), mx(d), Strategy::default())),
         _ => Err("550 5.1.2 no route".into()),
@@ -436,22 +438,38 @@ fn recipient_indexes_past_65535_reach_the_right_recipients() {
 }
 
 #[test]
-fn enhanced_status_from_replies() {
+fn notices_report_the_reply_status_or_a_default_for_its_class() {
+    let r = |line: &str| Reply::parse(line);
+    let f = DsnKind::Failure;
     assert_eq!(
-        enhanced_status("550 5.1.1 no such user", &DsnKind::Failure),
-        "5.1.1"
+        dsn_status(Some(&r("550 5.1.1 no such user")), f),
+        EnhancedStatus::new(5, 1, 1)
     );
     assert_eq!(
-        enhanced_status("550 no such user", &DsnKind::Failure),
-        "5.0.0"
+        dsn_status(Some(&r("550 no such user")), f),
+        EnhancedStatus::new(5, 0, 0)
     );
-    assert_eq!(enhanced_status("451 try later", &DsnKind::Delay), "4.0.0");
-    assert_eq!(enhanced_status("250 ok", &DsnKind::Success), "2.0.0");
     assert_eq!(
-        enhanced_status(
-            "550 5.4.7 delivery time (DELIVERBY) expired",
-            &DsnKind::Failure
-        ),
-        "5.4.7"
+        dsn_status(Some(&r("451 try later")), DsnKind::Delay),
+        EnhancedStatus::new(4, 0, 0)
+    );
+    assert_eq!(
+        dsn_status(Some(&r("250 ok")), DsnKind::Success),
+        EnhancedStatus::new(2, 0, 0)
+    );
+    assert_eq!(dsn_status(None, f), EnhancedStatus::new(5, 0, 0));
+    // Expiry keeps the last error's text, but reports its own status.
+    let mut e = env(&["b@example.com"]);
+    e.recipients[0].status = RecipientStatus::Deferred {
+        reply: r("451 4.2.1 mailbox busy"),
+        attempts: 1,
+    };
+    let (out, _) = finalize(Attempt::new(e, 0, false), &queue(), T0 + DAY);
+    let RecipientStatus::Failed { reply } = &out.recipients[0].status else {
+        panic!("failed expected: {out:?}");
+    };
+    assert_eq!(
+        (reply.code, dsn_status(Some(reply), f)),
+        (550, EnhancedStatus::new(5, 4, 7))
     );
 }

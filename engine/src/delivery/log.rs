@@ -1,7 +1,7 @@
 //! The delivery log (`sluice::delivery` target): one record per recipient per
 //! attempt, and one when a message is given up on or removed.
 
-use sluice_spool::{Envelope, MessageId};
+use sluice_spool::{Envelope, MessageId, RecipientStatus};
 
 use super::job::{Job, JobResult, Outcome};
 use super::outbound::Connection;
@@ -42,6 +42,8 @@ impl CoreDelivery {
                 tls_cipher,
                 tls_verified = conn.is_some_and(|c| c.tls_verified),
                 status,
+                code = reply.code,
+                enhanced = reply.status.map(tracing::field::display),
                 reply = %reply,
                 delay_ms,
                 attempt = job.attempt,
@@ -53,26 +55,22 @@ impl CoreDelivery {
 
     /// A recipient given up on (queue expiry or DELIVERBY): the record that
     /// says so, after the deferrals before it.
-    pub(super) fn log_gave_up(
-        &self,
-        id: MessageId,
-        envelope: &Envelope,
-        index: usize,
-        why: &str,
-        now: u64,
-    ) {
-        let rcpt = envelope
-            .recipients
-            .get(index)
-            .map(|r| r.address.as_str())
-            .unwrap_or("");
+    pub(super) fn log_gave_up(&self, id: MessageId, envelope: &Envelope, index: usize, now: u64) {
+        let Some(r) = envelope.recipients.get(index) else {
+            return;
+        };
+        let RecipientStatus::Failed { reply } = &r.status else {
+            return;
+        };
         tracing::info!(
             target: "sluice::delivery",
             id = %id,
-            recipient = %rcpt,
+            recipient = %r.address,
             queue = %envelope.queue,
             status = "expired",
-            reply = %why,
+            code = reply.code,
+            enhanced = reply.status.map(tracing::field::display),
+            reply = %reply,
             delay_ms = now.saturating_sub(envelope.arrival_unix_ms),
             attempt = envelope.schedule.attempts,
             core = self.core,

@@ -3,11 +3,65 @@
 
 use std::rc::Rc;
 
-use sluice_spool::{Envelope, MessageId, Notify, RecipientStatus};
+use sluice_spool::{Envelope, MessageId, Notify, RecipientStatus, Spool};
 
-use super::ledger::{enhanced_status, Notice};
+use super::ledger::{dsn_status, Notice};
+use super::site::OFF_EXECUTOR_BYTES;
 use super::{now_ms, persist, CoreDelivery};
 use crate::queue::dsn::DsnKind;
+
+/// What one notice is about.
+struct NoticeRequest {
+    id: MessageId,
+    kind: DsnKind,
+    notices: Vec<Notice>,
+    retry_until: Option<u64>,
+    now: u64,
+}
+
+/// Builds the notice straight from the memory map; an unreadable body still
+/// gets a notice, without the original.
+fn build(
+    spool: &Spool,
+    hostname: &str,
+    envelope: &Envelope,
+    req: &NoticeRequest,
+) -> Option<crate::queue::dsn::DsnMessage> {
+    let recipients: Vec<crate::queue::dsn::DsnRecipient<'_>> = req
+        .notices
+        .iter()
+        .filter_map(|n| envelope.recipients.get(n.index).map(|r| (n, r)))
+        .map(|(n, r)| {
+            let reply = match &r.status {
+                RecipientStatus::Failed { reply }
+                | RecipientStatus::Deferred { reply, .. }
+                | RecipientStatus::Delivered { reply } => Some(reply),
+                RecipientStatus::Pending => None,
+            };
+            let status = n.status.unwrap_or_else(|| dsn_status(reply, req.kind));
+            crate::queue::dsn::DsnRecipient {
+                recipient: r,
+                action: n.action,
+                status: status.to_string(),
+                remote_mta: n.remote_mta.as_deref().map(str::to_string),
+                diagnostic: reply.map(ToString::to_string),
+                last_attempt_unix_ms: Some(req.now),
+                will_retry_until_unix_ms: req.retry_until,
+            }
+        })
+        .collect();
+    let ctx = crate::queue::dsn::DsnContext {
+        reporting_mta: hostname,
+        now_unix_ms: req.now,
+        original_id: req.id,
+    };
+    let build = |original: &[u8]| {
+        crate::queue::dsn::build_dsn(req.kind, envelope, original, &recipients, &ctx)
+    };
+    spool
+        .with_body(req.id, build)
+        .unwrap_or_else(|_| build(&[]))
+}
 
 impl CoreDelivery {
     /// Builds and queues a DSN to the envelope sender for the given recipients.
@@ -16,50 +70,29 @@ impl CoreDelivery {
         envelope: &Envelope,
         id: MessageId,
         kind: DsnKind,
-        notices: &[Notice],
+        notices: Vec<Notice>,
         retry_until: Option<u64>,
     ) {
         let now = now_ms();
-        let recipients: Vec<crate::queue::dsn::DsnRecipient<'_>> = notices
-            .iter()
-            .filter_map(|n| envelope.recipients.get(n.index).map(|r| (n, r)))
-            .map(|(n, r)| {
-                let reply = match &r.status {
-                    RecipientStatus::Failed { reply }
-                    | RecipientStatus::Deferred { reply, .. }
-                    | RecipientStatus::Delivered { reply } => reply.clone(),
-                    RecipientStatus::Pending => String::new(),
-                };
-                let status = match n.status {
-                    Some(s) => s.to_string(),
-                    None => enhanced_status(&reply, &kind),
-                };
-                crate::queue::dsn::DsnRecipient {
-                    recipient: r,
-                    action: n.action,
-                    status,
-                    remote_mta: n.remote_mta.as_deref().map(str::to_string),
-                    diagnostic: (!reply.is_empty()).then_some(reply),
-                    last_attempt_unix_ms: Some(now),
-                    will_retry_until_unix_ms: retry_until,
-                }
-            })
-            .collect();
-        let ctx = crate::queue::dsn::DsnContext {
-            reporting_mta: &self.shared.hostname,
-            now_unix_ms: now,
-            original_id: id,
+        let req = NoticeRequest {
+            id,
+            kind,
+            notices,
+            retry_until,
+            now,
         };
-        // Built straight from the memory map; an unreadable body still gets a
-        // notice, without the original.
-        let build = |original: &[u8]| {
-            crate::queue::dsn::build_dsn(kind, envelope, original, &recipients, &ctx)
+        // A notice may return the whole original (RET=FULL): for a large one,
+        // reading and copying it happens on a blocking thread.
+        let built = if envelope.size > OFF_EXECUTOR_BYTES {
+            let spool = self.shared.spool.clone();
+            let hostname = self.shared.hostname.clone();
+            let envelope = envelope.clone();
+            glommio::executor()
+                .spawn_blocking(move || build(&spool, &hostname, &envelope, &req))
+                .await
+        } else {
+            build(&self.shared.spool, &self.shared.hostname, envelope, &req)
         };
-        let built = self
-            .shared
-            .spool
-            .with_body(id, build)
-            .unwrap_or_else(|_| build(&[]));
         let Some(dsn) = built else {
             return;
         };

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use sluice_spool::{Envelope, RecipientStatus};
+use sluice_spool::{Envelope, RecipientStatus, Reply};
 
 use super::config::{OutboundTls, RouteConfig, RouteKind};
 use super::job::{Strategy, Target};
@@ -23,7 +23,7 @@ impl CoreDelivery {
         envelope: &Envelope,
         recipient: &sluice_spool::Recipient,
         mx: Option<&MxHosts>,
-    ) -> Result<(String, Target, Strategy), String> {
+    ) -> Result<(String, Target, Strategy), Reply> {
         let cfg = &self.shared.cfg;
         let client_ip = envelope
             .client_ip
@@ -66,7 +66,11 @@ impl CoreDelivery {
             route => {
                 let domain = domain_of(&recipient.address);
                 if domain.is_empty() {
-                    return Err("550 5.1.2 recipient has no domain to route to".into());
+                    return Err(Reply::new(
+                        550,
+                        "5.1.2",
+                        "recipient has no domain to route to",
+                    ));
                 }
                 Target::Mx {
                     domain,
@@ -117,11 +121,11 @@ pub(super) fn host_target(
     name: &str,
     route: &RouteConfig,
     default_tls: OutboundTls,
-) -> Result<Target, String> {
+) -> Result<Target, Reply> {
     let host = route
         .host
         .clone()
-        .ok_or_else(|| format!("451 4.3.5 route {name} has no host"))?;
+        .ok_or_else(|| Reply::new(451, "4.3.5", format!("route {name} has no host")))?;
     let (lmtp, default_port) = match route.kind {
         RouteKind::Lmtp => (true, 24),
         RouteKind::Smtp | RouteKind::Relay | RouteKind::Mx => (false, 25),

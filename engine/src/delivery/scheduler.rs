@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use glommio::timer::Timer;
 use sluice_policy::MultiLimiter;
-use sluice_spool::{Envelope, MessageId};
+use sluice_spool::{Envelope, MessageId, Reply};
 
 use super::job::{deferred_all, site_key, JobResult, Outcome};
 use super::ledger::{self, Admit, Attempt, Effect};
@@ -211,7 +211,8 @@ impl CoreDelivery {
             } else {
                 let me = self.clone();
                 // If the peer is gone (shutdown), defer instead of losing track.
-                let fallback = deferred_all(&job, "451 4.3.2 delivery core unavailable");
+                let fallback =
+                    deferred_all(&job, Reply::new(451, "4.3.2", "delivery core unavailable"));
                 glommio::spawn_local(async move {
                     if me.senders.send_to(owner, MeshMsg::Job(job)).await.is_err() {
                         me.on_result(fallback);
@@ -277,18 +278,15 @@ impl CoreDelivery {
         let (mut envelope, effects) = ledger::finalize(attempt, &queue, now);
         for effect in effects {
             match effect {
-                Effect::GaveUp { index, why } => {
+                Effect::GaveUp { index, .. } => {
                     crate::metrics::queue(&envelope.queue).expired.increment(1);
-                    self.log_gave_up(id, &envelope, index, why, now);
+                    self.log_gave_up(id, &envelope, index, now);
                 }
                 Effect::Notify {
                     kind,
                     notices,
                     retry_until,
-                } => {
-                    self.notify(&envelope, id, kind, &notices, retry_until)
-                        .await
-                }
+                } => self.notify(&envelope, id, kind, notices, retry_until).await,
                 Effect::Remove => {
                     if persist(id, "removing a finished message", || {
                         self.shared.spool.remove(id)

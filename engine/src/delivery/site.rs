@@ -20,7 +20,9 @@ use super::mesh::HostSlot;
 use super::outbound::{Connection, Endpoint, SessionFailure};
 use super::throttle::{self, HostRate, SiteThrottle};
 use super::{config, halted, now_ms, CoreDelivery};
-use crate::smtp::client::{OutboundMessage, OutboundRecipient, Reply};
+use sluice_spool::Reply;
+
+use crate::smtp::client::{self, OutboundMessage, OutboundRecipient};
 
 /// Site-owner side: one destination (per connection strategy).
 pub(super) struct Site {
@@ -337,7 +339,7 @@ impl CoreDelivery {
         let cfg = &self.shared.cfg.delivery;
         let endpoints = self.endpoints(&site.target, &site.strategy).await?;
         let mut last = SessionFailure {
-            reply: Reply::local(451, "4.4.4", "no host to connect to"),
+            reply: client::Reply::local(451, "4.4.4", "no host to connect to"),
             try_next: true,
         };
         let ehlo = site
@@ -460,7 +462,11 @@ impl CoreDelivery {
                 };
                 if ips.is_empty() {
                     return Err(SessionFailure {
-                        reply: Reply::local(451, "4.4.3", &format!("cannot resolve host {host}")),
+                        reply: client::Reply::local(
+                            451,
+                            "4.4.3",
+                            &format!("cannot resolve host {host}"),
+                        ),
                         try_next: false,
                     });
                 }
@@ -503,17 +509,27 @@ impl CoreDelivery {
             halted();
             return Ok(deferred_all(
                 job,
-                "451 4.3.0 spool failed: delivery stopped",
+                Reply::new(451, "4.3.0", "spool failed: delivery stopped"),
             ));
         }
-        // The body is copied out of the memory map once, into the send buffer;
-        // a read transaction cannot be held across an await.
-        let body = match self.shared.spool.with_body(job.id, |b| b.to_vec()) {
+        // The body is copied out of the memory map (a read transaction cannot
+        // be held across an await); a large one on a blocking thread, so a
+        // copy of up to the message size limit does not stall the executor.
+        let read = if job.size > OFF_EXECUTOR_BYTES {
+            let spool = self.shared.spool.clone();
+            let id = job.id;
+            glommio::executor()
+                .spawn_blocking(move || spool.with_body(id, |b| b.to_vec()))
+                .await
+        } else {
+            self.shared.spool.with_body(job.id, |b| b.to_vec())
+        };
+        let body = match read {
             Ok(b) => b,
             Err(e) => {
                 return Ok(deferred_all(
                     job,
-                    &format!("451 4.3.0 spool read failed: {e}"),
+                    Reply::new(451, "4.3.0", format!("spool read failed: {e}")),
                 ))
             }
         };
@@ -535,22 +551,28 @@ impl CoreDelivery {
 
 fn route_failure(domain: &str, error: Option<RouteError>) -> SessionFailure {
     let reply = match &error {
-        Some(RouteError::NullMx(_)) => Reply::local(
+        Some(RouteError::NullMx(_)) => client::Reply::local(
             556,
             "5.1.10",
             &format!("{domain} does not accept mail (null MX)"),
         ),
         Some(e) if e.is_permanent() => {
-            Reply::local(550, "5.1.2", &format!("cannot route to {domain}: {e}"))
+            client::Reply::local(550, "5.1.2", &format!("cannot route to {domain}: {e}"))
         }
-        Some(e) => Reply::local(451, "4.4.3", &format!("cannot route to {domain} now: {e}")),
-        None => Reply::local(451, "4.4.3", &format!("no usable MX host for {domain}")),
+        Some(e) => {
+            client::Reply::local(451, "4.4.3", &format!("cannot route to {domain} now: {e}"))
+        }
+        None => client::Reply::local(451, "4.4.3", &format!("no usable MX host for {domain}")),
     };
     SessionFailure {
         reply,
         try_next: false,
     }
 }
+
+/// Bodies larger than this are read (and notices about them built) on a
+/// blocking thread rather than on the executor.
+pub(super) const OFF_EXECUTOR_BYTES: u64 = 1024 * 1024;
 
 /// The messages waiting at a site (at most 32, then a count), for a log line
 /// about a connection they all depend on.
