@@ -15,6 +15,11 @@
 //!   the way in nor at the next hop (a lenient one: smtp-sink);
 //! - header and MIME bombs: accepted promptly, the relay stays up, memory stays
 //!   bounded, and their bounces are bounded.
+//! - byte-level classes (issue 17, last section): NUL and whitespace around a dot
+//!   never split a message at a maximally lenient next hop, through the relay and
+//!   from an old spool; invalid UTF-8 and unflagged non-ASCII addresses refused,
+//!   never rewritten; NUL in commands, lines over 998 octets, HELP, TLS cipher
+//!   preference.
 //!
 //! Each test prints its table of cases and replies (`--nocapture`) for
 //! RELIABILITY.md. STARTTLS command injection is covered by
