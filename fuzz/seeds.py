@@ -44,6 +44,12 @@ server = [
     (0x40 | 0x04, b"EHLO x\r\nAUTH PLAIN AHgAeQ==\r\nAUTH PLAIN AHgAeQ==\r\nAUTH PLAIN AHgAeQ==\r\n"),
     (0x00, ENV + b"BDAT 99999999999 LAST\r\nabc"),
     (0x00, b"EHLO x\r\nMAIL FROM:<a@local.test> HOLDUNTIL=1790000100 BY=-5;N\r\nRCPT TO:<b@local.test>\r\nBDAT 0 LAST\r\n"),
+    # Issue 17: NUL in commands and data, invalid UTF-8 and unflagged non-ASCII addresses.
+    (0x00, b"EHLO a\x00b\r\nEHLO x\r\nMAIL FROM:<a\x00@local.test>\r\nMAIL FROM:<j\xff\xferg@local.test> SMTPUTF8\r\n"),
+    (0x00, b"EHLO x\r\nMAIL FROM:<j\xc3\xb6rg@local.test>\r\nMAIL FROM:<a@local.test> ENVID=a+FF\r\nMAIL FROM:<a@local.test>\r\nRCPT TO:<j\xc3\xb6rg@local.test>\r\nRCPT TO:<j\xed\xa0\x80@local.test>\r\nRCPT TO:<b@local.test> ORCPT=rfc822;b+FF@x\r\n"),
+    (0x00, ENV + b"DATA\r\n", b"a\r\n\x00.\x00\r\nMAIL FROM:<evil@x>\r\n.\r\n"),
+    (0x10, ENV + b"DATA\r\n", b"a\n\x00.\nMAIL FROM:<evil@x>\r\nb\x00\r\n.\r\n", ENV + b"BDAT 4 LAST\r\n\x00.\x00\n"),
+    (0x00, ENV + b"DATA\r\n", b"x" * 101 + b"\r\n.\r\n"),
 ]
 for i, (flags, *turns) in enumerate(server):
     write("smtp_server", bytes([flags, i % 4]) + TURN.join(turns))

@@ -15,6 +15,11 @@
 //!   the way in nor at the next hop (a lenient one: smtp-sink);
 //! - header and MIME bombs: accepted promptly, the relay stays up, memory stays
 //!   bounded, and their bounces are bounded.
+//! - byte-level classes (issue 17, last section): NUL and whitespace around a dot
+//!   never split a message at a maximally lenient next hop, through the relay and
+//!   from an old spool; invalid UTF-8 and unflagged non-ASCII addresses refused,
+//!   never rewritten; NUL in commands, lines over 998 octets, HELP, TLS cipher
+//!   preference.
 //!
 //! Each test prints its table of cases and replies (`--nocapture`) for
 //! RELIABILITY.md. STARTTLS command injection is covered by
@@ -799,6 +804,9 @@ fn header_and_mime_bombs_are_bounded_and_bounce_small() {
     let mut relay = Relay::builder()
         .set("delivery.enabled=true")
         .set("queue.default.retry=[\"1s\"]")
+        // The 4 MiB header line is over RFC 5322's 998 octets (refused by
+        // default since issue 17); this test is about memory and bounces.
+        .lset("max_message_line_length", "0")
         .set(format!(
             "route.default={{type=\"relay\",host=\"{}\",port={},tls=\"none\"}}",
             s.ip(),
@@ -1237,4 +1245,499 @@ fn endless_data_from_many_addresses_stays_within_the_process_budget() {
         "RssAnon grew from {before} to {under_attack} KiB"
     );
     assert!(relay.count() == 0, "nothing stored from endless data");
+}
+
+// ---------------------------------------------------------------------------------
+// Byte-level classes (issue 17): NUL smuggling through the relay, addresses
+// never rewritten, NUL in commands, long lines, HELP, TLS cipher preference
+// ---------------------------------------------------------------------------------
+
+/// Fake ends of data built from every line end, and NUL / whitespace before and
+/// after the dot (the real end, CRLF . CRLF with nothing around, left out).
+fn nul_dot_ends() -> Vec<(String, Vec<u8>)> {
+    let ends: [(&str, &[u8]); 4] = [
+        ("CRLF", b"\r\n"),
+        ("LF", b"\n"),
+        ("CR", b"\r"),
+        ("CR NUL LF", b"\r\0\n"),
+    ];
+    let junk: [(&str, &[u8]); 4] = [
+        ("", b""),
+        ("NUL", b"\0"),
+        ("SP", b" "),
+        ("NUL SP TAB", b"\0 \t"),
+    ];
+    let mut out = Vec::new();
+    for (a, pre) in ends {
+        for (b, before) in junk {
+            for (c, after) in junk {
+                for (d, post) in ends {
+                    if a == "CRLF" && d == "CRLF" && b.is_empty() && c.is_empty() {
+                        continue;
+                    }
+                    let mut v = pre.to_vec();
+                    v.extend_from_slice(before);
+                    v.push(b'.');
+                    v.extend_from_slice(after);
+                    v.extend_from_slice(post);
+                    out.push((format!("{a} [{b}] . [{c}] {d}"), v));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One DATA transaction; returns the end-of-data reply (the session is then
+/// closed with QUIT, which must be the next reply: nothing was smuggled in).
+fn send_data(relay: &Relay, body: &[u8]) -> Reply {
+    smuggle(relay, body)
+}
+
+/// The same body as one BDAT LAST chunk.
+fn send_bdat(relay: &Relay, body: &[u8]) -> Reply {
+    let mut c = relay.session();
+    c.expect("MAIL FROM:<good@good.test>", 250);
+    c.expect("RCPT TO:<friend@example.com>", 250);
+    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    c.send(body);
+    let end = c.read_reply();
+    c.expect("QUIT", 221);
+    end
+}
+
+/// Stores `body` straight into the spool at `path` (relay stopped), as an older
+/// version of sluice without the NUL policy would have: the outbound encoder
+/// must cope with whatever a spool holds.
+fn store_raw(path: &std::path::Path, bodies: &[Vec<u8>]) {
+    use sluice_spool::{
+        BodyType, Envelope, IdGenerator, Notify, Recipient, RecipientStatus, Spool, SpoolConfig,
+    };
+    let spool = Spool::open(&SpoolConfig {
+        path: path.to_path_buf(),
+        shards: 1,
+        map_size: 64 << 20,
+        max_batch: 64,
+        sync: true,
+    })
+    .expect("open spool");
+    let ids = IdGenerator::new(0, None);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for body in bodies {
+        let envelope = Envelope {
+            sender: "good@good.test".into(),
+            recipients: vec![Recipient {
+                address: "friend@example.com".into(),
+                orcpt: None,
+                notify: Notify::default(),
+                status: RecipientStatus::Pending,
+                local: true,
+            }],
+            ret: None,
+            envid: None,
+            body_type: BodyType::SevenBit,
+            smtputf8: false,
+            arrival_unix_ms: now_ms,
+            listener: "smtp".into(),
+            client_ip: "127.0.0.1".into(),
+            helo: "old.version.test".into(),
+            auth_user: None,
+            tls: None,
+            size: body.len() as u64,
+            priority: 0,
+            queue: "default".into(),
+            hold_until_unix: 0,
+            deliver_by: None,
+            schedule: Default::default(),
+        };
+        let id = ids.next(now_ms);
+        futures_lite::future::block_on(spool.store(0, id, &envelope, body.clone())).expect("store");
+    }
+}
+
+/// Messages in the spool at `path` (`sluice spool count`).
+fn count_at(path: &std::path::Path) -> usize {
+    let out = run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["spool", "count", "--set"])
+            .arg(format!("spool.path={}", path.display())),
+        T,
+    );
+    assert_ok(&out, "sluice spool count");
+    let n = text(&out.stdout);
+    n.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("spool count printed {n:?}"))
+}
+
+#[test]
+fn nul_smuggling_never_splits_at_a_maximally_lenient_next_hop() {
+    let variants = nul_dot_ends();
+    // The next hop: tests/py/lenient_sink.py in "max" mode.
+    let sink = {
+        let ip = loopback();
+        let port = mx_port(&[ip]);
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new("python3");
+        child
+            .arg(py_script("lenient_sink.py"))
+            .args([ip.to_string(), port.to_string()])
+            .arg(dir.path())
+            .arg("max")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        let mut guard = ChildGuard::new(child.spawn().expect("python3"), "lenient_sink.py");
+        let mut ready = false;
+        for_each_line(guard.take_stdout(), |l| {
+            ready = l == "ready";
+            false
+        });
+        assert!(ready, "lenient_sink.py did not start");
+        LenientSink {
+            _guard: guard,
+            addr: SocketAddr::new(ip.into(), port),
+            dir,
+        }
+    };
+
+    // Control: sent raw, straight to it, every variant splits its message.
+    {
+        let mut c = Client::connect(sink.addr);
+        assert_eq!(c.read_reply().code, 220);
+        let mut all = b"EHLO control.test\r\n".to_vec();
+        for (_, end) in &variants {
+            all.extend_from_slice(
+                b"MAIL FROM:<good@good.test>\r\nRCPT TO:<friend@example.com>\r\nDATA\r\n",
+            );
+            all.extend_from_slice(&smuggling_body(end, true));
+            all.extend_from_slice(b"\r\n.\r\n");
+        }
+        all.extend_from_slice(b"QUIT\r\n");
+        c.send(&all);
+        let _ = c.read_to_eof();
+    }
+    let control = sink.transactions();
+    let evil = |t: &serde_json::Value| t["from"] == "<evil@smuggler.test>";
+    assert_eq!(
+        control.iter().filter(|t| evil(t)).count(),
+        variants.len(),
+        "the sink must split every raw variant"
+    );
+
+    // Inbound, default configuration and bare_newline = "accept", DATA and BDAT.
+    let spool_dir = tempfile::tempdir().unwrap();
+    let spool_set = format!("spool.path={}", spool_dir.path().display());
+    let mut accepted = 0;
+    let mut table = Vec::new();
+    for (mode, bare) in [
+        ("default", "\"reject\""),
+        ("bare_newline=accept", "\"accept\""),
+    ] {
+        let mut relay = Relay::builder()
+            .set(spool_set.clone())
+            .lset("bare_newline", bare)
+            .start();
+        let (mut refused, mut ok) = (0, 0);
+        for (name, end) in &variants {
+            let body = smuggling_body(end, true);
+            let has_nul = body.contains(&0);
+            let has_bare = bare_newlines(&body) > 0;
+            let want_refused = has_nul || (has_bare && mode == "default");
+            for (how, r) in [
+                ("DATA", send_data(&relay, &body)),
+                ("BDAT", send_bdat(&relay, &body)),
+            ] {
+                if want_refused {
+                    assert_eq!(
+                        (r.code, r.enhanced()),
+                        (550, "5.6.0"),
+                        "{mode} {how} {name}: {r:?}"
+                    );
+                    refused += 1;
+                } else {
+                    assert_eq!(r.code, 250, "{mode} {how} {name}: {r:?}");
+                    ok += 1;
+                }
+            }
+        }
+        accepted += ok;
+        assert_eq!(
+            count_at(spool_dir.path()),
+            accepted,
+            "{mode}: one message per accepted attempt"
+        );
+        table.push(format!(
+            "| {mode} | {} | {refused} refused 550 5.6.0 | {ok} accepted |",
+            2 * variants.len()
+        ));
+        relay.terminate();
+    }
+    // A spool written by an older version: the raw variants, NULs and all.
+    let raw: Vec<Vec<u8>> = variants
+        .iter()
+        .map(|(_, end)| {
+            let mut b = smuggling_body(end, true);
+            b.extend_from_slice(b"\r\n");
+            b
+        })
+        .collect();
+    store_raw(spool_dir.path(), &raw);
+    let total = accepted + raw.len();
+
+    // Deliver all of it to the lenient sink.
+    let relay = Relay::builder()
+        .set(spool_set)
+        .set("delivery.enabled=true")
+        .set("queue.default.retry=[\"1s\"]")
+        .set(format!(
+            "route.default={{type=\"relay\",host=\"{}\",port={},tls=\"none\"}}",
+            sink.addr.ip(),
+            sink.addr.port()
+        ))
+        .start();
+    assert_eq!(count_at(spool_dir.path()), total);
+    wait_until(
+        &format!("{total} deliveries"),
+        Duration::from_secs(120),
+        || count_at(spool_dir.path()) == 0,
+        || relay.log(),
+    );
+    let txs = sink.transactions();
+    let relayed: Vec<_> = txs.iter().filter(|t| !control.contains(t)).collect();
+    assert_eq!(
+        relayed.len(),
+        total,
+        "messages split (or lost) at the lenient next hop"
+    );
+    for t in &relayed {
+        assert!(!evil(t), "a smuggled transaction reached the next hop: {t}");
+        assert_eq!(t["from"], "<good@good.test>", "{t}");
+        assert_eq!(
+            t["rcpts"],
+            serde_json::json!(["<friend@example.com>"]),
+            "{t}"
+        );
+    }
+    let raws = sink.files("conn-", ".raw");
+    let from_relay: Vec<&Vec<u8>> = raws
+        .iter()
+        .filter(|r| !text(r).contains("EHLO control.test"))
+        .collect();
+    assert!(!from_relay.is_empty());
+    for r in from_relay {
+        assert!(!r.contains(&0), "NUL sent on");
+        assert_eq!(bare_newlines(r), 0, "bare CR/LF sent on");
+    }
+    println!("| listener | attempts | refused | accepted |\n|---|---|---|---|");
+    for row in &table {
+        println!("{row}");
+    }
+    println!(
+        "{} variants: raw to the sink, {} split; through the relay ({} accepted + {} from an old \
+         spool with NULs), {} transactions at the sink, 0 split",
+        variants.len(),
+        control.iter().filter(|t| evil(t)).count(),
+        accepted,
+        raw.len(),
+        relayed.len()
+    );
+}
+
+#[test]
+fn nul_strip_mode_accepts_and_never_relays_nul() {
+    let relay = Relay::builder()
+        .lset("nul_bytes", "\"strip\"")
+        .lset("bare_newline", "\"accept\"")
+        .start();
+    let body = b"Subject: x\r\n\r\na\n\0.\nMAIL FROM:<evil@smuggler.test>\r\nb\0c\r\n".to_vec();
+    let r = send_data(&relay, &body);
+    assert_eq!(r.code, 250, "{r:?}");
+    let id = queued_id(&r.text()).expect("id");
+    let message = relay.body(&id);
+    let (_, stored) = split_received(&message);
+    assert_eq!(
+        stored,
+        b"Subject: x\r\n\r\na\n.\nMAIL FROM:<evil@smuggler.test>\r\nbc\r\n\r\n"
+    );
+    println!("nul_bytes = \"strip\": {} ; stored without NUL", r.last());
+}
+
+/// Invalid UTF-8 of every kind, inside an address.
+const BAD_UTF8: &[(&str, &[u8])] = &[
+    ("FF FE", b"\xff\xfe"),
+    ("overlong '/'", b"\xc0\xaf"),
+    ("overlong 3-byte", b"\xe0\x80\xaf"),
+    ("surrogate D800", b"\xed\xa0\x80"),
+    ("truncated 2-byte", b"\xc3"),
+    ("truncated 3-byte", b"\xe2\x82"),
+    ("above U+10FFFF", b"\xf4\x90\x80\x80"),
+    ("lone continuation", b"\x80"),
+];
+
+#[test]
+fn addresses_are_refused_never_rewritten() {
+    let relay = Relay::start(&[]);
+    println!("| case | SMTPUTF8 | MAIL | RCPT |\n|---|---|---|---|");
+    for (name, bad) in BAD_UTF8 {
+        for utf8 in ["", " SMTPUTF8"] {
+            let mut c = relay.session();
+            let mut mail = b"MAIL FROM:<j".to_vec();
+            mail.extend_from_slice(bad);
+            mail.extend_from_slice(format!("rg@good.test>{utf8}\r\n").as_bytes());
+            c.send(&mail);
+            let m = c.read_reply();
+            assert_eq!(
+                (m.code, m.enhanced()),
+                (501, "5.1.7"),
+                "{name}{utf8}: {m:?}"
+            );
+            c.expect(&format!("MAIL FROM:<good@good.test>{utf8}"), 250);
+            let mut rcpt = b"RCPT TO:<j".to_vec();
+            rcpt.extend_from_slice(bad);
+            rcpt.extend_from_slice(b"rg@example.com>\r\n");
+            c.send(&rcpt);
+            let r = c.read_reply();
+            assert_eq!(
+                (r.code, r.enhanced()),
+                (501, "5.1.3"),
+                "{name}{utf8}: {r:?}"
+            );
+            c.expect("QUIT", 221);
+            println!(
+                "| {name} | {} | {} | {} |",
+                !utf8.is_empty(),
+                m.last(),
+                r.last()
+            );
+        }
+    }
+    // Non-ASCII without SMTPUTF8: refused; with it: stored exactly as sent.
+    let mut c = relay.session();
+    let m = c.cmd("MAIL FROM:<jörg@good.test>");
+    assert_eq!((m.code, m.enhanced()), (553, "5.6.7"), "{m:?}");
+    c.expect("MAIL FROM:<good@good.test>", 250);
+    let r = c.cmd("RCPT TO:<jörg@example.com>");
+    assert_eq!((r.code, r.enhanced()), (553, "5.6.7"), "{r:?}");
+    c.expect("RSET", 250);
+    c.expect("MAIL FROM:<jörg@good.test> SMTPUTF8", 250);
+    c.expect("RCPT TO:<jörg@example.com>", 250);
+    c.expect("DATA", 354);
+    c.send(b"Subject: utf8\r\n\r\nx\r\n.\r\n");
+    let done = c.read_reply();
+    assert_eq!(done.code, 250, "{done:?}");
+    c.expect("QUIT", 221);
+    println!("| jörg@ | false | {} | {} |", m.last(), r.last());
+    let list = relay.list();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].sender, "jörg@good.test");
+    assert_eq!(list[0].recipients, ["jörg@example.com"]);
+    assert!(!relay.log().contains('\u{fffd}'), "U+FFFD in the log");
+}
+
+#[test]
+fn nul_in_commands_long_lines_and_help() {
+    let relay = Relay::start(&[]);
+    let mut rows = Vec::new();
+    for line in [
+        &b"EHLO a\0b\r\n"[..],
+        b"\0EHLO ab\r\n",
+        b"NOOP\0\r\n",
+        b"HELO a\0\r\n",
+    ] {
+        let mut c = relay.greeted();
+        c.send(line);
+        let r = c.read_reply();
+        assert_eq!((r.code, r.enhanced()), (501, "5.5.2"), "{line:?}: {r:?}");
+        c.expect("QUIT", 221);
+        rows.push(format!("| {:?} | {} |", text(line).trim_end(), r.last()));
+    }
+    // RFC 5322 §2.1.1: 998 octets is the longest line; 999 is refused.
+    for (len, code) in [(998, 250), (999, 550)] {
+        let mut body = b"Subject: long\r\n\r\n".to_vec();
+        body.extend(std::iter::repeat_n(b'x', len));
+        body.extend_from_slice(b"\r\n");
+        for (how, r) in [
+            ("DATA", send_data(&relay, &body)),
+            ("BDAT", send_bdat(&relay, &body)),
+        ] {
+            assert_eq!(r.code, code, "{how} {len}: {r:?}");
+            if code == 550 {
+                assert_eq!(r.enhanced(), "5.6.0");
+            }
+            rows.push(format!("| {how}, a {len}-octet line | {} |", r.last()));
+        }
+    }
+    // A listener with neither STARTTLS nor users: HELP names neither.
+    let mut c = relay.session();
+    let r = c.expect("HELP", 214);
+    assert!(
+        !r.text().contains("STARTTLS") && !r.text().contains("AUTH"),
+        "{r:?}"
+    );
+    c.expect("QUIT", 221);
+    rows.push(format!("| HELP (no TLS, no users) | {} |", r.last()));
+    println!("| input | reply |\n|---|---|");
+    for row in rows {
+        println!("{row}");
+    }
+}
+
+#[test]
+fn tls_server_picks_the_cipher_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = make_cert(dir.path());
+    let tls_port = free_port();
+    let relay = Relay::builder()
+        .dir(dir)
+        .set(format!(
+            "server.listener.smtps.bind=[\"127.0.0.1:{tls_port}\"]"
+        ))
+        .set("server.listener.smtps.tls=\"implicit\"")
+        .set(format!(
+            "server.listener.smtps.tls_cert=\"{}\"",
+            cert.display()
+        ))
+        .set(format!(
+            "server.listener.smtps.tls_key=\"{}\"",
+            key.display()
+        ))
+        .start();
+    // The client lists the weaker AES-128 first; the server's order wins.
+    for (version, flag, offer, want) in [
+        (
+            "TLS 1.2",
+            "-cipher",
+            "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384",
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+        ),
+        (
+            "TLS 1.3",
+            "-ciphersuites",
+            "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384",
+            "TLS_AES_256_GCM_SHA384",
+        ),
+    ] {
+        let vflag = if version == "TLS 1.2" {
+            "-tls1_2"
+        } else {
+            "-tls1_3"
+        };
+        let out = run_with_timeout(
+            Command::new("openssl")
+                .args(["s_client", "-connect", &format!("127.0.0.1:{tls_port}")])
+                .args(["-servername", "localhost", vflag, flag, offer])
+                .stdin(Stdio::null()),
+            T,
+        );
+        let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(
+            all.contains(&format!("Cipher is {want}")),
+            "{version}: the server did not choose {want}:\n{all}"
+        );
+        println!("| {version} | client offers {offer} | server chose {want} |");
+    }
+    drop(relay);
 }

@@ -267,3 +267,48 @@ proptest! {
         }
     }
 }
+
+/// Bodies made of the bytes that matter around an end of data.
+fn hostile_body() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(
+        prop_oneof![
+            Just(b'.'),
+            Just(0u8),
+            Just(b' '),
+            Just(b'\t'),
+            Just(0x0b),
+            Just(b'\r'),
+            Just(b'\n'),
+            Just(b'a'),
+            Just(0xa0),
+        ],
+        0..64,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1024),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Issue 17: whatever a spool holds, what we send on cannot be split by a
+    /// lenient receiver (the `relay_output` fuzz invariant); and whatever a
+    /// lenient listener (bare_newline accept, nul_bytes strip) stores from DATA
+    /// is relayed safely as well.
+    #[test]
+    fn relay_output_never_splits(body in hostile_body()) {
+        sluice_engine::fuzzing::lenient::check_relay_output(&body);
+        let ip: IpAddr = OUTSIDE_IP.parse().unwrap();
+        let mut d = ServerDriver::new(fuzz_config(0x10), ip, false, false);
+        d.read(b"EHLO c.test\r\nMAIL FROM:<a@local.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n");
+        let mut data = body.clone();
+        data.extend_from_slice(b"\r\n.\r\n");
+        d.read(&data);
+        for sub in &d.stored {
+            prop_assert!(!sub.body.contains(&0));
+            sluice_engine::fuzzing::lenient::check_relay_output(&sub.body);
+        }
+    }
+}

@@ -1,6 +1,6 @@
 """A deliberately lenient SMTP receiver: the next hop SMTP smuggling feeds on.
 
-usage: lenient_sink.py HOST PORT OUTDIR
+usage: lenient_sink.py HOST PORT OUTDIR [max]
 
 It ends a line at CRLF, at a bare LF and at a bare CR, so a "<LF>.<LF>" or
 "<CR>.<CR>" inside message data ends the message here, and whatever follows is
@@ -8,6 +8,13 @@ read as commands. Every transaction it completes is written to OUTDIR/tx-N.json
 ({"from", "rcpts", "lines"}), and each connection's raw bytes to
 OUTDIR/conn-N.raw as they arrive. A relay passing a smuggled message on raw
 would show up here as an extra transaction.
+
+With "max" it is every lenient receiver at once (issue 17): a data line ends the
+message when it is "." as it is, cut at its first NUL, with whitespace and
+control bytes trimmed from both ends, or with every byte that is not printable
+ASCII deleted. Dropping NULs before framing adds nothing to that: it only
+joins CR NUL LF into one line end. So if no message splits here, it splits at
+none of those receivers, alone or combined.
 """
 import json
 import os
@@ -16,6 +23,7 @@ import sys
 import threading
 
 host, port, outdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+maximal = len(sys.argv) > 4 and sys.argv[4] == "max"
 lock = threading.Lock()
 counter = {"tx": 0, "conn": 0}
 
@@ -53,6 +61,23 @@ def lines_of(buf):
     return out, buf[start:]
 
 
+def graphic(c):
+    return 0x21 <= c <= 0x7E
+
+
+def ends_data(line):
+    """Whether this receiver takes the data line for the end of the message."""
+    if line == b".":
+        return True
+    if not maximal:
+        return False
+    cut = line.split(b"\x00", 1)[0]
+    kept = bytes(c for c in line if graphic(c))
+    pos = [i for i, c in enumerate(line) if graphic(c)]
+    trimmed = line[pos[0]:pos[-1] + 1] if pos else b""
+    return b"." in (cut, kept, trimmed)
+
+
 def serve(conn):
     cid = next_id("conn")
     # Raw bytes are appended as they arrive (the relay may keep the connection
@@ -73,7 +98,7 @@ def serve(conn):
             replies = []
             for line in lines:
                 if in_data:
-                    if line == b".":
+                    if ends_data(line):
                         in_data = False
                         n = next_id("tx")
                         write_atomic(

@@ -1010,13 +1010,6 @@ impl Session {
         if self.tx.id.is_some() {
             return self.error_reply(503, "5.5.1", "Error: RCPT after BDAT");
         }
-        if !self.tx.smtputf8 && !to.address.is_ascii() {
-            return self.error_reply(
-                553,
-                "5.6.7",
-                "Error: non-ASCII recipient address without SMTPUTF8",
-            );
-        }
         if to.orcpt.as_deref().is_some_and(|o| !is_xtext_safe(o)) {
             return self.error_reply(501, "5.5.4", "Error: invalid parameter ORCPT");
         }
@@ -1049,6 +1042,15 @@ impl Session {
                 }
             }
         };
+        // After the relay decision, so a stranger's non-ASCII relay attempt still
+        // reads "relay access denied".
+        if !self.tx.smtputf8 && !address.is_ascii() {
+            return self.error_reply(
+                553,
+                "5.6.7",
+                "Error: non-ASCII recipient address without SMTPUTF8",
+            );
+        }
         if let Some(queues) = self.queues.clone() {
             let queue = match &self.tx.queue {
                 Some(q) => q.clone(),

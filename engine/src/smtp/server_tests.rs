@@ -1072,7 +1072,7 @@ fn non_ascii_addresses_need_smtputf8() {
     );
     assert_eq!(
         h.codes(),
-        ["220", "250", "553", "250", "553", "553", "250", "250", "250", "354", "250"]
+        ["220", "250", "553", "250", "553", "554", "250", "250", "250", "354", "250"]
     );
     assert!(h.out.contains("553 5.6.7"), "{}", h.out);
     let env = &h.stored[0].envelope;
@@ -1164,4 +1164,25 @@ fn help_names_only_what_is_offered() {
     cfg.auth_enabled = true;
     let h = run_turns(cfg, "198.51.100.1", b"HELP\r\n");
     assert!(h.out.contains(" AUTH"), "{}", h.out);
+}
+
+#[test]
+fn received_header_lines_stay_under_998_octets() {
+    // The parser bounds a HELO name to 255 octets and a path to 256, so our
+    // Received header (the name twice on its first line) stays under the
+    // 998-octet limit the message data is held to.
+    let host = vec!["h".repeat(62); 4].join(".");
+    let input = format!(
+        "EHLO {host}\r\nMAIL FROM:<a@local.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\nx\r\n.\r\n"
+    );
+    let h = run_turns(config(), "198.51.100.1", input.as_bytes());
+    assert_eq!(
+        h.codes().last().map(String::as_str),
+        Some("250"),
+        "{}",
+        h.out
+    );
+    let body = &h.stored[0].body;
+    let longest = body.split(|&b| b == b'\n').map(<[u8]>::len).max();
+    assert!(longest.is_some_and(|n| n <= 999), "{longest:?}");
 }
