@@ -427,3 +427,90 @@ fn queue_commands_work_with_the_defaults_online_and_offline() {
         text(&out.stderr)
     );
 }
+
+/// `sluice run` where io_uring_setup(2) fails with `errno` (a seccomp filter,
+/// as a container's default profile or kernel.io_uring_disabled would).
+fn run_without_io_uring(errno: i32) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "run",
+        "--set",
+        "server.cores=1",
+        "--set",
+        "admin.listen=\"\"",
+    ])
+    .arg("--set")
+    .arg(format!("spool.path={}", dir.path().join("spool").display()))
+    .arg("--set")
+    .arg(format!(
+        "server.listener.smtp.bind=[\"127.0.0.1:{}\"]",
+        free_port()
+    ));
+    let ret_errno = libc::SECCOMP_RET_ERRNO | (errno as u32 & 0xffff);
+    // SAFETY: runs in the forked child before exec: only async-signal-safe
+    // prctl calls on a filter that lives on this stack until exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Load the syscall number; io_uring_setup -> errno; else allow.
+            let filter = [
+                libc::sock_filter {
+                    code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                },
+                libc::sock_filter {
+                    code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                    jt: 0,
+                    jf: 1,
+                    k: libc::SYS_io_uring_setup as u32,
+                },
+                libc::sock_filter {
+                    code: (libc::BPF_RET | libc::BPF_K) as u16,
+                    jt: 0,
+                    jf: 0,
+                    k: ret_errno,
+                },
+                libc::sock_filter {
+                    code: (libc::BPF_RET | libc::BPF_K) as u16,
+                    jt: 0,
+                    jf: 0,
+                    k: libc::SECCOMP_RET_ALLOW,
+                },
+            ];
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    run_with_timeout(&mut cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn without_io_uring_the_start_error_names_it() {
+    for errno in [libc::ENOSYS, libc::EPERM] {
+        let out = run_without_io_uring(errno);
+        assert!(!out.status.success(), "started without io_uring");
+        let err = text(&out.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("sluice: io_uring is not available (io_uring_setup: "),
+            "{err}"
+        );
+        assert!(last.contains("Linux 5.8"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
