@@ -575,11 +575,21 @@ impl Config {
                 "must be at least 64KiB".into(),
             ));
         }
-        if body.1 < crate::budget::GRANT || body.1 > body.0 {
+        // A share above the process budget simply leaves the process limit.
+        if body.1 < crate::budget::GRANT {
             return Err(invalid(
                 "server.max_body_memory_per_client".into(),
-                "must be at least 64KiB and at most server.max_body_memory".into(),
+                "must be at least 64KiB".into(),
             ));
+        }
+        for (name, l) in &self.server.listener {
+            if l.max_message_size.0 > body.0 {
+                return Err(invalid(
+                    format!("server.listener.{name}.max_message_size"),
+                    "is larger than server.max_body_memory: such a message could never be received"
+                        .into(),
+                ));
+            }
         }
         if self.server.cores > 64 {
             return Err(invalid(
@@ -857,6 +867,48 @@ mod tests {
         let err = Config::load("t.toml", text, &[]).unwrap_err().to_string();
         assert!(err.contains("server.listener.a.tls"), "{err}");
         assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn body_memory_and_untrusted_keys_are_checked_with_key_and_line() {
+        let cases = [
+            (
+                "[server]\nmax_body_memory = \"1KiB\"\n",
+                "server.max_body_memory",
+                2,
+            ),
+            (
+                "[server]\nmax_body_memory = \"64MiB\"\nmax_body_memory_per_client = 4096\n",
+                "server.max_body_memory_per_client",
+                3,
+            ),
+            (
+                "[server]\nmax_body_memory = \"10MiB\"\n[server.listener.a]\nbind = [\"127.0.0.1:25\"]\nmax_message_size = \"20MiB\"\n",
+                "server.listener.a.max_message_size",
+                5,
+            ),
+            (
+                "[server.listener.a]\nbind = [\"127.0.0.1:25\"]\nuntrusted_hold = \"maybe\"\n",
+                "server.listener.a.untrusted_hold",
+                3,
+            ),
+            (
+                "[server.listener.a]\nbind = [\"127.0.0.1:25\"]\nuntrusted_notices = \"some\"\n",
+                "server.listener.a.untrusted_notices",
+                3,
+            ),
+        ];
+        for (text, key, line) in cases {
+            let err = Config::load("t.toml", text, &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+            assert!(err.contains(&format!("line {line}")), "{text}: {err}");
+        }
+        let ok = "[server.listener.a]\nbind = [\"127.0.0.1:25\"]\nuntrusted_mt_priority = \"reject\"\nuntrusted_hold = \"accept\"\nuntrusted_notices = \"none\"\n";
+        let cfg = Config::load("t.toml", ok, &[]).expect("loads");
+        let l = &cfg.server.listener["a"];
+        assert_eq!(l.untrusted_mt_priority, UntrustedExtension::Reject);
+        assert_eq!(l.untrusted_hold, UntrustedExtension::Accept);
+        assert_eq!(l.untrusted_notices, UntrustedNotices::None);
     }
 
     #[test]

@@ -1135,10 +1135,16 @@ impl Session {
         } else if self.tx.over_budget {
             Some((452, "4.3.1", BUDGET_TEXT.to_string()))
         } else if self.tx.id.is_none() {
-            self.quota_check(self.tx.declared_size)
-                .err()
-                .map(|text| (452, "4.3.1", text))
-                .or_else(|| (!self.reserve_body()).then(|| (452, "4.3.1", BUDGET_TEXT.to_string())))
+            match self.quota_check(self.tx.declared_size) {
+                Err(text) => Some((452, "4.3.1", text)),
+                Ok(()) if !self.reserve_body() => {
+                    // This chunk is lost: the chunks after it must not start
+                    // a body without it.
+                    self.tx.over_budget = true;
+                    Some((452, "4.3.1", BUDGET_TEXT.to_string()))
+                }
+                Ok(()) => None,
+            }
         } else {
             None
         };

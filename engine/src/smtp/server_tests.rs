@@ -751,7 +751,21 @@ fn spent_budget_refuses_data_at_once_and_bdat_chunks() {
     input.extend_from_slice(b"DATA\r\n");
     h.feed(&input, usize::MAX);
     assert_eq!(h.codes(), ["220", "250", "250", "250", "452"], "{}", h.out);
+    // BDAT: the first chunk finds nothing left; a later chunk, though the
+    // budget is back, must not start a body without it.
+    let mut h = budgeted(UNTRUSTED, &budget);
+    let mut input = TX.to_vec();
+    input.extend_from_slice(b"BDAT 5\r\nfirst");
+    h.feed(&input, usize::MAX);
     drop(all);
+    h.feed(b"BDAT 4 LAST\r\nlast", usize::MAX);
+    assert_eq!(
+        h.codes(),
+        ["220", "250", "250", "250", "452", "452"],
+        "{}",
+        h.out
+    );
+    assert!(h.stored.is_empty());
     // BDAT past the client's share: that chunk and the rest get 452, nothing stored.
     let mut h = budgeted(UNTRUSTED, &budget);
     let mut input = TX.to_vec();
