@@ -433,7 +433,7 @@ fn queue_commands_work_with_the_defaults_online_and_offline() {
 fn run_without_io_uring(errno: i32) -> std::process::Output {
     use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args([
         "run",
         "--set",
