@@ -10,13 +10,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sluice_testkit::{run_with_timeout, ChildGuard};
+use sluice_testkit::{http_request, make_cert, run_with_timeout, ChildGuard};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice-loadgen");
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -115,18 +115,7 @@ impl Sink {
     }
 
     fn try_http(&self, method: &str, path: &str) -> std::io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&self.stats, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        write!(s, "{method} {path} HTTP/1.0\r\n\r\n")?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let (head, body) = resp
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| std::io::Error::other("no HTTP header end"))?;
-        if !head.starts_with("HTTP/1.0 200") {
-            return Err(std::io::Error::other(format!("HTTP: {head}")));
-        }
-        Ok(body.to_string())
+        http_request(self.stats, method, path, IO_TIMEOUT)
     }
 
     fn http(&self, method: &str, path: &str) -> String {
@@ -292,34 +281,6 @@ fn tempdir() -> tempfile::TempDir {
         .prefix("loadgen-sink")
         .tempdir()
         .unwrap()
-}
-
-/// A self-signed certificate and key for STARTTLS.
-fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let out = run(Command::new("openssl").args([
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=sink.test",
-        "-keyout",
-        key.to_str().unwrap(),
-        "-out",
-        cert.to_str().unwrap(),
-    ]));
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
 }
 
 /// Saved messages by token: (envelope, bytes).
@@ -760,7 +721,7 @@ fn lmtp_replies_per_recipient() {
 fn swaks_plain_pipelined_and_starttls() {
     let listen = addrs(1);
     let dir = tempdir();
-    let (cert, key) = certificate(dir.path());
+    let (cert, key) = make_cert(dir.path());
     let sink = Sink::start(
         &listen,
         &[
@@ -826,7 +787,7 @@ fn python_smtplib_bytes_match_what_was_saved() {
     let listen = addrs(1);
     let dir = tempdir();
     let save = dir.path().join("saved");
-    let (cert, key) = certificate(dir.path());
+    let (cert, key) = make_cert(dir.path());
     let sink = Sink::start(
         &listen,
         &[

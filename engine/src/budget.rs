@@ -66,17 +66,12 @@ impl BodyBudget {
     /// address, other IPv6 by /64, the block one host usually holds.
     pub fn client_slot(&self, ip: IpAddr) -> usize {
         let mut h = self.key.build_hasher();
-        let v4 = match ip {
-            IpAddr::V4(v4) => Some(v4),
-            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
-        };
-        match (v4, ip) {
-            (Some(v4), _) => (4u8, v4.octets()).hash(&mut h),
-            (None, IpAddr::V6(v6)) => {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => (4u8, v4.octets()).hash(&mut h),
+            IpAddr::V6(v6) => {
                 let o = v6.octets();
                 (6u8, [o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]]).hash(&mut h)
             }
-            (None, IpAddr::V4(_)) => {}
         }
         (std::hash::Hasher::finish(&h) as usize) % SLOTS
     }

@@ -591,10 +591,13 @@ impl Config {
                 ));
             }
         }
-        if self.server.cores > 64 {
+        if self.server.cores > crate::runtime::MAX_CORES {
             return Err(invalid(
                 "server.cores".into(),
-                "at most 64 cores (spool shard id is 6 bits)".into(),
+                format!(
+                    "at most {} cores (spool shard id is 6 bits)",
+                    crate::runtime::MAX_CORES
+                ),
             ));
         }
         if self.spool.max_batch == 0 {

@@ -14,7 +14,7 @@ use glommio::net::TcpListener;
 use glommio::timer::Timer;
 use glommio::{LocalExecutorBuilder, Placement};
 use sluice_policy::Credentials;
-use sluice_spool::{IdGenerator, Spool, SpoolConfig};
+use sluice_spool::{IdGenerator, RecoveryReport, Spool, SpoolConfig};
 
 use crate::admin::{AdminServer, AdminState};
 use crate::config::{Config, TlsMode};
@@ -32,8 +32,9 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder};
 /// mail is already committed, so nothing acknowledged is lost by it).
 const STOP_MARGIN: Duration = Duration::from_secs(10);
 
-/// Most executors (and spool shards): a message id has 6 bits of shard.
-pub const MAX_CORES: usize = 64;
+/// Most executors: one spool shard each, and a message id names at most
+/// `MAX_SHARDS` (6 bits of shard).
+pub const MAX_CORES: usize = sluice_spool::MAX_SHARDS as usize;
 
 /// Executors to start: `server.cores`, or with 0 one per CPU up to
 /// `MAX_CORES` (config validation refuses an explicit value above it).
@@ -45,79 +46,40 @@ pub fn executor_count(configured: usize, cpus: usize) -> usize {
     }
 }
 
-/// glommio refuses to start an executor below this RLIMIT_MEMLOCK.
-const MIN_MEMLOCK: libc::rlim_t = 512 * 1024;
-
-/// How to give the relay locked memory, for every error that lacks it.
-pub const MEMLOCK_FIX: &str = "raise the locked-memory limit: LimitMEMLOCK=infinity in the \
-     systemd unit, or `ulimit -l unlimited` (as root) in the shell that starts sluice; \
-     at least cores x 3 x server.io_memory + 16 MiB (README \"Production box\")";
-
-/// Fails early, with the fix, when glommio would refuse the locked-memory limit.
-fn check_memlock() -> anyhow::Result<()> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the rlimit we own; no other memory is touched.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
-        return Ok(()); // Unknown: glommio checks again.
-    }
-    memlock_verdict(lim.rlim_cur)
+/// The start-up walk of the spool, one part per core.
+struct RecoveryTally {
+    shards: u16,
+    /// Cores still walking, and the sum of the parts so far.
+    parts: std::sync::Mutex<(usize, RecoveryReport)>,
 }
 
-fn memlock_verdict(soft: libc::rlim_t) -> anyhow::Result<()> {
-    if soft != libc::RLIM_INFINITY && soft < MIN_MEMLOCK {
-        return Err(anyhow!(
-            "the locked-memory limit (RLIMIT_MEMLOCK) is {} KiB; io_uring needs at least {} KiB: {MEMLOCK_FIX}",
-            soft / 1024,
-            MIN_MEMLOCK / 1024
-        ));
+impl RecoveryTally {
+    fn new(cores: usize, shards: u16) -> RecoveryTally {
+        RecoveryTally {
+            shards,
+            parts: std::sync::Mutex::new((cores, RecoveryReport::default())),
+        }
     }
-    Ok(())
-}
 
-/// Fails early, with the cause, when the kernel will not make an io_uring
-/// (glommio would panic in every executor with a message about old kernels).
-fn check_io_uring() -> anyhow::Result<()> {
-    // struct io_uring_params: 120 bytes; all zero asks for the defaults.
-    let mut params = [0u8; 120];
-    // SAFETY: io_uring_setup(2) reads and writes only `params`, a buffer we own
-    // of the kernel's struct size; the descriptor it returns is closed below.
-    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
-    if fd < 0 {
-        return io_uring_verdict(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is the descriptor io_uring_setup just returned, used nowhere else.
-    unsafe { libc::close(fd as libc::c_int) };
-    Ok(())
-}
-
-fn io_uring_verdict(e: std::io::Error) -> anyhow::Result<()> {
-    match e.raw_os_error() {
-        Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES) => Err(anyhow!(
-            "io_uring is not available (io_uring_setup: {e}): {IO_URING_FIX}"
-        )),
-        // Anything else (ENOMEM, say) is for glommio to report in context.
-        _ => Ok(()),
-    }
-}
-
-const IO_URING_FIX: &str = "sluice needs Linux 5.8 or later with io_uring allowed \
-     (sysctl kernel.io_uring_disabled = 0; in a container, a seccomp profile that \
-     permits io_uring_setup, io_uring_enter and io_uring_register)";
-
-/// What to do about an executor that failed to start, when its error says so:
-/// locked memory (glommio's `MemLockLimit`, or ENOMEM registering buffers) or
-/// io_uring missing (ENOSYS; EPERM from a seccomp filter or
-/// kernel.io_uring_disabled).
-pub fn startup_hint(error: &str) -> Option<String> {
-    if error.contains("MemLockLimit") || error.contains("Cannot allocate memory") {
-        Some(MEMLOCK_FIX.to_string())
-    } else if error.contains("os error 38") || error.contains("os error 1)") {
-        Some(format!("io_uring is not available? {IO_URING_FIX}"))
-    } else {
-        None
+    /// A core has walked its shards; the last one logs the whole.
+    fn core_done(&self, part: &RecoveryReport) {
+        let mut parts = self
+            .parts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        parts.0 = parts.0.saturating_sub(1);
+        parts.1.add(part);
+        if parts.0 == 0 {
+            let total = parts.1;
+            tracing::info!(
+                messages = total.messages,
+                bytes = total.bytes,
+                corrupt = total.corrupt,
+                elapsed_ms = total.elapsed.as_secs_f64() * 1000.0,
+                shards = self.shards,
+                "spool recovered"
+            );
+        }
     }
 }
 
@@ -137,8 +99,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             "server.cores = 0: using {MAX_CORES} executors, the most message ids can name"
         );
     }
-    check_memlock()?;
-    check_io_uring()?;
+    crate::limits::check_memlock()?;
+    crate::limits::check_io_uring()?;
 
     let spool = Arc::new(
         Spool::open(&SpoolConfig {
@@ -150,14 +112,9 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         })
         .with_context(|| format!("opening spool at {}", config.spool.path.display()))?,
     );
-    let report = spool.recover().context("spool recovery")?;
-    tracing::info!(
-        messages = report.messages,
-        bytes = report.bytes,
-        elapsed_ms = report.elapsed.as_secs_f64() * 1000.0,
-        shards = spool.shard_count(),
-        "spool recovered"
-    );
+    // Each core walks the shards it schedules once (queue/recovery.rs); the
+    // last to finish logs the whole ("spool recovered").
+    let recovery = Arc::new(RecoveryTally::new(cores, spool.shard_count()));
 
     let relay = Arc::new(config.relay_policy()?);
     let credentials = Arc::new(ArcSwap::from_pointee(Credentials::new(
@@ -281,6 +238,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         let delivery = delivery.clone();
         let mesh = mesh.clone();
         let admission = admission.clone();
+        let recovery = recovery.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(core % cpus))
             .name(&format!("sluice-core-{core}"))
             .io_memory(config.server.io_memory.0 as usize)
@@ -293,6 +251,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                     mesh,
                     admission,
                     spool,
+                    recovery,
                     listeners,
                     credentials,
                     shutdown,
@@ -307,8 +266,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                 result
             })
             .map_err(|e| {
-                let hint =
-                    startup_hint(&e.to_string()).map_or(String::new(), |h| format!(" ({h})"));
+                let hint = crate::limits::startup_hint(&e.to_string())
+                    .map_or(String::new(), |h| format!(" ({h})"));
                 anyhow!("starting executor for core {core}: {e}{hint}")
             })?;
         handles.push(handle);
@@ -386,7 +345,8 @@ fn join_executors(
             Ok((core, Err(e))) => {
                 remaining -= 1;
                 let e = e.to_string();
-                let hint = startup_hint(&e).map_or(String::new(), |h| format!(" ({h})"));
+                let hint =
+                    crate::limits::startup_hint(&e).map_or(String::new(), |h| format!(" ({h})"));
                 failed = Some(anyhow!(
                     "core {core}: executor thread panicked or failed: {e}{hint}"
                 ));
@@ -446,6 +406,7 @@ async fn core_main(
     mesh: MeshBuilder<MeshMsg, Full>,
     admission: Arc<QueueAdmission>,
     spool: Arc<Spool>,
+    recovery: Arc<RecoveryTally>,
     listeners: Vec<(Arc<ListenerShared>, std::net::SocketAddr)>,
     credentials: Arc<ArcSwap<Credentials>>,
     shutdown: Arc<event_listener::Event>,
@@ -467,18 +428,20 @@ async fn core_main(
     let delivery = match delivery {
         Some(shared) => {
             let d = CoreDelivery::new(core, cores, shared, ids.clone(), senders, queue.clone());
-            let scheduled = d
+            let recovered = d
                 .start(receivers)
                 .map_err(|e| anyhow!("core {core}: delivery recovery: {e}"))?;
-            tracing::info!(core, scheduled, "delivery started");
+            recovery.core_done(&recovered);
+            tracing::info!(core, scheduled = recovered.messages, "delivery started");
             Some(d)
         }
         None => {
             // No delivery to recover the schedule, but the queue quotas still
             // need what is queued: the same walk, counting only.
             let shards = crate::queue::recovery::core_shards(spool.shard_count(), core, cores);
-            crate::queue::recovery::recover(&queue, &shards, |_, _| {})
+            let recovered = crate::queue::recovery::recover(&queue, &shards, |_, _| {})
                 .map_err(|e| anyhow!("core {core}: counting queued mail: {e}"))?;
+            recovery.core_done(&recovered);
             None
         }
     };
@@ -620,33 +583,5 @@ mod tests {
         // An explicit value stands (validation caps it at 64).
         assert_eq!(executor_count(3, 96), 3);
         assert_eq!(MAX_CORES, 1 << 6);
-    }
-
-    #[test]
-    fn memlock_errors_say_how_to_fix_them() {
-        let e = memlock_verdict(64 * 1024).expect_err("64 KiB is too little");
-        let e = e.to_string();
-        assert!(e.contains("64 KiB") && e.contains("512 KiB"), "{e}");
-        assert!(e.contains("LimitMEMLOCK") && e.contains("ulimit -l"), "{e}");
-        assert!(memlock_verdict(512 * 1024).is_ok());
-        assert!(memlock_verdict(libc::RLIM_INFINITY).is_ok());
-
-        let hint = startup_hint("IO error occurred: MemLockLimit(65536/524288)").expect("hint");
-        assert!(hint.contains("LimitMEMLOCK"), "{hint}");
-        let hint = startup_hint("Function not implemented (os error 38)").expect("hint");
-        assert!(hint.contains("io_uring"), "{hint}");
-        assert_eq!(startup_hint("address in use"), None);
-
-        let e = io_uring_verdict(std::io::Error::from_raw_os_error(libc::ENOSYS))
-            .expect_err("ENOSYS: no io_uring");
-        let e = e.to_string();
-        assert!(
-            e.contains("io_uring is not available") && e.contains("5.8"),
-            "{e}"
-        );
-        assert!(io_uring_verdict(std::io::Error::from_raw_os_error(libc::EPERM)).is_err());
-        assert!(io_uring_verdict(std::io::Error::from_raw_os_error(libc::ENOMEM)).is_ok());
-        // On this machine the check passes (every other test needs io_uring).
-        check_io_uring().expect("io_uring available");
     }
 }

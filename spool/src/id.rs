@@ -14,7 +14,7 @@ const SHARD_MASK: u64 = (1 << SHARD_BITS) - 1;
 const MS_MASK: u64 = (1 << MS_BITS) - 1;
 
 /// Largest number of shards an id can name (6 bits).
-pub(crate) const MAX_SHARDS: u16 = 1 << SHARD_BITS;
+pub const MAX_SHARDS: u16 = 1 << SHARD_BITS;
 
 /// `unix_ms (42 bits) << 22 | shard (6 bits) << 16 | seq (16 bits)`.
 ///

@@ -18,7 +18,7 @@ pub use envelope::{
     Ret, Schedule,
 };
 pub use error::SpoolError;
-pub use id::{IdGenerator, MessageId};
+pub use id::{IdGenerator, MessageId, MAX_SHARDS};
 pub use reply::{EnhancedStatus, Reply};
 pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};
 

@@ -36,7 +36,7 @@ pub struct SpoolConfig {
     pub sync: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
     pub messages: u64,
     /// Sum of the envelopes' `size` (body bytes).
@@ -44,6 +44,17 @@ pub struct RecoveryReport {
     pub elapsed: Duration,
     /// Envelopes that did not decode (logged, left on disk, not counted above).
     pub corrupt: u64,
+}
+
+impl RecoveryReport {
+    /// Adds another walk's counts (shards, cores); `elapsed` is the longest,
+    /// since walks run side by side.
+    pub fn add(&mut self, other: &RecoveryReport) {
+        self.messages += other.messages;
+        self.bytes += other.bytes;
+        self.corrupt += other.corrupt;
+        self.elapsed = self.elapsed.max(other.elapsed);
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -319,36 +330,32 @@ impl Spool {
     /// Counts messages and body bytes by walking the envelopes only.
     pub fn recover(&self) -> Result<RecoveryReport, SpoolError> {
         let start = Instant::now();
-        let mut report = RecoveryReport {
-            messages: 0,
-            bytes: 0,
-            elapsed: Duration::ZERO,
-            corrupt: 0,
-        };
-        for s in &self.shards {
-            let rtxn = self.read_txn(s)?;
-            for item in s.dbs.envelopes.iter(&rtxn).map_err(|e| self.storage(e))? {
-                let (key, value) = item.map_err(|e| self.storage(e))?;
-                match id_from_key(key).and_then(|id| Envelope::decode(id, value)) {
-                    Ok(env) => {
-                        report.messages += 1;
-                        report.bytes += env.size;
-                    }
-                    Err(e) => {
-                        error!(error = %e, "spool recovery: skipping undecodable envelope");
-                        report.corrupt += 1;
-                    }
-                }
-            }
+        let mut report = RecoveryReport::default();
+        for shard in 0..self.shard_count() {
+            report.add(&self.recover_shard(shard, |_, _| {})?);
         }
         report.elapsed = start.elapsed();
-        info!(
-            messages = report.messages,
-            bytes = report.bytes,
-            corrupt = report.corrupt,
-            elapsed_ms = report.elapsed.as_millis() as u64,
-            "spool recovered"
-        );
+        Ok(report)
+    }
+
+    /// The start-up walk of one shard: hands every envelope to `visit` (the
+    /// scheduler's timer set, the queue counters) and counts messages, body
+    /// bytes and undecodable envelopes (logged, left on disk) on the way, so
+    /// start-up reads each envelope once.
+    pub fn recover_shard(
+        &self,
+        shard: u16,
+        mut visit: impl FnMut(MessageId, &Envelope),
+    ) -> Result<RecoveryReport, SpoolError> {
+        let start = Instant::now();
+        let mut report = RecoveryReport::default();
+        report.corrupt = self.visit_shard(shard, &mut |id, env| {
+            report.messages += 1;
+            report.bytes += env.size;
+            visit(id, env);
+            true
+        })?;
+        report.elapsed = start.elapsed();
         Ok(report)
     }
 
@@ -367,47 +374,48 @@ impl Spool {
         &self,
         mut visit: impl FnMut(MessageId, &Envelope) -> bool,
     ) -> Result<(), SpoolError> {
+        let mut stopped = false;
         for shard in 0..self.shard_count() {
-            if !self.visit_shard(shard, &mut visit)? {
+            if stopped {
                 break;
             }
+            self.visit_shard(shard, &mut |id, env| {
+                stopped = !visit(id, env);
+                !stopped
+            })?;
         }
         Ok(())
     }
 
-    /// Like [`Spool::list`] for one shard (each core recovers its own shards).
-    pub fn list_shard(
-        &self,
-        shard: u16,
-        mut visit: impl FnMut(MessageId, &Envelope) -> bool,
-    ) -> Result<(), SpoolError> {
-        self.visit_shard(shard, &mut visit).map(|_| ())
-    }
-
-    /// Returns false when `visit` asked to stop.
+    /// Visits one shard's envelopes in id order until `visit` returns false;
+    /// undecodable ones are logged, skipped and counted (the return value).
     fn visit_shard(
         &self,
         shard: u16,
         visit: &mut impl FnMut(MessageId, &Envelope) -> bool,
-    ) -> Result<bool, SpoolError> {
+    ) -> Result<u64, SpoolError> {
         let s = self
             .shards
             .get(shard as usize)
             .ok_or(SpoolError::NoShard(shard))?;
         let rtxn = self.read_txn(s)?;
+        let mut corrupt = 0;
         for item in s.dbs.envelopes.iter(&rtxn).map_err(|e| self.storage(e))? {
             let (key, value) = item.map_err(|e| self.storage(e))?;
             let decoded = id_from_key(key).and_then(|id| Ok((id, Envelope::decode(id, value)?)));
             match decoded {
                 Ok((id, env)) => {
                     if !visit(id, &env) {
-                        return Ok(false);
+                        break;
                     }
                 }
-                Err(e) => error!(error = %e, "spool list: skipping undecodable envelope"),
+                Err(e) => {
+                    error!(error = %e, "spool: skipping undecodable envelope");
+                    corrupt += 1;
+                }
             }
         }
-        Ok(true)
+        Ok(corrupt)
     }
 
     pub fn envelope(&self, id: MessageId) -> Result<Envelope, SpoolError> {

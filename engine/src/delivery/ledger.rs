@@ -246,7 +246,13 @@ pub fn finalize(attempt: Attempt, queue: &QueueConfig, now: u64) -> (Envelope, V
         ..
     } = attempt;
     let mut effects = Vec::new();
-    let mta = |i: usize| remote_mta.get(&i).cloned();
+    // One notice line per recipient, with the host that answered for it.
+    let notice = |index: usize, action: DsnAction, status: Option<EnhancedStatus>| Notice {
+        index,
+        action,
+        status,
+        remote_mta: remote_mta.get(&index).cloned(),
+    };
     if attempted {
         envelope.schedule.attempts += 1;
     }
@@ -282,12 +288,7 @@ pub fn finalize(attempt: Attempt, queue: &QueueConfig, now: u64) -> (Envelope, V
     if !newly_failed.is_empty() {
         let notices = newly_failed
             .iter()
-            .map(|&index| Notice {
-                index,
-                action: DsnAction::Failed,
-                status: None,
-                remote_mta: mta(index),
-            })
+            .map(|&index| notice(index, DsnAction::Failed, None))
             .collect();
         effects.push(Effect::Notify {
             kind: DsnKind::Failure,
@@ -298,12 +299,7 @@ pub fn finalize(attempt: Attempt, queue: &QueueConfig, now: u64) -> (Envelope, V
     if !success.is_empty() {
         let notices = success
             .iter()
-            .map(|&(index, action)| Notice {
-                index,
-                action,
-                status: None,
-                remote_mta: mta(index),
-            })
+            .map(|&(index, action)| notice(index, action, None))
             .collect();
         effects.push(Effect::Notify {
             kind: DsnKind::Success,
@@ -338,12 +334,7 @@ pub fn finalize(attempt: Attempt, queue: &QueueConfig, now: u64) -> (Envelope, V
                 kind: DsnKind::Delay,
                 notices: open
                     .iter()
-                    .map(|&index| Notice {
-                        index,
-                        action: DsnAction::Delayed,
-                        status: None,
-                        remote_mta: mta(index),
-                    })
+                    .map(|&index| notice(index, DsnAction::Delayed, None))
                     .collect(),
                 retry_until: Some(until),
             });
@@ -357,11 +348,12 @@ pub fn finalize(attempt: Attempt, queue: &QueueConfig, now: u64) -> (Envelope, V
             kind: DsnKind::Delay,
             notices: open
                 .iter()
-                .map(|&index| Notice {
-                    index,
-                    action: DsnAction::Delayed,
-                    status: Some(EnhancedStatus::new(4, 4, 7)),
-                    remote_mta: mta(index),
+                .map(|&index| {
+                    notice(
+                        index,
+                        DsnAction::Delayed,
+                        Some(EnhancedStatus::new(4, 4, 7)),
+                    )
                 })
                 .collect(),
             retry_until: Some(until),

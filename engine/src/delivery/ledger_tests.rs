@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use sluice_spool::{BodyType, DeliverBy, DeliverByMode, Recipient, Schedule};
+use sluice_spool::{DeliverBy, DeliverByMode, Recipient};
 
 use super::*;
 use crate::config::HumanDuration;
 
-const T0: u64 = 1_800_000_000_000;
+use super::super::timing::tests::T0;
 const MIN: u64 = 60_000;
 const HOUR: u64 = 60 * MIN;
 const DAY: u64 = 24 * HOUR;
@@ -25,24 +25,8 @@ fn rcpt(address: &str) -> Recipient {
 
 fn env(recipients: &[&str]) -> Envelope {
     Envelope {
-        sender: "a@example.org".into(),
         recipients: recipients.iter().map(|r| rcpt(r)).collect(),
-        ret: None,
-        envid: None,
-        body_type: BodyType::SevenBit,
-        smtputf8: false,
-        arrival_unix_ms: T0,
-        listener: "smtp".into(),
-        client_ip: "192.0.2.1".into(),
-        helo: "c".into(),
-        auth_user: None,
-        tls: None,
-        size: 10,
-        priority: 0,
-        queue: "default".into(),
-        hold_until_unix: 0,
-        deliver_by: None,
-        schedule: Schedule::default(),
+        ..super::super::timing::tests::env()
     }
 }
 

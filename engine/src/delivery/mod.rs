@@ -186,7 +186,7 @@ impl CoreDelivery {
     pub fn start(
         self: &Rc<Self>,
         mut receivers: Receivers<MeshMsg>,
-    ) -> Result<usize, sluice_spool::SpoolError> {
+    ) -> Result<sluice_spool::RecoveryReport, sluice_spool::SpoolError> {
         for (_peer, stream) in receivers.streams() {
             let me = self.clone();
             glommio::spawn_local(async move {
@@ -197,7 +197,7 @@ impl CoreDelivery {
             .detach();
         }
         let now = now_ms();
-        let scheduled = {
+        let recovered = {
             let mut timers = self.timers.borrow_mut();
             // Messages with nothing open are scheduled too: the dispatch finds
             // nothing to do and removes them.
@@ -208,7 +208,7 @@ impl CoreDelivery {
         let me = self.clone();
         glommio::spawn_local(async move { me.timer_loop().await }).detach();
         self.start_admin_commands();
-        Ok(scheduled)
+        Ok(recovered)
     }
 }
 

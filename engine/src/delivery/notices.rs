@@ -130,11 +130,7 @@ impl CoreDelivery {
         })
         .await;
         if stored {
-            crate::metrics::dsn_queued(match kind {
-                DsnKind::Failure => "failure",
-                DsnKind::Delay => "delay",
-                DsnKind::Success => "success",
-            });
+            crate::metrics::dsn_queued(kind.as_str());
             tracing::info!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, to = %dsn.recipient, kind = ?kind, "notification queued");
             self.queue.admitted(dsn_id, dsn_envelope);
         }

@@ -12,6 +12,22 @@ use super::config::{OutboundTls, RouteConfig, RouteKind};
 use super::job::{Strategy, Target};
 use super::CoreDelivery;
 
+/// What the rules may match on, read once per message.
+pub(super) fn message_facts(envelope: &Envelope) -> sluice_policy::MessageFacts<'_> {
+    let client_ip = envelope
+        .client_ip
+        .parse()
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    sluice_policy::MessageFacts {
+        listener: &envelope.listener,
+        client_ip,
+        auth_user: envelope.auth_user.as_deref(),
+        sender: &envelope.sender,
+        priority: envelope.priority,
+        size: envelope.size,
+    }
+}
+
 impl CoreDelivery {
     /// Route, target and connection strategy for one recipient: the first
     /// matching `[[rule]]` decides (with the domain's MX host names when they
@@ -20,35 +36,19 @@ impl CoreDelivery {
     /// over after `fallback_after` deferrals of this recipient.
     pub(super) fn target_for(
         &self,
-        envelope: &Envelope,
+        facts: &sluice_policy::MessageFacts<'_>,
+        rules: &sluice_policy::RuleSet,
         recipient: &sluice_spool::Recipient,
         mx: Option<&MxHosts>,
     ) -> Result<(String, Target, Strategy), Reply> {
         let cfg = &self.shared.cfg;
-        let client_ip = envelope
-            .client_ip
-            .parse()
-            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let facts = sluice_policy::MessageFacts {
-            listener: &envelope.listener,
-            client_ip,
-            auth_user: envelope.auth_user.as_deref(),
-            sender: &envelope.sender,
-            priority: envelope.priority,
-            size: envelope.size,
-        };
-        let rules = self.shared.rules.load();
         let hosts: Option<Vec<&str>> = mx.map(|m| {
             m.get(&domain_of(&recipient.address))
                 .map(|h| h.iter().map(String::as_str).collect())
                 .unwrap_or_default()
         });
-        let decision = rules.evaluate_recipient(
-            &facts,
-            &recipient.address,
-            recipient.local,
-            hosts.as_deref(),
-        );
+        let decision =
+            rules.evaluate_recipient(facts, &recipient.address, recipient.local, hosts.as_deref());
         let chosen = decision.route.as_str();
         let deferrals = match &recipient.status {
             RecipientStatus::Deferred { attempts, .. } => *attempts,

@@ -15,11 +15,12 @@ use sluice_spool::{Envelope, MessageId, Reply};
 use super::job::{deferred_all, site_key, JobResult, Outcome};
 use super::ledger::{self, Admit, Attempt, Effect};
 use super::mesh::{owner_of, MeshMsg};
-use super::routing::MxHosts;
+use super::routing::{message_facts, MxHosts};
 use super::{halted, now_ms, persist, throttle, CoreDelivery};
 
 impl CoreDelivery {
-    /// A message was just accepted on this core (its shard): deliver it now.
+    /// Wakes each message when its time comes (retry, release, deadline) and
+    /// dispatches it.
     pub(super) async fn timer_loop(self: Rc<Self>) {
         loop {
             let listener = self.timer_wake.listen();
@@ -110,8 +111,6 @@ impl CoreDelivery {
 
     /// Groups the message's open recipients by target and sends each group to the
     /// site's owner.
-    /// Groups the message's open recipients by target and sends each group to the
-    /// site's owner.
     pub(super) fn dispatch(self: &Rc<Self>, id: MessageId, envelope: Envelope) {
         if self.shared.spool.is_failed() {
             // Failed closed: a delivery whose result cannot be recorded would be
@@ -155,8 +154,11 @@ impl CoreDelivery {
         mx: Option<&MxHosts>,
         now: u64,
     ) {
-        let (mut groups, unroutable) =
-            ledger::group(&envelope, |r| self.target_for(&envelope, r, mx));
+        let (mut groups, unroutable) = {
+            let facts = message_facts(&envelope);
+            let rules = self.shared.rules.load();
+            ledger::group(&envelope, |r| self.target_for(&facts, &rules, r, mx))
+        };
         // Destinations suspended by the operator: their recipients wait; when
         // nothing else is to be done, wake at the suspension's end.
         if let Some(until) = self.admin_park_suspended(id, &mut groups, now) {

@@ -63,14 +63,15 @@ pub fn expired(env: &Envelope, expire_ms: u64, now_ms: u64) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use sluice_spool::{BodyType, DeliverBy, Schedule};
 
     use super::*;
 
-    const T0: u64 = 1_800_000_000_000;
+    pub(in crate::delivery) const T0: u64 = 1_800_000_000_000;
 
-    fn env() -> Envelope {
+    /// A message received at `T0` with no recipients (the delivery tests' base).
+    pub(in crate::delivery) fn env() -> Envelope {
         Envelope {
             sender: "a@example.org".into(),
             recipients: Vec::new(),

@@ -62,6 +62,17 @@ pub enum DsnKind {
     Success,
 }
 
+impl DsnKind {
+    /// The name metrics and logs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DsnKind::Failure => "failure",
+            DsnKind::Delay => "delay",
+            DsnKind::Success => "success",
+        }
+    }
+}
+
 /// RFC 3464 §2.3.3 action-field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DsnAction {

@@ -2,7 +2,7 @@
 //! every message in its queue's quota and handing it to the scheduler (when
 //! delivery is on) in the same pass.
 
-use sluice_spool::{Envelope, MessageId, SpoolError};
+use sluice_spool::{Envelope, MessageId, RecoveryReport, SpoolError};
 
 use super::CoreQueue;
 
@@ -15,21 +15,21 @@ pub fn core_shards(shard_count: u16, core: u16, cores: usize) -> Vec<u16> {
 }
 
 /// Walks `shards` once: counts each message in its queue and passes it to
-/// `each` (the scheduler's timer set). Returns how many messages it found.
+/// `each` (the scheduler's timer set). Returns what it found, for the
+/// start-up report.
 pub fn recover(
     queue: &CoreQueue,
     shards: &[u16],
     mut each: impl FnMut(MessageId, &Envelope),
-) -> Result<usize, SpoolError> {
-    let mut found = 0;
+) -> Result<RecoveryReport, SpoolError> {
+    let mut found = RecoveryReport::default();
     let core = usize::from(queue.core());
     for &shard in shards {
-        queue.spool().list_shard(shard, |id, env| {
+        let report = queue.spool().recover_shard(shard, |id, env| {
             queue.stats().add(core, &env.queue, env.size);
             each(id, env);
-            found += 1;
-            true
         })?;
+        found.add(&report);
     }
     Ok(found)
 }

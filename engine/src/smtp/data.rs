@@ -234,6 +234,17 @@ impl BareNewlineScanner {
         }
     }
 
+    /// What the chunks held, in the terms the DATA decoder reports
+    /// (`too_big` is counted by the session).
+    pub fn flags(&self, too_big: bool) -> BodyFlags {
+        BodyFlags {
+            bare_newline: self.found,
+            too_big,
+            nul: self.nul,
+            long_line: self.long_line,
+        }
+    }
+
     /// Call at the end of the message: a trailing CR is bare.
     pub fn finish(&mut self) {
         if self.prev_cr {

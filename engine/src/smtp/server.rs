@@ -206,6 +206,17 @@ struct Transaction {
     over_budget: bool,
 }
 
+impl Transaction {
+    /// The budget cannot hold the body any longer: it is dropped now and the
+    /// rest is read only to find its end, then answered 452 4.3.1.
+    fn discard_over_budget(&mut self, client_ip: IpAddr) {
+        tracing::info!(%client_ip, "message memory budget spent: body discarded");
+        self.over_budget = true;
+        self.reservation = None;
+        self.body = Vec::new();
+    }
+}
+
 /// The parts of an envelope the transaction log line needs once the envelope has
 /// gone to the spool.
 #[derive(Debug, Clone)]
@@ -448,13 +459,13 @@ impl Session {
                     let limit_hit = decoder.flags.too_big;
                     // Decoding never makes the body grow by more than the input.
                     let grown = (self.tx.body.len() + rest.len()) as u64;
-                    if let Some(r) = self.tx.reservation.as_mut() {
-                        if !r.cover(grown) {
-                            tracing::info!(client_ip = %self.peer.ip, "message memory budget spent: body discarded");
-                            self.tx.over_budget = true;
-                            self.tx.reservation = None;
-                            self.tx.body = Vec::new();
-                        }
+                    if self
+                        .tx
+                        .reservation
+                        .as_mut()
+                        .is_some_and(|r| !r.cover(grown))
+                    {
+                        self.tx.discard_over_budget(self.peer.ip);
                     }
                     match decoder.feed(rest, &mut self.tx.body) {
                         None => {
@@ -476,16 +487,8 @@ impl Session {
                             self.state = State::Command;
                             if self.tx.over_budget {
                                 self.fail_body(452, "4.3.1", BUDGET_TEXT);
-                            } else if flags.too_big {
-                                self.fail_body(552, "5.3.4", "Error: message too big");
-                            } else if let Some(text) = self.body_refusal(flags) {
-                                self.fail_body(550, "5.6.0", &text);
-                            } else {
-                                if flags.nul {
-                                    // nul_bytes = "strip" (body_refusal let it through).
-                                    self.tx.body.retain(|&b| b != 0);
-                                }
-                                return (pos, self.submit(now_ms));
+                            } else if let Some(action) = self.end_of_body(flags, now_ms) {
+                                return (pos, action);
                             }
                         }
                     }
@@ -512,10 +515,7 @@ impl Session {
                             if fits {
                                 self.tx.body.extend_from_slice(chunk);
                             } else {
-                                tracing::info!(client_ip = %self.peer.ip, "message memory budget spent: body discarded");
-                                self.tx.over_budget = true;
-                                self.tx.reservation = None;
-                                self.tx.body = Vec::new();
+                                self.tx.discard_over_budget(self.peer.ip);
                             }
                         }
                     }
@@ -539,22 +539,9 @@ impl Session {
                         }
                     } else if last {
                         self.tx.bdat_scan.finish();
-                        let scan = self.tx.bdat_scan;
-                        let flags = BodyFlags {
-                            bare_newline: scan.found,
-                            too_big: self.tx.bdat_too_big,
-                            nul: scan.nul,
-                            long_line: scan.long_line,
-                        };
-                        if flags.too_big {
-                            self.fail_body(552, "5.3.4", "Error: message too big");
-                        } else if let Some(text) = self.body_refusal(flags) {
-                            self.fail_body(550, "5.6.0", &text);
-                        } else {
-                            if flags.nul {
-                                self.tx.body.retain(|&b| b != 0);
-                            }
-                            return (pos, self.submit(now_ms));
+                        let flags = self.tx.bdat_scan.flags(self.tx.bdat_too_big);
+                        if let Some(action) = self.end_of_body(flags, now_ms) {
+                            return (pos, action);
                         }
                     } else {
                         let text = format!("Ok: {} octets received", self.tx.bdat_bytes);
@@ -614,6 +601,23 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A complete body (DATA or BDAT LAST): refused for its size or a listener
+    /// policy, or submitted (NULs stripped under nul_bytes = "strip").
+    fn end_of_body(&mut self, flags: BodyFlags, now_ms: u64) -> Option<Action> {
+        if flags.too_big {
+            self.fail_body(552, "5.3.4", "Error: message too big");
+        } else if let Some(text) = self.body_refusal(flags) {
+            self.fail_body(550, "5.6.0", &text);
+        } else {
+            if flags.nul {
+                // body_refusal let NULs through: nul_bytes = "strip".
+                self.tx.body.retain(|&b| b != 0);
+            }
+            return Some(self.submit(now_ms));
+        }
+        None
     }
 
     /// Why a complete body (not too big) is refused under this listener's
@@ -1644,17 +1648,19 @@ fn is_bare_postmaster(line: &[u8]) -> bool {
 /// there), or bytes that are not UTF-8 (the parser would replace them with
 /// U+FFFD and the relay would send on an address the client never gave).
 fn unusable_command(line: &[u8]) -> Option<(u16, &'static str, &'static str)> {
-    let verb = line.get(..4).map(<[u8]>::to_ascii_uppercase);
     if memchr::memchr(0, line).is_some() {
         return Some((501, "5.5.2", "Error: NUL byte in command"));
     }
     if std::str::from_utf8(line).is_ok() {
         return None;
     }
-    Some(match verb.as_deref() {
-        Some(b"MAIL") => (501, "5.1.7", "Error: sender address is not valid UTF-8"),
-        Some(b"RCPT") => (501, "5.1.3", "Error: recipient address is not valid UTF-8"),
-        _ => (500, "5.5.2", "Error: command is not valid UTF-8"),
+    let verb = line.get(..4).unwrap_or_default();
+    Some(if verb.eq_ignore_ascii_case(b"MAIL") {
+        (501, "5.1.7", "Error: sender address is not valid UTF-8")
+    } else if verb.eq_ignore_ascii_case(b"RCPT") {
+        (501, "5.1.3", "Error: recipient address is not valid UTF-8")
+    } else {
+        (500, "5.5.2", "Error: command is not valid UTF-8")
     })
 }
 

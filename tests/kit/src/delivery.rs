@@ -158,18 +158,7 @@ impl LoadgenSink {
     }
 
     fn try_http(&self, method: &str, path: &str) -> std::io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&self.stats_addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(15)))?;
-        write!(s, "{method} {path} HTTP/1.0\r\n\r\n")?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let (head, body) = resp
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| std::io::Error::other("no HTTP header end"))?;
-        if !head.starts_with("HTTP/1.0 200") {
-            return Err(std::io::Error::other(format!("HTTP: {head}")));
-        }
-        Ok(body.to_string())
+        http_request(self.stats_addr, method, path, Duration::from_secs(15))
     }
 
     pub fn stats(&self) -> Value {
@@ -589,4 +578,25 @@ pub fn spool_ids(relay: &Relay) -> Vec<String> {
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter_map(|v| v["id"].as_str().map(str::to_string))
         .collect()
+}
+
+/// One HTTP/1.0 request to a sink's stats listener; the body of a 200 answer.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    read_timeout: Duration,
+) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(read_timeout))?;
+    write!(s, "{method} {path} HTTP/1.0\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no HTTP header end"))?;
+    if !head.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(format!("HTTP: {head}")));
+    }
+    Ok(body.to_string())
 }
