@@ -1342,7 +1342,7 @@ fn store_raw(path: &std::path::Path, bodies: &[Vec<u8>]) {
             smtputf8: false,
             arrival_unix_ms: now_ms,
             listener: "smtp".into(),
-            client_ip: "127.0.0.1".into(),
+            client_ip: "127.0.0.1".parse().ok(),
             helo: "old.version.test".into(),
             auth_user: None,
             tls: None,

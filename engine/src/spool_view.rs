@@ -181,7 +181,10 @@ pub fn show(path: &Path, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
     writeln!(out, "body_type: {:?}", env.body_type)?;
     writeln!(out, "smtputf8: {}", env.smtputf8)?;
     writeln!(out, "listener: {}", env.listener)?;
-    writeln!(out, "client_ip: {}", env.client_ip)?;
+    match env.client_ip {
+        Some(ip) => writeln!(out, "client_ip: {ip}")?,
+        None => writeln!(out, "client_ip: (none: written by the relay)")?,
+    }
     writeln!(out, "helo: {}", env.helo)?;
     writeln!(out, "auth_user: {}", env.auth_user.as_deref().unwrap_or(""))?;
     writeln!(out, "tls: {}", env.tls.as_deref().unwrap_or(""))?;
@@ -286,7 +289,7 @@ mod tests {
             smtputf8: false,
             arrival_unix_ms: NOW - 600_000,
             listener: "smtp".into(),
-            client_ip: "192.0.2.1".into(),
+            client_ip: "192.0.2.1".parse().ok(),
             helo: "c".into(),
             auth_user: None,
             tls: None,

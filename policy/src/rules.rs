@@ -156,7 +156,9 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D
 #[derive(Debug, Clone, Copy)]
 pub struct MessageFacts<'a> {
     pub listener: &'a str,
-    pub client_ip: IpAddr,
+    /// None for messages the relay wrote itself (notices): `match.client_ip`
+    /// never matches them.
+    pub client_ip: Option<IpAddr>,
     /// Some when the session authenticated.
     pub auth_user: Option<&'a str>,
     /// Reverse-path without angle brackets; "" for the null sender.
@@ -529,7 +531,7 @@ impl Conditions {
             }
         }
         if let Some(nets) = &self.client_ip {
-            if !nets.contains(facts.client_ip) {
+            if !facts.client_ip.is_some_and(|ip| nets.contains(ip)) {
                 return false;
             }
         }
@@ -784,7 +786,7 @@ mod tests {
     fn facts() -> MessageFacts<'static> {
         MessageFacts {
             listener: "smtp",
-            client_ip: "203.0.113.7".parse().expect("ip"),
+            client_ip: "203.0.113.7".parse().ok(),
             auth_user: None,
             sender: "alice@example.org",
             priority: 0,
@@ -951,17 +953,20 @@ mod tests {
         );
         let mut f = facts();
         f.listener = "submission";
-        f.client_ip = "10.1.2.3".parse().expect("ip");
+        f.client_ip = "10.1.2.3".parse().ok();
         assert_eq!(which(&set, &f, "x@y.example"), Some(1));
-        f.client_ip = "::ffff:10.9.9.9".parse().expect("ip");
+        f.client_ip = "::ffff:10.9.9.9".parse().ok();
         assert_eq!(which(&set, &f, "x@y.example"), Some(1));
-        f.client_ip = "2001:db8::1".parse().expect("ip");
+        f.client_ip = "2001:db8::1".parse().ok();
         assert_eq!(which(&set, &f, "x@y.example"), Some(1));
         // Both conditions are needed (AND).
-        f.client_ip = "192.0.2.1".parse().expect("ip");
+        f.client_ip = "192.0.2.1".parse().ok();
+        assert_eq!(which(&set, &f, "x@y.example"), Some(4));
+        // A notice the relay wrote has no client: no network matches it.
+        f.client_ip = None;
         assert_eq!(which(&set, &f, "x@y.example"), Some(4));
         f.listener = "smtp";
-        f.client_ip = "10.1.2.3".parse().expect("ip");
+        f.client_ip = "10.1.2.3".parse().ok();
         assert_eq!(which(&set, &f, "x@y.example"), Some(4));
         // Listener names are exact.
         f.listener = "Submission";
@@ -1176,7 +1181,7 @@ mod tests {
         );
         let base = MessageFacts {
             listener: "submission",
-            client_ip: "10.0.0.1".parse().expect("ip"),
+            client_ip: "10.0.0.1".parse().ok(),
             auth_user: Some("alice"),
             sender: "alice@example.org",
             priority: 0,
@@ -1194,7 +1199,7 @@ mod tests {
                 ..base
             },
             MessageFacts {
-                client_ip: "11.0.0.1".parse().expect("ip"),
+                client_ip: "11.0.0.1".parse().ok(),
                 ..base
             },
             MessageFacts {

@@ -1,3 +1,5 @@
+use std::net::IpAddr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{MessageId, Reply, SpoolError};
@@ -13,7 +15,11 @@ use crate::{MessageId, Reply, SpoolError};
 /// 6 stores recipient replies typed ([`Reply`]: code, enhanced status, text)
 /// instead of reply lines, followed by both extension records; version 5 and
 /// older envelopes decode with their lines read into that type.
-const ENVELOPE_VERSION: u8 = 6;
+/// 7 stores the client address typed (`Option<IpAddr>`, none for notices the
+/// relay wrote) instead of as text; older envelopes decode with the text
+/// parsed, an empty or unreadable one as none.
+const ENVELOPE_VERSION: u8 = 7;
+const ENVELOPE_V6: u8 = 6;
 const ENVELOPE_V5: u8 = 5;
 const ENVELOPE_V4: u8 = 4;
 const ENVELOPE_V3: u8 = 3;
@@ -59,7 +65,9 @@ pub struct Envelope {
     pub smtputf8: bool,
     pub arrival_unix_ms: u64,
     pub listener: String,
-    pub client_ip: String,
+    /// The connecting client (after PROXY); none for messages the relay
+    /// wrote itself (delivery status notifications).
+    pub client_ip: Option<IpAddr>,
     pub helo: String,
     pub auth_user: Option<String>,
     /// e.g. "TLSv1.3 TLS13_AES_256_GCM_SHA384".
@@ -209,6 +217,16 @@ impl Envelope {
                 env.schedule.notices = ext5.notices;
                 Ok(env)
             }
+            Some((&ENVELOPE_V6, rest)) => {
+                let (env, ext) =
+                    postcard::take_from_bytes::<v4::Envelope<Recipient>>(rest).map_err(corrupt)?;
+                let (ext, ext5) = postcard::take_from_bytes::<Extension>(ext).map_err(corrupt)?;
+                let ext5: Extension5 = postcard::from_bytes(ext5).map_err(corrupt)?;
+                let mut env = Envelope::from(env);
+                env.schedule.held = ext.held;
+                env.schedule.notices = ext5.notices;
+                Ok(env)
+            }
             Some((&ENVELOPE_V5, rest)) => {
                 let (env, ext) =
                     postcard::take_from_bytes::<v4::Envelope>(rest).map_err(corrupt)?;
@@ -241,8 +259,9 @@ impl Envelope {
     }
 }
 
-/// The version 3/4/5 layout (reply lines as text), decoded and converted: each
-/// line is read into a [`Reply`] once, here.
+/// The version 3–6 layout (the client address as text), decoded and converted.
+/// Versions 3–5 hold reply lines ([`Recipient`] here), each read into a
+/// [`Reply`] once, here; version 6 holds typed replies (`super::Recipient`).
 mod v4 {
     use serde::{Deserialize, Serialize};
 
@@ -250,9 +269,9 @@ mod v4 {
     use crate::Reply;
 
     #[derive(Serialize, Deserialize)]
-    pub(super) struct Envelope {
+    pub(super) struct Envelope<R = Recipient> {
         pub sender: String,
-        pub recipients: Vec<Recipient>,
+        pub recipients: Vec<R>,
         pub ret: Option<Ret>,
         pub envid: Option<String>,
         pub body_type: BodyType,
@@ -307,28 +326,30 @@ mod v4 {
         }
     }
 
-    impl From<Envelope> for super::Envelope {
-        fn from(e: Envelope) -> super::Envelope {
+    impl From<Recipient> for super::Recipient {
+        fn from(r: Recipient) -> super::Recipient {
+            super::Recipient {
+                address: r.address,
+                orcpt: r.orcpt,
+                notify: r.notify,
+                status: r.status.into(),
+                local: r.local,
+            }
+        }
+    }
+
+    impl<R: Into<super::Recipient>> From<Envelope<R>> for super::Envelope {
+        fn from(e: Envelope<R>) -> super::Envelope {
             super::Envelope {
                 sender: e.sender,
-                recipients: e
-                    .recipients
-                    .into_iter()
-                    .map(|r| super::Recipient {
-                        address: r.address,
-                        orcpt: r.orcpt,
-                        notify: r.notify,
-                        status: r.status.into(),
-                        local: r.local,
-                    })
-                    .collect(),
+                recipients: e.recipients.into_iter().map(Into::into).collect(),
                 ret: e.ret,
                 envid: e.envid,
                 body_type: e.body_type,
                 smtputf8: e.smtputf8,
                 arrival_unix_ms: e.arrival_unix_ms,
                 listener: e.listener,
-                client_ip: e.client_ip,
+                client_ip: e.client_ip.parse().ok(),
                 helo: e.helo,
                 auth_user: e.auth_user,
                 tls: e.tls,
@@ -342,43 +363,56 @@ mod v4 {
         }
     }
 
-    /// For tests: the old layout of a current envelope (replies as lines).
+    /// For tests: a recipient in the version 3–5 form (reply lines).
     #[cfg(test)]
-    impl From<&super::Envelope> for Envelope {
-        fn from(e: &super::Envelope) -> Envelope {
+    impl From<&super::Recipient> for Recipient {
+        fn from(r: &super::Recipient) -> Recipient {
             use super::RecipientStatus as New;
+            Recipient {
+                address: r.address.clone(),
+                orcpt: r.orcpt.clone(),
+                notify: r.notify,
+                status: match &r.status {
+                    New::Pending => RecipientStatus::Pending,
+                    New::Delivered { reply } => RecipientStatus::Delivered {
+                        reply: reply.to_string(),
+                    },
+                    New::Deferred { reply, attempts } => RecipientStatus::Deferred {
+                        reply: reply.to_string(),
+                        attempts: *attempts,
+                    },
+                    New::Failed { reply } => RecipientStatus::Failed {
+                        reply: reply.to_string(),
+                    },
+                },
+                local: r.local,
+            }
+        }
+    }
+
+    /// For tests: a recipient in the version 6 form (typed replies).
+    #[cfg(test)]
+    impl From<&super::Recipient> for super::Recipient {
+        fn from(r: &super::Recipient) -> super::Recipient {
+            r.clone()
+        }
+    }
+
+    /// For tests: the old layout of a current envelope, with recipients in
+    /// the form of version 3–5 (`R = Recipient`) or 6 (`R = super::Recipient`).
+    #[cfg(test)]
+    impl<R: for<'a> From<&'a super::Recipient>> From<&super::Envelope> for Envelope<R> {
+        fn from(e: &super::Envelope) -> Envelope<R> {
             Envelope {
                 sender: e.sender.clone(),
-                recipients: e
-                    .recipients
-                    .iter()
-                    .map(|r| Recipient {
-                        address: r.address.clone(),
-                        orcpt: r.orcpt.clone(),
-                        notify: r.notify,
-                        status: match &r.status {
-                            New::Pending => RecipientStatus::Pending,
-                            New::Delivered { reply } => RecipientStatus::Delivered {
-                                reply: reply.to_string(),
-                            },
-                            New::Deferred { reply, attempts } => RecipientStatus::Deferred {
-                                reply: reply.to_string(),
-                                attempts: *attempts,
-                            },
-                            New::Failed { reply } => RecipientStatus::Failed {
-                                reply: reply.to_string(),
-                            },
-                        },
-                        local: r.local,
-                    })
-                    .collect(),
+                recipients: e.recipients.iter().map(R::from).collect(),
                 ret: e.ret,
                 envid: e.envid.clone(),
                 body_type: e.body_type,
                 smtputf8: e.smtputf8,
                 arrival_unix_ms: e.arrival_unix_ms,
                 listener: e.listener.clone(),
-                client_ip: e.client_ip.clone(),
+                client_ip: e.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
                 helo: e.helo.clone(),
                 auth_user: e.auth_user.clone(),
                 tls: e.tls.clone(),
@@ -566,7 +600,7 @@ mod tests {
             smtputf8: false,
             arrival_unix_ms: 1_700_000_000_000,
             listener: "smtp".into(),
-            client_ip: "192.0.2.1".into(),
+            client_ip: Some(IpAddr::from([192, 0, 2, 1])),
             helo: "c.example.org".into(),
             auth_user: None,
             tls: None,
@@ -599,7 +633,7 @@ mod tests {
             reply: Reply::new(550, "5.1.1", "no such user"),
         };
         env.schedule.held = true;
-        let old = v4::Envelope::from(&env);
+        let old = v4::Envelope::<v4::Recipient>::from(&env);
         let bytes = postcard::to_extend(&old, vec![ENVELOPE_V4]).expect("encode v4");
         let bytes = postcard::to_extend(&Extension { held: true }, bytes).expect("ext");
         let back = Envelope::decode(MessageId(1), &bytes).expect("v4 decodes");
@@ -608,10 +642,10 @@ mod tests {
             panic!("failed status expected: {back:?}");
         };
         assert_eq!(reply.status, Some(crate::EnhancedStatus::new(5, 1, 1)));
-        // Written back, it is version 6 and round-trips.
+        // Written back, it is the current version and round-trips.
         let new = back.encode().expect("encode");
-        assert_eq!(new[0], 6);
-        assert_eq!(Envelope::decode(MessageId(1), &new).expect("v6"), env);
+        assert_eq!(new[0], ENVELOPE_VERSION);
+        assert_eq!(Envelope::decode(MessageId(1), &new).expect("current"), env);
     }
 
     #[test]
@@ -641,7 +675,7 @@ mod tests {
         };
         env.schedule.held = true;
         env.schedule.notices = NoticeLimit::HeadersOnly;
-        let old = v4::Envelope::from(&env);
+        let old = v4::Envelope::<v4::Recipient>::from(&env);
         let bytes = postcard::to_extend(&old, vec![ENVELOPE_V5]).expect("encode v5");
         let bytes = postcard::to_extend(&Extension { held: true }, bytes).expect("ext");
         let bytes = postcard::to_extend(
@@ -660,10 +694,57 @@ mod tests {
     fn version_3_envelopes_still_decode() {
         // Version 3 is the version 4 layout without the extension record.
         let env = sample();
-        let bytes =
-            postcard::to_extend(&v4::Envelope::from(&env), vec![ENVELOPE_V3]).expect("encode v3");
+        let bytes = postcard::to_extend(
+            &v4::Envelope::<v4::Recipient>::from(&env),
+            vec![ENVELOPE_V3],
+        )
+        .expect("encode v3");
         let back = Envelope::decode(MessageId(1), &bytes).expect("v3 decodes");
         assert_eq!(back, env);
         assert!(!back.schedule.held);
+    }
+
+    #[test]
+    fn version_6_envelopes_still_decode_with_their_client_address_typed() {
+        // Version 6: typed replies, the client address as text, both records.
+        let mut env = sample();
+        env.recipients[0].status = RecipientStatus::Delivered {
+            reply: Reply::new(250, "2.0.0", "ok"),
+        };
+        env.schedule.notices = NoticeLimit::FailuresOnly;
+        let write_v6 = |client_ip: &str| {
+            let old = v4::Envelope::<Recipient> {
+                client_ip: client_ip.into(),
+                ..v4::Envelope::from(&env)
+            };
+            let bytes = postcard::to_extend(&old, vec![ENVELOPE_V6]).expect("encode v6");
+            let bytes = postcard::to_extend(&Extension { held: false }, bytes).expect("ext");
+            postcard::to_extend(
+                &Extension5 {
+                    notices: NoticeLimit::FailuresOnly,
+                },
+                bytes,
+            )
+            .expect("ext5")
+        };
+        let back = Envelope::decode(MessageId(1), &write_v6("192.0.2.1")).expect("v6 decodes");
+        assert_eq!(back, env);
+        assert_eq!(back.client_ip, Some(IpAddr::from([192, 0, 2, 1])));
+        // A relay-written notice stored "" as its client: it reads as none.
+        let back = Envelope::decode(MessageId(2), &write_v6("")).expect("v6 decodes");
+        assert_eq!(back.client_ip, None);
+        let v6_ipv6 = write_v6("2001:db8::7");
+        let back = Envelope::decode(MessageId(3), &v6_ipv6).expect("v6 decodes");
+        assert_eq!(back.client_ip, "2001:db8::7".parse().ok());
+    }
+
+    #[test]
+    fn a_client_address_round_trips_in_both_families_and_as_none() {
+        for ip in [None, "192.0.2.9".parse().ok(), "2001:db8::9".parse().ok()] {
+            let mut env = sample();
+            env.client_ip = ip;
+            let bytes = env.encode().expect("encode");
+            assert_eq!(Envelope::decode(MessageId(4), &bytes).expect("decode"), env);
+        }
     }
 }

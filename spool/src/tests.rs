@@ -43,7 +43,7 @@ fn envelope(size: usize) -> Envelope {
         smtputf8: true,
         arrival_unix_ms: 1_700_000_000_000,
         listener: "mx".into(),
-        client_ip: "192.0.2.1".into(),
+        client_ip: "192.0.2.1".parse().ok(),
         helo: "client.example.org".into(),
         auth_user: None,
         tls: Some("TLSv1.3 TLS13_AES_256_GCM_SHA384".into()),

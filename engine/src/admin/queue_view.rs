@@ -403,7 +403,7 @@ mod tests {
             smtputf8: false,
             arrival_unix_ms: 1_000_000,
             listener: "smtp".into(),
-            client_ip: "127.0.0.1".into(),
+            client_ip: "127.0.0.1".parse().ok(),
             helo: "h".into(),
             auth_user: None,
             tls: None,

@@ -112,7 +112,7 @@ impl CoreDelivery {
             smtputf8: false,
             arrival_unix_ms: now,
             listener: "dsn".into(),
-            client_ip: String::new(),
+            client_ip: None,
             helo: String::new(),
             auth_user: None,
             tls: None,

@@ -4,7 +4,6 @@
 //! are looked up first ([`CoreDelivery::mx_hosts`]).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 
 use sluice_spool::{Envelope, RecipientStatus, Reply};
 
@@ -14,13 +13,9 @@ use super::CoreDelivery;
 
 /// What the rules may match on, read once per message.
 pub(super) fn message_facts(envelope: &Envelope) -> sluice_policy::MessageFacts<'_> {
-    let client_ip = envelope
-        .client_ip
-        .parse()
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
     sluice_policy::MessageFacts {
         listener: &envelope.listener,
-        client_ip,
+        client_ip: envelope.client_ip,
         auth_user: envelope.auth_user.as_deref(),
         sender: &envelope.sender,
         priority: envelope.priority,

@@ -81,7 +81,7 @@ pub(super) mod tests {
             smtputf8: false,
             arrival_unix_ms: T0,
             listener: "smtp".into(),
-            client_ip: "192.0.2.1".into(),
+            client_ip: "192.0.2.1".parse().ok(),
             helo: "c".into(),
             auth_user: None,
             tls: None,

@@ -361,11 +361,9 @@ fn delivery_status(
     field(&mut out, "X-Sluice-Queue-ID", &ctx.original_id.to_string());
     let helo = clean_host(&envelope.helo);
     if !helo.is_empty() {
-        let ip = clean_host(&envelope.client_ip);
-        let value = if ip.is_empty() {
-            format!("dns; {helo}")
-        } else {
-            format!("dns; {helo} ({ip})")
+        let value = match envelope.client_ip {
+            None => format!("dns; {helo}"),
+            Some(ip) => format!("dns; {helo} ({ip})"),
         };
         field(&mut out, "Received-From-MTA", &value);
     }
@@ -744,7 +742,7 @@ line two\r\n";
             smtputf8: false,
             arrival_unix_ms: NOW - 3_600_000,
             listener: "smtp".into(),
-            client_ip: "192.0.2.7".into(),
+            client_ip: "192.0.2.7".parse().ok(),
             helo: "client.example.org".into(),
             auth_user: None,
             tls: None,

@@ -897,7 +897,7 @@ impl Session {
     fn facts(&self, size: u64) -> sluice_policy::MessageFacts<'_> {
         sluice_policy::MessageFacts {
             listener: &self.cfg.listener,
-            client_ip: self.peer.ip,
+            client_ip: Some(self.peer.ip),
             auth_user: self.auth_user.as_deref(),
             sender: self.tx.sender.as_deref().unwrap_or(""),
             priority: self.tx.priority,
@@ -1222,7 +1222,7 @@ impl Session {
         if let (Some(queues), Some(first)) = (self.queues.clone(), tx.recipients.first()) {
             let facts = sluice_policy::MessageFacts {
                 listener: &self.cfg.listener,
-                client_ip: self.peer.ip,
+                client_ip: Some(self.peer.ip),
                 auth_user: self.auth_user.as_deref(),
                 sender: tx.sender.as_deref().unwrap_or(""),
                 priority: tx.priority,
@@ -1258,7 +1258,7 @@ impl Session {
             smtputf8: tx.smtputf8,
             arrival_unix_ms: now_ms,
             listener: self.cfg.listener.clone(),
-            client_ip: self.peer.ip.to_string(),
+            client_ip: Some(self.peer.ip),
             helo: self.helo.clone().unwrap_or_default(),
             auth_user: self.auth_user.clone(),
             tls: self.tls.clone(),
