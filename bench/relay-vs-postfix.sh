@@ -36,6 +36,9 @@
 #                 /var/tmp; must be a real disk: fsync on tmpfs measures nothing)
 #   --source S    smtp-source (default, comparable with earlier runs) or loadgen
 #   --bin-dir DIR take sluice and sluice-loadgen from DIR (implies --no-build)
+#   --case "SIZE CONNS RCPTS TLS SETUPS"  measure only this case (repeatable), e.g.
+#                 --case "1024 32 1 off sluice,postfix" (TLS off|starttls; setups from
+#                 ceiling,sluice,sluice1,postfix); bench/ab.sh uses it for A/B runs
 # Needs root (Postfix runs its daemons as user postfix), smtp-source, postfix, curl, jq,
 # openssl (STARTTLS cases).
 set -Eeuo pipefail
@@ -52,6 +55,7 @@ APPEND=""
 WORK_PARENT=/var/tmp
 SOURCE=smtp-source
 BIN_SRC=""
+ONLY_CASES=()
 
 usage() { sed -n '2,/^set -E/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "relay-vs-postfix: $*" >&2; exit 1; }
@@ -68,6 +72,7 @@ while [ $# -gt 0 ]; do
         --workdir) WORK_PARENT=${2:?}; shift ;;
         --source) SOURCE=${2:?}; shift ;;
         --bin-dir) BIN_SRC=${2:?}; BUILD=0; shift ;;
+        --case) ONLY_CASES+=("${2:?}"); shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -91,6 +96,13 @@ else
            "102400 32 1 off ceiling,sluice,postfix"
            "1024 256 1 off ceiling,sluice,postfix"
            "1024 32 1 starttls ceiling,sluice,postfix")
+fi
+if [ "${#ONLY_CASES[@]}" -gt 0 ]; then
+    for c in "${ONLY_CASES[@]}"; do
+        [[ "$c" =~ ^[1-9][0-9]*\ [1-9][0-9]*\ [1-9][0-9]*\ (off|starttls)\ [a-z0-9,]+$ ]] \
+            || die "--case wants \"SIZE CONNS RCPTS off|starttls SETUPS\", got \"$c\""
+    done
+    CASES=("${ONLY_CASES[@]}")
 fi
 if [ "$SOURCE" = smtp-source ]; then   # smtp-source speaks no STARTTLS: drop those cases
     kept=()
