@@ -16,6 +16,11 @@
 # listener tls="starttls", Postfix smtpd_tls_security_level=may, the sink for the ceiling, all
 # with one self-signed cert from the openssl CLI) -- loadgen source only, smtp-source has no
 # STARTTLS. Relay -> sink is always plain.
+# DKIM signing setups (issue 12; only with --case): sluice-rsa / sluice-ed sign every message
+# for example.org with an RSA-2048 / Ed25519 key; postfix-rsa / postfix-ed are the same Postfix
+# with OpenDKIM 2.11 as an smtpd milter signing the same way (relaxed/relaxed, From
+# over-signed). Their ratio column compares with the Postfix setup that signs alike. The sink
+# reads the DKIM-Signature header as its "token", so an unsigned message shows in the notes.
 #
 # Per measurement: acceptance msgs/s (source wall time), end-to-end delivered msgs/s (source
 # start until the sink received the last message), relay CPU seconds per 1000 messages
@@ -38,9 +43,10 @@
 #   --bin-dir DIR take sluice and sluice-loadgen from DIR (implies --no-build)
 #   --case "SIZE CONNS RCPTS TLS SETUPS"  measure only this case (repeatable), e.g.
 #                 --case "1024 32 1 off sluice,postfix" (TLS off|starttls; setups from
-#                 ceiling,sluice,sluice1,postfix); bench/ab.sh uses it for A/B runs
+#                 ceiling,sluice,sluice1,postfix, and the DKIM setups sluice-rsa,sluice-ed,
+#                 postfix-rsa,postfix-ed); bench/ab.sh uses it for A/B runs
 # Needs root (Postfix runs its daemons as user postfix), smtp-source, postfix, curl, jq,
-# openssl (STARTTLS cases).
+# openssl (STARTTLS and DKIM cases), opendkim (postfix-rsa / postfix-ed).
 set -Eeuo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -99,7 +105,7 @@ else
 fi
 if [ "${#ONLY_CASES[@]}" -gt 0 ]; then
     for c in "${ONLY_CASES[@]}"; do
-        [[ "$c" =~ ^[1-9][0-9]*\ [1-9][0-9]*\ [1-9][0-9]*\ (off|starttls)\ [a-z0-9,]+$ ]] \
+        [[ "$c" =~ ^[1-9][0-9]*\ [1-9][0-9]*\ [1-9][0-9]*\ (off|starttls)\ [a-z0-9,-]+$ ]] \
             || die "--case wants \"SIZE CONNS RCPTS off|starttls SETUPS\", got \"$c\""
     done
     CASES=("${ONLY_CASES[@]}")
@@ -226,12 +232,12 @@ pss_sum_kib() {
 }
 
 # Background sampler of the Postfix instance's summed PSS (bounded; stops on a stop file).
-start_pss_sampler() { # MASTER_PID OUTFILE STOPFILE
+start_pss_sampler() { # MASTER_PID OUTFILE STOPFILE [EXTRA_PID]
     (
         peak=0 i=0
         while [ ! -e "$3" ] && [ $i -lt $((2 * (SOURCE_TIMEOUT + DELIVERY_TIMEOUT + 60))) ]; do
             # shellcheck disable=SC2046 # word splitting of the pid list is intended
-            v=$(pss_sum_kib $(postfix_pids "$1"))
+            v=$(pss_sum_kib $(postfix_pids "$1") ${4:-})
             [ "$v" -gt "$peak" ] && peak=$v
             echo "$peak" >"$2"
             sleep 0.5; i=$((i + 1))
@@ -242,11 +248,12 @@ start_pss_sampler() { # MASTER_PID OUTFILE STOPFILE
 }
 
 # ---------------------------------------------------------------------------------------
-start_sink() { # PORT STATS_PORT DIR [TLS]
-    local tls_args=()
+start_sink() { # PORT STATS_PORT DIR [TLS] [DKIM_ALG]
+    local tls_args=() token_args=()
     [ "${4:-off}" = off ] || tls_args=(--tls-cert "$CERT" --tls-key "$KEY")
+    [ -z "${5:-}" ] || token_args=(--token-header DKIM-Signature)
     "$BIN/sluice-loadgen" sink --listen "127.0.0.1:$1" --stats-listen "127.0.0.1:$2" \
-        --no-tokens "${tls_args[@]}" >"$3/sink.json" 2>"$3/sink.err" &
+        --no-tokens "${tls_args[@]}" "${token_args[@]}" >"$3/sink.json" 2>"$3/sink.err" &
     SINK_PID=$!
     PIDS+=("$SINK_PID")
     wait_listening "$2" "$SINK_PID" "sink"
@@ -266,24 +273,65 @@ sluice_args() { # PORT SINK_PORT SPOOL CORES [TLS]
     printf '%s\0' "${a[@]}"
 }
 
-start_sluice() { # PORT SINK_PORT DIR CORES TLS
-    local args=()
+# The signing algorithm a DKIM setup name asks for (rsa|ed), or nothing.
+dkim_alg() { case "$1" in *-rsa) echo rsa ;; *-ed) echo ed ;; esac; }
+is_postfix() { [[ "$1" == postfix* ]]; }
+
+sluice_dkim_args() { # ALG -> --set arguments: one signer for example.org, one rule signing all
+    local algorithm=rsa-sha256
+    case "$1" in ed) algorithm=ed25519-sha256 ;; ALG) algorithm=ALGORITHM ;; esac
+    local a=(--set "dkim.signer.bench={domain=\"example.org\",selector=\"bench\",algorithm=\"$algorithm\",key=\"${DKIM_DIR:-DIR}/$1.pem\"}"
+        --set 'dkim.rule=[{match={sender_domain=["example.org"]},sign=["bench"]}]')
+    printf '%s\0' "${a[@]}"
+}
+
+start_sluice() { # PORT SINK_PORT DIR CORES TLS [DKIM_ALG]
+    local args=() dkim=()
     mkdir -p "$3/spool"
     mapfile -d '' args < <(sluice_args "$1" "$2" "$3/spool" "$4" "$5")
+    [ -z "${6:-}" ] || { mapfile -d '' dkim < <(sluice_dkim_args "$6"); args+=("${dkim[@]}"); }
     "$BIN/sluice" "${args[@]}" >"$3/sluice.out" 2>"$3/sluice.err" &
     RELAY_PID=$!
     PIDS+=("$RELAY_PID")
     wait_listening "$1" "$RELAY_PID" "sluice"
 }
 
+OPENDKIM_PID=""
+start_opendkim() { # PORT DIR ALG: OpenDKIM as a signing milter for example.org
+    local algorithm=rsa-sha256
+    [ "$3" = rsa ] || algorithm=ed25519-sha256
+    mkdir -p "$2/opendkim"
+    cat >"$2/opendkim/opendkim.conf" <<EOF
+Syslog no
+Background no
+Mode s
+Domain example.org
+Selector bench
+KeyFile $DKIM_DIR/$3.pem
+SignatureAlgorithm $algorithm
+Canonicalization relaxed/relaxed
+OversignHeaders From
+InternalHosts 127.0.0.1
+RequireSafeKeys no
+UserID opendkim
+Socket inet:$1@127.0.0.1
+EOF
+    opendkim -f -x "$2/opendkim/opendkim.conf" >"$2/opendkim/out.log" 2>&1 &
+    OPENDKIM_PID=$!
+    PIDS+=("$OPENDKIM_PID")
+    wait_listening "$1" "$OPENDKIM_PID" "opendkim"
+}
+
 POSTFIX_QUEUE=""
-start_postfix() { # PORT SINK_PORT DIR TLS
-    local base="$3/postfix" i=0 level=none
+start_postfix() { # PORT SINK_PORT DIR TLS [MILTER_PORT]
+    local base="$3/postfix" i=0 level=none milters=""
     [ "$4" = off ] || level=may
+    [ -z "${5:-}" ] || milters="inet:127.0.0.1:$5"
     mkdir -p "$base/conf" "$base/queue" "$base/data"
     sed -e "s|@CONFIG_DIR@|$base/conf|g; s|@QUEUE_DIR@|$base/queue|g" \
         -e "s|@SMTPD_TLS_LEVEL@|$level|g; s|@TLS_CERT@|$CERT|g; s|@TLS_KEY@|$KEY|g" \
         -e "s|@DATA_DIR@|$base/data|g; s|@BASE_DIR@|$base|g; s|@SINK_PORT@|$2|g" \
+        -e "s|@MILTERS@|$milters|g" \
         "$BENCH_DIR/postfix/main.cf.in" >"$base/conf/main.cf"
     sed -e "s|@SMTPD_ADDR@|127.0.0.1:$1|g" "$BENCH_DIR/postfix/master.cf.in" >"$base/conf/master.cf"
     chown postfix "$base/data"
@@ -313,28 +361,32 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
     local ci=$1 setup=$2 size=$3 conns=$4 mi=$5 rcpts=$6 tls=$7
     local key="$ci/$setup" dir="$WORK/m$mi-$setup-$size-$conns-$rcpts-$tls" want=$((MESSAGES * rcpts))
     local p=$((PORT_BASE + 4 * mi))
-    local sink_port=$p stats_port=$((p + 1)) relay_port=$((p + 2)) target
-    local t0 t1 src_rc cpu0="" cpu1="" got="" last="" i=0 mem="" note="" q
+    local sink_port=$p stats_port=$((p + 1)) relay_port=$((p + 2)) milter_port=$((p + 3)) target
+    local t0 t1 src_rc cpu0="" cpu1="" got="" last="" i=0 mem="" note="" q alg
+    alg=$(dkim_alg "$setup")
     mkdir -p "$dir"
-    for q in "$sink_port" "$stats_port" "$relay_port"; do
+    for q in "$sink_port" "$stats_port" "$relay_port" "$milter_port"; do
         port_free "$q" || die "port $q is in use; pick another --port-base"
     done
     log "case $((ci + 1)): $setup, $size B x $rcpts rcpt, $conns connections, TLS $tls, $MESSAGES messages ($SOURCE)"
-    start_sink "$sink_port" "$stats_port" "$dir" "$([ "$setup" = ceiling ] && echo "$tls" || echo off)"
-    RELAY_PID=""
+    start_sink "$sink_port" "$stats_port" "$dir" "$([ "$setup" = ceiling ] && echo "$tls" || echo off)" "$alg"
+    RELAY_PID="" OPENDKIM_PID=""
     case "$setup" in
         ceiling) target=$sink_port ;;
-        sluice) start_sluice "$relay_port" "$sink_port" "$dir" 0 "$tls"; target=$relay_port ;;
+        sluice|sluice-rsa|sluice-ed) start_sluice "$relay_port" "$sink_port" "$dir" 0 "$tls" "$alg"; target=$relay_port ;;
         sluice1) start_sluice "$relay_port" "$sink_port" "$dir" 1 "$tls"; target=$relay_port ;;
         postfix) start_postfix "$relay_port" "$sink_port" "$dir" "$tls"; target=$relay_port ;;
+        postfix-rsa|postfix-ed)
+            start_opendkim "$milter_port" "$dir" "$alg"
+            start_postfix "$relay_port" "$sink_port" "$dir" "$tls" "$milter_port"; target=$relay_port ;;
         *) die "unknown setup $setup" ;;
     esac
 
     SAMPLER_PID=""
-    if [ "$setup" = postfix ]; then
-        start_pss_sampler "$RELAY_PID" "$dir/pss.peak" "$dir/pss.stop"
+    if is_postfix "$setup"; then
+        start_pss_sampler "$RELAY_PID" "$dir/pss.peak" "$dir/pss.stop" "$OPENDKIM_PID"
         # shellcheck disable=SC2046
-        cpu0=$(cpu_ticks_pids $(postfix_pids "$RELAY_PID"))
+        cpu0=$(cpu_ticks_pids $(postfix_pids "$RELAY_PID") $OPENDKIM_PID)
     elif [ -n "$RELAY_PID" ]; then
         cpu0=$(cpu_ticks_pids "$RELAY_PID")
     fi
@@ -372,9 +424,9 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
         sleep 0.25; i=$((i + 1))
     done
 
-    if [ "$setup" = postfix ]; then
+    if is_postfix "$setup"; then
         # shellcheck disable=SC2046
-        cpu1=$(cpu_ticks_pids $(postfix_pids "$RELAY_PID"))
+        cpu1=$(cpu_ticks_pids $(postfix_pids "$RELAY_PID") $OPENDKIM_PID)
         touch "$dir/pss.stop"
         stop_pid "$SAMPLER_PID"
         mem=$(cat "$dir/pss.peak" 2>/dev/null || echo "")
@@ -387,6 +439,10 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
     got=${got:-0}
     if [ "$got" -lt "$want" ]; then note="${note:+$note; }sink got only $got of $want recipients"; fi
     if [ "$got" -gt "$want" ]; then note="${note:+$note; }sink got $got of $want recipients (duplicates)"; fi
+    if [ -n "$alg" ]; then   # the sink's "token" is the DKIM-Signature header
+        q=$(sink_stat "$stats_port" messages_without_token)
+        [ "$q" = 0 ] || note="${note:+$note; }${q:-?} messages arrived without DKIM-Signature"
+    fi
 
     ACC[$key]=$(awk -v n="$MESSAGES" -v ms=$((t1 - t0)) 'BEGIN { printf "%.0f", (ms > 0 ? n * 1000 / ms : 0) }')
     if [ "$got" -ge "$want" ] && [ -n "$last" ]; then
@@ -404,7 +460,7 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
     NOTE[$key]=$note
 
     case "$setup" in
-        postfix) stop_postfix "$dir/postfix/conf" "$dir/postfix/queue" ;;
+        postfix*) stop_postfix "$dir/postfix/conf" "$dir/postfix/queue"; [ -z "$OPENDKIM_PID" ] || stop_pid "$OPENDKIM_PID" ;;
         sluice*) stop_pid "$RELAY_PID" ;;
     esac
     stop_pid "$SINK_PID"
@@ -438,6 +494,17 @@ if printf '%s\n' "${CASES[@]}" | awk '$4 != "off" { f = 1 } END { exit !f }'; th
         -keyout "$KEY" -out "$CERT" >"$WORK/tls/openssl.log" 2>&1 || die "openssl req failed"
     chmod 644 "$CERT" "$KEY"
 fi
+# DKIM keys, one pair per run, readable by OpenDKIM (which drops to user opendkim).
+DKIM_DIR=""
+if printf '%s\n' "${CASES[@]}" | awk '$5 ~ /-(rsa|ed)(,|$)/ { f = 1 } END { exit !f }'; then
+    DKIM_DIR="$WORK/dkim"
+    mkdir -p "$DKIM_DIR"
+    openssl genpkey -algorithm rsa -pkeyopt rsa_keygen_bits:2048 -out "$DKIM_DIR/rsa.pem" 2>"$DKIM_DIR/openssl.log" \
+        || die "openssl genpkey rsa failed"
+    openssl genpkey -algorithm ed25519 -out "$DKIM_DIR/ed.pem" 2>>"$DKIM_DIR/openssl.log" \
+        || die "openssl genpkey ed25519 failed"
+    chmod 644 "$DKIM_DIR"/*.pem
+fi
 
 GIT_REV=$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)
 BIN_INFO=$(for b in sluice sluice-loadgen; do
@@ -445,6 +512,10 @@ BIN_INFO=$(for b in sluice sluice-loadgen; do
         "$(sha256sum "$BIN/$b" | cut -c1-12)"; done)
 BIN_INFO=${BIN_INFO%; }
 PF_VERSION=$(/usr/sbin/postconf -h -d mail_version)
+OD_VERSION=$(opendkim -V 2>/dev/null | awk '/OpenDKIM Filter/ { sub(/^v/, "", $NF); print $NF; exit }')
+if [ -n "$DKIM_DIR" ] && printf '%s\n' "${CASES[@]}" | awk '$5 ~ /postfix-(rsa|ed)/ { f = 1 } END { exit !f }'; then
+    [ -n "$OD_VERSION" ] || die "missing opendkim (apt-get install opendkim) for the postfix-rsa/postfix-ed setups"
+fi
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 DATE=$(date -u)
 START_S=$(date +%s)
@@ -477,6 +548,10 @@ label() {
         sluice) echo "sluice (cores=$(nproc))" ;;
         sluice1) echo "sluice (cores=1)" ;;
         postfix) echo "Postfix $PF_VERSION" ;;
+        sluice-rsa) echo "sluice (cores=$(nproc)), DKIM RSA-2048" ;;
+        sluice-ed) echo "sluice (cores=$(nproc)), DKIM Ed25519" ;;
+        postfix-rsa) echo "Postfix $PF_VERSION + OpenDKIM $OD_VERSION milter, RSA-2048" ;;
+        postfix-ed) echo "Postfix $PF_VERSION + OpenDKIM $OD_VERSION milter, Ed25519" ;;
     esac
 }
 
@@ -493,9 +568,11 @@ table() {
         desc+=", $conns conn"
         [ "$tls" = off ] || desc+=", STARTTLS"
         IFS=, read -r -a list <<<"$setups"
-        pf="$ci/postfix" ce="$ci/ceiling"
+        ce="$ci/ceiling"
         for setup in "${list[@]}"; do
             key="$ci/$setup"
+            pf="$ci/postfix"   # a signing setup compares with the Postfix that signs alike
+            case "$setup" in *-rsa) pf="$ci/postfix-rsa" ;; *-ed) pf="$ci/postfix-ed" ;; esac
             printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
                 "$desc" "$(label "$setup")" \
                 "${ACC[$key]:-–}" "${E2E[$key]:-–}" "${P99[$key]:-–}" "${CPU[$key]:-–}" "${MEM[$key]:-–}" "${SINKCONN[$key]:-–}" \
@@ -514,6 +591,12 @@ shquote() { # ARGS... -> one shell-quoted line
 }
 mapfile -d '' SLUICE_ARGS < <(sluice_args RELAYPORT SINKPORT SPOOLDIR 0)
 SLUICE_CMD="sluice $(shquote "${SLUICE_ARGS[@]}") [--set server.cores=1] [STARTTLS cases: --set 'server.listener.smtp.tls=\"starttls\"' --set server.listener.smtp.tls_cert=CERT --set server.listener.smtp.tls_key=KEY]"
+dkim_desc() {
+    [ -n "$DKIM_DIR" ] || return 0
+    local a=()
+    mapfile -d '' a < <(sluice_dkim_args ALG)
+    echo "- DKIM setups: one key pair per run (\`openssl genpkey -algorithm rsa -pkeyopt rsa_keygen_bits:2048\` and \`-algorithm ed25519\`), signing d=example.org s=bench, relaxed/relaxed, From over-signed; sluice-rsa/sluice-ed add \`$(shquote "${a[@]}")\` (ALG = rsa or ed, ALGORITHM = rsa-sha256 or ed25519-sha256); postfix-rsa/postfix-ed run \`opendkim -f -x CONF\` (Mode s, Domain example.org, Selector bench, KeyFile, SignatureAlgorithm rsa-sha256 or ed25519-sha256, Canonicalization relaxed/relaxed, OversignHeaders From, InternalHosts 127.0.0.1, Socket inet:PORT@127.0.0.1) and Postfix with \`smtpd_milters = inet:127.0.0.1:PORT\`, \`milter_default_action = tempfail\`; OpenDKIM's CPU and PSS count with Postfix's. The sink counts messages without a DKIM-Signature header (notes say if any)"
+}
 section() {
     cat <<EOF
 
@@ -526,6 +609,7 @@ section() {
 - Sink (same for all, fresh per measurement): \`sluice-loadgen sink --listen 127.0.0.1:SINKPORT --stats-listen 127.0.0.1:STATSPORT --no-tokens\` (cores: all; for the STARTTLS ceiling also \`--tls-cert CERT --tls-key KEY\`; CERT/KEY: \`openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=bench.localdomain\`)
 - sluice (fresh spool per measurement, fsync on as by default): \`$SLUICE_CMD\`
 - Postfix: a private instance (own config, queue and data directories under the temp dir; \`postfix -c DIR start\`) from \`bench/postfix/main.cf.in\` and \`master.cf.in\`: Debian's shipped services and durability (queue files fsynced), no chroot, relayhost=[127.0.0.1]:SINKPORT, smtpd STARTTLS (smtpd_tls_security_level=may, same cert) only in the STARTTLS cases, no TLS to the sink, default_destination_concurrency_limit=50, default_process_limit=300, logging to a file through postlogd; fresh queue per measurement
+$(dkim_desc)
 - accepted = messages ÷ source wall time; delivered = messages ÷ (source start → the sink's last message); relay CPU = utime+stime (Postfix: master and all its processes, reaped ones included); relay peak = sluice VmHWM, Postfix peak of the summed PSS of its processes sampled every 0.5 s; sink conns = connections the sink saw (the relay's connection reuse)
 
 $(table)
