@@ -594,7 +594,7 @@ SLUICE_CMD="sluice $(shquote "${SLUICE_ARGS[@]}") [--set server.cores=1] [STARTT
 dkim_desc() {
     [ -n "$DKIM_DIR" ] || return 0
     local a=()
-    mapfile -d '' a < <(sluice_dkim_args ALG)
+    mapfile -d '' a < <(DKIM_DIR=DIR sluice_dkim_args ALG)
     echo "- DKIM setups: one key pair per run (\`openssl genpkey -algorithm rsa -pkeyopt rsa_keygen_bits:2048\` and \`-algorithm ed25519\`), signing d=example.org s=bench, relaxed/relaxed, From over-signed; sluice-rsa/sluice-ed add \`$(shquote "${a[@]}")\` (ALG = rsa or ed, ALGORITHM = rsa-sha256 or ed25519-sha256); postfix-rsa/postfix-ed run \`opendkim -f -x CONF\` (Mode s, Domain example.org, Selector bench, KeyFile, SignatureAlgorithm rsa-sha256 or ed25519-sha256, Canonicalization relaxed/relaxed, OversignHeaders From, InternalHosts 127.0.0.1, Socket inet:PORT@127.0.0.1) and Postfix with \`smtpd_milters = inet:127.0.0.1:PORT\`, \`milter_default_action = tempfail\`; OpenDKIM's CPU and PSS count with Postfix's. The sink counts messages without a DKIM-Signature header (notes say if any)"
 }
 section() {
