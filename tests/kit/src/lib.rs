@@ -13,6 +13,7 @@
 //! - [`smtp_server`]: a scripted SMTP next hop (capabilities, strict or lenient
 //!   pipelining, per-verb replies, stalls, refusals, no-read) that records what
 //!   it was sent;
+//! - [`postfix`]: a private Postfix instance relaying to one next hop;
 //! - [`procfs`]: a process's TCP connections and memory from /proc;
 //! - [`dns`]: running the resolver in a test, and a scripted DNS server.
 //!
@@ -23,6 +24,7 @@ pub mod client;
 pub mod delivery;
 pub mod dns;
 pub mod nsd;
+pub mod postfix;
 pub mod process;
 pub mod procfs;
 pub mod relay;
@@ -31,6 +33,7 @@ pub mod smtp_server;
 pub use client::*;
 pub use delivery::*;
 pub use nsd::{Nsd, BROKEN_ZONE};
+pub use postfix::{can_run_postfix, PostfixRelay};
 pub use process::*;
 pub use procfs::*;
 pub use relay::*;
