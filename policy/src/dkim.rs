@@ -336,12 +336,13 @@ impl DkimPolicy {
 
     /// Signs `message` (header block and body, CRLF line ends) with each of
     /// `chosen` and returns the `DKIM-Signature:` fields to put before it, in
-    /// the order given. `each` is told the time every signature took.
+    /// the order given. `each` is told each signer's index and the time its
+    /// signature took.
     pub fn sign(
         &self,
         chosen: &[usize],
         message: &[u8],
-        mut each: impl FnMut(&Signer, std::time::Duration),
+        mut each: impl FnMut(usize, std::time::Duration),
     ) -> Result<Vec<u8>, DkimError> {
         let mut out = Vec::with_capacity(chosen.len() * 512);
         for &i in chosen {
@@ -354,7 +355,7 @@ impl DkimPolicy {
                 reason: e.to_string(),
             })?;
             signature.write_header(&mut out);
-            each(signer, started.elapsed());
+            each(i, started.elapsed());
         }
         Ok(out)
     }

@@ -428,8 +428,11 @@ fn spool_full_gives_452() {
     let Action::Store(sub) = action else {
         panic!("expected a store")
     };
-    h.session
-        .store_result(sub.id, &TxSummary::of(&sub.envelope), Err(SpoolError::Full));
+    h.session.store_result(
+        sub.id,
+        &TxSummary::of(&sub.envelope),
+        Err(SpoolError::Full.into()),
+    );
     h.drain();
     assert!(h.out.contains("452 4.3.1"), "{}", h.out);
     assert!(!h.out.contains("queued as"));

@@ -270,7 +270,9 @@ fn signatures_carry_the_signer_and_over_sign_from() {
     let chosen = policy.select(&facts("smtp", "alice@example.org", None), "default");
     let mut timed = Vec::new();
     let prefix = policy
-        .sign(chosen, MESSAGE, |s, _| timed.push(s.name.clone()))
+        .sign(chosen, MESSAGE, |i, _| {
+            timed.push(policy.signers()[i].name.clone())
+        })
         .unwrap();
     assert_eq!(timed, ["rsa", "ed"]);
     let text = String::from_utf8(prefix).unwrap();
