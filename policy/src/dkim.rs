@@ -674,7 +674,13 @@ pub fn generate_key(
             })
         }
         SigningAlgorithm::Ed25519Sha256 => {
-            let der = Ed25519Key::generate_pkcs8().map_err(|e| err(&e))?;
+            let v2 = Ed25519Key::generate_pkcs8().map_err(|e| err(&e))?;
+            // Written as PKCS#8 v1 (no public key inside): OpenSSL 3.0, and so
+            // OpenDKIM, cannot read the v2 form ed25519-dalek makes.
+            let mut info =
+                rsa::pkcs8::PrivateKeyInfo::try_from(v2.as_slice()).map_err(|e| err(&e))?;
+            info.public_key = None;
+            let der = rsa::pkcs8::der::Encode::to_der(&info).map_err(|e| err(&e))?;
             let key = Ed25519Key::from_pkcs8_der(&der).map_err(|e| err(&e))?;
             let private_pem =
                 rsa::pkcs8::der::pem::encode_string("PRIVATE KEY", LineEnding::LF, &der)
