@@ -472,5 +472,13 @@ mod tests {
             "[relay]\nlocal_domains = [\"a.test\"]\n[server.listener.smtp]\nbind = [\"127.0.0.1:2525\"]\ngreeting = \"hi\"\n",
         );
         assert_eq!(changes(&running, &greeting).verdict(), "reload");
+        // DKIM signers and rules are reloadable.
+        let dkim = config(
+            "[relay]\nlocal_domains = [\"a.test\"]\n[dkim.signer.a]\ndomain = \"a.test\"\nselector = \"s\"\nkey = \"/k.pem\"\n",
+        );
+        assert_eq!(
+            changes(&running, &dkim).to_string(),
+            "reload\nreloadable: dkim\n"
+        );
     }
 }
