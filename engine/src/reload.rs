@@ -9,8 +9,10 @@
 //! Reloadable: listener certificates and keys, the per-session listener settings
 //! (greeting, hostname, protocol, auth_plaintext, message/recipient/line/error
 //! limits, bare_newline, nul_bytes, max_message_line_length, untrusted_*), relay
-//! networks and local domains, auth users, and the
-//! `[[rule]]` list (queue and route choice). New sessions and new TLS handshakes
+//! networks and local domains, auth users, the
+//! `[[rule]]` list (queue and route choice), and `[dkim]` (signers and rules;
+//! every reload reads the key files again, so a rotated key needs only a
+//! SIGHUP, and a key that does not load refuses the reload). New sessions and new TLS handshakes
 //! see the new values; sessions already open keep what they started with.
 //!
 //! Swaps are `ArcSwap` stores: readers (a connection opening, a RCPT choosing a
