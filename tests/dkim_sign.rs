@@ -176,7 +176,7 @@ fn setup() -> Setup {
     let ip = loopback();
     let port = mx_port(&[ip]);
     let nsd = Nsd::start(&format!(
-        "rcpt MX 10 mx1\nmx1 A {ip}\n{}\n{}\n{}",
+        "rcpt MX 10 mx1\nsnd MX 10 mx1\nmx1 A {ip}\nnull MX 0 .\n{}\n{}\n{}",
         rsa.record, ed.record, rsa2.record
     ));
     let sink = LoadgenSink::start(&[SocketAddr::new(ip.into(), port)], &[]);
@@ -194,6 +194,7 @@ fn signers_toml(rsa_selector: &str, rsa_key: &Path, ed: &Key) -> String {
     format!(
         "[dkim.signer.rsa]\ndomain = \"{DOMAIN}\"\nselector = \"{rsa_selector}\"\nkey = \"{}\"\n\
          [dkim.signer.ed]\ndomain = \"{DOMAIN}\"\nselector = \"e1\"\nalgorithm = \"ed25519-sha256\"\nkey = \"{}\"\n\
+         [[dkim.rule]]\nmatch.listener = \"dsn\"\nsign = \"ed\"\n\
          [[dkim.rule]]\nmatch.sender = \"rsa@{DOMAIN}\"\nsign = \"rsa\"\n\
          [[dkim.rule]]\nmatch.sender = \"ed@{DOMAIN}\"\nsign = \"ed\"\n\
          [[dkim.rule]]\nmatch.sender_domain = \"{DOMAIN}\"\nsign = [\"rsa\", \"ed\"]\n",
@@ -326,12 +327,70 @@ fn rsa_ed25519_and_dual_signatures_verify_with_dkimpy_and_opendkim() {
         assert_eq!(r["d"], DOMAIN, "{results:?}");
     }
 
+    // A notice the relay writes (listener "dsn", null sender) is signed by
+    // the rule naming that listener: a bounce from a null MX domain.
+    let before = s.sink.saved().len();
+    submit(
+        &relay,
+        &format!("rsa@{DOMAIN}"),
+        "",
+        &["nobody@null.dlv.test"],
+        &dot_stuff(&message(&format!("rsa@{DOMAIN}"), "bounced")),
+    );
+    let saved = s.sink.wait_saved(before + 1, T, &relay);
+    let dsn = saved
+        .iter()
+        .find(|m| m.from().is_empty())
+        .unwrap_or_else(|| panic!("no notice at the sink"));
+    let results = verify(&s.nsd, &[&dsn.eml]);
+    assert_eq!(
+        summary(&results[0]),
+        vec![pass("ed25519-sha256", "e1")],
+        "{results:?}"
+    );
+    let notices = log_events(&relay, "notification queued");
+    assert_eq!(notices.len(), 1, "{}", relay.log());
+    assert_eq!(notices[0]["dkim"], "ed", "{}", relay.log());
+
     // The acceptance log names the signers.
     let signed: Vec<String> = log_events(&relay, "transaction")
         .iter()
         .map(|v| v["dkim"].as_str().unwrap_or("?").to_string())
         .collect();
-    assert_eq!(signed, ["rsa", "ed", "rsa,ed", ""], "{}", relay.log());
+    assert_eq!(
+        signed,
+        ["rsa", "ed", "rsa,ed", "", "rsa"],
+        "{}",
+        relay.log()
+    );
+
+    // Signatures per signer and the latency histogram, as Prometheus sees them.
+    let metrics = http_get(relay.admin_port, "/metrics");
+    for line in [
+        "sluice_dkim_signatures_total{signer=\"rsa\"} 3",
+        "sluice_dkim_signatures_total{signer=\"ed\"} 3",
+        "sluice_dkim_signing_seconds_count{algorithm=\"rsa-sha256\"} 3",
+        "sluice_dkim_signing_seconds_count{algorithm=\"ed25519-sha256\"} 3",
+        "sluice_dkim_signing_failures_total{signer=\"rsa\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
+    }
+}
+
+/// GET on the relay's operations listener; the body of a 200.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains(" 200 "), "{head}");
+    body.to_string()
 }
 
 #[test]
