@@ -1,5 +1,7 @@
 use std::sync::OnceLock;
 
+use rsa::pkcs1::EncodeRsaPrivateKey;
+
 use super::*;
 
 /// RSA key generation is slow: one 2048-bit key for every test.
