@@ -404,6 +404,10 @@ fn sighup_swaps_in_a_new_key_and_a_bad_key_keeps_the_running_one() {
 
     // Rotation: selector s2 with its own key.
     std::fs::write(&config, signers_toml("s2", &s.rsa2.path, &s.ed)).unwrap();
+    assert_ok(
+        &sluice(&["check-config", &config.display().to_string()]),
+        "check-config",
+    );
     sighup(&relay);
     wait_log(&relay, "reload: ", 1);
     let rotated = relay_one(&s, &relay, &format!("rsa@{DOMAIN}"), "rotated");
@@ -416,6 +420,14 @@ fn sighup_swaps_in_a_new_key_and_a_bad_key_keeps_the_running_one() {
     )
     .unwrap();
     std::fs::write(&config, signers_toml("s3", &bad, &s.ed)).unwrap();
+    // check-config loads the keys as the relay does.
+    let checked = sluice(&["check-config", &config.display().to_string()]);
+    assert!(!checked.status.success(), "check-config passed a bad key");
+    assert!(
+        text(&checked.stderr).contains("dkim.signer.rsa.key"),
+        "{}",
+        text(&checked.stderr)
+    );
     sighup(&relay);
     let refused = wait_log(&relay, "reload refused", 1);
     assert!(refused.contains("dkim.signer.rsa.key"), "{refused}");
