@@ -356,3 +356,26 @@ fn txt_record_is_split_into_255_byte_strings() {
     assert_eq!(line.matches('"').count(), 2, "{line}");
     assert!(generate_key(SigningAlgorithm::RsaSha256, 1024).is_err());
 }
+
+/// With `bare_newline = "accept"` the spool can hold bare LF line ends, which
+/// the outbound encoder sends as CRLF: the body hash must be the same for both.
+#[test]
+fn bare_lf_body_hashes_like_its_crlf_form() {
+    let keys = Keys::new("lf");
+    let text = format!("{}[[rule]]\nsign = \"ed\"\n", two_signers(&keys));
+    let policy = DkimPolicy::from_config(&config(&text), &[]).unwrap();
+    let bh = |m: &[u8]| {
+        let f = String::from_utf8(policy.sign(&[1], m, |_, _| {}).unwrap()).unwrap();
+        let f = f.replace("\r\n\t", " ");
+        f.split("bh=")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let crlf = b"From: a@example.org\r\nSubject: s\r\n\r\nline one\r\nline  two \r\n\r\n";
+    let lf = b"From: a@example.org\r\nSubject: s\r\n\r\nline one\nline  two \n\n";
+    assert_eq!(bh(lf), bh(crlf));
+}
