@@ -144,7 +144,8 @@ fn opendkim_testkey(nsd: &Nsd, dir: &Path, selector: &str, key: &Path) {
     )
     .unwrap();
     let out = run_with_timeout(
-        Command::new("opendkim-testkey")
+        // Debian installs it in /usr/sbin, which may not be on PATH.
+        Command::new("/usr/sbin/opendkim-testkey")
             .args(["-vvv", "-d", DOMAIN, "-s", selector, "-k"])
             .arg(key)
             .arg("-x")
@@ -260,7 +261,7 @@ fn summary(results: &[Value]) -> Vec<(String, String, bool)> {
 
 #[test]
 fn rsa_ed25519_and_dual_signatures_verify_with_dkimpy_and_opendkim() {
-    require_tools!("nsd", "opendkim-testkey", "dkimverify");
+    require_tools!("nsd", "/usr/sbin/opendkim-testkey", "dkimverify");
     let s = setup();
     // What NSD serves is what keygen printed, and OpenDKIM agrees that it
     // belongs to the private key.
