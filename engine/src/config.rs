@@ -68,6 +68,8 @@ pub struct Config {
     pub host: BTreeMap<String, delivery::HostConfig>,
     /// Ordered match arms choosing queue and route per recipient.
     pub rule: Vec<sluice_policy::RuleConfig>,
+    /// DKIM signers and the rules choosing them.
+    pub dkim: sluice_policy::dkim::DkimConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -692,7 +694,25 @@ impl Config {
         if let Err(e) = self.rule_set() {
             return Err(invalid("rule".into(), e.to_string()));
         }
+        // Key files are read when the relay starts or reloads, not here.
+        if let Err(e) = self.dkim_plan() {
+            return Err(dkim_error(origin, text, e));
+        }
         Ok(())
+    }
+
+    /// The `[dkim]` section checked, keys not read.
+    pub fn dkim_plan(&self) -> Result<sluice_policy::dkim::DkimPlan, sluice_policy::PolicyError> {
+        let queues: Vec<&str> = self.queue.keys().map(String::as_str).collect();
+        sluice_policy::dkim::DkimPlan::new(&self.dkim, &queues)
+    }
+
+    /// The `[dkim]` section with every signer's key loaded; errors name the
+    /// key (`dkim.signer.NAME.key`) and the file.
+    pub fn dkim_policy(
+        &self,
+    ) -> Result<sluice_policy::dkim::DkimPolicy, sluice_policy::PolicyError> {
+        self.dkim_plan()?.load()
     }
 
     /// The delivery-related sections, for the delivery engine.
@@ -717,6 +737,44 @@ impl Config {
     pub fn relay_policy(&self) -> Result<sluice_policy::RelayPolicy, sluice_policy::PolicyError> {
         let networks = sluice_policy::NetworkList::parse(&self.relay.relay_networks)?;
         sluice_policy::RelayPolicy::new(&self.relay.local_domains, networks)
+    }
+}
+
+/// A `[dkim]` error with its dotted key and line: `dkim.signer.NAME.KEY`
+/// (the signer's table line when the key is absent) or the N-th
+/// `[[dkim.rule]]` table.
+fn dkim_error(origin: &str, text: &str, e: sluice_policy::PolicyError) -> ConfigError {
+    use sluice_policy::PolicyError;
+    let (key, line, message) = match &e {
+        PolicyError::InvalidDkimSigner {
+            signer,
+            key,
+            reason,
+        } => {
+            let dotted = format!("dkim.signer.{signer}.{key}");
+            let line = find_key_line(text, &dotted)
+                .or_else(|| find_key_line(text, &format!("dkim.signer.{signer}")));
+            (dotted, line, reason.clone())
+        }
+        PolicyError::InvalidDkimRule { rule, key, reason } => {
+            let line = text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| {
+                    let l: String = l.chars().filter(|c| !c.is_whitespace()).collect();
+                    l.starts_with("[[dkim.rule]]")
+                })
+                .nth(rule.saturating_sub(1))
+                .map(|(i, _)| i + 1);
+            (format!("dkim.rule[{rule}].{key}"), line, reason.clone())
+        }
+        other => ("dkim".to_string(), None, other.to_string()),
+    };
+    ConfigError::Invalid {
+        origin: origin.to_string(),
+        key,
+        line,
+        message,
     }
 }
 
@@ -999,6 +1057,51 @@ mod tests {
             .to_string();
         assert!(
             err.contains("dns.attempts") && err.contains("line 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn dkim_errors_name_key_and_line() {
+        let signer = "[dkim.signer.a]\ndomain = \"example.org\"\nselector = \"s\"\nkey = \"/nonexistent.pem\"\n";
+        let cases = [
+            (
+                format!("{signer}canonicalization = \"loose\"\n"),
+                "dkim.signer.a.canonicalization",
+                5,
+            ),
+            (
+                "[dkim.signer.a]\ndomain = \"example.org\"\nkey = \"/k\"\n".to_string(),
+                "dkim.signer.a",
+                1,
+            ),
+            (
+                format!("{signer}[[dkim.rule]]\nsign = []\n\n[[dkim.rule]]\nsign = [\"b\"]\n"),
+                "dkim.rule[2].sign",
+                8,
+            ),
+            (
+                format!("{signer}[[dkim.rule]]\nmatch.queue = \"bulk\"\nsign = \"a\"\n"),
+                "dkim.rule[1].match.queue",
+                5,
+            ),
+        ];
+        for (text, key, line) in cases {
+            let err = Config::load("t.toml", &text, &[]).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+            assert!(err.contains(&format!("line {line}")), "{text}: {err}");
+        }
+        // The plan is checked at load; the key file only when the relay
+        // starts, reloads or check-config runs.
+        let cfg = Config::load(
+            "t.toml",
+            &format!("{signer}[[dkim.rule]]\nsign = \"a\"\n"),
+            &[],
+        )
+        .expect("loads");
+        let err = cfg.dkim_policy().unwrap_err().to_string();
+        assert!(
+            err.contains("dkim.signer.a.key") && err.contains("/nonexistent.pem"),
             "{err}"
         );
     }

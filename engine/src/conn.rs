@@ -397,11 +397,12 @@ async fn serve(
                         body,
                         reservation,
                     } = *submission;
-                    let summary = server::TxSummary::of(&envelope);
+                    let mut summary = server::TxSummary::of(&envelope);
                     let received = crate::metrics::queue(&envelope.queue);
                     let result = ctx.queue.enqueue(id, envelope, body).await;
                     // The body has left this session's memory (stored or not).
                     drop(reservation);
+                    let result = result.map(|signers| summary.dkim = signers);
                     if result.is_ok() {
                         received.received.increment(1);
                     }

@@ -82,6 +82,11 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// DKIM keys.
+    Dkim {
+        #[command(subcommand)]
+        action: DkimCommand,
+    },
     /// What the relay sees in DNS: routes and single lookups (uses [dns]).
     Debug {
         #[command(subcommand)]
@@ -89,6 +94,77 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum DkimCommand {
+    /// Make a signing key: writes DIR/DOMAIN.SELECTOR.pem (PKCS#8, mode 0600,
+    /// never over an existing file) and prints the DNS TXT record to publish.
+    Keygen {
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        selector: String,
+        #[arg(long, value_enum, default_value = "rsa")]
+        algorithm: KeyAlgorithm,
+        /// RSA modulus size (2048 ..= 8192).
+        #[arg(long, default_value_t = 2048)]
+        bits: usize,
+        /// Directory for the private key.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KeyAlgorithm {
+    Rsa,
+    Ed25519,
+}
+
+/// `sluice dkim keygen`: the key file, then the record on stdout.
+fn dkim_keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: KeyAlgorithm,
+    bits: usize,
+    dir: &std::path::Path,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    use sluice_policy::dkim::{generate_key, txt_record, SigningAlgorithm};
+    use std::os::unix::fs::OpenOptionsExt;
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let selector = selector.trim_end_matches('.').to_ascii_lowercase();
+    for (what, name) in [("--domain", &domain), ("--selector", &selector)] {
+        anyhow::ensure!(
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'),
+            "{what} {name:?}: letters, digits, '-' and '.' only"
+        );
+    }
+    let algorithm = match algorithm {
+        KeyAlgorithm::Rsa => SigningAlgorithm::RsaSha256,
+        KeyAlgorithm::Ed25519 => SigningAlgorithm::Ed25519Sha256,
+    };
+    let key = generate_key(algorithm, bits)?;
+    let path = dir.join(format!("{domain}.{selector}.pem"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(key.private_pem.as_bytes())?;
+    file.sync_all()?;
+    eprintln!("private key written to {}", path.display());
+    writeln!(
+        out,
+        "{}",
+        txt_record(&selector, &domain, algorithm, &key.public_key)
+    )?;
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -193,6 +269,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                         .with_context(|| format!("server.listener.{name}"))?;
                 }
             }
+            // The DKIM keys load as the relay would load them.
+            config.dkim_policy()?;
             let Some(old) = changes else {
                 writeln!(out, "{}: ok", file.display())?;
                 return Ok(());
@@ -256,5 +334,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let config = load(&config)?;
             sluice_engine::debug_cmd::run(&config, action, &mut out)
         }
+        Command::Dkim {
+            action:
+                DkimCommand::Keygen {
+                    domain,
+                    selector,
+                    algorithm,
+                    bits,
+                    out: dir,
+                },
+        } => dkim_keygen(&domain, &selector, algorithm, bits, &dir, &mut out),
     }
 }

@@ -97,6 +97,13 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "TLS handshakes with next hops: verified (web PKI), unverified (accepted opportunistically) or failed."),
     ("sluice_throttle_events_total", Kind::Counter, "kind",
      "Times a limit delayed or refused mail (rates, concurrency, quotas), by kind."),
+    // DKIM signing.
+    ("sluice_dkim_signatures_total", Kind::Counter, "signer",
+     "DKIM signatures added to accepted messages, by signer (a dual-signed message counts once per signer)."),
+    ("sluice_dkim_signing_failures_total", Kind::Counter, "signer",
+     "DKIM signing failures, by signer; the message was refused with 451 4.3.0, never sent unsigned."),
+    ("sluice_dkim_signing_seconds", Kind::Histogram, "algorithm",
+     "Time to make one DKIM signature (canonicalize, hash, sign), by algorithm (rsa-sha256, ed25519-sha256)."),
     // Spool.
     ("sluice_spool_commit_seconds", Kind::Histogram, "",
      "Time of one spool write transaction including its fsync (group commit)."),
@@ -139,6 +146,13 @@ const BUCKETS: &[(&str, &[f64])] = &[
         "sluice_spool_commit_batch_size",
         &[
             1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+        ],
+    ),
+    (
+        "sluice_dkim_signing_seconds",
+        &[
+            0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+            0.1,
         ],
     ),
     (

@@ -9,8 +9,10 @@
 //! Reloadable: listener certificates and keys, the per-session listener settings
 //! (greeting, hostname, protocol, auth_plaintext, message/recipient/line/error
 //! limits, bare_newline, nul_bytes, max_message_line_length, untrusted_*), relay
-//! networks and local domains, auth users, and the
-//! `[[rule]]` list (queue and route choice). New sessions and new TLS handshakes
+//! networks and local domains, auth users, the
+//! `[[rule]]` list (queue and route choice), and `[dkim]` (signers and rules;
+//! every reload reads the key files again, so a rotated key needs only a
+//! SIGHUP, and a key that does not load refuses the reload). New sessions and new TLS handshakes
 //! see the new values; sessions already open keep what they started with.
 //!
 //! Swaps are `ArcSwap` stores: readers (a connection opening, a RCPT choosing a
@@ -59,6 +61,8 @@ pub struct Reloader {
     listeners: Vec<Arc<ListenerShared>>,
     credentials: Arc<ArcSwap<Credentials>>,
     rules: Arc<ArcSwap<RuleSet>>,
+    /// DKIM signers and rules; keys are re-read on every reload.
+    dkim: Option<crate::queue::dkim::DkimSwap>,
 }
 
 /// What a validated reload will store.
@@ -70,6 +74,7 @@ struct Plan {
     sessions: Vec<(Arc<ListenerShared>, crate::smtp::server::SessionConfig)>,
     credentials: Option<Credentials>,
     rules: Option<RuleSet>,
+    dkim: Option<sluice_policy::dkim::DkimPolicy>,
 }
 
 impl Reloader {
@@ -93,7 +98,15 @@ impl Reloader {
             listeners: unique,
             credentials,
             rules,
+            dkim: None,
         }
+    }
+
+    /// Reloads also replace the DKIM signers (keys read again from their
+    /// files, so a rotated key file needs only a SIGHUP).
+    pub fn with_dkim(mut self, dkim: crate::queue::dkim::DkimSwap) -> Reloader {
+        self.dkim = Some(dkim);
+        self
     }
 
     /// Re-reads and applies the configuration. Ok: what changed (and what would
@@ -125,6 +138,9 @@ impl Reloader {
         }
         if let Some(rules) = plan.rules {
             self.rules.store(Arc::new(rules));
+        }
+        if let (Some(swap), Some(policy)) = (&self.dkim, plan.dkim) {
+            swap.store(Arc::new(crate::queue::dkim::DkimState::new(policy)));
         }
         *running = plan.effective;
         let mut summary = if plan.changed.is_empty() {
@@ -164,6 +180,19 @@ impl Reloader {
         );
         let credentials = Credentials::new(effective.auth.users.clone())
             .map_err(|e| format!("auth.users: {e}"))?;
+        // Every reload reads the keys again; one bad key refuses the reload
+        // and the running signers stay.
+        let dkim = match &self.dkim {
+            Some(swap) => {
+                let policy = effective.dkim_policy().map_err(|e| e.to_string())?;
+                let running = swap.load();
+                if !changed.iter().any(|c| c == "dkim") && !policy.same_signers(&running.policy) {
+                    changed.push("dkim keys".into());
+                }
+                Some(policy)
+            }
+            None => None,
+        };
 
         let mut certs = Vec::new();
         let mut sessions = Vec::new();
@@ -200,6 +229,7 @@ impl Reloader {
             sessions,
             credentials: users_changed.then_some(credentials),
             rules: rules_changed.then_some(rules),
+            dkim,
         })
     }
 }
@@ -229,6 +259,10 @@ fn merge(running: &Config, new: &Config) -> (Config, Vec<String>, Vec<String>) {
     if differs(&effective.rule, &new.rule) {
         effective.rule = new.rule.clone();
         changed.push(format!("[[rule]] ({} in force)", new.rule.len()));
+    }
+    if differs(&effective.dkim, &new.dkim) {
+        effective.dkim = new.dkim.clone();
+        changed.push("dkim".into());
     }
     let restart = restart_only_changes(&effective, new);
     (effective, changed, restart)
@@ -440,5 +474,13 @@ mod tests {
             "[relay]\nlocal_domains = [\"a.test\"]\n[server.listener.smtp]\nbind = [\"127.0.0.1:2525\"]\ngreeting = \"hi\"\n",
         );
         assert_eq!(changes(&running, &greeting).verdict(), "reload");
+        // DKIM signers and rules are reloadable.
+        let dkim = config(
+            "[relay]\nlocal_domains = [\"a.test\"]\n[dkim.signer.a]\ndomain = \"a.test\"\nselector = \"s\"\nkey = \"/k.pem\"\n",
+        );
+        assert_eq!(
+            changes(&running, &dkim).to_string(),
+            "reload\nreloadable: dkim\n"
+        );
     }
 }

@@ -173,6 +173,11 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         queue_stats.clone(),
     ));
 
+    // DKIM signers with their keys: a bad key stops the start, naming it.
+    let dkim: crate::queue::dkim::DkimSwap = Arc::new(ArcSwap::from_pointee(
+        crate::queue::dkim::DkimState::new(config.dkim_policy().map_err(|e| anyhow!("{e}"))?),
+    ));
+
     let delivery = if config.delivery.enabled {
         let resolver = config
             .dns
@@ -202,13 +207,16 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     let stop_started = Arc::new(OnceLock::new());
     let shared_listeners: Vec<Arc<ListenerShared>> =
         listeners.iter().map(|(l, _)| l.clone()).collect();
-    let reloader = Arc::new(Reloader::new(
-        source,
-        config.clone(),
-        &shared_listeners,
-        credentials.clone(),
-        admission.rules().clone(),
-    ));
+    let reloader = Arc::new(
+        Reloader::new(
+            source,
+            config.clone(),
+            &shared_listeners,
+            credentials.clone(),
+            admission.rules().clone(),
+        )
+        .with_dkim(dkim.clone()),
+    );
     let signals = spawn_signal_thread(
         shutdown.clone(),
         shutting_down.clone(),
@@ -239,6 +247,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         let mesh = mesh.clone();
         let admission = admission.clone();
         let recovery = recovery.clone();
+        let dkim = dkim.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(core % cpus))
             .name(&format!("sluice-core-{core}"))
             .io_memory(config.server.io_memory.0 as usize)
@@ -252,6 +261,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                     admission,
                     spool,
                     recovery,
+                    dkim,
                     listeners,
                     credentials,
                     shutdown,
@@ -407,6 +417,7 @@ async fn core_main(
     admission: Arc<QueueAdmission>,
     spool: Arc<Spool>,
     recovery: Arc<RecoveryTally>,
+    dkim: crate::queue::dkim::DkimSwap,
     listeners: Vec<(Arc<ListenerShared>, std::net::SocketAddr)>,
     credentials: Arc<ArcSwap<Credentials>>,
     shutdown: Arc<event_listener::Event>,
@@ -424,7 +435,8 @@ async fn core_main(
         .join()
         .await
         .map_err(|_| anyhow!("core {core}: joining the delivery mesh failed"))?;
-    let queue = Rc::new(CoreQueue::new(core, spool.clone(), admission.stats.clone()));
+    let queue =
+        Rc::new(CoreQueue::new(core, spool.clone(), admission.stats.clone()).with_dkim(dkim));
     let delivery = match delivery {
         Some(shared) => {
             let d = CoreDelivery::new(core, cores, shared, ids.clone(), senders, queue.clone());

@@ -29,6 +29,22 @@ pub enum PolicyError {
         reason: String,
     },
 
+    /// `key` is the key inside `[dkim.signer.NAME]` ("key", "domain").
+    #[error("dkim.signer.{signer}.{key}: {reason}")]
+    InvalidDkimSigner {
+        signer: String,
+        key: &'static str,
+        reason: String,
+    },
+
+    /// `rule` is 1-based, as an operator counts `[[dkim.rule]]` tables.
+    #[error("dkim rule {rule}: {key}: {reason}")]
+    InvalidDkimRule {
+        rule: usize,
+        key: &'static str,
+        reason: String,
+    },
+
     #[error("invalid rate {text:?}: {reason}")]
     InvalidRate { text: String, reason: String },
 }

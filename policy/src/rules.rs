@@ -138,7 +138,9 @@ impl<'de> Deserialize<'de> for SizeSpec {
 }
 
 /// `key = "x"` as shorthand for `key = ["x"]`.
-fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+pub(crate) fn one_or_many<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<String>>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged, expecting = "a string or a list of strings")]
     enum OneOrMany {
@@ -440,7 +442,7 @@ fn empty_list() -> String {
 }
 
 /// Compile each item of an optional list, naming the bad item in the error.
-fn compile_list<T>(
+pub(crate) fn compile_list<T>(
     items: &Option<Vec<String>>,
     key: &'static str,
     bad: &impl Fn(&'static str, String) -> PolicyError,
@@ -459,7 +461,7 @@ fn compile_list<T>(
         .map(Some)
 }
 
-fn compile_domains(
+pub(crate) fn compile_domains(
     items: &Option<Vec<String>>,
     key: &'static str,
     bad: &impl Fn(&'static str, String) -> PolicyError,
@@ -574,15 +576,15 @@ impl Conditions {
 }
 
 /// An envelope address split for matching, borrowing from the input.
-struct Address<'a> {
+pub(crate) struct Address<'a> {
     /// Without angle brackets or a trailing dot.
-    full: &'a str,
+    pub(crate) full: &'a str,
     /// After the last '@' (quoted local parts may contain '@'); None when absent.
-    domain: Option<&'a str>,
+    pub(crate) domain: Option<&'a str>,
 }
 
 impl<'a> Address<'a> {
-    fn new(raw: &'a str) -> Address<'a> {
+    pub(crate) fn new(raw: &'a str) -> Address<'a> {
         let a = raw.trim();
         let a = a
             .strip_prefix('<')
@@ -599,7 +601,7 @@ impl<'a> Address<'a> {
 
 /// Exact names plus "*.suffix" wildcards.
 #[derive(Debug, Clone)]
-struct DomainSet {
+pub(crate) struct DomainSet {
     exact: Exact,
     /// Each with its leading dot (".google.com"), lowercase.
     suffixes: Box<[Box<str>]>,
@@ -646,7 +648,7 @@ impl DomainSet {
         })
     }
 
-    fn contains(&self, domain: &str) -> bool {
+    pub(crate) fn contains(&self, domain: &str) -> bool {
         let domain = domain.strip_suffix('.').unwrap_or(domain);
         let found = match &self.exact {
             Exact::Few(names) => names.iter().any(|n| n.eq_ignore_ascii_case(domain)),
@@ -672,7 +674,7 @@ fn lowercase(s: &str) -> Cow<'_, str> {
 /// a few slice comparisons with no backtracking (leftmost placement of each middle
 /// piece is always safe when '*' is the only wildcard).
 #[derive(Debug, Clone)]
-struct Glob {
+pub(crate) struct Glob {
     /// Lowercase. Without a star the whole pattern is in `prefix`.
     prefix: Box<str>,
     middle: Box<[Box<str>]>,
@@ -681,7 +683,7 @@ struct Glob {
 }
 
 impl Glob {
-    fn new(pattern: &str, allow_empty: bool) -> Result<Glob, String> {
+    pub(crate) fn new(pattern: &str, allow_empty: bool) -> Result<Glob, String> {
         let p = pattern.trim();
         if p.is_empty() && !allow_empty {
             return Err("empty pattern".into());
@@ -721,7 +723,7 @@ impl Glob {
         })
     }
 
-    fn matches(&self, text: &str) -> bool {
+    pub(crate) fn matches(&self, text: &str) -> bool {
         let t = text.as_bytes();
         if !self.star {
             return t.eq_ignore_ascii_case(self.prefix.as_bytes());

@@ -292,9 +292,48 @@ impl Spool {
         let submitted = if id.shard() != shard {
             Err(SpoolError::BadId(format!("{id} is not of shard {shard}")))
         } else {
-            envelope
-                .encode()
-                .and_then(|envelope| self.submit(shard, OpKind::Store { id, envelope, body }))
+            envelope.encode().and_then(|envelope| {
+                self.submit(
+                    shard,
+                    OpKind::Store {
+                        id,
+                        envelope,
+                        prefix: Vec::new(),
+                        body,
+                    },
+                )
+            })
+        };
+        wait(submitted)
+    }
+
+    /// [`Spool::store`] of `prefix` followed by `body` as one stored message,
+    /// without joining them in memory: the writer reserves the value's space
+    /// in LMDB and copies both slices straight into the map (header fields
+    /// added at acceptance, such as DKIM signatures, cost no copy of the
+    /// body). `envelope.size` should count both.
+    pub fn store_prefixed(
+        &self,
+        shard: u16,
+        id: MessageId,
+        envelope: &Envelope,
+        prefix: Vec<u8>,
+        body: Vec<u8>,
+    ) -> impl Future<Output = Result<(), SpoolError>> + Send + 'static {
+        let submitted = if id.shard() != shard {
+            Err(SpoolError::BadId(format!("{id} is not of shard {shard}")))
+        } else {
+            envelope.encode().and_then(|envelope| {
+                self.submit(
+                    shard,
+                    OpKind::Store {
+                        id,
+                        envelope,
+                        prefix,
+                        body,
+                    },
+                )
+            })
         };
         wait(submitted)
     }

@@ -89,6 +89,31 @@ fn store_and_read_back() {
     );
 }
 
+/// A header prefix and the body go in as one value, in that order, and a
+/// duplicate id still refuses without touching the stored message.
+#[test]
+fn store_prefixed_joins_prefix_and_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&cfg(dir.path(), 1)).unwrap();
+    let ids = IdGenerator::new(0, None);
+    let prefix = b"DKIM-Signature: v=1; a=ed25519-sha256;\r\n".to_vec();
+    let data = body(70_000);
+    let id = ids.next(1_700_000_000_000);
+    let env = envelope(prefix.len() + data.len());
+    block_on(spool.store_prefixed(0, id, &env, prefix.clone(), data.clone())).unwrap();
+    let mut want = prefix.clone();
+    want.extend_from_slice(&data);
+    assert!(spool.with_body(id, |b| b == want.as_slice()).unwrap());
+    // An empty prefix is a plain store.
+    let plain = ids.next(1_700_000_000_001);
+    block_on(spool.store_prefixed(0, plain, &envelope(5), Vec::new(), b"hello".to_vec())).unwrap();
+    assert!(spool.with_body(plain, |b| b == b"hello").unwrap());
+    let again = block_on(spool.store_prefixed(0, id, &env, b"X: y\r\n".to_vec(), Vec::new()));
+    assert_eq!(again, Err(SpoolError::Duplicate(id)));
+    assert!(spool.with_body(id, |b| b == want.as_slice()).unwrap());
+    assert_eq!(spool.count().unwrap(), 2);
+}
+
 #[test]
 fn list_in_id_order_per_shard() {
     let dir = tempfile::tempdir().unwrap();
@@ -382,6 +407,7 @@ fn corrupt_envelope_is_skipped_not_fatal() {
             crate::writer::OpKind::Store {
                 id: bad,
                 envelope: vec![1, 0xFF, 0xFF],
+                prefix: Vec::new(),
                 body: body(7),
             },
         )

@@ -1,5 +1,6 @@
 //! The per-shard writer thread: group commit.
 
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::OnceLock;
@@ -75,6 +76,8 @@ pub(crate) enum OpKind {
     Store {
         id: MessageId,
         envelope: Vec<u8>,
+        /// Stored before `body` in the same value (empty for most stores).
+        prefix: Vec<u8>,
         body: Vec<u8>,
     },
     Remove {
@@ -91,7 +94,12 @@ impl OpKind {
     /// Bytes this operation writes, pages aside.
     fn bytes(&self) -> u64 {
         match self {
-            OpKind::Store { envelope, body, .. } => (envelope.len() + body.len()) as u64,
+            OpKind::Store {
+                envelope,
+                prefix,
+                body,
+                ..
+            } => (envelope.len() + prefix.len() + body.len()) as u64,
             OpKind::Update { envelope, .. } => envelope.len() as u64,
             OpKind::Remove { .. } => 0,
         }
@@ -243,7 +251,12 @@ impl Writer {
         let mut stored = 0u64;
         for op in ops {
             let r = match &op.kind {
-                OpKind::Store { id, envelope, body } => {
+                OpKind::Store {
+                    id,
+                    envelope,
+                    prefix,
+                    body,
+                } => {
                     let key = id.key();
                     // Never overwrite: a duplicate id must not replace a queued message.
                     match self.dbs.envelopes.put_with_flags(
@@ -253,7 +266,20 @@ impl Writer {
                         envelope,
                     ) {
                         Ok(()) => {
-                            self.dbs.bodies.put(&mut wtxn, &key, body)?;
+                            if prefix.is_empty() {
+                                self.dbs.bodies.put(&mut wtxn, &key, body)?;
+                            } else {
+                                // MDB_RESERVE: both parts are copied once, into the map.
+                                self.dbs.bodies.put_reserved(
+                                    &mut wtxn,
+                                    &key,
+                                    prefix.len() + body.len(),
+                                    |space| {
+                                        space.write_all(prefix)?;
+                                        space.write_all(body)
+                                    },
+                                )?;
+                            }
                             stored += 1;
                             Ok(())
                         }

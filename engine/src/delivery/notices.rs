@@ -123,15 +123,30 @@ impl CoreDelivery {
             deliver_by: None,
             schedule: Default::default(),
         };
+        // Signed like SMTP mail when a [[dkim.rule]] matches the notice
+        // (listener "dsn", null sender), once, before the retried store. A
+        // notice that cannot be signed is not sent unsigned: it is dropped
+        // and logged, as a notice that cannot be built is.
+        let mut dsn_envelope = dsn_envelope;
+        let (body, signed) = self.queue.sign(&dsn_envelope, dsn.body).await;
+        let signed = match signed {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, error = %e, "notification not queued: DKIM signing failed");
+                return;
+            }
+        };
+        dsn_envelope.size += signed.prefix.len() as u64;
         // The same way into the queue as SMTP (store, count, hand to the
         // scheduler), with the write retried through a full spool.
         let stored = persist(id, "queuing a delivery notification", || {
-            self.queue.store(dsn_id, &dsn_envelope, dsn.body.clone())
+            self.queue
+                .store_prefixed(dsn_id, &dsn_envelope, signed.prefix.clone(), body.clone())
         })
         .await;
         if stored {
             crate::metrics::dsn_queued(kind.as_str());
-            tracing::info!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, to = %dsn.recipient, kind = ?kind, "notification queued");
+            tracing::info!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, to = %dsn.recipient, kind = ?kind, dkim = %signed.signers, "notification queued");
             self.queue.admitted(dsn_id, dsn_envelope);
         }
     }

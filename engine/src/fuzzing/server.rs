@@ -349,7 +349,11 @@ impl ServerDriver {
             _ => Ok(()),
         };
         let ok = result.is_ok();
-        self.session.store_result(id, &summary, result);
+        self.session.store_result(
+            id,
+            &summary,
+            result.map_err(crate::queue::EnqueueError::from),
+        );
         self.collect();
         let last = self.lines.last().map(|l| &l[..3]);
         let want = if ok { "250" } else { "45" };

@@ -9,11 +9,14 @@
 //! * `recovery.rs` — at start, one walk of each shard counts what is queued
 //!   and hands each message to the scheduler.
 //! * `dsn.rs` — building delivery status notifications (RFC 3461/3464/6533).
+//! * `dkim.rs` — DKIM signing at acceptance, before the store (the
+//!   `[dkim]` rules choose the signers; notices are matched like any message).
 //!
 //! The inbound side knows only this module; delivery registers itself as the
 //! [`Handoff`] of its core.
 
 pub mod admission;
+pub mod dkim;
 pub mod dsn;
 pub mod recovery;
 
@@ -37,6 +40,26 @@ pub struct CoreQueue {
     stats: Arc<QueueStats>,
     /// Delivery on this core, when enabled (weak: delivery holds the queue).
     handoff: RefCell<Option<Weak<dyn Handoff>>>,
+    /// DKIM signing; None signs nothing.
+    dkim: Option<dkim::DkimSwap>,
+}
+
+/// Why a message was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// A rule asked for a signature that could not be made: the message is
+    /// refused (451 4.3.0) rather than sent unsigned.
+    #[error("{0}")]
+    Signing(#[from] sluice_policy::dkim::DkimError),
+}
+
+impl EnqueueError {
+    /// The transient "no space" case (452 4.3.1).
+    pub fn is_full(&self) -> bool {
+        matches!(self, EnqueueError::Spool(e) if e.is_full())
+    }
 }
 
 impl CoreQueue {
@@ -46,7 +69,14 @@ impl CoreQueue {
             spool,
             stats,
             handoff: RefCell::new(None),
+            dkim: None,
         }
+    }
+
+    /// Signs what the `[dkim]` rules ask for before it is stored.
+    pub fn with_dkim(mut self, dkim: dkim::DkimSwap) -> CoreQueue {
+        self.dkim = Some(dkim);
+        self
     }
 
     /// Delivery takes what is stored from now on.
@@ -66,18 +96,62 @@ impl CoreQueue {
         &self.stats
     }
 
-    /// Stores a message in this core's shard (group-committed with other
-    /// sessions' messages); once it is durable, counts it in its queue and
-    /// hands it to delivery.
+    /// Signs the message when a `[[dkim.rule]]` says so, stores it in this
+    /// core's shard (group-committed with other sessions' messages) with the
+    /// signatures before it, and once it is durable counts it in its queue
+    /// and hands it to delivery. Ok: the signers that signed, comma-separated
+    /// ("" for none).
     pub async fn enqueue(
         &self,
         id: MessageId,
-        envelope: Envelope,
+        mut envelope: Envelope,
+        body: Vec<u8>,
+    ) -> Result<String, EnqueueError> {
+        let (body, signed) = self.sign(&envelope, body).await;
+        let signed = signed.inspect_err(|e| {
+            tracing::warn!(target: "sluice::dkim", id = %id, error = %e, "signing failed: message refused");
+        })?;
+        envelope.size += signed.prefix.len() as u64;
+        self.store_prefixed(id, &envelope, signed.prefix, body)
+            .await?;
+        self.admitted(id, envelope);
+        Ok(signed.signers)
+    }
+
+    /// The DKIM step alone (notices sign once, then retry the store). The
+    /// body comes back whatever the outcome.
+    pub async fn sign(
+        &self,
+        envelope: &Envelope,
+        body: Vec<u8>,
+    ) -> (
+        Vec<u8>,
+        Result<dkim::Signed, sluice_policy::dkim::DkimError>,
+    ) {
+        match &self.dkim {
+            Some(d) => dkim::sign(d, envelope, body).await,
+            None => (
+                body,
+                Ok(dkim::Signed {
+                    prefix: Vec::new(),
+                    signers: String::new(),
+                }),
+            ),
+        }
+    }
+
+    /// The spool write of `prefix` (header fields) then `body`, without
+    /// joining them; follow a success with [`CoreQueue::admitted`].
+    pub async fn store_prefixed(
+        &self,
+        id: MessageId,
+        envelope: &Envelope,
+        prefix: Vec<u8>,
         body: Vec<u8>,
     ) -> Result<(), SpoolError> {
-        self.store(id, &envelope, body).await?;
-        self.admitted(id, envelope);
-        Ok(())
+        self.spool
+            .store_prefixed(self.core, id, envelope, prefix, body)
+            .await
     }
 
     /// The spool write alone, for callers that retry it (a notice waits out a

@@ -17,7 +17,7 @@ use base64::Engine as _;
 use sluice_policy::{RelayDecision, RelayPolicy};
 use sluice_spool::{
     BodyType, DeliverBy, DeliverByMode, Envelope, IdGenerator, MessageId, NoticeLimit, Notify,
-    Recipient, RecipientStatus, Ret, Schedule, SpoolError,
+    Recipient, RecipientStatus, Ret, Schedule,
 };
 use smtp_proto::{
     Request, MAIL_BY_NOTIFY, MAIL_BY_RETURN, MAIL_BY_TRACE, RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE,
@@ -224,6 +224,8 @@ pub struct TxSummary {
     pub sender: String,
     pub recipients: usize,
     pub size: u64,
+    /// The DKIM signers that signed, comma-separated (set after the store).
+    pub dkim: String,
 }
 
 impl TxSummary {
@@ -232,6 +234,7 @@ impl TxSummary {
             sender: envelope.sender.clone(),
             recipients: envelope.recipients.len(),
             size: envelope.size,
+            dkim: String::new(),
         }
     }
 }
@@ -1299,7 +1302,7 @@ impl Session {
         &mut self,
         id: MessageId,
         summary: &TxSummary,
-        result: Result<(), SpoolError>,
+        result: Result<(), crate::queue::EnqueueError>,
     ) {
         self.state = State::Command;
         if let Some(m) = &self.metrics {
@@ -1331,6 +1334,7 @@ impl Session {
             recipients = summary.recipients,
             size = summary.size,
             result = code,
+            dkim = %summary.dkim,
             error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
             "transaction"
         );

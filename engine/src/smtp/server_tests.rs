@@ -428,10 +428,39 @@ fn spool_full_gives_452() {
     let Action::Store(sub) = action else {
         panic!("expected a store")
     };
-    h.session
-        .store_result(sub.id, &TxSummary::of(&sub.envelope), Err(SpoolError::Full));
+    h.session.store_result(
+        sub.id,
+        &TxSummary::of(&sub.envelope),
+        Err(SpoolError::Full.into()),
+    );
     h.drain();
     assert!(h.out.contains("452 4.3.1"), "{}", h.out);
+    assert!(!h.out.contains("queued as"));
+}
+
+/// A DKIM signature a rule asked for and could not be made: 451 4.3.0, and
+/// the message is not acknowledged.
+#[test]
+fn signing_failure_gives_451() {
+    let mut h = Harness::new(config(), "192.0.2.1");
+    let (_, action) = h.session.receive(
+        b"EHLO x\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@r.test>\r\nBDAT 2 LAST\r\nhi",
+        NOW,
+    );
+    let Action::Store(sub) = action else {
+        panic!("expected a store")
+    };
+    let failed = sluice_policy::dkim::DkimError::Sign {
+        signer: "example-rsa".into(),
+        reason: "key unusable".into(),
+    };
+    h.session.store_result(
+        sub.id,
+        &TxSummary::of(&sub.envelope),
+        Err(crate::queue::EnqueueError::from(failed)),
+    );
+    h.drain();
+    assert!(h.out.contains("451 4.3.0"), "{}", h.out);
     assert!(!h.out.contains("queued as"));
 }
 
