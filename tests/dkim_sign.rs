@@ -471,3 +471,53 @@ fn wait_log(relay: &Relay, needle: &str, n: usize) -> String {
     );
     found
 }
+
+/// The "after relay through Postfix unchanged": a dual-signed message
+/// that a real Postfix (a private instance, as Debian ships it) relays on still
+/// verifies with dkimpy, and the Received line Postfix adds shows it went
+/// through Postfix.
+#[test]
+fn signatures_still_verify_after_relay_through_postfix() {
+    require_tools!("nsd", "dkimverify");
+    if !can_run_postfix() {
+        return;
+    }
+    let s = setup();
+    let sink_port = free_port();
+    let sink = LoadgenSink::start(&[SocketAddr::from(([127, 0, 0, 1], sink_port))], &[]);
+    let postfix = PostfixRelay::start(sink_port);
+    let config = s.dir.path().join("sluice.toml");
+    std::fs::write(&config, signers_toml("s1", &s.rsa.path, &s.ed)).unwrap();
+    let relay = Relay::builder()
+        .config(config)
+        .cores(1)
+        .set("delivery.enabled=true")
+        .set(s.nsd.servers_set())
+        .set(format!(
+            "route.default={{type=\"relay\",host=\"127.0.0.1\",port={},tls=\"none\"}}",
+            postfix.addr.port()
+        ))
+        .set("queue.default.retry=[\"1s\"]")
+        .start();
+    submit(
+        &relay,
+        &format!("news@{DOMAIN}"),
+        "",
+        &["someone@rcpt.dlv.test"],
+        &dot_stuff(&message(&format!("news@{DOMAIN}"), "via-postfix")),
+    );
+    let saved = sink.wait_saved(1, T, &relay);
+    let eml = text(&saved[0].eml);
+    assert!(
+        eml.starts_with("Received: from ") && eml.contains("by bench-postfix.localdomain"),
+        "not relayed by the test's Postfix:\n{eml}\nmaillog:\n{}",
+        postfix.maillog_text()
+    );
+    let results = verify(&s.nsd, &[&saved[0].eml]);
+    let pass = |a: &str, sel: &str| (a.to_string(), sel.to_string(), true);
+    assert_eq!(
+        summary(&results[0]),
+        vec![pass("rsa-sha256", "s1"), pass("ed25519-sha256", "e1")],
+        "{results:?}\n{eml}"
+    );
+}
