@@ -1358,19 +1358,19 @@ fn store_raw(path: &std::path::Path, bodies: &[Vec<u8>]) {
     }
 }
 
-/// Messages in the spool at `path` (`sluice spool count`).
+/// Messages in the spool at `path` (`sluice queue count --offline`).
 fn count_at(path: &std::path::Path) -> usize {
     let out = run_with_timeout(
         Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["spool", "count", "--set"])
+            .args(["queue", "count", "--offline", "--set"])
             .arg(format!("spool.path={}", path.display())),
         T,
     );
-    assert_ok(&out, "sluice spool count");
+    assert_ok(&out, "sluice queue count --offline");
     let n = text(&out.stdout);
     n.trim()
         .parse()
-        .unwrap_or_else(|_| panic!("spool count printed {n:?}"))
+        .unwrap_or_else(|_| panic!("queue count printed {n:?}"))
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The management API and the `sluice queue` / `sluice destination` CLI on a
 //! real queue: the real relay delivers over configured routes to the loadgen
 //! sink (a "good" route) or to a closed port (the "dead" route, which defers);
-//! every action is checked through the spool (`sluice spool list --json`) and
+//! every action is checked through the spool (`sluice queue list --json --offline`) and
 //! what arrives at the sink, through both raw HTTP requests and the CLI.
 
 use std::io::{Read, Write};
@@ -114,12 +114,9 @@ fn cli_json(relay: &Relay, token_file: &Path, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("sluice {args:?}: {e}: {out:?}"))
 }
 
-/// The spool's JSON line for `id`, if it is still queued.
+/// The message `id` as `queue list --json --offline` gives it, if still queued.
 fn spooled(relay: &Relay, id: &str) -> Option<Value> {
-    text(&relay.spool(&["list", "--json"]))
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["id"] == id)
+    relay.messages().into_iter().find(|v| v["id"] == id)
 }
 
 fn wait_gone(relay: &Relay, id: &str) {
@@ -139,7 +136,7 @@ fn wait_deferred(relay: &Relay, id: &str, n: u64) {
         || {
             spooled(relay, id).is_some_and(|v| {
                 v["attempts"].as_u64().unwrap_or(0) >= n
-                    && v["recipient_status"][0]["status"] == "deferred"
+                    && v["recipients"][0]["status"] == "deferred"
             })
         },
         || relay.log(),

@@ -275,11 +275,11 @@ fn role_installs_a_working_relay_and_is_idempotent() {
     );
     let count = run_with_timeout(
         Command::new(&bin)
-            .args(["spool", "count", "-c"])
+            .args(["queue", "count", "--offline", "-c"])
             .arg(&config),
         Duration::from_secs(30),
     );
-    assert_ok(&count, "sluice spool count");
+    assert_ok(&count, "sluice queue count --offline");
     assert_eq!(text(&count.stdout).trim(), "2", "both messages are spooled");
     if admin {
         let (status, body) = http_get(admin_port, "/metrics");

@@ -137,12 +137,11 @@ fn futurerelease_holds_are_advertised_shown_and_honoured() {
     c.send_line("QUIT");
 
     // While held (polled up to 2 s after MAIL): nothing at the sink, and
-    // `spool show` shows both holds.
+    // `queue show` shows both holds.
     let fmt = |s: u64| {
         chrono::DateTime::from_timestamp(s as i64, 0)
             .unwrap()
-            .format("%Y-%m-%d %H:%M:%S")
-            .to_string()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
     };
     let mut checks = 0;
     while now_ms() < mail_at + 2000 {
@@ -272,16 +271,13 @@ fn deliverby_is_advertised_stored_as_a_deadline_and_too_short_r_refused() {
     let by = show_field(&show, "deliver_by");
     assert!(by.contains("(BY=60;"), "{show}");
     let when = by.split(" (").next().unwrap();
-    let fmt = |ms: u64| {
-        chrono::DateTime::from_timestamp_millis(ms as i64)
-            .unwrap()
-            .format("%Y-%m-%d %H:%M:%S")
-            .to_string()
-    };
-    let (lo, hi) = (fmt(before + 60_000), fmt(after + 60_000));
+    let when_ms = chrono::DateTime::parse_from_rfc3339(when)
+        .unwrap_or_else(|e| panic!("deadline {when:?}: {e}: {show}"))
+        .timestamp_millis() as u64;
+    let (lo, hi) = (before + 60_000, after + 60_000);
     assert!(
-        when >= lo.as_str() && when <= hi.as_str(),
-        "deadline {when}, want between {lo} and {hi}: {show}"
+        (lo..=hi).contains(&when_ms),
+        "deadline {when} ({when_ms} ms), want between {lo} and {hi}: {show}"
     );
 }
 

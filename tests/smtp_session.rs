@@ -1,5 +1,5 @@
 //! End-to-end SMTP sessions against the real relay: swaks, smtplib and raw sockets.
-//! What is sent is compared byte for byte with what `sluice spool body` returns.
+//! What is sent is compared byte for byte with what `sluice queue body` returns.
 
 use sluice_testkit::*;
 use std::time::Duration;
@@ -157,7 +157,7 @@ fn raw_message_is_byte_exact_with_dot_stuffing_8bit_smtputf8_and_dsn() {
     );
     assert_eq!(
         show_field(&show, "ret").to_ascii_lowercase(),
-        "some(headers)",
+        "headers",
         "{show}"
     );
     assert_eq!(show_field(&show, "envid"), "abc");
@@ -172,7 +172,7 @@ fn raw_message_is_byte_exact_with_dot_stuffing_8bit_smtputf8_and_dsn() {
     assert_eq!(show_field(&show, "size"), stored.len().to_string());
 }
 
-/// `notify=` as printed by `spool show`: flag names, or the bit set SUCCESS|FAILURE = 3.
+/// `notify=` as printed by `queue show`: flag names, or the bit set SUCCESS|FAILURE = 3.
 fn notify_is_success_failure(notify: &str) -> bool {
     let n = notify
         .split_whitespace()

@@ -23,6 +23,5 @@ pub use queue::dsn;
 pub mod reload;
 pub mod runtime;
 pub mod smtp;
-pub mod spool_view;
 pub mod time;
 pub mod tls;

@@ -47,10 +47,12 @@ enum Command {
         #[arg(long, value_name = "OLD")]
         changes: Option<PathBuf>,
     },
-    /// Offline spool views: the old spelling of `sluice queue` (kept for scripts).
+    /// Deprecated: `sluice queue … --offline`, under its old name.
     ///
-    /// The output is as it always was. `sluice queue …` is the one vocabulary:
-    /// it asks the running relay, or reads the spool when the relay is not running.
+    /// Each subcommand runs the `queue` one with --offline (`show` with
+    /// --body) and prints the same output, with a note on stderr. Use
+    /// `sluice queue …`: it asks the running relay, or reads the spool when
+    /// the relay is not running.
     Spool {
         #[command(subcommand)]
         action: SpoolCommand,
@@ -96,6 +98,7 @@ enum Command {
     },
 }
 
+/// The old offline spellings, each now its `sluice queue … --offline`.
 #[derive(Subcommand)]
 enum DkimCommand {
     /// Make a signing key: writes DIR/DOMAIN.SELECTOR.pem (PKCS#8, mode 0600,
@@ -169,19 +172,50 @@ fn dkim_keygen(
 
 #[derive(Subcommand)]
 enum SpoolCommand {
-    /// List queued messages with their recipients.
+    /// `sluice queue list --offline`.
     List {
         #[arg(long)]
         json: bool,
     },
-    /// Show one message: envelope and contents.
+    /// `sluice queue show ID --body --offline`.
     Show { id: String },
-    /// Print one message's stored bytes exactly.
+    /// `sluice queue body ID --offline`.
     Body { id: String },
-    /// Number of queued messages.
+    /// `sluice queue count --offline`.
     Count,
-    /// Lifetime counters: messages stored and commits (group commit shows as commits << messages).
+    /// `sluice queue stats --offline`.
     Stats,
+}
+
+impl SpoolCommand {
+    /// The `queue` command this spelling stands for, and whether it prints JSON.
+    fn into_queue(self) -> (admin_cli::QueueCommand, bool) {
+        use admin_cli::QueueCommand as Q;
+        match self {
+            SpoolCommand::List { json } => (
+                Q::List {
+                    filter: Default::default(),
+                    limit: admin_cli::DEFAULT_LIST_LIMIT,
+                    cursor: None,
+                },
+                json,
+            ),
+            SpoolCommand::Show { id } => (Q::Show { id, body: true }, false),
+            SpoolCommand::Body { id } => (Q::Body { id }, false),
+            SpoolCommand::Count => (Q::Count, false),
+            SpoolCommand::Stats => (Q::Stats, false),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            SpoolCommand::List { .. } => "list",
+            SpoolCommand::Show { .. } => "show ID --body",
+            SpoolCommand::Body { .. } => "body ID",
+            SpoolCommand::Count => "count",
+            SpoolCommand::Stats => "stats",
+        }
+    }
 }
 
 /// The configuration file a command uses: `-c`, else `$SLUICE_CONFIG`, else
@@ -288,17 +322,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Spool { action, config } => {
+            eprintln!(
+                "sluice: `sluice spool` is deprecated; use `sluice queue {} --offline` (the same output)",
+                action.name()
+            );
             let config = load(&config)?;
-            let path = &config.spool.path;
-            match action {
-                SpoolCommand::List { json } => {
-                    sluice_engine::spool_view::list(path, json, &mut out)
-                }
-                SpoolCommand::Show { id } => sluice_engine::spool_view::show(path, &id, &mut out),
-                SpoolCommand::Body { id } => sluice_engine::spool_view::body(path, &id, &mut out),
-                SpoolCommand::Count => sluice_engine::spool_view::count(path, &mut out),
-                SpoolCommand::Stats => sluice_engine::spool_view::stats(path, &mut out),
-            }
+            let (action, json) = action.into_queue();
+            let api = admin_cli::ApiArgs {
+                api: None,
+                token_file: None,
+                json,
+                offline: true,
+            };
+            let client = admin_cli::Client::for_queue(&api, &config, &action)?;
+            admin_cli::run_queue(&client, &config, json, action, &mut out)
         }
         Command::HashPassword => {
             let mut line = String::new();

@@ -2,10 +2,11 @@
 //! management API (`api`). Human tables by default, `--json` prints the API's
 //! answer as it is; a refused call exits non-zero with the API's message.
 //!
-//! When the relay is not running (its API refuses the connection), the queue
-//! reads (summary, list, show, count) are answered by the same API code over
-//! the spool opened read-only here, so the output is the same either way;
-//! actions need the running relay.
+//! When the relay is not running (its API refuses the connection) or with
+//! `--offline`, the queue reads (summary, list, show, count) are answered by
+//! the same API code over the spool opened read-only here, so the output is
+//! the same either way; actions need the running relay. `sluice spool …` is a
+//! deprecated alias of the offline reads.
 
 use std::cell::Cell;
 use std::ffi::OsString;
@@ -105,6 +106,8 @@ pub fn ensure_local_token(config: &Config) -> anyhow::Result<LocalToken> {
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(LocalToken::Created(path))
 }
+/// Messages per `queue list` page unless --limit says otherwise.
+pub const DEFAULT_LIST_LIMIT: usize = 100;
 /// How long the CLI waits for an answer (queue actions wait for every core).
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -196,15 +199,21 @@ pub enum QueueCommand {
     List {
         #[command(flatten)]
         filter: FilterArgs,
-        /// Messages per page.
-        #[arg(long, default_value_t = 100)]
+        /// Messages per page (at most 1000).
+        #[arg(long, default_value_t = DEFAULT_LIST_LIMIT)]
         limit: usize,
         /// Continue after this id (the previous page's next_cursor).
         #[arg(long)]
         cursor: Option<String>,
     },
-    /// Show one message: envelope, recipients, schedule, headers.
-    Show { id: String },
+    /// Show one message: envelope, recipients, schedule, headers (`key: value` lines).
+    Show {
+        id: String,
+        /// Print the whole stored message instead of its headers (read from
+        /// the spool on this box, like `body`).
+        #[arg(long)]
+        body: bool,
+    },
     /// Number of queued messages.
     Count,
     /// One message's stored bytes exactly (read from the spool on this box).
@@ -362,6 +371,15 @@ impl Client {
         })
     }
 
+    /// The spool this client reads when it never asks the relay (`--offline`,
+    /// or no API configured).
+    fn spool_only(&self) -> Option<&Path> {
+        self.online
+            .is_none()
+            .then_some(self.offline.as_deref())
+            .flatten()
+    }
+
     /// Calls the API (or answers a read from the spool); the JSON answer, or
     /// an error carrying the API's message.
     pub fn call(
@@ -438,8 +456,7 @@ impl Client {
         path: &str,
         query: &[(&str, String)],
     ) -> anyhow::Result<Value> {
-        let spool = sluice_spool::Spool::open_readonly(spool_path)
-            .with_context(|| format!("opening spool at {}", spool_path.display()))?;
+        let spool = open_spool(spool_path)?;
         let state = super::AdminState {
             token: None,
             metrics_auth: false,
@@ -496,14 +513,20 @@ pub fn run_queue(
     let (value, render): (Value, Render) = match cmd {
         // The stored bytes and the commit counters are not in the API: read
         // here (LMDB readers are safe beside the running relay).
-        QueueCommand::Body { id } => return crate::spool_view::body(&config.spool.path, &id, out),
-        QueueCommand::Stats => return crate::spool_view::stats(&config.spool.path, out),
+        QueueCommand::Body { id } => return print_body(&config.spool.path, &id, out),
+        QueueCommand::Stats => return print_stats(&config.spool.path, out),
+        // The spool's own count (the summary's `stored`): every envelope,
+        // decodable or not. Offline it is read without walking the queue.
         QueueCommand::Count => {
-            let v = client.call("GET", "/queue/summary", &[("top", "0".to_string())])?;
-            (
-                serde_json::json!({ "messages": v["total"]["messages"] }),
-                |v, o| writeln!(o, "{}", s(&v["messages"])),
-            )
+            let messages = match client.spool_only() {
+                Some(path) => Value::from(open_spool(path)?.count()?),
+                None => client.call("GET", "/queue/summary", &[("top", "0".to_string())])?
+                    ["stored"]
+                    .take(),
+            };
+            (serde_json::json!({ "messages": messages }), |v, o| {
+                writeln!(o, "{}", s(&v["messages"]))
+            })
         }
         QueueCommand::Summary { top } => (
             client.call("GET", "/queue/summary", &[("top", top.to_string())])?,
@@ -521,10 +544,19 @@ pub fn run_queue(
             }
             (client.call("GET", "/queue/messages", &q)?, print_list)
         }
-        QueueCommand::Show { id } => (
+        QueueCommand::Show { id, body: false } => (
             client.call("GET", &format!("/queue/messages/{}", enc(&id)), &[])?,
             print_show,
         ),
+        QueueCommand::Show { id, body: true } => {
+            if json {
+                bail!("--body prints the message bytes, which are not JSON: use `sluice queue body ID`");
+            }
+            let v = client.call("GET", &format!("/queue/messages/{}", enc(&id)), &[])?;
+            print_show_fields(&v, out)?;
+            writeln!(out, "*** MESSAGE CONTENTS ***")?;
+            return print_body(&config.spool.path, &id, out);
+        }
         QueueCommand::Retry(sel) => (act(client, "retry", &sel, &[])?, print_action),
         QueueCommand::Hold(sel) => (act(client, "hold", &sel, &[])?, print_action),
         QueueCommand::Release(sel) => (act(client, "release", &sel, &[])?, print_action),
@@ -737,49 +769,141 @@ fn print_list(v: &Value, o: &mut dyn Write) -> std::io::Result<()> {
     writeln!(o)
 }
 
-fn print_show(m: &Value, o: &mut dyn Write) -> std::io::Result<()> {
-    for key in [
-        "id",
-        "status",
-        "sender",
-        "queue",
-        "size",
-        "arrival",
-        "attempts",
-        "next_attempt",
-        "last_error",
-        "hold_until",
-        "deliver_by",
-        "priority",
-        "listener",
-        "client_ip",
-        "helo",
-        "auth_user",
-        "tls",
-    ] {
-        writeln!(o, "{key:<13} {}", s(&m[key]))?;
+/// A JSON value as a `key: value` line's value ("" for null).
+fn plain(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(t) => t.clone(),
+        other => other.to_string(),
     }
+}
+
+/// One recipient of `queue show`: address, DSN parameters, then its state in
+/// brackets with the attempts and the reply that set it.
+fn recipient_line(r: &Value) -> String {
+    let mut line = format!("recipient: <{}>", plain(&r["address"]));
+    if let Some(o) = r["orcpt"].as_str() {
+        line.push_str(&format!(" orcpt=rfc822;{o}"));
+    }
+    let notify: Vec<String> = arr(&r["notify"]).iter().map(plain).collect();
+    if !notify.is_empty() {
+        line.push_str(&format!(" notify={}", notify.join(",")));
+    }
+    if r["local"].as_bool() == Some(true) {
+        line.push_str(" local");
+    }
+    line.push_str(&format!(" [{}", plain(&r["status"])));
+    if r["status"] == "deferred" {
+        line.push_str(&format!(" ({} attempts)", plain(&r["attempts"])));
+    }
+    if let Some(reply) = r["last_reply"].as_str() {
+        line.push_str(&format!(": {reply}"));
+    }
+    line.push(']');
+    line
+}
+
+/// `queue show` without the message: one `key: value` line per field (keys
+/// without a value are printed empty, so a grep finds every key; hold_until,
+/// deliver_by and last_error only when there is one).
+fn print_show_fields(m: &Value, o: &mut dyn Write) -> std::io::Result<()> {
+    let mut line = |key: &str, value: String| writeln!(o, "{key}: {value}");
+    line("id", plain(&m["id"]))?;
+    line("status", plain(&m["status"]))?;
+    line("arrival", plain(&m["arrival"]))?;
+    line("sender", format!("<{}>", plain(&m["sender"])))?;
     for r in arr(&m["recipients"]) {
-        write!(
-            o,
-            "{:<13} {} [{}",
-            "recipient",
-            s(&r["address"]),
-            s(&r["status"])
-        )?;
-        if r["attempts"].as_u64().unwrap_or(0) > 0 {
-            write!(o, ", {} attempt(s)", s(&r["attempts"]))?;
-        }
-        if let Some(e) = r["last_error"].as_str() {
-            write!(o, ": {e}")?;
-        }
-        writeln!(o, "]")?;
+        writeln!(o, "{}", recipient_line(r))?;
     }
-    writeln!(o, "--- headers ---")?;
+    let mut line = |key: &str, value: String| writeln!(o, "{key}: {value}");
+    for key in ["ret", "envid", "body_type", "smtputf8", "listener"] {
+        line(key, plain(&m[key]))?;
+    }
+    line(
+        "client_ip",
+        match &m["client_ip"] {
+            Value::Null => "(none: written by the relay)".into(),
+            ip => plain(ip),
+        },
+    )?;
+    for key in ["helo", "auth_user", "tls", "size", "priority", "queue"] {
+        line(key, plain(&m[key]))?;
+    }
+    if !m["hold_until"].is_null() {
+        line("hold_until", plain(&m["hold_until"]))?;
+    }
+    line(
+        "held",
+        if m["held"].as_bool() == Some(true) {
+            "yes (by the operator)".into()
+        } else {
+            "no".into()
+        },
+    )?;
+    if !m["deliver_by"].is_null() {
+        let by = &m["deliver_by_request"];
+        line(
+            "deliver_by",
+            format!(
+                "{} (BY={};{}{})",
+                plain(&m["deliver_by"]),
+                plain(&by["seconds"]),
+                plain(&by["mode"]),
+                if by["trace"].as_bool() == Some(true) {
+                    ", trace"
+                } else {
+                    ""
+                }
+            ),
+        )?;
+    }
+    line("attempts", plain(&m["attempts"]))?;
+    line(
+        "next_attempt",
+        match &m["next_attempt"] {
+            Value::Null => "(held)".into(),
+            t => plain(t),
+        },
+    )?;
+    if !m["last_error"].is_null() {
+        line("last_error", plain(&m["last_error"]))?;
+    }
+    line("delay_notices", plain(&m["delay_notices"]))?;
+    Ok(())
+}
+
+fn print_show(m: &Value, o: &mut dyn Write) -> std::io::Result<()> {
+    print_show_fields(m, o)?;
+    writeln!(o, "*** HEADERS ***")?;
     o.write_all(m["headers"].as_str().unwrap_or("").as_bytes())?;
     if m["headers_truncated"].as_bool() == Some(true) {
         writeln!(o, "[headers truncated]")?;
     }
+    Ok(())
+}
+
+fn open_spool(path: &Path) -> anyhow::Result<sluice_spool::Spool> {
+    sluice_spool::Spool::open_readonly(path)
+        .with_context(|| format!("opening spool at {}", path.display()))
+}
+
+/// One message's bytes exactly as stored (for tools and tests).
+fn print_body(path: &Path, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let spool = open_spool(path)?;
+    let id: sluice_spool::MessageId = id
+        .parse()
+        .with_context(|| format!("`{id}` is not a message id"))?;
+    spool.with_body(id, |body| out.write_all(body))??;
+    Ok(())
+}
+
+/// Lifetime counters: group commit shows as commits far below messages.
+fn print_stats(path: &Path, out: &mut impl Write) -> anyhow::Result<()> {
+    let spool = open_spool(path)?;
+    let st = spool.stats()?;
+    writeln!(out, "messages_stored {}", st.messages)?;
+    writeln!(out, "commits {}", st.commits)?;
+    writeln!(out, "queued {}", spool.count()?)?;
     Ok(())
 }
 
@@ -846,6 +970,61 @@ mod tests {
             "{text}"
         );
         assert_eq!(text.matches("last error:").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn show_is_key_value_lines() {
+        let v = serde_json::json!({
+            "id": "00000000000000ff", "status": "held", "sender": "",
+            "arrival": "2026-01-01T00:00:00.000Z", "queue": "bulk", "size": 10,
+            "priority": -3, "attempts": 2, "next_attempt": null, "held": true,
+            "last_error": "451 4.4.1 later",
+            "hold_until": "2026-01-02T00:00:00.000Z",
+            "deliver_by": "2026-01-03T00:00:00.000Z",
+            "deliver_by_request": {"seconds": 60, "mode": "R", "trace": true},
+            "ret": "Headers", "envid": null, "body_type": "EightBitMime",
+            "smtputf8": true, "listener": "smtp", "client_ip": null, "helo": "h",
+            "auth_user": null, "tls": null, "delay_notices": 1,
+            "headers": "Subject: s\r\n", "headers_truncated": true,
+            "recipients": [
+                {"address": "b@x.test", "status": "deferred", "attempts": 2,
+                 "last_reply": "451 4.4.1 later", "orcpt": "o@y.test",
+                 "notify": ["SUCCESS", "DELAY"], "local": true},
+                {"address": "c@x.test", "status": "delivered", "attempts": 0,
+                 "last_reply": "250 ok", "orcpt": null, "notify": [], "local": false},
+                {"address": "d@x.test", "status": "pending", "attempts": 0,
+                 "last_reply": null, "orcpt": null, "notify": [], "local": false}]
+        });
+        let mut out = Vec::new();
+        print_show(&v, &mut out).expect("render");
+        let text = String::from_utf8(out).expect("utf8");
+        for line in [
+            "status: held",
+            "sender: <>",
+            "recipient: <b@x.test> orcpt=rfc822;o@y.test notify=SUCCESS,DELAY local [deferred (2 attempts): 451 4.4.1 later]",
+            "recipient: <c@x.test> [delivered: 250 ok]",
+            "recipient: <d@x.test> [pending]",
+            "ret: Headers",
+            "envid: ",
+            "client_ip: (none: written by the relay)",
+            "tls: ",
+            "priority: -3",
+            "hold_until: 2026-01-02T00:00:00.000Z",
+            "held: yes (by the operator)",
+            "deliver_by: 2026-01-03T00:00:00.000Z (BY=60;R, trace)",
+            "next_attempt: (held)",
+            "last_error: 451 4.4.1 later",
+            "delay_notices: 1",
+            "*** HEADERS ***",
+            "Subject: s",
+            "[headers truncated]",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        // Every field line is `key: value`, until the headers.
+        for l in text.lines().take_while(|l| !l.starts_with("***")) {
+            assert!(l.contains(": "), "{l:?}");
+        }
     }
 
     #[test]

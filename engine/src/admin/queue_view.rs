@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{json, Value};
-use sluice_spool::{Envelope, MessageId, RecipientStatus};
+use sluice_spool::{DeliverByMode, Envelope, MessageId, Notify, Recipient, RecipientStatus};
 
 use super::calls::{
     err, parse_count, parse_duration, parse_id, rfc3339, spool, spool_err, suspended_list,
@@ -162,14 +162,47 @@ impl Filter {
     }
 }
 
+/// The NOTIFY keywords a recipient asked for, in RFC 3461 order.
+fn notify_names(n: Notify) -> Vec<&'static str> {
+    [
+        (Notify::SUCCESS, "SUCCESS"),
+        (Notify::FAILURE, "FAILURE"),
+        (Notify::DELAY, "DELAY"),
+        (Notify::NEVER, "NEVER"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| n.contains(*bit))
+    .map(|(_, name)| name)
+    .collect()
+}
+
+/// One recipient's state: address, status, attempts, the reply that set the
+/// status (`last_reply`; `last_error` only while deferred or failed) and
+/// its DSN parameters.
+fn recipient_json(r: &Recipient) -> Value {
+    let (status, attempts, reply) = match &r.status {
+        RecipientStatus::Pending => ("pending", 0, None),
+        RecipientStatus::Delivered { reply } => ("delivered", 0, Some(reply)),
+        RecipientStatus::Deferred { reply, attempts } => ("deferred", *attempts, Some(reply)),
+        RecipientStatus::Failed { reply } => ("failed", 0, Some(reply)),
+    };
+    let reply = reply.map(|r| r.to_string());
+    json!({
+        "address": r.address,
+        "status": status,
+        "attempts": attempts,
+        "last_error": reply.clone().filter(|_| status == "deferred" || status == "failed"),
+        "last_reply": reply,
+        "orcpt": r.orcpt,
+        "notify": notify_names(r.notify),
+        "local": r.local,
+    })
+}
+
 /// One message as listed.
 fn message_json(id: MessageId, env: &Envelope, now: u64) -> Value {
     let status = Status::of(env);
-    let recipients: Vec<Value> = env
-        .recipients
-        .iter()
-        .map(crate::spool_view::recipient_json)
-        .collect();
+    let recipients: Vec<Value> = env.recipients.iter().map(recipient_json).collect();
     let last_error = env.recipients.iter().rev().find_map(|r| match &r.status {
         RecipientStatus::Deferred { reply, .. } => Some(reply.to_string()),
         _ => None,
@@ -183,6 +216,7 @@ fn message_json(id: MessageId, env: &Envelope, now: u64) -> Value {
         "sender": env.sender,
         "recipients": recipients,
         "queue": env.queue,
+        "priority": env.priority,
         "size": env.size,
         "arrival": rfc3339(env.arrival_unix_ms),
         "age_seconds": now.saturating_sub(env.arrival_unix_ms) / 1000,
@@ -191,6 +225,7 @@ fn message_json(id: MessageId, env: &Envelope, now: u64) -> Value {
         "last_error": last_error,
         "held": env.schedule.held,
         "hold_until": (env.hold_until_unix > 0).then(|| rfc3339(env.hold_until_unix * 1000)).flatten(),
+        "deliver_by": env.deliver_by.and_then(|b| rfc3339(b.deadline_unix_ms)),
     })
 }
 
@@ -276,7 +311,11 @@ pub(super) fn summary(api: &ApiContext, req: &Request) -> ApiResult {
         Some(senders) => suspended_list(senders)?,
         None => Vec::new(),
     };
+    // Counted apart from the walk: an envelope this version cannot decode
+    // is not in the tallies but is still in the spool.
+    let stored = spool.count().map_err(spool_err)?;
     Ok(json!({
+        "stored": stored,
         "total": total.json("queue", "*"),
         "queues": queues.iter().map(|(q, t)| t.json("queue", q)).collect::<Vec<_>>(),
         "destinations": dests.iter().map(|(d, t)| t.json("destination", d)).collect::<Vec<_>>(),
@@ -360,7 +399,15 @@ pub(super) fn show(api: &ApiContext, id: &str) -> ApiResult {
         "helo": env.helo,
         "auth_user": env.auth_user,
         "tls": env.tls,
-        "deliver_by": env.deliver_by.and_then(|b| rfc3339(b.deadline_unix_ms)),
+        // The BY= parameter as given (RFC 2852); the deadline is `deliver_by`.
+        "deliver_by_request": env.deliver_by.map(|b| json!({
+            "seconds": b.by_secs,
+            "mode": match b.mode {
+                DeliverByMode::Return => "R",
+                DeliverByMode::Notify => "N",
+            },
+            "trace": b.trace,
+        })),
         "delay_notices": env.schedule.delay_notices,
         "headers": headers,
         "headers_truncated": truncated,
@@ -455,6 +502,94 @@ mod tests {
         assert!(f(&[]).is_empty());
         assert!(Filter::from_request(&req(&[("status", "nope")])).is_err());
         assert!(Filter::from_request(&req(&[("min_age", "soon")])).is_err());
+    }
+
+    #[test]
+    fn messages_carry_each_recipient_state_and_the_schedule() {
+        const NOW: u64 = 1_800_000_000_000;
+        let mut env = env_with(RecipientStatus::Pending, false);
+        let rcpt = |address: &str, status| sluice_spool::Recipient {
+            address: address.into(),
+            orcpt: None,
+            notify: Notify::default(),
+            status,
+            local: false,
+        };
+        env.recipients = vec![
+            sluice_spool::Recipient {
+                orcpt: Some("orig@example.net".into()),
+                notify: Notify(Notify::SUCCESS.0 | Notify::FAILURE.0),
+                local: true,
+                ..rcpt(
+                    "b@example.net",
+                    RecipientStatus::Deferred {
+                        reply: "451 4.4.1 mx.example.net [192.0.2.9]: connection refused".into(),
+                        attempts: 3,
+                    },
+                )
+            },
+            rcpt(
+                "c@example.net",
+                RecipientStatus::Delivered {
+                    reply: "250 2.0.0 ok".into(),
+                },
+            ),
+            rcpt(
+                "d@example.net",
+                RecipientStatus::Failed {
+                    reply: "550 5.1.1 no such user".into(),
+                },
+            ),
+        ];
+        env.schedule.attempts = 3;
+        env.schedule.next_attempt_unix_ms = NOW + 300_000;
+        env.arrival_unix_ms = NOW - 600_000;
+        env.deliver_by = Some(sluice_spool::DeliverBy {
+            deadline_unix_ms: NOW + 3_600_000,
+            by_secs: 4200,
+            mode: DeliverByMode::Notify,
+            trace: true,
+        });
+        let id = MessageId(0x0123_4567_89ab_cdef);
+        let v = message_json(id, &env, NOW);
+        assert_eq!(v["id"], "0123456789ABCDEF");
+        assert_eq!(v["status"], "deferred");
+        assert_eq!(v["attempts"], 3);
+        assert_eq!(v["age_seconds"], 600);
+        assert_eq!(v["next_attempt"], "2027-01-15T08:05:00.000Z");
+        assert_eq!(v["deliver_by"], "2027-01-15T09:00:00.000Z");
+        assert_eq!(
+            v["last_error"],
+            "451 4.4.1 mx.example.net [192.0.2.9]: connection refused"
+        );
+        let r = &v["recipients"];
+        assert_eq!(r[0]["address"], "b@example.net");
+        assert_eq!(r[0]["status"], "deferred");
+        assert_eq!(r[0]["attempts"], 3);
+        assert_eq!(r[0]["last_error"], r[0]["last_reply"]);
+        assert_eq!(r[0]["orcpt"], "orig@example.net");
+        assert_eq!(r[0]["notify"], json!(["SUCCESS", "FAILURE"]));
+        assert_eq!(r[0]["local"], true);
+        assert_eq!(r[1]["status"], "delivered");
+        assert_eq!(r[1]["last_error"], Value::Null);
+        assert_eq!(r[1]["last_reply"], "250 2.0.0 ok");
+        assert_eq!(r[1]["notify"], json!([]));
+        assert_eq!(r[2]["last_error"], "550 5.1.1 no such user");
+
+        // Due: the time asked is "now"; a FUTURERELEASE hold moves it; an
+        // operator hold has none.
+        env.schedule.next_attempt_unix_ms = 0;
+        env.deliver_by = None;
+        assert_eq!(
+            message_json(id, &env, NOW)["next_attempt"],
+            "2027-01-15T08:00:00.000Z"
+        );
+        env.hold_until_unix = NOW / 1000 + 3600;
+        let v = message_json(id, &env, NOW);
+        assert_eq!(v["next_attempt"], "2027-01-15T09:00:00.000Z");
+        assert_eq!(v["hold_until"], "2027-01-15T09:00:00.000Z");
+        env.schedule.held = true;
+        assert_eq!(message_json(id, &env, NOW)["next_attempt"], Value::Null);
     }
 
     #[test]

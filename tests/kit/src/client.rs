@@ -289,18 +289,18 @@ pub fn assert_stored_exact(stored: &[u8], sent: &[u8], id: &str) {
     );
 }
 
-/// Lines of `spool show` output starting with `prefix`.
+/// Lines of `queue show` output starting with `prefix`.
 pub fn show_lines<'a>(show: &'a str, prefix: &str) -> Vec<&'a str> {
     show.lines().filter(|l| l.starts_with(prefix)).collect()
 }
 
-/// The value of the first `key: value` line of `spool show` output.
+/// The value of the first `key: value` line of `queue show` output.
 pub fn show_field<'a>(show: &'a str, key: &str) -> &'a str {
     let prefix = format!("{key}:");
     show.lines()
         .find_map(|l| l.strip_prefix(prefix.as_str()))
         .map(str::trim)
-        .unwrap_or_else(|| panic!("no `{key}:` line in spool show output:\n{show}"))
+        .unwrap_or_else(|| panic!("no `{key}:` line in queue show output:\n{show}"))
 }
 
 // ---------------------------------------------------------------------------------

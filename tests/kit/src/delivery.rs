@@ -478,18 +478,18 @@ pub fn assert_failure_dsn(raw: &[u8], rcpts: &[&str], status_prefix: &str) -> Va
     v
 }
 
-/// `sluice spool show ID`, or None once the message has left the spool.
+/// `sluice queue show ID --offline`, or None once the message has left the spool.
 pub fn try_show(relay: &Relay, id: &str) -> Option<String> {
     let out = run_with_timeout(
         Command::new(bin())
-            .args(["spool", "show", id, "--set"])
+            .args(["queue", "show", id, "--offline", "--set"])
             .arg(format!("spool.path={}", relay.spool_path().display())),
         Duration::from_secs(30),
     );
     out.status.success().then(|| text(&out.stdout))
 }
 
-/// The `recipient:` lines of `spool show`.
+/// The `recipient:` lines of `queue show`.
 pub fn recipient_lines(show: &str) -> Vec<String> {
     show.lines()
         .filter(|l| l.starts_with("recipient:"))
@@ -571,13 +571,9 @@ pub fn assert_crlf_only(b: &[u8]) {
     }
 }
 
-/// Ids of the messages in the relay's spool (`spool list --json`, "id" only).
+/// Ids of the messages in the relay's spool (`queue list --json --offline`).
 pub fn spool_ids(relay: &Relay) -> Vec<String> {
-    text(&relay.spool(&["list", "--json"]))
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| v["id"].as_str().map(str::to_string))
-        .collect()
+    relay.list().into_iter().map(|m| m.id).collect()
 }
 
 /// One HTTP/1.0 request to a sink's stats listener; the body of a 200 answer.

@@ -319,64 +319,86 @@ impl Relay {
         self.child.as_mut().is_some_and(|c| c.is_running())
     }
 
-    // --- the spool, through the CLI -----------------------------------------------
+    // --- the spool, through the CLI (offline) -----------------------------------------------
 
-    /// `sluice spool ARGS --set spool.path=…`; panics unless it succeeds.
-    pub fn spool(&self, args: &[&str]) -> Vec<u8> {
+    /// `sluice queue ARGS --offline --set spool.path=…` (the spool read
+    /// directly, running relay or not; no API token involved); panics unless
+    /// it succeeds.
+    pub fn queue(&self, args: &[&str]) -> Vec<u8> {
         let mut cmd = Command::new(bin());
-        cmd.arg("spool")
+        cmd.arg("queue")
             .args(args)
+            .arg("--offline")
             .arg("--set")
             .arg(format!("spool.path={}", self.spool_path().display()));
         let out = run_with_timeout(&mut cmd, Duration::from_secs(30));
-        assert_ok(&out, &format!("sluice spool {args:?}"));
+        assert_ok(&out, &format!("sluice queue {args:?} --offline"));
         out.stdout
     }
 
     pub fn count(&self) -> usize {
-        let out = text(&self.spool(&["count"]));
+        let out = text(&self.queue(&["count"]));
         out.trim()
             .parse()
-            .unwrap_or_else(|_| panic!("spool count printed {out:?}"))
+            .unwrap_or_else(|_| panic!("queue count printed {out:?}"))
+    }
+
+    /// Every queued message as `queue list --json` gives it, all pages.
+    pub fn messages(&self) -> Vec<serde_json::Value> {
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut args = vec!["list", "--json", "--limit", "1000"];
+            if let Some(c) = &cursor {
+                args.extend(["--cursor", c.as_str()]);
+            }
+            let out = text(&self.queue(&args));
+            let mut page: serde_json::Value = serde_json::from_str(&out)
+                .unwrap_or_else(|e| panic!("queue list --json: {e}: {out:?}"));
+            cursor = page["next_cursor"].as_str().map(str::to_string);
+            match page["messages"].take() {
+                serde_json::Value::Array(m) => all.extend(m),
+                other => panic!("queue list --json: no messages array: {other:?}"),
+            }
+            if cursor.is_none() {
+                return all;
+            }
+        }
     }
 
     pub fn list(&self) -> Vec<SpoolEntry> {
-        let out = text(&self.spool(&["list", "--json"]));
-        out.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                let v: serde_json::Value =
-                    serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}"));
-                SpoolEntry {
-                    id: v["id"].as_str().expect("id").to_string(),
-                    size: v["size"].as_u64().expect("size"),
-                    sender: v["sender"].as_str().expect("sender").to_string(),
-                    recipients: v["recipients"]
-                        .as_array()
-                        .expect("recipients")
-                        .iter()
-                        .map(|r| r.as_str().unwrap().to_string())
-                        .collect(),
-                    queue: v["queue"].as_str().unwrap_or_default().to_string(),
-                }
+        self.messages()
+            .into_iter()
+            .map(|v| SpoolEntry {
+                id: v["id"].as_str().expect("id").to_string(),
+                size: v["size"].as_u64().expect("size"),
+                sender: v["sender"].as_str().expect("sender").to_string(),
+                recipients: v["recipients"]
+                    .as_array()
+                    .expect("recipients")
+                    .iter()
+                    .map(|r| r["address"].as_str().expect("address").to_string())
+                    .collect(),
+                queue: v["queue"].as_str().unwrap_or_default().to_string(),
             })
             .collect()
     }
 
     pub fn body(&self, id: &str) -> Vec<u8> {
-        self.spool(&["body", id])
+        self.queue(&["body", id])
     }
 
+    /// `queue show ID --body`: the `key: value` fields, then the whole message.
     pub fn show(&self, id: &str) -> String {
-        text(&self.spool(&["show", id]))
+        text(&self.queue(&["show", id, "--body"]))
     }
 
     pub fn stats(&self) -> Stats {
-        let out = text(&self.spool(&["stats"]));
+        let out = text(&self.queue(&["stats"]));
         let get = |name: &str| -> u64 {
             out.lines()
                 .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse::<u64>()))
-                .unwrap_or_else(|| panic!("no `{name}` in spool stats output {out:?}"))
+                .unwrap_or_else(|| panic!("no `{name}` in queue stats output {out:?}"))
                 .unwrap_or_else(|e| panic!("bad `{name}` in {out:?}: {e}"))
         };
         Stats {
