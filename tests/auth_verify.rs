@@ -492,3 +492,127 @@ fn dns_temporary_failure_tempfails() {
     assert_eq!(r.code, 451, "{r:?}");
     assert!(r.enhanced().starts_with("4.7."), "{r:?}");
 }
+
+/// `sluice dkim keygen`: the key file and the zone-file line to publish.
+fn keygen(dir: &Path, domain: &str, selector: &str) -> (PathBuf, String) {
+    let out = sluice(&[
+        "dkim",
+        "keygen",
+        "--domain",
+        domain,
+        "--selector",
+        selector,
+        "--algorithm",
+        "rsa",
+        "--out",
+        &dir.display().to_string(),
+    ]);
+    assert_ok(&out, "sluice dkim keygen");
+    (
+        dir.join(format!("{domain}.{selector}.pem")),
+        text(&out.stdout).trim().to_string(),
+    )
+}
+
+#[test]
+fn arc_chains_from_dkimpy_validate_and_sluice_seals_validate_with_dkimpy() {
+    require_tools!("nsd", "dknewkey");
+    let dir = tempfile::tempdir().unwrap();
+    let (fwd_key, fwd_txt) = dknewkey(dir.path(), "fwd", false);
+    let (seal_key, seal_line) = keygen(dir.path(), "seal.dlv.test", "arc");
+    let nsd = Nsd::start_with_parent(&format!(
+        "{}{seal_line}\n_dmarc.orig TXT \"v=DMARC1; p=none\"\n",
+        txt("fwd._domainkey.fwd", &fwd_txt)
+    ));
+    let relay = relay(
+        &nsd,
+        &[
+            "dkim.signer.arc.domain=\"seal.dlv.test\"",
+            "dkim.signer.arc.selector=\"arc\"",
+            "dkim.signer.arc.algorithm=\"rsa-sha256\"",
+            &format!("dkim.signer.arc.key=\"{}\"", seal_key.display()),
+            "server.listener.smtp.verify.arc_seal=\"arc\"",
+        ],
+    );
+    let port = nsd.addr.port().to_string();
+    let arcverify = |stored: &str| -> String {
+        let p = dir.path().join("sealed.eml");
+        std::fs::write(&p, stored).unwrap();
+        tool(&["arcverify", &port, &p.display().to_string()])
+    };
+
+    // A message a forwarder (fwd.dlv.test) authenticated and sealed with dkimpy.
+    let original = format!(
+        "Authentication-Results: fwd.dlv.test; spf=pass smtp.mailfrom=a@orig.dlv.test\r\n{}",
+        message("a@orig.dlv.test", "forwarded")
+    );
+    let p = dir.path().join("forwarded.eml");
+    std::fs::write(&p, &original).unwrap();
+    let chained = tool_bytes(&[
+        "arcsign",
+        &p.display().to_string(),
+        "fwd",
+        "fwd.dlv.test",
+        &fwd_key.display().to_string(),
+        "fwd.dlv.test",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&chained).starts_with("ARC-Seal: i=1"),
+        "{}",
+        String::from_utf8_lossy(&chained)
+    );
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "a@orig.dlv.test",
+        &chained,
+    );
+    let stored_chain = stored(&relay, &r);
+    let ar = auth_results(&stored_chain);
+    assert!(ar.contains("arc=pass"), "{ar}\n{stored_chain}");
+    // sluice added instance 2 (cv=pass) and dkimpy validates the chain.
+    assert!(stored_chain.contains("i=2"), "{stored_chain}");
+    let verdict = arcverify(&stored_chain);
+    assert!(verdict.starts_with("pass"), "{verdict}\n{stored_chain}");
+
+    // A message without a chain: sluice starts one (i=1, cv=none).
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "a@orig.dlv.test",
+        message("a@orig.dlv.test", "first-hop").as_bytes(),
+    );
+    let stored_new = stored(&relay, &r);
+    assert!(stored_new.starts_with("ARC-"), "{stored_new}");
+    let verdict = arcverify(&stored_new);
+    assert!(verdict.starts_with("pass"), "{verdict}\n{stored_new}");
+
+    // A broken chain (body changed after the seal) does not pass (mail-auth
+    // says neutral: "body hash did not verify"); sluice's seal records that
+    // with cv=fail (RFC 8617 §5.1.2), after which nobody seals again.
+    let tampered = String::from_utf8(chained)
+        .unwrap()
+        .replace("Hello,", "Hullo,");
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "a@orig.dlv.test",
+        tampered.as_bytes(),
+    );
+    let stored_bad = stored(&relay, &r);
+    let ar = auth_results(&stored_bad);
+    assert!(
+        ar.contains("arc=") && !ar.contains("arc=pass"),
+        "{stored_bad}"
+    );
+    assert!(stored_bad.starts_with("ARC-Seal: i=2;"), "{stored_bad}");
+    assert!(stored_bad.contains("cv=fail"), "{stored_bad}");
+    let metrics = http_get(relay.admin_port, "/metrics");
+    assert!(
+        metrics.contains("sluice_arc_seals_total{result=\"sealed\"} 3"),
+        "{metrics}"
+    );
+}

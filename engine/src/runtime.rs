@@ -178,16 +178,21 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         crate::queue::dkim::DkimState::new(config.dkim_policy().map_err(|e| anyhow!("{e}"))?),
     ));
 
-    // Listeners that verify inbound mail need DNS even without delivery.
-    let verify_dns = if config.server.listener.values().any(|l| l.verify.is_some()) {
-        Some(
-            config
-                .dns
-                .resolver_config(std::path::Path::new("/etc/resolv.conf"))
-                .context("dns (needed by server.listener.*.verify): no servers configured and /etc/resolv.conf unreadable")?,
-        )
-    } else {
-        None
+    // Listeners that verify inbound mail need DNS even without delivery. The
+    // verifier is made on every core whenever DNS is configured, so a reload
+    // can switch `verify` on; without DNS it is an error only if a listener
+    // asks for it now.
+    let verify_dns = match config
+        .dns
+        .resolver_config(std::path::Path::new("/etc/resolv.conf"))
+    {
+        Ok(dns) => Some(dns),
+        Err(e) if config.server.listener.values().any(|l| l.verify.is_some()) => {
+            return Err(anyhow!(
+                "dns (needed by server.listener.*.verify): no servers configured and /etc/resolv.conf unreadable: {e}"
+            ));
+        }
+        Err(_) => None,
     };
 
     let delivery = if config.delivery.enabled {

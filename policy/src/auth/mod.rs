@@ -770,13 +770,16 @@ fn seal_with(
     let set = ArcSealer::from_key(sealer.key)
         .domain(sealer.domain)
         .selector(sealer.selector)
+        // Not DKIM-Signature: ours is added after the seal, on top, and
+        // would be the instance a verifier picks for h=.
         .headers([
             "From",
             "To",
+            "Cc",
             "Subject",
             "Date",
             "Message-ID",
-            "DKIM-Signature",
+            "Reply-To",
         ])
         .seal(message, ar, arc)
         .map_err(|e| e.to_string())?;
