@@ -616,3 +616,39 @@ fn arc_chains_from_dkimpy_validate_and_sluice_seals_validate_with_dkimpy() {
         "{metrics}"
     );
 }
+
+#[test]
+fn iprev_at_connect_passes_and_refuses_with_5_7_25() {
+    require_tools!("nsd");
+    // tests/dns/zones: 192.0.2.1 PTR a.hosts.mail.test, which has A
+    // 192.0.2.1; 192.0.2.2 has no PTR.
+    let nsd = Nsd::fixture();
+    let relay = Relay::builder()
+        .set(nsd.servers_set())
+        .set("relay.local_domains=[\"rcpt.test\"]")
+        .set("server.hostname=\"mx.sluice.test\"")
+        .lset("proxy_trusted_networks", "[\"127.0.0.0/8\"]")
+        .lset("verify.spf", "false")
+        .lset("verify.dmarc", "false")
+        .lset("verify.action.iprev_fail", "\"reject\"")
+        .proxy_probe()
+        .start();
+    let m = message("a@mail.test", "iprev");
+    let r = send_from(
+        &relay,
+        "192.0.2.1",
+        "a.hosts.mail.test",
+        "a@mail.test",
+        m.as_bytes(),
+    );
+    let ar = auth_results(&stored(&relay, &r));
+    assert!(ar.contains("iprev=pass policy.iprev=192.0.2.1"), "{ar}");
+    let r = send_from(
+        &relay,
+        "192.0.2.2",
+        "b.hosts.mail.test",
+        "a@mail.test",
+        m.as_bytes(),
+    );
+    assert_eq!((r.code, r.enhanced()), (550, "5.7.25"), "{r:?}");
+}

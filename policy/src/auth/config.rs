@@ -22,6 +22,7 @@ pub enum Action {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ActionConfig {
+    /// iprev fail or permerror (no PTR, or none leading back to the address).
     pub iprev_fail: Action,
     pub spf_fail: Action,
     pub spf_softfail: Action,

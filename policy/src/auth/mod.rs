@@ -295,7 +295,8 @@ pub fn decide(report: &Report, actions: &ActionConfig) -> Decision {
             format!("Temporary DNS failure while checking {what}, try again later"),
         )
     };
-    if report.iprev == Some(Verdict::Fail) {
+    // No PTR at all (permerror) counts like a PTR that does not lead back.
+    if matches!(report.iprev, Some(Verdict::Fail | Verdict::PermError)) {
         if let Some(d) = act(
             actions.iprev_fail,
             (550, "5.7.25", "Reverse DNS validation failed".to_string()),
