@@ -652,3 +652,34 @@ fn iprev_at_connect_passes_and_refuses_with_5_7_25() {
     );
     assert_eq!((r.code, r.enhanced()), (550, "5.7.25"), "{r:?}");
 }
+
+#[test]
+fn verify_config_errors_name_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |name: &str, body: &str| -> String {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        let out = sluice(&["check-config", &p.display().to_string()]);
+        assert!(!out.status.success(), "{name} accepted");
+        text(&out.stderr)
+    };
+    let err = check(
+        "action.toml",
+        "[server.listener.smtp]\nbind = [\"127.0.0.1:2525\"]\n\n[server.listener.smtp.verify]\nspf = true\n[server.listener.smtp.verify.action]\nspf_fail = \"bounce\"\n",
+    );
+    assert!(
+        err.contains("server.listener.smtp.verify.action.spf_fail"),
+        "{err}"
+    );
+    assert!(err.contains("line 7"), "{err}");
+    let err = check(
+        "seal.toml",
+        "[server.listener.smtp]\nbind = [\"127.0.0.1:2525\"]\n\n[server.listener.smtp.verify]\narc_seal = \"nobody\"\n",
+    );
+    assert!(
+        err.contains("server.listener.smtp.verify.arc_seal"),
+        "{err}"
+    );
+    assert!(err.contains("line 5"), "{err}");
+    assert!(err.contains("nobody"), "{err}");
+}
