@@ -641,7 +641,7 @@ pub(crate) async fn within<T>(dur: Duration, fut: impl Future<Output = T>) -> Op
 }
 
 /// Poll all futures to completion concurrently on this task; results in order.
-pub(crate) async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+pub async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
     let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
     std::future::poll_fn(move |cx| {

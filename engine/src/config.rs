@@ -188,6 +188,10 @@ pub struct ListenerConfig {
     /// HOLDFOR / HOLDUNTIL from untrusted clients.
     pub untrusted_hold: UntrustedExtension,
     pub untrusted_notices: UntrustedNotices,
+    /// Inbound authentication (iprev, SPF, DKIM, ARC, DMARC) and ARC
+    /// sealing; absent: nothing is checked (ARCHITECTURE.md "Inbound
+    /// authentication").
+    pub verify: Option<sluice_policy::auth::VerifyConfig>,
 }
 
 impl Default for ListenerConfig {
@@ -216,6 +220,7 @@ impl Default for ListenerConfig {
             untrusted_mt_priority: UntrustedExtension::Ignore,
             untrusted_hold: UntrustedExtension::Reject,
             untrusted_notices: UntrustedNotices::Headers,
+            verify: None,
         }
     }
 }
@@ -553,6 +558,19 @@ impl Config {
             }
             if l.max_connections == 0 {
                 return Err(invalid(key("max_connections"), "must be at least 1".into()));
+            }
+            if let Some(v) = &l.verify {
+                if let Err((k, why)) = v.check() {
+                    return Err(invalid(key(&format!("verify.{k}")), why));
+                }
+                if let Some(signer) = &v.arc_seal {
+                    if !self.dkim.signer.contains_key(signer) {
+                        return Err(invalid(
+                            key("verify.arc_seal"),
+                            format!("no [dkim.signer.{signer}] to seal with"),
+                        ));
+                    }
+                }
             }
             if l.max_errors == 0 {
                 return Err(invalid(key("max_errors"), "must be at least 1".into()));

@@ -6,6 +6,7 @@
 //! deliberately slow password hash: callers on an executor thread must hand it to a
 //! blocking pool.
 
+pub mod auth;
 mod credentials;
 pub mod dkim;
 mod error;

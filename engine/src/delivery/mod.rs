@@ -222,6 +222,13 @@ impl Handoff for CoreDelivery {
     }
 }
 
+impl CoreDelivery {
+    /// This core's resolver (shared with inbound verification: one cache).
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
+    }
+}
+
 impl crate::metrics::DeliveryGauges for CoreDelivery {
     fn dns_metrics(&self) -> sluice_dns::MetricsSnapshot {
         self.resolver.metrics()
