@@ -305,6 +305,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             // The DKIM keys load as the relay would load them.
             config.dkim_policy()?;
+            // So does the outbound CA file.
+            sluice_engine::delivery::outbound::OutboundTlsConfig::new(
+                config.delivery.tls_ca_file.as_deref(),
+            )
+            .context("delivery.tls_ca_file")?;
             let Some(old) = changes else {
                 writeln!(out, "{}: ok", file.display())?;
                 return Ok(());
