@@ -342,3 +342,79 @@ fn rule_over_route_over_global_and_never_clear_text_on_retry() {
     // Deferred, not bounced: no notice was queued (the only message is ours).
     assert_eq!(relay.count(), 1, "{:?}", spool_ids(&relay));
 }
+
+/// A smart host that admits relays by client certificate (Python's ssl with
+/// CERT_REQUIRED): the route with `tls_client_cert`/`tls_client_key` delivers
+/// and the receiver saw our certificate; the same host through a route without
+/// one refuses the handshake, and that recipient is deferred, never sent.
+#[test]
+fn client_certificate_for_a_smart_host_that_requires_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = make_ca(dir.path(), "ca");
+    let host = format!("smart.{ZONE}");
+    let server = make_issued_cert(dir.path(), &ca, "smart", &host);
+    let client = make_issued_cert(dir.path(), &ca, "client", "relay.client.test");
+    let ips = loopbacks(1);
+    let port = mx_port(&ips);
+    let smart = Receiver::start(dir.path(), ips[0], port, Some(&server), Some(&ca.0));
+    let nsd = Nsd::start(&format!("smart A {}", ips[0]));
+    let relay = mx_relay(
+        &nsd,
+        port,
+        1,
+        &[
+            format!("delivery.tls_ca_file=\"{}\"", ca.0.display()),
+            format!(
+                "route.withcert={{type=\"relay\",host=\"{host}\",port={port},tls=\"verify\",\
+                 tls_client_cert=\"{}\",tls_client_key=\"{}\"}}",
+                client.0.display(),
+                client.1.display()
+            ),
+            format!("route.nocert={{type=\"relay\",host=\"{host}\",port={port},tls=\"verify\"}}"),
+            "rule=[{match={recipient_domain=[\"c.example\"]},route=\"withcert\"},\
+             {match={recipient_domain=[\"n.example\"]},route=\"nocert\"}]"
+                .to_string(),
+            "queue.default.retry=[\"1h\"]".to_string(),
+        ],
+    );
+    let id = submit(
+        &relay,
+        "alice@snd.example",
+        "",
+        &["a@c.example", "a@n.example"],
+        b"Subject: client cert\r\n\r\nhi\r\n",
+    );
+    let mut a = Vec::new();
+    wait_until(
+        "an attempt for both recipients",
+        T,
+        || {
+            a = attempts(&relay, &id);
+            ["a@c.example", "a@n.example"]
+                .iter()
+                .all(|r| a.iter().any(|e| field(e, "recipient") == *r))
+        },
+        || relay.log(),
+    );
+    let of = |r: &str| a.iter().find(|e| field(e, "recipient") == r).expect(r);
+    let with = of("a@c.example");
+    assert_eq!(field(with, "status"), "delivered", "{with}");
+    assert_eq!(with["tls_verified"], true, "{with}");
+    assert_eq!(field(with, "tls_policy"), "verify", "{with}");
+    let without = of("a@n.example");
+    assert_eq!(field(without, "status"), "deferred", "{without}");
+    assert_eq!(without["code"], 451, "{without}");
+    let messages = smart.of("message");
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(messages[0]["rcpts"][0], "a@c.example");
+    assert_eq!(messages[0]["tls"], true);
+    assert_eq!(
+        messages[0]["client_cn"], "relay.client.test",
+        "{messages:?}"
+    );
+    assert!(
+        smart.of("starttls").iter().any(|e| e["ok"] == false),
+        "the session without a certificate was refused: {:?}",
+        smart.events()
+    );
+}

@@ -308,8 +308,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             // So does the outbound CA file.
             sluice_engine::delivery::outbound::OutboundTlsConfig::new(
                 config.delivery.tls_ca_file.as_deref(),
+                &config.route,
             )
-            .context("delivery.tls_ca_file")?;
+            .context("delivery.tls_ca_file / route.*.tls_client_cert")?;
             let Some(old) = changes else {
                 writeln!(out, "{}: ok", file.display())?;
                 return Ok(());

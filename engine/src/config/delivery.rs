@@ -186,8 +186,14 @@ pub struct RouteConfig {
     /// Host name or IP (relay, lmtp, smtp).
     pub host: Option<String>,
     pub port: Option<u16>,
-    /// Overrides delivery.tls for this route.
+    /// Overrides delivery.tls for this route (a rule's `tls` overrides both).
     pub tls: Option<OutboundTls>,
+    /// PEM certificate chain presented to this route's host when it asks for a
+    /// client certificate (smart hosts that admit relays by certificate);
+    /// with `tls_client_key`.
+    pub tls_client_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `tls_client_cert`.
+    pub tls_client_key: Option<std::path::PathBuf>,
     pub auth_user: Option<String>,
     pub auth_password: Option<String>,
     /// Route a recipient takes instead once it has been deferred

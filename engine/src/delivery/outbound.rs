@@ -4,6 +4,7 @@
 //! AUTH, then runs transactions until the caller quits. Each stage has its own
 //! timeout.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 
-use super::config::DeliverySection;
+use super::config::{DeliverySection, RouteConfig};
 use super::tls_policy::{self, Failure, Handshake, TlsPolicy, Verdict};
 use crate::smtp::client::{
     BodyMode, ClientConfig, ClientEvent, ClientSession, OutboundMessage, Reply, Stage,
@@ -48,12 +49,18 @@ impl SessionFailure {
 /// recorded, and given to [`tls_policy::decide`].
 pub struct OutboundTlsConfig {
     accept_any: Arc<rustls::ClientConfig>,
+    /// The same with a route's client certificate (`route.NAME.tls_client_cert`).
+    with_client_cert: HashMap<String, Arc<rustls::ClientConfig>>,
     verifier: Arc<rustls::client::WebPkiServerVerifier>,
 }
 
 impl OutboundTlsConfig {
-    /// `ca_file`: PEM certificates trusted in addition to the web PKI roots.
-    pub fn new(ca_file: Option<&Path>) -> Result<OutboundTlsConfig, TlsError> {
+    /// `ca_file`: PEM certificates trusted in addition to the web PKI roots;
+    /// `routes`: the routes, whose client certificates are loaded here.
+    pub fn new(
+        ca_file: Option<&Path>,
+        routes: &BTreeMap<String, RouteConfig>,
+    ) -> Result<OutboundTlsConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -80,15 +87,44 @@ impl OutboundTlsConfig {
         )
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let accept_any = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-            .with_no_client_auth();
+        let builder = || {
+            Ok::<_, TlsError>(
+                rustls::ClientConfig::builder_with_provider(provider.clone())
+                    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AcceptAny(provider.clone()))),
+            )
+        };
+        let mut with_client_cert = HashMap::new();
+        for (name, route) in routes {
+            let (Some(cert), Some(key)) = (&route.tls_client_cert, &route.tls_client_key) else {
+                continue;
+            };
+            // Checks that the key fits the certificate, with the file names.
+            crate::tls::certified_key(cert, key)?;
+            let (chain, key_der) = crate::tls::chain_and_key(cert, key)?;
+            let config = builder()?
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| TlsError::Key {
+                    path: key.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            with_client_cert.insert(name.clone(), Arc::new(config));
+        }
         Ok(OutboundTlsConfig {
-            accept_any: Arc::new(accept_any),
+            accept_any: Arc::new(builder()?.with_no_client_auth()),
+            with_client_cert,
             verifier,
         })
+    }
+
+    /// The client config for a connection on `route` (its client certificate,
+    /// if it has one).
+    fn client_config(&self, route: Option<&str>) -> Arc<rustls::ClientConfig> {
+        route
+            .and_then(|r| self.with_client_cert.get(r))
+            .unwrap_or(&self.accept_any)
+            .clone()
     }
 
     /// Whether the peer's chain verifies for `name` now, or why not.
@@ -191,6 +227,8 @@ pub struct Endpoint {
     pub auth: Option<(String, String)>,
     /// Local address to connect from (rules' `source_ip`); None = the kernel picks.
     pub source_ip: Option<IpAddr>,
+    /// The configured route (host targets), whose client certificate TLS presents.
+    pub route: Option<String>,
 }
 
 pub struct Connection {
@@ -208,6 +246,8 @@ pub struct Connection {
     pub tls_verified: bool,
     /// The policy the session ran under.
     pub tls_policy: TlsPolicy,
+    /// The configured route (client certificate), if any.
+    route: Option<String>,
     lmtp: bool,
     timeouts: Timeouts,
 }
@@ -285,6 +325,7 @@ impl Connection {
             tls: None,
             tls_verified: false,
             tls_policy: policy,
+            route: endpoint.route.clone(),
             lmtp: endpoint.lmtp,
             timeouts: Timeouts {
                 greeting: cfg.greeting_timeout.0,
@@ -366,7 +407,8 @@ impl Connection {
                 }
             },
         };
-        let connector = futures_rustls::TlsConnector::from(tls.accept_any.clone());
+        let connector =
+            futures_rustls::TlsConnector::from(tls.client_config(self.route.as_deref()));
         let why = match within(timeout, connector.connect(name.clone(), tcp)).await {
             Some(Ok(stream)) => {
                 let session = stream.get_ref().1;

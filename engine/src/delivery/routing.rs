@@ -211,6 +211,27 @@ mod tests {
     }
 
     #[test]
+    fn client_certificate_keys_go_together_and_need_tls() {
+        for (text, needle) in [
+            (
+                "[route.a]\ntype = \"relay\"\nhost = \"h\"\ntls_client_cert = \"/c.pem\"\n",
+                "route.a.tls_client_cert",
+            ),
+            (
+                "[route.a]\ntype = \"relay\"\nhost = \"h\"\ntls = \"none\"\n\
+                 tls_client_cert = \"/c.pem\"\ntls_client_key = \"/k.pem\"\n",
+                "needs TLS",
+            ),
+        ] {
+            let err = crate::config::Config::load("t", text, &[])
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        cfg("[route.a]\ntype = \"relay\"\nhost = \"h\"\ntls_client_cert = \"/c.pem\"\ntls_client_key = \"/k.pem\"\n");
+    }
+
+    #[test]
     fn sites_are_split_by_connection_strategy() {
         let t = Target::Mx {
             domain: "example.com".into(),
@@ -245,6 +266,8 @@ mod tests {
                 host: Some("relay.example.net".into()),
                 port: None,
                 tls: None,
+                tls_client_cert: None,
+                tls_client_key: None,
                 auth_user: None,
                 auth_password: None,
                 fallback: None,

@@ -422,6 +422,7 @@ impl CoreDelivery {
                             tls: tls.clone(),
                             auth: None,
                             source_ip: strategy.source_ip,
+                            route: None,
                         });
                     }
                 }
@@ -435,12 +436,12 @@ impl CoreDelivery {
                 Ok(eps)
             }
             Target::Host {
+                route,
                 host,
                 port,
                 lmtp,
                 tls,
                 auth,
-                ..
             } => {
                 let ips: Vec<IpAddr> = match host.parse::<IpAddr>() {
                     Ok(ip) => vec![ip],
@@ -479,6 +480,7 @@ impl CoreDelivery {
                         tls: tls.clone(),
                         auth: auth.clone(),
                         source_ip: strategy.source_ip,
+                        route: Some(route.clone()),
                     })
                     .collect())
             }

@@ -309,6 +309,8 @@ mod tests {
             host: Some("smart.example.net".into()),
             port: None,
             tls,
+            tls_client_cert: None,
+            tls_client_key: None,
             auth_user: None,
             auth_password: None,
             fallback: None,
