@@ -670,6 +670,20 @@ impl Config {
                     "required for relay, lmtp and smtp routes".into(),
                 ));
             }
+            if route.tls_client_cert.is_some() != route.tls_client_key.is_some() {
+                return Err(invalid(
+                    format!("route.{name}.tls_client_cert"),
+                    "tls_client_cert and tls_client_key go together".into(),
+                ));
+            }
+            if route.tls_client_cert.is_some()
+                && route.tls.unwrap_or(self.delivery.tls) == delivery::OutboundTls::None
+            {
+                return Err(invalid(
+                    format!("route.{name}.tls_client_cert"),
+                    "a client certificate needs TLS, and this route's tls is \"none\"".into(),
+                ));
+            }
             if route.auth_user.is_some() != route.auth_password.is_some() {
                 return Err(invalid(
                     format!("route.{name}.auth_user"),

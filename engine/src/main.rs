@@ -305,6 +305,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             // The DKIM keys load as the relay would load them.
             config.dkim_policy()?;
+            // So does the outbound CA file.
+            sluice_engine::delivery::outbound::OutboundTlsConfig::new(
+                config.delivery.tls_ca_file.as_deref(),
+                &config.route,
+            )
+            .context("delivery.tls_ca_file / route.*.tls_client_cert")?;
             let Some(old) = changes else {
                 writeln!(out, "{}: ok", file.display())?;
                 return Ok(());

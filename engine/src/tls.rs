@@ -20,9 +20,11 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Reads a PEM certificate chain and a PEM private key and checks that they
-/// belong together.
-pub fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+/// Reads a PEM certificate chain and a PEM private key.
+pub fn chain_and_key(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Cert {
@@ -39,6 +41,13 @@ pub fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> 
         path: key.display().to_string(),
         message: e.to_string(),
     })?;
+    Ok((certs, key_der))
+}
+
+/// Reads a PEM certificate chain and a PEM private key and checks that they
+/// belong together.
+pub fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let (certs, key_der) = chain_and_key(cert, key)?;
     CertifiedKey::from_der(certs, key_der, &provider()).map_err(|e| TlsError::Key {
         path: key.display().to_string(),
         message: format!("does not fit {}: {e}", cert.display()),

@@ -41,6 +41,7 @@ impl CoreDelivery {
                 tls = tls_version,
                 tls_cipher,
                 tls_verified = conn.is_some_and(|c| c.tls_verified),
+                tls_policy = conn.map_or(job.target.tls(), |c| &c.tls_policy).name(),
                 status,
                 code = reply.code,
                 enhanced = reply.status.map(tracing::field::display),

@@ -32,6 +32,8 @@
 //! * `admin.rs` — operator holds, suspensions and queue actions on this core.
 //! * `throttle.rs`, `timing.rs` — limiters and the message's deadlines, both
 //!   sans-IO.
+//! * `tls_policy.rs` — which TLS policy a destination gets and why, and what a
+//!   session under it may do (STARTTLS, clear text, proceed or defer), sans-IO.
 
 pub mod admin;
 mod job;
@@ -45,6 +47,7 @@ mod scheduler;
 mod site;
 pub mod throttle;
 pub mod timing;
+pub mod tls_policy;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};

@@ -383,7 +383,7 @@ impl CoreDelivery {
                     })
                 }
                 Err(f) => {
-                    tracing::info!(host = %ep.host, ip = %ep.addr.ip(), reply = %f.reply, ids = %waiting_ids(site), "connection attempt failed");
+                    tracing::info!(host = %ep.host, ip = %ep.addr.ip(), reply = %f.reply, tls_policy = ep.tls.name(), ids = %waiting_ids(site), "connection attempt failed");
                     let next = f.try_next;
                     last = f;
                     if !next {
@@ -419,9 +419,10 @@ impl CoreDelivery {
                             host: host.name.clone(),
                             addr: SocketAddr::new(*ip, *port),
                             lmtp: false,
-                            tls: *tls,
+                            tls: tls.clone(),
                             auth: None,
                             source_ip: strategy.source_ip,
+                            route: None,
                         });
                     }
                 }
@@ -435,12 +436,12 @@ impl CoreDelivery {
                 Ok(eps)
             }
             Target::Host {
+                route,
                 host,
                 port,
                 lmtp,
                 tls,
                 auth,
-                ..
             } => {
                 let ips: Vec<IpAddr> = match host.parse::<IpAddr>() {
                     Ok(ip) => vec![ip],
@@ -476,9 +477,10 @@ impl CoreDelivery {
                         host: host.clone(),
                         addr: SocketAddr::new(ip, *port),
                         lmtp: *lmtp,
-                        tls: *tls,
+                        tls: tls.clone(),
                         auth: auth.clone(),
                         source_ip: strategy.source_ip,
+                        route: Some(route.clone()),
                     })
                     .collect())
             }
