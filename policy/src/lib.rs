@@ -7,6 +7,7 @@
 //! blocking pool.
 
 mod credentials;
+pub mod dane;
 pub mod dkim;
 mod error;
 mod network;
