@@ -262,6 +262,12 @@ fn leaf_name(
     Err(name_error())
 }
 
+/// The DER SubjectPublicKeyInfo (the whole SEQUENCE, what selector 1 hashes)
+/// of a DER certificate; None when it does not parse.
+pub fn subject_public_key_info(cert: &[u8]) -> Option<&[u8]> {
+    parse_cert(cert).map(|fields| fields.spki)
+}
+
 // ---------------------------------------------------------------------------------
 // Just enough DER to find a certificate's issuer and SubjectPublicKeyInfo
 // ---------------------------------------------------------------------------------
