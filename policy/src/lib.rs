@@ -9,6 +9,7 @@
 
 pub mod auth;
 mod credentials;
+pub mod dane;
 pub mod dkim;
 mod error;
 mod network;
