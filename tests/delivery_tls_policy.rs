@@ -235,9 +235,17 @@ fn each_policy_against_each_receiver() {
             }
         }
     }
-    // The deferral is the recipient's last reply in the queue.
-    let show = relay.show(&id);
-    assert!(show.contains("4.7.10") && show.contains("4.7.5"), "{show}");
+    // The deferral is stored as the recipient's last reply once the attempt
+    // is merged into the envelope.
+    wait_until(
+        "the 4.7.x deferrals in the envelope",
+        T,
+        || {
+            let show = relay.show(&id);
+            show.contains("4.7.10") && show.contains("4.7.5")
+        },
+        || relay.show(&id),
+    );
 
     let m = metrics(&relay);
     for (policy, result, n) in [
@@ -417,4 +425,68 @@ fn client_certificate_for_a_smart_host_that_requires_one() {
         "the session without a certificate was refused: {:?}",
         smart.events()
     );
+}
+
+/// `sluice debug tls DOMAIN` says which policy applies and why, through
+/// delivery's own routing: a rule's tls (only for the sender it matches), a
+/// route's tls, delivery.tls, and the names a verify session checks.
+#[test]
+fn debug_tls_names_the_policy_and_why() {
+    let nsd = Nsd::start("m MX 10 mx1\nm MX 20 mx2\nmx1 A 127.0.0.1\nmx2 A 127.0.0.1");
+    let run = |args: &[&str]| -> String {
+        let out = run_with_timeout(
+            Command::new(bin())
+                .args(["debug", "tls"])
+                .args(args)
+                .args(["--set", &nsd.servers_set()])
+                .args(["--set", "dns.timeout=\"2s\""])
+                .args(["--set", "delivery.tls=\"required\""])
+                .args([
+                    "--set",
+                    "route.smart={type=\"relay\",host=\"smart.example.net\",port=587,tls=\"verify\"}",
+                ])
+                .args([
+                    "--set",
+                    &format!(
+                        "rule=[{{match={{recipient_domain=[\"m.{ZONE}\"],sender_domain=[\"vip.example\"]}},\
+                         tls=\"verify\"}},{{match={{recipient_domain=[\"s.example\"]}},route=\"smart\"}}]"
+                    ),
+                ]),
+            T,
+        );
+        assert_ok(&out, "sluice debug tls");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let m = format!("m.{ZONE}");
+    let vip = run(&[&m, "--sender", "a@vip.example"]);
+    assert!(
+        vip.starts_with(&format!("tls {m}: verify (from [[rule]] 1 tls)\n")),
+        "{vip}"
+    );
+    assert!(vip.contains("rule: [[rule]] 1 decided (route mx)"), "{vip}");
+    assert!(
+        vip.contains(&format!("10 certificate must verify for mx1.{ZONE}"))
+            && vip.contains(&format!("20 certificate must verify for mx2.{ZONE}")),
+        "{vip}"
+    );
+    let other = run(&[&m, "--sender", "a@other.example"]);
+    assert!(
+        other.starts_with(&format!("tls {m}: required (from delivery.tls)\n")),
+        "{other}"
+    );
+    assert!(
+        other.contains("rule: none matched (built-in route mx)"),
+        "{other}"
+    );
+    let smart = run(&["s.example"]);
+    assert!(
+        smart.starts_with("tls s.example: verify (from route.smart.tls)\n"),
+        "{smart}"
+    );
+    assert!(
+        smart.contains("route smart: SMTP smart.example.net:587")
+            && smart.contains("certificate must verify for smart.example.net"),
+        "{smart}"
+    );
+    assert!(smart.contains("dane: not looked up"), "{smart}");
 }
