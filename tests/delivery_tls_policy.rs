@@ -490,3 +490,52 @@ fn debug_tls_names_the_policy_and_why() {
     );
     assert!(smart.contains("dane: not looked up"), "{smart}");
 }
+
+/// `sluice debug listeners`: each listener's TLS mode, certificate, versions
+/// (no TLS 1.0/1.1), suites in server order, key exchange groups.
+#[test]
+fn debug_listeners_shows_the_inbound_tls_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = make_cert(dir.path());
+    let out = run_with_timeout(
+        Command::new(bin())
+            .args(["debug", "listeners"])
+            .args(["--set", "server.listener.smtp.bind=[\"127.0.0.1:2525\"]"])
+            .args([
+                "--set",
+                "server.listener.submission.bind=[\"127.0.0.1:2587\"]",
+            ])
+            .args(["--set", "server.listener.submission.tls=\"starttls\""])
+            .arg("--set")
+            .arg(format!(
+                "server.listener.submission.tls_cert=\"{}\"",
+                cert.display()
+            ))
+            .arg("--set")
+            .arg(format!(
+                "server.listener.submission.tls_key=\"{}\"",
+                key.display()
+            )),
+        T,
+    );
+    assert_ok(&out, "sluice debug listeners");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("listener smtp: 127.0.0.1:2525 tls=none\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("listener submission: 127.0.0.1:2587 tls=starttls\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("versions: TLSv1_3, TLSv1_2 (TLS 1.0 and 1.1 refused)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cipher suites (server order): TLS13_AES_256_GCM_SHA384"),
+        "{text}"
+    );
+    assert!(!text.contains("TLSv1_1") && !text.contains("CBC"), "{text}");
+    assert!(text.contains("key exchange: X25519"), "{text}");
+}

@@ -28,6 +28,9 @@ pub enum DebugCommand {
         qtype: String,
         name: String,
     },
+    /// Each listener's TLS: mode, certificate, protocol versions, cipher
+    /// suites in the server's order, key exchange groups.
+    Listeners,
     /// Outbound TLS policy for a domain and why (which rule, route or
     /// delivery.tls), through delivery's own routing; the hosts and the
     /// certificate names a `verify` session checks.
@@ -52,6 +55,9 @@ pub enum DebugCommand {
 }
 
 pub fn run(config: &Config, command: DebugCommand, out: &mut dyn Write) -> anyhow::Result<()> {
+    if let DebugCommand::Listeners = command {
+        return listeners(config, out);
+    }
     let resolver_config = config
         .dns
         .resolver_config(Path::new(RESOLV_CONF))
@@ -70,6 +76,7 @@ pub fn run(config: &Config, command: DebugCommand, out: &mut dyn Write) -> anyho
     executor.run(async move {
         let resolver = Resolver::new(resolver_config);
         match command {
+            DebugCommand::Listeners => listeners(config, out),
             DebugCommand::Tls {
                 domain,
                 local_part,
@@ -184,6 +191,58 @@ fn print_route(route: &Route, out: &mut dyn Write) -> std::io::Result<()> {
             "temporary"
         };
         writeln!(out, "error ({kind}): {e}")?;
+    }
+    Ok(())
+}
+
+/// `sluice debug listeners`: the inbound TLS of each listener, from the same
+/// server config the relay builds (so a bad certificate is an error here too).
+fn listeners(config: &Config, out: &mut dyn Write) -> anyhow::Result<()> {
+    for (name, l) in &config.server.listener {
+        let binds = l
+            .bind
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mode = match l.tls {
+            crate::config::TlsMode::None => "none",
+            crate::config::TlsMode::Starttls => "starttls",
+            crate::config::TlsMode::Implicit => "implicit",
+        };
+        writeln!(out, "listener {name}: {binds} tls={mode}")?;
+        let (Some(cert), Some(key)) = (&l.tls_cert, &l.tls_key) else {
+            continue;
+        };
+        let chain = crate::tls::certified_key(cert, key)
+            .with_context(|| format!("server.listener.{name}"))?
+            .cert
+            .len();
+        let server = crate::tls::server_config(cert, key)
+            .with_context(|| format!("server.listener.{name}"))?;
+        let offer = crate::tls::server_offer(&server);
+        writeln!(
+            out,
+            "  certificate: {} ({chain} in chain), key {}",
+            cert.display(),
+            key.display()
+        )?;
+        writeln!(
+            out,
+            "  versions: {} (TLS 1.0 and 1.1 refused)",
+            offer.versions.join(", ")
+        )?;
+        writeln!(
+            out,
+            "  cipher suites ({} order): {}",
+            if offer.server_order {
+                "server"
+            } else {
+                "client"
+            },
+            offer.suites.join(", ")
+        )?;
+        writeln!(out, "  key exchange: {}", offer.groups.join(", "))?;
     }
     Ok(())
 }

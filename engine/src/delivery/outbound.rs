@@ -119,16 +119,21 @@ impl OutboundTlsConfig {
     }
 
     /// The client config for a connection on `route` (its client certificate,
-    /// if it has one).
-    fn client_config(&self, route: Option<&str>) -> Arc<rustls::ClientConfig> {
+    /// if it has one). Public for the handshake benchmark.
+    pub fn client_config(&self, route: Option<&str>) -> Arc<rustls::ClientConfig> {
         route
             .and_then(|r| self.with_client_cert.get(r))
             .unwrap_or(&self.accept_any)
             .clone()
     }
 
-    /// Whether the peer's chain verifies for `name` now, or why not.
-    fn verify(&self, conn: &rustls::ClientConnection, name: &ServerName<'_>) -> Result<(), String> {
+    /// Whether the peer's chain verifies for `name` now, or why not. Public
+    /// for the handshake benchmark.
+    pub fn verify(
+        &self,
+        conn: &rustls::ClientConnection,
+        name: &ServerName<'_>,
+    ) -> Result<(), String> {
         let Some((end, rest)) = conn.peer_certificates().and_then(|c| c.split_first()) else {
             return Err("no certificate presented".into());
         };
