@@ -271,12 +271,13 @@ fn each_policy_against_each_receiver() {
 #[test]
 fn rule_over_route_over_global_and_never_clear_text_on_retry() {
     let dir = tempfile::tempdir().unwrap();
-    let ips = loopbacks(1);
+    // ips[1]: an MX host nobody listens on (an early deferral, no session).
+    let ips = loopbacks(2);
     let port = mx_port(&ips);
     let plain = Receiver::start(dir.path(), ips[0], port, None, None);
     let nsd = Nsd::start(&format!(
-        "g MX 10 mx\nr MX 10 mx\nrr MX 10 mx\nmx A {}",
-        ips[0]
+        "g MX 10 mx\nr MX 10 mx\nrr MX 10 mx\nmx A {}\ndead MX 10 deadmx\ndeadmx A {}",
+        ips[0], ips[1]
     ));
     // Global verify; route "secure" (type mx) opportunistic; a rule sends r.*
     // through it, and rule 2 sends rr.* through it with tls = "required".
@@ -302,6 +303,7 @@ fn rule_over_route_over_global_and_never_clear_text_on_retry() {
             &format!("a@g.{ZONE}"),
             &format!("a@r.{ZONE}"),
             &format!("a@rr.{ZONE}"),
+            &format!("a@dead.{ZONE}"),
         ],
         body,
     );
@@ -312,7 +314,7 @@ fn rule_over_route_over_global_and_never_clear_text_on_retry() {
         T,
         || {
             a = attempts(&relay, &id);
-            ["g", "rr"].iter().all(|d| {
+            ["g", "rr", "dead"].iter().all(|d| {
                 a.iter()
                     .filter(|e| field(e, "recipient") == format!("a@{d}.{ZONE}"))
                     .count()
@@ -339,6 +341,13 @@ fn rule_over_route_over_global_and_never_clear_text_on_retry() {
         assert_eq!(field(e, "tls_policy"), "required", "{e}");
         assert_eq!(field(e, "enhanced"), "4.7.10", "{e}");
         assert!(field(e, "reply").contains("([[rule]] 2 tls)"), "{e}");
+    }
+    // Deferred before any session: the record still names the policy.
+    for e in of("dead") {
+        assert_eq!(field(e, "status"), "deferred", "{e}");
+        assert_eq!(field(e, "tls_policy"), "verify", "{e}");
+        assert_eq!(e["tls_verified"], false, "{e}");
+        assert!(field(e, "enhanced").starts_with("4.4."), "{e}");
     }
     let messages = plain.of("message");
     assert_eq!(

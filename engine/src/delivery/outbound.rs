@@ -119,21 +119,16 @@ impl OutboundTlsConfig {
     }
 
     /// The client config for a connection on `route` (its client certificate,
-    /// if it has one). Public for the handshake benchmark.
-    pub fn client_config(&self, route: Option<&str>) -> Arc<rustls::ClientConfig> {
+    /// if it has one).
+    fn client_config(&self, route: Option<&str>) -> Arc<rustls::ClientConfig> {
         route
             .and_then(|r| self.with_client_cert.get(r))
             .unwrap_or(&self.accept_any)
             .clone()
     }
 
-    /// Whether the peer's chain verifies for `name` now, or why not. Public
-    /// for the handshake benchmark.
-    pub fn verify(
-        &self,
-        conn: &rustls::ClientConnection,
-        name: &ServerName<'_>,
-    ) -> Result<(), String> {
+    /// Whether the peer's chain verifies for `name` now, or why not.
+    fn verify(&self, conn: &rustls::ClientConnection, name: &ServerName<'_>) -> Result<(), String> {
         let Some((end, rest)) = conn.peer_certificates().and_then(|c| c.split_first()) else {
             return Err("no certificate presented".into());
         };
@@ -658,6 +653,29 @@ pub async fn connect_tcp(
     // Connected for sure only if the peer address is known.
     stream.peer_addr().map_err(std::io::Error::from)?;
     Ok(stream)
+}
+
+/// The relay's own outbound TLS steps, for the handshake benchmark
+/// (bench/benches/tls_handshake.rs): the client config a connection on
+/// `route` uses, and the verification every TLS session runs after its
+/// handshake.
+pub mod bench_api {
+    use super::*;
+
+    pub fn client_config(
+        tls: &OutboundTlsConfig,
+        route: Option<&str>,
+    ) -> Arc<rustls::ClientConfig> {
+        tls.client_config(route)
+    }
+
+    pub fn verify(
+        tls: &OutboundTlsConfig,
+        conn: &rustls::ClientConnection,
+        name: &ServerName<'_>,
+    ) -> Result<(), String> {
+        tls.verify(conn, name)
+    }
 }
 
 #[cfg(test)]
