@@ -35,6 +35,7 @@ fn session_config() -> Arc<SessionConfig> {
         relay: Arc::new(relay),
         auth_guard: Arc::new(AuthGuard::new(&AuthSection::default())),
         untrusted: Default::default(),
+        verify: None,
     })
 }
 

@@ -26,7 +26,7 @@ pub use hickory_proto::op::ResponseCode;
 pub use message::{build_query, parse_answer, EDNS_PAYLOAD};
 pub use metrics::{MetricsSnapshot, UpstreamSnapshot};
 pub use mx::{plan_mx, MxPlan};
-pub use resolver::{Lookup, ResolveError, Resolver};
+pub use resolver::{join_all, Lookup, ResolveError, Resolver};
 pub use route::{Route, RouteError, RouteHost, MAX_MX_HOSTS};
 
 /// Record types sluice asks for.

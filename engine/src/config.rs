@@ -188,6 +188,10 @@ pub struct ListenerConfig {
     /// HOLDFOR / HOLDUNTIL from untrusted clients.
     pub untrusted_hold: UntrustedExtension,
     pub untrusted_notices: UntrustedNotices,
+    /// Inbound authentication (iprev, SPF, DKIM, ARC, DMARC) and ARC
+    /// sealing; absent: nothing is checked (ARCHITECTURE.md "Inbound
+    /// authentication").
+    pub verify: Option<sluice_policy::auth::VerifyConfig>,
 }
 
 impl Default for ListenerConfig {
@@ -216,6 +220,7 @@ impl Default for ListenerConfig {
             untrusted_mt_priority: UntrustedExtension::Ignore,
             untrusted_hold: UntrustedExtension::Reject,
             untrusted_notices: UntrustedNotices::Headers,
+            verify: None,
         }
     }
 }
@@ -354,6 +359,9 @@ pub struct DnsSection {
     pub negative_max_ttl: HumanDuration,
     pub cache_size: usize,
     pub ip_preference: IpPreference,
+    /// The `servers` validate DNSSEC over a trusted path (loopback unbound):
+    /// their AD bit is believed, which DANE needs. Off: no answer is secure.
+    pub dnssec_validating: bool,
 }
 
 impl Default for DnsSection {
@@ -368,6 +376,7 @@ impl Default for DnsSection {
             negative_max_ttl: HumanDuration(Duration::from_secs(3_600)),
             cache_size: 50_000,
             ip_preference: IpPreference::PreferIpv4,
+            dnssec_validating: false,
         }
     }
 }
@@ -418,6 +427,7 @@ impl DnsSection {
                 IpPreference::PreferIpv4 => sluice_dns::IpPreference::PreferIpv4,
                 IpPreference::PreferIpv6 => sluice_dns::IpPreference::PreferIpv6,
             },
+            dnssec_validating: self.dnssec_validating,
         })
     }
 }
@@ -553,6 +563,19 @@ impl Config {
             }
             if l.max_connections == 0 {
                 return Err(invalid(key("max_connections"), "must be at least 1".into()));
+            }
+            if let Some(v) = &l.verify {
+                if let Err((k, why)) = v.check() {
+                    return Err(invalid(key(&format!("verify.{k}")), why));
+                }
+                if let Some(signer) = &v.arc_seal {
+                    if !self.dkim.signer.contains_key(signer) {
+                        return Err(invalid(
+                            key("verify.arc_seal"),
+                            format!("no [dkim.signer.{signer}] to seal with"),
+                        ));
+                    }
+                }
             }
             if l.max_errors == 0 {
                 return Err(invalid(key("max_errors"), "must be at least 1".into()));

@@ -99,6 +99,10 @@ pub struct CoreContext {
     pub shutting_down: Arc<std::sync::atomic::AtomicBool>,
     /// Sessions alive on this core (for the drain at shutdown).
     pub sessions: Cell<usize>,
+    /// Inbound authentication for listeners with a `verify` table (None:
+    /// no DNS configured; those listeners then accept unverified, logged at
+    /// start).
+    pub verify: Option<Rc<crate::verify::CoreVerify>>,
 }
 
 /// Read buffer while a client sends commands (and holds a PROXY header).
@@ -326,6 +330,13 @@ async fn serve(
         }
     }
 
+    // iprev when the client connects; its result joins the message checks.
+    let verify_cfg = session_config.verify.clone();
+    let iprev = match (&verify_cfg, &ctx.verify) {
+        (Some(v), Some(core)) if v.iprev => Some(core.iprev(peer.ip()).await),
+        _ => None,
+    };
+
     let started = Instant::now();
     let mut session = Session::new(
         session_config,
@@ -399,7 +410,53 @@ async fn serve(
                     } = *submission;
                     let mut summary = server::TxSummary::of(&envelope);
                     let received = crate::metrics::queue(&envelope.queue);
-                    let result = ctx.queue.enqueue(id, envelope, body).await;
+                    let mut added = Vec::new();
+                    let mut body = body;
+                    if let (Some(v), Some(core)) = (&verify_cfg, &ctx.verify) {
+                        let dkim = match &v.arc_seal {
+                            Some(_) => ctx.queue.dkim().map(|d| d.load_full()),
+                            None => None,
+                        };
+                        let sealer = v.arc_seal.as_deref().and_then(|name| {
+                            let signer = dkim
+                                .as_ref()?
+                                .policy
+                                .signers()
+                                .iter()
+                                .find(|s| s.name == name)?;
+                            Some(sluice_policy::auth::Sealer {
+                                key: signer.key(),
+                                domain: &signer.domain,
+                                selector: &signer.selector,
+                            })
+                        });
+                        let outcome = core
+                            .check(v, &hostname, id, &envelope, body, iprev.as_ref(), sealer)
+                            .await;
+                        match outcome {
+                            crate::verify::Outcome::Accept {
+                                headers,
+                                body: checked,
+                                summary: s,
+                            } => {
+                                added = headers;
+                                body = checked;
+                                summary.auth = s;
+                            }
+                            crate::verify::Outcome::Refuse {
+                                code,
+                                esc,
+                                text,
+                                summary: s,
+                            } => {
+                                drop(reservation);
+                                summary.auth = s;
+                                session.store_refused(id, &summary, code, esc, &text);
+                                continue;
+                            }
+                        }
+                    }
+                    let result = ctx.queue.enqueue_with(id, envelope, added, body).await;
                     // The body has left this session's memory (stored or not).
                     drop(reservation);
                     let result = result.map(|signers| summary.dkim = signers);

@@ -137,10 +137,15 @@ async fn lookup(
     };
     writeln!(
         out,
-        "{qtype} {name}: {status} records={} ttl={} secure={} time={:.1}ms",
+        "{qtype} {name}: {status} records={} ttl={} secure={}{} time={:.1}ms",
         lookup.records().len(),
         lookup.ttl,
         yes_no(lookup.secure()),
+        if lookup.authentic_data() && !lookup.secure() {
+            " (AD set, not trusted: dns.dnssec_validating = false)"
+        } else {
+            ""
+        },
         elapsed.as_secs_f64() * 1000.0,
     )?;
     for record in lookup.records() {

@@ -25,3 +25,4 @@ pub mod runtime;
 pub mod smtp;
 pub mod time;
 pub mod tls;
+pub mod verify;

@@ -106,6 +106,15 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "DKIM signing failures, by signer; the message was refused with 451 4.3.0, never sent unsigned."),
     ("sluice_dkim_signing_seconds", Kind::Histogram, "algorithm",
      "Time to make one DKIM signature (canonicalize, hash, sign), by algorithm (rsa-sha256, ed25519-sha256)."),
+    // Inbound authentication.
+    ("sluice_auth_results_total", Kind::Counter, "method,result",
+     "Inbound authentication results, by method (iprev, spf_helo, spf_mailfrom, dkim, arc, dmarc) and RFC 8601 result."),
+    ("sluice_auth_decisions_total", Kind::Counter, "decision",
+     "What the verify actions did with messages: accept, reject (550 5.7.x) or tempfail (451 4.7.x)."),
+    ("sluice_auth_verify_seconds", Kind::Histogram, "",
+     "Time to verify one message (SPF, DKIM, ARC, DMARC, DNS included) before it is stored."),
+    ("sluice_arc_seals_total", Kind::Counter, "result",
+     "ARC seals added to accepted messages (sealed) or not made (failed: broken chain or key error)."),
     // Spool.
     ("sluice_spool_commit_seconds", Kind::Histogram, "",
      "Time of one spool write transaction including its fsync (group commit)."),
@@ -155,6 +164,13 @@ const BUCKETS: &[(&str, &[f64])] = &[
         &[
             0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
             0.1,
+        ],
+    ),
+    (
+        "sluice_auth_verify_seconds",
+        &[
+            0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+            0.5, 1.0, 5.0,
         ],
     ),
     (

@@ -333,6 +333,7 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
     l.untrusted_mt_priority = n.untrusted_mt_priority;
     l.untrusted_hold = n.untrusted_hold;
     l.untrusted_notices = n.untrusted_notices;
+    l.verify = n.verify.clone();
 }
 
 /// Keys that differ between what runs and the new file but cannot change

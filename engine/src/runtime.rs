@@ -178,6 +178,23 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         crate::queue::dkim::DkimState::new(config.dkim_policy().map_err(|e| anyhow!("{e}"))?),
     ));
 
+    // Listeners that verify inbound mail need DNS even without delivery. The
+    // verifier is made on every core whenever DNS is configured, so a reload
+    // can switch `verify` on; without DNS it is an error only if a listener
+    // asks for it now.
+    let verify_dns = match config
+        .dns
+        .resolver_config(std::path::Path::new("/etc/resolv.conf"))
+    {
+        Ok(dns) => Some(dns),
+        Err(e) if config.server.listener.values().any(|l| l.verify.is_some()) => {
+            return Err(anyhow!(
+                "dns (needed by server.listener.*.verify): no servers configured and /etc/resolv.conf unreadable: {e}"
+            ));
+        }
+        Err(_) => None,
+    };
+
     let delivery = if config.delivery.enabled {
         let resolver = config
             .dns
@@ -249,6 +266,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         let admission = admission.clone();
         let recovery = recovery.clone();
         let dkim = dkim.clone();
+        let verify_dns = verify_dns.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(core % cpus))
             .name(&format!("sluice-core-{core}"))
             .io_memory(config.server.io_memory.0 as usize)
@@ -263,6 +281,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                     spool,
                     recovery,
                     dkim,
+                    verify_dns,
                     listeners,
                     credentials,
                     shutdown,
@@ -419,6 +438,7 @@ async fn core_main(
     spool: Arc<Spool>,
     recovery: Arc<RecoveryTally>,
     dkim: crate::queue::dkim::DkimSwap,
+    verify_dns: Option<sluice_dns::ResolverConfig>,
     listeners: Vec<(Arc<ListenerShared>, std::net::SocketAddr)>,
     credentials: Arc<ArcSwap<Credentials>>,
     shutdown: Arc<event_listener::Event>,
@@ -464,6 +484,20 @@ async fn core_main(
             .clone()
             .map(|d| d as Rc<dyn crate::metrics::DeliveryGauges>),
     );
+    // The verifier shares delivery's resolver (one cache per core) when
+    // there is one.
+    let verify = match verify_dns {
+        Some(dns) => {
+            let resolver = match &delivery {
+                Some(d) => d.resolver().clone(),
+                None => sluice_dns::Resolver::new(dns),
+            };
+            let v = crate::verify::CoreVerify::new(resolver)
+                .map_err(|e| anyhow!("core {core}: {e}"))?;
+            Some(Rc::new(v))
+        }
+        None => None,
+    };
     let ctx = Rc::new(CoreContext {
         core,
         spool,
@@ -474,6 +508,7 @@ async fn core_main(
         shutdown: shutdown.clone(),
         shutting_down: shutting_down.clone(),
         sessions: Cell::new(0),
+        verify,
     });
 
     let mut sockets = Vec::new();

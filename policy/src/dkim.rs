@@ -248,6 +248,30 @@ impl SigningKey for Key {
     }
 }
 
+/// A signer's key lent to the ARC sealer (`[server.listener.NAME.verify]
+/// arc_seal`): same key, same algorithm, no copy.
+#[derive(Clone, Copy)]
+pub struct KeyRef<'a>(&'a Key);
+
+impl SigningKey for KeyRef<'_> {
+    type Hasher = Sha256;
+
+    fn sign(&self, input: impl Writable) -> mail_auth::Result<Vec<u8>> {
+        self.0.sign(input)
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        self.0.algorithm()
+    }
+}
+
+impl Signer {
+    /// This signer's key for ARC sealing.
+    pub fn key(&self) -> KeyRef<'_> {
+        KeyRef(&self.inner.key)
+    }
+}
+
 fn rsa_sign(
     key: &openssl::pkey::PKeyRef<openssl::pkey::Private>,
     data: &[u8],

@@ -7,7 +7,9 @@
 //! deliberately slow password hash: callers on an executor thread must hand it to a
 //! blocking pool.
 
+pub mod auth;
 mod credentials;
+pub mod dane;
 pub mod dkim;
 mod error;
 mod network;

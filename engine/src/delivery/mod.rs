@@ -27,6 +27,9 @@
 //!   one core that hands out its connection slots; the same owner grants
 //!   permits under the host's rates, and the owner of a sending address grants
 //!   permits under `source_ip_rate` (a refusal carries the wait).
+//! * `dane.rs` — when DANE (RFC 7672) applies to an MX host, and the rustls
+//!   verifier that holds the server to its TLSA records (matching in
+//!   `sluice_policy::dane`).
 //! * `notices.rs` — DSNs the ledger asks for, built and queued.
 //! * `log.rs` — the delivery log (`sluice::delivery`).
 //! * `admin.rs` — operator holds, suspensions and queue actions on this core.
@@ -36,6 +39,7 @@
 //!   session under it may do (STARTTLS, clear text, proceed or defer), sans-IO.
 
 pub mod admin;
+pub mod dane;
 mod job;
 pub mod ledger;
 mod log;
@@ -223,6 +227,13 @@ impl Handoff for CoreDelivery {
         if let Some(me) = self.me() {
             me.dispatch(id, envelope);
         }
+    }
+}
+
+impl CoreDelivery {
+    /// This core's resolver (shared with inbound verification: one cache).
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
     }
 }
 

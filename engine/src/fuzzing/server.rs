@@ -65,6 +65,7 @@ pub fn fuzz_config(flags: u8) -> SessionConfig {
         // failure budgets.
         auth_guard: Arc::new(AuthGuard::new(&AuthSection::default())),
         untrusted: Default::default(),
+        verify: None,
     }
 }
 

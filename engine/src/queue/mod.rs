@@ -79,6 +79,11 @@ impl CoreQueue {
         self
     }
 
+    /// The DKIM signers (ARC sealing borrows their keys).
+    pub fn dkim(&self) -> Option<&dkim::DkimSwap> {
+        self.dkim.as_ref()
+    }
+
     /// Delivery takes what is stored from now on.
     pub fn set_handoff(&self, handoff: Weak<dyn Handoff>) {
         *self.handoff.borrow_mut() = Some(handoff);
@@ -104,16 +109,31 @@ impl CoreQueue {
     pub async fn enqueue(
         &self,
         id: MessageId,
+        envelope: Envelope,
+        body: Vec<u8>,
+    ) -> Result<String, EnqueueError> {
+        self.enqueue_with(id, envelope, Vec::new(), body).await
+    }
+
+    /// [`CoreQueue::enqueue`] with header fields the receiving side adds
+    /// (Authentication-Results, an ARC set): stored after our DKIM
+    /// signatures and before the body, outside what is signed (the signature
+    /// covers the message as the client sent it plus our Received).
+    pub async fn enqueue_with(
+        &self,
+        id: MessageId,
         mut envelope: Envelope,
+        added: Vec<u8>,
         body: Vec<u8>,
     ) -> Result<String, EnqueueError> {
         let (body, signed) = self.sign(&envelope, body).await;
         let signed = signed.inspect_err(|e| {
             tracing::warn!(target: "sluice::dkim", id = %id, error = %e, "signing failed: message refused");
         })?;
-        envelope.size += signed.prefix.len() as u64;
-        self.store_prefixed(id, &envelope, signed.prefix, body)
-            .await?;
+        let mut prefix = signed.prefix;
+        prefix.extend_from_slice(&added);
+        envelope.size += prefix.len() as u64;
+        self.store_prefixed(id, &envelope, prefix, body).await?;
         self.admitted(id, envelope);
         Ok(signed.signers)
     }

@@ -68,6 +68,8 @@ pub struct SessionConfig {
     pub auth_guard: Arc<AuthGuard>,
     /// What untrusted clients' envelope extensions and notices get.
     pub untrusted: UntrustedPolicy,
+    /// `[server.listener.NAME.verify]`: inbound authentication (None: off).
+    pub verify: Option<Arc<sluice_policy::auth::VerifyConfig>>,
 }
 
 /// The listener's `untrusted_*` keys: what a client outside the relay networks,
@@ -125,6 +127,7 @@ impl SessionConfig {
             relay,
             auth_guard,
             untrusted: UntrustedPolicy::of(l),
+            verify: l.verify.clone().map(Arc::new),
         }
     }
 }
@@ -226,6 +229,9 @@ pub struct TxSummary {
     pub size: u64,
     /// The DKIM signers that signed, comma-separated (set after the store).
     pub dkim: String,
+    /// Inbound authentication results, "spf=pass dkim=pass dmarc=pass"
+    /// ("" when the listener verifies nothing).
+    pub auth: String,
 }
 
 impl TxSummary {
@@ -235,6 +241,7 @@ impl TxSummary {
             recipients: envelope.recipients.len(),
             size: envelope.size,
             dkim: String::new(),
+            auth: String::new(),
         }
     }
 }
@@ -1335,6 +1342,7 @@ impl Session {
             size = summary.size,
             result = code,
             dkim = %summary.dkim,
+            auth = %summary.auth,
             error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
             "transaction"
         );
@@ -1345,6 +1353,47 @@ impl Session {
             }
         } else {
             self.reply(code, esc, &text);
+        }
+        self.flush_metrics();
+    }
+
+    /// The listener's authentication checks refused the message (550 5.7.x
+    /// or 451 4.7.x): reply, log with the results, and go on with the
+    /// session like after any other reply to DATA.
+    pub fn store_refused(
+        &mut self,
+        id: MessageId,
+        summary: &TxSummary,
+        code: u16,
+        esc: &str,
+        text: &str,
+    ) {
+        self.state = State::Command;
+        if let Some(m) = &self.metrics {
+            m.tx_rejected.increment(1);
+        }
+        tracing::info!(
+            target: "sluice::smtp",
+            id = %id,
+            listener = %self.cfg.listener,
+            client_ip = %self.peer.ip,
+            tls = self.tls.as_deref().unwrap_or("no"),
+            auth = self.auth_user.as_deref().unwrap_or(""),
+            sender = %printable(&summary.sender),
+            recipients = summary.recipients,
+            size = summary.size,
+            result = code,
+            auth_results = %summary.auth,
+            error = text,
+            "transaction refused by authentication checks"
+        );
+        let replies = if self.cfg.protocol == Protocol::Lmtp {
+            summary.recipients.max(1)
+        } else {
+            1
+        };
+        for _ in 0..replies {
+            self.reply(code, esc, text);
         }
         self.flush_metrics();
     }

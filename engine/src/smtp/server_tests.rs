@@ -40,6 +40,7 @@ fn config() -> SessionConfig {
             &crate::config::AuthSection::default(),
         )),
         untrusted: Default::default(),
+        verify: None,
     }
 }
 

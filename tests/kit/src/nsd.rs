@@ -43,7 +43,7 @@ struct Zones {
     clauses: String,
     probe: String,
     /// (file name, contents) written into the server's own directory.
-    write: Option<(&'static str, String)>,
+    write: Vec<(String, String)>,
 }
 
 impl Nsd {
@@ -61,7 +61,30 @@ impl Nsd {
                  zone:\n  name: {BROKEN_ZONE}\n  zonefile: missing.zone\n"
             ),
             probe: format!("ns.{ZONE}"),
-            write: Some(("dlv.zone", zone.clone())),
+            write: vec![("dlv.zone".into(), zone.clone())],
+        })
+    }
+
+    /// [`Nsd::start`], and the parent zone `test.` too (empty but for its
+    /// SOA/NS), so names under it answer NXDOMAIN rather than REFUSED: DMARC's
+    /// tree walk (RFC 9989) asks `_dmarc.test.` like it would `_dmarc.com.`.
+    pub fn start_with_parent(records: &str) -> Nsd {
+        let zone = format!(
+            "$ORIGIN {ZONE}.\n$TTL 60\n@ SOA ns hostmaster 1 3600 600 86400 5\n@ NS ns\nns A 127.0.0.1\n{records}\n"
+        );
+        let parent = "$ORIGIN test.\n$TTL 60\n@ SOA ns.dlv.test. hostmaster 1 3600 600 86400 5\n@ NS ns.dlv.test.\n".to_string();
+        Nsd::start_with(|| Zones {
+            dir: None,
+            clauses: format!(
+                "zone:\n  name: {ZONE}\n  zonefile: dlv.zone\n\
+                 zone:\n  name: test\n  zonefile: parent.zone\n\
+                 zone:\n  name: {BROKEN_ZONE}\n  zonefile: missing.zone\n"
+            ),
+            probe: format!("ns.{ZONE}"),
+            write: vec![
+                ("dlv.zone".into(), zone.clone()),
+                ("parent.zone".into(), parent.clone()),
+            ],
         })
     }
 
@@ -74,7 +97,27 @@ impl Nsd {
                 .map(|(name, file)| format!("zone:\n  name: {name}\n  zonefile: {file}\n"))
                 .collect(),
             probe: "ns.mail.test".into(),
-            write: None,
+            write: Vec::new(),
+        })
+    }
+
+    /// Serves whole zones the caller wrote, as (origin, zone file text); ready
+    /// once `probe` (an A record in one of them) resolves. The DNSSEC test bed
+    /// ([`crate::dnssec`]) serves its signed zones this way.
+    pub fn serve(zones: &[(String, String)], probe: &str) -> Nsd {
+        Nsd::start_with(|| Zones {
+            dir: None,
+            clauses: zones
+                .iter()
+                .enumerate()
+                .map(|(i, (origin, _))| format!("zone:\n  name: {origin}\n  zonefile: z{i}.zone\n"))
+                .collect(),
+            probe: probe.to_string(),
+            write: zones
+                .iter()
+                .enumerate()
+                .map(|(i, (_, text))| (format!("z{i}.zone"), text.clone()))
+                .collect(),
         })
     }
 
@@ -93,7 +136,7 @@ impl Nsd {
 
     fn try_start(zones: Zones) -> Result<Nsd, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        if let Some((file, contents)) = &zones.write {
+        for (file, contents) in &zones.write {
             std::fs::write(dir.path().join(file), contents).map_err(|e| e.to_string())?;
         }
         let port = free_udp_tcp_port();
@@ -199,7 +242,7 @@ fn nsd_binary() -> PathBuf {
 }
 
 /// A port free for both UDP and TCP on 127.0.0.1 (NSD serves both).
-fn free_udp_tcp_port() -> u16 {
+pub(crate) fn free_udp_tcp_port() -> u16 {
     for _ in 0..1000 {
         let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
         let port = udp.local_addr().expect("local addr").port();

@@ -1,0 +1,685 @@
+//! Inbound authentication end to end, with real parts only: zones served by a
+//! real NSD on loopback (with a `test.` parent, so DMARC's tree walk gets
+//! NXDOMAIN like on the Internet, and `broken.test` answering SERVFAIL), the
+//! real relay with `[server.listener.smtp.verify]`, clients presenting other
+//! addresses through the PROXY protocol (our raw client and swaks), and the
+//! reference implementations asked through the same NSD: pyspf for SPF,
+//! dkimpy for DKIM signatures (`dkim.sign`, keys from `dknewkey`) and ARC
+//! (`arc_sign`, `arc_verify`), see tests/py/auth_tool.py.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use sluice_testkit::*;
+
+const T: Duration = Duration::from_secs(30);
+const RCPT: &str = "user@rcpt.test";
+
+fn system_python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+fn tool(args: &[&str]) -> String {
+    let out = run_with_timeout(
+        Command::new(system_python())
+            .arg(py_script("auth_tool.py"))
+            .args(args),
+        T,
+    );
+    assert_ok(&out, &format!("auth_tool.py {args:?}"));
+    text(&out.stdout)
+}
+
+fn tool_bytes(args: &[&str]) -> Vec<u8> {
+    let out = run_with_timeout(
+        Command::new(system_python())
+            .arg(py_script("auth_tool.py"))
+            .args(args),
+        T,
+    );
+    assert_ok(&out, &format!("auth_tool.py {args:?}"));
+    out.stdout
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains(" 200 "), "{head}");
+    body.to_string()
+}
+
+/// A TXT record in zone-file syntax: strings of at most 200 bytes.
+fn txt(owner: &str, value: &str) -> String {
+    let parts: Vec<String> = value
+        .as_bytes()
+        .chunks(200)
+        .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+        .collect();
+    format!("{owner} TXT {}\n", parts.join(" "))
+}
+
+/// A relay verifying on its "smtp" listener, taking PROXY headers from
+/// loopback, accepting mail for rcpt.test; `sets` are more `--set`s.
+fn relay(nsd: &Nsd, sets: &[&str]) -> Relay {
+    let mut b = Relay::builder()
+        .set(nsd.servers_set())
+        .set("relay.local_domains=[\"rcpt.test\"]")
+        .set("server.hostname=\"mx.sluice.test\"")
+        .lset("proxy_trusted_networks", "[\"127.0.0.0/8\"]")
+        .lset("verify.iprev", "false")
+        .proxy_probe();
+    for s in sets {
+        b = b.set(s.to_string());
+    }
+    b.start()
+}
+
+/// One transaction from `ip` (PROXY v1), HELO `helo`: the reply to the end
+/// of DATA.
+fn send_from(relay: &Relay, ip: &str, helo: &str, from: &str, message: &[u8]) -> Reply {
+    let mut c = relay.connect();
+    c.send(format!("PROXY TCP4 {ip} 127.0.0.1 40000 25\r\n").as_bytes());
+    let r = c.read_reply();
+    assert_eq!(r.code, 220, "{r:?}");
+    c.expect(&format!("EHLO {helo}"), 250);
+    c.expect(&format!("MAIL FROM:<{from}>"), 250);
+    c.expect(&format!("RCPT TO:<{RCPT}>"), 250);
+    c.expect("DATA", 354);
+    c.send(message);
+    c.send(b".\r\n");
+    let r = c.read_reply();
+    c.send_line("QUIT");
+    r
+}
+
+/// The stored copy of the message the reply queued.
+fn stored(relay: &Relay, reply: &Reply) -> String {
+    assert_eq!(reply.code, 250, "{reply:?}\n{}", relay.log());
+    let id = queued_id(&reply.text()).expect("queued id");
+    String::from_utf8_lossy(&relay.body(&id)).into_owned()
+}
+
+/// Our Authentication-Results field (authserv-id mx.sluice.test) of a
+/// stored message, unfolded.
+fn auth_results(message: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in message.split("\r\n") {
+        if line.is_empty() {
+            break;
+        }
+        if line.starts_with(' ') || line.starts_with('\t') {
+            if inside {
+                out.push(' ');
+                out.push_str(line.trim());
+            }
+            continue;
+        }
+        inside = line
+            .to_ascii_lowercase()
+            .starts_with("authentication-results: mx.sluice.test;");
+        if inside {
+            assert!(out.is_empty(), "two A-R fields:\n{message}");
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// "spf=RESULT" for the MAIL FROM identity in an A-R field.
+fn mailfrom_result(ar: &str) -> String {
+    ar.split(';')
+        .map(str::trim)
+        .find(|m| m.starts_with("spf=") && m.contains("smtp.mailfrom="))
+        .and_then(|m| m.split_whitespace().next())
+        .map(|m| m.trim_start_matches("spf=").to_string())
+        .unwrap_or_else(|| panic!("no MAIL FROM spf result in {ar}"))
+}
+
+fn message(from: &str, subject: &str) -> String {
+    format!(
+        "From: Sender <{from}>\r\nTo: {RCPT}\r\nSubject: {subject}\r\n\
+         Date: Sat, 05 Dec 2026 20:00:00 +0000\r\nMessage-ID: <{subject}@sluice.test>\r\n\
+         \r\nHello, this is {subject}.\r\n"
+    )
+}
+
+const SPF_ZONE: &str = "\
+spf1 TXT \"v=spf1 ip4:192.0.2.0/24 -all\"
+inc TXT \"v=spf1 include:inc-t.dlv.test ~all\"
+inc-t TXT \"v=spf1 ip4:198.51.100.7 -all\"
+redir TXT \"v=spf1 redirect=spf1.dlv.test\"
+mxs TXT \"v=spf1 mx -all\"
+mxs MX 10 mxh
+mxh A 203.0.113.9
+macro TXT \"v=spf1 exists:%{i}.ok.dlv.test -all\"
+192.0.2.77.ok A 127.0.0.2
+void2 TXT \"v=spf1 a:nx1.dlv.test a:nx2.dlv.test ip4:192.0.2.0/24 -all\"
+void3 TXT \"v=spf1 a:nx1.dlv.test a:nx2.dlv.test a:nx3.dlv.test ip4:192.0.2.0/24 -all\"
+ten TXT \"v=spf1 a:h1.dlv.test a:h2.dlv.test a:h3.dlv.test a:h4.dlv.test a:h5.dlv.test a:h6.dlv.test a:h7.dlv.test a:h8.dlv.test a:h9.dlv.test a:h10.dlv.test ip4:192.0.2.0/24 -all\"
+eleven TXT \"v=spf1 a:h1.dlv.test a:h2.dlv.test a:h3.dlv.test a:h4.dlv.test a:h5.dlv.test a:h6.dlv.test a:h7.dlv.test a:h8.dlv.test a:h9.dlv.test a:h10.dlv.test a:h11.dlv.test ip4:192.0.2.0/24 -all\"
+tmp TXT \"v=spf1 include:x.broken.test -all\"
+soft TXT \"v=spf1 ~all\"
+neu TXT \"v=spf1 ?all\"
+bad TXT \"v=spf1 include -all\"
+client A 192.0.2.1
+";
+
+fn hosts_zone() -> String {
+    (1..=11).map(|i| format!("h{i} A 10.9.9.{i}\n")).collect()
+}
+
+#[test]
+fn spf_results_agree_with_pyspf() {
+    require_tools!("nsd", "swaks", "dknewkey");
+    let nsd = Nsd::start_with_parent(&format!("{SPF_ZONE}{}", hosts_zone()));
+    let relay = relay(
+        &nsd,
+        &[
+            "server.listener.smtp.verify.dkim=false",
+            "server.listener.smtp.verify.arc=false",
+            "server.listener.smtp.verify.dmarc=false",
+            "server.listener.smtp.verify.action.spf_fail=\"accept\"",
+            "server.listener.smtp.verify.action.temperror=\"accept\"",
+        ],
+    );
+    // (client, MAIL FROM, what RFC 7208 says)
+    let cases = [
+        ("192.0.2.5", "a@spf1.dlv.test", "pass"),
+        ("198.51.100.1", "a@spf1.dlv.test", "fail"),
+        ("198.51.100.7", "a@inc.dlv.test", "pass"),
+        ("198.51.100.8", "a@inc.dlv.test", "softfail"),
+        ("192.0.2.9", "a@redir.dlv.test", "pass"),
+        ("203.0.113.9", "a@mxs.dlv.test", "pass"),
+        ("203.0.113.10", "a@mxs.dlv.test", "fail"),
+        ("192.0.2.77", "a@macro.dlv.test", "pass"),
+        ("192.0.2.78", "a@macro.dlv.test", "fail"),
+        ("192.0.2.1", "a@void2.dlv.test", "pass"),
+        ("192.0.2.1", "a@void3.dlv.test", "permerror"),
+        ("192.0.2.1", "a@ten.dlv.test", "pass"),
+        ("192.0.2.1", "a@eleven.dlv.test", "permerror"),
+        ("192.0.2.1", "a@tmp.dlv.test", "temperror"),
+        ("192.0.2.1", "a@soft.dlv.test", "softfail"),
+        ("192.0.2.1", "a@neu.dlv.test", "neutral"),
+        ("192.0.2.1", "a@bad.dlv.test", "permerror"),
+        ("192.0.2.1", "a@nospf.dlv.test", "none"),
+    ];
+    let port = nsd.addr.port().to_string();
+    let mut wrong = Vec::new();
+    for (ip, from, want) in cases {
+        let reply = send_from(
+            &relay,
+            ip,
+            "client.dlv.test",
+            from,
+            message(from, "spf").as_bytes(),
+        );
+        let stored = stored(&relay, &reply);
+        let ar = auth_results(&stored);
+        assert!(
+            ar.starts_with("Authentication-Results: mx.sluice.test;"),
+            "{ar}"
+        );
+        let ours = mailfrom_result(&ar);
+        let theirs = tool(&["spf", &port, ip, from, "client.dlv.test"])
+            .trim()
+            .to_string();
+        if ours != theirs || ours != want {
+            wrong.push(format!(
+                "{ip} {from}: sluice {ours}, pyspf {theirs}, RFC {want}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}\n{}", wrong.join("\n"), relay.log());
+}
+
+/// dknewkey's key pair: (private key file, TXT value).
+fn dknewkey(dir: &Path, name: &str, ed25519: bool) -> (PathBuf, String) {
+    let mut cmd = Command::new("dknewkey");
+    cmd.current_dir(dir);
+    if ed25519 {
+        cmd.args(["--ktype", "ed25519"]);
+    }
+    cmd.arg(name);
+    assert_ok(&run_with_timeout(&mut cmd, T), "dknewkey");
+    let record = std::fs::read_to_string(dir.join(format!("{name}.dns"))).unwrap();
+    (dir.join(format!("{name}.key")), record.trim().to_string())
+}
+
+fn dkimsign(dir: &Path, msg: &str, key: &Path, selector: &str, domain: &str, alg: &str) -> Vec<u8> {
+    let p = dir.join("unsigned.eml");
+    std::fs::write(&p, msg).unwrap();
+    tool_bytes(&[
+        "dkimsign",
+        &p.display().to_string(),
+        selector,
+        domain,
+        &key.display().to_string(),
+        alg,
+    ])
+}
+
+struct DkimSetup {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    rsa: PathBuf,
+    ed: PathBuf,
+    nsd: Nsd,
+}
+
+fn dkim_setup() -> DkimSetup {
+    let dir = tempfile::tempdir().unwrap();
+    let (rsa, rsa_txt) = dknewkey(dir.path(), "rsa", false);
+    let (ed, ed_txt) = dknewkey(dir.path(), "ed", true);
+    let zone = format!(
+        "{}{}\
+_dmarc.sig TXT \"v=DMARC1; p=reject\"
+sig TXT \"v=spf1 ip4:192.0.2.0/24 -all\"
+_dmarc.quar TXT \"v=DMARC1; p=quarantine\"
+_dmarc.none TXT \"v=DMARC1; p=none\"
+_dmarc.pct0 TXT \"v=DMARC1; p=reject; pct=0\"
+_dmarc.org TXT \"v=DMARC1; p=none; sp=reject\"
+sub.org A 192.0.2.200
+bounce TXT \"v=spf1 ip4:198.51.100.0/24 -all\"
+",
+        txt("rsa._domainkey.sig", &rsa_txt),
+        txt("ed._domainkey.sig", &ed_txt),
+    );
+    let nsd = Nsd::start_with_parent(&zone);
+    DkimSetup {
+        dir: dir.path().to_path_buf(),
+        _dir: dir,
+        rsa,
+        ed,
+        nsd,
+    }
+}
+
+#[test]
+fn dkimpy_signatures_dmarc_policies_and_refusals() {
+    require_tools!("nsd", "swaks", "dknewkey");
+    let s = dkim_setup();
+    let relay = relay(&s.nsd, &[]);
+    let from = "alice@sig.dlv.test";
+
+    // RSA and Ed25519 signatures by dkimpy pass; DMARC passes on DKIM even
+    // though MAIL FROM (bounce.dlv.test) is not aligned.
+    for (key, sel, alg) in [
+        (&s.rsa, "rsa", "rsa-sha256"),
+        (&s.ed, "ed", "ed25519-sha256"),
+    ] {
+        let signed = dkimsign(&s.dir, &message(from, alg), key, sel, "sig.dlv.test", alg);
+        let r = send_from(
+            &relay,
+            "198.51.100.4",
+            "client.dlv.test",
+            "b@bounce.dlv.test",
+            &signed,
+        );
+        let ar = auth_results(&stored(&relay, &r));
+        assert!(ar.contains("dkim=pass"), "{alg}: {ar}");
+        assert!(ar.contains(&format!("header.s={sel}")), "{alg}: {ar}");
+        assert!(ar.contains("dmarc=pass"), "{alg}: {ar}");
+        assert_eq!(mailfrom_result(&ar), "pass", "{ar}");
+    }
+
+    // Tampered after signing: DKIM fails, DMARC fails, p=reject: 550 5.7.1
+    // through swaks presenting 198.51.100.4 by PROXY.
+    let signed = dkimsign(
+        &s.dir,
+        &message(from, "tampered"),
+        &s.rsa,
+        "rsa",
+        "sig.dlv.test",
+        "rsa-sha256",
+    );
+    let tampered = String::from_utf8(signed)
+        .unwrap()
+        .replace("Hello,", "Hullo,");
+    let path = s.dir.join("tampered.eml");
+    std::fs::write(&path, &tampered).unwrap();
+    let out = swaks(
+        &relay,
+        &[
+            "--proxy-version",
+            "1",
+            "--proxy-family",
+            "TCP4",
+            "--proxy-source",
+            "198.51.100.4",
+            "--proxy-source-port",
+            "40001",
+            "--proxy-dest",
+            "127.0.0.1",
+            "--proxy-dest-port",
+            "25",
+            "--ehlo",
+            "client.dlv.test",
+            "--from",
+            "b@bounce.dlv.test",
+            "--to",
+            RCPT,
+            "--data",
+            &format!("@{}", path.display()),
+        ],
+    );
+    let said = text(&out.stdout);
+    assert!(said.contains("<** 550 5.7.1"), "{said}\n{}", relay.log());
+
+    // The same message sent straight: 550 with the policy in the text, and
+    // the log line carries the results.
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "b@bounce.dlv.test",
+        tampered.as_bytes(),
+    );
+    assert_eq!((r.code, r.enhanced()), (550, "5.7.1"), "{r:?}");
+    let log = relay.log();
+    assert!(
+        log.contains("dkim=fail") && log.contains("dmarc=fail"),
+        "{log}"
+    );
+
+    // DMARC without DKIM: SPF aligned passes; quarantine and none are
+    // accepted with dmarc=fail; pct=0 weakens reject; sp= governs a
+    // subdomain; SPF -all refuses with 5.7.23.
+    let r = send_from(
+        &relay,
+        "192.0.2.5",
+        "client.dlv.test",
+        "x@sig.dlv.test",
+        message(from, "aligned").as_bytes(),
+    );
+    let ar = auth_results(&stored(&relay, &r));
+    assert!(ar.contains("dmarc=pass"), "{ar}");
+    assert_eq!(mailfrom_result(&ar), "pass", "{ar}");
+    for (dom, policy) in [("quar", "quarantine"), ("none", "none"), ("pct0", "reject")] {
+        let f = format!("a@{dom}.dlv.test");
+        let r = send_from(
+            &relay,
+            "198.51.100.4",
+            "client.dlv.test",
+            "b@bounce.dlv.test",
+            message(&f, dom).as_bytes(),
+        );
+        let ar = auth_results(&stored(&relay, &r));
+        assert!(ar.contains("dmarc=fail"), "{dom}: {ar}");
+        assert!(
+            ar.contains(&format!("policy.dmarc={policy}")),
+            "{dom}: {ar}"
+        );
+    }
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "b@bounce.dlv.test",
+        message("a@sub.org.dlv.test", "sp").as_bytes(),
+    );
+    assert_eq!((r.code, r.enhanced()), (550, "5.7.1"), "{r:?}");
+    let r = send_from(
+        &relay,
+        "203.0.113.1",
+        "client.dlv.test",
+        "x@sig.dlv.test",
+        message(from, "spf").as_bytes(),
+    );
+    assert_eq!((r.code, r.enhanced()), (550, "5.7.23"), "{r:?}");
+
+    // A forged A-R claiming our authserv-id is removed; others stay.
+    let forged = format!(
+        "Authentication-Results: mx.sluice.test; dkim=pass header.d=sig.dlv.test\r\n\
+         Authentication-Results: elsewhere.test; spf=pass\r\n{}",
+        message("a@none.dlv.test", "forged")
+    );
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "b@bounce.dlv.test",
+        forged.as_bytes(),
+    );
+    let body = stored(&relay, &r);
+    assert_eq!(
+        body.matches("Authentication-Results: mx.sluice.test")
+            .count(),
+        1,
+        "{body}"
+    );
+    assert!(
+        body.contains("Authentication-Results: elsewhere.test; spf=pass"),
+        "{body}"
+    );
+    assert!(!auth_results(&body).contains("dkim=pass"), "{body}");
+
+    // Metrics per method and result.
+    let metrics = http_get(relay.admin_port, "/metrics");
+    assert!(
+        metrics.contains("sluice_auth_results_total{method=\"dkim\",result=\"pass\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_auth_decisions_total{decision=\"reject\"}"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn dns_temporary_failure_tempfails() {
+    require_tools!("nsd", "swaks", "dknewkey");
+    let nsd = Nsd::start_with_parent("");
+    let relay = relay(&nsd, &[]);
+    // The From domain's DMARC record is under broken.test (SERVFAIL).
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "b@x.broken.test",
+        message("a@x.broken.test", "servfail").as_bytes(),
+    );
+    assert_eq!(r.code, 451, "{r:?}");
+    assert!(r.enhanced().starts_with("4.7."), "{r:?}");
+}
+
+/// `sluice dkim keygen`: the key file and the zone-file line to publish.
+fn keygen(dir: &Path, domain: &str, selector: &str) -> (PathBuf, String) {
+    let out = sluice(&[
+        "dkim",
+        "keygen",
+        "--domain",
+        domain,
+        "--selector",
+        selector,
+        "--algorithm",
+        "rsa",
+        "--out",
+        &dir.display().to_string(),
+    ]);
+    assert_ok(&out, "sluice dkim keygen");
+    (
+        dir.join(format!("{domain}.{selector}.pem")),
+        text(&out.stdout).trim().to_string(),
+    )
+}
+
+#[test]
+fn arc_chains_from_dkimpy_validate_and_sluice_seals_validate_with_dkimpy() {
+    require_tools!("nsd", "dknewkey");
+    let dir = tempfile::tempdir().unwrap();
+    let (fwd_key, fwd_txt) = dknewkey(dir.path(), "fwd", false);
+    let (seal_key, seal_line) = keygen(dir.path(), "seal.dlv.test", "arc");
+    let nsd = Nsd::start_with_parent(&format!(
+        "{}{seal_line}\n_dmarc.orig TXT \"v=DMARC1; p=none\"\n",
+        txt("fwd._domainkey.fwd", &fwd_txt)
+    ));
+    let relay = relay(
+        &nsd,
+        &[
+            "dkim.signer.arc.domain=\"seal.dlv.test\"",
+            "dkim.signer.arc.selector=\"arc\"",
+            "dkim.signer.arc.algorithm=\"rsa-sha256\"",
+            &format!("dkim.signer.arc.key=\"{}\"", seal_key.display()),
+            "server.listener.smtp.verify.arc_seal=\"arc\"",
+        ],
+    );
+    let port = nsd.addr.port().to_string();
+    let arcverify = |stored: &str| -> String {
+        let p = dir.path().join("sealed.eml");
+        std::fs::write(&p, stored).unwrap();
+        tool(&["arcverify", &port, &p.display().to_string()])
+    };
+
+    // A message a forwarder (fwd.dlv.test) authenticated and sealed with dkimpy.
+    let original = format!(
+        "Authentication-Results: fwd.dlv.test; spf=pass smtp.mailfrom=a@orig.dlv.test\r\n{}",
+        message("a@orig.dlv.test", "forwarded")
+    );
+    let p = dir.path().join("forwarded.eml");
+    std::fs::write(&p, &original).unwrap();
+    let chained = tool_bytes(&[
+        "arcsign",
+        &p.display().to_string(),
+        "fwd",
+        "fwd.dlv.test",
+        &fwd_key.display().to_string(),
+        "fwd.dlv.test",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&chained).starts_with("ARC-Seal: i=1"),
+        "{}",
+        String::from_utf8_lossy(&chained)
+    );
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "a@orig.dlv.test",
+        &chained,
+    );
+    let stored_chain = stored(&relay, &r);
+    let ar = auth_results(&stored_chain);
+    assert!(ar.contains("arc=pass"), "{ar}\n{stored_chain}");
+    // sluice added instance 2 (cv=pass) and dkimpy validates the chain.
+    assert!(stored_chain.contains("i=2"), "{stored_chain}");
+    let verdict = arcverify(&stored_chain);
+    assert!(verdict.starts_with("pass"), "{verdict}\n{stored_chain}");
+
+    // A message without a chain: sluice starts one (i=1, cv=none).
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "a@orig.dlv.test",
+        message("a@orig.dlv.test", "first-hop").as_bytes(),
+    );
+    let stored_new = stored(&relay, &r);
+    assert!(stored_new.starts_with("ARC-"), "{stored_new}");
+    let verdict = arcverify(&stored_new);
+    assert!(verdict.starts_with("pass"), "{verdict}\n{stored_new}");
+
+    // A broken chain (body changed after the seal) does not pass (mail-auth
+    // says neutral: "body hash did not verify"); sluice's seal records that
+    // with cv=fail (RFC 8617 §5.1.2), after which nobody seals again.
+    let tampered = String::from_utf8(chained)
+        .unwrap()
+        .replace("Hello,", "Hullo,");
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "a@orig.dlv.test",
+        tampered.as_bytes(),
+    );
+    let stored_bad = stored(&relay, &r);
+    let ar = auth_results(&stored_bad);
+    assert!(
+        ar.contains("arc=") && !ar.contains("arc=pass"),
+        "{stored_bad}"
+    );
+    assert!(stored_bad.starts_with("ARC-Seal: i=2;"), "{stored_bad}");
+    assert!(stored_bad.contains("cv=fail"), "{stored_bad}");
+    let metrics = http_get(relay.admin_port, "/metrics");
+    assert!(
+        metrics.contains("sluice_arc_seals_total{result=\"sealed\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn iprev_at_connect_passes_and_refuses_with_5_7_25() {
+    require_tools!("nsd");
+    // tests/dns/zones: 192.0.2.1 PTR a.hosts.mail.test, which has A
+    // 192.0.2.1; 192.0.2.2 has no PTR.
+    let nsd = Nsd::fixture();
+    let relay = Relay::builder()
+        .set(nsd.servers_set())
+        .set("relay.local_domains=[\"rcpt.test\"]")
+        .set("server.hostname=\"mx.sluice.test\"")
+        .lset("proxy_trusted_networks", "[\"127.0.0.0/8\"]")
+        .lset("verify.spf", "false")
+        .lset("verify.dmarc", "false")
+        .lset("verify.action.iprev_fail", "\"reject\"")
+        .proxy_probe()
+        .start();
+    let m = message("a@mail.test", "iprev");
+    let r = send_from(
+        &relay,
+        "192.0.2.1",
+        "a.hosts.mail.test",
+        "a@mail.test",
+        m.as_bytes(),
+    );
+    let ar = auth_results(&stored(&relay, &r));
+    assert!(ar.contains("iprev=pass policy.iprev=192.0.2.1"), "{ar}");
+    let r = send_from(
+        &relay,
+        "192.0.2.2",
+        "b.hosts.mail.test",
+        "a@mail.test",
+        m.as_bytes(),
+    );
+    assert_eq!((r.code, r.enhanced()), (550, "5.7.25"), "{r:?}");
+}
+
+#[test]
+fn verify_config_errors_name_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |name: &str, body: &str| -> String {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        let out = sluice(&["check-config", &p.display().to_string()]);
+        assert!(!out.status.success(), "{name} accepted");
+        text(&out.stderr)
+    };
+    let err = check(
+        "action.toml",
+        "[server.listener.smtp]\nbind = [\"127.0.0.1:2525\"]\n\n[server.listener.smtp.verify]\nspf = true\n[server.listener.smtp.verify.action]\nspf_fail = \"bounce\"\n",
+    );
+    assert!(
+        err.contains("server.listener.smtp.verify.action.spf_fail"),
+        "{err}"
+    );
+    assert!(err.contains("line 7"), "{err}");
+    let err = check(
+        "seal.toml",
+        "[server.listener.smtp]\nbind = [\"127.0.0.1:2525\"]\n\n[server.listener.smtp.verify]\narc_seal = \"nobody\"\n",
+    );
+    assert!(
+        err.contains("server.listener.smtp.verify.arc_seal"),
+        "{err}"
+    );
+    assert!(err.contains("line 5"), "{err}");
+    assert!(err.contains("nobody"), "{err}");
+}
