@@ -81,7 +81,10 @@ impl Nsd {
                  zone:\n  name: {BROKEN_ZONE}\n  zonefile: missing.zone\n"
             ),
             probe: format!("ns.{ZONE}"),
-            write: vec![("dlv.zone".into(), zone.clone()), ("parent.zone".into(), parent.clone())],
+            write: vec![
+                ("dlv.zone".into(), zone.clone()),
+                ("parent.zone".into(), parent.clone()),
+            ],
         })
     }
 
