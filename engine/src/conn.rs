@@ -413,17 +413,17 @@ async fn serve(
                     let mut added = Vec::new();
                     let mut body = body;
                     if let (Some(v), Some(core)) = (&verify_cfg, &ctx.verify) {
-                        let dkim = match &v.arc_seal {
-                            Some(_) => ctx.queue.dkim().map(|d| d.load_full()),
-                            None => None,
-                        };
-                        let sealer = v.arc_seal.as_deref().and_then(|name| {
-                            let signer = dkim
-                                .as_ref()?
-                                .policy
-                                .signers()
-                                .iter()
-                                .find(|s| s.name == name)?;
+                        // The listener's `verify.arc_seal`, else the first
+                        // matching `[[dkim.rule]]`'s `arc_seal`.
+                        let dkim = ctx.queue.dkim().map(|d| d.load_full());
+                        let sealer = dkim.as_ref().and_then(|d| {
+                            let signer = match v.arc_seal.as_deref() {
+                                Some(name) => d.policy.signers().iter().find(|s| s.name == name),
+                                None => d.policy.select_seal(
+                                    &crate::queue::dkim::facts(&envelope),
+                                    &envelope.queue,
+                                ),
+                            }?;
                             Some(sluice_policy::auth::Sealer {
                                 key: signer.key(),
                                 domain: &signer.domain,

@@ -129,6 +129,11 @@ pub struct DkimRuleConfig {
     /// Signer names; `[]` leaves matching mail unsigned.
     #[serde(default, deserialize_with = "one_or_many")]
     pub sign: Option<Vec<String>>,
+    /// ARC-seal matching mail (RFC 8617) with this signer's key and `d=`/`s=`:
+    /// for mail this relay forwards. The seal records the listener's
+    /// `verify` results, so it needs that table on the receiving listener.
+    #[serde(default)]
+    pub arc_seal: Option<String>,
 }
 
 /// The `match.*` keys of a DKIM rule; an absent key places no condition.
@@ -190,6 +195,8 @@ struct DkimRule {
     cond: Cond,
     /// Indexes into the signers.
     sign: Box<[usize]>,
+    /// The signer whose key ARC-seals matching mail.
+    seal: Option<usize>,
 }
 
 /// The configuration checked, keys not read yet.
@@ -371,6 +378,20 @@ impl DkimPolicy {
             .iter()
             .find(|r| r.cond.matches(facts, &sender, queue))
             .map_or(&[], |r| &r.sign)
+    }
+
+    /// The signer that ARC-seals a message in `queue`: the `arc_seal` of the
+    /// first matching rule (the rule that also decides its signatures).
+    pub fn select_seal(&self, facts: &MessageFacts, queue: &str) -> Option<&Signer> {
+        if self.rules.iter().all(|r| r.seal.is_none()) {
+            return None;
+        }
+        let sender = Address::new(facts.sender);
+        self.rules
+            .iter()
+            .find(|r| r.cond.matches(facts, &sender, queue))
+            .and_then(|r| r.seal)
+            .and_then(|i| self.signers.get(i))
     }
 
     pub fn signers(&self) -> &[Signer] {
@@ -590,18 +611,23 @@ fn compile_rule(
     }
     cond.sender = compile_list(&m.sender, "match.sender", &bad, |s| Glob::new(s, true))?;
     cond.sender_domain = compile_domains(&m.sender_domain, "match.sender_domain", &bad)?;
-    let Some(names) = &r.sign else {
-        return Err(bad(
-            "sign",
-            "required: the signers to use (sign = [] leaves matching mail unsigned)".into(),
-        ));
-    };
-    let mut sign = Vec::with_capacity(names.len());
-    for name in names {
-        let Some(i) = signers.iter().position(|s| &s.name == name) else {
-            let known: Vec<&str> = signers.iter().map(|s| s.name.as_str()).collect();
+    let no_signers = Vec::new();
+    let names = match (&r.sign, &r.arc_seal) {
+        (Some(names), _) => names,
+        // A rule that only seals signs nothing.
+        (None, Some(_)) => &no_signers,
+        (None, None) => {
             return Err(bad(
                 "sign",
+                "required: the signers to use (sign = [] leaves matching mail unsigned)".into(),
+            ))
+        }
+    };
+    let find = |key: &'static str, name: &str| -> Result<usize, PolicyError> {
+        signers.iter().position(|s| s.name == name).ok_or_else(|| {
+            let known: Vec<&str> = signers.iter().map(|s| s.name.as_str()).collect();
+            bad(
+                key,
                 format!(
                     "unknown signer {name:?} (known: {})",
                     if known.is_empty() {
@@ -610,8 +636,16 @@ fn compile_rule(
                         known.join(", ")
                     }
                 ),
-            ));
-        };
+            )
+        })
+    };
+    let seal = match &r.arc_seal {
+        Some(name) => Some(find("arc_seal", name)?),
+        None => None,
+    };
+    let mut sign = Vec::with_capacity(names.len());
+    for name in names {
+        let i = find("sign", name)?;
         if sign.contains(&i) {
             return Err(bad("sign", format!("signer {name:?} listed twice")));
         }
@@ -620,6 +654,7 @@ fn compile_rule(
     Ok(DkimRule {
         cond,
         sign: sign.into_boxed_slice(),
+        seal,
     })
 }
 

@@ -68,6 +68,18 @@ impl DkimState {
 /// The running policy, replaced by a reload.
 pub type DkimSwap = Arc<ArcSwap<DkimState>>;
 
+/// What the `[[dkim.rule]]` conditions see of a message.
+pub fn facts(envelope: &Envelope) -> MessageFacts<'_> {
+    MessageFacts {
+        listener: &envelope.listener,
+        client_ip: envelope.client_ip,
+        auth_user: envelope.auth_user.as_deref(),
+        sender: &envelope.sender,
+        priority: envelope.priority,
+        size: envelope.size,
+    }
+}
+
 /// What signing a message gave.
 pub struct Signed {
     /// `DKIM-Signature:` fields to store before the body (empty: unsigned).
@@ -86,14 +98,7 @@ pub async fn sign(
     body: Vec<u8>,
 ) -> (Vec<u8>, Result<Signed, DkimError>) {
     let state = dkim.load_full();
-    let facts = MessageFacts {
-        listener: &envelope.listener,
-        client_ip: envelope.client_ip,
-        auth_user: envelope.auth_user.as_deref(),
-        sender: &envelope.sender,
-        priority: envelope.priority,
-        size: envelope.size,
-    };
+    let facts = facts(envelope);
     let chosen = state.policy.select(&facts, &envelope.queue);
     if chosen.is_empty() {
         return (

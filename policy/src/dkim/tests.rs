@@ -151,6 +151,45 @@ sign = "rsa"
     assert!(policy.select(&elsewhere, "default").is_empty());
 }
 
+#[test]
+fn arc_seal_comes_from_the_first_matching_rule() {
+    let keys = Keys::new("seal");
+    let text = format!(
+        r#"{}
+[[rule]]
+match.listener = "forward"
+arc_seal = "rsa"
+[[rule]]
+match.sender_domain = "example.org"
+sign = "ed"
+arc_seal = "ed"
+[[rule]]
+match.listener = "smtp"
+sign = "rsa"
+"#,
+        two_signers(&keys)
+    );
+    let policy = DkimPolicy::from_config(&config(&text), &[]).unwrap();
+    let seal = |f: &MessageFacts| policy.select_seal(f, "default").map(|s| s.name.clone());
+    // A rule that only seals signs nothing.
+    let fwd = facts("forward", "a@example.org", None);
+    assert_eq!(seal(&fwd).as_deref(), Some("rsa"));
+    assert_eq!(policy.names(policy.select(&fwd, "default")), "");
+    // Sealing and signing from the same rule.
+    assert_eq!(seal(&facts("smtp", "a@example.org", None)).as_deref(), Some("ed"));
+    // The first matching rule has no arc_seal: not sealed, even though a
+    // later rule would seal.
+    assert_eq!(seal(&facts("smtp", "a@other.test", None)), None);
+    assert_eq!(seal(&facts("other", "a@other.test", None)), None);
+
+    // Without any arc_seal, nothing is sealed.
+    let plain = format!("{}\n[[rule]]\nsign = \"rsa\"\n", two_signers(&keys));
+    let policy = DkimPolicy::from_config(&config(&plain), &[]).unwrap();
+    assert!(policy
+        .select_seal(&facts("smtp", "a@example.org", None), "default")
+        .is_none());
+}
+
 fn plan_error(text: &str) -> String {
     DkimPlan::new(&config(text), &[]).unwrap_err().to_string()
 }
@@ -174,6 +213,7 @@ fn configuration_errors_name_signer_or_rule_and_key() {
         (format!("{base}[[rule]]\nsign = [\"nope\"]\n"), "dkim rule 1: sign"),
         (format!("{base}[[rule]]\nmatch.listener = \"x\"\n"), "dkim rule 1: sign"),
         (format!("{base}[[rule]]\nsign = [\"a\", \"a\"]\n"), "dkim rule 1: sign"),
+        (format!("{base}[[rule]]\narc_seal = \"nope\"\n"), "dkim rule 1: arc_seal"),
         (
             format!("{base}[[rule]]\nsign = []\n[[rule]]\nmatch.queue = \"bulk\"\nsign = \"a\"\n"),
             "dkim rule 2: match.queue",
