@@ -424,3 +424,43 @@ fn rsa_signatures_verify_through_openssl_and_tampering_fails() {
     assert_eq!(r.dkim_overall(), Some(Verdict::Fail), "{r:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn received_spf_is_optional() {
+    let zone = Zone::default().txt("example.org", "v=spf1 ip4:192.0.2.0/24 -all");
+    let v = Verifier::new().unwrap();
+    let e = env("192.0.2.1", "client.test", "a@example.org");
+    let checks = Checks {
+        spf: true,
+        dkim: false,
+        arc: false,
+        dmarc: false,
+    };
+    let with = run(v.verify_message(
+        &zone,
+        &e,
+        MESSAGE.as_bytes(),
+        checks,
+        "mx.sluice.test",
+        None,
+        None,
+        true,
+        0,
+    ));
+    let h = String::from_utf8(with.headers).unwrap();
+    assert!(h.contains("\r\nReceived-SPF: pass"), "{h}");
+    let without = run(v.verify_message(
+        &zone,
+        &e,
+        MESSAGE.as_bytes(),
+        checks,
+        "mx.sluice.test",
+        None,
+        None,
+        false,
+        0,
+    ));
+    assert!(!String::from_utf8(without.headers)
+        .unwrap()
+        .contains("Received-SPF"));
+}
