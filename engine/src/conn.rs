@@ -330,12 +330,19 @@ async fn serve(
         }
     }
 
-    // iprev when the client connects; its result joins the message checks.
+    // iprev starts when the client connects, beside the session (the
+    // greeting does not wait for DNS); its result joins the message checks.
+    // Dropping the task (the session ends first) cancels it.
     let verify_cfg = session_config.verify.clone();
-    let iprev = match (&verify_cfg, &ctx.verify) {
-        (Some(v), Some(core)) if v.iprev => Some(core.iprev(peer.ip()).await),
+    let mut iprev_task = match (&verify_cfg, &ctx.verify) {
+        (Some(v), Some(core)) if v.iprev => {
+            let core = core.clone();
+            let ip = peer.ip();
+            Some(glommio::spawn_local(async move { core.iprev(ip).await }))
+        }
         _ => None,
     };
+    let mut iprev: Option<crate::verify::IprevOutput> = None;
 
     let started = Instant::now();
     let mut session = Session::new(
@@ -413,6 +420,9 @@ async fn serve(
                     let mut added = Vec::new();
                     let mut body = body;
                     if let (Some(v), Some(core)) = (&verify_cfg, &ctx.verify) {
+                        if let Some(task) = iprev_task.take() {
+                            iprev = Some(task.await);
+                        }
                         let dkim = match &v.arc_seal {
                             Some(_) => ctx.queue.dkim().map(|d| d.load_full()),
                             None => None,
