@@ -707,3 +707,61 @@ fn verify_config_errors_name_key_and_line() {
     assert!(err.contains("line 5"), "{err}");
     assert!(err.contains("nobody"), "{err}");
 }
+
+#[test]
+fn sighup_switches_verification_on() {
+    require_tools!("nsd");
+    let nsd = Nsd::start_with_parent("spf1 TXT \"v=spf1 ip4:192.0.2.0/24 -all\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sluice.toml");
+    let base = "[server.listener.smtp]\nproxy_trusted_networks = [\"127.0.0.0/8\"]\n";
+    std::fs::write(&file, base).unwrap();
+    let relay = Relay::builder()
+        .config(file.clone())
+        .set(nsd.servers_set())
+        .set("relay.local_domains=[\"rcpt.test\"]")
+        .set("server.hostname=\"mx.sluice.test\"")
+        .proxy_probe()
+        .start();
+    let m = message("a@spf1.dlv.test", "reload");
+    let r = send_from(
+        &relay,
+        "192.0.2.5",
+        "client.dlv.test",
+        "a@spf1.dlv.test",
+        m.as_bytes(),
+    );
+    assert_eq!(auth_results(&stored(&relay, &r)), "", "verification is off");
+
+    std::fs::write(
+        &file,
+        format!("{base}[server.listener.smtp.verify]\niprev = false\n"),
+    )
+    .unwrap();
+    // SAFETY: kill(2) on the relay child this test started and has not reaped.
+    let rc = unsafe { libc::kill(relay.pid() as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(rc, 0);
+    wait_until(
+        "the reload",
+        T,
+        || relay.log().contains("reload: "),
+        || relay.log(),
+    );
+    let r = send_from(
+        &relay,
+        "192.0.2.5",
+        "client.dlv.test",
+        "a@spf1.dlv.test",
+        m.as_bytes(),
+    );
+    let ar = auth_results(&stored(&relay, &r));
+    assert_eq!(mailfrom_result(&ar), "pass", "{ar}");
+    let r = send_from(
+        &relay,
+        "198.51.100.1",
+        "client.dlv.test",
+        "a@spf1.dlv.test",
+        m.as_bytes(),
+    );
+    assert_eq!((r.code, r.enhanced()), (550, "5.7.23"), "{r:?}");
+}
