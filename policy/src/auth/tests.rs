@@ -464,3 +464,30 @@ fn received_spf_is_optional() {
         .unwrap()
         .contains("Received-SPF"));
 }
+
+#[test]
+fn dkim_pass_by_another_domain_is_5_7_22_when_asked() {
+    let (key, record) = ed_key();
+    let zone = Zone::default().txt("s1._domainkey.mailer.test", &record);
+    // Signed by mailer.test, From example.org.
+    let raw = signed(&key, "mailer.test", MESSAGE);
+    let r = verify(&zone, "192.0.2.1", "x@other.test", &raw, 0);
+    assert_eq!(r.dkim_overall(), Some(Verdict::Pass));
+    assert!(r.dkim_pass_unaligned());
+    assert_eq!(decide(&r, &ActionConfig::default()), Decision::Accept);
+    let strict = ActionConfig {
+        dkim_unaligned: Action::Reject,
+        ..ActionConfig::default()
+    };
+    assert!(matches!(
+        decide(&r, &strict),
+        Decision::Reject(550, "5.7.22", _)
+    ));
+    // Signed by the From domain's parent: aligned.
+    let zone = Zone::default().txt("s1._domainkey.example.org", &record);
+    let msg = MESSAGE.replace("alice@example.org", "alice@news.example.org");
+    let raw = signed(&key, "example.org", &msg);
+    let r = verify(&zone, "192.0.2.1", "x@other.test", &raw, 0);
+    assert_eq!(r.dkim_overall(), Some(Verdict::Pass));
+    assert!(!r.dkim_pass_unaligned());
+}
