@@ -172,6 +172,8 @@ tmp TXT \"v=spf1 include:x.broken.test -all\"
 soft TXT \"v=spf1 ~all\"
 neu TXT \"v=spf1 ?all\"
 bad TXT \"v=spf1 include -all\"
+two TXT \"v=spf1 ip4:192.0.2.0/24 -all\"
+two TXT \"v=spf1 -all\"
 client A 192.0.2.1
 ";
 
@@ -212,6 +214,7 @@ fn spf_results_agree_with_pyspf() {
         ("192.0.2.1", "a@soft.dlv.test", "softfail"),
         ("192.0.2.1", "a@neu.dlv.test", "neutral"),
         ("192.0.2.1", "a@bad.dlv.test", "permerror"),
+        ("192.0.2.1", "a@two.dlv.test", "permerror"),
         ("192.0.2.1", "a@nospf.dlv.test", "none"),
     ];
     let port = nsd.addr.port().to_string();
