@@ -479,6 +479,14 @@ fn dkimpy_signatures_dmarc_policies_and_refusals() {
         forged.as_bytes(),
     );
     let body = stored(&relay, &r);
+    // The envelope's size is what is stored, the forged field gone.
+    let id = queued_id(&r.text()).unwrap();
+    let shown = String::from_utf8_lossy(&relay.queue(&["show", &id])).into_owned();
+    assert_eq!(
+        show_field(&shown, "size"),
+        body.len().to_string(),
+        "{shown}"
+    );
     assert_eq!(
         body.matches("Authentication-Results: mx.sluice.test")
             .count(),

@@ -411,7 +411,7 @@ async fn serve(
                     }
                     let Submission {
                         id,
-                        envelope,
+                        mut envelope,
                         body,
                         reservation,
                     } = *submission;
@@ -440,6 +440,7 @@ async fn serve(
                                 selector: &signer.selector,
                             })
                         });
+                        let before = body.len();
                         let outcome = core
                             .check(v, &hostname, id, &envelope, body, iprev.as_ref(), sealer)
                             .await;
@@ -450,6 +451,9 @@ async fn serve(
                                 summary: s,
                             } => {
                                 added = headers;
+                                // A forged own A-R removed: the size shrinks with it.
+                                let removed = before.saturating_sub(checked.len()) as u64;
+                                envelope.size = envelope.size.saturating_sub(removed);
                                 body = checked;
                                 summary.auth = s;
                             }
