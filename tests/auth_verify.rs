@@ -776,3 +776,55 @@ fn sighup_switches_verification_on() {
     );
     assert_eq!((r.code, r.enhanced()), (550, "5.7.23"), "{r:?}");
 }
+
+#[test]
+fn dkim_signing_at_acceptance_still_verifies_with_the_results_and_seal_added() {
+    require_tools!("nsd");
+    let dir = tempfile::tempdir().unwrap();
+    let (key, line) = keygen(dir.path(), "seal.dlv.test", "both");
+    let nsd = Nsd::start_with_parent(&format!("{line}\n"));
+    let relay = relay(
+        &nsd,
+        &[
+            "dkim.signer.s.domain=\"seal.dlv.test\"",
+            "dkim.signer.s.selector=\"both\"",
+            "dkim.signer.s.algorithm=\"rsa-sha256\"",
+            &format!("dkim.signer.s.key=\"{}\"", key.display()),
+            "dkim.rule=[{sign=[\"s\"]}]",
+            "server.listener.smtp.verify.arc_seal=\"s\"",
+        ],
+    );
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "a@orig.dlv.test",
+        message("a@orig.dlv.test", "signed-and-sealed").as_bytes(),
+    );
+    let stored = stored(&relay, &r);
+    // Our signature first, then the ARC set and the results.
+    assert!(stored.starts_with("DKIM-Signature:"), "{stored}");
+    let arc_at = stored.find("ARC-Seal:").expect("sealed");
+    let ar_at = stored
+        .find("Authentication-Results: mx.sluice.test")
+        .expect("A-R");
+    assert!(arc_at < ar_at, "{stored}");
+    let p = dir.path().join("out.eml");
+    std::fs::write(&p, &stored).unwrap();
+    let out = run_with_timeout(
+        Command::new(system_python())
+            .arg(py_script("dkim_verify.py"))
+            .arg(nsd.addr.port().to_string())
+            .arg(&p),
+        T,
+    );
+    assert_ok(&out, "dkim_verify.py");
+    let verdict = text(&out.stdout);
+    assert!(verdict.contains("\"pass\": true"), "{verdict}\n{stored}");
+    let arc = tool(&[
+        "arcverify",
+        &nsd.addr.port().to_string(),
+        &p.display().to_string(),
+    ]);
+    assert!(arc.starts_with("pass"), "{arc}\n{stored}");
+}
