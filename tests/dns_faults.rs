@@ -410,7 +410,21 @@ fn ad_bit_is_kept_through_lookup_and_route() {
         vec![Action::Send(respond(q, f, &rr, auth))]
     });
     block_on(async {
-        let r = Resolver::new(quick(&[server.addr], 500));
+        // The same answers from a resolver not declared validating: the bit
+        // is seen but not believed.
+        let untrusted = Resolver::new(quick(&[server.addr], 500));
+        let l = untrusted
+            .lookup("signed.test", QueryType::Mx)
+            .await
+            .expect("mx");
+        assert!(l.authentic_data() && !l.secure());
+        let route = untrusted.resolve_route("signed.test").await;
+        assert!(!route.hosts[0].secure, "{route:?}");
+
+        let r = Resolver::new(ResolverConfig {
+            dnssec_validating: true,
+            ..quick(&[server.addr], 500)
+        });
         let l = r.lookup("signed.test", QueryType::Mx).await.expect("mx");
         assert!(l.secure());
         let route = r.resolve_route("signed.test").await;

@@ -32,6 +32,11 @@ pub struct ResolverConfig {
     /// Most cached answers per core; 0 disables caching (in-flight sharing stays).
     pub cache_size: usize,
     pub ip_preference: IpPreference,
+    /// The servers validate DNSSEC and the path to them is trusted (a
+    /// validating resolver on loopback): only then does an answer's AD bit make
+    /// it [`crate::Lookup::secure`]. Off, every answer counts as insecure, as
+    /// anyone on the path could have set the bit.
+    pub dnssec_validating: bool,
 }
 
 impl Default for ResolverConfig {
@@ -44,6 +49,7 @@ impl Default for ResolverConfig {
             ttl: TtlPolicy::default(),
             cache_size: 50_000,
             ip_preference: IpPreference::PreferIpv4,
+            dnssec_validating: false,
         }
     }
 }

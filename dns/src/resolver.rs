@@ -106,6 +106,8 @@ pub struct Lookup {
     /// Seconds this answer stays valid (the cached lifetime left, after clamps).
     pub ttl: u32,
     pub from_cache: bool,
+    /// The resolver's `dnssec_validating`: whether its AD bits are believed.
+    ad_trusted: bool,
 }
 
 impl Lookup {
@@ -121,9 +123,16 @@ impl Lookup {
         matches!(self.answer.negative, Some(NegativeKind::NxDomain { .. }))
     }
 
-    /// AD bit from the upstream: DNSSEC-validated (meaningful only when the
-    /// upstream validates and the path to it is trusted).
+    /// DNSSEC-validated: the upstream set the AD bit and the resolver is
+    /// configured to trust it ([`ResolverConfig::dnssec_validating`]). DANE
+    /// rests on this; an AD bit from an upstream not declared validating is
+    /// ignored.
     pub fn secure(&self) -> bool {
+        self.ad_trusted && self.answer.authentic_data
+    }
+
+    /// The AD bit as the upstream sent it, trusted or not (for diagnostics).
+    pub fn authentic_data(&self) -> bool {
         self.answer.authentic_data
     }
 }
@@ -338,6 +347,7 @@ impl Inner {
             answer,
             ttl,
             from_cache: true,
+            ad_trusted: self.config.dnssec_validating,
         })
     }
 
@@ -353,6 +363,7 @@ impl Inner {
             answer,
             ttl: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
             from_cache: false,
+            ad_trusted: self.config.dnssec_validating,
         }
     }
 

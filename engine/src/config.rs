@@ -359,6 +359,9 @@ pub struct DnsSection {
     pub negative_max_ttl: HumanDuration,
     pub cache_size: usize,
     pub ip_preference: IpPreference,
+    /// The `servers` validate DNSSEC over a trusted path (loopback unbound):
+    /// their AD bit is believed, which DANE needs. Off: no answer is secure.
+    pub dnssec_validating: bool,
 }
 
 impl Default for DnsSection {
@@ -373,6 +376,7 @@ impl Default for DnsSection {
             negative_max_ttl: HumanDuration(Duration::from_secs(3_600)),
             cache_size: 50_000,
             ip_preference: IpPreference::PreferIpv4,
+            dnssec_validating: false,
         }
     }
 }
@@ -423,6 +427,7 @@ impl DnsSection {
                 IpPreference::PreferIpv4 => sluice_dns::IpPreference::PreferIpv4,
                 IpPreference::PreferIpv6 => sluice_dns::IpPreference::PreferIpv6,
             },
+            dnssec_validating: self.dnssec_validating,
         })
     }
 }
@@ -668,6 +673,20 @@ impl Config {
                 return Err(invalid(
                     format!("route.{name}.host"),
                     "required for relay, lmtp and smtp routes".into(),
+                ));
+            }
+            if route.tls_client_cert.is_some() != route.tls_client_key.is_some() {
+                return Err(invalid(
+                    format!("route.{name}.tls_client_cert"),
+                    "tls_client_cert and tls_client_key go together".into(),
+                ));
+            }
+            if route.tls_client_cert.is_some()
+                && route.tls.unwrap_or(self.delivery.tls) == delivery::OutboundTls::None
+            {
+                return Err(invalid(
+                    format!("route.{name}.tls_client_cert"),
+                    "a client certificate needs TLS, and this route's tls is \"none\"".into(),
                 ));
             }
             if route.auth_user.is_some() != route.auth_password.is_some() {

@@ -89,7 +89,8 @@ enum Command {
         #[command(subcommand)]
         action: DkimCommand,
     },
-    /// What the relay sees in DNS: routes and single lookups (uses [dns]).
+    /// What the relay sees in DNS (routes, single lookups) and which TLS policy a
+    /// destination gets (uses [dns], [delivery], [route.*], [[rule]]).
     Debug {
         #[command(subcommand)]
         action: sluice_engine::debug_cmd::DebugCommand,
@@ -305,6 +306,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             // The DKIM keys load as the relay would load them.
             config.dkim_policy()?;
+            // So does the outbound CA file.
+            sluice_engine::delivery::outbound::OutboundTlsConfig::new(
+                config.delivery.tls_ca_file.as_deref(),
+                &config.route,
+            )
+            .context("delivery.tls_ca_file / route.*.tls_client_cert")?;
             let Some(old) = changes else {
                 writeln!(out, "{}: ok", file.display())?;
                 return Ok(());

@@ -95,6 +95,8 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "End-to-end delay of delivered recipients: arrival to the next hop's 2xx."),
     ("sluice_tls_outbound_handshakes_total", Kind::Counter, "result",
      "TLS handshakes with next hops: verified (web PKI), unverified (accepted opportunistically) or failed."),
+    ("sluice_tls_outbound_total", Kind::Counter, "policy,result",
+     "Outbound sessions by TLS policy and result: verified, unverified, cleartext (the policy was met), or no_starttls, starttls_refused, handshake_failed, not_verified (deferred)."),
     ("sluice_throttle_events_total", Kind::Counter, "kind",
      "Times a limit delayed or refused mail (rates, concurrency, quotas), by kind."),
     // DKIM signing.
@@ -557,6 +559,13 @@ pub fn outbound_tls(result: Result<bool, ()>) {
         Ok(false) => g.tls_unverified.increment(1),
         Err(()) => g.tls_failed.increment(1),
     }
+}
+
+/// An outbound session met its TLS policy or failed it (once per session that
+/// got past the greeting; `result` from `tls_policy::success_label` or
+/// `Failure::label`). Label lookup per call: this is once per connection.
+pub fn outbound_tls_policy(policy: &'static str, result: &'static str) {
+    counter!("sluice_tls_outbound_total", "policy" => policy, "result" => result).increment(1);
 }
 
 /// A delivery status notification was queued.

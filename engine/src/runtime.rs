@@ -209,7 +209,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                 .ehlo_name
                 .clone()
                 .unwrap_or_else(|| config.server.hostname.clone()),
-            tls: OutboundTlsConfig::new().context("outbound TLS setup")?,
+            tls: OutboundTlsConfig::new(config.delivery.tls_ca_file.as_deref(), &config.route)
+                .context("outbound TLS setup (delivery.tls_ca_file, route.*.tls_client_cert)")?,
             dns: resolver,
             rules: admission.rules().clone(),
             admin: crate::delivery::admin::AdminChannels::new(cores),

@@ -20,9 +20,11 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Reads a PEM certificate chain and a PEM private key and checks that they
-/// belong together.
-pub fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+/// Reads a PEM certificate chain and a PEM private key.
+pub fn chain_and_key(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Cert {
@@ -39,11 +41,23 @@ pub fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> 
         path: key.display().to_string(),
         message: e.to_string(),
     })?;
+    Ok((certs, key_der))
+}
+
+/// Reads a PEM certificate chain and a PEM private key and checks that they
+/// belong together.
+pub fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let (certs, key_der) = chain_and_key(cert, key)?;
     CertifiedKey::from_der(certs, key_der, &provider()).map_err(|e| TlsError::Key {
         path: key.display().to_string(),
         message: format!("does not fit {}: {e}", cert.display()),
     })
 }
+
+/// The protocol versions listeners accept, newest first: TLS 1.0 and 1.1 are
+/// refused.
+pub const SERVER_VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 fn provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::ring::default_provider()
@@ -83,7 +97,7 @@ pub fn reloadable_server_config(
 ) -> Result<(Arc<ServerConfig>, Arc<CertSwap>), TlsError> {
     let swap = Arc::new(CertSwap(ArcSwap::from_pointee(certified_key(cert, key)?)));
     let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_protocol_versions(SERVER_VERSIONS)?
         .with_no_client_auth()
         .with_cert_resolver(swap.clone());
     // Server cipher preference: our suite order (AEADs, ECDHE only, strongest
@@ -104,5 +118,36 @@ pub fn describe(conn: &rustls::CommonState) -> String {
     match conn.negotiated_cipher_suite() {
         Some(suite) => format!("{version} {:?}", suite.suite()),
         None => version,
+    }
+}
+
+/// What a server config offers, for `sluice debug listeners`: protocol
+/// versions, cipher suites in the server's order of preference (it chooses:
+/// `ignore_client_order`), and key exchange groups.
+pub struct ServerOffer {
+    pub versions: Vec<String>,
+    pub suites: Vec<String>,
+    pub groups: Vec<String>,
+    pub server_order: bool,
+}
+
+pub fn server_offer(config: &ServerConfig) -> ServerOffer {
+    let provider = config.crypto_provider();
+    let versions: Vec<rustls::ProtocolVersion> =
+        SERVER_VERSIONS.iter().map(|v| v.version).collect();
+    ServerOffer {
+        versions: versions.iter().map(|v| format!("{v:?}")).collect(),
+        suites: provider
+            .cipher_suites
+            .iter()
+            .filter(|s| versions.contains(&s.version().version))
+            .map(|s| format!("{:?}", s.suite()))
+            .collect(),
+        groups: provider
+            .kx_groups
+            .iter()
+            .map(|g| format!("{:?}", g.name()))
+            .collect(),
+        server_order: config.ignore_client_order,
     }
 }

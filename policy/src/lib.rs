@@ -1,5 +1,6 @@
 //! Decisions for sluice: which clients may relay, which domains are ours, SMTP AUTH
-//! credential checks, per-recipient rules (queue, route, connection strategy) and
+//! credential checks, per-recipient rules (queue, route, connection strategy, TLS
+//! level) and
 //! the rate and concurrency limits that shape delivery.
 //!
 //! Everything here is pure and synchronous. Note that [`Credentials::verify`] runs a
@@ -8,12 +9,14 @@
 
 pub mod auth;
 mod credentials;
+pub mod dane;
 pub mod dkim;
 mod error;
 mod network;
 mod relay;
 mod rules;
 mod throttle;
+mod tls;
 
 pub use credentials::{hash_password, Credentials};
 pub use error::PolicyError;
@@ -24,6 +27,7 @@ pub use rules::{
     DEFAULT_ROUTE,
 };
 pub use throttle::{Concurrency, MultiLimiter, Rate, RateLimiter};
+pub use tls::TlsLevel;
 
 /// Integer bytes or a number with a unit: B, KiB, MiB, GiB, TiB (binary) or K/KB,
 /// M/MB, G/GB, T/TB (decimal). Shared by the rules and the engine's size keys so

@@ -14,9 +14,10 @@
 //!   may hold (OR). A rule without `match` matches every recipient. A list key also
 //!   accepts a single string.
 //! - Rules are tried in order and the FIRST matching rule decides. Action fields it
-//!   sets (`queue`, `route`, `source_ip`, `ehlo_name`) are used; fields it leaves
-//!   unset take the defaults (queue [`DEFAULT_QUEUE`], route [`DEFAULT_ROUTE`], no
-//!   source address, the server's own EHLO name). Later rules are never consulted,
+//!   sets (`queue`, `route`, `source_ip`, `ehlo_name`, `tls`) are used; fields it
+//!   leaves unset take the defaults (queue [`DEFAULT_QUEUE`], route
+//!   [`DEFAULT_ROUTE`], no source address, the server's own EHLO name, the TLS
+//!   level of the route or `delivery.tls`). Later rules are never consulted,
 //!   so put specific rules before general ones. No match at all gives the defaults,
 //!   except for the route when the config names the built-in routes: a recipient
 //!   no rule decides takes route `local` when it is in a local domain and a route
@@ -47,7 +48,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::relay::{normalize, validate_domain};
-use crate::{NetworkList, PolicyError};
+use crate::{NetworkList, PolicyError, TlsLevel};
 
 /// Queue used when no rule (or the deciding rule) names one.
 pub const DEFAULT_QUEUE: &str = "default";
@@ -77,6 +78,9 @@ pub struct RuleConfig {
     /// Local address to connect from.
     pub source_ip: Option<String>,
     pub ehlo_name: Option<String>,
+    /// Outbound TLS level for the recipients this rule decides; overrides the
+    /// route's `tls` and `delivery.tls`.
+    pub tls: Option<TlsLevel>,
 }
 
 /// The `match.*` keys of a rule; an absent key places no condition.
@@ -177,6 +181,8 @@ pub struct Decision {
     pub route: String,
     pub source_ip: Option<IpAddr>,
     pub ehlo_name: Option<String>,
+    /// The rule's `tls`; None leaves the level to the route and `delivery.tls`.
+    pub tls: Option<TlsLevel>,
     /// 1-based index of the rule that decided, for logs; None when no rule matched.
     pub rule: Option<usize>,
 }
@@ -320,6 +326,7 @@ fn default_decision(rule: Option<usize>) -> Decision {
         route: DEFAULT_ROUTE.to_string(),
         source_ip: None,
         ehlo_name: None,
+        tls: None,
         rule,
     }
 }
@@ -434,6 +441,7 @@ fn compile_rule(
         validate_domain(name).map_err(|reason| bad("ehlo_name", format!("{name:?}: {reason}")))?;
         decision.ehlo_name = Some(name.clone());
     }
+    decision.tls = config.tls;
     Ok(Rule { cond, decision })
 }
 
@@ -814,9 +822,30 @@ mod tests {
                 route: "mx".into(),
                 source_ip: None,
                 ehlo_name: None,
+                tls: None,
                 rule: None,
             }
         );
+    }
+
+    #[test]
+    fn tls_level_is_one_of_four_and_unset_by_default() {
+        for level in TlsLevel::ALL {
+            let set = rules(&format!("[[rule]]\ntls = \"{level}\"\n"));
+            assert_eq!(set.decide(&facts(), "a@b.example").tls, Some(level));
+        }
+        assert_eq!(
+            rules("[[rule]]\nqueue = \"bulk\"\n")
+                .decide(&facts(), "a@b.example")
+                .tls,
+            None
+        );
+        // DANE and MTA-STS are what a destination publishes, not levels to configure.
+        let err = match toml::from_str::<Doc>("[[rule]]\ntls = \"dane\"\n") {
+            Ok(_) => panic!("dane is not a level"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("unknown variant `dane`"), "{err}");
     }
 
     #[test]
@@ -843,6 +872,7 @@ mod tests {
             route = "smarthost"
             source_ip = "127.0.0.5"
             ehlo_name = "out1.example.net"
+            tls = "verify"
 
             [[rule]]
             route = "local"
@@ -857,6 +887,7 @@ mod tests {
                 route: "mx".into(),
                 source_ip: None,
                 ehlo_name: None,
+                tls: None,
                 rule: Some(1),
             }
         );
@@ -868,6 +899,7 @@ mod tests {
                 route: "smarthost".into(),
                 source_ip: Some("127.0.0.5".parse().expect("ip")),
                 ehlo_name: Some("out1.example.net".into()),
+                tls: Some(TlsLevel::Verify),
                 rule: Some(2),
             }
         );

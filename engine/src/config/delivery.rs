@@ -6,10 +6,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_policy::Rate;
+use sluice_policy::{Rate, TlsLevel};
 
 use super::{ByteSize, HumanDuration};
 
+/// `delivery.tls` and `route.NAME.tls`: a TLS level, or `implicit` (TLS from
+/// the first byte, for smart hosts on port 465, at the `required` level).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutboundTls {
@@ -19,8 +21,23 @@ pub enum OutboundTls {
     Opportunistic,
     /// STARTTLS must be offered and succeed, else the attempt is deferred.
     Required,
-    /// TLS from the first byte (smart hosts on port 465).
+    /// STARTTLS must be offered and the certificate verify for the host name
+    /// (web PKI roots plus `delivery.tls_ca_file`), else the attempt is deferred.
+    Verify,
+    /// TLS from the first byte (smart hosts on port 465), any certificate.
     Implicit,
+}
+
+impl OutboundTls {
+    /// The security level this setting asks for.
+    pub fn level(self) -> TlsLevel {
+        match self {
+            OutboundTls::None => TlsLevel::None,
+            OutboundTls::Opportunistic => TlsLevel::Opportunistic,
+            OutboundTls::Required | OutboundTls::Implicit => TlsLevel::Required,
+            OutboundTls::Verify => TlsLevel::Verify,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -33,6 +50,9 @@ pub struct DeliverySection {
     /// Port for MX delivery (25; tests use others).
     pub mx_port: u16,
     pub tls: OutboundTls,
+    /// PEM file of CA certificates trusted for the `verify` level, in addition
+    /// to the web PKI roots (a private CA of smart hosts or internal MX hosts).
+    pub tls_ca_file: Option<std::path::PathBuf>,
     pub connect_timeout: HumanDuration,
     pub greeting_timeout: HumanDuration,
     pub ehlo_timeout: HumanDuration,
@@ -76,6 +96,7 @@ impl Default for DeliverySection {
             ehlo_name: None,
             mx_port: 25,
             tls: OutboundTls::Opportunistic,
+            tls_ca_file: None,
             connect_timeout: secs(30),
             greeting_timeout: secs(300),
             ehlo_timeout: secs(300),
@@ -165,8 +186,14 @@ pub struct RouteConfig {
     /// Host name or IP (relay, lmtp, smtp).
     pub host: Option<String>,
     pub port: Option<u16>,
-    /// Overrides delivery.tls for this route.
+    /// Overrides delivery.tls for this route (a rule's `tls` overrides both).
     pub tls: Option<OutboundTls>,
+    /// PEM certificate chain presented to this route's host when it asks for a
+    /// client certificate (smart hosts that admit relays by certificate);
+    /// with `tls_client_key`.
+    pub tls_client_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `tls_client_cert`.
+    pub tls_client_key: Option<std::path::PathBuf>,
     pub auth_user: Option<String>,
     pub auth_password: Option<String>,
     /// Route a recipient takes instead once it has been deferred

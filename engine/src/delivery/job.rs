@@ -6,8 +6,8 @@ use std::net::IpAddr;
 
 use sluice_spool::{EnhancedStatus, MessageId, Notify, Reply, Ret};
 
-use super::config::OutboundTls;
 use super::outbound::SessionFailure;
+use super::tls_policy::{Level, TlsPolicy};
 use crate::smtp::client;
 
 /// Where a group of recipients goes.
@@ -17,7 +17,7 @@ pub enum Target {
     Mx {
         domain: String,
         port: u16,
-        tls: OutboundTls,
+        tls: TlsPolicy,
     },
     /// A configured host (smart host or local store).
     Host {
@@ -25,7 +25,7 @@ pub enum Target {
         host: String,
         port: u16,
         lmtp: bool,
-        tls: OutboundTls,
+        tls: TlsPolicy,
         auth: Option<(String, String)>,
     },
 }
@@ -39,6 +39,13 @@ impl Target {
             Target::Host { route, .. } => format!("route:{route}"),
         }
     }
+
+    /// The configured TLS policy of this destination.
+    pub fn tls(&self) -> &TlsPolicy {
+        match self {
+            Target::Mx { tls, .. } | Target::Host { tls, .. } => tls,
+        }
+    }
 }
 
 /// How connections are made (rules' `source_ip` and `ehlo_name`).
@@ -49,20 +56,27 @@ pub struct Strategy {
 }
 
 /// The site key: destination plus connection strategy, since a connection from
-/// one source address cannot carry mail meant to leave from another.
+/// one source address cannot carry mail meant to leave from another; and the
+/// TLS level when it is not the default `opportunistic`, since rules can give
+/// one destination several levels and a connection runs under one.
 pub fn site_key(target: &Target, strategy: &Strategy) -> String {
-    let base = target.destination();
-    if strategy.source_ip.is_none() && strategy.ehlo_name.is_none() {
-        return base;
+    let mut key = target.destination();
+    if strategy.source_ip.is_some() || strategy.ehlo_name.is_some() {
+        key = format!(
+            "{key}|{}|{}",
+            strategy
+                .source_ip
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
+            strategy.ehlo_name.as_deref().unwrap_or("")
+        );
     }
-    format!(
-        "{base}|{}|{}",
-        strategy
-            .source_ip
-            .map(|ip| ip.to_string())
-            .unwrap_or_default(),
-        strategy.ehlo_name.as_deref().unwrap_or("")
-    )
+    let level = target.tls().level;
+    if level != Level::Opportunistic {
+        key.push_str("|tls=");
+        key.push_str(level.name());
+    }
+    key
 }
 
 #[derive(Debug, Clone)]

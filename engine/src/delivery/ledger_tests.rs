@@ -362,7 +362,9 @@ fn mx(domain: &str) -> Target {
     Target::Mx {
         domain: domain.into(),
         port: 25,
-        tls: super::super::config::OutboundTls::Opportunistic,
+        tls: super::super::tls_policy::TlsPolicy::global(
+            super::super::config::OutboundTls::Opportunistic,
+        ),
     }
 }
 

@@ -27,13 +27,19 @@
 //!   one core that hands out its connection slots; the same owner grants
 //!   permits under the host's rates, and the owner of a sending address grants
 //!   permits under `source_ip_rate` (a refusal carries the wait).
+//! * `dane.rs` — when DANE (RFC 7672) applies to an MX host, and the rustls
+//!   verifier that holds the server to its TLSA records (matching in
+//!   `sluice_policy::dane`).
 //! * `notices.rs` — DSNs the ledger asks for, built and queued.
 //! * `log.rs` — the delivery log (`sluice::delivery`).
 //! * `admin.rs` — operator holds, suspensions and queue actions on this core.
 //! * `throttle.rs`, `timing.rs` — limiters and the message's deadlines, both
 //!   sans-IO.
+//! * `tls_policy.rs` — which TLS policy a destination gets and why, and what a
+//!   session under it may do (STARTTLS, clear text, proceed or defer), sans-IO.
 
 pub mod admin;
+pub mod dane;
 mod job;
 pub mod ledger;
 mod log;
@@ -45,6 +51,7 @@ mod scheduler;
 mod site;
 pub mod throttle;
 pub mod timing;
+pub mod tls_policy;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
@@ -65,6 +72,7 @@ pub use self::ledger::is_open;
 use self::ledger::Attempt;
 pub use self::mesh::MeshMsg;
 use self::outbound::OutboundTlsConfig;
+pub use self::routing::{domain_of, route_recipient, MxHosts, Routed};
 use self::site::Site;
 use self::throttle::{HostTable, QueueConcurrency, SourceIpLimits};
 pub use crate::config::delivery as config;

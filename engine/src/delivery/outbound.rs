@@ -1,9 +1,12 @@
 //! One outbound SMTP/LMTP connection: the I/O loop around the sans-IO client
 //! session. Connects to a host's addresses in order, runs greeting, EHLO,
-//! STARTTLS (opportunistic by default) and AUTH, then runs transactions until the
-//! caller quits. Each stage has its own timeout.
+//! STARTTLS under the destination's TLS policy (`tls_policy.rs` decides) and
+//! AUTH, then runs transactions until the caller quits. Each stage has its own
+//! timeout.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,12 +15,16 @@ use glommio::net::TcpStream;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
 
-use super::config::{DeliverySection, OutboundTls};
+use super::config::{DeliverySection, RouteConfig};
+use super::dane::{Dane, DaneVerifier};
+use super::tls_policy::{self, Basis, Failure, Handshake, TlsPolicy, Verdict};
 use crate::smtp::client::{
-    BodyMode, ClientConfig, ClientEvent, ClientSession, OutboundMessage, Reply, Stage, TlsPolicy,
+    BodyMode, ClientConfig, ClientEvent, ClientSession, OutboundMessage, Reply, Stage,
 };
 use crate::time::within;
+use crate::tls::TlsError;
 
 /// Why a connection attempt or a session failed.
 #[derive(Debug, Clone)]
@@ -25,6 +32,9 @@ pub struct SessionFailure {
     pub reply: Reply,
     /// Whether to try the next address or host (connect errors, 4xx/5xx greetings).
     pub try_next: bool,
+    /// The TLS policy the session failed under, when it failed one (for the
+    /// delivery log: DANE's policy is decided per host, not per site).
+    pub tls_policy: Option<&'static str>,
 }
 
 impl SessionFailure {
@@ -32,50 +42,132 @@ impl SessionFailure {
         SessionFailure {
             reply: Reply::local(code, esc, &text),
             try_next,
+            tls_policy: None,
         }
     }
 }
 
-/// TLS for outbound sessions. The handshake accepts any certificate, since
-/// opportunistic TLS beats plaintext; whether the chain verifies against the web
-/// PKI roots for the host name is checked afterwards and recorded.
+/// TLS for outbound sessions. The handshake accepts any certificate (so a
+/// session that fails `verify` can still say QUIT, and opportunistic TLS
+/// beats plaintext); whether the chain verifies for the host name — against
+/// the web PKI roots plus `delivery.tls_ca_file` — is checked right after it,
+/// recorded, and given to [`tls_policy::decide`].
 pub struct OutboundTlsConfig {
     accept_any: Arc<rustls::ClientConfig>,
+    /// The same with a route's client certificate (`route.NAME.tls_client_cert`).
+    with_client_cert: HashMap<String, Arc<rustls::ClientConfig>>,
     verifier: Arc<rustls::client::WebPkiServerVerifier>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
 impl OutboundTlsConfig {
-    pub fn new() -> Result<OutboundTlsConfig, rustls::Error> {
+    /// `ca_file`: PEM certificates trusted in addition to the web PKI roots;
+    /// `routes`: the routes, whose client certificates are loaded here.
+    pub fn new(
+        ca_file: Option<&Path>,
+        routes: &BTreeMap<String, RouteConfig>,
+    ) -> Result<OutboundTlsConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = ca_file {
+            let bad = |message: String| TlsError::Cert {
+                path: path.display().to_string(),
+                message,
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| bad(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(bad("no certificate found".into()));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+            }
+        }
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
             provider.clone(),
         )
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let accept_any = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
-            .with_no_client_auth();
+        let builder = || {
+            Ok::<_, TlsError>(
+                rustls::ClientConfig::builder_with_provider(provider.clone())
+                    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AcceptAny(provider.clone()))),
+            )
+        };
+        let mut with_client_cert = HashMap::new();
+        for (name, route) in routes {
+            let (Some(cert), Some(key)) = (&route.tls_client_cert, &route.tls_client_key) else {
+                continue;
+            };
+            // Checks that the key fits the certificate, with the file names.
+            crate::tls::certified_key(cert, key)?;
+            let (chain, key_der) = crate::tls::chain_and_key(cert, key)?;
+            let config = builder()?
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| TlsError::Key {
+                    path: key.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            with_client_cert.insert(name.clone(), Arc::new(config));
+        }
         Ok(OutboundTlsConfig {
-            accept_any: Arc::new(accept_any),
+            accept_any: Arc::new(builder()?.with_no_client_auth()),
+            with_client_cert,
             verifier,
+            provider,
         })
     }
 
-    fn verified(&self, conn: &rustls::ClientConnection, name: &ServerName<'_>) -> bool {
-        let Some(certs) = conn.peer_certificates() else {
-            return false;
+    /// The client config for a connection on `route` (its client certificate,
+    /// if it has one).
+    fn client_config(&self, route: Option<&str>) -> Arc<rustls::ClientConfig> {
+        route
+            .and_then(|r| self.with_client_cert.get(r))
+            .unwrap_or(&self.accept_any)
+            .clone()
+    }
+
+    /// Whether the peer's chain verifies for `name` now, or why not.
+    /// Whether the peer's chain satisfies the host's TLSA records
+    /// ([`DaneVerifier`], the MX host name as reference identifier), or why not.
+    fn verify_dane(
+        &self,
+        conn: &rustls::ClientConnection,
+        records: &Arc<[sluice_policy::dane::Tlsa]>,
+        host: &str,
+    ) -> Result<(), String> {
+        let Some((end, rest)) = conn.peer_certificates().and_then(|c| c.split_first()) else {
+            return Err("no certificate presented".into());
         };
-        let Some((end, rest)) = certs.split_first() else {
-            return false;
+        let verifier = DaneVerifier::new(
+            records.clone(),
+            vec![host.to_string()],
+            self.provider.clone(),
+        );
+        match verifier.check(end, rest, UnixTime::now()) {
+            Ok(found) => {
+                tracing::debug!(host, matched = ?found, "DANE: certificate matches TLSA");
+                Ok(())
+            }
+            Err(e) => Err(format!("DANE: {e}")),
+        }
+    }
+
+    fn verify(&self, conn: &rustls::ClientConnection, name: &ServerName<'_>) -> Result<(), String> {
+        let Some((end, rest)) = conn.peer_certificates().and_then(|c| c.split_first()) else {
+            return Err("no certificate presented".into());
         };
         self.verifier
             .verify_server_cert(end, rest, name, &[], UnixTime::now())
-            .is_ok()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -162,10 +254,15 @@ pub struct Endpoint {
     pub host: String,
     pub addr: SocketAddr,
     pub lmtp: bool,
-    pub tls: OutboundTls,
+    /// The destination's configured TLS policy.
+    pub tls: TlsPolicy,
+    /// What DANE says about this host (its TLSA records, if they apply).
+    pub dane: Dane,
     pub auth: Option<(String, String)>,
     /// Local address to connect from (rules' `source_ip`); None = the kernel picks.
     pub source_ip: Option<IpAddr>,
+    /// The configured route (host targets), whose client certificate TLS presents.
+    pub route: Option<String>,
 }
 
 pub struct Connection {
@@ -181,8 +278,14 @@ pub struct Connection {
     /// "TLSv1.3 TLS13_AES_256_GCM_SHA384" once TLS is up.
     pub tls: Option<String>,
     pub tls_verified: bool,
+    /// The policy the session ran under.
+    pub tls_policy: TlsPolicy,
+    /// The configured route (client certificate), if any.
+    route: Option<String>,
     lmtp: bool,
     timeouts: Timeouts,
+    /// DANE's word on the host (the TLSA records verification uses).
+    dane: Dane,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -237,17 +340,20 @@ impl Connection {
         if !cfg.data_timeout.0.is_zero() {
             let _ = tcp.set_write_timeout(Some(cfg.data_timeout.0));
         }
-        let policy = match endpoint.tls {
-            OutboundTls::None | OutboundTls::Implicit => TlsPolicy::Disabled,
-            OutboundTls::Opportunistic => TlsPolicy::Opportunistic,
-            OutboundTls::Required => TlsPolicy::Required,
-        };
+        // DANE and MTA-STS are not looked up yet; this is where they take
+        // precedence over the configured policy.
+        let policy = tls_policy::select(
+            super::dane::policy(&endpoint.dane, &endpoint.tls),
+            None,
+            endpoint.tls.clone(),
+        );
         let mut conn = Connection {
             stream: Stream::Plain(tcp),
             client: ClientSession::new(ClientConfig {
                 ehlo_name: ehlo_name.to_string(),
                 lmtp: endpoint.lmtp,
-                tls: policy,
+                tls: policy.level,
+                implicit_tls: policy.implicit,
                 auth: endpoint.auth.clone(),
             }),
             buf: vec![0; 16 * 1024],
@@ -258,6 +364,9 @@ impl Connection {
             source_ip: endpoint.source_ip,
             tls: None,
             tls_verified: false,
+            tls_policy: policy,
+            route: endpoint.route.clone(),
+            dane: endpoint.dane.clone(),
             lmtp: endpoint.lmtp,
             timeouts: Timeouts {
                 greeting: cfg.greeting_timeout.0,
@@ -269,17 +378,26 @@ impl Connection {
                 data_end: cfg.data_end_timeout.0,
             },
         };
-        if endpoint.tls == OutboundTls::Implicit {
+        if conn.tls_policy.implicit {
             conn.start_tls(tls, cfg.starttls_timeout.0).await?;
         }
         loop {
             match conn.next_event().await? {
-                ClientEvent::Ready => return Ok(conn),
+                ClientEvent::Ready => {
+                    crate::metrics::outbound_tls_policy(
+                        conn.tls_policy.name(),
+                        tls_policy::success_label(conn.tls.is_some(), conn.tls_verified),
+                    );
+                    return Ok(conn);
+                }
                 ClientEvent::StartTls => {
                     conn.start_tls(tls, cfg.starttls_timeout.0).await?;
                     conn.client.tls_established();
                 }
                 ClientEvent::Failed(reply) => {
+                    if let Some(failure) = conn.client.tls_failure().cloned() {
+                        return Err(conn.policy_failure(failure).await);
+                    }
                     // A refused login is our configuration's fault, not the
                     // recipients': defer (Postfix's smtp_sasl_auth_soft_bounce).
                     let reply = if conn.client.stage() == Stage::Auth && reply.is_permanent() {
@@ -294,6 +412,7 @@ impl Connection {
                     return Err(SessionFailure {
                         reply,
                         try_next: true,
+                        tls_policy: None,
                     });
                 }
                 other => {
@@ -308,42 +427,97 @@ impl Connection {
         }
     }
 
+    /// The TLS handshake (after the 220 to STARTTLS, or first for implicit
+    /// TLS), then the policy's verdict on it.
     async fn start_tls(
         &mut self,
         tls: &OutboundTlsConfig,
         timeout: Duration,
     ) -> Result<(), SessionFailure> {
-        let err = |e: String| {
-            SessionFailure::local(451, "4.7.5", format!("TLS with {}: {e}", self.host), true)
-        };
         let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else {
-            return Err(err("stream not plain".into()));
+            return Err(self
+                .policy_failure(Failure::Handshake("stream not plain".into()))
+                .await);
         };
         let name = match self.host.parse::<IpAddr>() {
             Ok(ip) => ServerName::IpAddress(ip.into()),
-            Err(_) => ServerName::try_from(self.host.clone()).map_err(|e| err(e.to_string()))?,
+            Err(_) => match ServerName::try_from(self.host.clone()) {
+                Ok(name) => name,
+                Err(e) => {
+                    let why = format!("{} is not a TLS server name: {e}", self.host);
+                    return Err(self.policy_failure(Failure::Handshake(why)).await);
+                }
+            },
         };
-        let connector = futures_rustls::TlsConnector::from(tls.accept_any.clone());
-        match within(timeout, connector.connect(name.clone(), tcp)).await {
+        let connector =
+            futures_rustls::TlsConnector::from(tls.client_config(self.route.as_deref()));
+        let why = match within(timeout, connector.connect(name.clone(), tcp)).await {
             Some(Ok(stream)) => {
                 let session = stream.get_ref().1;
-                self.tls_verified = tls.verified(session, &name);
-                crate::metrics::outbound_tls(Ok(self.tls_verified));
+                let verified = match &self.dane {
+                    Dane::Records(records) if self.tls_policy.basis == Basis::Dane => {
+                        tls.verify_dane(session, records, &self.host)
+                    }
+                    _ => tls.verify(session, &name),
+                };
+                crate::metrics::outbound_tls(Ok(verified.is_ok()));
                 self.tls = Some(crate::tls::describe(session));
                 self.stream = Stream::Tls(Box::new(stream));
                 // Bytes read before the handshake belong to the plaintext session.
                 self.start = 0;
                 self.end = 0;
-                Ok(())
+                let handshake = Handshake::Done {
+                    verified: verified.as_ref().map(|_| ()).map_err(String::as_str),
+                };
+                match tls_policy::decide(self.tls_policy.level, true, handshake) {
+                    Verdict::Proceed { verified } => {
+                        self.tls_verified = verified;
+                        return Ok(());
+                    }
+                    Verdict::Defer(failure) => return Err(self.policy_failure(failure).await),
+                    // Not verdicts on a finished handshake.
+                    Verdict::StartTls | Verdict::Cleartext => {
+                        return Err(self
+                            .policy_failure(Failure::Handshake("no verdict".into()))
+                            .await)
+                    }
+                }
             }
-            Some(Err(e)) => {
-                crate::metrics::outbound_tls(Err(()));
-                Err(err(e.to_string()))
-            }
-            None => {
-                crate::metrics::outbound_tls(Err(()));
-                Err(err("handshake timed out".into()))
-            }
+            Some(Err(e)) => e.to_string(),
+            None => "handshake timed out".to_string(),
+        };
+        crate::metrics::outbound_tls(Err(()));
+        let failure = match tls_policy::decide(self.tls_policy.level, true, Handshake::Failed(&why))
+        {
+            Verdict::Defer(f) => f,
+            _ => Failure::Handshake(why),
+        };
+        Err(self.policy_failure(failure).await)
+    }
+
+    /// A session that failed its TLS policy: counted, QUIT said where the
+    /// stream still works (never after a failed handshake, nor before the
+    /// greeting of an implicit-TLS session), and every recipient deferred
+    /// with the policy's 4.7.x reply. The next host is tried.
+    async fn policy_failure(&mut self, failure: Failure) -> SessionFailure {
+        crate::metrics::outbound_tls_policy(self.tls_policy.name(), failure.label());
+        let reply = failure.reply(&self.tls_policy, &self.host);
+        tracing::info!(
+            host = %self.host,
+            ip = %self.ip,
+            tls_policy = self.tls_policy.name(),
+            tls_policy_from = %self.tls_policy.basis,
+            reply = %reply,
+            "TLS policy not met"
+        );
+        if failure.quit() && self.client.stage() != Stage::Greeting {
+            self.client.quit();
+            let _ = within(Duration::from_secs(2), self.next_event()).await;
+        }
+        SessionFailure {
+            reply,
+            try_next: true,
+            tls_policy: Some(self.tls_policy.name()),
         }
     }
 
@@ -447,6 +621,7 @@ impl Connection {
                     return Err(SessionFailure {
                         reply,
                         try_next: false,
+                        tls_policy: None,
                     })
                 }
                 other => {
@@ -527,6 +702,29 @@ pub async fn connect_tcp(
     // Connected for sure only if the peer address is known.
     stream.peer_addr().map_err(std::io::Error::from)?;
     Ok(stream)
+}
+
+/// The relay's own outbound TLS steps, for the handshake benchmark
+/// (bench/benches/tls_handshake.rs): the client config a connection on
+/// `route` uses, and the verification every TLS session runs after its
+/// handshake.
+pub mod bench_api {
+    use super::*;
+
+    pub fn client_config(
+        tls: &OutboundTlsConfig,
+        route: Option<&str>,
+    ) -> Arc<rustls::ClientConfig> {
+        tls.client_config(route)
+    }
+
+    pub fn verify(
+        tls: &OutboundTlsConfig,
+        conn: &rustls::ClientConnection,
+        name: &ServerName<'_>,
+    ) -> Result<(), String> {
+        tls.verify(conn, name)
+    }
 }
 
 #[cfg(test)]

@@ -31,10 +31,12 @@ fn fuzz_client_config(flags: u8) -> ClientConfig {
         ehlo_name: "relay.local.test".into(),
         lmtp: flags & 0x01 != 0,
         tls: match (flags >> 1) & 3 {
-            0 => TlsPolicy::Disabled,
-            1 | 3 => TlsPolicy::Opportunistic,
-            _ => TlsPolicy::Required,
+            0 => TlsPolicy::None,
+            1 => TlsPolicy::Opportunistic,
+            2 => TlsPolicy::Required,
+            _ => TlsPolicy::Verify,
         },
+        implicit_tls: false,
         auth: (flags & 0x08 != 0).then(|| ("relayuser".to_string(), "pa55word".to_string())),
     }
 }
@@ -78,7 +80,7 @@ impl ClientDriver {
     fn new(flags: u8) -> ClientDriver {
         let cfg = fuzz_client_config(flags);
         ClientDriver {
-            required_tls: cfg.tls == TlsPolicy::Required,
+            required_tls: cfg.tls.encrypts(),
             session: ClientSession::new(cfg),
             msg: message(flags),
             tls: false,

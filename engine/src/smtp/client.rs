@@ -111,21 +111,19 @@ impl Capabilities {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsPolicy {
-    /// Never STARTTLS.
-    Disabled,
-    /// STARTTLS whenever offered; plaintext otherwise.
-    Opportunistic,
-    /// Fail the session (temporarily) when STARTTLS is not offered.
-    Required,
-}
+/// The TLS level a session runs under; what it allows is decided by
+/// [`crate::delivery::tls_policy::decide`].
+pub use crate::delivery::tls_policy::Level as TlsPolicy;
+use crate::delivery::tls_policy::{decide, Failure, Handshake, Verdict};
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     pub ehlo_name: String,
     pub lmtp: bool,
     pub tls: TlsPolicy,
+    /// TLS is already up when the session starts (implicit TLS, port 465):
+    /// no STARTTLS, and AUTH may go ahead.
+    pub implicit_tls: bool,
     /// AUTH credentials (smart hosts); only used over TLS.
     pub auth: Option<(String, String)>,
 }
@@ -277,18 +275,21 @@ pub struct ClientSession {
     held_body: Option<u64>,
     stage: Stage,
     auth_login_sent_user: bool,
+    /// Why the session stopped on its TLS policy, when it did.
+    tls_failure: Option<Failure>,
 }
 
 impl ClientSession {
     pub fn new(cfg: ClientConfig) -> ClientSession {
         let mut expect = VecDeque::new();
         expect.push_back(Expect::Greeting);
+        let tls = cfg.implicit_tls;
         ClientSession {
             cfg,
             out: Vec::with_capacity(1024),
             expect,
             caps: Capabilities::default(),
-            tls: false,
+            tls,
             authenticated: false,
             lines: Vec::new(),
             line: Vec::new(),
@@ -302,6 +303,7 @@ impl ClientSession {
             held_body: None,
             stage: Stage::Greeting,
             auth_login_sent_user: false,
+            tls_failure: None,
         }
     }
 
@@ -438,30 +440,28 @@ impl ClientSession {
                     return Some(session_failed(reply));
                 }
                 self.caps = Capabilities::parse(&reply);
-                if !self.tls && self.cfg.tls != TlsPolicy::Disabled {
-                    if self.caps.starttls {
-                        self.command(b"STARTTLS\r\n", Expect::StartTls, Stage::StartTls);
-                        return None;
-                    }
-                    if self.cfg.tls == TlsPolicy::Required {
-                        return Some(ClientEvent::Failed(Reply::local(
-                            451,
-                            "4.7.10",
-                            "TLS required but the server does not offer STARTTLS",
-                        )));
+                if !self.tls {
+                    match decide(self.cfg.tls, self.caps.starttls, Handshake::NotYet) {
+                        Verdict::StartTls => {
+                            self.command(b"STARTTLS\r\n", Expect::StartTls, Stage::StartTls);
+                            return None;
+                        }
+                        Verdict::Defer(failure) => return Some(self.tls_failed(failure)),
+                        Verdict::Cleartext | Verdict::Proceed { .. } => {}
                     }
                 }
                 self.after_ehlo()
             }
             Expect::StartTls => {
-                if reply.code != 220 {
-                    if self.cfg.tls == TlsPolicy::Required {
-                        return Some(session_failed(reply));
-                    }
-                    // Opportunistic: go on in plaintext.
-                    return self.after_ehlo();
+                if reply.code == 220 {
+                    return Some(ClientEvent::StartTls);
                 }
-                Some(ClientEvent::StartTls)
+                let text = reply.to_string();
+                match decide(self.cfg.tls, true, Handshake::Refused(&text)) {
+                    Verdict::Defer(failure) => Some(self.tls_failed(failure)),
+                    // Opportunistic: go on in plaintext.
+                    _ => self.after_ehlo(),
+                }
             }
             Expect::AuthChallenge => {
                 if reply.code != 334 {
@@ -661,6 +661,24 @@ impl ClientSession {
         }
         self.command(b"DATA\r\n", Expect::Data, Stage::Data);
         None
+    }
+
+    /// The session stops on its TLS policy: recorded for the caller (which
+    /// words the deferral, counts it and says QUIT) and reported as a 4.7.x.
+    fn tls_failed(&mut self, failure: Failure) -> ClientEvent {
+        let status = match failure {
+            Failure::NoStartTls | Failure::StartTlsRefused(_) => "4.7.10",
+            Failure::Handshake(_) | Failure::NotVerified(_) => "4.7.5",
+        };
+        let text = format!("TLS policy {}: {}", self.cfg.tls, failure.label());
+        self.tls_failure = Some(failure);
+        ClientEvent::Failed(Reply::local(451, status, &text))
+    }
+
+    /// Why the session stopped on its TLS policy (no STARTTLS, STARTTLS
+    /// refused), when it did.
+    pub fn tls_failure(&self) -> Option<&Failure> {
+        self.tls_failure.as_ref()
     }
 
     /// The TLS handshake after STARTTLS succeeded: say EHLO again (RFC 3207).

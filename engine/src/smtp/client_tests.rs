@@ -7,6 +7,7 @@ fn cfg() -> ClientConfig {
         ehlo_name: "relay.test".into(),
         lmtp: false,
         tls: TlsPolicy::Opportunistic,
+        implicit_tls: false,
         auth: None,
     }
 }
@@ -154,7 +155,69 @@ fn tls_required_fails_without_starttls() {
     feed(&mut c, b"220 mx\r\n");
     let ev = feed(&mut c, b"250 mx\r\n");
     let ClientEvent::Failed(r) = ev else { panic!() };
-    assert_eq!(r.code, 451);
+    assert_eq!((r.code, r.esc.as_deref()), (451, Some("4.7.10")));
+    assert_eq!(
+        c.tls_failure(),
+        Some(&crate::delivery::tls_policy::Failure::NoStartTls)
+    );
+    assert_eq!(take(&mut c), "EHLO relay.test\r\n", "nothing else went out");
+}
+
+#[test]
+fn refused_starttls_defers_under_verify_and_goes_on_in_clear_when_opportunistic() {
+    let mut c = ClientSession::new(ClientConfig {
+        tls: TlsPolicy::Verify,
+        ..cfg()
+    });
+    feed(&mut c, b"220 mx\r\n");
+    feed(&mut c, b"250-mx\r\n250 STARTTLS\r\n");
+    assert_eq!(take(&mut c), "EHLO relay.test\r\nSTARTTLS\r\n");
+    let ClientEvent::Failed(r) = feed(&mut c, b"454 4.7.0 TLS not available\r\n") else {
+        panic!()
+    };
+    assert_eq!((r.code, r.esc.as_deref()), (451, Some("4.7.10")));
+    assert!(matches!(
+        c.tls_failure(),
+        Some(crate::delivery::tls_policy::Failure::StartTlsRefused(t)) if t.contains("454")
+    ));
+    assert_eq!(take(&mut c), "", "no MAIL in clear");
+
+    let mut c = ClientSession::new(cfg());
+    feed(&mut c, b"220 mx\r\n");
+    feed(&mut c, b"250-mx\r\n250 STARTTLS\r\n");
+    assert!(matches!(
+        feed(&mut c, b"454 4.7.0 TLS not available\r\n"),
+        ClientEvent::Ready
+    ));
+    assert!(!c.is_tls());
+}
+
+#[test]
+fn none_never_sends_starttls() {
+    let mut c = ClientSession::new(ClientConfig {
+        tls: TlsPolicy::None,
+        ..cfg()
+    });
+    feed(&mut c, b"220 mx\r\n");
+    assert!(matches!(
+        feed(&mut c, b"250-mx\r\n250 STARTTLS\r\n"),
+        ClientEvent::Ready
+    ));
+    assert_eq!(take(&mut c), "EHLO relay.test\r\n");
+}
+
+#[test]
+fn implicit_tls_authenticates_without_starttls() {
+    let mut c = ClientSession::new(ClientConfig {
+        tls: TlsPolicy::Required,
+        implicit_tls: true,
+        auth: Some(("u".into(), "p".into())),
+        ..cfg()
+    });
+    assert!(c.is_tls());
+    feed(&mut c, b"220 mx\r\n");
+    feed(&mut c, b"250-mx\r\n250 AUTH PLAIN\r\n");
+    assert_eq!(take(&mut c), "EHLO relay.test\r\nAUTH PLAIN AHUAcA==\r\n");
 }
 
 #[test]
@@ -205,7 +268,7 @@ fn greeting_refused_and_garbage() {
 fn lmtp_one_reply_per_accepted_recipient() {
     let mut c = ClientSession::new(ClientConfig {
         lmtp: true,
-        tls: TlsPolicy::Disabled,
+        tls: TlsPolicy::None,
         ..cfg()
     });
     feed(&mut c, b"220 lmtp\r\n");

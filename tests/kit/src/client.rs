@@ -338,6 +338,134 @@ pub fn make_cert(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// A test certificate authority (EC P-256, two days) made with the openssl
+/// CLI: `(cert, key)` as `STEM.pem` and `STEM.key` in `dir`.
+pub fn make_ca(dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+    );
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={stem} test CA"),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        &path_str(&key),
+        "-out",
+        &path_str(&cert),
+    ]);
+    (cert, key)
+}
+
+/// A leaf certificate for `name` (CN and DNS subjectAltName) issued by `ca`
+/// (its cert and key), good for server and client authentication: `(cert,
+/// key)` as `STEM.pem` and `STEM.key` in `dir`.
+pub fn make_issued_cert(
+    dir: &Path,
+    ca: &(PathBuf, PathBuf),
+    stem: &str,
+    name: &str,
+) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+    );
+    let csr = dir.join(format!("{stem}.csr"));
+    let ext = dir.join(format!("{stem}.ext"));
+    std::fs::write(
+        &ext,
+        format!(
+            "subjectAltName=DNS:{name}\nbasicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n"
+        ),
+    )
+    .unwrap();
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        &format!("/CN={name}"),
+        "-keyout",
+        &path_str(&key),
+        "-out",
+        &path_str(&csr),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &path_str(&csr),
+        "-CA",
+        &path_str(&ca.0),
+        "-CAkey",
+        &path_str(&ca.1),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &path_str(&ext),
+        "-out",
+        &path_str(&cert),
+    ]);
+    (cert, key)
+}
+
+/// A self-signed certificate for `name` (CN and DNS subjectAltName): `(cert,
+/// key)` as `STEM.pem` and `STEM.key` in `dir`.
+pub fn make_self_signed(dir: &Path, stem: &str, name: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+    );
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={name}"),
+        "-addext",
+        &format!("subjectAltName=DNS:{name}"),
+        "-keyout",
+        &path_str(&key),
+        "-out",
+        &path_str(&cert),
+    ]);
+    (cert, key)
+}
+
+fn openssl(args: &[&str]) {
+    need_tool("openssl", "openssl");
+    let out = run_with_timeout(Command::new("openssl").args(args), Duration::from_secs(30));
+    assert_ok(&out, &format!("openssl {}", args[..2].join(" ")));
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_str().expect("UTF-8 path").to_string()
+}
+
 /// `sluice hash-password` with the password on stdin.
 pub fn hash_password(password: &str) -> String {
     let mut child = ChildGuard::new(

@@ -15,7 +15,9 @@
 //!   it was sent;
 //! - [`postfix`]: a private Postfix instance relaying to one next hop;
 //! - [`procfs`]: a process's TCP connections and memory from /proc;
-//! - [`dns`]: running the resolver in a test, and a scripted DNS server.
+//! - [`dns`]: running the resolver in a test, and a scripted DNS server;
+//! - [`dnssec`]: signed zones on NSD behind a validating unbound (secure,
+//!   bogus and insecure answers for the DANE tests).
 //!
 //! Tests `use sluice_testkit::*;` for the everyday items; the DNS pieces stay
 //! under [`dns`] and [`nsd`].
@@ -23,6 +25,7 @@
 pub mod client;
 pub mod delivery;
 pub mod dns;
+pub mod dnssec;
 pub mod nsd;
 pub mod postfix;
 pub mod process;

@@ -43,7 +43,7 @@ struct Zones {
     clauses: String,
     probe: String,
     /// (file name, contents) written into the server's own directory.
-    write: Vec<(&'static str, String)>,
+    write: Vec<(String, String)>,
 }
 
 impl Nsd {
@@ -61,7 +61,7 @@ impl Nsd {
                  zone:\n  name: {BROKEN_ZONE}\n  zonefile: missing.zone\n"
             ),
             probe: format!("ns.{ZONE}"),
-            write: vec![("dlv.zone", zone.clone())],
+            write: vec![("dlv.zone".into(), zone.clone())],
         })
     }
 
@@ -81,7 +81,10 @@ impl Nsd {
                  zone:\n  name: {BROKEN_ZONE}\n  zonefile: missing.zone\n"
             ),
             probe: format!("ns.{ZONE}"),
-            write: vec![("dlv.zone", zone.clone()), ("parent.zone", parent.clone())],
+            write: vec![
+                ("dlv.zone".into(), zone.clone()),
+                ("parent.zone".into(), parent.clone()),
+            ],
         })
     }
 
@@ -95,6 +98,26 @@ impl Nsd {
                 .collect(),
             probe: "ns.mail.test".into(),
             write: Vec::new(),
+        })
+    }
+
+    /// Serves whole zones the caller wrote, as (origin, zone file text); ready
+    /// once `probe` (an A record in one of them) resolves. The DNSSEC test bed
+    /// ([`crate::dnssec`]) serves its signed zones this way.
+    pub fn serve(zones: &[(String, String)], probe: &str) -> Nsd {
+        Nsd::start_with(|| Zones {
+            dir: None,
+            clauses: zones
+                .iter()
+                .enumerate()
+                .map(|(i, (origin, _))| format!("zone:\n  name: {origin}\n  zonefile: z{i}.zone\n"))
+                .collect(),
+            probe: probe.to_string(),
+            write: zones
+                .iter()
+                .enumerate()
+                .map(|(i, (_, text))| (format!("z{i}.zone"), text.clone()))
+                .collect(),
         })
     }
 
@@ -219,7 +242,7 @@ fn nsd_binary() -> PathBuf {
 }
 
 /// A port free for both UDP and TCP on 127.0.0.1 (NSD serves both).
-fn free_udp_tcp_port() -> u16 {
+pub(crate) fn free_udp_tcp_port() -> u16 {
     for _ in 0..1000 {
         let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
         let port = udp.local_addr().expect("local addr").port();

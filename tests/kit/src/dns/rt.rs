@@ -28,6 +28,15 @@ pub fn config(servers: &[SocketAddr]) -> ResolverConfig {
     }
 }
 
+/// [`config`] for a validating resolver whose AD bit is believed
+/// (`dns.dnssec_validating`).
+pub fn validating(servers: &[SocketAddr]) -> ResolverConfig {
+    ResolverConfig {
+        dnssec_validating: true,
+        ..config(servers)
+    }
+}
+
 /// Settings for fault tests: short timeout, one attempt.
 pub fn quick(servers: &[SocketAddr], timeout_ms: u64) -> ResolverConfig {
     ResolverConfig {
