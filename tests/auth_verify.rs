@@ -172,6 +172,8 @@ tmp TXT \"v=spf1 include:x.broken.test -all\"
 soft TXT \"v=spf1 ~all\"
 neu TXT \"v=spf1 ?all\"
 bad TXT \"v=spf1 include -all\"
+two TXT \"v=spf1 ip4:192.0.2.0/24 -all\"
+two TXT \"v=spf1 -all\"
 client A 192.0.2.1
 ";
 
@@ -212,6 +214,7 @@ fn spf_results_agree_with_pyspf() {
         ("192.0.2.1", "a@soft.dlv.test", "softfail"),
         ("192.0.2.1", "a@neu.dlv.test", "neutral"),
         ("192.0.2.1", "a@bad.dlv.test", "permerror"),
+        ("192.0.2.1", "a@two.dlv.test", "permerror"),
         ("192.0.2.1", "a@nospf.dlv.test", "none"),
     ];
     let port = nsd.addr.port().to_string();
@@ -412,7 +415,7 @@ fn dkimpy_signatures_dmarc_policies_and_refusals() {
     assert_eq!((r.code, r.enhanced()), (550, "5.7.1"), "{r:?}");
     let log = relay.log();
     assert!(
-        log.contains("dkim=fail") && log.contains("dmarc=fail"),
+        log.contains("auth_results=spf_helo=none spf_mailfrom=pass dkim=fail arc=none dmarc=fail"),
         "{log}"
     );
 
@@ -476,6 +479,14 @@ fn dkimpy_signatures_dmarc_policies_and_refusals() {
         forged.as_bytes(),
     );
     let body = stored(&relay, &r);
+    // The envelope's size is what is stored, the forged field gone.
+    let id = queued_id(&r.text()).unwrap();
+    let shown = String::from_utf8_lossy(&relay.queue(&["show", &id])).into_owned();
+    assert_eq!(
+        show_field(&shown, "size"),
+        body.len().to_string(),
+        "{shown}"
+    );
     assert_eq!(
         body.matches("Authentication-Results: mx.sluice.test")
             .count(),
@@ -706,4 +717,114 @@ fn verify_config_errors_name_key_and_line() {
     );
     assert!(err.contains("line 5"), "{err}");
     assert!(err.contains("nobody"), "{err}");
+}
+
+#[test]
+fn sighup_switches_verification_on() {
+    require_tools!("nsd");
+    let nsd = Nsd::start_with_parent("spf1 TXT \"v=spf1 ip4:192.0.2.0/24 -all\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sluice.toml");
+    let base = "[server.listener.smtp]\nproxy_trusted_networks = [\"127.0.0.0/8\"]\n";
+    std::fs::write(&file, base).unwrap();
+    let relay = Relay::builder()
+        .config(file.clone())
+        .set(nsd.servers_set())
+        .set("relay.local_domains=[\"rcpt.test\"]")
+        .set("server.hostname=\"mx.sluice.test\"")
+        .proxy_probe()
+        .start();
+    let m = message("a@spf1.dlv.test", "reload");
+    let r = send_from(
+        &relay,
+        "192.0.2.5",
+        "client.dlv.test",
+        "a@spf1.dlv.test",
+        m.as_bytes(),
+    );
+    assert_eq!(auth_results(&stored(&relay, &r)), "", "verification is off");
+
+    std::fs::write(
+        &file,
+        format!("{base}[server.listener.smtp.verify]\niprev = false\n"),
+    )
+    .unwrap();
+    // SAFETY: kill(2) on the relay child this test started and has not reaped.
+    let rc = unsafe { libc::kill(relay.pid() as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(rc, 0);
+    wait_until(
+        "the reload",
+        T,
+        || relay.log().contains("reload: "),
+        || relay.log(),
+    );
+    let r = send_from(
+        &relay,
+        "192.0.2.5",
+        "client.dlv.test",
+        "a@spf1.dlv.test",
+        m.as_bytes(),
+    );
+    let ar = auth_results(&stored(&relay, &r));
+    assert_eq!(mailfrom_result(&ar), "pass", "{ar}");
+    let r = send_from(
+        &relay,
+        "198.51.100.1",
+        "client.dlv.test",
+        "a@spf1.dlv.test",
+        m.as_bytes(),
+    );
+    assert_eq!((r.code, r.enhanced()), (550, "5.7.23"), "{r:?}");
+}
+
+#[test]
+fn dkim_signing_at_acceptance_still_verifies_with_the_results_and_seal_added() {
+    require_tools!("nsd");
+    let dir = tempfile::tempdir().unwrap();
+    let (key, line) = keygen(dir.path(), "seal.dlv.test", "both");
+    let nsd = Nsd::start_with_parent(&format!("{line}\n"));
+    let relay = relay(
+        &nsd,
+        &[
+            "dkim.signer.s.domain=\"seal.dlv.test\"",
+            "dkim.signer.s.selector=\"both\"",
+            "dkim.signer.s.algorithm=\"rsa-sha256\"",
+            &format!("dkim.signer.s.key=\"{}\"", key.display()),
+            "dkim.rule=[{sign=[\"s\"]}]",
+            "server.listener.smtp.verify.arc_seal=\"s\"",
+        ],
+    );
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "a@orig.dlv.test",
+        message("a@orig.dlv.test", "signed-and-sealed").as_bytes(),
+    );
+    let stored = stored(&relay, &r);
+    // Our signature first, then the ARC set and the results.
+    assert!(stored.starts_with("DKIM-Signature:"), "{stored}");
+    let arc_at = stored.find("ARC-Seal:").expect("sealed");
+    let ar_at = stored
+        .find("Authentication-Results: mx.sluice.test")
+        .expect("A-R");
+    assert!(arc_at < ar_at, "{stored}");
+    let p = dir.path().join("out.eml");
+    std::fs::write(&p, &stored).unwrap();
+    let out = run_with_timeout(
+        Command::new(system_python())
+            .arg(py_script("dkim_verify.py"))
+            .arg(nsd.addr.port().to_string())
+            .arg(&p),
+        T,
+    );
+    assert_ok(&out, "dkim_verify.py");
+    let verdict = text(&out.stdout);
+    assert!(verdict.contains("\"pass\": true"), "{verdict}\n{stored}");
+    let arc = tool(&[
+        "arcverify",
+        &nsd.addr.port().to_string(),
+        &p.display().to_string(),
+    ]);
+    assert!(arc.starts_with("pass"), "{arc}\n{stored}");
 }

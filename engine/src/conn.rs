@@ -330,12 +330,19 @@ async fn serve(
         }
     }
 
-    // iprev when the client connects; its result joins the message checks.
+    // iprev starts when the client connects, beside the session (the
+    // greeting does not wait for DNS); its result joins the message checks.
+    // Dropping the task (the session ends first) cancels it.
     let verify_cfg = session_config.verify.clone();
-    let iprev = match (&verify_cfg, &ctx.verify) {
-        (Some(v), Some(core)) if v.iprev => Some(core.iprev(peer.ip()).await),
+    let mut iprev_task = match (&verify_cfg, &ctx.verify) {
+        (Some(v), Some(core)) if v.iprev => {
+            let core = core.clone();
+            let ip = peer.ip();
+            Some(glommio::spawn_local(async move { core.iprev(ip).await }))
+        }
         _ => None,
     };
+    let mut iprev: Option<crate::verify::IprevOutput> = None;
 
     let started = Instant::now();
     let mut session = Session::new(
@@ -404,7 +411,7 @@ async fn serve(
                     }
                     let Submission {
                         id,
-                        envelope,
+                        mut envelope,
                         body,
                         reservation,
                     } = *submission;
@@ -413,6 +420,9 @@ async fn serve(
                     let mut added = Vec::new();
                     let mut body = body;
                     if let (Some(v), Some(core)) = (&verify_cfg, &ctx.verify) {
+                        if let Some(task) = iprev_task.take() {
+                            iprev = Some(task.await);
+                        }
                         // The listener's `verify.arc_seal`, else the first
                         // matching `[[dkim.rule]]`'s `arc_seal`.
                         let dkim = ctx.queue.dkim().map(|d| d.load_full());
@@ -430,6 +440,7 @@ async fn serve(
                                 selector: &signer.selector,
                             })
                         });
+                        let before = body.len();
                         let outcome = core
                             .check(v, &hostname, id, &envelope, body, iprev.as_ref(), sealer)
                             .await;
@@ -440,6 +451,9 @@ async fn serve(
                                 summary: s,
                             } => {
                                 added = headers;
+                                // A forged own A-R removed: the size shrinks with it.
+                                let removed = before.saturating_sub(checked.len()) as u64;
+                                envelope.size = envelope.size.saturating_sub(removed);
                                 body = checked;
                                 summary.auth = s;
                             }

@@ -1342,7 +1342,7 @@ impl Session {
             size = summary.size,
             result = code,
             dkim = %summary.dkim,
-            auth = %summary.auth,
+            auth_results = %summary.auth,
             error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
             "transaction"
         );

@@ -466,7 +466,7 @@ impl DnsCaches {
                         } else if records.is_empty() {
                             Entry::Void
                         } else {
-                            Entry::Hit(self.parse(2, &records, || parse_txt::<Spf>(&records)))
+                            Entry::Hit(self.parse(2, &records, || spf_record(&records)))
                         }
                     }
                     Answer::TempFail(_) => Entry::Temp,
@@ -547,6 +547,22 @@ fn domain_key(records: &[Vec<u8>]) -> Txt {
     }
     last.map(|k: DomainKey| Txt::DomainKey(Arc::new(k)))
         .unwrap_or_else(Txt::Error)
+}
+
+/// An SPF record set: more than one `v=spf1` record is a permerror (RFC
+/// 7208 §4.5; mail-auth would take the first).
+fn spf_record(records: &[Vec<u8>]) -> Txt {
+    let spf1 = records
+        .iter()
+        .filter(|r| {
+            let r = r.to_ascii_lowercase();
+            r == b"v=spf1" || r.starts_with(b"v=spf1 ")
+        })
+        .count();
+    if spf1 > 1 {
+        return Txt::Error(Error::ParseError);
+    }
+    parse_txt::<Spf>(records)
 }
 
 fn set<T>(v: Vec<T>) -> RecordSet<T> {

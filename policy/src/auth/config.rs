@@ -29,6 +29,8 @@ pub struct ActionConfig {
     pub spf_permerror: Action,
     /// No DKIM signature passed and at least one failed.
     pub dkim_fail: Action,
+    /// A DKIM signature passed, but none by the From domain (or a parent).
+    pub dkim_unaligned: Action,
     /// DMARC failed and the domain's policy (after pct) is reject.
     pub dmarc_reject: Action,
     /// DMARC failed and the domain's policy (after pct) is quarantine.
@@ -47,6 +49,7 @@ impl Default for ActionConfig {
             spf_softfail: Action::Accept,
             spf_permerror: Action::Accept,
             dkim_fail: Action::Accept,
+            dkim_unaligned: Action::Accept,
             dmarc_reject: Action::Reject,
             dmarc_quarantine: Action::Accept,
             temperror: Action::Tempfail,

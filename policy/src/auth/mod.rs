@@ -198,6 +198,8 @@ pub struct Report {
     pub seal_error: Option<String>,
     /// DNS queries answered for this message.
     pub queries: usize,
+    /// The RFC 5322 From domain (lower case; "" when there is none).
+    pub from_domain: String,
 }
 
 impl Report {
@@ -227,6 +229,24 @@ impl Report {
             return Some(Verdict::Fail);
         }
         Some(Verdict::None)
+    }
+
+    /// Some DKIM signature passed, but none for the From domain or a parent
+    /// of it (RFC 7372's "no valid author-matched signature", 5.7.22).
+    pub fn dkim_pass_unaligned(&self) -> bool {
+        let from = self.from_domain.as_str();
+        let passed: Vec<&str> = self
+            .dkim
+            .iter()
+            .filter(|d| d.verdict == Verdict::Pass)
+            .map(|d| d.domain.as_str())
+            .collect();
+        !passed.is_empty()
+            && !from.is_empty()
+            && !passed.iter().any(|d| {
+                let d = d.trim_end_matches('.').to_ascii_lowercase();
+                from == d || from.ends_with(&format!(".{d}"))
+            })
     }
 
     /// `method=result` pairs for the log line and metrics.
@@ -345,6 +365,19 @@ pub fn decide(report: &Report, actions: &ActionConfig) -> Decision {
             actions.dkim_fail,
             (550, "5.7.20", "No passing DKIM signature found".to_string()),
             temp("4.7.20", "DKIM"),
+        ) {
+            return d;
+        }
+    }
+    if report.dkim_pass_unaligned() {
+        if let Some(d) = act(
+            actions.dkim_unaligned,
+            (
+                550,
+                "5.7.22",
+                "No valid author-matched DKIM signature found".to_string(),
+            ),
+            temp("4.7.22", "DKIM"),
         ) {
             return d;
         }
@@ -654,6 +687,10 @@ impl Verifier {
                 })
                 .collect();
             let header_from = message.from.first().map(String::as_str).unwrap_or("");
+            report.from_domain = header_from
+                .rsplit_once('@')
+                .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
+                .unwrap_or_default();
             ar = ar.with_dkim_results(&dkim, header_from);
         }
 

@@ -424,3 +424,70 @@ fn rsa_signatures_verify_through_openssl_and_tampering_fails() {
     assert_eq!(r.dkim_overall(), Some(Verdict::Fail), "{r:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn received_spf_is_optional() {
+    let zone = Zone::default().txt("example.org", "v=spf1 ip4:192.0.2.0/24 -all");
+    let v = Verifier::new().unwrap();
+    let e = env("192.0.2.1", "client.test", "a@example.org");
+    let checks = Checks {
+        spf: true,
+        dkim: false,
+        arc: false,
+        dmarc: false,
+    };
+    let with = run(v.verify_message(
+        &zone,
+        &e,
+        MESSAGE.as_bytes(),
+        checks,
+        "mx.sluice.test",
+        None,
+        None,
+        true,
+        0,
+    ));
+    let h = String::from_utf8(with.headers).unwrap();
+    assert!(h.contains("\r\nReceived-SPF: pass"), "{h}");
+    let without = run(v.verify_message(
+        &zone,
+        &e,
+        MESSAGE.as_bytes(),
+        checks,
+        "mx.sluice.test",
+        None,
+        None,
+        false,
+        0,
+    ));
+    assert!(!String::from_utf8(without.headers)
+        .unwrap()
+        .contains("Received-SPF"));
+}
+
+#[test]
+fn dkim_pass_by_another_domain_is_5_7_22_when_asked() {
+    let (key, record) = ed_key();
+    let zone = Zone::default().txt("s1._domainkey.mailer.test", &record);
+    // Signed by mailer.test, From example.org.
+    let raw = signed(&key, "mailer.test", MESSAGE);
+    let r = verify(&zone, "192.0.2.1", "x@other.test", &raw, 0);
+    assert_eq!(r.dkim_overall(), Some(Verdict::Pass));
+    assert!(r.dkim_pass_unaligned());
+    assert_eq!(decide(&r, &ActionConfig::default()), Decision::Accept);
+    let strict = ActionConfig {
+        dkim_unaligned: Action::Reject,
+        ..ActionConfig::default()
+    };
+    assert!(matches!(
+        decide(&r, &strict),
+        Decision::Reject(550, "5.7.22", _)
+    ));
+    // Signed by the From domain's parent: aligned.
+    let zone = Zone::default().txt("s1._domainkey.example.org", &record);
+    let msg = MESSAGE.replace("alice@example.org", "alice@news.example.org");
+    let raw = signed(&key, "example.org", &msg);
+    let r = verify(&zone, "192.0.2.1", "x@other.test", &raw, 0);
+    assert_eq!(r.dkim_overall(), Some(Verdict::Pass));
+    assert!(!r.dkim_pass_unaligned());
+}
