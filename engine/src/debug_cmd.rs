@@ -28,6 +28,14 @@ pub enum DebugCommand {
         qtype: String,
         name: String,
     },
+    /// SPF (RFC 7208) for a client address, HELO name and MAIL FROM ("" for
+    /// the null sender: the HELO name is checked), through the same code the
+    /// listeners' `verify` runs.
+    Spf {
+        ip: IpAddr,
+        helo: String,
+        sender: String,
+    },
     /// Each listener's TLS: mode, certificate, protocol versions, cipher
     /// suites in the server's order, key exchange groups.
     Listeners,
@@ -115,6 +123,31 @@ pub fn run(config: &Config, command: DebugCommand, out: &mut dyn Write) -> anyho
                     _ => name,
                 };
                 lookup(&resolver, qtype, &name, out).await
+            }
+            DebugCommand::Spf { ip, helo, sender } => {
+                let verifier = sluice_policy::auth::Verifier::new()?;
+                let env = sluice_policy::auth::Envelope {
+                    client_ip: ip,
+                    helo: &helo,
+                    mail_from: &sender,
+                    hostname: &config.server.hostname,
+                };
+                let started = Instant::now();
+                let verdict = verifier
+                    .check_spf(&crate::verify::ResolverSource(&resolver), &env)
+                    .await;
+                let identity = if sender.is_empty() {
+                    format!("helo {helo}")
+                } else {
+                    format!("mailfrom {sender}")
+                };
+                writeln!(
+                    out,
+                    "spf={} {identity} ip={ip} time={:.1}ms",
+                    verdict.as_str(),
+                    started.elapsed().as_secs_f64() * 1000.0
+                )?;
+                Ok(())
             }
         }
     })

@@ -27,6 +27,8 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use sluice_dns::Record;
 use sluice_policy::dane::{self, DaneError, DaneMatch, Tlsa};
 
+use super::tls_policy::{Basis, Level, TlsPolicy};
+
 /// The TLSA owner name for an SMTP server on `port` (RFC 6698 §3, RFC 7672 §2.2.3).
 pub fn tlsa_name(port: u16, host: &str) -> String {
     format!("_{port}._tcp.{}", host.trim_end_matches('.'))
@@ -121,6 +123,29 @@ pub fn classify(answer: TlsaAnswer) -> Dane {
             }
         }
     }
+}
+
+/// The policy DANE imposes on a session (RFC 7672 §2.2), which takes
+/// precedence over the configured one (`tls_policy::select`): usable records →
+/// `verify` against them; a secure set without usable records → `required`
+/// (TLS, unauthenticated). None when DANE does not apply — and when the
+/// configured level is `none`: an operator who turned TLS off for a
+/// destination gets no TLS from DANE either; every other level (opportunistic
+/// upwards) is raised to DANE's.
+pub fn policy(dane: &Dane, configured: &TlsPolicy) -> Option<TlsPolicy> {
+    if configured.level == Level::None {
+        return None;
+    }
+    let level = match dane {
+        Dane::Records(_) => Level::Verify,
+        Dane::Unusable => Level::Required,
+        Dane::Off(_) | Dane::LookupFailed(_) => return None,
+    };
+    Some(TlsPolicy {
+        level,
+        basis: Basis::Dane,
+        implicit: configured.implicit,
+    })
 }
 
 /// A rustls certificate verifier that accepts exactly the chains the host's

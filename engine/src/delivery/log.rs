@@ -9,7 +9,15 @@ use super::{now_ms, CoreDelivery};
 
 impl CoreDelivery {
     /// The delivery log: one record per recipient per attempt.
-    pub(super) fn log_attempt(&self, job: &Job, conn: Option<&Connection>, result: &JobResult) {
+    /// `failed_policy`: the TLS policy a failed connection attempt ran under,
+    /// when there is no connection to ask.
+    pub(super) fn log_attempt(
+        &self,
+        job: &Job,
+        conn: Option<&Connection>,
+        failed_policy: Option<&'static str>,
+        result: &JobResult,
+    ) {
         let delay_ms = now_ms().saturating_sub(job.arrival_unix_ms);
         let (tls_version, tls_cipher) = conn
             .and_then(|c| c.tls.as_deref())
@@ -41,7 +49,10 @@ impl CoreDelivery {
                 tls = tls_version,
                 tls_cipher,
                 tls_verified = conn.is_some_and(|c| c.tls_verified),
-                tls_policy = conn.map_or(job.target.tls(), |c| &c.tls_policy).name(),
+                tls_policy = conn
+                    .map(|c| c.tls_policy.name())
+                    .or(failed_policy)
+                    .unwrap_or_else(|| job.target.tls().name()),
                 status,
                 code = reply.code,
                 enhanced = reply.status.map(tracing::field::display),

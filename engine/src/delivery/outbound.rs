@@ -18,7 +18,8 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 
 use super::config::{DeliverySection, RouteConfig};
-use super::tls_policy::{self, Failure, Handshake, TlsPolicy, Verdict};
+use super::dane::{Dane, DaneVerifier};
+use super::tls_policy::{self, Basis, Failure, Handshake, TlsPolicy, Verdict};
 use crate::smtp::client::{
     BodyMode, ClientConfig, ClientEvent, ClientSession, OutboundMessage, Reply, Stage,
 };
@@ -31,6 +32,9 @@ pub struct SessionFailure {
     pub reply: Reply,
     /// Whether to try the next address or host (connect errors, 4xx/5xx greetings).
     pub try_next: bool,
+    /// The TLS policy the session failed under, when it failed one (for the
+    /// delivery log: DANE's policy is decided per host, not per site).
+    pub tls_policy: Option<&'static str>,
 }
 
 impl SessionFailure {
@@ -38,6 +42,7 @@ impl SessionFailure {
         SessionFailure {
             reply: Reply::local(code, esc, &text),
             try_next,
+            tls_policy: None,
         }
     }
 }
@@ -52,6 +57,7 @@ pub struct OutboundTlsConfig {
     /// The same with a route's client certificate (`route.NAME.tls_client_cert`).
     with_client_cert: HashMap<String, Arc<rustls::ClientConfig>>,
     verifier: Arc<rustls::client::WebPkiServerVerifier>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
 impl OutboundTlsConfig {
@@ -115,6 +121,7 @@ impl OutboundTlsConfig {
             accept_any: Arc::new(builder()?.with_no_client_auth()),
             with_client_cert,
             verifier,
+            provider,
         })
     }
 
@@ -128,6 +135,31 @@ impl OutboundTlsConfig {
     }
 
     /// Whether the peer's chain verifies for `name` now, or why not.
+    /// Whether the peer's chain satisfies the host's TLSA records
+    /// ([`DaneVerifier`], the MX host name as reference identifier), or why not.
+    fn verify_dane(
+        &self,
+        conn: &rustls::ClientConnection,
+        records: &Arc<[sluice_policy::dane::Tlsa]>,
+        host: &str,
+    ) -> Result<(), String> {
+        let Some((end, rest)) = conn.peer_certificates().and_then(|c| c.split_first()) else {
+            return Err("no certificate presented".into());
+        };
+        let verifier = DaneVerifier::new(
+            records.clone(),
+            vec![host.to_string()],
+            self.provider.clone(),
+        );
+        match verifier.check(end, rest, UnixTime::now()) {
+            Ok(found) => {
+                tracing::debug!(host, matched = ?found, "DANE: certificate matches TLSA");
+                Ok(())
+            }
+            Err(e) => Err(format!("DANE: {e}")),
+        }
+    }
+
     fn verify(&self, conn: &rustls::ClientConnection, name: &ServerName<'_>) -> Result<(), String> {
         let Some((end, rest)) = conn.peer_certificates().and_then(|c| c.split_first()) else {
             return Err("no certificate presented".into());
@@ -224,6 +256,8 @@ pub struct Endpoint {
     pub lmtp: bool,
     /// The destination's configured TLS policy.
     pub tls: TlsPolicy,
+    /// What DANE says about this host (its TLSA records, if they apply).
+    pub dane: Dane,
     pub auth: Option<(String, String)>,
     /// Local address to connect from (rules' `source_ip`); None = the kernel picks.
     pub source_ip: Option<IpAddr>,
@@ -250,6 +284,8 @@ pub struct Connection {
     route: Option<String>,
     lmtp: bool,
     timeouts: Timeouts,
+    /// DANE's word on the host (the TLSA records verification uses).
+    dane: Dane,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -306,7 +342,11 @@ impl Connection {
         }
         // DANE and MTA-STS are not looked up yet; this is where they take
         // precedence over the configured policy.
-        let policy = tls_policy::select(None, None, endpoint.tls.clone());
+        let policy = tls_policy::select(
+            super::dane::policy(&endpoint.dane, &endpoint.tls),
+            None,
+            endpoint.tls.clone(),
+        );
         let mut conn = Connection {
             stream: Stream::Plain(tcp),
             client: ClientSession::new(ClientConfig {
@@ -326,6 +366,7 @@ impl Connection {
             tls_verified: false,
             tls_policy: policy,
             route: endpoint.route.clone(),
+            dane: endpoint.dane.clone(),
             lmtp: endpoint.lmtp,
             timeouts: Timeouts {
                 greeting: cfg.greeting_timeout.0,
@@ -371,6 +412,7 @@ impl Connection {
                     return Err(SessionFailure {
                         reply,
                         try_next: true,
+                        tls_policy: None,
                     });
                 }
                 other => {
@@ -412,7 +454,12 @@ impl Connection {
         let why = match within(timeout, connector.connect(name.clone(), tcp)).await {
             Some(Ok(stream)) => {
                 let session = stream.get_ref().1;
-                let verified = tls.verify(session, &name);
+                let verified = match &self.dane {
+                    Dane::Records(records) if self.tls_policy.basis == Basis::Dane => {
+                        tls.verify_dane(session, records, &self.host)
+                    }
+                    _ => tls.verify(session, &name),
+                };
                 crate::metrics::outbound_tls(Ok(verified.is_ok()));
                 self.tls = Some(crate::tls::describe(session));
                 self.stream = Stream::Tls(Box::new(stream));
@@ -470,6 +517,7 @@ impl Connection {
         SessionFailure {
             reply,
             try_next: true,
+            tls_policy: Some(self.tls_policy.name()),
         }
     }
 
@@ -573,6 +621,7 @@ impl Connection {
                     return Err(SessionFailure {
                         reply,
                         try_next: false,
+                        tls_policy: None,
                     })
                 }
                 other => {

@@ -10,8 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 
 use glommio::timer::Timer;
-use sluice_dns::{QueryType, Record, RouteError};
+use sluice_dns::{QueryType, Record, RouteError, RouteHost};
 
+use super::dane::{self, Dane, TlsaAnswer};
 use super::job::{
     deferred_all, notify_keywords, result_for_failure, ret_keyword, site_key, Job, JobResult,
     Outcome, Strategy, Target,
@@ -19,6 +20,7 @@ use super::job::{
 use super::mesh::HostSlot;
 use super::outbound::{Connection, Endpoint, SessionFailure};
 use super::throttle::{self, HostRate, SiteThrottle};
+use super::tls_policy::{Level, TlsPolicy};
 use super::{config, halted, now_ms, CoreDelivery};
 use sluice_spool::Reply;
 
@@ -198,7 +200,7 @@ impl CoreDelivery {
                             site.queue.borrow_mut().drain().map(|q| q.job).collect();
                         for job in failed {
                             let result = result_for_failure(&job, &failure);
-                            self.log_attempt(&job, None, &result);
+                            self.log_attempt(&job, None, failure.tls_policy, &result);
                             self.report(&job, result);
                         }
                     }
@@ -275,7 +277,7 @@ impl CoreDelivery {
                 Ok(r) => r,
                 Err(failure) => result_for_failure(&job, &failure),
             };
-            self.log_attempt(&job, Some(&o.conn), &result);
+            self.log_attempt(&job, Some(&o.conn), None, &result);
             self.report(&job, result);
             sent += 1;
             if broken {
@@ -341,6 +343,7 @@ impl CoreDelivery {
         let mut last = SessionFailure {
             reply: client::Reply::local(451, "4.4.4", "no host to connect to"),
             try_next: true,
+            tls_policy: None,
         };
         let ehlo = site
             .strategy
@@ -413,13 +416,38 @@ impl CoreDelivery {
                 }
                 route.drop_self(&own);
                 let mut eps = Vec::new();
+                let mut dane_failure: Option<SessionFailure> = None;
                 for host in &route.hosts {
+                    if host.addrs.is_empty() {
+                        continue;
+                    }
+                    let dane = self.dane(host, *port, tls).await;
+                    if let Dane::LookupFailed(why) = &dane {
+                        // RFC 7672 §2.2: a secure host whose TLSA lookup
+                        // fails is not used; the next MX host may be.
+                        let reply = client::Reply::local(
+                            451,
+                            "4.7.5",
+                            &format!(
+                                "DANE: TLSA lookup {} failed: {why}",
+                                dane::tlsa_name(*port, &host.name)
+                            ),
+                        );
+                        tracing::info!(host = %host.name, reply = %reply, "MX host skipped");
+                        dane_failure = Some(SessionFailure {
+                            reply,
+                            try_next: false,
+                            tls_policy: Some("dane"),
+                        });
+                        continue;
+                    }
                     for ip in &host.addrs {
                         eps.push(Endpoint {
                             host: host.name.clone(),
                             addr: SocketAddr::new(*ip, *port),
                             lmtp: false,
                             tls: tls.clone(),
+                            dane: dane.clone(),
                             auth: None,
                             source_ip: strategy.source_ip,
                             route: None,
@@ -427,6 +455,9 @@ impl CoreDelivery {
                     }
                 }
                 if eps.is_empty() {
+                    if let Some(failure) = dane_failure {
+                        return Err(failure);
+                    }
                     let error = route
                         .error
                         .clone()
@@ -469,6 +500,7 @@ impl CoreDelivery {
                             &format!("cannot resolve host {host}"),
                         ),
                         try_next: false,
+                        tls_policy: None,
                     });
                 }
                 Ok(ips
@@ -478,6 +510,7 @@ impl CoreDelivery {
                         addr: SocketAddr::new(ip, *port),
                         lmtp: *lmtp,
                         tls: tls.clone(),
+                        dane: Dane::Off("not an MX route"),
                         auth: auth.clone(),
                         source_ip: strategy.source_ip,
                         route: Some(route.clone()),
@@ -485,6 +518,21 @@ impl CoreDelivery {
                     .collect())
             }
         }
+    }
+
+    /// What DANE says about an MX host: its TLSA records are looked up only
+    /// when DANE can apply (a validating resolver, a secure host, a policy
+    /// above `none`).
+    async fn dane(&self, host: &RouteHost, port: u16, tls: &TlsPolicy) -> Dane {
+        if tls.level == Level::None {
+            return Dane::Off("TLS policy none");
+        }
+        if let Err(why) = dane::applies(self.resolver.config().dnssec_validating, host.secure) {
+            return Dane::Off(why);
+        }
+        let name = dane::tlsa_name(port, &host.name);
+        let answer = TlsaAnswer::from_lookup(self.resolver.lookup(&name, QueryType::Tlsa).await);
+        dane::classify(answer)
     }
 
     /// One transaction on an open connection.
@@ -569,6 +617,7 @@ fn route_failure(domain: &str, error: Option<RouteError>) -> SessionFailure {
     SessionFailure {
         reply,
         try_next: false,
+        tls_policy: None,
     }
 }
 

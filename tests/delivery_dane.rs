@@ -1,0 +1,555 @@
+//! DANE for outbound SMTP (RFC 7672) end to end: the relay resolves through a
+//! real validating unbound in front of DNSSEC-signed zones (the kit's dnssec
+//! bed) and delivers to receivers (tests/py/tls_receiver.py, TLS by Python's
+//! ssl/OpenSSL) on their own loopback addresses, each presenting a chain made
+//! here (rcgen). TLSA records of each usage, selector and matching type that
+//! match and that do not, a forged chain that carries the genuine anchor, a
+//! wrong name, a TLSA RRset with a bogus signature, a zone signed with the
+//! wrong key, an unsigned zone, a receiver without STARTTLS: mail goes only
+//! where the policy allows and never in clear where DANE applies.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, PublicKeyData,
+};
+use serde_json::Value;
+use sluice_testkit::dnssec::{DnssecBed, Zone, TOOLS};
+use sluice_testkit::*;
+
+const T: Duration = Duration::from_secs(30);
+const SEC: &str = "sec.test";
+const INS: &str = "ins.test";
+const BOGUS: &str = "bog.test";
+
+// ---------------------------------------------------------------------------------
+// Certificates
+// ---------------------------------------------------------------------------------
+
+type Ca = CertifiedIssuer<'static, KeyPair>;
+
+fn ca_params(name: &str) -> CertificateParams {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p
+}
+
+fn root(name: &str) -> Ca {
+    CertifiedIssuer::self_signed(ca_params(name), KeyPair::generate().unwrap()).unwrap()
+}
+
+fn intermediate(name: &str, parent: &Ca) -> Ca {
+    CertifiedIssuer::signed_by(ca_params(name), KeyPair::generate().unwrap(), parent).unwrap()
+}
+
+/// A server's certificate chain (leaf first) and key, written as PEM files.
+struct Chain {
+    ders: Vec<Vec<u8>>,
+    key: KeyPair,
+    files: (PathBuf, PathBuf),
+}
+
+impl Chain {
+    fn leaf(&self) -> &[u8] {
+        &self.ders[0]
+    }
+    fn leaf_spki(&self) -> Vec<u8> {
+        self.key.subject_public_key_info()
+    }
+}
+
+/// A leaf for `name` issued by `issuer`, sent with `extra` CA certificates.
+fn chain(dir: &Path, stem: &str, name: &str, issuer: &Ca, extra: &[&Ca]) -> Chain {
+    let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().unwrap();
+    let leaf = p.signed_by(&key, issuer).unwrap();
+    let mut pem = leaf.pem();
+    let mut ders = vec![leaf.der().to_vec()];
+    for ca in extra {
+        pem.push_str(&ca.pem());
+        ders.push(ca.der().to_vec());
+    }
+    write_chain(dir, stem, pem, ders, key)
+}
+
+fn self_signed(dir: &Path, stem: &str, name: &str) -> Chain {
+    let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, name);
+    let key = KeyPair::generate().unwrap();
+    let cert = p.self_signed(&key).unwrap();
+    write_chain(dir, stem, cert.pem(), vec![cert.der().to_vec()], key)
+}
+
+fn write_chain(dir: &Path, stem: &str, pem: String, ders: Vec<Vec<u8>>, key: KeyPair) -> Chain {
+    let cert = dir.join(format!("{stem}.pem"));
+    let key_file = dir.join(format!("{stem}.key"));
+    std::fs::write(&cert, pem).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    Chain {
+        ders,
+        key,
+        files: (cert, key_file),
+    }
+}
+
+fn hex(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// TLSA presentation data "U S M HEX" for `selected` (a DER certificate or
+/// SPKI, as the selector says).
+fn tlsa(usage: u8, selector: u8, matching: u8, selected: &[u8]) -> String {
+    let data = match matching {
+        1 => ring::digest::digest(&ring::digest::SHA256, selected)
+            .as_ref()
+            .to_vec(),
+        2 => ring::digest::digest(&ring::digest::SHA512, selected)
+            .as_ref()
+            .to_vec(),
+        _ => selected.to_vec(),
+    };
+    format!("{usage} {selector} {matching} {}", hex(&data))
+}
+
+/// The DER SubjectPublicKeyInfo of a CA's certificate.
+fn ca_spki(ca: &Ca) -> Vec<u8> {
+    sluice_policy::dane::subject_public_key_info(ca.der())
+        .expect("SPKI of a certificate made here")
+        .to_vec()
+}
+
+// ---------------------------------------------------------------------------------
+// Receivers
+// ---------------------------------------------------------------------------------
+
+/// One tls_receiver.py on its own loopback address.
+struct Receiver {
+    _guard: ChildGuard,
+    events: PathBuf,
+}
+
+impl Receiver {
+    fn start(dir: &Path, ip: Ipv4Addr, port: u16, tls: Option<&Chain>) -> Receiver {
+        let events = dir.join(format!("events-{ip}.jsonl"));
+        let mut cmd = Command::new("python3");
+        cmd.arg(py_script("tls_receiver.py"))
+            .args(["--listen", &format!("{ip}:{port}")])
+            .arg("--events")
+            .arg(&events);
+        if let Some(c) = tls {
+            cmd.arg("--cert")
+                .arg(&c.files.0)
+                .arg("--key")
+                .arg(&c.files.1);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let guard = ChildGuard::new(cmd.spawn().expect("python3"), "tls_receiver.py");
+        let r = Receiver {
+            _guard: guard,
+            events,
+        };
+        wait_until(
+            &format!("tls_receiver.py on {ip}:{port}"),
+            T,
+            || r.events().iter().any(|e| e["event"] == "ready"),
+            || format!("events: {:?}", r.events()),
+        );
+        r
+    }
+
+    fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn of(&self, kind: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["event"] == kind)
+            .collect()
+    }
+}
+
+fn relay(bed: &DnssecBed, port: u16, extra: &[String]) -> Relay {
+    let mut b = Relay::builder()
+        .cores(1)
+        .set("delivery.enabled=true")
+        .set("log.format=\"json\"")
+        .set(bed.servers_set())
+        .set("dns.timeout=\"2s\"")
+        .set(format!("delivery.mx_port={port}"))
+        .set("delivery.connect_timeout=\"5s\"")
+        // A failed check stays failed: one attempt is what is looked at.
+        .set("queue.default.retry=[\"1h\"]");
+    for e in extra {
+        b = b.set(e.clone());
+    }
+    b.start()
+}
+
+/// What a case expects of its recipient's first attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Delivered over TLS under `policy`, `verified` or not.
+    Delivered {
+        policy: &'static str,
+        verified: bool,
+    },
+    /// Deferred with this enhanced code; nothing reaches the receiver.
+    Deferred {
+        enhanced: &'static str,
+        policy: &'static str,
+    },
+}
+
+struct Case {
+    label: &'static str,
+    zone: &'static str,
+    expect: Expect,
+    receiver: Receiver,
+}
+
+fn submit_to(relay: &Relay, cases: &[Case]) -> (String, Vec<Value>) {
+    let rcpts: Vec<String> = cases
+        .iter()
+        .map(|c| format!("bob@{}.{}", c.label, c.zone))
+        .collect();
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let body = b"From: alice@snd.example\r\nSubject: dane\r\n\r\nhello\r\n";
+    let id = submit(relay, "alice@snd.example", "", &refs, body);
+    let mut a = Vec::new();
+    wait_until(
+        "an attempt for every recipient",
+        T,
+        || {
+            a = attempts(relay, &id);
+            rcpts
+                .iter()
+                .all(|r| a.iter().any(|e| field(e, "recipient") == r))
+        },
+        || relay.log(),
+    );
+    (id, a)
+}
+
+fn check(case: &Case, a: &[Value], relay: &Relay, bed: &DnssecBed) {
+    let rcpt = format!("bob@{}.{}", case.label, case.zone);
+    let rec = a
+        .iter()
+        .find(|e| field(e, "recipient") == rcpt)
+        .expect("attempt");
+    let what = format!("{}: {rec}\nunbound:\n{}", case.label, bed.log());
+    let messages = case.receiver.of("message");
+    match case.expect {
+        Expect::Delivered { policy, verified } => {
+            assert_eq!(field(rec, "status"), "delivered", "{what}");
+            assert_eq!(field(rec, "tls_policy"), policy, "{what}");
+            assert_eq!(rec["tls_verified"], verified, "{what}");
+            assert!(field(rec, "tls").starts_with("TLSv1."), "{what}");
+            assert_eq!(messages.len(), 1, "{what}: {messages:?}");
+            assert_eq!(messages[0]["tls"], true, "{what}: {messages:?}");
+        }
+        Expect::Deferred { enhanced, policy } => {
+            assert_eq!(field(rec, "status"), "deferred", "{what}");
+            assert_eq!(field(rec, "enhanced"), enhanced, "{what}");
+            if !policy.is_empty() {
+                assert_eq!(field(rec, "tls_policy"), policy, "{what}");
+            }
+            assert!(
+                messages.is_empty(),
+                "{what}: nothing may arrive: {messages:?}\n{}",
+                relay.log()
+            );
+        }
+    }
+}
+
+/// Every usage, selector and matching type that matches delivers, verified,
+/// under `tls_policy=dane`; every way of not matching defers with 4.7.5 and
+/// sends nothing; TLSA that is absent or insecure leaves the configured
+/// (opportunistic) policy in charge.
+#[test]
+fn dane_decides_where_mail_goes() {
+    require_tools!(TOOLS[0], TOOLS[1], TOOLS[2], TOOLS[3]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = root("DANE Test Root");
+    let int = intermediate("DANE Test Issuing", &ca);
+    let impostor = root("DANE Test Root");
+
+    struct Spec {
+        label: &'static str,
+        zone: &'static str,
+        /// The chain the receiver presents; None: no STARTTLS.
+        chain: Option<Chain>,
+        /// TLSA records published for its MX host, from its chain.
+        tlsa: Vec<String>,
+        expect: Expect,
+    }
+    let host = |label: &str, zone: &str| format!("mx-{label}.{zone}");
+    let dane_ok = Expect::Delivered {
+        policy: "dane",
+        verified: true,
+    };
+    let dane_fail = Expect::Deferred {
+        enhanced: "4.7.5",
+        policy: "dane",
+    };
+    let opportunistic = Expect::Delivered {
+        policy: "opportunistic",
+        verified: false,
+    };
+    let mut specs: Vec<Spec> = Vec::new();
+    let mut add = |label: &'static str,
+                   zone: &'static str,
+                   chain: Option<Chain>,
+                   tlsa: Vec<String>,
+                   expect: Expect| {
+        specs.push(Spec {
+            label,
+            zone,
+            chain,
+            tlsa,
+            expect,
+        })
+    };
+
+    // DANE-EE: each selector and matching type.
+    for (label, selector, matching) in [
+        ("ee300", 0u8, 0u8),
+        ("ee311", 1, 1),
+        ("ee302", 0, 2),
+        ("ee310", 1, 0),
+    ] {
+        let c = chain(d, label, &host(label, SEC), &int, &[&int]);
+        let selected = if selector == 1 {
+            c.leaf_spki()
+        } else {
+            c.leaf().to_vec()
+        };
+        let t = vec![tlsa(3, selector, matching, &selected)];
+        add(label, SEC, Some(c), t, dane_ok);
+    }
+    // DANE-EE ignores the name: a certificate for another name still matches.
+    let c = chain(d, "eename", "elsewhere.example", &int, &[&int]);
+    let t = vec![tlsa(3, 1, 1, &c.leaf_spki())];
+    add("eename", SEC, Some(c), t, dane_ok);
+    // DANE-TA on the root (sent) and on the intermediate, both selectors.
+    let c = chain(d, "ta201", &host("ta201", SEC), &int, &[&int, &ca]);
+    add(
+        "ta201",
+        SEC,
+        Some(c),
+        vec![tlsa(2, 0, 1, ca.der())],
+        dane_ok,
+    );
+    let c = chain(d, "ta212", &host("ta212", SEC), &int, &[&int]);
+    add(
+        "ta212",
+        SEC,
+        Some(c),
+        vec![tlsa(2, 1, 2, &ca_spki(&int))],
+        dane_ok,
+    );
+    // DANE-TA "2 1 0": the root's key in the record, the root not sent.
+    let c = chain(d, "ta210", &host("ta210", SEC), &int, &[&int]);
+    add(
+        "ta210",
+        SEC,
+        Some(c),
+        vec![tlsa(2, 1, 0, &ca_spki(&ca))],
+        dane_ok,
+    );
+    // A key rollover publishes two records: one matching is enough.
+    let c = chain(d, "roll", &host("roll", SEC), &int, &[&int]);
+    let t = vec![
+        tlsa(3, 1, 1, &self_signed(d, "old", "old").leaf_spki()),
+        tlsa(3, 1, 1, &c.leaf_spki()),
+    ];
+    add("roll", SEC, Some(c), t, dane_ok);
+
+    // Not matching: another key; TA with the wrong name; a chain from an
+    // impostor CA (same name) that carries the genuine root along.
+    let c = chain(d, "eebad", &host("eebad", SEC), &int, &[&int]);
+    let t = vec![tlsa(3, 1, 1, &self_signed(d, "other", "other").leaf_spki())];
+    add("eebad", SEC, Some(c), t, dane_fail);
+    let c = chain(d, "taname", "elsewhere.example", &int, &[&int, &ca]);
+    add(
+        "taname",
+        SEC,
+        Some(c),
+        vec![tlsa(2, 0, 1, ca.der())],
+        dane_fail,
+    );
+    let c = chain(d, "forged", &host("forged", SEC), &impostor, &[&ca]);
+    add(
+        "forged",
+        SEC,
+        Some(c),
+        vec![tlsa(2, 0, 1, ca.der())],
+        dane_fail,
+    );
+    // Matching records, but a receiver without STARTTLS: never in clear.
+    let c = self_signed(d, "plainkey", &host("plain", SEC));
+    let t = vec![tlsa(3, 1, 1, &c.leaf_spki())];
+    add(
+        "plain",
+        SEC,
+        None,
+        t,
+        Expect::Deferred {
+            enhanced: "4.7.10",
+            policy: "dane",
+        },
+    );
+    // The TLSA RRset's signature is bogus: the host is not used at all.
+    let c = chain(d, "bogus", &host("bogus", SEC), &int, &[&int]);
+    let t = vec![tlsa(3, 1, 1, &c.leaf_spki())];
+    add(
+        "bogus",
+        SEC,
+        Some(c),
+        t,
+        Expect::Deferred {
+            enhanced: "4.7.5",
+            policy: "",
+        },
+    );
+    // Only PKIX usages (unusable for SMTP): TLS is still required, not
+    // authenticated.
+    let c = self_signed(d, "pkix", &host("pkix", SEC));
+    let t = vec![tlsa(1, 1, 1, &c.leaf_spki())];
+    add(
+        "pkix",
+        SEC,
+        Some(c),
+        t,
+        Expect::Delivered {
+            policy: "dane",
+            verified: false,
+        },
+    );
+    // No TLSA in a secure zone, or TLSA in an unsigned one: not DANE.
+    let c = self_signed(d, "none", &host("none", SEC));
+    add("none", SEC, Some(c), vec![], opportunistic);
+    let c = self_signed(d, "ins", &host("ins", INS));
+    let t = vec![tlsa(3, 1, 1, &self_signed(d, "x", "x").leaf_spki())];
+    add("ins", INS, Some(c), t, opportunistic);
+    // The whole domain signed with a key that is not the anchor: no route.
+    let c = self_signed(d, "bz", &host("bz", BOGUS));
+    add(
+        "bz",
+        BOGUS,
+        Some(c),
+        vec![],
+        Expect::Deferred {
+            enhanced: "",
+            policy: "",
+        },
+    );
+
+    let ips = loopbacks(specs.len());
+    let port = mx_port(&ips);
+    let mut zones: std::collections::BTreeMap<&str, String> = Default::default();
+    let mut cases = Vec::new();
+    for (spec, ip) in specs.into_iter().zip(&ips) {
+        let records = zones.entry(spec.zone).or_default();
+        let label = spec.label;
+        records.push_str(&format!("{label} MX 10 mx-{label}\nmx-{label} A {ip}\n"));
+        for t in &spec.tlsa {
+            records.push_str(&format!("_{port}._tcp.mx-{label} TLSA {t}\n"));
+        }
+        let receiver = Receiver::start(d, *ip, port, spec.chain.as_ref());
+        cases.push(Case {
+            label,
+            zone: spec.zone,
+            expect: spec.expect,
+            receiver,
+        });
+    }
+    let bed = DnssecBed::start(&[
+        Zone::secure(SEC, &zones[SEC]).corrupt_signature(&format!("_{port}._tcp.mx-bogus"), "TLSA"),
+        Zone::unsigned(INS, &zones[INS]),
+        Zone::wrong_key(BOGUS, &zones[BOGUS]),
+    ]);
+    let relay = relay(&bed, port, &["dns.dnssec_validating=true".to_string()]);
+    let (_id, a) = submit_to(&relay, &cases);
+    for case in &cases {
+        if case.label == "bz" {
+            let rec = a
+                .iter()
+                .find(|e| field(e, "recipient") == format!("bob@bz.{BOGUS}"))
+                .expect("attempt");
+            assert_eq!(field(rec, "status"), "deferred", "{rec}");
+            assert!(case.receiver.of("message").is_empty());
+            continue;
+        }
+        check(case, &a, &relay, &bed);
+    }
+    // The bogus TLSA host was never dialled: no session reached it.
+    let bogus = cases.iter().find(|c| c.label == "bogus").unwrap();
+    assert!(
+        bogus.receiver.of("quit").is_empty() && bogus.receiver.of("starttls").is_empty(),
+        "{:?}",
+        bogus.receiver.events()
+    );
+    // Failed DANE checks said QUIT over the TLS session they had made.
+    for label in ["eebad", "taname", "forged"] {
+        let c = cases.iter().find(|c| c.label == label).unwrap();
+        assert!(
+            c.receiver.of("quit").iter().any(|q| q["tls"] == true),
+            "{label}: {:?}",
+            c.receiver.events()
+        );
+    }
+}
+
+/// Without `dns.dnssec_validating` the relay believes no AD bit: the same
+/// secure, non-matching TLSA record changes nothing and the configured
+/// opportunistic policy delivers.
+#[test]
+fn dane_is_off_unless_the_resolver_is_declared_validating() {
+    require_tools!(TOOLS[0], TOOLS[1], TOOLS[2], TOOLS[3]);
+    let dir = tempfile::tempdir().unwrap();
+    let ips = loopbacks(1);
+    let port = mx_port(&ips);
+    let c = self_signed(dir.path(), "leaf", &format!("mx-a.{SEC}"));
+    let other = self_signed(dir.path(), "other", "other");
+    let receiver = Receiver::start(dir.path(), ips[0], port, Some(&c));
+    let bed = DnssecBed::start(&[Zone::secure(
+        SEC,
+        &format!(
+            "a MX 10 mx-a\nmx-a A {}\n_{port}._tcp.mx-a TLSA {}\n",
+            ips[0],
+            tlsa(3, 1, 1, &other.leaf_spki())
+        ),
+    )]);
+    let relay = relay(&bed, port, &[]);
+    let cases = [Case {
+        label: "a",
+        zone: SEC,
+        expect: Expect::Delivered {
+            policy: "opportunistic",
+            verified: false,
+        },
+        receiver,
+    }];
+    let (_id, a) = submit_to(&relay, &cases);
+    check(&cases[0], &a, &relay, &bed);
+}
