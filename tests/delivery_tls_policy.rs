@@ -8,7 +8,7 @@
 //! TLS; the delivery log and `sluice_tls_outbound_total` say which policy
 //! applied and whether the certificate verified.
 
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -547,4 +547,92 @@ fn debug_listeners_shows_the_inbound_tls_settings() {
     );
     assert!(!text.contains("TLSv1_1") && !text.contains("CBC"), "{text}");
     assert!(text.contains("key exchange: X25519"), "{text}");
+}
+
+/// A real Postfix as the MX: `verify` delivers over STARTTLS with a verified
+/// certificate (issued for the MX name by the CA in `delivery.tls_ca_file`)
+/// and Postfix logs the TLS session; `required` to a Postfix without TLS
+/// defers, and nothing reaches the next hop.
+#[test]
+fn postfix_as_the_receiver() {
+    if !can_run_postfix() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Postfix's daemons read the key as root, but reach the files through
+    // the temp dir.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let ca = make_ca(dir.path(), "ca");
+    let (cert, key) = make_issued_cert(dir.path(), &ca, "pfmx", &format!("pfmx.{ZONE}"));
+    let sink_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let sink = LoadgenSink::start(&[sink_addr], &[]);
+    let with_tls = PostfixRelay::start_tls(sink_addr.port(), &cert, &key);
+    let without = PostfixRelay::start(sink_addr.port());
+    // Two MX ports cannot share delivery.mx_port: a route per Postfix.
+    let nsd = Nsd::start("pfmx A 127.0.0.1\nplainmx A 127.0.0.1");
+    let relay = mx_relay(
+        &nsd,
+        25,
+        1,
+        &[
+            format!("delivery.tls_ca_file=\"{}\"", ca.0.display()),
+            format!(
+                "route.pf={{type=\"smtp\",host=\"pfmx.{ZONE}\",port={},tls=\"verify\"}}",
+                with_tls.addr.port()
+            ),
+            format!(
+                "route.plain={{type=\"smtp\",host=\"plainmx.{ZONE}\",port={},tls=\"required\"}}",
+                without.addr.port()
+            ),
+            "rule=[{match={recipient_domain=[\"v.example\"]},route=\"pf\"},\
+             {match={recipient_domain=[\"r.example\"]},route=\"plain\"}]"
+                .to_string(),
+        ],
+    );
+    let id = submit(
+        &relay,
+        "alice@snd.example",
+        "",
+        &["a@v.example", "a@r.example"],
+        b"Subject: via postfix\r\n\r\nhi\r\n",
+    );
+    let saved = sink.wait_saved(1, T, &relay);
+    assert_eq!(saved[0].rcpts(), vec!["a@v.example".to_string()]);
+    let mut a = Vec::new();
+    wait_until(
+        "an attempt for both recipients",
+        T,
+        || {
+            a = attempts(&relay, &id);
+            ["a@v.example", "a@r.example"]
+                .iter()
+                .all(|r| a.iter().any(|e| field(e, "recipient") == *r))
+        },
+        || relay.log(),
+    );
+    let of = |r: &str| a.iter().find(|e| field(e, "recipient") == r).expect(r);
+    let v = of("a@v.example");
+    assert_eq!(field(v, "status"), "delivered", "{v}");
+    assert_eq!(field(v, "tls_policy"), "verify", "{v}");
+    assert_eq!(v["tls_verified"], true, "{v}");
+    assert!(field(v, "tls").starts_with("TLSv1."), "{v}");
+    assert!(
+        with_tls
+            .maillog_text()
+            .contains("TLS connection established from"),
+        "{}",
+        with_tls.maillog_text()
+    );
+    let r = of("a@r.example");
+    assert_eq!(field(r, "status"), "deferred", "{r}");
+    assert_eq!(field(r, "enhanced"), "4.7.10", "{r}");
+    assert_eq!(
+        sink.saved().len(),
+        1,
+        "nothing went through the Postfix without TLS"
+    );
 }
