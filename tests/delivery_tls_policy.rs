@@ -640,3 +640,61 @@ fn postfix_as_the_receiver() {
         "nothing went through the Postfix without TLS"
     );
 }
+
+/// `sluice debug tls` and DANE, through a validating unbound in front of a
+/// signed and an unsigned zone (the kit's dnssec bed): a secure MX host with a
+/// usable TLSA record gets DANE's policy, a host in the unsigned zone and any
+/// host while `dns.dnssec_validating` is off keep the configured one, and say
+/// why.
+#[test]
+fn debug_tls_shows_dane_per_mx_host() {
+    use sluice_testkit::dnssec::{DnssecBed, Zone, TOOLS};
+    require_tools!(TOOLS[0], TOOLS[1], TOOLS[2], TOOLS[3]);
+    let spki_hash = "ab".repeat(32);
+    let bed = DnssecBed::start(&[
+        Zone::secure(
+            "sec.test",
+            &format!("a MX 10 mx-a\nmx-a A 127.0.0.1\n_25._tcp.mx-a TLSA 3 1 1 {spki_hash}\n"),
+        ),
+        Zone::unsigned("ins.test", "b MX 10 mx-b\nmx-b A 127.0.0.1\n"),
+    ]);
+    let run = |domain: &str, validating: bool| -> String {
+        let out = run_with_timeout(
+            Command::new(bin())
+                .args(["debug", "tls", domain])
+                .args(["--set", &bed.servers_set()])
+                .args(["--set", "dns.timeout=\"2s\""])
+                .arg("--set")
+                .arg(format!("dns.dnssec_validating={validating}")),
+            T,
+        );
+        assert_ok(&out, "sluice debug tls");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let secure = run("a.sec.test", true);
+    assert!(
+        secure.starts_with("tls a.sec.test: opportunistic (from delivery.tls)\n"),
+        "{secure}"
+    );
+    assert!(
+        secure.contains(
+            "  10 mx-a.sec.test: verify (from DANE (TLSA records)); \
+             certificate must match the TLSA records; DANE: 1 usable TLSA record(s)\n"
+        ),
+        "{secure}\n{}",
+        bed.log()
+    );
+    let insecure = run("b.ins.test", true);
+    assert!(
+        insecure.contains(
+            "  10 mx-b.ins.test: opportunistic (from delivery.tls); STARTTLS when offered; \
+             DANE off: MX or address records not DNSSEC-secure\n"
+        ),
+        "{insecure}"
+    );
+    let off = run("a.sec.test", false);
+    assert!(
+        off.contains("  10 mx-a.sec.test: opportunistic (from delivery.tls); STARTTLS when offered; DANE off: dns.dnssec_validating is off\n"),
+        "{off}"
+    );
+}
