@@ -143,8 +143,17 @@ fn smart_host_refusing_the_password_defers_and_does_not_bounce() {
         "deferred",
         "an AUTH failure at the smart host must defer, not bounce: {a:#?}"
     );
-    let show = try_show(&relay, &id).expect("the message stays queued");
-    assert!(show.contains("deferred"), "{show}");
+    // The attempt is logged before its result reaches the envelope.
+    wait_until(
+        "the deferral in the envelope",
+        T,
+        || {
+            try_show(&relay, &id)
+                .expect("the message stays queued")
+                .contains("deferred")
+        },
+        || try_show(&relay, &id).unwrap_or_default(),
+    );
     assert_eq!(upstream.count(), 0);
 }
 

@@ -8,7 +8,7 @@
 //! TLS; the delivery log and `sluice_tls_outbound_total` say which policy
 //! applied and whether the certificate verified.
 
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -473,11 +473,15 @@ fn debug_tls_names_the_policy_and_why() {
         "{vip}"
     );
     assert!(vip.contains("rule: [[rule]] 1 decided (route mx)"), "{vip}");
-    assert!(
-        vip.contains(&format!("10 certificate must verify for mx1.{ZONE}"))
-            && vip.contains(&format!("20 certificate must verify for mx2.{ZONE}")),
-        "{vip}"
-    );
+    for (pref, host) in [(10, "mx1"), (20, "mx2")] {
+        assert!(
+            vip.contains(&format!(
+                "  {pref} {host}.{ZONE}: verify (from [[rule]] 1 tls); \
+                 certificate must verify for {host}.{ZONE}; DANE off: dns.dnssec_validating is off\n"
+            )),
+            "{vip}"
+        );
+    }
     let other = run(&[&m, "--sender", "a@other.example"]);
     assert!(
         other.starts_with(&format!("tls {m}: required (from delivery.tls)\n")),
@@ -497,7 +501,7 @@ fn debug_tls_names_the_policy_and_why() {
             && smart.contains("certificate must verify for smart.example.net"),
         "{smart}"
     );
-    assert!(smart.contains("dane: not looked up"), "{smart}");
+    assert!(smart.contains("DANE: not for smart-host routes"), "{smart}");
 }
 
 /// `sluice debug listeners`: each listener's TLS mode, certificate, versions
@@ -547,4 +551,150 @@ fn debug_listeners_shows_the_inbound_tls_settings() {
     );
     assert!(!text.contains("TLSv1_1") && !text.contains("CBC"), "{text}");
     assert!(text.contains("key exchange: X25519"), "{text}");
+}
+
+/// A real Postfix as the MX: `verify` delivers over STARTTLS with a verified
+/// certificate (issued for the MX name by the CA in `delivery.tls_ca_file`)
+/// and Postfix logs the TLS session; `required` to a Postfix without TLS
+/// defers, and nothing reaches the next hop.
+#[test]
+fn postfix_as_the_receiver() {
+    if !can_run_postfix() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Postfix's daemons read the key as root, but reach the files through
+    // the temp dir.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let ca = make_ca(dir.path(), "ca");
+    let (cert, key) = make_issued_cert(dir.path(), &ca, "pfmx", &format!("pfmx.{ZONE}"));
+    let sink_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let sink = LoadgenSink::start(&[sink_addr], &[]);
+    let with_tls = PostfixRelay::start_tls(sink_addr.port(), &cert, &key);
+    let without = PostfixRelay::start(sink_addr.port());
+    // Two MX ports cannot share delivery.mx_port: a route per Postfix.
+    let nsd = Nsd::start("pfmx A 127.0.0.1\nplainmx A 127.0.0.1");
+    let relay = mx_relay(
+        &nsd,
+        25,
+        1,
+        &[
+            format!("delivery.tls_ca_file=\"{}\"", ca.0.display()),
+            format!(
+                "route.pf={{type=\"smtp\",host=\"pfmx.{ZONE}\",port={},tls=\"verify\"}}",
+                with_tls.addr.port()
+            ),
+            format!(
+                "route.plain={{type=\"smtp\",host=\"plainmx.{ZONE}\",port={},tls=\"required\"}}",
+                without.addr.port()
+            ),
+            "rule=[{match={recipient_domain=[\"v.example\"]},route=\"pf\"},\
+             {match={recipient_domain=[\"r.example\"]},route=\"plain\"}]"
+                .to_string(),
+        ],
+    );
+    let id = submit(
+        &relay,
+        "alice@snd.example",
+        "",
+        &["a@v.example", "a@r.example"],
+        b"Subject: via postfix\r\n\r\nhi\r\n",
+    );
+    let saved = sink.wait_saved(1, T, &relay);
+    assert_eq!(saved[0].rcpts(), vec!["a@v.example".to_string()]);
+    let mut a = Vec::new();
+    wait_until(
+        "an attempt for both recipients",
+        T,
+        || {
+            a = attempts(&relay, &id);
+            ["a@v.example", "a@r.example"]
+                .iter()
+                .all(|r| a.iter().any(|e| field(e, "recipient") == *r))
+        },
+        || relay.log(),
+    );
+    let of = |r: &str| a.iter().find(|e| field(e, "recipient") == r).expect(r);
+    let v = of("a@v.example");
+    assert_eq!(field(v, "status"), "delivered", "{v}");
+    assert_eq!(field(v, "tls_policy"), "verify", "{v}");
+    assert_eq!(v["tls_verified"], true, "{v}");
+    assert!(field(v, "tls").starts_with("TLSv1."), "{v}");
+    assert!(
+        with_tls
+            .maillog_text()
+            .contains("TLS connection established from"),
+        "{}",
+        with_tls.maillog_text()
+    );
+    let r = of("a@r.example");
+    assert_eq!(field(r, "status"), "deferred", "{r}");
+    assert_eq!(field(r, "enhanced"), "4.7.10", "{r}");
+    assert_eq!(
+        sink.saved().len(),
+        1,
+        "nothing went through the Postfix without TLS"
+    );
+}
+
+/// `sluice debug tls` and DANE, through a validating unbound in front of a
+/// signed and an unsigned zone (the kit's dnssec bed): a secure MX host with a
+/// usable TLSA record gets DANE's policy, a host in the unsigned zone and any
+/// host while `dns.dnssec_validating` is off keep the configured one, and say
+/// why.
+#[test]
+fn debug_tls_shows_dane_per_mx_host() {
+    use sluice_testkit::dnssec::{DnssecBed, Zone, TOOLS};
+    require_tools!(TOOLS[0], TOOLS[1], TOOLS[2], TOOLS[3]);
+    let spki_hash = "ab".repeat(32);
+    let bed = DnssecBed::start(&[
+        Zone::secure(
+            "sec.test",
+            &format!("a MX 10 mx-a\nmx-a A 127.0.0.1\n_25._tcp.mx-a TLSA 3 1 1 {spki_hash}\n"),
+        ),
+        Zone::unsigned("ins.test", "b MX 10 mx-b\nmx-b A 127.0.0.1\n"),
+    ]);
+    let run = |domain: &str, validating: bool| -> String {
+        let out = run_with_timeout(
+            Command::new(bin())
+                .args(["debug", "tls", domain])
+                .args(["--set", &bed.servers_set()])
+                .args(["--set", "dns.timeout=\"2s\""])
+                .arg("--set")
+                .arg(format!("dns.dnssec_validating={validating}")),
+            T,
+        );
+        assert_ok(&out, "sluice debug tls");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let secure = run("a.sec.test", true);
+    assert!(
+        secure.starts_with("tls a.sec.test: opportunistic (from delivery.tls)\n"),
+        "{secure}"
+    );
+    assert!(
+        secure.contains(
+            "  10 mx-a.sec.test: verify (from DANE (TLSA records)); \
+             certificate must match the TLSA records; DANE: 1 usable TLSA record(s)\n"
+        ),
+        "{secure}\n{}",
+        bed.log()
+    );
+    let insecure = run("b.ins.test", true);
+    assert!(
+        insecure.contains(
+            "  10 mx-b.ins.test: opportunistic (from delivery.tls); STARTTLS when offered; \
+             DANE off: MX or address records not DNSSEC-secure\n"
+        ),
+        "{insecure}"
+    );
+    let off = run("a.sec.test", false);
+    assert!(
+        off.contains("  10 mx-a.sec.test: opportunistic (from delivery.tls); STARTTLS when offered; DANE off: dns.dnssec_validating is off\n"),
+        "{off}"
+    );
 }

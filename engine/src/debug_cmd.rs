@@ -13,6 +13,7 @@ use sluice_dns::{QueryType, Resolver, Route};
 
 use crate::config::delivery::DeliveryConfig;
 use crate::config::Config;
+use crate::delivery::dane::{self, Dane};
 use crate::delivery::{domain_of, route_recipient, tls_policy, MxHosts, Target};
 
 /// Where the system's resolvers are listed when `dns.servers` is empty.
@@ -326,9 +327,10 @@ async fn tls(
         rules.uses_mx().then_some(&mx),
     )
     .map_err(|reply| anyhow!("{} does not route: {reply}", q.recipient))?;
-    // DANE and MTA-STS are not looked up yet; `select` is where they will win.
-    let policy = tls_policy::select(None, None, routed.target.tls().clone());
-    writeln!(out, "tls {domain}: {policy}")?;
+    // The configured policy; DANE (per MX host, below) and MTA-STS (not
+    // fetched yet) take precedence over it in `select`, as in delivery.
+    let configured = routed.target.tls().clone();
+    writeln!(out, "tls {domain}: {configured}")?;
     writeln!(
         out,
         "  recipient <{}>{}, sender <{}>, listener {}",
@@ -350,14 +352,7 @@ async fn tls(
         "  precedence: DANE > MTA-STS > [[rule]] tls > route.NAME.tls > delivery.tls (= {})",
         cfg.delivery.tls.level()
     )?;
-    writeln!(out, "  dane: not looked up (not implemented yet)")?;
-    writeln!(out, "  mta-sts: not looked up (not implemented yet)")?;
-    let check = match policy.level {
-        tls_policy::Level::Verify => "certificate must verify for",
-        tls_policy::Level::Required => "TLS required, any certificate; name",
-        tls_policy::Level::Opportunistic => "STARTTLS when offered; name",
-        tls_policy::Level::None => "no TLS; name",
-    };
+    writeln!(out, "  mta-sts: not fetched (not implemented yet)")?;
     match &routed.target {
         Target::Host {
             host, port, lmtp, ..
@@ -373,7 +368,12 @@ async fn tls(
                 if *lmtp { "LMTP" } else { "SMTP" },
                 if cert { ", client certificate" } else { "" }
             )?;
-            writeln!(out, "  {check} {host}")?;
+            let policy = tls_policy::select(None, None, configured.clone());
+            writeln!(
+                out,
+                "  {host}: {policy}; {}; DANE: not for smart-host routes",
+                what_is_checked(&policy, host)
+            )?;
         }
         Target::Mx { port, .. } => {
             let route = match route_lookup {
@@ -382,7 +382,24 @@ async fn tls(
             };
             writeln!(out, "  route {}: MX of {domain}, port {port}", routed.route)?;
             for host in &route.hosts {
-                writeln!(out, "  {} {check} {}", host.preference, host.name)?;
+                let dane = dane::for_host(resolver, host, *port, &configured).await;
+                let policy =
+                    tls_policy::select(dane::policy(&dane, &configured), None, configured.clone());
+                let dane_text = match &dane {
+                    Dane::Off(why) => format!("DANE off: {why}"),
+                    Dane::Records(r) => format!("DANE: {} usable TLSA record(s)", r.len()),
+                    Dane::Unusable => "DANE: TLSA records, none usable (TLS required)".into(),
+                    Dane::LookupFailed(why) => {
+                        format!("DANE: TLSA lookup failed ({why}): host skipped")
+                    }
+                };
+                writeln!(
+                    out,
+                    "  {} {}: {policy}; {}; {dane_text}",
+                    host.preference,
+                    host.name,
+                    what_is_checked(&policy, &host.name)
+                )?;
             }
             if let Some(e) = &route.error {
                 writeln!(out, "  MX lookup: {e}")?;
@@ -390,6 +407,19 @@ async fn tls(
         }
     }
     Ok(())
+}
+
+/// What a session under `policy` checks of `host`'s certificate.
+fn what_is_checked(policy: &tls_policy::TlsPolicy, host: &str) -> String {
+    match (&policy.basis, policy.level) {
+        (tls_policy::Basis::Dane, tls_policy::Level::Verify) => {
+            "certificate must match the TLSA records".into()
+        }
+        (_, tls_policy::Level::Verify) => format!("certificate must verify for {host}"),
+        (_, tls_policy::Level::Required) => "TLS required, any certificate".into(),
+        (_, tls_policy::Level::Opportunistic) => "STARTTLS when offered".into(),
+        (_, tls_policy::Level::None) => "no TLS".into(),
+    }
 }
 
 fn yes_no(b: bool) -> &'static str {

@@ -125,6 +125,26 @@ pub fn classify(answer: TlsaAnswer) -> Dane {
     }
 }
 
+/// What DANE says about an MX host: its TLSA records are looked up only when
+/// DANE can apply (a validating resolver, a secure host, a policy above
+/// `none`). Delivery (`site.rs`) and `sluice debug tls` both ask this.
+pub async fn for_host(
+    resolver: &sluice_dns::Resolver,
+    host: &sluice_dns::RouteHost,
+    port: u16,
+    tls: &TlsPolicy,
+) -> Dane {
+    if tls.level == Level::None {
+        return Dane::Off("TLS policy none");
+    }
+    if let Err(why) = applies(resolver.config().dnssec_validating, host.secure) {
+        return Dane::Off(why);
+    }
+    let name = tlsa_name(port, &host.name);
+    let answer = TlsaAnswer::from_lookup(resolver.lookup(&name, sluice_dns::QueryType::Tlsa).await);
+    classify(answer)
+}
+
 /// The policy DANE imposes on a session (RFC 7672 §2.2), which takes
 /// precedence over the configured one (`tls_policy::select`): usable records →
 /// `verify` against them; a secure set without usable records → `required`

@@ -340,8 +340,8 @@ impl Connection {
         if !cfg.data_timeout.0.is_zero() {
             let _ = tcp.set_write_timeout(Some(cfg.data_timeout.0));
         }
-        // DANE and MTA-STS are not looked up yet; this is where they take
-        // precedence over the configured policy.
+        // DANE (looked up per MX host by the site) and MTA-STS (not fetched
+        // yet) take precedence over the configured policy here.
         let policy = tls_policy::select(
             super::dane::policy(&endpoint.dane, &endpoint.tls),
             None,

@@ -12,7 +12,7 @@ use std::rc::Rc;
 use glommio::timer::Timer;
 use sluice_dns::{QueryType, Record, RouteError, RouteHost};
 
-use super::dane::{self, Dane, TlsaAnswer};
+use super::dane::{self, Dane};
 use super::job::{
     deferred_all, notify_keywords, result_for_failure, ret_keyword, site_key, Job, JobResult,
     Outcome, Strategy, Target,
@@ -20,7 +20,7 @@ use super::job::{
 use super::mesh::HostSlot;
 use super::outbound::{Connection, Endpoint, SessionFailure};
 use super::throttle::{self, HostRate, SiteThrottle};
-use super::tls_policy::{Level, TlsPolicy};
+use super::tls_policy::TlsPolicy;
 use super::{config, halted, now_ms, CoreDelivery};
 use sluice_spool::Reply;
 
@@ -520,19 +520,9 @@ impl CoreDelivery {
         }
     }
 
-    /// What DANE says about an MX host: its TLSA records are looked up only
-    /// when DANE can apply (a validating resolver, a secure host, a policy
-    /// above `none`).
+    /// What DANE says about an MX host ([`dane::for_host`]).
     async fn dane(&self, host: &RouteHost, port: u16, tls: &TlsPolicy) -> Dane {
-        if tls.level == Level::None {
-            return Dane::Off("TLS policy none");
-        }
-        if let Err(why) = dane::applies(self.resolver.config().dnssec_validating, host.secure) {
-            return Dane::Off(why);
-        }
-        let name = dane::tlsa_name(port, &host.name);
-        let answer = TlsaAnswer::from_lookup(self.resolver.lookup(&name, QueryType::Tlsa).await);
-        dane::classify(answer)
+        dane::for_host(&self.resolver, host, port, tls).await
     }
 
     /// One transaction on an open connection.

@@ -9,10 +9,10 @@
 //!   after a refused STARTTLS; the connection asks it after the handshake. A
 //!   policy that needs TLS never gets [`Verdict::Cleartext`].
 //!
-//! DANE and MTA-STS are not looked up yet: [`Basis::Dane`] and
-//! [`Basis::MtaSts`] are where their results go, and [`select`] is where they
-//! take precedence. They reduce to the same levels: a usable TLSA set or an
-//! enforced MTA-STS policy is `verify` against their own authority (TLSA
+//! DANE (`dane.rs`, per MX host) gives [`Basis::Dane`] policies; MTA-STS is
+//! not fetched yet ([`Basis::MtaSts`] is where it goes). [`select`] is where
+//! they take precedence. They reduce to the same levels: a usable TLSA set or
+//! an enforced MTA-STS policy is `verify` against their own authority (TLSA
 //! records, the policy's MX patterns), so [`decide`] needs no change for them.
 
 use std::fmt;
@@ -26,7 +26,7 @@ pub use sluice_policy::TlsLevel as Level;
 /// publishes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Basis {
-    /// The destination's TLSA records (DANE, RFC 7672). Not looked up yet.
+    /// The MX host's TLSA records (DANE, RFC 7672; `dane.rs`).
     Dane,
     /// The destination's MTA-STS policy in enforce mode (RFC 8461). Not
     /// fetched yet.

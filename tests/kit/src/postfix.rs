@@ -53,6 +53,16 @@ impl PostfixRelay {
     /// A Postfix on a free loopback port relaying all mail to 127.0.0.1:`next_hop_port`
     /// (no TLS either way, no milters). Call [`can_run_postfix`] first.
     pub fn start(next_hop_port: u16) -> PostfixRelay {
+        PostfixRelay::start_with(next_hop_port, None)
+    }
+
+    /// The same, offering STARTTLS (`smtpd_tls_security_level = may`) with this
+    /// PEM certificate and key; no TLS to the next hop.
+    pub fn start_tls(next_hop_port: u16, cert: &Path, key: &Path) -> PostfixRelay {
+        PostfixRelay::start_with(next_hop_port, Some((cert, key)))
+    }
+
+    fn start_with(next_hop_port: u16, tls: Option<(&Path, &Path)>) -> PostfixRelay {
         let dir = tempfile::tempdir().expect("tempdir");
         // Postfix's unprivileged daemons must be able to reach the queue below it.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
@@ -69,15 +79,28 @@ impl PostfixRelay {
             ("@QUEUE_DIR@", queue.display().to_string()),
             ("@DATA_DIR@", data.display().to_string()),
             ("@BASE_DIR@", base.display().to_string()),
-            ("@SMTPD_TLS_LEVEL@", "none".to_string()),
-            ("@TLS_CERT@", String::new()),
-            ("@TLS_KEY@", String::new()),
+            (
+                "@SMTPD_TLS_LEVEL@",
+                if tls.is_some() { "may" } else { "none" }.to_string(),
+            ),
+            (
+                "@TLS_CERT@",
+                tls.map(|t| t.0.display().to_string()).unwrap_or_default(),
+            ),
+            (
+                "@TLS_KEY@",
+                tls.map(|t| t.1.display().to_string()).unwrap_or_default(),
+            ),
             ("@SINK_PORT@", next_hop_port.to_string()),
             ("@MILTERS@", String::new()),
             ("@SMTPD_ADDR@", format!("127.0.0.1:{port}")),
         ];
         for name in ["main.cf", "master.cf"] {
-            let text = render(&templates.join(format!("{name}.in")), &vars);
+            let mut text = render(&templates.join(format!("{name}.in")), &vars);
+            if name == "main.cf" && tls.is_some() {
+                // "TLS connection established from …" in the maillog.
+                text.push_str("smtpd_tls_loglevel = 1\n");
+            }
             std::fs::write(conf.join(name), text).expect("write the Postfix config");
         }
         let chown = run_with_timeout(
