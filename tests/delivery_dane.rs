@@ -451,6 +451,16 @@ fn dane_decides_where_mail_goes() {
     let c = self_signed(d, "ins", &host("ins", INS));
     let t = vec![tlsa(3, 1, 1, &self_signed(d, "x", "x").leaf_spki())];
     add("ins", INS, Some(c), t, opportunistic);
+    // Mandatory DANE (a rule's tls = "dane", below): a host DANE
+    // authenticates is used; one without TLSA, or in an unsigned zone, is not.
+    let c = chain(d, "mandok", &host("mandok", SEC), &int, &[&int]);
+    let t = vec![tlsa(3, 1, 1, &c.leaf_spki())];
+    add("mandok", SEC, Some(c), t, dane_ok);
+    let c = self_signed(d, "mandnone", &host("mandnone", SEC));
+    add("mandnone", SEC, Some(c), vec![], dane_fail);
+    let c = self_signed(d, "mandins", &host("mandins", INS));
+    let t = vec![tlsa(3, 1, 1, &c.leaf_spki())];
+    add("mandins", INS, Some(c), t, dane_fail);
     // The whole domain signed with a key that is not the anchor: no route.
     let c = self_signed(d, "bz", &host("bz", BOGUS));
     add(
@@ -488,7 +498,16 @@ fn dane_decides_where_mail_goes() {
         Zone::unsigned(INS, &zones[INS]),
         Zone::wrong_key(BOGUS, &zones[BOGUS]),
     ]);
-    let relay = relay(&bed, port, &["dns.dnssec_validating=true".to_string()]);
+    let relay = relay(
+        &bed,
+        port,
+        &[
+            "dns.dnssec_validating=true".to_string(),
+            format!(
+                "rule=[{{match={{recipient_domain=[\"mandok.{SEC}\",\"mandnone.{SEC}\",\"mandins.{INS}\"]}},tls=\"dane\"}}]"
+            ),
+        ],
+    );
     let (_id, a) = submit_to(&relay, &cases);
     for case in &cases {
         if case.label == "bz" {
@@ -502,13 +521,16 @@ fn dane_decides_where_mail_goes() {
         }
         check(case, &a, &relay, &bed);
     }
-    // The bogus TLSA host was never dialled: no session reached it.
-    let bogus = cases.iter().find(|c| c.label == "bogus").unwrap();
-    assert!(
-        bogus.receiver.of("quit").is_empty() && bogus.receiver.of("starttls").is_empty(),
-        "{:?}",
-        bogus.receiver.events()
-    );
+    // The bogus TLSA host, and the hosts mandatory DANE cannot
+    // authenticate, were never dialled: no session reached them.
+    for label in ["bogus", "mandnone", "mandins"] {
+        let c = cases.iter().find(|c| c.label == label).unwrap();
+        assert!(
+            c.receiver.of("quit").is_empty() && c.receiver.of("starttls").is_empty(),
+            "{label}: {:?}",
+            c.receiver.events()
+        );
+    }
     // Failed DANE checks said QUIT over the TLS session they had made.
     for label in ["eebad", "taname", "forged"] {
         let c = cases.iter().find(|c| c.label == label).unwrap();

@@ -422,17 +422,26 @@ impl CoreDelivery {
                         continue;
                     }
                     let dane = self.dane(host, *port, tls).await;
-                    if let Dane::LookupFailed(why) = &dane {
+                    let tlsa = dane::tlsa_name(*port, &host.name);
+                    let skip = match (&dane, tls.level) {
                         // RFC 7672 §2.2: a secure host whose TLSA lookup
                         // fails is not used; the next MX host may be.
-                        let reply = client::Reply::local(
-                            451,
-                            "4.7.5",
-                            &format!(
-                                "DANE: TLSA lookup {} failed: {why}",
-                                dane::tlsa_name(*port, &host.name)
-                            ),
-                        );
+                        (Dane::LookupFailed(why), _) => {
+                            Some(format!("DANE: TLSA lookup {tlsa} failed: {why}"))
+                        }
+                        // Mandatory DANE: only hosts DANE authenticates.
+                        (Dane::Off(why), Level::Dane) => Some(format!(
+                            "TLS policy dane ({}): no DANE for {}: {why}",
+                            tls.basis, host.name
+                        )),
+                        (Dane::Unusable, Level::Dane) => Some(format!(
+                            "TLS policy dane ({}): {tlsa} has no usable TLSA records",
+                            tls.basis
+                        )),
+                        _ => None,
+                    };
+                    if let Some(why) = skip {
+                        let reply = client::Reply::local(451, "4.7.5", &why);
                         tracing::info!(host = %host.name, reply = %reply, "MX host skipped");
                         dane_failure = Some(SessionFailure {
                             reply,
@@ -474,6 +483,21 @@ impl CoreDelivery {
                 tls,
                 auth,
             } => {
+                if tls.level == Level::Dane {
+                    // TLSA records are looked up for MX hosts only.
+                    return Err(SessionFailure {
+                        reply: client::Reply::local(
+                            451,
+                            "4.7.5",
+                            &format!(
+                                "TLS policy dane ({}): DANE applies to MX routes only, not to host {host}",
+                                tls.basis
+                            ),
+                        ),
+                        try_next: false,
+                        tls_policy: Some("dane"),
+                    });
+                }
                 let ips: Vec<IpAddr> = match host.parse::<IpAddr>() {
                     Ok(ip) => vec![ip],
                     Err(_) => {

@@ -276,7 +276,7 @@ pub fn decide(level: Level, starttls_offered: bool, handshake: Handshake<'_>) ->
             Level::None => Verdict::Cleartext,
             _ if starttls_offered => Verdict::StartTls,
             Level::Opportunistic => Verdict::Cleartext,
-            Level::Required | Level::Verify => Verdict::Defer(Failure::NoStartTls),
+            Level::Required | Level::Verify | Level::Dane => Verdict::Defer(Failure::NoStartTls),
         },
         Handshake::Refused(reply) => {
             if level.encrypts() {
@@ -301,7 +301,7 @@ pub fn decide(level: Level, starttls_offered: bool, handshake: Handshake<'_>) ->
 mod tests {
     use super::*;
 
-    const LEVELS: [Level; 4] = Level::ALL;
+    const LEVELS: [Level; 5] = Level::ALL;
 
     fn route(kind: RouteKind, tls: Option<OutboundTls>) -> RouteConfig {
         RouteConfig {
@@ -324,7 +324,7 @@ mod tests {
             let v = decide(level, false, Handshake::NotYet);
             match level {
                 Level::None | Level::Opportunistic => assert_eq!(v, Verdict::Cleartext),
-                Level::Required | Level::Verify => {
+                Level::Required | Level::Verify | Level::Dane => {
                     assert_eq!(v, Verdict::Defer(Failure::NoStartTls))
                 }
             }
@@ -384,7 +384,7 @@ mod tests {
                     verified: Err("certificate not valid for name"),
                 },
             );
-            if level == Level::Verify {
+            if level.authenticates() {
                 let Verdict::Defer(f) = v else {
                     panic!("{v:?}")
                 };
@@ -407,7 +407,7 @@ mod tests {
                 verified: Err("unknown issuer"),
             },
         ];
-        for level in [Level::Required, Level::Verify] {
+        for level in [Level::Required, Level::Verify, Level::Dane] {
             for offered in [false, true] {
                 for h in handshakes {
                     assert_ne!(
