@@ -241,6 +241,30 @@ fn spf_results_agree_with_pyspf() {
         }
     }
     assert!(wrong.is_empty(), "{}\n{}", wrong.join("\n"), relay.log());
+
+    // `sluice debug spf` runs the same code.
+    let servers = nsd.servers_set();
+    for (ip, from, want) in [
+        ("198.51.100.7", "a@inc.dlv.test", "pass"),
+        ("192.0.2.1", "a@eleven.dlv.test", "permerror"),
+        ("192.0.2.1", "a@tmp.dlv.test", "temperror"),
+    ] {
+        let out = sluice(&[
+            "debug",
+            "spf",
+            ip,
+            "client.dlv.test",
+            from,
+            "--set",
+            &servers,
+        ]);
+        assert_ok(&out, "sluice debug spf");
+        let said = text(&out.stdout);
+        assert!(
+            said.starts_with(&format!("spf={want} mailfrom {from}")),
+            "{said}"
+        );
+    }
 }
 
 /// dknewkey's key pair: (private key file, TXT value).

@@ -235,9 +235,17 @@ fn each_policy_against_each_receiver() {
             }
         }
     }
-    // The deferral is the recipient's last reply in the queue.
-    let show = relay.show(&id);
-    assert!(show.contains("4.7.10") && show.contains("4.7.5"), "{show}");
+    // The deferral is stored as the recipient's last reply once the attempt
+    // is merged into the envelope.
+    wait_until(
+        "the 4.7.x deferrals in the envelope",
+        T,
+        || {
+            let show = relay.show(&id);
+            show.contains("4.7.10") && show.contains("4.7.5")
+        },
+        || relay.show(&id),
+    );
 
     let m = metrics(&relay);
     for (policy, result, n) in [
@@ -263,12 +271,13 @@ fn each_policy_against_each_receiver() {
 #[test]
 fn rule_over_route_over_global_and_never_clear_text_on_retry() {
     let dir = tempfile::tempdir().unwrap();
-    let ips = loopbacks(1);
+    // ips[1]: an MX host nobody listens on (an early deferral, no session).
+    let ips = loopbacks(2);
     let port = mx_port(&ips);
     let plain = Receiver::start(dir.path(), ips[0], port, None, None);
     let nsd = Nsd::start(&format!(
-        "g MX 10 mx\nr MX 10 mx\nrr MX 10 mx\nmx A {}",
-        ips[0]
+        "g MX 10 mx\nr MX 10 mx\nrr MX 10 mx\nmx A {}\ndead MX 10 deadmx\ndeadmx A {}",
+        ips[0], ips[1]
     ));
     // Global verify; route "secure" (type mx) opportunistic; a rule sends r.*
     // through it, and rule 2 sends rr.* through it with tls = "required".
@@ -294,6 +303,7 @@ fn rule_over_route_over_global_and_never_clear_text_on_retry() {
             &format!("a@g.{ZONE}"),
             &format!("a@r.{ZONE}"),
             &format!("a@rr.{ZONE}"),
+            &format!("a@dead.{ZONE}"),
         ],
         body,
     );
@@ -304,7 +314,7 @@ fn rule_over_route_over_global_and_never_clear_text_on_retry() {
         T,
         || {
             a = attempts(&relay, &id);
-            ["g", "rr"].iter().all(|d| {
+            ["g", "rr", "dead"].iter().all(|d| {
                 a.iter()
                     .filter(|e| field(e, "recipient") == format!("a@{d}.{ZONE}"))
                     .count()
@@ -331,6 +341,13 @@ fn rule_over_route_over_global_and_never_clear_text_on_retry() {
         assert_eq!(field(e, "tls_policy"), "required", "{e}");
         assert_eq!(field(e, "enhanced"), "4.7.10", "{e}");
         assert!(field(e, "reply").contains("([[rule]] 2 tls)"), "{e}");
+    }
+    // Deferred before any session: the record still names the policy.
+    for e in of("dead") {
+        assert_eq!(field(e, "status"), "deferred", "{e}");
+        assert_eq!(field(e, "tls_policy"), "verify", "{e}");
+        assert_eq!(e["tls_verified"], false, "{e}");
+        assert!(field(e, "enhanced").starts_with("4.4."), "{e}");
     }
     let messages = plain.of("message");
     assert_eq!(
@@ -417,4 +434,117 @@ fn client_certificate_for_a_smart_host_that_requires_one() {
         "the session without a certificate was refused: {:?}",
         smart.events()
     );
+}
+
+/// `sluice debug tls DOMAIN` says which policy applies and why, through
+/// delivery's own routing: a rule's tls (only for the sender it matches), a
+/// route's tls, delivery.tls, and the names a verify session checks.
+#[test]
+fn debug_tls_names_the_policy_and_why() {
+    let nsd = Nsd::start("m MX 10 mx1\nm MX 20 mx2\nmx1 A 127.0.0.1\nmx2 A 127.0.0.1");
+    let run = |args: &[&str]| -> String {
+        let out = run_with_timeout(
+            Command::new(bin())
+                .args(["debug", "tls"])
+                .args(args)
+                .args(["--set", &nsd.servers_set()])
+                .args(["--set", "dns.timeout=\"2s\""])
+                .args(["--set", "delivery.tls=\"required\""])
+                .args([
+                    "--set",
+                    "route.smart={type=\"relay\",host=\"smart.example.net\",port=587,tls=\"verify\"}",
+                ])
+                .args([
+                    "--set",
+                    &format!(
+                        "rule=[{{match={{recipient_domain=[\"m.{ZONE}\"],sender_domain=[\"vip.example\"]}},\
+                         tls=\"verify\"}},{{match={{recipient_domain=[\"s.example\"]}},route=\"smart\"}}]"
+                    ),
+                ]),
+            T,
+        );
+        assert_ok(&out, "sluice debug tls");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let m = format!("m.{ZONE}");
+    let vip = run(&[&m, "--sender", "a@vip.example"]);
+    assert!(
+        vip.starts_with(&format!("tls {m}: verify (from [[rule]] 1 tls)\n")),
+        "{vip}"
+    );
+    assert!(vip.contains("rule: [[rule]] 1 decided (route mx)"), "{vip}");
+    assert!(
+        vip.contains(&format!("10 certificate must verify for mx1.{ZONE}"))
+            && vip.contains(&format!("20 certificate must verify for mx2.{ZONE}")),
+        "{vip}"
+    );
+    let other = run(&[&m, "--sender", "a@other.example"]);
+    assert!(
+        other.starts_with(&format!("tls {m}: required (from delivery.tls)\n")),
+        "{other}"
+    );
+    assert!(
+        other.contains("rule: none matched (built-in route mx)"),
+        "{other}"
+    );
+    let smart = run(&["s.example"]);
+    assert!(
+        smart.starts_with("tls s.example: verify (from route.smart.tls)\n"),
+        "{smart}"
+    );
+    assert!(
+        smart.contains("route smart: SMTP smart.example.net:587")
+            && smart.contains("certificate must verify for smart.example.net"),
+        "{smart}"
+    );
+    assert!(smart.contains("dane: not looked up"), "{smart}");
+}
+
+/// `sluice debug listeners`: each listener's TLS mode, certificate, versions
+/// (no TLS 1.0/1.1), suites in server order, key exchange groups.
+#[test]
+fn debug_listeners_shows_the_inbound_tls_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = make_cert(dir.path());
+    let out = run_with_timeout(
+        Command::new(bin())
+            .args(["debug", "listeners"])
+            .args(["--set", "server.listener.smtp.bind=[\"127.0.0.1:2525\"]"])
+            .args([
+                "--set",
+                "server.listener.submission.bind=[\"127.0.0.1:2587\"]",
+            ])
+            .args(["--set", "server.listener.submission.tls=\"starttls\""])
+            .arg("--set")
+            .arg(format!(
+                "server.listener.submission.tls_cert=\"{}\"",
+                cert.display()
+            ))
+            .arg("--set")
+            .arg(format!(
+                "server.listener.submission.tls_key=\"{}\"",
+                key.display()
+            )),
+        T,
+    );
+    assert_ok(&out, "sluice debug listeners");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("listener smtp: 127.0.0.1:2525 tls=none\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("listener submission: 127.0.0.1:2587 tls=starttls\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("versions: TLSv1_3, TLSv1_2 (TLS 1.0 and 1.1 refused)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cipher suites (server order): TLS13_AES_256_GCM_SHA384"),
+        "{text}"
+    );
+    assert!(!text.contains("TLSv1_1") && !text.contains("CBC"), "{text}");
+    assert!(text.contains("key exchange: X25519"), "{text}");
 }

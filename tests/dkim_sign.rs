@@ -4,9 +4,11 @@
 //! signatures checked by dkimpy (python3-dkim) asking that NSD. OpenDKIM's
 //! `opendkim-testkey` checks the published RSA records against the private
 //! keys through the same NSD (its libunbound resolver takes a forwarder with a
-//! port; it does not handle Ed25519 keys). `opendkim-testmsg` cannot be used: it verifies through the system
-//! resolver (res_query, /etc/resolv.conf, port 53 only), which cannot be
-//! pointed at a test's server on another port.
+//! port; it does not handle Ed25519 keys). OpenDKIM's filter itself, run in
+//! its test mode (`opendkim -t FILE`, verifying), checks the signatures of
+//! the delivered messages through that resolver configuration too, RSA and
+//! Ed25519. (`opendkim-testmsg` cannot be used for that: it verifies through
+//! the system resolver, res_query on port 53 only.)
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -123,8 +125,8 @@ fn served_txt(nsd: &Nsd, name: &str) -> String {
     text(&out.stdout).trim().to_string()
 }
 
-/// opendkim-testkey: the record NSD serves matches the private key.
-fn opendkim_testkey(nsd: &Nsd, dir: &Path, selector: &str, key: &Path) {
+/// A libunbound configuration for OpenDKIM that asks only the test's NSD.
+fn opendkim_resolver_conf(nsd: &Nsd, dir: &Path) -> PathBuf {
     let unbound = dir.join("unbound.conf");
     std::fs::write(
         &unbound,
@@ -137,6 +139,12 @@ fn opendkim_testkey(nsd: &Nsd, dir: &Path, selector: &str, key: &Path) {
         ),
     )
     .unwrap();
+    unbound
+}
+
+/// opendkim-testkey: the record NSD serves matches the private key.
+fn opendkim_testkey(nsd: &Nsd, dir: &Path, selector: &str, key: &Path) {
+    let unbound = opendkim_resolver_conf(nsd, dir);
     let conf = dir.join("opendkim.conf");
     std::fs::write(
         &conf,
@@ -158,6 +166,78 @@ fn opendkim_testkey(nsd: &Nsd, dir: &Path, selector: &str, key: &Path) {
         all.contains("key OK"),
         "opendkim-testkey {selector}:\n{all}"
     );
+}
+
+/// OpenDKIM's filter verifying a message in its test mode (`opendkim -t`),
+/// keys fetched from the test's NSD: "SELECTOR RESULT" for each DKIM result
+/// in the Authentication-Results field it would add, sorted.
+fn opendkim_verify(nsd: &Nsd, message: &[u8]) -> Vec<String> {
+    // The filter refuses a configuration under a directory others can write
+    // (such as /tmp), so its files live under target/.
+    let dir = tempfile::Builder::new()
+        .prefix("opendkim-")
+        .tempdir_in(repo_root().join("target"))
+        .unwrap();
+    let unbound = opendkim_resolver_conf(nsd, dir.path());
+    let conf = dir.path().join("opendkim.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "Mode v\nResolverConfiguration {}\nUserID root\nSyslog no\nAlwaysAddARHeader yes\n",
+            unbound.display()
+        ),
+    )
+    .unwrap();
+    let eml = dir.path().join("message.eml");
+    std::fs::write(&eml, message).unwrap();
+    // -vv prints the header fields the filter would insert.
+    let out = run_with_timeout(
+        Command::new("/usr/sbin/opendkim")
+            .arg("-x")
+            .arg(&conf)
+            .arg("-vv")
+            .arg("-t")
+            .arg(&eml),
+        T,
+    );
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "opendkim -t:\n{all}");
+    let field = all
+        .split("hname='Authentication-Results' hvalue='")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or_else(|| panic!("no Authentication-Results from opendkim:\n{all}"));
+    // Comments such as "(2048-bit key; unprotected key)" hold semicolons too.
+    let mut depth = 0;
+    let field: String = field
+        .chars()
+        .filter(|c| {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    return false;
+                }
+                _ => {}
+            }
+            depth == 0
+        })
+        .collect();
+    let mut results: Vec<String> = field
+        .split(';')
+        .map(str::trim)
+        .filter_map(|m| m.strip_prefix("dkim="))
+        .map(|m| {
+            let result = m.split_whitespace().next().unwrap_or("?");
+            let selector = m
+                .split_whitespace()
+                .find_map(|p| p.strip_prefix("header.s="))
+                .unwrap_or("?");
+            format!("{selector} {result}")
+        })
+        .collect();
+    results.sort();
+    results
 }
 
 struct Setup {
@@ -261,7 +341,12 @@ fn summary(results: &[Value]) -> Vec<(String, String, bool)> {
 
 #[test]
 fn rsa_ed25519_and_dual_signatures_verify_with_dkimpy_and_opendkim() {
-    require_tools!("nsd", "/usr/sbin/opendkim-testkey", "dkimverify");
+    require_tools!(
+        "nsd",
+        "/usr/sbin/opendkim-testkey",
+        "/usr/sbin/opendkim",
+        "dkimverify"
+    );
     let s = setup();
     // What NSD serves is what keygen printed, and OpenDKIM agrees that it
     // belongs to the private key.
@@ -327,6 +412,16 @@ fn rsa_ed25519_and_dual_signatures_verify_with_dkimpy_and_opendkim() {
     for r in results.iter().take(3).flatten() {
         assert_eq!(r["d"], DOMAIN, "{results:?}");
     }
+
+    // OpenDKIM's own verifier agrees: every signature sluice made passes,
+    // RSA and Ed25519, and the tampered copies fail.
+    assert_eq!(opendkim_verify(&s.nsd, &rsa), ["s1 pass"]);
+    assert_eq!(opendkim_verify(&s.nsd, &ed), ["e1 pass"]);
+    assert_eq!(opendkim_verify(&s.nsd, &dual), ["e1 pass", "s1 pass"]);
+    assert_eq!(
+        opendkim_verify(&s.nsd, body_changed.as_bytes()),
+        ["e1 fail", "s1 fail"]
+    );
 
     // A notice the relay writes (listener "dsn", null sender) is signed by
     // the rule naming that listener: a bounce from a null MX domain.

@@ -1,5 +1,6 @@
-//! `sluice debug …`: what the relay sees in DNS, through the same resolver and
-//! routing code delivery uses (the [dns] section of the configuration).
+//! `sluice debug …`: what the relay sees in DNS, and which TLS policy a
+//! destination gets, through the same resolver and routing code delivery uses
+//! (the [dns], [delivery], [route.*] and [[rule]] sections of the configuration).
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -10,7 +11,9 @@ use anyhow::{anyhow, Context};
 use glommio::{LocalExecutorBuilder, Placement};
 use sluice_dns::{QueryType, Resolver, Route};
 
+use crate::config::delivery::DeliveryConfig;
 use crate::config::Config;
+use crate::delivery::{domain_of, route_recipient, tls_policy, MxHosts, Target};
 
 /// Where the system's resolvers are listed when `dns.servers` is empty.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -25,9 +28,44 @@ pub enum DebugCommand {
         qtype: String,
         name: String,
     },
+    /// SPF (RFC 7208) for a client address, HELO name and MAIL FROM ("" for
+    /// the null sender: the HELO name is checked), through the same code the
+    /// listeners' `verify` runs.
+    Spf {
+        ip: IpAddr,
+        helo: String,
+        sender: String,
+    },
+    /// Each listener's TLS: mode, certificate, protocol versions, cipher
+    /// suites in the server's order, key exchange groups.
+    Listeners,
+    /// Outbound TLS policy for a domain and why (which rule, route or
+    /// delivery.tls), through delivery's own routing; the hosts and the
+    /// certificate names a `verify` session checks.
+    Tls {
+        domain: String,
+        /// Local part of the recipient the rules see.
+        #[arg(long, default_value = "postmaster")]
+        local_part: String,
+        /// Sender the rules see ("" is the null sender).
+        #[arg(long, default_value = "")]
+        sender: String,
+        /// Listener the rules see.
+        #[arg(long, default_value = "smtp")]
+        listener: String,
+        /// Authenticated user the rules see.
+        #[arg(long)]
+        auth_user: Option<String>,
+        /// Client address the rules see.
+        #[arg(long)]
+        client_ip: Option<IpAddr>,
+    },
 }
 
 pub fn run(config: &Config, command: DebugCommand, out: &mut dyn Write) -> anyhow::Result<()> {
+    if let DebugCommand::Listeners = command {
+        return listeners(config, out);
+    }
     let resolver_config = config
         .dns
         .resolver_config(Path::new(RESOLV_CONF))
@@ -38,9 +76,38 @@ pub fn run(config: &Config, command: DebugCommand, out: &mut dyn Write) -> anyho
         .ring_depth(config.server.ring_depth)
         .make()
         .map_err(|e| anyhow!("starting executor: {e}"))?;
+    // Checked before the executor: a configuration error is an error, not a
+    // lookup.
+    let rules = config.rule_set()?;
+    let relay = config.relay_policy()?;
+    let delivery = config.delivery_config();
     executor.run(async move {
         let resolver = Resolver::new(resolver_config);
         match command {
+            DebugCommand::Listeners => listeners(config, out),
+            DebugCommand::Tls {
+                domain,
+                local_part,
+                sender,
+                listener,
+                auth_user,
+                client_ip,
+            } => {
+                let facts = sluice_policy::MessageFacts {
+                    listener: &listener,
+                    client_ip,
+                    auth_user: auth_user.as_deref(),
+                    sender: &sender,
+                    priority: 0,
+                    size: 0,
+                };
+                let query = TlsQuery {
+                    recipient: format!("{local_part}@{}", domain.trim_end_matches('.')),
+                    facts,
+                    local: relay.is_local_domain(&domain),
+                };
+                tls(&resolver, &delivery, &rules, &query, out).await
+            }
             DebugCommand::Route { domain } => {
                 let route = resolver.resolve_route(&domain).await;
                 print_route(&route, out)?;
@@ -56,6 +123,31 @@ pub fn run(config: &Config, command: DebugCommand, out: &mut dyn Write) -> anyho
                     _ => name,
                 };
                 lookup(&resolver, qtype, &name, out).await
+            }
+            DebugCommand::Spf { ip, helo, sender } => {
+                let verifier = sluice_policy::auth::Verifier::new()?;
+                let env = sluice_policy::auth::Envelope {
+                    client_ip: ip,
+                    helo: &helo,
+                    mail_from: &sender,
+                    hostname: &config.server.hostname,
+                };
+                let started = Instant::now();
+                let verdict = verifier
+                    .check_spf(&crate::verify::ResolverSource(&resolver), &env)
+                    .await;
+                let identity = if sender.is_empty() {
+                    format!("helo {helo}")
+                } else {
+                    format!("mailfrom {sender}")
+                };
+                writeln!(
+                    out,
+                    "spf={} {identity} ip={ip} time={:.1}ms",
+                    verdict.as_str(),
+                    started.elapsed().as_secs_f64() * 1000.0
+                )?;
+                Ok(())
             }
         }
     })
@@ -137,6 +229,165 @@ fn print_route(route: &Route, out: &mut dyn Write) -> std::io::Result<()> {
             "temporary"
         };
         writeln!(out, "error ({kind}): {e}")?;
+    }
+    Ok(())
+}
+
+/// `sluice debug listeners`: the inbound TLS of each listener, from the same
+/// server config the relay builds (so a bad certificate is an error here too).
+fn listeners(config: &Config, out: &mut dyn Write) -> anyhow::Result<()> {
+    for (name, l) in &config.server.listener {
+        let binds = l
+            .bind
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mode = match l.tls {
+            crate::config::TlsMode::None => "none",
+            crate::config::TlsMode::Starttls => "starttls",
+            crate::config::TlsMode::Implicit => "implicit",
+        };
+        writeln!(out, "listener {name}: {binds} tls={mode}")?;
+        let (Some(cert), Some(key)) = (&l.tls_cert, &l.tls_key) else {
+            continue;
+        };
+        let chain = crate::tls::certified_key(cert, key)
+            .with_context(|| format!("server.listener.{name}"))?
+            .cert
+            .len();
+        let server = crate::tls::server_config(cert, key)
+            .with_context(|| format!("server.listener.{name}"))?;
+        let offer = crate::tls::server_offer(&server);
+        writeln!(
+            out,
+            "  certificate: {} ({chain} in chain), key {}",
+            cert.display(),
+            key.display()
+        )?;
+        writeln!(
+            out,
+            "  versions: {} (TLS 1.0 and 1.1 refused)",
+            offer.versions.join(", ")
+        )?;
+        writeln!(
+            out,
+            "  cipher suites ({} order): {}",
+            if offer.server_order {
+                "server"
+            } else {
+                "client"
+            },
+            offer.suites.join(", ")
+        )?;
+        writeln!(out, "  key exchange: {}", offer.groups.join(", "))?;
+    }
+    Ok(())
+}
+
+/// The recipient `sluice debug tls` routes.
+struct TlsQuery<'a> {
+    recipient: String,
+    facts: sluice_policy::MessageFacts<'a>,
+    local: bool,
+}
+
+async fn tls(
+    resolver: &Resolver,
+    cfg: &DeliveryConfig,
+    rules: &sluice_policy::RuleSet,
+    q: &TlsQuery<'_>,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let recipient = sluice_spool::Recipient {
+        address: q.recipient.clone(),
+        orcpt: None,
+        notify: Default::default(),
+        status: sluice_spool::RecipientStatus::Pending,
+        local: q.local,
+    };
+    let domain = domain_of(&q.recipient);
+    // Rules with match.mx see the MX host names, as in delivery.
+    let mut mx = MxHosts::new();
+    let mut route_lookup = None;
+    if rules.uses_mx() {
+        let route = resolver.resolve_route(&domain).await;
+        mx.insert(
+            domain.clone(),
+            route.hosts.iter().map(|h| h.name.clone()).collect(),
+        );
+        route_lookup = Some(route);
+    }
+    let routed = route_recipient(
+        cfg,
+        &q.facts,
+        rules,
+        &recipient,
+        rules.uses_mx().then_some(&mx),
+    )
+    .map_err(|reply| anyhow!("{} does not route: {reply}", q.recipient))?;
+    // DANE and MTA-STS are not looked up yet; `select` is where they will win.
+    let policy = tls_policy::select(None, None, routed.target.tls().clone());
+    writeln!(out, "tls {domain}: {policy}")?;
+    writeln!(
+        out,
+        "  recipient <{}>{}, sender <{}>, listener {}",
+        q.recipient,
+        if q.local { " (local domain)" } else { "" },
+        q.facts.sender,
+        q.facts.listener
+    )?;
+    match routed.rule {
+        Some(n) => writeln!(out, "  rule: [[rule]] {n} decided (route {})", routed.route)?,
+        None => writeln!(
+            out,
+            "  rule: none matched (built-in route {})",
+            routed.route
+        )?,
+    }
+    writeln!(
+        out,
+        "  precedence: DANE > MTA-STS > [[rule]] tls > route.NAME.tls > delivery.tls (= {})",
+        cfg.delivery.tls.level()
+    )?;
+    writeln!(out, "  dane: not looked up (not implemented yet)")?;
+    writeln!(out, "  mta-sts: not looked up (not implemented yet)")?;
+    let check = match policy.level {
+        tls_policy::Level::Verify => "certificate must verify for",
+        tls_policy::Level::Required => "TLS required, any certificate; name",
+        tls_policy::Level::Opportunistic => "STARTTLS when offered; name",
+        tls_policy::Level::None => "no TLS; name",
+    };
+    match &routed.target {
+        Target::Host {
+            host, port, lmtp, ..
+        } => {
+            let cert = cfg
+                .routes
+                .get(&routed.route)
+                .is_some_and(|r| r.tls_client_cert.is_some());
+            writeln!(
+                out,
+                "  route {}: {} {host}:{port}{}",
+                routed.route,
+                if *lmtp { "LMTP" } else { "SMTP" },
+                if cert { ", client certificate" } else { "" }
+            )?;
+            writeln!(out, "  {check} {host}")?;
+        }
+        Target::Mx { port, .. } => {
+            let route = match route_lookup {
+                Some(r) => r,
+                None => resolver.resolve_route(&domain).await,
+            };
+            writeln!(out, "  route {}: MX of {domain}, port {port}", routed.route)?;
+            for host in &route.hosts {
+                writeln!(out, "  {} {check} {}", host.preference, host.name)?;
+            }
+            if let Some(e) = &route.error {
+                writeln!(out, "  MX lookup: {e}")?;
+            }
+        }
     }
     Ok(())
 }

@@ -89,7 +89,8 @@ enum Command {
         #[command(subcommand)]
         action: DkimCommand,
     },
-    /// What the relay sees in DNS: routes and single lookups (uses [dns]).
+    /// What the relay sees in DNS (routes, single lookups) and which TLS policy a
+    /// destination gets (uses [dns], [delivery], [route.*], [[rule]]).
     Debug {
         #[command(subcommand)]
         action: sluice_engine::debug_cmd::DebugCommand,

@@ -54,6 +54,11 @@ pub fn certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> 
     })
 }
 
+/// The protocol versions listeners accept, newest first: TLS 1.0 and 1.1 are
+/// refused.
+pub const SERVER_VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
 fn provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::ring::default_provider()
 }
@@ -92,7 +97,7 @@ pub fn reloadable_server_config(
 ) -> Result<(Arc<ServerConfig>, Arc<CertSwap>), TlsError> {
     let swap = Arc::new(CertSwap(ArcSwap::from_pointee(certified_key(cert, key)?)));
     let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_protocol_versions(SERVER_VERSIONS)?
         .with_no_client_auth()
         .with_cert_resolver(swap.clone());
     // Server cipher preference: our suite order (AEADs, ECDHE only, strongest
@@ -113,5 +118,36 @@ pub fn describe(conn: &rustls::CommonState) -> String {
     match conn.negotiated_cipher_suite() {
         Some(suite) => format!("{version} {:?}", suite.suite()),
         None => version,
+    }
+}
+
+/// What a server config offers, for `sluice debug listeners`: protocol
+/// versions, cipher suites in the server's order of preference (it chooses:
+/// `ignore_client_order`), and key exchange groups.
+pub struct ServerOffer {
+    pub versions: Vec<String>,
+    pub suites: Vec<String>,
+    pub groups: Vec<String>,
+    pub server_order: bool,
+}
+
+pub fn server_offer(config: &ServerConfig) -> ServerOffer {
+    let provider = config.crypto_provider();
+    let versions: Vec<rustls::ProtocolVersion> =
+        SERVER_VERSIONS.iter().map(|v| v.version).collect();
+    ServerOffer {
+        versions: versions.iter().map(|v| format!("{v:?}")).collect(),
+        suites: provider
+            .cipher_suites
+            .iter()
+            .filter(|s| versions.contains(&s.version().version))
+            .map(|s| format!("{:?}", s.suite()))
+            .collect(),
+        groups: provider
+            .kx_groups
+            .iter()
+            .map(|g| format!("{:?}", g.name()))
+            .collect(),
+        server_order: config.ignore_client_order,
     }
 }

@@ -72,6 +72,7 @@ pub use self::ledger::is_open;
 use self::ledger::Attempt;
 pub use self::mesh::MeshMsg;
 use self::outbound::OutboundTlsConfig;
+pub use self::routing::{domain_of, route_recipient, MxHosts, Routed};
 use self::site::Site;
 use self::throttle::{HostTable, QueueConcurrency, SourceIpLimits};
 pub use crate::config::delivery as config;

@@ -709,6 +709,29 @@ pub async fn connect_tcp(
     Ok(stream)
 }
 
+/// The relay's own outbound TLS steps, for the handshake benchmark
+/// (bench/benches/tls_handshake.rs): the client config a connection on
+/// `route` uses, and the verification every TLS session runs after its
+/// handshake.
+pub mod bench_api {
+    use super::*;
+
+    pub fn client_config(
+        tls: &OutboundTlsConfig,
+        route: Option<&str>,
+    ) -> Arc<rustls::ClientConfig> {
+        tls.client_config(route)
+    }
+
+    pub fn verify(
+        tls: &OutboundTlsConfig,
+        conn: &rustls::ClientConnection,
+        name: &ServerName<'_>,
+    ) -> Result<(), String> {
+        tls.verify(conn, name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Read as _;

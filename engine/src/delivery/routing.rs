@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use sluice_spool::{Envelope, RecipientStatus, Reply};
 
-use super::config::{RouteConfig, RouteKind};
+use super::config::{DeliveryConfig, RouteConfig, RouteKind};
 use super::job::{Strategy, Target};
 use super::tls_policy::{self, TlsPolicy};
 use super::CoreDelivery;
@@ -24,12 +24,81 @@ pub(super) fn message_facts(envelope: &Envelope) -> sluice_policy::MessageFacts<
     }
 }
 
+/// Where a recipient goes, as the rules and the configuration decide.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    /// The route taken (after any fallback).
+    pub route: String,
+    pub target: Target,
+    pub strategy: Strategy,
+    /// The rule that decided (1-based), None when no rule matched.
+    pub rule: Option<usize>,
+}
+
+/// Route, target, connection strategy and TLS policy for one recipient: the
+/// first matching `[[rule]]` decides (with the domain's MX host names when
+/// they were looked up); what no rule decides takes the rule set's built-in
+/// routes ("local", "default" when configured); a route's fallback takes over
+/// after `fallback_after` deferrals of this recipient. Pure: delivery and
+/// `sluice debug tls` both call it.
+pub fn route_recipient(
+    cfg: &DeliveryConfig,
+    facts: &sluice_policy::MessageFacts<'_>,
+    rules: &sluice_policy::RuleSet,
+    recipient: &sluice_spool::Recipient,
+    mx: Option<&MxHosts>,
+) -> Result<Routed, Reply> {
+    let hosts: Option<Vec<&str>> = mx.map(|m| {
+        m.get(&domain_of(&recipient.address))
+            .map(|h| h.iter().map(String::as_str).collect())
+            .unwrap_or_default()
+    });
+    let decision =
+        rules.evaluate_recipient(facts, &recipient.address, recipient.local, hosts.as_deref());
+    let chosen = decision.route.as_str();
+    let deferrals = match &recipient.status {
+        RecipientStatus::Deferred { attempts, .. } => *attempts,
+        _ => 0,
+    };
+    let route_name = cfg.effective_route(chosen, deferrals);
+    let strategy = Strategy {
+        source_ip: decision.source_ip,
+        ehlo_name: decision.ehlo_name.clone(),
+    };
+    let route = cfg.routes.get(route_name);
+    let tls = tls_policy::configured(
+        decision.rule.zip(decision.tls),
+        route.map(|r| (route_name, r)),
+        cfg.delivery.tls,
+    );
+    let target = match route {
+        Some(route) if route.kind != RouteKind::Mx => host_target(route_name, route, tls)?,
+        route => {
+            let domain = domain_of(&recipient.address);
+            if domain.is_empty() {
+                return Err(Reply::new(
+                    550,
+                    "5.1.2",
+                    "recipient has no domain to route to",
+                ));
+            }
+            Target::Mx {
+                domain,
+                port: route.and_then(|r| r.port).unwrap_or(cfg.delivery.mx_port),
+                tls,
+            }
+        }
+    };
+    Ok(Routed {
+        route: route_name.to_string(),
+        target,
+        strategy,
+        rule: decision.rule,
+    })
+}
+
 impl CoreDelivery {
-    /// Route, target and connection strategy for one recipient: the first
-    /// matching `[[rule]]` decides (with the domain's MX host names when they
-    /// were looked up); what no rule decides takes the rule set's built-in
-    /// routes ("local", "default" when configured); a route's fallback takes
-    /// over after `fallback_after` deferrals of this recipient.
+    /// [`route_recipient`] with this relay's configuration.
     pub(super) fn target_for(
         &self,
         facts: &sluice_policy::MessageFacts<'_>,
@@ -37,57 +106,16 @@ impl CoreDelivery {
         recipient: &sluice_spool::Recipient,
         mx: Option<&MxHosts>,
     ) -> Result<(String, Target, Strategy), Reply> {
-        let cfg = &self.shared.cfg;
-        let hosts: Option<Vec<&str>> = mx.map(|m| {
-            m.get(&domain_of(&recipient.address))
-                .map(|h| h.iter().map(String::as_str).collect())
-                .unwrap_or_default()
-        });
-        let decision =
-            rules.evaluate_recipient(facts, &recipient.address, recipient.local, hosts.as_deref());
-        let chosen = decision.route.as_str();
-        let deferrals = match &recipient.status {
-            RecipientStatus::Deferred { attempts, .. } => *attempts,
-            _ => 0,
-        };
-        let route_name = cfg.effective_route(chosen, deferrals);
-        let strategy = Strategy {
-            source_ip: decision.source_ip,
-            ehlo_name: decision.ehlo_name.clone(),
-        };
-        let route = cfg.routes.get(route_name);
-        let tls = tls_policy::configured(
-            decision.rule.zip(decision.tls),
-            route.map(|r| (route_name, r)),
-            cfg.delivery.tls,
-        );
-        let target = match route {
-            Some(route) if route.kind != RouteKind::Mx => host_target(route_name, route, tls)?,
-            route => {
-                let domain = domain_of(&recipient.address);
-                if domain.is_empty() {
-                    return Err(Reply::new(
-                        550,
-                        "5.1.2",
-                        "recipient has no domain to route to",
-                    ));
-                }
-                Target::Mx {
-                    domain,
-                    port: route.and_then(|r| r.port).unwrap_or(cfg.delivery.mx_port),
-                    tls,
-                }
-            }
-        };
-        Ok((route_name.to_string(), target, strategy))
+        let r = route_recipient(&self.shared.cfg, facts, rules, recipient, mx)?;
+        Ok((r.route, r.target, r.strategy))
     }
 }
 
 /// MX host names per recipient domain, for rules using `match.mx`.
-pub(super) type MxHosts = HashMap<String, Vec<String>>;
+pub type MxHosts = HashMap<String, Vec<String>>;
 
 /// The domain of an address, lowercased, without a trailing dot.
-fn domain_of(address: &str) -> String {
+pub fn domain_of(address: &str) -> String {
     address
         .rsplit_once('@')
         .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
@@ -143,7 +171,7 @@ pub(super) fn host_target(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::delivery::{DeliveryConfig, OutboundTls};
+    use crate::config::delivery::OutboundTls;
     use crate::delivery::job::site_key;
     use crate::delivery::tls_policy::{Basis, Level};
 

@@ -251,6 +251,38 @@ impl MissKey for IpAddr {
     }
 }
 
+/// Parsed TXT records by their text, shared by the verifications of one
+/// core: a popular domain's SPF, DMARC and key records are parsed (keys
+/// decoded) once, not once per message. Bounded: emptied when full.
+#[derive(Default)]
+pub struct ParsedTxt {
+    map: RefCell<HashMap<Vec<u8>, Txt>>,
+}
+
+/// Entries kept before [`ParsedTxt`] starts over.
+const PARSED_MAX: usize = 4096;
+
+impl ParsedTxt {
+    fn get_or(&self, kind: u8, records: &[Vec<u8>], parse: impl FnOnce() -> Txt) -> Txt {
+        let mut key = Vec::with_capacity(1 + records.iter().map(|r| r.len() + 1).sum::<usize>());
+        key.push(kind);
+        for r in records {
+            key.extend_from_slice(r);
+            key.push(0);
+        }
+        if let Some(t) = self.map.borrow().get(&key) {
+            return t.clone();
+        }
+        let t = parse();
+        let mut map = self.map.borrow_mut();
+        if map.len() >= PARSED_MAX {
+            map.clear();
+        }
+        map.insert(key, t.clone());
+        t
+    }
+}
+
 /// The five caches of one verification, shared by its checks and rounds.
 pub struct DnsCaches {
     pub(crate) txt: Recorder<Box<str>, Txt>,
@@ -264,6 +296,7 @@ pub struct DnsCaches {
     dmarc_raw: RefCell<HashMap<String, String>>,
     /// Queries answered so far (counted per verification for the log).
     pub(crate) answered: Cell<usize>,
+    parsed: Option<std::rc::Rc<ParsedTxt>>,
 }
 
 #[allow(clippy::type_complexity)]
@@ -288,6 +321,20 @@ impl DnsCaches {
             client,
             dmarc_raw: RefCell::new(HashMap::new()),
             answered: Cell::new(0),
+            parsed: None,
+        }
+    }
+
+    /// Parses TXT records through (and into) a core's shared [`ParsedTxt`].
+    pub fn with_parsed(mut self, parsed: std::rc::Rc<ParsedTxt>) -> DnsCaches {
+        self.parsed = Some(parsed);
+        self
+    }
+
+    fn parse(&self, kind: u8, records: &[Vec<u8>], parse: impl FnOnce() -> Txt) -> Txt {
+        match &self.parsed {
+            Some(p) => p.get_or(kind, records, parse),
+            None => parse(),
         }
     }
 
@@ -413,13 +460,13 @@ impl DnsCaches {
                                     .borrow_mut()
                                     .insert(bare(&lower), raw.to_string());
                             }
-                            Entry::Hit(parse_txt::<Dmarc>(&records))
+                            Entry::Hit(self.parse(0, &records, || parse_txt::<Dmarc>(&records)))
                         } else if lower.contains("._domainkey.") {
-                            Entry::Hit(parse_txt::<DomainKey>(&records))
+                            Entry::Hit(self.parse(1, &records, || domain_key(&records)))
                         } else if records.is_empty() {
                             Entry::Void
                         } else {
-                            Entry::Hit(parse_txt::<Spf>(&records))
+                            Entry::Hit(self.parse(2, &records, || parse_txt::<Spf>(&records)))
                         }
                     }
                     Answer::TempFail(_) => Entry::Temp,
@@ -481,6 +528,25 @@ impl DnsCaches {
             }
         }
     }
+}
+
+/// A DKIM key record as mail-auth parses it, with an RSA key verified
+/// through OpenSSL instead of mail-auth's rust-crypto (`rsa.rs`).
+fn domain_key(records: &[Vec<u8>]) -> Txt {
+    let mut last = Err(Error::Dns(DnsError::InvalidRecordType));
+    for r in records {
+        match DomainKey::parse(r) {
+            Ok(mut key) => {
+                if let Some(fast) = super::rsa::rsa_key_of(r) {
+                    key.p = Box::new(fast);
+                }
+                return Txt::DomainKey(Arc::new(key));
+            }
+            Err(e) => last = Err(e),
+        }
+    }
+    last.map(|k: DomainKey| Txt::DomainKey(Arc::new(k)))
+        .unwrap_or_else(Txt::Error)
 }
 
 fn set<T>(v: Vec<T>) -> RecordSet<T> {

@@ -10,6 +10,7 @@
 pub mod bridge;
 mod config;
 mod headers;
+mod rsa;
 #[cfg(test)]
 mod tests;
 
@@ -403,6 +404,7 @@ fn now<F: std::future::Future>(f: F) -> Option<F::Output> {
 /// mail-auth's verifier, never asked to resolve anything itself.
 pub struct Verifier {
     auth: MessageAuthenticator,
+    parsed: std::rc::Rc<bridge::ParsedTxt>,
 }
 
 /// Building mail-auth's authenticator failed (it builds a resolver object
@@ -418,7 +420,10 @@ impl Verifier {
         use mail_auth::hickory_resolver::config::{ResolverConfig, ResolverOpts};
         let config = ResolverConfig::from_parts(None, vec![], vec![]);
         MessageAuthenticator::new(config, ResolverOpts::default())
-            .map(|auth| Verifier { auth })
+            .map(|auth| Verifier {
+                auth,
+                parsed: Default::default(),
+            })
             .map_err(|e| SetupError(e.to_string()))
     }
 
@@ -444,7 +449,7 @@ impl Verifier {
 
     /// iprev (RFC 8601 §3): the client's PTR names must resolve back to it.
     pub async fn verify_iprev<S: DnsSource>(&self, dns: &S, ip: IpAddr) -> IprevOutput {
-        let caches = DnsCaches::new(ip);
+        let caches = DnsCaches::new(ip).with_parsed(self.parsed.clone());
         fetch(&caches, dns, vec![Query::Ptr(ip)]).await;
         let out = Self::settle(&caches, dns, || {
             let mut o = now(self.auth.verify_iprev(caches.params(ip)))?;
@@ -518,7 +523,7 @@ impl Verifier {
 
     /// SPF for the HELO name alone (`sluice debug spf` and tests).
     pub async fn check_spf<S: DnsSource>(&self, dns: &S, env: &Envelope<'_>) -> Verdict {
-        let caches = DnsCaches::new(env.client_ip);
+        let caches = DnsCaches::new(env.client_ip).with_parsed(self.parsed.clone());
         let out = self.spf(&caches, dns, env, env.mail_from).await;
         out.result().into()
     }
@@ -541,7 +546,7 @@ impl Verifier {
         received_spf: bool,
         pct_sample: u8,
     ) -> Report {
-        let caches = DnsCaches::new(env.client_ip);
+        let caches = DnsCaches::new(env.client_ip).with_parsed(self.parsed.clone());
         let mut report = Report {
             iprev: iprev.map(|o| iprev_verdict(&o.result)),
             ..Report::default()

@@ -386,3 +386,41 @@ fn own_authentication_results_are_stripped() {
     );
     assert!(strip_own_results(b"Subject: s\r\n\r\nbody", "mx.sluice.test").is_none());
 }
+
+#[test]
+fn rsa_signatures_verify_through_openssl_and_tampering_fails() {
+    use crate::dkim::{generate_key, txt_record, SigningAlgorithm};
+    let key = generate_key(SigningAlgorithm::RsaSha256, 2048).unwrap();
+    let line = txt_record(
+        "s1",
+        "example.org",
+        SigningAlgorithm::RsaSha256,
+        &key.public_key,
+    );
+    let record: String = line.split('"').skip(1).step_by(2).collect();
+    // The key record's RSA key is the OpenSSL one.
+    assert!(rsa::rsa_key_of(format!("{record};").as_bytes()).is_some());
+    assert!(rsa::rsa_key_of(b"v=DKIM1; k=ed25519; p=AAAA").is_none());
+    let dir = std::env::temp_dir().join(format!("sluice-auth-rsa-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("k.pem");
+    std::fs::write(&path, &key.private_pem).unwrap();
+    let cfg: crate::dkim::DkimConfig = toml::from_str(&format!(
+        "[signer.s]\ndomain = \"example.org\"\nselector = \"s1\"\nalgorithm = \"rsa-sha256\"\nkey = {:?}\n[[rule]]\nsign = [\"s\"]\n",
+        path.display().to_string()
+    ))
+    .unwrap();
+    let policy = crate::dkim::DkimPolicy::from_config(&cfg, &[]).unwrap();
+    let mut raw = policy.sign(&[0], MESSAGE.as_bytes(), |_, _| {}).unwrap();
+    raw.extend_from_slice(MESSAGE.as_bytes());
+    let zone = Zone::default()
+        .txt("s1._domainkey.example.org", &record)
+        .txt("_dmarc.example.org", "v=DMARC1; p=reject");
+    let r = verify(&zone, "192.0.2.1", "x@other.test", &raw, 0);
+    assert_eq!(r.dkim_overall(), Some(Verdict::Pass), "{r:?}");
+    let n = raw.len();
+    raw[n - 4] = b'!';
+    let r = verify(&zone, "192.0.2.1", "x@other.test", &raw, 0);
+    assert_eq!(r.dkim_overall(), Some(Verdict::Fail), "{r:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
