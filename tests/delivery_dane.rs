@@ -575,3 +575,76 @@ fn dane_is_off_unless_the_resolver_is_declared_validating() {
     let (_id, a) = submit_to(&relay, &cases);
     check(&cases[0], &a, &relay, &bed);
 }
+
+/// `sluice debug tls DOMAIN` shows, per MX host, what DANE decided and the
+/// check a session will make, through the same code delivery uses.
+#[test]
+fn debug_tls_shows_dane_per_mx_host() {
+    require_tools!(TOOLS[0], TOOLS[1], TOOLS[2], TOOLS[3]);
+    let dir = tempfile::tempdir().unwrap();
+    let c = self_signed(dir.path(), "leaf", &format!("mx1.{SEC}"));
+    let bed = DnssecBed::start(&[
+        Zone::secure(
+            SEC,
+            &format!(
+                "m MX 10 mx1\nm MX 20 mx2\nm MX 30 mx3\nmx1 A 127.0.0.1\nmx2 A 127.0.0.1\n\
+                 mx3 A 127.0.0.1\n_25._tcp.mx1 TLSA {}\n_25._tcp.mx3 TLSA {}\n",
+                tlsa(3, 1, 1, &c.leaf_spki()),
+                tlsa(3, 1, 1, &c.leaf_spki())
+            ),
+        )
+        .corrupt_signature("_25._tcp.mx3", "TLSA"),
+        Zone::unsigned(INS, "m MX 10 mx1\nmx1 A 127.0.0.1\n"),
+    ]);
+    let run = |args: &[&str]| -> String {
+        let out = run_with_timeout(
+            Command::new(bin())
+                .args(["debug", "tls"])
+                .args(args)
+                .args(["--set", &bed.servers_set()])
+                .args(["--set", "dns.timeout=\"2s\""]),
+            T,
+        );
+        assert_ok(&out, "sluice debug tls");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let m = format!("m.{SEC}");
+    let text = run(&[&m, "--set", "dns.dnssec_validating=true"]);
+    let digest = tlsa(3, 1, 1, &c.leaf_spki());
+    for want in [
+        format!("tls {m}: opportunistic (from delivery.tls)\n"),
+        "dane: per MX host below (dns.dnssec_validating = true)".to_string(),
+        format!(
+            "  10 DANE: certificate must match TLSA for mx1.{SEC} (dane: 1 usable TLSA record(s): {digest})"
+        ),
+        format!("  20 STARTTLS when offered; name mx2.{SEC} (dane: off (no TLSA records))"),
+        format!("  30 skipped: mx3.{SEC}: DANE: TLSA lookup _25._tcp.mx3.{SEC} failed"),
+    ] {
+        assert!(text.contains(&want), "missing {want:?} in:\n{text}");
+    }
+    // Unsigned zone; and the same secure zone without a validating resolver.
+    let ins = run(&[&format!("m.{INS}"), "--set", "dns.dnssec_validating=true"]);
+    assert!(
+        ins.contains("(dane: off (MX or address records not DNSSEC-secure))"),
+        "{ins}"
+    );
+    let off = run(&[&m]);
+    assert!(
+        off.contains(&format!(
+            "  10 STARTTLS when offered; name mx1.{SEC} (dane: off (dns.dnssec_validating is off))"
+        )),
+        "{off}"
+    );
+    // Mandatory DANE: the hosts it cannot authenticate are skipped.
+    let mandatory = run(&[
+        &m,
+        "--set",
+        "dns.dnssec_validating=true",
+        "--set",
+        "delivery.tls=\"dane\"",
+    ]);
+    assert!(
+        mandatory.contains(&format!("  20 skipped: mx2.{SEC}: TLS policy dane (delivery.tls): no DANE for mx2.{SEC}: no TLSA records")),
+        "{mandatory}"
+    );
+}

@@ -13,7 +13,7 @@ use sluice_dns::{QueryType, Resolver, Route};
 
 use crate::config::delivery::DeliveryConfig;
 use crate::config::Config;
-use crate::delivery::{domain_of, route_recipient, tls_policy, MxHosts, Target};
+use crate::delivery::{dane, domain_of, route_recipient, tls_policy, MxHosts, Target};
 
 /// Where the system's resolvers are listed when `dns.servers` is empty.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -326,7 +326,8 @@ async fn tls(
         rules.uses_mx().then_some(&mx),
     )
     .map_err(|reply| anyhow!("{} does not route: {reply}", q.recipient))?;
-    // DANE and MTA-STS are not looked up yet; `select` is where they will win.
+    // The destination's configured policy; DANE is decided per MX host below
+    // (MTA-STS is not looked up yet).
     let policy = tls_policy::select(None, None, routed.target.tls().clone());
     writeln!(out, "tls {domain}: {policy}")?;
     writeln!(
@@ -350,13 +351,31 @@ async fn tls(
         "  precedence: DANE > MTA-STS > [[rule]] tls > route.NAME.tls > delivery.tls (= {})",
         cfg.delivery.tls.level()
     )?;
-    writeln!(out, "  dane: not looked up (not implemented yet)")?;
+    match &routed.target {
+        Target::Mx { .. } if policy.level != tls_policy::Level::None => writeln!(
+            out,
+            "  dane: per MX host below (dns.dnssec_validating = {})",
+            resolver.config().dnssec_validating
+        )?,
+        Target::Mx { .. } => writeln!(out, "  dane: not looked up (TLS policy none)")?,
+        Target::Host { .. } => writeln!(
+            out,
+            "  dane: not looked up (a route to a host: TLSA is looked up for MX hosts only)"
+        )?,
+    }
     writeln!(out, "  mta-sts: not looked up (not implemented yet)")?;
-    let check = match policy.level {
-        tls_policy::Level::Verify => "certificate must verify for",
-        tls_policy::Level::Required => "TLS required, any certificate; name",
-        tls_policy::Level::Opportunistic => "STARTTLS when offered; name",
-        tls_policy::Level::None => "no TLS; name",
+    let check = |policy: &tls_policy::TlsPolicy| match (policy.level, &policy.basis) {
+        (tls_policy::Level::Verify, tls_policy::Basis::Dane) => {
+            "DANE: certificate must match TLSA for"
+        }
+        (tls_policy::Level::Required, tls_policy::Basis::Dane) => {
+            "DANE (no usable TLSA): TLS required, any certificate; name"
+        }
+        (tls_policy::Level::Verify, _) => "certificate must verify for",
+        (tls_policy::Level::Required, _) => "TLS required, any certificate; name",
+        (tls_policy::Level::Opportunistic, _) => "STARTTLS when offered; name",
+        (tls_policy::Level::None, _) => "no TLS; name",
+        (tls_policy::Level::Dane, _) => "DANE must authenticate",
     };
     match &routed.target {
         Target::Host {
@@ -373,7 +392,7 @@ async fn tls(
                 if *lmtp { "LMTP" } else { "SMTP" },
                 if cert { ", client certificate" } else { "" }
             )?;
-            writeln!(out, "  {check} {host}")?;
+            writeln!(out, "  {} {host}", check(&policy))?;
         }
         Target::Mx { port, .. } => {
             let route = match route_lookup {
@@ -382,7 +401,25 @@ async fn tls(
             };
             writeln!(out, "  route {}: MX of {domain}, port {port}", routed.route)?;
             for host in &route.hosts {
-                writeln!(out, "  {} {check} {}", host.preference, host.name)?;
+                if host.addrs.is_empty() {
+                    writeln!(out, "  {} {}: no address", host.preference, host.name)?;
+                    continue;
+                }
+                // The same decisions delivery makes for this host.
+                let dane = dane::for_host(resolver, host, *port, &policy).await;
+                if let Some(why) = dane::skip_reason(&dane, &policy, &host.name, *port) {
+                    writeln!(out, "  {} skipped: {}: {why}", host.preference, host.name)?;
+                    continue;
+                }
+                let effective =
+                    tls_policy::select(dane::policy(&dane, &policy), None, policy.clone());
+                writeln!(
+                    out,
+                    "  {} {} {} (dane: {dane})",
+                    host.preference,
+                    check(&effective),
+                    host.name
+                )?;
             }
             if let Some(e) = &route.error {
                 writeln!(out, "  MX lookup: {e}")?;

@@ -10,9 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 
 use glommio::timer::Timer;
-use sluice_dns::{QueryType, Record, RouteError, RouteHost};
+use sluice_dns::{QueryType, Record, RouteError};
 
-use super::dane::{self, Dane, TlsaAnswer};
+use super::dane::{self, Dane};
 use super::job::{
     deferred_all, notify_keywords, result_for_failure, ret_keyword, site_key, Job, JobResult,
     Outcome, Strategy, Target,
@@ -20,7 +20,7 @@ use super::job::{
 use super::mesh::HostSlot;
 use super::outbound::{Connection, Endpoint, SessionFailure};
 use super::throttle::{self, HostRate, SiteThrottle};
-use super::tls_policy::{Level, TlsPolicy};
+use super::tls_policy::Level;
 use super::{config, halted, now_ms, CoreDelivery};
 use sluice_spool::Reply;
 
@@ -421,25 +421,8 @@ impl CoreDelivery {
                     if host.addrs.is_empty() {
                         continue;
                     }
-                    let dane = self.dane(host, *port, tls).await;
-                    let tlsa = dane::tlsa_name(*port, &host.name);
-                    let skip = match (&dane, tls.level) {
-                        // RFC 7672 §2.2: a secure host whose TLSA lookup
-                        // fails is not used; the next MX host may be.
-                        (Dane::LookupFailed(why), _) => {
-                            Some(format!("DANE: TLSA lookup {tlsa} failed: {why}"))
-                        }
-                        // Mandatory DANE: only hosts DANE authenticates.
-                        (Dane::Off(why), Level::Dane) => Some(format!(
-                            "TLS policy dane ({}): no DANE for {}: {why}",
-                            tls.basis, host.name
-                        )),
-                        (Dane::Unusable, Level::Dane) => Some(format!(
-                            "TLS policy dane ({}): {tlsa} has no usable TLSA records",
-                            tls.basis
-                        )),
-                        _ => None,
-                    };
+                    let dane = dane::for_host(&self.resolver, host, *port, tls).await;
+                    let skip = dane::skip_reason(&dane, tls, &host.name, *port);
                     if let Some(why) = skip {
                         let reply = client::Reply::local(451, "4.7.5", &why);
                         tracing::info!(host = %host.name, reply = %reply, "MX host skipped");
@@ -542,21 +525,6 @@ impl CoreDelivery {
                     .collect())
             }
         }
-    }
-
-    /// What DANE says about an MX host: its TLSA records are looked up only
-    /// when DANE can apply (a validating resolver, a secure host, a policy
-    /// above `none`).
-    async fn dane(&self, host: &RouteHost, port: u16, tls: &TlsPolicy) -> Dane {
-        if tls.level == Level::None {
-            return Dane::Off("TLS policy none");
-        }
-        if let Err(why) = dane::applies(self.resolver.config().dnssec_validating, host.secure) {
-            return Dane::Off(why);
-        }
-        let name = dane::tlsa_name(port, &host.name);
-        let answer = TlsaAnswer::from_lookup(self.resolver.lookup(&name, QueryType::Tlsa).await);
-        dane::classify(answer)
     }
 
     /// One transaction on an open connection.
