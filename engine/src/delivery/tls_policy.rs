@@ -9,9 +9,9 @@
 //!   after a refused STARTTLS; the connection asks it after the handshake. A
 //!   policy that needs TLS never gets [`Verdict::Cleartext`].
 //!
-//! DANE and MTA-STS are not looked up yet: [`Basis::Dane`] and
-//! [`Basis::MtaSts`] are where their results go, and [`select`] is where they
-//! take precedence. They reduce to the same levels: a usable TLSA set or an
+//! DANE is decided per MX host in `dane.rs` (its result comes in as
+//! [`Basis::Dane`]); MTA-STS is not looked up yet ([`Basis::MtaSts`]).
+//! [`select`] is where they take precedence. They reduce to the same levels: a usable TLSA set or an
 //! enforced MTA-STS policy is `verify` against their own authority (TLSA
 //! records, the policy's MX patterns), so [`decide`] needs no change for them.
 
@@ -26,7 +26,7 @@ pub use sluice_policy::TlsLevel as Level;
 /// publishes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Basis {
-    /// The destination's TLSA records (DANE, RFC 7672). Not looked up yet.
+    /// The MX host's TLSA records (DANE, RFC 7672; `dane.rs`).
     Dane,
     /// The destination's MTA-STS policy in enforce mode (RFC 8461). Not
     /// fetched yet.
