@@ -1487,6 +1487,10 @@ fn nul_smuggling_never_splits_at_a_maximally_lenient_next_hop() {
     store_raw(spool_dir.path(), &raw);
     let total = accepted + raw.len();
 
+    // Everything is in the spool before delivery starts (counted while no
+    // relay runs: a running one may already have delivered some).
+    assert_eq!(count_at(spool_dir.path()), total);
+
     // Deliver all of it to the lenient sink.
     let relay = Relay::builder()
         .set(spool_set)
@@ -1498,7 +1502,6 @@ fn nul_smuggling_never_splits_at_a_maximally_lenient_next_hop() {
             sink.addr.port()
         ))
         .start();
-    assert_eq!(count_at(spool_dir.path()), total);
     wait_until(
         &format!("{total} deliveries"),
         Duration::from_secs(120),
