@@ -451,6 +451,16 @@ fn dane_decides_where_mail_goes() {
     let c = self_signed(d, "ins", &host("ins", INS));
     let t = vec![tlsa(3, 1, 1, &self_signed(d, "x", "x").leaf_spki())];
     add("ins", INS, Some(c), t, opportunistic);
+    // Mandatory DANE (a rule's tls = "dane", below): a host DANE
+    // authenticates is used; one without TLSA, or in an unsigned zone, is not.
+    let c = chain(d, "mandok", &host("mandok", SEC), &int, &[&int]);
+    let t = vec![tlsa(3, 1, 1, &c.leaf_spki())];
+    add("mandok", SEC, Some(c), t, dane_ok);
+    let c = self_signed(d, "mandnone", &host("mandnone", SEC));
+    add("mandnone", SEC, Some(c), vec![], dane_fail);
+    let c = self_signed(d, "mandins", &host("mandins", INS));
+    let t = vec![tlsa(3, 1, 1, &c.leaf_spki())];
+    add("mandins", INS, Some(c), t, dane_fail);
     // The whole domain signed with a key that is not the anchor: no route.
     let c = self_signed(d, "bz", &host("bz", BOGUS));
     add(
@@ -488,7 +498,16 @@ fn dane_decides_where_mail_goes() {
         Zone::unsigned(INS, &zones[INS]),
         Zone::wrong_key(BOGUS, &zones[BOGUS]),
     ]);
-    let relay = relay(&bed, port, &["dns.dnssec_validating=true".to_string()]);
+    let relay = relay(
+        &bed,
+        port,
+        &[
+            "dns.dnssec_validating=true".to_string(),
+            format!(
+                "rule=[{{match={{recipient_domain=[\"mandok.{SEC}\",\"mandnone.{SEC}\",\"mandins.{INS}\"]}},tls=\"dane\"}}]"
+            ),
+        ],
+    );
     let (_id, a) = submit_to(&relay, &cases);
     for case in &cases {
         if case.label == "bz" {
@@ -502,13 +521,16 @@ fn dane_decides_where_mail_goes() {
         }
         check(case, &a, &relay, &bed);
     }
-    // The bogus TLSA host was never dialled: no session reached it.
-    let bogus = cases.iter().find(|c| c.label == "bogus").unwrap();
-    assert!(
-        bogus.receiver.of("quit").is_empty() && bogus.receiver.of("starttls").is_empty(),
-        "{:?}",
-        bogus.receiver.events()
-    );
+    // The bogus TLSA host, and the hosts mandatory DANE cannot
+    // authenticate, were never dialled: no session reached them.
+    for label in ["bogus", "mandnone", "mandins"] {
+        let c = cases.iter().find(|c| c.label == label).unwrap();
+        assert!(
+            c.receiver.of("quit").is_empty() && c.receiver.of("starttls").is_empty(),
+            "{label}: {:?}",
+            c.receiver.events()
+        );
+    }
     // Failed DANE checks said QUIT over the TLS session they had made.
     for label in ["eebad", "taname", "forged"] {
         let c = cases.iter().find(|c| c.label == label).unwrap();
@@ -552,4 +574,77 @@ fn dane_is_off_unless_the_resolver_is_declared_validating() {
     }];
     let (_id, a) = submit_to(&relay, &cases);
     check(&cases[0], &a, &relay, &bed);
+}
+
+/// `sluice debug tls DOMAIN` shows, per MX host, what DANE decided and the
+/// check a session will make, through the same code delivery uses.
+#[test]
+fn debug_tls_shows_dane_per_mx_host() {
+    require_tools!(TOOLS[0], TOOLS[1], TOOLS[2], TOOLS[3]);
+    let dir = tempfile::tempdir().unwrap();
+    let c = self_signed(dir.path(), "leaf", &format!("mx1.{SEC}"));
+    let bed = DnssecBed::start(&[
+        Zone::secure(
+            SEC,
+            &format!(
+                "m MX 10 mx1\nm MX 20 mx2\nm MX 30 mx3\nmx1 A 127.0.0.1\nmx2 A 127.0.0.1\n\
+                 mx3 A 127.0.0.1\n_25._tcp.mx1 TLSA {}\n_25._tcp.mx3 TLSA {}\n",
+                tlsa(3, 1, 1, &c.leaf_spki()),
+                tlsa(3, 1, 1, &c.leaf_spki())
+            ),
+        )
+        .corrupt_signature("_25._tcp.mx3", "TLSA"),
+        Zone::unsigned(INS, "m MX 10 mx1\nmx1 A 127.0.0.1\n"),
+    ]);
+    let run = |args: &[&str]| -> String {
+        let out = run_with_timeout(
+            Command::new(bin())
+                .args(["debug", "tls"])
+                .args(args)
+                .args(["--set", &bed.servers_set()])
+                .args(["--set", "dns.timeout=\"2s\""]),
+            T,
+        );
+        assert_ok(&out, "sluice debug tls");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let m = format!("m.{SEC}");
+    let text = run(&[&m, "--set", "dns.dnssec_validating=true"]);
+    let digest = tlsa(3, 1, 1, &c.leaf_spki());
+    for want in [
+        format!("tls {m}: opportunistic (from delivery.tls)\n"),
+        "dane: per MX host below (dns.dnssec_validating = true)".to_string(),
+        format!(
+            "  10 DANE: certificate must match TLSA for mx1.{SEC} (dane: 1 usable TLSA record(s): {digest})"
+        ),
+        format!("  20 STARTTLS when offered; name mx2.{SEC} (dane: off (no TLSA records))"),
+        format!("  30 skipped: mx3.{SEC}: DANE: TLSA lookup _25._tcp.mx3.{SEC} failed"),
+    ] {
+        assert!(text.contains(&want), "missing {want:?} in:\n{text}");
+    }
+    // Unsigned zone; and the same secure zone without a validating resolver.
+    let ins = run(&[&format!("m.{INS}"), "--set", "dns.dnssec_validating=true"]);
+    assert!(
+        ins.contains("(dane: off (MX or address records not DNSSEC-secure))"),
+        "{ins}"
+    );
+    let off = run(&[&m]);
+    assert!(
+        off.contains(&format!(
+            "  10 STARTTLS when offered; name mx1.{SEC} (dane: off (dns.dnssec_validating is off))"
+        )),
+        "{off}"
+    );
+    // Mandatory DANE: the hosts it cannot authenticate are skipped.
+    let mandatory = run(&[
+        &m,
+        "--set",
+        "dns.dnssec_validating=true",
+        "--set",
+        "delivery.tls=\"dane\"",
+    ]);
+    assert!(
+        mandatory.contains(&format!("  20 skipped: mx2.{SEC}: TLS policy dane (delivery.tls): no DANE for mx2.{SEC}: no TLSA records")),
+        "{mandatory}"
+    );
 }

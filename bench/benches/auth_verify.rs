@@ -66,6 +66,7 @@ fn signed(dir: &std::path::Path, algorithm: SigningAlgorithm) -> (Vec<u8>, Strin
         rule: vec![DkimRuleConfig {
             when: Default::default(),
             sign: Some(vec!["s".into()]),
+            arc_seal: None,
         }],
     };
     let p = DkimPolicy::from_config(&cfg, &[]).expect("policy");

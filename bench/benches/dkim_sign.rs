@@ -50,6 +50,7 @@ fn policy(dir: &std::path::Path, algorithm: SigningAlgorithm) -> DkimPolicy {
         rule: vec![DkimRuleConfig {
             when: Default::default(),
             sign: Some(vec!["s".into()]),
+            arc_seal: None,
         }],
     };
     DkimPolicy::from_config(&cfg, &[]).expect("policy")

@@ -667,8 +667,31 @@ impl Config {
         if let Err((key, message)) = self.dns.check() {
             return Err(invalid(key.into(), message));
         }
+        // Mandatory DANE rests on the resolver's AD bit.
+        if self.delivery.tls == delivery::OutboundTls::Dane && !self.dns.dnssec_validating {
+            return Err(invalid(
+                "delivery.tls".into(),
+                "\"dane\" needs dns.dnssec_validating = true (a validating resolver)".into(),
+            ));
+        }
         for (name, route) in &self.route {
             use delivery::RouteKind;
+            if route.tls == Some(delivery::OutboundTls::Dane) {
+                if route.kind != RouteKind::Mx {
+                    return Err(invalid(
+                        format!("route.{name}.tls"),
+                        "\"dane\" needs an MX route (TLSA records are looked up for MX hosts)"
+                            .into(),
+                    ));
+                }
+                if !self.dns.dnssec_validating {
+                    return Err(invalid(
+                        format!("route.{name}.tls"),
+                        "\"dane\" needs dns.dnssec_validating = true (a validating resolver)"
+                            .into(),
+                    ));
+                }
+            }
             if route.kind != RouteKind::Mx && route.host.is_none() {
                 return Err(invalid(
                     format!("route.{name}.host"),
@@ -1015,6 +1038,32 @@ mod tests {
         let err = Config::load("t.toml", text, &[]).unwrap_err().to_string();
         assert!(err.contains("server.listener.a.tls"), "{err}");
         assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn mandatory_dane_needs_a_validating_resolver_and_an_mx_route() {
+        let err = |text: &str| Config::load("t.toml", text, &[]).unwrap_err().to_string();
+        let e = err("[delivery]\ntls = \"dane\"\n");
+        assert!(
+            e.contains("delivery.tls") && e.contains("dnssec_validating"),
+            "{e}"
+        );
+        let e = err("[dns]\ndnssec_validating = true\n[route.smart]\ntype = \"relay\"\nhost = \"s.example\"\ntls = \"dane\"\n");
+        assert!(
+            e.contains("route.smart.tls") && e.contains("MX route"),
+            "{e}"
+        );
+        let e = err("[route.out]\ntype = \"mx\"\ntls = \"dane\"\n");
+        assert!(
+            e.contains("route.out.tls") && e.contains("dnssec_validating"),
+            "{e}"
+        );
+        Config::load(
+            "t.toml",
+            "[dns]\ndnssec_validating = true\n[delivery]\ntls = \"dane\"\n[route.out]\ntype = \"mx\"\ntls = \"dane\"\n",
+            &[],
+        )
+        .expect("dane with a validating resolver");
     }
 
     #[test]

@@ -13,8 +13,7 @@ use sluice_dns::{QueryType, Resolver, Route};
 
 use crate::config::delivery::DeliveryConfig;
 use crate::config::Config;
-use crate::delivery::dane::{self, Dane};
-use crate::delivery::{domain_of, route_recipient, tls_policy, MxHosts, Target};
+use crate::delivery::{dane, domain_of, route_recipient, tls_policy, MxHosts, Target};
 
 /// Where the system's resolvers are listed when `dns.servers` is empty.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -327,10 +326,10 @@ async fn tls(
         rules.uses_mx().then_some(&mx),
     )
     .map_err(|reply| anyhow!("{} does not route: {reply}", q.recipient))?;
-    // The configured policy; DANE (per MX host, below) and MTA-STS (not
-    // fetched yet) take precedence over it in `select`, as in delivery.
-    let configured = routed.target.tls().clone();
-    writeln!(out, "tls {domain}: {configured}")?;
+    // The destination's configured policy; DANE is decided per MX host below
+    // (MTA-STS is not looked up yet).
+    let policy = tls_policy::select(None, None, routed.target.tls().clone());
+    writeln!(out, "tls {domain}: {policy}")?;
     writeln!(
         out,
         "  recipient <{}>{}, sender <{}>, listener {}",
@@ -352,7 +351,32 @@ async fn tls(
         "  precedence: DANE > MTA-STS > [[rule]] tls > route.NAME.tls > delivery.tls (= {})",
         cfg.delivery.tls.level()
     )?;
-    writeln!(out, "  mta-sts: not fetched (not implemented yet)")?;
+    match &routed.target {
+        Target::Mx { .. } if policy.level != tls_policy::Level::None => writeln!(
+            out,
+            "  dane: per MX host below (dns.dnssec_validating = {})",
+            resolver.config().dnssec_validating
+        )?,
+        Target::Mx { .. } => writeln!(out, "  dane: not looked up (TLS policy none)")?,
+        Target::Host { .. } => writeln!(
+            out,
+            "  dane: not looked up (a route to a host: TLSA is looked up for MX hosts only)"
+        )?,
+    }
+    writeln!(out, "  mta-sts: not looked up (not implemented yet)")?;
+    let check = |policy: &tls_policy::TlsPolicy| match (policy.level, &policy.basis) {
+        (tls_policy::Level::Verify, tls_policy::Basis::Dane) => {
+            "DANE: certificate must match TLSA for"
+        }
+        (tls_policy::Level::Required, tls_policy::Basis::Dane) => {
+            "DANE (no usable TLSA): TLS required, any certificate; name"
+        }
+        (tls_policy::Level::Verify, _) => "certificate must verify for",
+        (tls_policy::Level::Required, _) => "TLS required, any certificate; name",
+        (tls_policy::Level::Opportunistic, _) => "STARTTLS when offered; name",
+        (tls_policy::Level::None, _) => "no TLS; name",
+        (tls_policy::Level::Dane, _) => "DANE must authenticate",
+    };
     match &routed.target {
         Target::Host {
             host, port, lmtp, ..
@@ -368,12 +392,7 @@ async fn tls(
                 if *lmtp { "LMTP" } else { "SMTP" },
                 if cert { ", client certificate" } else { "" }
             )?;
-            let policy = tls_policy::select(None, None, configured.clone());
-            writeln!(
-                out,
-                "  {host}: {policy}; {}; DANE: not for smart-host routes",
-                what_is_checked(&policy, host)
-            )?;
+            writeln!(out, "  {} {host}", check(&policy))?;
         }
         Target::Mx { port, .. } => {
             let route = match route_lookup {
@@ -382,23 +401,24 @@ async fn tls(
             };
             writeln!(out, "  route {}: MX of {domain}, port {port}", routed.route)?;
             for host in &route.hosts {
-                let dane = dane::for_host(resolver, host, *port, &configured).await;
-                let policy =
-                    tls_policy::select(dane::policy(&dane, &configured), None, configured.clone());
-                let dane_text = match &dane {
-                    Dane::Off(why) => format!("DANE off: {why}"),
-                    Dane::Records(r) => format!("DANE: {} usable TLSA record(s)", r.len()),
-                    Dane::Unusable => "DANE: TLSA records, none usable (TLS required)".into(),
-                    Dane::LookupFailed(why) => {
-                        format!("DANE: TLSA lookup failed ({why}): host skipped")
-                    }
-                };
+                if host.addrs.is_empty() {
+                    writeln!(out, "  {} {}: no address", host.preference, host.name)?;
+                    continue;
+                }
+                // The same decisions delivery makes for this host.
+                let dane = dane::for_host(resolver, host, *port, &policy).await;
+                if let Some(why) = dane::skip_reason(&dane, &policy, &host.name, *port) {
+                    writeln!(out, "  {} skipped: {}: {why}", host.preference, host.name)?;
+                    continue;
+                }
+                let effective =
+                    tls_policy::select(dane::policy(&dane, &policy), None, policy.clone());
                 writeln!(
                     out,
-                    "  {} {}: {policy}; {}; {dane_text}",
+                    "  {} {} {} (dane: {dane})",
                     host.preference,
-                    host.name,
-                    what_is_checked(&policy, &host.name)
+                    check(&effective),
+                    host.name
                 )?;
             }
             if let Some(e) = &route.error {
@@ -407,19 +427,6 @@ async fn tls(
         }
     }
     Ok(())
-}
-
-/// What a session under `policy` checks of `host`'s certificate.
-fn what_is_checked(policy: &tls_policy::TlsPolicy, host: &str) -> String {
-    match (&policy.basis, policy.level) {
-        (tls_policy::Basis::Dane, tls_policy::Level::Verify) => {
-            "certificate must match the TLSA records".into()
-        }
-        (_, tls_policy::Level::Verify) => format!("certificate must verify for {host}"),
-        (_, tls_policy::Level::Required) => "TLS required, any certificate".into(),
-        (_, tls_policy::Level::Opportunistic) => "STARTTLS when offered".into(),
-        (_, tls_policy::Level::None) => "no TLS".into(),
-    }
 }
 
 fn yes_no(b: bool) -> &'static str {

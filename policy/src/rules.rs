@@ -829,7 +829,7 @@ mod tests {
     }
 
     #[test]
-    fn tls_level_is_one_of_four_and_unset_by_default() {
+    fn tls_level_is_one_of_five_and_unset_by_default() {
         for level in TlsLevel::ALL {
             let set = rules(&format!("[[rule]]\ntls = \"{level}\"\n"));
             assert_eq!(set.decide(&facts(), "a@b.example").tls, Some(level));
@@ -840,12 +840,13 @@ mod tests {
                 .tls,
             None
         );
-        // DANE and MTA-STS are what a destination publishes, not levels to configure.
-        let err = match toml::from_str::<Doc>("[[rule]]\ntls = \"dane\"\n") {
-            Ok(_) => panic!("dane is not a level"),
+        // MTA-STS is what a destination publishes, not a level to configure
+        // (`dane` is one: mandatory DANE).
+        let err = match toml::from_str::<Doc>("[[rule]]\ntls = \"mta-sts\"\n") {
+            Ok(_) => panic!("mta-sts is not a level"),
             Err(e) => e.to_string(),
         };
-        assert!(err.contains("unknown variant `dane`"), "{err}");
+        assert!(err.contains("unknown variant `mta-sts`"), "{err}");
     }
 
     #[test]

@@ -17,6 +17,11 @@ pub enum TlsLevel {
     /// STARTTLS must be offered and the certificate must verify for the host
     /// name (web PKI roots or the configured CA file).
     Verify,
+    /// Mandatory DANE (Postfix's `dane-only`): only MX hosts with usable
+    /// DNSSEC-secure TLSA records are used, and the certificate must match
+    /// them. (DANE also applies on its own, over opportunistic, required and
+    /// verify, wherever an MX host publishes usable secure TLSA records.)
+    Dane,
 }
 
 impl TlsLevel {
@@ -27,25 +32,27 @@ impl TlsLevel {
             TlsLevel::Opportunistic => "opportunistic",
             TlsLevel::Required => "required",
             TlsLevel::Verify => "verify",
+            TlsLevel::Dane => "dane",
         }
     }
 
     /// Whether a session under this level may never carry mail in clear text.
     pub fn encrypts(self) -> bool {
-        matches!(self, TlsLevel::Required | TlsLevel::Verify)
+        matches!(self, TlsLevel::Required | TlsLevel::Verify | TlsLevel::Dane)
     }
 
     /// Whether the peer's certificate must verify.
     pub fn authenticates(self) -> bool {
-        self == TlsLevel::Verify
+        matches!(self, TlsLevel::Verify | TlsLevel::Dane)
     }
 
     /// Every level, weakest first.
-    pub const ALL: [TlsLevel; 4] = [
+    pub const ALL: [TlsLevel; 5] = [
         TlsLevel::None,
         TlsLevel::Opportunistic,
         TlsLevel::Required,
         TlsLevel::Verify,
+        TlsLevel::Dane,
     ];
 }
 

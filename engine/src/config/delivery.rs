@@ -26,6 +26,9 @@ pub enum OutboundTls {
     Verify,
     /// TLS from the first byte (smart hosts on port 465), any certificate.
     Implicit,
+    /// Mandatory DANE: only MX hosts with usable DNSSEC-secure TLSA records,
+    /// the certificate matching them (needs `dns.dnssec_validating`).
+    Dane,
 }
 
 impl OutboundTls {
@@ -36,6 +39,7 @@ impl OutboundTls {
             OutboundTls::Opportunistic => TlsLevel::Opportunistic,
             OutboundTls::Required | OutboundTls::Implicit => TlsLevel::Required,
             OutboundTls::Verify => TlsLevel::Verify,
+            OutboundTls::Dane => TlsLevel::Dane,
         }
     }
 }

@@ -125,9 +125,9 @@ pub fn classify(answer: TlsaAnswer) -> Dane {
     }
 }
 
-/// What DANE says about an MX host: its TLSA records are looked up only when
-/// DANE can apply (a validating resolver, a secure host, a policy above
-/// `none`). Delivery (`site.rs`) and `sluice debug tls` both ask this.
+/// What DANE says about an MX host, looked up the way delivery does it (and
+/// `sluice debug tls`): the TLSA records are asked for only when DANE can
+/// apply (a validating resolver, a secure host, a policy above `none`).
 pub async fn for_host(
     resolver: &sluice_dns::Resolver,
     host: &sluice_dns::RouteHost,
@@ -143,6 +143,44 @@ pub async fn for_host(
     let name = tlsa_name(port, &host.name);
     let answer = TlsaAnswer::from_lookup(resolver.lookup(&name, sluice_dns::QueryType::Tlsa).await);
     classify(answer)
+}
+
+/// Why an MX host must not be dialled at all, if it must not: its TLSA
+/// lookup failed (RFC 7672 §2.2), or the policy is mandatory DANE and DANE
+/// does not authenticate it.
+pub fn skip_reason(dane: &Dane, tls: &TlsPolicy, host: &str, port: u16) -> Option<String> {
+    let tlsa = tlsa_name(port, host);
+    match (dane, tls.level) {
+        (Dane::LookupFailed(why), _) => Some(format!("DANE: TLSA lookup {tlsa} failed: {why}")),
+        (Dane::Off(why), Level::Dane) => Some(format!(
+            "TLS policy dane ({}): no DANE for {host}: {why}",
+            tls.basis
+        )),
+        (Dane::Unusable, Level::Dane) => Some(format!(
+            "TLS policy dane ({}): {tlsa} has no usable TLSA records",
+            tls.basis
+        )),
+        _ => None,
+    }
+}
+
+impl std::fmt::Display for Dane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dane::Off(why) => write!(f, "off ({why})"),
+            Dane::Records(records) => {
+                let list: Vec<String> = records.iter().map(Tlsa::presentation).collect();
+                write!(
+                    f,
+                    "{} usable TLSA record(s): {}",
+                    records.len(),
+                    list.join(", ")
+                )
+            }
+            Dane::Unusable => f.write_str("secure TLSA records, none usable: TLS required"),
+            Dane::LookupFailed(why) => write!(f, "TLSA lookup failed: {why}"),
+        }
+    }
 }
 
 /// The policy DANE imposes on a session (RFC 7672 §2.2), which takes

@@ -458,6 +458,11 @@ impl Connection {
                     Dane::Records(records) if self.tls_policy.basis == Basis::Dane => {
                         tls.verify_dane(session, records, &self.host)
                     }
+                    // Mandatory DANE without records never verifies (the
+                    // host should not have been dialled at all).
+                    _ if self.tls_policy.level == tls_policy::Level::Dane => {
+                        Err("DANE: no usable TLSA records".to_string())
+                    }
                     _ => tls.verify(session, &name),
                 };
                 crate::metrics::outbound_tls(Ok(verified.is_ok()));

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 
 use glommio::timer::Timer;
-use sluice_dns::{QueryType, Record, RouteError, RouteHost};
+use sluice_dns::{QueryType, Record, RouteError};
 
 use super::dane::{self, Dane};
 use super::job::{
@@ -20,7 +20,7 @@ use super::job::{
 use super::mesh::HostSlot;
 use super::outbound::{Connection, Endpoint, SessionFailure};
 use super::throttle::{self, HostRate, SiteThrottle};
-use super::tls_policy::TlsPolicy;
+use super::tls_policy::Level;
 use super::{config, halted, now_ms, CoreDelivery};
 use sluice_spool::Reply;
 
@@ -421,18 +421,10 @@ impl CoreDelivery {
                     if host.addrs.is_empty() {
                         continue;
                     }
-                    let dane = self.dane(host, *port, tls).await;
-                    if let Dane::LookupFailed(why) = &dane {
-                        // RFC 7672 §2.2: a secure host whose TLSA lookup
-                        // fails is not used; the next MX host may be.
-                        let reply = client::Reply::local(
-                            451,
-                            "4.7.5",
-                            &format!(
-                                "DANE: TLSA lookup {} failed: {why}",
-                                dane::tlsa_name(*port, &host.name)
-                            ),
-                        );
+                    let dane = dane::for_host(&self.resolver, host, *port, tls).await;
+                    let skip = dane::skip_reason(&dane, tls, &host.name, *port);
+                    if let Some(why) = skip {
+                        let reply = client::Reply::local(451, "4.7.5", &why);
                         tracing::info!(host = %host.name, reply = %reply, "MX host skipped");
                         dane_failure = Some(SessionFailure {
                             reply,
@@ -474,6 +466,21 @@ impl CoreDelivery {
                 tls,
                 auth,
             } => {
+                if tls.level == Level::Dane {
+                    // TLSA records are looked up for MX hosts only.
+                    return Err(SessionFailure {
+                        reply: client::Reply::local(
+                            451,
+                            "4.7.5",
+                            &format!(
+                                "TLS policy dane ({}): DANE applies to MX routes only, not to host {host}",
+                                tls.basis
+                            ),
+                        ),
+                        try_next: false,
+                        tls_policy: Some("dane"),
+                    });
+                }
                 let ips: Vec<IpAddr> = match host.parse::<IpAddr>() {
                     Ok(ip) => vec![ip],
                     Err(_) => {
@@ -518,11 +525,6 @@ impl CoreDelivery {
                     .collect())
             }
         }
-    }
-
-    /// What DANE says about an MX host ([`dane::for_host`]).
-    async fn dane(&self, host: &RouteHost, port: u16, tls: &TlsPolicy) -> Dane {
-        dane::for_host(&self.resolver, host, port, tls).await
     }
 
     /// One transaction on an open connection.

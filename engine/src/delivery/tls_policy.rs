@@ -9,10 +9,10 @@
 //!   after a refused STARTTLS; the connection asks it after the handshake. A
 //!   policy that needs TLS never gets [`Verdict::Cleartext`].
 //!
-//! DANE (`dane.rs`, per MX host) gives [`Basis::Dane`] policies; MTA-STS is
-//! not fetched yet ([`Basis::MtaSts`] is where it goes). [`select`] is where
-//! they take precedence. They reduce to the same levels: a usable TLSA set or
-//! an enforced MTA-STS policy is `verify` against their own authority (TLSA
+//! DANE is decided per MX host in `dane.rs` (its result comes in as
+//! [`Basis::Dane`]); MTA-STS is not looked up yet ([`Basis::MtaSts`]).
+//! [`select`] is where they take precedence. They reduce to the same levels: a usable TLSA set or an
+//! enforced MTA-STS policy is `verify` against their own authority (TLSA
 //! records, the policy's MX patterns), so [`decide`] needs no change for them.
 
 use std::fmt;
@@ -276,7 +276,7 @@ pub fn decide(level: Level, starttls_offered: bool, handshake: Handshake<'_>) ->
             Level::None => Verdict::Cleartext,
             _ if starttls_offered => Verdict::StartTls,
             Level::Opportunistic => Verdict::Cleartext,
-            Level::Required | Level::Verify => Verdict::Defer(Failure::NoStartTls),
+            Level::Required | Level::Verify | Level::Dane => Verdict::Defer(Failure::NoStartTls),
         },
         Handshake::Refused(reply) => {
             if level.encrypts() {
@@ -301,7 +301,7 @@ pub fn decide(level: Level, starttls_offered: bool, handshake: Handshake<'_>) ->
 mod tests {
     use super::*;
 
-    const LEVELS: [Level; 4] = Level::ALL;
+    const LEVELS: [Level; 5] = Level::ALL;
 
     fn route(kind: RouteKind, tls: Option<OutboundTls>) -> RouteConfig {
         RouteConfig {
@@ -324,7 +324,7 @@ mod tests {
             let v = decide(level, false, Handshake::NotYet);
             match level {
                 Level::None | Level::Opportunistic => assert_eq!(v, Verdict::Cleartext),
-                Level::Required | Level::Verify => {
+                Level::Required | Level::Verify | Level::Dane => {
                     assert_eq!(v, Verdict::Defer(Failure::NoStartTls))
                 }
             }
@@ -384,7 +384,7 @@ mod tests {
                     verified: Err("certificate not valid for name"),
                 },
             );
-            if level == Level::Verify {
+            if level.authenticates() {
                 let Verdict::Defer(f) = v else {
                     panic!("{v:?}")
                 };
@@ -407,7 +407,7 @@ mod tests {
                 verified: Err("unknown issuer"),
             },
         ];
-        for level in [Level::Required, Level::Verify] {
+        for level in [Level::Required, Level::Verify, Level::Dane] {
             for offered in [false, true] {
                 for h in handshakes {
                     assert_ne!(

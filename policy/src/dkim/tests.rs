@@ -176,7 +176,10 @@ sign = "rsa"
     assert_eq!(seal(&fwd).as_deref(), Some("rsa"));
     assert_eq!(policy.names(policy.select(&fwd, "default")), "");
     // Sealing and signing from the same rule.
-    assert_eq!(seal(&facts("smtp", "a@example.org", None)).as_deref(), Some("ed"));
+    assert_eq!(
+        seal(&facts("smtp", "a@example.org", None)).as_deref(),
+        Some("ed")
+    );
     // The first matching rule has no arc_seal: not sealed, even though a
     // later rule would seal.
     assert_eq!(seal(&facts("smtp", "a@other.test", None)), None);
