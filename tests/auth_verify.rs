@@ -828,3 +828,141 @@ fn dkim_signing_at_acceptance_still_verifies_with_the_results_and_seal_added() {
     ]);
     assert!(arc.starts_with("pass"), "{arc}\n{stored}");
 }
+
+/// OpenDKIM's filter, run in its test mode (`opendkim -t FILE`, signing
+/// mode, rsa-sha256, relaxed/relaxed, From over-signed), signs with the RSA
+/// key dknewkey made for `rsa._domainkey.sig.dlv.test`: sluice verifies the
+/// signature as pass, and a tampered copy as fail.
+#[test]
+fn opendkim_signatures_verify_in_sluice() {
+    require_tools!("nsd", "dknewkey", "opendkim");
+    let s = dkim_setup();
+    let relay = relay(&s.nsd, &[]);
+    // OpenDKIM refuses a configuration or key under a directory others can
+    // write (such as /tmp): keep its files under target/.
+    let private = tempfile::Builder::new()
+        .prefix("opendkim-")
+        .tempdir_in(repo_root().join("target"))
+        .unwrap();
+    let key = private.path().join("rsa.key");
+    std::fs::copy(&s.rsa, &key).unwrap();
+    let conf = private.path().join("opendkim.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "Mode s\nDomain sig.dlv.test\nSelector rsa\nKeyFile {}\n\
+             SignatureAlgorithm rsa-sha256\nCanonicalization relaxed/relaxed\n\
+             OversignHeaders From\nUserID root\nSyslog no\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    let unsigned = message("alice@sig.dlv.test", "opendkim");
+    let eml = private.path().join("unsigned.eml");
+    std::fs::write(&eml, &unsigned).unwrap();
+    let out = run_with_timeout(
+        Command::new("opendkim")
+            .arg("-x")
+            .arg(&conf)
+            .arg("-t")
+            .arg(&eml),
+        T,
+    );
+    assert_ok(&out, "opendkim -t");
+    // It prints "opendkim: FILE:" and then the header field it would add.
+    let printed = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    let field = printed
+        .find("DKIM-Signature:")
+        .map(|at| {
+            // It ends its lines with CRLF already; make sure of it.
+            printed[at..]
+                .trim_end()
+                .replace("\r\n", "\n")
+                .replace('\n', "\r\n")
+        })
+        .unwrap_or_else(|| panic!("no signature from opendkim:\n{printed}"));
+    assert!(field.contains("a=rsa-sha256"), "{field}");
+    let signed = format!("{field}\r\n{unsigned}");
+
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "b@bounce.dlv.test",
+        signed.as_bytes(),
+    );
+    let ar = auth_results(&stored(&relay, &r));
+    assert!(ar.contains("dkim=pass"), "{ar}");
+    assert!(ar.contains("header.d=sig.dlv.test"), "{ar}");
+    assert!(ar.contains("dmarc=pass"), "{ar}");
+
+    // One byte of the body changed after signing: the body hash no longer
+    // matches, DMARC (p=reject) fails, 550 5.7.1.
+    let tampered = signed.replace("Hello,", "Hullo,");
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "b@bounce.dlv.test",
+        tampered.as_bytes(),
+    );
+    assert_eq!(
+        (r.code, r.enhanced()),
+        (550, "5.7.1"),
+        "{r:?}\n{}",
+        relay.log()
+    );
+}
+
+/// ARC sealing chosen by a `[[dkim.rule]]` (`arc_seal`), not by the
+/// listener: mail from the forwarded sender domain is sealed (and dkimpy
+/// validates the chain), other mail on the same listener is not.
+#[test]
+fn arc_seal_by_dkim_rule_seals_only_matching_mail() {
+    require_tools!("nsd");
+    let dir = tempfile::tempdir().unwrap();
+    let (seal_key, seal_line) = keygen(dir.path(), "seal.dlv.test", "arc");
+    let nsd = Nsd::start_with_parent(&format!(
+        "{seal_line}\n_dmarc.orig TXT \"v=DMARC1; p=none\"\n"
+    ));
+    let relay = relay(
+        &nsd,
+        &[
+            "dkim.signer.arc.domain=\"seal.dlv.test\"",
+            "dkim.signer.arc.selector=\"arc\"",
+            "dkim.signer.arc.algorithm=\"rsa-sha256\"",
+            &format!("dkim.signer.arc.key=\"{}\"", seal_key.display()),
+            "dkim.rule=[{match.sender_domain=\"orig.dlv.test\", arc_seal=\"arc\"}]",
+        ],
+    );
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "a@orig.dlv.test",
+        message("a@orig.dlv.test", "by-rule").as_bytes(),
+    );
+    let sealed = stored(&relay, &r);
+    assert!(sealed.starts_with("ARC-Seal: i=1;"), "{sealed}");
+    // A rule that only seals adds no DKIM signature.
+    assert!(!sealed.contains("DKIM-Signature:"), "{sealed}");
+    let p = dir.path().join("sealed.eml");
+    std::fs::write(&p, &sealed).unwrap();
+    let verdict = tool(&[
+        "arcverify",
+        &nsd.addr.port().to_string(),
+        &p.display().to_string(),
+    ]);
+    assert!(verdict.starts_with("pass"), "{verdict}\n{sealed}");
+
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "b@other.dlv.test",
+        message("b@other.dlv.test", "no-rule").as_bytes(),
+    );
+    let plain = stored(&relay, &r);
+    assert!(!plain.contains("ARC-Seal:"), "{plain}");
+    assert!(!auth_results(&plain).is_empty(), "{plain}");
+}
