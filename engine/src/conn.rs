@@ -423,23 +423,17 @@ async fn serve(
                         if let Some(task) = iprev_task.take() {
                             iprev = Some(task.await);
                         }
-                        // The listener's `verify.arc_seal`, else the first
-                        // matching `[[dkim.rule]]`'s `arc_seal`.
                         let dkim = ctx.queue.dkim().map(|d| d.load_full());
-                        let sealer = dkim.as_ref().and_then(|d| {
-                            let signer = match v.arc_seal.as_deref() {
-                                Some(name) => d.policy.signers().iter().find(|s| s.name == name),
-                                None => d.policy.select_seal(
-                                    &crate::queue::dkim::facts(&envelope),
-                                    &envelope.queue,
-                                ),
-                            }?;
-                            Some(sluice_policy::auth::Sealer {
+                        let sealer = dkim
+                            .as_deref()
+                            .and_then(|d| {
+                                crate::queue::dkim::arc_sealer(d, v.arc_seal.as_deref(), &envelope)
+                            })
+                            .map(|signer| sluice_policy::auth::Sealer {
                                 key: signer.key(),
                                 domain: &signer.domain,
                                 selector: &signer.selector,
-                            })
-                        });
+                            });
                         let before = body.len();
                         let outcome = core
                             .check(v, &hostname, id, &envelope, body, iprev.as_ref(), sealer)

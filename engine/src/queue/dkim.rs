@@ -80,6 +80,20 @@ pub fn facts(envelope: &Envelope) -> MessageFacts<'_> {
     }
 }
 
+/// The signer whose key ARC-seals a message: the listener's
+/// `verify.arc_seal` when it names one, else the first matching
+/// `[[dkim.rule]]`'s `arc_seal`.
+pub fn arc_sealer<'a>(
+    state: &'a DkimState,
+    listener_choice: Option<&str>,
+    envelope: &Envelope,
+) -> Option<&'a sluice_policy::dkim::Signer> {
+    match listener_choice {
+        Some(name) => state.policy.signers().iter().find(|s| s.name == name),
+        None => state.policy.select_seal(&facts(envelope), &envelope.queue),
+    }
+}
+
 /// What signing a message gave.
 pub struct Signed {
     /// `DKIM-Signature:` fields to store before the body (empty: unsigned).
