@@ -204,10 +204,14 @@ trap 'exit 143' TERM
 
 # ---------------------------------------------------------------------------------------
 port_listening() { [ -n "$(ss -Htln "sport = :$1" 2>/dev/null)" ]; }
-wait_listening() { # PORT PID WHAT
+wait_listening() { # PORT PID WHAT [STDERR_FILE]
     local i=0
     while ! port_listening "$1"; do
-        pid_alive "$2" || die "$3 exited before listening on :$1 (see $WORK)"
+        if ! pid_alive "$2"; then
+            # Show why here: CI keeps the script's output, not the work directory.
+            [ -z "${4:-}" ] || [ ! -s "$4" ] || { log "$3 said:"; tail -n 20 "$4" >&2; }
+            die "$3 exited before listening on :$1 (see $WORK)"
+        fi
         [ $i -lt $START_TIMEOUT_TICKS ] || die "$3 not listening on :$1 after $((START_TIMEOUT_TICKS / 10)) s"
         sleep 0.1; i=$((i + 1))
     done
@@ -256,8 +260,8 @@ start_sink() { # PORT STATS_PORT DIR [TLS] [DKIM_ALG]
         --no-tokens "${tls_args[@]}" "${token_args[@]}" >"$3/sink.json" 2>"$3/sink.err" &
     SINK_PID=$!
     PIDS+=("$SINK_PID")
-    wait_listening "$2" "$SINK_PID" "sink"
-    wait_listening "$1" "$SINK_PID" "sink"
+    wait_listening "$2" "$SINK_PID" "sink" "$3/sink.err"
+    wait_listening "$1" "$SINK_PID" "sink" "$3/sink.err"
 }
 
 sluice_args() { # PORT SINK_PORT SPOOL CORES [TLS]
@@ -293,7 +297,7 @@ start_sluice() { # PORT SINK_PORT DIR CORES TLS [DKIM_ALG]
     "$BIN/sluice" "${args[@]}" >"$3/sluice.out" 2>"$3/sluice.err" &
     RELAY_PID=$!
     PIDS+=("$RELAY_PID")
-    wait_listening "$1" "$RELAY_PID" "sluice"
+    wait_listening "$1" "$RELAY_PID" "sluice" "$3/sluice.err"
 }
 
 OPENDKIM_PID=""
