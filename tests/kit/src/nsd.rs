@@ -243,12 +243,8 @@ fn nsd_binary() -> PathBuf {
 
 /// A port free for both UDP and TCP on 127.0.0.1 (NSD serves both).
 pub(crate) fn free_udp_tcp_port() -> u16 {
-    for _ in 0..1000 {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        let port = udp.local_addr().expect("local addr").port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no port free for UDP and TCP");
+    crate::process::free_port_where(|port| {
+        let udp = UdpSocket::bind(("127.0.0.1", port));
+        udp.is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok()
+    })
 }

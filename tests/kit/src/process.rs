@@ -68,13 +68,44 @@ pub fn loadgen_bin() -> PathBuf {
     workspace_bin("sluice-loadgen")
 }
 
-/// A free loopback port: bind port 0, note the port, release it.
+/// Ports handed out by [`free_port`]: below the kernel's ephemeral range (32768–60999 by
+/// default), so a client socket of another test running at the same time is never given
+/// the port between our check and the relay's bind (which failed CI once).
+const FREE_PORTS: std::ops::Range<u16> = 10_000..32_000;
+
+/// A free loopback port: a port of [`FREE_PORTS`] that binds now, released again. Each
+/// test process starts at its own point of the range (pid, clock) and walks on, so tests
+/// running side by side rarely try the same ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local address of a bound socket")
-        .port()
+    free_port_where(|port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+}
+
+/// A port of [`FREE_PORTS`] for which `usable` says yes (it binds what the caller needs).
+pub(crate) fn free_port_where(usable: impl Fn(u16) -> bool) -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(usize::MAX);
+    let span = usize::from(FREE_PORTS.end - FREE_PORTS.start);
+    if NEXT.load(Ordering::Relaxed) == usize::MAX {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as usize)
+            .unwrap_or(0);
+        let start = (std::process::id() as usize).wrapping_mul(7919) ^ t;
+        let _ = NEXT.compare_exchange(
+            usize::MAX,
+            start % span,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+    for _ in 0..span {
+        // Step by a prime so processes that start near each other spread apart.
+        let n = NEXT.fetch_add(97, Ordering::Relaxed) % span;
+        let port = FREE_PORTS.start + n as u16;
+        if usable(port) {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FREE_PORTS:?}")
 }
 
 static NONCE: AtomicUsize = AtomicUsize::new(0);
