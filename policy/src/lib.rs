@@ -11,6 +11,7 @@ pub mod auth;
 mod credentials;
 pub mod dane;
 pub mod dkim;
+pub mod mta_sts;
 mod error;
 mod network;
 mod relay;
