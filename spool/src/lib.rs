@@ -8,6 +8,7 @@
 mod envelope;
 mod error;
 mod id;
+mod records;
 mod reply;
 mod space;
 mod spool;
@@ -20,6 +21,7 @@ pub use envelope::{
 pub use error::SpoolError;
 pub use id::{IdGenerator, MessageId, MAX_SHARDS};
 pub use reply::{EnhancedStatus, Reply};
+pub use records::RecordTable;
 pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};
 
 #[cfg(test)]
