@@ -377,6 +377,9 @@ fn refresh_restart_and_cached_fallback() {
             format!("delivery.tls_ca_file=\"{}\"", ca.0.display()),
             format!("delivery.mta_sts_https_port={https_port}"),
             "delivery.mta_sts_fetch_timeout=\"3s\"".to_string(),
+            // A new connection (and so a new policy look-up) per message: an
+            // open connection carries on under the policy it was opened with.
+            "delivery.idle_timeout=\"0s\"".to_string(),
         ],
     );
     let rcpt = vec![format!("bob@chg.{ZONE}")];
