@@ -78,7 +78,12 @@ struct PolicyServer {
 }
 
 impl PolicyServer {
-    fn start(dir: &Path, ip: Ipv4Addr, port: u16, certs: &[(String, (PathBuf, PathBuf))]) -> PolicyServer {
+    fn start(
+        dir: &Path,
+        ip: Ipv4Addr,
+        port: u16,
+        certs: &[(String, (PathBuf, PathBuf))],
+    ) -> PolicyServer {
         let root = dir.join("policies");
         std::fs::create_dir_all(&root).unwrap();
         let log = dir.join("https.jsonl");
@@ -170,7 +175,9 @@ fn first_attempts(relay: &Relay, id: &str, rcpts: &[String]) -> Vec<Value> {
         T,
         || {
             a = attempts(relay, id);
-            rcpts.iter().all(|r| a.iter().any(|e| field(e, "recipient") == r))
+            rcpts
+                .iter()
+                .all(|r| a.iter().any(|e| field(e, "recipient") == r))
         },
         || relay.log(),
     );
@@ -206,17 +213,33 @@ fn enforce_testing_and_failed_fetches() {
     let smtp_port = mx_port(&ips[..3]);
     let https_port = mx_port(&ips[3..4]);
     let cert = |stem: &str, name: &str| make_issued_cert(dir.path(), &ca, stem, name);
-    let rogue = Receiver::start(dir.path(), ips[0], smtp_port, &cert("rogue", &format!("rogue.{ZONE}")));
-    let good = Receiver::start(dir.path(), ips[1], smtp_port, &cert("mxgood", &format!("mx-good.{ZONE}")));
-    let wrong = Receiver::start(dir.path(), ips[2], smtp_port, &cert("mxwrong", &format!("elsewhere.{ZONE}")));
+    let rogue = Receiver::start(
+        dir.path(),
+        ips[0],
+        smtp_port,
+        &cert("rogue", &format!("rogue.{ZONE}")),
+    );
+    let good = Receiver::start(
+        dir.path(),
+        ips[1],
+        smtp_port,
+        &cert("mxgood", &format!("mx-good.{ZONE}")),
+    );
+    let wrong = Receiver::start(
+        dir.path(),
+        ips[2],
+        smtp_port,
+        &cert("mxwrong", &format!("elsewhere.{ZONE}")),
+    );
     let failing = ["redir", "huge", "badcert", "slow"];
-    let mut certs: Vec<(String, (PathBuf, PathBuf))> = ["enf", "bad", "tst", "redir", "huge", "slow"]
-        .iter()
-        .map(|l| {
-            let name = format!("mta-sts.{l}.{ZONE}");
-            (name.clone(), cert(&format!("https-{l}"), &name))
-        })
-        .collect();
+    let mut certs: Vec<(String, (PathBuf, PathBuf))> =
+        ["enf", "bad", "tst", "redir", "huge", "slow"]
+            .iter()
+            .map(|l| {
+                let name = format!("mta-sts.{l}.{ZONE}");
+                (name.clone(), cert(&format!("https-{l}"), &name))
+            })
+            .collect();
     // The bad certificate: for another name.
     certs.push((
         format!("mta-sts.badcert.{ZONE}"),
@@ -271,28 +294,45 @@ fn enforce_testing_and_failed_fetches() {
     assert_eq!(field(enf, "status"), "delivered", "{enf}");
     assert_eq!(field(enf, "tls_policy"), "mta-sts", "{enf}");
     assert_eq!(enf["tls_verified"], true, "{enf}");
-    assert!(rogue.messages().is_empty(), "the MX host outside the policy was used");
+    assert!(
+        rogue.messages().is_empty(),
+        "the MX host outside the policy was used"
+    );
     let got = good.messages();
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["tls"], true);
-    assert!(relay.log().contains(&format!("MX host rogue.{ZONE} matches no mx of the policy")));
+    assert!(relay
+        .log()
+        .contains(&format!("MX host rogue.{ZONE} matches no mx of the policy")));
 
     // enforce, certificate for another name: deferred 4.7.5, never in clear.
     let bad = of("bad");
     assert_eq!(field(bad, "status"), "deferred", "{bad}");
     assert_eq!(field(bad, "enhanced"), "4.7.5", "{bad}");
     assert_eq!(field(bad, "tls_policy"), "mta-sts", "{bad}");
-    assert!(field(bad, "reply").contains("TLS policy mta-sts (MTA-STS (enforce))"), "{bad}");
+    assert!(
+        field(bad, "reply").contains("TLS policy mta-sts (MTA-STS (enforce))"),
+        "{bad}"
+    );
 
     // testing: delivered (as configured: opportunistic, unverified), reported.
     let tst = of("tst");
     assert_eq!(field(tst, "status"), "delivered", "{tst}");
     assert_eq!(field(tst, "tls_policy"), "opportunistic", "{tst}");
     assert_eq!(tst["tls_verified"], false, "{tst}");
-    assert!(relay.log().contains("MTA-STS (testing): the session fails the policy"), "{}", relay.log());
+    assert!(
+        relay
+            .log()
+            .contains("MTA-STS (testing): the session fails the policy"),
+        "{}",
+        relay.log()
+    );
     let m = metrics(&relay);
     assert!(
-        sample(&m, "sluice_mta_sts_testing_failures_total{result=\"not_verified\"}") >= 1,
+        sample(
+            &m,
+            "sluice_mta_sts_testing_failures_total{result=\"not_verified\"}"
+        ) >= 1,
         "{m}"
     );
 
@@ -306,20 +346,37 @@ fn enforce_testing_and_failed_fetches() {
     // all over TLS; bad's message never arrived.
     let wrong_msgs = wrong.messages();
     assert_eq!(wrong_msgs.len(), 5, "{wrong_msgs:?}");
-    assert!(wrong_msgs.iter().all(|m| m["tls"] == true), "{wrong_msgs:?}");
     assert!(
-        !wrong_msgs.iter().any(|m| m["rcpts"].to_string().contains(&format!("bad.{ZONE}"))),
+        wrong_msgs.iter().all(|m| m["tls"] == true),
+        "{wrong_msgs:?}"
+    );
+    assert!(
+        !wrong_msgs
+            .iter()
+            .any(|m| m["rcpts"].to_string().contains(&format!("bad.{ZONE}"))),
         "{wrong_msgs:?}"
     );
     let m = metrics(&relay);
-    for (result, n) in [("ok", 3), ("http_failed", 2), ("tls_failed", 1), ("timeout", 1)] {
+    for (result, n) in [
+        ("ok", 3),
+        ("http_failed", 2),
+        ("tls_failed", 1),
+        ("timeout", 1),
+    ] {
         let series = format!("sluice_mta_sts_fetches_total{{result=\"{result}\"}}");
         assert_eq!(sample(&m, &series), n, "{series}:\n{m}");
     }
-    assert_eq!(https.requests("badcert"), 0, "no request after a bad certificate");
+    assert_eq!(
+        https.requests("badcert"),
+        0,
+        "no request after a bad certificate"
+    );
     assert_eq!(https.requests("redir"), 1, "the redirect was not followed");
     assert!(
-        sample(&m, "sluice_tls_outbound_total{policy=\"mta-sts\",result=\"not_verified\"}") >= 1,
+        sample(
+            &m,
+            "sluice_tls_outbound_total{policy=\"mta-sts\",result=\"not_verified\"}"
+        ) >= 1,
         "{m}"
     );
 
@@ -329,20 +386,40 @@ fn enforce_testing_and_failed_fetches() {
         Command::new(bin())
             .args(["debug", "tls", &format!("enf.{ZONE}")])
             .args(["--set", &nsd.servers_set()])
-            .args(["--set", &format!("spool.path=\"{}\"", relay.spool_path().display())])
-            .args(["--set", &format!("delivery.tls_ca_file=\"{}\"", ca.0.display())])
-            .args(["--set", &format!("delivery.mta_sts_https_port={https_port}")]),
+            .args([
+                "--set",
+                &format!("spool.path=\"{}\"", relay.spool_path().display()),
+            ])
+            .args([
+                "--set",
+                &format!("delivery.tls_ca_file=\"{}\"", ca.0.display()),
+            ])
+            .args([
+                "--set",
+                &format!("delivery.mta_sts_https_port={https_port}"),
+            ]),
         T,
     );
     assert_ok(&out, "sluice debug tls");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with(&format!("tls enf.{ZONE}: verify (from MTA-STS (enforce))")), "{text}");
     assert!(
-        text.contains(&format!("mta-sts: mode enforce, mx mx-good.{ZONE}, id 1, source cache, expires ")),
+        text.starts_with(&format!("tls enf.{ZONE}: verify (from MTA-STS (enforce))")),
         "{text}"
     );
-    assert!(text.contains(&format!("5 skipped: rogue.{ZONE}: MTA-STS (enforce)")), "{text}");
-    assert!(text.contains(&format!("10 certificate must verify for mx-good.{ZONE}")), "{text}");
+    assert!(
+        text.contains(&format!(
+            "mta-sts: mode enforce, mx mx-good.{ZONE}, id 1, source cache, expires "
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("5 skipped: rogue.{ZONE}: MTA-STS (enforce)")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("10 certificate must verify for mx-good.{ZONE}")),
+        "{text}"
+    );
     assert_eq!(https.requests("enf"), 1, "debug used the cached policy");
 }
 
@@ -356,10 +433,25 @@ fn refresh_restart_and_cached_fallback() {
     let smtp_port = mx_port(&ips[..2]);
     let https_port = mx_port(&ips[2..]);
     let cert = |stem: &str, name: &str| make_issued_cert(dir.path(), &ca, stem, name);
-    let a_rx = Receiver::start(dir.path(), ips[0], smtp_port, &cert("mxa", &format!("mx-a.{ZONE}")));
-    let b_rx = Receiver::start(dir.path(), ips[1], smtp_port, &cert("mxb", &format!("mx-b.{ZONE}")));
+    let a_rx = Receiver::start(
+        dir.path(),
+        ips[0],
+        smtp_port,
+        &cert("mxa", &format!("mx-a.{ZONE}")),
+    );
+    let b_rx = Receiver::start(
+        dir.path(),
+        ips[1],
+        smtp_port,
+        &cert("mxb", &format!("mx-b.{ZONE}")),
+    );
     let name = format!("mta-sts.chg.{ZONE}");
-    let https = PolicyServer::start(dir.path(), ips[2], https_port, &[(name.clone(), cert("https", &name))]);
+    let https = PolicyServer::start(
+        dir.path(),
+        ips[2],
+        https_port,
+        &[(name.clone(), cert("https", &name))],
+    );
     https.policy("chg", "enforce", &[&format!("mx-a.{ZONE}")]);
     let zone = |id: u32| {
         format!(
@@ -417,7 +509,9 @@ fn refresh_restart_and_cached_fallback() {
     let log = relay.log();
     let second = log.split("--- start 1 ---").nth(1).unwrap_or_default();
     assert!(
-        second.lines().any(|l| l.contains("MTA-STS: cached policies loaded") && l.contains("\"policies\":1")),
+        second
+            .lines()
+            .any(|l| l.contains("MTA-STS: cached policies loaded") && l.contains("\"policies\":1")),
         "{second}"
     );
 
@@ -429,5 +523,7 @@ fn refresh_restart_and_cached_fallback() {
     assert_eq!((a_rx.messages().len(), b_rx.messages().len()), (2, 3));
     assert_eq!(https.requests("chg"), 3);
     assert_eq!(fetches(&relay, "http_failed"), 1);
-    assert!(relay.log().contains("policy fetch failed, cached policy kept"));
+    assert!(relay
+        .log()
+        .contains("policy fetch failed, cached policy kept"));
 }

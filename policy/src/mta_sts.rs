@@ -154,7 +154,9 @@ pub fn parse_policy(body: &str) -> Result<Policy, StsError> {
                 if max_age.is_some() {
                     return Err(twice());
                 }
-                if value.is_empty() || value.len() > 10 || !value.bytes().all(|b| b.is_ascii_digit())
+                if value.is_empty()
+                    || value.len() > 10
+                    || !value.bytes().all(|b| b.is_ascii_digit())
                 {
                     return Err(bad(format!("line {}: max_age {value:?}", n + 1)));
                 }
@@ -187,7 +189,8 @@ fn parse_pattern(value: &str) -> Result<String, String> {
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     if name.is_empty() || v.len() > 253 || !name.split('.').all(label_ok) {
         return Err(format!("mx {value:?} is not a host name or *.name"));
@@ -294,22 +297,26 @@ pub fn plan(txt: &Txt, cached: Option<&Cached>, now: u64) -> Plan {
 /// [`MAX_BODY`] is refused. The media type must be text/plain.
 pub fn http_body(response: &[u8], complete: bool) -> Result<String, StsError> {
     let bad = |m: String| StsError::Http(m);
-    let head_end = find(response, b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of headers".into()))?;
+    let head_end = find(response, b"\r\n\r\n").ok_or_else(|| bad("no end of headers".into()))?;
     if head_end > MAX_HEAD {
         return Err(bad("headers too long".into()));
     }
-    let head = std::str::from_utf8(&response[..head_end])
-        .map_err(|_| bad("headers not UTF-8".into()))?;
+    let head =
+        std::str::from_utf8(&response[..head_end]).map_err(|_| bad("headers not UTF-8".into()))?;
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap_or_default();
     let mut parts = status.splitn(3, ' ');
-    let (version, code) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let (version, code) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
     if !version.starts_with("HTTP/1.") {
         return Err(bad(format!("status line {status:?}")));
     }
     if code != "200" {
-        return Err(bad(format!("status {code} (only 200 is accepted, no redirects)")));
+        return Err(bad(format!(
+            "status {code} (only 200 is accepted, no redirects)"
+        )));
     }
     let mut length: Option<usize> = None;
     let mut chunked = false;
@@ -321,7 +328,11 @@ pub fn http_body(response: &[u8], complete: bool) -> Result<String, StsError> {
         let value = value.trim();
         match name.trim().to_ascii_lowercase().as_str() {
             "content-length" => {
-                length = Some(value.parse().map_err(|_| bad(format!("Content-Length {value:?}")))?)
+                length = Some(
+                    value
+                        .parse()
+                        .map_err(|_| bad(format!("Content-Length {value:?}")))?,
+                )
             }
             "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
             "content-type" => content_type = Some(value.to_ascii_lowercase()),
@@ -375,7 +386,10 @@ fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, StsError> {
         }
         let chunk = data.get(..size).ok_or_else(|| bad("truncated"))?;
         out.extend_from_slice(chunk);
-        data = data.get(size..).and_then(|d| d.strip_prefix(b"\r\n")).ok_or_else(|| bad("truncated"))?;
+        data = data
+            .get(size..)
+            .and_then(|d| d.strip_prefix(b"\r\n"))
+            .ok_or_else(|| bad("truncated"))?;
     }
 }
 

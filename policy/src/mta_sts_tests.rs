@@ -4,7 +4,10 @@ const GOOD: &str = "version: STSv1\r\nmode: enforce\r\nmx: mail.example.com\r\nm
 
 #[test]
 fn txt_records() {
-    assert_eq!(parse_txt("v=STSv1; id=20160831085700Z;").unwrap(), "20160831085700Z");
+    assert_eq!(
+        parse_txt("v=STSv1; id=20160831085700Z;").unwrap(),
+        "20160831085700Z"
+    );
     assert_eq!(parse_txt("v=STSv1;id=abc").unwrap(), "abc");
     assert_eq!(parse_txt("v=STSv1; ext=1; id=x1 ").unwrap(), "x1");
     for bad in [
@@ -20,7 +23,10 @@ fn txt_records() {
         assert!(parse_txt(bad).is_err(), "{bad}");
     }
     assert_eq!(txt_id(["v=spf1 -all"]).unwrap(), None);
-    assert_eq!(txt_id(["v=spf1 -all", "v=STSv1; id=7"]).unwrap(), Some("7".into()));
+    assert_eq!(
+        txt_id(["v=spf1 -all", "v=STSv1; id=7"]).unwrap(),
+        Some("7".into())
+    );
     assert!(txt_id(["v=STSv1; id=7", "v=STSv1; id=8"]).is_err());
 }
 
@@ -31,10 +37,21 @@ fn a_policy_file() {
     assert_eq!(p.mx, vec!["mail.example.com", "*.example.net"]);
     assert_eq!(p.max_age, 86400);
     // LF line ends, unknown keys, a trailing dot and upper case.
-    let p = parse_policy("version: STSv1\nmode: testing\nfoo: bar\nmx: MX1.Example.COM.\nmax_age: 60\n").unwrap();
-    assert_eq!((p.mode, p.mx[0].as_str()), (Mode::Testing, "mx1.example.com"));
+    let p = parse_policy(
+        "version: STSv1\nmode: testing\nfoo: bar\nmx: MX1.Example.COM.\nmax_age: 60\n",
+    )
+    .unwrap();
+    assert_eq!(
+        (p.mode, p.mx[0].as_str()),
+        (Mode::Testing, "mx1.example.com")
+    );
     // mode none needs no mx.
-    assert_eq!(parse_policy("version: STSv1\nmode: none\nmax_age: 1\n").unwrap().mode, Mode::None);
+    assert_eq!(
+        parse_policy("version: STSv1\nmode: none\nmax_age: 1\n")
+            .unwrap()
+            .mode,
+        Mode::None
+    );
     // max_age is capped at about a year.
     let p = parse_policy("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: 9999999999\n").unwrap();
     assert_eq!(p.max_age, MAX_AGE_LIMIT);
@@ -44,16 +61,37 @@ fn a_policy_file() {
 fn bad_policy_files() {
     for (body, why) in [
         ("mode: enforce\nmx: a.b\nmax_age: 1\n", "no version"),
-        ("version: STSv2\nmode: enforce\nmx: a.b\nmax_age: 1\n", "STSv1"),
-        ("version: STSv1\nmode: strict\nmx: a.b\nmax_age: 1\n", "unknown mode"),
+        (
+            "version: STSv2\nmode: enforce\nmx: a.b\nmax_age: 1\n",
+            "STSv1",
+        ),
+        (
+            "version: STSv1\nmode: strict\nmx: a.b\nmax_age: 1\n",
+            "unknown mode",
+        ),
         ("version: STSv1\nmx: a.b\nmax_age: 1\n", "no mode"),
         ("version: STSv1\nmode: enforce\nmax_age: 1\n", "no mx"),
         ("version: STSv1\nmode: enforce\nmx: a.b\n", "no max_age"),
-        ("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: -1\n", "max_age"),
-        ("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: 12345678901\n", "max_age"),
-        ("version: STSv1\nmode: enforce\nmode: testing\nmx: a.b\nmax_age: 1\n", "twice"),
-        ("version: STSv1\nmode: enforce\nmx: a..b\nmax_age: 1\n", "not a host name"),
-        ("version: STSv1\nmode: enforce\nmx: a.*.b\nmax_age: 1\n", "not a host name"),
+        (
+            "version: STSv1\nmode: enforce\nmx: a.b\nmax_age: -1\n",
+            "max_age",
+        ),
+        (
+            "version: STSv1\nmode: enforce\nmx: a.b\nmax_age: 12345678901\n",
+            "max_age",
+        ),
+        (
+            "version: STSv1\nmode: enforce\nmode: testing\nmx: a.b\nmax_age: 1\n",
+            "twice",
+        ),
+        (
+            "version: STSv1\nmode: enforce\nmx: a..b\nmax_age: 1\n",
+            "not a host name",
+        ),
+        (
+            "version: STSv1\nmode: enforce\nmx: a.*.b\nmax_age: 1\n",
+            "not a host name",
+        ),
         ("version: STSv1\nmode enforce\n", "no ':'"),
     ] {
         let e = parse_policy(body).unwrap_err().to_string();
@@ -96,17 +134,32 @@ fn plans() {
     // Same id, fresh: the cache.
     assert_eq!(plan(&id("1"), Some(&c), 1050), Plan::UseCached);
     // New id: fetch (the cached policy is the fallback).
-    assert_eq!(plan(&id("2"), Some(&c), 1050), Plan::Fetch { id: "2".into() });
+    assert_eq!(
+        plan(&id("2"), Some(&c), 1050),
+        Plan::Fetch { id: "2".into() }
+    );
     // Expired: fetch again even with the same id.
-    assert_eq!(plan(&id("1"), Some(&c), 1100), Plan::Fetch { id: "1".into() });
+    assert_eq!(
+        plan(&id("1"), Some(&c), 1100),
+        Plan::Fetch { id: "1".into() }
+    );
     // Cold: fetch.
     assert_eq!(plan(&id("1"), None, 0), Plan::Fetch { id: "1".into() });
     // No record or a failed lookup: a fresh cache still holds (§5.1)...
     assert_eq!(plan(&Txt::Absent, Some(&c), 1099), Plan::UseCached);
-    assert_eq!(plan(&Txt::Failed("SERVFAIL".into()), Some(&c), 1099), Plan::UseCached);
+    assert_eq!(
+        plan(&Txt::Failed("SERVFAIL".into()), Some(&c), 1099),
+        Plan::UseCached
+    );
     // ...an expired one does not.
-    assert!(matches!(plan(&Txt::Absent, Some(&c), 1100), Plan::NoPolicy(_)));
-    assert!(matches!(plan(&Txt::Failed("x".into()), None, 0), Plan::NoPolicy(_)));
+    assert!(matches!(
+        plan(&Txt::Absent, Some(&c), 1100),
+        Plan::NoPolicy(_)
+    ));
+    assert!(matches!(
+        plan(&Txt::Failed("x".into()), None, 0),
+        Plan::NoPolicy(_)
+    ));
 }
 
 fn response(status: &str, headers: &str, body: &str) -> Vec<u8> {
@@ -117,7 +170,10 @@ fn response(status: &str, headers: &str, body: &str) -> Vec<u8> {
 fn http_responses() {
     let ok = response(
         "200 OK",
-        &format!("Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n", GOOD.len()),
+        &format!(
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+            GOOD.len()
+        ),
         GOOD,
     );
     assert_eq!(http_body(&ok, true).unwrap(), GOOD);
@@ -132,15 +188,37 @@ fn http_responses() {
     );
     assert_eq!(http_body(&ok, true).unwrap(), "version:");
     // Redirects and other statuses are failures.
-    for status in ["301 Moved Permanently", "302 Found", "404 Not Found", "500 Oops"] {
-        let r = response(status, "Location: https://elsewhere/\r\nContent-Type: text/plain\r\n", "");
-        assert!(http_body(&r, true).unwrap_err().to_string().contains("only 200"), "{status}");
+    for status in [
+        "301 Moved Permanently",
+        "302 Found",
+        "404 Not Found",
+        "500 Oops",
+    ] {
+        let r = response(
+            status,
+            "Location: https://elsewhere/\r\nContent-Type: text/plain\r\n",
+            "",
+        );
+        assert!(
+            http_body(&r, true)
+                .unwrap_err()
+                .to_string()
+                .contains("only 200"),
+            "{status}"
+        );
     }
     // Wrong media type.
     let r = response("200 OK", "Content-Type: text/html\r\n", GOOD);
-    assert!(http_body(&r, true).unwrap_err().to_string().contains("text/plain"));
+    assert!(http_body(&r, true)
+        .unwrap_err()
+        .to_string()
+        .contains("text/plain"));
     // Too large: by length, by chunks, or cut off at the read bound.
-    let r = response("200 OK", "Content-Type: text/plain\r\nContent-Length: 70000\r\n", "");
+    let r = response(
+        "200 OK",
+        "Content-Type: text/plain\r\nContent-Length: 70000\r\n",
+        "",
+    );
     assert!(http_body(&r, true).is_err());
     let big = "a".repeat(MAX_BODY + 1);
     let r = response("200 OK", "Content-Type: text/plain\r\n", &big);
@@ -148,10 +226,18 @@ fn http_responses() {
     let r = response("200 OK", "Content-Type: text/plain\r\n", "abc");
     assert!(http_body(&r, false).is_err(), "not closed within the bound");
     let chunks = format!("{:x}\r\n{big}\r\n0\r\n\r\n", big.len());
-    let r = response("200 OK", "Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n", &chunks);
+    let r = response(
+        "200 OK",
+        "Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n",
+        &chunks,
+    );
     assert!(http_body(&r, true).is_err());
     // Truncated or no headers.
-    let r = response("200 OK", "Content-Type: text/plain\r\nContent-Length: 10\r\n", "abc");
+    let r = response(
+        "200 OK",
+        "Content-Type: text/plain\r\nContent-Length: 10\r\n",
+        "abc",
+    );
     assert!(http_body(&r, true).is_err());
     assert!(http_body(b"HTTP/1.1 200 OK\r\n", true).is_err());
     assert!(http_body(b"SSH-2.0\r\n\r\n", true).is_err());

@@ -20,8 +20,8 @@ pub use envelope::{
 };
 pub use error::SpoolError;
 pub use id::{IdGenerator, MessageId, MAX_SHARDS};
-pub use reply::{EnhancedStatus, Reply};
 pub use records::RecordTable;
+pub use reply::{EnhancedStatus, Reply};
 pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};
 
 #[cfg(test)]

@@ -103,8 +103,14 @@ mod tests {
             t.delete("absent.example").unwrap();
         }
         let t = RecordTable::open(dir.path(), "mta-sts").unwrap();
-        assert_eq!(t.all().unwrap(), vec![("example.com".to_string(), b"three".to_vec())]);
-        assert_eq!(t.get("example.com").unwrap().as_deref(), Some(&b"three"[..]));
+        assert_eq!(
+            t.all().unwrap(),
+            vec![("example.com".to_string(), b"three".to_vec())]
+        );
+        assert_eq!(
+            t.get("example.com").unwrap().as_deref(),
+            Some(&b"three"[..])
+        );
         assert_eq!(t.get("example.net").unwrap(), None);
     }
 }

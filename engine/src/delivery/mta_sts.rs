@@ -573,8 +573,8 @@ fn fetch_policy(
     let Some(mut tcp) = tcp else {
         return Err(last);
     };
-    let name = ServerName::try_from(host.clone())
-        .map_err(|e| FetchError::Tls(format!("{host}: {e}")))?;
+    let name =
+        ServerName::try_from(host.clone()).map_err(|e| FetchError::Tls(format!("{host}: {e}")))?;
     let mut conn = rustls::ClientConnection::new(cfg.tls.clone(), name)
         .map_err(|e| FetchError::Tls(e.to_string()))?;
     let io_err = |e: std::io::Error| -> FetchError {
@@ -582,7 +582,10 @@ fn fetch_policy(
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
                 FetchError::Timeout(cfg.timeout)
             }
-            _ => match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            _ => match e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            {
                 Some(tls) => FetchError::Tls(tls.to_string()),
                 None => FetchError::Connect(e.to_string()),
             },
@@ -636,6 +639,7 @@ fn fetch_policy(
             Err(e) => return Err(io_err(e)),
         }
     }
-    let body = mta_sts::http_body(&response, complete).map_err(|e| FetchError::Http(e.to_string()))?;
+    let body =
+        mta_sts::http_body(&response, complete).map_err(|e| FetchError::Http(e.to_string()))?;
     mta_sts::parse_policy(&body).map_err(|e| FetchError::Policy(e.to_string()))
 }

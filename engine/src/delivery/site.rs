@@ -13,12 +13,12 @@ use glommio::timer::Timer;
 use sluice_dns::{QueryType, Record, RouteError};
 
 use super::dane::{self, Dane};
-use super::mta_sts;
 use super::job::{
     deferred_all, notify_keywords, result_for_failure, ret_keyword, site_key, Job, JobResult,
     Outcome, Strategy, Target,
 };
 use super::mesh::HostSlot;
+use super::mta_sts;
 use super::outbound::{Connection, Endpoint, SessionFailure};
 use super::throttle::{self, HostRate, SiteThrottle};
 use super::tls_policy::Level;
@@ -422,10 +422,7 @@ impl CoreDelivery {
                 let sts = if tls.level == Level::None {
                     mta_sts::Sts::Off("TLS policy none".into())
                 } else {
-                    self.shared
-                        .mta_sts
-                        .policy_for(&self.resolver, domain)
-                        .await
+                    self.shared.mta_sts.policy_for(&self.resolver, domain).await
                 };
                 for host in &route.hosts {
                     if host.addrs.is_empty() {

@@ -228,13 +228,16 @@ impl Nsd {
         let mut buf = [0u8; 4096];
         while started.elapsed() < READY_DEADLINE {
             let id = 0x5eee;
-            let query = sluice_dns::build_query(id, name, sluice_dns::QueryType::Txt).expect("query");
+            let query =
+                sluice_dns::build_query(id, name, sluice_dns::QueryType::Txt).expect("query");
             let _ = socket.send_to(&query, self.addr);
             if let Ok((n, _)) = socket.recv_from(&mut buf) {
                 let answer =
                     sluice_dns::parse_answer(id, name, sluice_dns::QueryType::Txt, &buf[..n]);
                 if answer.is_ok_and(|a| {
-                    a.records.iter().any(|r| matches!(r, sluice_dns::Record::Txt(t, _) if t.contains(expect)))
+                    a.records
+                        .iter()
+                        .any(|r| matches!(r, sluice_dns::Record::Txt(t, _) if t.contains(expect)))
                 }) {
                     return;
                 }
