@@ -199,12 +199,15 @@ pub fn policy(mode: Option<Mode>, configured: &TlsPolicy) -> Option<TlsPolicy> {
     }
 }
 
+/// Where a fetch's result goes.
+type Waiter = oneshot::Sender<Result<Arc<Cached>, FetchError>>;
+
 /// A fetch asked of the management thread.
 struct Request {
     domain: String,
     id: String,
     addrs: Vec<IpAddr>,
-    reply: oneshot::Sender<Result<Arc<Cached>, FetchError>>,
+    reply: Waiter,
 }
 
 enum Msg {
@@ -441,7 +444,7 @@ struct Manager {
     fetch: FetchConfig,
     tx: mpsc::Sender<Msg>,
     /// Fetches in flight: who waits for each domain's.
-    waiting: HashMap<String, Vec<oneshot::Sender<Result<Arc<Cached>, FetchError>>>>,
+    waiting: HashMap<String, Vec<Waiter>>,
 }
 
 impl Manager {
