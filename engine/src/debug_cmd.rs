@@ -81,6 +81,28 @@ pub fn run(config: &Config, command: DebugCommand, out: &mut dyn Write) -> anyho
     let rules = config.rule_set()?;
     let relay = config.relay_policy()?;
     let delivery = config.delivery_config();
+    // MTA-STS as delivery sees it: the policies the relay cached (its table in
+    // the spool directory, when there is one) and the same fetch.
+    let mta_sts = match command {
+        DebugCommand::Tls { .. } => {
+            let tls = crate::delivery::outbound::OutboundTlsConfig::new(
+                config.delivery.tls_ca_file.as_deref(),
+                &config.route,
+            )
+            .context("outbound TLS setup (delivery.tls_ca_file, route.*.tls_client_cert)")?;
+            let table = config.spool.path.join(crate::delivery::mta_sts::TABLE);
+            Some(crate::delivery::mta_sts::MtaSts::start(
+                config.delivery.mta_sts,
+                table.is_dir().then(|| config.spool.path.clone()),
+                crate::delivery::mta_sts::FetchConfig {
+                    timeout: config.delivery.mta_sts_fetch_timeout.0,
+                    port: config.delivery.mta_sts_https_port,
+                    tls: tls.verifying_client()?,
+                },
+            )?)
+        }
+        _ => None,
+    };
     executor.run(async move {
         let resolver = Resolver::new(resolver_config);
         match command {
@@ -106,7 +128,10 @@ pub fn run(config: &Config, command: DebugCommand, out: &mut dyn Write) -> anyho
                     facts,
                     local: relay.is_local_domain(&domain),
                 };
-                tls(&resolver, &delivery, &rules, &query, out).await
+                let Some(mta_sts) = mta_sts else {
+                    return Err(anyhow!("MTA-STS not set up"));
+                };
+                tls(&resolver, &delivery, &rules, &mta_sts, &query, out).await
             }
             DebugCommand::Route { domain } => {
                 let route = resolver.resolve_route(&domain).await;
@@ -296,6 +321,7 @@ async fn tls(
     resolver: &Resolver,
     cfg: &DeliveryConfig,
     rules: &sluice_policy::RuleSet,
+    mta_sts: &crate::delivery::mta_sts::MtaSts,
     q: &TlsQuery<'_>,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
@@ -326,9 +352,23 @@ async fn tls(
         rules.uses_mx().then_some(&mx),
     )
     .map_err(|reply| anyhow!("{} does not route: {reply}", q.recipient))?;
-    // The destination's configured policy; DANE is decided per MX host below
-    // (MTA-STS is not looked up yet).
-    let policy = tls_policy::select(None, None, routed.target.tls().clone());
+    // The destination's configured policy; MTA-STS is looked up for MX routes
+    // (as delivery does), DANE is decided per MX host below.
+    let configured = routed.target.tls().clone();
+    let sts = match &routed.target {
+        Target::Mx { .. } if configured.level != tls_policy::Level::None => {
+            mta_sts.policy_for(resolver, &domain).await
+        }
+        Target::Mx { .. } => crate::delivery::mta_sts::Sts::Off("TLS policy none".into()),
+        Target::Host { .. } => crate::delivery::mta_sts::Sts::Off(
+            "a route to a host: MTA-STS applies to MX routes only".into(),
+        ),
+    };
+    let policy = tls_policy::select(
+        None,
+        crate::delivery::mta_sts::policy(sts.mode(), &configured),
+        configured.clone(),
+    );
     writeln!(out, "tls {domain}: {policy}")?;
     writeln!(
         out,
@@ -363,7 +403,7 @@ async fn tls(
             "  dane: not looked up (a route to a host: TLSA is looked up for MX hosts only)"
         )?,
     }
-    writeln!(out, "  mta-sts: not looked up (not implemented yet)")?;
+    writeln!(out, "  mta-sts: {sts}")?;
     let check = |policy: &tls_policy::TlsPolicy| match (policy.level, &policy.basis) {
         (tls_policy::Level::Verify, tls_policy::Basis::Dane) => {
             "DANE: certificate must match TLSA for"
@@ -406,13 +446,21 @@ async fn tls(
                     continue;
                 }
                 // The same decisions delivery makes for this host.
-                let dane = dane::for_host(resolver, host, *port, &policy).await;
-                if let Some(why) = dane::skip_reason(&dane, &policy, &host.name, *port) {
+                let dane = dane::for_host(resolver, host, *port, &configured).await;
+                if let Some(why) = dane::skip_reason(&dane, &configured, &host.name, *port) {
                     writeln!(out, "  {} skipped: {}: {why}", host.preference, host.name)?;
                     continue;
                 }
-                let effective =
-                    tls_policy::select(dane::policy(&dane, &policy), None, policy.clone());
+                let dane_policy = dane::policy(&dane, &configured);
+                if let (None, Some(why)) = (&dane_policy, sts.skip_reason(&host.name)) {
+                    writeln!(out, "  {} skipped: {}: {why}", host.preference, host.name)?;
+                    continue;
+                }
+                let effective = tls_policy::select(
+                    dane_policy,
+                    crate::delivery::mta_sts::policy(sts.mode(), &configured),
+                    configured.clone(),
+                );
                 writeln!(
                     out,
                     "  {} {} {} (dane: {dane})",

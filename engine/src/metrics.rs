@@ -97,6 +97,10 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "TLS handshakes with next hops: verified (web PKI), unverified (accepted opportunistically) or failed."),
     ("sluice_tls_outbound_total", Kind::Counter, "policy,result",
      "Outbound sessions by TLS policy and result: verified, unverified, cleartext (the policy was met), or no_starttls, starttls_refused, handshake_failed, not_verified (deferred)."),
+    ("sluice_mta_sts_fetches_total", Kind::Counter, "result",
+     "MTA-STS policy fetches (RFC 8461) by result: ok, or no_address, connect_failed, tls_failed, http_failed (not a 200, a redirect, too large), invalid_policy, timeout, busy."),
+    ("sluice_mta_sts_testing_failures_total", Kind::Counter, "result",
+     "Sessions to destinations with an MTA-STS policy in testing mode that would have failed it (mx_mismatch, no_starttls, handshake_failed, not_verified); the mail went on as configured."),
     ("sluice_throttle_events_total", Kind::Counter, "kind",
      "Times a limit delayed or refused mail (rates, concurrency, quotas), by kind."),
     // DKIM signing.
@@ -566,6 +570,16 @@ pub fn outbound_tls(result: Result<bool, ()>) {
 /// `Failure::label`). Label lookup per call: this is once per connection.
 pub fn outbound_tls_policy(policy: &'static str, result: &'static str) {
     counter!("sluice_tls_outbound_total", "policy" => policy, "result" => result).increment(1);
+}
+
+/// An MTA-STS policy fetch ended (`result`: "ok" or `FetchError::label`).
+pub fn mta_sts_fetch(result: &'static str) {
+    counter!("sluice_mta_sts_fetches_total", "result" => result).increment(1);
+}
+
+/// A session under an MTA-STS policy in testing mode would have failed it.
+pub fn mta_sts_testing_failure(result: &'static str) {
+    counter!("sluice_mta_sts_testing_failures_total", "result" => result).increment(1);
 }
 
 /// A delivery status notification was queued.

@@ -200,6 +200,18 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             .dns
             .resolver_config(std::path::Path::new("/etc/resolv.conf"))
             .context("dns: no servers configured and /etc/resolv.conf unreadable")?;
+        let tls = OutboundTlsConfig::new(config.delivery.tls_ca_file.as_deref(), &config.route)
+            .context("outbound TLS setup (delivery.tls_ca_file, route.*.tls_client_cert)")?;
+        let mta_sts = crate::delivery::mta_sts::MtaSts::start(
+            config.delivery.mta_sts,
+            Some(config.spool.path.clone()),
+            crate::delivery::mta_sts::FetchConfig {
+                timeout: config.delivery.mta_sts_fetch_timeout.0,
+                port: config.delivery.mta_sts_https_port,
+                tls: tls.verifying_client().context("MTA-STS fetch TLS setup")?,
+            },
+        )
+        .context("starting the MTA-STS thread")?;
         Some(Arc::new(DeliveryShared {
             spool: spool.clone(),
             cfg: config.delivery_config(),
@@ -209,9 +221,9 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                 .ehlo_name
                 .clone()
                 .unwrap_or_else(|| config.server.hostname.clone()),
-            tls: OutboundTlsConfig::new(config.delivery.tls_ca_file.as_deref(), &config.route)
-                .context("outbound TLS setup (delivery.tls_ca_file, route.*.tls_client_cert)")?,
+            tls,
             dns: resolver,
+            mta_sts,
             rules: admission.rules().clone(),
             admin: crate::delivery::admin::AdminChannels::new(cores),
         }))

@@ -12,6 +12,7 @@ mod credentials;
 pub mod dane;
 pub mod dkim;
 mod error;
+pub mod mta_sts;
 mod network;
 mod relay;
 mod rules;

@@ -8,6 +8,7 @@
 mod envelope;
 mod error;
 mod id;
+mod records;
 mod reply;
 mod space;
 mod spool;
@@ -19,6 +20,7 @@ pub use envelope::{
 };
 pub use error::SpoolError;
 pub use id::{IdGenerator, MessageId, MAX_SHARDS};
+pub use records::RecordTable;
 pub use reply::{EnhancedStatus, Reply};
 pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};
 

@@ -57,6 +57,16 @@ pub struct DeliverySection {
     /// PEM file of CA certificates trusted for the `verify` level, in addition
     /// to the web PKI roots (a private CA of smart hosts or internal MX hosts).
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// MTA-STS (RFC 8461): look up and apply the policies destinations
+    /// publish (`_mta-sts` TXT, policy over HTTPS, cached in the spool
+    /// directory). On by default.
+    pub mta_sts: bool,
+    /// Most time one MTA-STS policy fetch may take (connect, TLS, the whole
+    /// response); the first delivery to a domain waits for it at most this long.
+    pub mta_sts_fetch_timeout: HumanDuration,
+    /// Port the MTA-STS policy is fetched from: 443, as RFC 8461 says. Only
+    /// tests set another.
+    pub mta_sts_https_port: u16,
     pub connect_timeout: HumanDuration,
     pub greeting_timeout: HumanDuration,
     pub ehlo_timeout: HumanDuration,
@@ -101,6 +111,9 @@ impl Default for DeliverySection {
             mx_port: 25,
             tls: OutboundTls::Opportunistic,
             tls_ca_file: None,
+            mta_sts: true,
+            mta_sts_fetch_timeout: secs(10),
+            mta_sts_https_port: 443,
             connect_timeout: secs(30),
             greeting_timeout: secs(300),
             ehlo_timeout: secs(300),

@@ -30,6 +30,10 @@
 //! * `dane.rs` — when DANE (RFC 7672) applies to an MX host, and the rustls
 //!   verifier that holds the server to its TLSA records (matching in
 //!   `sluice_policy::dane`).
+//! * `mta_sts.rs` — MTA-STS (RFC 8461): the `_mta-sts` TXT lookup, the policy
+//!   fetched over HTTPS on a management thread, the cache (persisted in the
+//!   spool directory), and what a policy does to a delivery (parsing and
+//!   decisions in `sluice_policy::mta_sts`).
 //! * `notices.rs` — DSNs the ledger asks for, built and queued.
 //! * `log.rs` — the delivery log (`sluice::delivery`).
 //! * `admin.rs` — operator holds, suspensions and queue actions on this core.
@@ -44,6 +48,7 @@ mod job;
 pub mod ledger;
 mod log;
 mod mesh;
+pub mod mta_sts;
 mod notices;
 pub mod outbound;
 mod routing;
@@ -87,6 +92,8 @@ pub struct DeliveryShared {
     pub ehlo_name: String,
     pub tls: OutboundTlsConfig,
     pub dns: sluice_dns::ResolverConfig,
+    /// MTA-STS policies: the cache and the fetch thread (`mta_sts.rs`).
+    pub mta_sts: Arc<mta_sts::MtaSts>,
     /// Shared with queue admission; replaced by a reload.
     pub rules: Arc<arc_swap::ArcSwap<sluice_policy::RuleSet>>,
     /// Command channels from the management API, one per core.

@@ -125,6 +125,18 @@ impl OutboundTlsConfig {
         })
     }
 
+    /// A client config that verifies the server in the handshake (web PKI
+    /// roots plus `delivery.tls_ca_file`, the name asked for): for HTTPS
+    /// fetches such as MTA-STS policies.
+    pub fn verifying_client(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        Ok(Arc::new(
+            rustls::ClientConfig::builder_with_provider(self.provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+                .with_webpki_verifier(self.verifier.clone())
+                .with_no_client_auth(),
+        ))
+    }
+
     /// The client config for a connection on `route` (its client certificate,
     /// if it has one).
     fn client_config(&self, route: Option<&str>) -> Arc<rustls::ClientConfig> {
@@ -258,6 +270,8 @@ pub struct Endpoint {
     pub tls: TlsPolicy,
     /// What DANE says about this host (its TLSA records, if they apply).
     pub dane: Dane,
+    /// The destination's MTA-STS mode, when a policy applies (`mta_sts.rs`).
+    pub mta_sts: Option<sluice_policy::mta_sts::Mode>,
     pub auth: Option<(String, String)>,
     /// Local address to connect from (rules' `source_ip`); None = the kernel picks.
     pub source_ip: Option<IpAddr>,
@@ -286,6 +300,9 @@ pub struct Connection {
     timeouts: Timeouts,
     /// DANE's word on the host (the TLSA records verification uses).
     dane: Dane,
+    /// An MTA-STS policy in testing mode applies: failures it would see are
+    /// logged and counted, the session goes on as configured.
+    sts_testing: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -340,13 +357,15 @@ impl Connection {
         if !cfg.data_timeout.0.is_zero() {
             let _ = tcp.set_write_timeout(Some(cfg.data_timeout.0));
         }
-        // DANE (looked up per MX host by the site) and MTA-STS (not fetched
-        // yet) take precedence over the configured policy here.
+        // DANE (looked up per MX host by the site) and an enforced MTA-STS
+        // policy (per destination) take precedence over the configured policy here.
         let policy = tls_policy::select(
             super::dane::policy(&endpoint.dane, &endpoint.tls),
-            None,
+            super::mta_sts::policy(endpoint.mta_sts, &endpoint.tls),
             endpoint.tls.clone(),
         );
+        let sts_testing = endpoint.mta_sts == Some(sluice_policy::mta_sts::Mode::Testing)
+            && policy.basis != Basis::Dane;
         let mut conn = Connection {
             stream: Stream::Plain(tcp),
             client: ClientSession::new(ClientConfig {
@@ -367,6 +386,7 @@ impl Connection {
             tls_policy: policy,
             route: endpoint.route.clone(),
             dane: endpoint.dane.clone(),
+            sts_testing,
             lmtp: endpoint.lmtp,
             timeouts: Timeouts {
                 greeting: cfg.greeting_timeout.0,
@@ -384,6 +404,9 @@ impl Connection {
         loop {
             match conn.next_event().await? {
                 ClientEvent::Ready => {
+                    if conn.sts_testing && conn.tls.is_none() {
+                        conn.sts_testing_failure("no_starttls", "no TLS session");
+                    }
                     crate::metrics::outbound_tls_policy(
                         conn.tls_policy.name(),
                         tls_policy::success_label(conn.tls.is_some(), conn.tls_verified),
@@ -466,6 +489,9 @@ impl Connection {
                     _ => tls.verify(session, &name),
                 };
                 crate::metrics::outbound_tls(Ok(verified.is_ok()));
+                if let (true, Err(why)) = (self.sts_testing, &verified) {
+                    self.sts_testing_failure("not_verified", why);
+                }
                 self.tls = Some(crate::tls::describe(session));
                 self.stream = Stream::Tls(Box::new(stream));
                 // Bytes read before the handshake belong to the plaintext session.
@@ -492,12 +518,29 @@ impl Connection {
             None => "handshake timed out".to_string(),
         };
         crate::metrics::outbound_tls(Err(()));
+        if self.sts_testing {
+            self.sts_testing_failure("handshake_failed", &why);
+        }
         let failure = match tls_policy::decide(self.tls_policy.level, true, Handshake::Failed(&why))
         {
             Verdict::Defer(f) => f,
             _ => Failure::Handshake(why),
         };
         Err(self.policy_failure(failure).await)
+    }
+
+    /// What an MTA-STS policy in testing mode would have refused (RFC 8461
+    /// §5: report, deliver anyway): logged and counted.
+    fn sts_testing_failure(&self, result: &'static str, why: &str) {
+        crate::metrics::mta_sts_testing_failure(result);
+        tracing::info!(
+            host = %self.host,
+            ip = %self.ip,
+            result,
+            why,
+            tls_policy = self.tls_policy.name(),
+            "MTA-STS (testing): the session fails the policy; delivering as configured"
+        );
     }
 
     /// A session that failed its TLS policy: counted, QUIT said where the

@@ -18,6 +18,7 @@ use super::job::{
     Outcome, Strategy, Target,
 };
 use super::mesh::HostSlot;
+use super::mta_sts;
 use super::outbound::{Connection, Endpoint, SessionFailure};
 use super::throttle::{self, HostRate, SiteThrottle};
 use super::tls_policy::Level;
@@ -417,6 +418,12 @@ impl CoreDelivery {
                 route.drop_self(&own);
                 let mut eps = Vec::new();
                 let mut dane_failure: Option<SessionFailure> = None;
+                // The destination's MTA-STS policy (not for TLS policy none).
+                let sts = if tls.level == Level::None {
+                    mta_sts::Sts::Off("TLS policy none".into())
+                } else {
+                    self.shared.mta_sts.policy_for(&self.resolver, domain).await
+                };
                 for host in &route.hosts {
                     if host.addrs.is_empty() {
                         continue;
@@ -433,6 +440,22 @@ impl CoreDelivery {
                         });
                         continue;
                     }
+                    // MTA-STS decides the hosts DANE does not (RFC 8461 §2).
+                    let dane_decides = dane::policy(&dane, tls).is_some();
+                    if let (false, Some(why)) = (dane_decides, sts.skip_reason(&host.name)) {
+                        let reply = client::Reply::local(451, "4.7.5", &why);
+                        tracing::info!(host = %host.name, reply = %reply, "MX host skipped");
+                        dane_failure = Some(SessionFailure {
+                            reply,
+                            try_next: false,
+                            tls_policy: Some("mta-sts"),
+                        });
+                        continue;
+                    }
+                    if !dane_decides && sts.testing_mismatch(&host.name) {
+                        crate::metrics::mta_sts_testing_failure("mx_mismatch");
+                        tracing::info!(host = %host.name, domain = %domain, policy = %sts, "MTA-STS (testing): MX host matches no mx of the policy; used anyway");
+                    }
                     for ip in &host.addrs {
                         eps.push(Endpoint {
                             host: host.name.clone(),
@@ -440,6 +463,7 @@ impl CoreDelivery {
                             lmtp: false,
                             tls: tls.clone(),
                             dane: dane.clone(),
+                            mta_sts: sts.mode(),
                             auth: None,
                             source_ip: strategy.source_ip,
                             route: None,
@@ -518,6 +542,7 @@ impl CoreDelivery {
                         lmtp: *lmtp,
                         tls: tls.clone(),
                         dane: Dane::Off("not an MX route"),
+                        mta_sts: None,
                         auth: auth.clone(),
                         source_ip: strategy.source_ip,
                         route: Some(route.clone()),

@@ -208,6 +208,44 @@ impl Nsd {
         ))
     }
 
+    /// Replaces the records of a server made by [`Nsd::start`] (a new serial,
+    /// then SIGHUP, which has NSD reload changed zone files), and waits until
+    /// the TXT record `name` answers with a string containing `expect`.
+    pub fn replace_records(&mut self, records: &str, serial: u32, name: &str, expect: &str) {
+        let zone = format!(
+            "$ORIGIN {ZONE}.\n$TTL 60\n@ SOA ns hostmaster {serial} 3600 600 86400 5\n@ NS ns\nns A 127.0.0.1\n{records}\n"
+        );
+        let file = self.dir.path().join("dlv.zone");
+        std::fs::write(&file, zone).expect("write the zone");
+        let child = self.child.as_ref().expect("nsd running");
+        // SAFETY: kill(2) on a child we own and have not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) };
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let started = Instant::now();
+        let mut buf = [0u8; 4096];
+        while started.elapsed() < READY_DEADLINE {
+            let id = 0x5eee;
+            let query =
+                sluice_dns::build_query(id, name, sluice_dns::QueryType::Txt).expect("query");
+            let _ = socket.send_to(&query, self.addr);
+            if let Ok((n, _)) = socket.recv_from(&mut buf) {
+                let answer =
+                    sluice_dns::parse_answer(id, name, sluice_dns::QueryType::Txt, &buf[..n]);
+                if answer.is_ok_and(|a| {
+                    a.records
+                        .iter()
+                        .any(|r| matches!(r, sluice_dns::Record::Txt(t, _) if t.contains(expect)))
+                }) {
+                    return;
+                }
+            }
+        }
+        panic!("nsd did not load the new records: {}", self.log());
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("nsd.log")).unwrap_or_default()
     }
