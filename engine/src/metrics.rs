@@ -97,6 +97,8 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "TLS handshakes with next hops: verified (web PKI), unverified (accepted opportunistically) or failed."),
     ("sluice_tls_outbound_total", Kind::Counter, "policy,result",
      "Outbound sessions by TLS policy and result: verified, unverified, cleartext (the policy was met), or no_starttls, starttls_refused, handshake_failed, not_verified (deferred)."),
+    ("sluice_requiretls_refused_total", Kind::Counter, "reason",
+     "Outbound sessions that refused a REQUIRETLS message (RFC 8689), by reason: no_starttls, starttls_refused, not_verified, no_requiretls. The next host is tried; when every host refuses, the message bounces 5.7.30."),
     ("sluice_throttle_events_total", Kind::Counter, "kind",
      "Times a limit delayed or refused mail (rates, concurrency, quotas), by kind."),
     // DKIM signing.
@@ -566,6 +568,12 @@ pub fn outbound_tls(result: Result<bool, ()>) {
 /// `Failure::label`). Label lookup per call: this is once per connection.
 pub fn outbound_tls_policy(policy: &'static str, result: &'static str) {
     counter!("sluice_tls_outbound_total", "policy" => policy, "result" => result).increment(1);
+}
+
+/// An outbound session refused a REQUIRETLS message (`reason`: the
+/// `Failure::label`).
+pub fn requiretls_refused(reason: &'static str) {
+    counter!("sluice_requiretls_refused_total", "reason" => reason).increment(1);
 }
 
 /// A delivery status notification was queued.

@@ -459,6 +459,7 @@ mod tests {
             queue: "bulk".into(),
             hold_until_unix: 0,
             deliver_by: None,
+            tls_request: Default::default(),
             schedule: sluice_spool::Schedule {
                 held,
                 ..Default::default()

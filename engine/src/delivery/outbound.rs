@@ -35,6 +35,10 @@ pub struct SessionFailure {
     /// The TLS policy the session failed under, when it failed one (for the
     /// delivery log: DANE's policy is decided per host, not per site).
     pub tls_policy: Option<&'static str>,
+    /// A REQUIRETLS session refused on REQUIRETLS's terms (no STARTTLS,
+    /// certificate not verified, REQUIRETLS not offered): the host cannot
+    /// take the message, as opposed to a failure that may pass.
+    pub requiretls_refused: bool,
 }
 
 impl SessionFailure {
@@ -43,6 +47,7 @@ impl SessionFailure {
             reply: Reply::local(code, esc, &text),
             try_next,
             tls_policy: None,
+            requiretls_refused: false,
         }
     }
 }
@@ -263,6 +268,8 @@ pub struct Endpoint {
     pub source_ip: Option<IpAddr>,
     /// The configured route (host targets), whose client certificate TLS presents.
     pub route: Option<String>,
+    /// What the messages of the site ask (RFC 8689; `tls_policy::for_message`).
+    pub message_tls: tls_policy::MessageTls,
 }
 
 pub struct Connection {
@@ -280,6 +287,8 @@ pub struct Connection {
     pub tls_verified: bool,
     /// The policy the session ran under.
     pub tls_policy: TlsPolicy,
+    /// What its messages ask (REQUIRETLS, TLS-Required: No).
+    pub message_tls: tls_policy::MessageTls,
     /// The configured route (client certificate), if any.
     route: Option<String>,
     lmtp: bool,
@@ -341,11 +350,15 @@ impl Connection {
             let _ = tcp.set_write_timeout(Some(cfg.data_timeout.0));
         }
         // DANE (looked up per MX host by the site) and MTA-STS (not fetched
-        // yet) take precedence over the configured policy here.
-        let policy = tls_policy::select(
-            super::dane::policy(&endpoint.dane, &endpoint.tls),
-            None,
-            endpoint.tls.clone(),
+        // yet) take precedence over the configured policy here; then the
+        // message's REQUIRETLS or TLS-Required: No applies.
+        let policy = tls_policy::for_message(
+            tls_policy::select(
+                super::dane::policy(&endpoint.dane, &endpoint.tls),
+                None,
+                endpoint.tls.clone(),
+            ),
+            endpoint.message_tls,
         );
         let mut conn = Connection {
             stream: Stream::Plain(tcp),
@@ -355,6 +368,7 @@ impl Connection {
                 tls: policy.level,
                 implicit_tls: policy.implicit,
                 auth: endpoint.auth.clone(),
+                message_tls: endpoint.message_tls,
             }),
             buf: vec![0; 16 * 1024],
             start: 0,
@@ -365,6 +379,7 @@ impl Connection {
             tls: None,
             tls_verified: false,
             tls_policy: policy,
+            message_tls: endpoint.message_tls,
             route: endpoint.route.clone(),
             dane: endpoint.dane.clone(),
             lmtp: endpoint.lmtp,
@@ -413,6 +428,7 @@ impl Connection {
                         reply,
                         try_next: true,
                         tls_policy: None,
+                        requiretls_refused: false,
                     });
                 }
                 other => {
@@ -507,11 +523,19 @@ impl Connection {
     async fn policy_failure(&mut self, failure: Failure) -> SessionFailure {
         crate::metrics::outbound_tls_policy(self.tls_policy.name(), failure.label());
         let reply = failure.reply(&self.tls_policy, &self.host);
+        // A handshake that broke off may work next time; the rest are the
+        // host's answer to REQUIRETLS.
+        let requiretls_refused = self.message_tls.requires_tls()
+            && !matches!(failure, Failure::Handshake(_));
+        if requiretls_refused {
+            crate::metrics::requiretls_refused(failure.label());
+        }
         tracing::info!(
             host = %self.host,
             ip = %self.ip,
             tls_policy = self.tls_policy.name(),
             tls_policy_from = %self.tls_policy.basis,
+            requiretls = self.message_tls.requires_tls(),
             reply = %reply,
             "TLS policy not met"
         );
@@ -523,6 +547,7 @@ impl Connection {
             reply,
             try_next: true,
             tls_policy: Some(self.tls_policy.name()),
+            requiretls_refused,
         }
     }
 
@@ -627,6 +652,7 @@ impl Connection {
                         reply,
                         try_next: false,
                         tls_policy: None,
+                        requiretls_refused: false,
                     })
                 }
                 other => {
