@@ -1313,7 +1313,12 @@ fn requiretls_twice_or_with_a_value_is_a_syntax_error() {
 
 #[test]
 fn tls_required_no_is_recorded_only_where_the_listener_honours_it() {
-    let input = b"EHLO x\r\nMAIL FROM:<a@local.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\nTLS-Required: No\r\nSubject: s\r\n\r\nbody\r\n.\r\n";
+    let msg = "TLS-Required: No\r\nSubject: s\r\n\r\nbody\r\n";
+    let input = format!(
+        "EHLO x\r\nMAIL FROM:<a@local.test>\r\nRCPT TO:<b@local.test>\r\nBDAT {} LAST\r\n{msg}",
+        msg.len()
+    );
+    let input = input.as_bytes();
     let h = run(config(), "192.0.2.1", input);
     assert_eq!(h.stored.len(), 1, "{}", h.out);
     assert_eq!(
@@ -1335,7 +1340,11 @@ fn tls_required_no_is_recorded_only_where_the_listener_honours_it() {
     // Under REQUIRETLS the header is ignored (RFC 8689 §4.1).
     let h = over_tls(
         cfg,
-        b"EHLO x\r\nMAIL FROM:<a@local.test> REQUIRETLS\r\nRCPT TO:<b@local.test>\r\nDATA\r\nTLS-Required: No\r\n\r\nbody\r\n.\r\n",
+        format!(
+            "EHLO x\r\nMAIL FROM:<a@local.test> REQUIRETLS\r\nRCPT TO:<b@local.test>\r\nBDAT {} LAST\r\n{msg}",
+            msg.len()
+        )
+        .as_bytes(),
     );
     assert_eq!(h.stored.len(), 1, "{}", h.out);
     assert_eq!(
