@@ -238,6 +238,8 @@ pub struct TxSummary {
     /// Inbound authentication results, "spf=pass dkim=pass dmarc=pass"
     /// ("" when the listener verifies nothing).
     pub auth: String,
+    /// The message came with REQUIRETLS (RFC 8689).
+    pub requiretls: bool,
 }
 
 impl TxSummary {
@@ -248,6 +250,7 @@ impl TxSummary {
             size: envelope.size,
             dkim: String::new(),
             auth: String::new(),
+            requiretls: envelope.tls_request == TlsRequest::RequireTls,
         }
     }
 }
@@ -1376,6 +1379,7 @@ impl Session {
             result = code,
             dkim = %summary.dkim,
             auth_results = %summary.auth,
+            requiretls = summary.requiretls,
             error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
             "transaction"
         );
