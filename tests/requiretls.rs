@@ -209,8 +209,18 @@ fn requiretls_end_to_end() {
     assert!(ok["ehlo_tls"].to_string().contains("requiretls"), "{ok}");
     assert_eq!(ok["mail"][0], 250, "{ok}");
     let id_ok = queued_as(&ok);
-    let id_noreq = queued_as(&smtplib(&relay, true, &sender, &[&format!("dan@noreq.{ZONE}")]));
-    let id_wrong = queued_as(&smtplib(&relay, true, &sender, &[&format!("erin@wrong.{ZONE}")]));
+    let id_noreq = queued_as(&smtplib(
+        &relay,
+        true,
+        &sender,
+        &[&format!("dan@noreq.{ZONE}")],
+    ));
+    let id_wrong = queued_as(&smtplib(
+        &relay,
+        true,
+        &sender,
+        &[&format!("erin@wrong.{ZONE}")],
+    ));
 
     // Delivered to the sluice that offers REQUIRETLS, verified, with REQUIRETLS.
     let mut a = Vec::new();
@@ -219,7 +229,10 @@ fn requiretls_end_to_end() {
         T,
         || {
             a = attempts(&relay, &id_ok);
-            a.iter().filter(|e| field(e, "status") == "delivered").count() == 2
+            a.iter()
+                .filter(|e| field(e, "status") == "delivered")
+                .count()
+                == 2
         },
         || relay.log(),
     );
@@ -242,7 +255,10 @@ fn requiretls_end_to_end() {
         || at_receiver().iter().any(|t| field(t, "sender") == sender),
         || receiver.log(),
     );
-    for t in at_receiver().iter().filter(|t| field(t, "sender") == sender) {
+    for t in at_receiver()
+        .iter()
+        .filter(|t| field(t, "sender") == sender)
+    {
         assert_eq!(t["requiretls"], true, "{t}");
         assert!(field(t, "tls").starts_with("TLSv1."), "{t}");
     }
@@ -264,10 +280,7 @@ fn requiretls_end_to_end() {
         assert_eq!(e["code"], 550, "{e}");
         assert_eq!(field(e, "enhanced"), "5.7.30", "{e}");
         assert_eq!(e["requiretls"], true, "{e}");
-        assert!(
-            a.iter().all(|e| field(e, "status") != "delivered"),
-            "{a:?}"
-        );
+        assert!(a.iter().all(|e| field(e, "status") != "delivered"), "{a:?}");
     }
     assert!(noreq.of("message").is_empty(), "{:?}", noreq.of(""));
     assert!(wrong.of("message").is_empty(), "{:?}", wrong.of(""));
@@ -298,7 +311,10 @@ fn requiretls_end_to_end() {
         },
         || format!("{}\n--- sender ---\n{}", receiver.log(), relay.log()),
     );
-    for t in at_receiver().iter().filter(|t| field(t, "sender").is_empty()) {
+    for t in at_receiver()
+        .iter()
+        .filter(|t| field(t, "sender").is_empty())
+    {
         assert_eq!(t["requiretls"], true, "{t}");
         let raw = receiver.body(field(t, "id"));
         let to = if raw.windows(5).any(|w| w == b"noreq") {
@@ -317,6 +333,16 @@ fn requiretls_end_to_end() {
     }
 
     // Refusals counted by reason.
-    assert!(metric(&relay, "sluice_requiretls_refused_total{reason=\"no_requiretls\"}") >= 2);
-    assert!(metric(&relay, "sluice_requiretls_refused_total{reason=\"not_verified\"}") >= 1);
+    assert!(
+        metric(
+            &relay,
+            "sluice_requiretls_refused_total{reason=\"no_requiretls\"}"
+        ) >= 2
+    );
+    assert!(
+        metric(
+            &relay,
+            "sluice_requiretls_refused_total{reason=\"not_verified\"}"
+        ) >= 1
+    );
 }

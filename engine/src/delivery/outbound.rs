@@ -525,8 +525,8 @@ impl Connection {
         let reply = failure.reply(&self.tls_policy, &self.host);
         // A handshake that broke off may work next time; the rest are the
         // host's answer to REQUIRETLS.
-        let requiretls_refused = self.message_tls.requires_tls()
-            && !matches!(failure, Failure::Handshake(_));
+        let requiretls_refused =
+            self.message_tls.requires_tls() && !matches!(failure, Failure::Handshake(_));
         if requiretls_refused {
             crate::metrics::requiretls_refused(failure.label());
         }

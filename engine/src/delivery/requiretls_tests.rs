@@ -33,7 +33,10 @@ fn policy(level: Level, basis: Basis, implicit: bool) -> TlsPolicy {
 #[test]
 fn the_request_comes_from_the_envelope_and_its_sender() {
     use sluice_spool::TlsRequest;
-    assert_eq!(MessageTls::of(TlsRequest::Policy, "a@b"), MessageTls::Policy);
+    assert_eq!(
+        MessageTls::of(TlsRequest::Policy, "a@b"),
+        MessageTls::Policy
+    );
     assert_eq!(MessageTls::of(TlsRequest::Policy, ""), MessageTls::Policy);
     assert_eq!(
         MessageTls::of(TlsRequest::RequireTls, "a@b"),
@@ -146,12 +149,32 @@ fn the_next_hop_must_offer_requiretls_except_for_notices() {
         (MessageTls::Optional, true, true, Ok(false)),
         (MessageTls::Optional, false, false, Ok(false)),
         (MessageTls::RequireTls, true, true, Ok(true)),
-        (MessageTls::RequireTls, true, false, Err(Failure::NoRequireTls)),
-        (MessageTls::RequireTls, false, true, Err(Failure::NoStartTls)),
-        (MessageTls::RequireTls, false, false, Err(Failure::NoStartTls)),
+        (
+            MessageTls::RequireTls,
+            true,
+            false,
+            Err(Failure::NoRequireTls),
+        ),
+        (
+            MessageTls::RequireTls,
+            false,
+            true,
+            Err(Failure::NoStartTls),
+        ),
+        (
+            MessageTls::RequireTls,
+            false,
+            false,
+            Err(Failure::NoStartTls),
+        ),
         (MessageTls::RequireTlsNotice, true, true, Ok(true)),
         (MessageTls::RequireTlsNotice, true, false, Ok(false)),
-        (MessageTls::RequireTlsNotice, false, false, Err(Failure::NoStartTls)),
+        (
+            MessageTls::RequireTlsNotice,
+            false,
+            false,
+            Err(Failure::NoStartTls),
+        ),
     ];
     for (msg, tls, offered, want) in cases {
         assert_eq!(
@@ -173,12 +196,25 @@ fn the_next_hop_must_offer_requiretls_except_for_notices() {
 fn only_a_refusal_by_every_host_bounces_and_only_requiretls_messages() {
     let last = Reply::local(451, "4.7.30", "REQUIRETLS: mx2 does not offer REQUIRETLS");
     let bounced = requiretls_outcome(MessageTls::RequireTls, 2, 2, &last).expect("bounce");
-    assert_eq!((bounced.code, bounced.esc.as_deref()), (550, Some("5.7.30")));
-    assert!(bounced.text.contains("mx2 does not offer"), "{}", bounced.text);
+    assert_eq!(
+        (bounced.code, bounced.esc.as_deref()),
+        (550, Some("5.7.30"))
+    );
+    assert!(
+        bounced.text.contains("mx2 does not offer"),
+        "{}",
+        bounced.text
+    );
     // One host failed otherwise (refused connection, timeout): deferred.
-    assert_eq!(requiretls_outcome(MessageTls::RequireTls, 2, 1, &last), None);
+    assert_eq!(
+        requiretls_outcome(MessageTls::RequireTls, 2, 1, &last),
+        None
+    );
     // Nothing tried (no address): the usual routing failure.
-    assert_eq!(requiretls_outcome(MessageTls::RequireTls, 0, 0, &last), None);
+    assert_eq!(
+        requiretls_outcome(MessageTls::RequireTls, 0, 0, &last),
+        None
+    );
     for msg in [
         MessageTls::Policy,
         MessageTls::Optional,
@@ -196,8 +232,5 @@ fn requests_split_sites() {
     unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), REQUESTS.len());
-    assert_eq!(
-        Basis::RequireTls.to_string(),
-        "the message's REQUIRETLS"
-    );
+    assert_eq!(Basis::RequireTls.to_string(), "the message's REQUIRETLS");
 }

@@ -401,12 +401,9 @@ impl CoreDelivery {
             }
         }
         // RFC 8689 §4.2.1: every host refused the REQUIRETLS message → bounce.
-        if let Some(reply) = tls_policy::requiretls_outcome(
-            site.strategy.message_tls,
-            tried,
-            refused,
-            &last.reply,
-        ) {
+        if let Some(reply) =
+            tls_policy::requiretls_outcome(site.strategy.message_tls, tried, refused, &last.reply)
+        {
             tracing::info!(site = %site.key, reply = %reply, ids = %waiting_ids(site), "REQUIRETLS: no host can take the message");
             last.reply = reply;
         }

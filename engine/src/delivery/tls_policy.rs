@@ -408,9 +408,7 @@ pub fn requiretls_check(msg: MessageTls, tls: bool, offered: bool) -> Result<boo
     match msg {
         MessageTls::Policy | MessageTls::Optional => Ok(false),
         // Never reached in clear (verify needs TLS); refused all the same.
-        MessageTls::RequireTls | MessageTls::RequireTlsNotice if !tls => {
-            Err(Failure::NoStartTls)
-        }
+        MessageTls::RequireTls | MessageTls::RequireTlsNotice if !tls => Err(Failure::NoStartTls),
         MessageTls::RequireTls if !offered => Err(Failure::NoRequireTls),
         MessageTls::RequireTls => Ok(true),
         MessageTls::RequireTlsNotice => Ok(offered),

@@ -214,8 +214,7 @@ pub fn build_dsn(
     } else {
         envelope.ret
     };
-    let returned_kind =
-        returned_content(kind, ret, original.len(), envelope.schedule.notices)?;
+    let returned_kind = returned_content(kind, ret, original.len(), envelope.schedule.notices)?;
     let rcpts: Vec<&DsnRecipient<'_>> = recipients
         .iter()
         .filter(|r| r.action.wanted_by(r.recipient.notify))

@@ -117,7 +117,9 @@ impl Capabilities {
 /// The TLS level a session runs under; what it allows is decided by
 /// [`crate::delivery::tls_policy::decide`].
 pub use crate::delivery::tls_policy::Level as TlsPolicy;
-use crate::delivery::tls_policy::{decide, requiretls_check, Failure, Handshake, MessageTls, Verdict};
+use crate::delivery::tls_policy::{
+    decide, requiretls_check, Failure, Handshake, MessageTls, Verdict,
+};
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {

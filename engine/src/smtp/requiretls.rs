@@ -38,7 +38,10 @@ pub fn tls_required_no(message: &[u8]) -> bool {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             continue;
         };
-        if !line[..colon].trim_ascii().eq_ignore_ascii_case(b"TLS-Required") {
+        if !line[..colon]
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"TLS-Required")
+        {
             continue;
         }
         let mut value = line[colon + 1..].to_vec();
@@ -64,7 +67,9 @@ mod tests {
     #[test]
     fn the_parameter_twice_is_found_once_is_not() {
         assert!(!repeated(b"MAIL FROM:<a@b> REQUIRETLS"));
-        assert!(!repeated(b"MAIL FROM:<a@b> SIZE=10 requiretls BODY=8BITMIME"));
+        assert!(!repeated(
+            b"MAIL FROM:<a@b> SIZE=10 requiretls BODY=8BITMIME"
+        ));
         assert!(repeated(b"MAIL FROM:<a@b> REQUIRETLS REQUIRETLS"));
         assert!(repeated(b"MAIL FROM:<a@b> RequireTLS SMTPUTF8 requiretls"));
         // In the address it is no parameter.
