@@ -7,7 +7,9 @@
 //! (tests/py/tls_receiver.py) and one with a certificate for another name get
 //! nothing, and the message bounces 5.7.30 with a notice that itself goes
 //! with REQUIRETLS and returns the headers only. A domain whose first MX
-//! lacks REQUIRETLS is delivered through its second.
+//! lacks REQUIRETLS is delivered through its second. A `TLS-Required: No`
+//! header on a listener that honours it lowers a rule's `verify` to
+//! opportunistic for that message only.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -71,6 +73,7 @@ impl PyReceiver {
 const SMTPLIB_PY: &str = r#"
 import json, smtplib, ssl, sys
 port, tls, sender, rcpts = int(sys.argv[1]), sys.argv[2] == "tls", sys.argv[3], sys.argv[4].split(",")
+options, header = sys.argv[5].split(",") if sys.argv[5] else [], sys.argv[6]
 out = {}
 s = smtplib.SMTP("127.0.0.1", port, timeout=20)
 s.ehlo("client.test")
@@ -79,13 +82,13 @@ if tls:
     s.starttls(context=ssl._create_unverified_context())
     s.ehlo("client.test")
     out["ehlo_tls"] = sorted(s.esmtp_features)
-code, text = s.mail(sender, ["REQUIRETLS"])
+code, text = s.mail(sender, options)
 out["mail"] = [code, text.decode()]
 if code == 250:
     for r in rcpts:
         c, t = s.rcpt(r)
         assert c == 250, (c, t)
-    body = "From: <%s>\r\nSubject: secret plans\r\n\r\nBODY-MARKER the plans\r\n" % sender
+    body = "From: <%s>\r\n%sSubject: secret plans\r\n\r\nBODY-MARKER the plans\r\n" % (sender, header)
     c, t = s.data(body.encode())
     out["data"] = [c, t.decode()]
 s.quit()
@@ -93,6 +96,19 @@ print(json.dumps(out))
 "#;
 
 fn smtplib(relay: &Relay, tls: bool, sender: &str, rcpts: &[&str]) -> Value {
+    smtplib_with(relay, tls, sender, rcpts, "REQUIRETLS", "")
+}
+
+/// `options`: MAIL parameters, comma-separated; `header`: a header line
+/// (with its CRLF) put in the message.
+fn smtplib_with(
+    relay: &Relay,
+    tls: bool,
+    sender: &str,
+    rcpts: &[&str],
+    options: &str,
+    header: &str,
+) -> Value {
     let out = run_with_timeout(
         Command::new("python3")
             .arg("-c")
@@ -100,7 +116,9 @@ fn smtplib(relay: &Relay, tls: bool, sender: &str, rcpts: &[&str]) -> Value {
             .arg(relay.port.to_string())
             .arg(if tls { "tls" } else { "clear" })
             .arg(sender)
-            .arg(rcpts.join(",")),
+            .arg(rcpts.join(","))
+            .arg(options)
+            .arg(header),
         T,
     );
     assert!(
@@ -180,6 +198,10 @@ fn requiretls_end_to_end() {
                 "server.listener.smtp.tls_key=\"{}\"",
                 sender_cert.1.display()
             ),
+            // wrong.* needs verify; TLS-Required: No is honoured here.
+            format!("rule=[{{match={{recipient_domain=[\"wrong.{ZONE}\"]}},tls=\"verify\"}}]"),
+            "server.listener.smtp.honor_tls_required_no=true".to_string(),
+            "queue.default.retry=[\"1h\"]".to_string(),
         ],
     );
     let sender = format!("alice@snd.{ZONE}");
@@ -283,7 +305,14 @@ fn requiretls_end_to_end() {
         assert!(a.iter().all(|e| field(e, "status") != "delivered"), "{a:?}");
     }
     assert!(noreq.of("message").is_empty(), "{:?}", noreq.of(""));
-    assert!(wrong.of("message").is_empty(), "{:?}", wrong.of(""));
+    assert!(
+        !wrong
+            .of("message")
+            .iter()
+            .any(|m| m["rcpts"].to_string().contains("erin@")),
+        "{:?}",
+        wrong.of("")
+    );
     // The receiver without REQUIRETLS verified fine: the session ended with
     // QUIT over TLS, before MAIL.
     assert!(
@@ -331,6 +360,57 @@ fn requiretls_end_to_end() {
         assert!(returned.contains("secret plans"), "{v:#}");
         assert!(!text(&raw).contains("BODY-MARKER"), "{}", text(&raw));
     }
+
+    // TLS-Required: No (honoured by this listener): the rule's verify is
+    // lowered to opportunistic, so the wrong certificate does not hold the
+    // message; the same message without the header is deferred.
+    let hdr = "TLS-Required: No\r\n";
+    let id_optional = queued_as(&smtplib_with(
+        &relay,
+        true,
+        &sender,
+        &[&format!("frank@wrong.{ZONE}")],
+        "",
+        hdr,
+    ));
+    let id_strict = queued_as(&smtplib_with(
+        &relay,
+        true,
+        &sender,
+        &[&format!("gina@wrong.{ZONE}")],
+        "",
+        "",
+    ));
+    let first = |id: &str| {
+        let mut a = Vec::new();
+        wait_until(
+            &format!("an attempt for {id}"),
+            T,
+            || {
+                a = attempts(&relay, id);
+                !a.is_empty()
+            },
+            || relay.log(),
+        );
+        a.remove(0)
+    };
+    let e = first(&id_optional);
+    assert_eq!(field(&e, "status"), "delivered", "{e}");
+    assert_eq!(field(&e, "tls_policy"), "opportunistic", "{e}");
+    assert_eq!(e["tls_verified"], false, "{e}");
+    assert_eq!(e["tls_required_no"], true, "{e}");
+    assert_eq!(e["requiretls"], false, "{e}");
+    let e = first(&id_strict);
+    assert_eq!(field(&e, "status"), "deferred", "{e}");
+    assert_eq!(field(&e, "enhanced"), "4.7.5", "{e}");
+    assert_eq!(field(&e, "tls_policy"), "verify", "{e}");
+    let got: Vec<String> = wrong
+        .of("message")
+        .iter()
+        .map(|m| m["rcpts"].to_string())
+        .collect();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].contains("frank@"), "{got:?}");
 
     // Refusals counted by reason.
     assert!(
