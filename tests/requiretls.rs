@@ -346,6 +346,9 @@ fn requiretls_end_to_end() {
     {
         assert_eq!(t["requiretls"], true, "{t}");
         let raw = receiver.body(field(t, "id"));
+        // The receiver stored the request with the notice (`queue show`).
+        let show = receiver.show(field(t, "id"));
+        assert!(show.contains("tls_request: requiretls"), "{show}");
         let to = if raw.windows(5).any(|w| w == b"noreq") {
             format!("dan@noreq.{ZONE}")
         } else {
