@@ -1351,6 +1351,7 @@ fn store_raw(path: &std::path::Path, bodies: &[Vec<u8>]) {
             queue: "default".into(),
             hold_until_unix: 0,
             deliver_by: None,
+            tls_request: Default::default(),
             schedule: Default::default(),
         };
         let id = ids.next(now_ms);

@@ -36,6 +36,7 @@ fn session_config() -> Arc<SessionConfig> {
         auth_guard: Arc::new(AuthGuard::new(&AuthSection::default())),
         untrusted: Default::default(),
         verify: None,
+        honor_tls_required_no: false,
     })
 }
 

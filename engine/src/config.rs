@@ -188,6 +188,10 @@ pub struct ListenerConfig {
     /// HOLDFOR / HOLDUNTIL from untrusted clients.
     pub untrusted_hold: UntrustedExtension,
     pub untrusted_notices: UntrustedNotices,
+    /// Honour a `TLS-Required: No` header field (RFC 8689 §3) in mail from
+    /// this listener: its delivery ignores the destination's TLS policy
+    /// (configured, DANE, MTA-STS) and runs opportunistic. Off by default.
+    pub honor_tls_required_no: bool,
     /// Inbound authentication (iprev, SPF, DKIM, ARC, DMARC) and ARC
     /// sealing; absent: nothing is checked (ARCHITECTURE.md "Inbound
     /// authentication").
@@ -220,6 +224,7 @@ impl Default for ListenerConfig {
             untrusted_mt_priority: UntrustedExtension::Ignore,
             untrusted_hold: UntrustedExtension::Reject,
             untrusted_notices: UntrustedNotices::Headers,
+            honor_tls_required_no: false,
             verify: None,
         }
     }

@@ -101,6 +101,8 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "MTA-STS policy fetches (RFC 8461) by result: ok, or no_address, connect_failed, tls_failed, http_failed (not a 200, a redirect, too large), invalid_policy, timeout, busy."),
     ("sluice_mta_sts_testing_failures_total", Kind::Counter, "result",
      "Sessions to destinations with an MTA-STS policy in testing mode that would have failed it (mx_mismatch, no_starttls, handshake_failed, not_verified); the mail went on as configured."),
+    ("sluice_requiretls_refused_total", Kind::Counter, "reason",
+     "Outbound sessions that refused a REQUIRETLS message (RFC 8689), by reason: no_starttls, starttls_refused, not_verified, no_requiretls. The next host is tried; when every host refuses, the message bounces 5.7.30."),
     ("sluice_throttle_events_total", Kind::Counter, "kind",
      "Times a limit delayed or refused mail (rates, concurrency, quotas), by kind."),
     // DKIM signing.
@@ -580,6 +582,12 @@ pub fn mta_sts_fetch(result: &'static str) {
 /// A session under an MTA-STS policy in testing mode would have failed it.
 pub fn mta_sts_testing_failure(result: &'static str) {
     counter!("sluice_mta_sts_testing_failures_total", "result" => result).increment(1);
+}
+
+/// An outbound session refused a REQUIRETLS message (`reason`: the
+/// `Failure::label`).
+pub fn requiretls_refused(reason: &'static str) {
+    counter!("sluice_requiretls_refused_total", "reason" => reason).increment(1);
 }
 
 /// A delivery status notification was queued.

@@ -333,6 +333,7 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
     l.untrusted_mt_priority = n.untrusted_mt_priority;
     l.untrusted_hold = n.untrusted_hold;
     l.untrusted_notices = n.untrusted_notices;
+    l.honor_tls_required_no = n.honor_tls_required_no;
     l.verify = n.verify.clone();
 }
 

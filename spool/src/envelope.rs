@@ -18,7 +18,11 @@ use crate::{MessageId, Reply, SpoolError};
 /// 7 stores the client address typed (`Option<IpAddr>`, none for notices the
 /// relay wrote) instead of as text; older envelopes decode with the text
 /// parsed, an empty or unreadable one as none.
-const ENVELOPE_VERSION: u8 = 7;
+/// 8 appends a third record ([`Extension8`]: the sender's transport security
+/// request, RFC 8689) after version 7's; version 7 envelopes decode with its
+/// default.
+const ENVELOPE_VERSION: u8 = 8;
+const ENVELOPE_V7: u8 = 7;
 const ENVELOPE_V6: u8 = 6;
 const ENVELOPE_V5: u8 = 5;
 const ENVELOPE_V4: u8 = 4;
@@ -35,6 +39,29 @@ struct Extension {
 #[derive(Default, Serialize, Deserialize)]
 struct Extension5 {
     notices: NoticeLimit,
+}
+
+/// Fields stored after version 5's extension record (version 8 on).
+#[derive(Default, Serialize, Deserialize)]
+struct Extension8 {
+    tls_request: TlsRequest,
+}
+
+/// What the sender asked of the transport security of the message's onward
+/// relay (RFC 8689), decided when it is received.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TlsRequest {
+    /// Nothing asked: the destination's TLS policy applies. Messages stored
+    /// before version 8 decode as this.
+    #[default]
+    Policy,
+    /// `REQUIRETLS` on MAIL FROM: only over verified TLS, to a next hop that
+    /// offers REQUIRETLS itself.
+    RequireTls,
+    /// A `TLS-Required: No` header field, honoured by the listener
+    /// (`honor_tls_required_no`): the destination's policy is relaxed to
+    /// opportunistic TLS.
+    Optional,
 }
 
 /// What success and delay notices about a message may carry, decided when it
@@ -85,6 +112,10 @@ pub struct Envelope {
     pub deliver_by: Option<DeliverBy>,
     /// Delivery bookkeeping, persisted with each attempt's outcome.
     pub schedule: Schedule,
+    /// REQUIRETLS or `TLS-Required: No` (RFC 8689). Stored in the version 8
+    /// extension record, not in the version 7 layout.
+    #[serde(skip)]
+    pub tls_request: TlsRequest,
 }
 
 /// A DELIVERBY request: what to do when the deadline passes undelivered.
@@ -202,13 +233,29 @@ impl Envelope {
         let ext5 = Extension5 {
             notices: self.schedule.notices,
         };
-        postcard::to_extend(&ext5, out).map_err(enc)
+        let out = postcard::to_extend(&ext5, out).map_err(enc)?;
+        let ext8 = Extension8 {
+            tls_request: self.tls_request,
+        };
+        postcard::to_extend(&ext8, out).map_err(enc)
     }
 
     pub(crate) fn decode(id: MessageId, bytes: &[u8]) -> Result<Envelope, SpoolError> {
         let corrupt = |e: postcard::Error| SpoolError::Corrupt(format!("envelope {id}: {e}"));
         match bytes.split_first() {
             Some((&ENVELOPE_VERSION, rest)) => {
+                let (mut env, ext) =
+                    postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
+                let (ext, ext5) = postcard::take_from_bytes::<Extension>(ext).map_err(corrupt)?;
+                let (ext5, ext8) =
+                    postcard::take_from_bytes::<Extension5>(ext5).map_err(corrupt)?;
+                let ext8: Extension8 = postcard::from_bytes(ext8).map_err(corrupt)?;
+                env.schedule.held = ext.held;
+                env.schedule.notices = ext5.notices;
+                env.tls_request = ext8.tls_request;
+                Ok(env)
+            }
+            Some((&ENVELOPE_V7, rest)) => {
                 let (mut env, ext) =
                     postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
                 let (ext, ext5) = postcard::take_from_bytes::<Extension>(ext).map_err(corrupt)?;
@@ -359,6 +406,7 @@ mod v4 {
                 hold_until_unix: e.hold_until_unix,
                 deliver_by: e.deliver_by,
                 schedule: e.schedule,
+                tls_request: super::TlsRequest::Policy,
             }
         }
     }
@@ -610,7 +658,53 @@ mod tests {
             hold_until_unix: 0,
             deliver_by: None,
             schedule: Schedule::default(),
+            tls_request: TlsRequest::Policy,
         }
+    }
+
+    #[test]
+    fn the_tls_request_round_trips() {
+        let id = MessageId(9);
+        for request in [
+            TlsRequest::Policy,
+            TlsRequest::RequireTls,
+            TlsRequest::Optional,
+        ] {
+            let mut env = sample();
+            env.tls_request = request;
+            env.schedule.held = true;
+            env.schedule.notices = NoticeLimit::HeadersOnly;
+            let bytes = env.encode().expect("encode");
+            assert_eq!(bytes[0], ENVELOPE_VERSION);
+            assert_eq!(Envelope::decode(id, &bytes).expect("decode"), env);
+        }
+    }
+
+    #[test]
+    fn version_7_envelopes_still_decode_without_a_tls_request() {
+        // Version 7: the current layout and the two extension records before
+        // version 8's, as earlier releases wrote it.
+        let mut env = sample();
+        env.schedule.held = true;
+        env.schedule.notices = NoticeLimit::FailuresOnly;
+        let bytes = postcard::to_extend(&env, vec![ENVELOPE_V7]).expect("encode v7");
+        let bytes = postcard::to_extend(&Extension { held: true }, bytes).expect("ext");
+        let bytes = postcard::to_extend(
+            &Extension5 {
+                notices: NoticeLimit::FailuresOnly,
+            },
+            bytes,
+        )
+        .expect("ext5");
+        let back = Envelope::decode(MessageId(1), &bytes).expect("v7 decodes");
+        assert_eq!(back, env);
+        assert_eq!(back.tls_request, TlsRequest::Policy);
+        // Written back, it is version 8 and keeps a request set since.
+        let mut env8 = env.clone();
+        env8.tls_request = TlsRequest::RequireTls;
+        let new = env8.encode().expect("encode");
+        assert_eq!(new[0], ENVELOPE_VERSION);
+        assert_eq!(Envelope::decode(MessageId(1), &new).expect("v8"), env8);
     }
 
     #[test]

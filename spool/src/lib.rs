@@ -16,7 +16,7 @@ mod writer;
 
 pub use envelope::{
     BodyType, DeliverBy, DeliverByMode, Envelope, NoticeLimit, Notify, Recipient, RecipientStatus,
-    Ret, Schedule,
+    Ret, Schedule, TlsRequest,
 };
 pub use error::SpoolError;
 pub use id::{IdGenerator, MessageId, MAX_SHARDS};

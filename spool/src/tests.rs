@@ -52,6 +52,7 @@ fn envelope(size: usize) -> Envelope {
         queue: "default".into(),
         hold_until_unix: 0,
         deliver_by: None,
+        tls_request: Default::default(),
         schedule: Default::default(),
     }
 }

@@ -869,6 +869,9 @@ fn print_show_fields(m: &Value, o: &mut dyn Write) -> std::io::Result<()> {
         line("last_error", plain(&m["last_error"]))?;
     }
     line("delay_notices", plain(&m["delay_notices"]))?;
+    if m["tls_request"].as_str().is_some_and(|r| r != "policy") {
+        line("tls_request", plain(&m["tls_request"]))?;
+    }
     Ok(())
 }
 

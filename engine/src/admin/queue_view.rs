@@ -409,6 +409,12 @@ pub(super) fn show(api: &ApiContext, id: &str) -> ApiResult {
             "trace": b.trace,
         })),
         "delay_notices": env.schedule.delay_notices,
+        // RFC 8689: REQUIRETLS on MAIL, or an honoured TLS-Required: No.
+        "tls_request": match env.tls_request {
+            sluice_spool::TlsRequest::Policy => "policy",
+            sluice_spool::TlsRequest::RequireTls => "requiretls",
+            sluice_spool::TlsRequest::Optional => "tls-required-no",
+        },
         "headers": headers,
         "headers_truncated": truncated,
     });
@@ -459,6 +465,7 @@ mod tests {
             queue: "bulk".into(),
             hold_until_unix: 0,
             deliver_by: None,
+            tls_request: Default::default(),
             schedule: sluice_spool::Schedule {
                 held,
                 ..Default::default()

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use sluice_spool::{EnhancedStatus, MessageId, Notify, Reply, Ret};
 
 use super::outbound::SessionFailure;
-use super::tls_policy::{Level, TlsPolicy};
+use super::tls_policy::{Level, MessageTls, TlsPolicy};
 use crate::smtp::client;
 
 /// Where a group of recipients goes.
@@ -53,12 +53,16 @@ impl Target {
 pub struct Strategy {
     pub source_ip: Option<IpAddr>,
     pub ehlo_name: Option<String>,
+    /// The message's REQUIRETLS or `TLS-Required: No` (RFC 8689): its
+    /// sessions run under their own policy, so they get their own site.
+    pub message_tls: MessageTls,
 }
 
 /// The site key: destination plus connection strategy, since a connection from
 /// one source address cannot carry mail meant to leave from another; and the
 /// TLS level when it is not the default `opportunistic`, since rules can give
-/// one destination several levels and a connection runs under one.
+/// one destination several levels and a connection runs under one; and the
+/// message's REQUIRETLS or `TLS-Required: No`, for the same reason.
 pub fn site_key(target: &Target, strategy: &Strategy) -> String {
     let mut key = target.destination();
     if strategy.source_ip.is_some() || strategy.ehlo_name.is_some() {
@@ -76,6 +80,7 @@ pub fn site_key(target: &Target, strategy: &Strategy) -> String {
         key.push_str("|tls=");
         key.push_str(level.name());
     }
+    key.push_str(strategy.message_tls.site_suffix());
     key
 }
 

@@ -90,7 +90,9 @@ pub fn jobs(
     per_tx: usize,
 ) -> Vec<Box<Job>> {
     let mut jobs = Vec::new();
-    for (target, strategy, route, rcpts) in groups {
+    let message_tls = super::tls_policy::MessageTls::of(env.tls_request, &env.sender);
+    for (target, mut strategy, route, rcpts) in groups {
+        strategy.message_tls = message_tls;
         for chunk in rcpts.chunks(per_tx.max(1)) {
             jobs.push(Box::new(Job {
                 id,

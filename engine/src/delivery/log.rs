@@ -53,6 +53,8 @@ impl CoreDelivery {
                     .map(|c| c.tls_policy.name())
                     .or(failed_policy)
                     .unwrap_or_else(|| job.target.tls().name()),
+                requiretls = job.strategy.message_tls.requires_tls(),
+                tls_required_no = job.strategy.message_tls == super::tls_policy::MessageTls::Optional,
                 status,
                 code = reply.code,
                 enhanced = reply.status.map(tracing::field::display),

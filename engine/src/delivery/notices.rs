@@ -121,6 +121,12 @@ impl CoreDelivery {
             queue: envelope.queue.clone(),
             hold_until_unix: 0,
             deliver_by: None,
+            // RFC 8689 §5: a notice about a REQUIRETLS message goes with
+            // REQUIRETLS too (and returns only the headers, `dsn.rs`).
+            tls_request: match envelope.tls_request {
+                sluice_spool::TlsRequest::RequireTls => sluice_spool::TlsRequest::RequireTls,
+                _ => sluice_spool::TlsRequest::Policy,
+            },
             schedule: Default::default(),
         };
         // Signed like SMTP mail when a [[dkim.rule]] matches the notice

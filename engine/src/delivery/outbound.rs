@@ -35,6 +35,10 @@ pub struct SessionFailure {
     /// The TLS policy the session failed under, when it failed one (for the
     /// delivery log: DANE's policy is decided per host, not per site).
     pub tls_policy: Option<&'static str>,
+    /// A REQUIRETLS session refused on REQUIRETLS's terms (no STARTTLS,
+    /// certificate not verified, REQUIRETLS not offered): the host cannot
+    /// take the message, as opposed to a failure that may pass.
+    pub requiretls_refused: bool,
 }
 
 impl SessionFailure {
@@ -43,6 +47,7 @@ impl SessionFailure {
             reply: Reply::local(code, esc, &text),
             try_next,
             tls_policy: None,
+            requiretls_refused: false,
         }
     }
 }
@@ -277,6 +282,8 @@ pub struct Endpoint {
     pub source_ip: Option<IpAddr>,
     /// The configured route (host targets), whose client certificate TLS presents.
     pub route: Option<String>,
+    /// What the messages of the site ask (RFC 8689; `tls_policy::for_message`).
+    pub message_tls: tls_policy::MessageTls,
 }
 
 pub struct Connection {
@@ -294,6 +301,8 @@ pub struct Connection {
     pub tls_verified: bool,
     /// The policy the session ran under.
     pub tls_policy: TlsPolicy,
+    /// What its messages ask (REQUIRETLS, TLS-Required: No).
+    pub message_tls: tls_policy::MessageTls,
     /// The configured route (client certificate), if any.
     route: Option<String>,
     lmtp: bool,
@@ -358,11 +367,15 @@ impl Connection {
             let _ = tcp.set_write_timeout(Some(cfg.data_timeout.0));
         }
         // DANE (looked up per MX host by the site) and an enforced MTA-STS
-        // policy (per destination) take precedence over the configured policy here.
-        let policy = tls_policy::select(
-            super::dane::policy(&endpoint.dane, &endpoint.tls),
-            super::mta_sts::policy(endpoint.mta_sts, &endpoint.tls),
-            endpoint.tls.clone(),
+        // policy (per destination) take precedence over the configured policy
+        // here; then the message's REQUIRETLS or TLS-Required: No applies.
+        let policy = tls_policy::for_message(
+            tls_policy::select(
+                super::dane::policy(&endpoint.dane, &endpoint.tls),
+                super::mta_sts::policy(endpoint.mta_sts, &endpoint.tls),
+                endpoint.tls.clone(),
+            ),
+            endpoint.message_tls,
         );
         let sts_testing = endpoint.mta_sts == Some(sluice_policy::mta_sts::Mode::Testing)
             && policy.basis != Basis::Dane;
@@ -374,6 +387,7 @@ impl Connection {
                 tls: policy.level,
                 implicit_tls: policy.implicit,
                 auth: endpoint.auth.clone(),
+                message_tls: endpoint.message_tls,
             }),
             buf: vec![0; 16 * 1024],
             start: 0,
@@ -384,6 +398,7 @@ impl Connection {
             tls: None,
             tls_verified: false,
             tls_policy: policy,
+            message_tls: endpoint.message_tls,
             route: endpoint.route.clone(),
             dane: endpoint.dane.clone(),
             sts_testing,
@@ -436,6 +451,7 @@ impl Connection {
                         reply,
                         try_next: true,
                         tls_policy: None,
+                        requiretls_refused: false,
                     });
                 }
                 other => {
@@ -550,11 +566,19 @@ impl Connection {
     async fn policy_failure(&mut self, failure: Failure) -> SessionFailure {
         crate::metrics::outbound_tls_policy(self.tls_policy.name(), failure.label());
         let reply = failure.reply(&self.tls_policy, &self.host);
+        // A handshake that broke off may work next time; the rest are the
+        // host's answer to REQUIRETLS.
+        let requiretls_refused =
+            self.message_tls.requires_tls() && !matches!(failure, Failure::Handshake(_));
+        if requiretls_refused {
+            crate::metrics::requiretls_refused(failure.label());
+        }
         tracing::info!(
             host = %self.host,
             ip = %self.ip,
             tls_policy = self.tls_policy.name(),
             tls_policy_from = %self.tls_policy.basis,
+            requiretls = self.message_tls.requires_tls(),
             reply = %reply,
             "TLS policy not met"
         );
@@ -566,6 +590,7 @@ impl Connection {
             reply,
             try_next: true,
             tls_policy: Some(self.tls_policy.name()),
+            requiretls_refused,
         }
     }
 
@@ -670,6 +695,7 @@ impl Connection {
                         reply,
                         try_next: false,
                         tls_policy: None,
+                        requiretls_refused: false,
                     })
                 }
                 other => {

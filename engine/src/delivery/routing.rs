@@ -61,9 +61,11 @@ pub fn route_recipient(
         _ => 0,
     };
     let route_name = cfg.effective_route(chosen, deferrals);
+    // The message's REQUIRETLS is set per job (`ledger::jobs`).
     let strategy = Strategy {
         source_ip: decision.source_ip,
         ehlo_name: decision.ehlo_name.clone(),
+        ..Strategy::default()
     };
     let route = cfg.routes.get(route_name);
     let tls = tls_policy::configured(
@@ -270,6 +272,7 @@ mod tests {
         let s = Strategy {
             source_ip: Some("192.0.2.7".parse().expect("ip")),
             ehlo_name: Some("out7.example.net".into()),
+            ..Strategy::default()
         };
         assert_eq!(site_key(&t, &s), "example.com|192.0.2.7|out7.example.net");
         // A rule's TLS level other than the default makes a site of its own.
@@ -310,10 +313,18 @@ mod tests {
                 &h,
                 &Strategy {
                     source_ip: None,
-                    ehlo_name: Some("e".into())
+                    ehlo_name: Some("e".into()),
+                    ..Strategy::default()
                 }
             ),
             "route:smart||e"
         );
+        // REQUIRETLS messages get connections of their own.
+        let r = Strategy {
+            message_tls: crate::delivery::tls_policy::MessageTls::RequireTls,
+            ..Strategy::default()
+        };
+        assert_eq!(site_key(&t, &r), "example.com|requiretls");
+        assert_eq!(site_key(&v, &r), "example.com|tls=verify|requiretls");
     }
 }

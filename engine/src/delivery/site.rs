@@ -21,7 +21,7 @@ use super::mesh::HostSlot;
 use super::mta_sts;
 use super::outbound::{Connection, Endpoint, SessionFailure};
 use super::throttle::{self, HostRate, SiteThrottle};
-use super::tls_policy::Level;
+use super::tls_policy::{self, Level};
 use super::{config, halted, now_ms, CoreDelivery};
 use sluice_spool::Reply;
 
@@ -345,6 +345,7 @@ impl CoreDelivery {
             reply: client::Reply::local(451, "4.4.4", "no host to connect to"),
             try_next: true,
             tls_policy: None,
+            requiretls_refused: false,
         };
         let ehlo = site
             .strategy
@@ -353,6 +354,8 @@ impl CoreDelivery {
             .unwrap_or(&self.shared.ehlo_name);
         let mut slot: Option<HostSlot> = None;
         let site_max = site.max_per_connection;
+        // Endpoints tried, and those that refused a REQUIRETLS message.
+        let (mut tried, mut refused) = (0usize, 0usize);
         for ep in endpoints {
             let key = throttle::host_key(&ep.host);
             let limits = self.shared.cfg.host_limits(&key);
@@ -388,6 +391,8 @@ impl CoreDelivery {
                 }
                 Err(f) => {
                     tracing::info!(host = %ep.host, ip = %ep.addr.ip(), reply = %f.reply, tls_policy = ep.tls.name(), ids = %waiting_ids(site), "connection attempt failed");
+                    tried += 1;
+                    refused += usize::from(f.requiretls_refused);
                     let next = f.try_next;
                     last = f;
                     if !next {
@@ -395,6 +400,13 @@ impl CoreDelivery {
                     }
                 }
             }
+        }
+        // RFC 8689 §4.2.1: every host refused the REQUIRETLS message → bounce.
+        if let Some(reply) =
+            tls_policy::requiretls_outcome(site.strategy.message_tls, tried, refused, &last.reply)
+        {
+            tracing::info!(site = %site.key, reply = %reply, ids = %waiting_ids(site), "REQUIRETLS: no host can take the message");
+            last.reply = reply;
         }
         Err(last)
     }
@@ -428,7 +440,13 @@ impl CoreDelivery {
                     if host.addrs.is_empty() {
                         continue;
                     }
-                    let dane = dane::for_host(&self.resolver, host, *port, tls).await;
+                    // TLS-Required: No: the destination's DANE is ignored
+                    // (RFC 8689 §4.2.2), so it is not even looked up.
+                    let dane = if strategy.message_tls == tls_policy::MessageTls::Optional {
+                        Dane::Off("the message's TLS-Required: No")
+                    } else {
+                        dane::for_host(&self.resolver, host, *port, tls).await
+                    };
                     let skip = dane::skip_reason(&dane, tls, &host.name, *port);
                     if let Some(why) = skip {
                         let reply = client::Reply::local(451, "4.7.5", &why);
@@ -437,6 +455,7 @@ impl CoreDelivery {
                             reply,
                             try_next: false,
                             tls_policy: Some("dane"),
+                            requiretls_refused: false,
                         });
                         continue;
                     }
@@ -467,6 +486,7 @@ impl CoreDelivery {
                             auth: None,
                             source_ip: strategy.source_ip,
                             route: None,
+                            message_tls: strategy.message_tls,
                         });
                     }
                 }
@@ -490,7 +510,9 @@ impl CoreDelivery {
                 tls,
                 auth,
             } => {
-                if tls.level == Level::Dane {
+                if tls.level == Level::Dane
+                    && strategy.message_tls != tls_policy::MessageTls::Optional
+                {
                     // TLSA records are looked up for MX hosts only.
                     return Err(SessionFailure {
                         reply: client::Reply::local(
@@ -503,6 +525,7 @@ impl CoreDelivery {
                         ),
                         try_next: false,
                         tls_policy: Some("dane"),
+                        requiretls_refused: false,
                     });
                 }
                 let ips: Vec<IpAddr> = match host.parse::<IpAddr>() {
@@ -532,6 +555,7 @@ impl CoreDelivery {
                         ),
                         try_next: false,
                         tls_policy: None,
+                        requiretls_refused: false,
                     });
                 }
                 Ok(ips
@@ -546,6 +570,7 @@ impl CoreDelivery {
                         auth: auth.clone(),
                         source_ip: strategy.source_ip,
                         route: Some(route.clone()),
+                        message_tls: strategy.message_tls,
                     })
                     .collect())
             }
@@ -635,6 +660,7 @@ fn route_failure(domain: &str, error: Option<RouteError>) -> SessionFailure {
         reply,
         try_next: false,
         tls_policy: None,
+        requiretls_refused: false,
     }
 }
 

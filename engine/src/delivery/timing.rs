@@ -90,6 +90,7 @@ pub(super) mod tests {
             queue: "default".into(),
             hold_until_unix: 0,
             deliver_by: None,
+            tls_request: Default::default(),
             schedule: Schedule::default(),
         }
     }

@@ -39,6 +39,12 @@ pub enum Basis {
     Global,
     /// An LMTP route without `tls` of its own: local stores are reached in clear.
     Lmtp,
+    /// The message's REQUIRETLS (RFC 8689) raised the destination's level to
+    /// `verify` ([`for_message`]).
+    RequireTls,
+    /// The message's `TLS-Required: No` (RFC 8689 §3), honoured by its
+    /// listener, lowered the destination's level to `opportunistic`.
+    TlsRequiredNo,
 }
 
 impl fmt::Display for Basis {
@@ -50,6 +56,8 @@ impl fmt::Display for Basis {
             Basis::Route(name) => write!(f, "route.{name}.tls"),
             Basis::Global => f.write_str("delivery.tls"),
             Basis::Lmtp => f.write_str("LMTP route default (none)"),
+            Basis::RequireTls => f.write_str("the message's REQUIRETLS"),
+            Basis::TlsRequiredNo => f.write_str("the message's TLS-Required: No"),
         }
     }
 }
@@ -184,6 +192,9 @@ pub enum Failure {
     Handshake(String),
     /// The policy needs a verified certificate and it did not verify (why).
     NotVerified(String),
+    /// The message carries REQUIRETLS and the server, after TLS, did not
+    /// offer REQUIRETLS in its EHLO reply (RFC 8689 §4.2.1).
+    NoRequireTls,
 }
 
 impl Failure {
@@ -214,6 +225,11 @@ impl Failure {
                 "4.7.5",
                 &format!("{p}: certificate of {host} not verified: {why}"),
             ),
+            Failure::NoRequireTls => Reply::local(
+                451,
+                "4.7.30",
+                &format!("REQUIRETLS: {host} does not offer REQUIRETLS"),
+            ),
         }
     }
 
@@ -224,6 +240,7 @@ impl Failure {
             Failure::StartTlsRefused(_) => "starttls_refused",
             Failure::Handshake(_) => "handshake_failed",
             Failure::NotVerified(_) => "not_verified",
+            Failure::NoRequireTls => "no_requiretls",
         }
     }
 
@@ -247,7 +264,7 @@ pub fn success_label(tls: bool, verified: bool) -> &'static str {
 }
 
 /// Every `result` label, for registering the metric's series.
-pub const RESULTS: [&str; 7] = [
+pub const RESULTS: [&str; 8] = [
     "verified",
     "unverified",
     "cleartext",
@@ -255,6 +272,7 @@ pub const RESULTS: [&str; 7] = [
     "starttls_refused",
     "handshake_failed",
     "not_verified",
+    "no_requiretls",
 ];
 
 /// The decision: `level` is the policy's level, `starttls_offered` whether the
@@ -296,6 +314,134 @@ pub fn decide(level: Level, starttls_offered: bool, handshake: Handshake<'_>) ->
         }
     }
 }
+
+/// What a message asks of the transport of its onward relay (RFC 8689), as
+/// a session applies it. Messages that ask different things never share a
+/// connection (it is part of the site key).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum MessageTls {
+    /// Nothing asked: the destination's policy.
+    #[default]
+    Policy,
+    /// REQUIRETLS: verified TLS (the level raised to at least `verify`), a
+    /// next hop that offers REQUIRETLS, and REQUIRETLS on its MAIL command.
+    RequireTls,
+    /// A notice (null sender) about a REQUIRETLS message: sent with
+    /// REQUIRETLS over verified TLS, but a next hop without REQUIRETLS does
+    /// not stop it (RFC 8689 §5: the parameter should not get a bounce
+    /// discarded); it then goes without the parameter.
+    RequireTlsNotice,
+    /// `TLS-Required: No`, honoured: the destination's policy (configured,
+    /// DANE, MTA-STS) is lowered to opportunistic; `none` stays `none`.
+    Optional,
+}
+
+impl MessageTls {
+    /// The request stored with the message and its sender ("" for notices).
+    pub fn of(request: sluice_spool::TlsRequest, sender: &str) -> MessageTls {
+        match request {
+            sluice_spool::TlsRequest::Policy => MessageTls::Policy,
+            sluice_spool::TlsRequest::RequireTls if sender.is_empty() => {
+                MessageTls::RequireTlsNotice
+            }
+            sluice_spool::TlsRequest::RequireTls => MessageTls::RequireTls,
+            sluice_spool::TlsRequest::Optional => MessageTls::Optional,
+        }
+    }
+
+    /// Whether the message carries REQUIRETLS (either form).
+    pub fn requires_tls(self) -> bool {
+        matches!(self, MessageTls::RequireTls | MessageTls::RequireTlsNotice)
+    }
+
+    /// The suffix of the site key ("" for [`MessageTls::Policy`]).
+    pub fn site_suffix(self) -> &'static str {
+        match self {
+            MessageTls::Policy => "",
+            MessageTls::RequireTls => "|requiretls",
+            MessageTls::RequireTlsNotice => "|requiretls-notice",
+            MessageTls::Optional => "|tls-optional",
+        }
+    }
+}
+
+/// The policy one message's session runs under: the destination's (after
+/// [`select`]) with the message's request applied. REQUIRETLS raises `none`,
+/// `opportunistic` and `required` to `verify` (from [`Basis::RequireTls`]);
+/// `verify` and `dane` (and DANE's or MTA-STS's verify) stay as they are, so
+/// their own authority still checks the certificate. `TLS-Required: No`
+/// lowers every level above `opportunistic` to it.
+pub fn for_message(policy: TlsPolicy, msg: MessageTls) -> TlsPolicy {
+    match msg {
+        MessageTls::Policy => policy,
+        MessageTls::RequireTls | MessageTls::RequireTlsNotice => {
+            if policy.level.authenticates() {
+                policy
+            } else {
+                TlsPolicy {
+                    level: Level::Verify,
+                    basis: Basis::RequireTls,
+                    implicit: policy.implicit,
+                }
+            }
+        }
+        MessageTls::Optional => {
+            if policy.level == Level::None || policy.level == Level::Opportunistic {
+                policy
+            } else {
+                TlsPolicy {
+                    level: Level::Opportunistic,
+                    basis: Basis::TlsRequiredNo,
+                    implicit: policy.implicit,
+                }
+            }
+        }
+    }
+}
+
+/// After the EHLO that follows TLS (or any EHLO of a session already over
+/// TLS): whether the message may go, and whether its MAIL command carries
+/// REQUIRETLS. `tls`: the session is over TLS; `offered`: the EHLO reply
+/// listed REQUIRETLS. The level from [`for_message`] has already made sure a
+/// REQUIRETLS session is verified TLS before this is asked.
+pub fn requiretls_check(msg: MessageTls, tls: bool, offered: bool) -> Result<bool, Failure> {
+    match msg {
+        MessageTls::Policy | MessageTls::Optional => Ok(false),
+        // Never reached in clear (verify needs TLS); refused all the same.
+        MessageTls::RequireTls | MessageTls::RequireTlsNotice if !tls => Err(Failure::NoStartTls),
+        MessageTls::RequireTls if !offered => Err(Failure::NoRequireTls),
+        MessageTls::RequireTls => Ok(true),
+        MessageTls::RequireTlsNotice => Ok(offered),
+    }
+}
+
+/// Where every host of a REQUIRETLS message refused it on REQUIRETLS's
+/// terms (`requiretls_refusals` of `attempts` endpoints tried), the message
+/// is not deliverable: RFC 8689 §4.2.1 wants a non-delivery notification, so
+/// the deferral becomes permanent, 550 5.7.30. A host that failed otherwise
+/// (connection refused, timeout, a failed handshake) may work later: the
+/// message is deferred as usual. Notices are never bounced (there is nobody
+/// to tell); they stay deferred until the queue gives up on them.
+pub fn requiretls_outcome(
+    msg: MessageTls,
+    attempts: usize,
+    requiretls_refusals: usize,
+    last: &Reply,
+) -> Option<Reply> {
+    if msg != MessageTls::RequireTls || attempts == 0 || requiretls_refusals < attempts {
+        return None;
+    }
+    let why = last.text.as_str();
+    Some(Reply::local(
+        550,
+        "5.7.30",
+        &format!("REQUIRETLS support required: no MX host or relay could take the message over verified TLS with REQUIRETLS (last: {why})"),
+    ))
+}
+
+#[cfg(test)]
+#[path = "requiretls_tests.rs"]
+mod requiretls_tests;
 
 #[cfg(test)]
 mod tests {

@@ -38,6 +38,11 @@ fn fuzz_client_config(flags: u8) -> ClientConfig {
         },
         implicit_tls: false,
         auth: (flags & 0x08 != 0).then(|| ("relayuser".to_string(), "pa55word".to_string())),
+        message_tls: if flags & 0x40 != 0 {
+            crate::delivery::tls_policy::MessageTls::RequireTls
+        } else {
+            crate::delivery::tls_policy::MessageTls::Policy
+        },
     }
 }
 

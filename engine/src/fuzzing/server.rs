@@ -66,6 +66,7 @@ pub fn fuzz_config(flags: u8) -> SessionConfig {
         auth_guard: Arc::new(AuthGuard::new(&AuthSection::default())),
         untrusted: Default::default(),
         verify: None,
+        honor_tls_required_no: false,
     }
 }
 

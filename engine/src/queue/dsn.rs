@@ -207,12 +207,14 @@ pub fn build_dsn(
     if sender.is_empty() {
         return None;
     }
-    let returned_kind = returned_content(
-        kind,
-        envelope.ret,
-        original.len(),
-        envelope.schedule.notices,
-    )?;
+    // RFC 8689 §5: a notice about a REQUIRETLS message returns the headers
+    // only, as if RET=HDRS, whatever RET asked.
+    let ret = if envelope.tls_request == sluice_spool::TlsRequest::RequireTls {
+        Some(Ret::Headers)
+    } else {
+        envelope.ret
+    };
+    let returned_kind = returned_content(kind, ret, original.len(), envelope.schedule.notices)?;
     let rcpts: Vec<&DsnRecipient<'_>> = recipients
         .iter()
         .filter(|r| r.action.wanted_by(r.recipient.notify))
@@ -751,6 +753,7 @@ line two\r\n";
             queue: "default".into(),
             hold_until_unix: 0,
             deliver_by: None,
+            tls_request: Default::default(),
             schedule: Schedule::default(),
         }
     }
@@ -1155,6 +1158,26 @@ assert len(m.get_all('To')) == 1 and m['Bcc'] is None
                 long.trim()
             ),
         );
+    }
+
+    #[test]
+    fn a_requiretls_original_comes_back_as_headers_only_whatever_ret_says() {
+        let a = rcpt("bob@example.net", Notify::default(), None);
+        for ret in [Some(Ret::Full), None, Some(Ret::Headers)] {
+            let mut env = envelope("alice@example.org", ret, None);
+            env.tls_request = sluice_spool::TlsRequest::RequireTls;
+            let outcomes = [outcome(
+                &a,
+                DsnAction::Failed,
+                "5.7.30",
+                "550 5.7.30 REQUIRETLS support required",
+            )];
+            let dsn = build_dsn(DsnKind::Failure, &env, ORIGINAL, &outcomes, &ctx()).unwrap();
+            let text = String::from_utf8(dsn.body).unwrap();
+            assert!(text.contains("text/rfc822-headers"), "{ret:?}: {text}");
+            assert!(text.contains("Subject: Quarterly report"), "{text}");
+            assert!(!text.contains("BODY-MARKER"), "{ret:?}: {text}");
+        }
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct Capabilities {
     pub enhanced_status_codes: bool,
     pub auth_plain: bool,
     pub auth_login: bool,
+    /// REQUIRETLS (RFC 8689), offered only over TLS.
+    pub requiretls: bool,
 }
 
 impl Capabilities {
@@ -95,6 +97,7 @@ impl Capabilities {
                 "DSN" => caps.dsn = true,
                 "STARTTLS" => caps.starttls = true,
                 "ENHANCEDSTATUSCODES" => caps.enhanced_status_codes = true,
+                "REQUIRETLS" => caps.requiretls = true,
                 "AUTH" => {
                     for mech in words {
                         match mech.to_ascii_uppercase().as_str() {
@@ -114,7 +117,9 @@ impl Capabilities {
 /// The TLS level a session runs under; what it allows is decided by
 /// [`crate::delivery::tls_policy::decide`].
 pub use crate::delivery::tls_policy::Level as TlsPolicy;
-use crate::delivery::tls_policy::{decide, Failure, Handshake, Verdict};
+use crate::delivery::tls_policy::{
+    decide, requiretls_check, Failure, Handshake, MessageTls, Verdict,
+};
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -126,6 +131,10 @@ pub struct ClientConfig {
     pub implicit_tls: bool,
     /// AUTH credentials (smart hosts); only used over TLS.
     pub auth: Option<(String, String)>,
+    /// What the messages of this session ask of it (RFC 8689): with
+    /// REQUIRETLS the server must offer REQUIRETLS after TLS, and MAIL
+    /// carries it ([`requiretls_check`]).
+    pub message_tls: MessageTls,
 }
 
 /// Where the session is, for picking the stage's timeout and for logs.
@@ -277,6 +286,8 @@ pub struct ClientSession {
     auth_login_sent_user: bool,
     /// Why the session stopped on its TLS policy, when it did.
     tls_failure: Option<Failure>,
+    /// MAIL carries REQUIRETLS (decided after the last EHLO).
+    requiretls_param: bool,
 }
 
 impl ClientSession {
@@ -304,6 +315,7 @@ impl ClientSession {
             stage: Stage::Greeting,
             auth_login_sent_user: false,
             tls_failure: None,
+            requiretls_param: false,
         }
     }
 
@@ -450,6 +462,10 @@ impl ClientSession {
                         Verdict::Cleartext | Verdict::Proceed { .. } => {}
                     }
                 }
+                match requiretls_check(self.cfg.message_tls, self.tls, self.caps.requiretls) {
+                    Ok(param) => self.requiretls_param = param,
+                    Err(failure) => return Some(self.tls_failed(failure)),
+                }
                 self.after_ehlo()
             }
             Expect::StartTls => {
@@ -459,8 +475,11 @@ impl ClientSession {
                 let text = reply.to_string();
                 match decide(self.cfg.tls, true, Handshake::Refused(&text)) {
                     Verdict::Defer(failure) => Some(self.tls_failed(failure)),
-                    // Opportunistic: go on in plaintext.
-                    _ => self.after_ehlo(),
+                    // Opportunistic: go on in plaintext (never with REQUIRETLS).
+                    _ => match requiretls_check(self.cfg.message_tls, false, false) {
+                        Ok(_) => self.after_ehlo(),
+                        Err(failure) => Some(self.tls_failed(failure)),
+                    },
                 }
             }
             Expect::AuthChallenge => {
@@ -669,6 +688,7 @@ impl ClientSession {
         let status = match failure {
             Failure::NoStartTls | Failure::StartTlsRefused(_) => "4.7.10",
             Failure::Handshake(_) | Failure::NotVerified(_) => "4.7.5",
+            Failure::NoRequireTls => "4.7.30",
         };
         let text = format!("TLS policy {}: {}", self.cfg.tls, failure.label());
         self.tls_failure = Some(failure);
@@ -729,6 +749,9 @@ impl ClientSession {
         }
         if msg.smtputf8 {
             mail.push_str(" SMTPUTF8");
+        }
+        if self.requiretls_param {
+            mail.push_str(" REQUIRETLS");
         }
         if self.caps.dsn {
             if let Some(ret) = msg.ret {

@@ -9,6 +9,7 @@ fn cfg() -> ClientConfig {
         tls: TlsPolicy::Opportunistic,
         implicit_tls: false,
         auth: None,
+        message_tls: crate::delivery::tls_policy::MessageTls::Policy,
     }
 }
 
@@ -525,4 +526,88 @@ fn with_pipelining_the_envelope_still_goes_in_one_write() {
         "{ev:?}"
     );
     assert_eq!(take(&mut c), "");
+}
+
+/// A REQUIRETLS session (level already raised to verify by `for_message`):
+/// STARTTLS, then REQUIRETLS must be offered in the second EHLO, then MAIL
+/// carries it.
+fn requiretls_session(msg: crate::delivery::tls_policy::MessageTls) -> ClientSession {
+    let mut c = ClientSession::new(ClientConfig {
+        tls: TlsPolicy::Verify,
+        message_tls: msg,
+        ..cfg()
+    });
+    feed(&mut c, b"220 mx\r\n");
+    feed(&mut c, b"250-mx\r\n250-REQUIRETLS\r\n250 STARTTLS\r\n");
+    assert!(matches!(feed(&mut c, b"220 go\r\n"), ClientEvent::StartTls));
+    c.tls_established();
+    take(&mut c);
+    c
+}
+
+#[test]
+fn requiretls_goes_on_mail_when_the_server_offers_it_after_tls() {
+    use crate::delivery::tls_policy::MessageTls;
+    let mut c = requiretls_session(MessageTls::RequireTls);
+    assert!(matches!(
+        feed(&mut c, b"250-mx\r\n250-PIPELINING\r\n250 REQUIRETLS\r\n"),
+        ClientEvent::Ready
+    ));
+    assert!(c.capabilities().requiretls);
+    c.send(&msg(&["b@y.test"]), 5).expect("send");
+    let out = take(&mut c);
+    assert!(
+        out.starts_with("MAIL FROM:<a@x.test> REQUIRETLS\r\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn requiretls_stops_without_the_keyword_after_tls_but_notices_go_without_it() {
+    use crate::delivery::tls_policy::{Failure, MessageTls};
+    // REQUIRETLS offered before TLS only counts after it (RFC 8689 §4.2.1).
+    let mut c = requiretls_session(MessageTls::RequireTls);
+    let ClientEvent::Failed(r) = feed(&mut c, b"250-mx\r\n250 PIPELINING\r\n") else {
+        panic!("must stop")
+    };
+    assert_eq!((r.code, r.esc.as_deref()), (451, Some("4.7.30")));
+    assert_eq!(c.tls_failure(), Some(&Failure::NoRequireTls));
+    assert_eq!(take(&mut c), "", "no MAIL");
+
+    let mut c = requiretls_session(MessageTls::RequireTlsNotice);
+    assert!(matches!(
+        feed(&mut c, b"250-mx\r\n250 PIPELINING\r\n"),
+        ClientEvent::Ready
+    ));
+    c.send(&msg(&["b@y.test"]), 5).expect("send");
+    let out = take(&mut c);
+    assert!(out.starts_with("MAIL FROM:<a@x.test>\r\n"), "{out}");
+}
+
+#[test]
+fn plain_messages_never_send_requiretls_even_when_offered() {
+    use crate::delivery::tls_policy::MessageTls;
+    for msg_tls in [MessageTls::Policy, MessageTls::Optional] {
+        let mut c = requiretls_session(msg_tls);
+        feed(&mut c, b"250-mx\r\n250 REQUIRETLS\r\n");
+        c.send(&msg(&["b@y.test"]), 5).expect("send");
+        let out = take(&mut c);
+        assert!(!out.contains("REQUIRETLS"), "{out}");
+    }
+}
+
+#[test]
+fn a_requiretls_session_without_starttls_stops_before_mail() {
+    use crate::delivery::tls_policy::MessageTls;
+    let mut c = ClientSession::new(ClientConfig {
+        tls: TlsPolicy::Verify,
+        message_tls: MessageTls::RequireTls,
+        ..cfg()
+    });
+    feed(&mut c, b"220 mx\r\n");
+    let ClientEvent::Failed(r) = feed(&mut c, b"250-mx\r\n250 REQUIRETLS\r\n") else {
+        panic!("must stop")
+    };
+    assert_eq!((r.code, r.esc.as_deref()), (451, Some("4.7.10")));
+    assert_eq!(take(&mut c), "EHLO relay.test\r\n");
 }

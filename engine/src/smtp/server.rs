@@ -17,7 +17,7 @@ use base64::Engine as _;
 use sluice_policy::{RelayDecision, RelayPolicy};
 use sluice_spool::{
     BodyType, DeliverBy, DeliverByMode, Envelope, IdGenerator, MessageId, NoticeLimit, Notify,
-    Recipient, RecipientStatus, Ret, Schedule,
+    Recipient, RecipientStatus, Ret, Schedule, TlsRequest,
 };
 use smtp_proto::{
     Request, MAIL_BY_NOTIFY, MAIL_BY_RETURN, MAIL_BY_TRACE, RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE,
@@ -70,6 +70,9 @@ pub struct SessionConfig {
     pub untrusted: UntrustedPolicy,
     /// `[server.listener.NAME.verify]`: inbound authentication (None: off).
     pub verify: Option<Arc<sluice_policy::auth::VerifyConfig>>,
+    /// `honor_tls_required_no`: a `TLS-Required: No` header field relaxes the
+    /// message's outbound TLS policy (RFC 8689 §3).
+    pub honor_tls_required_no: bool,
 }
 
 /// The listener's `untrusted_*` keys: what a client outside the relay networks,
@@ -128,6 +131,7 @@ impl SessionConfig {
             auth_guard,
             untrusted: UntrustedPolicy::of(l),
             verify: l.verify.clone().map(Arc::new),
+            honor_tls_required_no: l.honor_tls_required_no,
         }
     }
 }
@@ -192,6 +196,8 @@ struct Transaction {
     deliver_by: Option<DeliverBy>,
     /// SIZE= from MAIL (0 when not given), for quota checks before the body.
     declared_size: u64,
+    /// REQUIRETLS on MAIL (RFC 8689), accepted on TLS sessions only.
+    requiretls: bool,
     /// Virtual queue, decided by the rules for the first recipient.
     queue: Option<String>,
     recipients: Vec<Recipient>,
@@ -232,6 +238,8 @@ pub struct TxSummary {
     /// Inbound authentication results, "spf=pass dkim=pass dmarc=pass"
     /// ("" when the listener verifies nothing).
     pub auth: String,
+    /// The message came with REQUIRETLS (RFC 8689).
+    pub requiretls: bool,
 }
 
 impl TxSummary {
@@ -242,6 +250,7 @@ impl TxSummary {
             size: envelope.size,
             dkim: String::new(),
             auth: String::new(),
+            requiretls: envelope.tls_request == TlsRequest::RequireTls,
         }
     }
 }
@@ -762,6 +771,10 @@ impl Session {
                     return None;
                 }
             }
+            Ok(Request::Mail { .. }) if super::requiretls::repeated(line) => {
+                self.error_reply(501, "5.5.4", "Error: REQUIRETLS given more than once");
+                return None;
+            }
             Ok(r) => r,
             Err(e) => {
                 self.parse_error(e);
@@ -893,6 +906,10 @@ impl Session {
             .format("%Y-%m-%dT%H:%M:%SZ");
         lines.push(format!("FUTURERELEASE {MAX_HOLD_SECS} {latest}"));
         lines.push("MT-PRIORITY MIXER".into());
+        // RFC 8689 §2: only where the session itself is protected by TLS.
+        if self.tls.is_some() {
+            lines.push("REQUIRETLS".into());
+        }
         if self.cfg.starttls && self.tls.is_none() {
             lines.push("STARTTLS".into());
         }
@@ -947,8 +964,11 @@ impl Session {
         if from.size as u64 > self.cfg.max_message_size {
             return self.error_reply(552, "5.3.4", "Error: message size exceeds fixed limit");
         }
-        if from.flags & smtp_proto::MAIL_REQUIRETLS != 0 {
-            return self.error_reply(555, "5.5.4", "Error: unsupported MAIL parameter");
+        let requiretls = from.flags & smtp_proto::MAIL_REQUIRETLS != 0;
+        if requiretls && self.tls.is_none() {
+            // Not advertised in clear; a client that asks anyway must not
+            // believe the message will be protected (RFC 8689 §2).
+            return self.error_reply(530, "5.7.10", "Error: REQUIRETLS needs a TLS session");
         }
         let (mut hold_until_unix, deliver_by) = match mail_times(&from, now_ms) {
             Ok(times) => times,
@@ -1012,6 +1032,7 @@ impl Session {
         self.tx.hold_until_unix = hold_until_unix;
         self.tx.deliver_by = deliver_by;
         self.tx.declared_size = from.size as u64;
+        self.tx.requiretls = requiretls;
         // A quoted local part keeps its quotes (see smtp::address).
         self.tx.sender = Some(super::address::requote(&from.address).into_owned());
         self.reply(250, "2.1.0", "Ok");
@@ -1277,6 +1298,7 @@ impl Session {
             queue,
             hold_until_unix: tx.hold_until_unix,
             deliver_by: tx.deliver_by,
+            tls_request: self.tls_request(tx.requiretls, &tx.body),
             schedule: Schedule {
                 notices: self.notice_limit(),
                 ..Default::default()
@@ -1289,6 +1311,20 @@ impl Session {
             body: tx.body,
             reservation: tx.reservation,
         }))
+    }
+
+    /// What the sender asked of the message's onward transport (RFC 8689):
+    /// REQUIRETLS from MAIL; else `TLS-Required: No` in the header block,
+    /// where the listener honours it (the header is ignored under
+    /// REQUIRETLS, RFC 8689 §4.1).
+    fn tls_request(&self, requiretls: bool, body: &[u8]) -> TlsRequest {
+        if requiretls {
+            TlsRequest::RequireTls
+        } else if self.cfg.honor_tls_required_no && super::requiretls::tls_required_no(body) {
+            TlsRequest::Optional
+        } else {
+            TlsRequest::Policy
+        }
     }
 
     /// What this message's success and delay notices may carry: as asked for
@@ -1343,6 +1379,7 @@ impl Session {
             result = code,
             dkim = %summary.dkim,
             auth_results = %summary.auth,
+            requiretls = summary.requiretls,
             error = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
             "transaction"
         );

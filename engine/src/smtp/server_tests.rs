@@ -41,6 +41,7 @@ fn config() -> SessionConfig {
         )),
         untrusted: Default::default(),
         verify: None,
+        honor_tls_required_no: false,
     }
 }
 
@@ -1229,4 +1230,125 @@ fn received_header_lines_stay_under_998_octets() {
     let body = &h.stored[0].body;
     let longest = body.split(|&b| b == b'\n').map(<[u8]>::len).max();
     assert!(longest.is_some_and(|n| n <= 999), "{longest:?}");
+}
+
+// ---- REQUIRETLS (RFC 8689) ----
+
+/// A session over TLS (STARTTLS done), then `input`.
+fn over_tls(cfg: SessionConfig, input: &[u8]) -> Harness {
+    let mut h = Harness::new(cfg, "192.0.2.1");
+    h.feed(b"EHLO x\r\nSTARTTLS\r\n", 64);
+    assert!(h.starttls);
+    h.session.tls_established("TLSv1.3 TEST".into());
+    h.out.clear();
+    h.feed(input, 1);
+    h
+}
+
+#[test]
+fn requiretls_is_advertised_only_over_tls() {
+    let clear = run(config(), "192.0.2.1", b"EHLO x\r\n");
+    assert!(!clear.out.contains("REQUIRETLS"), "{}", clear.out);
+    assert!(clear.out.contains("250-STARTTLS"), "{}", clear.out);
+    let tls = over_tls(config(), b"EHLO x\r\n");
+    assert!(tls.out.contains("250-REQUIRETLS\r\n"), "{}", tls.out);
+    assert!(!tls.out.contains("STARTTLS"), "{}", tls.out);
+}
+
+#[test]
+fn requiretls_in_clear_is_refused_530_and_nothing_is_stored() {
+    let h = run(
+        config(),
+        "192.0.2.1",
+        b"EHLO x\r\nMAIL FROM:<a@local.test> REQUIRETLS\r\nRCPT TO:<b@local.test>\r\n",
+    );
+    assert!(
+        h.out
+            .contains("530 5.7.10 Error: REQUIRETLS needs a TLS session\r\n"),
+        "{}",
+        h.out
+    );
+    assert_eq!(h.codes(), ["220", "250", "530", "503"]);
+    assert!(h.stored.is_empty());
+}
+
+#[test]
+fn requiretls_over_tls_is_stored_with_the_message() {
+    let h = over_tls(
+        config(),
+        b"EHLO x\r\nMAIL FROM:<a@local.test> requiretls SIZE=2\r\nRCPT TO:<b@local.test>\r\nBDAT 2 LAST\r\nhi",
+    );
+    assert_eq!(h.codes(), ["250", "250", "250", "250"], "{}", h.out);
+    assert_eq!(h.stored.len(), 1);
+    assert_eq!(
+        h.stored[0].envelope.tls_request,
+        sluice_spool::TlsRequest::RequireTls
+    );
+    // The next transaction on the session starts without it.
+    let h = over_tls(
+        config(),
+        b"EHLO x\r\nMAIL FROM:<a@local.test> REQUIRETLS\r\nRSET\r\nMAIL FROM:<a@local.test>\r\nRCPT TO:<b@local.test>\r\nBDAT 2 LAST\r\nhi",
+    );
+    assert_eq!(h.stored.len(), 1, "{}", h.out);
+    assert_eq!(
+        h.stored[0].envelope.tls_request,
+        sluice_spool::TlsRequest::Policy
+    );
+}
+
+#[test]
+fn requiretls_twice_or_with_a_value_is_a_syntax_error() {
+    let h = over_tls(
+        config(),
+        b"EHLO x\r\nMAIL FROM:<a@local.test> REQUIRETLS REQUIRETLS\r\nMAIL FROM:<a@local.test> REQUIRETLS=yes\r\n",
+    );
+    assert!(
+        h.out
+            .contains("501 5.5.4 Error: REQUIRETLS given more than once\r\n"),
+        "{}",
+        h.out
+    );
+    assert_eq!(h.codes()[..3], ["250", "501", "555"], "{}", h.out);
+}
+
+#[test]
+fn tls_required_no_is_recorded_only_where_the_listener_honours_it() {
+    let msg = "TLS-Required: No\r\nSubject: s\r\n\r\nbody\r\n";
+    let input = format!(
+        "EHLO x\r\nMAIL FROM:<a@local.test>\r\nRCPT TO:<b@local.test>\r\nBDAT {} LAST\r\n{msg}",
+        msg.len()
+    );
+    let input = input.as_bytes();
+    let h = run(config(), "192.0.2.1", input);
+    assert_eq!(h.stored.len(), 1, "{}", h.out);
+    assert_eq!(
+        h.stored[0].envelope.tls_request,
+        sluice_spool::TlsRequest::Policy
+    );
+    let mut cfg = config();
+    cfg.honor_tls_required_no = true;
+    let h = run(cfg.clone(), "192.0.2.1", input);
+    assert_eq!(
+        h.stored[0].envelope.tls_request,
+        sluice_spool::TlsRequest::Optional
+    );
+    // The header is relayed as it came.
+    assert!(
+        String::from_utf8_lossy(&h.stored[0].body).contains("\r\nTLS-Required: No\r\n"),
+        "header kept"
+    );
+    // Under REQUIRETLS the header is ignored (RFC 8689 §4.1).
+    let h = over_tls(
+        cfg,
+        format!(
+            "EHLO x\r\nMAIL FROM:<a@local.test> REQUIRETLS\r\nRCPT TO:<b@local.test>\r\nBDAT {} LAST\r\n{msg}",
+            msg.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(h.stored.len(), 1, "{}", h.out);
+    assert_eq!(
+        h.stored[0].envelope.tls_request,
+        sluice_spool::TlsRequest::RequireTls
+    );
 }
