@@ -11,6 +11,7 @@ mod id;
 mod reply;
 mod space;
 mod spool;
+mod table;
 mod writer;
 
 pub use envelope::{
@@ -21,6 +22,7 @@ pub use error::SpoolError;
 pub use id::{IdGenerator, MessageId, MAX_SHARDS};
 pub use reply::{EnhancedStatus, Reply};
 pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};
+pub use table::Table;
 
 #[cfg(test)]
 mod tests;

@@ -37,6 +37,9 @@
 //!   sans-IO.
 //! * `tls_policy.rs` — which TLS policy a destination gets and why, and what a
 //!   session under it may do (STARTTLS, clear text, proceed or defer), sans-IO.
+//! * `tls_rpt.rs`, `tls_rpt_io.rs` — TLS reporting (RFC 8460): the record,
+//!   result types, counters and reports (sans-IO), and the per-core counting,
+//!   the store and the daily sending.
 
 pub mod admin;
 pub mod dane;
@@ -52,6 +55,7 @@ mod site;
 pub mod throttle;
 pub mod timing;
 pub mod tls_policy;
+pub mod tls_rpt;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
