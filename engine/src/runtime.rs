@@ -200,6 +200,22 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             .dns
             .resolver_config(std::path::Path::new("/etc/resolv.conf"))
             .context("dns: no servers configured and /etc/resolv.conf unreadable")?;
+        let tls = OutboundTlsConfig::new(config.delivery.tls_ca_file.as_deref(), &config.route)
+            .context("outbound TLS setup (delivery.tls_ca_file, route.*.tls_client_cert)")?;
+        let tls_rpt = if config.tls_rpt.enabled {
+            let table = sluice_spool::Table::open(&config.spool.path, "tls-rpt", 256 << 20)
+                .context("opening the TLS-RPT store")?;
+            Some(Arc::new(crate::delivery::tls_rpt_io::RptShared {
+                table,
+                submitter: config.tls_rpt.submitter(&config.server.hostname),
+                cfg: config.tls_rpt.clone(),
+                https: tls
+                    .verifying_config()
+                    .context("TLS for report uploads (tls_rpt)")?,
+            }))
+        } else {
+            None
+        };
         Some(Arc::new(DeliveryShared {
             spool: spool.clone(),
             cfg: config.delivery_config(),
@@ -209,11 +225,11 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                 .ehlo_name
                 .clone()
                 .unwrap_or_else(|| config.server.hostname.clone()),
-            tls: OutboundTlsConfig::new(config.delivery.tls_ca_file.as_deref(), &config.route)
-                .context("outbound TLS setup (delivery.tls_ca_file, route.*.tls_client_cert)")?,
+            tls,
             dns: resolver,
             rules: admission.rules().clone(),
             admin: crate::delivery::admin::AdminChannels::new(cores),
+            tls_rpt,
         }))
     } else {
         None
@@ -576,6 +592,8 @@ async fn core_main(
     // a restart); updates already handed to the spool writer are committed by
     // the spool's shutdown.
     if let Some(d) = &delivery {
+        // TLS-RPT counts not yet in the store go there now.
+        d.tls_rpt_flush().await;
         d.stop();
     }
     Ok(())

@@ -56,6 +56,7 @@ pub mod throttle;
 pub mod timing;
 pub mod tls_policy;
 pub mod tls_rpt;
+pub mod tls_rpt_io;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
@@ -95,6 +96,8 @@ pub struct DeliveryShared {
     pub rules: Arc<arc_swap::ArcSwap<sluice_policy::RuleSet>>,
     /// Command channels from the management API, one per core.
     pub admin: admin::AdminChannels,
+    /// TLS reporting (`tls_rpt.enabled`): the store and settings.
+    pub tls_rpt: Option<Arc<tls_rpt_io::RptShared>>,
 }
 
 /// Delivery state of one core.
@@ -220,6 +223,7 @@ impl CoreDelivery {
         let me = self.clone();
         glommio::spawn_local(async move { me.timer_loop().await }).detach();
         self.start_admin_commands();
+        self.start_tls_rpt();
         Ok(recovered)
     }
 }

@@ -125,6 +125,12 @@ impl OutboundTlsConfig {
         })
     }
 
+    /// A client config that verifies the server (web PKI plus
+    /// `delivery.tls_ca_file`) in the handshake itself: TLS-RPT uploads.
+    pub fn verifying_config(&self) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+        super::tls_rpt_io::https_config(self.provider.clone(), self.verifier.clone())
+    }
+
     /// The client config for a connection on `route` (its client certificate,
     /// if it has one).
     fn client_config(&self, route: Option<&str>) -> Arc<rustls::ClientConfig> {
@@ -263,6 +269,9 @@ pub struct Endpoint {
     pub source_ip: Option<IpAddr>,
     /// The configured route (host targets), whose client certificate TLS presents.
     pub route: Option<String>,
+    /// Where this session is counted for TLS reporting (MX routes of
+    /// destinations that publish `_smtp._tls`).
+    pub tls_rpt: Option<std::rc::Rc<super::tls_rpt::Target>>,
 }
 
 pub struct Connection {
@@ -286,6 +295,7 @@ pub struct Connection {
     timeouts: Timeouts,
     /// DANE's word on the host (the TLSA records verification uses).
     dane: Dane,
+    tls_rpt: Option<std::rc::Rc<super::tls_rpt::Target>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -367,6 +377,7 @@ impl Connection {
             tls_policy: policy,
             route: endpoint.route.clone(),
             dane: endpoint.dane.clone(),
+            tls_rpt: endpoint.tls_rpt.clone(),
             lmtp: endpoint.lmtp,
             timeouts: Timeouts {
                 greeting: cfg.greeting_timeout.0,
@@ -388,6 +399,7 @@ impl Connection {
                         conn.tls_policy.name(),
                         tls_policy::success_label(conn.tls.is_some(), conn.tls_verified),
                     );
+                    conn.report_session();
                     return Ok(conn);
                 }
                 ClientEvent::StartTls => {
@@ -507,6 +519,14 @@ impl Connection {
     async fn policy_failure(&mut self, failure: Failure) -> SessionFailure {
         crate::metrics::outbound_tls_policy(self.tls_policy.name(), failure.label());
         let reply = failure.reply(&self.tls_policy, &self.host);
+        if let Some(target) = &self.tls_rpt {
+            let result = super::tls_rpt::result_of(
+                &failure,
+                &self.tls_policy.basis,
+                self.tls_policy.level,
+            );
+            super::tls_rpt_io::record_failure(target, result, Some(self.ip), &reply.to_string());
+        }
         tracing::info!(
             host = %self.host,
             ip = %self.ip,
@@ -523,6 +543,25 @@ impl Connection {
             reply,
             try_next: true,
             tls_policy: Some(self.tls_policy.name()),
+        }
+    }
+
+    /// Counts a session that met its policy for TLS reporting: TLS up is a
+    /// success; clear text (opportunistic, STARTTLS missing or refused) is
+    /// `starttls-not-supported`. Sessions under `none` tried no TLS.
+    fn report_session(&self) {
+        let Some(target) = &self.tls_rpt else {
+            return;
+        };
+        if self.tls.is_some() {
+            super::tls_rpt_io::record_success(target);
+        } else if self.tls_policy.level != tls_policy::Level::None {
+            super::tls_rpt_io::record_failure(
+                target,
+                super::tls_rpt::ResultType::StarttlsNotSupported,
+                Some(self.ip),
+                "STARTTLS not offered or refused; sent in clear text",
+            );
         }
     }
 

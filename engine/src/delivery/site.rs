@@ -417,13 +417,28 @@ impl CoreDelivery {
                 route.drop_self(&own);
                 let mut eps = Vec::new();
                 let mut dane_failure: Option<SessionFailure> = None;
+                // TLS reporting: only for destinations that publish `_smtp._tls`.
+                let rua = match &self.shared.tls_rpt {
+                    Some(_) => super::tls_rpt_io::lookup_rua(&self.resolver, domain).await,
+                    None => None,
+                };
                 for host in &route.hosts {
                     if host.addrs.is_empty() {
                         continue;
                     }
                     let dane = dane::for_host(&self.resolver, host, *port, tls).await;
                     let skip = dane::skip_reason(&dane, tls, &host.name, *port);
+                    let rpt = rua.as_ref().map(|rua| {
+                        Rc::new(super::tls_rpt::target(domain, &host.name, &dane, tls, rua))
+                    });
                     if let Some(why) = skip {
+                        if let Some(t) = &rpt {
+                            let result = super::tls_rpt::result_of_dane_skip(matches!(
+                                dane,
+                                Dane::LookupFailed(_)
+                            ));
+                            super::tls_rpt_io::record_failure(t, result, None, &why);
+                        }
                         let reply = client::Reply::local(451, "4.7.5", &why);
                         tracing::info!(host = %host.name, reply = %reply, "MX host skipped");
                         dane_failure = Some(SessionFailure {
@@ -443,6 +458,7 @@ impl CoreDelivery {
                             auth: None,
                             source_ip: strategy.source_ip,
                             route: None,
+                            tls_rpt: rpt.clone(),
                         });
                     }
                 }
@@ -521,6 +537,7 @@ impl CoreDelivery {
                         auth: auth.clone(),
                         source_ip: strategy.source_ip,
                         route: Some(route.clone()),
+                        tls_rpt: None,
                     })
                     .collect())
             }

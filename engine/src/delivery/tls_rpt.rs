@@ -119,6 +119,42 @@ pub struct Target {
     pub rua: Vec<Rua>,
 }
 
+/// The reporting target of a session to MX host `mx` of `domain`: the
+/// policy it runs under is the one `tls_policy::select` picks (DANE's, when
+/// the host's TLSA records apply; else the configured one, reported as
+/// `no-policy-found`).
+pub fn target(
+    domain: &str,
+    mx: &str,
+    dane: &super::dane::Dane,
+    configured: &super::tls_policy::TlsPolicy,
+    rua: &[Rua],
+) -> Target {
+    let (kind, strings) = match (super::dane::policy(dane, configured), dane) {
+        (Some(p), super::dane::Dane::Records(records)) if p.basis == Basis::Dane => (
+            PolicyType::Tlsa,
+            records
+                .iter()
+                .map(|r| {
+                    let hex: String = r.data.iter().map(|b| format!("{b:02x}")).collect();
+                    format!("{} {} {} {hex}", r.usage, r.selector, r.matching)
+                })
+                .collect(),
+        ),
+        (Some(p), _) => (policy_type(&p.basis), Vec::new()),
+        (None, _) => (policy_type(&configured.basis), Vec::new()),
+    };
+    Target {
+        key: PolicyKey {
+            domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+            kind,
+            strings,
+            mx_host: mx.trim_end_matches('.').to_ascii_lowercase(),
+        },
+        rua: rua.to_vec(),
+    }
+}
+
 /// A report address (`rua`, RFC 8460 §3).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Rua {
@@ -367,6 +403,18 @@ pub fn merge_encoded(old: Option<&[u8]>, new: &[u8]) -> Vec<u8> {
 /// The UTC day (days since the epoch) of a Unix time in seconds.
 pub fn day_of(unix_secs: u64) -> u32 {
     u32::try_from(unix_secs / 86_400).unwrap_or(u32::MAX)
+}
+
+/// The next daily send time (Unix seconds) after `now`, `at_minutes` after
+/// midnight UTC.
+pub fn next_send(now: u64, at_minutes: u32) -> u64 {
+    let at = u64::from(at_minutes) * 60;
+    let today = now - now % 86_400 + at;
+    if today > now {
+        today
+    } else {
+        today + 86_400
+    }
 }
 
 /// "2026-12-05" for a day.
@@ -769,6 +817,15 @@ mod tests {
         assert_eq!(p["policy"]["policy-type"], "no-policy-found");
         assert!(p["policy"].get("policy-string").is_none());
         assert!(p.get("failure-details").is_none());
+    }
+
+    #[test]
+    fn daily_send_time() {
+        let midnight = 86_400 * 20_000;
+        assert_eq!(next_send(midnight, 30), midnight + 1800);
+        assert_eq!(next_send(midnight + 1800, 30), midnight + 86_400 + 1800);
+        assert_eq!(next_send(midnight + 3600, 30), midnight + 86_400 + 1800);
+        assert_eq!(next_send(midnight + 100, 0), midnight + 86_400);
     }
 
     #[test]
