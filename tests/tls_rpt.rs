@@ -240,7 +240,7 @@ fn reports_by_mail_and_https_validate_and_survive_a_restart() {
         .iter()
         .find(|e| field(e, "recipient") == bad_rcpt)
         .unwrap();
-    assert_eq!(field(bad_attempt, "result"), "deferred", "{bad_attempt}");
+    assert_eq!(field(bad_attempt, "status"), "deferred", "{bad_attempt}");
     assert_eq!(good.of("message").len(), 1);
     assert_eq!(good.of("message")[0]["tls"], true);
 
