@@ -92,10 +92,17 @@ impl HttpsSink {
         wait_until(
             "https_sink.py ready",
             Duration::from_secs(15),
-            || std::fs::read_to_string(&log).unwrap_or_default().contains("ready"),
+            || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("ready")
+            },
             String::new,
         );
-        HttpsSink { _guard: guard, dir: out }
+        HttpsSink {
+            _guard: guard,
+            dir: out,
+        }
     }
 
     /// (metadata, body file) of each saved POST.
@@ -223,7 +230,13 @@ fn reports_by_mail_and_https_validate_and_survive_a_restart() {
     let body = b"From: alice@snd.example\r\nSubject: tls-rpt\r\n\r\nhello\r\n";
     let good_rcpt = format!("bob@good.{ZONE}");
     let bad_rcpt = format!("carol@bad.{ZONE}");
-    let id = submit(&relay, "alice@snd.example", "", &[&good_rcpt, &bad_rcpt], body);
+    let id = submit(
+        &relay,
+        "alice@snd.example",
+        "",
+        &[&good_rcpt, &bad_rcpt],
+        body,
+    );
     wait_until(
         "an attempt for both recipients",
         T,
@@ -294,11 +307,22 @@ fn reports_by_mail_and_https_validate_and_survive_a_restart() {
     assert_eq!(p.len(), 1, "{report}");
     assert_eq!(p[0]["policy"]["policy-domain"], format!("good.{ZONE}"));
     assert_eq!(p[0]["policy"]["mx-host"][0], good_mx.as_str());
-    assert_eq!(p[0]["summary"]["total-successful-session-count"], 1, "{report}");
-    assert_eq!(p[0]["summary"]["total-failure-session-count"], 0, "{report}");
+    assert_eq!(
+        p[0]["summary"]["total-successful-session-count"], 1,
+        "{report}"
+    );
+    assert_eq!(
+        p[0]["summary"]["total-failure-session-count"], 0,
+        "{report}"
+    );
 
     // By HTTPS POST, certificate verified against delivery.tls_ca_file.
-    wait_until("the POSTed report", T, || !https.posts().is_empty(), || relay.log());
+    wait_until(
+        "the POSTed report",
+        T,
+        || !https.posts().is_empty(),
+        || relay.log(),
+    );
     let posts = https.posts();
     assert_eq!(posts.len(), 1);
     assert_eq!(posts[0].0["path"], "/tlsrpt");
@@ -308,8 +332,14 @@ fn reports_by_mail_and_https_validate_and_survive_a_restart() {
     let p = policies_of(report, "no-policy-found");
     assert_eq!(p.len(), 1, "{report}");
     assert_eq!(p[0]["policy"]["policy-domain"], format!("bad.{ZONE}"));
-    assert_eq!(p[0]["summary"]["total-successful-session-count"], 0, "{report}");
-    assert_eq!(p[0]["summary"]["total-failure-session-count"], 1, "{report}");
+    assert_eq!(
+        p[0]["summary"]["total-successful-session-count"], 0,
+        "{report}"
+    );
+    assert_eq!(
+        p[0]["summary"]["total-failure-session-count"], 1,
+        "{report}"
+    );
     let d = &p[0]["failure-details"][0];
     assert_eq!(d["result-type"], "certificate-host-mismatch", "{report}");
     assert_eq!(d["receiving-mx-hostname"], bad_mx.as_str());

@@ -22,7 +22,7 @@ pub use error::SpoolError;
 pub use id::{IdGenerator, MessageId, MAX_SHARDS};
 pub use reply::{EnhancedStatus, Reply};
 pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};
-pub use table::Table;
+pub use table::{Entries, Table};
 
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,9 @@ use heed::{EnvOpenOptions, WithoutTls};
 
 use crate::SpoolError;
 
+/// Key/value pairs, as stored.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// One named table; `Send + Sync`, shared by the threads that use it.
 pub struct Table {
     env: heed::Env<WithoutTls>,
@@ -62,7 +65,7 @@ impl Table {
     }
 
     /// Every entry, in key order.
-    pub fn entries(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SpoolError> {
+    pub fn entries(&self) -> Result<Entries, SpoolError> {
         let rtxn = self.env.read_txn().map_err(|e| err("read", e))?;
         let mut out = Vec::new();
         for item in self.db.iter(&rtxn).map_err(|e| err("read", e))? {

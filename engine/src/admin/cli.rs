@@ -251,25 +251,37 @@ pub fn run_tls_rpt(
 ) -> anyhow::Result<()> {
     let TlsRptCommand::SendNow = cmd;
     let value = client.call("POST", "/tls-rpt/send", &[])?;
-    emit(json, &value, |v, o| {
-        let reports = v["reports"].as_array().map(Vec::as_slice).unwrap_or_default();
-        if reports.is_empty() {
-            writeln!(o, "no TLS reports to send")?;
-        }
-        for r in reports {
-            for d in r["deliveries"].as_array().map(Vec::as_slice).unwrap_or_default() {
-                writeln!(
-                    o,
-                    "{} {} -> {}: {}",
-                    s(&r["policy_domain"]),
-                    s(&r["day"]),
-                    s(&d["to"]),
-                    s(&d["result"])
-                )?;
+    emit(
+        json,
+        &value,
+        |v, o| {
+            let reports = v["reports"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            if reports.is_empty() {
+                writeln!(o, "no TLS reports to send")?;
             }
-        }
-        Ok(())
-    }, out)
+            for r in reports {
+                for d in r["deliveries"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                {
+                    writeln!(
+                        o,
+                        "{} {} -> {}: {}",
+                        s(&r["policy_domain"]),
+                        s(&r["day"]),
+                        s(&d["to"]),
+                        s(&d["result"])
+                    )?;
+                }
+            }
+            Ok(())
+        },
+        out,
+    )
 }
 
 #[derive(Subcommand, Debug)]

@@ -72,7 +72,10 @@ impl TlsRptSection {
                 .split_once('@')
                 .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
         {
-            return Err(("tls_rpt.sender", "must be an address like user@domain".into()));
+            return Err((
+                "tls_rpt.sender",
+                "must be an address like user@domain".into(),
+            ));
         }
         if self.max_policies == 0 || self.max_policies > 1_000_000 {
             return Err(("tls_rpt.max_policies", "must be 1 ..= 1000000".into()));

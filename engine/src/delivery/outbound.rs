@@ -520,11 +520,8 @@ impl Connection {
         crate::metrics::outbound_tls_policy(self.tls_policy.name(), failure.label());
         let reply = failure.reply(&self.tls_policy, &self.host);
         if let Some(target) = &self.tls_rpt {
-            let result = super::tls_rpt::result_of(
-                &failure,
-                &self.tls_policy.basis,
-                self.tls_policy.level,
-            );
+            let result =
+                super::tls_rpt::result_of(&failure, &self.tls_policy.basis, self.tls_policy.level);
             super::tls_rpt_io::record_failure(target, result, Some(self.ip), &reply.to_string());
         }
         tracing::info!(

@@ -217,7 +217,10 @@ pub fn parse_record<'a>(txts: impl IntoIterator<Item = &'a str>) -> Result<Vec<R
             // The address, without any ?header part; %-escapes of '@' and ','
             // are what RFC 6068 needs at most here.
             let addr = rest.split('?').next().unwrap_or("");
-            let addr = addr.replace("%40", "@").replace("%2C", ",").replace("%2c", ",");
+            let addr = addr
+                .replace("%40", "@")
+                .replace("%2C", ",")
+                .replace("%2c", ",");
             let ok = addr.split_once('@').is_some_and(|(l, d)| {
                 !l.is_empty() && !d.is_empty() && !addr.contains(char::is_whitespace)
             });
@@ -641,12 +644,18 @@ mod tests {
             Err(RecordError::NoUsableRua)
         );
         // Not our version tag.
-        assert_eq!(parse_record(["v=TLSRPTv10; rua=mailto:a@b"]), Err(RecordError::None));
+        assert_eq!(
+            parse_record(["v=TLSRPTv10; rua=mailto:a@b"]),
+            Err(RecordError::None)
+        );
         let long = format!("v=TLSRPTv1; rua=mailto:a@b; x={}", "y".repeat(3000));
         assert_eq!(parse_record([long.as_str()]), Err(RecordError::TooLong));
         let many = format!(
             "v=TLSRPTv1; rua={}",
-            (0..10).map(|i| format!("mailto:r{i}@x")).collect::<Vec<_>>().join(",")
+            (0..10)
+                .map(|i| format!("mailto:r{i}@x"))
+                .collect::<Vec<_>>()
+                .join(",")
         );
         assert_eq!(parse_record([many.as_str()]).map(|r| r.len()), Ok(MAX_RUA));
     }
@@ -655,14 +664,24 @@ mod tests {
     fn result_mapping() {
         let g = Basis::Global;
         let cases = [
-            (Failure::NoStartTls, g.clone(), Level::Verify, "starttls-not-supported"),
+            (
+                Failure::NoStartTls,
+                g.clone(),
+                Level::Verify,
+                "starttls-not-supported",
+            ),
             (
                 Failure::StartTlsRefused("454 no".into()),
                 g.clone(),
                 Level::Required,
                 "starttls-not-supported",
             ),
-            (Failure::Handshake("eof".into()), g.clone(), Level::Verify, "validation-failure"),
+            (
+                Failure::Handshake("eof".into()),
+                g.clone(),
+                Level::Verify,
+                "validation-failure",
+            ),
             (
                 Failure::NotVerified("invalid peer certificate: NotValidForName".into()),
                 g.clone(),
@@ -746,7 +765,9 @@ mod tests {
         let k = key("example.org", PolicyType::Tlsa);
         let bytes = encode_key(20_000, &k);
         assert_eq!(decode_key(&bytes), Some((20_000, k)));
-        assert!(encode_key(1, &key("z", PolicyType::Sts)) < encode_key(2, &key("a", PolicyType::Sts)));
+        assert!(
+            encode_key(1, &key("z", PolicyType::Sts)) < encode_key(2, &key("a", PolicyType::Sts))
+        );
         assert_eq!(decode_key(&[1, 2]), None);
         let mut a = Counts {
             success: 3,
@@ -756,9 +777,15 @@ mod tests {
         let merged = merge_encoded(Some(&encode_counts(&a)), &encode_counts(&a));
         let m = decode_counts(&merged).unwrap();
         assert_eq!((m.success, m.failed_sessions()), (6, 2));
-        assert_eq!(decode_counts(&merge_encoded(None, &encode_counts(&a))), Some(a.clone()));
+        assert_eq!(
+            decode_counts(&merge_encoded(None, &encode_counts(&a))),
+            Some(a.clone())
+        );
         // A corrupt batch leaves what was stored.
-        assert_eq!(merge_encoded(Some(&encode_counts(&a)), &[0xff; 3]), encode_counts(&a));
+        assert_eq!(
+            merge_encoded(Some(&encode_counts(&a)), &[0xff; 3]),
+            encode_counts(&a)
+        );
     }
 
     fn submitter() -> Submitter {
@@ -832,7 +859,11 @@ mod tests {
     fn grouping_and_mail() {
         let entries = vec![
             (10, key("a.example", PolicyType::Tlsa), Counts::default()),
-            (10, key("a.example", PolicyType::NoPolicyFound), Counts::default()),
+            (
+                10,
+                key("a.example", PolicyType::NoPolicyFound),
+                Counts::default(),
+            ),
             (10, key("b.example", PolicyType::Sts), Counts::default()),
             (11, key("a.example", PolicyType::Tlsa), Counts::default()),
         ];

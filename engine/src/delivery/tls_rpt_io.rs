@@ -233,7 +233,9 @@ impl CoreDelivery {
             .await;
         match written {
             Ok(()) => tracing::debug!(core = self.core, policies = n, "tls-rpt counters flushed"),
-            Err(e) => tracing::error!(core = self.core, error = %e, "tls-rpt counters lost: store write failed"),
+            Err(e) => {
+                tracing::error!(core = self.core, error = %e, "tls-rpt counters lost: store write failed")
+            }
         }
     }
 
@@ -257,12 +259,20 @@ impl CoreDelivery {
         let mut raw_keys: HashMap<(u32, String), Vec<Vec<u8>>> = HashMap::new();
         let mut decoded = Vec::new();
         for (k, v) in entries {
-            let (Some((day, key)), Some(counts)) = (tls_rpt::decode_key(&k), tls_rpt::decode_counts(&v)) else {
+            let (Some((day, key)), Some(counts)) =
+                (tls_rpt::decode_key(&k), tls_rpt::decode_counts(&v))
+            else {
                 tracing::warn!("tls-rpt store: undecodable entry dropped");
-                raw_keys.entry((u32::MAX, String::new())).or_default().push(k);
+                raw_keys
+                    .entry((u32::MAX, String::new()))
+                    .or_default()
+                    .push(k);
                 continue;
             };
-            raw_keys.entry((day, key.domain.clone())).or_default().push(k);
+            raw_keys
+                .entry((day, key.domain.clone()))
+                .or_default()
+                .push(k);
             decoded.push((day, key, counts));
         }
         let mut sent = Vec::new();
@@ -326,7 +336,8 @@ impl CoreDelivery {
             let (to, result) = match &r {
                 Rua::Mailto(addr) => (
                     format!("mailto:{addr}"),
-                    self.tls_rpt_mail(rpt, addr, domain, &report_id, day, &gz, now).await,
+                    self.tls_rpt_mail(rpt, addr, domain, &report_id, day, &gz, now)
+                        .await,
                 ),
                 Rua::Https(url) => (url.clone(), self.tls_rpt_post(rpt, url, gz.clone()).await),
             };
@@ -428,8 +439,14 @@ impl CoreDelivery {
 
     /// POSTs the report to an `https:` address: the host resolved through
     /// our resolver, the upload on a blocking thread.
-    async fn tls_rpt_post(&self, rpt: &RptShared, url: &str, gz: Vec<u8>) -> Result<String, String> {
-        let (host, port, path) = split_https(url).ok_or_else(|| format!("{url}: not a usable https URL"))?;
+    async fn tls_rpt_post(
+        &self,
+        rpt: &RptShared,
+        url: &str,
+        gz: Vec<u8>,
+    ) -> Result<String, String> {
+        let (host, port, path) =
+            split_https(url).ok_or_else(|| format!("{url}: not a usable https URL"))?;
         let ip = match host.trim_matches(['[', ']']).parse::<IpAddr>() {
             Ok(ip) => ip,
             Err(_) => {
@@ -467,7 +484,9 @@ impl CoreDelivery {
 
 /// (host, port, path) of an `https://host[:port]/path` URL.
 fn split_https(url: &str) -> Option<(String, u16, String)> {
-    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("HTTPS://"))?;
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("HTTPS://"))?;
     let (authority, path) = match rest.find(['/', '?']) {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -512,7 +531,8 @@ fn post(
         Err(_) => rustls::pki_types::ServerName::try_from(host_name.to_string())
             .map_err(|e| format!("{host}: {e}"))?,
     };
-    let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    let tcp =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
     let _ = tcp.set_read_timeout(Some(timeout));
     let _ = tcp.set_write_timeout(Some(timeout));
     let conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
