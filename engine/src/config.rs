@@ -6,6 +6,7 @@
 //! parsed document before it is deserialized.
 
 pub mod delivery;
+pub mod tls_rpt;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -70,6 +71,8 @@ pub struct Config {
     pub rule: Vec<sluice_policy::RuleConfig>,
     /// DKIM signers and the rules choosing them.
     pub dkim: sluice_policy::dkim::DkimConfig,
+    /// SMTP TLS reporting (RFC 8460).
+    pub tls_rpt: tls_rpt::TlsRptSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -670,6 +673,9 @@ impl Config {
             return Err(invalid("log.level".into(), e.to_string()));
         }
         if let Err((key, message)) = self.dns.check() {
+            return Err(invalid(key.into(), message));
+        }
+        if let Err((key, message)) = self.tls_rpt.check() {
             return Err(invalid(key.into(), message));
         }
         // Mandatory DANE rests on the resolver's AD bit.

@@ -84,6 +84,15 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// TLS reporting (RFC 8460), through the management API.
+    TlsRpt {
+        #[command(subcommand)]
+        action: admin_cli::TlsRptCommand,
+        #[command(flatten)]
+        api: admin_cli::ApiArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// DKIM keys.
     Dkim {
         #[command(subcommand)]
@@ -373,6 +382,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let config = load(&config)?;
             let client = admin_cli::Client::new(&api, &config)?;
             admin_cli::run_destination(&client, api.json, action, &mut out)
+        }
+        Command::TlsRpt {
+            action,
+            api,
+            config,
+        } => {
+            let config = load(&config)?;
+            let client = admin_cli::Client::new(&api, &config)?;
+            admin_cli::run_tls_rpt(&client, api.json, action, &mut out)
         }
         Command::Debug { action, config } => {
             let config = load(&config)?;

@@ -590,6 +590,12 @@ pub fn requiretls_refused(reason: &'static str) {
     counter!("sluice_requiretls_refused_total", "reason" => reason).increment(1);
 }
 
+/// A TLS-RPT report was handed to one of its addresses (`result`: "sent" —
+/// queued or accepted over HTTPS — or "failed").
+pub fn tls_rpt_report(result: &'static str) {
+    counter!("sluice_tls_rpt_reports_total", "result" => result).increment(1);
+}
+
 /// A delivery status notification was queued.
 /// `kind`: "failure", "delay" or "success".
 pub fn dsn_queued(kind: &str) {

@@ -212,6 +212,20 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             },
         )
         .context("starting the MTA-STS thread")?;
+        let tls_rpt = if config.tls_rpt.enabled {
+            let table = sluice_spool::Table::open(&config.spool.path, "tls-rpt", 256 << 20)
+                .context("opening the TLS-RPT store")?;
+            Some(Arc::new(crate::delivery::tls_rpt_io::RptShared {
+                table,
+                submitter: config.tls_rpt.submitter(&config.server.hostname),
+                cfg: config.tls_rpt.clone(),
+                https: tls
+                    .verifying_client()
+                    .context("TLS for report uploads (tls_rpt)")?,
+            }))
+        } else {
+            None
+        };
         Some(Arc::new(DeliveryShared {
             spool: spool.clone(),
             cfg: config.delivery_config(),
@@ -226,6 +240,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             mta_sts,
             rules: admission.rules().clone(),
             admin: crate::delivery::admin::AdminChannels::new(cores),
+            tls_rpt,
         }))
     } else {
         None
@@ -588,6 +603,8 @@ async fn core_main(
     // a restart); updates already handed to the spool writer are committed by
     // the spool's shutdown.
     if let Some(d) = &delivery {
+        // TLS-RPT counts not yet in the store go there now.
+        d.tls_rpt_flush().await;
         d.stop();
     }
     Ok(())

@@ -12,6 +12,7 @@ mod records;
 mod reply;
 mod space;
 mod spool;
+mod table;
 mod writer;
 
 pub use envelope::{
@@ -23,6 +24,7 @@ pub use id::{IdGenerator, MessageId, MAX_SHARDS};
 pub use records::RecordTable;
 pub use reply::{EnhancedStatus, Reply};
 pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};
+pub use table::{Entries, Table};
 
 #[cfg(test)]
 mod tests;

@@ -52,6 +52,7 @@ pub enum Op {
     Suspend,
     Resume,
     Reload,
+    TlsRptSend,
 }
 
 pub struct Route {
@@ -138,6 +139,11 @@ pub const ROUTES: &[Route] = &[
         path: "/api/v1/reload",
         op: Op::Reload,
     },
+    Route {
+        method: "POST",
+        path: "/api/v1/tls-rpt/send",
+        op: Op::TlsRptSend,
+    },
 ];
 
 /// Finds the route: Ok(op, path parameters), or the 404/405 to answer.
@@ -203,6 +209,7 @@ pub fn handle(state: &AdminState, req: &Request) -> Response {
         Op::Destinations => destinations(api),
         Op::Suspend => suspend(api, &params[0], req),
         Op::Resume => resume(api, &params[0]),
+        Op::TlsRptSend => tls_rpt_send(api),
         Op::Reload => unreachable!("answered above"),
     };
     match result {
@@ -375,6 +382,19 @@ fn resume(api: &ApiContext, name: &str) -> ApiResult {
         "destination": destination,
         "resumed": was.into_iter().any(|w| w),
     }))
+}
+
+/// Every core writes its TLS-RPT counters, then core 0 sends every stored
+/// report (today's too): the test hook and the operator's "send now".
+fn tls_rpt_send(api: &ApiContext) -> ApiResult {
+    let senders = cores(api)?;
+    let on = broadcast(senders, |reply| Command::TlsRptFlush { reply })?;
+    if !on.first().copied().unwrap_or(false) {
+        return Err(err(409, "tls_rpt.enabled is false"));
+    }
+    let first = senders.get(..1).unwrap_or_default();
+    let mut sent = broadcast(first, |reply| Command::TlsRptSend { reply })?;
+    Ok(sent.pop().unwrap_or_default())
 }
 
 #[cfg(test)]

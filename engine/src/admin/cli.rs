@@ -237,6 +237,54 @@ pub enum QueueCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum TlsRptCommand {
+    /// Send every stored TLS report (RFC 8460) now, today's counts included.
+    SendNow,
+}
+
+/// `sluice tls-rpt send-now`.
+pub fn run_tls_rpt(
+    client: &Client,
+    json: bool,
+    cmd: TlsRptCommand,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let TlsRptCommand::SendNow = cmd;
+    let value = client.call("POST", "/tls-rpt/send", &[])?;
+    emit(
+        json,
+        &value,
+        |v, o| {
+            let reports = v["reports"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            if reports.is_empty() {
+                writeln!(o, "no TLS reports to send")?;
+            }
+            for r in reports {
+                for d in r["deliveries"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                {
+                    writeln!(
+                        o,
+                        "{} {} -> {}: {}",
+                        s(&r["policy_domain"]),
+                        s(&r["day"]),
+                        s(&d["to"]),
+                        s(&d["result"])
+                    )?;
+                }
+            }
+            Ok(())
+        },
+        out,
+    )
+}
+
+#[derive(Subcommand, Debug)]
 pub enum DestinationCommand {
     /// No attempts to DOMAIN (or route:NAME) for a while.
     Suspend {

@@ -73,6 +73,14 @@ pub enum Command {
     Suspended {
         reply: mpsc::Sender<Vec<(String, u64)>>,
     },
+    /// Write this core's TLS-RPT counters to the store; answers whether
+    /// TLS reporting is on.
+    TlsRptFlush { reply: mpsc::Sender<bool> },
+    /// Send every stored TLS report now, today's too (core 0); answers
+    /// what was sent.
+    TlsRptSend {
+        reply: mpsc::Sender<serde_json::Value>,
+    },
 }
 
 /// What a core did with a `Command::Queue`.
@@ -225,6 +233,13 @@ impl CoreDelivery {
                     .collect();
                 list.sort();
                 let _ = reply.send(list);
+            }
+            Command::TlsRptFlush { reply } => {
+                self.tls_rpt_flush().await;
+                let _ = reply.send(self.shared.tls_rpt.is_some());
+            }
+            Command::TlsRptSend { reply } => {
+                let _ = reply.send(self.tls_rpt_send(u32::MAX).await);
             }
         }
     }

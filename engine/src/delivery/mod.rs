@@ -41,6 +41,9 @@
 //!   sans-IO.
 //! * `tls_policy.rs` — which TLS policy a destination gets and why, and what a
 //!   session under it may do (STARTTLS, clear text, proceed or defer), sans-IO.
+//! * `tls_rpt.rs`, `tls_rpt_io.rs` — TLS reporting (RFC 8460): the record,
+//!   result types, counters and reports (sans-IO), and the per-core counting,
+//!   the store and the daily sending.
 
 pub mod admin;
 pub mod dane;
@@ -57,6 +60,8 @@ mod site;
 pub mod throttle;
 pub mod timing;
 pub mod tls_policy;
+pub mod tls_rpt;
+pub mod tls_rpt_io;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
@@ -98,6 +103,8 @@ pub struct DeliveryShared {
     pub rules: Arc<arc_swap::ArcSwap<sluice_policy::RuleSet>>,
     /// Command channels from the management API, one per core.
     pub admin: admin::AdminChannels,
+    /// TLS reporting (`tls_rpt.enabled`): the store and settings.
+    pub tls_rpt: Option<Arc<tls_rpt_io::RptShared>>,
 }
 
 /// Delivery state of one core.
@@ -223,6 +230,7 @@ impl CoreDelivery {
         let me = self.clone();
         glommio::spawn_local(async move { me.timer_loop().await }).detach();
         self.start_admin_commands();
+        self.start_tls_rpt();
         Ok(recovered)
     }
 }

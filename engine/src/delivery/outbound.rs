@@ -284,6 +284,9 @@ pub struct Endpoint {
     pub route: Option<String>,
     /// What the messages of the site ask (RFC 8689; `tls_policy::for_message`).
     pub message_tls: tls_policy::MessageTls,
+    /// Where this session is counted for TLS reporting (MX routes of
+    /// destinations that publish `_smtp._tls`).
+    pub tls_rpt: Option<std::rc::Rc<super::tls_rpt::Target>>,
 }
 
 pub struct Connection {
@@ -312,6 +315,7 @@ pub struct Connection {
     /// An MTA-STS policy in testing mode applies: failures it would see are
     /// logged and counted, the session goes on as configured.
     sts_testing: bool,
+    tls_rpt: Option<std::rc::Rc<super::tls_rpt::Target>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -402,6 +406,7 @@ impl Connection {
             route: endpoint.route.clone(),
             dane: endpoint.dane.clone(),
             sts_testing,
+            tls_rpt: endpoint.tls_rpt.clone(),
             lmtp: endpoint.lmtp,
             timeouts: Timeouts {
                 greeting: cfg.greeting_timeout.0,
@@ -426,6 +431,7 @@ impl Connection {
                         conn.tls_policy.name(),
                         tls_policy::success_label(conn.tls.is_some(), conn.tls_verified),
                     );
+                    conn.report_session();
                     return Ok(conn);
                 }
                 ClientEvent::StartTls => {
@@ -573,6 +579,11 @@ impl Connection {
         if requiretls_refused {
             crate::metrics::requiretls_refused(failure.label());
         }
+        if let Some(target) = &self.tls_rpt {
+            let result =
+                super::tls_rpt::result_of(&failure, &self.tls_policy.basis, self.tls_policy.level);
+            super::tls_rpt_io::record_failure(target, result, Some(self.ip), &reply.to_string());
+        }
         tracing::info!(
             host = %self.host,
             ip = %self.ip,
@@ -591,6 +602,25 @@ impl Connection {
             try_next: true,
             tls_policy: Some(self.tls_policy.name()),
             requiretls_refused,
+        }
+    }
+
+    /// Counts a session that met its policy for TLS reporting: TLS up is a
+    /// success; clear text (opportunistic, STARTTLS missing or refused) is
+    /// `starttls-not-supported`. Sessions under `none` tried no TLS.
+    fn report_session(&self) {
+        let Some(target) = &self.tls_rpt else {
+            return;
+        };
+        if self.tls.is_some() {
+            super::tls_rpt_io::record_success(target);
+        } else if self.tls_policy.level != tls_policy::Level::None {
+            super::tls_rpt_io::record_failure(
+                target,
+                super::tls_rpt::ResultType::StarttlsNotSupported,
+                Some(self.ip),
+                "STARTTLS not offered or refused; sent in clear text",
+            );
         }
     }
 

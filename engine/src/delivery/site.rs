@@ -436,6 +436,11 @@ impl CoreDelivery {
                 } else {
                     self.shared.mta_sts.policy_for(&self.resolver, domain).await
                 };
+                // TLS reporting: only for destinations that publish `_smtp._tls`.
+                let rua = match &self.shared.tls_rpt {
+                    Some(_) => super::tls_rpt_io::lookup_rua(&self.resolver, domain).await,
+                    None => None,
+                };
                 for host in &route.hosts {
                     if host.addrs.is_empty() {
                         continue;
@@ -448,7 +453,17 @@ impl CoreDelivery {
                         dane::for_host(&self.resolver, host, *port, tls).await
                     };
                     let skip = dane::skip_reason(&dane, tls, &host.name, *port);
+                    let rpt = rua.as_ref().map(|rua| {
+                        Rc::new(super::tls_rpt::target(domain, &host.name, &dane, tls, rua))
+                    });
                     if let Some(why) = skip {
+                        if let Some(t) = &rpt {
+                            let result = super::tls_rpt::result_of_dane_skip(matches!(
+                                dane,
+                                Dane::LookupFailed(_)
+                            ));
+                            super::tls_rpt_io::record_failure(t, result, None, &why);
+                        }
                         let reply = client::Reply::local(451, "4.7.5", &why);
                         tracing::info!(host = %host.name, reply = %reply, "MX host skipped");
                         dane_failure = Some(SessionFailure {
@@ -487,6 +502,7 @@ impl CoreDelivery {
                             source_ip: strategy.source_ip,
                             route: None,
                             message_tls: strategy.message_tls,
+                            tls_rpt: rpt.clone(),
                         });
                     }
                 }
@@ -571,6 +587,7 @@ impl CoreDelivery {
                         source_ip: strategy.source_ip,
                         route: Some(route.clone()),
                         message_tls: strategy.message_tls,
+                        tls_rpt: None,
                     })
                     .collect())
             }

@@ -615,7 +615,7 @@ fn status_code(s: &str, action: DsnAction) -> &str {
     }
 }
 
-fn rfc5322_date(unix_ms: u64) -> String {
+pub(crate) fn rfc5322_date(unix_ms: u64) -> String {
     let ms = i64::try_from(unix_ms).unwrap_or(i64::MAX);
     chrono::DateTime::from_timestamp_millis(ms)
         .unwrap_or_default()
