@@ -580,9 +580,16 @@ impl Connection {
             crate::metrics::requiretls_refused(failure.label());
         }
         if let Some(target) = &self.tls_rpt {
-            let result =
-                super::tls_rpt::result_of(&failure, &self.tls_policy.basis, self.tls_policy.level);
-            super::tls_rpt_io::record_failure(target, result, Some(self.ip), &reply.to_string());
+            let (basis, level) = (&self.tls_policy.basis, self.tls_policy.level);
+            match super::tls_rpt::result_of(&failure, basis, level) {
+                Some(result) => super::tls_rpt_io::record_failure(
+                    target,
+                    result,
+                    Some(self.ip),
+                    &reply.to_string(),
+                ),
+                None => super::tls_rpt_io::record_success(target),
+            }
         }
         tracing::info!(
             host = %self.host,

@@ -483,6 +483,7 @@ impl CoreDelivery {
                             reply,
                             try_next: false,
                             tls_policy: Some("mta-sts"),
+                            requiretls_refused: false,
                         });
                         continue;
                     }

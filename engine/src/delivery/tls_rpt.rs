@@ -256,17 +256,21 @@ pub fn policy_type(basis: &Basis) -> PolicyType {
 /// The result type of a session that failed its policy (RFC 8460 §4.3).
 /// Web PKI failures are told apart by the verifier's reason (rustls names the
 /// certificate error: `NotValidForName…`, `Expired…`, `UnknownIssuer`…).
-pub fn result_of(failure: &Failure, basis: &Basis, level: Level) -> ResultType {
-    match failure {
+///
+/// `None` when TLS itself succeeded and only the message's REQUIRETLS was not
+/// met: RFC 8460 has no result type for that, so the session counts as a success.
+pub fn result_of(failure: &Failure, basis: &Basis, level: Level) -> Option<ResultType> {
+    Some(match failure {
+        Failure::NoRequireTls => return None,
         Failure::NoStartTls | Failure::StartTlsRefused(_) => ResultType::StarttlsNotSupported,
         Failure::Handshake(_) => ResultType::ValidationFailure,
         Failure::NotVerified(why) => {
             if *basis == Basis::Dane {
-                return ResultType::TlsaInvalid;
+                return Some(ResultType::TlsaInvalid);
             }
             if level == Level::Dane {
                 // Mandatory DANE, and the host had no usable TLSA records.
-                return ResultType::DaneRequired;
+                return Some(ResultType::DaneRequired);
             }
             let why = why.to_ascii_lowercase();
             if why.contains("notvalidforname") || why.contains("not valid for name") {
@@ -277,7 +281,7 @@ pub fn result_of(failure: &Failure, basis: &Basis, level: Level) -> ResultType {
                 ResultType::CertificateNotTrusted
             }
         }
-    }
+    })
 }
 
 /// The result type of an MX host DANE made unusable before any connection:
@@ -714,7 +718,11 @@ mod tests {
             ),
         ];
         for (f, basis, level, want) in cases {
-            assert_eq!(result_of(&f, &basis, level).as_str(), want, "{f:?}");
+            assert_eq!(
+                result_of(&f, &basis, level).map(|r| r.as_str()),
+                Some(want),
+                "{f:?}"
+            );
         }
         assert_eq!(result_of_dane_skip(true).as_str(), "dnssec-invalid");
         assert_eq!(result_of_dane_skip(false).as_str(), "dane-required");

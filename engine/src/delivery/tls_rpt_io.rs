@@ -411,6 +411,7 @@ impl CoreDelivery {
             arrival_unix_ms: now,
             listener: "tls-rpt".into(),
             client_ip: None,
+            tls_request: sluice_spool::TlsRequest::Policy,
             helo: String::new(),
             auth_user: None,
             tls: None,
