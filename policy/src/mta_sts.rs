@@ -365,6 +365,17 @@ pub fn http_body(response: &[u8], complete: bool) -> Result<String, StsError> {
     String::from_utf8(body).map_err(|_| bad("body not UTF-8".into()))
 }
 
+/// Whether a response read so far needs no more bytes: its headers are in
+/// and it is not a 200 (refused whatever follows), or [`http_body`] accepts
+/// it as complete by its length or last chunk.
+pub fn http_done(response: &[u8]) -> bool {
+    let Some(end) = find(response, b"\r\n\r\n") else {
+        return false;
+    };
+    let status = response[..end].split(|b| *b == b' ').nth(1);
+    status != Some(&b"200"[..]) || http_body(response, false).is_ok()
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }

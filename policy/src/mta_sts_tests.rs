@@ -242,3 +242,20 @@ fn http_responses() {
     assert!(http_body(b"HTTP/1.1 200 OK\r\n", true).is_err());
     assert!(http_body(b"SSH-2.0\r\n\r\n", true).is_err());
 }
+
+#[test]
+fn when_a_response_is_complete() {
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n";
+    assert!(!http_done(b"HTTP/1.1 200 OK\r\n"));
+    assert!(!http_done(head.as_bytes()));
+    assert!(!http_done(format!("{head}abc").as_bytes()));
+    assert!(http_done(format!("{head}abcde").as_bytes()));
+    // A redirect is refused as soon as its headers are in.
+    assert!(http_done(
+        b"HTTP/1.1 301 Moved\r\nLocation: https://x/\r\n\r\n"
+    ));
+    // No length: only the close ends it.
+    assert!(!http_done(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nabc"
+    ));
+}

@@ -627,9 +627,9 @@ fn fetch_policy(
             }
             Ok(n) => {
                 response.extend_from_slice(&buf[..n]);
-                // A complete response by its length or last chunk: done,
-                // whether or not the server closes.
-                if mta_sts::http_body(&response, false).is_ok() {
+                // Complete by its length or last chunk, or refused by its
+                // status: done, whether or not the server closes.
+                if mta_sts::http_done(&response) {
                     break;
                 }
             }

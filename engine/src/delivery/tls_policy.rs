@@ -10,7 +10,8 @@
 //!   policy that needs TLS never gets [`Verdict::Cleartext`].
 //!
 //! DANE is decided per MX host in `dane.rs` (its result comes in as
-//! [`Basis::Dane`]); MTA-STS is not looked up yet ([`Basis::MtaSts`]).
+//! [`Basis::Dane`]); MTA-STS per destination in `mta_sts.rs` (an enforced
+//! policy comes in as [`Basis::MtaSts`]).
 //! [`select`] is where they take precedence. They reduce to the same levels: a usable TLSA set or an
 //! enforced MTA-STS policy is `verify` against their own authority (TLSA
 //! records, the policy's MX patterns), so [`decide`] needs no change for them.
@@ -28,8 +29,8 @@ pub use sluice_policy::TlsLevel as Level;
 pub enum Basis {
     /// The MX host's TLSA records (DANE, RFC 7672; `dane.rs`).
     Dane,
-    /// The destination's MTA-STS policy in enforce mode (RFC 8461). Not
-    /// fetched yet.
+    /// The destination's MTA-STS policy in enforce mode (RFC 8461;
+    /// `mta_sts.rs`).
     MtaSts,
     /// `tls` of `[[rule]]` number N (1-based), the rule that decided the recipient.
     Rule(usize),
