@@ -8,6 +8,7 @@
 //! blocking pool.
 
 pub mod auth;
+pub mod bounce;
 mod credentials;
 pub mod dane;
 pub mod dkim;
@@ -15,6 +16,7 @@ mod error;
 mod network;
 mod relay;
 mod rules;
+pub mod suppression;
 mod throttle;
 mod tls;
 
