@@ -6,6 +6,7 @@
 //! parsed document before it is deserialized.
 
 pub mod delivery;
+pub mod suppression;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -70,6 +71,8 @@ pub struct Config {
     pub rule: Vec<sluice_policy::RuleConfig>,
     /// DKIM signers and the rules choosing them.
     pub dkim: sluice_policy::dkim::DkimConfig,
+    /// Hard-bounced recipients refused or dropped for a while.
+    pub suppression: suppression::SuppressionSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -84,6 +84,16 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// The suppression list (recipients refused after a hard bounce), through
+    /// the management API.
+    Suppression {
+        #[command(subcommand)]
+        action: admin_cli::SuppressionCommand,
+        #[command(flatten)]
+        api: admin_cli::ApiArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// DKIM keys.
     Dkim {
         #[command(subcommand)]
@@ -373,6 +383,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let config = load(&config)?;
             let client = admin_cli::Client::new(&api, &config)?;
             admin_cli::run_destination(&client, api.json, action, &mut out)
+        }
+        Command::Suppression {
+            action,
+            api,
+            config,
+        } => {
+            let config = load(&config)?;
+            let client = admin_cli::Client::new(&api, &config)?;
+            admin_cli::run_suppression(&client, api.json, action, &mut out)
         }
         Command::Debug { action, config } => {
             let config = load(&config)?;

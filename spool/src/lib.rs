@@ -11,6 +11,7 @@ mod id;
 mod reply;
 mod space;
 mod spool;
+mod suppression;
 mod writer;
 
 pub use envelope::{
@@ -21,6 +22,7 @@ pub use error::SpoolError;
 pub use id::{IdGenerator, MessageId, MAX_SHARDS};
 pub use reply::{EnhancedStatus, Reply};
 pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};
+pub use suppression::{StoredSuppression, SuppressionRow, SuppressionStore, SUPPRESSION_DIR};
 
 #[cfg(test)]
 mod tests;

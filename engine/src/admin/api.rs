@@ -52,6 +52,9 @@ pub enum Op {
     Suspend,
     Resume,
     Reload,
+    SuppressionList,
+    SuppressionAdd,
+    SuppressionRemove,
 }
 
 pub struct Route {
@@ -138,6 +141,21 @@ pub const ROUTES: &[Route] = &[
         path: "/api/v1/reload",
         op: Op::Reload,
     },
+    Route {
+        method: "GET",
+        path: "/api/v1/suppression",
+        op: Op::SuppressionList,
+    },
+    Route {
+        method: "POST",
+        path: "/api/v1/suppression/add",
+        op: Op::SuppressionAdd,
+    },
+    Route {
+        method: "POST",
+        path: "/api/v1/suppression/remove",
+        op: Op::SuppressionRemove,
+    },
 ];
 
 /// Finds the route: Ok(op, path parameters), or the 404/405 to answer.
@@ -203,6 +221,9 @@ pub fn handle(state: &AdminState, req: &Request) -> Response {
         Op::Destinations => destinations(api),
         Op::Suspend => suspend(api, &params[0], req),
         Op::Resume => resume(api, &params[0]),
+        Op::SuppressionList => super::suppression_api::list(req),
+        Op::SuppressionAdd => super::suppression_api::add(req),
+        Op::SuppressionRemove => super::suppression_api::remove(req),
         Op::Reload => unreachable!("answered above"),
     };
     match result {
