@@ -316,6 +316,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             // The DKIM keys load as the relay would load them.
             config.dkim_policy()?;
+            // So do the bounce classification rules.
+            sluice_engine::bounce::load(config.delivery.bounce_rules.as_deref())
+                .map_err(anyhow::Error::msg)?;
             // So does the outbound CA file.
             sluice_engine::delivery::outbound::OutboundTlsConfig::new(
                 config.delivery.tls_ca_file.as_deref(),
