@@ -186,8 +186,15 @@ fn classes_show_in_log_dsn_metrics_and_queue_show() {
     let dsn = parse_dsn(&notices[0].eml);
     assert_eq!(dsn["content_type"], "multipart/report", "{dsn:#}");
     assert_eq!(dsn["report_type"], "delivery-status", "{dsn:#}");
-    assert!(dsn["defects"].as_array().expect("defects").is_empty(), "{dsn:#}");
-    assert_eq!(dsn["recipients"].as_array().expect("blocks").len(), 4, "{dsn:#}");
+    assert!(
+        dsn["defects"].as_array().expect("defects").is_empty(),
+        "{dsn:#}"
+    );
+    assert_eq!(
+        dsn["recipients"].as_array().expect("blocks").len(),
+        4,
+        "{dsn:#}"
+    );
     let show = || format!("{dsn:#}");
     for (rcpt, class) in [
         ("gone@a.dlv.test", "invalid-recipient"),

@@ -180,7 +180,10 @@ fn hard_bounce_suppresses_refuses_at_rcpt_survives_restart_and_is_lifted() {
     assert_eq!(list[0]["class"], "invalid-recipient");
     assert_eq!(list[0]["active"], true);
     assert!(
-        list[0]["reason"].as_str().unwrap_or("").contains("does not exist"),
+        list[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not exist"),
         "{list:?}"
     );
     let m = http_get(relay.admin_port, "/metrics");
@@ -189,9 +192,15 @@ fn hard_bounce_suppresses_refuses_at_rcpt_survives_restart_and_is_lifted() {
     // The next message from the same sender domain: refused at RCPT.
     let (code, why) = smtplib(relay, "bob@snd.dlv.test", "Gone@A.dlv.test").expect_err("refused");
     assert_eq!(code, 550, "{why}");
-    assert!(why.starts_with("5.1.1") && why.contains("suppressed"), "{why}");
+    assert!(
+        why.starts_with("5.1.1") && why.contains("suppressed"),
+        "{why}"
+    );
     let line = swaks_rcpt(relay, "alice@snd.dlv.test", "gone@a.dlv.test");
-    assert!(line.contains("550 5.1.1") && line.contains("suppressed"), "{line}");
+    assert!(
+        line.contains("550 5.1.1") && line.contains("suppressed"),
+        "{line}"
+    );
     // Another sender domain is not affected (its message goes out, bounces,
     // and is recorded under its own scope).
     smtplib(relay, "carol@other.dlv.test", "gone@a.dlv.test").expect("other sender accepted");
@@ -202,7 +211,11 @@ fn hard_bounce_suppresses_refuses_at_rcpt_survives_restart_and_is_lifted() {
         "{m}"
     );
     let scoped = |relay: &Relay| {
-        cli(relay, &s.token, &["suppression", "list", "--scope", "snd.dlv.test"])["entries"]
+        cli(
+            relay,
+            &s.token,
+            &["suppression", "list", "--scope", "snd.dlv.test"],
+        )["entries"]
             .as_array()
             .cloned()
             .unwrap_or_default()
@@ -222,14 +235,26 @@ fn hard_bounce_suppresses_refuses_at_rcpt_survives_restart_and_is_lifted() {
     let v = cli(
         relay,
         &s.token,
-        &["suppression", "remove", "gone@a.dlv.test", "--scope", "snd.dlv.test"],
+        &[
+            "suppression",
+            "remove",
+            "gone@a.dlv.test",
+            "--scope",
+            "snd.dlv.test",
+        ],
     );
     assert_eq!(v["removed"], true, "{v}");
     assert!(scoped(relay).is_empty());
     let v = cli(
         relay,
         &s.token,
-        &["suppression", "remove", "gone@a.dlv.test", "--scope", "snd.dlv.test"],
+        &[
+            "suppression",
+            "remove",
+            "gone@a.dlv.test",
+            "--scope",
+            "snd.dlv.test",
+        ],
     );
     assert_eq!(v["removed"], false, "{v}");
     smtplib(relay, "alice@snd.dlv.test", "gone@a.dlv.test").expect("accepted after remove");
@@ -238,22 +263,43 @@ fn hard_bounce_suppresses_refuses_at_rcpt_survives_restart_and_is_lifted() {
     let v = cli(
         relay,
         &s.token,
-        &["suppression", "add", "someone@a.dlv.test", "--for", "1h", "--reason", "complaint"],
+        &[
+            "suppression",
+            "add",
+            "someone@a.dlv.test",
+            "--for",
+            "1h",
+            "--reason",
+            "complaint",
+        ],
     );
     assert_eq!(v["scope"], "*", "{v}");
     let (code, why) =
         smtplib(relay, "carol@other.dlv.test", "someone@a.dlv.test").expect_err("refused");
     assert_eq!(code, 550);
-    assert!(why.starts_with("5.7.1") && why.contains("suppressed"), "{why}");
+    assert!(
+        why.starts_with("5.7.1") && why.contains("suppressed"),
+        "{why}"
+    );
 
     // Bad input is a 400 with the reason, through the CLI's error.
     let api = format!("http://127.0.0.1:{}", relay.admin_port);
     let tf = s.token.display().to_string();
     let out = sluice(&[
-        "suppression", "add", "not-an-address", "--api", &api, "--token-file", &tf,
+        "suppression",
+        "add",
+        "not-an-address",
+        "--api",
+        &api,
+        "--token-file",
+        &tf,
     ]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("HTTP 400"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("HTTP 400"),
+        "{}",
+        text(&out.stderr)
+    );
     let _ = &s.hop;
     let _ = &s.bounces;
 }
@@ -266,7 +312,12 @@ fn drop_action_fails_at_delivery_without_a_connection() {
         relay,
         &s.token,
         &[
-            "suppression", "add", "dropped@a.dlv.test", "--scope", "snd.dlv.test", "--class",
+            "suppression",
+            "add",
+            "dropped@a.dlv.test",
+            "--scope",
+            "snd.dlv.test",
+            "--class",
             "invalid-recipient",
         ],
     );
@@ -285,9 +336,17 @@ fn drop_action_fails_at_delivery_without_a_connection() {
         dsn["recipients"][0]["x-sluice-bounce-class"], "suppressed",
         "{dsn:#}"
     );
-    wait_until("the spool to empty", T, || relay.count() == 0, || relay.log());
+    wait_until(
+        "the spool to empty",
+        T,
+        || relay.count() == 0,
+        || relay.log(),
+    );
     assert!(
-        !s.hop.commands().iter().any(|c| c.to_ascii_lowercase().contains("dropped@")),
+        !s.hop
+            .commands()
+            .iter()
+            .any(|c| c.to_ascii_lowercase().contains("dropped@")),
         "the hop saw the suppressed recipient: {:?}",
         s.hop.commands()
     );

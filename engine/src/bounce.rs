@@ -36,7 +36,11 @@ pub fn load(path: Option<&Path>) -> Result<Classifier, String> {
 /// Makes `classifier` the one every later [`classify`] uses.
 pub fn install(classifier: Classifier) {
     let (total, from_file) = classifier.counts();
-    tracing::debug!(rules = total, from_file, "bounce classification rules loaded");
+    tracing::debug!(
+        rules = total,
+        from_file,
+        "bounce classification rules loaded"
+    );
     cell().store(Arc::new(classifier));
 }
 

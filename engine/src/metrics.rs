@@ -591,7 +591,10 @@ pub fn delivery_failure(class: sluice_policy::bounce::BounceClass, status: &'sta
             })
             .collect()
     });
-    let c = BounceClass::ALL.iter().position(|c| *c == class).unwrap_or(0);
+    let c = BounceClass::ALL
+        .iter()
+        .position(|c| *c == class)
+        .unwrap_or(0);
     let s = STATUSES.iter().position(|s| *s == status).unwrap_or(0);
     if let Some(h) = handles.get(c * STATUSES.len() + s) {
         h.increment(1);

@@ -118,9 +118,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     );
     // The suppression list: its own LMDB environment next to the shards.
     if config.suppression.enabled {
-        let store =
-            sluice_spool::SuppressionStore::open(&config.spool.path, config.spool.sync)
-                .context("opening the suppression list")?;
+        let store = sluice_spool::SuppressionStore::open(&config.spool.path, config.spool.sync)
+            .context("opening the suppression list")?;
         let list = Arc::new(crate::suppression::Suppressions::new(
             store,
             config.suppression.policy(),

@@ -125,7 +125,10 @@ impl Suppressions {
         let ttl = ttl_ms.unwrap_or(self.policy.ttl_ms);
         let entry = Entry {
             class,
-            reason: reason.chars().take(sluice_policy::suppression::MAX_REASON).collect(),
+            reason: reason
+                .chars()
+                .take(sluice_policy::suppression::MAX_REASON)
+                .collect(),
             added_unix_ms: now,
             until_unix_ms: now.saturating_add(ttl),
         };
@@ -144,7 +147,10 @@ impl Suppressions {
 
     /// Entries (active and not yet purged expired ones), at most `limit`.
     pub fn list(&self, scope: Option<&str>, limit: usize) -> Result<Vec<SuppressionRow>, AddError> {
-        let scope = scope.map(parse_scope).transpose().map_err(AddError::Invalid)?;
+        let scope = scope
+            .map(parse_scope)
+            .transpose()
+            .map_err(AddError::Invalid)?;
         self.store
             .list(scope.as_deref(), limit)
             .map_err(AddError::Storage)

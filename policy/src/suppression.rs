@@ -153,7 +153,8 @@ pub fn parse_scope(scope: &str) -> Result<String, String> {
     }
     if s.is_empty()
         || s.len() > 253
-        || s.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'@' || b == 0)
+        || s.bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'@' || b == 0)
     {
         return Err(format!(
             "scope `{scope}` is not a sender domain, `*` (every sender) or `<>` (null sender)"
@@ -169,7 +170,8 @@ pub fn normalize_recipient(address: &str) -> Result<String, String> {
     if a.is_empty()
         || a.len() > MAX_ADDRESS
         || !a.contains('@')
-        || a.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == 0)
+        || a.bytes()
+            .any(|b| b.is_ascii_control() || b == b' ' || b == 0)
     {
         return Err(format!("`{address}` is not a recipient address"));
     }
@@ -278,7 +280,10 @@ mod tests {
 
     #[test]
     fn input_is_validated_and_bounded() {
-        assert_eq!(normalize_recipient("<Bob@Example.NET>"), Ok("bob@example.net".into()));
+        assert_eq!(
+            normalize_recipient("<Bob@Example.NET>"),
+            Ok("bob@example.net".into())
+        );
         assert!(normalize_recipient("bob").is_err());
         assert!(normalize_recipient("a b@c").is_err());
         assert!(normalize_recipient(&format!("{}@x", "a".repeat(300))).is_err());

@@ -235,7 +235,10 @@ mod tests {
             s.get("shop.example", "bob@example.net").expect("get"),
             Some(entry(100))
         );
-        assert_eq!(s.get("shop.example", "carol@example.net").expect("get"), None);
+        assert_eq!(
+            s.get("shop.example", "carol@example.net").expect("get"),
+            None
+        );
         assert_eq!(s.list(None, 10).expect("list").len(), 3);
         let only = s.list(Some("shop.example"), 10).expect("list");
         assert_eq!(only.len(), 1);

@@ -311,7 +311,11 @@ pub fn run_suppression(
                         s(&e["recipient"]),
                         s(&e["class"]),
                         s(&e["until"]),
-                        if e["active"].as_bool() == Some(true) { "" } else { " (expired)" }
+                        if e["active"].as_bool() == Some(true) {
+                            ""
+                        } else {
+                            " (expired)"
+                        }
                     )?;
                 }
                 if v["truncated"].as_bool() == Some(true) {
@@ -352,9 +356,19 @@ pub fn run_suppression(
             )?,
             |v, o| {
                 if v["removed"].as_bool() == Some(true) {
-                    writeln!(o, "{} no longer suppressed for {}", s(&v["recipient"]), s(&v["scope"]))
+                    writeln!(
+                        o,
+                        "{} no longer suppressed for {}",
+                        s(&v["recipient"]),
+                        s(&v["scope"])
+                    )
                 } else {
-                    writeln!(o, "{} was not suppressed for {}", s(&v["recipient"]), s(&v["scope"]))
+                    writeln!(
+                        o,
+                        "{} was not suppressed for {}",
+                        s(&v["recipient"]),
+                        s(&v["scope"])
+                    )
                 }
             },
         ),

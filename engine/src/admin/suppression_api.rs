@@ -21,7 +21,12 @@ const MAX_TTL: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 8
 fn list_of() -> Result<&'static Suppressions, ApiError> {
     crate::suppression::installed()
         .map(|s| s.as_ref())
-        .ok_or_else(|| err(409, "the suppression list is off ([suppression] enabled = false)"))
+        .ok_or_else(|| {
+            err(
+                409,
+                "the suppression list is off ([suppression] enabled = false)",
+            )
+        })
 }
 
 fn add_err(e: AddError) -> ApiError {
@@ -68,9 +73,13 @@ pub(super) fn add(req: &Request) -> ApiResult {
     let recipient = req
         .param("recipient")
         .ok_or_else(|| err(400, "recipient: missing"))?;
-    let scope = req.param("scope").unwrap_or(sluice_policy::suppression::GLOBAL_SCOPE);
+    let scope = req
+        .param("scope")
+        .unwrap_or(sluice_policy::suppression::GLOBAL_SCOPE);
     let class: BounceClass = match req.param("class") {
-        Some(c) => c.parse().map_err(|e: String| err(400, format!("class: {e}")))?,
+        Some(c) => c
+            .parse()
+            .map_err(|e: String| err(400, format!("class: {e}")))?,
         None => BounceClass::PolicyBlock,
     };
     let ttl = match req.param("for") {
@@ -102,7 +111,9 @@ pub(super) fn remove(req: &Request) -> ApiResult {
     let recipient = req
         .param("recipient")
         .ok_or_else(|| err(400, "recipient: missing"))?;
-    let scope = req.param("scope").unwrap_or(sluice_policy::suppression::GLOBAL_SCOPE);
+    let scope = req
+        .param("scope")
+        .unwrap_or(sluice_policy::suppression::GLOBAL_SCOPE);
     let removed = s.remove(scope, recipient).map_err(add_err)?;
     if removed {
         tracing::info!(scope = %scope, recipient = %recipient, "suppression removed by the operator");

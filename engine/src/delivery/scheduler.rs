@@ -162,7 +162,9 @@ impl CoreDelivery {
             ledger::group(&envelope, |r| {
                 // `[suppression] action = "drop"`: a suppressed recipient fails
                 // here, without a connection.
-                if let Some(entry) = dropping.and_then(|l| l.check(&envelope.sender, &r.address, now)) {
+                if let Some(entry) =
+                    dropping.and_then(|l| l.check(&envelope.sender, &r.address, now))
+                {
                     let (code, status, text) = entry.refusal();
                     crate::metrics::suppression_refused("drop");
                     crate::metrics::delivery_failure(

@@ -248,15 +248,14 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 /// Parses and compiles one rules text; also returns its `defaults` flag.
 fn parse(origin: &str, text: &str) -> Result<(Vec<Rule>, bool), BounceRulesError> {
-    let err = |rule: Option<usize>, key: &str, line: Option<usize>, reason: String| {
-        BounceRulesError {
+    let err =
+        |rule: Option<usize>, key: &str, line: Option<usize>, reason: String| BounceRulesError {
             origin: origin.to_string(),
             rule,
             key: key.to_string(),
             line,
             reason,
-        }
-    };
+        };
     if text.len() > MAX_RULES_FILE {
         return Err(err(
             None,

@@ -122,7 +122,10 @@ text = 'does not exist'
     let only = "defaults = false\n[[rule]]\nclass = \"rate-limited\"\ncode = 421\n";
     let c = Classifier::load("rules.toml", only).expect("loads");
     assert_eq!(c.counts(), (1, 1));
-    assert_eq!(class_of(&c, "421 4.7.0 slow down"), BounceClass::RateLimited);
+    assert_eq!(
+        class_of(&c, "421 4.7.0 slow down"),
+        BounceClass::RateLimited
+    );
     assert_eq!(class_of(&c, "550 5.1.1 no such user"), BounceClass::Other);
 }
 
@@ -151,16 +154,22 @@ fn errors_name_key_and_line() {
     assert!(e.contains("invalid regex"), "{e}");
 
     let bad_class = "[[rule]]\nclass = \"spammy\"\ncode = 550\n";
-    let e = Classifier::load("f", bad_class).expect_err("class").to_string();
+    let e = Classifier::load("f", bad_class)
+        .expect_err("class")
+        .to_string();
     assert!(e.contains("rule 1: class (line 2)"), "{e}");
     assert!(e.contains("unknown bounce class `spammy`"), "{e}");
 
     let bad_prefix = "[[rule]]\nclass = \"dns\"\nenhanced = [\"5.1\", \"6.1\"]\n";
-    let e = Classifier::load("f", bad_prefix).expect_err("prefix").to_string();
+    let e = Classifier::load("f", bad_prefix)
+        .expect_err("prefix")
+        .to_string();
     assert!(e.contains("rule 1: enhanced (line 3)"), "{e}");
 
     let bad_code = "[[rule]]\nclass = \"dns\"\n\ncode = [99]\n";
-    let e = Classifier::load("f", bad_code).expect_err("code").to_string();
+    let e = Classifier::load("f", bad_code)
+        .expect_err("code")
+        .to_string();
     assert!(e.contains("rule 1: code (line 4)"), "{e}");
 
     let empty = "[[rule]]\nclass = \"dns\"\n";
@@ -168,11 +177,15 @@ fn errors_name_key_and_line() {
     assert!(e.contains("needs at least one of"), "{e}");
 
     let unknown_key = "[[rule]]\nclass = \"dns\"\ncode = 421\nregex = 'x'\n";
-    let e = Classifier::load("f", unknown_key).expect_err("key").to_string();
+    let e = Classifier::load("f", unknown_key)
+        .expect_err("key")
+        .to_string();
     assert!(e.contains("line"), "{e}");
 
     let syntax = "[[rule]\n";
-    let e = Classifier::load("f", syntax).expect_err("syntax").to_string();
+    let e = Classifier::load("f", syntax)
+        .expect_err("syntax")
+        .to_string();
     assert!(e.contains("syntax (line 1)"), "{e}");
 }
 
