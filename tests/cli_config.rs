@@ -486,7 +486,7 @@ fn queue_commands_work_with_the_defaults_online_and_offline() {
     assert_eq!(
         rcpt,
         vec![format!(
-            "recipient: <b@example.net> [deferred (1 attempts): {reason}]"
+            "recipient: <b@example.net> [deferred (1 attempts) class=network: {reason}]"
         )],
         "{show}"
     );

@@ -6,6 +6,7 @@
 //! parsed document before it is deserialized.
 
 pub mod delivery;
+pub mod suppression;
 pub mod tls_rpt;
 
 use std::collections::BTreeMap;
@@ -73,6 +74,8 @@ pub struct Config {
     pub dkim: sluice_policy::dkim::DkimConfig,
     /// SMTP TLS reporting (RFC 8460).
     pub tls_rpt: tls_rpt::TlsRptSection,
+    /// Hard-bounced recipients refused or dropped for a while.
+    pub suppression: suppression::SuppressionSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -356,6 +356,11 @@ async fn serve(
     );
     session.set_queue_admission(ctx.queues.clone());
     session.set_metrics(listener.metrics.smtp.clone());
+    if let Some(list) = crate::suppression::installed() {
+        if list.action() == sluice_policy::suppression::Action::Refuse {
+            session.set_suppression(list.clone());
+        }
+    }
     session.set_body_budget(listener.body_budget.clone());
     tracing::debug!(client_ip = %peer.ip(), listener = %listener.name, core = ctx.core, "connected");
     session.greeting();

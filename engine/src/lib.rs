@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth_guard;
+pub mod bounce;
 pub mod budget;
 pub mod config;
 pub mod conn;
@@ -23,6 +24,7 @@ pub use queue::dsn;
 pub mod reload;
 pub mod runtime;
 pub mod smtp;
+pub mod suppression;
 pub mod time;
 pub mod tls;
 pub mod verify;

@@ -93,6 +93,16 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// The suppression list (recipients refused after a hard bounce), through
+    /// the management API.
+    Suppression {
+        #[command(subcommand)]
+        action: admin_cli::SuppressionCommand,
+        #[command(flatten)]
+        api: admin_cli::ApiArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// DKIM keys.
     Dkim {
         #[command(subcommand)]
@@ -315,6 +325,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             // The DKIM keys load as the relay would load them.
             config.dkim_policy()?;
+            // So do the bounce classification rules.
+            sluice_engine::bounce::load(config.delivery.bounce_rules.as_deref())
+                .map_err(anyhow::Error::msg)?;
             // So does the outbound CA file.
             sluice_engine::delivery::outbound::OutboundTlsConfig::new(
                 config.delivery.tls_ca_file.as_deref(),
@@ -391,6 +404,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let config = load(&config)?;
             let client = admin_cli::Client::new(&api, &config)?;
             admin_cli::run_tls_rpt(&client, api.json, action, &mut out)
+        }
+        Command::Suppression {
+            action,
+            api,
+            config,
+        } => {
+            let config = load(&config)?;
+            let client = admin_cli::Client::new(&api, &config)?;
+            admin_cli::run_suppression(&client, api.json, action, &mut out)
         }
         Command::Debug { action, config } => {
             let config = load(&config)?;

@@ -87,6 +87,12 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Recipients failed permanently (5xx or unroutable), by queue."),
     ("sluice_recipients_expired_total", Kind::Counter, "queue",
      "Recipients given up on because the message outlived its queue lifetime or DELIVERBY time, by queue."),
+    ("sluice_delivery_failures_total", Kind::Counter, "class,status",
+     "Recipient delivery attempts that failed, by bounce class (docs/bounce-classes.md) and status (deferred, failed, expired)."),
+    ("sluice_suppression_added_total", Kind::Counter, "",
+     "Recipients put on the suppression list by a hard bounce."),
+    ("sluice_suppression_refused_total", Kind::Counter, "action",
+     "Recipients refused at RCPT (action=refuse) or failed at delivery (action=drop) because they are suppressed."),
     ("sluice_dsn_messages_total", Kind::Counter, "kind",
      "Delivery status notifications queued, by kind (failure, delay, success)."),
     ("sluice_delivery_attempt_seconds", Kind::Histogram, "",
@@ -594,6 +600,43 @@ pub fn requiretls_refused(reason: &'static str) {
 /// queued or accepted over HTTPS — or "failed").
 pub fn tls_rpt_report(result: &'static str) {
     counter!("sluice_tls_rpt_reports_total", "result" => result).increment(1);
+}
+
+/// A failed or deferred recipient attempt, by bounce class; `status` is
+/// "deferred", "failed" or "expired" (a bounded label set: 14 × 3).
+pub fn delivery_failure(class: sluice_policy::bounce::BounceClass, status: &'static str) {
+    use sluice_policy::bounce::BounceClass;
+    const STATUSES: [&str; 3] = ["deferred", "failed", "expired"];
+    static HANDLES: OnceLock<Vec<Counter>> = OnceLock::new();
+    let handles = HANDLES.get_or_init(|| {
+        BounceClass::ALL
+            .iter()
+            .flat_map(|c| {
+                STATUSES.iter().map(move |s| {
+                    counter!("sluice_delivery_failures_total",
+                        "class" => c.as_str(), "status" => *s)
+                })
+            })
+            .collect()
+    });
+    let c = BounceClass::ALL
+        .iter()
+        .position(|c| *c == class)
+        .unwrap_or(0);
+    let s = STATUSES.iter().position(|s| *s == status).unwrap_or(0);
+    if let Some(h) = handles.get(c * STATUSES.len() + s) {
+        h.increment(1);
+    }
+}
+
+/// A hard bounce put a recipient on the suppression list.
+pub fn suppression_added() {
+    counter!("sluice_suppression_added_total").increment(1);
+}
+
+/// A suppressed recipient was refused ("refuse") or dropped ("drop").
+pub fn suppression_refused(action: &'static str) {
+    counter!("sluice_suppression_refused_total", "action" => action).increment(1);
 }
 
 /// A delivery status notification was queued.

@@ -12,7 +12,8 @@
 //! networks and local domains, auth users, the
 //! `[[rule]]` list (queue and route choice), and `[dkim]` (signers and rules;
 //! every reload reads the key files again, so a rotated key needs only a
-//! SIGHUP, and a key that does not load refuses the reload). New sessions and new TLS handshakes
+//! SIGHUP, and a key that does not load refuses the reload), and the bounce
+//! classification rules file (`delivery.bounce_rules`, re-read every time). New sessions and new TLS handshakes
 //! see the new values; sessions already open keep what they started with.
 //!
 //! Swaps are `ArcSwap` stores: readers (a connection opening, a RCPT choosing a
@@ -124,7 +125,12 @@ impl Reloader {
         let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         let new = self.source.load()?;
         let plan = self.plan(&running, &new)?;
+        // The bounce rules file is read again on every reload (its path is
+        // the running one: a new path needs a restart); a bad file refuses
+        // the reload.
+        let bounce = crate::bounce::load(running.delivery.bounce_rules.as_deref())?;
         // Everything is valid: store it all.
+        crate::bounce::install(bounce);
         for (listener, key) in plan.certs {
             if let Some(certs) = &listener.certs {
                 certs.store(key);

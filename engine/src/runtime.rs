@@ -112,6 +112,25 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         })
         .with_context(|| format!("opening spool at {}", config.spool.path.display()))?,
     );
+    // Bounce classification rules (shipped, plus delivery.bounce_rules).
+    crate::bounce::install(
+        crate::bounce::load(config.delivery.bounce_rules.as_deref()).map_err(anyhow::Error::msg)?,
+    );
+    // The suppression list: its own LMDB environment next to the shards.
+    if config.suppression.enabled {
+        let store = sluice_spool::SuppressionStore::open(&config.spool.path, config.spool.sync)
+            .context("opening the suppression list")?;
+        let list = Arc::new(crate::suppression::Suppressions::new(
+            store,
+            config.suppression.policy(),
+        ));
+        match list.purge_expired(crate::time::now_ms()) {
+            Ok(n) if n > 0 => tracing::info!(purged = n, "expired suppressions removed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "suppression list purge failed"),
+        }
+        crate::suppression::install(list);
+    }
     // Each core walks the shards it schedules once (queue/recovery.rs); the
     // last to finish logs the whole ("spool recovered").
     let recovery = Arc::new(RecoveryTally::new(cores, spool.shard_count()));

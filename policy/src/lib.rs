@@ -8,6 +8,7 @@
 //! blocking pool.
 
 pub mod auth;
+pub mod bounce;
 mod credentials;
 pub mod dane;
 pub mod dkim;
@@ -16,6 +17,7 @@ pub mod mta_sts;
 mod network;
 mod relay;
 mod rules;
+pub mod suppression;
 mod throttle;
 mod tls;
 

@@ -12,6 +12,7 @@ mod records;
 mod reply;
 mod space;
 mod spool;
+mod suppression;
 mod table;
 mod writer;
 
@@ -25,6 +26,7 @@ pub use records::RecordTable;
 pub use reply::{EnhancedStatus, Reply};
 pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};
 pub use table::{Entries, Table};
+pub use suppression::{StoredSuppression, SuppressionRow, SuppressionStore, SUPPRESSION_DIR};
 
 #[cfg(test)]
 mod tests;

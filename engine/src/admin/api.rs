@@ -53,6 +53,9 @@ pub enum Op {
     Resume,
     Reload,
     TlsRptSend,
+    SuppressionList,
+    SuppressionAdd,
+    SuppressionRemove,
 }
 
 pub struct Route {
@@ -144,6 +147,21 @@ pub const ROUTES: &[Route] = &[
         path: "/api/v1/tls-rpt/send",
         op: Op::TlsRptSend,
     },
+    Route {
+        method: "GET",
+        path: "/api/v1/suppression",
+        op: Op::SuppressionList,
+    },
+    Route {
+        method: "POST",
+        path: "/api/v1/suppression/add",
+        op: Op::SuppressionAdd,
+    },
+    Route {
+        method: "POST",
+        path: "/api/v1/suppression/remove",
+        op: Op::SuppressionRemove,
+    },
 ];
 
 /// Finds the route: Ok(op, path parameters), or the 404/405 to answer.
@@ -210,6 +228,9 @@ pub fn handle(state: &AdminState, req: &Request) -> Response {
         Op::Suspend => suspend(api, &params[0], req),
         Op::Resume => resume(api, &params[0]),
         Op::TlsRptSend => tls_rpt_send(api),
+        Op::SuppressionList => super::suppression_api::list(req),
+        Op::SuppressionAdd => super::suppression_api::add(req),
+        Op::SuppressionRemove => super::suppression_api::remove(req),
         Op::Reload => unreachable!("answered above"),
     };
     match result {

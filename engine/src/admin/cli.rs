@@ -299,6 +299,131 @@ pub enum DestinationCommand {
     List,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum SuppressionCommand {
+    /// Entries on the list (scope, recipient, class, until).
+    List {
+        /// Only this scope: a sender domain, `*` (every sender) or `<>`.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Entries shown (at most 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Suppress a recipient.
+    Add {
+        recipient: String,
+        /// A sender domain, or `*` for every sender (the default).
+        #[arg(long, default_value = "*")]
+        scope: String,
+        /// Bounce class recorded (default policy-block).
+        #[arg(long)]
+        class: Option<String>,
+        /// How long, e.g. 30d (default: suppression.ttl).
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a suppression.
+    Remove {
+        recipient: String,
+        /// The scope it was recorded under (see `list`); default `*`.
+        #[arg(long, default_value = "*")]
+        scope: String,
+    },
+}
+
+pub fn run_suppression(
+    client: &Client,
+    json: bool,
+    cmd: SuppressionCommand,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let (value, render): (Value, Render) = match cmd {
+        SuppressionCommand::List { scope, limit } => {
+            let mut q = vec![("limit", limit.to_string())];
+            if let Some(scope) = scope {
+                q.push(("scope", scope));
+            }
+            (client.call("GET", "/suppression", &q)?, |v, o| {
+                let entries = arr(&v["entries"]);
+                if entries.is_empty() {
+                    return writeln!(o, "no suppressed recipients");
+                }
+                for e in entries {
+                    writeln!(
+                        o,
+                        "{} {} {} until {}{}",
+                        s(&e["scope"]),
+                        s(&e["recipient"]),
+                        s(&e["class"]),
+                        s(&e["until"]),
+                        if e["active"].as_bool() == Some(true) {
+                            ""
+                        } else {
+                            " (expired)"
+                        }
+                    )?;
+                }
+                if v["truncated"].as_bool() == Some(true) {
+                    writeln!(o, "(more entries: raise --limit)")?;
+                }
+                Ok(())
+            })
+        }
+        SuppressionCommand::Add {
+            recipient,
+            scope,
+            class,
+            duration,
+            reason,
+        } => {
+            let mut q = vec![("recipient", recipient), ("scope", scope)];
+            for (k, v) in [("class", class), ("for", duration), ("reason", reason)] {
+                if let Some(v) = v {
+                    q.push((k, v));
+                }
+            }
+            (client.call("POST", "/suppression/add", &q)?, |v, o| {
+                writeln!(
+                    o,
+                    "{} suppressed for {} until {} ({})",
+                    s(&v["recipient"]),
+                    s(&v["scope"]),
+                    s(&v["until"]),
+                    s(&v["class"])
+                )
+            })
+        }
+        SuppressionCommand::Remove { recipient, scope } => (
+            client.call(
+                "POST",
+                "/suppression/remove",
+                &[("recipient", recipient), ("scope", scope)],
+            )?,
+            |v, o| {
+                if v["removed"].as_bool() == Some(true) {
+                    writeln!(
+                        o,
+                        "{} no longer suppressed for {}",
+                        s(&v["recipient"]),
+                        s(&v["scope"])
+                    )
+                } else {
+                    writeln!(
+                        o,
+                        "{} was not suppressed for {}",
+                        s(&v["recipient"]),
+                        s(&v["scope"])
+                    )
+                }
+            },
+        ),
+    };
+    emit(json, &value, render, out)
+}
+
 /// Why a call to the API failed.
 enum CallError {
     /// Nothing listens there (the relay is not running): a read may fall back.
@@ -323,7 +448,7 @@ impl Client {
     /// For `sluice destination …`: the running relay only.
     pub fn new(args: &ApiArgs, config: &Config) -> anyhow::Result<Client> {
         if args.offline {
-            bail!("--offline: destination suspensions live in the running relay");
+            bail!("--offline: destination suspensions and the suppression list are served by the running relay");
         }
         Client::build(args, config, false)
     }
@@ -843,6 +968,9 @@ fn recipient_line(r: &Value) -> String {
     line.push_str(&format!(" [{}", plain(&r["status"])));
     if r["status"] == "deferred" {
         line.push_str(&format!(" ({} attempts)", plain(&r["attempts"])));
+    }
+    if let Some(class) = r["class"].as_str() {
+        line.push_str(&format!(" class={class}"));
     }
     if let Some(reply) = r["last_reply"].as_str() {
         line.push_str(&format!(": {reply}"));

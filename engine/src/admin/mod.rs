@@ -10,6 +10,7 @@ pub mod api;
 mod calls;
 pub mod cli;
 mod queue_view;
+mod suppression_api;
 
 use std::io::Read;
 use std::net::SocketAddr;

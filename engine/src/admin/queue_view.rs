@@ -186,11 +186,16 @@ fn recipient_json(r: &Recipient) -> Value {
         RecipientStatus::Deferred { reply, attempts } => ("deferred", *attempts, Some(reply)),
         RecipientStatus::Failed { reply } => ("failed", 0, Some(reply)),
     };
+    // The bounce class of a deferral or failure (docs/bounce-classes.md).
+    let class = reply
+        .filter(|_| status == "deferred" || status == "failed")
+        .map(|r| crate::bounce::classify(r).as_str());
     let reply = reply.map(|r| r.to_string());
     json!({
         "address": r.address,
         "status": status,
         "attempts": attempts,
+        "class": class,
         "last_error": reply.clone().filter(|_| status == "deferred" || status == "failed"),
         "last_reply": reply,
         "orcpt": r.orcpt,
@@ -582,6 +587,9 @@ mod tests {
         assert_eq!(r[1]["last_reply"], "250 2.0.0 ok");
         assert_eq!(r[1]["notify"], json!([]));
         assert_eq!(r[2]["last_error"], "550 5.1.1 no such user");
+        assert_eq!(r[0]["class"], "network");
+        assert_eq!(r[1]["class"], Value::Null);
+        assert_eq!(r[2]["class"], "invalid-recipient");
 
         // Due: the time asked is "now"; a FUTURERELEASE hold moves it; an
         // operator hold has none.

@@ -100,6 +100,9 @@ pub struct DeliverySection {
     /// Messages over one connection to a destination host; 0 = no host limit.
     /// The site's `max_messages_per_connection` still applies: the smaller wins.
     pub host_max_messages_per_connection: usize,
+    /// Bounce classification rules tried before the shipped ones
+    /// (docs/bounce-classes.md); re-read on reload.
+    pub bounce_rules: Option<std::path::PathBuf>,
 }
 
 impl Default for DeliverySection {
@@ -129,6 +132,7 @@ impl Default for DeliverySection {
             host_connection_rate: Vec::new(),
             host_message_rate: Vec::new(),
             host_max_messages_per_connection: 0,
+            bounce_rules: None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The delivery log (`sluice::delivery` target): one record per recipient per
 //! attempt, and one when a message is given up on or removed.
 
-use sluice_spool::{Envelope, MessageId, RecipientStatus};
+use sluice_policy::bounce::BounceClass;
+use sluice_spool::{Envelope, MessageId, RecipientStatus, Reply};
 
 use super::job::{Job, JobResult, Outcome};
 use super::outbound::Connection;
@@ -35,6 +36,18 @@ impl CoreDelivery {
                 .find(|r| r.index == *index)
                 .map(|r| r.address.as_str())
                 .unwrap_or("");
+            // Failures and deferrals carry their bounce class (empty when delivered).
+            let class = match outcome {
+                Outcome::Delivered(_) => None,
+                Outcome::Deferred(r) | Outcome::Failed(r) => {
+                    let class = crate::bounce::classify(r);
+                    crate::metrics::delivery_failure(class, status);
+                    if matches!(outcome, Outcome::Failed(_)) {
+                        suppress_later(&job.sender, rcpt, class, r);
+                    }
+                    Some(class)
+                }
+            };
             tracing::info!(
                 target: "sluice::delivery",
                 id = %job.id,
@@ -56,6 +69,7 @@ impl CoreDelivery {
                 requiretls = job.strategy.message_tls.requires_tls(),
                 tls_required_no = job.strategy.message_tls == super::tls_policy::MessageTls::Optional,
                 status,
+                class = class.map(|c| c.as_str()).unwrap_or(""),
                 code = reply.code,
                 enhanced = reply.status.map(tracing::field::display),
                 reply = %reply,
@@ -76,12 +90,15 @@ impl CoreDelivery {
         let RecipientStatus::Failed { reply } = &r.status else {
             return;
         };
+        let class = crate::bounce::classify(reply);
+        crate::metrics::delivery_failure(class, "expired");
         tracing::info!(
             target: "sluice::delivery",
             id = %id,
             recipient = %r.address,
             queue = %envelope.queue,
             status = "expired",
+            class = class.as_str(),
             code = reply.code,
             enhanced = reply.status.map(tracing::field::display),
             reply = %reply,
@@ -104,4 +121,23 @@ impl CoreDelivery {
             "removed"
         );
     }
+}
+
+/// A permanent failure may put the recipient on the suppression list: the
+/// LMDB commit runs on a blocking thread, never on the executor.
+fn suppress_later(sender: &str, rcpt: &str, class: BounceClass, reply: &Reply) {
+    let Some(list) = crate::suppression::installed() else {
+        return;
+    };
+    let (sender, rcpt, reason) = (sender.to_string(), rcpt.to_string(), reply.to_string());
+    let list = list.clone();
+    glommio::spawn_local(async move {
+        let done = glommio::executor()
+            .spawn_blocking(move || list.record_bounce(&sender, &rcpt, class, &reason, now_ms()))
+            .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "suppression list write failed");
+        }
+    })
+    .detach();
 }

@@ -157,7 +157,24 @@ impl CoreDelivery {
         let (mut groups, unroutable) = {
             let facts = message_facts(&envelope);
             let rules = self.shared.rules.load();
-            ledger::group(&envelope, |r| self.target_for(&facts, &rules, r, mx))
+            let dropping = crate::suppression::installed()
+                .filter(|l| l.action() == sluice_policy::suppression::Action::Drop);
+            ledger::group(&envelope, |r| {
+                // `[suppression] action = "drop"`: a suppressed recipient fails
+                // here, without a connection.
+                if let Some(entry) =
+                    dropping.and_then(|l| l.check(&envelope.sender, &r.address, now))
+                {
+                    let (code, status, text) = entry.refusal();
+                    crate::metrics::suppression_refused("drop");
+                    crate::metrics::delivery_failure(
+                        sluice_policy::bounce::BounceClass::Suppressed,
+                        "failed",
+                    );
+                    return Err(sluice_spool::Reply::new(code, status, text));
+                }
+                self.target_for(&facts, &rules, r, mx)
+            })
         };
         // Destinations suspended by the operator: their recipients wait; when
         // nothing else is to be done, wake at the suspension's end.

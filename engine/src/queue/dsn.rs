@@ -404,6 +404,12 @@ fn delivery_status(
             if !diag.is_empty() {
                 field(&mut out, "Diagnostic-Code", &diag);
             }
+            // An extension field (RFC 3464 §2.4 "X-"): the bounce class of
+            // the failure or deferral (docs/bounce-classes.md).
+            if matches!(r.action, DsnAction::Failed | DsnAction::Delayed) {
+                let class = crate::bounce::classify_line(r.diagnostic.as_deref().unwrap_or(""));
+                field(&mut out, "X-Sluice-Bounce-Class", class.as_str());
+            }
         }
         if let Some(ms) = r.last_attempt_unix_ms {
             field(&mut out, "Last-Attempt-Date", &rfc5322_date(ms));
@@ -878,6 +884,7 @@ assert b['Action'] == 'failed' and b['Status'] == '5.1.1', (b['Action'], b['Stat
 assert b['Original-Recipient'] == 'rfc822;Bob@Example.NET', b['Original-Recipient']
 assert b['Remote-MTA'] == 'dns; mx.example.net'
 assert b['Diagnostic-Code'] == 'smtp; 550 5.1.1 <bob@example.net>: no such user', b['Diagnostic-Code']
+assert b['X-Sluice-Bounce-Class'] == 'invalid-recipient', b['X-Sluice-Bounce-Class']
 assert b['Last-Attempt-Date'] is not None and b['Will-Retry-Until'] is None
 c = rcpt('carol@example.net')
 assert c['Action'] == 'failed' and c['Status'] == '5.2.2'

@@ -301,6 +301,8 @@ pub struct Session {
     tx: Transaction,
     /// Queue choice and quotas; without it every message goes to "default".
     queues: Option<Arc<QueueAdmission>>,
+    /// Suppressed recipients are refused at RCPT (`[suppression] action = "refuse"`).
+    suppression: Option<Arc<crate::suppression::Suppressions>>,
     /// Messages accepted in this session (for the log).
     pub accepted: u64,
     /// Replies sent by class (2xx..5xx) and not yet added to `metrics`.
@@ -331,6 +333,7 @@ impl Session {
             auth_failures: 0,
             tx: Transaction::default(),
             queues: None,
+            suppression: None,
             accepted: 0,
             replies: [0; 4],
             metrics: None,
@@ -369,6 +372,11 @@ impl Session {
     /// queue over its quota (452 4.3.1 at RCPT, DATA or the end of data).
     pub fn set_queue_admission(&mut self, queues: Arc<QueueAdmission>) {
         self.queues = Some(queues);
+    }
+
+    /// Refuse recipients on the suppression list at RCPT.
+    pub fn set_suppression(&mut self, list: Arc<crate::suppression::Suppressions>) {
+        self.suppression = Some(list);
     }
 
     /// Count replies and transactions into a listener's metrics.
@@ -1085,6 +1093,22 @@ impl Session {
                 "5.6.7",
                 "Error: non-ASCII recipient address without SMTPUTF8",
             );
+        }
+        if let Some(list) = &self.suppression {
+            let sender = self.tx.sender.as_deref().unwrap_or("");
+            if let Some(entry) = list.check(sender, address, crate::time::now_ms()) {
+                let (code, status, text) = entry.refusal();
+                tracing::info!(
+                    client_ip = %self.peer.ip,
+                    recipient = %printable(address),
+                    class = %entry.class,
+                    "recipient suppressed"
+                );
+                crate::metrics::suppression_refused("refuse");
+                // Not a protocol error: a bulk client's list simply has it.
+                self.reply(code, status, &text);
+                return;
+            }
         }
         if let Some(queues) = self.queues.clone() {
             let queue = match &self.tx.queue {
