@@ -52,6 +52,10 @@ struct Harness {
     out: String,
     closed: bool,
     starttls: bool,
+    /// (HELO, sender) of every SPF check asked for.
+    spf_checks: Vec<(String, String)>,
+    /// What SPF checks answer (None: accept).
+    spf_refusal: Option<(u16, &'static str, String)>,
 }
 
 impl Harness {
@@ -73,6 +77,8 @@ impl Harness {
             out: String::new(),
             closed: false,
             starttls: false,
+            spf_checks: Vec::new(),
+            spf_refusal: None,
         };
         h.drain();
         h
@@ -106,6 +112,13 @@ impl Harness {
                     Action::Authenticate { user, password } => {
                         let ok = user == "alice" && password == "secret";
                         let _ = self.session.auth_result(user, ok, NOW);
+                    }
+                    Action::CheckSpf { helo, sender } => {
+                        // Nothing is answered before the check's outcome.
+                        assert_eq!(self.session.debug_view().state, "paused");
+                        self.spf_checks.push((helo, sender));
+                        self.session
+                            .spf_result(Default::default(), self.spf_refusal.clone());
                     }
                 }
             }
