@@ -240,7 +240,8 @@ impl CoreVerify {
         };
         let spf = crate::time::within(
             SPF_TIMEOUT,
-            self.verifier.verify_spf(&ResolverSource(&self.resolver), &e),
+            self.verifier
+                .verify_spf(&ResolverSource(&self.resolver), &e),
         )
         .await
         .unwrap_or_else(|| {

@@ -1077,8 +1077,6 @@ impl Session {
         }
     }
 
-
-
     fn rcpt(&mut self, to: smtp_proto::RcptTo<Cow<'_, str>>) {
         if self.tx.sender.is_none() {
             return self.error_reply(503, "5.5.1", "Error: need MAIL command");

@@ -314,10 +314,7 @@ impl SpfResults {
         let out = |d: &str| spf_with(SpfOutput::new(d.to_string()), SpfResult::TempError, d);
         SpfResults {
             helo: (!env.helo.is_empty()).then(|| out(env.helo)),
-            mail_from: env
-                .mail_from
-                .rsplit_once('@')
-                .map(|(_, d)| out(d)),
+            mail_from: env.mail_from.rsplit_once('@').map(|(_, d)| out(d)),
         }
     }
 
@@ -360,11 +357,7 @@ impl BodyHashes {
         let offset = m.body_offset;
         let mut hashes = m.body_hashes;
         let sealing = (Canonicalization::Relaxed, HashAlgorithm::Sha256, 0u64);
-        if seal
-            && !hashes
-                .iter()
-                .any(|(c, h, l, _)| (*c, *h, *l) == sealing)
-        {
+        if seal && !hashes.iter().any(|(c, h, l, _)| (*c, *h, *l) == sealing) {
             let body = raw.get(offset as usize..).unwrap_or_default();
             let bh = HashAlgorithm::Sha256
                 .hash(Canonicalization::Relaxed.canonical_body(body, 0))

@@ -541,7 +541,10 @@ fn spf_at_mail_from_decides_with_the_listener_actions() {
         Decision::Reject(550, "5.7.23", "SPF validation failed".into())
     );
     // The same result after DATA (with nothing else) says the same.
-    assert_eq!(decide(&fail.report(), &actions), decide_spf(&fail, &actions));
+    assert_eq!(
+        decide(&fail.report(), &actions),
+        decide_spf(&fail, &actions)
+    );
     let lenient = ActionConfig {
         spf_fail: Action::Accept,
         ..ActionConfig::default()
@@ -620,7 +623,9 @@ fn body_hashes_made_apart_verify_like_inline_and_catch_tampering() {
         .txt("_dmarc.example.org", "v=DMARC1; p=reject");
     let mut big = MESSAGE.to_string();
     for i in 0..20_000 {
-        big.push_str(&format!("line {i} of a large body, long enough to matter\r\n"));
+        big.push_str(&format!(
+            "line {i} of a large body, long enough to matter\r\n"
+        ));
     }
     let raw = signed(&key, "example.org", &big);
     let hashes = BodyHashes::compute(&raw, false).unwrap();
