@@ -1357,9 +1357,11 @@ fn spf_tempfail_at_mail_and_pass_carries_the_results_to_the_submission() {
 fn no_spf_check_without_verification_or_with_spf_off() {
     let h = run(config(), "198.51.100.1", TX);
     assert!(h.spf_checks.is_empty());
-    let mut v = sluice_policy::auth::VerifyConfig::default();
-    v.spf = false;
-    v.dmarc = false;
+    let v = sluice_policy::auth::VerifyConfig {
+        spf: false,
+        dmarc: false,
+        ..Default::default()
+    };
     let cfg = SessionConfig {
         verify: Some(Arc::new(v)),
         ..config()
