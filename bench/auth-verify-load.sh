@@ -82,7 +82,7 @@ Z
 MESSAGE_ARGS=()
 if [ "$DKIM" = 1 ]; then
     command -v dknewkey >/dev/null || { echo "missing dknewkey (python3-dkim)" >&2; exit 2; }
-    (cd "$WORK" && dknewkey loadgen >/dev/null)
+    (cd "$WORK" && dknewkey loadgen >/dev/null 2>&1)
     # dknewkey's record as one zone-file TXT of <=200-byte strings.
     record=$(tr -d '\n' <"$WORK/loadgen.dns")
     printf 'loadgen._domainkey TXT %s\n' "$(printf '%s' "$record" | fold -w 200 | sed 's/.*/"&"/' | tr '\n' ' ')" >>"$WORK/example.org.zone"
