@@ -9,19 +9,25 @@
 # order alternating per round; each gets a warm-up run (fills the DNS cache) and then
 # sluice-loadgen send --messages N --connections C --size 1024. Prints msg/s per run,
 # the on/off ratio per round and their median.
+# With --dkim, every message (both modes) is one 1 KiB message signed once with
+# dkimpy (RSA-2048 from dknewkey, key published as loadgen._domainkey.example.org),
+# sent by sluice-loadgen --message under a per-message X-Loadgen-Token field (not
+# signed): the "on" runs then verify a real DKIM signature per message.
 #
-# Usage: bench/auth-verify-load.sh [--rounds N] [--messages N] [--connections C] [--bin DIR]
-# Needs nsd, jq, ss. Machine and load: say them when you quote the figures.
+# Usage: bench/auth-verify-load.sh [--rounds N] [--messages N] [--connections C] [--dkim] [--bin DIR]
+# Needs nsd, jq, ss (and dknewkey, /usr/bin/python3 with dkim for --dkim).
+# Machine and load: say them when you quote the figures.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-ROUNDS=3 MESSAGES=5000 CONNS=32 BIN="$REPO/target/release"
+ROUNDS=3 MESSAGES=5000 CONNS=32 BIN="$REPO/target/release" DKIM=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --rounds) ROUNDS=${2:?}; shift ;;
         --messages) MESSAGES=${2:?}; shift ;;
         --connections) CONNS=${2:?}; shift ;;
         --bin) BIN=${2:?}; shift ;;
+        --dkim) DKIM=1 ;;
         -h|--help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
@@ -73,6 +79,28 @@ loadgen TXT "v=spf1 ip4:127.0.0.0/8 -all"
 loadgen A 127.0.0.1
 _dmarc TXT "v=DMARC1; p=none"
 Z
+MESSAGE_ARGS=()
+if [ "$DKIM" = 1 ]; then
+    command -v dknewkey >/dev/null || { echo "missing dknewkey (python3-dkim)" >&2; exit 2; }
+    (cd "$WORK" && dknewkey loadgen >/dev/null 2>&1)
+    # dknewkey's record as one zone-file TXT of <=200-byte strings.
+    record=$(tr -d '\n' <"$WORK/loadgen.dns")
+    printf 'loadgen._domainkey TXT %s\n' "$(printf '%s' "$record" | fold -w 200 | sed 's/.*/"&"/' | tr '\n' ' ')" >>"$WORK/example.org.zone"
+    /usr/bin/python3 - "$WORK/loadgen.key" "$WORK/signed.eml" <<'PY'
+import sys, dkim
+key = open(sys.argv[1], "rb").read()
+head = (b"From: <loadgen@example.org>\r\nTo: <rcpt@example.com>\r\nSubject: signed load\r\n"
+        b"Date: Sun, 06 Dec 2026 00:00:00 +0000\r\nMessage-ID: <signed@loadgen>\r\n\r\n")
+line = b"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!!\r\n"
+msg = head
+while len(msg) + len(line) <= 1024:
+    msg += line
+sig = dkim.sign(msg, b"loadgen", b"example.org", key,
+                include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+open(sys.argv[2], "wb").write(sig + msg)
+PY
+    MESSAGE_ARGS=(--message "$WORK/signed.eml")
+fi
 cat >"$WORK/org.zone" <<Z
 \$ORIGIN org.
 \$TTL 3600
@@ -134,9 +162,9 @@ run_one() { # on|off -> msg/s
     PIDS+=("$pid")
     wait_listening "$port"
     "$BIN/sluice-loadgen" send --target "127.0.0.1:$port" --connections "$CONNS" \
-        --messages 500 --size 1024 --json >"$dir/warm.json"
+        --messages 500 --size 1024 "${MESSAGE_ARGS[@]}" --json >"$dir/warm.json"
     "$BIN/sluice-loadgen" send --target "127.0.0.1:$port" --connections "$CONNS" \
-        --messages "$MESSAGES" --size 1024 --json >"$dir/run.json"
+        --messages "$MESSAGES" --size 1024 "${MESSAGE_ARGS[@]}" --json >"$dir/run.json"
     kill "$pid"; wait "$pid" 2>/dev/null || true
     local acc
     acc=$(jq -r '.accepted' "$dir/run.json")
@@ -144,7 +172,7 @@ run_one() { # on|off -> msg/s
     jq -r '.msgs_per_sec | round' "$dir/run.json"
 }
 
-echo "rounds=$ROUNDS messages=$MESSAGES connections=$CONNS size=1024 load=$(cut -d' ' -f1-3 /proc/loadavg)"
+echo "rounds=$ROUNDS messages=$MESSAGES connections=$CONNS size=1024 dkim=$DKIM load=$(cut -d' ' -f1-3 /proc/loadavg)"
 RATIOS=()
 for r in $(seq 1 "$ROUNDS"); do
     if [ $((r % 2)) = 1 ]; then off=$(run_one off); on=$(run_one on); else on=$(run_one on); off=$(run_one off); fi

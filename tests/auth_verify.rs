@@ -85,14 +85,18 @@ fn relay(nsd: &Nsd, sets: &[&str]) -> Relay {
 }
 
 /// One transaction from `ip` (PROXY v1), HELO `helo`: the reply to the end
-/// of DATA.
+/// of DATA, or to MAIL when SPF refused the sender there.
 fn send_from(relay: &Relay, ip: &str, helo: &str, from: &str, message: &[u8]) -> Reply {
     let mut c = relay.connect();
     c.send(format!("PROXY TCP4 {ip} 127.0.0.1 40000 25\r\n").as_bytes());
     let r = c.read_reply();
     assert_eq!(r.code, 220, "{r:?}");
     c.expect(&format!("EHLO {helo}"), 250);
-    c.expect(&format!("MAIL FROM:<{from}>"), 250);
+    let r = c.cmd(&format!("MAIL FROM:<{from}>"));
+    if r.code != 250 {
+        c.send_line("QUIT");
+        return r;
+    }
     c.expect(&format!("RCPT TO:<{RCPT}>"), 250);
     c.expect("DATA", 354);
     c.send(message);
@@ -717,6 +721,15 @@ fn verify_config_errors_name_key_and_line() {
     );
     assert!(err.contains("line 5"), "{err}");
     assert!(err.contains("nobody"), "{err}");
+    let err = check(
+        "offload.toml",
+        "[server.listener.smtp]\nbind = [\"127.0.0.1:2525\"]\n\n[server.listener.smtp.verify]\noffload_size = \"12 parsecs\"\n",
+    );
+    assert!(
+        err.contains("server.listener.smtp.verify.offload_size"),
+        "{err}"
+    );
+    assert!(err.contains("line 5"), "{err}");
 }
 
 #[test]
@@ -965,4 +978,282 @@ fn arc_seal_by_dkim_rule_seals_only_matching_mail() {
     let plain = stored(&relay, &r);
     assert!(!plain.contains("ARC-Seal:"), "{plain}");
     assert!(!auth_results(&plain).is_empty(), "{plain}");
+}
+
+/// swaks from `ip` by PROXY v1, with `extra` arguments; its transcript.
+fn swaks_from(relay: &Relay, ip: &str, from: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "--proxy-version",
+        "1",
+        "--proxy-family",
+        "TCP4",
+        "--proxy-source",
+        ip,
+        "--proxy-source-port",
+        "40002",
+        "--proxy-dest",
+        "127.0.0.1",
+        "--proxy-dest-port",
+        "25",
+        "--ehlo",
+        "client.dlv.test",
+        "--from",
+        from,
+        "--to",
+        RCPT,
+    ];
+    args.extend_from_slice(extra);
+    text(&swaks(relay, &args).stdout)
+}
+
+/// Python's smtplib (a PROXY v1 line sent first on its socket) from `ip`:
+/// prints the MAIL reply, then, when MAIL was accepted, the whole
+/// transaction's outcome ("sent" or the refusal).
+fn smtplib_from(relay: &Relay, ip: &str, from: &str) -> String {
+    let script = r#"
+import smtplib, socket, sys
+port, ip, sender, rcpt = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+class Proxied(smtplib.SMTP):
+    def _get_socket(self, host, p, timeout):
+        s = socket.create_connection((host, p), timeout)
+        s.sendall(("PROXY TCP4 %s 127.0.0.1 40003 25\r\n" % ip).encode())
+        return s
+s = Proxied("127.0.0.1", port, timeout=30)
+s.ehlo("client.dlv.test")
+code, msg = s.mail(sender)
+print("MAIL", code, msg.decode())
+if code == 250:
+    s.rset()
+    try:
+        s.sendmail(sender, [rcpt], "From: <%s>\r\nTo: <%s>\r\nSubject: smtplib\r\n\r\nhello\r\n" % (sender, rcpt))
+        print("sent")
+    except smtplib.SMTPException as e:
+        print("refused", e)
+s.quit()
+"#;
+    let out = run_with_timeout(
+        Command::new(system_python()).args([
+            "-c",
+            script,
+            &relay.addr().port().to_string(),
+            ip,
+            from,
+            RCPT,
+        ]),
+        T,
+    );
+    assert_ok(&out, "smtplib");
+    text(&out.stdout)
+}
+
+#[test]
+fn spf_is_decided_at_mail_from_before_the_body() {
+    require_tools!("nsd", "swaks");
+    let nsd = Nsd::start_with_parent("spf1 TXT \"v=spf1 ip4:192.0.2.0/24 -all\"\n");
+    let relay = relay(
+        &nsd,
+        &[
+            "server.listener.smtp.verify.dkim=false",
+            "server.listener.smtp.verify.arc=false",
+        ],
+    );
+
+    // SPF fail with the default reject: swaks is refused at MAIL FROM and
+    // never gets to DATA.
+    let said = swaks_from(&relay, "203.0.113.1", "a@spf1.dlv.test", &[]);
+    assert!(
+        said.contains("<** 550 5.7.23 SPF validation failed"),
+        "{said}"
+    );
+    assert!(!said.contains("DATA"), "the body was asked for:\n{said}");
+    let mail_line = said
+        .lines()
+        .position(|l| l.contains("MAIL FROM:<a@spf1.dlv.test>"))
+        .unwrap();
+    assert!(
+        said.lines()
+            .nth(mail_line + 1)
+            .unwrap()
+            .contains("550 5.7.23"),
+        "{said}"
+    );
+
+    // SERVFAIL for the sender's domain under temperror = tempfail (the
+    // default): 451 4.7.24 at MAIL.
+    let said = swaks_from(&relay, "192.0.2.5", "b@x.broken.test", &[]);
+    assert!(said.contains("<** 451 4.7.24"), "{said}");
+    assert!(!said.contains("DATA"), "{said}");
+
+    // Python's smtplib sees the same at MAIL.
+    let said = smtplib_from(&relay, "203.0.113.1", "a@spf1.dlv.test");
+    assert!(
+        said.starts_with("MAIL 550 5.7.23 SPF validation failed"),
+        "{said}"
+    );
+
+    // Pass: MAIL is accepted, the message stored, and its A-R still
+    // carries spf=pass, found at MAIL FROM (not looked up again).
+    let said = smtplib_from(&relay, "192.0.2.5", "a@spf1.dlv.test");
+    assert!(said.starts_with("MAIL 250 2.1.0 Ok"), "{said}");
+    assert!(said.contains("sent"), "{said}\n{}", relay.log());
+    let r = send_from(
+        &relay,
+        "192.0.2.5",
+        "client.dlv.test",
+        "a@spf1.dlv.test",
+        message("a@spf1.dlv.test", "atmail").as_bytes(),
+    );
+    let body = stored(&relay, &r);
+    let ar = auth_results(&body);
+    assert_eq!(mailfrom_result(&ar), "pass", "{ar}");
+    assert!(ar.contains("dmarc="), "DMARC ran with SPF's result: {ar}");
+
+    // The log names the refusal at MAIL with its results; metrics count
+    // each MAIL's SPF once: two accepted transactions (smtplib's sendmail
+    // and the raw one; smtplib's first MAIL was reset), three refused.
+    let log = relay.log();
+    assert!(log.contains("sender refused by SPF"), "{log}");
+    assert!(log.contains("spf_mailfrom=fail"), "{log}");
+    let metrics = http_get(relay.admin_port, "/metrics");
+    let pass = "sluice_auth_results_total{method=\"spf_mailfrom\",result=\"pass\"} 3";
+    assert!(metrics.contains(pass), "{metrics}");
+    assert!(
+        metrics.contains("sluice_auth_results_total{method=\"spf_mailfrom\",result=\"fail\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("sluice_auth_results_total{method=\"spf_mailfrom\",result=\"temperror\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn pipelined_transactions_keep_their_replies_in_order_around_the_spf_wait() {
+    require_tools!("nsd", "swaks");
+    let nsd = Nsd::start_with_parent("spf1 TXT \"v=spf1 ip4:192.0.2.0/24 -all\"\n");
+    let relay = relay(
+        &nsd,
+        &[
+            "server.listener.smtp.verify.dkim=false",
+            "server.listener.smtp.verify.arc=false",
+        ],
+    );
+    // swaks --pipeline sends MAIL, RCPT and DATA in one write.
+    let said = swaks_from(&relay, "192.0.2.5", "a@spf1.dlv.test", &["--pipeline"]);
+    let replies: Vec<&str> = said
+        .lines()
+        .filter(|l| l.starts_with("<~") || l.starts_with("<-") || l.starts_with("<**"))
+        .collect();
+    let mail = replies
+        .iter()
+        .position(|l| l.contains("2.1.0"))
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(replies[mail + 1].contains("250 2.1.5"), "{said}");
+    assert!(replies[mail + 2].contains("354"), "{said}");
+    assert!(replies[mail + 3].contains("queued as"), "{said}");
+
+    let said = swaks_from(&relay, "203.0.113.1", "a@spf1.dlv.test", &["--pipeline"]);
+    assert!(said.contains("550 5.7.23"), "{said}");
+    assert!(!said.contains("354"), "{said}");
+
+    // Byte-exact order: MAIL, RCPT, DATA in one write; MAIL refused, the
+    // others answered after it as commands outside a transaction. Then a
+    // new pipelined transaction in the same session is checked afresh.
+    let mut c = relay.connect();
+    c.send(b"PROXY TCP4 203.0.113.1 127.0.0.1 40000 25\r\n");
+    assert_eq!(c.read_reply().code, 220);
+    c.expect("EHLO client.dlv.test", 250);
+    c.send(format!("MAIL FROM:<a@spf1.dlv.test>\r\nRCPT TO:<{RCPT}>\r\nDATA\r\n").as_bytes());
+    let got: Vec<(u16, String)> = (0..3)
+        .map(|_| {
+            let r = c.read_reply();
+            (r.code, r.enhanced().to_string())
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (550, "5.7.23".to_string()),
+            (503, "5.5.1".to_string()),
+            (503, "5.5.1".to_string())
+        ]
+    );
+    c.send(format!("RSET\r\nMAIL FROM:<>\r\nRCPT TO:<{RCPT}>\r\nNOOP\r\n").as_bytes());
+    let codes: Vec<u16> = (0..4).map(|_| c.read_reply().code).collect();
+    // The null reverse-path: HELO client.dlv.test has no SPF record (none).
+    assert_eq!(codes, [250, 250, 250, 250]);
+    c.send_line("QUIT");
+}
+
+#[test]
+fn large_dkim_signed_message_is_hashed_on_the_blocking_pool() {
+    require_tools!("nsd", "dknewkey");
+    let s = dkim_setup();
+    let relay = relay(&s.nsd, &[]);
+    let from = "alice@sig.dlv.test";
+    // About 3 MiB, signed by dkimpy.
+    let mut big = message(from, "large");
+    let line = "A line of a large message, long enough to make it several MiB.\r\n";
+    while big.len() < 3 << 20 {
+        big.push_str(line);
+    }
+    let signed = dkimsign(&s.dir, &big, &s.rsa, "rsa", "sig.dlv.test", "rsa-sha256");
+    let r = send_from(
+        &relay,
+        "192.0.2.5",
+        "client.dlv.test",
+        "x@sig.dlv.test",
+        &signed,
+    );
+    let ar = auth_results(&stored(&relay, &r));
+    assert!(ar.contains("dkim=pass"), "{ar}");
+    assert!(ar.contains("dmarc=pass"), "{ar}");
+    let metrics = http_get(relay.admin_port, "/metrics");
+    assert!(
+        metrics.contains("sluice_auth_body_hash_total{path=\"blocking\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_auth_body_hash_total{path=\"inline\"} 0"),
+        "{metrics}"
+    );
+    // Tampered, it fails through the same path (p=reject: 550 5.7.1).
+    let tampered = String::from_utf8(signed)
+        .unwrap()
+        .replacen("A line of", "A lime of", 1);
+    let r = send_from(
+        &relay,
+        "198.51.100.4",
+        "client.dlv.test",
+        "b@bounce.dlv.test",
+        tampered.as_bytes(),
+    );
+    assert_eq!((r.code, r.enhanced()), (550, "5.7.1"), "{r:?}");
+    // A small message stays inline.
+    let small = dkimsign(
+        &s.dir,
+        &message(from, "small"),
+        &s.rsa,
+        "rsa",
+        "sig.dlv.test",
+        "rsa-sha256",
+    );
+    let r = send_from(
+        &relay,
+        "192.0.2.5",
+        "client.dlv.test",
+        "x@sig.dlv.test",
+        &small,
+    );
+    assert!(auth_results(&stored(&relay, &r)).contains("dkim=pass"));
+    let metrics = http_get(relay.admin_port, "/metrics");
+    assert!(
+        metrics.contains("sluice_auth_body_hash_total{path=\"blocking\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_auth_body_hash_total{path=\"inline\"} 1"),
+        "{metrics}"
+    );
 }

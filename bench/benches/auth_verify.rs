@@ -3,13 +3,20 @@
 //! signature over a 1 KiB message) and DMARC, through the DNS bridge exactly
 //! as a listener runs it (`Verifier::verify_message`), the answers coming from
 //! an in-memory table (what a warm per-core cache gives: no I/O, no await).
+//! SPF is found at MAIL FROM (`Verifier::verify_spf`), the rest after DATA.
+//! The `large` cases time DKIM over 64 KiB – 10 MiB bodies inline, the body
+//! hashes alone (the part the engine moves to the blocking pool at
+//! `verify.offload_size`), what is left on the executor then, and the
+//! blocking pool's round trip on glommio: together they place the cut-over.
 //! BENCHMARKS.md "Inbound authentication".
 
 use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sluice_policy::auth::{Answer, Checks, DnsSource, Envelope, Query, Verifier};
+use sluice_policy::auth::{
+    Answer, BodyHashes, Checks, DnsSource, Envelope, Query, SpfResults, Verifier,
+};
 use sluice_policy::dkim::{
     generate_key, txt_record, DkimConfig, DkimPolicy, DkimRuleConfig, SignerConfig,
     SigningAlgorithm,
@@ -45,6 +52,15 @@ MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
 
 /// A signed 1 KiB message and the TXT value of its key.
 fn signed(dir: &std::path::Path, algorithm: SigningAlgorithm) -> (Vec<u8>, String) {
+    signed_size(dir, algorithm, 1024)
+}
+
+/// A signed message of `size` bytes and the TXT value of its key.
+fn signed_size(
+    dir: &std::path::Path,
+    algorithm: SigningAlgorithm,
+    size: usize,
+) -> (Vec<u8>, String) {
     let key = generate_key(algorithm, 2048).expect("key");
     let path = dir.join(format!("{algorithm:?}.pem"));
     std::fs::write(&path, &key.private_pem).expect("write key");
@@ -70,7 +86,7 @@ fn signed(dir: &std::path::Path, algorithm: SigningAlgorithm) -> (Vec<u8>, Strin
         }],
     };
     let p = DkimPolicy::from_config(&cfg, &[]).expect("policy");
-    let body = message(1024);
+    let body = message(size);
     let mut m = p.sign(&[0], &body, |_, _| {}).expect("sign");
     m.extend_from_slice(&body);
     let line = txt_record("bench", "example.org", algorithm, &key.public_key);
@@ -128,10 +144,17 @@ fn bench(c: &mut Criterion) {
         let (m, txt) = signed(dir.path(), algorithm);
         let z = zone(&txt);
         let run = |checks: Checks| {
+            let spf = if checks.spf {
+                futures_lite::future::block_on(v.verify_spf(&z, &env))
+            } else {
+                SpfResults::default()
+            };
             let r = futures_lite::future::block_on(v.verify_message(
                 &z,
                 &env,
                 black_box(&m),
+                None,
+                &spf,
                 checks,
                 "mx.sluice.test",
                 None,
@@ -156,25 +179,78 @@ fn bench(c: &mut Criterion) {
         });
     }
     let z = zone("");
-    let m = message(1024);
     g.bench_function("spf", |b| {
-        b.iter(|| {
-            black_box(futures_lite::future::block_on(v.verify_message(
+        b.iter(|| black_box(futures_lite::future::block_on(v.verify_spf(&z, &env))))
+    });
+    g.finish();
+
+    let dkim_only = Checks {
+        spf: false,
+        dkim: true,
+        arc: false,
+        dmarc: false,
+    };
+    let mut g = c.benchmark_group("auth_verify_large");
+    g.sample_size(10);
+    for (label, size) in [
+        ("64KiB", 64 << 10),
+        ("256KiB", 256 << 10),
+        ("1MiB", 1 << 20),
+        ("10MiB", 10 << 20),
+    ] {
+        let (m, txt) = signed_size(dir.path(), SigningAlgorithm::RsaSha256, size);
+        let z = zone(&txt);
+        let none = SpfResults::default();
+        let check = |hashes: Option<&BodyHashes>| {
+            let r = futures_lite::future::block_on(v.verify_message(
                 &z,
                 &env,
                 black_box(&m),
-                Checks {
-                    spf: true,
-                    dkim: false,
-                    arc: false,
-                    dmarc: false,
-                },
+                hashes,
+                &none,
+                dkim_only,
                 "mx.sluice.test",
                 None,
                 None,
                 false,
                 50,
-            )))
+            ));
+            assert_eq!(r.summary(), "dkim=pass", "{r:?}");
+            r
+        };
+        g.throughput(Throughput::Bytes(size as u64));
+        // All of it on one thread: what runs on the executor below the cut-over.
+        g.bench_function(BenchmarkId::new("inline", label), |b| {
+            b.iter(|| black_box(check(None)))
+        });
+        // The part moved to the blocking pool.
+        g.bench_function(BenchmarkId::new("body_hashes", label), |b| {
+            b.iter(|| black_box(BodyHashes::compute(black_box(&m), false)))
+        });
+        // What stays on the executor when the hashes come from the pool.
+        let hashes = BodyHashes::compute(&m, false).expect("hashes");
+        g.bench_function(BenchmarkId::new("executor_share", label), |b| {
+            b.iter(|| black_box(check(Some(&hashes))))
+        });
+    }
+    g.finish();
+
+    // The blocking pool's round trip from a glommio executor (an empty job):
+    // the fixed price of offloading.
+    let mut g = c.benchmark_group("auth_verify_offload");
+    g.bench_function("spawn_blocking_round_trip", |b| {
+        b.iter_custom(|iters| {
+            glommio::LocalExecutorBuilder::default()
+                .spawn(move || async move {
+                    let started = std::time::Instant::now();
+                    for _ in 0..iters {
+                        glommio::executor().spawn_blocking(|| black_box(0u8)).await;
+                    }
+                    started.elapsed()
+                })
+                .expect("executor")
+                .join()
+                .expect("join")
         })
     });
     g.finish();

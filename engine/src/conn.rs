@@ -419,6 +419,7 @@ async fn serve(
                         mut envelope,
                         body,
                         reservation,
+                        spf,
                     } = *submission;
                     let mut summary = server::TxSummary::of(&envelope);
                     let received = crate::metrics::queue(&envelope.queue);
@@ -441,7 +442,16 @@ async fn serve(
                             });
                         let before = body.len();
                         let outcome = core
-                            .check(v, &hostname, id, &envelope, body, iprev.as_ref(), sealer)
+                            .check(
+                                v,
+                                &hostname,
+                                id,
+                                &envelope,
+                                body,
+                                spf,
+                                iprev.as_ref(),
+                                sealer,
+                            )
                             .await;
                         match outcome {
                             crate::verify::Outcome::Accept {
@@ -477,6 +487,25 @@ async fn serve(
                         received.received.increment(1);
                     }
                     session.store_result(id, &summary, result);
+                }
+                Action::CheckSpf { helo, sender } => {
+                    // MAIL's reply waits for SPF; what the client pipelined
+                    // after it stays in the buffer and is read afterwards,
+                    // so replies keep their order. Replies owed for earlier
+                    // commands go out first.
+                    if !session.output().is_empty() {
+                        conn.write_all(session.output()).await?;
+                        session.clear_output();
+                    }
+                    let (spf, refusal) = match (&verify_cfg, &ctx.verify) {
+                        (Some(v), Some(core)) => {
+                            core.check_spf(v, &hostname, peer.ip(), &helo, &sender)
+                                .await
+                        }
+                        // No DNS configured: unverified, like the message checks.
+                        _ => (Default::default(), None),
+                    };
+                    session.spf_result(spf, refusal);
                 }
                 Action::Authenticate { user, password } => {
                     let credentials = ctx.credentials.load_full();

@@ -1,18 +1,19 @@
 //! Inbound authentication on a listener (ARCHITECTURE.md "Inbound
 //! authentication"): the per-core resolver as the DNS bridge's source, iprev
-//! when a client connects, and the message checks between the end of DATA
-//! and the store, with their metrics.
+//! when a client connects, SPF when MAIL FROM arrives, and the message
+//! checks between the end of DATA and the store (large bodies hashed on the
+//! blocking pool), with their metrics.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use metrics::{counter, histogram, Counter, Histogram};
 use sluice_dns::{QueryType, Record, Resolver};
 use sluice_policy::auth::{
-    decide, Answer, Checks, Decision, DnsSource, Envelope, Query, Sealer, Verdict, Verifier,
-    VerifyConfig,
+    decide, decide_spf, Answer, BodyHashes, Checks, Decision, DnsSource, Envelope, Query, Sealer,
+    SpfResults, Verdict, Verifier, VerifyConfig,
 };
 use sluice_spool::MessageId;
 
@@ -127,7 +128,15 @@ struct AuthMetrics {
     seconds: Histogram,
     sealed: Counter,
     seal_failed: Counter,
+    /// Where DKIM/ARC body hashes were made: on the executor, or on the
+    /// blocking pool (messages of `offload_size` or more).
+    hash_inline: Counter,
+    hash_blocking: Counter,
 }
+
+/// The longest SPF may take at MAIL FROM (RFC 7208 §4.6.4 asks for at
+/// least 20 seconds); past it both identities are temperror.
+const SPF_TIMEOUT: Duration = Duration::from_secs(20);
 
 const METHODS: &[&str] = &["iprev", "spf_helo", "spf_mailfrom", "dkim", "arc", "dmarc"];
 const VERDICTS: &[Verdict] = &[
@@ -159,6 +168,8 @@ impl AuthMetrics {
             seconds: histogram!("sluice_auth_verify_seconds"),
             sealed: counter!("sluice_arc_seals_total", "result" => "sealed"),
             seal_failed: counter!("sluice_arc_seals_total", "result" => "failed"),
+            hash_inline: counter!("sluice_auth_body_hash_total", "path" => "inline"),
+            hash_blocking: counter!("sluice_auth_body_hash_total", "path" => "blocking"),
         }
     }
 }
@@ -209,8 +220,57 @@ impl CoreVerify {
             .await
     }
 
+    /// SPF when MAIL FROM arrives: the results (kept for the checks after
+    /// DATA) and the refusal the listener's actions make of them, if any
+    /// (550 5.7.23/5.7.24, or 451 4.7.24 for a temporary DNS error).
+    pub async fn check_spf(
+        &self,
+        cfg: &VerifyConfig,
+        hostname: &str,
+        client_ip: IpAddr,
+        helo: &str,
+        sender: &str,
+    ) -> (SpfResults, Option<(u16, &'static str, String)>) {
+        let started = Instant::now();
+        let e = Envelope {
+            client_ip,
+            helo: helo.trim_start_matches('[').trim_end_matches(']'),
+            mail_from: sender,
+            hostname,
+        };
+        let spf = crate::time::within(
+            SPF_TIMEOUT,
+            self.verifier
+                .verify_spf(&ResolverSource(&self.resolver), &e),
+        )
+        .await
+        .unwrap_or_else(|| {
+            tracing::info!(target: "sluice::auth", %client_ip, "SPF check timed out");
+            SpfResults::temperror(&e)
+        });
+        self.metrics.seconds.record(started.elapsed().as_secs_f64());
+        for (m, v) in spf.report().pairs() {
+            if let Some(c) = self.metrics.results.get(&(m, v)) {
+                c.increment(1);
+            }
+        }
+        let refusal = match decide_spf(&spf, &cfg.action) {
+            Decision::Accept => None,
+            Decision::Reject(code, esc, text) => {
+                self.metrics.reject.increment(1);
+                Some((code, esc, text))
+            }
+            Decision::TempFail(code, esc, text) => {
+                self.metrics.tempfail.increment(1);
+                Some((code, esc, text))
+            }
+        };
+        (spf, refusal)
+    }
+
     /// Judges a received message for its listener. `iprev` is what the
-    /// connection found (when the listener checks it).
+    /// connection found (when the listener checks it), `spf` what MAIL FROM
+    /// found (None: not checked).
     #[allow(clippy::too_many_arguments)]
     pub async fn check(
         &self,
@@ -219,6 +279,7 @@ impl CoreVerify {
         id: MessageId,
         env: &sluice_spool::Envelope,
         body: Vec<u8>,
+        spf: Option<SpfResults>,
         iprev: Option<&IprevOutput>,
         sealer: Option<Sealer<'_>>,
     ) -> Outcome {
@@ -242,12 +303,32 @@ impl CoreVerify {
         };
         let pct_sample = (self.sampler.hash_one(id.to_string()) % 100) as u8;
         let checks: Checks = cfg.checks();
+        let spf = spf.unwrap_or_default();
+        // A large body is hashed on the blocking pool (moved there and back,
+        // not copied); the executor then only parses the header.
+        let (body, hashes) = if body.len() as u64 >= cfg.offload_bytes() {
+            let seal = sealer.is_some();
+            let (body, hashes) = glommio::executor()
+                .spawn_blocking(move || {
+                    let hashes = BodyHashes::compute(&body, seal);
+                    (body, hashes)
+                })
+                .await;
+            self.metrics.hash_blocking.increment(1);
+            tracing::debug!(target: "sluice::auth", id = %id, size = body.len(), "body hashed on the blocking pool");
+            (body, hashes)
+        } else {
+            self.metrics.hash_inline.increment(1);
+            (body, None)
+        };
         let report = self
             .verifier
             .verify_message(
                 &ResolverSource(&self.resolver),
                 &e,
                 &body,
+                hashes.as_ref(),
+                &spf,
                 checks,
                 authserv_id,
                 iprev,
@@ -257,7 +338,11 @@ impl CoreVerify {
             )
             .await;
         self.metrics.seconds.record(started.elapsed().as_secs_f64());
+        // SPF was counted when MAIL FROM was checked.
         for (m, v) in report.pairs() {
+            if m.starts_with("spf") {
+                continue;
+            }
             if let Some(c) = self.metrics.results.get(&(m, v)) {
                 c.increment(1);
             }

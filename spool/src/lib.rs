@@ -25,8 +25,8 @@ pub use id::{IdGenerator, MessageId, MAX_SHARDS};
 pub use records::RecordTable;
 pub use reply::{EnhancedStatus, Reply};
 pub use spool::{RecoveryReport, Spool, SpoolConfig, SpoolStats};
-pub use table::{Entries, Table};
 pub use suppression::{StoredSuppression, SuppressionRow, SuppressionStore, SUPPRESSION_DIR};
+pub use table::{Entries, Table};
 
 #[cfg(test)]
 mod tests;

@@ -200,6 +200,12 @@ impl ServerDriver {
                     return;
                 }
                 Action::Store(sub) => self.store(*sub),
+                Action::CheckSpf { .. } => {
+                    // SPF passes here (no DNS): MAIL gets its 250.
+                    self.session
+                        .spf_result(sluice_policy::auth::SpfResults::default(), None);
+                    self.collect();
+                }
                 Action::Authenticate { user, password } => {
                     assert!(
                         self.cfg.auth_enabled && (self.tls || self.cfg.auth_plaintext),

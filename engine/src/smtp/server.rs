@@ -148,6 +148,10 @@ pub enum Action {
     Store(Box<Submission>),
     /// Verify credentials (slow hash: off the executor), then call [`Session::auth_result`].
     Authenticate { user: String, password: String },
+    /// Check SPF for this MAIL FROM (and the HELO name) before MAIL is
+    /// answered, then call [`Session::spf_result`]; the reply to MAIL and
+    /// everything pipelined after it wait for that.
+    CheckSpf { helo: String, sender: String },
     /// Write the output, then close the connection.
     Close,
 }
@@ -161,6 +165,8 @@ pub struct Submission {
     /// The body's share of the memory budget; dropping it (once the body is
     /// stored or given up) gives it back.
     pub reservation: Option<BodyReservation>,
+    /// SPF as found at MAIL FROM (None when the listener does not check it).
+    pub spf: Option<sluice_policy::auth::SpfResults>,
 }
 
 #[derive(Debug)]
@@ -213,6 +219,8 @@ struct Transaction {
     /// The budget could not hold the body: it is read to its end and discarded,
     /// then answered 452 4.3.1.
     over_budget: bool,
+    /// SPF found when MAIL FROM arrived, for the checks after DATA.
+    spf: Option<sluice_policy::auth::SpfResults>,
 }
 
 impl Transaction {
@@ -832,7 +840,7 @@ impl Session {
                 self.error_reply(500, "5.5.1", "Error: use LHLO with LMTP")
             }
             Request::Lhlo { .. } => self.error_reply(500, "5.5.1", "Error: LHLO is for LMTP"),
-            Request::Mail { from } => self.mail(from, now_ms),
+            Request::Mail { from } => return self.mail(from, now_ms),
             Request::Rcpt { to } => self.rcpt(to),
             Request::Data => return self.data(more_input, now_ms),
             Request::Bdat {
@@ -957,30 +965,30 @@ impl Session {
             && (self.tls.is_some() || self.cfg.auth_plaintext)
     }
 
-    fn mail(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>, now_ms: u64) {
+    fn mail(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>, now_ms: u64) -> Option<Action> {
         if self.helo.is_none() {
             let greet = if self.cfg.protocol == Protocol::Lmtp {
                 "LHLO"
             } else {
                 "EHLO/HELO"
             };
-            return self.error_reply(503, "5.5.1", &format!("Error: send {greet} first"));
+            return self.refuse_mail(503, "5.5.1", &format!("Error: send {greet} first"));
         }
         if self.tx.sender.is_some() {
-            return self.error_reply(503, "5.5.1", "Error: nested MAIL command");
+            return self.refuse_mail(503, "5.5.1", "Error: nested MAIL command");
         }
         if from.size as u64 > self.cfg.max_message_size {
-            return self.error_reply(552, "5.3.4", "Error: message size exceeds fixed limit");
+            return self.refuse_mail(552, "5.3.4", "Error: message size exceeds fixed limit");
         }
         let requiretls = from.flags & smtp_proto::MAIL_REQUIRETLS != 0;
         if requiretls && self.tls.is_none() {
             // Not advertised in clear; a client that asks anyway must not
             // believe the message will be protected (RFC 8689 §2).
-            return self.error_reply(530, "5.7.10", "Error: REQUIRETLS needs a TLS session");
+            return self.refuse_mail(530, "5.7.10", "Error: REQUIRETLS needs a TLS session");
         }
         let (mut hold_until_unix, deliver_by) = match mail_times(&from, now_ms) {
             Ok(times) => times,
-            Err(text) => return self.error_reply(501, "5.5.4", &text),
+            Err(text) => return self.refuse_mail(501, "5.5.4", &text),
         };
         let mut priority = from.mt_priority.clamp(-9, 9) as i16;
         if !self.trusted() {
@@ -995,7 +1003,7 @@ impl Session {
                 if asked && rule == UntrustedExtension::Reject {
                     tracing::info!(client_ip = %self.peer.ip, "{what} from an untrusted client refused");
                     let text = format!("Error: {what} only from trusted or authenticated clients");
-                    return self.error_reply(550, "5.7.1", &text);
+                    return self.refuse_mail(550, "5.7.1", &text);
                 }
             }
             if priority > 0 && policy.mt_priority == UntrustedExtension::Ignore {
@@ -1017,14 +1025,14 @@ impl Session {
         let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
         if !smtputf8 && !from.address.is_ascii() {
             // RFC 6531 §3.5: never sent on without SMTPUTF8, so never accepted.
-            return self.error_reply(
+            return self.refuse_mail(
                 553,
                 "5.6.7",
                 "Error: non-ASCII sender address without SMTPUTF8",
             );
         }
         if from.env_id.as_deref().is_some_and(|e| !is_xtext_safe(e)) {
-            return self.error_reply(501, "5.5.4", "Error: invalid parameter ENVID");
+            return self.refuse_mail(501, "5.5.4", "Error: invalid parameter ENVID");
         }
         self.tx.body_type = Some(body_type);
         self.tx.smtputf8 = smtputf8;
@@ -1043,7 +1051,59 @@ impl Session {
         self.tx.requiretls = requiretls;
         // A quoted local part keeps its quotes (see smtp::address).
         self.tx.sender = Some(super::address::requote(&from.address).into_owned());
+        if self.cfg.verify.as_ref().is_some_and(|v| v.spf) {
+            // The reply waits for SPF (Session::spf_result).
+            self.state = State::Paused;
+            return Some(Action::CheckSpf {
+                helo: self.helo.clone().unwrap_or_default(),
+                sender: self.tx.sender.clone().unwrap_or_default(),
+            });
+        }
         self.reply(250, "2.1.0", "Ok");
+        None
+    }
+
+    /// A MAIL command refused before any check: the error reply, no action.
+    fn refuse_mail(&mut self, code: u16, esc: &str, text: &str) -> Option<Action> {
+        self.error_reply(code, esc, text);
+        None
+    }
+
+    /// The outcome of an [`Action::CheckSpf`]: `refusal` (550 5.7.23/24 or
+    /// 451 4.7.24 by the listener's actions) ends the transaction before it
+    /// began; otherwise MAIL is answered 250 and the results are kept for
+    /// the checks after DATA. A refusal is policy, not a protocol error: it
+    /// does not count towards `max_errors`.
+    pub fn spf_result(
+        &mut self,
+        spf: sluice_policy::auth::SpfResults,
+        refusal: Option<(u16, &'static str, String)>,
+    ) {
+        self.state = State::Command;
+        match refusal {
+            Some((code, esc, text)) => {
+                let tx = std::mem::take(&mut self.tx);
+                tracing::info!(
+                    target: "sluice::smtp",
+                    listener = %self.cfg.listener,
+                    client_ip = %self.peer.ip,
+                    helo = %printable(self.helo.as_deref().unwrap_or("")),
+                    sender = %printable(tx.sender.as_deref().unwrap_or("")),
+                    result = code,
+                    auth_results = %spf.report().summary(),
+                    error = %text,
+                    "sender refused by SPF"
+                );
+                self.reply(code, esc, &text);
+                if let Some(m) = &self.metrics {
+                    m.tx_rejected.increment(1);
+                }
+            }
+            None => {
+                self.tx.spf = Some(spf);
+                self.reply(250, "2.1.0", "Ok");
+            }
+        }
     }
 
     fn rcpt(&mut self, to: smtp_proto::RcptTo<Cow<'_, str>>) {
@@ -1334,6 +1394,7 @@ impl Session {
             envelope,
             body: tx.body,
             reservation: tx.reservation,
+            spf: tx.spf,
         }))
     }
 

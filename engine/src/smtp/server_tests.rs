@@ -53,6 +53,10 @@ struct Harness {
     out: String,
     closed: bool,
     starttls: bool,
+    /// (HELO, sender) of every SPF check asked for.
+    spf_checks: Vec<(String, String)>,
+    /// What SPF checks answer (None: accept).
+    spf_refusal: Option<(u16, &'static str, String)>,
 }
 
 impl Harness {
@@ -74,6 +78,8 @@ impl Harness {
             out: String::new(),
             closed: false,
             starttls: false,
+            spf_checks: Vec::new(),
+            spf_refusal: None,
         };
         h.drain();
         h
@@ -107,6 +113,13 @@ impl Harness {
                     Action::Authenticate { user, password } => {
                         let ok = user == "alice" && password == "secret";
                         let _ = self.session.auth_result(user, ok, NOW);
+                    }
+                    Action::CheckSpf { helo, sender } => {
+                        // Nothing is answered before the check's outcome.
+                        assert_eq!(self.session.debug_view().state, "paused");
+                        self.spf_checks.push((helo, sender));
+                        self.session
+                            .spf_result(Default::default(), self.spf_refusal.clone());
                     }
                 }
             }
@@ -1351,4 +1364,131 @@ fn tls_required_no_is_recorded_only_where_the_listener_honours_it() {
         h.stored[0].envelope.tls_request,
         sluice_spool::TlsRequest::RequireTls
     );
+}
+
+fn verifying() -> SessionConfig {
+    SessionConfig {
+        verify: Some(Arc::new(sluice_policy::auth::VerifyConfig::default())),
+        ..config()
+    }
+}
+
+#[test]
+fn mail_reply_waits_for_spf_and_pipelined_commands_wait_behind_it() {
+    let mut s = Session::new(
+        Arc::new(verifying()),
+        Rc::new(IdGenerator::new(0, None)),
+        PeerInfo {
+            ip: "198.51.100.1".parse().unwrap(),
+            port: 1000,
+            tls: None,
+        },
+    );
+    let (_, a) = s.receive(b"EHLO client.test\r\n", NOW);
+    assert!(matches!(a, Action::Read));
+    s.clear_output();
+    let input = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n";
+    let (used, a) = s.receive(input, NOW);
+    assert_eq!(used, b"MAIL FROM:<a@example.org>\r\n".len());
+    match a {
+        Action::CheckSpf { helo, sender } => {
+            assert_eq!(
+                (helo.as_str(), sender.as_str()),
+                ("client.test", "a@example.org")
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(s.output().is_empty(), "MAIL answered before SPF");
+    // Paused: nothing more is taken until the outcome.
+    assert_eq!(s.receive(&input[used..], NOW).0, 0);
+    assert!(s.output().is_empty());
+    s.spf_result(Default::default(), None);
+    let (rest, a) = s.receive(&input[used..], NOW);
+    assert_eq!(used + rest, input.len());
+    assert!(matches!(a, Action::Read));
+    let out = String::from_utf8_lossy(s.output()).into_owned();
+    let codes: Vec<&str> = out.lines().map(|l| &l[..3]).collect();
+    assert_eq!(codes, ["250", "250", "354"], "{out}");
+}
+
+#[test]
+fn spf_refusal_ends_the_transaction_at_mail_and_rset_checks_again() {
+    let input = b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@local.test>\r\nDATA\r\nRSET\r\nMAIL FROM:<c@example.org>\r\nRSET\r\nMAIL FROM:<>\r\nQUIT\r\n";
+    for chunk in [input.len(), 1] {
+        let mut h = Harness::new(verifying(), "198.51.100.1");
+        h.spf_refusal = Some((550, "5.7.23", "SPF validation failed".into()));
+        h.feed(input, chunk);
+        assert_eq!(
+            h.codes(),
+            ["220", "250", "550", "503", "503", "250", "550", "250", "550", "221"],
+            "{}",
+            h.out
+        );
+        assert!(
+            h.out.contains("550 5.7.23 SPF validation failed"),
+            "{}",
+            h.out
+        );
+        assert!(h.stored.is_empty());
+        // Each MAIL is checked: the null reverse-path too (its HELO).
+        let asked: Vec<&str> = h.spf_checks.iter().map(|(_, s)| s.as_str()).collect();
+        assert_eq!(asked, ["a@example.org", "c@example.org", ""]);
+        assert!(h.spf_checks.iter().all(|(helo, _)| helo == "client.test"));
+        // Policy refusals are not protocol errors: max_errors (5) not reached.
+        assert!(!h.out.contains("421"), "{}", h.out);
+    }
+}
+
+#[test]
+fn spf_tempfail_at_mail_and_pass_carries_the_results_to_the_submission() {
+    let mut h = Harness::new(verifying(), "198.51.100.1");
+    h.spf_refusal = Some((
+        451,
+        "4.7.24",
+        "Temporary DNS failure while checking SPF, try again later".into(),
+    ));
+    h.feed(b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\n", 1000);
+    assert!(
+        h.out
+            .ends_with("451 4.7.24 Temporary DNS failure while checking SPF, try again later\r\n"),
+        "{}",
+        h.out
+    );
+    h.spf_refusal = None;
+    h.feed(
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@local.test>\r\nDATA\r\n",
+        1000,
+    );
+    h.feed(b"Subject: x\r\n\r\nbody\r\n.\r\n", 1000);
+    assert_eq!(
+        h.codes(),
+        ["220", "250", "451", "250", "250", "354", "250"],
+        "{}",
+        h.out
+    );
+    assert_eq!(h.stored.len(), 1);
+    assert!(
+        h.stored[0].spf.is_some(),
+        "SPF found at MAIL goes with the message"
+    );
+    assert_eq!(h.spf_checks.len(), 2);
+}
+
+#[test]
+fn no_spf_check_without_verification_or_with_spf_off() {
+    let h = run(config(), "198.51.100.1", TX);
+    assert!(h.spf_checks.is_empty());
+    let v = sluice_policy::auth::VerifyConfig {
+        spf: false,
+        dmarc: false,
+        ..Default::default()
+    };
+    let cfg = SessionConfig {
+        verify: Some(Arc::new(v)),
+        ..config()
+    };
+    let h = run(cfg, "198.51.100.1", TX);
+    assert!(h.spf_checks.is_empty());
+    assert_eq!(h.codes(), ["220", "250", "250", "250"]);
 }

@@ -5,6 +5,12 @@
 use serde::Deserialize;
 
 use super::Checks;
+use crate::SizeSpec;
+
+/// Bodies at least this large are hashed for DKIM/ARC on the blocking pool
+/// (`offload_size`'s default): below it the hash takes under ~0.25 ms (the trip to
+/// the pool and back is ~30 µs) (BENCHMARKS.md "Inbound authentication").
+pub const DEFAULT_OFFLOAD_SIZE: u64 = 64 * 1024;
 
 /// What a result does to the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -73,6 +79,9 @@ pub struct VerifyConfig {
     pub received_spf: bool,
     /// ARC-seal accepted mail with this `[dkim.signer.NAME]`'s key.
     pub arc_seal: Option<String>,
+    /// Messages of at least this many bytes have their DKIM/ARC body hashes
+    /// computed on the executor's blocking pool instead of inline.
+    pub offload_size: SizeSpec,
     pub action: ActionConfig,
 }
 
@@ -87,6 +96,7 @@ impl Default for VerifyConfig {
             authserv_id: None,
             received_spf: false,
             arc_seal: None,
+            offload_size: SizeSpec::Bytes(DEFAULT_OFFLOAD_SIZE),
             action: ActionConfig::default(),
         }
     }
@@ -102,8 +112,20 @@ impl VerifyConfig {
         }
     }
 
+    /// `offload_size` in bytes (the default when unreadable: [`Self::check`]
+    /// refuses such a configuration at load).
+    pub fn offload_bytes(&self) -> u64 {
+        match &self.offload_size {
+            SizeSpec::Bytes(n) => *n,
+            SizeSpec::Text(t) => crate::parse_size(t).unwrap_or(DEFAULT_OFFLOAD_SIZE),
+        }
+    }
+
     /// (key, reason) for a value serde accepted but sluice cannot use.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if let SizeSpec::Text(t) = &self.offload_size {
+            crate::parse_size(t).map_err(|why| ("offload_size", why))?;
+        }
         if let Some(id) = &self.authserv_id {
             let ok = !id.is_empty()
                 && id

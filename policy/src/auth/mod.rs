@@ -29,7 +29,7 @@ use mail_auth::{
 };
 
 pub use bridge::{Answer, DnsCaches, DnsSource, Query};
-pub use config::{Action, ActionConfig, VerifyConfig};
+pub use config::{Action, ActionConfig, VerifyConfig, DEFAULT_OFFLOAD_SIZE};
 pub use headers::strip_own_results;
 pub use mail_auth::IprevOutput;
 
@@ -288,6 +288,136 @@ impl Report {
     }
 }
 
+/// SPF for one transaction (RFC 7208 §2.3 HELO and §2.4 MAIL FROM), found
+/// when MAIL FROM arrives and kept for the checks after DATA (DMARC
+/// alignment, Authentication-Results, Received-SPF): never looked up twice.
+#[derive(Debug, Clone, Default)]
+pub struct SpfResults {
+    /// None: the HELO identity was not checked (SPF off, or no HELO name).
+    pub helo: Option<SpfOutput>,
+    /// None: SPF off, or the null reverse-path (HELO stands in).
+    pub mail_from: Option<SpfOutput>,
+}
+
+impl SpfResults {
+    pub fn helo_verdict(&self) -> Option<Verdict> {
+        self.helo.as_ref().map(|o| o.result().into())
+    }
+
+    pub fn mail_from_verdict(&self) -> Option<Verdict> {
+        self.mail_from.as_ref().map(|o| o.result().into())
+    }
+
+    /// Both identities as temperror: what a check that could not finish in
+    /// time gives.
+    pub fn temperror(env: &Envelope<'_>) -> SpfResults {
+        let out = |d: &str| spf_with(SpfOutput::new(d.to_string()), SpfResult::TempError, d);
+        SpfResults {
+            helo: (!env.helo.is_empty()).then(|| out(env.helo)),
+            mail_from: env.mail_from.rsplit_once('@').map(|(_, d)| out(d)),
+        }
+    }
+
+    /// As a report holding only SPF (for [`decide_spf`] and metrics).
+    pub fn report(&self) -> Report {
+        Report {
+            spf_helo: self.helo_verdict(),
+            spf_mailfrom: self.mail_from_verdict(),
+            ..Report::default()
+        }
+    }
+}
+
+/// The body hashes a message's DKIM signatures and ARC message signatures
+/// claim (and the one an ARC seal of ours needs), computed apart from the
+/// checks: the size-dependent part of verification, which the engine runs
+/// on another thread for large messages (see [`Verifier::verify_message`]).
+#[derive(Debug, Clone)]
+pub struct BodyHashes {
+    /// Where the body starts (the header parse of the checks must agree).
+    offset: u32,
+    hashes: Vec<BodyHash>,
+}
+
+type BodyHash = (
+    mail_auth::dkim::Canonicalization,
+    mail_auth::common::crypto::HashAlgorithm,
+    u64,
+    Vec<u8>,
+);
+
+impl BodyHashes {
+    /// Parses the header and hashes the body for each (canonicalization,
+    /// algorithm, length) the signatures use, by mail-auth's own code; with
+    /// `seal`, also relaxed/SHA-256 over the whole body. None: no header.
+    pub fn compute(raw: &[u8], seal: bool) -> Option<BodyHashes> {
+        use mail_auth::common::crypto::HashAlgorithm;
+        use mail_auth::dkim::Canonicalization;
+        let m = AuthenticatedMessage::parse(raw)?;
+        let offset = m.body_offset;
+        let mut hashes = m.body_hashes;
+        let sealing = (Canonicalization::Relaxed, HashAlgorithm::Sha256, 0u64);
+        if seal && !hashes.iter().any(|(c, h, l, _)| (*c, *h, *l) == sealing) {
+            let body = raw.get(offset as usize..).unwrap_or_default();
+            let bh = HashAlgorithm::Sha256
+                .hash(Canonicalization::Relaxed.canonical_body(body, 0))
+                .as_ref()
+                .to_vec();
+            hashes.push((sealing.0, sealing.1, sealing.2, bh));
+        }
+        Some(BodyHashes { offset, hashes })
+    }
+
+    /// How many hashes were made (tests, logs).
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+}
+
+/// The message as mail-auth sees it. With `hashes`, only the header part is
+/// parsed here (hashing an empty body) and the body hashes come from
+/// `hashes`; should they not match what the header asks for (they are made
+/// by the same parser, so this is not expected), the whole message is
+/// parsed here instead, which is slower but never wrong.
+fn parse_message<'x>(
+    raw: &'x [u8],
+    hashes: Option<&BodyHashes>,
+) -> Option<AuthenticatedMessage<'x>> {
+    let Some(h) = hashes else {
+        return AuthenticatedMessage::parse(raw);
+    };
+    let with_hashes = || {
+        let head = raw.get(..h.offset as usize)?;
+        let mut m = AuthenticatedMessage::parse(head)?;
+        if m.body_offset != h.offset {
+            return None;
+        }
+        m.raw_message = raw;
+        for entry in &mut m.body_hashes {
+            let found = h
+                .hashes
+                .iter()
+                .find(|(c, a, l, _)| (*c, *a, *l) == (entry.0, entry.1, entry.2))?;
+            entry.3.clone_from(&found.3);
+        }
+        for extra in &h.hashes {
+            if !m
+                .body_hashes
+                .iter()
+                .any(|(c, a, l, _)| (*c, *a, *l) == (extra.0, extra.1, extra.2))
+            {
+                m.body_hashes.push(extra.clone());
+            }
+        }
+        Some(m)
+    };
+    with_hashes().or_else(|| AuthenticatedMessage::parse(raw))
+}
+
 /// What the listener does with the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -298,24 +428,72 @@ pub enum Decision {
     TempFail(u16, &'static str, String),
 }
 
+/// The reply for a result whose action is reject or tempfail.
+fn act(
+    action: Action,
+    code: (u16, &'static str, String),
+    temp: (u16, &'static str, String),
+) -> Option<Decision> {
+    match action {
+        Action::Accept => None,
+        Action::Reject => Some(Decision::Reject(code.0, code.1, code.2)),
+        Action::Tempfail => Some(Decision::TempFail(temp.0, temp.1, temp.2)),
+    }
+}
+
+fn temp_reply(esc: &'static str, what: &str) -> (u16, &'static str, String) {
+    (
+        451,
+        esc,
+        format!("Temporary DNS failure while checking {what}, try again later"),
+    )
+}
+
+/// SPF's own refusal (fail, softfail, permerror), if its action says so.
+fn spf_decision(spf: Option<Verdict>, actions: &ActionConfig) -> Option<Decision> {
+    match spf {
+        Some(Verdict::Fail) => act(
+            actions.spf_fail,
+            (550, "5.7.23", "SPF validation failed".to_string()),
+            temp_reply("4.7.23", "SPF"),
+        ),
+        Some(Verdict::SoftFail) => act(
+            actions.spf_softfail,
+            (
+                550,
+                "5.7.23",
+                "SPF validation failed (softfail)".to_string(),
+            ),
+            temp_reply("4.7.23", "SPF"),
+        ),
+        Some(Verdict::PermError) => act(
+            actions.spf_permerror,
+            (550, "5.7.24", "SPF validation error".to_string()),
+            temp_reply("4.7.24", "SPF"),
+        ),
+        _ => None,
+    }
+}
+
+/// The decision at MAIL FROM, on SPF alone: what [`decide`] would say about
+/// SPF after DATA (fail/softfail/permerror by their actions, temperror by
+/// `temperror`), so a refusal comes before the body is sent.
+pub fn decide_spf(spf: &SpfResults, actions: &ActionConfig) -> Decision {
+    let verdict = spf.report().spf();
+    if let Some(d) = spf_decision(verdict, actions) {
+        return d;
+    }
+    if actions.temperror == Action::Tempfail && verdict == Some(Verdict::TempError) {
+        let (c, e, t) = temp_reply("4.7.24", "SPF");
+        return Decision::TempFail(c, e, t);
+    }
+    Decision::Accept
+}
+
 /// The listener's actions applied to a report, in order: iprev, SPF, DKIM,
 /// DMARC, then temporary errors.
 pub fn decide(report: &Report, actions: &ActionConfig) -> Decision {
-    let act =
-        |action: Action, code: (u16, &'static str, String), temp: (u16, &'static str, String)| {
-            match action {
-                Action::Accept => None,
-                Action::Reject => Some(Decision::Reject(code.0, code.1, code.2)),
-                Action::Tempfail => Some(Decision::TempFail(temp.0, temp.1, temp.2)),
-            }
-        };
-    let temp = |esc: &'static str, what: &str| {
-        (
-            451,
-            esc,
-            format!("Temporary DNS failure while checking {what}, try again later"),
-        )
-    };
+    let temp = temp_reply;
     // No PTR at all (permerror) counts like a PTR that does not lead back.
     if matches!(report.iprev, Some(Verdict::Fail | Verdict::PermError)) {
         if let Some(d) = act(
@@ -326,39 +504,8 @@ pub fn decide(report: &Report, actions: &ActionConfig) -> Decision {
             return d;
         }
     }
-    match report.spf() {
-        Some(Verdict::Fail) => {
-            if let Some(d) = act(
-                actions.spf_fail,
-                (550, "5.7.23", "SPF validation failed".to_string()),
-                temp("4.7.23", "SPF"),
-            ) {
-                return d;
-            }
-        }
-        Some(Verdict::SoftFail) => {
-            if let Some(d) = act(
-                actions.spf_softfail,
-                (
-                    550,
-                    "5.7.23",
-                    "SPF validation failed (softfail)".to_string(),
-                ),
-                temp("4.7.23", "SPF"),
-            ) {
-                return d;
-            }
-        }
-        Some(Verdict::PermError) => {
-            if let Some(d) = act(
-                actions.spf_permerror,
-                (550, "5.7.24", "SPF validation error".to_string()),
-                temp("4.7.24", "SPF"),
-            ) {
-                return d;
-            }
-        }
-        _ => {}
+    if let Some(d) = spf_decision(report.spf(), actions) {
+        return d;
     }
     if report.dkim_overall() == Some(Verdict::Fail) {
         if let Some(d) = act(
@@ -561,17 +708,51 @@ impl Verifier {
         out.result().into()
     }
 
-    /// Judges one message: SPF (HELO, then MAIL FROM), DKIM, ARC and DMARC
-    /// as `checks` says, builds the Authentication-Results header for
-    /// `authserv_id` (carrying `iprev` when given), and ARC-seals when a
-    /// sealer is given. `pct_sample` (0..100) decides whether a DMARC
-    /// policy with `pct` below 100 applies to this message.
+    /// SPF for a transaction as MAIL FROM arrives: the HELO identity (RFC
+    /// 7208 §2.3) and the MAIL FROM identity (§2.4; none for the null
+    /// reverse-path, where HELO stands in), both records fetched in one
+    /// batch first.
+    pub async fn verify_spf<S: DnsSource>(&self, dns: &S, env: &Envelope<'_>) -> SpfResults {
+        let caches = DnsCaches::new(env.client_ip).with_parsed(self.parsed.clone());
+        let mut first: Vec<Query> = Vec::new();
+        if !env.helo.is_empty() {
+            first.push(Query::Txt(env.helo.to_ascii_lowercase()));
+        }
+        if let Some((_, d)) = env.mail_from.rsplit_once('@') {
+            first.push(Query::Txt(d.to_ascii_lowercase()));
+        }
+        first.sort();
+        first.dedup();
+        fetch(&caches, dns, first).await;
+        let helo = if env.helo.is_empty() {
+            None
+        } else {
+            Some(self.spf(&caches, dns, env, "").await)
+        };
+        let mail_from = if env.mail_from.is_empty() {
+            None
+        } else {
+            Some(self.spf(&caches, dns, env, env.mail_from).await)
+        };
+        SpfResults { helo, mail_from }
+    }
+
+    /// Judges one message after DATA: DKIM, ARC and DMARC as `checks`
+    /// says, with `spf` found at MAIL FROM ([`Self::verify_spf`]; empty when
+    /// SPF is off) for DMARC and the headers; builds the
+    /// Authentication-Results header for `authserv_id` (carrying `iprev`
+    /// when given), and ARC-seals when a sealer is given. `pct_sample`
+    /// (0..100) decides whether a DMARC policy with `pct` below 100 applies
+    /// to this message. `hashes`, when given, are the body hashes computed
+    /// elsewhere ([`BodyHashes::compute`]): the body is then not read here.
     #[allow(clippy::too_many_arguments)]
     pub async fn verify_message<S: DnsSource>(
         &self,
         dns: &S,
         env: &Envelope<'_>,
         raw: &[u8],
+        hashes: Option<&BodyHashes>,
+        spf: &SpfResults,
         checks: Checks,
         authserv_id: &str,
         iprev: Option<&IprevOutput>,
@@ -584,18 +765,10 @@ impl Verifier {
             iprev: iprev.map(|o| iprev_verdict(&o.result)),
             ..Report::default()
         };
-        let message = AuthenticatedMessage::parse(raw);
+        let message = parse_message(raw, hashes);
 
-        // Prefetch what the headers and envelope name, in one batch.
+        // Prefetch what the headers name, in one batch.
         let mut first: Vec<Query> = Vec::new();
-        if checks.spf {
-            if !env.helo.is_empty() {
-                first.push(Query::Txt(env.helo.to_ascii_lowercase()));
-            }
-            if let Some((_, d)) = env.mail_from.rsplit_once('@') {
-                first.push(Query::Txt(d.to_ascii_lowercase()));
-            }
-        }
         if let Some(m) = &message {
             if checks.dkim {
                 for h in &m.dkim_headers {
@@ -635,27 +808,19 @@ impl Verifier {
         first.dedup();
         fetch(&caches, dns, first).await;
 
-        let spf_helo = if checks.spf && !env.helo.is_empty() {
-            Some(self.spf(&caches, dns, env, "").await)
-        } else {
-            None
-        };
-        let spf_mailfrom = if checks.spf && !env.mail_from.is_empty() {
-            Some(self.spf(&caches, dns, env, env.mail_from).await)
-        } else {
-            None
-        };
-        report.spf_helo = spf_helo.as_ref().map(|o| o.result().into());
-        report.spf_mailfrom = spf_mailfrom.as_ref().map(|o| o.result().into());
+        let spf_helo = spf.helo.as_ref().filter(|_| checks.spf);
+        let spf_mailfrom = spf.mail_from.as_ref().filter(|_| checks.spf);
+        report.spf_helo = spf_helo.map(|o| o.result().into());
+        report.spf_mailfrom = spf_mailfrom.map(|o| o.result().into());
 
         let mut ar = AuthenticationResults::new(authserv_id);
         if let Some(o) = iprev {
             ar = ar.with_iprev_result(o, env.client_ip);
         }
-        if let Some(o) = &spf_helo {
+        if let Some(o) = spf_helo {
             ar = ar.with_spf_ehlo_result(o, env.client_ip, env.helo);
         }
-        if let Some(o) = &spf_mailfrom {
+        if let Some(o) = spf_mailfrom {
             ar = ar.with_spf_mailfrom_result(o, env.client_ip, env.mail_from, env.helo);
         }
 
@@ -721,8 +886,8 @@ impl Verifier {
                 None => env.helo.to_string(),
             };
             let spf_for_dmarc = spf_mailfrom
-                .clone()
-                .or_else(|| spf_helo.clone())
+                .or(spf_helo)
+                .cloned()
                 .unwrap_or_else(|| mail_auth::SpfOutput::new(mail_from_domain.clone()));
             let out = Self::settle(&caches, dns, || {
                 let o = now(self.auth.verify_dmarc(caches.params(DmarcParameters {
@@ -793,7 +958,7 @@ impl Verifier {
         }
         headers.extend_from_slice(&header_bytes(&ar));
         if received_spf {
-            if let Some(o) = spf_mailfrom.as_ref().or(spf_helo.as_ref()) {
+            if let Some(o) = spf_mailfrom.or(spf_helo) {
                 let r = ReceivedSpf::new(o, env.client_ip, env.helo, env.mail_from, env.hostname);
                 headers.extend_from_slice(r.to_header().as_bytes());
             }

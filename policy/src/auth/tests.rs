@@ -231,19 +231,34 @@ const ALL: Checks = Checks {
     dmarc: true,
 };
 
+/// SPF as at MAIL FROM, then the message checks; run twice, hashing the
+/// body inline and apart ([`BodyHashes`], as large messages are), which
+/// must agree.
 fn verify(zone: &Zone, ip: &str, from: &str, raw: &[u8], pct_sample: u8) -> Report {
     let v = Verifier::new().unwrap();
-    run(v.verify_message(
-        zone,
-        &env(ip, "client.test", from),
-        raw,
-        ALL,
-        "mx.sluice.test",
-        None,
-        None,
-        false,
-        pct_sample,
-    ))
+    let e = env(ip, "client.test", from);
+    let spf = run(v.verify_spf(zone, &e));
+    let check = |hashes: Option<&BodyHashes>| {
+        run(v.verify_message(
+            zone,
+            &e,
+            raw,
+            hashes,
+            &spf,
+            ALL,
+            "mx.sluice.test",
+            None,
+            None,
+            false,
+            pct_sample,
+        ))
+    };
+    let inline = check(None);
+    let hashes = BodyHashes::compute(raw, false);
+    let apart = check(hashes.as_ref());
+    assert_eq!(inline.summary(), apart.summary(), "inline vs apart");
+    assert_eq!(inline.headers, apart.headers, "inline vs apart");
+    inline
 }
 
 #[test]
@@ -265,8 +280,13 @@ fn dkim_pass_aligns_dmarc_and_the_header_says_so() {
     );
     assert!(h.contains("dkim=pass"), "{h}");
     assert!(h.contains("dmarc=pass"), "{h}");
-    // The key, the DMARC names and the SPF record came in the first batch.
-    assert!(zone.asked.borrow()[0].contains(&Query::Txt("s1._domainkey.example.org".into())));
+    // SPF's records came at MAIL FROM; the key and the DMARC names in the
+    // first batch after DATA.
+    assert!(zone.asked.borrow()[0].contains(&Query::Txt("bounce.test".into())));
+    assert!(zone.asked.borrow().iter().any(|batch| {
+        batch.contains(&Query::Txt("s1._domainkey.example.org".into()))
+            && batch.contains(&Query::Txt("_dmarc.example.org".into()))
+    }));
     // SPF fails, but DMARC passes: the default actions reject only SPF -all.
     assert!(matches!(
         decide(&r, &ActionConfig::default()),
@@ -436,10 +456,13 @@ fn received_spf_is_optional() {
         arc: false,
         dmarc: false,
     };
+    let spf = run(v.verify_spf(&zone, &e));
     let with = run(v.verify_message(
         &zone,
         &e,
         MESSAGE.as_bytes(),
+        None,
+        &spf,
         checks,
         "mx.sluice.test",
         None,
@@ -453,6 +476,8 @@ fn received_spf_is_optional() {
         &zone,
         &e,
         MESSAGE.as_bytes(),
+        None,
+        &spf,
         checks,
         "mx.sluice.test",
         None,
@@ -490,4 +515,148 @@ fn dkim_pass_by_another_domain_is_5_7_22_when_asked() {
     let r = verify(&zone, "192.0.2.1", "x@other.test", &raw, 0);
     assert_eq!(r.dkim_overall(), Some(Verdict::Pass));
     assert!(!r.dkim_pass_unaligned());
+}
+
+#[test]
+fn spf_at_mail_from_decides_with_the_listener_actions() {
+    let v = Verifier::new().unwrap();
+    let zone = Zone::default()
+        .txt("example.org", "v=spf1 ip4:192.0.2.0/24 -all")
+        .txt("soft.test", "v=spf1 ~all")
+        .set(
+            Query::Txt("broken.test".into()),
+            Answer::TempFail("SERVFAIL".into()),
+        );
+    let actions = ActionConfig::default();
+    let at_mail = |ip: &str, from: &str| run(v.verify_spf(&zone, &env(ip, "client.test", from)));
+
+    let pass = at_mail("192.0.2.1", "a@example.org");
+    assert_eq!(pass.mail_from_verdict(), Some(Verdict::Pass));
+    assert_eq!(pass.helo_verdict(), Some(Verdict::None));
+    assert_eq!(decide_spf(&pass, &actions), Decision::Accept);
+
+    let fail = at_mail("203.0.113.1", "a@example.org");
+    assert_eq!(
+        decide_spf(&fail, &actions),
+        Decision::Reject(550, "5.7.23", "SPF validation failed".into())
+    );
+    // The same result after DATA (with nothing else) says the same.
+    assert_eq!(
+        decide(&fail.report(), &actions),
+        decide_spf(&fail, &actions)
+    );
+    let lenient = ActionConfig {
+        spf_fail: Action::Accept,
+        ..ActionConfig::default()
+    };
+    assert_eq!(decide_spf(&fail, &lenient), Decision::Accept);
+
+    let temp = at_mail("192.0.2.1", "a@broken.test");
+    assert_eq!(temp.mail_from_verdict(), Some(Verdict::TempError));
+    assert!(matches!(
+        decide_spf(&temp, &actions),
+        Decision::TempFail(451, "4.7.24", _)
+    ));
+    let accept_temp = ActionConfig {
+        temperror: Action::Accept,
+        ..ActionConfig::default()
+    };
+    assert_eq!(decide_spf(&temp, &accept_temp), Decision::Accept);
+
+    // Softfail is accepted by default.
+    let soft = at_mail("192.0.2.1", "a@soft.test");
+    assert_eq!(soft.mail_from_verdict(), Some(Verdict::SoftFail));
+    assert_eq!(decide_spf(&soft, &actions), Decision::Accept);
+
+    // The null reverse-path: the HELO identity decides.
+    let zone = Zone::default().txt("client.test", "v=spf1 -all");
+    let bounce = run(v.verify_spf(&zone, &env("192.0.2.1", "client.test", "")));
+    assert_eq!(bounce.mail_from, None.map(|o: SpfOutput| o));
+    assert!(matches!(
+        decide_spf(&bounce, &actions),
+        Decision::Reject(550, "5.7.23", _)
+    ));
+
+    // Timed out: both identities temperror.
+    let t = SpfResults::temperror(&env("192.0.2.1", "client.test", "a@example.org"));
+    assert_eq!(t.helo_verdict(), Some(Verdict::TempError));
+    assert_eq!(t.mail_from_verdict(), Some(Verdict::TempError));
+}
+
+#[test]
+fn spf_found_at_mail_from_is_reused_not_looked_up_again() {
+    let v = Verifier::new().unwrap();
+    let zone = Zone::default().txt("example.org", "v=spf1 ip4:192.0.2.0/24 -all");
+    let e = env("192.0.2.1", "client.test", "a@example.org");
+    let spf = run(v.verify_spf(&zone, &e));
+    let rounds = zone.rounds();
+    let r = run(v.verify_message(
+        &zone,
+        &e,
+        MESSAGE.as_bytes(),
+        None,
+        &spf,
+        Checks {
+            spf: true,
+            dkim: false,
+            arc: false,
+            dmarc: false,
+        },
+        "mx.sluice.test",
+        None,
+        None,
+        true,
+        0,
+    ));
+    assert_eq!(zone.rounds(), rounds, "no DNS after DATA for SPF");
+    assert_eq!(r.spf(), Some(Verdict::Pass));
+    let h = String::from_utf8(r.headers).unwrap();
+    assert!(h.contains("spf=pass"), "{h}");
+    assert!(h.contains("Received-SPF: pass"), "{h}");
+}
+
+#[test]
+fn body_hashes_made_apart_verify_like_inline_and_catch_tampering() {
+    let (key, record) = ed_key();
+    let zone = Zone::default()
+        .txt("s1._domainkey.example.org", &record)
+        .txt("_dmarc.example.org", "v=DMARC1; p=reject");
+    let mut big = MESSAGE.to_string();
+    for i in 0..20_000 {
+        big.push_str(&format!(
+            "line {i} of a large body, long enough to matter\r\n"
+        ));
+    }
+    let raw = signed(&key, "example.org", &big);
+    let hashes = BodyHashes::compute(&raw, false).unwrap();
+    assert_eq!(hashes.len(), 1);
+    let r = verify(&zone, "192.0.2.1", "x@example.org", &raw, 0);
+    assert_eq!(r.dkim_overall(), Some(Verdict::Pass));
+    // Hashes of another body: the check fails like a tampered message.
+    let tampered = String::from_utf8(raw.clone())
+        .unwrap()
+        .replace("line 7 of", "line 8 of");
+    let v = Verifier::new().unwrap();
+    let e = env("192.0.2.1", "client.test", "x@example.org");
+    let wrong = BodyHashes::compute(tampered.as_bytes(), false).unwrap();
+    let r = run(v.verify_message(
+        &zone,
+        &e,
+        &raw,
+        Some(&wrong),
+        &SpfResults::default(),
+        ALL,
+        "mx.sluice.test",
+        None,
+        None,
+        false,
+        0,
+    ));
+    assert_eq!(r.dkim_overall(), Some(Verdict::Fail));
+    // With a seal asked for, the seal's own hash is made apart too (here
+    // the signature's relaxed/SHA-256 one already is that hash).
+    assert_eq!(BodyHashes::compute(&raw, true).unwrap().len(), 1);
+    let unsigned = MESSAGE.as_bytes();
+    assert!(BodyHashes::compute(unsigned, false).unwrap().is_empty());
+    assert_eq!(BodyHashes::compute(unsigned, true).unwrap().len(), 1);
 }
