@@ -107,6 +107,8 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "MTA-STS policy fetches (RFC 8461) by result: ok, or no_address, connect_failed, tls_failed, http_failed (not a 200, a redirect, too large), invalid_policy, timeout, busy."),
     ("sluice_mta_sts_testing_failures_total", Kind::Counter, "result",
      "Sessions to destinations with an MTA-STS policy in testing mode that would have failed it (mx_mismatch, no_starttls, handshake_failed, not_verified); the mail went on as configured."),
+    ("sluice_tls_rpt_reports_total", Kind::Counter, "result",
+     "TLS reports (RFC 8460) handed to a report address: sent (queued for mailto:, or a 2xx to the HTTPS POST) or failed."),
     ("sluice_requiretls_refused_total", Kind::Counter, "reason",
      "Outbound sessions that refused a REQUIRETLS message (RFC 8689), by reason: no_starttls, starttls_refused, not_verified, no_requiretls. The next host is tried; when every host refuses, the message bounces 5.7.30."),
     ("sluice_throttle_events_total", Kind::Counter, "kind",
@@ -125,6 +127,8 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "What the verify actions did with messages: accept, reject (550 5.7.x) or tempfail (451 4.7.x)."),
     ("sluice_auth_verify_seconds", Kind::Histogram, "",
      "Time to verify one message (SPF, DKIM, ARC, DMARC, DNS included) before it is stored."),
+    ("sluice_auth_body_hash_total", Kind::Counter, "path",
+     "DKIM/ARC body hashes of verified messages, by where they ran: inline on the executor, or blocking (glommio's blocking pool, messages of verify.offload_size or more)."),
     ("sluice_arc_seals_total", Kind::Counter, "result",
      "ARC seals added to accepted messages (sealed) or not made (failed: broken chain or key error)."),
     // Spool.
@@ -880,6 +884,55 @@ mod tests {
                 .increment(1);
             gauge!("sluice_executor_busy_ratio", "core" => "0").set(0.25);
         })
+    }
+
+    /// Every metric the code records is in the catalogue (so it gets HELP and
+    /// TYPE lines, which promtool insists on): scans the engine's sources for
+    /// `counter!("sluice_…"`, `gauge!(…` and `histogram!(…`.
+    #[test]
+    fn every_recorded_metric_is_catalogued() {
+        fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).expect("read engine/src") {
+                let path = entry.expect("directory entry").path();
+                if path.is_dir() {
+                    sources(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push(path);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        sources(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let mut missing = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("read source");
+            for macro_name in ["counter!(", "gauge!(", "histogram!("] {
+                for (at, _) in text.match_indices(macro_name) {
+                    let rest = text[at + macro_name.len()..].trim_start();
+                    let Some(rest) = rest.strip_prefix("\"sluice_") else {
+                        continue;
+                    };
+                    let name: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if name.is_empty() {
+                        continue; // this test's own comment
+                    }
+                    let name = format!("sluice_{name}");
+                    if !CATALOGUE.iter().any(|m| m.0 == name) {
+                        missing.push(format!("{name} ({})", file.display()));
+                    }
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "recorded but not in CATALOGUE: {missing:?}"
+        );
     }
 
     #[test]
