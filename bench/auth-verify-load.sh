@@ -169,6 +169,13 @@ run_one() { # on|off -> msg/s
     local acc
     acc=$(jq -r '.accepted' "$dir/run.json")
     [ "$acc" = "$MESSAGES" ] || { echo "$mode: accepted $acc of $MESSAGES: $(jq -c . "$dir/run.json")" >&2; exit 1; }
+    if [ "$mode" = on ] && [ "$DKIM" = 1 ]; then
+        # The "on" runs must really have verified the signature: every stored message
+        # (warm-up and run) carries our Authentication-Results with dkim=pass.
+        local passed
+        passed=$(grep -a -o -r "dkim=pass" "$dir/spool" | wc -l)
+        [ "$passed" -ge "$MESSAGES" ] || { echo "on: only $passed stored messages say dkim=pass" >&2; exit 1; }
+    fi
     jq -r '.msgs_per_sec | round' "$dir/run.json"
 }
 
