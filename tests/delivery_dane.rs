@@ -8,9 +8,8 @@
 //! wrong key, an unsigned zone, a receiver without STARTTLS: mail goes only
 //! where the policy allows and never in clear where DANE applies.
 
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use rcgen::{
@@ -133,59 +132,6 @@ fn ca_spki(ca: &Ca) -> Vec<u8> {
 // Receivers
 // ---------------------------------------------------------------------------------
 
-/// One tls_receiver.py on its own loopback address.
-struct Receiver {
-    _guard: ChildGuard,
-    events: PathBuf,
-}
-
-impl Receiver {
-    fn start(dir: &Path, ip: Ipv4Addr, port: u16, tls: Option<&Chain>) -> Receiver {
-        let events = dir.join(format!("events-{ip}.jsonl"));
-        let mut cmd = Command::new("python3");
-        cmd.arg(py_script("tls_receiver.py"))
-            .args(["--listen", &format!("{ip}:{port}")])
-            .arg("--events")
-            .arg(&events);
-        if let Some(c) = tls {
-            cmd.arg("--cert")
-                .arg(&c.files.0)
-                .arg("--key")
-                .arg(&c.files.1);
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let guard = ChildGuard::new(cmd.spawn().expect("python3"), "tls_receiver.py");
-        let r = Receiver {
-            _guard: guard,
-            events,
-        };
-        wait_until(
-            &format!("tls_receiver.py on {ip}:{port}"),
-            T,
-            || r.events().iter().any(|e| e["event"] == "ready"),
-            || format!("events: {:?}", r.events()),
-        );
-        r
-    }
-
-    fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn of(&self, kind: &str) -> Vec<Value> {
-        self.events()
-            .into_iter()
-            .filter(|e| e["event"] == kind)
-            .collect()
-    }
-}
-
 fn relay(bed: &DnssecBed, port: u16, extra: &[String]) -> Relay {
     let mut b = Relay::builder()
         .cores(1)
@@ -222,7 +168,7 @@ struct Case {
     label: &'static str,
     zone: &'static str,
     expect: Expect,
-    receiver: Receiver,
+    receiver: TlsReceiver,
 }
 
 fn submit_to(relay: &Relay, cases: &[Case]) -> (String, Vec<Value>) {
@@ -485,7 +431,8 @@ fn dane_decides_where_mail_goes() {
         for t in &spec.tlsa {
             records.push_str(&format!("_{port}._tcp.mx-{label} TLSA {t}\n"));
         }
-        let receiver = Receiver::start(d, *ip, port, spec.chain.as_ref());
+        let receiver =
+            TlsReceiver::start(d, *ip, port, spec.chain.as_ref().map(|c| &c.files), None);
         cases.push(Case {
             label,
             zone: spec.zone,
@@ -553,7 +500,7 @@ fn dane_is_off_unless_the_resolver_is_declared_validating() {
     let port = mx_port(&ips);
     let c = self_signed(dir.path(), "leaf", &format!("mx-a.{SEC}"));
     let other = self_signed(dir.path(), "other", "other");
-    let receiver = Receiver::start(dir.path(), ips[0], port, Some(&c));
+    let receiver = TlsReceiver::start(dir.path(), ips[0], port, Some(&c).map(|c| &c.files), None);
     let bed = DnssecBed::start(&[Zone::secure(
         SEC,
         &format!(

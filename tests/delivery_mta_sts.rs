@@ -25,50 +25,6 @@ fn events(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// tls_receiver.py on its own loopback address.
-struct Receiver {
-    _guard: ChildGuard,
-    events: PathBuf,
-}
-
-impl Receiver {
-    fn start(dir: &Path, ip: Ipv4Addr, port: u16, cert: &(PathBuf, PathBuf)) -> Receiver {
-        let events_file = dir.join(format!("smtp-{ip}.jsonl"));
-        let child = Command::new("python3")
-            .arg(py_script("tls_receiver.py"))
-            .args(["--listen", &format!("{ip}:{port}")])
-            .arg("--events")
-            .arg(&events_file)
-            .arg("--cert")
-            .arg(&cert.0)
-            .arg("--key")
-            .arg(&cert.1)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3");
-        let r = Receiver {
-            _guard: ChildGuard::new(child, "tls_receiver.py"),
-            events: events_file,
-        };
-        wait_until(
-            &format!("tls_receiver.py on {ip}:{port}"),
-            Duration::from_secs(15),
-            || events(&r.events).iter().any(|e| e["event"] == "ready"),
-            || format!("{:?}", events(&r.events)),
-        );
-        r
-    }
-
-    fn messages(&self) -> Vec<Value> {
-        events(&self.events)
-            .into_iter()
-            .filter(|e| e["event"] == "message")
-            .collect()
-    }
-}
-
 /// mta_sts_server.py: one HTTPS server for every `mta-sts.D` name, the
 /// certificate chosen by SNI.
 struct PolicyServer {
@@ -213,23 +169,26 @@ fn enforce_testing_and_failed_fetches() {
     let smtp_port = mx_port(&ips[..3]);
     let https_port = mx_port(&ips[3..4]);
     let cert = |stem: &str, name: &str| make_issued_cert(dir.path(), &ca, stem, name);
-    let rogue = Receiver::start(
+    let rogue = TlsReceiver::start(
         dir.path(),
         ips[0],
         smtp_port,
-        &cert("rogue", &format!("rogue.{ZONE}")),
+        Some(&cert("rogue", &format!("rogue.{ZONE}"))),
+        None,
     );
-    let good = Receiver::start(
+    let good = TlsReceiver::start(
         dir.path(),
         ips[1],
         smtp_port,
-        &cert("mxgood", &format!("mx-good.{ZONE}")),
+        Some(&cert("mxgood", &format!("mx-good.{ZONE}"))),
+        None,
     );
-    let wrong = Receiver::start(
+    let wrong = TlsReceiver::start(
         dir.path(),
         ips[2],
         smtp_port,
-        &cert("mxwrong", &format!("elsewhere.{ZONE}")),
+        Some(&cert("mxwrong", &format!("elsewhere.{ZONE}"))),
+        None,
     );
     let failing = ["redir", "huge", "badcert", "slow"];
     let mut certs: Vec<(String, (PathBuf, PathBuf))> =
@@ -433,17 +392,19 @@ fn refresh_restart_and_cached_fallback() {
     let smtp_port = mx_port(&ips[..2]);
     let https_port = mx_port(&ips[2..]);
     let cert = |stem: &str, name: &str| make_issued_cert(dir.path(), &ca, stem, name);
-    let a_rx = Receiver::start(
+    let a_rx = TlsReceiver::start(
         dir.path(),
         ips[0],
         smtp_port,
-        &cert("mxa", &format!("mx-a.{ZONE}")),
+        Some(&cert("mxa", &format!("mx-a.{ZONE}"))),
+        None,
     );
-    let b_rx = Receiver::start(
+    let b_rx = TlsReceiver::start(
         dir.path(),
         ips[1],
         smtp_port,
-        &cert("mxb", &format!("mx-b.{ZONE}")),
+        Some(&cert("mxb", &format!("mx-b.{ZONE}"))),
+        None,
     );
     let name = format!("mta-sts.chg.{ZONE}");
     let https = PolicyServer::start(

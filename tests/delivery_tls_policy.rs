@@ -8,9 +8,8 @@
 //! TLS; the delivery log and `sluice_tls_outbound_total` say which policy
 //! applied and whether the certificate verified.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -18,67 +17,6 @@ use sluice_testkit::nsd::ZONE;
 use sluice_testkit::*;
 
 const T: Duration = Duration::from_secs(30);
-
-/// One tls_receiver.py on its own loopback address.
-struct Receiver {
-    _guard: ChildGuard,
-    events: PathBuf,
-}
-
-impl Receiver {
-    /// `tls`: the certificate and key to offer STARTTLS with (None: no
-    /// STARTTLS); `client_ca`: require a client certificate from this CA.
-    fn start(
-        dir: &Path,
-        ip: Ipv4Addr,
-        port: u16,
-        tls: Option<&(PathBuf, PathBuf)>,
-        client_ca: Option<&Path>,
-    ) -> Receiver {
-        let events = dir.join(format!("events-{ip}.jsonl"));
-        let mut cmd = Command::new("python3");
-        cmd.arg(py_script("tls_receiver.py"))
-            .args(["--listen", &format!("{ip}:{port}")])
-            .arg("--events")
-            .arg(&events);
-        if let Some((cert, key)) = tls {
-            cmd.arg("--cert").arg(cert).arg("--key").arg(key);
-        }
-        if let Some(ca) = client_ca {
-            cmd.arg("--client-ca").arg(ca);
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let guard = ChildGuard::new(cmd.spawn().expect("python3"), "tls_receiver.py");
-        let r = Receiver {
-            _guard: guard,
-            events,
-        };
-        wait_until(
-            &format!("tls_receiver.py on {ip}:{port}"),
-            Duration::from_secs(15),
-            || r.events().iter().any(|e| e["event"] == "ready"),
-            || format!("events: {:?}", r.events()),
-        );
-        r
-    }
-
-    fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn of(&self, kind: &str) -> Vec<Value> {
-        self.events()
-            .into_iter()
-            .filter(|e| e["event"] == kind)
-            .collect()
-    }
-}
 
 /// `GET /metrics` from the relay's operations listener.
 fn metrics(relay: &Relay) -> String {
@@ -142,7 +80,7 @@ fn each_policy_against_each_receiver() {
                 "self" => Some(make_self_signed(dir.path(), &label, &mx)),
                 _ => None,
             };
-            let r = Receiver::start(dir.path(), ip, port, cert.as_ref(), None);
+            let r = TlsReceiver::start(dir.path(), ip, port, cert.as_ref(), None);
             receivers.push(((*policy, *kind), r));
         }
     }
@@ -274,7 +212,7 @@ fn rule_over_route_over_global_and_never_clear_text_on_retry() {
     // ips[1]: an MX host nobody listens on (an early deferral, no session).
     let ips = loopbacks(2);
     let port = mx_port(&ips);
-    let plain = Receiver::start(dir.path(), ips[0], port, None, None);
+    let plain = TlsReceiver::start(dir.path(), ips[0], port, None, None);
     let nsd = Nsd::start(&format!(
         "g MX 10 mx\nr MX 10 mx\nrr MX 10 mx\nmx A {}\ndead MX 10 deadmx\ndeadmx A {}",
         ips[0], ips[1]
@@ -373,7 +311,7 @@ fn client_certificate_for_a_smart_host_that_requires_one() {
     let client = make_issued_cert(dir.path(), &ca, "client", "relay.client.test");
     let ips = loopbacks(1);
     let port = mx_port(&ips);
-    let smart = Receiver::start(dir.path(), ips[0], port, Some(&server), Some(&ca.0));
+    let smart = TlsReceiver::start(dir.path(), ips[0], port, Some(&server), Some(&ca.0));
     let nsd = Nsd::start(&format!("smart A {}", ips[0]));
     let relay = mx_relay(
         &nsd,

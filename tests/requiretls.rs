@@ -11,9 +11,7 @@
 //! header on a listener that honours it lowers a rule's `verify` to
 //! opportunistic for that message only.
 
-use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -21,51 +19,6 @@ use sluice_testkit::nsd::ZONE;
 use sluice_testkit::*;
 
 const T: Duration = Duration::from_secs(30);
-
-/// tls_receiver.py on its own loopback address: verifies as a TLS server,
-/// never offers REQUIRETLS, records what arrives and whether in TLS.
-struct PyReceiver {
-    _guard: ChildGuard,
-    events: PathBuf,
-}
-
-impl PyReceiver {
-    fn start(dir: &Path, ip: Ipv4Addr, port: u16, cert: &(PathBuf, PathBuf)) -> PyReceiver {
-        let events = dir.join(format!("events-{ip}.jsonl"));
-        let mut cmd = Command::new("python3");
-        cmd.arg(py_script("tls_receiver.py"))
-            .args(["--listen", &format!("{ip}:{port}")])
-            .arg("--events")
-            .arg(&events)
-            .arg("--cert")
-            .arg(&cert.0)
-            .arg("--key")
-            .arg(&cert.1)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let r = PyReceiver {
-            _guard: ChildGuard::new(cmd.spawn().expect("python3"), "tls_receiver.py"),
-            events,
-        };
-        wait_until(
-            &format!("tls_receiver.py on {ip}:{port}"),
-            Duration::from_secs(15),
-            || r.of("ready").len() == 1,
-            || format!("{:?}", r.of("")),
-        );
-        r
-    }
-
-    fn of(&self, kind: &str) -> Vec<Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|e| kind.is_empty() || e["event"] == kind)
-            .collect()
-    }
-}
 
 /// Python's smtplib against the relay's listener: EHLO, then (over
 /// STARTTLS when `tls`) MAIL with REQUIRETLS, RCPTs, DATA. Prints what it
@@ -160,8 +113,8 @@ fn requiretls_end_to_end() {
     let good_cert = make_issued_cert(dir.path(), &ca, "good", &format!("mx-good.{ZONE}"));
     let noreq_cert = make_issued_cert(dir.path(), &ca, "noreq", &format!("mx-noreq.{ZONE}"));
     let wrong_cert = make_issued_cert(dir.path(), &ca, "wrong", &format!("elsewhere.{ZONE}"));
-    let noreq = PyReceiver::start(dir.path(), ips[1], port, &noreq_cert);
-    let wrong = PyReceiver::start(dir.path(), ips[2], port, &wrong_cert);
+    let noreq = TlsReceiver::start(dir.path(), ips[1], port, Some(&noreq_cert), None);
+    let wrong = TlsReceiver::start(dir.path(), ips[2], port, Some(&wrong_cert), None);
     let receiver = Relay::builder()
         .set("log.format=\"json\"")
         .set(format!("server.listener.mx.bind=[\"{}:{port}\"]", ips[0]))

@@ -10,7 +10,7 @@
 //! another name; reports to https://rpt-https…), `rpt` (where the mailed
 //! reports go; no `_smtp._tls`, so never counted).
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -20,50 +20,6 @@ use sluice_testkit::nsd::ZONE;
 use sluice_testkit::*;
 
 const T: Duration = Duration::from_secs(30);
-
-/// tls_receiver.py (tests/py, also used by delivery_tls_policy) on `ip:port`.
-struct Receiver {
-    _guard: ChildGuard,
-    events: PathBuf,
-}
-
-impl Receiver {
-    fn start(dir: &Path, ip: Ipv4Addr, port: u16, tls: &(PathBuf, PathBuf)) -> Receiver {
-        let events = dir.join(format!("events-{ip}.jsonl"));
-        let mut cmd = Command::new("python3");
-        cmd.arg(py_script("tls_receiver.py"))
-            .args(["--listen", &format!("{ip}:{port}")])
-            .arg("--events")
-            .arg(&events)
-            .arg("--cert")
-            .arg(&tls.0)
-            .arg("--key")
-            .arg(&tls.1)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        let r = Receiver {
-            _guard: ChildGuard::new(cmd.spawn().expect("python3"), "tls_receiver.py"),
-            events,
-        };
-        wait_until(
-            &format!("tls_receiver.py on {ip}:{port}"),
-            Duration::from_secs(15),
-            || r.of("ready").len() == 1,
-            String::new,
-        );
-        r
-    }
-
-    fn of(&self, kind: &str) -> Vec<Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|e| e["event"] == kind)
-            .collect()
-    }
-}
 
 /// tests/py/https_sink.py: saves each POST.
 struct HttpsSink {
@@ -191,17 +147,24 @@ fn reports_by_mail_and_https_validate_and_survive_a_restart() {
          rpt-https A {}\n",
         ips[0], ips[1], ips[2], ips[3]
     );
-    let good = Receiver::start(
+    let good = TlsReceiver::start(
         dir.path(),
         ips[0],
         port,
-        &make_issued_cert(dir.path(), &ca, "good", &good_mx),
+        Some(&make_issued_cert(dir.path(), &ca, "good", &good_mx)),
+        None,
     );
-    let _bad = Receiver::start(
+    let _bad = TlsReceiver::start(
         dir.path(),
         ips[1],
         port,
-        &make_issued_cert(dir.path(), &ca, "bad", &format!("elsewhere.{ZONE}")),
+        Some(&make_issued_cert(
+            dir.path(),
+            &ca,
+            "bad",
+            &format!("elsewhere.{ZONE}"),
+        )),
+        None,
     );
     let sink = PostfixSink::start(SocketAddr::new(ips[2].into(), port), &[]);
     let https = HttpsSink::start(

@@ -32,6 +32,7 @@ pub mod process;
 pub mod procfs;
 pub mod relay;
 pub mod smtp_server;
+pub mod tls_receiver;
 
 pub use client::*;
 pub use delivery::*;
@@ -41,3 +42,4 @@ pub use process::*;
 pub use procfs::*;
 pub use relay::*;
 pub use smtp_server::*;
+pub use tls_receiver::TlsReceiver;
