@@ -115,6 +115,17 @@ impl Lookup {
         &self.answer.records
     }
 
+    /// The text of each TXT record of the answer (records of other types skipped).
+    pub fn txt_strings(&self) -> Vec<&str> {
+        self.records()
+            .iter()
+            .filter_map(|r| match r {
+                Record::Txt(text, _) => Some(text.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn negative(&self) -> Option<NegativeKind> {
         self.answer.negative
     }

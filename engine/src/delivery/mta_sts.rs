@@ -330,21 +330,11 @@ impl MtaSts {
             .lookup(&format!("_mta-sts.{domain}"), QueryType::Txt)
             .await
         {
-            Ok(lookup) => {
-                let texts: Vec<&str> = lookup
-                    .records()
-                    .iter()
-                    .filter_map(|r| match r {
-                        Record::Txt(t, _) => Some(t.as_str()),
-                        _ => None,
-                    })
-                    .collect();
-                match mta_sts::txt_id(texts) {
-                    Ok(Some(id)) => Txt::Id(id),
-                    Ok(None) => Txt::Absent,
-                    Err(e) => Txt::Failed(e.to_string()),
-                }
-            }
+            Ok(lookup) => match mta_sts::txt_id(lookup.txt_strings()) {
+                Ok(Some(id)) => Txt::Id(id),
+                Ok(None) => Txt::Absent,
+                Err(e) => Txt::Failed(e.to_string()),
+            },
             Err(e) => Txt::Failed(e.to_string()),
         };
         let cached = self.cached(&domain);

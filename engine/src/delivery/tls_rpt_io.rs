@@ -131,15 +131,7 @@ fn take_batch() -> Vec<(Vec<u8>, Vec<u8>)> {
 pub async fn lookup_rua(resolver: &sluice_dns::Resolver, domain: &str) -> Option<Vec<Rua>> {
     let name = format!("_smtp._tls.{}", domain.trim_end_matches('.'));
     let lookup = resolver.lookup(&name, QueryType::Txt).await.ok()?;
-    let txts: Vec<&str> = lookup
-        .records()
-        .iter()
-        .filter_map(|r| match r {
-            Record::Txt(t, _) => Some(t.as_str()),
-            _ => None,
-        })
-        .collect();
-    match tls_rpt::parse_record(txts) {
+    match tls_rpt::parse_record(lookup.txt_strings()) {
         Ok(rua) => Some(rua),
         Err(tls_rpt::RecordError::None) => None,
         Err(e) => {
