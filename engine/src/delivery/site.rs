@@ -453,8 +453,14 @@ impl CoreDelivery {
                         dane::for_host(&self.resolver, host, *port, tls).await
                     };
                     let skip = dane::skip_reason(&dane, tls, &host.name, *port);
+                    let sts_policy = match &sts {
+                        mta_sts::Sts::Policy { cached, .. } => Some(&cached.policy),
+                        mta_sts::Sts::Off(_) => None,
+                    };
                     let rpt = rua.as_ref().map(|rua| {
-                        Rc::new(super::tls_rpt::target(domain, &host.name, &dane, tls, rua))
+                        Rc::new(super::tls_rpt::target(
+                            domain, &host.name, &dane, tls, sts_policy, rua,
+                        ))
                     });
                     if let Some(why) = skip {
                         if let Some(t) = &rpt {

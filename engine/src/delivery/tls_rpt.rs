@@ -128,9 +128,32 @@ pub fn target(
     mx: &str,
     dane: &super::dane::Dane,
     configured: &super::tls_policy::TlsPolicy,
+    sts: Option<&sluice_policy::mta_sts::Policy>,
     rua: &[Rua],
 ) -> Target {
-    let (kind, strings) = match (super::dane::policy(dane, configured), dane) {
+    let dane_policy = super::dane::policy(dane, configured);
+    let dane_decides = dane_policy.as_ref().is_some_and(|p| p.basis == Basis::Dane);
+    // MTA-STS (enforce or testing) is reported for hosts DANE does not decide,
+    // its policy file's fields as the `policy-string` (RFC 8460 §4.3).
+    let sts = sts.filter(|p| p.mode != sluice_policy::mta_sts::Mode::None && !dane_decides);
+    if let Some(policy) = sts {
+        let mut strings = vec![
+            "version: STSv1".to_string(),
+            format!("mode: {}", policy.mode),
+        ];
+        strings.extend(policy.mx.iter().map(|mx| format!("mx: {mx}")));
+        strings.push(format!("max_age: {}", policy.max_age));
+        return Target {
+            key: PolicyKey {
+                domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+                kind: PolicyType::Sts,
+                strings,
+                mx_host: mx.trim_end_matches('.').to_ascii_lowercase(),
+            },
+            rua: rua.to_vec(),
+        };
+    }
+    let (kind, strings) = match (dane_policy, dane) {
         (Some(p), super::dane::Dane::Records(records)) if p.basis == Basis::Dane => (
             PolicyType::Tlsa,
             records
@@ -607,6 +630,64 @@ pub fn report_mail(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sts_policies_are_reported_as_sts_with_their_fields_unless_dane_decides() {
+        use sluice_policy::mta_sts::{Mode, Policy};
+        let configured = super::super::tls_policy::TlsPolicy::global(
+            super::super::config::OutboundTls::Opportunistic,
+        );
+        let policy = Policy {
+            mode: Mode::Enforce,
+            mx: vec!["mx.example.net".into(), "*.example.net".into()],
+            max_age: 86400,
+        };
+        let off = super::super::dane::Dane::Off("no TLSA records");
+        let rua = [Rua::Mailto("r@example.net".into())];
+        let t = target(
+            "Example.NET.",
+            "MX.example.net.",
+            &off,
+            &configured,
+            Some(&policy),
+            &rua,
+        );
+        assert_eq!(t.key.kind, PolicyType::Sts);
+        assert_eq!(t.key.domain, "example.net");
+        assert_eq!(
+            t.key.strings,
+            [
+                "version: STSv1",
+                "mode: enforce",
+                "mx: mx.example.net",
+                "mx: *.example.net",
+                "max_age: 86400"
+            ]
+        );
+        // Mode none is no policy; without MTA-STS the configured policy's type.
+        let none = Policy {
+            mode: Mode::None,
+            ..policy.clone()
+        };
+        let t = target(
+            "example.net",
+            "mx.example.net",
+            &off,
+            &configured,
+            Some(&none),
+            &rua,
+        );
+        assert_eq!(t.key.kind, PolicyType::NoPolicyFound);
+        let t = target(
+            "example.net",
+            "mx.example.net",
+            &off,
+            &configured,
+            None,
+            &rua,
+        );
+        assert_eq!(t.key.kind, PolicyType::NoPolicyFound);
+    }
 
     fn key(domain: &str, kind: PolicyType) -> PolicyKey {
         PolicyKey {
