@@ -293,6 +293,84 @@ where
     }
 }
 
+/// The envelope of a message the relay writes itself (a notice, a TLS report):
+/// one recipient, no DSN of its own, arrived now on pseudo-listener `listener`.
+fn generated_envelope(
+    sender: String,
+    to: &str,
+    listener: &str,
+    queue: String,
+    body: &[u8],
+    now: u64,
+) -> Envelope {
+    Envelope {
+        sender,
+        recipients: vec![sluice_spool::Recipient {
+            address: to.to_string(),
+            orcpt: None,
+            notify: sluice_spool::Notify::NEVER,
+            status: sluice_spool::RecipientStatus::Pending,
+            local: false,
+        }],
+        ret: None,
+        envid: None,
+        body_type: if body.is_ascii() {
+            sluice_spool::BodyType::SevenBit
+        } else {
+            sluice_spool::BodyType::EightBitMime
+        },
+        smtputf8: false,
+        arrival_unix_ms: now,
+        listener: listener.into(),
+        client_ip: None,
+        tls_request: sluice_spool::TlsRequest::Policy,
+        helo: String::new(),
+        auth_user: None,
+        tls: None,
+        size: body.len() as u64,
+        priority: 0,
+        queue,
+        hold_until_unix: 0,
+        deliver_by: None,
+        schedule: Default::default(),
+    }
+}
+
+/// Why a message the relay wrote itself was not queued.
+#[derive(Debug, thiserror::Error)]
+enum GeneratedError {
+    #[error("DKIM signing failed: {0}")]
+    Signing(sluice_policy::dkim::DkimError),
+    #[error("not queued (spool write failed)")]
+    NotStored,
+}
+
+/// Queues a message the relay wrote itself the way SMTP mail goes: signed
+/// once when a `[[dkim.rule]]` matches (never queued unsigned), stored with the
+/// write retried through a full spool (`persist`, logged under `log_id`), then
+/// counted and handed to delivery. The signers, for the log.
+async fn queue_generated(
+    queue: &CoreQueue,
+    log_id: MessageId,
+    id: MessageId,
+    what: &str,
+    mut envelope: Envelope,
+    body: Vec<u8>,
+) -> Result<String, GeneratedError> {
+    let (body, signed) = queue.sign(&envelope, body).await;
+    let signed = signed.map_err(GeneratedError::Signing)?;
+    envelope.size += signed.prefix.len() as u64;
+    let stored = persist(log_id, what, || {
+        queue.store_prefixed(id, &envelope, signed.prefix.clone(), body.clone())
+    })
+    .await;
+    if !stored {
+        return Err(GeneratedError::NotStored);
+    }
+    queue.admitted(id, envelope);
+    Ok(signed.signers)
+}
+
 /// Logs, once per process, that delivery stopped because the spool failed closed.
 fn halted() {
     static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -3,11 +3,11 @@
 
 use std::rc::Rc;
 
-use sluice_spool::{Envelope, MessageId, Notify, RecipientStatus, Spool};
+use sluice_spool::{Envelope, MessageId, RecipientStatus, Spool};
 
 use super::ledger::{dsn_status, Notice};
 use super::site::OFF_EXECUTOR_BYTES;
-use super::{now_ms, persist, CoreDelivery};
+use super::{generated_envelope, now_ms, queue_generated, CoreDelivery, GeneratedError};
 use crate::queue::dsn::DsnKind;
 
 /// What one notice is about.
@@ -97,63 +97,35 @@ impl CoreDelivery {
             return;
         };
         let dsn_id = self.ids.next(now);
-        let dsn_envelope = Envelope {
-            sender: String::new(),
-            recipients: vec![sluice_spool::Recipient {
-                address: dsn.recipient.clone(),
-                orcpt: None,
-                notify: Notify::NEVER,
-                status: RecipientStatus::Pending,
-                local: false,
-            }],
-            ret: None,
-            envid: None,
-            body_type: dsn.body_type,
-            smtputf8: false,
-            arrival_unix_ms: now,
-            listener: "dsn".into(),
-            client_ip: None,
-            helo: String::new(),
-            auth_user: None,
-            tls: None,
-            size: dsn.body.len() as u64,
-            priority: 0,
-            queue: envelope.queue.clone(),
-            hold_until_unix: 0,
-            deliver_by: None,
-            // RFC 8689 §5: a notice about a REQUIRETLS message goes with
-            // REQUIRETLS too (and returns only the headers, `dsn.rs`).
-            tls_request: match envelope.tls_request {
-                sluice_spool::TlsRequest::RequireTls => sluice_spool::TlsRequest::RequireTls,
-                _ => sluice_spool::TlsRequest::Policy,
-            },
-            schedule: Default::default(),
-        };
+        let mut dsn_envelope = generated_envelope(
+            String::new(),
+            &dsn.recipient,
+            "dsn",
+            envelope.queue.clone(),
+            &dsn.body,
+            now,
+        );
+        dsn_envelope.body_type = dsn.body_type;
+        // RFC 8689 §5: a notice about a REQUIRETLS message goes with
+        // REQUIRETLS too (and returns only the headers, `dsn.rs`).
+        if envelope.tls_request == sluice_spool::TlsRequest::RequireTls {
+            dsn_envelope.tls_request = sluice_spool::TlsRequest::RequireTls;
+        }
         // Signed like SMTP mail when a [[dkim.rule]] matches the notice
-        // (listener "dsn", null sender), once, before the retried store. A
-        // notice that cannot be signed is not sent unsigned: it is dropped
-        // and logged, as a notice that cannot be built is.
-        let mut dsn_envelope = dsn_envelope;
-        let (body, signed) = self.queue.sign(&dsn_envelope, dsn.body).await;
-        let signed = match signed {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, error = %e, "notification not queued: DKIM signing failed");
-                return;
+        // (listener "dsn", null sender). A notice that cannot be signed is
+        // not sent unsigned: it is dropped and logged, as a notice that
+        // cannot be built is.
+        let what = "queuing a delivery notification";
+        match queue_generated(&self.queue, id, dsn_id, what, dsn_envelope, dsn.body).await {
+            Ok(signers) => {
+                crate::metrics::dsn_queued(kind.as_str());
+                tracing::info!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, to = %dsn.recipient, kind = ?kind, dkim = %signers, "notification queued");
             }
-        };
-        dsn_envelope.size += signed.prefix.len() as u64;
-        // The same way into the queue as SMTP (store, count, hand to the
-        // scheduler), with the write retried through a full spool.
-        let stored = persist(id, "queuing a delivery notification", || {
-            self.queue
-                .store_prefixed(dsn_id, &dsn_envelope, signed.prefix.clone(), body.clone())
-        })
-        .await;
-        if stored {
-            crate::metrics::dsn_queued(kind.as_str());
-            tracing::info!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, to = %dsn.recipient, kind = ?kind, dkim = %signed.signers, "notification queued");
-            self.queue.admitted(dsn_id, dsn_envelope);
+            Err(GeneratedError::Signing(e)) => {
+                tracing::error!(target: "sluice::delivery", id = %id, dsn_id = %dsn_id, error = %e, "notification not queued: DKIM signing failed");
+            }
+            // Logged by `persist`.
+            Err(GeneratedError::NotStored) => {}
         }
     }
 }

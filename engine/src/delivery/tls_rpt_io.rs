@@ -33,10 +33,9 @@ use std::time::Duration;
 use glommio::timer::Timer;
 use serde_json::{json, Value};
 use sluice_dns::{QueryType, Record};
-use sluice_spool::{Envelope, Notify, RecipientStatus};
 
 use super::tls_rpt::{self, Counts, ResultType, Rua, Submitter, Target};
-use super::{now_ms, persist, CoreDelivery};
+use super::{generated_envelope, now_ms, queue_generated, CoreDelivery};
 use crate::config::tls_rpt::TlsRptSection;
 
 /// Longest HTTP answer read from a report server.
@@ -383,50 +382,17 @@ impl CoreDelivery {
             &crate::queue::dsn::rfc5322_date(now),
             report_id,
         );
-        let envelope = Envelope {
-            sender: rpt.submitter.sender.clone(),
-            recipients: vec![sluice_spool::Recipient {
-                address: to.to_string(),
-                orcpt: None,
-                notify: Notify::NEVER,
-                status: RecipientStatus::Pending,
-                local: false,
-            }],
-            ret: None,
-            envid: None,
-            body_type: if body.is_ascii() {
-                sluice_spool::BodyType::SevenBit
-            } else {
-                sluice_spool::BodyType::EightBitMime
-            },
-            smtputf8: false,
-            arrival_unix_ms: now,
-            listener: "tls-rpt".into(),
-            client_ip: None,
-            tls_request: sluice_spool::TlsRequest::Policy,
-            helo: String::new(),
-            auth_user: None,
-            tls: None,
-            size: body.len() as u64,
-            priority: 0,
-            queue: "default".into(),
-            hold_until_unix: 0,
-            deliver_by: None,
-            schedule: Default::default(),
-        };
-        let mut envelope = envelope;
-        let (body, signed) = self.queue.sign(&envelope, body).await;
-        let signed = signed.map_err(|e| format!("DKIM signing failed: {e}"))?;
-        envelope.size += signed.prefix.len() as u64;
-        let stored = persist(id, "queuing a TLS report", || {
-            self.queue
-                .store_prefixed(id, &envelope, signed.prefix.clone(), body.clone())
-        })
-        .await;
-        if !stored {
-            return Err("not queued (spool write failed)".into());
-        }
-        self.queue.admitted(id, envelope);
+        let envelope = generated_envelope(
+            rpt.submitter.sender.clone(),
+            to,
+            "tls-rpt",
+            "default".into(),
+            &body,
+            now,
+        );
+        queue_generated(&self.queue, id, id, "queuing a TLS report", envelope, body)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(format!("queued as {id}"))
     }
 
