@@ -66,16 +66,22 @@ pub(super) fn list(req: &Request) -> ApiResult {
     }))
 }
 
-/// POST: `recipient`, `scope` (default `*`: every sender), `class` (default
-/// policy-block), `for` (default the configured ttl), `reason`.
-pub(super) fn add(req: &Request) -> ApiResult {
-    let s = list_of()?;
+/// The `scope` (default `*`: every sender) and `recipient` an add or remove names.
+fn entry_key(req: &Request) -> Result<(&str, &str), ApiError> {
     let recipient = req
         .param("recipient")
         .ok_or_else(|| err(400, "recipient: missing"))?;
     let scope = req
         .param("scope")
         .unwrap_or(sluice_policy::suppression::GLOBAL_SCOPE);
+    Ok((scope, recipient))
+}
+
+/// POST: `recipient`, `scope` (default `*`: every sender), `class` (default
+/// policy-block), `for` (default the configured ttl), `reason`.
+pub(super) fn add(req: &Request) -> ApiResult {
+    let s = list_of()?;
+    let (scope, recipient) = entry_key(req)?;
     let class: BounceClass = match req.param("class") {
         Some(c) => c
             .parse()
@@ -108,12 +114,7 @@ pub(super) fn add(req: &Request) -> ApiResult {
 /// POST: `recipient`, `scope` (default `*`).
 pub(super) fn remove(req: &Request) -> ApiResult {
     let s = list_of()?;
-    let recipient = req
-        .param("recipient")
-        .ok_or_else(|| err(400, "recipient: missing"))?;
-    let scope = req
-        .param("scope")
-        .unwrap_or(sluice_policy::suppression::GLOBAL_SCOPE);
+    let (scope, recipient) = entry_key(req)?;
     let removed = s.remove(scope, recipient).map_err(add_err)?;
     if removed {
         tracing::info!(scope = %scope, recipient = %recipient, "suppression removed by the operator");
