@@ -8,6 +8,7 @@
 //! modifications from filters that accepted are applied in that same order.
 
 use std::fmt;
+use std::net::IpAddr;
 
 /// Where in the life of a message a filter runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -179,6 +180,45 @@ pub enum OnFailure {
     Tempfail,
     /// Carry on as if the filter had accepted.
     Accept,
+}
+
+/// What filters know of the client, filled in as the session learns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientFacts {
+    /// The listener's configured name ("smtp", "submission", ...).
+    pub listener: String,
+    pub ip: IpAddr,
+    pub port: u16,
+    /// The verified reverse name (iprev), when known.
+    pub ptr: Option<String>,
+    /// The EHLO/HELO argument, from the Ehlo stage on.
+    pub helo: Option<String>,
+    /// Protocol and cipher suite names once TLS is up ("TLSv1.3", "TLS13_AES_128_GCM_SHA256").
+    pub tls: Option<(String, String)>,
+    /// The authenticated user, from the Auth stage on.
+    pub auth_user: Option<String>,
+    /// The relay's own host name (the `j` macro of milters).
+    pub server_name: String,
+}
+
+/// One stage's question to the filters. Borrowed from the session: filters copy
+/// what they keep.
+#[derive(Debug, Clone, Copy)]
+pub struct StageEvent<'a> {
+    pub stage: Stage,
+    pub client: &'a ClientFacts,
+    /// The queue id once MAIL was accepted (the `i` macro of milters).
+    pub queue_id: Option<&'a str>,
+    /// The reverse-path from the Mail stage on ("" is the null sender).
+    pub sender: Option<&'a str>,
+    /// MAIL FROM parameters as given (SIZE=, BODY=, ...).
+    pub sender_params: &'a [String],
+    /// At Rcpt: the recipient being asked about.
+    pub recipient: Option<&'a str>,
+    /// Recipients accepted so far (at Data and Delivery: all of them).
+    pub recipients: &'a [String],
+    /// At Data and Delivery: the whole message, header and body, CRLF line ends.
+    pub message: Option<&'a [u8]>,
 }
 
 #[cfg(test)]
