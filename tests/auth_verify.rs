@@ -46,18 +46,6 @@ fn tool_bytes(args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
-    assert!(head.contains(" 200 "), "{head}");
-    body.to_string()
-}
-
 /// A TXT record in zone-file syntax: strings of at most 200 bytes.
 fn txt(owner: &str, value: &str) -> String {
     let parts: Vec<String> = value
@@ -504,7 +492,7 @@ fn dkimpy_signatures_dmarc_policies_and_refusals() {
     assert!(!auth_results(&body).contains("dkim=pass"), "{body}");
 
     // Metrics per method and result.
-    let metrics = http_get(relay.admin_port, "/metrics");
+    let metrics = relay.metrics();
     assert!(
         metrics.contains("sluice_auth_results_total{method=\"dkim\",result=\"pass\"} 2"),
         "{metrics}"
@@ -649,7 +637,7 @@ fn arc_chains_from_dkimpy_validate_and_sluice_seals_validate_with_dkimpy() {
     );
     assert!(stored_bad.starts_with("ARC-Seal: i=2;"), "{stored_bad}");
     assert!(stored_bad.contains("cv=fail"), "{stored_bad}");
-    let metrics = http_get(relay.admin_port, "/metrics");
+    let metrics = relay.metrics();
     assert!(
         metrics.contains("sluice_arc_seals_total{result=\"sealed\"} 3"),
         "{metrics}"
@@ -1114,7 +1102,7 @@ fn spf_is_decided_at_mail_from_before_the_body() {
     let log = relay.log();
     assert!(log.contains("sender refused by SPF"), "{log}");
     assert!(log.contains("spf_mailfrom=fail"), "{log}");
-    let metrics = http_get(relay.admin_port, "/metrics");
+    let metrics = relay.metrics();
     let pass = "sluice_auth_results_total{method=\"spf_mailfrom\",result=\"pass\"} 3";
     assert!(metrics.contains(pass), "{metrics}");
     assert!(
@@ -1209,7 +1197,7 @@ fn large_dkim_signed_message_is_hashed_on_the_blocking_pool() {
     let ar = auth_results(&stored(&relay, &r));
     assert!(ar.contains("dkim=pass"), "{ar}");
     assert!(ar.contains("dmarc=pass"), "{ar}");
-    let metrics = http_get(relay.admin_port, "/metrics");
+    let metrics = relay.metrics();
     assert!(
         metrics.contains("sluice_auth_body_hash_total{path=\"blocking\"} 1"),
         "{metrics}"
@@ -1247,7 +1235,7 @@ fn large_dkim_signed_message_is_hashed_on_the_blocking_pool() {
         &small,
     );
     assert!(auth_results(&stored(&relay, &r)).contains("dkim=pass"));
-    let metrics = http_get(relay.admin_port, "/metrics");
+    let metrics = relay.metrics();
     assert!(
         metrics.contains("sluice_auth_body_hash_total{path=\"blocking\"} 2"),
         "{metrics}"

@@ -8,7 +8,6 @@
 //! `sluice queue show`. A rules file put before the shipped rules reclassifies
 //! a reply; a broken one is refused by `sluice check-config` with its line.
 
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::time::Duration;
 
@@ -19,17 +18,6 @@ const T: Duration = Duration::from_secs(30);
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(T)).expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    let (head, body) = resp.split_once("\r\n\r\n").expect("http answer");
-    assert!(head.contains(" 200 "), "{head}");
-    body.to_string()
 }
 
 /// The value of `sluice_delivery_failures_total` with these labels (0 if absent).
@@ -219,7 +207,7 @@ fn classes_show_in_log_dsn_metrics_and_queue_show() {
     }
 
     // The metric, by class and status.
-    let m = http_get(relay.admin_port, "/metrics");
+    let m = relay.metrics();
     for (class, status) in [
         ("invalid-recipient", "failed"),
         ("policy-block", "failed"),

@@ -461,7 +461,7 @@ fn rsa_ed25519_and_dual_signatures_verify_with_dkimpy_and_opendkim() {
     );
 
     // Signatures per signer and the latency histogram, as Prometheus sees them.
-    let metrics = http_get(relay.admin_port, "/metrics");
+    let metrics = relay.metrics();
     for line in [
         "sluice_dkim_signatures_total{signer=\"rsa\"} 3",
         "sluice_dkim_signatures_total{signer=\"ed\"} 3",
@@ -474,19 +474,6 @@ fn rsa_ed25519_and_dual_signatures_verify_with_dkimpy_and_opendkim() {
             "no {line:?} in:\n{metrics}"
         );
     }
-}
-
-/// GET on the relay's operations listener; the body of a 200.
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(T)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
-    assert!(head.contains(" 200 "), "{head}");
-    body.to_string()
 }
 
 #[test]

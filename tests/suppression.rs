@@ -8,7 +8,6 @@
 //! accepted and failed at delivery without a connection, with a failure notice
 //! whose class is "suppressed".
 
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,25 +20,6 @@ const TOKEN: &str = "suppression-test-token-0123456789";
 
 fn sa(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(T)).expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    let (head, body) = resp.split_once("\r\n\r\n").expect("http answer");
-    assert!(head.contains(" 200 "), "{head}");
-    body.to_string()
-}
-
-fn metric(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
 }
 
 /// The hop: "gone@" does not exist, everyone else is accepted.
@@ -186,8 +166,8 @@ fn hard_bounce_suppresses_refuses_at_rcpt_survives_restart_and_is_lifted() {
             .contains("does not exist"),
         "{list:?}"
     );
-    let m = http_get(relay.admin_port, "/metrics");
-    assert_eq!(metric(&m, "sluice_suppression_added_total"), 1.0, "{m}");
+    let m = relay.metrics();
+    assert_eq!(metric_sum(&m, "sluice_suppression_added_total"), 1.0, "{m}");
 
     // The next message from the same sender domain: refused at RCPT.
     let (code, why) = smtplib(relay, "bob@snd.dlv.test", "Gone@A.dlv.test").expect_err("refused");
@@ -204,9 +184,9 @@ fn hard_bounce_suppresses_refuses_at_rcpt_survives_restart_and_is_lifted() {
     // Another sender domain is not affected (its message goes out, bounces,
     // and is recorded under its own scope).
     smtplib(relay, "carol@other.dlv.test", "gone@a.dlv.test").expect("other sender accepted");
-    let m = http_get(relay.admin_port, "/metrics");
+    let m = relay.metrics();
     assert_eq!(
-        metric(&m, "sluice_suppression_refused_total{action=\"refuse\"}"),
+        metric_sum(&m, "sluice_suppression_refused_total{action=\"refuse\"}"),
         2.0,
         "{m}"
     );
@@ -351,9 +331,9 @@ fn drop_action_fails_at_delivery_without_a_connection() {
         s.hop.commands()
     );
     assert!(attempts(relay, &id).is_empty(), "no delivery attempt");
-    let m = http_get(relay.admin_port, "/metrics");
+    let m = relay.metrics();
     assert_eq!(
-        metric(&m, "sluice_suppression_refused_total{action=\"drop\"}"),
+        metric_sum(&m, "sluice_suppression_refused_total{action=\"drop\"}"),
         1.0,
         "{m}"
     );

@@ -576,7 +576,8 @@ pub fn spool_ids(relay: &Relay) -> Vec<String> {
     relay.list().into_iter().map(|m| m.id).collect()
 }
 
-/// One HTTP/1.0 request to a sink's stats listener; the body of a 200 answer.
+/// One HTTP/1.0 request (to a sink's stats listener, the relay's operations
+/// listener); the body of a 200 answer.
 pub fn http_request(
     addr: SocketAddr,
     method: &str,
@@ -591,7 +592,7 @@ pub fn http_request(
     let (head, body) = resp
         .split_once("\r\n\r\n")
         .ok_or_else(|| std::io::Error::other("no HTTP header end"))?;
-    if !head.starts_with("HTTP/1.0 200") {
+    if head.split(' ').nth(1) != Some("200") {
         return Err(std::io::Error::other(format!("HTTP: {head}")));
     }
     Ok(body.to_string())

@@ -178,6 +178,19 @@ impl Relay {
         self.child.as_ref().expect("relay not running").pid()
     }
 
+    /// `GET path` from the relay's operations listener: the body of a 200
+    /// answer (panics on anything else, with the answer).
+    pub fn admin_get(&self, path: &str) -> String {
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), self.admin_port);
+        crate::delivery::http_request(addr, "GET", path, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("GET {path} on the operations listener: {e}"))
+    }
+
+    /// The relay's Prometheus exposition (`GET /metrics`).
+    pub fn metrics(&self) -> String {
+        self.admin_get("/metrics")
+    }
+
     /// Everything the relay wrote to stderr, over all its starts.
     pub fn log(&self) -> String {
         let mut all = String::new();
@@ -456,4 +469,14 @@ pub struct Stats {
     pub messages_stored: u64,
     pub commits: u64,
     pub queued: u64,
+}
+
+/// The sum of every sample in a Prometheus exposition whose line starts with
+/// `prefix` (a metric name, or a name with some of its labels); 0 when none.
+pub fn metric_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
