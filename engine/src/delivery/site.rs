@@ -431,7 +431,7 @@ impl CoreDelivery {
                 let mut eps = Vec::new();
                 let mut dane_failure: Option<SessionFailure> = None;
                 // The destination's MTA-STS policy (not for TLS policy none).
-                let sts = if tls.level == Level::None {
+                let sts = if tls.level == Level::None && !strategy.message_tls.requires_tls() {
                     mta_sts::Sts::Off("TLS policy none".into())
                 } else {
                     self.shared.mta_sts.policy_for(&self.resolver, domain).await
@@ -441,8 +441,29 @@ impl CoreDelivery {
                     Some(_) => super::tls_rpt_io::lookup_rua(&self.resolver, domain).await,
                     None => None,
                 };
+                // REQUIRETLS: hosts with addresses, and those refused for an
+                // MX not authenticated (RFC 8689 §4.2.1).
+                let (mut considered, mut mx_refused) = (0usize, 0usize);
                 for host in &route.hosts {
                     if host.addrs.is_empty() {
+                        continue;
+                    }
+                    considered += 1;
+                    let sts_listed = sts.mode() == Some(sluice_policy::mta_sts::Mode::Enforce)
+                        && sts.skip_reason(&host.name).is_none();
+                    if let Err(f) =
+                        tls_policy::requiretls_mx(strategy.message_tls, host.mx_secure, sts_listed)
+                    {
+                        crate::metrics::requiretls_refused(f.label());
+                        let reply = f.reply(tls, &host.name);
+                        tracing::info!(host = %host.name, reply = %reply, "MX host skipped");
+                        mx_refused += 1;
+                        dane_failure = Some(SessionFailure {
+                            reply,
+                            try_next: false,
+                            tls_policy: Some(tls.name()),
+                            requiretls_refused: true,
+                        });
                         continue;
                     }
                     // TLS-Required: No: the destination's DANE is ignored
@@ -514,7 +535,16 @@ impl CoreDelivery {
                     }
                 }
                 if eps.is_empty() {
-                    if let Some(failure) = dane_failure {
+                    if let Some(mut failure) = dane_failure {
+                        // Every host refused for its MX: RFC 8689 wants a bounce.
+                        if let Some(reply) = tls_policy::requiretls_outcome(
+                            strategy.message_tls,
+                            considered,
+                            mx_refused,
+                            &failure.reply,
+                        ) {
+                            failure.reply = reply;
+                        }
                         return Err(failure);
                     }
                     let error = route

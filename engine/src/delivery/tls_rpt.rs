@@ -284,7 +284,9 @@ pub fn policy_type(basis: &Basis) -> PolicyType {
 /// met: RFC 8460 has no result type for that, so the session counts as a success.
 pub fn result_of(failure: &Failure, basis: &Basis, level: Level) -> Option<ResultType> {
     Some(match failure {
-        Failure::NoRequireTls => return None,
+        // REQUIRETLS's own terms, not a TLS failure (and the MX check is
+        // made before any session).
+        Failure::NoRequireTls | Failure::MxNotAuthenticated => return None,
         Failure::NoStartTls | Failure::StartTlsRefused(_) => ResultType::StarttlsNotSupported,
         Failure::Handshake(_) => ResultType::ValidationFailure,
         Failure::NotVerified(why) => {
