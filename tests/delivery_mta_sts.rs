@@ -5,99 +5,17 @@
 //! through `delivery.tls_ca_file`; tests/py/tls_receiver.py receives the
 //! mail and records whether it crossed in clear text.
 
-use std::net::{Ipv4Addr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
+use sluice_testkit::mta_sts::PolicyServer;
 use sluice_testkit::nsd::ZONE;
 use sluice_testkit::*;
 
 const T: Duration = Duration::from_secs(40);
-
-/// A JSON-lines event file written by one of the Python peers.
-fn events(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-/// mta_sts_server.py: one HTTPS server for every `mta-sts.D` name, the
-/// certificate chosen by SNI.
-struct PolicyServer {
-    _guard: ChildGuard,
-    root: PathBuf,
-    log: PathBuf,
-}
-
-impl PolicyServer {
-    fn start(
-        dir: &Path,
-        ip: Ipv4Addr,
-        port: u16,
-        certs: &[(String, (PathBuf, PathBuf))],
-    ) -> PolicyServer {
-        let root = dir.join("policies");
-        std::fs::create_dir_all(&root).unwrap();
-        let log = dir.join("https.jsonl");
-        let mut cmd = Command::new("/usr/bin/python3");
-        cmd.arg(py_script("mta_sts_server.py"))
-            .args(["--listen", &format!("{ip}:{port}")])
-            .arg("--root")
-            .arg(&root)
-            .arg("--log")
-            .arg(&log);
-        for (name, (cert, key)) in certs {
-            cmd.arg("--cert")
-                .arg(format!("{name}={}:{}", cert.display(), key.display()));
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3");
-        let s = PolicyServer {
-            _guard: ChildGuard::new(child, "mta_sts_server.py"),
-            root,
-            log,
-        };
-        wait_until(
-            "mta_sts_server.py",
-            Duration::from_secs(15),
-            || events(&s.log).iter().any(|e| e["event"] == "ready"),
-            || format!("{:?}", events(&s.log)),
-        );
-        s
-    }
-
-    /// The policy served for `mta-sts.{label}.dlv.test`.
-    fn policy(&self, label: &str, mode: &str, mx: &[&str]) {
-        let mut body = format!("version: STSv1\r\nmode: {mode}\r\n");
-        for m in mx {
-            body.push_str(&format!("mx: {m}\r\n"));
-        }
-        body.push_str("max_age: 86400\r\n");
-        std::fs::write(self.root.join(format!("mta-sts.{label}.{ZONE}.txt")), body).unwrap();
-    }
-
-    /// How the server misbehaves for `mta-sts.{label}.dlv.test` ("" = not).
-    fn mode(&self, label: &str, mode: &str) {
-        std::fs::write(self.root.join(format!("mta-sts.{label}.{ZONE}.mode")), mode).unwrap();
-    }
-
-    /// Requests for `mta-sts.{label}.dlv.test`'s policy so far.
-    fn requests(&self, label: &str) -> usize {
-        let host = format!("mta-sts.{label}.{ZONE}");
-        events(&self.log)
-            .iter()
-            .filter(|e| e["host"] == host.as_str() && e["path"] == "/.well-known/mta-sts.txt")
-            .count()
-    }
-}
 
 /// `GET /metrics` from the relay's operations listener.
 fn metrics(relay: &Relay) -> String {

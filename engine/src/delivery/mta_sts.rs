@@ -68,6 +68,12 @@ pub enum FetchError {
 }
 
 impl FetchError {
+    /// The policy was fetched but is not a valid policy (`sts-policy-invalid`
+    /// in TLS reports; every other failure is `sts-policy-fetch-error`).
+    pub fn invalid_policy(&self) -> bool {
+        matches!(self, FetchError::Policy(_))
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             FetchError::NoAddress(_) => "no_address",
@@ -114,6 +120,11 @@ pub enum Sts {
         source: Source,
         note: Option<String>,
     },
+    /// The domain publishes an `_mta-sts` TXT record but its policy could not
+    /// be fetched or did not parse, and no cached policy is fresh: no policy
+    /// applies (RFC 8461 §5.1), and TLS-RPT reports the failure
+    /// (`sts-policy-fetch-error` / `sts-policy-invalid`, RFC 8460 §4.3.2).
+    FetchFailed(FetchError),
 }
 
 impl Sts {
@@ -154,6 +165,7 @@ impl std::fmt::Display for Sts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Sts::Off(why) => write!(f, "off ({why})"),
+            Sts::FetchFailed(e) => write!(f, "off (policy fetch failed: {e})"),
             Sts::Policy {
                 cached,
                 source,
@@ -379,7 +391,7 @@ impl MtaSts {
                     }
                     (Err(e), None) => {
                         tracing::info!(%domain, error = %e, "MTA-STS: policy fetch failed, no cached policy: configured TLS policy applies");
-                        Sts::Off(format!("policy fetch failed: {e}"))
+                        Sts::FetchFailed(e)
                     }
                 }
             }

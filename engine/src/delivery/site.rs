@@ -441,6 +441,13 @@ impl CoreDelivery {
                     Some(_) => super::tls_rpt_io::lookup_rua(&self.resolver, domain).await,
                     None => None,
                 };
+                // A policy that could not be fetched (or parsed) is reported
+                // once per delivery attempt to the domain (RFC 8460 §4.3.2).
+                if let (Some(rua), mta_sts::Sts::FetchFailed(e)) = (&rua, &sts) {
+                    let t = Rc::new(super::tls_rpt::sts_fetch_target(domain, rua));
+                    let result = super::tls_rpt::result_of_sts_fetch(e.invalid_policy());
+                    super::tls_rpt_io::record_failure(&t, result, None, &e.to_string());
+                }
                 // REQUIRETLS: hosts with addresses, and those refused for an
                 // MX not authenticated (RFC 8689 §4.2.1).
                 let (mut considered, mut mx_refused) = (0usize, 0usize);
@@ -476,7 +483,7 @@ impl CoreDelivery {
                     let skip = dane::skip_reason(&dane, tls, &host.name, *port);
                     let sts_policy = match &sts {
                         mta_sts::Sts::Policy { cached, .. } => Some(&cached.policy),
-                        mta_sts::Sts::Off(_) => None,
+                        mta_sts::Sts::Off(_) | mta_sts::Sts::FetchFailed(_) => None,
                     };
                     let rpt = rua.as_ref().map(|rua| {
                         Rc::new(super::tls_rpt::target(
