@@ -110,7 +110,7 @@ fn enforce_testing_and_failed_fetches() {
     );
     let failing = ["redir", "huge", "badcert", "slow"];
     let mut certs: Vec<(String, (PathBuf, PathBuf))> =
-        ["enf", "bad", "tst", "redir", "huge", "slow"]
+        ["enf", "bad", "tst", "redir", "huge", "slow", "dbg"]
             .iter()
             .map(|l| {
                 let name = format!("mta-sts.{l}.{ZONE}");
@@ -126,6 +126,8 @@ fn enforce_testing_and_failed_fetches() {
     https.policy("enf", "enforce", &[&format!("mx-good.{ZONE}")]);
     https.policy("bad", "enforce", &[&format!("*.{ZONE}")]);
     https.policy("tst", "testing", &[&format!("mx-wrong.{ZONE}")]);
+    // Only `sluice debug tls` asks for this one.
+    https.policy("dbg", "enforce", &[&format!("mx-good.{ZONE}")]);
     for l in failing {
         https.policy(l, "enforce", &[&format!("mx-wrong.{ZONE}")]);
     }
@@ -138,7 +140,10 @@ fn enforce_testing_and_failed_fetches() {
          enf MX 5 rogue\nenf MX 10 mx-good\nbad MX 10 mx-wrong\ntst MX 10 mx-wrong\n",
         ips[0], ips[1], ips[2]
     );
-    for l in ["enf", "bad", "tst", "redir", "huge", "badcert", "slow"] {
+    zone.push_str("dbg MX 10 mx-good\n");
+    for l in [
+        "enf", "bad", "tst", "redir", "huge", "badcert", "slow", "dbg",
+    ] {
         zone.push_str(&format!(
             "_mta-sts.{l} TXT \"v=STSv1; id=1;\"\nmta-sts.{l} A {}\n",
             ips[3]
@@ -298,6 +303,37 @@ fn enforce_testing_and_failed_fetches() {
         "{text}"
     );
     assert_eq!(https.requests("enf"), 1, "debug used the cached policy");
+
+    // A domain the relay never mailed: debug fetches its policy but does not
+    // write the relay's table (the relay would not see it), so a second run
+    // fetches again.
+    let debug_dbg = || {
+        let out = run_with_timeout(
+            Command::new(bin())
+                .args(["debug", "tls", &format!("dbg.{ZONE}")])
+                .args(["--set", &nsd.servers_set()])
+                .args([
+                    "--set",
+                    &format!("spool.path=\"{}\"", relay.spool_path().display()),
+                ])
+                .args([
+                    "--set",
+                    &format!("delivery.tls_ca_file=\"{}\"", ca.0.display()),
+                ])
+                .args([
+                    "--set",
+                    &format!("delivery.mta_sts_https_port={https_port}"),
+                ]),
+            T,
+        );
+        assert_ok(&out, "sluice debug tls");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    for n in 1..=2 {
+        let text = debug_dbg();
+        assert!(text.contains("source fetched"), "{text}");
+        assert_eq!(https.requests("dbg"), n, "run {n}: {text}");
+    }
 }
 
 /// A new TXT id fetches the new policy; the cache survives a restart (no

@@ -262,10 +262,14 @@ impl MtaSts {
     /// Loads the cached policies from `<spool_path>/mta-sts` and starts the
     /// management thread. A table that cannot be opened leaves the cache in
     /// memory only (logged): MTA-STS still works, it just refetches after a
-    /// restart.
+    /// restart. `persist`: whether fetched policies are written back to the
+    /// table. The relay persists; `sluice debug tls` does not: it reads the
+    /// relay's table, and what it fetches stays in its own memory, so the
+    /// table only ever holds what the running relay itself has in memory.
     pub fn start(
         enabled: bool,
         spool_path: Option<PathBuf>,
+        persist: bool,
         fetch: FetchConfig,
     ) -> std::io::Result<Arc<MtaSts>> {
         let table = match spool_path {
@@ -299,6 +303,7 @@ impl MtaSts {
         if enabled {
             tracing::info!(policies = loaded.len(), "MTA-STS: cached policies loaded");
         }
+        let table = table.filter(|_| persist);
         let cache = Arc::new(Mutex::new(loaded));
         let (tx, rx) = mpsc::channel();
         let timeout = fetch.timeout;
