@@ -15,7 +15,11 @@
 # in one domain, it cannot spread them); 32 and 256 connections; STARTTLS on (sluice
 # listener tls="starttls", Postfix smtpd_tls_security_level=may, the sink for the ceiling, all
 # with one self-signed cert from the openssl CLI) -- loadgen source only, smtp-source has no
-# STARTTLS. Relay -> sink is always plain.
+# STARTTLS. Relay -> sink is plain, except in the TLS "verify" cases (issue 13; only with
+# --case): inbound as for STARTTLS, and relay -> sink over STARTTLS with verification, the
+# sink presenting a certificate for 127.0.0.1 (IP and DNS name "localhost") issued by a
+# test CA made with the openssl CLI; sluice trusts it through delivery.tls_ca_file with
+# route tls="verify", Postfix through smtp_tls_CAfile with smtp_tls_security_level=verify.
 # DKIM signing setups (issue 12; only with --case): sluice-rsa / sluice-ed sign every message
 # for example.org with an RSA-2048 / Ed25519 key; postfix-rsa / postfix-ed are the same Postfix
 # with OpenDKIM 2.11 as an smtpd milter signing the same way (relaxed/relaxed, From
@@ -42,7 +46,7 @@
 #   --source S    smtp-source (default, comparable with earlier runs) or loadgen
 #   --bin-dir DIR take sluice and sluice-loadgen from DIR (implies --no-build)
 #   --case "SIZE CONNS RCPTS TLS SETUPS"  measure only this case (repeatable), e.g.
-#                 --case "1024 32 1 off sluice,postfix" (TLS off|starttls; setups from
+#                 --case "1024 32 1 off sluice,postfix" (TLS off|starttls|verify; setups from
 #                 ceiling,sluice,sluice1,postfix, and the DKIM setups sluice-rsa,sluice-ed,
 #                 postfix-rsa,postfix-ed); bench/ab.sh uses it for A/B runs
 # Needs root (Postfix runs its daemons as user postfix), smtp-source, postfix, curl, jq,
@@ -105,8 +109,8 @@ else
 fi
 if [ "${#ONLY_CASES[@]}" -gt 0 ]; then
     for c in "${ONLY_CASES[@]}"; do
-        [[ "$c" =~ ^[1-9][0-9]*\ [1-9][0-9]*\ [1-9][0-9]*\ (off|starttls)\ [a-z0-9,-]+$ ]] \
-            || die "--case wants \"SIZE CONNS RCPTS off|starttls SETUPS\", got \"$c\""
+        [[ "$c" =~ ^[1-9][0-9]*\ [1-9][0-9]*\ [1-9][0-9]*\ (off|starttls|verify)\ [a-z0-9,-]+$ ]] \
+            || die "--case wants \"SIZE CONNS RCPTS off|starttls|verify SETUPS\", got \"$c\""
     done
     CASES=("${ONLY_CASES[@]}")
 fi
@@ -252,9 +256,13 @@ start_pss_sampler() { # MASTER_PID OUTFILE STOPFILE [EXTRA_PID]
 }
 
 # ---------------------------------------------------------------------------------------
-start_sink() { # PORT STATS_PORT DIR [TLS] [DKIM_ALG]
+start_sink() { # PORT STATS_PORT DIR [TLS: off|starttls|sink-verify] [DKIM_ALG]
     local tls_args=() token_args=()
-    [ "${4:-off}" = off ] || tls_args=(--tls-cert "$CERT" --tls-key "$KEY")
+    case "${4:-off}" in
+        off) ;;
+        sink-verify) tls_args=(--tls-cert "$SINK_CERT" --tls-key "$SINK_KEY") ;;
+        *) tls_args=(--tls-cert "$CERT" --tls-key "$KEY") ;;
+    esac
     [ -z "${5:-}" ] || token_args=(--token-header DKIM-Signature)
     "$BIN/sluice-loadgen" sink --listen "127.0.0.1:$1" --stats-listen "127.0.0.1:$2" \
         --no-tokens "${tls_args[@]}" "${token_args[@]}" >"$3/sink.json" 2>"$3/sink.err" &
@@ -265,8 +273,10 @@ start_sink() { # PORT STATS_PORT DIR [TLS] [DKIM_ALG]
 }
 
 sluice_args() { # PORT SINK_PORT SPOOL CORES [TLS]
+    local out_tls=none
+    [ "${5:-off}" != verify ] || out_tls=verify
     local a=(run --set delivery.enabled=true
-        --set "route.default={type=\"relay\",host=\"127.0.0.1\",port=$2,tls=\"none\"}"
+        --set "route.default={type=\"relay\",host=\"127.0.0.1\",port=$2,tls=\"$out_tls\"}"
         --set 'dns.servers=["127.0.0.1:9"]' --set log.level=warn --set 'admin.listen=""'
         --set "server.listener.smtp.bind=[\"127.0.0.1:$1\"]"
         --set "server.listener.smtp.max_connections_per_ip=1024"
@@ -274,6 +284,7 @@ sluice_args() { # PORT SINK_PORT SPOOL CORES [TLS]
     [ "$4" = 0 ] || a+=(--set "server.cores=$4")
     [ "${5:-off}" = off ] || a+=(--set 'server.listener.smtp.tls="starttls"'
         --set "server.listener.smtp.tls_cert=\"$CERT\"" --set "server.listener.smtp.tls_key=\"$KEY\"")
+    [ "${5:-off}" != verify ] || a+=(--set "delivery.tls_ca_file=\"$CA_CERT\"")
     printf '%s\0' "${a[@]}"
 }
 
@@ -328,14 +339,15 @@ EOF
 
 POSTFIX_QUEUE=""
 start_postfix() { # PORT SINK_PORT DIR TLS [MILTER_PORT]
-    local base="$3/postfix" i=0 level=none milters=""
+    local base="$3/postfix" i=0 level=none milters="" out_level=none cafile=""
     [ "$4" = off ] || level=may
+    [ "$4" != verify ] || { out_level=verify; cafile=$CA_CERT; }
     [ -z "${5:-}" ] || milters="inet:127.0.0.1:$5"
     mkdir -p "$base/conf" "$base/queue" "$base/data"
     sed -e "s|@CONFIG_DIR@|$base/conf|g; s|@QUEUE_DIR@|$base/queue|g" \
         -e "s|@SMTPD_TLS_LEVEL@|$level|g; s|@TLS_CERT@|$CERT|g; s|@TLS_KEY@|$KEY|g" \
         -e "s|@DATA_DIR@|$base/data|g; s|@BASE_DIR@|$base|g; s|@SINK_PORT@|$2|g" \
-        -e "s|@MILTERS@|$milters|g" \
+        -e "s|@MILTERS@|$milters|g; s|@SMTP_TLS_LEVEL@|$out_level|g; s|@SMTP_TLS_CAFILE@|$cafile|g" \
         "$BENCH_DIR/postfix/main.cf.in" >"$base/conf/main.cf"
     sed -e "s|@SMTPD_ADDR@|127.0.0.1:$1|g" "$BENCH_DIR/postfix/master.cf.in" >"$base/conf/master.cf"
     chown postfix "$base/data"
@@ -373,7 +385,9 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
         port_free "$q" || die "port $q is in use; pick another --port-base"
     done
     log "case $((ci + 1)): $setup, $size B x $rcpts rcpt, $conns connections, TLS $tls, $MESSAGES messages ($SOURCE)"
-    start_sink "$sink_port" "$stats_port" "$dir" "$([ "$setup" = ceiling ] && echo "$tls" || echo off)" "$alg"
+    local sink_tls=off
+    if [ "$setup" = ceiling ]; then sink_tls=$tls; elif [ "$tls" = verify ]; then sink_tls=sink-verify; fi
+    start_sink "$sink_port" "$stats_port" "$dir" "$sink_tls" "$alg"
     RELAY_PID="" OPENDKIM_PID=""
     case "$setup" in
         ceiling) target=$sink_port ;;
@@ -498,6 +512,22 @@ if printf '%s\n' "${CASES[@]}" | awk '$4 != "off" { f = 1 } END { exit !f }'; th
         -keyout "$KEY" -out "$CERT" >"$WORK/tls/openssl.log" 2>&1 || die "openssl req failed"
     chmod 644 "$CERT" "$KEY"
 fi
+CA_CERT="" SINK_CERT="" SINK_KEY=""
+if printf '%s\n' "${CASES[@]}" | awk '$4 == "verify" { f = 1 } END { exit !f }'; then
+    # A test CA and the sink's certificate for 127.0.0.1 / localhost, issued by it.
+    CA_CERT="$WORK/tls/ca.pem" SINK_CERT="$WORK/tls/sink.pem" SINK_KEY="$WORK/tls/sink.key"
+    {
+        openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=bench-ca \
+            -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+            -keyout "$WORK/tls/ca.key" -out "$CA_CERT" &&
+        openssl req -newkey rsa:2048 -nodes -subj /CN=localhost \
+            -keyout "$SINK_KEY" -out "$WORK/tls/sink.csr" &&
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$WORK/tls/sink.ext" &&
+        openssl x509 -req -in "$WORK/tls/sink.csr" -CA "$CA_CERT" -CAkey "$WORK/tls/ca.key" \
+            -CAcreateserial -days 2 -extfile "$WORK/tls/sink.ext" -out "$SINK_CERT"
+    } >>"$WORK/tls/openssl.log" 2>&1 || die "making the verify case's CA and sink certificate failed"
+    chmod 644 "$CA_CERT" "$SINK_CERT" "$SINK_KEY"
+fi
 # DKIM keys, one pair per run, readable by OpenDKIM (which drops to user opendkim).
 DKIM_DIR=""
 if printf '%s\n' "${CASES[@]}" | awk '$5 ~ /-(rsa|ed)(,|$)/ { f = 1 } END { exit !f }'; then
@@ -570,7 +600,7 @@ table() {
             if [ "$SOURCE" = loadgen ]; then desc+=" over $rcpts domains"; else desc+=" (1 domain)"; fi
         fi
         desc+=", $conns conn"
-        [ "$tls" = off ] || desc+=", STARTTLS"
+        case "$tls" in starttls) desc+=", STARTTLS" ;; verify) desc+=", STARTTLS in, verified STARTTLS out" ;; esac
         IFS=, read -r -a list <<<"$setups"
         ce="$ci/ceiling"
         for setup in "${list[@]}"; do
@@ -594,7 +624,7 @@ shquote() { # ARGS... -> one shell-quoted line
     echo "${out% }"
 }
 mapfile -d '' SLUICE_ARGS < <(sluice_args RELAYPORT SINKPORT SPOOLDIR 0)
-SLUICE_CMD="sluice $(shquote "${SLUICE_ARGS[@]}") [--set server.cores=1] [STARTTLS cases: --set 'server.listener.smtp.tls=\"starttls\"' --set server.listener.smtp.tls_cert=CERT --set server.listener.smtp.tls_key=KEY]"
+SLUICE_CMD="sluice $(shquote "${SLUICE_ARGS[@]}") [--set server.cores=1] [STARTTLS cases: --set 'server.listener.smtp.tls=\"starttls\"' --set server.listener.smtp.tls_cert=CERT --set server.listener.smtp.tls_key=KEY] [verify cases: route.default tls=\"verify\" --set delivery.tls_ca_file=CA]"
 dkim_desc() {
     [ -n "$DKIM_DIR" ] || return 0
     local a=()
@@ -612,7 +642,7 @@ section() {
 - Source (same for all): $SOURCE_DESC
 - Sink (same for all, fresh per measurement): \`sluice-loadgen sink --listen 127.0.0.1:SINKPORT --stats-listen 127.0.0.1:STATSPORT --no-tokens\` (cores: all; for the STARTTLS ceiling also \`--tls-cert CERT --tls-key KEY\`; CERT/KEY: \`openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=bench.localdomain\`)
 - sluice (fresh spool per measurement, fsync on as by default): \`$SLUICE_CMD\`
-- Postfix: a private instance (own config, queue and data directories under the temp dir; \`postfix -c DIR start\`) from \`bench/postfix/main.cf.in\` and \`master.cf.in\`: Debian's shipped services and durability (queue files fsynced), no chroot, relayhost=[127.0.0.1]:SINKPORT, smtpd STARTTLS (smtpd_tls_security_level=may, same cert) only in the STARTTLS cases, no TLS to the sink, default_destination_concurrency_limit=50, default_process_limit=300, logging to a file through postlogd; fresh queue per measurement
+- Postfix: a private instance (own config, queue and data directories under the temp dir; \`postfix -c DIR start\`) from \`bench/postfix/main.cf.in\` and \`master.cf.in\`: Debian's shipped services and durability (queue files fsynced), no chroot, relayhost=[127.0.0.1]:SINKPORT, smtpd STARTTLS (smtpd_tls_security_level=may, same cert) only in the STARTTLS and verify cases, no TLS to the sink except in the verify cases (smtp_tls_security_level=verify, smtp_tls_CAfile=CA, smtp_tls_verify_cert_match=hostname, localhost; the sink then presents a certificate for IP 127.0.0.1 and DNS localhost issued by CA, a test CA from the openssl CLI), default_destination_concurrency_limit=50, default_process_limit=300, logging to a file through postlogd; fresh queue per measurement
 $(dkim_desc)
 - accepted = messages ÷ source wall time; delivered = messages ÷ (source start → the sink's last message); relay CPU = utime+stime (Postfix: master and all its processes, reaped ones included); relay peak = sluice VmHWM, Postfix peak of the summed PSS of its processes sampled every 0.5 s; sink conns = connections the sink saw (the relay's connection reuse)
 

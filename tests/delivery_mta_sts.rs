@@ -5,99 +5,17 @@
 //! through `delivery.tls_ca_file`; tests/py/tls_receiver.py receives the
 //! mail and records whether it crossed in clear text.
 
-use std::net::{Ipv4Addr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
+use sluice_testkit::mta_sts::PolicyServer;
 use sluice_testkit::nsd::ZONE;
 use sluice_testkit::*;
 
 const T: Duration = Duration::from_secs(40);
-
-/// A JSON-lines event file written by one of the Python peers.
-fn events(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-/// mta_sts_server.py: one HTTPS server for every `mta-sts.D` name, the
-/// certificate chosen by SNI.
-struct PolicyServer {
-    _guard: ChildGuard,
-    root: PathBuf,
-    log: PathBuf,
-}
-
-impl PolicyServer {
-    fn start(
-        dir: &Path,
-        ip: Ipv4Addr,
-        port: u16,
-        certs: &[(String, (PathBuf, PathBuf))],
-    ) -> PolicyServer {
-        let root = dir.join("policies");
-        std::fs::create_dir_all(&root).unwrap();
-        let log = dir.join("https.jsonl");
-        let mut cmd = Command::new("/usr/bin/python3");
-        cmd.arg(py_script("mta_sts_server.py"))
-            .args(["--listen", &format!("{ip}:{port}")])
-            .arg("--root")
-            .arg(&root)
-            .arg("--log")
-            .arg(&log);
-        for (name, (cert, key)) in certs {
-            cmd.arg("--cert")
-                .arg(format!("{name}={}:{}", cert.display(), key.display()));
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3");
-        let s = PolicyServer {
-            _guard: ChildGuard::new(child, "mta_sts_server.py"),
-            root,
-            log,
-        };
-        wait_until(
-            "mta_sts_server.py",
-            Duration::from_secs(15),
-            || events(&s.log).iter().any(|e| e["event"] == "ready"),
-            || format!("{:?}", events(&s.log)),
-        );
-        s
-    }
-
-    /// The policy served for `mta-sts.{label}.dlv.test`.
-    fn policy(&self, label: &str, mode: &str, mx: &[&str]) {
-        let mut body = format!("version: STSv1\r\nmode: {mode}\r\n");
-        for m in mx {
-            body.push_str(&format!("mx: {m}\r\n"));
-        }
-        body.push_str("max_age: 86400\r\n");
-        std::fs::write(self.root.join(format!("mta-sts.{label}.{ZONE}.txt")), body).unwrap();
-    }
-
-    /// How the server misbehaves for `mta-sts.{label}.dlv.test` ("" = not).
-    fn mode(&self, label: &str, mode: &str) {
-        std::fs::write(self.root.join(format!("mta-sts.{label}.{ZONE}.mode")), mode).unwrap();
-    }
-
-    /// Requests for `mta-sts.{label}.dlv.test`'s policy so far.
-    fn requests(&self, label: &str) -> usize {
-        let host = format!("mta-sts.{label}.{ZONE}");
-        events(&self.log)
-            .iter()
-            .filter(|e| e["host"] == host.as_str() && e["path"] == "/.well-known/mta-sts.txt")
-            .count()
-    }
-}
 
 /// `GET /metrics` from the relay's operations listener.
 fn metrics(relay: &Relay) -> String {
@@ -192,7 +110,7 @@ fn enforce_testing_and_failed_fetches() {
     );
     let failing = ["redir", "huge", "badcert", "slow"];
     let mut certs: Vec<(String, (PathBuf, PathBuf))> =
-        ["enf", "bad", "tst", "redir", "huge", "slow"]
+        ["enf", "bad", "tst", "redir", "huge", "slow", "dbg"]
             .iter()
             .map(|l| {
                 let name = format!("mta-sts.{l}.{ZONE}");
@@ -208,6 +126,8 @@ fn enforce_testing_and_failed_fetches() {
     https.policy("enf", "enforce", &[&format!("mx-good.{ZONE}")]);
     https.policy("bad", "enforce", &[&format!("*.{ZONE}")]);
     https.policy("tst", "testing", &[&format!("mx-wrong.{ZONE}")]);
+    // Only `sluice debug tls` asks for this one.
+    https.policy("dbg", "enforce", &[&format!("mx-good.{ZONE}")]);
     for l in failing {
         https.policy(l, "enforce", &[&format!("mx-wrong.{ZONE}")]);
     }
@@ -220,7 +140,10 @@ fn enforce_testing_and_failed_fetches() {
          enf MX 5 rogue\nenf MX 10 mx-good\nbad MX 10 mx-wrong\ntst MX 10 mx-wrong\n",
         ips[0], ips[1], ips[2]
     );
-    for l in ["enf", "bad", "tst", "redir", "huge", "badcert", "slow"] {
+    zone.push_str("dbg MX 10 mx-good\n");
+    for l in [
+        "enf", "bad", "tst", "redir", "huge", "badcert", "slow", "dbg",
+    ] {
         zone.push_str(&format!(
             "_mta-sts.{l} TXT \"v=STSv1; id=1;\"\nmta-sts.{l} A {}\n",
             ips[3]
@@ -380,6 +303,37 @@ fn enforce_testing_and_failed_fetches() {
         "{text}"
     );
     assert_eq!(https.requests("enf"), 1, "debug used the cached policy");
+
+    // A domain the relay never mailed: debug fetches its policy but does not
+    // write the relay's table (the relay would not see it), so a second run
+    // fetches again.
+    let debug_dbg = || {
+        let out = run_with_timeout(
+            Command::new(bin())
+                .args(["debug", "tls", &format!("dbg.{ZONE}")])
+                .args(["--set", &nsd.servers_set()])
+                .args([
+                    "--set",
+                    &format!("spool.path=\"{}\"", relay.spool_path().display()),
+                ])
+                .args([
+                    "--set",
+                    &format!("delivery.tls_ca_file=\"{}\"", ca.0.display()),
+                ])
+                .args([
+                    "--set",
+                    &format!("delivery.mta_sts_https_port={https_port}"),
+                ]),
+            T,
+        );
+        assert_ok(&out, "sluice debug tls");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    for n in 1..=2 {
+        let text = debug_dbg();
+        assert!(text.contains("source fetched"), "{text}");
+        assert_eq!(https.requests("dbg"), n, "run {n}: {text}");
+    }
 }
 
 /// A new TXT id fetches the new policy; the cache survives a restart (no

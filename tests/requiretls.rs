@@ -15,8 +15,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_testkit::nsd::ZONE;
+use sluice_testkit::dnssec::{DnssecBed, Zone, TOOLS};
 use sluice_testkit::*;
+
+/// The signed zone of the MX hosts (validated by the bed's unbound: RFC 8689
+/// §4.2.1 wants the MX of a REQUIRETLS message authenticated).
+const ZONE: &str = "rtls.test";
+/// An unsigned zone: its MX answers carry no AD bit.
+const PLAIN: &str = "plain.test";
 
 const T: Duration = Duration::from_secs(30);
 
@@ -128,35 +134,51 @@ fn requiretls_end_to_end() {
             good_cert.1.display()
         ))
         .start();
-    let nsd = Nsd::start(&format!(
-        "good MX 10 mx-good\nsnd MX 10 mx-good\nmx-good A {}\n\
-         noreq MX 10 mx-noreq\nmx-noreq A {}\n\
-         wrong MX 10 mx-wrong\nmx-wrong A {}\n\
-         multi MX 10 mx-noreq\nmulti MX 20 mx-good\n",
-        ips[0], ips[1], ips[2]
-    ));
+    require_tools!(TOOLS[0], TOOLS[1], TOOLS[2], TOOLS[3]);
+    let bed = DnssecBed::start(&[
+        Zone::secure(
+            ZONE,
+            &format!(
+                "good MX 10 mx-good\nsnd MX 10 mx-good\nmx-good A {}\n\
+                 noreq MX 10 mx-noreq\nmx-noreq A {}\n\
+                 wrong MX 10 mx-wrong\nmx-wrong A {}\n\
+                 multi MX 10 mx-noreq\nmulti MX 20 mx-good\n",
+                ips[0], ips[1], ips[2]
+            ),
+        ),
+        // Its MX is the REQUIRETLS-capable receiver, but the MX answer is not
+        // authenticated.
+        Zone::unsigned(PLAIN, &format!("@ MX 10 mx-good.{ZONE}.\n")),
+    ]);
     let sender_cert = make_cert(dir.path());
-    let relay = mx_relay(
-        &nsd,
-        port,
-        1,
-        &[
-            format!("delivery.tls_ca_file=\"{}\"", ca.0.display()),
-            "server.listener.smtp.tls=\"starttls\"".to_string(),
-            format!(
-                "server.listener.smtp.tls_cert=\"{}\"",
-                sender_cert.0.display()
-            ),
-            format!(
-                "server.listener.smtp.tls_key=\"{}\"",
-                sender_cert.1.display()
-            ),
-            // wrong.* needs verify; TLS-Required: No is honoured here.
-            format!("rule=[{{match={{recipient_domain=[\"wrong.{ZONE}\"]}},tls=\"verify\"}}]"),
-            "server.listener.smtp.honor_tls_required_no=true".to_string(),
-            "queue.default.retry=[\"1h\"]".to_string(),
-        ],
-    );
+    let mut builder = Relay::builder()
+        .cores(1)
+        .set("delivery.enabled=true")
+        .set("log.format=\"json\"")
+        .set(bed.servers_set())
+        .set("dns.dnssec_validating=true")
+        .set("dns.timeout=\"2s\"")
+        .set(format!("delivery.mx_port={port}"))
+        .set("delivery.connect_timeout=\"5s\"");
+    for e in [
+        format!("delivery.tls_ca_file=\"{}\"", ca.0.display()),
+        "server.listener.smtp.tls=\"starttls\"".to_string(),
+        format!(
+            "server.listener.smtp.tls_cert=\"{}\"",
+            sender_cert.0.display()
+        ),
+        format!(
+            "server.listener.smtp.tls_key=\"{}\"",
+            sender_cert.1.display()
+        ),
+        // wrong.* needs verify; TLS-Required: No is honoured here.
+        format!("rule=[{{match={{recipient_domain=[\"wrong.{ZONE}\"]}},tls=\"verify\"}}]"),
+        "server.listener.smtp.honor_tls_required_no=true".to_string(),
+        "queue.default.retry=[\"1h\"]".to_string(),
+    ] {
+        builder = builder.set(e);
+    }
+    let relay = builder.start();
     let sender = format!("alice@snd.{ZONE}");
 
     // In clear text: not advertised, and refused.
@@ -196,6 +218,8 @@ fn requiretls_end_to_end() {
         &sender,
         &[&format!("erin@wrong.{ZONE}")],
     ));
+
+    let id_plain = queued_as(&smtplib(&relay, true, &sender, &[&format!("fay@{PLAIN}")]));
 
     // Delivered to the sluice that offers REQUIRETLS, verified, with REQUIRETLS.
     let mut a = Vec::new();
@@ -238,9 +262,14 @@ fn requiretls_end_to_end() {
         assert!(field(t, "tls").starts_with("TLSv1."), "{t}");
     }
 
-    // No REQUIRETLS at the only MX, or a certificate for another name: not
-    // delivered, bounced 5.7.30.
-    for id in [&id_noreq, &id_wrong] {
+    // No REQUIRETLS at the only MX (5.7.30), a certificate for another name
+    // (5.7.5), an MX answer that is not DNSSEC-validated (5.7.4, the host not
+    // even dialled): not delivered, bounced with the cause's code.
+    for (id, code) in [
+        (&id_noreq, "5.7.30"),
+        (&id_wrong, "5.7.5"),
+        (&id_plain, "5.7.4"),
+    ] {
         let mut a = Vec::new();
         wait_until(
             &format!("{id} bounced"),
@@ -253,7 +282,7 @@ fn requiretls_end_to_end() {
         );
         let e = a.iter().find(|e| field(e, "status") == "failed").unwrap();
         assert_eq!(e["code"], 550, "{e}");
-        assert_eq!(field(e, "enhanced"), "5.7.30", "{e}");
+        assert_eq!(field(e, "enhanced"), code, "{e}");
         assert_eq!(e["requiretls"], true, "{e}");
         assert!(a.iter().all(|e| field(e, "status") != "delivered"), "{a:?}");
     }
@@ -278,18 +307,33 @@ fn requiretls_end_to_end() {
         .find(|e| field(e, "status") == "failed")
         .unwrap();
     assert!(field(&e, "reply").contains("not verified"), "{e}");
+    let e = attempts(&relay, &id_plain)
+        .into_iter()
+        .find(|e| field(e, "status") == "failed")
+        .unwrap();
+    assert!(
+        field(&e, "reply").contains(&format!("MX host mx-good.{ZONE} not authenticated")),
+        "{e}"
+    );
+    // The receiver took the first message's two sessions (good, multi) and
+    // nothing for {PLAIN}, though it is that domain's MX.
+    let from_sender: Vec<Value> = at_receiver()
+        .into_iter()
+        .filter(|t| field(t, "sender") == sender)
+        .collect();
+    assert_eq!(from_sender.len(), 2, "{from_sender:?}");
 
     // The two notices went to the sender's MX (the sluice) with REQUIRETLS,
     // and return only the headers of the original.
     wait_until(
-        "two notices at the receiver",
+        "three notices at the receiver",
         T,
         || {
             at_receiver()
                 .iter()
                 .filter(|t| field(t, "sender").is_empty())
                 .count()
-                == 2
+                == 3
         },
         || format!("{}\n--- sender ---\n{}", receiver.log(), relay.log()),
     );
@@ -302,12 +346,14 @@ fn requiretls_end_to_end() {
         // The receiver stored the request with the notice (`queue show`).
         let show = receiver.show(field(t, "id"));
         assert!(show.contains("tls_request: requiretls"), "{show}");
-        let to = if raw.windows(5).any(|w| w == b"noreq") {
-            format!("dan@noreq.{ZONE}")
+        let (to, code) = if raw.windows(5).any(|w| w == b"noreq") {
+            (format!("dan@noreq.{ZONE}"), "5.7.30")
+        } else if raw.windows(PLAIN.len()).any(|w| w == PLAIN.as_bytes()) {
+            (format!("fay@{PLAIN}"), "5.7.4")
         } else {
-            format!("erin@wrong.{ZONE}")
+            (format!("erin@wrong.{ZONE}"), "5.7.5")
         };
-        let v = assert_failure_dsn(&raw, &[&to], "5.7.30");
+        let v = assert_failure_dsn(&raw, &[&to], code);
         assert!(
             v["parts"].to_string().contains("text/rfc822-headers"),
             "{v:#}"

@@ -8,7 +8,9 @@
 //! Destinations (NSD on loopback): `good` (its MX presents a certificate for
 //! its name from the test CA; reports by mail), `bad` (its MX presents one for
 //! another name; reports to https://rpt-https…), `rpt` (where the mailed
-//! reports go; no `_smtp._tls`, so never counted).
+//! reports go; no `_smtp._tls`, so never counted). A second test covers
+//! MTA-STS: an enforced policy reported as `sts`, and policies that cannot be
+//! fetched or parsed (`sts-policy-fetch-error`, `sts-policy-invalid`).
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -313,4 +315,185 @@ fn reports_by_mail_and_https_validate_and_survive_a_restart() {
     // _smtp._tls record) was never counted.
     let again = send_now(&relay);
     assert_eq!(again["reports"], serde_json::json!([]), "{again}");
+}
+
+/// MTA-STS in the reports (RFC 8460 §4.3): a session under an enforced
+/// policy (served by tests/py/mta_sts_server.py over HTTPS) is reported as
+/// policy type `sts` with the policy's fields as `policy-string` and its MX
+/// host; a domain whose `_mta-sts` TXT names a policy that cannot be fetched
+/// (nothing listens at its `mta-sts` address) or does not parse is reported
+/// with `sts-policy-fetch-error` / `sts-policy-invalid` (and its mail goes as
+/// configured). Every report goes by HTTPS POST and validates against the schema.
+#[test]
+fn mta_sts_sessions_and_failed_policy_fetches_are_reported() {
+    use sluice_testkit::mta_sts::PolicyServer;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = make_ca(dir.path(), "ca");
+    // 0 the MX; 1 the policy server; 2 the report sink; 3 nothing listens.
+    let ips = loopbacks(4);
+    let port = mx_port(&ips[..1]);
+    let policy_port = mx_port(&[ips[1], ips[3]]);
+    let rpt_port = TcpListener::bind((ips[2], 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mx = format!("mx-sts.{ZONE}");
+    let rpt_host = format!("rpt-https.{ZONE}");
+    let labels = ["sts", "nofetch", "invalid"];
+    let mut zone = format!("mx-sts A {}\nrpt-https A {}\n", ips[0], ips[2]);
+    for l in labels {
+        let policy_ip = if l == "nofetch" { ips[3] } else { ips[1] };
+        zone.push_str(&format!(
+            "{l} MX 10 mx-sts\n_mta-sts.{l} TXT \"v=STSv1; id=1;\"\nmta-sts.{l} A {policy_ip}\n\
+             _smtp._tls.{l} TXT \"v=TLSRPTv1; rua=https://{rpt_host}:{rpt_port}/tlsrpt\"\n"
+        ));
+    }
+    let receiver = TlsReceiver::start(
+        dir.path(),
+        ips[0],
+        port,
+        Some(&make_issued_cert(dir.path(), &ca, "mx", &mx)),
+        None,
+    );
+    let certs: Vec<(String, (PathBuf, PathBuf))> = ["sts", "invalid"]
+        .iter()
+        .map(|l| {
+            let name = format!("mta-sts.{l}.{ZONE}");
+            (
+                name.clone(),
+                make_issued_cert(dir.path(), &ca, &format!("https-{l}"), &name),
+            )
+        })
+        .collect();
+    let policies = PolicyServer::start(dir.path(), ips[1], policy_port, &certs);
+    policies.policy("sts", "enforce", &[&mx]);
+    policies.body("invalid", "this is not an MTA-STS policy\r\n");
+    let sink = HttpsSink::start(
+        dir.path(),
+        SocketAddr::new(ips[2].into(), rpt_port),
+        &make_issued_cert(dir.path(), &ca, "rpt", &rpt_host),
+    );
+    let nsd = Nsd::start(&zone);
+    let relay = mx_relay(
+        &nsd,
+        port,
+        1,
+        &[
+            format!("delivery.tls_ca_file=\"{}\"", ca.0.display()),
+            format!("delivery.mta_sts_https_port={policy_port}"),
+            "delivery.mta_sts_fetch_timeout=\"3s\"".into(),
+            "queue.default.retry=[\"1h\"]".into(),
+            "tls_rpt.enabled=true".into(),
+            "tls_rpt.organization_name=\"Sluice Test Org\"".into(),
+            "tls_rpt.contact_info=\"mailto:tls-admin@relay.test\"".into(),
+            "tls_rpt.sender=\"tls-reports@relay.test\"".into(),
+        ],
+    );
+    let rcpts: Vec<String> = labels.iter().map(|l| format!("bob@{l}.{ZONE}")).collect();
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let body = b"From: alice@snd.example\r\nSubject: tls-rpt sts\r\n\r\nhello\r\n";
+    let id = submit(&relay, "alice@snd.example", "", &refs, body);
+    wait_until(
+        "all three delivered",
+        T,
+        || {
+            attempts(&relay, &id)
+                .iter()
+                .filter(|e| field(e, "status") == "delivered")
+                .count()
+                == 3
+        },
+        || relay.log(),
+    );
+    for e in attempts(&relay, &id) {
+        let want = if field(&e, "recipient") == rcpts[0] {
+            "mta-sts"
+        } else {
+            "opportunistic"
+        };
+        assert_eq!(field(&e, "tls_policy"), want, "{e}");
+    }
+    assert_eq!(receiver.of("message").len(), 3);
+
+    let sent = send_now(&relay);
+    assert_eq!(
+        sent["reports"].as_array().map(Vec::len),
+        Some(3),
+        "{sent}\n{}",
+        relay.log()
+    );
+    wait_until(
+        "three POSTed reports",
+        T,
+        || sink.posts().len() == 3,
+        || relay.log(),
+    );
+    let mut by_domain = std::collections::HashMap::new();
+    for (_, file) in sink.posts() {
+        let got = check("gzip", &file);
+        let report = got["report"].clone();
+        let domain = report["policies"][0]["policy"]["policy-domain"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        by_domain.insert(domain, report);
+    }
+
+    // Enforced: policy type sts, the policy's fields, the MX host.
+    let report = &by_domain[&format!("sts.{ZONE}")];
+    let p = policies_of(report, "sts");
+    assert_eq!(p.len(), 1, "{report}");
+    let strings: Vec<&str> = p[0]["policy"]["policy-string"]
+        .as_array()
+        .expect("policy-string")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for want in [
+        "version: STSv1",
+        "mode: enforce",
+        &format!("mx: {mx}"),
+        "max_age: 86400",
+    ] {
+        assert!(strings.contains(&want), "{want} in {strings:?}");
+    }
+    assert_eq!(p[0]["policy"]["mx-host"][0], mx.as_str(), "{report}");
+    assert_eq!(
+        p[0]["summary"]["total-successful-session-count"], 1,
+        "{report}"
+    );
+    assert_eq!(
+        p[0]["summary"]["total-failure-session-count"], 0,
+        "{report}"
+    );
+    assert!(
+        policies_of(report, "no-policy-found").is_empty(),
+        "{report}"
+    );
+
+    // Fetch failed / policy invalid: an sts failure without policy string or
+    // host; the session itself, under the configured policy, a success.
+    for (label, result) in [
+        ("nofetch", "sts-policy-fetch-error"),
+        ("invalid", "sts-policy-invalid"),
+    ] {
+        let report = &by_domain[&format!("{label}.{ZONE}")];
+        let p = policies_of(report, "sts");
+        assert_eq!(p.len(), 1, "{report}");
+        assert!(p[0]["policy"].get("policy-string").is_none(), "{report}");
+        assert_eq!(
+            p[0]["summary"]["total-failure-session-count"], 1,
+            "{report}"
+        );
+        let d = &p[0]["failure-details"][0];
+        assert_eq!(d["result-type"], result, "{report}");
+        assert!(d.get("receiving-ip").is_none(), "{report}");
+        let ok = policies_of(report, "no-policy-found");
+        assert_eq!(ok.len(), 1, "{report}");
+        assert_eq!(
+            ok[0]["summary"]["total-successful-session-count"], 1,
+            "{report}"
+        );
+    }
 }

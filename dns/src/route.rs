@@ -50,6 +50,10 @@ pub struct RouteHost {
     pub ttl: u32,
     /// Every answer on the way (MX and addresses) had the AD bit.
     pub secure: bool,
+    /// The MX answer alone (for an implicit MX, the NODATA that made it one)
+    /// had the AD bit: the host name itself is DNSSEC-authenticated even when
+    /// its addresses are not (RFC 8689 §4.2.1 asks this of REQUIRETLS).
+    pub mx_secure: bool,
     /// Why this host has no addresses.
     pub error: Option<RouteError>,
 }
@@ -153,6 +157,7 @@ impl Resolver {
                     addrs: vec![ip],
                     ttl: 0,
                     secure: false,
+                    mx_secure: false,
                     error: None,
                 }],
                 error: None,
@@ -205,6 +210,7 @@ impl Resolver {
             addrs: Vec::new(),
             ttl: mx_ttl,
             secure: false,
+            mx_secure,
             error: None,
         };
         if host.name.parse::<IpAddr>().is_ok() {
@@ -297,6 +303,7 @@ mod tests {
             addrs: addr.map(|a| a.parse().unwrap()).into_iter().collect(),
             ttl: 60,
             secure: false,
+            mx_secure: false,
             error: if addr.is_none() {
                 Some(RouteError::NoAddress(name.into()))
             } else {

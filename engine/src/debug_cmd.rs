@@ -94,6 +94,9 @@ pub fn run(config: &Config, command: DebugCommand, out: &mut dyn Write) -> anyho
             Some(crate::delivery::mta_sts::MtaSts::start(
                 config.delivery.mta_sts,
                 table.is_dir().then(|| config.spool.path.clone()),
+                // Read the relay's table, never write it: the running relay
+                // would not see what this process stored.
+                false,
                 crate::delivery::mta_sts::FetchConfig {
                     timeout: config.delivery.mta_sts_fetch_timeout.0,
                     port: config.delivery.mta_sts_https_port,

@@ -110,7 +110,7 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
     ("sluice_tls_rpt_reports_total", Kind::Counter, "result",
      "TLS reports (RFC 8460) handed to a report address: sent (queued for mailto:, or a 2xx to the HTTPS POST) or failed."),
     ("sluice_requiretls_refused_total", Kind::Counter, "reason",
-     "Outbound sessions that refused a REQUIRETLS message (RFC 8689), by reason: no_starttls, starttls_refused, not_verified, no_requiretls. The next host is tried; when every host refuses, the message bounces 5.7.30."),
+     "Outbound sessions that refused a REQUIRETLS message (RFC 8689), by reason: no_starttls, starttls_refused, not_verified, no_requiretls, mx_not_authenticated (MX records not DNSSEC-validated and no MTA-STS enforce policy lists the host). The next host is tried; when every host refuses, the message bounces with the permanent form of the last refusal (5.7.30, 5.7.10, 5.7.5 or 5.7.4)."),
     ("sluice_throttle_events_total", Kind::Counter, "kind",
      "Times a limit delayed or refused mail (rates, concurrency, quotas), by kind."),
     // DKIM signing.

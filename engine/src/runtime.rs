@@ -224,6 +224,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         let mta_sts = crate::delivery::mta_sts::MtaSts::start(
             config.delivery.mta_sts,
             Some(config.spool.path.clone()),
+            true,
             crate::delivery::mta_sts::FetchConfig {
                 timeout: config.delivery.mta_sts_fetch_timeout.0,
                 port: config.delivery.mta_sts_https_port,

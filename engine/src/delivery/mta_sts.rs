@@ -68,6 +68,12 @@ pub enum FetchError {
 }
 
 impl FetchError {
+    /// The policy was fetched but is not a valid policy (`sts-policy-invalid`
+    /// in TLS reports; every other failure is `sts-policy-fetch-error`).
+    pub fn invalid_policy(&self) -> bool {
+        matches!(self, FetchError::Policy(_))
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             FetchError::NoAddress(_) => "no_address",
@@ -114,6 +120,11 @@ pub enum Sts {
         source: Source,
         note: Option<String>,
     },
+    /// The domain publishes an `_mta-sts` TXT record but its policy could not
+    /// be fetched or did not parse, and no cached policy is fresh: no policy
+    /// applies (RFC 8461 §5.1), and TLS-RPT reports the failure
+    /// (`sts-policy-fetch-error` / `sts-policy-invalid`, RFC 8460 §4.3.2).
+    FetchFailed(FetchError),
 }
 
 impl Sts {
@@ -154,6 +165,7 @@ impl std::fmt::Display for Sts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Sts::Off(why) => write!(f, "off ({why})"),
+            Sts::FetchFailed(e) => write!(f, "off (policy fetch failed: {e})"),
             Sts::Policy {
                 cached,
                 source,
@@ -250,10 +262,14 @@ impl MtaSts {
     /// Loads the cached policies from `<spool_path>/mta-sts` and starts the
     /// management thread. A table that cannot be opened leaves the cache in
     /// memory only (logged): MTA-STS still works, it just refetches after a
-    /// restart.
+    /// restart. `persist`: whether fetched policies are written back to the
+    /// table. The relay persists; `sluice debug tls` does not: it reads the
+    /// relay's table, and what it fetches stays in its own memory, so the
+    /// table only ever holds what the running relay itself has in memory.
     pub fn start(
         enabled: bool,
         spool_path: Option<PathBuf>,
+        persist: bool,
         fetch: FetchConfig,
     ) -> std::io::Result<Arc<MtaSts>> {
         let table = match spool_path {
@@ -287,6 +303,7 @@ impl MtaSts {
         if enabled {
             tracing::info!(policies = loaded.len(), "MTA-STS: cached policies loaded");
         }
+        let table = table.filter(|_| persist);
         let cache = Arc::new(Mutex::new(loaded));
         let (tx, rx) = mpsc::channel();
         let timeout = fetch.timeout;
@@ -379,7 +396,7 @@ impl MtaSts {
                     }
                     (Err(e), None) => {
                         tracing::info!(%domain, error = %e, "MTA-STS: policy fetch failed, no cached policy: configured TLS policy applies");
-                        Sts::Off(format!("policy fetch failed: {e}"))
+                        Sts::FetchFailed(e)
                     }
                 }
             }

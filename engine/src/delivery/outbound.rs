@@ -114,16 +114,26 @@ impl OutboundTlsConfig {
             // Checks that the key fits the certificate, with the file names.
             crate::tls::certified_key(cert, key)?;
             let (chain, key_der) = crate::tls::chain_and_key(cert, key)?;
-            let config = builder()?
+            let mut config = builder()?
                 .with_client_auth_cert(chain, key_der)
                 .map_err(|e| TlsError::Key {
                     path: key.display().to_string(),
                     message: e.to_string(),
                 })?;
+            config.resumption = rustls::client::Resumption::disabled();
             with_client_cert.insert(name.clone(), Arc::new(config));
         }
+        // No session resumption: the handshake accepts any certificate and
+        // the policy's check (web PKI, DANE, MTA-STS) runs on the chain
+        // afterwards. A resumed session presents no certificate; rustls would
+        // hand back the chain of the session it resumes, which may have been
+        // made under a weaker policy (opportunistic) for the same name. Every
+        // session is a full handshake whose chain is checked (Postfix's
+        // client keeps no session cache by default either).
+        let mut accept_any = builder()?.with_no_client_auth();
+        accept_any.resumption = rustls::client::Resumption::disabled();
         Ok(OutboundTlsConfig {
-            accept_any: Arc::new(builder()?.with_no_client_auth()),
+            accept_any: Arc::new(accept_any),
             with_client_cert,
             verifier,
             provider,
@@ -916,5 +926,61 @@ mod tests {
         assert_eq!(family, Some(std::io::ErrorKind::InvalidInput));
         let msg = bad_bind.expect("bind error");
         assert!(msg.contains("bind to 192.0.2.1"), "{msg}");
+    }
+
+    /// Two handshakes with the same server over memory; the kind of the second.
+    fn second_handshake(client: Arc<rustls::ClientConfig>) -> rustls::HandshakeKind {
+        let cert = rcgen::generate_simple_self_signed(vec!["mx.example.net".to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let server = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap(),
+        );
+        let mut kind = None;
+        for _ in 0..2 {
+            let name = ServerName::try_from("mx.example.net").unwrap();
+            let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+            let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+            for _ in 0..20 {
+                let mut buf = Vec::new();
+                c.write_tls(&mut buf).unwrap();
+                s.read_tls(&mut buf.as_slice()).unwrap();
+                s.process_new_packets().unwrap();
+                let mut buf = Vec::new();
+                s.write_tls(&mut buf).unwrap();
+                c.read_tls(&mut buf.as_slice()).unwrap();
+                c.process_new_packets().unwrap();
+                if !c.is_handshaking() && !s.is_handshaking() && !s.wants_write() {
+                    break;
+                }
+            }
+            assert!(!c.is_handshaking());
+            kind = c.handshake_kind();
+        }
+        kind.expect("handshake done")
+    }
+
+    #[test]
+    fn outbound_sessions_are_never_resumed() {
+        let tls = OutboundTlsConfig::new(None, &BTreeMap::new()).unwrap();
+        assert_eq!(
+            second_handshake(tls.client_config(None)),
+            rustls::HandshakeKind::Full,
+            "a resumed session would skip the certificate the policy checks"
+        );
+        // The same config with rustls' default resumption does resume: the
+        // check above can fail.
+        let mut resuming = (*tls.client_config(None)).clone();
+        resuming.resumption = rustls::client::Resumption::default();
+        assert_eq!(
+            second_handshake(Arc::new(resuming)),
+            rustls::HandshakeKind::Resumed
+        );
     }
 }

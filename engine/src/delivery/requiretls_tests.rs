@@ -234,3 +234,67 @@ fn requests_split_sites() {
     assert_eq!(unique.len(), REQUESTS.len());
     assert_eq!(Basis::RequireTls.to_string(), "the message's REQUIRETLS");
 }
+
+#[test]
+fn the_bounce_keeps_the_cause_of_the_last_refusal() {
+    let p = TlsPolicy::global(OutboundTls::Verify);
+    // (refusal, its deferral, the bounce it becomes)
+    let cases = [
+        (Failure::NoRequireTls, "4.7.30", "5.7.30"),
+        (Failure::NoStartTls, "4.7.10", "5.7.10"),
+        (
+            Failure::StartTlsRefused("454 no".into()),
+            "4.7.10",
+            "5.7.10",
+        ),
+        (
+            Failure::NotVerified("unknown issuer".into()),
+            "4.7.5",
+            "5.7.5",
+        ),
+        (Failure::MxNotAuthenticated, "4.7.4", "5.7.4"),
+    ];
+    for (failure, deferral, bounce) in cases {
+        let last = failure.reply(&p, "mx1.example.net");
+        assert_eq!((last.code, last.esc.as_deref()), (451, Some(deferral)));
+        assert!(RESULTS.contains(&failure.label()), "{failure:?}");
+        let b = requiretls_outcome(MessageTls::RequireTls, 1, 1, &last).expect("bounce");
+        assert_eq!(
+            (b.code, b.esc.as_deref()),
+            (550, Some(bounce)),
+            "{failure:?}"
+        );
+        assert!(b.text.contains("mx1.example.net"), "{}", b.text);
+        assert!(b.text.starts_with("REQUIRETLS: "), "{}", b.text);
+    }
+}
+
+#[test]
+fn a_requiretls_mx_host_must_be_authenticated_by_dnssec_or_mta_sts_enforce() {
+    // (mx_secure, listed by an enforced MTA-STS policy) -> allowed
+    let cases = [
+        (false, false, false),
+        (true, false, true),
+        (false, true, true),
+        (true, true, true),
+    ];
+    for msg in REQUESTS {
+        for (secure, sts, allowed) in cases {
+            let got = requiretls_mx(msg, secure, sts);
+            if msg.requires_tls() && !allowed {
+                assert_eq!(
+                    got,
+                    Err(Failure::MxNotAuthenticated),
+                    "{msg:?} {secure} {sts}"
+                );
+            } else {
+                assert_eq!(got, Ok(()), "{msg:?} {secure} {sts}");
+            }
+        }
+    }
+    let f = Failure::MxNotAuthenticated;
+    assert_eq!(f.label(), "mx_not_authenticated");
+    let r = f.reply(&TlsPolicy::global(OutboundTls::Verify), "mx.example.net");
+    assert!(r.text.contains("not DNSSEC-validated"), "{}", r.text);
+    assert!(r.text.contains("MTA-STS"), "{}", r.text);
+}

@@ -431,7 +431,7 @@ impl CoreDelivery {
                 let mut eps = Vec::new();
                 let mut dane_failure: Option<SessionFailure> = None;
                 // The destination's MTA-STS policy (not for TLS policy none).
-                let sts = if tls.level == Level::None {
+                let sts = if tls.level == Level::None && !strategy.message_tls.requires_tls() {
                     mta_sts::Sts::Off("TLS policy none".into())
                 } else {
                     self.shared.mta_sts.policy_for(&self.resolver, domain).await
@@ -441,8 +441,36 @@ impl CoreDelivery {
                     Some(_) => super::tls_rpt_io::lookup_rua(&self.resolver, domain).await,
                     None => None,
                 };
+                // A policy that could not be fetched (or parsed) is reported
+                // once per delivery attempt to the domain (RFC 8460 §4.3.2).
+                if let (Some(rua), mta_sts::Sts::FetchFailed(e)) = (&rua, &sts) {
+                    let t = Rc::new(super::tls_rpt::sts_fetch_target(domain, rua));
+                    let result = super::tls_rpt::result_of_sts_fetch(e.invalid_policy());
+                    super::tls_rpt_io::record_failure(&t, result, None, &e.to_string());
+                }
+                // REQUIRETLS: hosts with addresses, and those refused for an
+                // MX not authenticated (RFC 8689 §4.2.1).
+                let (mut considered, mut mx_refused) = (0usize, 0usize);
                 for host in &route.hosts {
                     if host.addrs.is_empty() {
+                        continue;
+                    }
+                    considered += 1;
+                    let sts_listed = sts.mode() == Some(sluice_policy::mta_sts::Mode::Enforce)
+                        && sts.skip_reason(&host.name).is_none();
+                    if let Err(f) =
+                        tls_policy::requiretls_mx(strategy.message_tls, host.mx_secure, sts_listed)
+                    {
+                        crate::metrics::requiretls_refused(f.label());
+                        let reply = f.reply(tls, &host.name);
+                        tracing::info!(host = %host.name, reply = %reply, "MX host skipped");
+                        mx_refused += 1;
+                        dane_failure = Some(SessionFailure {
+                            reply,
+                            try_next: false,
+                            tls_policy: Some(tls.name()),
+                            requiretls_refused: true,
+                        });
                         continue;
                     }
                     // TLS-Required: No: the destination's DANE is ignored
@@ -455,7 +483,7 @@ impl CoreDelivery {
                     let skip = dane::skip_reason(&dane, tls, &host.name, *port);
                     let sts_policy = match &sts {
                         mta_sts::Sts::Policy { cached, .. } => Some(&cached.policy),
-                        mta_sts::Sts::Off(_) => None,
+                        mta_sts::Sts::Off(_) | mta_sts::Sts::FetchFailed(_) => None,
                     };
                     let rpt = rua.as_ref().map(|rua| {
                         Rc::new(super::tls_rpt::target(
@@ -514,7 +542,16 @@ impl CoreDelivery {
                     }
                 }
                 if eps.is_empty() {
-                    if let Some(failure) = dane_failure {
+                    if let Some(mut failure) = dane_failure {
+                        // Every host refused for its MX: RFC 8689 wants a bounce.
+                        if let Some(reply) = tls_policy::requiretls_outcome(
+                            strategy.message_tls,
+                            considered,
+                            mx_refused,
+                            &failure.reply,
+                        ) {
+                            failure.reply = reply;
+                        }
                         return Err(failure);
                     }
                     let error = route

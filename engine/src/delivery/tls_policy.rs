@@ -196,6 +196,11 @@ pub enum Failure {
     /// The message carries REQUIRETLS and the server, after TLS, did not
     /// offer REQUIRETLS in its EHLO reply (RFC 8689 §4.2.1).
     NoRequireTls,
+    /// The message carries REQUIRETLS and the MX host was not authenticated:
+    /// the MX answer was not DNSSEC-validated and no MTA-STS policy in
+    /// enforce mode lists the host (RFC 8689 §4.2.1). Decided before any
+    /// connection ([`requiretls_mx`]); the host is not used.
+    MxNotAuthenticated,
 }
 
 impl Failure {
@@ -231,6 +236,11 @@ impl Failure {
                 "4.7.30",
                 &format!("REQUIRETLS: {host} does not offer REQUIRETLS"),
             ),
+            Failure::MxNotAuthenticated => Reply::local(
+                451,
+                "4.7.4",
+                &format!("REQUIRETLS: MX host {host} not authenticated: the MX records are not DNSSEC-validated and no MTA-STS policy in enforce mode lists it"),
+            ),
         }
     }
 
@@ -242,6 +252,7 @@ impl Failure {
             Failure::Handshake(_) => "handshake_failed",
             Failure::NotVerified(_) => "not_verified",
             Failure::NoRequireTls => "no_requiretls",
+            Failure::MxNotAuthenticated => "mx_not_authenticated",
         }
     }
 
@@ -265,7 +276,7 @@ pub fn success_label(tls: bool, verified: bool) -> &'static str {
 }
 
 /// Every `result` label, for registering the metric's series.
-pub const RESULTS: [&str; 8] = [
+pub const RESULTS: [&str; 9] = [
     "verified",
     "unverified",
     "cleartext",
@@ -274,6 +285,7 @@ pub const RESULTS: [&str; 8] = [
     "handshake_failed",
     "not_verified",
     "no_requiretls",
+    "mx_not_authenticated",
 ];
 
 /// The decision: `level` is the policy's level, `starttls_offered` whether the
@@ -416,13 +428,41 @@ pub fn requiretls_check(msg: MessageTls, tls: bool, offered: bool) -> Result<boo
     }
 }
 
+/// RFC 8689 §4.2.1 step 2: an MX host may take a REQUIRETLS message (or a
+/// notice about one) only when the MX lookup that named it was
+/// DNSSEC-validated (`mx_secure`: the AD bit from a resolver configured as
+/// validating, as DANE trusts it) or an MTA-STS policy in enforce mode lists
+/// it (`sts_enforced_match`). Hosts reached without an MX lookup (routes to
+/// a named host) are not asked. Other messages are never refused here.
+pub fn requiretls_mx(
+    msg: MessageTls,
+    mx_secure: bool,
+    sts_enforced_match: bool,
+) -> Result<(), Failure> {
+    if msg.requires_tls() && !mx_secure && !sts_enforced_match {
+        return Err(Failure::MxNotAuthenticated);
+    }
+    Ok(())
+}
+
 /// Where every host of a REQUIRETLS message refused it on REQUIRETLS's
-/// terms (`requiretls_refusals` of `attempts` endpoints tried), the message
-/// is not deliverable: RFC 8689 §4.2.1 wants a non-delivery notification, so
-/// the deferral becomes permanent, 550 5.7.30. A host that failed otherwise
-/// (connection refused, timeout, a failed handshake) may work later: the
-/// message is deferred as usual. Notices are never bounced (there is nobody
-/// to tell); they stay deferred until the queue gives up on them.
+/// terms (`requiretls_refusals` of `attempts` hosts or endpoints), the
+/// message is not deliverable: RFC 8689 §4.2.1 wants a non-delivery
+/// notification, so the deferral becomes permanent. The bounce keeps the
+/// cause of the last refusal (RFC 8689 §5), as the permanent form of its
+/// deferral code:
+///
+/// | last refusal | deferral | bounce |
+/// |---|---|---|
+/// | next hop does not offer REQUIRETLS | 451 4.7.30 | 550 5.7.30 REQUIRETLS support required |
+/// | no STARTTLS, or STARTTLS refused | 451 4.7.10 | 550 5.7.10 encryption needed |
+/// | certificate not verified | 451 4.7.5 | 550 5.7.5 cryptographic failure |
+/// | MX host not authenticated (no DNSSEC, no MTA-STS enforce) | 451 4.7.4 | 550 5.7.4 security features not supported |
+///
+/// A host that failed otherwise (connection refused, timeout, a failed
+/// handshake) may work later: the message is deferred as usual. Notices are
+/// never bounced (there is nobody to tell); they stay deferred until the
+/// queue gives up on them.
 pub fn requiretls_outcome(
     msg: MessageTls,
     attempts: usize,
@@ -433,10 +473,16 @@ pub fn requiretls_outcome(
         return None;
     }
     let why = last.text.as_str();
+    let (esc, what) = match last.esc.as_deref() {
+        Some("4.7.10") => ("5.7.10", "encryption needed"),
+        Some("4.7.5") => ("5.7.5", "the server certificate did not verify"),
+        Some("4.7.4") => ("5.7.4", "no MX host is authenticated (DNSSEC or MTA-STS)"),
+        _ => ("5.7.30", "REQUIRETLS support required"),
+    };
     Some(Reply::local(
         550,
-        "5.7.30",
-        &format!("REQUIRETLS support required: no MX host or relay could take the message over verified TLS with REQUIRETLS (last: {why})"),
+        esc,
+        &format!("REQUIRETLS: {what}: no MX host or relay could take the message over verified TLS with REQUIRETLS (last: {why})"),
     ))
 }
 

@@ -178,6 +178,32 @@ pub fn target(
     }
 }
 
+/// The reporting target of a destination whose MTA-STS policy could not be
+/// fetched or parsed (and none is cached): policy type `sts`, no policy
+/// string (there is none) and no MX host (no session was made for it).
+pub fn sts_fetch_target(domain: &str, rua: &[Rua]) -> Target {
+    Target {
+        key: PolicyKey {
+            domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+            kind: PolicyType::Sts,
+            strings: Vec::new(),
+            mx_host: String::new(),
+        },
+        rua: rua.to_vec(),
+    }
+}
+
+/// The result type of a failed MTA-STS policy fetch (RFC 8460 §4.3.2):
+/// `sts-policy-invalid` when a policy came back and did not parse, else
+/// `sts-policy-fetch-error` (no address, connection, TLS, HTTP, timeout).
+pub fn result_of_sts_fetch(invalid_policy: bool) -> ResultType {
+    if invalid_policy {
+        ResultType::StsPolicyInvalid
+    } else {
+        ResultType::StsPolicyFetchError
+    }
+}
+
 /// A report address (`rua`, RFC 8460 §3).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Rua {
@@ -284,7 +310,9 @@ pub fn policy_type(basis: &Basis) -> PolicyType {
 /// met: RFC 8460 has no result type for that, so the session counts as a success.
 pub fn result_of(failure: &Failure, basis: &Basis, level: Level) -> Option<ResultType> {
     Some(match failure {
-        Failure::NoRequireTls => return None,
+        // REQUIRETLS's own terms, not a TLS failure (and the MX check is
+        // made before any session).
+        Failure::NoRequireTls | Failure::MxNotAuthenticated => return None,
         Failure::NoStartTls | Failure::StartTlsRefused(_) => ResultType::StarttlsNotSupported,
         Failure::Handshake(_) => ResultType::ValidationFailure,
         Failure::NotVerified(why) => {
@@ -983,5 +1011,46 @@ mod tests {
         assert!(text.contains("report-type=\"tlsrpt\""), "{text}");
         assert!(text.contains("application/tlsrpt+gzip"), "{text}");
         assert!(text.contains(&name), "{text}");
+    }
+
+    #[test]
+    fn a_failed_policy_fetch_is_an_sts_failure_without_policy_string_or_host() {
+        use crate::delivery::mta_sts::FetchError;
+        let rua = vec![Rua::Mailto("r@example.net".into())];
+        let t = sts_fetch_target("Example.COM.", &rua);
+        assert_eq!(t.key.domain, "example.com");
+        assert_eq!(t.key.kind, PolicyType::Sts);
+        assert!(t.key.strings.is_empty() && t.key.mx_host.is_empty());
+        assert_eq!(t.rua, rua);
+        let cases = [
+            (
+                FetchError::Policy("no version".into()),
+                "sts-policy-invalid",
+            ),
+            (
+                FetchError::Connect("refused".into()),
+                "sts-policy-fetch-error",
+            ),
+            (
+                FetchError::Tls("unknown issuer".into()),
+                "sts-policy-fetch-error",
+            ),
+            (FetchError::Http("404".into()), "sts-policy-fetch-error"),
+            (
+                FetchError::NoAddress("mta-sts.x".into()),
+                "sts-policy-fetch-error",
+            ),
+            (
+                FetchError::Timeout(std::time::Duration::from_secs(3)),
+                "sts-policy-fetch-error",
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(
+                result_of_sts_fetch(e.invalid_policy()).as_str(),
+                want,
+                "{e:?}"
+            );
+        }
     }
 }

@@ -689,6 +689,7 @@ impl ClientSession {
             Failure::NoStartTls | Failure::StartTlsRefused(_) => "4.7.10",
             Failure::Handshake(_) | Failure::NotVerified(_) => "4.7.5",
             Failure::NoRequireTls => "4.7.30",
+            Failure::MxNotAuthenticated => "4.7.4",
         };
         let text = format!("TLS policy {}: {}", self.cfg.tls, failure.label());
         self.tls_failure = Some(failure);

@@ -17,7 +17,8 @@
 //! - [`procfs`]: a process's TCP connections and memory from /proc;
 //! - [`dns`]: running the resolver in a test, and a scripted DNS server;
 //! - [`dnssec`]: signed zones on NSD behind a validating unbound (secure,
-//!   bogus and insecure answers for the DANE tests).
+//!   bogus and insecure answers for the DANE tests);
+//! - [`mta_sts`]: an HTTPS MTA-STS policy server (Python) serving what the test writes.
 //!
 //! Tests `use sluice_testkit::*;` for the everyday items; the DNS pieces stay
 //! under [`dns`] and [`nsd`].
@@ -26,6 +27,7 @@ pub mod client;
 pub mod delivery;
 pub mod dns;
 pub mod dnssec;
+pub mod mta_sts;
 pub mod nsd;
 pub mod postfix;
 pub mod process;

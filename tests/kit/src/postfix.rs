@@ -93,6 +93,9 @@ impl PostfixRelay {
             ),
             ("@SINK_PORT@", next_hop_port.to_string()),
             ("@MILTERS@", String::new()),
+            // The benchmark's verify cases only: no TLS to the next hop here.
+            ("@SMTP_TLS_LEVEL@", "none".to_string()),
+            ("@SMTP_TLS_CAFILE@", String::new()),
             ("@SMTPD_ADDR@", format!("127.0.0.1:{port}")),
         ];
         for name in ["main.cf", "master.cf"] {
