@@ -47,6 +47,9 @@ pub struct EventsSection {
     pub max_buffered: u64,
     /// LMDB map size of `<spool.path>/events`.
     pub map_size: ByteSize,
+    /// fsync each batch of the buffer: false keeps events across a crash or
+    /// kill -9 of the relay but not across one of the machine.
+    pub sync: bool,
 }
 
 impl Default for EventsSection {
@@ -67,6 +70,7 @@ impl Default for EventsSection {
             webhook_retry_max: HumanDuration(Duration::from_secs(60)),
             max_buffered: 1_000_000,
             map_size: ByteSize(2 << 30),
+            sync: true,
         }
     }
 }

@@ -16,6 +16,9 @@ use crate::config::events::EventsSection;
 
 /// Events taken from the channel per batch, at most.
 const MAX_BATCH: usize = 4096;
+/// How long a batch collects events after its first: one commit (and fsync)
+/// and one file write for all of them, instead of one per event.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
 
 /// Starts the events thread (and the webhook poster) and installs the
 /// emitter. `tls`: the verifying client config for https:// webhooks.
@@ -26,7 +29,7 @@ pub fn start(
     tls: Option<Arc<rustls::ClientConfig>>,
 ) -> anyhow::Result<()> {
     let store = Arc::new(
-        EventStore::open(spool_path, sync, cfg.map_size.0 as usize)
+        EventStore::open(spool_path, sync && cfg.sync, cfg.map_size.0 as usize)
             .context("opening the events buffer (<spool.path>/events)")?,
     );
     let file = match &cfg.file {
@@ -96,8 +99,15 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return,
             }
+            let until = std::time::Instant::now() + BATCH_WINDOW;
             while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(Msg::Flush(tx)) => {
+                        // Shutdown: write now.
+                        batch.push(Msg::Flush(tx));
+                        break;
+                    }
                     Ok(m) => batch.push(m),
                     Err(_) => break,
                 }
