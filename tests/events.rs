@@ -244,7 +244,10 @@ fn file_and_recovering_webhook_get_every_event_with_fields_matching_the_hop() {
     assert!(got[0].body_text().contains("<ev1@snd.dlv.test>"));
     let d = find(&seen, "delivery", "ok@a.dlv.test").expect("delivery");
     assert_eq!(d["id"], id.as_str());
-    assert_eq!(d["message_id"], "<ev1@snd.dlv.test>", "carried from reception: {d}");
+    assert_eq!(
+        d["message_id"], "<ev1@snd.dlv.test>",
+        "carried from reception: {d}"
+    );
     assert_eq!(d["tenant"], "acme");
     assert_eq!(d["campaign"], "spring-sale");
     assert_eq!(d["sender"], "alice@snd.dlv.test");
@@ -334,7 +337,13 @@ fn file_and_recovering_webhook_get_every_event_with_fields_matching_the_hop() {
             posted = webhook.events();
             keys(&seen) == keys(&posted) && posted.len() == seen.len()
         },
-        || format!("file {:#?}\nwebhook {:#?}", file_events(&file), webhook.events()),
+        || {
+            format!(
+                "file {:#?}\nwebhook {:#?}",
+                file_events(&file),
+                webhook.events()
+            )
+        },
     );
     let batches = webhook.batches();
     assert!(
@@ -348,7 +357,12 @@ fn file_and_recovering_webhook_get_every_event_with_fields_matching_the_hop() {
     wait_until(
         "the buffer empty",
         T,
-        || metric(&http_get(relay.admin_port, "/metrics"), "sluice_events_buffered ") == 0.0,
+        || {
+            metric(
+                &http_get(relay.admin_port, "/metrics"),
+                "sluice_events_buffered ",
+            ) == 0.0
+        },
         || http_get(relay.admin_port, "/metrics"),
     );
     let m = http_get(relay.admin_port, "/metrics");
@@ -408,7 +422,10 @@ fn buffered_events_are_posted_after_kill_9_and_restart() {
         || relay.log(),
     );
     relay.kill9();
-    assert!(webhook.events().is_empty(), "nothing acknowledged before the kill");
+    assert!(
+        webhook.events().is_empty(),
+        "nothing acknowledged before the kill"
+    );
 
     webhook.recover();
     relay.restart();
@@ -420,7 +437,14 @@ fn buffered_events_are_posted_after_kill_9_and_restart() {
             posted = webhook.events();
             keys(&posted) == keys(&seen)
         },
-        || format!("file {:#?}\nwebhook {:#?}\n{}", file_events(&file), webhook.events(), relay.log()),
+        || {
+            format!(
+                "file {:#?}\nwebhook {:#?}\n{}",
+                file_events(&file),
+                webhook.events(),
+                relay.log()
+            )
+        },
     );
     assert_eq!(posted.len(), 2 * N, "none lost, none twice: {posted:#?}");
     for id in &ids {

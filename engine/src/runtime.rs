@@ -135,11 +135,17 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     // durable buffer next to the shards; before any core can make an event.
     if config.events.enabled {
         let tls = match config.events.webhook_url.as_deref() {
-            Some(url) if url.get(..6).is_some_and(|s| s.eq_ignore_ascii_case("https:")) => Some(
-                OutboundTlsConfig::new(config.delivery.tls_ca_file.as_deref(), &config.route)
-                    .and_then(|t| t.verifying_client())
-                    .context("TLS for the events webhook (delivery.tls_ca_file)")?,
-            ),
+            Some(url)
+                if url
+                    .get(..6)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("https:")) =>
+            {
+                Some(
+                    OutboundTlsConfig::new(config.delivery.tls_ca_file.as_deref(), &config.route)
+                        .and_then(|t| t.verifying_client())
+                        .context("TLS for the events webhook (delivery.tls_ca_file)")?,
+                )
+            }
             _ => None,
         };
         crate::events::start(&config.events, &config.spool.path, config.spool.sync, tls)?;

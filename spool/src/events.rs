@@ -229,7 +229,11 @@ mod tests {
         b.delete_meta("id1").unwrap();
         b.commit().unwrap();
         let all = s.oldest(1000).unwrap();
-        assert_eq!(all.last().unwrap(), &(300, b"late".to_vec()), "sequence continues");
+        assert_eq!(
+            all.last().unwrap(),
+            &(300, b"late".to_vec()),
+            "sequence continues"
+        );
         assert_eq!(s.batch().unwrap().meta("id1").unwrap(), None);
     }
 }

@@ -76,10 +76,7 @@ impl Default for EventsSection {
 }
 
 fn header_name_ok(name: &str) -> bool {
-    name.len() <= MAX_HEADER_NAME
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b':')
+    name.len() <= MAX_HEADER_NAME && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
 }
 
 impl EventsSection {
@@ -166,7 +163,10 @@ mod tests {
             bad(&|s| s.webhook_url = Some("ftp://x/".into())),
             "events.webhook_url"
         );
-        assert_eq!(bad(&|s| s.webhook_batch_size = 0), "events.webhook_batch_size");
+        assert_eq!(
+            bad(&|s| s.webhook_batch_size = 0),
+            "events.webhook_batch_size"
+        );
         assert_eq!(bad(&|s| s.channel_capacity = 1), "events.channel_capacity");
         assert_eq!(
             bad(&|s| s.webhook_retry_max = HumanDuration(Duration::from_millis(1))),

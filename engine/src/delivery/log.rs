@@ -5,9 +5,9 @@ use sluice_policy::bounce::BounceClass;
 use sluice_spool::{Envelope, MessageId, RecipientStatus, Reply};
 
 use super::job::{Job, JobResult, Outcome};
-use crate::events::{Event, EventReply, Kind, Tls};
 use super::outbound::Connection;
 use super::{now_ms, CoreDelivery};
+use crate::events::{Event, EventReply, Kind, Tls};
 
 impl CoreDelivery {
     /// The delivery log: one record per recipient per attempt.

@@ -355,12 +355,7 @@ fn count_outcomes(envelope: &Envelope, outcomes: &[(u32, Outcome)]) {
 
 /// Recipients that failed at routing: a suppression event for those the
 /// suppression list dropped, a bounce event for the others.
-fn unroutable_events(
-    id: MessageId,
-    envelope: &Envelope,
-    unroutable: &[(u32, Outcome)],
-    now: u64,
-) {
+fn unroutable_events(id: MessageId, envelope: &Envelope, unroutable: &[(u32, Outcome)], now: u64) {
     use crate::events::{Event, EventReply, Kind};
     for (index, outcome) in unroutable {
         let reply = outcome.reply();

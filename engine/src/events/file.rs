@@ -54,8 +54,7 @@ impl FileSink {
         if REOPEN.swap(false, Ordering::Relaxed) {
             self.reopen()?;
         }
-        if self.max_size > 0 && self.size > 0 && self.size + json.len() as u64 + 1 > self.max_size
-        {
+        if self.max_size > 0 && self.size > 0 && self.size + json.len() as u64 + 1 > self.max_size {
             self.rotate()?;
         }
         self.out.write_all(json)?;

@@ -294,7 +294,11 @@ pub fn reception_meta(message: &[u8]) -> Option<Meta> {
     let e = EMITTER.get()?;
     let [message_id, tenant, campaign] = headers::read(
         message,
-        ["Message-ID", e.tenant_header.as_str(), e.campaign_header.as_str()],
+        [
+            "Message-ID",
+            e.tenant_header.as_str(),
+            e.campaign_header.as_str(),
+        ],
     );
     Some(Meta {
         message_id,
@@ -350,9 +354,24 @@ mod tests {
         assert!(v["message_id"].is_null());
         assert!(v.get("recipients").is_none(), "reception only");
         for key in [
-            "id", "message_id", "sender", "recipient", "size", "queue", "tenant", "campaign",
-            "site", "route", "remote_host", "remote_ip", "source_ip", "client_ip", "tls",
-            "reply", "class", "attempt",
+            "id",
+            "message_id",
+            "sender",
+            "recipient",
+            "size",
+            "queue",
+            "tenant",
+            "campaign",
+            "site",
+            "route",
+            "remote_host",
+            "remote_ip",
+            "source_ip",
+            "client_ip",
+            "tls",
+            "reply",
+            "class",
+            "attempt",
         ] {
             assert!(v.get(key).is_some(), "{key} missing");
         }

@@ -41,13 +41,17 @@ impl Endpoint {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        if authority.is_empty() || authority.contains('@') || authority.contains(char::is_whitespace)
+        if authority.is_empty()
+            || authority.contains('@')
+            || authority.contains(char::is_whitespace)
         {
             return Err("no host".into());
         }
         let default = if https { 443 } else { 80 };
         let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(':') && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            Some((h, p))
+                if !h.ends_with(':') && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) =>
+            {
                 (h, p.parse().map_err(|_| "bad port".to_string())?)
             }
             _ => (authority, default),
@@ -253,7 +257,13 @@ mod tests {
         assert_eq!((e.port, e.path.as_str()), (443, "/"));
         let e = Endpoint::parse("https://[::1]:8443/e").unwrap();
         assert_eq!((e.host.as_str(), e.port), ("[::1]", 8443));
-        for bad in ["ftp://x/", "http://", "http://u@h/", "https:///x", "http://h/a b"] {
+        for bad in [
+            "ftp://x/",
+            "http://",
+            "http://u@h/",
+            "https:///x",
+            "http://h/a b",
+        ] {
             assert!(Endpoint::parse(bad).is_err(), "{bad}");
         }
     }

@@ -41,8 +41,8 @@ pub fn start(
     };
     let poster = match &cfg.webhook_url {
         Some(url) => {
-            let endpoint = Endpoint::parse(url)
-                .map_err(|e| anyhow::anyhow!("events.webhook_url: {e}"))?;
+            let endpoint =
+                Endpoint::parse(url).map_err(|e| anyhow::anyhow!("events.webhook_url: {e}"))?;
             let poster = Poster {
                 store: store.clone(),
                 endpoint,
@@ -193,7 +193,10 @@ impl Writer {
 }
 
 /// Reception stores the message's header facts; later events get them.
-fn enrich(txn: &mut sluice_spool::EventBatch<'_>, event: &mut Event) -> Result<(), sluice_spool::SpoolError> {
+fn enrich(
+    txn: &mut sluice_spool::EventBatch<'_>,
+    event: &mut Event,
+) -> Result<(), sluice_spool::SpoolError> {
     let Some(id) = event.id.as_deref() else {
         return Ok(());
     };
