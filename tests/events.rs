@@ -12,6 +12,9 @@
 //!   it recovers.
 //! - kill -9 while the webhook is down: after the restart the buffered
 //!   events are posted.
+//! - A deferred recipient past its queue lifetime gets an expiry event, and
+//!   with `suppression.action = "drop"` a listed recipient a suppression
+//!   event with the queue id (file only).
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -457,6 +460,126 @@ fn buffered_events_are_posted_after_kill_9_and_restart() {
                 .as_str()
                 .is_some_and(|m| m.starts_with("<k")),
             "{d}"
+        );
+    }
+}
+
+#[test]
+fn expiry_and_suppression_drop_events_in_the_file() {
+    let ips = loopbacks(2);
+    let port = mx_port(&ips);
+    let nsd = Nsd::start(&format!(
+        "a MX 10 mx1\nmx1 A {}\nsnd MX 10 bounces\nbounces A {}",
+        ips[0], ips[1]
+    ));
+    let _hop = ScriptedServer::builder()
+        .name("mx1.a.dlv.test")
+        .capability("PIPELINING")
+        .on_arg(
+            "RCPT",
+            "gone@",
+            Act::Reply("550 5.1.1 The mailbox you addressed does not exist here.".into()),
+        )
+        .on_arg(
+            "RCPT",
+            "full@",
+            Act::Reply("452 4.2.2 The account you wrote to is over quota.".into()),
+        )
+        .start(sa(ips[0], port));
+    let _bounces = LoadgenSink::start(&[sa(ips[1], port)], &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("events.jsonl");
+    let relay = mx_relay(
+        &nsd,
+        port,
+        1,
+        &[
+            "events.enabled=true".into(),
+            format!("events.file=\"{}\"", file.display()),
+            "events.tenant_header=\"X-Customer\"".into(),
+            "queue.default.retry=[\"1s\"]".into(),
+            "queue.default.expire=\"2s\"".into(),
+            "suppression.enabled=true".into(),
+            "suppression.action=\"drop\"".into(),
+        ],
+    );
+
+    // Deferred until the queue lifetime passes: deferrals, then one expiry.
+    let full = submit(
+        &relay,
+        "alice@snd.dlv.test",
+        "",
+        &["full@a.dlv.test"],
+        b"Message-ID: <exp@snd.dlv.test>\r\nX-Customer: initech\r\n\r\nhi\r\n",
+    );
+    // A hard bounce puts gone@ on the list; the next message to it is
+    // accepted and dropped at delivery.
+    submit(
+        &relay,
+        "alice@snd.dlv.test",
+        "",
+        &["gone@a.dlv.test"],
+        b"Subject: first\r\n\r\nhi\r\n",
+    );
+    wait_until(
+        "the bounce on the suppression list",
+        T,
+        || {
+            metric(
+                &http_get(relay.admin_port, "/metrics"),
+                "sluice_suppression_added_total",
+            ) >= 1.0
+        },
+        || relay.log(),
+    );
+    let dropped = submit(
+        &relay,
+        "alice@snd.dlv.test",
+        "",
+        &["gone@a.dlv.test"],
+        b"Subject: second\r\n\r\nhi\r\n",
+    );
+    let mut seen = Vec::new();
+    wait_until(
+        "the expiry and the suppression drop in the file",
+        T,
+        || {
+            seen = file_events(&file);
+            find(&seen, "expiry", "full@a.dlv.test").is_some()
+                && find(&seen, "suppression", "gone@a.dlv.test").is_some()
+        },
+        || format!("{:#?}\n{}", file_events(&file), relay.log()),
+    );
+    let e = find(&seen, "expiry", "full@a.dlv.test").expect("expiry");
+    assert_eq!(e["id"], full.as_str(), "{e}");
+    assert_eq!(e["message_id"], "<exp@snd.dlv.test>", "{e}");
+    assert_eq!(e["tenant"], "initech", "the configured header: {e}");
+    assert_eq!(e["class"], "expired", "{e}");
+    assert_eq!(e["reply"]["code"].as_u64().map(|c| c / 100), Some(5), "{e}");
+    let deferrals = seen
+        .iter()
+        .filter(|v| v["type"] == "deferral" && v["id"] == full.as_str())
+        .count();
+    assert!(deferrals >= 1, "deferrals before the expiry: {seen:#?}");
+    let s = find(&seen, "suppression", "gone@a.dlv.test").expect("suppression");
+    assert_eq!(s["id"], dropped.as_str(), "{s}");
+    assert_eq!(s["class"], "suppressed", "{s}");
+    assert_eq!(s["reply"]["enhanced"], "5.1.1", "{s}");
+    assert!(s["remote_ip"].is_null(), "no connection was made: {s}");
+    // Every line is one event of the documented types.
+    for v in &seen {
+        let t = v["type"].as_str().unwrap_or("");
+        assert!(
+            [
+                "reception",
+                "delivery",
+                "deferral",
+                "bounce",
+                "expiry",
+                "suppression"
+            ]
+            .contains(&t),
+            "{v}"
         );
     }
 }
