@@ -177,7 +177,7 @@ impl CoreDelivery {
             })
         };
         if crate::events::enabled() {
-            unroutable_events(id, &envelope, &unroutable, now);
+            failure_events(id, &envelope, &unroutable, now);
         }
         // Destinations suspended by the operator: their recipients wait; when
         // nothing else is to be done, wake at the suspension's end.
@@ -353,9 +353,15 @@ fn count_outcomes(envelope: &Envelope, outcomes: &[(u32, Outcome)]) {
     }
 }
 
-/// Recipients that failed at routing: a suppression event for those the
-/// suppression list dropped, a bounce event for the others.
-fn unroutable_events(id: MessageId, envelope: &Envelope, unroutable: &[(u32, Outcome)], now: u64) {
+/// Recipients that failed without a connection (at routing, or an operator's
+/// bounce): a suppression event for those the suppression list dropped, a
+/// bounce event for the others.
+pub(super) fn failure_events(
+    id: MessageId,
+    envelope: &Envelope,
+    unroutable: &[(u32, Outcome)],
+    now: u64,
+) {
     use crate::events::{Event, EventReply, Kind};
     for (index, outcome) in unroutable {
         let reply = outcome.reply();
