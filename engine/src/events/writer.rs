@@ -117,8 +117,20 @@ impl Writer {
     }
 
     fn write(&mut self, batch: &mut Vec<Msg>) {
+        // Sorted out first, so a storage error cannot keep anything in `batch`.
+        // Removals go after the events (a message's removal follows its
+        // events, so the batch's events still find their header facts).
         let mut flushes = Vec::new();
-        let mut lines: Vec<Vec<u8>> = Vec::with_capacity(batch.len());
+        let mut events: Vec<Box<Event>> = Vec::with_capacity(batch.len());
+        let mut removed = Vec::new();
+        for msg in batch.drain(..) {
+            match msg {
+                Msg::Removed(id) => removed.push(id),
+                Msg::Flush(tx) => flushes.push(tx),
+                Msg::Event(e) => events.push(e),
+            }
+        }
+        let mut lines: Vec<Vec<u8>> = Vec::with_capacity(events.len());
         let mut pending = 0u64;
         let mut buffered = 0usize;
         let mut full = 0usize;
@@ -129,36 +141,35 @@ impl Writer {
             } else {
                 0
             };
-            for msg in batch.drain(..) {
-                match msg {
-                    Msg::Removed(id) => txn.delete_meta(&id)?,
-                    Msg::Flush(tx) => flushes.push(tx),
-                    Msg::Event(mut event) => {
-                        enrich(&mut txn, &mut event)?;
-                        let json = event.to_json();
-                        if self.poster.is_some() {
-                            if count >= self.max_buffered {
-                                full += 1;
-                            } else {
-                                txn.push_pending(&json)?;
-                                count += 1;
-                                buffered += 1;
-                            }
-                        }
-                        lines.push(json);
+            for event in events.iter_mut() {
+                enrich(&mut txn, event)?;
+                let json = event.to_json();
+                if self.poster.is_some() {
+                    if count >= self.max_buffered {
+                        full += 1;
+                    } else {
+                        txn.push_pending(&json)?;
+                        count += 1;
+                        buffered += 1;
                     }
                 }
+                lines.push(json);
+            }
+            for id in &removed {
+                txn.delete_meta(id)?;
             }
             pending = count;
             txn.commit()
         })();
         if let Err(e) = done {
-            // The file still gets the lines; the webhook loses this batch.
-            tracing::error!(target: "sluice::events", error = %e, events = lines.len(), "event buffer write failed");
+            // The file still gets the events; the webhook loses this batch.
+            tracing::error!(target: "sluice::events", error = %e, events = events.len(), "event buffer write failed");
             if self.poster.is_some() {
-                crate::metrics::events_dropped_n("storage", lines.len());
+                crate::metrics::events_dropped_n("storage", events.len());
             }
             buffered = 0;
+            full = 0;
+            lines = events.iter().map(|e| e.to_json()).collect();
         }
         if full > 0 {
             crate::metrics::events_dropped_n("buffer_full", full);
