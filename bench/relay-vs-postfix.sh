@@ -26,6 +26,12 @@
 # over-signed). Their ratio column compares with the Postfix setup that signs alike. The sink
 # reads the DKIM-Signature header as its "token", so an unsigned message shows in the notes.
 #
+# Delivery events setups (issue 15 item 5; only with --case, see bench/events-load.sh):
+# sluice-evfile is sluice with [events] writing a JSON-lines file in the measurement's dir;
+# sluice-evhook is sluice with [events] posting to tests/py/webhook_sink.py --count-only
+# (/usr/bin/python3 http.server, answers 200) through the durable buffer. Their notes give
+# delivered ÷ sluice (events off, same case) and the events the sink had by the end.
+#
 # Per measurement: acceptance msgs/s (source wall time), end-to-end delivered msgs/s (source
 # start until the sink received the last message), relay CPU seconds per 1000 messages
 # (/proc utime+stime; for Postfix the master and all its processes, reaped ones included via
@@ -47,8 +53,9 @@
 #   --bin-dir DIR take sluice and sluice-loadgen from DIR (implies --no-build)
 #   --case "SIZE CONNS RCPTS TLS SETUPS"  measure only this case (repeatable), e.g.
 #                 --case "1024 32 1 off sluice,postfix" (TLS off|starttls|verify; setups from
-#                 ceiling,sluice,sluice1,postfix, and the DKIM setups sluice-rsa,sluice-ed,
-#                 postfix-rsa,postfix-ed); bench/ab.sh uses it for A/B runs
+#                 ceiling,sluice,sluice1,postfix, the DKIM setups sluice-rsa,sluice-ed,
+#                 postfix-rsa,postfix-ed, and the events setups sluice-evfile,sluice-evhook);
+#                 bench/ab.sh uses it for A/B runs
 # Needs root (Postfix runs its daemons as user postfix), smtp-source, postfix, curl, jq,
 # openssl (STARTTLS and DKIM cases), opendkim (postfix-rsa / postfix-ed).
 set -Eeuo pipefail
@@ -305,10 +312,26 @@ start_sluice() { # PORT SINK_PORT DIR CORES TLS [DKIM_ALG]
     mkdir -p "$3/spool"
     mapfile -d '' args < <(sluice_args "$1" "$2" "$3/spool" "$4" "$5")
     [ -z "${6:-}" ] || { mapfile -d '' dkim < <(sluice_dkim_args "$6"); args+=("${dkim[@]}"); }
-    "$BIN/sluice" "${args[@]}" >"$3/sluice.out" 2>"$3/sluice.err" &
+    "$BIN/sluice" "${args[@]}" "${EVENT_ARGS[@]}" >"$3/sluice.out" 2>"$3/sluice.err" &
     RELAY_PID=$!
     PIDS+=("$RELAY_PID")
     wait_listening "$1" "$RELAY_PID" "sluice" "$3/sluice.err"
+}
+
+EVENT_ARGS=()
+WEBHOOK_PID=""
+start_webhook() { # PORT DIR: the events webhook (counts events, answers 200)
+    /usr/bin/python3 "$REPO/tests/py/webhook_sink.py" --listen "127.0.0.1:$1" --out "$2/webhook.jsonl" \
+        --count-only >"$2/webhook.out" 2>&1 &
+    WEBHOOK_PID=$!
+    PIDS+=("$WEBHOOK_PID")
+    wait_listening "$1" "$WEBHOOK_PID" "webhook_sink.py"
+}
+events_seen() { # SETUP DIR -> events the sink of that setup had (file lines or webhook count)
+    case "$1" in
+        sluice-evfile) wc -l <"$2/events.jsonl" 2>/dev/null | tr -d ' ' || echo 0 ;;
+        sluice-evhook) jq -s 'map(.n) | add // 0' "$2/webhook.jsonl" 2>/dev/null || echo 0 ;;
+    esac
 }
 
 OPENDKIM_PID=""
@@ -393,6 +416,13 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
         ceiling) target=$sink_port ;;
         sluice|sluice-rsa|sluice-ed) start_sluice "$relay_port" "$sink_port" "$dir" 0 "$tls" "$alg"; target=$relay_port ;;
         sluice1) start_sluice "$relay_port" "$sink_port" "$dir" 1 "$tls"; target=$relay_port ;;
+        sluice-evfile)
+            EVENT_ARGS=(--set events.enabled=true --set "events.file=\"$dir/events.jsonl\"")
+            start_sluice "$relay_port" "$sink_port" "$dir" 0 "$tls"; EVENT_ARGS=(); target=$relay_port ;;
+        sluice-evhook)
+            start_webhook "$milter_port" "$dir"
+            EVENT_ARGS=(--set events.enabled=true --set "events.webhook_url=\"http://127.0.0.1:$milter_port/events\"")
+            start_sluice "$relay_port" "$sink_port" "$dir" 0 "$tls"; EVENT_ARGS=(); target=$relay_port ;;
         postfix) start_postfix "$relay_port" "$sink_port" "$dir" "$tls"; target=$relay_port ;;
         postfix-rsa|postfix-ed)
             start_opendkim "$milter_port" "$dir" "$alg"
@@ -477,10 +507,14 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
     if [ -n "$mem" ]; then MEM[$key]=$(awk -v k="$mem" 'BEGIN { printf "%.0f", k / 1024 }'); else MEM[$key]=""; fi
     NOTE[$key]=$note
 
+    if [[ "$setup" == sluice-ev* ]]; then   # events made so far: 2 per message (reception, delivery)
+        NOTE[$key]="${NOTE[$key]:+${NOTE[$key]}; }events at the sink when the last message arrived: $(events_seen "$setup" "$dir") of $((MESSAGES * (1 + rcpts)))"
+    fi
     case "$setup" in
         postfix*) stop_postfix "$dir/postfix/conf" "$dir/postfix/queue"; [ -z "$OPENDKIM_PID" ] || stop_pid "$OPENDKIM_PID" ;;
         sluice*) stop_pid "$RELAY_PID" ;;
     esac
+    if [ -n "$WEBHOOK_PID" ]; then stop_pid "$WEBHOOK_PID"; WEBHOOK_PID=""; fi
     stop_pid "$SINK_PID"
     rm -rf "$dir/spool" "$dir/postfix/queue"   # bodies can be GiBs; keep logs only
     log "  accept ${ACC[$key]}/s, delivered ${E2E[$key]:-?}/s, p99 ${P99[$key]:-–} ms, CPU ${CPU[$key]:-–} s/1000, mem ${MEM[$key]:-–} MiB${note:+, $note}"
@@ -586,6 +620,8 @@ label() {
         sluice-ed) echo "sluice (cores=$(nproc)), DKIM Ed25519" ;;
         postfix-rsa) echo "Postfix $PF_VERSION + OpenDKIM $OD_VERSION milter, RSA-2048" ;;
         postfix-ed) echo "Postfix $PF_VERSION + OpenDKIM $OD_VERSION milter, Ed25519" ;;
+        sluice-evfile) echo "sluice (cores=$(nproc)), events → file" ;;
+        sluice-evhook) echo "sluice (cores=$(nproc)), events → webhook" ;;
     esac
 }
 
@@ -607,11 +643,15 @@ table() {
             key="$ci/$setup"
             pf="$ci/postfix"   # a signing setup compares with the Postfix that signs alike
             case "$setup" in *-rsa) pf="$ci/postfix-rsa" ;; *-ed) pf="$ci/postfix-ed" ;; esac
+            local note=${NOTE[$key]:-}
+            if [[ "$setup" == sluice-ev* ]]; then
+                note="delivered ÷ sluice events off: $(ratio "${E2E[$key]:-}" "${E2E[$ci/sluice]:-}"); accepted ÷ off: $(ratio "${ACC[$key]:-}" "${ACC[$ci/sluice]:-}")${note:+; $note}"
+            fi
             printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
                 "$desc" "$(label "$setup")" \
                 "${ACC[$key]:-–}" "${E2E[$key]:-–}" "${P99[$key]:-–}" "${CPU[$key]:-–}" "${MEM[$key]:-–}" "${SINKCONN[$key]:-–}" \
                 "$(ratio "${ACC[$key]:-}" "${ACC[$pf]:-}")" "$(ratio "${E2E[$key]:-}" "${E2E[$pf]:-}")" \
-                "$(ratio "${E2E[$key]:-}" "${E2E[$ce]:-}")" "${NOTE[$key]:-}"
+                "$(ratio "${E2E[$key]:-}" "${E2E[$ce]:-}")" "$note"
         done
     done
 }
@@ -631,6 +671,10 @@ dkim_desc() {
     mapfile -d '' a < <(DKIM_DIR=DIR sluice_dkim_args ALG)
     echo "- DKIM setups: one key pair per run (\`openssl genpkey -algorithm rsa -pkeyopt rsa_keygen_bits:2048\` and \`-algorithm ed25519\`), signing d=example.org s=bench, relaxed/relaxed, From over-signed; sluice-rsa/sluice-ed add \`$(shquote "${a[@]}")\` (ALG = rsa or ed, ALGORITHM = rsa-sha256 or ed25519-sha256); postfix-rsa/postfix-ed run \`opendkim -f -x CONF\` (Mode s, Domain example.org, Selector bench, KeyFile, SignatureAlgorithm rsa-sha256 or ed25519-sha256, Canonicalization relaxed/relaxed, OversignHeaders From, InternalHosts 127.0.0.1, Socket inet:PORT@127.0.0.1) and Postfix with \`smtpd_milters = inet:127.0.0.1:PORT\`, \`milter_default_action = tempfail\`; OpenDKIM's CPU and PSS count with Postfix's. The sink counts messages without a DKIM-Signature header (notes say if any)"
 }
+events_desc() {
+    printf '%s\n' "${CASES[@]}" | awk '$5 ~ /sluice-ev/ { f = 1 } END { exit !f }' || return 0
+    echo "- Events setups: sluice-evfile adds \`--set events.enabled=true --set events.file=\"DIR/events.jsonl\"\`; sluice-evhook adds \`--set events.enabled=true --set events.webhook_url=\"http://127.0.0.1:PORT/events\"\` (defaults: batches of 100, 1 s max delay, LMDB buffer in the spool directory, fsync on) with \`/usr/bin/python3 tests/py/webhook_sink.py --count-only\` answering 200; the notes compare each with sluice (events off) in the same case"
+}
 section() {
     cat <<EOF
 
@@ -644,6 +688,7 @@ section() {
 - sluice (fresh spool per measurement, fsync on as by default): \`$SLUICE_CMD\`
 - Postfix: a private instance (own config, queue and data directories under the temp dir; \`postfix -c DIR start\`) from \`bench/postfix/main.cf.in\` and \`master.cf.in\`: Debian's shipped services and durability (queue files fsynced), no chroot, relayhost=[127.0.0.1]:SINKPORT, smtpd STARTTLS (smtpd_tls_security_level=may, same cert) only in the STARTTLS and verify cases, no TLS to the sink except in the verify cases (smtp_tls_security_level=verify, smtp_tls_CAfile=CA, smtp_tls_verify_cert_match=hostname, localhost; the sink then presents a certificate for IP 127.0.0.1 and DNS localhost issued by CA, a test CA from the openssl CLI), default_destination_concurrency_limit=50, default_process_limit=300, logging to a file through postlogd; fresh queue per measurement
 $(dkim_desc)
+$(events_desc)
 - accepted = messages ÷ source wall time; delivered = messages ÷ (source start → the sink's last message); relay CPU = utime+stime (Postfix: master and all its processes, reaped ones included); relay peak = sluice VmHWM, Postfix peak of the summed PSS of its processes sampled every 0.5 s; sink conns = connections the sink saw (the relay's connection reuse)
 
 $(table)

@@ -6,6 +6,7 @@
 //! parsed document before it is deserialized.
 
 pub mod delivery;
+pub mod events;
 pub mod suppression;
 pub mod tls_rpt;
 
@@ -76,6 +77,8 @@ pub struct Config {
     pub tls_rpt: tls_rpt::TlsRptSection,
     /// Hard-bounced recipients refused or dropped for a while.
     pub suppression: suppression::SuppressionSection,
+    /// Delivery events to a file and a webhook (docs/events.md).
+    pub events: events::EventsSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -679,6 +682,9 @@ impl Config {
             return Err(invalid(key.into(), message));
         }
         if let Err((key, message)) = self.tls_rpt.check() {
+            return Err(invalid(key.into(), message));
+        }
+        if let Err((key, message)) = self.events.check() {
             return Err(invalid(key.into(), message));
         }
         // Mandatory DANE rests on the resolver's AD bit.

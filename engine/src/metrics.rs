@@ -93,6 +93,19 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Recipients put on the suppression list by a hard bounce."),
     ("sluice_suppression_refused_total", Kind::Counter, "action",
      "Recipients refused at RCPT (action=refuse) or failed at delivery (action=drop) because they are suppressed."),
+    // Delivery events (docs/events.md).
+    ("sluice_events_produced_total", Kind::Counter, "type",
+     "Delivery events made by the cores, by type (reception, delivery, deferral, bounce, expiry, suppression)."),
+    ("sluice_events_written_total", Kind::Counter, "sink",
+     "Events written by the events thread: to the JSON-lines file (sink=file) or to the webhook's durable buffer (sink=buffer)."),
+    ("sluice_events_posted_total", Kind::Counter, "",
+     "Events the webhook acknowledged (2xx) and that left the buffer."),
+    ("sluice_events_post_failures_total", Kind::Counter, "",
+     "Webhook POSTs that failed (no answer, timeout or non-2xx); their events stay buffered and are retried."),
+    ("sluice_events_dropped_total", Kind::Counter, "reason",
+     "Events lost: channel_full (the events thread fell behind the cores), buffer_full (events.max_buffered reached), storage (buffer write failed), file_error, stopped."),
+    ("sluice_events_buffered", Kind::Gauge, "",
+     "Events in the durable buffer waiting for the webhook."),
     ("sluice_dsn_messages_total", Kind::Counter, "kind",
      "Delivery status notifications queued, by kind (failure, delay, success)."),
     ("sluice_delivery_attempt_seconds", Kind::Histogram, "",
@@ -631,6 +644,41 @@ pub fn delivery_failure(class: sluice_policy::bounce::BounceClass, status: &'sta
     if let Some(h) = handles.get(c * STATUSES.len() + s) {
         h.increment(1);
     }
+}
+
+/// An event made by a core.
+pub fn event_produced(kind: &'static str) {
+    counter!("sluice_events_produced_total", "type" => kind).increment(1);
+}
+
+/// Events written by the events thread to a sink ("file" or "buffer").
+pub fn events_written(sink: &'static str, n: usize) {
+    counter!("sluice_events_written_total", "sink" => sink).increment(n as u64);
+}
+
+/// Events acknowledged by the webhook.
+pub fn events_posted(n: usize) {
+    counter!("sluice_events_posted_total").increment(n as u64);
+}
+
+/// A webhook POST failed.
+pub fn events_post_failed() {
+    counter!("sluice_events_post_failures_total").increment(1);
+}
+
+/// One event lost, by reason.
+pub fn events_dropped(reason: &'static str) {
+    events_dropped_n(reason, 1);
+}
+
+/// Events lost, by reason.
+pub fn events_dropped_n(reason: &'static str, n: usize) {
+    counter!("sluice_events_dropped_total", "reason" => reason).increment(n as u64);
+}
+
+/// Events in the webhook's buffer now.
+pub fn events_buffered(n: u64) {
+    gauge!("sluice_events_buffered").set(n as f64);
 }
 
 /// A hard bounce put a recipient on the suppression list.

@@ -131,6 +131,25 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         }
         crate::suppression::install(list);
     }
+    // Delivery events (docs/events.md): the events and poster threads, and the
+    // durable buffer next to the shards; before any core can make an event.
+    if config.events.enabled {
+        let tls = match config.events.webhook_url.as_deref() {
+            Some(url)
+                if url
+                    .get(..6)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("https:")) =>
+            {
+                Some(
+                    OutboundTlsConfig::new(config.delivery.tls_ca_file.as_deref(), &config.route)
+                        .and_then(|t| t.verifying_client())
+                        .context("TLS for the events webhook (delivery.tls_ca_file)")?,
+                )
+            }
+            _ => None,
+        };
+        crate::events::start(&config.events, &config.spool.path, config.spool.sync, tls)?;
+    }
     // Each core walks the shards it schedules once (queue/recovery.rs); the
     // last to finish logs the whole ("spool recovered").
     let recovery = Arc::new(RecoveryTally::new(cores, spool.shard_count()));
@@ -377,6 +396,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     if let Some(admin) = admin {
         admin.stop();
     }
+    // The events the cores made are written (file and buffer) before exit.
+    crate::events::flush(Duration::from_secs(5));
     spool.shutdown();
     drop(signals);
     match failed {
@@ -648,6 +669,7 @@ fn spawn_signal_thread(
             for sig in signals.forever() {
                 if sig == SIGHUP {
                     tracing::info!("SIGHUP received: reloading the configuration");
+                    crate::events::reopen_file();
                     // The outcome is logged by reload() itself.
                     let _ = reloader.reload();
                     continue;

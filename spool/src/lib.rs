@@ -7,6 +7,7 @@
 
 mod envelope;
 mod error;
+mod events;
 mod id;
 mod records;
 mod reply;
@@ -21,6 +22,7 @@ pub use envelope::{
     Ret, Schedule, TlsRequest,
 };
 pub use error::SpoolError;
+pub use events::{Batch as EventBatch, EventStore, EVENTS_DIR};
 pub use id::{IdGenerator, MessageId, MAX_SHARDS};
 pub use records::RecordTable;
 pub use reply::{EnhancedStatus, Reply};

@@ -431,13 +431,23 @@ impl CoreDelivery {
                     .await
                     .map_err(|e| format!("spool: {e}"))?;
                 self.queue.removed(&envelope);
+                crate::events::message_removed(&id.to_string());
                 Ok(())
             }
             QueueAction::Bounce => {
                 self.forget(id);
+                let reply = Reply::new(550, "5.0.0", CANCELLED);
+                if crate::events::enabled() {
+                    let open: Vec<(u32, super::job::Outcome)> = (0u32..)
+                        .zip(&envelope.recipients)
+                        .filter(|(_, r)| super::ledger::is_open(&r.status))
+                        .map(|(i, _)| (i, super::job::Outcome::Failed(reply.clone())))
+                        .collect();
+                    super::scheduler::failure_events(id, &envelope, &open, super::now_ms());
+                }
                 // Every open recipient fails; finalize sends the failure DSN
                 // through the usual path and removes the message.
-                let attempt = Attempt::cancel(envelope, Reply::new(550, "5.0.0", CANCELLED));
+                let attempt = Attempt::cancel(envelope, reply);
                 let _busy = self.admin_finalizing(id);
                 self.clone().finalize(id, attempt).await;
                 Ok(())

@@ -7,6 +7,7 @@ use sluice_spool::{Envelope, MessageId, RecipientStatus, Reply};
 use super::job::{Job, JobResult, Outcome};
 use super::outbound::Connection;
 use super::{now_ms, CoreDelivery};
+use crate::events::{Event, EventReply, Kind, Tls};
 
 impl CoreDelivery {
     /// The delivery log: one record per recipient per attempt.
@@ -48,6 +49,9 @@ impl CoreDelivery {
                     Some(class)
                 }
             };
+            if crate::events::enabled() {
+                crate::events::emit(attempt_event(job, conn, outcome, rcpt, class));
+            }
             tracing::info!(
                 target: "sluice::delivery",
                 id = %job.id,
@@ -92,6 +96,17 @@ impl CoreDelivery {
         };
         let class = crate::bounce::classify(reply);
         crate::metrics::delivery_failure(class, "expired");
+        if crate::events::enabled() {
+            let mut e = Event::new(Kind::Expiry, now, &envelope.sender);
+            e.id = Some(id.to_string());
+            e.recipient = Some(r.address.clone());
+            e.size = Some(envelope.size);
+            e.queue = Some(envelope.queue.clone());
+            e.reply = Some(EventReply::from(reply));
+            e.class = Some(class.as_str().to_string());
+            e.attempt = Some(envelope.schedule.attempts);
+            crate::events::emit(e);
+        }
         tracing::info!(
             target: "sluice::delivery",
             id = %id,
@@ -111,6 +126,7 @@ impl CoreDelivery {
 
     /// The message left the queue: every recipient delivered or failed.
     pub(super) fn log_removed(&self, id: MessageId, envelope: &Envelope, now: u64) {
+        crate::events::message_removed(&id.to_string());
         tracing::info!(
             target: "sluice::delivery",
             id = %id,
@@ -121,6 +137,43 @@ impl CoreDelivery {
             "removed"
         );
     }
+}
+
+/// The delivery, deferral or bounce event of one recipient's attempt.
+fn attempt_event(
+    job: &Job,
+    conn: Option<&Connection>,
+    outcome: &Outcome,
+    rcpt: &str,
+    class: Option<BounceClass>,
+) -> Event {
+    let (kind, reply) = match outcome {
+        Outcome::Delivered(r) => (Kind::Delivery, r),
+        Outcome::Deferred(r) => (Kind::Deferral, r),
+        Outcome::Failed(r) => (Kind::Bounce, r),
+    };
+    let mut e = Event::new(kind, now_ms(), &job.sender);
+    e.id = Some(job.id.to_string());
+    e.recipient = Some(rcpt.to_string());
+    e.size = Some(job.size);
+    e.queue = Some(job.queue.clone());
+    e.site = Some(job.target.destination());
+    e.route = Some(job.route.clone());
+    e.remote_host = conn.map(|c| c.host.clone());
+    e.remote_ip = conn.map(|c| c.ip.to_string());
+    e.source_ip = conn
+        .and_then(|c| c.source_ip)
+        .or(job.strategy.source_ip)
+        .map(|ip| ip.to_string());
+    e.tls = conn.and_then(|c| {
+        c.tls
+            .as_deref()
+            .map(|t| Tls::from_text(t, Some(c.tls_verified)))
+    });
+    e.reply = Some(EventReply::from(reply));
+    e.class = class.map(|c| c.as_str().to_string());
+    e.attempt = Some(job.attempt);
+    e
 }
 
 /// A permanent failure may put the recipient on the suppression list: the

@@ -176,6 +176,9 @@ impl CoreDelivery {
                 self.target_for(&facts, &rules, r, mx)
             })
         };
+        if crate::events::enabled() {
+            failure_events(id, &envelope, &unroutable, now);
+        }
         // Destinations suspended by the operator: their recipients wait; when
         // nothing else is to be done, wake at the suspension's end.
         if let Some(until) = self.admin_park_suspended(id, &mut groups, now) {
@@ -347,5 +350,38 @@ fn count_outcomes(envelope: &Envelope, outcomes: &[(u32, Outcome)]) {
             Outcome::Deferred(_) => q.deferred.increment(1),
             Outcome::Failed(_) => q.bounced.increment(1),
         }
+    }
+}
+
+/// Recipients that failed without a connection (at routing, or an operator's
+/// bounce): a suppression event for those the suppression list dropped, a
+/// bounce event for the others.
+pub(super) fn failure_events(
+    id: MessageId,
+    envelope: &Envelope,
+    unroutable: &[(u32, Outcome)],
+    now: u64,
+) {
+    use crate::events::{Event, EventReply, Kind};
+    for (index, outcome) in unroutable {
+        let reply = outcome.reply();
+        let class = crate::bounce::classify(reply);
+        let kind = if class == sluice_policy::bounce::BounceClass::Suppressed {
+            Kind::Suppression
+        } else {
+            Kind::Bounce
+        };
+        let mut e = Event::new(kind, now, &envelope.sender);
+        e.id = Some(id.to_string());
+        e.recipient = envelope
+            .recipients
+            .get(*index as usize)
+            .map(|r| r.address.clone());
+        e.size = Some(envelope.size);
+        e.queue = Some(envelope.queue.clone());
+        e.reply = Some(EventReply::from(reply));
+        e.class = Some(class.as_str().to_string());
+        e.attempt = Some(envelope.schedule.attempts + 1);
+        crate::events::emit(e);
     }
 }

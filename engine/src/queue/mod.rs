@@ -126,6 +126,7 @@ impl CoreQueue {
         added: Vec<u8>,
         body: Vec<u8>,
     ) -> Result<String, EnqueueError> {
+        let meta = crate::events::reception_meta(&body);
         let (body, signed) = self.sign(&envelope, body).await;
         let signed = signed.inspect_err(|e| {
             tracing::warn!(target: "sluice::dkim", id = %id, error = %e, "signing failed: message refused");
@@ -134,6 +135,9 @@ impl CoreQueue {
         prefix.extend_from_slice(&added);
         envelope.size += prefix.len() as u64;
         self.store_prefixed(id, &envelope, prefix, body).await?;
+        if let Some(meta) = meta {
+            crate::events::emit(crate::events::reception(id, &envelope, meta));
+        }
         self.admitted(id, envelope);
         Ok(signed.signers)
     }

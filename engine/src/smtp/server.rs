@@ -1165,6 +1165,15 @@ impl Session {
                     "recipient suppressed"
                 );
                 crate::metrics::suppression_refused("refuse");
+                if crate::events::enabled() {
+                    crate::events::emit(crate::events::suppressed_at_rcpt(
+                        sender,
+                        address,
+                        self.peer.ip,
+                        &sluice_spool::Reply::new(code, status, &text),
+                        entry.class.as_str(),
+                    ));
+                }
                 // Not a protocol error: a bulk client's list simply has it.
                 self.reply(code, status, &text);
                 return;

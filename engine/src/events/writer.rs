@@ -1,0 +1,237 @@
+//! The events thread: takes events from the cores in batches, fills in the
+//! header facts reception stored, writes the file and the durable buffer.
+
+use std::path::Path;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sluice_spool::EventStore;
+
+use super::file::FileSink;
+use super::webhook::{Endpoint, Poster};
+use super::{Emitter, Event, Kind, Meta, Msg, EMITTER};
+use crate::config::events::EventsSection;
+
+/// Events taken from the channel per batch, at most.
+const MAX_BATCH: usize = 4096;
+/// How long a batch collects events after its first: one commit (and fsync)
+/// and one file write for all of them, instead of one per event.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
+
+/// Starts the events thread (and the webhook poster) and installs the
+/// emitter. `tls`: the verifying client config for https:// webhooks.
+pub fn start(
+    cfg: &EventsSection,
+    spool_path: &Path,
+    sync: bool,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<()> {
+    let store = Arc::new(
+        EventStore::open(spool_path, sync && cfg.sync, cfg.map_size.0 as usize)
+            .context("opening the events buffer (<spool.path>/events)")?,
+    );
+    let file = match &cfg.file {
+        Some(p) => Some(
+            FileSink::open(p, cfg.file_max_size.0, cfg.file_keep)
+                .with_context(|| format!("events.file: opening {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let poster = match &cfg.webhook_url {
+        Some(url) => {
+            let endpoint =
+                Endpoint::parse(url).map_err(|e| anyhow::anyhow!("events.webhook_url: {e}"))?;
+            let poster = Poster {
+                store: store.clone(),
+                endpoint,
+                batch_size: cfg.webhook_batch_size,
+                max_delay: cfg.webhook_max_delay.0,
+                timeout: cfg.webhook_timeout.0,
+                retry_initial: cfg.webhook_retry_initial.0,
+                retry_max: cfg.webhook_retry_max.0,
+                tls,
+            };
+            let handle = std::thread::Builder::new()
+                .name("sluice-events-post".into())
+                .spawn(move || poster.run())
+                .context("starting the events poster thread")?;
+            Some(handle.thread().clone())
+        }
+        None => None,
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel(cfg.channel_capacity);
+    let writer = Writer {
+        store,
+        file,
+        poster,
+        max_buffered: cfg.max_buffered,
+        batch_size: cfg.webhook_batch_size as u64,
+    };
+    std::thread::Builder::new()
+        .name("sluice-events".into())
+        .spawn(move || writer.run(rx))
+        .context("starting the events thread")?;
+    let _ = EMITTER.set(Emitter {
+        tx,
+        tenant_header: cfg.tenant_header.clone(),
+        campaign_header: cfg.campaign_header.clone(),
+    });
+    Ok(())
+}
+
+struct Writer {
+    store: Arc<EventStore>,
+    file: Option<FileSink>,
+    /// The poster, woken when a full batch is buffered.
+    poster: Option<std::thread::Thread>,
+    max_buffered: u64,
+    batch_size: u64,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Msg>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(m) => batch.push(m),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let until = std::time::Instant::now() + BATCH_WINDOW;
+            while batch.len() < MAX_BATCH {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(Msg::Flush(tx)) => {
+                        // Shutdown: write now.
+                        batch.push(Msg::Flush(tx));
+                        break;
+                    }
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            self.write(&mut batch);
+        }
+    }
+
+    fn write(&mut self, batch: &mut Vec<Msg>) {
+        // Sorted out first, so a storage error cannot keep anything in `batch`.
+        // Removals go after the events (a message's removal follows its
+        // events, so the batch's events still find their header facts).
+        let mut flushes = Vec::new();
+        let mut events: Vec<Box<Event>> = Vec::with_capacity(batch.len());
+        let mut removed = Vec::new();
+        for msg in batch.drain(..) {
+            match msg {
+                Msg::Removed(id) => removed.push(id),
+                Msg::Flush(tx) => flushes.push(tx),
+                Msg::Event(e) => events.push(e),
+            }
+        }
+        let mut lines: Vec<Vec<u8>> = Vec::with_capacity(events.len());
+        let mut pending = 0u64;
+        let mut buffered = 0usize;
+        let mut full = 0usize;
+        let done = (|| -> Result<(), sluice_spool::SpoolError> {
+            let mut txn = self.store.batch()?;
+            let mut count = if self.poster.is_some() {
+                txn.pending_len()?
+            } else {
+                0
+            };
+            for event in events.iter_mut() {
+                enrich(&mut txn, event)?;
+                let json = event.to_json();
+                if self.poster.is_some() {
+                    if count >= self.max_buffered {
+                        full += 1;
+                    } else {
+                        txn.push_pending(&json)?;
+                        count += 1;
+                        buffered += 1;
+                    }
+                }
+                lines.push(json);
+            }
+            for id in &removed {
+                txn.delete_meta(id)?;
+            }
+            pending = count;
+            txn.commit()
+        })();
+        if let Err(e) = done {
+            // The file still gets the events; the webhook loses this batch.
+            tracing::error!(target: "sluice::events", error = %e, events = events.len(), "event buffer write failed");
+            if self.poster.is_some() {
+                crate::metrics::events_dropped_n("storage", events.len());
+            }
+            buffered = 0;
+            full = 0;
+            lines = events.iter().map(|e| e.to_json()).collect();
+        }
+        if full > 0 {
+            crate::metrics::events_dropped_n("buffer_full", full);
+            tracing::warn!(target: "sluice::events", dropped = full, "event buffer full (events.max_buffered): events dropped for the webhook");
+        }
+        if buffered > 0 {
+            crate::metrics::events_written("buffer", buffered);
+            crate::metrics::events_buffered(pending);
+        }
+        if let Some(f) = self.file.as_mut() {
+            let written = lines
+                .iter()
+                .try_for_each(|l| f.write_line(l))
+                .and_then(|()| f.flush());
+            match written {
+                Ok(()) => crate::metrics::events_written("file", lines.len()),
+                Err(e) => {
+                    crate::metrics::events_dropped_n("file_error", lines.len());
+                    tracing::error!(target: "sluice::events", error = %e, "events file write failed");
+                }
+            }
+        }
+        if let Some(p) = &self.poster {
+            if pending >= self.batch_size {
+                p.unpark();
+            }
+        }
+        for tx in flushes {
+            let _ = tx.try_send(());
+        }
+    }
+}
+
+/// Reception stores the message's header facts; later events get them.
+fn enrich(
+    txn: &mut sluice_spool::EventBatch<'_>,
+    event: &mut Event,
+) -> Result<(), sluice_spool::SpoolError> {
+    let Some(id) = event.id.as_deref() else {
+        return Ok(());
+    };
+    if event.kind == Kind::Reception {
+        let meta = Meta {
+            message_id: event.message_id.clone(),
+            tenant: event.tenant.clone(),
+            campaign: event.campaign.clone(),
+        };
+        if meta != Meta::default() {
+            let bytes = serde_json::to_vec(&meta).unwrap_or_default();
+            txn.put_meta(id, &bytes)?;
+        }
+        return Ok(());
+    }
+    if event.message_id.is_some() || event.tenant.is_some() || event.campaign.is_some() {
+        return Ok(());
+    }
+    if let Some(bytes) = txn.meta(id)? {
+        if let Ok(meta) = serde_json::from_slice::<Meta>(&bytes) {
+            event.message_id = meta.message_id;
+            event.tenant = meta.tenant;
+            event.campaign = meta.campaign;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! The delivery events' durable buffer: its own LMDB environment in
+//! `<spool path>/events`, next to the shards.
+//!
+//! Two tables:
+//! - `pending`: events not yet acknowledged by the webhook, keyed by a
+//!   big-endian sequence number (so key order is arrival order); values are
+//!   the event's JSON as the sink will post it.
+//! - `meta`: per queued message, what reception read from its header (the
+//!   Message-ID, tenant and campaign), so later events of the message carry
+//!   it without the envelope growing a field; removed with the message.
+//!
+//! Writes are whole batches in one transaction and block (commit fsyncs):
+//! call them from the events thread, never from an executor.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use heed::types::Bytes;
+use heed::{Database, EnvOpenOptions, RwTxn, WithoutTls};
+
+use crate::SpoolError;
+
+/// Directory name under the spool path.
+pub const EVENTS_DIR: &str = "events";
+
+pub struct EventStore {
+    env: heed::Env<WithoutTls>,
+    pending: Database<Bytes, Bytes>,
+    meta: Database<Bytes, Bytes>,
+    next_seq: AtomicU64,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for EventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One write transaction of the events thread (see [`EventStore::batch`]).
+pub struct Batch<'s> {
+    store: &'s EventStore,
+    txn: RwTxn<'s>,
+    seq: u64,
+}
+
+impl Batch<'_> {
+    /// Buffers one event for the webhook.
+    pub fn push_pending(&mut self, json: &[u8]) -> Result<(), SpoolError> {
+        let key = self.seq.to_be_bytes();
+        self.seq += 1;
+        self.store
+            .pending
+            .put(&mut self.txn, &key, json)
+            .map_err(|e| self.store.storage(e))
+    }
+
+    /// What reception stored for this message (also within this batch).
+    pub fn meta(&self, id: &str) -> Result<Option<Vec<u8>>, SpoolError> {
+        self.store
+            .meta
+            .get(&self.txn, id.as_bytes())
+            .map(|v| v.map(<[u8]>::to_vec))
+            .map_err(|e| self.store.storage(e))
+    }
+
+    pub fn put_meta(&mut self, id: &str, value: &[u8]) -> Result<(), SpoolError> {
+        self.store
+            .meta
+            .put(&mut self.txn, id.as_bytes(), value)
+            .map_err(|e| self.store.storage(e))
+    }
+
+    pub fn delete_meta(&mut self, id: &str) -> Result<(), SpoolError> {
+        self.store
+            .meta
+            .delete(&mut self.txn, id.as_bytes())
+            .map(|_| ())
+            .map_err(|e| self.store.storage(e))
+    }
+
+    /// Events buffered now, this batch's included.
+    pub fn pending_len(&self) -> Result<u64, SpoolError> {
+        self.store
+            .pending
+            .len(&self.txn)
+            .map_err(|e| self.store.storage(e))
+    }
+
+    /// Makes the batch durable (fsync unless the spool runs without sync).
+    pub fn commit(self) -> Result<(), SpoolError> {
+        let seq = self.seq;
+        let store = self.store;
+        self.txn.commit().map_err(|e| store.storage(e))?;
+        store.next_seq.store(seq, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl EventStore {
+    /// Opens (creating) `spool_path/events` with a map of `map_size` bytes.
+    pub fn open(spool_path: &Path, sync: bool, map_size: usize) -> Result<EventStore, SpoolError> {
+        let dir = spool_path.join(EVENTS_DIR);
+        let io = |e: &dyn std::fmt::Display| SpoolError::Io(format!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(&dir).map_err(|e| io(&e))?;
+        let mut opts = EnvOpenOptions::new().read_txn_without_tls();
+        opts.max_dbs(2)
+            .map_size(map_size.max(1 << 20).div_ceil(64 * 1024) * 64 * 1024);
+        if !sync {
+            // SAFETY: NO_SYNC trades durability against a system crash, not
+            // memory safety; only with spool.sync = false (benchmarks).
+            unsafe {
+                opts.flags(heed::EnvFlags::NO_SYNC);
+            }
+        }
+        // SAFETY: this environment is only modified through LMDB, by this
+        // process (one events thread writes; LMDB serialises writers) and
+        // offline tools going through its lock file; heed refuses a double
+        // open in one process.
+        let env = unsafe { opts.open(&dir) }.map_err(|e| io(&e))?;
+        env.clear_stale_readers().map_err(|e| io(&e))?;
+        let mut wtxn = env.write_txn().map_err(|e| io(&e))?;
+        let pending = env
+            .create_database(&mut wtxn, Some("pending"))
+            .map_err(|e| io(&e))?;
+        let meta = env
+            .create_database(&mut wtxn, Some("meta"))
+            .map_err(|e| io(&e))?;
+        let next = match pending.last(&wtxn).map_err(|e| io(&e))? {
+            Some((k, _)) => seq_of(k).map_or(0, |s| s + 1),
+            None => 0,
+        };
+        wtxn.commit().map_err(|e| io(&e))?;
+        Ok(EventStore {
+            env,
+            pending,
+            meta,
+            next_seq: AtomicU64::new(next),
+            dir,
+        })
+    }
+
+    fn storage(&self, e: heed::Error) -> SpoolError {
+        match e {
+            heed::Error::Mdb(heed::MdbError::MapFull) => SpoolError::Full,
+            e => SpoolError::Failed(format!("{}: {e}", self.dir.display())),
+        }
+    }
+
+    /// Starts a write transaction (one writer: the events thread).
+    pub fn batch(&self) -> Result<Batch<'_>, SpoolError> {
+        let txn = self.env.write_txn().map_err(|e| self.storage(e))?;
+        Ok(Batch {
+            store: self,
+            txn,
+            seq: self.next_seq.load(Ordering::Relaxed),
+        })
+    }
+
+    /// The oldest `n` buffered events: (sequence, JSON).
+    pub fn oldest(&self, n: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.storage(e))?;
+        let mut out = Vec::with_capacity(n.min(4096));
+        for item in self.pending.iter(&rtxn).map_err(|e| self.storage(e))? {
+            if out.len() >= n {
+                break;
+            }
+            let (k, v) = item.map_err(|e| self.storage(e))?;
+            if let Some(seq) = seq_of(k) {
+                out.push((seq, v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Events buffered now.
+    pub fn pending_len(&self) -> Result<u64, SpoolError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.storage(e))?;
+        self.pending.len(&rtxn).map_err(|e| self.storage(e))
+    }
+
+    /// Removes acknowledged events (one transaction).
+    pub fn acknowledge(&self, seqs: &[u64]) -> Result<(), SpoolError> {
+        let mut wtxn = self.env.write_txn().map_err(|e| self.storage(e))?;
+        for seq in seqs {
+            self.pending
+                .delete(&mut wtxn, &seq.to_be_bytes())
+                .map_err(|e| self.storage(e))?;
+        }
+        wtxn.commit().map_err(|e| self.storage(e))
+    }
+}
+
+fn seq_of(key: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(key).ok().map(u64::from_be_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_survives_reopen_in_order_and_meta_is_kept_until_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = EventStore::open(dir.path(), true, 1 << 20).unwrap();
+            let mut b = s.batch().unwrap();
+            b.put_meta("id1", b"m").unwrap();
+            assert_eq!(b.meta("id1").unwrap().as_deref(), Some(&b"m"[..]));
+            for i in 0..300u32 {
+                b.push_pending(format!("{{\"n\":{i}}}").as_bytes()).unwrap();
+            }
+            assert_eq!(b.pending_len().unwrap(), 300);
+            b.commit().unwrap();
+            let first = s.oldest(2).unwrap();
+            assert_eq!(first[0], (0, b"{\"n\":0}".to_vec()));
+            assert_eq!(first[1].0, 1);
+            s.acknowledge(&[0, 1]).unwrap();
+        }
+        let s = EventStore::open(dir.path(), true, 1 << 20).unwrap();
+        assert_eq!(s.pending_len().unwrap(), 298);
+        let next = s.oldest(1).unwrap();
+        assert_eq!(next[0].0, 2, "order kept over the reopen");
+        let mut b = s.batch().unwrap();
+        b.push_pending(b"late").unwrap();
+        assert_eq!(b.meta("id1").unwrap().as_deref(), Some(&b"m"[..]));
+        b.delete_meta("id1").unwrap();
+        b.commit().unwrap();
+        let all = s.oldest(1000).unwrap();
+        assert_eq!(
+            all.last().unwrap(),
+            &(300, b"late".to_vec()),
+            "sequence continues"
+        );
+        assert_eq!(s.batch().unwrap().meta("id1").unwrap(), None);
+    }
+}
