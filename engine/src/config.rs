@@ -6,6 +6,7 @@
 //! parsed document before it is deserialized.
 
 pub mod delivery;
+pub mod shaping;
 pub mod suppression;
 pub mod tls_rpt;
 
@@ -76,6 +77,8 @@ pub struct Config {
     pub tls_rpt: tls_rpt::TlsRptSection,
     /// Hard-bounced recipients refused or dropped for a while.
     pub suppression: suppression::SuppressionSection,
+    /// Response-driven shaping rules and slow start.
+    pub shaping: shaping::ShapingSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -767,6 +770,29 @@ impl Config {
         }
         if let Err(e) = self.rule_set() {
             return Err(invalid("rule".into(), e.to_string()));
+        }
+        if let Err(e) = self.shaping.rules() {
+            let line = text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| {
+                    let l: String = l.chars().filter(|c| !c.is_whitespace()).collect();
+                    l.starts_with("[[shaping.rule]]")
+                })
+                .nth(e.rule.saturating_sub(1))
+                .map(|(i, _)| i + 1);
+            return Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                key: format!("shaping.rule[{}].{}", e.rule, e.key),
+                line,
+                message: e.reason,
+            });
+        }
+        if self.shaping.slow_start_initial == 0 {
+            return Err(invalid(
+                "shaping.slow_start_initial".into(),
+                "must be at least 1".into(),
+            ));
         }
         // Key files are read when the relay starts or reloads, not here.
         if let Err(e) = self.dkim_plan() {

@@ -93,6 +93,10 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Recipients put on the suppression list by a hard bounce."),
     ("sluice_suppression_refused_total", Kind::Counter, "action",
      "Recipients refused at RCPT (action=refuse) or failed at delivery (action=drop) because they are suppressed."),
+    ("sluice_shaping_actions_total", Kind::Counter, "rule,action",
+     "Shaping actions taken because a rule's threshold of matching replies was reached, by rule and action."),
+    ("sluice_shaping_active_actions", Kind::Gauge, "",
+     "Shaping actions in force (rules that fired, and operator suspensions)."),
     ("sluice_dsn_messages_total", Kind::Counter, "kind",
      "Delivery status notifications queued, by kind (failure, delay, success)."),
     ("sluice_delivery_attempt_seconds", Kind::Histogram, "",
@@ -560,6 +564,17 @@ pub fn global() -> &'static Global {
         dsn: ["failure", "delay", "success"]
             .map(|k| counter!("sluice_dsn_messages_total", "kind" => k)),
     })
+}
+
+/// A shaping rule fired.
+pub fn shaping_action(rule: &str, action: &'static str) {
+    counter!("sluice_shaping_actions_total", "rule" => rule.to_string(), "action" => action)
+        .increment(1);
+}
+
+/// The number of shaping actions in force changed.
+pub fn shaping_active(n: usize) {
+    gauge!("sluice_shaping_active_actions").set(n as f64);
 }
 
 /// A limit delayed or refused mail.

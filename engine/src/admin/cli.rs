@@ -424,6 +424,66 @@ pub fn run_suppression(
     emit(json, &value, render, out)
 }
 
+#[derive(Subcommand, Debug)]
+pub enum ShapingCommand {
+    /// Shaping actions in force: rules that fired, and operator suspensions.
+    List,
+    /// End a shaping action now (its id from `list`).
+    Cancel { id: String },
+}
+
+pub fn run_shaping(
+    client: &Client,
+    json: bool,
+    cmd: ShapingCommand,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let (value, render): (Value, Render) = match cmd {
+        ShapingCommand::List => (client.call("GET", "/shaping/actions", &[])?, |v, o| {
+            let actions = arr(&v["actions"]);
+            if actions.is_empty() {
+                return writeln!(o, "no shaping action in force");
+            }
+            for a in actions {
+                let value = s(&a["value"]);
+                writeln!(
+                    o,
+                    "{} {} {}{} {} until {}{}",
+                    s(&a["id"]),
+                    s(&a["rule"]),
+                    s(&a["action"]),
+                    if value.is_empty() {
+                        String::new()
+                    } else {
+                        format!("={value}")
+                    },
+                    s(&a["destination"]),
+                    s(&a["until"]),
+                    match s(&a["reply"]).as_str() {
+                        "" => String::new(),
+                        r => format!(" after \"{r}\""),
+                    }
+                )?;
+            }
+            Ok(())
+        }),
+        ShapingCommand::Cancel { id } => (
+            client.call("POST", &format!("/shaping/actions/{}/cancel", enc(&id)), &[])?,
+            |v, o| {
+                writeln!(
+                    o,
+                    "cancelled {} ({} {} on {})",
+                    s(&v["action"]["id"]),
+                    s(&v["action"]["rule"]),
+                    s(&v["action"]["action"]),
+                    s(&v["action"]["destination"])
+                )
+            },
+        ),
+    };
+    emit(json, &value, render, out)
+}
+
 /// Why a call to the API failed.
 enum CallError {
     /// Nothing listens there (the relay is not running): a read may fall back.

@@ -10,7 +10,9 @@
 //!
 //! Holds are persisted (`Schedule::held` in the envelope) and survive a
 //! restart. Destination suspensions are in memory on every core (each core
-//! dispatches its own shards' messages) and end at a restart.
+//! dispatches its own shards' messages); the API also stores them with the
+//! shaping actions (`shaping.rs`), from where every core takes them back at
+//! a restart.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -180,6 +182,7 @@ const CANCELLED: &str = "message cancelled by the operator";
 impl CoreDelivery {
     /// Starts draining this core's command channel (when the API has one).
     pub(super) fn start_admin_commands(self: &Rc<Self>) {
+        self.shaping_restore();
         let Some(mut rx) = self.shared.admin.take(self.core) else {
             return;
         };
@@ -191,6 +194,13 @@ impl CoreDelivery {
             }
         })
         .detach();
+    }
+
+    /// A suspension stored before a restart (`shaping.rs`), back in force here.
+    pub(super) fn admin_restore_suspension(&self, destination: String, until_ms: u64) {
+        let mut suspended = self.admin.suspended.borrow_mut();
+        let until = suspended.entry(normalize_destination(&destination)).or_insert(0);
+        *until = (*until).max(until_ms);
     }
 
     async fn on_admin(self: Rc<Self>, cmd: Command) {
