@@ -416,8 +416,8 @@ fn resume(api: &ApiContext, name: &str) -> ApiResult {
     let destination = destination_name(name)?;
     let senders = cores(api)?;
     // Shaping suspensions of the destination end too (and the stored ones).
-    let shaped = crate::delivery::shaping::installed()
-        .map_or(0, |s| s.resume_destination(&destination));
+    let shaped =
+        crate::delivery::shaping::installed().map_or(0, |s| s.resume_destination(&destination));
     let was = broadcast(senders, |reply| Command::Resume {
         destination: destination.clone(),
         reply,

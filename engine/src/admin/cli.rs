@@ -445,7 +445,7 @@ pub fn run_shaping(
                 return writeln!(o, "no shaping action in force");
             }
             for a in actions {
-                let value = s(&a["value"]);
+                let value = a["value"].as_str().unwrap_or_default();
                 writeln!(
                     o,
                     "{} {} {}{} {} until {}{}",
@@ -459,7 +459,7 @@ pub fn run_shaping(
                     },
                     s(&a["destination"]),
                     s(&a["until"]),
-                    match s(&a["reply"]).as_str() {
+                    match a["reply"].as_str().unwrap_or_default() {
                         "" => String::new(),
                         r => format!(" after \"{r}\""),
                     }
@@ -468,7 +468,11 @@ pub fn run_shaping(
             Ok(())
         }),
         ShapingCommand::Cancel { id } => (
-            client.call("POST", &format!("/shaping/actions/{}/cancel", enc(&id)), &[])?,
+            client.call(
+                "POST",
+                &format!("/shaping/actions/{}/cancel", enc(&id)),
+                &[],
+            )?,
             |v, o| {
                 writeln!(
                     o,

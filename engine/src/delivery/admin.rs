@@ -199,7 +199,9 @@ impl CoreDelivery {
     /// A suspension stored before a restart (`shaping.rs`), back in force here.
     pub(super) fn admin_restore_suspension(&self, destination: String, until_ms: u64) {
         let mut suspended = self.admin.suspended.borrow_mut();
-        let until = suspended.entry(normalize_destination(&destination)).or_insert(0);
+        let until = suspended
+            .entry(normalize_destination(&destination))
+            .or_insert(0);
         *until = (*until).max(until_ms);
     }
 

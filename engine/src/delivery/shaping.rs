@@ -173,11 +173,8 @@ impl Shaping {
             if dup || list.len() >= MAX_ACTIVE {
                 return Arc::clone(list);
             }
-            let mut next: Vec<ActiveAction> = list
-                .iter()
-                .filter(|a| a.id != action.id)
-                .cloned()
-                .collect();
+            let mut next: Vec<ActiveAction> =
+                list.iter().filter(|a| a.id != action.id).cloned().collect();
             next.push(action.clone());
             added = true;
             Arc::new(next)
@@ -204,7 +201,12 @@ impl Shaping {
         let mut removed = Vec::new();
         self.active.rcu(|list| {
             removed = list.iter().filter(|a| pred(a)).cloned().collect();
-            Arc::new(list.iter().filter(|a| !pred(a)).cloned().collect::<Vec<_>>())
+            Arc::new(
+                list.iter()
+                    .filter(|a| !pred(a))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            )
         });
         if removed.is_empty() {
             return removed;
@@ -233,7 +235,8 @@ impl Shaping {
     pub fn resume_destination(&self, destination: &str) -> usize {
         let removed = self.remove_where(|a| {
             a.destination == destination
-                && (a.action == Action::Suspend.name() || a.action == Action::SuspendSourceIp.name())
+                && (a.action == Action::Suspend.name()
+                    || a.action == Action::SuspendSourceIp.name())
         });
         for a in &removed {
             tracing::info!(id = %a.id, rule = %a.rule, action = %a.action, destination = %a.destination, "shaping action cancelled (destination resumed)");
@@ -401,7 +404,10 @@ impl CoreDelivery {
                     *rate = Some((id.clone(), MultiLimiter::new(vec![*r])));
                 }
                 let (_, limiter) = rate.as_mut()?;
-                limiter.try_acquire(now_ms()).err().map(Duration::from_millis)
+                limiter
+                    .try_acquire(now_ms())
+                    .err()
+                    .map(Duration::from_millis)
             }
         }
     }
@@ -410,8 +416,7 @@ impl CoreDelivery {
     /// there is answered without a connection (deferred until the suspension
     /// ends, or failed), and true is returned.
     pub(super) fn shaping_hold_site(self: &Rc<Self>, site: &Site, st: &SiteState) -> bool {
-        let result_of: Box<dyn Fn(&Job) -> JobResult> = if let Some((until, rule)) = &st.suspended
-        {
+        let result_of: Box<dyn Fn(&Job) -> JobResult> = if let Some((until, rule)) = &st.suspended {
             let text = format!(
                 "delivery to {} suspended by shaping rule {rule} until {}",
                 site.target.destination(),
@@ -430,7 +435,12 @@ impl CoreDelivery {
                 outcomes: job
                     .recipients
                     .iter()
-                    .map(|r| (r.index, Outcome::Failed(Reply::new(550, "5.7.1", text.clone()))))
+                    .map(|r| {
+                        (
+                            r.index,
+                            Outcome::Failed(Reply::new(550, "5.7.1", text.clone())),
+                        )
+                    })
                     .collect(),
                 remote_mta: None,
                 peer_dsn: false,

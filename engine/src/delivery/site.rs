@@ -19,8 +19,8 @@ use super::job::{
 };
 use super::mesh::HostSlot;
 use super::mta_sts;
-use super::shaping::SiteShaping;
 use super::outbound::{Connection, Endpoint, SessionFailure};
+use super::shaping::SiteShaping;
 use super::throttle::{self, HostRate, SiteThrottle};
 use super::tls_policy::{self, Level};
 use super::{config, halted, now_ms, CoreDelivery};
