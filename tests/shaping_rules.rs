@@ -146,6 +146,7 @@ fn rules_suspend_expire_persist_cancel_and_bounce() {
         .cores(2)
         .set("delivery.enabled=true")
         .set("log.format=\"json\"")
+        .set("log.level=\"info,sluice_engine::delivery::shaping=debug\"")
         .set(nsd.servers_set())
         .set("dns.timeout=\"1s\"")
         .set(format!("delivery.mx_port={port}"))
@@ -262,7 +263,17 @@ fn rules_suspend_expire_persist_cancel_and_bounce() {
         &["c2@cancel.dlv.test"],
         &body("c2"),
     );
-    wait_taken(&relay, "tss-cancel");
+    let fired = wait_taken(&relay, "tss-cancel");
+    wait_until(
+        "the action to be stored",
+        T,
+        || {
+            log_events(&relay, "shaping action stored")
+                .iter()
+                .any(|v| v["id"] == fired["id"])
+        },
+        || relay.log(),
+    );
     cancel_hop.set("MAIL", None);
     let status = relay.terminate();
     assert!(status.success(), "{status:?}");
@@ -418,4 +429,101 @@ fn rcpt_of(raw: &[u8]) -> &'static str {
         }
     }
     panic!("no block recipient in the DSN:\n{t}")
+}
+
+/// Waits for the relay's record of the message's delivery: the site owner
+/// fed the reply to slow start in the same step, before anything else ran.
+fn delivered(relay: &Relay, id: &str) {
+    wait_until(
+        &format!("{id} delivered"),
+        T,
+        || {
+            attempts(relay, id)
+                .iter()
+                .any(|v| v["status"] == "delivered")
+        },
+        || relay.log(),
+    );
+}
+
+/// The site's entry in `GET /api/v1/shaping/sites` (through the CLI).
+fn site_limit(relay: &Relay, token: &std::path::Path, site: &str) -> Option<u64> {
+    let out = cli(relay, token, &["shaping", "sites", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v["sites"]
+        .as_array()?
+        .iter()
+        .find(|s| s["site"] == site)
+        .and_then(|s| s["limit"].as_u64())
+}
+
+#[test]
+fn slow_start_grows_with_successes_and_halves_on_a_deferral() {
+    let ip = loopback();
+    let port = mx_port(&[ip]);
+    let nsd = Nsd::start(&format!("slow MX 10 mx1\nmx1 A {ip}\nsnd MX 10 mx1"));
+    let server = hop("mx1.slow.test", sa(ip, port));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = token_file(&dir);
+    let relay = Relay::builder()
+        .dir(dir)
+        .cores(2)
+        .set("delivery.enabled=true")
+        .set("log.format=\"json\"")
+        .set(nsd.servers_set())
+        .set("dns.timeout=\"1s\"")
+        .set(format!("delivery.mx_port={port}"))
+        .set("delivery.connect_timeout=\"5s\"")
+        // The site (and its window) stays while the test looks at it.
+        .set("delivery.idle_timeout=\"60s\"")
+        .set("queue.default.retry=[\"1h\"]")
+        .set("destination.default.max_connections=4")
+        .set("shaping.slow_start=true")
+        .set("shaping.slow_start_initial=1")
+        .set(format!("admin.token_file=\"{}\"", token.display()))
+        .start();
+    let send = |tag: &str| {
+        submit(
+            &relay,
+            "alice@snd.dlv.test",
+            "",
+            &[&format!("{tag}@slow.dlv.test")],
+            &body(tag),
+        )
+    };
+    let s0 = send("s0");
+    delivered(&relay, &s0);
+    // One success: 1 → 2 (one more per success until the first deferral).
+    assert_eq!(site_limit(&relay, &token, "slow.dlv.test"), Some(2));
+    let s1 = send("s1");
+    delivered(&relay, &s1);
+    let s2 = send("s2");
+    delivered(&relay, &s2);
+    assert_eq!(site_limit(&relay, &token, "slow.dlv.test"), Some(4));
+    let s3 = send("s3");
+    delivered(&relay, &s3);
+    assert_eq!(
+        site_limit(&relay, &token, "slow.dlv.test"),
+        Some(4),
+        "bounded by destination max_connections"
+    );
+    // A deferral halves it.
+    server.set("MAIL", Some(Act::Reply("451 4.7.0 slow down".into())));
+    let id = send("d0");
+    wait_until(
+        "d0 deferred",
+        T,
+        || {
+            attempts(&relay, &id)
+                .iter()
+                .any(|v| v["status"] == "deferred")
+        },
+        || relay.log(),
+    );
+    assert_eq!(site_limit(&relay, &token, "slow.dlv.test"), Some(2));
+    let text_out = cli(&relay, &token, &["shaping", "sites"]);
+    assert!(
+        text_out.contains("slow.dlv.test limit 2 of 4"),
+        "{text_out}"
+    );
 }

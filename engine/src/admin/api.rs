@@ -58,6 +58,7 @@ pub enum Op {
     SuppressionRemove,
     ShapingList,
     ShapingCancel,
+    ShapingSites,
 }
 
 pub struct Route {
@@ -174,6 +175,11 @@ pub const ROUTES: &[Route] = &[
         path: "/api/v1/shaping/actions/{id}/cancel",
         op: Op::ShapingCancel,
     },
+    Route {
+        method: "GET",
+        path: "/api/v1/shaping/sites",
+        op: Op::ShapingSites,
+    },
 ];
 
 /// Finds the route: Ok(op, path parameters), or the 404/405 to answer.
@@ -245,6 +251,7 @@ pub fn handle(state: &AdminState, req: &Request) -> Response {
         Op::SuppressionRemove => super::suppression_api::remove(req),
         Op::ShapingList => super::shaping_api::list(),
         Op::ShapingCancel => super::shaping_api::cancel(api, &params[0]),
+        Op::ShapingSites => super::shaping_api::sites(api),
         Op::Reload => unreachable!("answered above"),
     };
     match result {

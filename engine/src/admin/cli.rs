@@ -430,6 +430,9 @@ pub enum ShapingCommand {
     List,
     /// End a shaping action now (its id from `list`).
     Cancel { id: String },
+    /// Sites whose concurrency slow start or an action sets: connections
+    /// allowed now, configured, open.
+    Sites,
 }
 
 pub fn run_shaping(
@@ -463,6 +466,25 @@ pub fn run_shaping(
                         "" => String::new(),
                         r => format!(" after \"{r}\""),
                     }
+                )?;
+            }
+            Ok(())
+        }),
+        ShapingCommand::Sites => (client.call("GET", "/shaping/sites", &[])?, |v, o| {
+            let sites = arr(&v["sites"]);
+            if sites.is_empty() {
+                return writeln!(o, "no site under slow start or a connections action");
+            }
+            for x in sites {
+                writeln!(
+                    o,
+                    "{} limit {} of {} open {} queued {} (core {})",
+                    s(&x["site"]),
+                    s(&x["limit"]),
+                    s(&x["max"]),
+                    s(&x["active"]),
+                    s(&x["queued"]),
+                    s(&x["core"])
                 )?;
             }
             Ok(())

@@ -55,3 +55,26 @@ pub(super) fn cancel(api: &ApiContext, id: &str) -> ApiResult {
     }
     Ok(json!({ "cancelled": true, "action": action_json(&action) }))
 }
+
+/// GET: the sites whose concurrency slow start or a `connections` action
+/// sets, from every core (a site lives on one).
+pub(super) fn sites(api: &ApiContext) -> ApiResult {
+    let senders = cores(api)?;
+    let per_core = broadcast(senders, |reply| Command::ShapingSites { reply })?;
+    let sites: Vec<Value> = per_core
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            json!({
+                "site": s.site,
+                "destination": s.destination,
+                "core": s.core,
+                "limit": s.limit,
+                "max": s.max,
+                "active": s.active,
+                "queued": s.queued,
+            })
+        })
+        .collect();
+    Ok(json!({ "sites": sites }))
+}

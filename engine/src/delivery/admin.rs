@@ -75,6 +75,11 @@ pub enum Command {
     Suspended {
         reply: mpsc::Sender<Vec<(String, u64)>>,
     },
+    /// The sites of this core whose concurrency slow start or a shaping
+    /// action sets (`shaping::SiteConcurrency`).
+    ShapingSites {
+        reply: mpsc::Sender<Vec<super::shaping::SiteConcurrency>>,
+    },
     /// Write this core's TLS-RPT counters to the store; answers whether
     /// TLS reporting is on.
     TlsRptFlush { reply: mpsc::Sender<bool> },
@@ -245,6 +250,9 @@ impl CoreDelivery {
                     .collect();
                 list.sort();
                 let _ = reply.send(list);
+            }
+            Command::ShapingSites { reply } => {
+                let _ = reply.send(self.shaping_sites());
             }
             Command::TlsRptFlush { reply } => {
                 self.tls_rpt_flush().await;

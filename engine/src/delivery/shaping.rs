@@ -327,6 +327,22 @@ fn site_state(list: &[ActiveAction], site: &Site, now: u64) -> SiteState {
     st
 }
 
+/// A site's concurrency as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteConcurrency {
+    pub site: String,
+    pub destination: String,
+    pub core: u16,
+    /// Connections allowed now (slow start, actions, configuration).
+    pub limit: usize,
+    /// The configured limit (`max_connections`).
+    pub max: usize,
+    /// Connections open or opening now.
+    pub active: usize,
+    /// Jobs waiting at the site.
+    pub queued: usize,
+}
+
 /// Per-site shaping state kept by the site owner.
 #[derive(Default)]
 pub(super) struct SiteShaping {
@@ -547,11 +563,14 @@ impl CoreDelivery {
             }
             _ => {}
         }
-        let stored = action;
-        let spooled = glommio::executor().spawn_blocking(move || shaping.persist(&stored));
+        let id = action.id.clone();
+        let spooled = glommio::executor().spawn_blocking(move || shaping.persist(&action));
         glommio::spawn_local(async move {
-            if let Err(e) = spooled.await {
-                tracing::warn!(error = %e, "shaping: action not stored (ends at a restart)");
+            match spooled.await {
+                Ok(()) => tracing::debug!(id = %id, "shaping action stored"),
+                Err(e) => {
+                    tracing::warn!(id = %id, error = %e, "shaping: action not stored (ends at a restart)")
+                }
             }
         })
         .detach();
@@ -571,6 +590,29 @@ impl CoreDelivery {
         });
         s.deferral();
         tracing::info!(site = %site.key, limit = s.limit(), "shaping backoff: concurrency halved");
+    }
+
+    /// This core's sites whose concurrency slow start or an action lowers
+    /// (or could: slow start on).
+    pub(super) fn shaping_sites(&self) -> Vec<SiteConcurrency> {
+        let sites: Vec<Rc<Site>> = self.sites.borrow().values().cloned().collect();
+        let mut out: Vec<SiteConcurrency> = sites
+            .iter()
+            .filter(|s| {
+                s.shaping.slow.borrow().is_some() || self.shaping_state(s).connections.is_some()
+            })
+            .map(|s| SiteConcurrency {
+                site: s.key.clone(),
+                destination: s.target.destination(),
+                core: self.core,
+                limit: self.site_limit(s),
+                max: s.max_connections,
+                active: s.active_connections(),
+                queued: s.queue.borrow().len(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.site.cmp(&b.site));
+        out
     }
 
     /// Suspensions stored before a restart go back into this core's table.

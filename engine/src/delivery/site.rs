@@ -83,6 +83,13 @@ struct Open {
     max_messages: usize,
 }
 
+impl Site {
+    /// Connections open or opening now.
+    pub(super) fn active_connections(&self) -> usize {
+        self.active.get()
+    }
+}
+
 impl CoreDelivery {
     /// For the metrics: (destination, jobs, bytes) waiting at the sites this
     /// core owns, for those with any.
