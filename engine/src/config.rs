@@ -978,6 +978,26 @@ mod tests {
         assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
     }
 
+    #[test]
+    fn bad_shaping_rule_names_key_and_line() {
+        let text = "[[shaping.rule]]\nname = \"a\"\ncode = [421]\nthreshold = \"3/5m\"\n\
+                    action = \"suspend\"\nduration = \"1h\"\n\n\
+                    [[shaping.rule]]\nname = \"b\"\ncode = [421]\nthreshold = \"3/5m\"\n\
+                    action = \"explode\"\nduration = \"1h\"\n";
+        match Config::load("t.toml", text, &[]) {
+            Err(ConfigError::Invalid {
+                key, line, message, ..
+            }) => {
+                assert_eq!(key, "shaping.rule[2].action");
+                assert_eq!(line, Some(8));
+                assert!(message.contains("explode"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let ok = Config::load("t.toml", &text.replace("explode", "backoff"), &[]).expect("valid");
+        assert_eq!(ok.shaping.rules().expect("rules").rules().len(), 2);
+    }
+
     /// Found by the config_load fuzz target: toml_edit panicked on this text.
     #[test]
     fn invalid_toml_is_an_error_not_a_panic() {
