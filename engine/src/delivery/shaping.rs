@@ -549,19 +549,16 @@ impl CoreDelivery {
             site = %action.site, reply = %action.reply, until = %rfc3339(action.until_unix_ms),
             core = self.core, "shaping action taken"
         );
-        match kind {
-            Action::Suspend => {
-                // Every shard owner parks the destination's mail.
-                for tx in self.shared.admin.senders() {
-                    let (reply, _) = mpsc::channel();
-                    let _ = tx.unbounded_send(Command::Suspend {
-                        destination: action.destination.clone(),
-                        until_ms: action.until_unix_ms,
-                        reply,
-                    });
-                }
+        if kind == Action::Suspend {
+            // Every shard owner parks the destination's mail.
+            for tx in self.shared.admin.senders() {
+                let (reply, _) = mpsc::channel();
+                let _ = tx.unbounded_send(Command::Suspend {
+                    destination: action.destination.clone(),
+                    until_ms: action.until_unix_ms,
+                    reply,
+                });
             }
-            _ => {}
         }
         let id = action.id.clone();
         let spooled = glommio::executor().spawn_blocking(move || shaping.persist(&action));
