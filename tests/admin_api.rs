@@ -425,7 +425,7 @@ fn api_and_cli_drive_a_real_queue() {
 }
 
 #[test]
-fn hold_survives_a_restart() {
+fn hold_and_suspension_survive_a_restart() {
     let ip = loopback();
     let good = SocketAddr::new(ip.into(), closed_port(ip));
     let sink = LoadgenSink::start(&[good], &[]);
@@ -448,10 +448,18 @@ fn hold_survives_a_restart() {
     assert!(status.success(), "{status:?}");
     relay.restart();
 
-    // The suspension is gone with the restart; the hold is not.
+    // Both the suspension (stored with the shaping actions) and the hold
+    // outlive the restart.
     let v = api(&relay, "GET", "/api/v1/destinations");
-    assert_eq!(v["suspended"].as_array().map(Vec::len), Some(0), "{v}");
+    assert_eq!(v["suspended"][0]["destination"], "good.test", "{v}");
+    let v = api(&relay, "GET", "/api/v1/shaping/actions");
+    assert_eq!(v["actions"][0]["rule"], "operator", "{v}");
+    assert_eq!(v["actions"][0]["destination"], "good.test", "{v}");
     assert_eq!(spooled(&relay, &m1).expect("m1 queued")["held"], true);
+    let v = cli_json(&relay, &token_file, &["destination", "resume", "good.test"]);
+    assert_eq!(v["resumed"], true, "{v}");
+    let v = api(&relay, "GET", "/api/v1/shaping/actions");
+    assert_eq!(v["actions"].as_array().map(Vec::len), Some(0), "{v}");
     submit(
         &relay,
         "a@snd.test",

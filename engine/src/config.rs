@@ -7,6 +7,7 @@
 
 pub mod delivery;
 pub mod events;
+pub mod shaping;
 pub mod suppression;
 pub mod tls_rpt;
 
@@ -79,6 +80,8 @@ pub struct Config {
     pub suppression: suppression::SuppressionSection,
     /// Delivery events to a file and a webhook (docs/events.md).
     pub events: events::EventsSection,
+    /// Response-driven shaping rules and slow start.
+    pub shaping: shaping::ShapingSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -774,6 +777,29 @@ impl Config {
         if let Err(e) = self.rule_set() {
             return Err(invalid("rule".into(), e.to_string()));
         }
+        if let Err(e) = self.shaping.rules() {
+            let line = text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| {
+                    let l: String = l.chars().filter(|c| !c.is_whitespace()).collect();
+                    l.starts_with("[[shaping.rule]]")
+                })
+                .nth(e.rule.saturating_sub(1))
+                .map(|(i, _)| i + 1);
+            return Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                key: format!("shaping.rule[{}].{}", e.rule, e.key),
+                line,
+                message: e.reason,
+            });
+        }
+        if self.shaping.slow_start_initial == 0 {
+            return Err(invalid(
+                "shaping.slow_start_initial".into(),
+                "must be at least 1".into(),
+            ));
+        }
         // Key files are read when the relay starts or reloads, not here.
         if let Err(e) = self.dkim_plan() {
             return Err(dkim_error(origin, text, e));
@@ -956,6 +982,26 @@ mod tests {
         let from_file = Config::load("sluice.toml", EXAMPLE_CONFIG, &[]).expect("example loads");
         let defaults = Config::load("defaults", "", &[]).expect("defaults load");
         assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn bad_shaping_rule_names_key_and_line() {
+        let text = "[[shaping.rule]]\nname = \"a\"\ncode = [421]\nthreshold = \"3/5m\"\n\
+                    action = \"suspend\"\nduration = \"1h\"\n\n\
+                    [[shaping.rule]]\nname = \"b\"\ncode = [421]\nthreshold = \"3/5m\"\n\
+                    action = \"explode\"\nduration = \"1h\"\n";
+        match Config::load("t.toml", text, &[]) {
+            Err(ConfigError::Invalid {
+                key, line, message, ..
+            }) => {
+                assert_eq!(key, "shaping.rule[2].action");
+                assert_eq!(line, Some(8));
+                assert!(message.contains("explode"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let ok = Config::load("t.toml", &text.replace("explode", "backoff"), &[]).expect("valid");
+        assert_eq!(ok.shaping.rules().expect("rules").rules().len(), 2);
     }
 
     /// Found by the config_load fuzz target: toml_edit panicked on this text.

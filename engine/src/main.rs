@@ -103,6 +103,16 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Shaping actions in force (rules that fired, operator suspensions),
+    /// through the management API.
+    Shaping {
+        #[command(subcommand)]
+        action: admin_cli::ShapingCommand,
+        #[command(flatten)]
+        api: admin_cli::ApiArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// DKIM keys.
     Dkim {
         #[command(subcommand)]
@@ -413,6 +423,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let config = load(&config)?;
             let client = admin_cli::Client::new(&api, &config)?;
             admin_cli::run_suppression(&client, api.json, action, &mut out)
+        }
+        Command::Shaping {
+            action,
+            api,
+            config,
+        } => {
+            let config = load(&config)?;
+            let client = admin_cli::Client::new(&api, &config)?;
+            admin_cli::run_shaping(&client, api.json, action, &mut out)
         }
         Command::Debug { action, config } => {
             let config = load(&config)?;

@@ -106,6 +106,10 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Events lost: channel_full (the events thread fell behind the cores), buffer_full (events.max_buffered reached), storage (buffer write failed), file_error, stopped."),
     ("sluice_events_buffered", Kind::Gauge, "",
      "Events in the durable buffer waiting for the webhook."),
+    ("sluice_shaping_actions_total", Kind::Counter, "rule,action",
+     "Shaping actions taken because a rule's threshold of matching replies was reached, by rule and action."),
+    ("sluice_shaping_active_actions", Kind::Gauge, "",
+     "Shaping actions in force (rules that fired, and operator suspensions)."),
     ("sluice_dsn_messages_total", Kind::Counter, "kind",
      "Delivery status notifications queued, by kind (failure, delay, success)."),
     ("sluice_delivery_attempt_seconds", Kind::Histogram, "",
@@ -573,6 +577,17 @@ pub fn global() -> &'static Global {
         dsn: ["failure", "delay", "success"]
             .map(|k| counter!("sluice_dsn_messages_total", "kind" => k)),
     })
+}
+
+/// A shaping rule fired.
+pub fn shaping_action(rule: &str, action: &'static str) {
+    counter!("sluice_shaping_actions_total", "rule" => rule.to_string(), "action" => action)
+        .increment(1);
+}
+
+/// The number of shaping actions in force changed.
+pub fn shaping_active(n: usize) {
+    gauge!("sluice_shaping_active_actions").set(n as f64);
 }
 
 /// A limit delayed or refused mail.

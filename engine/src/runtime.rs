@@ -150,6 +150,27 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         };
         crate::events::start(&config.events, &config.spool.path, config.spool.sync, tls)?;
     }
+    // Shaping actions and operator suspensions, kept across restarts.
+    if config.delivery.enabled {
+        let rules = config.shaping.rules().map_err(anyhow::Error::from)?;
+        let slow_start = config
+            .shaping
+            .slow_start
+            .then_some(config.shaping.slow_start_initial);
+        let shaping = Arc::new(
+            crate::delivery::shaping::Shaping::open(
+                &config.spool.path,
+                rules,
+                slow_start,
+                crate::time::now_ms(),
+            )
+            .context("opening the shaping store")?,
+        );
+        shaping
+            .start_expiry()
+            .context("starting the shaping expiry thread")?;
+        crate::delivery::shaping::install(shaping);
+    }
     // Each core walks the shards it schedules once (queue/recovery.rs); the
     // last to finish logs the whole ("spool recovered").
     let recovery = Arc::new(RecoveryTally::new(cores, spool.shard_count()));

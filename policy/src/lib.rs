@@ -17,6 +17,7 @@ pub mod mta_sts;
 mod network;
 mod relay;
 mod rules;
+pub mod shaping;
 pub mod stage;
 pub mod suppression;
 mod throttle;

@@ -56,6 +56,9 @@ pub enum Op {
     SuppressionList,
     SuppressionAdd,
     SuppressionRemove,
+    ShapingList,
+    ShapingCancel,
+    ShapingSites,
 }
 
 pub struct Route {
@@ -162,6 +165,21 @@ pub const ROUTES: &[Route] = &[
         path: "/api/v1/suppression/remove",
         op: Op::SuppressionRemove,
     },
+    Route {
+        method: "GET",
+        path: "/api/v1/shaping/actions",
+        op: Op::ShapingList,
+    },
+    Route {
+        method: "POST",
+        path: "/api/v1/shaping/actions/{id}/cancel",
+        op: Op::ShapingCancel,
+    },
+    Route {
+        method: "GET",
+        path: "/api/v1/shaping/sites",
+        op: Op::ShapingSites,
+    },
 ];
 
 /// Finds the route: Ok(op, path parameters), or the 404/405 to answer.
@@ -231,6 +249,9 @@ pub fn handle(state: &AdminState, req: &Request) -> Response {
         Op::SuppressionList => super::suppression_api::list(req),
         Op::SuppressionAdd => super::suppression_api::add(req),
         Op::SuppressionRemove => super::suppression_api::remove(req),
+        Op::ShapingList => super::shaping_api::list(),
+        Op::ShapingCancel => super::shaping_api::cancel(api, &params[0]),
+        Op::ShapingSites => super::shaping_api::sites(api),
         Op::Reload => unreachable!("answered above"),
     };
     match result {
@@ -384,6 +405,12 @@ fn suspend(api: &ApiContext, name: &str, req: &Request) -> ApiResult {
         until_ms: until,
         reply,
     })?;
+    // Stored, so it outlives a restart.
+    if let Some(shaping) = crate::delivery::shaping::installed() {
+        shaping
+            .operator_suspend(&destination, until)
+            .map_err(|e| err(500, format!("suspension not stored: {e}")))?;
+    }
     Ok(json!({
         "destination": destination,
         "suspended": true,
@@ -395,10 +422,14 @@ fn suspend(api: &ApiContext, name: &str, req: &Request) -> ApiResult {
 fn resume(api: &ApiContext, name: &str) -> ApiResult {
     let destination = destination_name(name)?;
     let senders = cores(api)?;
+    // Shaping suspensions of the destination end too (and the stored ones).
+    let shaped =
+        crate::delivery::shaping::installed().map_or(0, |s| s.resume_destination(&destination));
     let was = broadcast(senders, |reply| Command::Resume {
         destination: destination.clone(),
         reply,
     })?;
+    let was: Vec<bool> = was.into_iter().map(|w| w || shaped > 0).collect();
     Ok(json!({
         "destination": destination,
         "resumed": was.into_iter().any(|w| w),

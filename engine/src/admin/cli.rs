@@ -424,6 +424,92 @@ pub fn run_suppression(
     emit(json, &value, render, out)
 }
 
+#[derive(Subcommand, Debug)]
+pub enum ShapingCommand {
+    /// Shaping actions in force: rules that fired, and operator suspensions.
+    List,
+    /// End a shaping action now (its id from `list`).
+    Cancel { id: String },
+    /// Sites whose concurrency slow start or an action sets: connections
+    /// allowed now, configured, open.
+    Sites,
+}
+
+pub fn run_shaping(
+    client: &Client,
+    json: bool,
+    cmd: ShapingCommand,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let (value, render): (Value, Render) = match cmd {
+        ShapingCommand::List => (client.call("GET", "/shaping/actions", &[])?, |v, o| {
+            let actions = arr(&v["actions"]);
+            if actions.is_empty() {
+                return writeln!(o, "no shaping action in force");
+            }
+            for a in actions {
+                let value = a["value"].as_str().unwrap_or_default();
+                writeln!(
+                    o,
+                    "{} {} {}{} {} until {}{}",
+                    s(&a["id"]),
+                    s(&a["rule"]),
+                    s(&a["action"]),
+                    if value.is_empty() {
+                        String::new()
+                    } else {
+                        format!("={value}")
+                    },
+                    s(&a["destination"]),
+                    s(&a["until"]),
+                    match a["reply"].as_str().unwrap_or_default() {
+                        "" => String::new(),
+                        r => format!(" after \"{r}\""),
+                    }
+                )?;
+            }
+            Ok(())
+        }),
+        ShapingCommand::Sites => (client.call("GET", "/shaping/sites", &[])?, |v, o| {
+            let sites = arr(&v["sites"]);
+            if sites.is_empty() {
+                return writeln!(o, "no site under slow start or a connections action");
+            }
+            for x in sites {
+                writeln!(
+                    o,
+                    "{} limit {} of {} open {} queued {} (core {})",
+                    s(&x["site"]),
+                    s(&x["limit"]),
+                    s(&x["max"]),
+                    s(&x["active"]),
+                    s(&x["queued"]),
+                    s(&x["core"])
+                )?;
+            }
+            Ok(())
+        }),
+        ShapingCommand::Cancel { id } => (
+            client.call(
+                "POST",
+                &format!("/shaping/actions/{}/cancel", enc(&id)),
+                &[],
+            )?,
+            |v, o| {
+                writeln!(
+                    o,
+                    "cancelled {} ({} {} on {})",
+                    s(&v["action"]["id"]),
+                    s(&v["action"]["rule"]),
+                    s(&v["action"]["action"]),
+                    s(&v["action"]["destination"])
+                )
+            },
+        ),
+    };
+    emit(json, &value, render, out)
+}
+
 /// Why a call to the API failed.
 enum CallError {
     /// Nothing listens there (the relay is not running): a read may fall back.

@@ -10,6 +10,7 @@ pub mod api;
 mod calls;
 pub mod cli;
 mod queue_view;
+mod shaping_api;
 mod suppression_api;
 
 use std::io::Read;

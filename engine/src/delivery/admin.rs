@@ -10,7 +10,9 @@
 //!
 //! Holds are persisted (`Schedule::held` in the envelope) and survive a
 //! restart. Destination suspensions are in memory on every core (each core
-//! dispatches its own shards' messages) and end at a restart.
+//! dispatches its own shards' messages); the API also stores them with the
+//! shaping actions (`shaping.rs`), from where every core takes them back at
+//! a restart.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -72,6 +74,11 @@ pub enum Command {
     /// The suspensions in force: (destination, until unix ms).
     Suspended {
         reply: mpsc::Sender<Vec<(String, u64)>>,
+    },
+    /// The sites of this core whose concurrency slow start or a shaping
+    /// action sets (`shaping::SiteConcurrency`).
+    ShapingSites {
+        reply: mpsc::Sender<Vec<super::shaping::SiteConcurrency>>,
     },
     /// Write this core's TLS-RPT counters to the store; answers whether
     /// TLS reporting is on.
@@ -180,6 +187,7 @@ const CANCELLED: &str = "message cancelled by the operator";
 impl CoreDelivery {
     /// Starts draining this core's command channel (when the API has one).
     pub(super) fn start_admin_commands(self: &Rc<Self>) {
+        self.shaping_restore();
         let Some(mut rx) = self.shared.admin.take(self.core) else {
             return;
         };
@@ -191,6 +199,15 @@ impl CoreDelivery {
             }
         })
         .detach();
+    }
+
+    /// A suspension stored before a restart (`shaping.rs`), back in force here.
+    pub(super) fn admin_restore_suspension(&self, destination: String, until_ms: u64) {
+        let mut suspended = self.admin.suspended.borrow_mut();
+        let until = suspended
+            .entry(normalize_destination(&destination))
+            .or_insert(0);
+        *until = (*until).max(until_ms);
     }
 
     async fn on_admin(self: Rc<Self>, cmd: Command) {
@@ -233,6 +250,9 @@ impl CoreDelivery {
                     .collect();
                 list.sort();
                 let _ = reply.send(list);
+            }
+            Command::ShapingSites { reply } => {
+                let _ = reply.send(self.shaping_sites());
             }
             Command::TlsRptFlush { reply } => {
                 self.tls_rpt_flush().await;

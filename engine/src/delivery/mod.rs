@@ -37,6 +37,10 @@
 //! * `notices.rs` — DSNs the ledger asks for, built and queued.
 //! * `log.rs` — the delivery log (`sluice::delivery`).
 //! * `admin.rs` — operator holds, suspensions and queue actions on this core.
+//! * `shaping.rs` — response-driven shaping: replies feed the rules
+//!   (`sluice_policy::shaping`) on the site's core, actions apply to the
+//!   destination on every core and persist in `<spool.path>/shaping`; slow
+//!   start of each site's concurrency.
 //! * `throttle.rs`, `timing.rs` — limiters and the message's deadlines, both
 //!   sans-IO.
 //! * `tls_policy.rs` — which TLS policy a destination gets and why, and what a
@@ -56,6 +60,7 @@ mod notices;
 pub mod outbound;
 mod routing;
 mod scheduler;
+pub mod shaping;
 mod site;
 pub mod throttle;
 pub mod timing;

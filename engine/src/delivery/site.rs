@@ -20,6 +20,7 @@ use super::job::{
 use super::mesh::HostSlot;
 use super::mta_sts;
 use super::outbound::{Connection, Endpoint, SessionFailure};
+use super::shaping::SiteShaping;
 use super::throttle::{self, HostRate, SiteThrottle};
 use super::tls_policy::{self, Level};
 use super::{config, halted, now_ms, CoreDelivery};
@@ -29,25 +30,27 @@ use crate::smtp::client::{self, OutboundMessage, OutboundRecipient};
 
 /// Site-owner side: one destination (per connection strategy).
 pub(super) struct Site {
-    key: String,
-    target: Target,
+    pub(super) key: String,
+    pub(super) target: Target,
     strategy: Strategy,
     /// Key of the sending address (`config::source_ip_key`).
     ip_key: String,
-    max_connections: usize,
+    pub(super) max_connections: usize,
     max_per_connection: usize,
     throttle: RefCell<SiteThrottle>,
-    queue: RefCell<BinaryHeap<Queued>>,
+    pub(super) queue: RefCell<BinaryHeap<Queued>>,
+    /// Slow start, backoff and the message-rate action (`shaping.rs`).
+    pub(super) shaping: SiteShaping,
     active: Cell<usize>,
     idle: Cell<usize>,
     wake: event_listener::Event,
     seq: Cell<u64>,
 }
 
-struct Queued {
+pub(super) struct Queued {
     priority: i16,
     seq: u64,
-    job: Box<Job>,
+    pub(super) job: Box<Job>,
 }
 
 impl PartialEq for Queued {
@@ -78,6 +81,13 @@ struct Open {
     rated_host: Option<String>,
     /// Messages this connection may carry (site and host limits).
     max_messages: usize,
+}
+
+impl Site {
+    /// Connections open or opening now.
+    pub(super) fn active_connections(&self) -> usize {
+        self.active.get()
+    }
 }
 
 impl CoreDelivery {
@@ -115,6 +125,11 @@ impl CoreDelivery {
                         max_connections: dest.max_connections.max(1),
                         max_per_connection: dest.max_messages_per_connection.max(1),
                         throttle: RefCell::new(SiteThrottle::new(&dest)),
+                        shaping: SiteShaping::new(
+                            self.slow_start().is_some(),
+                            self.slow_start().unwrap_or(1),
+                            dest.max_connections.max(1),
+                        ),
                         queue: RefCell::new(BinaryHeap::new()),
                         active: Cell::new(0),
                         idle: Cell::new(0),
@@ -131,9 +146,13 @@ impl CoreDelivery {
             seq,
             job,
         });
+        // A shaping suspension or bounce answers the job at once.
+        if self.shaping_hold_site(&site, &self.shaping_state(&site)) {
+            return;
+        }
         if site.idle.get() > 0 {
             site.wake.notify(1);
-        } else if site.active.get() < site.max_connections {
+        } else if site.active.get() < self.site_limit(&site) {
             site.active.set(site.active.get() + 1);
             let me = self.clone();
             glommio::spawn_local(async move { me.connection_task(site).await }).detach();
@@ -180,6 +199,14 @@ impl CoreDelivery {
                 }
                 break;
             }
+            // Shaping: a suspension or bounce empties the queue without a
+            // connection; a lowered limit ends the connections above it.
+            let shaping = self.shaping_state(&site);
+            self.shaping_apply_backoff(&site, &shaping);
+            if self.shaping_hold_site(&site, &shaping) || site.active.get() > self.site_limit(&site)
+            {
+                break;
+            }
             if open.is_none() {
                 // The site's connection rate.
                 let wait = site.throttle.borrow_mut().connection_wait(now_ms());
@@ -199,9 +226,15 @@ impl CoreDelivery {
                         // Every job queued for this site would meet the same fate now.
                         let failed: Vec<Box<Job>> =
                             site.queue.borrow_mut().drain().map(|q| q.job).collect();
+                        let mut observed = false;
                         for job in failed {
                             let result = result_for_failure(&job, &failure);
                             self.log_attempt(&job, None, failure.tls_policy, &result);
+                            if !observed {
+                                // One failed connection is one reply for the rules.
+                                self.shaping_observe(&site, &result);
+                                observed = true;
+                            }
                             self.report(&job, result);
                         }
                     }
@@ -246,6 +279,13 @@ impl CoreDelivery {
                 }
                 continue;
             }
+            // A message rate set by a shaping action.
+            if let Some(wait) = self.shaping_rate_wait(&site, &shaping) {
+                crate::metrics::throttled(crate::metrics::Throttle::SiteMessageRate);
+                tracing::debug!(site = %site.key, wait_ms = wait.as_millis() as u64, "shaping message rate: waiting");
+                Timer::new(wait).await;
+                continue;
+            }
             // The site's message rate.
             let wait = site.throttle.borrow_mut().message_wait(now_ms());
             if let Some(wait) = wait {
@@ -279,8 +319,19 @@ impl CoreDelivery {
                 Err(failure) => result_for_failure(&job, &failure),
             };
             self.log_attempt(&job, Some(&o.conn), None, &result);
+            self.shaping_observe(&site, &result);
             self.report(&job, result);
             sent += 1;
+            // Slow start may allow one more connection now.
+            if site.idle.get() == 0
+                && !site.queue.borrow().is_empty()
+                && site.active.get() < self.site_limit(&site)
+            {
+                site.active.set(site.active.get() + 1);
+                let me = self.clone();
+                let site = site.clone();
+                glommio::spawn_local(async move { me.connection_task(site).await }).detach();
+            }
             if broken {
                 open = None;
             } else if sent >= o.max_messages {
@@ -294,7 +345,7 @@ impl CoreDelivery {
         }
         site.active.set(site.active.get() - 1);
         // A job may have arrived after the idle wait gave up.
-        if !site.queue.borrow().is_empty() && site.active.get() < site.max_connections {
+        if !site.queue.borrow().is_empty() && site.active.get() < self.site_limit(&site) {
             site.active.set(site.active.get() + 1);
             let me = self.clone();
             glommio::spawn_local(async move { me.connection_task(site).await }).detach();

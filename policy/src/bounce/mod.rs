@@ -65,14 +65,14 @@ pub struct BounceRulesError {
 /// One enhanced-status prefix: class (None: 4 or 5), then subject and detail
 /// when given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct EnhancedPrefix {
+pub(crate) struct EnhancedPrefix {
     class: Option<u8>,
     subject: Option<u16>,
     detail: Option<u16>,
 }
 
 impl EnhancedPrefix {
-    fn parse(text: &str) -> Result<EnhancedPrefix, String> {
+    pub(crate) fn parse(text: &str) -> Result<EnhancedPrefix, String> {
         let bad = || format!("`{text}` is not an enhanced status prefix like 5.1.1, 5.7 or x.2.2");
         let parts: Vec<&str> = text.trim().split('.').collect();
         if parts.is_empty() || parts.len() > 3 {
@@ -100,7 +100,7 @@ impl EnhancedPrefix {
         })
     }
 
-    fn matches(&self, s: &Enhanced) -> bool {
+    pub(crate) fn matches(&self, s: &Enhanced) -> bool {
         self.class.is_none_or(|c| c == s.class)
             && self.subject.is_none_or(|v| v == s.subject)
             && self.detail.is_none_or(|v| v == s.detail)
