@@ -5,7 +5,6 @@
 //! assert every verdict and modification decoded from the milter's replies.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -104,10 +103,15 @@ fn start_pymilter(spec: &str, ready_probe: impl Fn() -> bool) -> ChildGuard {
         .spawn()
         .expect("start test_milter.py");
     let mut guard = ChildGuard::new(child, "test_milter.py");
-    wait_until("the test milter to listen", Duration::from_secs(20), || {
-        assert!(guard.is_running(), "test_milter.py exited");
-        ready_probe()
-    }, String::new);
+    wait_until(
+        "the test milter to listen",
+        Duration::from_secs(20),
+        || {
+            assert!(guard.is_running(), "test_milter.py exited");
+            ready_probe()
+        },
+        String::new,
+    );
     guard
 }
 
@@ -239,7 +243,10 @@ fn pymilter_envelope_verdicts_and_every_modification() {
         );
         // A second transaction on the same connection: the sender refused.
         let tx = Tx::new("reject@example.org");
-        let o = m.at_stage(&tx.event(Stage::Mail, &c, None, None)).await.unwrap();
+        let o = m
+            .at_stage(&tx.event(Stage::Mail, &c, None, None))
+            .await
+            .unwrap();
         assert_eq!(
             o.verdict,
             Verdict::Reject(reply(550, "5.7.1", "Sender refused by test milter"))
@@ -247,7 +254,10 @@ fn pymilter_envelope_verdicts_and_every_modification() {
         m.abort().await;
         // And a third after RSET goes through.
         let tx = Tx::new("ok@example.org");
-        let o = m.at_stage(&tx.event(Stage::Mail, &c, None, None)).await.unwrap();
+        let o = m
+            .at_stage(&tx.event(Stage::Mail, &c, None, None))
+            .await
+            .unwrap();
         assert_eq!(o.verdict, Verdict::Accept);
         m.quit().await;
     });
@@ -289,7 +299,10 @@ fn pymilter_over_unix_socket_discard_and_quarantine() {
         // Next message: quarantined, with its changes.
         let mut tx = Tx::new("a@example.org");
         tx.rcpts.push("b@example.com".into());
-        let o = m.at_stage(&tx.event(Stage::Mail, &c, None, None)).await.unwrap();
+        let o = m
+            .at_stage(&tx.event(Stage::Mail, &c, None, None))
+            .await
+            .unwrap();
         assert_eq!(o.verdict, Verdict::Accept);
         let msg = b"Subject: please quarantine me\r\n\r\nbody\r\n";
         let o = m
@@ -302,9 +315,9 @@ fn pymilter_over_unix_socket_discard_and_quarantine() {
                 reason: "test milter quarantine".into()
             }
         );
-        assert!(o
-            .modifications
-            .contains(&Modification::ChangeSender { address: "changed@example.org".into() }));
+        assert!(o.modifications.contains(&Modification::ChangeSender {
+            address: "changed@example.org".into()
+        }));
         m.quit().await;
     });
 }
@@ -320,15 +333,29 @@ fn unreachable_and_silent_milters_follow_on_failure() {
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_addr = silent.local_addr().unwrap();
     block_on(async {
-        let mut m = MilterSession::open(&config(refused.clone(), OnFailure::Tempfail), &c, extras(), 1 << 20).await;
+        let mut m = MilterSession::open(
+            &config(refused.clone(), OnFailure::Tempfail),
+            &c,
+            extras(),
+            1 << 20,
+        )
+        .await;
         assert!(m.is_failed());
         let o = m.consult(&tx.event(Stage::Mail, &c, None, None)).await;
         assert_eq!(
             o.verdict,
-            Verdict::Tempfail(reply(451, "4.3.0", "Message filter unavailable, try again later"))
+            Verdict::Tempfail(reply(
+                451,
+                "4.3.0",
+                "Message filter unavailable, try again later"
+            ))
         );
-        let mut m = MilterSession::open(&config(refused, OnFailure::Accept), &c, extras(), 1 << 20).await;
-        assert_eq!(m.consult(&tx.event(Stage::Mail, &c, None, None)).await, FilterOutcome::accept());
+        let mut m =
+            MilterSession::open(&config(refused, OnFailure::Accept), &c, extras(), 1 << 20).await;
+        assert_eq!(
+            m.consult(&tx.event(Stage::Mail, &c, None, None)).await,
+            FilterOutcome::accept()
+        );
 
         let mut cfg = config(MilterSocket::Inet(silent_addr), OnFailure::Tempfail);
         cfg.connect_timeout = HumanDuration(Duration::from_millis(300));
@@ -336,8 +363,16 @@ fn unreachable_and_silent_milters_follow_on_failure() {
         let mut m = MilterSession::open(&cfg, &c, extras(), 1 << 20).await;
         let waited = started.elapsed();
         assert!(m.is_failed(), "no OPTNEG reply: failed");
-        assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(5), "{waited:?}");
-        assert!(matches!(m.consult(&tx.event(Stage::Mail, &c, None, None)).await.verdict, Verdict::Tempfail(_)));
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        assert!(matches!(
+            m.consult(&tx.event(Stage::Mail, &c, None, None))
+                .await
+                .verdict,
+            Verdict::Tempfail(_)
+        ));
     });
     drop(silent);
 }
@@ -411,10 +446,15 @@ worker "rspamd_proxy" {{
     };
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     // rspamd compiles its URL suffix list at start: ~20 s on a busy box.
-    wait_until("rspamd's milter to listen", Duration::from_secs(120), || {
-        assert!(r.guard.is_running(), "rspamd exited");
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-    }, String::new);
+    wait_until(
+        "rspamd's milter to listen",
+        Duration::from_secs(120),
+        || {
+            assert!(r.guard.is_running(), "rspamd exited");
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        },
+        String::new,
+    );
     r
 }
 
@@ -423,11 +463,11 @@ fn rspamd_milter_rejects_marks_and_accepts() {
     require_tools!("rspamd");
     let port = free_port();
     let _rspamd = start_rspamd(port);
-    let _ = Path::new("/");
     let c = facts();
     let socket = MilterSocket::Inet(SocketAddr::from(([127, 0, 0, 1], port)));
     block_on(async {
-        let mut m = MilterSession::open(&config(socket, OnFailure::Tempfail), &c, extras(), 50 << 20).await;
+        let mut m =
+            MilterSession::open(&config(socket, OnFailure::Tempfail), &c, extras(), 50 << 20).await;
         assert!(!m.is_failed(), "negotiated with rspamd");
         let outcome_for = |subject: &str| {
             format!("From: a@example.org\r\nTo: b@example.com\r\nSubject: {subject}\r\nMessage-ID: <1@example.org>\r\nDate: Sun, 6 Dec 2026 04:00:00 +0000\r\n\r\nHello.\r\n")
@@ -445,10 +485,10 @@ fn rspamd_milter_rejects_marks_and_accepts() {
         }
         m.quit().await;
         eprintln!("rspamd outcomes: {results:#?}");
-        let Verdict::Reject(r) = &results[0].verdict else {
-            panic!("reject expected: {:?}", results[0]);
-        };
-        assert_eq!(r.code / 100, 5);
+        assert_eq!(
+            results[0].verdict,
+            Verdict::Reject(reply(554, "5.7.1", "Spam message rejected"))
+        );
         assert_eq!(results[1].verdict, Verdict::Accept);
         assert!(
             results[1].modifications.iter().any(|m| matches!(m,

@@ -136,10 +136,7 @@ impl MilterConfig {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Err((
-                "name",
-                "1 to 64 letters, digits, '-' or '_'".to_string(),
-            ));
+            return Err(("name", "1 to 64 letters, digits, '-' or '_'".to_string()));
         }
         for (key, t) in [
             ("connect_timeout", self.connect_timeout.0),
@@ -151,10 +148,7 @@ impl MilterConfig {
             }
         }
         if self.stage_timeout.0 < self.command_timeout.0 {
-            return Err((
-                "stage_timeout",
-                "must be at least command_timeout".into(),
-            ));
+            return Err(("stage_timeout", "must be at least command_timeout".into()));
         }
         if self.stages.is_empty() {
             return Err(("stages", "name at least one stage".into()));
@@ -232,5 +226,111 @@ mod tests {
         ] {
             assert!(MilterSocket::parse(bad).is_err(), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use crate::config::{Config, ConfigError};
+    use sluice_policy::stage::{OnFailure, Stage};
+
+    use super::MilterSocket;
+
+    const BASE: &str = "[server.listener.smtp]\nbind = [\"127.0.0.1:2525\"]\n";
+
+    fn load(extra: &str) -> Result<Config, ConfigError> {
+        Config::load("test.toml", &format!("{BASE}{extra}"), &[])
+    }
+
+    fn invalid(extra: &str) -> (String, Option<usize>, String) {
+        match load(extra) {
+            Err(ConfigError::Invalid {
+                key, line, message, ..
+            }) => (key, line, message),
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn milters_load_with_defaults() {
+        let cfg = load(
+            "[[server.listener.smtp.milter]]\nname = \"rspamd\"\nsocket = \"inet:127.0.0.1:11332\"\n\
+             [[server.listener.smtp.milter]]\nname = \"dkim\"\nsocket = \"unix:/run/opendkim.sock\"\n\
+             on_failure = \"accept\"\nstages = [\"data\"]\ncommand_timeout = \"5s\"\n",
+        )
+        .unwrap();
+        let m = &cfg.server.listener["smtp"].milter;
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            m[0].socket,
+            MilterSocket::Inet("127.0.0.1:11332".parse().unwrap())
+        );
+        assert_eq!(m[0].on_failure, OnFailure::Tempfail);
+        assert_eq!(m[0].stages.len(), 5);
+        assert_eq!(m[1].on_failure, OnFailure::Accept);
+        assert_eq!(m[1].stages, vec![Stage::Data]);
+        assert!(m[1].asked_at(Stage::Data) && !m[1].asked_at(Stage::Rcpt));
+        assert_eq!(m[1].command_timeout.0, std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn milter_errors_name_key_and_line() {
+        let head = "[[server.listener.smtp.milter]]\nname = \"m\"\n";
+        // Values serde refuses: the key path and the value's line.
+        for (extra, key_part, line) in [
+            ("socket = \"tcp:1.2.3.4:5\"\n", "socket", 5),
+            (
+                "socket = \"inet:127.0.0.1:1\"\non_failure = \"maybe\"\n",
+                "on_failure",
+                6,
+            ),
+            (
+                "socket = \"inet:127.0.0.1:1\"\nstages = [\"auth\"]\n",
+                "stages",
+                6,
+            ),
+            ("socket = \"inet:127.0.0.1:1\"\nbogus = 1\n", "milter", 6),
+        ] {
+            let (key, l, message) = invalid(&format!("{head}{extra}"));
+            assert!(
+                key.contains("server.listener.smtp.milter"),
+                "{key}: {message}"
+            );
+            assert!(
+                key.contains(key_part) || message.contains(key_part),
+                "{key}: {message}"
+            );
+            assert_eq!(l, Some(line), "{key}: {message}");
+        }
+        // Cross-key checks after loading.
+        let (key, line, _) = invalid(&format!(
+            "{head}socket = \"inet:127.0.0.1:1\"\ncommand_timeout = \"0s\"\n"
+        ));
+        assert_eq!(
+            (key.as_str(), line),
+            ("server.listener.smtp.milter[0].command_timeout", Some(6))
+        );
+        let (key, line, message) = invalid(&format!(
+            "{head}socket = \"inet:127.0.0.1:1\"\n{head}socket = \"inet:127.0.0.1:2\"\n"
+        ));
+        assert_eq!(
+            (key.as_str(), line),
+            ("server.listener.smtp.milter[1].name", Some(7)),
+            "{message}"
+        );
+        let (key, line, _) = invalid(
+            "[[server.listener.smtp.milter]]\nname = \"a b\"\nsocket = \"inet:127.0.0.1:1\"\n",
+        );
+        assert_eq!(
+            (key.as_str(), line),
+            ("server.listener.smtp.milter[0].name", Some(4))
+        );
+        // A required key missing.
+        let (key, line, message) = invalid(head);
+        assert!(
+            key.contains("milter") && message.contains("socket"),
+            "{key}: {message}"
+        );
+        assert!(line.is_some());
     }
 }
