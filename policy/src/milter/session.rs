@@ -696,7 +696,13 @@ impl MilterProtocol {
         self.end_transaction();
         let mut mods = std::mem::take(&mut self.mods);
         if let Some(body) = self.new_body.take() {
-            mods.push(Modification::ReplaceBody { body: crlf(&body) });
+            // Most milters send CRLF already: keep the bytes as they are then.
+            let bare_lf = body
+                .iter()
+                .enumerate()
+                .any(|(i, &b)| b == b'\n' && (i == 0 || body[i - 1] != b'\r'));
+            let body = if bare_lf { crlf(&body) } else { body };
+            mods.push(Modification::ReplaceBody { body });
         }
         let verdict = match (verdict, self.quarantine.take()) {
             (Verdict::Accept, Some(reason)) => Verdict::Quarantine { reason },
