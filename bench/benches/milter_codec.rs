@@ -39,11 +39,15 @@ fn negotiated(protocol: u32) -> MilterProtocol {
 fn message_10k() -> Vec<u8> {
     let mut m = Vec::new();
     for i in 0..20 {
-        m.extend_from_slice(format!("X-Header-{i}: value number {i} of the header block\r\n").as_bytes());
+        m.extend_from_slice(
+            format!("X-Header-{i}: value number {i} of the header block\r\n").as_bytes(),
+        );
     }
     m.extend_from_slice(b"\r\n");
     while m.len() < 10 * 1024 {
-        m.extend_from_slice(b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.\r\n");
+        m.extend_from_slice(
+            b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.\r\n",
+        );
     }
     m
 }

@@ -862,10 +862,13 @@ fn crlf_str(s: &str) -> String {
     String::from_utf8_lossy(&crlf(s.as_bytes())).into_owned()
 }
 
+/// A header field as sent to the milter: name, value.
+type Field<'a> = (&'a [u8], Vec<u8>);
+
 /// Header fields (name, value with folds as LF, leading blanks removed) and
 /// the body (after the empty line) of a CRLF message.
-pub(crate) fn split_message(message: &[u8]) -> (Vec<(&[u8], Vec<u8>)>, &[u8]) {
-    let mut headers: Vec<(&[u8], Vec<u8>)> = Vec::new();
+pub(crate) fn split_message(message: &[u8]) -> (Vec<Field<'_>>, &[u8]) {
+    let mut headers: Vec<Field<'_>> = Vec::new();
     let mut pos = 0;
     while pos < message.len() {
         let end = memchr_lf(&message[pos..])

@@ -196,7 +196,7 @@ fn connect_sends_macros_and_address() {
         "j\0mx.example.net\0",
         "_\0client.example [192.0.2.7]\0",
         "{daemon_name}\0smtp\0",
-        "{if_addr}\0198.51.100.1\0",
+        "{if_addr}\x00198.51.100.1\0",
     ] {
         assert!(macros.contains(pair), "{pair:?} in {macros:?}");
     }
