@@ -8,6 +8,7 @@
 pub mod delivery;
 pub mod events;
 pub mod shaping;
+pub mod milter;
 pub mod suppression;
 pub mod tls_rpt;
 
@@ -208,6 +209,9 @@ pub struct ListenerConfig {
     /// sealing; absent: nothing is checked (ARCHITECTURE.md "Inbound
     /// authentication").
     pub verify: Option<sluice_policy::auth::VerifyConfig>,
+    /// Milters consulted by this listener's sessions, in order
+    /// (`[[server.listener.NAME.milter]]`; see config/milter.rs).
+    pub milter: Vec<milter::MilterConfig>,
 }
 
 impl Default for ListenerConfig {
@@ -238,6 +242,7 @@ impl Default for ListenerConfig {
             untrusted_notices: UntrustedNotices::Headers,
             honor_tls_required_no: false,
             verify: None,
+            milter: Vec::new(),
         }
     }
 }
@@ -606,6 +611,28 @@ impl Config {
             if let Err(e) = sluice_policy::NetworkList::parse(&l.proxy_trusted_networks) {
                 return Err(invalid(key("proxy_trusted_networks"), e.to_string()));
             }
+            if l.milter.len() > milter::MAX_MILTERS {
+                return Err(invalid(
+                    key("milter"),
+                    format!("at most {} milters per listener", milter::MAX_MILTERS),
+                ));
+            }
+            for (i, m) in l.milter.iter().enumerate() {
+                let failed = m.check().err().or_else(|| {
+                    l.milter[..i]
+                        .iter()
+                        .any(|o| o.name == m.name)
+                        .then(|| ("name", format!("`{}` is used twice", m.name)))
+                });
+                if let Some((k, why)) = failed {
+                    return Err(ConfigError::Invalid {
+                        origin: origin.to_string(),
+                        key: format!("server.listener.{name}.milter[{i}].{k}"),
+                        line: milter_key_line(text, name, i, k),
+                        message: why,
+                    });
+                }
+            }
         }
         let body = (
             self.server.max_body_memory.0,
@@ -949,6 +976,24 @@ fn apply_override(doc: &mut toml_edit::DocumentMut, arg: &str) -> Result<(), Con
     }
     table.insert(last, toml_edit::Item::Value(value));
     Ok(())
+}
+
+/// Line of `key` in the `index`-th `[[server.listener.NAME.milter]]` table
+/// (the table's header line when the key is not written).
+fn milter_key_line(text: &str, listener: &str, index: usize, key: &str) -> Option<usize> {
+    let doc: toml_edit::Document<&str> = toml_edit::Document::parse(text).ok()?;
+    let tables = doc
+        .get("server")?
+        .get("listener")?
+        .get(listener)?
+        .get("milter")?
+        .as_array_of_tables()?;
+    let table = tables.get(index)?;
+    let span = table
+        .get_key_value(key)
+        .and_then(|(k, _)| k.span())
+        .or_else(|| table.span())?;
+    Some(line_of(text, span.start))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod milter;
 pub mod proxy;
 pub mod queue;
 /// The notice builder moved to `queue::dsn`; the old path still works.

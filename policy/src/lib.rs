@@ -13,6 +13,7 @@ mod credentials;
 pub mod dane;
 pub mod dkim;
 mod error;
+pub mod milter;
 pub mod mta_sts;
 mod network;
 mod relay;
