@@ -76,6 +76,9 @@ pub struct Config {
     pub tls_rpt: tls_rpt::TlsRptSection,
     /// Hard-bounced recipients refused or dropped for a while.
     pub suppression: suppression::SuppressionSection,
+    /// Local lists by name: a file each, one entry a line (Sieve extlists,
+    /// stage rules). Read at load and reload.
+    pub lists: BTreeMap<String, PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -202,6 +205,15 @@ pub struct ListenerConfig {
     /// sealing; absent: nothing is checked (ARCHITECTURE.md "Inbound
     /// authentication").
     pub verify: Option<sluice_policy::auth::VerifyConfig>,
+    /// Sieve system scripts per SMTP stage (ARCHITECTURE.md "Programmable
+    /// policy"); compiled when the config loads.
+    pub sieve: Option<sluice_policy::sieve::SieveConfig>,
+    /// Built-in rules at the SMTP stages, tried before Sieve.
+    pub filter_rule: Vec<sluice_policy::stage_rules::StageRuleConfig>,
+    /// The filters built from `sieve` and `filter_rule` (and `[lists]`) when
+    /// the config loads; None: the listener has none (the hot path).
+    #[serde(skip)]
+    pub filters: Option<std::sync::Arc<crate::filters::Filters>>,
 }
 
 impl Default for ListenerConfig {
@@ -232,6 +244,9 @@ impl Default for ListenerConfig {
             untrusted_notices: UntrustedNotices::Headers,
             honor_tls_required_no: false,
             verify: None,
+            sieve: None,
+            filter_rule: Vec::new(),
+            filters: None,
         }
     }
 }
@@ -546,6 +561,23 @@ impl Config {
             key,
             message,
         };
+        let lists = sluice_policy::lists::Lists::load(&self.lists).map_err(|e| {
+            let name = e.name.clone();
+            invalid(format!("lists.{name}"), e.to_string())
+        })?;
+        let lists = std::sync::Arc::new(lists);
+        let hostname = self.server.hostname.clone();
+        for (name, l) in self.server.listener.iter_mut() {
+            let key = |k: &str| format!("server.listener.{name}.{k}");
+            let own_name = l.hostname.clone().unwrap_or_else(|| hostname.clone());
+            l.filters = crate::filters::Filters::build(
+                l.sieve.as_ref(),
+                &l.filter_rule,
+                &own_name,
+                lists.clone(),
+            )
+            .map_err(|(k, why)| invalid(key(&k), why))?;
+        }
         for (name, l) in &self.server.listener {
             let key = |k: &str| format!("server.listener.{name}.{k}");
             if l.bind.is_empty() {
