@@ -109,7 +109,10 @@ fn each_stage_refuses_with_the_filter_reply() {
 
     // MAIL (smtplib): the rule's 553.
     let v = session(&relay, "ok.test", "blocked@snd.test", &["b@far.test"], "x");
-    assert_eq!(reply(&v["mail"]), (553, "5.7.1 Sender blocked by rule".into()));
+    assert_eq!(
+        reply(&v["mail"]),
+        (553, "5.7.1 Sender blocked by rule".into())
+    );
 
     // RCPT (smtplib): Sieve reject and ereject with its own code.
     let v = session(
@@ -153,7 +156,10 @@ fn each_stage_refuses_with_the_filter_reply() {
     let v = session(&relay, "ok.test", "a@snd.test", &["loop@far.test"], "x");
     assert_eq!(
         reply(&v["rcpt"]["loop@far.test"]),
-        (451, "4.3.0 Error: policy check failed, try again later".into())
+        (
+            451,
+            "4.3.0 Error: policy check failed, try again later".into()
+        )
     );
     assert!(
         relay.log().contains("instruction limit reached"),
@@ -224,12 +230,24 @@ fn discard_quarantine_and_modifications_reach_the_next_hop() {
     );
 
     // Quarantined at DATA: accepted, held.
-    let v = session(&relay, "ok.test", "a@snd.test", &["held@far.test"], "HOLDME");
+    let v = session(
+        &relay,
+        "ok.test",
+        "a@snd.test",
+        &["held@far.test"],
+        "HOLDME",
+    );
     let (code, text_held) = reply(&v["data"]);
     assert_eq!(code, 250, "{text_held}");
     let held_id = queued_id(&text_held).expect("queued id");
     // Discarded at DATA and (every recipient) at RCPT: 250, never stored.
-    let v = session(&relay, "ok.test", "a@snd.test", &["gone@far.test"], "DISCARDME");
+    let v = session(
+        &relay,
+        "ok.test",
+        "a@snd.test",
+        &["gone@far.test"],
+        "DISCARDME",
+    );
     assert_eq!(reply(&v["data"]).0, 250);
     let v = session(&relay, "ok.test", "a@snd.test", &["drop@far.test"], "plain");
     assert_eq!(reply(&v["rcpt"]["drop@far.test"]).0, 250);
@@ -244,7 +262,13 @@ fn discard_quarantine_and_modifications_reach_the_next_hop() {
     );
     assert_eq!(reply(&v["data"]).0, 250);
     // Redirected at DATA.
-    let v = session(&relay, "ok.test", "a@snd.test", &["carol@far.test"], "REDIRECTME");
+    let v = session(
+        &relay,
+        "ok.test",
+        "a@snd.test",
+        &["carol@far.test"],
+        "REDIRECTME",
+    );
     assert_eq!(reply(&v["data"]).0, 250);
 
     wait_until(
@@ -260,7 +284,10 @@ fn discard_quarantine_and_modifications_reach_the_next_hop() {
         .expect("edited message delivered");
     assert_eq!(edited.rcpt_addresses(), ["bob@far.test"]);
     let body = edited.body_text();
-    assert!(body.starts_with("X-Sieve-Checked: yes from 127.0.0.1\r\n"), "{body}");
+    assert!(
+        body.starts_with("X-Sieve-Checked: yes from 127.0.0.1\r\n"),
+        "{body}"
+    );
     assert!(!body.contains("X-Internal"), "{body}");
     let redirected = msgs
         .iter()
@@ -269,7 +296,12 @@ fn discard_quarantine_and_modifications_reach_the_next_hop() {
     assert_eq!(redirected.rcpt_addresses(), ["archive@far.test"]);
 
     // Only the held message is left, and it is held.
-    wait_until("the spool to hold one", T, || relay.count() == 1, || relay.log());
+    wait_until(
+        "the spool to hold one",
+        T,
+        || relay.count() == 1,
+        || relay.log(),
+    );
     let show = relay.show(&held_id);
     assert!(show.contains("held"), "{show}");
     assert_eq!(hop.messages().len(), 2);
@@ -289,7 +321,12 @@ fn discard_quarantine_and_modifications_reach_the_next_hop() {
     let released = &hop.messages()[2];
     assert!(released.body_text().contains("Subject: HOLDME"));
     assert_eq!(released.rcpt_addresses(), ["held@far.test"]);
-    wait_until("the spool to empty", T, || relay.count() == 0, || relay.log());
+    wait_until(
+        "the spool to empty",
+        T,
+        || relay.count() == 0,
+        || relay.log(),
+    );
 }
 
 #[test]
@@ -310,7 +347,10 @@ fn a_sieve_compile_error_stops_check_config_with_file_and_line() {
         ),
     );
     let out = sluice(&["check-config", config.to_str().expect("path")]);
-    assert!(!out.status.success(), "check-config accepted a broken script");
+    assert!(
+        !out.status.success(),
+        "check-config accepted a broken script"
+    );
     let err = text(&out.stderr);
     assert!(err.contains("server.listener.smtp.sieve.rcpt"), "{err}");
     assert!(

@@ -497,7 +497,8 @@ async fn serve(
                         }
                     }
                     if let (true, Some(f)) = (filter_data, &filters) {
-                        let outcome = data_filters(f, &session, id, &envelope, &body, &summary.auth).await;
+                        let outcome =
+                            data_filters(f, &session, id, &envelope, &body, &summary.auth).await;
                         let verdict = match outcome.verdict {
                             Verdict::Quarantine { reason } => {
                                 quarantine = Some(reason);
@@ -510,12 +511,21 @@ async fn serve(
                             session.data_verdict(id, &summary, &verdict);
                             continue;
                         }
-                        match crate::filters::apply::apply(&outcome.modifications, &mut envelope, body, &relay) {
+                        match crate::filters::apply::apply(
+                            &outcome.modifications,
+                            &mut envelope,
+                            body,
+                            &relay,
+                        ) {
                             Ok(changed) => body = changed,
                             Err(e) => {
                                 tracing::warn!(target: "sluice::filter", id = %id, error = %e, "filter modifications refused");
                                 drop(reservation);
-                                session.data_verdict(id, &summary, &crate::filters::failure_verdict());
+                                session.data_verdict(
+                                    id,
+                                    &summary,
+                                    &crate::filters::failure_verdict(),
+                                );
                                 continue;
                             }
                         }
@@ -703,9 +713,7 @@ async fn data_filters(
         message: Some(body),
     };
     let (spf, dkim, dmarc) = crate::filters::auth_words(auth);
-    filters
-        .run(&event, &SieveExtras { spf, dkim, dmarc })
-        .await
+    filters.run(&event, &SieveExtras { spf, dkim, dmarc }).await
 }
 
 enum ReadOutcome {

@@ -42,7 +42,10 @@ impl Lists {
                 reason,
             };
             let text = std::fs::read_to_string(path).map_err(|e| err(None, e.to_string()))?;
-            lists.insert(name.clone(), Self::parse(&text).map_err(|(l, r)| err(Some(l), r))?);
+            lists.insert(
+                name.clone(),
+                Self::parse(&text).map_err(|(l, r)| err(Some(l), r))?,
+            );
         }
         Ok(Lists { lists })
     }
@@ -67,9 +70,7 @@ impl Lists {
     }
 
     /// A set of lists built in code (tests, benches).
-    pub fn from_entries<'a>(
-        entries: impl IntoIterator<Item = (&'a str, Vec<&'a str>)>,
-    ) -> Lists {
+    pub fn from_entries<'a>(entries: impl IntoIterator<Item = (&'a str, Vec<&'a str>)>) -> Lists {
         Lists {
             lists: entries
                 .into_iter()
@@ -127,7 +128,8 @@ mod tests {
 
     #[test]
     fn entries_comments_and_domains() {
-        let set = Lists::parse("# blocked\nSpam@Example.org\n\n@bad.example # all\n").expect("parse");
+        let set =
+            Lists::parse("# blocked\nSpam@Example.org\n\n@bad.example # all\n").expect("parse");
         let lists = Lists {
             lists: BTreeMap::from([("blocked".to_string(), set)]),
         };

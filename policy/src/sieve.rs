@@ -227,9 +227,7 @@ impl SieveSet {
                     continue;
                 }
                 if includes.len() >= MAX_INCLUDE_SCRIPTS {
-                    return Err(read_err(format!(
-                        "more than {MAX_INCLUDE_SCRIPTS} scripts"
-                    )));
+                    return Err(read_err(format!("more than {MAX_INCLUDE_SCRIPTS} scripts")));
                 }
                 let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
                     continue;
@@ -348,11 +346,9 @@ impl SieveSet {
                     match_as,
                 } => {
                     let lower = !matches!(match_as, sieve::MatchAs::Octet);
-                    let found = lists.iter().any(|list| {
-                        values
-                            .iter()
-                            .any(|v| self.lists.contains(list, v, lower))
-                    });
+                    let found = lists
+                        .iter()
+                        .any(|list| values.iter().any(|v| self.lists.contains(list, v, lower)));
                     input = found.into();
                 }
                 Event::MailboxExists { .. } | Event::DuplicateId { .. } => input = Input::False,
@@ -392,13 +388,15 @@ fn compile_file(compiler: &Compiler, key: &str, path: &Path) -> Result<Sieve, Si
         path: shown.clone(),
         reason: e.to_string(),
     })?;
-    compiler.compile(&bytes).map_err(|e| SieveLoadError::Compile {
-        key: key.to_string(),
-        path: shown,
-        line: e.line_num(),
-        column: e.line_pos(),
-        message: e.to_string(),
-    })
+    compiler
+        .compile(&bytes)
+        .map_err(|e| SieveLoadError::Compile {
+            key: key.to_string(),
+            path: shown,
+            line: e.line_num(),
+            column: e.line_pos(),
+            message: e.to_string(),
+        })
 }
 
 /// What a run asked for, before it is turned into a verdict.

@@ -4,7 +4,8 @@ use std::sync::Arc;
 use super::*;
 use crate::stage::ClientFacts;
 
-const MESSAGE: &[u8] = b"Received: from x\r\nFrom: a@example.org\r\nSubject: hello\r\nX-Junk: 1\r\n\r\nbody text\r\n";
+const MESSAGE: &[u8] =
+    b"Received: from x\r\nFrom: a@example.org\r\nSubject: hello\r\nX-Junk: 1\r\n\r\nbody text\r\n";
 
 struct Scripts {
     dir: std::path::PathBuf,
@@ -137,12 +138,18 @@ if envelope :is "to" "hold@example.net" { fileinto "quarantine"; stop; }
 if envelope :is "to" "other@example.net" { fileinto "Archive"; }
 "#,
     );
-    assert_eq!(run_rcpt(&set, "drop@example.net").expect("run").verdict, Verdict::Discard);
+    assert_eq!(
+        run_rcpt(&set, "drop@example.net").expect("run").verdict,
+        Verdict::Discard
+    );
     assert!(matches!(
         run_rcpt(&set, "hold@example.net").expect("run").verdict,
         Verdict::Quarantine { .. }
     ));
-    assert_eq!(run_rcpt(&set, "other@example.net").expect("run").verdict, Verdict::Accept);
+    assert_eq!(
+        run_rcpt(&set, "other@example.net").expect("run").verdict,
+        Verdict::Accept
+    );
 }
 
 #[test]
@@ -159,7 +166,10 @@ if string :is "${env.remote_ip}" "192.0.2.9" { if environment :is "helo" "client
     let listed = run_rcpt(&set, "x@spam.example").expect("run").verdict;
     assert!(matches!(&listed, Verdict::Reject(r) if r.text == "listed"));
     let env = run_rcpt(&set, "x@ok.example").expect("run").verdict;
-    assert!(matches!(&env, Verdict::Reject(r) if r.text == "from client.example"), "{env:?}");
+    assert!(
+        matches!(&env, Verdict::Reject(r) if r.text == "from client.example"),
+        "{env:?}"
+    );
 }
 
 #[test]
@@ -185,10 +195,13 @@ deleteheader "X-Junk";
         sender: "a@example.org".into(),
         recipients: vec!["b@example.net".into()],
     };
-    let edited = crate::stage_message::apply(&out.modifications, &mut env, MESSAGE.to_vec())
-        .expect("apply");
+    let edited =
+        crate::stage_message::apply(&out.modifications, &mut env, MESSAGE.to_vec()).expect("apply");
     let text = String::from_utf8(edited).expect("utf8");
-    assert!(text.starts_with("X-Sieve: checked spf=pass\r\nReceived: from x\r\n"), "{text}");
+    assert!(
+        text.starts_with("X-Sieve: checked spf=pass\r\nReceived: from x\r\n"),
+        "{text}"
+    );
     assert!(!text.contains("X-Junk"), "{text}");
     assert!(text.ends_with("\r\n\r\nbody text\r\n"), "{text}");
 }
@@ -214,10 +227,20 @@ fn redirect_replaces_the_recipients_at_data() {
 #[test]
 fn include_from_the_directory() {
     let s = Scripts::new("include");
-    s.file("common.sieve", "require \"reject\";\nreject \"from include\";\n");
-    let set = load(&s, "rcpt", "require \"include\";\ninclude :global \"common\";\n");
+    s.file(
+        "common.sieve",
+        "require \"reject\";\nreject \"from include\";\n",
+    );
+    let set = load(
+        &s,
+        "rcpt",
+        "require \"include\";\ninclude :global \"common\";\n",
+    );
     let v = run_rcpt(&set, "x@example.net").expect("run").verdict;
-    assert!(matches!(&v, Verdict::Reject(r) if r.text == "from include"), "{v:?}");
+    assert!(
+        matches!(&v, Verdict::Reject(r) if r.text == "from include"),
+        "{v:?}"
+    );
 }
 
 #[test]
@@ -241,14 +264,20 @@ while "true" { set "i" "${i}1"; }
 #[test]
 fn compile_errors_name_file_and_line() {
     let s = Scripts::new("compile");
-    let path = s.file("rcpt.sieve", "require \"reject\";\n\nif header :bogus \"x\" { keep; }\n");
+    let path = s.file(
+        "rcpt.sieve",
+        "require \"reject\";\n\nif header :bogus \"x\" { keep; }\n",
+    );
     let cfg = SieveConfig {
         rcpt: Some(path.clone()),
         ..Default::default()
     };
     let e = SieveSet::load(&cfg, "h", Arc::default()).expect_err("compile error");
     let text = e.to_string();
-    assert!(text.starts_with(&format!("{}: line 3,", path.display())), "{text}");
+    assert!(
+        text.starts_with(&format!("{}: line 3,", path.display())),
+        "{text}"
+    );
     assert_eq!(e.key(), "rcpt");
 }
 

@@ -23,7 +23,10 @@ impl Field<'_> {
     pub fn value(&self) -> String {
         let after = self.raw.len().min(self.name.len() + 1);
         let text = String::from_utf8_lossy(&self.raw[after..]);
-        text.replace("\r\n", "").replace('\n', "").trim().to_string()
+        text.replace("\r\n", "")
+            .replace('\n', "")
+            .trim()
+            .to_string()
     }
 }
 
@@ -208,7 +211,10 @@ fn strip_brackets(address: &str) -> &str {
 }
 
 fn check_name(name: &str) -> Result<(), ApplyError> {
-    if name.is_empty() || name.len() > 256 || name.bytes().any(|b| !(33..=126).contains(&b) || b == b':') {
+    if name.is_empty()
+        || name.len() > 256
+        || name.bytes().any(|b| !(33..=126).contains(&b) || b == b':')
+    {
         return Err(ApplyError::BadHeaderName(name.to_string()));
     }
     Ok(())
@@ -296,7 +302,8 @@ pub fn header_diff(before: &[u8], after: &[u8]) -> Vec<Modification> {
 mod tests {
     use super::*;
 
-    const MSG: &[u8] = b"Received: from a\r\n\tby b\r\nSubject: hi\r\nX-Spam: yes\r\nX-Spam: no\r\n\r\nbody\r\n";
+    const MSG: &[u8] =
+        b"Received: from a\r\n\tby b\r\nSubject: hi\r\nX-Spam: yes\r\nX-Spam: no\r\n\r\nbody\r\n";
 
     fn env() -> EditableEnvelope {
         EditableEnvelope {

@@ -97,12 +97,8 @@ impl Filters {
         if sieve.is_none() && rules.is_empty() {
             return Ok(None);
         }
-        let rules = StageRules::new(rules, &lists).map_err(|e| {
-            (
-                format!("filter_rule"),
-                e.to_string(),
-            )
-        })?;
+        let rules =
+            StageRules::new(rules, &lists).map_err(|e| (format!("filter_rule"), e.to_string()))?;
         let sieve = match sieve {
             Some(cfg) => Some(Arc::new(
                 SieveSet::load(cfg, hostname, lists.clone())
@@ -137,7 +133,9 @@ impl Filters {
         for kind in FilterKind::ORDER {
             let started = Instant::now();
             let outcome = match kind {
-                FilterKind::Rules => FilterOutcome::with_verdict(self.rules.decide(event, &self.lists)),
+                FilterKind::Rules => {
+                    FilterOutcome::with_verdict(self.rules.decide(event, &self.lists))
+                }
                 FilterKind::Sieve => match &self.sieve {
                     Some(set) if set.has(event.stage) => {
                         match run_sieve(set, event, extras).await {
@@ -153,7 +151,9 @@ impl Filters {
                                 );
                                 match set.on_failure() {
                                     OnFailure::Accept => FilterOutcome::accept(),
-                                    OnFailure::Tempfail => FilterOutcome::with_verdict(failure_verdict()),
+                                    OnFailure::Tempfail => {
+                                        FilterOutcome::with_verdict(failure_verdict())
+                                    }
                                 }
                             }
                         }
@@ -205,7 +205,9 @@ async fn run_sieve(
     event: &StageEvent<'_>,
     extras: &SieveExtras<'_>,
 ) -> Result<FilterOutcome, SieveRunError> {
-    let big = event.message.is_some_and(|m| m.len() >= SIEVE_OFFLOAD_BYTES);
+    let big = event
+        .message
+        .is_some_and(|m| m.len() >= SIEVE_OFFLOAD_BYTES);
     if !big {
         return set.run(event, extras);
     }

@@ -138,11 +138,7 @@ impl SessionConfig {
             untrusted: UntrustedPolicy::of(l),
             verify: l.verify.clone().map(Arc::new),
             honor_tls_required_no: l.honor_tls_required_no,
-            filter_stages: l
-                .filters
-                .as_ref()
-                .map(|f| f.stages())
-                .unwrap_or_default(),
+            filter_stages: l.filters.as_ref().map(|f| f.stages()).unwrap_or_default(),
             filters: l.filters.clone(),
         }
     }
@@ -1818,7 +1814,12 @@ impl Session {
             sender: self.tx.sender.clone(),
             sender_params: Vec::new(),
             recipient,
-            recipients: self.tx.recipients.iter().map(|r| r.address.clone()).collect(),
+            recipients: self
+                .tx
+                .recipients
+                .iter()
+                .map(|r| r.address.clone())
+                .collect(),
             message: None,
         })
     }

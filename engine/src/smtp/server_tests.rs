@@ -9,9 +9,9 @@ use sluice_policy::{NetworkList, RelayPolicy};
 use sluice_spool::{IdGenerator, SpoolError};
 
 use super::server::{Action, PeerInfo, Session, SessionConfig, TxSummary};
+use crate::config::{BareNewline, NulBytes, Protocol};
 use crate::filters::{OwnedEvent, StageSet};
 use sluice_policy::stage::{FilterReply, Stage, Verdict};
-use crate::config::{BareNewline, NulBytes, Protocol};
 
 const NOW: u64 = 1_790_000_000_000;
 
@@ -1560,11 +1560,7 @@ fn reject(code: u16, esc: &str, text: &str) -> Verdict {
 
 /// Runs `input` whole and byte by byte with the same filter answers; a
 /// message body (after the 354) is given apart, as a client would.
-fn run_filtered(
-    cfg: SessionConfig,
-    input: &[u8],
-    filter: fn(&OwnedEvent) -> Verdict,
-) -> Harness {
+fn run_filtered(cfg: SessionConfig, input: &[u8], filter: fn(&OwnedEvent) -> Verdict) -> Harness {
     let (commands, body) = match input.windows(6).position(|w| w == b"DATA\r\n") {
         Some(at) => input.split_at(at + 6),
         None => (input, &b""[..]),
@@ -1575,7 +1571,10 @@ fn run_filtered(
     let mut bytewise = Harness::filtered(cfg, "198.51.100.1", filter);
     bytewise.feed(commands, 1);
     bytewise.feed(body, 1);
-    assert_eq!(whole.out, bytewise.out, "replies differ when fed byte by byte");
+    assert_eq!(
+        whole.out, bytewise.out,
+        "replies differ when fed byte by byte"
+    );
     assert_eq!(whole.filter_calls, bytewise.filter_calls);
     assert_eq!(whole.stored.len(), bytewise.stored.len());
     whole
@@ -1612,12 +1611,21 @@ fn rcpt_filter_rejects_one_recipient_and_pipelined_replies_keep_their_order() {
             (Stage::Rcpt, Some("good@local.test".to_string()))
         ]
     );
-    let lines: Vec<&str> = h.out.lines().filter(|l| l.as_bytes().get(3) == Some(&b' ')).collect();
+    let lines: Vec<&str> = h
+        .out
+        .lines()
+        .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+        .collect();
     assert_eq!(lines[3], "550 5.7.1 No such user here");
     assert_eq!(lines[4], "250 2.1.5 Ok");
     assert_eq!(lines[5], "354 End data with <CR><LF>.<CR><LF>");
     assert_eq!(h.stored.len(), 1);
-    let rcpts: Vec<&str> = h.stored[0].envelope.recipients.iter().map(|r| r.address.as_str()).collect();
+    let rcpts: Vec<&str> = h.stored[0]
+        .envelope
+        .recipients
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
     assert_eq!(rcpts, ["good@local.test"]);
 }
 
@@ -1648,7 +1656,13 @@ fn each_stage_refuses_with_the_filter_reply() {
     let h = run_filtered(
         with_filters(&[Stage::Mail]),
         b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\n",
-        |_| Verdict::Reject(FilterReply { code: 250, enhanced: None, text: "x\r\ny".into() }),
+        |_| {
+            Verdict::Reject(FilterReply {
+                code: 250,
+                enhanced: None,
+                text: "x\r\ny".into(),
+            })
+        },
     );
     assert!(h.out.ends_with("550 5.7.1 x  y\r\n"), "{}", h.out);
 }
