@@ -136,37 +136,38 @@ impl StageRules {
                     _ => Err(err("reply", "not a reply".into())),
                 }
             };
-            let verdict =
-                match c.action.as_str() {
-                    "accept" => Verdict::Accept,
-                    "reject" => {
-                        let r = reply(550)?;
-                        if r.code / 100 != 5 {
-                            return Err(err("reply", "reject needs a 5xx code".into()));
-                        }
-                        Verdict::Reject(r)
+            let verdict = match c.action.as_str() {
+                "accept" => Verdict::Accept,
+                "reject" => {
+                    let r = reply(550)?;
+                    if r.code / 100 != 5 {
+                        return Err(err("reply", "reject needs a 5xx code".into()));
                     }
-                    "tempfail" => {
-                        let text = c
-                            .reply
-                            .clone()
-                            .unwrap_or_else(|| "451 4.7.1 Try again later".into());
-                        match reject_verdict(&text) {
-                            Verdict::Tempfail(r) => Verdict::Tempfail(r),
-                            _ => return Err(err("reply", "tempfail needs a 4xx code".into())),
-                        }
+                    Verdict::Reject(r)
+                }
+                "tempfail" => {
+                    let text = c
+                        .reply
+                        .clone()
+                        .unwrap_or_else(|| "451 4.7.1 Try again later".into());
+                    match reject_verdict(&text) {
+                        Verdict::Tempfail(r) => Verdict::Tempfail(r),
+                        _ => return Err(err("reply", "tempfail needs a 4xx code".into())),
                     }
-                    "discard" => Verdict::Discard,
-                    "quarantine" => Verdict::Quarantine {
-                        reason: format!("filter_rule {}", i + 1),
-                    },
-                    other => return Err(err(
+                }
+                "discard" => Verdict::Discard,
+                "quarantine" => Verdict::Quarantine {
+                    reason: format!("filter_rule {}", i + 1),
+                },
+                other => {
+                    return Err(err(
                         "action",
                         format!(
                             "`{other}` is not one of accept, reject, tempfail, discard, quarantine"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             rules.push(StageRule {
                 stage,
                 client_ip: c

@@ -97,8 +97,8 @@ impl Filters {
         if sieve.is_none() && rules.is_empty() {
             return Ok(None);
         }
-        let rules =
-            StageRules::new(rules, &lists).map_err(|e| (format!("filter_rule"), e.to_string()))?;
+        let rules = StageRules::new(rules, &lists)
+            .map_err(|e| ("filter_rule".to_string(), e.to_string()))?;
         let sieve = match sieve {
             Some(cfg) => Some(Arc::new(
                 SieveSet::load(cfg, hostname, lists.clone())
