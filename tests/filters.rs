@@ -362,3 +362,76 @@ fn a_sieve_compile_error_stops_check_config_with_file_and_line() {
     let out = sluice(&["check-config", config.to_str().expect("path")]);
     assert_ok(&out, "check-config with the fixed script");
 }
+
+fn sighup(relay: &Relay) {
+    // SAFETY: kill(2) on the relay child this test started and has not reaped.
+    let rc = unsafe { libc::kill(relay.pid() as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(rc, 0, "kill SIGHUP: {}", std::io::Error::last_os_error());
+}
+
+fn wait_log_count(relay: &Relay, needle: &str, n: usize) -> String {
+    wait_until(
+        &format!("{n} log lines with {needle:?}"),
+        T,
+        || relay.log().matches(needle).count() >= n,
+        || relay.log(),
+    );
+    relay.log()
+}
+
+#[test]
+fn sighup_recompiles_the_scripts_and_a_broken_one_keeps_the_running_set() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = write(
+        dir.path(),
+        "rcpt.sieve",
+        "require [\"envelope\", \"reject\"];\nif envelope :localpart \"to\" \"first\" { reject \"first refused\"; }\n",
+    );
+    let config = write(
+        dir.path(),
+        "sluice.toml",
+        &format!(
+            "[server.listener.smtp.sieve]\nrcpt = \"{}\"\n",
+            script.display()
+        ),
+    );
+    let relay = Relay::builder().config(config).dir(dir).start();
+    let rcpt = |to: &str| -> String {
+        let mut c = relay.greeted();
+        c.expect("EHLO reload.test", 250);
+        c.expect("MAIL FROM:<a@snd.test>", 250);
+        c.cmd(&format!("RCPT TO:<{to}>")).last().to_string()
+    };
+    assert_eq!(rcpt("first@far.test"), "550 5.7.1 first refused");
+    assert_eq!(rcpt("second@far.test"), "250 2.1.5 Ok");
+
+    // A new script: compiled by the reload, used by new sessions.
+    std::fs::write(
+        &script,
+        "require [\"envelope\", \"reject\"];\nif envelope :localpart \"to\" \"second\" { reject \"second refused\"; }\n",
+    )
+    .expect("rewrite");
+    sighup(&relay);
+    wait_log_count(&relay, "reload: ", 1);
+    assert_eq!(rcpt("first@far.test"), "250 2.1.5 Ok");
+    assert_eq!(rcpt("second@far.test"), "550 5.7.1 second refused");
+
+    // A broken script: the reload is refused naming file and line; the
+    // running scripts stay.
+    std::fs::write(
+        &script,
+        "require \"reject\";\nif header :nosuchtag \"Subject\" \"x\" { reject \"no\"; }\n",
+    )
+    .expect("break");
+    sighup(&relay);
+    let log = wait_log_count(&relay, "reload refused", 1);
+    let line = log
+        .lines()
+        .find(|l| l.contains("reload refused"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(&format!("{}: line 2", script.display())),
+        "{line}"
+    );
+    assert_eq!(rcpt("second@far.test"), "550 5.7.1 second refused");
+}
