@@ -37,6 +37,8 @@ fn session_config() -> Arc<SessionConfig> {
         untrusted: Default::default(),
         verify: None,
         honor_tls_required_no: false,
+        filters: None,
+        filter_stages: Default::default(),
     })
 }
 

@@ -83,6 +83,9 @@ pub struct Config {
     pub events: events::EventsSection,
     /// Response-driven shaping rules and slow start.
     pub shaping: shaping::ShapingSection,
+    /// Local lists by name: a file each, one entry a line (Sieve extlists,
+    /// stage rules). Read at load and reload.
+    pub lists: BTreeMap<String, PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -212,6 +215,15 @@ pub struct ListenerConfig {
     /// Milters consulted by this listener's sessions, in order
     /// (`[[server.listener.NAME.milter]]`; see config/milter.rs).
     pub milter: Vec<milter::MilterConfig>,
+    /// Sieve system scripts per SMTP stage (ARCHITECTURE.md "Programmable
+    /// policy"); compiled when the config loads.
+    pub sieve: Option<sluice_policy::sieve::SieveConfig>,
+    /// Built-in rules at the SMTP stages, tried before Sieve.
+    pub filter_rule: Vec<sluice_policy::stage_rules::StageRuleConfig>,
+    /// The filters built from `sieve` and `filter_rule` (and `[lists]`) when
+    /// the config loads; None: the listener has none (the hot path).
+    #[serde(skip)]
+    pub filters: Option<std::sync::Arc<crate::filters::Filters>>,
 }
 
 impl Default for ListenerConfig {
@@ -243,6 +255,9 @@ impl Default for ListenerConfig {
             honor_tls_required_no: false,
             verify: None,
             milter: Vec::new(),
+            sieve: None,
+            filter_rule: Vec::new(),
+            filters: None,
         }
     }
 }
@@ -557,6 +572,23 @@ impl Config {
             key,
             message,
         };
+        let lists = sluice_policy::lists::Lists::load(&self.lists).map_err(|e| {
+            let name = e.name.clone();
+            invalid(format!("lists.{name}"), e.to_string())
+        })?;
+        let lists = std::sync::Arc::new(lists);
+        let hostname = self.server.hostname.clone();
+        for (name, l) in self.server.listener.iter_mut() {
+            let key = |k: &str| format!("server.listener.{name}.{k}");
+            let own_name = l.hostname.clone().unwrap_or_else(|| hostname.clone());
+            l.filters = crate::filters::Filters::build(
+                l.sieve.as_ref(),
+                &l.filter_rule,
+                &own_name,
+                lists.clone(),
+            )
+            .map_err(|(k, why)| invalid(key(&k), why))?;
+        }
         for (name, l) in &self.server.listener {
             let key = |k: &str| format!("server.listener.{name}.{k}");
             if l.bind.is_empty() {

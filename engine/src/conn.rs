@@ -17,6 +17,8 @@ use arc_swap::ArcSwap;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
+use sluice_policy::sieve::SieveExtras;
+use sluice_policy::stage::{FilterOutcome, Stage, StageEvent, Verdict};
 use sluice_policy::{Credentials, NetworkList};
 use sluice_spool::{IdGenerator, Spool};
 
@@ -344,6 +346,9 @@ async fn serve(
     };
     let mut iprev: Option<crate::verify::IprevOutput> = None;
 
+    // The listener's filters (issue 14): None on the hot path.
+    let filters = session_config.filters.clone();
+    let relay = session_config.relay.clone();
     let started = Instant::now();
     let mut session = Session::new(
         session_config,
@@ -364,6 +369,10 @@ async fn serve(
     session.set_body_budget(listener.body_budget.clone());
     tracing::debug!(client_ip = %peer.ip(), listener = %listener.name, core = ctx.core, "connected");
     session.greeting();
+    if let Some(call) = session.take_filter_call() {
+        let outcome = run_filters(&filters, &call).await;
+        session.filter_result(outcome, now_ms());
+    }
 
     loop {
         // Use up the input at hand; stop early for actions.
@@ -420,8 +429,16 @@ async fn serve(
                         body,
                         reservation,
                         spf,
+                        filter_data,
+                        discard,
+                        mut quarantine,
                     } = *submission;
                     let mut summary = server::TxSummary::of(&envelope);
+                    if discard {
+                        drop(reservation);
+                        session.data_verdict(id, &summary, &Verdict::Discard);
+                        continue;
+                    }
                     let received = crate::metrics::queue(&envelope.queue);
                     let mut added = Vec::new();
                     let mut body = body;
@@ -479,6 +496,53 @@ async fn serve(
                             }
                         }
                     }
+                    if let (true, Some(f)) = (filter_data, &filters) {
+                        let outcome =
+                            data_filters(f, &session, id, &envelope, &body, &summary.auth).await;
+                        let verdict = match outcome.verdict {
+                            Verdict::Quarantine { reason } => {
+                                quarantine = Some(reason);
+                                Verdict::Accept
+                            }
+                            other => other,
+                        };
+                        if verdict != Verdict::Accept {
+                            drop(reservation);
+                            session.data_verdict(id, &summary, &verdict);
+                            continue;
+                        }
+                        match crate::filters::apply::apply(
+                            &outcome.modifications,
+                            &mut envelope,
+                            body,
+                            &relay,
+                        ) {
+                            Ok(changed) => body = changed,
+                            Err(e) => {
+                                tracing::warn!(target: "sluice::filter", id = %id, error = %e, "filter modifications refused");
+                                drop(reservation);
+                                session.data_verdict(
+                                    id,
+                                    &summary,
+                                    &crate::filters::failure_verdict(),
+                                );
+                                continue;
+                            }
+                        }
+                        summary.sender = envelope.sender.clone();
+                        summary.recipients = envelope.recipients.len();
+                        summary.size = envelope.size;
+                        if envelope.recipients.is_empty() {
+                            drop(reservation);
+                            session.data_verdict(id, &summary, &Verdict::Discard);
+                            continue;
+                        }
+                    }
+                    if let Some(reason) = quarantine {
+                        // Held until an operator releases it (queue release).
+                        envelope.schedule.held = true;
+                        tracing::info!(target: "sluice::filter", id = %id, reason = %reason, "message quarantined");
+                    }
                     let result = ctx.queue.enqueue_with(id, envelope, added, body).await;
                     // The body has left this session's memory (stored or not).
                     drop(reservation);
@@ -506,6 +570,20 @@ async fn serve(
                         _ => (Default::default(), None),
                     };
                     session.spf_result(spf, refusal);
+                    if let Some(call) = session.take_filter_call() {
+                        let outcome = run_filters(&filters, &call).await;
+                        session.filter_result(outcome, now_ms());
+                    }
+                }
+                Action::Filter(call) => {
+                    // Like SPF: the stage's reply and what was pipelined
+                    // after it wait; replies owed before go out first.
+                    if !session.output().is_empty() {
+                        conn.write_all(session.output()).await?;
+                        session.clear_output();
+                    }
+                    let outcome = run_filters(&filters, &call).await;
+                    session.filter_result(outcome, now_ms());
                 }
                 Action::Authenticate { user, password } => {
                     let credentials = ctx.credentials.load_full();
@@ -516,6 +594,10 @@ async fn serve(
                     if let Some(delay) = session.auth_result(user, ok, now_ms()) {
                         // The 535 (and anything after it) waits: guessing gets slow.
                         Timer::new(delay).await;
+                    }
+                    if let Some(call) = session.take_filter_call() {
+                        let outcome = run_filters(&filters, &call).await;
+                        session.filter_result(outcome, now_ms());
                     }
                 }
             }
@@ -590,6 +672,48 @@ async fn serve(
             }
         }
     }
+}
+
+/// One stage's filters (accept when the listener has none).
+async fn run_filters(
+    filters: &Option<Arc<crate::filters::Filters>>,
+    call: &crate::filters::OwnedEvent,
+) -> FilterOutcome {
+    match filters {
+        Some(f) => f.run(&call.event(), &SieveExtras::default()).await,
+        None => FilterOutcome::accept(),
+    }
+}
+
+/// The DATA filters on the whole message, with the inbound authentication
+/// results when the listener checked them.
+async fn data_filters(
+    filters: &crate::filters::Filters,
+    session: &Session,
+    id: sluice_spool::MessageId,
+    envelope: &sluice_spool::Envelope,
+    body: &[u8],
+    auth: &str,
+) -> FilterOutcome {
+    let client = session.client_facts();
+    let recipients: Vec<String> = envelope
+        .recipients
+        .iter()
+        .map(|r| r.address.clone())
+        .collect();
+    let queue_id = id.to_string();
+    let event = StageEvent {
+        stage: Stage::Data,
+        client: &client,
+        queue_id: Some(&queue_id),
+        sender: Some(&envelope.sender),
+        sender_params: &[],
+        recipient: None,
+        recipients: &recipients,
+        message: Some(body),
+    };
+    let (spf, dkim, dmarc) = crate::filters::auth_words(auth);
+    filters.run(&event, &SieveExtras { spf, dkim, dmarc }).await
 }
 
 enum ReadOutcome {

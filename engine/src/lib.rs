@@ -10,6 +10,7 @@ pub mod conn;
 pub mod debug_cmd;
 pub mod delivery;
 pub mod events;
+pub mod filters;
 /// Fuzz target bodies, behind the `fuzzing` feature (fuzz/, tests/fuzz_replay.rs,
 /// tests/server_props.rs); not part of the relay.
 #[cfg(any(test, feature = "fuzzing"))]

@@ -252,7 +252,15 @@ fn merge(running: &Config, new: &Config) -> (Config, Vec<String>, Vec<String>) {
             if format!("{l:?}") != before {
                 changed.push(format!("server.listener.{name}"));
             }
+            if l.filters.is_some() {
+                // Scripts and lists are read again on every reload.
+                changed.push(format!("server.listener.{name} filters"));
+            }
         }
+    }
+    if effective.lists != new.lists {
+        effective.lists = new.lists.clone();
+        changed.push("lists".into());
     }
     if differs(&effective.relay, &new.relay) {
         effective.relay = new.relay.clone();
@@ -341,6 +349,11 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
     l.untrusted_notices = n.untrusted_notices;
     l.honor_tls_required_no = n.honor_tls_required_no;
     l.verify = n.verify.clone();
+    // Filters: the new file's, already built (scripts compiled, lists read)
+    // by its load; a compile error there refused the reload before this.
+    l.sieve = n.sieve.clone();
+    l.filter_rule = n.filter_rule.clone();
+    l.filters = n.filters.clone();
 }
 
 /// Keys that differ between what runs and the new file but cannot change

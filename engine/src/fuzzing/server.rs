@@ -67,6 +67,8 @@ pub fn fuzz_config(flags: u8) -> SessionConfig {
         untrusted: Default::default(),
         verify: None,
         honor_tls_required_no: false,
+        filters: None,
+        filter_stages: Default::default(),
     }
 }
 
@@ -200,6 +202,10 @@ impl ServerDriver {
                     return;
                 }
                 Action::Store(sub) => self.store(*sub),
+                Action::Filter(_) => {
+                    // The fuzz listeners have no filters: nothing asks.
+                    panic!("filter action from a listener without filters");
+                }
                 Action::CheckSpf { .. } => {
                     // SPF passes here (no DNS): MAIL gets its 250.
                     self.session

@@ -31,6 +31,7 @@ use crate::config::{
     BareNewline, ListenerConfig, NulBytes, Protocol, UntrustedExtension, UntrustedNotices,
 };
 use crate::queue::admission::QueueAdmission;
+use sluice_policy::stage::{Stage, Verdict};
 
 /// FUTURERELEASE (RFC 4865): the longest hold accepted, in seconds (7 days).
 /// Queue expiry and delay notices count from the release, not the arrival.
@@ -73,6 +74,11 @@ pub struct SessionConfig {
     /// `honor_tls_required_no`: a `TLS-Required: No` header field relaxes the
     /// message's outbound TLS policy (RFC 8689 §3).
     pub honor_tls_required_no: bool,
+    /// The listener's filters (issue 14); None with `filter_stages` empty
+    /// when it has none.
+    pub filters: Option<Arc<crate::filters::Filters>>,
+    /// The stages with a filter: checked (a bit test) at every stage.
+    pub filter_stages: crate::filters::StageSet,
 }
 
 /// The listener's `untrusted_*` keys: what a client outside the relay networks,
@@ -132,6 +138,8 @@ impl SessionConfig {
             untrusted: UntrustedPolicy::of(l),
             verify: l.verify.clone().map(Arc::new),
             honor_tls_required_no: l.honor_tls_required_no,
+            filter_stages: l.filters.as_ref().map(|f| f.stages()).unwrap_or_default(),
+            filters: l.filters.clone(),
         }
     }
 }
@@ -152,6 +160,10 @@ pub enum Action {
     /// answered, then call [`Session::spf_result`]; the reply to MAIL and
     /// everything pipelined after it wait for that.
     CheckSpf { helo: String, sender: String },
+    /// Run the listener's filters for this stage (issue 14), then call
+    /// [`Session::filter_result`]; the stage's reply and everything
+    /// pipelined after it wait for that. Only for stages with filters.
+    Filter(Box<crate::filters::OwnedEvent>),
     /// Write the output, then close the connection.
     Close,
 }
@@ -167,6 +179,13 @@ pub struct Submission {
     pub reservation: Option<BodyReservation>,
     /// SPF as found at MAIL FROM (None when the listener does not check it).
     pub spf: Option<sluice_policy::auth::SpfResults>,
+    /// The listener has DATA filters: run them before storing.
+    pub filter_data: bool,
+    /// An earlier stage's filter discarded the message (or every recipient):
+    /// answer as if queued, store nothing.
+    pub discard: bool,
+    /// An earlier stage's filter quarantined the message: store it held.
+    pub quarantine: Option<String>,
 }
 
 #[derive(Debug)]
@@ -221,6 +240,14 @@ struct Transaction {
     over_budget: bool,
     /// SPF found when MAIL FROM arrived, for the checks after DATA.
     spf: Option<sluice_policy::auth::SpfResults>,
+    /// Recipients a filter discarded at RCPT (answered 250, never delivered).
+    discarded: usize,
+    /// A filter at MAIL discarded the transaction.
+    discard: bool,
+    /// A filter at MAIL or RCPT quarantined the message.
+    quarantine: Option<String>,
+    /// The recipient waiting for the RCPT filters.
+    pending_rcpt: Option<Recipient>,
 }
 
 impl Transaction {
@@ -318,6 +345,15 @@ pub struct Session {
     metrics: Option<Arc<crate::metrics::SmtpMetrics>>,
     /// Bytes of bodies held in RAM, shared by all sessions; None = unbounded.
     body_budget: Option<Arc<BodyBudget>>,
+    /// The stage whose filters the session waits for.
+    filter_wait: Option<sluice_policy::stage::Stage>,
+    /// A filter call made outside `receive` (connect, auth, MAIL after
+    /// SPF), for the driver to take with [`Session::take_filter_call`].
+    pending_filter: Option<Box<crate::filters::OwnedEvent>>,
+    /// A filter at connect, EHLO or AUTH discarded everything this session sends.
+    discard_session: bool,
+    /// A filter at connect, EHLO or AUTH quarantined everything this session sends.
+    quarantine_session: Option<String>,
 }
 
 /// The reply when the memory budget cannot hold a body.
@@ -346,6 +382,10 @@ impl Session {
             replies: [0; 4],
             metrics: None,
             body_budget: None,
+            filter_wait: None,
+            pending_filter: None,
+            discard_session: false,
+            quarantine_session: None,
         }
     }
 
@@ -400,8 +440,17 @@ impl Session {
         }
     }
 
-    /// The 220 banner.
+    /// The 220 banner; with connect filters, a filter call first (see
+    /// [`Session::take_filter_call`]).
     pub fn greeting(&mut self) {
+        if self.filtered(Stage::Connect) {
+            self.pending_filter = Some(self.filter_call(Stage::Connect, None));
+            return;
+        }
+        self.banner();
+    }
+
+    fn banner(&mut self) {
         let text = format!("{} {}", self.cfg.hostname, self.cfg.greeting);
         self.reply(220, "", &text);
     }
@@ -833,15 +882,15 @@ impl Session {
     ) -> Option<Action> {
         let lmtp = self.cfg.protocol == Protocol::Lmtp;
         match request {
-            Request::Lhlo { host } if lmtp => self.ehlo(&host, true, now_ms),
-            Request::Ehlo { host } if !lmtp => self.ehlo(&host, true, now_ms),
-            Request::Helo { host } if !lmtp => self.ehlo(&host, false, now_ms),
+            Request::Lhlo { host } if lmtp => return self.ehlo(&host, true, now_ms),
+            Request::Ehlo { host } if !lmtp => return self.ehlo(&host, true, now_ms),
+            Request::Helo { host } if !lmtp => return self.ehlo(&host, false, now_ms),
             Request::Ehlo { .. } | Request::Helo { .. } => {
                 self.error_reply(500, "5.5.1", "Error: use LHLO with LMTP")
             }
             Request::Lhlo { .. } => self.error_reply(500, "5.5.1", "Error: LHLO is for LMTP"),
             Request::Mail { from } => return self.mail(from, now_ms),
-            Request::Rcpt { to } => self.rcpt(to),
+            Request::Rcpt { to } => return self.rcpt(to),
             Request::Data => return self.data(more_input, now_ms),
             Request::Bdat {
                 chunk_size,
@@ -893,10 +942,21 @@ impl Session {
         None
     }
 
-    fn ehlo(&mut self, host: &str, extended: bool, now_ms: u64) {
+    fn ehlo(&mut self, host: &str, extended: bool, now_ms: u64) -> Option<Action> {
         self.helo = Some(host.to_string());
         self.extended = extended;
         self.tx = Transaction::default();
+        if self.filtered(Stage::Ehlo) {
+            return Some(Action::Filter(self.filter_call(Stage::Ehlo, None)));
+        }
+        self.ehlo_reply(now_ms);
+        None
+    }
+
+    fn ehlo_reply(&mut self, now_ms: u64) {
+        let host = self.helo.clone().unwrap_or_default();
+        let host = host.as_str();
+        let extended = self.extended;
         if !extended {
             let text = self.cfg.hostname.clone();
             self.reply(250, "", &text);
@@ -1059,6 +1119,9 @@ impl Session {
                 sender: self.tx.sender.clone().unwrap_or_default(),
             });
         }
+        if self.filtered(Stage::Mail) {
+            return Some(Action::Filter(self.filter_call(Stage::Mail, None)));
+        }
         self.reply(250, "2.1.0", "Ok");
         None
     }
@@ -1101,21 +1164,41 @@ impl Session {
             }
             None => {
                 self.tx.spf = Some(spf);
+                if self.filtered(Stage::Mail) {
+                    self.pending_filter = Some(self.filter_call(Stage::Mail, None));
+                    return;
+                }
                 self.reply(250, "2.1.0", "Ok");
             }
         }
     }
 
-    fn rcpt(&mut self, to: smtp_proto::RcptTo<Cow<'_, str>>) {
+    fn rcpt(&mut self, to: smtp_proto::RcptTo<Cow<'_, str>>) -> Option<Action> {
         if self.tx.sender.is_none() {
-            return self.error_reply(503, "5.5.1", "Error: need MAIL command");
+            self.error_reply(503, "5.5.1", "Error: need MAIL command");
+            return None;
         }
         if self.tx.id.is_some() {
-            return self.error_reply(503, "5.5.1", "Error: RCPT after BDAT");
+            self.error_reply(503, "5.5.1", "Error: RCPT after BDAT");
+            return None;
         }
         if to.orcpt.as_deref().is_some_and(|o| !is_xtext_safe(o)) {
-            return self.error_reply(501, "5.5.4", "Error: invalid parameter ORCPT");
+            self.error_reply(501, "5.5.4", "Error: invalid parameter ORCPT");
+            return None;
         }
+        self.rcpt_checked(to)
+    }
+
+    fn rcpt_checked(&mut self, to: smtp_proto::RcptTo<Cow<'_, str>>) -> Option<Action> {
+        self.rcpt_policy(to);
+        if self.tx.pending_rcpt.is_some() {
+            let address = self.tx.pending_rcpt.as_ref().map(|r| r.address.clone());
+            return Some(Action::Filter(self.filter_call(Stage::Rcpt, address)));
+        }
+        None
+    }
+
+    fn rcpt_policy(&mut self, to: smtp_proto::RcptTo<Cow<'_, str>>) {
         if self.tx.recipients.len() >= self.cfg.max_recipients {
             // Not counted as a protocol error: a bulk client simply sends the rest later.
             self.reply(452, "4.5.3", "Error: too many recipients");
@@ -1207,13 +1290,19 @@ impl Session {
                 notify |= bit;
             }
         }
-        self.tx.recipients.push(Recipient {
+        let recipient = Recipient {
             address: address.to_string(),
             orcpt: to.orcpt.map(Cow::into_owned),
             notify,
             status: RecipientStatus::Pending,
             local,
-        });
+        };
+        if self.filtered(Stage::Rcpt) {
+            // Answered once the filters have (Session::filter_result).
+            self.tx.pending_rcpt = Some(recipient);
+            return;
+        }
+        self.tx.recipients.push(recipient);
         self.reply(250, "2.1.5", "Ok");
     }
 
@@ -1222,7 +1311,7 @@ impl Session {
             self.error_reply(503, "5.5.1", "Error: need MAIL command");
             return None;
         }
-        if self.tx.recipients.is_empty() {
+        if self.tx.recipients.is_empty() && self.tx.discarded == 0 {
             self.error_reply(554, "5.5.1", "Error: no valid recipients");
             return None;
         }
@@ -1258,7 +1347,7 @@ impl Session {
     fn bdat(&mut self, size: usize, last: bool, now_ms: u64) {
         let failure = if self.tx.sender.is_none() {
             Some((503, "5.5.1", "Error: need MAIL command".to_string()))
-        } else if self.tx.recipients.is_empty() {
+        } else if self.tx.recipients.is_empty() && self.tx.discarded == 0 {
             Some((554, "5.5.1", "Error: no valid recipients".to_string()))
         } else if self.tx.over_budget {
             Some((452, "4.3.1", BUDGET_TEXT.to_string()))
@@ -1373,6 +1462,10 @@ impl Session {
                 return Action::Read;
             }
         }
+        // Every recipient discarded at RCPT, or the session or transaction
+        // discarded by a filter: answered like a stored message, never stored.
+        let discard = tx.discard || self.discard_session || tx.recipients.is_empty();
+        let quarantine = tx.quarantine.or_else(|| self.quarantine_session.clone());
         let envelope = Envelope {
             sender: tx.sender.unwrap_or_default(),
             recipients: tx.recipients,
@@ -1404,6 +1497,9 @@ impl Session {
             body: tx.body,
             reservation: tx.reservation,
             spf: tx.spf,
+            filter_data: self.filtered(Stage::Data),
+            discard,
+            quarantine,
         }))
     }
 
@@ -1679,6 +1775,10 @@ impl Session {
         if ok {
             tracing::info!(client_ip = %self.peer.ip, user = %printable(&user), "authenticated");
             self.auth_user = Some(user);
+            if self.filtered(Stage::Auth) {
+                self.pending_filter = Some(self.filter_call(Stage::Auth, None));
+                return None;
+            }
             self.reply(235, "2.7.0", "Authentication successful");
             return None;
         }
@@ -1701,6 +1801,181 @@ impl Session {
             self.state = State::Closed;
         }
         Some(guard.delay(self.auth_failures))
+    }
+
+    /// Whether the listener has filters at this stage (a bit test).
+    fn filtered(&self, stage: Stage) -> bool {
+        self.cfg.filter_stages.contains(stage)
+    }
+
+    /// Pauses for the stage's filters and says what they need to know.
+    fn filter_call(
+        &mut self,
+        stage: Stage,
+        recipient: Option<String>,
+    ) -> Box<crate::filters::OwnedEvent> {
+        self.state = State::Paused;
+        self.filter_wait = Some(stage);
+        Box::new(crate::filters::OwnedEvent {
+            stage,
+            client: self.client_facts(),
+            queue_id: None,
+            sender: self.tx.sender.clone(),
+            sender_params: Vec::new(),
+            recipient,
+            recipients: self
+                .tx
+                .recipients
+                .iter()
+                .map(|r| r.address.clone())
+                .collect(),
+            message: None,
+        })
+    }
+
+    /// What filters know of the client now.
+    pub fn client_facts(&self) -> sluice_policy::stage::ClientFacts {
+        sluice_policy::stage::ClientFacts {
+            listener: self.cfg.listener.clone(),
+            ip: self.peer.ip,
+            port: self.peer.port,
+            ptr: None,
+            helo: self.helo.clone(),
+            tls: self.tls.as_ref().map(|t| match t.split_once(' ') {
+                Some((version, cipher)) => (version.to_string(), cipher.to_string()),
+                None => (t.clone(), String::new()),
+            }),
+            auth_user: self.auth_user.clone(),
+            server_name: self.cfg.hostname.clone(),
+        }
+    }
+
+    /// A filter call the session made outside [`Session::receive`] (at
+    /// connect, after AUTH succeeded, after SPF at MAIL): the driver runs it
+    /// and calls [`Session::filter_result`] before feeding more input.
+    pub fn take_filter_call(&mut self) -> Option<Box<crate::filters::OwnedEvent>> {
+        self.pending_filter.take()
+    }
+
+    /// The combined answer of the filters for the stage the session waits
+    /// for: the stage's own reply, or the filter's refusal (not a protocol
+    /// error: it does not count towards `max_errors`).
+    pub fn filter_result(&mut self, outcome: sluice_policy::stage::FilterOutcome, now_ms: u64) {
+        self.state = State::Command;
+        let Some(stage) = self.filter_wait.take() else {
+            return;
+        };
+        let verdict = outcome.verdict;
+        if let Some((code, esc, text)) = filter_refusal(&verdict) {
+            tracing::info!(
+                target: "sluice::smtp",
+                listener = %self.cfg.listener,
+                client_ip = %self.peer.ip,
+                stage = %stage,
+                sender = %printable(self.tx.sender.as_deref().unwrap_or("")),
+                recipient = %printable(self.tx.pending_rcpt.as_ref().map(|r| r.address.as_str()).unwrap_or("")),
+                result = code,
+                error = %text,
+                "refused by filter"
+            );
+            match stage {
+                Stage::Connect => self.state = State::Closed,
+                Stage::Ehlo => self.helo = None,
+                Stage::Auth => self.auth_user = None,
+                Stage::Mail => self.tx = Transaction::default(),
+                _ => self.tx.pending_rcpt = None,
+            }
+            self.reply(code, &esc, &text);
+            return;
+        }
+        let discard = verdict == Verdict::Discard;
+        let quarantine = match &verdict {
+            Verdict::Quarantine { reason } => Some(reason.clone()),
+            _ => None,
+        };
+        if discard || quarantine.is_some() {
+            tracing::info!(
+                target: "sluice::smtp",
+                listener = %self.cfg.listener,
+                client_ip = %self.peer.ip,
+                stage = %stage,
+                verdict = verdict.name(),
+                sender = %printable(self.tx.sender.as_deref().unwrap_or("")),
+                recipient = %printable(self.tx.pending_rcpt.as_ref().map(|r| r.address.as_str()).unwrap_or("")),
+                "filter verdict"
+            );
+        }
+        match stage {
+            Stage::Connect | Stage::Ehlo | Stage::Auth => {
+                self.discard_session |= discard;
+                if quarantine.is_some() {
+                    self.quarantine_session = quarantine;
+                }
+            }
+            Stage::Mail => {
+                self.tx.discard |= discard;
+                if quarantine.is_some() {
+                    self.tx.quarantine = quarantine;
+                }
+            }
+            _ => {
+                if quarantine.is_some() {
+                    self.tx.quarantine = quarantine;
+                }
+                match self.tx.pending_rcpt.take() {
+                    Some(_) if discard => self.tx.discarded += 1,
+                    Some(r) => self.tx.recipients.push(r),
+                    None => {}
+                }
+            }
+        }
+        match stage {
+            Stage::Connect => self.banner(),
+            Stage::Ehlo => self.ehlo_reply(now_ms),
+            Stage::Auth => self.reply(235, "2.7.0", "Authentication successful"),
+            Stage::Mail => self.reply(250, "2.1.0", "Ok"),
+            _ => self.reply(250, "2.1.5", "Ok"),
+        }
+    }
+
+    /// The DATA filters' verdict on a message that will not be stored as
+    /// is: a refusal, or a discard (answered like a stored message).
+    pub fn data_verdict(&mut self, id: MessageId, summary: &TxSummary, verdict: &Verdict) {
+        self.state = State::Command;
+        let (code, esc, text) = match filter_refusal(verdict) {
+            Some(refusal) => {
+                if let Some(m) = &self.metrics {
+                    m.tx_rejected.increment(1);
+                }
+                refusal
+            }
+            None => (250, "2.0.0".to_string(), format!("Ok: queued as {id}")),
+        };
+        tracing::info!(
+            target: "sluice::smtp",
+            id = %id,
+            listener = %self.cfg.listener,
+            client_ip = %self.peer.ip,
+            tls = self.tls.as_deref().unwrap_or("no"),
+            auth = self.auth_user.as_deref().unwrap_or(""),
+            sender = %printable(&summary.sender),
+            recipients = summary.recipients,
+            size = summary.size,
+            result = code,
+            verdict = verdict.name(),
+            auth_results = %summary.auth,
+            error = if code >= 400 { text.as_str() } else { "" },
+            "transaction decided by filter"
+        );
+        let replies = if self.cfg.protocol == Protocol::Lmtp {
+            summary.recipients.max(1)
+        } else {
+            1
+        };
+        for _ in 0..replies {
+            self.reply(code, &esc, &text);
+        }
+        self.flush_metrics();
     }
 
     fn reply(&mut self, code: u16, esc: &str, text: &str) {
@@ -1819,6 +2094,40 @@ enum LineResult {
 }
 
 /// "RCPT TO:<postmaster>" in any case, with optional spaces.
+/// The reply for a refusing verdict: the filter's code when it is of the
+/// right class (5xx reject, 4xx tempfail), its enhanced status when that
+/// matches the class, the text on one line.
+fn filter_refusal(verdict: &Verdict) -> Option<(u16, String, String)> {
+    let (reply, class, default_code) = match verdict {
+        Verdict::Reject(r) => (r, 5, 550),
+        Verdict::Tempfail(r) => (r, 4, 451),
+        _ => return None,
+    };
+    let code = if reply.code / 100 == class {
+        reply.code
+    } else {
+        default_code
+    };
+    let esc = reply
+        .enhanced
+        .as_deref()
+        .filter(|e| e.starts_with(&format!("{class}.")) && e.len() <= 11)
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{class}.7.1"));
+    let text: String = reply
+        .text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(400)
+        .collect();
+    let text = if text.trim().is_empty() {
+        "Rejected by policy".to_string()
+    } else {
+        text
+    };
+    Some((code, esc, text))
+}
+
 fn is_bare_postmaster(line: &[u8]) -> bool {
     let lower = line.to_ascii_lowercase();
     let Some(start) = memchr::memchr(b'<', &lower) else {

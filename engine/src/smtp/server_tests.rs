@@ -10,6 +10,8 @@ use sluice_spool::{IdGenerator, SpoolError};
 
 use super::server::{Action, PeerInfo, Session, SessionConfig, TxSummary};
 use crate::config::{BareNewline, NulBytes, Protocol};
+use crate::filters::{OwnedEvent, StageSet};
+use sluice_policy::stage::{FilterReply, Stage, Verdict};
 
 const NOW: u64 = 1_790_000_000_000;
 
@@ -42,6 +44,8 @@ fn config() -> SessionConfig {
         untrusted: Default::default(),
         verify: None,
         honor_tls_required_no: false,
+        filters: None,
+        filter_stages: Default::default(),
     }
 }
 
@@ -57,10 +61,18 @@ struct Harness {
     spf_checks: Vec<(String, String)>,
     /// What SPF checks answer (None: accept).
     spf_refusal: Option<(u16, &'static str, String)>,
+    /// (stage, recipient) of every filter call.
+    filter_calls: Vec<(Stage, Option<String>)>,
+    /// What the filters answer.
+    filter: fn(&OwnedEvent) -> Verdict,
 }
 
 impl Harness {
     fn new(cfg: SessionConfig, ip: &str) -> Harness {
+        Harness::filtered(cfg, ip, |_| Verdict::Accept)
+    }
+
+    fn filtered(cfg: SessionConfig, ip: &str, filter: fn(&OwnedEvent) -> Verdict) -> Harness {
         let ip: IpAddr = ip.parse().expect("ip");
         let mut session = Session::new(
             Arc::new(cfg),
@@ -80,9 +92,33 @@ impl Harness {
             starttls: false,
             spf_checks: Vec::new(),
             spf_refusal: None,
+            filter_calls: Vec::new(),
+            filter,
         };
+        h.pending_filter();
         h.drain();
         h
+    }
+
+    /// Answers a filter call the session made outside `receive`.
+    fn pending_filter(&mut self) {
+        if let Some(call) = self.session.take_filter_call() {
+            self.answer_filter(&call);
+        }
+    }
+
+    fn answer_filter(&mut self, call: &OwnedEvent) {
+        // Nothing of the stage is answered before the filters are.
+        assert_eq!(self.session.debug_view().state, "paused");
+        self.filter_calls.push((call.stage, call.recipient.clone()));
+        let verdict = (self.filter)(call);
+        self.session.filter_result(
+            sluice_policy::stage::FilterOutcome::with_verdict(verdict),
+            NOW,
+        );
+        if self.session.is_closed() {
+            self.closed = true;
+        }
     }
 
     fn drain(&mut self) {
@@ -113,13 +149,16 @@ impl Harness {
                     Action::Authenticate { user, password } => {
                         let ok = user == "alice" && password == "secret";
                         let _ = self.session.auth_result(user, ok, NOW);
+                        self.pending_filter();
                     }
+                    Action::Filter(call) => self.answer_filter(&call),
                     Action::CheckSpf { helo, sender } => {
                         // Nothing is answered before the check's outcome.
                         assert_eq!(self.session.debug_view().state, "paused");
                         self.spf_checks.push((helo, sender));
                         self.session
                             .spf_result(Default::default(), self.spf_refusal.clone());
+                        self.pending_filter();
                     }
                 }
             }
@@ -1490,5 +1529,205 @@ fn no_spf_check_without_verification_or_with_spf_off() {
     };
     let h = run(cfg, "198.51.100.1", TX);
     assert!(h.spf_checks.is_empty());
+    assert_eq!(h.codes(), ["220", "250", "250", "250"]);
+}
+
+// ---- Filters at the SMTP stages (issue 14) ----
+
+fn with_filters(stages: &[Stage]) -> SessionConfig {
+    let mut set = StageSet::EMPTY;
+    for s in stages {
+        set.insert(*s);
+    }
+    SessionConfig {
+        filter_stages: set,
+        ..config()
+    }
+}
+
+fn reject(code: u16, esc: &str, text: &str) -> Verdict {
+    let reply = FilterReply {
+        code,
+        enhanced: Some(esc.into()),
+        text: text.into(),
+    };
+    if code >= 500 {
+        Verdict::Reject(reply)
+    } else {
+        Verdict::Tempfail(reply)
+    }
+}
+
+/// Runs `input` whole and byte by byte with the same filter answers; a
+/// message body (after the 354) is given apart, as a client would.
+fn run_filtered(cfg: SessionConfig, input: &[u8], filter: fn(&OwnedEvent) -> Verdict) -> Harness {
+    let (commands, body) = match input.windows(6).position(|w| w == b"DATA\r\n") {
+        Some(at) => input.split_at(at + 6),
+        None => (input, &b""[..]),
+    };
+    let mut whole = Harness::filtered(cfg.clone(), "198.51.100.1", filter);
+    whole.feed(commands, commands.len());
+    whole.feed(body, body.len().max(1));
+    let mut bytewise = Harness::filtered(cfg, "198.51.100.1", filter);
+    bytewise.feed(commands, 1);
+    bytewise.feed(body, 1);
+    assert_eq!(
+        whole.out, bytewise.out,
+        "replies differ when fed byte by byte"
+    );
+    assert_eq!(whole.filter_calls, bytewise.filter_calls);
+    assert_eq!(whole.stored.len(), bytewise.stored.len());
+    whole
+}
+
+const FILTER_TX: &[u8] = b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<bad@local.test>\r\nRCPT TO:<good@local.test>\r\nDATA\r\n";
+
+#[test]
+fn no_filter_stage_means_no_filter_call() {
+    let h = run_filtered(
+        config(),
+        b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@local.test>\r\nQUIT\r\n",
+        |_| panic!("no filter is configured"),
+    );
+    assert!(h.filter_calls.is_empty());
+    assert_eq!(h.codes(), ["220", "250", "250", "250", "221"]);
+}
+
+#[test]
+fn rcpt_filter_rejects_one_recipient_and_pipelined_replies_keep_their_order() {
+    let mut input = FILTER_TX.to_vec();
+    input.extend_from_slice(b"hello\r\n.\r\nQUIT\r\n");
+    let h = run_filtered(with_filters(&[Stage::Rcpt]), &input, |call| {
+        if call.recipient.as_deref() == Some("bad@local.test") {
+            reject(550, "5.7.1", "No such user here")
+        } else {
+            Verdict::Accept
+        }
+    });
+    assert_eq!(
+        h.filter_calls,
+        [
+            (Stage::Rcpt, Some("bad@local.test".to_string())),
+            (Stage::Rcpt, Some("good@local.test".to_string()))
+        ]
+    );
+    let lines: Vec<&str> = h
+        .out
+        .lines()
+        .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+        .collect();
+    assert_eq!(lines[3], "550 5.7.1 No such user here");
+    assert_eq!(lines[4], "250 2.1.5 Ok");
+    assert_eq!(lines[5], "354 End data with <CR><LF>.<CR><LF>");
+    assert_eq!(h.stored.len(), 1);
+    let rcpts: Vec<&str> = h.stored[0]
+        .envelope
+        .recipients
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
+    assert_eq!(rcpts, ["good@local.test"]);
+}
+
+#[test]
+fn each_stage_refuses_with_the_filter_reply() {
+    // connect: the reply, then the session ends.
+    let h = run_filtered(with_filters(&[Stage::Connect]), b"EHLO x\r\n", |_| {
+        reject(554, "5.7.1", "Go away")
+    });
+    assert_eq!(h.out, "554 5.7.1 Go away\r\n");
+    assert!(h.closed);
+    // EHLO tempfailed: MAIL then needs EHLO.
+    let h = run_filtered(
+        with_filters(&[Stage::Ehlo]),
+        b"EHLO bad.test\r\nMAIL FROM:<a@example.org>\r\n",
+        |_| reject(450, "4.7.1", "Try later"),
+    );
+    assert_eq!(h.codes(), ["220", "450", "503"]);
+    assert!(h.out.contains("450 4.7.1 Try later\r\n"), "{}", h.out);
+    // MAIL refused: RCPT then needs MAIL; not counted as an error.
+    let h = run_filtered(
+        with_filters(&[Stage::Mail]),
+        b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@local.test>\r\n",
+        |_| reject(553, "5.7.1", "Sender refused"),
+    );
+    assert_eq!(h.codes(), ["220", "250", "553", "503"]);
+    // A class mismatch is corrected: reject always 5xx.
+    let h = run_filtered(
+        with_filters(&[Stage::Mail]),
+        b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\n",
+        |_| {
+            Verdict::Reject(FilterReply {
+                code: 250,
+                enhanced: None,
+                text: "x\r\ny".into(),
+            })
+        },
+    );
+    assert!(h.out.ends_with("550 5.7.1 x  y\r\n"), "{}", h.out);
+}
+
+#[test]
+fn auth_filter_runs_after_success_and_can_refuse() {
+    let cfg = SessionConfig {
+        auth_enabled: true,
+        auth_plaintext: true,
+        ..with_filters(&[Stage::Auth])
+    };
+    // AHBhbGljZQBzZWNyZXQ= is "\0alice\0secret".
+    let input = b"EHLO c.test\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nMAIL FROM:<a@example.org>\r\n";
+    let h = run_filtered(cfg.clone(), input, |_| Verdict::Accept);
+    assert_eq!(h.codes(), ["220", "250", "235", "250"]);
+    let h = run_filtered(cfg, input, |call| {
+        assert_eq!(call.client.auth_user.as_deref(), Some("alice"));
+        reject(535, "5.7.8", "Not from here")
+    });
+    assert_eq!(h.codes(), ["220", "250", "535", "250"]);
+    assert_eq!(h.filter_calls, [(Stage::Auth, None)]);
+}
+
+#[test]
+fn discard_at_rcpt_drops_the_recipient_and_all_discarded_stores_nothing() {
+    let mut input = FILTER_TX.to_vec();
+    input.extend_from_slice(b"hello\r\n.\r\n");
+    let h = run_filtered(with_filters(&[Stage::Rcpt]), &input, |_| Verdict::Discard);
+    // Both recipients look accepted; DATA goes on.
+    assert_eq!(h.codes(), ["220", "250", "250", "250", "250", "354", "250"]);
+    assert_eq!(h.stored.len(), 1);
+    assert!(h.stored[0].discard);
+    assert!(h.stored[0].envelope.recipients.is_empty());
+}
+
+#[test]
+fn quarantine_at_mail_marks_the_submission() {
+    let mut input = FILTER_TX.to_vec();
+    input.extend_from_slice(b"hello\r\n.\r\n");
+    let h = run_filtered(with_filters(&[Stage::Mail, Stage::Data]), &input, |_| {
+        Verdict::Quarantine {
+            reason: "test".into(),
+        }
+    });
+    assert_eq!(h.stored.len(), 1);
+    assert_eq!(h.stored[0].quarantine.as_deref(), Some("test"));
+    assert!(h.stored[0].filter_data);
+    assert!(!h.stored[0].discard);
+}
+
+#[test]
+fn mail_filter_runs_after_spf() {
+    let cfg = SessionConfig {
+        filter_stages: with_filters(&[Stage::Mail]).filter_stages,
+        ..verifying()
+    };
+    let h = run_filtered(
+        cfg,
+        b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@local.test>\r\n",
+        |call| {
+            assert_eq!(call.sender.as_deref(), Some("a@example.org"));
+            Verdict::Accept
+        },
+    );
+    assert_eq!(h.spf_checks.len(), 1);
+    assert_eq!(h.filter_calls, [(Stage::Mail, None)]);
     assert_eq!(h.codes(), ["220", "250", "250", "250"]);
 }

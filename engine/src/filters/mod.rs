@@ -1,0 +1,319 @@
+//! The filter chain of a listener (issue 14): built-in stage rules, then Sieve,
+//! then (slots for later) milters and HTTP hooks, asked in that order at each
+//! SMTP stage they are configured for. The first answer that is not accept
+//! ends the stage; modifications from the filters that accepted before it (at
+//! DATA only) are kept in order.
+//!
+//! The SMTP session never calls this: it emits `Action::Filter` (or, at DATA,
+//! marks its `Action::Store`) only for stages in [`Filters::stages`], and the
+//! connection driver runs the chain and hands the [`FilterOutcome`] back. A
+//! listener without filters has an empty stage set: nothing is built, nothing
+//! allocated, no action emitted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_policy::lists::Lists;
+use sluice_policy::sieve::{SieveConfig, SieveExtras, SieveRunError, SieveSet};
+use sluice_policy::stage::{
+    ClientFacts, FilterOutcome, FilterReply, OnFailure, Stage, StageEvent, Verdict,
+};
+use sluice_policy::stage_rules::{StageRuleConfig, StageRules};
+
+pub mod apply;
+
+/// A message at least this big is given to Sieve on the blocking thread pool
+/// rather than on the executor (BENCHMARKS.md "Sieve"): parsing dominates a
+/// run, and it grows with the message.
+pub const SIEVE_OFFLOAD_BYTES: usize = 256 * 1024;
+
+/// How long an offloaded Sieve run may take before OnFailure applies.
+pub const SIEVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A set of stages, as bits (Copy, no allocation: checked on every command).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StageSet(u8);
+
+impl StageSet {
+    pub const EMPTY: StageSet = StageSet(0);
+
+    fn bit(stage: Stage) -> u8 {
+        1 << (stage as u8)
+    }
+
+    pub fn insert(&mut self, stage: Stage) {
+        self.0 |= Self::bit(stage);
+    }
+
+    pub fn contains(self, stage: Stage) -> bool {
+        self.0 & Self::bit(stage) != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// The kinds of filter, in the order they run at every stage. Milters and
+/// HTTP hooks take their places here when they exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterKind {
+    Rules,
+    Sieve,
+}
+
+impl FilterKind {
+    pub const ORDER: [FilterKind; 2] = [FilterKind::Rules, FilterKind::Sieve];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FilterKind::Rules => "rules",
+            FilterKind::Sieve => "sieve",
+        }
+    }
+}
+
+/// One listener's filters, built when the configuration loads (and again on
+/// reload): scripts compiled, rules checked.
+#[derive(Debug)]
+pub struct Filters {
+    stages: StageSet,
+    rules: StageRules,
+    sieve: Option<Arc<SieveSet>>,
+    lists: Arc<Lists>,
+}
+
+/// A config error: the key inside the listener table, and why.
+pub type BuildError = (String, String);
+
+impl Filters {
+    /// The listener's filters, or None when it has none (the hot path).
+    pub fn build(
+        sieve: Option<&SieveConfig>,
+        rules: &[StageRuleConfig],
+        hostname: &str,
+        lists: Arc<Lists>,
+    ) -> Result<Option<Arc<Filters>>, BuildError> {
+        if sieve.is_none() && rules.is_empty() {
+            return Ok(None);
+        }
+        let rules = StageRules::new(rules, &lists)
+            .map_err(|e| ("filter_rule".to_string(), e.to_string()))?;
+        let sieve = match sieve {
+            Some(cfg) => Some(Arc::new(
+                SieveSet::load(cfg, hostname, lists.clone())
+                    .map_err(|e| (format!("sieve.{}", e.key()), e.to_string()))?,
+            )),
+            None => None,
+        };
+        let mut stages = StageSet::EMPTY;
+        for stage in Stage::ALL {
+            if rules.has(stage) || sieve.as_ref().is_some_and(|s| s.has(stage)) {
+                stages.insert(stage);
+            }
+        }
+        if stages.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(Filters {
+            stages,
+            rules,
+            sieve,
+            lists,
+        })))
+    }
+
+    pub fn stages(&self) -> StageSet {
+        self.stages
+    }
+
+    /// Runs the chain for one stage and combines the answers.
+    pub async fn run(&self, event: &StageEvent<'_>, extras: &SieveExtras<'_>) -> FilterOutcome {
+        let mut combined = FilterOutcome::accept();
+        for kind in FilterKind::ORDER {
+            let started = Instant::now();
+            let outcome = match kind {
+                FilterKind::Rules => {
+                    FilterOutcome::with_verdict(self.rules.decide(event, &self.lists))
+                }
+                FilterKind::Sieve => match &self.sieve {
+                    Some(set) if set.has(event.stage) => {
+                        match run_sieve(set, event, extras).await {
+                            Ok(o) => o,
+                            Err(e) => {
+                                tracing::warn!(
+                                    target: "sluice::filter",
+                                    stage = %event.stage,
+                                    client_ip = %event.client.ip,
+                                    filter = "sieve",
+                                    error = %e,
+                                    "filter failed"
+                                );
+                                match set.on_failure() {
+                                    OnFailure::Accept => FilterOutcome::accept(),
+                                    OnFailure::Tempfail => {
+                                        FilterOutcome::with_verdict(failure_verdict())
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    _ => continue,
+                },
+            };
+            tracing::debug!(
+                target: "sluice::filter",
+                stage = %event.stage,
+                filter = kind.name(),
+                verdict = outcome.verdict.name(),
+                micros = started.elapsed().as_micros() as u64,
+                "filter ran"
+            );
+            if event.stage.may_modify() {
+                combined.modifications.extend(outcome.modifications);
+            }
+            if outcome.verdict.is_final() {
+                tracing::info!(
+                    target: "sluice::filter",
+                    stage = %event.stage,
+                    client_ip = %event.client.ip,
+                    filter = kind.name(),
+                    verdict = outcome.verdict.name(),
+                    "filter decided"
+                );
+                combined.verdict = outcome.verdict;
+                return combined;
+            }
+        }
+        combined
+    }
+}
+
+/// What a filter that could not answer gives under OnFailure::Tempfail.
+pub fn failure_verdict() -> Verdict {
+    Verdict::Tempfail(FilterReply {
+        code: 451,
+        enhanced: Some("4.3.0".into()),
+        text: "Error: policy check failed, try again later".into(),
+    })
+}
+
+/// Small runs stay on the executor; a big message goes to the blocking pool
+/// with a timeout (the instruction limit bounds the run itself).
+async fn run_sieve(
+    set: &Arc<SieveSet>,
+    event: &StageEvent<'_>,
+    extras: &SieveExtras<'_>,
+) -> Result<FilterOutcome, SieveRunError> {
+    let big = event
+        .message
+        .is_some_and(|m| m.len() >= SIEVE_OFFLOAD_BYTES);
+    if !big {
+        return set.run(event, extras);
+    }
+    let set = set.clone();
+    let owned = OwnedEvent::of(event);
+    let (spf, dkim, dmarc) = (
+        extras.spf.to_string(),
+        extras.dkim.to_string(),
+        extras.dmarc.to_string(),
+    );
+    let task = glommio::executor().spawn_blocking(move || {
+        let extras = SieveExtras {
+            spf: &spf,
+            dkim: &dkim,
+            dmarc: &dmarc,
+        };
+        set.run(&owned.event(), &extras)
+    });
+    match crate::time::within(SIEVE_TIMEOUT, task).await {
+        Some(result) => result,
+        None => Err(SieveRunError::Runtime("timed out".into())),
+    }
+}
+
+/// A stage event that owns its parts (for the blocking pool, and for the
+/// SMTP session's `Action::Filter`).
+#[derive(Debug, Clone)]
+pub struct OwnedEvent {
+    pub stage: Stage,
+    pub client: ClientFacts,
+    pub queue_id: Option<String>,
+    pub sender: Option<String>,
+    pub sender_params: Vec<String>,
+    pub recipient: Option<String>,
+    pub recipients: Vec<String>,
+    pub message: Option<Vec<u8>>,
+}
+
+impl OwnedEvent {
+    pub fn of(e: &StageEvent<'_>) -> OwnedEvent {
+        OwnedEvent {
+            stage: e.stage,
+            client: e.client.clone(),
+            queue_id: e.queue_id.map(str::to_string),
+            sender: e.sender.map(str::to_string),
+            sender_params: e.sender_params.to_vec(),
+            recipient: e.recipient.map(str::to_string),
+            recipients: e.recipients.to_vec(),
+            message: e.message.map(<[u8]>::to_vec),
+        }
+    }
+
+    pub fn event(&self) -> StageEvent<'_> {
+        StageEvent {
+            stage: self.stage,
+            client: &self.client,
+            queue_id: self.queue_id.as_deref(),
+            sender: self.sender.as_deref(),
+            sender_params: &self.sender_params,
+            recipient: self.recipient.as_deref(),
+            recipients: &self.recipients,
+            message: self.message.as_deref(),
+        }
+    }
+}
+
+/// The SPF/DKIM/DMARC words of an "spf=pass dkim=fail dmarc=none" summary.
+pub fn auth_words(summary: &str) -> (&str, &str, &str) {
+    let mut out = ("", "", "");
+    for word in summary.split_whitespace() {
+        match word.split_once('=') {
+            Some(("spf", v)) => out.0 = v,
+            Some(("dkim", v)) => out.1 = v,
+            Some(("dmarc", v)) => out.2 = v,
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_sets_hold_their_stages() {
+        let mut set = StageSet::EMPTY;
+        assert!(set.is_empty());
+        set.insert(Stage::Rcpt);
+        set.insert(Stage::Data);
+        assert!(set.contains(Stage::Rcpt) && set.contains(Stage::Data));
+        assert!(!set.contains(Stage::Mail) && !set.contains(Stage::Connect));
+    }
+
+    #[test]
+    fn no_filters_build_nothing() {
+        let built = Filters::build(None, &[], "h", Arc::default()).expect("build");
+        assert!(built.is_none());
+    }
+
+    #[test]
+    fn auth_summary_words() {
+        assert_eq!(
+            auth_words("spf=pass dkim=fail dmarc=none"),
+            ("pass", "fail", "none")
+        );
+        assert_eq!(auth_words(""), ("", "", ""));
+    }
+}
