@@ -7,8 +7,8 @@
 
 pub mod delivery;
 pub mod events;
-pub mod shaping;
 pub mod milter;
+pub mod shaping;
 pub mod suppression;
 pub mod tls_rpt;
 
