@@ -486,16 +486,7 @@ pub fn reject_verdict(reason: &str) -> Verdict {
         (Some(format!("{class}.7.1")), rest.to_string())
     };
     // One reply line: no line breaks from a script.
-    let text: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(400)
-        .collect();
-    let text = if text.trim().is_empty() {
-        "Rejected by policy".to_string()
-    } else {
-        text
-    };
+    let text = FilterReply::one_line(&text);
     let reply = FilterReply {
         code,
         enhanced,

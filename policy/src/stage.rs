@@ -80,6 +80,24 @@ pub struct FilterReply {
     pub text: String,
 }
 
+impl FilterReply {
+    /// `text` made fit for one SMTP reply line: control characters (line
+    /// breaks included) become spaces, at most 400 characters, and an empty
+    /// text becomes "Rejected by policy".
+    pub fn one_line(text: &str) -> String {
+        let line: String = text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(400)
+            .collect();
+        if line.trim().is_empty() {
+            "Rejected by policy".to_string()
+        } else {
+            line
+        }
+    }
+}
+
 /// What one filter decided at one stage.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Verdict {
@@ -237,6 +255,13 @@ mod tests {
     fn only_data_may_modify() {
         let modifying: Vec<Stage> = Stage::ALL.into_iter().filter(|s| s.may_modify()).collect();
         assert_eq!(modifying, vec![Stage::Data]);
+    }
+
+    #[test]
+    fn reply_text_is_one_bounded_line() {
+        assert_eq!(FilterReply::one_line("no\r\nway"), "no  way");
+        assert_eq!(FilterReply::one_line(" \n"), "Rejected by policy");
+        assert_eq!(FilterReply::one_line(&"x".repeat(500)).len(), 400);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::config::{
     BareNewline, ListenerConfig, NulBytes, Protocol, UntrustedExtension, UntrustedNotices,
 };
 use crate::queue::admission::QueueAdmission;
-use sluice_policy::stage::{Stage, Verdict};
+use sluice_policy::stage::{FilterReply, Stage, Verdict};
 
 /// FUTURERELEASE (RFC 4865): the longest hold accepted, in seconds (7 days).
 /// Queue expiry and delay notices count from the release, not the arrival.
@@ -2114,18 +2114,7 @@ fn filter_refusal(verdict: &Verdict) -> Option<(u16, String, String)> {
         .filter(|e| e.starts_with(&format!("{class}.")) && e.len() <= 11)
         .map(str::to_string)
         .unwrap_or_else(|| format!("{class}.7.1"));
-    let text: String = reply
-        .text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(400)
-        .collect();
-    let text = if text.trim().is_empty() {
-        "Rejected by policy".to_string()
-    } else {
-        text
-    };
-    Some((code, esc, text))
+    Some((code, esc, FilterReply::one_line(&reply.text)))
 }
 
 fn is_bare_postmaster(line: &[u8]) -> bool {
