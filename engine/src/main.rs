@@ -269,6 +269,11 @@ fn load_from(path: Option<&std::path::Path>, set: &[String]) -> anyhow::Result<C
     Ok(Config::load(&origin, &text, set)?)
 }
 
+/// A client of the running relay's operations API, addressed by the config.
+fn api_client(api: &admin_cli::ApiArgs, config: &ConfigArgs) -> anyhow::Result<admin_cli::Client> {
+    admin_cli::Client::new(api, &load(config)?)
+}
+
 fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
     load_from(config_path(args).as_deref(), &args.set)
 }
@@ -401,38 +406,22 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             action,
             api,
             config,
-        } => {
-            let config = load(&config)?;
-            let client = admin_cli::Client::new(&api, &config)?;
-            admin_cli::run_destination(&client, api.json, action, &mut out)
-        }
+        } => admin_cli::run_destination(&api_client(&api, &config)?, api.json, action, &mut out),
         Command::TlsRpt {
             action,
             api,
             config,
-        } => {
-            let config = load(&config)?;
-            let client = admin_cli::Client::new(&api, &config)?;
-            admin_cli::run_tls_rpt(&client, api.json, action, &mut out)
-        }
+        } => admin_cli::run_tls_rpt(&api_client(&api, &config)?, api.json, action, &mut out),
         Command::Suppression {
             action,
             api,
             config,
-        } => {
-            let config = load(&config)?;
-            let client = admin_cli::Client::new(&api, &config)?;
-            admin_cli::run_suppression(&client, api.json, action, &mut out)
-        }
+        } => admin_cli::run_suppression(&api_client(&api, &config)?, api.json, action, &mut out),
         Command::Shaping {
             action,
             api,
             config,
-        } => {
-            let config = load(&config)?;
-            let client = admin_cli::Client::new(&api, &config)?;
-            admin_cli::run_shaping(&client, api.json, action, &mut out)
-        }
+        } => admin_cli::run_shaping(&api_client(&api, &config)?, api.json, action, &mut out),
         Command::Debug { action, config } => {
             let config = load(&config)?;
             sluice_engine::debug_cmd::run(&config, action, &mut out)

@@ -1614,15 +1614,7 @@ impl Session {
             error = text,
             "transaction refused by authentication checks"
         );
-        let replies = if self.cfg.protocol == Protocol::Lmtp {
-            summary.recipients.max(1)
-        } else {
-            1
-        };
-        for _ in 0..replies {
-            self.reply(code, esc, text);
-        }
-        self.flush_metrics();
+        self.answer_data(summary.recipients, code, esc, text);
     }
 
     /// A body that will not be stored: reply, log, forget the transaction.
@@ -1967,13 +1959,19 @@ impl Session {
             error = if code >= 400 { text.as_str() } else { "" },
             "transaction decided by filter"
         );
+        self.answer_data(summary.recipients, code, &esc, &text);
+    }
+
+    /// The answer to a message not stored as is: one reply, or under LMTP
+    /// one per recipient (RFC 2033) and at least one.
+    fn answer_data(&mut self, recipients: usize, code: u16, esc: &str, text: &str) {
         let replies = if self.cfg.protocol == Protocol::Lmtp {
-            summary.recipients.max(1)
+            recipients.max(1)
         } else {
             1
         };
         for _ in 0..replies {
-            self.reply(code, &esc, &text);
+            self.reply(code, esc, text);
         }
         self.flush_metrics();
     }
