@@ -142,7 +142,11 @@ fn authenticated_senders_are_bound_to_their_login() {
     );
 
     // A reload that lets alice use other.test too takes effect without a restart.
-    std::fs::write(&file, map.replace("]", ", \"@other.test\"]")).unwrap();
+    std::fs::write(
+        &file,
+        map.replace("\"@example.test\"]", "\"@example.test\", \"@other.test\"]"),
+    )
+    .unwrap();
     // SAFETY: kill(2) on the relay child this test started and has not reaped.
     let rc = unsafe { libc::kill(relay.pid() as libc::pid_t, libc::SIGHUP) };
     assert_eq!(rc, 0);
@@ -182,7 +186,8 @@ fn bare_newline_normalize_stores_crlf_line_ends() {
     c.expect("MAIL FROM:<x@elsewhere.test>", 250);
     c.expect("RCPT TO:<user@local.test>", 250);
     c.expect("DATA", 354);
-    c.send(b"Subject: bare\n\nline\n.\r\n");
+    // The end of data must follow a CRLF: a bare LF does not start a line.
+    c.send(b"Subject: bare\n\nline\r\n.\r\n");
     let r = c.read_reply();
     assert_eq!((r.code, r.enhanced()), (550, "5.6.0"), "{r:?}");
     assert_eq!(strict.count(), 0);
