@@ -137,8 +137,24 @@ pub enum TlsMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BareNewline {
+    /// 550 5.6.0 at the end of data.
     Reject,
+    /// Stored as received.
     Accept,
+    /// Accepted; every bare CR or LF is stored as CRLF.
+    Normalize,
+}
+
+/// When a listener adds the Date and Message-ID header fields a message lacks
+/// (RFC 6409 §8.2–8.3; a relay must not, RFC 5321 §6.4, so "no" by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddMissingHeaders {
+    No,
+    /// For authenticated clients and the relay networks: submission.
+    Trusted,
+    /// For every client.
+    Always,
 }
 
 /// NUL bytes in message data (DATA and BDAT).
@@ -199,6 +215,11 @@ pub struct ListenerConfig {
     pub bare_newline: BareNewline,
     pub nul_bytes: NulBytes,
     pub max_message_line_length: usize,
+    /// Date and Message-ID added where missing, for whom.
+    pub add_missing_headers: AddMissingHeaders,
+    /// An authenticated client's MAIL FROM must be one `[auth.sender_login]`
+    /// gives its user (553 5.7.1 otherwise).
+    pub enforce_sender_login: bool,
     /// MT-PRIORITY above 0 from untrusted clients (lowering is always allowed).
     pub untrusted_mt_priority: UntrustedExtension,
     /// HOLDFOR / HOLDUNTIL from untrusted clients.
@@ -249,6 +270,8 @@ impl Default for ListenerConfig {
             bare_newline: BareNewline::Reject,
             nul_bytes: NulBytes::Reject,
             max_message_line_length: 998,
+            add_missing_headers: AddMissingHeaders::No,
+            enforce_sender_login: false,
             untrusted_mt_priority: UntrustedExtension::Ignore,
             untrusted_hold: UntrustedExtension::Reject,
             untrusted_notices: UntrustedNotices::Headers,
@@ -312,6 +335,9 @@ pub struct AuthSection {
     /// Failed AUTH attempts per client IP, all connections and cores together;
     /// past it AUTH gets 421 4.7.0 until the budget refills. Empty = no limit.
     pub failure_rate_per_ip: Vec<sluice_policy::Rate>,
+    /// User -> the envelope senders it may use (addresses, `@domain`, `*`),
+    /// checked on listeners with `enforce_sender_login`.
+    pub sender_login: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for AuthSection {
@@ -325,6 +351,7 @@ impl Default for AuthSection {
                 count: 60,
                 per_ms: 3_600_000,
             }],
+            sender_login: BTreeMap::new(),
         }
     }
 }
@@ -691,6 +718,18 @@ impl Config {
                         .into(),
                 ));
             }
+        }
+        if let Err(e) = sluice_policy::sender_login::SenderLogins::new(&self.auth.sender_login) {
+            // A user name may hold dots (an address): fall back to the table's line.
+            let key = format!("auth.sender_login.{}", e.user);
+            let line =
+                find_key_line(text, &key).or_else(|| find_key_line(text, "auth.sender_login"));
+            return Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                key,
+                line,
+                message: e.message,
+            });
         }
         if self.server.cores > crate::runtime::MAX_CORES {
             return Err(invalid(
@@ -1079,6 +1118,37 @@ mod tests {
         }
         let ok = Config::load("t.toml", &text.replace("explode", "backoff"), &[]).expect("valid");
         assert_eq!(ok.shaping.rules().expect("rules").rules().len(), 2);
+    }
+
+    #[test]
+    fn bad_sender_login_pattern_names_user_and_line() {
+        let text = "[auth.sender_login]\nalice = [\"alice@example.com\"]\n\"bob@example.com\" = [\"example.org\"]\n";
+        match Config::load("t.toml", text, &[]) {
+            Err(ConfigError::Invalid {
+                key, line, message, ..
+            }) => {
+                assert_eq!(key, "auth.sender_login.bob@example.com");
+                assert!(line.is_some_and(|l| l <= 3), "{line:?}");
+                assert!(message.contains("example.org"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let ok = Config::load(
+            "t.toml",
+            &text.replace("\"example.org\"", "\"@example.org\""),
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(ok.auth.sender_login.len(), 2);
+        let bad = Config::load(
+            "t.toml",
+            "[server.listener.s]\nbare_newline = \"fix\"\n",
+            &[],
+        );
+        assert!(
+            matches!(bad, Err(ConfigError::Invalid { line: Some(2), .. })),
+            "{bad:?}"
+        );
     }
 
     /// Found by the config_load fuzz target: toml_edit panicked on this text.

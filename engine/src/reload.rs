@@ -186,6 +186,10 @@ impl Reloader {
         );
         let credentials = Credentials::new(effective.auth.users.clone())
             .map_err(|e| format!("auth.users: {e}"))?;
+        let sender_logins = Arc::new(
+            sluice_policy::sender_login::SenderLogins::new(&effective.auth.sender_login)
+                .map_err(|e| format!("auth.sender_login: {e}"))?,
+        );
         // Every reload reads the keys again; one bad key refuses the reload
         // and the running signers stay.
         let dkim = match &self.dkim {
@@ -222,6 +226,7 @@ impl Reloader {
                 relay.clone(),
                 !credentials.is_empty(),
                 current.auth_guard.clone(),
+                &sender_logins,
             );
             // The TLS mode is restart-only: keep what the running listener offers.
             session.starttls = current.starttls;
@@ -269,6 +274,10 @@ fn merge(running: &Config, new: &Config) -> (Config, Vec<String>, Vec<String>) {
     if differs(&effective.auth.users, &new.auth.users) {
         effective.auth.users = new.auth.users.clone();
         changed.push("auth.users".into());
+    }
+    if differs(&effective.auth.sender_login, &new.auth.sender_login) {
+        effective.auth.sender_login = new.auth.sender_login.clone();
+        changed.push("auth.sender_login".into());
     }
     if differs(&effective.rule, &new.rule) {
         effective.rule = new.rule.clone();
@@ -344,6 +353,8 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
     l.bare_newline = n.bare_newline;
     l.nul_bytes = n.nul_bytes;
     l.max_message_line_length = n.max_message_line_length;
+    l.add_missing_headers = n.add_missing_headers;
+    l.enforce_sender_login = n.enforce_sender_login;
     l.untrusted_mt_priority = n.untrusted_mt_priority;
     l.untrusted_hold = n.untrusted_hold;
     l.untrusted_notices = n.untrusted_notices;

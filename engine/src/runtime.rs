@@ -180,6 +180,10 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         config.auth.users.clone(),
     )?));
     let auth_guard = Arc::new(crate::auth_guard::AuthGuard::new(&config.auth));
+    let sender_logins = Arc::new(
+        sluice_policy::sender_login::SenderLogins::new(&config.auth.sender_login)
+            .context("auth.sender_login")?,
+    );
     let body_budget = Arc::new(crate::budget::BodyBudget::new(
         config.server.max_body_memory.0,
         config.server.max_body_memory_per_client.0,
@@ -205,6 +209,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             relay.clone(),
             !credentials.load().is_empty(),
             auth_guard.clone(),
+            &sender_logins,
         ));
         let shared = Arc::new(ListenerShared::new(
             name,

@@ -19,6 +19,7 @@ pub mod mta_sts;
 mod network;
 mod relay;
 mod rules;
+pub mod sender_login;
 pub mod shaping;
 pub mod sieve;
 pub mod stage;

@@ -59,7 +59,12 @@ fn check_config(c: &Config) {
     }
     for (name, l) in &c.server.listener {
         let guard = Arc::new(AuthGuard::new(&c.auth));
-        let s = SessionConfig::from_listener(name, l, "mx.test", relay.clone(), false, guard);
+        let logins = match sluice_policy::sender_login::SenderLogins::new(&c.auth.sender_login) {
+            Ok(l) => Arc::new(l),
+            Err(e) => panic!("loaded config with a bad sender_login map: {e}"),
+        };
+        let s =
+            SessionConfig::from_listener(name, l, "mx.test", relay.clone(), false, guard, &logins);
         assert_eq!(s.max_line_length, l.max_line_length);
     }
     let _ = c.delivery_config();

@@ -4,6 +4,7 @@ pub mod address;
 pub mod body_out;
 pub mod client;
 pub mod data;
+pub mod hygiene;
 pub mod requiretls;
 pub mod server;
 

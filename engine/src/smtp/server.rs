@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use sluice_policy::sender_login::SenderLogins;
 use sluice_policy::{RelayDecision, RelayPolicy};
 use sluice_spool::{
     BodyType, DeliverBy, DeliverByMode, Envelope, IdGenerator, MessageId, NoticeLimit, Notify,
@@ -25,10 +26,12 @@ use smtp_proto::{
 };
 
 use super::data::{BareNewlineScanner, BodyFlags, DataDecoder};
+use super::hygiene;
 use crate::auth_guard::AuthGuard;
 use crate::budget::{BodyBudget, BodyReservation};
 use crate::config::{
-    BareNewline, ListenerConfig, NulBytes, Protocol, UntrustedExtension, UntrustedNotices,
+    AddMissingHeaders, BareNewline, ListenerConfig, NulBytes, Protocol, UntrustedExtension,
+    UntrustedNotices,
 };
 use crate::queue::admission::QueueAdmission;
 use sluice_policy::stage::{FilterReply, Stage, Verdict};
@@ -79,6 +82,10 @@ pub struct SessionConfig {
     pub filters: Option<Arc<crate::filters::Filters>>,
     /// The stages with a filter: checked (a bit test) at every stage.
     pub filter_stages: crate::filters::StageSet,
+    /// Date and Message-ID added where missing (`add_missing_headers`).
+    pub add_missing_headers: AddMissingHeaders,
+    /// `[auth.sender_login]` when the listener has `enforce_sender_login`.
+    pub sender_logins: Option<Arc<SenderLogins>>,
 }
 
 /// The listener's `untrusted_*` keys: what a client outside the relay networks,
@@ -114,6 +121,7 @@ impl SessionConfig {
         relay: Arc<RelayPolicy>,
         auth_enabled: bool,
         auth_guard: Arc<AuthGuard>,
+        sender_logins: &Arc<SenderLogins>,
     ) -> SessionConfig {
         SessionConfig {
             listener: name.to_string(),
@@ -140,6 +148,8 @@ impl SessionConfig {
             honor_tls_required_no: l.honor_tls_required_no,
             filter_stages: l.filters.as_ref().map(|f| f.stages()).unwrap_or_default(),
             filters: l.filters.clone(),
+            add_missing_headers: l.add_missing_headers,
+            sender_logins: l.enforce_sender_login.then(|| sender_logins.clone()),
         }
     }
 }
@@ -229,6 +239,8 @@ struct Transaction {
     /// Set when a body started (first BDAT chunk or DATA): id, buffer, checks.
     id: Option<MessageId>,
     body: Vec<u8>,
+    /// Bytes of our Received header at the start of `body`.
+    received_len: usize,
     bdat_bytes: u64,
     bdat_scan: BareNewlineScanner,
     bdat_too_big: bool,
@@ -699,9 +711,41 @@ impl Session {
                 // body_refusal let NULs through: nul_bytes = "strip".
                 self.tx.body.retain(|&b| b != 0);
             }
+            if let Some(text) = self.hygiene(flags, now_ms) {
+                self.fail_body(552, "5.3.4", text);
+                return None;
+            }
             return Some(self.submit(now_ms));
         }
         None
+    }
+
+    /// Submission hygiene on a complete body: bare line ends normalized
+    /// (`bare_newline = "normalize"`), then missing Date and Message-ID added
+    /// (`add_missing_headers`). Err is the reply text when the result no longer
+    /// fits the size limit.
+    fn hygiene(&mut self, flags: BodyFlags, now_ms: u64) -> Option<&'static str> {
+        if flags.bare_newline && self.cfg.bare_newline == BareNewline::Normalize {
+            if let Some(fixed) = hygiene::normalize_line_ends(&self.tx.body) {
+                self.tx.body = fixed;
+            }
+        }
+        let add = match self.cfg.add_missing_headers {
+            AddMissingHeaders::No => false,
+            AddMissingHeaders::Trusted => self.trusted(),
+            AddMissingHeaders::Always => true,
+        };
+        if let (true, Some(id)) = (add, self.tx.id) {
+            let start = self.tx.received_len.min(self.tx.body.len());
+            let present = hygiene::header_presence(&self.tx.body[start..]);
+            let fields =
+                hygiene::missing_fields(present, &id.to_string(), &self.cfg.hostname, now_ms);
+            if !fields.is_empty() {
+                self.tx.body.splice(start..start, fields.bytes());
+            }
+        }
+        let limit = self.cfg.max_message_size + self.tx.received_len as u64;
+        (self.tx.body.len() as u64 > limit).then_some("Error: message too big")
     }
 
     /// Why a complete body (not too big) is refused under this listener's
@@ -1094,6 +1138,22 @@ impl Session {
         if from.env_id.as_deref().is_some_and(|e| !is_xtext_safe(e)) {
             return self.refuse_mail(501, "5.5.4", "Error: invalid parameter ENVID");
         }
+        if let (Some(logins), Some(user)) = (&self.cfg.sender_logins, &self.auth_user) {
+            if !logins.allows(user, &from.address) {
+                tracing::info!(
+                    client_ip = %self.peer.ip,
+                    user = %printable(user),
+                    sender = %printable(&from.address),
+                    "sender address not owned by the authenticated user"
+                );
+                let text = format!(
+                    "Error: <{}>: sender address not owned by user {}",
+                    printable(&from.address),
+                    printable(user)
+                );
+                return self.refuse_mail(553, "5.7.1", &text);
+            }
+        }
         self.tx.body_type = Some(body_type);
         self.tx.smtputf8 = smtputf8;
         self.tx.ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
@@ -1384,6 +1444,7 @@ impl Session {
         let mut body = Vec::with_capacity(header.len() + 4096);
         body.extend_from_slice(header.as_bytes());
         self.tx.body = body;
+        self.tx.received_len = header.len();
     }
 
     fn received_header(&self, id: MessageId, now_ms: u64) -> String {

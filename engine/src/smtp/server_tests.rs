@@ -46,6 +46,8 @@ fn config() -> SessionConfig {
         honor_tls_required_no: false,
         filters: None,
         filter_stages: Default::default(),
+        add_missing_headers: crate::config::AddMissingHeaders::No,
+        sender_logins: None,
     }
 }
 
@@ -1730,4 +1732,167 @@ fn mail_filter_runs_after_spf() {
     assert_eq!(h.spf_checks.len(), 1);
     assert_eq!(h.filter_calls, [(Stage::Mail, None)]);
     assert_eq!(h.codes(), ["220", "250", "250", "250"]);
+}
+
+// ---- Submission hygiene (issue 14 item 6) ----
+
+#[test]
+fn bare_newline_normalize_stores_crlf_for_data_and_bdat() {
+    let mut cfg = config();
+    cfg.bare_newline = BareNewline::Normalize;
+    let mut input = TX.to_vec();
+    input.extend_from_slice(b"DATA\r\nSubject: x\n\nline\rtwo\r\nz\n\r\n.\r\n");
+    let h = run_turns(cfg.clone(), "192.0.2.1", &input);
+    assert_eq!(h.codes(), ["220", "250", "250", "250", "354", "250"]);
+    assert_eq!(
+        strip_received(&h.stored[0].body),
+        b"Subject: x\r\n\r\nline\r\ntwo\r\nz\r\n\r\n"
+    );
+    let mut input = TX.to_vec();
+    input.extend_from_slice(b"BDAT 8 LAST\r\na\nb\r\nc\rd");
+    let h = run_turns(cfg, "192.0.2.1", &input);
+    assert_eq!(h.codes(), ["220", "250", "250", "250", "250"]);
+    assert_eq!(strip_received(&h.stored[0].body), b"a\r\nb\r\nc\r\nd");
+}
+
+#[test]
+fn normalized_body_over_the_size_limit_is_refused() {
+    let mut cfg = config();
+    cfg.bare_newline = BareNewline::Normalize;
+    cfg.max_message_size = 100;
+    let mut input = TX.to_vec();
+    // 90 octets received, 150 once every bare LF is a CRLF.
+    input.extend_from_slice(b"DATA\r\n");
+    input.extend_from_slice(&b"ab\n".repeat(30)[..]);
+    input.extend_from_slice(b"\r\n.\r\n");
+    let h = run_turns(cfg, "192.0.2.1", &input);
+    assert_eq!(h.codes().last().map(String::as_str), Some("552"));
+    assert!(h.stored.is_empty());
+}
+
+fn with_missing_headers(mode: crate::config::AddMissingHeaders) -> SessionConfig {
+    SessionConfig {
+        add_missing_headers: mode,
+        ..config()
+    }
+}
+
+fn one_message(cfg: SessionConfig, ip: &str, body: &[u8]) -> Vec<u8> {
+    let mut input = TX.to_vec();
+    input.extend_from_slice(b"DATA\r\n");
+    input.extend_from_slice(body);
+    input.extend_from_slice(b".\r\n");
+    let h = run_turns(cfg, ip, &input);
+    assert_eq!(h.stored.len(), 1, "{}", h.out);
+    strip_received(&h.stored[0].body).to_vec()
+}
+
+#[test]
+fn missing_date_and_message_id_are_added_for_trusted_clients() {
+    use crate::config::AddMissingHeaders;
+    let bare = b"Subject: hi\r\n\r\nbody\r\n";
+    // 192.0.2.0/24 is the relay network: trusted.
+    let got = one_message(
+        with_missing_headers(AddMissingHeaders::Trusted),
+        "192.0.2.1",
+        bare,
+    );
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(text.starts_with("Date: "), "{text}");
+    assert!(text.contains("\r\nMessage-ID: <"), "{text}");
+    assert!(
+        text.contains("@mx.test>\r\nSubject: hi\r\n\r\nbody\r\n"),
+        "{text}"
+    );
+    // An outsider's message is relayed as it came under "trusted"...
+    let got = one_message(
+        with_missing_headers(AddMissingHeaders::Trusted),
+        "198.51.100.1",
+        b"Subject: hi\r\n\r\nbody\r\n",
+    );
+    assert_eq!(got, bare);
+    // ...but not under "always"; and "no" adds nothing for anyone.
+    let got = one_message(
+        with_missing_headers(AddMissingHeaders::Always),
+        "198.51.100.1",
+        bare,
+    );
+    assert!(got.starts_with(b"Date: "));
+    let got = one_message(
+        with_missing_headers(AddMissingHeaders::No),
+        "192.0.2.1",
+        bare,
+    );
+    assert_eq!(got, bare);
+    // Fields already there are not added twice (names are case-insensitive).
+    let has = b"message-id: <x@y>\r\nDATE: Sun, 6 Dec 2026 12:00:00 +0000\r\n\r\nb\r\n";
+    let got = one_message(
+        with_missing_headers(AddMissingHeaders::Always),
+        "192.0.2.1",
+        has,
+    );
+    assert_eq!(got, has);
+}
+
+fn enforcing(map: &[(&str, &[&str])]) -> SessionConfig {
+    let map = map
+        .iter()
+        .map(|(u, ps)| (u.to_string(), ps.iter().map(|p| p.to_string()).collect()))
+        .collect();
+    let logins = sluice_policy::sender_login::SenderLogins::new(&map).expect("map");
+    SessionConfig {
+        sender_logins: Some(Arc::new(logins)),
+        auth_plaintext: true,
+        ..config()
+    }
+}
+
+fn authenticated_mail(cfg: SessionConfig, sender: &str) -> Harness {
+    let mut h = Harness::new(cfg, "198.51.100.1");
+    // alice / secret (the harness's only good credentials).
+    let input = format!(
+        "EHLO x\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nMAIL FROM:<{sender}>\r\nRCPT TO:<b@remote.test>\r\n"
+    );
+    h.feed(input.as_bytes(), 7);
+    h
+}
+
+#[test]
+fn authenticated_senders_are_bound_to_their_logins() {
+    let map: &[(&str, &[&str])] = &[("alice", &["alice@example.com", "@example.org"])];
+    for ok in [
+        "alice@example.com",
+        "ALICE@example.com",
+        "news@example.org",
+        "",
+    ] {
+        let h = authenticated_mail(enforcing(map), ok);
+        assert_eq!(
+            h.codes(),
+            ["220", "250", "235", "250", "250"],
+            "{ok}: {}",
+            h.out
+        );
+    }
+    let h = authenticated_mail(enforcing(map), "bob@example.com");
+    assert_eq!(h.codes(), ["220", "250", "235", "553", "503"], "{}", h.out);
+    assert!(
+        h.out
+            .contains("553 5.7.1 Error: <bob@example.com>: sender address not owned by user alice"),
+        "{}",
+        h.out
+    );
+    // Without the listener's enforcement the same sender passes.
+    let h = authenticated_mail(
+        SessionConfig {
+            auth_plaintext: true,
+            ..config()
+        },
+        "bob@example.com",
+    );
+    assert_eq!(h.codes(), ["220", "250", "235", "250", "250"], "{}", h.out);
+    // Unauthenticated clients are left to the relay rules.
+    let mut h = Harness::new(enforcing(map), "192.0.2.1");
+    h.feed(b"EHLO x\r\nMAIL FROM:<bob@example.com>\r\n", 64);
+    assert_eq!(h.codes(), ["220", "250", "250"]);
 }
