@@ -749,6 +749,12 @@ impl Config {
         if let Err((key, message)) = self.events.check() {
             return Err(invalid(key.into(), message));
         }
+        if self.delivery.mta_sts_refresh_interval.0.is_zero() {
+            return Err(invalid(
+                "delivery.mta_sts_refresh_interval".into(),
+                "must be more than 0 (how often cached policies are checked for a refresh)".into(),
+            ));
+        }
         // Mandatory DANE rests on the resolver's AD bit.
         if self.delivery.tls == delivery::OutboundTls::Dane && !self.dns.dnssec_validating {
             return Err(invalid(

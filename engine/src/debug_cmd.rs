@@ -101,6 +101,9 @@ pub fn run(config: &Config, command: DebugCommand, out: &mut dyn Write) -> anyho
                     timeout: config.delivery.mta_sts_fetch_timeout.0,
                     port: config.delivery.mta_sts_https_port,
                     tls: tls.verifying_client()?,
+                    dns: resolver_config.clone(),
+                    // A refresh would only fill this process's memory.
+                    refresh_interval: None,
                 },
             )?)
         }

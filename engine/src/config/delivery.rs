@@ -67,6 +67,9 @@ pub struct DeliverySection {
     /// Port the MTA-STS policy is fetched from: 443, as RFC 8461 says. Only
     /// tests set another.
     pub mta_sts_https_port: u16,
+    /// How often cached MTA-STS policies are swept for those past half their
+    /// max_age, which are re-fetched before they expire (RFC 8461 §5.1).
+    pub mta_sts_refresh_interval: HumanDuration,
     pub connect_timeout: HumanDuration,
     pub greeting_timeout: HumanDuration,
     pub ehlo_timeout: HumanDuration,
@@ -117,6 +120,7 @@ impl Default for DeliverySection {
             mta_sts: true,
             mta_sts_fetch_timeout: secs(10),
             mta_sts_https_port: 443,
+            mta_sts_refresh_interval: secs(900),
             connect_timeout: secs(30),
             greeting_timeout: secs(300),
             ehlo_timeout: secs(300),
