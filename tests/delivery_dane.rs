@@ -489,6 +489,105 @@ fn dane_decides_where_mail_goes() {
     }
 }
 
+/// An MX host name that is an alias (RFC 7672 §2.2.2, §3.2.2), in a
+/// secure zone: TLSA records are looked up at the CNAME target first, then at
+/// the name as listed; a DANE-TA certificate may carry either name. Records
+/// at the target that do not match defer (4.7.5, nothing sent), even when the
+/// listed name has records that would match: the target's records win.
+#[test]
+fn tlsa_at_the_cname_target_of_an_mx_host() {
+    require_tools!(TOOLS[0], TOOLS[1], TOOLS[2], TOOLS[3]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = root("DANE CNAME Root");
+    let int = intermediate("DANE CNAME Issuing", &ca);
+    let ips = loopbacks(4);
+    let port = mx_port(&ips);
+    let dane_ok = Expect::Delivered {
+        policy: "dane",
+        verified: true,
+    };
+    // (label, the name the certificate is for, TLSA at the target, TLSA at
+    // the listed name, expected)
+    let alias = |l: &str| format!("mx-{l}.{SEC}");
+    let target = |l: &str| format!("tgt-{l}.{SEC}");
+    let ta = tlsa(2, 0, 1, ca.der());
+    let wrong = tlsa(3, 1, 1, &self_signed(d, "wrong", "wrong").leaf_spki());
+    let specs = [
+        // TA at the target; the certificate names the listed MX host.
+        ("cn", alias("cn"), Some(ta.clone()), None, dane_ok),
+        // TA at the target; the certificate names the target.
+        ("cnt", target("cnt"), Some(ta.clone()), None, dane_ok),
+        // Nothing at the target: the listed name's records apply.
+        ("cnorig", alias("cnorig"), None, Some(ta.clone()), dane_ok),
+        // The target's records do not match: deferred, never in clear,
+        // though the listed name's would have matched.
+        (
+            "cnbad",
+            alias("cnbad"),
+            Some(wrong.clone()),
+            Some(ta.clone()),
+            Expect::Deferred {
+                enhanced: "4.7.5",
+                policy: "dane",
+            },
+        ),
+    ];
+    let mut zone = String::new();
+    let mut cases = Vec::new();
+    for ((label, name, at_target, at_alias, expect), ip) in specs.into_iter().zip(&ips) {
+        zone.push_str(&format!(
+            "{label} MX 10 mx-{label}\nmx-{label} CNAME tgt-{label}\ntgt-{label} A {ip}\n"
+        ));
+        if let Some(t) = at_target {
+            zone.push_str(&format!("_{port}._tcp.tgt-{label} TLSA {t}\n"));
+        }
+        if let Some(t) = at_alias {
+            zone.push_str(&format!("_{port}._tcp.mx-{label} TLSA {t}\n"));
+        }
+        let c = chain(d, label, &name, &int, &[&int, &ca]);
+        let receiver = TlsReceiver::start(d, *ip, port, Some(&c.files), None);
+        cases.push(Case {
+            label,
+            zone: SEC,
+            expect,
+            receiver,
+        });
+    }
+    let bed = DnssecBed::start(&[Zone::secure(SEC, &zone)]);
+    let relay = relay(&bed, port, &["dns.dnssec_validating=true".to_string()]);
+    let (_id, a) = submit_to(&relay, &cases);
+    for case in &cases {
+        check(case, &a, &relay, &bed);
+    }
+    // The failed check said QUIT over its TLS session.
+    let bad = cases.iter().find(|c| c.label == "cnbad").unwrap();
+    assert!(
+        bad.receiver.of("quit").iter().any(|q| q["tls"] == true),
+        "{:?}",
+        bad.receiver.events()
+    );
+
+    // `sluice debug tls` shows where the records were found.
+    let out = run_with_timeout(
+        Command::new(bin())
+            .args(["debug", "tls", &format!("cn.{SEC}")])
+            .args(["--set", &bed.servers_set()])
+            .args(["--set", "dns.timeout=\"2s\""])
+            .args(["--set", "dns.dnssec_validating=true"])
+            .args(["--set", &format!("delivery.mx_port={port}")]),
+        T,
+    );
+    assert_ok(&out, "sluice debug tls");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "; TLSA base tgt-cn.{SEC}, names tgt-cn.{SEC} mx-cn.{SEC})"
+        )),
+        "{text}"
+    );
+}
+
 /// Without `dns.dnssec_validating` the relay believes no AD bit: the same
 /// secure, non-matching TLSA record changes nothing and the configured
 /// opportunistic policy delivers.

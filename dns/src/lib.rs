@@ -29,7 +29,7 @@ pub use message::{build_query, parse_answer, EDNS_PAYLOAD};
 pub use metrics::{MetricsSnapshot, UpstreamSnapshot};
 pub use mx::{plan_mx, MxPlan};
 pub use resolver::{join_all, Lookup, ResolveError, Resolver};
-pub use route::{Route, RouteError, RouteHost, MAX_MX_HOSTS};
+pub use route::{expanded_name, Route, RouteError, RouteHost, MAX_MX_HOSTS};
 
 /// Record types sluice asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

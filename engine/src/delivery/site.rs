@@ -545,7 +545,7 @@ impl CoreDelivery {
                         if let Some(t) = &rpt {
                             let result = super::tls_rpt::result_of_dane_skip(matches!(
                                 dane,
-                                Dane::LookupFailed(_)
+                                Dane::LookupFailed { .. }
                             ));
                             super::tls_rpt_io::record_failure(t, result, None, &why);
                         }
