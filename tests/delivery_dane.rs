@@ -588,6 +588,138 @@ fn tlsa_at_the_cname_target_of_an_mx_host() {
     );
 }
 
+/// DANE for smart hosts: a relay route with `tls = "dane"` looks its host's
+/// TLSA records up at `_PORT._tcp.HOST` (the route's port). Secure and
+/// matching → delivered, verified, `tls_policy=dane`; secure and not matching
+/// → 4.7.5, nothing sent; a host in an unsigned zone → not dialled (4.7.5:
+/// `dane` is mandatory, as on MX routes), and the route's `fallback` takes the
+/// message after `fallback_after` deferrals.
+#[test]
+fn dane_for_smart_hosts() {
+    require_tools!(TOOLS[0], TOOLS[1], TOOLS[2], TOOLS[3]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ips = loopbacks(3);
+    let port = mx_port(&ips);
+    let ok = self_signed(d, "ok", &format!("smart-ok.{SEC}"));
+    let bad = self_signed(d, "bad", &format!("smart-bad.{SEC}"));
+    let ins = self_signed(d, "ins", &format!("smart-ins.{INS}"));
+    let other = self_signed(d, "other", "other");
+    let bed = DnssecBed::start(&[
+        Zone::secure(
+            SEC,
+            &format!(
+                "smart-ok A {}\n_{port}._tcp.smart-ok TLSA {}\n\
+                 smart-bad A {}\n_{port}._tcp.smart-bad TLSA {}\n",
+                ips[0],
+                tlsa(3, 1, 1, &ok.leaf_spki()),
+                ips[1],
+                tlsa(3, 1, 1, &other.leaf_spki()),
+            ),
+        ),
+        Zone::unsigned(
+            INS,
+            &format!(
+                "smart-ins A {}\n_{port}._tcp.smart-ins TLSA {}\n",
+                ips[2],
+                tlsa(3, 1, 1, &ins.leaf_spki())
+            ),
+        ),
+    ]);
+    let cases = vec![
+        Case {
+            label: "ok",
+            zone: SEC,
+            expect: Expect::Delivered {
+                policy: "dane",
+                verified: true,
+            },
+            receiver: TlsReceiver::start(d, ips[0], port, Some(&ok.files), None),
+        },
+        Case {
+            label: "bad",
+            zone: SEC,
+            expect: Expect::Deferred {
+                enhanced: "4.7.5",
+                policy: "dane",
+            },
+            receiver: TlsReceiver::start(d, ips[1], port, Some(&bad.files), None),
+        },
+    ];
+    let ins_rx = TlsReceiver::start(d, ips[2], port, Some(&ins.files), None);
+    let route = |name: &str, host: &str, extra: &str| {
+        format!("route.{name}={{type=\"relay\",host=\"{host}\",port={port},tls=\"dane\"{extra}}}")
+    };
+    let relay = relay(
+        &bed,
+        port,
+        &[
+            "dns.dnssec_validating=true".to_string(),
+            route("ok", &format!("smart-ok.{SEC}"), ""),
+            route("bad", &format!("smart-bad.{SEC}"), ""),
+            route(
+                "ins",
+                &format!("smart-ins.{INS}"),
+                ",fallback=\"plain\",fallback_after=1",
+            ),
+            format!(
+                "route.plain={{type=\"relay\",host=\"smart-ins.{INS}\",port={port},tls=\"opportunistic\"}}"
+            ),
+            format!(
+                "rule=[{{match={{recipient_domain=[\"ok.{SEC}\"]}},route=\"ok\"}},\
+                 {{match={{recipient_domain=[\"bad.{SEC}\"]}},route=\"bad\"}},\
+                 {{match={{recipient_domain=[\"ins.{INS}\"]}},route=\"ins\"}}]"
+            ),
+            "queue.default.retry=[\"1s\"]".to_string(),
+        ],
+    );
+    let (_id, a) = submit_to(&relay, &cases);
+    for case in &cases {
+        check(case, &a, &relay, &bed);
+    }
+    // The failed check said QUIT over its TLS session.
+    assert!(
+        cases[1]
+            .receiver
+            .of("quit")
+            .iter()
+            .any(|q| q["tls"] == true),
+        "{:?}",
+        cases[1].receiver.events()
+    );
+
+    // The host in the unsigned zone: not dialled under `dane`; the fallback
+    // route (opportunistic, same host) delivers after one deferral.
+    let body = b"From: alice@snd.example\r\nSubject: dane\r\n\r\nhello\r\n";
+    let rcpt = format!("bob@ins.{INS}");
+    let id = submit(&relay, "alice@snd.example", "", &[&rcpt], body);
+    let mut tries = Vec::new();
+    wait_until(
+        "the fallback route's delivery",
+        T,
+        || {
+            tries = attempts(&relay, &id);
+            tries.iter().any(|e| field(e, "status") == "delivered")
+        },
+        || relay.log(),
+    );
+    let first = &tries[0];
+    assert_eq!(field(first, "status"), "deferred", "{first}");
+    assert_eq!(field(first, "enhanced"), "4.7.5", "{first}");
+    assert_eq!(field(first, "tls_policy"), "dane", "{first}");
+    assert!(
+        field(first, "reply").contains(&format!("no DANE for smart-ins.{INS}")),
+        "{first}"
+    );
+    let last = tries.last().unwrap();
+    assert_eq!(field(last, "status"), "delivered", "{last}");
+    assert_eq!(field(last, "tls_policy"), "opportunistic", "{last}");
+    let got = ins_rx.of("message");
+    assert_eq!(got.len(), 1, "{got:?}");
+    // Only the fallback's session reached the host.
+    assert_eq!(ins_rx.of("starttls").len(), 1, "{:?}", ins_rx.events());
+}
+
 /// Without `dns.dnssec_validating` the relay believes no AD bit: the same
 /// secure, non-matching TLSA record changes nothing and the configured
 /// opportunistic policy delivers.

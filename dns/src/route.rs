@@ -216,6 +216,16 @@ impl Resolver {
         }
     }
 
+    /// A host named by configuration (a smart host) resolved as an MX host
+    /// would be: its addresses by the IP preference, whether they (and a CNAME
+    /// chain to them) are DNSSEC-secure, and the expanded name of an alias.
+    /// There is no MX answer: `secure` and `mx_secure` rest on the address
+    /// answers alone; preference 0.
+    pub async fn resolve_named_host(&self, name: &str) -> RouteHost {
+        let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+        self.resolve_host(name, 0, u32::MAX, true).await
+    }
+
     async fn resolve_host(
         &self,
         name: String,

@@ -26,8 +26,9 @@ pub enum OutboundTls {
     Verify,
     /// TLS from the first byte (smart hosts on port 465), any certificate.
     Implicit,
-    /// Mandatory DANE: only MX hosts with usable DNSSEC-secure TLSA records,
-    /// the certificate matching them (needs `dns.dnssec_validating`).
+    /// Mandatory DANE: only hosts with usable DNSSEC-secure TLSA records, the
+    /// certificate matching them (needs `dns.dnssec_validating`): MX hosts at
+    /// `_25._tcp.MX`, a route's host at `_PORT._tcp.HOST`.
     Dane,
 }
 

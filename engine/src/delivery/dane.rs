@@ -176,6 +176,24 @@ pub async fn for_host(
     dane
 }
 
+/// DANE for a smart host (a route's `host` under `tls = "dane"`): the host
+/// resolved as an MX host would be (its addresses, whether they and any CNAME
+/// chain are secure), then [`for_host`] at `_PORT._tcp.HOST` with the route's
+/// port. An IP address has no TLSA records: DANE is off for it.
+pub async fn for_smart_host(
+    resolver: &sluice_dns::Resolver,
+    host: &str,
+    port: u16,
+    tls: &TlsPolicy,
+) -> (sluice_dns::RouteHost, Dane) {
+    let resolved = resolver.resolve_named_host(host).await;
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return (resolved, Dane::Off("an IP address has no TLSA records"));
+    }
+    let dane = for_host(resolver, &resolved, port, tls).await;
+    (resolved, dane)
+}
+
 /// Where to look for a secure host's TLSA records, in order, and the
 /// reference identifiers (RFC 7672 §2.2.2, §3.2.2): for an alias, the
 /// expanded name, then the MX host name as listed; both are names the
