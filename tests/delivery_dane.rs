@@ -650,29 +650,58 @@ fn dane_for_smart_hosts() {
     let route = |name: &str, host: &str, extra: &str| {
         format!("route.{name}={{type=\"relay\",host=\"{host}\",port={port},tls=\"dane\"{extra}}}")
     };
-    let relay = relay(
-        &bed,
-        port,
-        &[
-            "dns.dnssec_validating=true".to_string(),
-            route("ok", &format!("smart-ok.{SEC}"), ""),
-            route("bad", &format!("smart-bad.{SEC}"), ""),
-            route(
-                "ins",
-                &format!("smart-ins.{INS}"),
-                ",fallback=\"plain\",fallback_after=1",
-            ),
-            format!(
-                "route.plain={{type=\"relay\",host=\"smart-ins.{INS}\",port={port},tls=\"opportunistic\"}}"
-            ),
-            format!(
-                "rule=[{{match={{recipient_domain=[\"ok.{SEC}\"]}},route=\"ok\"}},\
-                 {{match={{recipient_domain=[\"bad.{SEC}\"]}},route=\"bad\"}},\
-                 {{match={{recipient_domain=[\"ins.{INS}\"]}},route=\"ins\"}}]"
-            ),
-            "queue.default.retry=[\"1s\"]".to_string(),
-        ],
+    let sets = [
+        "dns.dnssec_validating=true".to_string(),
+        route("ok", &format!("smart-ok.{SEC}"), ""),
+        route("bad", &format!("smart-bad.{SEC}"), ""),
+        route(
+            "ins",
+            &format!("smart-ins.{INS}"),
+            ",fallback=\"plain\",fallback_after=1",
+        ),
+        format!(
+            "route.plain={{type=\"relay\",host=\"smart-ins.{INS}\",port={port},tls=\"opportunistic\"}}"
+        ),
+        format!(
+            "rule=[{{match={{recipient_domain=[\"ok.{SEC}\"]}},route=\"ok\"}},\
+             {{match={{recipient_domain=[\"bad.{SEC}\"]}},route=\"bad\"}},\
+             {{match={{recipient_domain=[\"ins.{INS}\"]}},route=\"ins\"}}]"
+        ),
+    ];
+    // `sluice debug tls` decides as delivery will, through the same code.
+    let debug = |domain: &str| -> String {
+        let mut cmd = Command::new(bin());
+        cmd.args(["debug", "tls", domain])
+            .args(["--set", &bed.servers_set()])
+            .args(["--set", "dns.timeout=\"2s\""]);
+        for set in &sets {
+            cmd.args(["--set", set]);
+        }
+        let out = run_with_timeout(&mut cmd, T);
+        assert_ok(&out, "sluice debug tls");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = debug(&format!("ok.{SEC}"));
+    for want in [
+        "  dane: the route's host below (dns.dnssec_validating = true)".to_string(),
+        format!(
+            "  DANE: certificate must match TLSA for smart-ok.{SEC} (dane: 1 usable TLSA record(s): {})",
+            tlsa(3, 1, 1, &ok.leaf_spki())
+        ),
+    ] {
+        assert!(text.contains(&want), "missing {want:?} in:\n{text}");
+    }
+    let text = debug(&format!("ins.{INS}"));
+    assert!(
+        text.contains(&format!(
+            "  skipped: smart-ins.{INS}: TLS policy dane (route.ins.tls): no DANE for smart-ins.{INS}"
+        )),
+        "{text}"
     );
+
+    let mut relay_sets = sets.to_vec();
+    relay_sets.push("queue.default.retry=[\"1s\"]".to_string());
+    let relay = relay(&bed, port, &relay_sets);
     let (_id, a) = submit_to(&relay, &cases);
     for case in &cases {
         check(case, &a, &relay, &bed);
