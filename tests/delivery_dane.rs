@@ -489,6 +489,266 @@ fn dane_decides_where_mail_goes() {
     }
 }
 
+/// An MX host name that is an alias (RFC 7672 §2.2.2, §3.2.2), in a
+/// secure zone: TLSA records are looked up at the CNAME target first, then at
+/// the name as listed; a DANE-TA certificate may carry either name. Records
+/// at the target that do not match defer (4.7.5, nothing sent), even when the
+/// listed name has records that would match: the target's records win.
+#[test]
+fn tlsa_at_the_cname_target_of_an_mx_host() {
+    require_tools!(TOOLS[0], TOOLS[1], TOOLS[2], TOOLS[3]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = root("DANE CNAME Root");
+    let int = intermediate("DANE CNAME Issuing", &ca);
+    let ips = loopbacks(4);
+    let port = mx_port(&ips);
+    let dane_ok = Expect::Delivered {
+        policy: "dane",
+        verified: true,
+    };
+    // (label, the name the certificate is for, TLSA at the target, TLSA at
+    // the listed name, expected)
+    let alias = |l: &str| format!("mx-{l}.{SEC}");
+    let target = |l: &str| format!("tgt-{l}.{SEC}");
+    let ta = tlsa(2, 0, 1, ca.der());
+    let wrong = tlsa(3, 1, 1, &self_signed(d, "wrong", "wrong").leaf_spki());
+    let specs = [
+        // TA at the target; the certificate names the listed MX host.
+        ("cn", alias("cn"), Some(ta.clone()), None, dane_ok),
+        // TA at the target; the certificate names the target.
+        ("cnt", target("cnt"), Some(ta.clone()), None, dane_ok),
+        // Nothing at the target: the listed name's records apply.
+        ("cnorig", alias("cnorig"), None, Some(ta.clone()), dane_ok),
+        // The target's records do not match: deferred, never in clear,
+        // though the listed name's would have matched.
+        (
+            "cnbad",
+            alias("cnbad"),
+            Some(wrong.clone()),
+            Some(ta.clone()),
+            Expect::Deferred {
+                enhanced: "4.7.5",
+                policy: "dane",
+            },
+        ),
+    ];
+    let mut zone = String::new();
+    let mut cases = Vec::new();
+    for ((label, name, at_target, at_alias, expect), ip) in specs.into_iter().zip(&ips) {
+        zone.push_str(&format!(
+            "{label} MX 10 mx-{label}\nmx-{label} CNAME tgt-{label}\ntgt-{label} A {ip}\n"
+        ));
+        if let Some(t) = at_target {
+            zone.push_str(&format!("_{port}._tcp.tgt-{label} TLSA {t}\n"));
+        }
+        if let Some(t) = at_alias {
+            zone.push_str(&format!("_{port}._tcp.mx-{label} TLSA {t}\n"));
+        }
+        let c = chain(d, label, &name, &int, &[&int, &ca]);
+        let receiver = TlsReceiver::start(d, *ip, port, Some(&c.files), None);
+        cases.push(Case {
+            label,
+            zone: SEC,
+            expect,
+            receiver,
+        });
+    }
+    let bed = DnssecBed::start(&[Zone::secure(SEC, &zone)]);
+    let relay = relay(&bed, port, &["dns.dnssec_validating=true".to_string()]);
+    let (_id, a) = submit_to(&relay, &cases);
+    for case in &cases {
+        check(case, &a, &relay, &bed);
+    }
+    // The failed check said QUIT over its TLS session.
+    let bad = cases.iter().find(|c| c.label == "cnbad").unwrap();
+    assert!(
+        bad.receiver.of("quit").iter().any(|q| q["tls"] == true),
+        "{:?}",
+        bad.receiver.events()
+    );
+
+    // `sluice debug tls` shows where the records were found.
+    let out = run_with_timeout(
+        Command::new(bin())
+            .args(["debug", "tls", &format!("cn.{SEC}")])
+            .args(["--set", &bed.servers_set()])
+            .args(["--set", "dns.timeout=\"2s\""])
+            .args(["--set", "dns.dnssec_validating=true"])
+            .args(["--set", &format!("delivery.mx_port={port}")]),
+        T,
+    );
+    assert_ok(&out, "sluice debug tls");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "; TLSA base tgt-cn.{SEC}, names tgt-cn.{SEC} mx-cn.{SEC})"
+        )),
+        "{text}"
+    );
+}
+
+/// DANE for smart hosts: a relay route with `tls = "dane"` looks its host's
+/// TLSA records up at `_PORT._tcp.HOST` (the route's port). Secure and
+/// matching → delivered, verified, `tls_policy=dane`; secure and not matching
+/// → 4.7.5, nothing sent; a host in an unsigned zone → not dialled (4.7.5:
+/// `dane` is mandatory, as on MX routes), and the route's `fallback` takes the
+/// message after `fallback_after` deferrals.
+#[test]
+fn dane_for_smart_hosts() {
+    require_tools!(TOOLS[0], TOOLS[1], TOOLS[2], TOOLS[3]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ips = loopbacks(3);
+    let port = mx_port(&ips);
+    let ok = self_signed(d, "ok", &format!("smart-ok.{SEC}"));
+    let bad = self_signed(d, "bad", &format!("smart-bad.{SEC}"));
+    let ins = self_signed(d, "ins", &format!("smart-ins.{INS}"));
+    let other = self_signed(d, "other", "other");
+    let bed = DnssecBed::start(&[
+        Zone::secure(
+            SEC,
+            &format!(
+                "smart-ok A {}\n_{port}._tcp.smart-ok TLSA {}\n\
+                 smart-bad A {}\n_{port}._tcp.smart-bad TLSA {}\n",
+                ips[0],
+                tlsa(3, 1, 1, &ok.leaf_spki()),
+                ips[1],
+                tlsa(3, 1, 1, &other.leaf_spki()),
+            ),
+        ),
+        Zone::unsigned(
+            INS,
+            &format!(
+                "smart-ins A {}\n_{port}._tcp.smart-ins TLSA {}\n",
+                ips[2],
+                tlsa(3, 1, 1, &ins.leaf_spki())
+            ),
+        ),
+    ]);
+    let cases = vec![
+        Case {
+            label: "ok",
+            zone: SEC,
+            expect: Expect::Delivered {
+                policy: "dane",
+                verified: true,
+            },
+            receiver: TlsReceiver::start(d, ips[0], port, Some(&ok.files), None),
+        },
+        Case {
+            label: "bad",
+            zone: SEC,
+            expect: Expect::Deferred {
+                enhanced: "4.7.5",
+                policy: "dane",
+            },
+            receiver: TlsReceiver::start(d, ips[1], port, Some(&bad.files), None),
+        },
+    ];
+    let ins_rx = TlsReceiver::start(d, ips[2], port, Some(&ins.files), None);
+    let route = |name: &str, host: &str, extra: &str| {
+        format!("route.{name}={{type=\"relay\",host=\"{host}\",port={port},tls=\"dane\"{extra}}}")
+    };
+    let sets = [
+        "dns.dnssec_validating=true".to_string(),
+        route("ok", &format!("smart-ok.{SEC}"), ""),
+        route("bad", &format!("smart-bad.{SEC}"), ""),
+        route(
+            "ins",
+            &format!("smart-ins.{INS}"),
+            ",fallback=\"plain\",fallback_after=1",
+        ),
+        format!(
+            "route.plain={{type=\"relay\",host=\"smart-ins.{INS}\",port={port},tls=\"opportunistic\"}}"
+        ),
+        format!(
+            "rule=[{{match={{recipient_domain=[\"ok.{SEC}\"]}},route=\"ok\"}},\
+             {{match={{recipient_domain=[\"bad.{SEC}\"]}},route=\"bad\"}},\
+             {{match={{recipient_domain=[\"ins.{INS}\"]}},route=\"ins\"}}]"
+        ),
+    ];
+    // `sluice debug tls` decides as delivery will, through the same code.
+    let debug = |domain: &str| -> String {
+        let mut cmd = Command::new(bin());
+        cmd.args(["debug", "tls", domain])
+            .args(["--set", &bed.servers_set()])
+            .args(["--set", "dns.timeout=\"2s\""]);
+        for set in &sets {
+            cmd.args(["--set", set]);
+        }
+        let out = run_with_timeout(&mut cmd, T);
+        assert_ok(&out, "sluice debug tls");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = debug(&format!("ok.{SEC}"));
+    for want in [
+        "  dane: the route's host below (dns.dnssec_validating = true)".to_string(),
+        format!(
+            "  DANE: certificate must match TLSA for smart-ok.{SEC} (dane: 1 usable TLSA record(s): {})",
+            tlsa(3, 1, 1, &ok.leaf_spki())
+        ),
+    ] {
+        assert!(text.contains(&want), "missing {want:?} in:\n{text}");
+    }
+    let text = debug(&format!("ins.{INS}"));
+    assert!(
+        text.contains(&format!(
+            "  skipped: smart-ins.{INS}: TLS policy dane (route.ins.tls): no DANE for smart-ins.{INS}"
+        )),
+        "{text}"
+    );
+
+    let mut relay_sets = sets.to_vec();
+    relay_sets.push("queue.default.retry=[\"1s\"]".to_string());
+    let relay = relay(&bed, port, &relay_sets);
+    let (_id, a) = submit_to(&relay, &cases);
+    for case in &cases {
+        check(case, &a, &relay, &bed);
+    }
+    // The failed check said QUIT over its TLS session.
+    assert!(
+        cases[1]
+            .receiver
+            .of("quit")
+            .iter()
+            .any(|q| q["tls"] == true),
+        "{:?}",
+        cases[1].receiver.events()
+    );
+
+    // The host in the unsigned zone: not dialled under `dane`; the fallback
+    // route (opportunistic, same host) delivers after one deferral.
+    let body = b"From: alice@snd.example\r\nSubject: dane\r\n\r\nhello\r\n";
+    let rcpt = format!("bob@ins.{INS}");
+    let id = submit(&relay, "alice@snd.example", "", &[&rcpt], body);
+    let mut tries = Vec::new();
+    wait_until(
+        "the fallback route's delivery",
+        T,
+        || {
+            tries = attempts(&relay, &id);
+            tries.iter().any(|e| field(e, "status") == "delivered")
+        },
+        || relay.log(),
+    );
+    let first = &tries[0];
+    assert_eq!(field(first, "status"), "deferred", "{first}");
+    assert_eq!(field(first, "enhanced"), "4.7.5", "{first}");
+    assert_eq!(field(first, "tls_policy"), "dane", "{first}");
+    assert!(
+        field(first, "reply").contains(&format!("no DANE for smart-ins.{INS}")),
+        "{first}"
+    );
+    let last = tries.last().unwrap();
+    assert_eq!(field(last, "status"), "delivered", "{last}");
+    assert_eq!(field(last, "tls_policy"), "opportunistic", "{last}");
+    let got = ins_rx.of("message");
+    assert_eq!(got.len(), 1, "{got:?}");
+    // Only the fallback's session reached the host.
+    assert_eq!(ins_rx.of("starttls").len(), 1, "{:?}", ins_rx.events());
+}
+
 /// Without `dns.dnssec_validating` the relay believes no AD bit: the same
 /// secure, non-matching TLSA record changes nothing and the configured
 /// opportunistic policy delivers.

@@ -442,3 +442,179 @@ fn refresh_restart_and_cached_fallback() {
         .log()
         .contains("policy fetch failed, cached policy kept"));
 }
+
+/// Proactive refresh (RFC 8461 §5.1), same TXT id throughout:
+/// - used after half its max_age, a cached policy is re-fetched in the
+///   background (that delivery still goes by the cached one, the next by the
+///   new one) — with the sweep effectively off, nothing is fetched without
+///   traffic;
+/// - the management thread's sweep re-fetches a policy past half its max_age
+///   with no traffic at all, so the changed policy is in force before the
+///   old one would have expired;
+/// - a refresh that fails keeps the cached policy until it really expires;
+///   after that the domain has no policy (the configured one applies).
+#[test]
+fn proactive_refresh_on_use_and_by_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = make_ca(dir.path(), "ca");
+    let ips = loopbacks(3);
+    let smtp_port = mx_port(&ips[..2]);
+    let https_port = mx_port(&ips[2..]);
+    let cert = |stem: &str, name: &str| make_issued_cert(dir.path(), &ca, stem, name);
+    let a_rx = TlsReceiver::start(
+        dir.path(),
+        ips[0],
+        smtp_port,
+        Some(&cert("mxa", &format!("mx-a.{ZONE}"))),
+        None,
+    );
+    let b_rx = TlsReceiver::start(
+        dir.path(),
+        ips[1],
+        smtp_port,
+        Some(&cert("mxb", &format!("mx-b.{ZONE}"))),
+        None,
+    );
+    let certs: Vec<(String, (PathBuf, PathBuf))> = ["use", "swp"]
+        .iter()
+        .map(|l| {
+            let name = format!("mta-sts.{l}.{ZONE}");
+            (name.clone(), cert(&format!("https-{l}"), &name))
+        })
+        .collect();
+    let https = PolicyServer::start(dir.path(), ips[2], https_port, &certs);
+    let mx_a = format!("mx-a.{ZONE}");
+    let mx_b = format!("mx-b.{ZONE}");
+    let mut zone = format!("mx-a A {}\nmx-b A {}\n", ips[0], ips[1]);
+    for l in ["use", "swp"] {
+        zone.push_str(&format!(
+            "{l} MX 10 mx-a\n{l} MX 20 mx-b\nmta-sts.{l} A {}\n_mta-sts.{l} TXT \"v=STSv1; id=1;\"\n",
+            ips[2]
+        ));
+    }
+    let nsd = Nsd::start(&zone);
+    let relay_with = |sweep: &str| {
+        mx_relay(
+            &nsd,
+            smtp_port,
+            1,
+            &[
+                format!("delivery.tls_ca_file=\"{}\"", ca.0.display()),
+                format!("delivery.mta_sts_https_port={https_port}"),
+                "delivery.mta_sts_fetch_timeout=\"3s\"".to_string(),
+                format!("delivery.mta_sts_refresh_interval=\"{sweep}\""),
+                // A new connection, and so a policy look-up, per message.
+                "delivery.idle_timeout=\"0s\"".to_string(),
+                "queue.default.retry=[\"1h\"]".to_string(),
+            ],
+        )
+    };
+    // One message to `label`; its attempt.
+    let send = |relay: &Relay, label: &str| -> Value {
+        let rcpt = vec![format!("bob@{label}.{ZONE}")];
+        let id = submit(relay, "alice@snd.example", "", &[&rcpt[0]], BODY);
+        first_attempts(relay, &id, &rcpt).remove(0)
+    };
+    let delivered_under_sts = |a: &Value| {
+        assert_eq!(field(a, "status"), "delivered", "{a}");
+        assert_eq!(field(a, "tls_policy"), "mta-sts", "{a}");
+        assert_eq!(a["tls_verified"], true, "{a}");
+    };
+    let received = || (a_rx.messages().len(), b_rx.messages().len());
+
+    // Refresh on use: the sweep runs once an hour, so only deliveries fetch.
+    let max_age = 10;
+    https.policy_max_age("use", "enforce", &[&mx_a], max_age);
+    let mut relay = relay_with("1h");
+    delivered_under_sts(&send(&relay, "use"));
+    // The policy was fetched before this delivery.
+    let fetched_by = std::time::Instant::now();
+    assert_eq!(received(), (1, 0));
+    assert_eq!(https.requests("use"), 1);
+    https.policy_max_age("use", "enforce", &[&mx_b], max_age);
+    // Half the max_age passes (the subject of the test is time itself).
+    let half = Duration::from_secs(max_age / 2);
+    wait_until(
+        "half the policy's max_age",
+        half + Duration::from_secs(1),
+        || fetched_by.elapsed() > half,
+        String::new,
+    );
+    assert_eq!(https.requests("use"), 1, "no fetch without traffic");
+    // This delivery goes by the cached policy (mx-a) and starts a refresh.
+    delivered_under_sts(&send(&relay, "use"));
+    assert_eq!(received(), (2, 0));
+    wait_until(
+        "the refresh on use",
+        T,
+        || {
+            relay
+                .log()
+                .contains(&format!("mx {mx_b}, max_age {max_age}s"))
+        },
+        || relay.log(),
+    );
+    assert_eq!(https.requests("use"), 2);
+    assert!(relay
+        .log()
+        .contains("MTA-STS: refreshing the cached policy"));
+    assert!(!relay.log().contains("cached policy expired"));
+    // The next delivery: the refreshed policy (mx-b only).
+    delivered_under_sts(&send(&relay, "use"));
+    assert_eq!(received(), (2, 1));
+    assert_eq!(https.requests("use"), 2, "the refreshed policy is cached");
+    relay.terminate();
+    drop(relay);
+
+    // The sweep, every second: no traffic after the first delivery.
+    let max_age = 12;
+    https.policy_max_age("swp", "enforce", &[&mx_a], max_age);
+    let relay = relay_with("1s");
+    delivered_under_sts(&send(&relay, "swp"));
+    assert_eq!(received(), (3, 1));
+    assert_eq!(https.requests("swp"), 1);
+    https.policy_max_age("swp", "enforce", &[&mx_b], max_age);
+    wait_until(
+        "a refresh by the sweep",
+        T,
+        || {
+            relay
+                .log()
+                .contains(&format!("mx {mx_b}, max_age {max_age}s"))
+        },
+        || relay.log(),
+    );
+    assert!(https.requests("swp") >= 2);
+    assert!(!relay.log().contains("cached policy expired"));
+    delivered_under_sts(&send(&relay, "swp"));
+    assert_eq!(received(), (3, 2), "the refreshed policy applies");
+
+    // The policy server now fails (a redirect): the sweep's refresh fails,
+    // and the cached policy holds until it expires...
+    https.mode("swp", "redirect");
+    wait_until(
+        "a failed refresh",
+        T,
+        || {
+            relay
+                .log()
+                .contains("policy refresh failed, cached policy kept until it expires")
+        },
+        || relay.log(),
+    );
+    assert!(fetches(&relay, "http_failed") >= 1);
+    delivered_under_sts(&send(&relay, "swp"));
+    assert_eq!(received(), (3, 3), "still the cached policy (mx-b only)");
+    // ...and no longer: dropped at expiry, the domain has no policy, and
+    // the configured (opportunistic) policy applies, mx-a first.
+    wait_until(
+        "the cached policy's expiry",
+        T,
+        || relay.log().contains("cached policy expired, dropped"),
+        || relay.log(),
+    );
+    let a = send(&relay, "swp");
+    assert_eq!(field(&a, "status"), "delivered", "{a}");
+    assert_eq!(field(&a, "tls_policy"), "opportunistic", "{a}");
+    assert_eq!(received(), (4, 3));
+}

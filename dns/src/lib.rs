@@ -6,6 +6,7 @@
 //! failover, cache, in-flight sharing, counters), and [`Resolver::resolve_route`],
 //! which turns a recipient domain into a [`Route`].
 
+mod blocking;
 mod cache;
 mod clock;
 mod config;
@@ -19,6 +20,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
+pub use blocking::{addresses_blocking, lookup_blocking};
 pub use cache::TtlPolicy;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{parse_resolv_conf, servers_from_resolv_conf, IpPreference, ResolverConfig};
@@ -27,7 +29,7 @@ pub use message::{build_query, parse_answer, EDNS_PAYLOAD};
 pub use metrics::{MetricsSnapshot, UpstreamSnapshot};
 pub use mx::{plan_mx, MxPlan};
 pub use resolver::{join_all, Lookup, ResolveError, Resolver};
-pub use route::{Route, RouteError, RouteHost, MAX_MX_HOSTS};
+pub use route::{expanded_name, Route, RouteError, RouteHost, MAX_MX_HOSTS};
 
 /// Record types sluice asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

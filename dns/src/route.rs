@@ -7,7 +7,10 @@
 //! - No MX records → the domain itself at preference 0 (implicit MX).
 //! - NXDOMAIN for the domain and a null MX (RFC 7505) are permanent.
 //! - An MX pointing at a CNAME is followed (RFC 2181 §10.3 forbids it, real
-//!   domains do it anyway, and every mainstream MTA delivers).
+//!   domains do it anyway, and every mainstream MTA delivers). The resolver
+//!   returns the chain with the addresses; the fully expanded name is kept in
+//!   [`RouteHost::cname`] (DANE looks for TLSA records there first, RFC 7672
+//!   §2.2.2).
 //! - An MX whose exchange is an IP address ("10 192.0.2.1.") is not a host name:
 //!   that host counts as a failed name lookup (permanent for it) and the other
 //!   hosts are still used. Postfix likewise refuses numeric MX data.
@@ -41,6 +44,10 @@ pub struct Route {
 pub struct RouteHost {
     /// The MX exchange (or the domain, for an implicit MX), lowercase, no dot.
     pub name: String,
+    /// When `name` is an alias: the name at the end of its CNAME chain (from
+    /// the address answers), lowercase, no dot. Whether the chain is secure
+    /// is part of `secure`.
+    pub cname: Option<String>,
     pub preference: u16,
     /// In the order to try, by the configured IP preference.
     pub addrs: Vec<IpAddr>,
@@ -133,6 +140,17 @@ fn route_error(hosts: &[RouteHost]) -> Option<RouteError> {
         .cloned()
 }
 
+/// The name `name` expands to through the CNAME records of an answer (the
+/// last target of the chain), lowercase without the trailing dot; None when
+/// the answer has no CNAME or the chain comes back to `name`.
+pub fn expanded_name(name: &str, records: &[Record]) -> Option<String> {
+    let last = records.iter().rev().find_map(|r| match r {
+        Record::Cname(target, _) => Some(target.trim_end_matches('.').to_ascii_lowercase()),
+        _ => None,
+    })?;
+    (!last.eq_ignore_ascii_case(name.trim_end_matches('.'))).then_some(last)
+}
+
 /// "[192.0.2.1]" or "[IPv6:2001:db8::1]" (RFC 5321 §4.1.3).
 fn address_literal(domain: &str) -> Option<IpAddr> {
     let inner = domain.strip_prefix('[')?.strip_suffix(']')?;
@@ -153,6 +171,7 @@ impl Resolver {
                 domain: domain.to_string(),
                 hosts: vec![RouteHost {
                     name: domain.to_string(),
+                    cname: None,
                     preference: 0,
                     addrs: vec![ip],
                     ttl: 0,
@@ -197,6 +216,16 @@ impl Resolver {
         }
     }
 
+    /// A host named by configuration (a smart host) resolved as an MX host
+    /// would be: its addresses by the IP preference, whether they (and a CNAME
+    /// chain to them) are DNSSEC-secure, and the expanded name of an alias.
+    /// There is no MX answer: `secure` and `mx_secure` rest on the address
+    /// answers alone; preference 0.
+    pub async fn resolve_named_host(&self, name: &str) -> RouteHost {
+        let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+        self.resolve_host(name, 0, u32::MAX, true).await
+    }
+
     async fn resolve_host(
         &self,
         name: String,
@@ -206,6 +235,7 @@ impl Resolver {
     ) -> RouteHost {
         let mut host = RouteHost {
             name,
+            cname: None,
             preference,
             addrs: Vec::new(),
             ttl: mx_ttl,
@@ -245,6 +275,9 @@ impl Resolver {
                     answered = true;
                     secure &= lookup.secure();
                     nxdomain |= lookup.is_nxdomain();
+                    if host.cname.is_none() {
+                        host.cname = expanded_name(&host.name, lookup.records());
+                    }
                     let slot = if lookup.negative().is_some() {
                         &mut negative_ttl
                     } else {
@@ -299,6 +332,7 @@ mod tests {
     fn host(name: &str, preference: u16, addr: Option<&str>) -> RouteHost {
         RouteHost {
             name: name.into(),
+            cname: None,
             preference,
             addrs: addr.map(|a| a.parse().unwrap()).into_iter().collect(),
             ttl: 60,
@@ -330,6 +364,24 @@ mod tests {
         assert_eq!(address_literal("192.0.2.1"), None);
         assert_eq!(address_literal("[example.com]"), None);
         assert_eq!(address_literal("["), None);
+    }
+
+    #[test]
+    fn the_expanded_name_is_the_end_of_the_cname_chain() {
+        let a = Record::A("192.0.2.1".parse().unwrap(), 60);
+        assert_eq!(expanded_name("mx.example", std::slice::from_ref(&a)), None);
+        assert_eq!(expanded_name("mx.example", &[]), None);
+        let chain = [
+            Record::Cname("Alias.Example.NET.".into(), 60),
+            Record::Cname("host.provider.example.".into(), 60),
+            a,
+        ];
+        assert_eq!(
+            expanded_name("mx.example", &chain),
+            Some("host.provider.example".into())
+        );
+        // A chain that ends where it began expands to nothing new.
+        assert_eq!(expanded_name("host.provider.example.", &chain[1..]), None);
     }
 
     #[test]

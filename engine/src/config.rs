@@ -788,6 +788,12 @@ impl Config {
         if let Err((key, message)) = self.events.check() {
             return Err(invalid(key.into(), message));
         }
+        if self.delivery.mta_sts_refresh_interval.0.is_zero() {
+            return Err(invalid(
+                "delivery.mta_sts_refresh_interval".into(),
+                "must be more than 0 (how often cached policies are checked for a refresh)".into(),
+            ));
+        }
         // Mandatory DANE rests on the resolver's AD bit.
         if self.delivery.tls == delivery::OutboundTls::Dane && !self.dns.dnssec_validating {
             return Err(invalid(
@@ -797,18 +803,24 @@ impl Config {
         }
         for (name, route) in &self.route {
             use delivery::RouteKind;
+            // Mandatory DANE on an MX route (TLSA per MX host) or a route
+            // to a host (TLSA at `_PORT._tcp.HOST`).
             if route.tls == Some(delivery::OutboundTls::Dane) {
-                if route.kind != RouteKind::Mx {
-                    return Err(invalid(
-                        format!("route.{name}.tls"),
-                        "\"dane\" needs an MX route (TLSA records are looked up for MX hosts)"
-                            .into(),
-                    ));
-                }
                 if !self.dns.dnssec_validating {
                     return Err(invalid(
                         format!("route.{name}.tls"),
                         "\"dane\" needs dns.dnssec_validating = true (a validating resolver)"
+                            .into(),
+                    ));
+                }
+                if route
+                    .host
+                    .as_deref()
+                    .is_some_and(|h| h.parse::<std::net::IpAddr>().is_ok())
+                {
+                    return Err(invalid(
+                        format!("route.{name}.tls"),
+                        "\"dane\" needs a host name in route.NAME.host (TLSA records are looked up at _PORT._tcp.HOST), not an IP address"
                             .into(),
                     ));
                 }
@@ -1254,18 +1266,29 @@ mod tests {
     }
 
     #[test]
-    fn mandatory_dane_needs_a_validating_resolver_and_an_mx_route() {
+    fn mandatory_dane_needs_a_validating_resolver_and_a_host_name() {
         let err = |text: &str| Config::load("t.toml", text, &[]).unwrap_err().to_string();
         let e = err("[delivery]\ntls = \"dane\"\n");
         assert!(
             e.contains("delivery.tls") && e.contains("dnssec_validating"),
             "{e}"
         );
-        let e = err("[dns]\ndnssec_validating = true\n[route.smart]\ntype = \"relay\"\nhost = \"s.example\"\ntls = \"dane\"\n");
+        let e = err("[dns]\ndnssec_validating = true\n[route.smart]\ntype = \"relay\"\nhost = \"192.0.2.1\"\ntls = \"dane\"\n");
         assert!(
-            e.contains("route.smart.tls") && e.contains("MX route"),
+            e.contains("route.smart.tls") && e.contains("host name"),
             "{e}"
         );
+        let e = err("[route.smart]\ntype = \"relay\"\nhost = \"s.example\"\ntls = \"dane\"\n");
+        assert!(
+            e.contains("route.smart.tls") && e.contains("dnssec_validating"),
+            "{e}"
+        );
+        Config::load(
+            "t.toml",
+            "[dns]\ndnssec_validating = true\n[route.smart]\ntype = \"relay\"\nhost = \"s.example\"\nport = 587\ntls = \"dane\"\n",
+            &[],
+        )
+        .expect("dane for a smart host");
         let e = err("[route.out]\ntype = \"mx\"\ntls = \"dane\"\n");
         assert!(
             e.contains("route.out.tls") && e.contains("dnssec_validating"),

@@ -101,6 +101,9 @@ pub fn run(config: &Config, command: DebugCommand, out: &mut dyn Write) -> anyho
                     timeout: config.delivery.mta_sts_fetch_timeout.0,
                     port: config.delivery.mta_sts_https_port,
                     tls: tls.verifying_client()?,
+                    dns: resolver_config.clone(),
+                    // A refresh would only fill this process's memory.
+                    refresh_interval: None,
                 },
             )?)
         }
@@ -401,9 +404,14 @@ async fn tls(
             resolver.config().dnssec_validating
         )?,
         Target::Mx { .. } => writeln!(out, "  dane: not looked up (TLS policy none)")?,
+        Target::Host { .. } if policy.level == tls_policy::Level::Dane => writeln!(
+            out,
+            "  dane: the route's host below (dns.dnssec_validating = {})",
+            resolver.config().dnssec_validating
+        )?,
         Target::Host { .. } => writeln!(
             out,
-            "  dane: not looked up (a route to a host: TLSA is looked up for MX hosts only)"
+            "  dane: not looked up (a route to a host, without tls = \"dane\")"
         )?,
     }
     writeln!(out, "  mta-sts: {sts}")?;
@@ -435,7 +443,20 @@ async fn tls(
                 if *lmtp { "LMTP" } else { "SMTP" },
                 if cert { ", client certificate" } else { "" }
             )?;
-            writeln!(out, "  {} {host}", check(&policy))?;
+            if configured.level != tls_policy::Level::Dane {
+                writeln!(out, "  {} {host}", check(&policy))?;
+                return Ok(());
+            }
+            // The same decision delivery makes for the smart host.
+            let (_, dane) = dane::for_smart_host(resolver, host, *port, &configured).await;
+            match dane::skip_reason(&dane, &configured, host, *port) {
+                Some(why) => writeln!(out, "  skipped: {host}: {why}")?,
+                None => {
+                    let effective =
+                        tls_policy::select(dane::policy(&dane, &configured), None, configured);
+                    writeln!(out, "  {} {host} (dane: {dane})", check(&effective))?;
+                }
+            }
         }
         Target::Mx { port, .. } => {
             let route = match route_lookup {

@@ -121,7 +121,7 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
     ("sluice_tls_outbound_total", Kind::Counter, "policy,result",
      "Outbound sessions by TLS policy and result: verified, unverified, cleartext (the policy was met), or no_starttls, starttls_refused, handshake_failed, not_verified (deferred)."),
     ("sluice_mta_sts_fetches_total", Kind::Counter, "result",
-     "MTA-STS policy fetches (RFC 8461) by result: ok, or no_address, connect_failed, tls_failed, http_failed (not a 200, a redirect, too large), invalid_policy, timeout, busy."),
+     "MTA-STS policy fetches (RFC 8461), proactive refreshes included, by result: ok, or no_address, connect_failed, tls_failed, http_failed (not a 200, a redirect, too large), invalid_policy, timeout, busy."),
     ("sluice_mta_sts_testing_failures_total", Kind::Counter, "result",
      "Sessions to destinations with an MTA-STS policy in testing mode that would have failed it (mx_mismatch, no_starttls, handshake_failed, not_verified); the mail went on as configured."),
     ("sluice_tls_rpt_reports_total", Kind::Counter, "result",

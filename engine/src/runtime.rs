@@ -274,6 +274,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                 timeout: config.delivery.mta_sts_fetch_timeout.0,
                 port: config.delivery.mta_sts_https_port,
                 tls: tls.verifying_client().context("MTA-STS fetch TLS setup")?,
+                dns: resolver.clone(),
+                refresh_interval: Some(config.delivery.mta_sts_refresh_interval.0),
             },
         )
         .context("starting the MTA-STS thread")?;

@@ -1,7 +1,9 @@
 //! MTA-STS (RFC 8461), the pure parts: the `_mta-sts` TXT record (§3.1), the
 //! policy file (§3.2), MX pattern matching (§4.1), the HTTP response that
 //! carries the policy (§3.3: 200 only, no redirects, bounded), and what a
-//! sender does with a TXT answer and a cached policy (§5.1, [`plan`]).
+//! sender does with a TXT answer and a cached policy (§5.1, [`plan`]), and
+//! when a cached policy is re-fetched before it expires ([`should_refresh`],
+//! [`refresh_sweep`]).
 //!
 //! Nothing here does I/O or reads a clock: times are Unix seconds passed in.
 
@@ -245,6 +247,53 @@ impl Cached {
     pub fn is_fresh(&self, now: u64) -> bool {
         now < self.expires()
     }
+
+    /// Unix seconds from which the policy is re-fetched: half its max_age
+    /// after it was fetched (RFC 8461 §5.1 asks senders to refresh cached
+    /// policies before they expire, so a domain's policy never lapses while
+    /// it still publishes one).
+    pub fn refresh_at(&self) -> u64 {
+        self.fetched.saturating_add(self.policy.max_age / 2)
+    }
+
+    /// Past [`Self::refresh_at`] and not yet expired. An expired policy is
+    /// not refreshed: it is dropped, and the next use fetches like a new one.
+    pub fn refresh_due(&self, now: u64) -> bool {
+        now >= self.refresh_at() && self.is_fresh(now)
+    }
+
+    /// Seconds between two refresh attempts after one failed: an eighth of
+    /// max_age, from 1 s to an hour, so a policy server that is down is asked
+    /// a few times before the policy expires, not at every delivery.
+    pub fn refresh_retry(&self) -> u64 {
+        (self.policy.max_age / 8).clamp(1, 3600)
+    }
+}
+
+/// Whether to re-fetch `cached` now, given when its last refresh was tried
+/// (Unix seconds; None: never since it was fetched). Due ([`Cached::refresh_due`])
+/// and no attempt within [`Cached::refresh_retry`] seconds.
+pub fn should_refresh(cached: &Cached, last_attempt: Option<u64>, now: u64) -> bool {
+    let retried_recently = last_attempt
+        .is_some_and(|t| t >= cached.fetched && now < t.saturating_add(cached.refresh_retry()));
+    cached.refresh_due(now) && !retried_recently
+}
+
+/// The proactive sweep over the cache (`domain`, policy, last refresh
+/// attempt): the domains to re-fetch now ([`should_refresh`]), soonest
+/// expiry first, at most `limit` of them (the rest wait for the next sweep).
+pub fn refresh_sweep<'a>(
+    entries: impl IntoIterator<Item = (&'a str, &'a Cached, Option<u64>)>,
+    now: u64,
+    limit: usize,
+) -> Vec<&'a str> {
+    let mut due: Vec<(u64, &str)> = entries
+        .into_iter()
+        .filter(|(_, c, tried)| should_refresh(c, *tried, now))
+        .map(|(d, c, _)| (c.expires(), d))
+        .collect();
+    due.sort_unstable();
+    due.into_iter().take(limit).map(|(_, d)| d).collect()
 }
 
 /// The TXT lookup at `_mta-sts.DOMAIN`, as [`plan`] needs it.

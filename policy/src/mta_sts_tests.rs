@@ -162,6 +162,70 @@ fn plans() {
     ));
 }
 
+#[test]
+fn refresh_from_half_max_age_until_expiry() {
+    // Fetched at 1000, max_age 100: due from 1050 to 1099.
+    let c = cached("1", 1000, 100);
+    assert_eq!(c.refresh_at(), 1050);
+    assert!(!c.refresh_due(1049));
+    assert!(c.refresh_due(1050));
+    assert!(c.refresh_due(1099));
+    // Expired: not refreshed (dropped, fetched anew on use).
+    assert!(!c.refresh_due(1100));
+    // max_age 1: due at once, expired a second later.
+    let short = cached("1", 1000, 1);
+    assert!(short.refresh_due(1000));
+    assert!(!short.refresh_due(1001));
+}
+
+#[test]
+fn a_failed_refresh_is_retried_after_an_eighth_of_max_age() {
+    let c = cached("1", 1000, 100);
+    assert_eq!(c.refresh_retry(), 12);
+    assert!(should_refresh(&c, None, 1050));
+    // Tried at 1050 and failed: not again before 1062.
+    assert!(!should_refresh(&c, Some(1050), 1051));
+    assert!(!should_refresh(&c, Some(1050), 1061));
+    assert!(should_refresh(&c, Some(1050), 1062));
+    // An attempt from before this policy was fetched does not count.
+    assert!(should_refresh(&c, Some(990), 1050));
+    // Not due: no refresh whatever the attempts.
+    assert!(!should_refresh(&c, None, 1049));
+    assert!(!should_refresh(&c, None, 1100));
+    // The retry interval stays between 1 s and an hour.
+    assert_eq!(cached("1", 0, 4).refresh_retry(), 1);
+    assert_eq!(cached("1", 0, MAX_AGE_LIMIT).refresh_retry(), 3600);
+}
+
+#[test]
+fn the_sweep_takes_due_policies_soonest_expiry_first_and_is_bounded() {
+    let a = cached("1", 1000, 100); // due 1050, expires 1100
+    let b = cached("1", 1030, 60); // due 1060, expires 1090
+    let c = cached("1", 1060, 100); // due 1110
+    let d = cached("1", 900, 100); // expired at 1000
+    let e = cached("1", 1000, 96); // due 1048, expires 1096, retry 12 s
+    let entries = || {
+        vec![
+            ("a.example", &a, None),
+            ("b.example", &b, None),
+            ("c.example", &c, None),
+            ("d.example", &d, None),
+            ("e.example", &e, Some(1070)),
+        ]
+    };
+    assert_eq!(
+        refresh_sweep(entries(), 1076, 10),
+        vec!["b.example", "a.example"]
+    );
+    assert_eq!(refresh_sweep(entries(), 1076, 1), vec!["b.example"]);
+    assert!(refresh_sweep(entries(), 1030, 10).is_empty());
+    // e's retry interval passed (tried at 1070): it is due again.
+    assert_eq!(
+        refresh_sweep(entries(), 1082, 10),
+        vec!["b.example", "e.example", "a.example"]
+    );
+}
+
 fn response(status: &str, headers: &str, body: &str) -> Vec<u8> {
     format!("HTTP/1.1 {status}\r\n{headers}\r\n{body}").into_bytes()
 }

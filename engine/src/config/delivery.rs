@@ -26,8 +26,9 @@ pub enum OutboundTls {
     Verify,
     /// TLS from the first byte (smart hosts on port 465), any certificate.
     Implicit,
-    /// Mandatory DANE: only MX hosts with usable DNSSEC-secure TLSA records,
-    /// the certificate matching them (needs `dns.dnssec_validating`).
+    /// Mandatory DANE: only hosts with usable DNSSEC-secure TLSA records, the
+    /// certificate matching them (needs `dns.dnssec_validating`): MX hosts at
+    /// `_25._tcp.MX`, a route's host at `_PORT._tcp.HOST`.
     Dane,
 }
 
@@ -67,6 +68,9 @@ pub struct DeliverySection {
     /// Port the MTA-STS policy is fetched from: 443, as RFC 8461 says. Only
     /// tests set another.
     pub mta_sts_https_port: u16,
+    /// How often cached MTA-STS policies are swept for those past half their
+    /// max_age, which are re-fetched before they expire (RFC 8461 §5.1).
+    pub mta_sts_refresh_interval: HumanDuration,
     pub connect_timeout: HumanDuration,
     pub greeting_timeout: HumanDuration,
     pub ehlo_timeout: HumanDuration,
@@ -117,6 +121,7 @@ impl Default for DeliverySection {
             mta_sts: true,
             mta_sts_fetch_timeout: secs(10),
             mta_sts_https_port: 443,
+            mta_sts_refresh_interval: secs(900),
             connect_timeout: secs(30),
             greeting_timeout: secs(300),
             ehlo_timeout: secs(300),

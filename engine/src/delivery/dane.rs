@@ -18,6 +18,11 @@
 //!   signature, or no answer) for a secure host makes that host unusable
 //!   ([`Dane::LookupFailed`], RFC 7672 §2.2): it is skipped like a host that
 //!   does not answer, never tried in clear.
+//! - An MX host name that is an alias (a CNAME chain, secure since the host
+//!   is): TLSA records are looked up at the fully expanded name first, then,
+//!   when there are none there (absent or insecure), at the original name
+//!   (RFC 7672 §2.2.2). Both names are reference identifiers for the
+//!   certificate's name (DANE-TA; §3.2.2), wherever the records were found.
 
 use std::sync::Arc;
 
@@ -40,11 +45,18 @@ pub enum Dane {
     /// DANE does not apply (why); the destination's configured policy does.
     Off(&'static str),
     /// Secure, usable TLSA records: the certificate must match them.
-    Records(Arc<[Tlsa]>),
+    /// `names`: the reference identifiers for DANE-TA's name check, the TLSA
+    /// base domain first (the MX host name, and the name its CNAME chain
+    /// expands to when it is an alias).
+    Records {
+        records: Arc<[Tlsa]>,
+        names: Arc<[String]>,
+    },
     /// A secure TLSA RRset without a usable record: TLS, unauthenticated.
     Unusable,
-    /// The TLSA lookup of a secure host failed (why): do not use the host.
-    LookupFailed(String),
+    /// The TLSA lookup of a secure host failed (at `owner`, why): do not use
+    /// the host.
+    LookupFailed { owner: String, why: String },
 }
 
 /// The TLSA lookup as [`classify`] needs it.
@@ -100,11 +112,15 @@ pub fn applies(validating: bool, host_secure: bool) -> Result<(), &'static str> 
     Ok(())
 }
 
-/// DANE's word on a host whose TLSA lookup gave `answer` (see the module doc).
+/// DANE's word on a host whose TLSA lookup at `owner` gave `answer` (see the
+/// module doc); `names`: the reference identifiers usable records come with.
 /// Call only when [`applies`] held.
-pub fn classify(answer: TlsaAnswer) -> Dane {
+pub fn classify(answer: TlsaAnswer, owner: &str, names: &[String]) -> Dane {
     match answer {
-        TlsaAnswer::Failed(why) => Dane::LookupFailed(why),
+        TlsaAnswer::Failed(why) => Dane::LookupFailed {
+            owner: owner.to_string(),
+            why,
+        },
         TlsaAnswer::Answer { secure: false, .. } => Dane::Off("TLSA records not DNSSEC-secure"),
         TlsaAnswer::Answer { records, .. } if records.is_empty() => Dane::Off("no TLSA records"),
         TlsaAnswer::Answer { records, .. } => {
@@ -119,7 +135,10 @@ pub fn classify(answer: TlsaAnswer) -> Dane {
             if usable.is_empty() {
                 Dane::Unusable
             } else {
-                Dane::Records(usable.into())
+                Dane::Records {
+                    records: usable.into(),
+                    names: names.into(),
+                }
             }
         }
     }
@@ -140,9 +159,55 @@ pub async fn for_host(
     if let Err(why) = applies(resolver.config().dnssec_validating, host.secure) {
         return Dane::Off(why);
     }
-    let name = tlsa_name(port, &host.name);
-    let answer = TlsaAnswer::from_lookup(resolver.lookup(&name, sluice_dns::QueryType::Tlsa).await);
-    classify(answer)
+    let (bases, names) = tlsa_bases(&host.name, host.cname.as_deref());
+    let mut dane = Dane::Off("no TLSA records");
+    for base in bases {
+        let owner = tlsa_name(port, &base);
+        let answer =
+            TlsaAnswer::from_lookup(resolver.lookup(&owner, sluice_dns::QueryType::Tlsa).await);
+        // Records first found at the base put it first among the names.
+        let mut ordered = vec![base.clone()];
+        ordered.extend(names.iter().filter(|n| **n != base).cloned());
+        dane = classify(answer, &owner, &ordered);
+        if !matches!(dane, Dane::Off(_)) {
+            break;
+        }
+    }
+    dane
+}
+
+/// DANE for a smart host (a route's `host` under `tls = "dane"`): the host
+/// resolved as an MX host would be (its addresses, whether they and any CNAME
+/// chain are secure), then [`for_host`] at `_PORT._tcp.HOST` with the route's
+/// port. An IP address has no TLSA records: DANE is off for it.
+pub async fn for_smart_host(
+    resolver: &sluice_dns::Resolver,
+    host: &str,
+    port: u16,
+    tls: &TlsPolicy,
+) -> (sluice_dns::RouteHost, Dane) {
+    let resolved = resolver.resolve_named_host(host).await;
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return (resolved, Dane::Off("an IP address has no TLSA records"));
+    }
+    let dane = for_host(resolver, &resolved, port, tls).await;
+    (resolved, dane)
+}
+
+/// Where to look for a secure host's TLSA records, in order, and the
+/// reference identifiers (RFC 7672 §2.2.2, §3.2.2): for an alias, the
+/// expanded name, then the MX host name as listed; both are names the
+/// certificate may carry. Only called for a secure host, so the CNAME chain
+/// that gave `cname` validated.
+pub fn tlsa_bases(host: &str, cname: Option<&str>) -> (Vec<String>, Vec<String>) {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    match cname.map(|c| c.trim_end_matches('.').to_ascii_lowercase()) {
+        Some(target) if target != host => {
+            let both = vec![target, host];
+            (both.clone(), both)
+        }
+        _ => (vec![host.clone()], vec![host]),
+    }
 }
 
 /// Why an MX host must not be dialled at all, if it must not: its TLSA
@@ -151,7 +216,9 @@ pub async fn for_host(
 pub fn skip_reason(dane: &Dane, tls: &TlsPolicy, host: &str, port: u16) -> Option<String> {
     let tlsa = tlsa_name(port, host);
     match (dane, tls.level) {
-        (Dane::LookupFailed(why), _) => Some(format!("DANE: TLSA lookup {tlsa} failed: {why}")),
+        (Dane::LookupFailed { owner, why }, _) => {
+            Some(format!("DANE: TLSA lookup {owner} failed: {why}"))
+        }
         (Dane::Off(why), Level::Dane) => Some(format!(
             "TLS policy dane ({}): no DANE for {host}: {why}",
             tls.basis
@@ -168,17 +235,21 @@ impl std::fmt::Display for Dane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Dane::Off(why) => write!(f, "off ({why})"),
-            Dane::Records(records) => {
+            Dane::Records { records, names } => {
                 let list: Vec<String> = records.iter().map(Tlsa::presentation).collect();
                 write!(
                     f,
                     "{} usable TLSA record(s): {}",
                     records.len(),
                     list.join(", ")
-                )
+                )?;
+                if names.len() > 1 {
+                    write!(f, "; TLSA base {}, names {}", names[0], names.join(" "))?;
+                }
+                Ok(())
             }
             Dane::Unusable => f.write_str("secure TLSA records, none usable: TLS required"),
-            Dane::LookupFailed(why) => write!(f, "TLSA lookup failed: {why}"),
+            Dane::LookupFailed { owner, why } => write!(f, "TLSA lookup {owner} failed: {why}"),
         }
     }
 }
@@ -195,9 +266,9 @@ pub fn policy(dane: &Dane, configured: &TlsPolicy) -> Option<TlsPolicy> {
         return None;
     }
     let level = match dane {
-        Dane::Records(_) => Level::Verify,
+        Dane::Records { .. } => Level::Verify,
         Dane::Unusable => Level::Required,
-        Dane::Off(_) | Dane::LookupFailed(_) => return None,
+        Dane::Off(_) | Dane::LookupFailed { .. } => return None,
     };
     Some(TlsPolicy {
         level,

@@ -63,9 +63,12 @@ fn classification_of_tlsa_answers() {
         usage: USAGE_PKIX_EE,
         ..ee.clone()
     };
+    let owner = "_25._tcp.mx.example";
+    let names = ["mx.example".to_string()];
+    let classify = |answer| super::classify(answer, owner, &names);
     assert!(matches!(
         classify(TlsaAnswer::Failed("SERVFAIL".into())),
-        Dane::LookupFailed(why) if why == "SERVFAIL"
+        Dane::LookupFailed { owner: o, why } if why == "SERVFAIL" && o == owner
     ));
     assert!(matches!(
         classify(TlsaAnswer::Answer {
@@ -94,7 +97,34 @@ fn classification_of_tlsa_answers() {
             secure: true,
             records: vec![ta.clone(), pkix, ee.clone(), ee.clone()]
         }),
-        Dane::Records(vec![ee, ta].into())
+        Dane::Records {
+            records: vec![ee, ta].into(),
+            names: names.to_vec().into()
+        }
+    );
+}
+
+#[test]
+fn an_alias_is_looked_up_at_its_target_first_and_both_names_count() {
+    // Not an alias (or a chain that ends where it began): the host name.
+    let one = |n: &str| vec![n.to_string()];
+    assert_eq!(
+        tlsa_bases("MX.example.", None),
+        (one("mx.example"), one("mx.example"))
+    );
+    assert_eq!(
+        tlsa_bases("mx.example", Some("mx.example.")),
+        (one("mx.example"), one("mx.example"))
+    );
+    // An alias: the expanded name first, then the name as listed; both are
+    // reference identifiers.
+    let both = vec![
+        "host.provider.example".to_string(),
+        "mx.example".to_string(),
+    ];
+    assert_eq!(
+        tlsa_bases("mx.example", Some("Host.Provider.Example.")),
+        (both.clone(), both)
     );
 }
 

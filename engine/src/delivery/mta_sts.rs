@@ -16,6 +16,17 @@
 //!   `mta-sts` record table (LMDB) by the management thread, loaded at start.
 //!   A policy is used until `max_age` runs out; a new TXT id fetches again;
 //!   a failed fetch keeps a cached policy while it is fresh (§5.1).
+//! - **Proactive refresh** (§5.1): a policy past half its max_age is
+//!   re-fetched before it expires, under the same id — when a delivery uses
+//!   it (the delivery goes on with the cached policy; it does not wait), and
+//!   by a sweep of the management thread every
+//!   `delivery.mta_sts_refresh_interval`, so policies of domains with no
+//!   traffic stay fresh too. Decisions in `sluice_policy::mta_sts`
+//!   (`should_refresh`, `refresh_sweep`: bounded per sweep, failed attempts
+//!   retried after an eighth of max_age). A refresh resolves `mta-sts.DOMAIN`
+//!   on its fetch thread (`sluice_dns::addresses_blocking`, the configured
+//!   servers; no executor involved). A failed refresh changes nothing: the
+//!   cached policy holds until it really expires.
 //! - **Cold miss**: the first delivery to a domain with a TXT record but no
 //!   cached policy waits for the fetch (at most the fetch timeout); if the
 //!   fetch fails, it goes on under the configured policy, as RFC 8461 §5.1
@@ -231,6 +242,8 @@ enum Msg {
     },
     /// An expired policy to drop from the table.
     Forget(String),
+    /// A delivery used a policy that is due for a refresh.
+    Refresh(String),
 }
 
 /// Settings of the fetch.
@@ -241,11 +254,22 @@ pub struct FetchConfig {
     pub port: u16,
     /// rustls with the web PKI roots plus `delivery.tls_ca_file`, verifying.
     pub tls: Arc<rustls::ClientConfig>,
+    /// The DNS servers a refresh resolves `mta-sts.DOMAIN` with (blocking,
+    /// on the fetch thread).
+    pub dns: sluice_dns::ResolverConfig,
+    /// How often the management thread sweeps the cache for policies due for
+    /// a refresh (`delivery.mta_sts_refresh_interval`). None: no proactive
+    /// refresh at all (`sluice debug tls`, whose memory is thrown away).
+    pub refresh_interval: Option<Duration>,
 }
+
+/// Most refreshes one sweep starts (the rest wait for the next sweep).
+const REFRESH_PER_SWEEP: usize = 16;
 
 /// MTA-STS state shared by every core.
 pub struct MtaSts {
     enabled: bool,
+    refresh: bool,
     timeout: Duration,
     cache: Arc<Mutex<HashMap<String, Arc<Cached>>>>,
     tx: mpsc::Sender<Msg>,
@@ -307,6 +331,7 @@ impl MtaSts {
         let cache = Arc::new(Mutex::new(loaded));
         let (tx, rx) = mpsc::channel();
         let timeout = fetch.timeout;
+        let refresh = fetch.refresh_interval.is_some();
         if enabled {
             let manager = Manager {
                 table,
@@ -314,6 +339,7 @@ impl MtaSts {
                 fetch,
                 tx: tx.clone(),
                 waiting: HashMap::new(),
+                tried: HashMap::new(),
             };
             std::thread::Builder::new()
                 .name("mta-sts".into())
@@ -321,6 +347,7 @@ impl MtaSts {
         }
         Ok(Arc::new(MtaSts {
             enabled,
+            refresh,
             timeout,
             cache,
             tx,
@@ -357,14 +384,21 @@ impl MtaSts {
         let cached = self.cached(&domain);
         match mta_sts::plan(&txt, cached.as_deref(), now_secs()) {
             Plan::UseCached => match cached {
-                Some(cached) => Sts::Policy {
-                    cached,
-                    source: Source::Cache,
-                    note: match txt {
-                        Txt::Failed(why) => Some(format!("TXT lookup: {why}")),
-                        _ => None,
-                    },
-                },
+                Some(cached) => {
+                    if self.refresh && cached.refresh_due(now_secs()) {
+                        // Refreshed in the background; this delivery uses
+                        // the cached policy, which is still fresh.
+                        let _ = self.tx.send(Msg::Refresh(domain.clone()));
+                    }
+                    Sts::Policy {
+                        cached,
+                        source: Source::Cache,
+                        note: match txt {
+                            Txt::Failed(why) => Some(format!("TXT lookup: {why}")),
+                            _ => None,
+                        },
+                    }
+                }
                 None => Sts::Off("no cached policy".into()),
             },
             Plan::NoPolicy(why) => {
@@ -450,32 +484,147 @@ struct Manager {
     cache: Arc<Mutex<HashMap<String, Arc<Cached>>>>,
     fetch: FetchConfig,
     tx: mpsc::Sender<Msg>,
-    /// Fetches in flight: who waits for each domain's.
+    /// Fetches in flight: who waits for each domain's (nobody, for a refresh).
     waiting: HashMap<String, Vec<Waiter>>,
+    /// When a refresh of each domain's policy was last started (Unix seconds).
+    tried: HashMap<String, u64>,
 }
 
 impl Manager {
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
-        while let Ok(msg) = rx.recv() {
+        let mut next_sweep = self.fetch.refresh_interval.map(|i| Instant::now() + i);
+        loop {
+            let msg = match next_sweep {
+                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(msg) => Some(msg),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                },
+                None => match rx.recv() {
+                    Ok(msg) => Some(msg),
+                    Err(_) => return,
+                },
+            };
             match msg {
-                Msg::Fetch(req) => self.start_fetch(req),
-                Msg::Done { domain, id, result } => self.finish(domain, id, result),
-                Msg::Forget(domain) => {
-                    let expired = {
-                        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-                        let expired = cache.get(&domain).is_some_and(|c| !c.is_fresh(now_secs()));
-                        if expired {
-                            cache.remove(&domain);
-                        }
-                        expired
-                    };
-                    if let (true, Some(t)) = (expired, &self.table) {
-                        if let Err(e) = t.delete(&domain) {
-                            tracing::warn!(%domain, error = %e, "MTA-STS: dropping an expired policy");
-                        }
+                Some(Msg::Fetch(req)) => self.start_fetch(req),
+                Some(Msg::Done { domain, id, result }) => self.finish(domain, id, result),
+                Some(Msg::Forget(domain)) => self.forget_expired(&domain),
+                Some(Msg::Refresh(domain)) => {
+                    let now = now_secs();
+                    let due = self.cached(&domain).is_some_and(|c| {
+                        mta_sts::should_refresh(&c, self.tried.get(&domain).copied(), now)
+                    });
+                    if due {
+                        self.start_refresh(domain);
                     }
                 }
+                None => {
+                    self.sweep();
+                    next_sweep = self.fetch.refresh_interval.map(|i| Instant::now() + i);
+                }
             }
+        }
+    }
+
+    fn cached(&self, domain: &str) -> Option<Arc<Cached>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(domain)
+            .cloned()
+    }
+
+    fn forget_expired(&mut self, domain: &str) {
+        let expired = {
+            let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            let expired = cache.get(domain).is_some_and(|c| !c.is_fresh(now_secs()));
+            if expired {
+                cache.remove(domain);
+            }
+            expired
+        };
+        if expired {
+            self.tried.remove(domain);
+            tracing::info!(%domain, "MTA-STS: cached policy expired, dropped");
+            if let Some(t) = &self.table {
+                if let Err(e) = t.delete(domain) {
+                    tracing::warn!(%domain, error = %e, "MTA-STS: dropping an expired policy");
+                }
+            }
+        }
+    }
+
+    /// The periodic sweep: expired policies dropped, those due refreshed
+    /// (at most [`REFRESH_PER_SWEEP`], and never past the fetch bound).
+    fn sweep(&mut self) {
+        let now = now_secs();
+        let snapshot: Vec<(String, Arc<Cached>)> = self
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(d, c)| (d.clone(), c.clone()))
+            .collect();
+        for (domain, cached) in &snapshot {
+            if !cached.is_fresh(now) {
+                self.forget_expired(domain);
+            }
+        }
+        let room = MAX_IN_FLIGHT
+            .saturating_sub(self.waiting.len())
+            .min(REFRESH_PER_SWEEP);
+        let due: Vec<String> = mta_sts::refresh_sweep(
+            snapshot
+                .iter()
+                .filter(|(d, _)| !self.waiting.contains_key(d))
+                .map(|(d, c)| (d.as_str(), &**c, self.tried.get(d).copied())),
+            now,
+            room,
+        )
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+        for domain in due {
+            self.start_refresh(domain);
+        }
+    }
+
+    /// Re-fetches a cached policy under its id, nobody waiting: the fetch
+    /// thread resolves `mta-sts.DOMAIN` itself (blocking DNS, off the
+    /// executors).
+    fn start_refresh(&mut self, domain: String) {
+        let Some(cached) = self.cached(&domain) else {
+            return;
+        };
+        if self.waiting.contains_key(&domain) || self.waiting.len() >= MAX_IN_FLIGHT {
+            return;
+        }
+        self.tried.insert(domain.clone(), now_secs());
+        self.waiting.insert(domain.clone(), Vec::new());
+        tracing::info!(%domain, id = %cached.id, "MTA-STS: refreshing the cached policy");
+        let fetch = self.fetch.clone();
+        let tx = self.tx.clone();
+        let id = cached.id.clone();
+        let spawned = std::thread::Builder::new()
+            .name("mta-sts-fetch".into())
+            .spawn({
+                let domain = domain.clone();
+                let id = id.clone();
+                move || {
+                    let host = format!("mta-sts.{domain}");
+                    let result = match sluice_dns::addresses_blocking(&fetch.dns, &host) {
+                        Ok(addrs) => fetch_policy(&domain, &addrs, &fetch),
+                        Err(e) => Err(FetchError::NoAddress(format!("{host}: {e}"))),
+                    };
+                    let _ = tx.send(Msg::Done { domain, id, result });
+                }
+            });
+        if let Err(e) = spawned {
+            self.finish(
+                domain,
+                id,
+                Err(FetchError::Connect(format!("no fetch thread: {e}"))),
+            );
         }
     }
 
@@ -541,6 +690,9 @@ impl Manager {
             }
             Err(e) => {
                 crate::metrics::mta_sts_fetch(e.label());
+                if let Some(old) = self.cached(&domain).filter(|c| c.is_fresh(now_secs())) {
+                    tracing::info!(%domain, error = %e, id = %old.id, expires = old.expires(), "MTA-STS: policy refresh failed, cached policy kept until it expires");
+                }
                 Err(e)
             }
         };

@@ -161,26 +161,22 @@ impl OutboundTlsConfig {
             .clone()
     }
 
-    /// Whether the peer's chain verifies for `name` now, or why not.
     /// Whether the peer's chain satisfies the host's TLSA records
-    /// ([`DaneVerifier`], the MX host name as reference identifier), or why not.
+    /// ([`DaneVerifier`], with the host's reference identifiers: its name, and
+    /// the name its CNAME chain expands to), or why not.
     fn verify_dane(
         &self,
         conn: &rustls::ClientConnection,
         records: &Arc<[sluice_policy::dane::Tlsa]>,
-        host: &str,
+        names: &[String],
     ) -> Result<(), String> {
         let Some((end, rest)) = conn.peer_certificates().and_then(|c| c.split_first()) else {
             return Err("no certificate presented".into());
         };
-        let verifier = DaneVerifier::new(
-            records.clone(),
-            vec![host.to_string()],
-            self.provider.clone(),
-        );
+        let verifier = DaneVerifier::new(records.clone(), names.to_vec(), self.provider.clone());
         match verifier.check(end, rest, UnixTime::now()) {
             Ok(found) => {
-                tracing::debug!(host, matched = ?found, "DANE: certificate matches TLSA");
+                tracing::debug!(names = ?names, matched = ?found, "DANE: certificate matches TLSA");
                 Ok(())
             }
             Err(e) => Err(format!("DANE: {e}")),
@@ -510,8 +506,8 @@ impl Connection {
             Some(Ok(stream)) => {
                 let session = stream.get_ref().1;
                 let verified = match &self.dane {
-                    Dane::Records(records) if self.tls_policy.basis == Basis::Dane => {
-                        tls.verify_dane(session, records, &self.host)
+                    Dane::Records { records, names } if self.tls_policy.basis == Basis::Dane => {
+                        tls.verify_dane(session, records, names)
                     }
                     // Mandatory DANE without records never verifies (the
                     // host should not have been dialled at all).

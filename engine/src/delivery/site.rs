@@ -545,7 +545,7 @@ impl CoreDelivery {
                         if let Some(t) = &rpt {
                             let result = super::tls_rpt::result_of_dane_skip(matches!(
                                 dane,
-                                Dane::LookupFailed(_)
+                                Dane::LookupFailed { .. }
                             ));
                             super::tls_rpt_io::record_failure(t, result, None, &why);
                         }
@@ -621,27 +621,34 @@ impl CoreDelivery {
                 tls,
                 auth,
             } => {
+                // Mandatory DANE for a smart host: its TLSA records at
+                // `_PORT._tcp.HOST` must be secure and usable, else it is not
+                // dialled (4.7.5, as for an MX host; the route's `fallback`
+                // takes over after `fallback_after` deferrals).
+                let mut dane = Dane::Off("not an MX route");
+                let mut dane_ips = None;
                 if tls.level == Level::Dane
                     && strategy.message_tls != tls_policy::MessageTls::Optional
                 {
-                    // TLSA records are looked up for MX hosts only.
-                    return Err(SessionFailure {
-                        reply: client::Reply::local(
-                            451,
-                            "4.7.5",
-                            &format!(
-                                "TLS policy dane ({}): DANE applies to MX routes only, not to host {host}",
-                                tls.basis
-                            ),
-                        ),
-                        try_next: false,
-                        tls_policy: Some("dane"),
-                        requiretls_refused: false,
-                    });
+                    let (resolved, found) =
+                        dane::for_smart_host(&self.resolver, host, *port, tls).await;
+                    if let Some(why) = dane::skip_reason(&found, tls, host, *port) {
+                        let reply = client::Reply::local(451, "4.7.5", &why);
+                        tracing::info!(host = %host, reply = %reply, "smart host skipped");
+                        return Err(SessionFailure {
+                            reply,
+                            try_next: false,
+                            tls_policy: Some("dane"),
+                            requiretls_refused: false,
+                        });
+                    }
+                    dane = found;
+                    dane_ips = Some(resolved.addrs);
                 }
-                let ips: Vec<IpAddr> = match host.parse::<IpAddr>() {
-                    Ok(ip) => vec![ip],
-                    Err(_) => {
+                let ips: Vec<IpAddr> = match (dane_ips, host.parse::<IpAddr>()) {
+                    (Some(ips), _) => ips,
+                    (None, Ok(ip)) => vec![ip],
+                    (None, Err(_)) => {
                         let mut ips = Vec::new();
                         for qt in [QueryType::A, QueryType::Aaaa] {
                             if let Ok(l) = self.resolver.lookup(host, qt).await {
@@ -676,7 +683,7 @@ impl CoreDelivery {
                         addr: SocketAddr::new(ip, *port),
                         lmtp: *lmtp,
                         tls: tls.clone(),
-                        dane: Dane::Off("not an MX route"),
+                        dane: dane.clone(),
                         mta_sts: None,
                         auth: auth.clone(),
                         source_ip: strategy.source_ip,

@@ -154,7 +154,7 @@ pub fn target(
         };
     }
     let (kind, strings) = match (dane_policy, dane) {
-        (Some(p), super::dane::Dane::Records(records)) if p.basis == Basis::Dane => (
+        (Some(p), super::dane::Dane::Records { records, .. }) if p.basis == Basis::Dane => (
             PolicyType::Tlsa,
             records
                 .iter()

@@ -71,14 +71,25 @@ impl PolicyServer {
         s
     }
 
-    /// The policy served for `mta-sts.{label}.dlv.test`.
+    /// The policy served for `mta-sts.{label}.dlv.test` (max_age one day).
     pub fn policy(&self, label: &str, mode: &str, mx: &[&str]) {
+        self.policy_max_age(label, mode, mx, 86400);
+    }
+
+    /// The policy served for `mta-sts.{label}.dlv.test`, with its max_age
+    /// in seconds.
+    pub fn policy_max_age(&self, label: &str, mode: &str, mx: &[&str], max_age: u64) {
         let mut body = format!("version: STSv1\r\nmode: {mode}\r\n");
         for m in mx {
             body.push_str(&format!("mx: {m}\r\n"));
         }
-        body.push_str("max_age: 86400\r\n");
-        std::fs::write(self.root.join(format!("mta-sts.{label}.{ZONE}.txt")), body).unwrap();
+        body.push_str(&format!("max_age: {max_age}\r\n"));
+        // Renamed into place: a relay refreshing in the background never
+        // reads half a file.
+        let path = self.root.join(format!("mta-sts.{label}.{ZONE}.txt"));
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
     }
 
     /// How the server misbehaves for `mta-sts.{label}.dlv.test` ("" = not).
