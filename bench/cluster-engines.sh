@@ -70,6 +70,12 @@ trap 'exit 130' INT TERM
 
 # Engines run unprivileged (PostgreSQL refuses root anyway).
 as_nobody() { setpriv --reuid=nobody --regid=nogroup --clear-groups -- "$@"; }
+# Background start: the job is setpriv itself, which execs the engine, so $! is the
+# engine's pid (a backgrounded shell function would give a subshell's pid instead).
+spawn_nobody() {
+    setpriv --reuid=nobody --regid=nogroup --clear-groups -- "$@" &
+    LASTPID=$!; PIDS+=("$LASTPID")
+}
 mkdir_nobody() { mkdir -p "$1"; chown nobody:nogroup "$1"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() {  # port, seconds
@@ -250,8 +256,16 @@ def nats_js():
     async def main():
         nc = await nats.connect(f"nats://127.0.0.1:{PORT}")
         js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="MSG", subjects=["msg.>"], retention=RetentionPolicy.WORK_QUEUE,
-                                         storage=StorageType.FILE, num_replicas=1))
+        replicas = int(os.environ.get("NATS_REPLICAS", "1"))
+        for attempt in range(60):  # a fresh cluster needs a JetStream meta leader first
+            try:
+                await js.add_stream(StreamConfig(name="MSG", subjects=["msg.>"], retention=RetentionPolicy.WORK_QUEUE,
+                                                 storage=StorageType.FILE, num_replicas=replicas))
+                break
+            except Exception:
+                if attempt == 59:
+                    raise
+                await asyncio.sleep(0.5)
         async def case(what, size, writers, n, op, note=""):
             per = [n // writers + (1 if i < n % writers else 0) for i in range(writers)]
             lats, errors = [], []
@@ -358,6 +372,8 @@ def etcd():
 PY
 
 driver() {  # engine pids port [extra]
+    local p
+    for p in ${2//,/ }; do echo "   engine pid $p: $(cat /proc/$p/comm)"; done
     timeout 300 python3 "$DIR/driver.py" "$1" "$RESULTS" "$2" "$3" "$N1K" "$N100K" "$CASE_SECONDS" "${4:-}" ||
         echo "driver for $1 failed (rc $?); its remaining rows are missing" >&2
 }
@@ -370,10 +386,10 @@ if want pg; then
     PGPORT=$(free_port)
     # Durability as shipped: fsync=on, synchronous_commit=on, full_page_writes=on,
     # wal_sync_method=fdatasync (Linux default).
-    as_nobody "$PGBIN/postgres" -D "$DIR/pg/data" -p "$PGPORT" -c listen_addresses=127.0.0.1 \
+    spawn_nobody "$PGBIN/postgres" -D "$DIR/pg/data" -p "$PGPORT" -c listen_addresses=127.0.0.1 \
         -c unix_socket_directories="$DIR/pg" -c fsync=on -c synchronous_commit=on \
-        -c max_connections=60 > "$DIR/pg/log" 2>&1 &
-    PGPID=$!; PIDS+=("$PGPID")
+        -c max_connections=60 > "$DIR/pg/log" 2>&1
+    PGPID=$LASTPID
     wait_port "$PGPORT" 30
     driver pg "$PGPID" "$PGPORT"
 
@@ -385,9 +401,9 @@ if want pg; then
     mkdir_nobody "$DIR/pgsb"
     if as_nobody "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PGPORT" -U nobody -D "$DIR/pgsb/data" -R -X stream \
         >"$DIR/pgsb/basebackup.log" 2>&1; then
-        as_nobody "$PGBIN/postgres" -D "$DIR/pgsb/data" -p "$SBPORT" -c listen_addresses=127.0.0.1 \
-            -c unix_socket_directories="$DIR/pgsb" -c hot_standby=on > "$DIR/pgsb/log" 2>&1 &
-        SBPID=$!; PIDS+=("$SBPID")
+        spawn_nobody "$PGBIN/postgres" -D "$DIR/pgsb/data" -p "$SBPORT" -c listen_addresses=127.0.0.1 \
+            -c unix_socket_directories="$DIR/pgsb" -c hot_standby=on > "$DIR/pgsb/log" 2>&1
+        SBPID=$LASTPID
         wait_port "$SBPORT" 30
         python3 - "$PGPORT" <<'PY'
 import psycopg, sys, time
@@ -430,11 +446,30 @@ if want nats; then
         NCONF="$DIR/nats/conf"; NSET="file storage, R1, default sync (not per message)"
     fi
     chown nobody "$NCONF"
-    as_nobody nats-server -c "$NCONF" > "$DIR/nats/log" 2>&1 &
-    NPID=$!; PIDS+=("$NPID")
+    spawn_nobody nats-server -c "$NCONF" > "$DIR/nats/log" 2>&1
+    NPID=$LASTPID
     wait_port "$NPORT" 30
     NATS_SETTING="$NSET" driver nats "$NPID" "$NPORT"
     stop_pid "$NPID"
+
+    # Three servers in one JetStream cluster on loopback, stream with 3 replicas:
+    # the PubAck comes once a quorum (2 of 3) has the message (in memory; the file
+    # store's sync is as above). All three run on these 2 cores.
+    echo "== NATS $NV JetStream, 3-server cluster, R3"
+    CP=($(free_port) $(free_port) $(free_port)); CL=($(free_port) $(free_port) $(free_port))
+    ROUTES="nats-route://127.0.0.1:${CP[0]}, nats-route://127.0.0.1:${CP[1]}, nats-route://127.0.0.1:${CP[2]}"
+    R3PIDS=()
+    for i in 0 1 2; do
+        mkdir_nobody "$DIR/nats$i"
+        printf 'server_name: n%s\nlisten: 127.0.0.1:%s\njetstream { store_dir: "%s" }\ncluster { name: bench, listen: 127.0.0.1:%s, routes: [%s] }\n' \
+            "$i" "${CL[$i]}" "$DIR/nats$i/js" "${CP[$i]}" "$ROUTES" > "$DIR/nats$i/conf"
+        spawn_nobody nats-server -c "$DIR/nats$i/conf" > "$DIR/nats$i/log" 2>&1
+        R3PIDS+=("$LASTPID")
+    done
+    for i in 0 1 2; do wait_port "${CL[$i]}" 30; done
+    NATS_REPLICAS=3 NATS_SETTING="${NSET/R1/R3 (3 servers on this box)}" \
+        driver nats "$(IFS=,; echo "${R3PIDS[*]}")" "${CL[0]}"
+    for p in "${R3PIDS[@]}"; do stop_pid "$p"; done
 fi
 
 # ------------------------------------------------------------------- Redis 7
@@ -442,9 +477,9 @@ if want redis; then
     echo "== $(redis-server --version | awk '{print $1, $3}')"
     mkdir_nobody "$DIR/redis"
     RPORT=$(free_port)
-    as_nobody redis-server --port "$RPORT" --bind 127.0.0.1 --dir "$DIR/redis" --save '' \
-        --appendonly yes --appendfsync always --daemonize no --logfile "$DIR/redis/log" &
-    RPID=$!; PIDS+=("$RPID")
+    spawn_nobody redis-server --port "$RPORT" --bind 127.0.0.1 --dir "$DIR/redis" --save '' \
+        --appendonly yes --appendfsync always --daemonize no --logfile "$DIR/redis/log"
+    RPID=$LASTPID
     wait_port "$RPORT" 30
     driver redis "$RPID" "$RPORT"
     stop_pid "$RPID"
@@ -457,11 +492,11 @@ if want etcd; then
     EPORT=$(free_port); EPEER=$(free_port)
     # Default --max-request-bytes is 1.5 MiB, so a 100 KiB value (137 KB as base64
     # JSON) is accepted; the 2 GiB default backend quota is what rules out bodies.
-    as_nobody etcd --name n1 --data-dir "$DIR/etcd/data" \
+    spawn_nobody etcd --name n1 --data-dir "$DIR/etcd/data" \
         --listen-client-urls "http://127.0.0.1:$EPORT" --advertise-client-urls "http://127.0.0.1:$EPORT" \
         --listen-peer-urls "http://127.0.0.1:$EPEER" --initial-advertise-peer-urls "http://127.0.0.1:$EPEER" \
-        --initial-cluster "n1=http://127.0.0.1:$EPEER" > "$DIR/etcd/log" 2>&1 &
-    EPID=$!; PIDS+=("$EPID")
+        --initial-cluster "n1=http://127.0.0.1:$EPEER" > "$DIR/etcd/log" 2>&1
+    EPID=$LASTPID
     wait_port "$EPORT" 30
     sleep 1  # leader election of the single member
     driver etcd "$EPID" "$EPORT"
