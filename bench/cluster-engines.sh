@@ -297,9 +297,11 @@ def nats_js():
         for size, n in SIZES:
             for w in (1, 16):
                 await case("publish, wait for PubAck (16 writers share one connection)", size, w, n, publish)
-        psub = await js.pull_subscribe("msg.>", durable="claim")
+        # One pull subscription per worker on the same durable consumer: concurrent
+        # fetches on one nats-py subscription share its inbox and time out.
+        subs = [await js.pull_subscribe("msg.>", durable="claim") for _ in range(16)]
         async def take(i, payload):
-            msgs = await psub.fetch(1, timeout=5)
+            msgs = await subs[i].fetch(1, timeout=5)
             await msgs[0].ack_sync(timeout=5)
         for w in (1, 16):
             await case("claim: pull fetch(1) + ack_sync", 0, w, N1K, take)
