@@ -220,8 +220,8 @@ pub struct ListenerConfig {
     pub sieve: Option<sluice_policy::sieve::SieveConfig>,
     /// Built-in rules at the SMTP stages, tried before Sieve.
     pub filter_rule: Vec<sluice_policy::stage_rules::StageRuleConfig>,
-    /// The filters built from `sieve` and `filter_rule` (and `[lists]`) when
-    /// the config loads; None: the listener has none (the hot path).
+    /// The filters built from `filter_rule`, `sieve`, `milter` (and
+    /// `[lists]`) when the config loads; None: the listener has none (the hot path).
     #[serde(skip)]
     pub filters: Option<std::sync::Arc<crate::filters::Filters>>,
 }
@@ -581,12 +581,14 @@ impl Config {
         for (name, l) in self.server.listener.iter_mut() {
             let key = |k: &str| format!("server.listener.{name}.{k}");
             let own_name = l.hostname.clone().unwrap_or_else(|| hostname.clone());
-            l.filters = crate::filters::Filters::build(
-                l.sieve.as_ref(),
-                &l.filter_rule,
-                &own_name,
-                lists.clone(),
-            )
+            l.filters = crate::filters::Filters::build(crate::filters::FilterSources {
+                sieve: l.sieve.as_ref(),
+                rules: &l.filter_rule,
+                milters: &l.milter,
+                hostname: &own_name,
+                lists: lists.clone(),
+                max_message_size: usize::try_from(l.max_message_size.0).unwrap_or(usize::MAX),
+            })
             .map_err(|(k, why)| invalid(key(&k), why))?;
         }
         for (name, l) in &self.server.listener {

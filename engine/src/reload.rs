@@ -353,6 +353,7 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
     // by its load; a compile error there refused the reload before this.
     l.sieve = n.sieve.clone();
     l.filter_rule = n.filter_rule.clone();
+    l.milter = n.milter.clone();
     l.filters = n.filters.clone();
 }
 

@@ -12,6 +12,7 @@ pub mod bounce;
 mod credentials;
 pub mod dane;
 pub mod dkim;
+pub mod hook;
 mod error;
 pub mod lists;
 pub mod milter;

@@ -255,6 +255,31 @@ impl MilterSession {
         }
     }
 
+    /// The QUIT frame written without waiting, for a session dropped
+    /// without [`quit`](Self::quit): a few bytes a socket's send buffer
+    /// takes at once. Best effort; the close follows either way.
+    fn quit_now(&mut self) {
+        let Some(Stream::Tcp(stream)) = &self.stream else {
+            return;
+        };
+        if self.failed.is_some() {
+            return;
+        }
+        let bytes = self.proto.quit();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
+        // SAFETY: `fd` is the open socket owned by `stream`, alive for this
+        // call; `bytes` is a valid buffer of `bytes.len()` bytes. MSG_DONTWAIT
+        // never blocks the executor; MSG_NOSIGNAL avoids SIGPIPE.
+        let _ = unsafe {
+            libc::send(
+                fd,
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+    }
+
     async fn fail_with<T>(&mut self, e: MilterError) -> Result<T, MilterError> {
         self.fail(e.to_string()).await;
         Err(e)
@@ -295,5 +320,12 @@ impl MilterSession {
                 Poll::Done(outcome) => return Ok(outcome),
             }
         }
+    }
+}
+
+impl Drop for MilterSession {
+    fn drop(&mut self) {
+        // After quit() or a failure the stream is gone: nothing to say.
+        self.quit_now();
     }
 }
