@@ -515,26 +515,9 @@ fn rspamd_milter_rejects_marks_and_accepts() {
 const T: Duration = Duration::from_secs(30);
 const PASSWORD: &str = "milter test password";
 
-/// A next hop on a loopback address of this test: the relay routes far.test
-/// and example.com there.
+/// The next hop for far.test and example.com.
 fn hop_and_route() -> (ScriptedServer, Vec<String>) {
-    let ip = loopback();
-    let port = TcpListener::bind((ip, 0))
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let hop = ScriptedServer::builder()
-        .name("hop.far.test")
-        .capability("8BITMIME")
-        .start(SocketAddr::new(ip.into(), port));
-    let sets = vec![
-        "delivery.enabled=true".into(),
-        "queue.default.retry=[\"1s\"]".into(),
-        format!("route.hop={{type=\"relay\",host=\"{ip}\",port={port},tls=\"none\"}}"),
-        "rule=[{match={recipient_domain=[\"far.test\",\"example.com\"]},route=\"hop\"}]".into(),
-    ];
-    (hop, sets)
+    routed_hop(&["far.test", "example.com"])
 }
 
 fn relay_with(milter: &str, sets: &[String], dir: Option<tempfile::TempDir>) -> Relay {

@@ -354,6 +354,7 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
     l.sieve = n.sieve.clone();
     l.filter_rule = n.filter_rule.clone();
     l.milter = n.milter.clone();
+    l.hook = n.hook.clone();
     l.filters = n.filters.clone();
 }
 

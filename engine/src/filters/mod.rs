@@ -21,7 +21,9 @@ use sluice_policy::stage::{
 };
 use sluice_policy::stage_rules::{StageRuleConfig, StageRules};
 
+use crate::config::hook::HookConfig;
 use crate::config::milter::MilterConfig;
+use crate::hooks::Hook;
 
 pub mod apply;
 pub mod session;
@@ -98,6 +100,9 @@ pub struct Filters {
     milters: Vec<MilterConfig>,
     /// The listener's message size limit (bounds a milter's body replacement).
     max_message_size: usize,
+    /// `[[server.listener.NAME.hook]]`, in order; shared by every session
+    /// (their threads start at the first call).
+    hooks: Vec<Hook>,
 }
 
 /// What a listener's filters are built from.
@@ -105,6 +110,7 @@ pub struct FilterSources<'a> {
     pub sieve: Option<&'a SieveConfig>,
     pub rules: &'a [StageRuleConfig],
     pub milters: &'a [MilterConfig],
+    pub hooks: &'a [HookConfig],
     pub hostname: &'a str,
     pub lists: Arc<Lists>,
     pub max_message_size: usize,
@@ -120,11 +126,12 @@ impl Filters {
             sieve,
             rules,
             milters,
+            hooks,
             hostname,
             lists,
             max_message_size,
         } = src;
-        if sieve.is_none() && rules.is_empty() && milters.is_empty() {
+        if sieve.is_none() && rules.is_empty() && milters.is_empty() && hooks.is_empty() {
             return Ok(None);
         }
         let rules = StageRules::new(rules, &lists)
@@ -141,6 +148,7 @@ impl Filters {
             if rules.has(stage)
                 || sieve.as_ref().is_some_and(|s| s.has(stage))
                 || milters.iter().any(|m| m.asked_at(stage))
+                || hooks.iter().any(|h| h.asked_at(stage))
             {
                 stages.insert(stage);
             }
@@ -155,6 +163,7 @@ impl Filters {
             lists,
             milters: milters.to_vec(),
             max_message_size,
+            hooks: hooks.iter().cloned().map(Hook::new).collect(),
         })))
     }
 
@@ -164,6 +173,10 @@ impl Filters {
 
     pub fn milters(&self) -> &[MilterConfig] {
         &self.milters
+    }
+
+    pub fn hooks(&self) -> &[Hook] {
+        &self.hooks
     }
 
     pub fn max_message_size(&self) -> usize {
@@ -321,6 +334,7 @@ mod tests {
             sieve: None,
             rules: &[],
             milters: &[],
+            hooks: &[],
             hostname: "h",
             lists: Arc::default(),
             max_message_size: 1 << 20,

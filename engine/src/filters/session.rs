@@ -1,5 +1,5 @@
 //! One SMTP session's run of its listener's filter chain: what the chain
-//! keeps between stages. Rules and Sieve keep nothing; each milter keeps a
+//! keeps between stages. Rules, Sieve and HTTP hooks keep nothing; each milter keeps a
 //! connection, opened at the first stage that asks it (a listener without
 //! milters never opens or allocates anything here), told ABORT when a
 //! transaction ends without a message and QUIT when the session ends — also
@@ -81,7 +81,18 @@ impl FilterSession {
                         }
                     }
                 }
-                FilterKind::Hook => {}
+                FilterKind::Hook => {
+                    for hook in filters.hooks() {
+                        if !hook.config().asked_at(event.stage) {
+                            continue;
+                        }
+                        let started = Instant::now();
+                        let outcome = hook.consult(event).await;
+                        if combine(&mut combined, event, &hook.config().name, started, outcome) {
+                            return combined;
+                        }
+                    }
+                }
             }
         }
         combined
