@@ -120,7 +120,10 @@ fn a_hook_rejects_at_rcpt_and_modifies_discards_and_quarantines_at_data() {
     c.expect("MAIL FROM:<a@snd.test>", 250);
     c.expect("RCPT TO:<bob@far.test>", 250);
     let r = data(&mut c, "hook-reject this");
-    assert_eq!((r.code, r.last()), (554, "554 5.7.1 Content refused by hook"));
+    assert_eq!(
+        (r.code, r.last()),
+        (554, "554 5.7.1 Content refused by hook")
+    );
 
     c.expect("MAIL FROM:<a@snd.test>", 250);
     c.expect("RCPT TO:<bob@far.test>", 250);
@@ -238,7 +241,9 @@ fn hook_failures_follow_on_failure_and_are_counted() {
         || !hop.messages().is_empty(),
         || relay.log(),
     );
-    assert!(hop.messages()[0].body_text().contains("Subject: unfiltered"));
+    assert!(hop.messages()[0]
+        .body_text()
+        .contains("Subject: unfiltered"));
     assert_eq!(hook_calls(&relay, "slow", "timeout"), 1.0);
     assert_eq!(hook_calls(&relay, "broken", "invalid_reply"), 1.0);
 }

@@ -537,8 +537,7 @@ fn relay_with(milter: &str, sets: &[String], dir: Option<tempfile::TempDir>) -> 
 
 fn auth_plain(user: &str, password: &str) -> String {
     use base64::Engine as _;
-    let token =
-        base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
     format!("AUTH PLAIN {token}")
 }
 
@@ -688,7 +687,12 @@ fn rspamd_marks_mail_the_relay_delivers() {
             .any(|l| l.to_ascii_lowercase().starts_with("x-spam: yes")),
         "rspamd's header on the delivered bytes: {body}"
     );
-    wait_until("the spool to empty", T, || relay.count() == 0, || relay.log());
+    wait_until(
+        "the spool to empty",
+        T,
+        || relay.count() == 0,
+        || relay.log(),
+    );
 }
 
 #[test]
@@ -711,9 +715,7 @@ fn a_milter_that_is_down_follows_on_failure() {
     drop(relay);
 
     let relay = relay_with(
-        &format!(
-            "[{{name=\"down\",socket=\"inet:127.0.0.1:{dead}\",on_failure=\"accept\"}}]"
-        ),
+        &format!("[{{name=\"down\",socket=\"inet:127.0.0.1:{dead}\",on_failure=\"accept\"}}]"),
         &sets,
         None,
     );
@@ -729,5 +731,7 @@ fn a_milter_that_is_down_follows_on_failure() {
         || !hop.messages().is_empty(),
         || relay.log(),
     );
-    assert!(hop.messages()[0].body_text().contains("Subject: unfiltered"));
+    assert!(hop.messages()[0]
+        .body_text()
+        .contains("Subject: unfiltered"));
 }

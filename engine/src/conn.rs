@@ -612,8 +612,7 @@ async fn serve(
                         // The 535 (and anything after it) waits: guessing gets slow.
                         Timer::new(delay).await;
                     }
-                    if let (Some(c), Some(mechanism)) = (chain.as_mut(), session.auth_mechanism())
-                    {
+                    if let (Some(c), Some(mechanism)) = (chain.as_mut(), session.auth_mechanism()) {
                         c.set_auth_type(mechanism);
                     }
                     if let Some(call) = session.take_filter_call() {

@@ -102,10 +102,7 @@ fn message_value(bytes: &[u8], max: usize) -> Value {
         // Cut inside a character: keep the text up to it.
         Err(e) if truncated && e.error_len().is_none() => {
             kept = &kept[..e.valid_up_to()];
-            (
-                "utf-8",
-                String::from_utf8_lossy(kept).into_owned(),
-            )
+            ("utf-8", String::from_utf8_lossy(kept).into_owned())
         }
         Err(_) => (
             "base64",
@@ -239,9 +236,7 @@ pub fn parse_reply(body: &[u8]) -> Result<FilterOutcome, HookReplyError> {
                 occurrence: occurrence.unwrap_or(1).max(1),
             },
             AnswerModification::RemoveHeader { name } => Modification::RemoveHeader { name },
-            AnswerModification::AddRecipient { address } => {
-                Modification::AddRecipient { address }
-            }
+            AnswerModification::AddRecipient { address } => Modification::AddRecipient { address },
             AnswerModification::RemoveRecipient { address } => {
                 Modification::RemoveRecipient { address }
             }

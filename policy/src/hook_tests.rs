@@ -190,7 +190,10 @@ fn refusals_carry_their_reply_or_a_default() {
 
 #[test]
 fn bad_answers_are_errors() {
-    assert!(matches!(parse_reply(b"<html>"), Err(HookReplyError::Json(_))));
+    assert!(matches!(
+        parse_reply(b"<html>"),
+        Err(HookReplyError::Json(_))
+    ));
     assert!(matches!(
         parse_reply(br#"{"action":"maybe"}"#),
         Err(HookReplyError::Action(_))
@@ -277,9 +280,7 @@ fn every_modification_is_read_in_order() {
             Modification::ReplaceBody {
                 body: b"new\r\nbody\r\n".to_vec()
             },
-            Modification::ReplaceBody {
-                body: vec![0, 1]
-            },
+            Modification::ReplaceBody { body: vec![0, 1] },
         ]
     );
 }
