@@ -7,19 +7,18 @@
 //!
 //! # How the stage pipeline calls it
 //!
+//! `crate::filters::session::FilterSession` does, per SMTP session:
+//!
 //! ```text
-//! // session start (after PROXY, before the greeting), per configured milter:
+//! // the first stage that asks this milter (after rules and Sieve):
 //! let mut m = MilterSession::open(&cfg, &facts, extras, listener.max_message_size).await;
-//! // at each stage, after the built-in rules and Sieve, milters in order:
-//! if m.asked_at(event.stage) {
-//!     let outcome = m.consult(&event).await;   // on_failure already applied
-//!     // outcome.verdict not Accept: it ends the stage (reply from it);
-//!     // at Data, outcome.modifications are applied in order.
-//! }
-//! // RSET, or a transaction that ended without DATA's end (MAIL/RCPT refused,
-//! // client gone quiet after RCPT): m.abort().await
+//! // at each stage it is asked at, milters in order:
+//! let outcome = m.consult(&event).await;   // on_failure already applied
+//! // outcome.verdict not Accept: it ends the stage (reply from it);
+//! // at Data, outcome.modifications are applied in order.
+//! // The session between transactions (RSET, refusals): m.abort().await
 //! // AUTH succeeded: m.set_auth_type("PLAIN") before the Mail stage.
-//! // session end: m.quit().await
+//! // session end: m.quit().await (dropped without it: QUIT written in Drop)
 //! ```
 //!
 //! Stages the milter is not asked at are still shown to it when it is next
