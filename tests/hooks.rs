@@ -265,3 +265,36 @@ fn check_config_names_a_bad_hook_key() {
         "{err}"
     );
 }
+
+#[test]
+fn a_full_hook_queue_fails_at_once_as_busy() {
+    let hook = HookServer::start();
+    // One request in flight, none waiting.
+    let relay = relay_with_hooks(
+        &format!(
+            "[{{name=\"narrow\",url=\"{}\",stages=[\"rcpt\"],timeout=\"3s\",max_concurrency=1,max_queued=0}}]",
+            hook.url("/slow")
+        ),
+        &[],
+    );
+    let mut first = relay.session();
+    first.expect("MAIL FROM:<a@snd.test>", 250);
+    first.send_line("RCPT TO:<one@far.test>");
+    // The only thread is in the slow request now.
+    wait_until(
+        "the first request at the hook",
+        T,
+        || hook.documents().len() == 1,
+        || relay.log(),
+    );
+    let mut second = relay.session();
+    second.expect("MAIL FROM:<a@snd.test>", 250);
+    let r = second.cmd("RCPT TO:<two@far.test>");
+    assert_eq!((r.code, r.enhanced()), (451, "4.3.0"), "{r:?}");
+    assert_eq!(hook_calls(&relay, "narrow", "busy"), 1.0);
+    // The first one runs out of time (the hook takes 5 s).
+    let r = first.read_reply();
+    assert_eq!((r.code, r.enhanced()), (451, "4.3.0"), "{r:?}");
+    assert_eq!(hook_calls(&relay, "narrow", "timeout"), 1.0);
+    assert_eq!(hook.documents().len(), 1, "the busy call never reached the hook");
+}
