@@ -296,5 +296,9 @@ fn a_full_hook_queue_fails_at_once_as_busy() {
     let r = first.read_reply();
     assert_eq!((r.code, r.enhanced()), (451, "4.3.0"), "{r:?}");
     assert_eq!(hook_calls(&relay, "narrow", "timeout"), 1.0);
-    assert_eq!(hook.documents().len(), 1, "the busy call never reached the hook");
+    assert_eq!(
+        hook.documents().len(),
+        1,
+        "the busy call never reached the hook"
+    );
 }
