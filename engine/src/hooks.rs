@@ -4,7 +4,8 @@
 //!
 //! The HTTP exchange never runs on an executor: each hook has its own small
 //! pool of plain threads (`max_concurrency`, started at the first call)
-//! behind a bounded queue (`max_queued`). The executor hands a request over
+//! behind a bounded queue: at most `max_queued` requests wait beyond those in
+//! flight. The executor hands a request over
 //! and awaits a oneshot answer with the hook's timeout; a full queue, a
 //! timeout, a transport error, a status that is not 2xx or an answer that
 //! does not parse is a failure: counted (`sluice_hook_calls_total`), logged,
@@ -12,6 +13,7 @@
 //! old pool's threads end once the last session holding it is gone.
 
 use std::io::Read;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -58,10 +60,37 @@ struct Job {
     answer: oneshot::Sender<Result<Vec<u8>, HookError>>,
 }
 
+/// The queue to a hook's threads. `outstanding` counts the requests handed
+/// over and not finished (waiting or in flight): at most `limit`
+/// (`max_concurrency + max_queued`), so the channel, as large as `limit`,
+/// never refuses an admitted request.
+struct Pool {
+    tx: SyncSender<Job>,
+    outstanding: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl Pool {
+    /// Hands `job` over, or says why not.
+    fn submit(&self, job: Job) -> Result<(), HookError> {
+        if self.outstanding.fetch_add(1, Ordering::AcqRel) >= self.limit {
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            return Err(HookError::Busy);
+        }
+        self.tx.try_send(job).map_err(|e| {
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            match e {
+                TrySendError::Full(_) => HookError::Busy,
+                TrySendError::Disconnected(_) => HookError::Transport("worker threads gone".into()),
+            }
+        })
+    }
+}
+
 /// One configured hook and (once used) its threads.
 pub struct Hook {
     config: HookConfig,
-    pool: OnceLock<Option<SyncSender<Job>>>,
+    pool: OnceLock<Option<Pool>>,
 }
 
 impl std::fmt::Debug for Hook {
@@ -119,17 +148,11 @@ impl Hook {
                 max_bytes: usize::try_from(self.config.max_message_size.0).unwrap_or(usize::MAX),
             },
         );
-        let Some(queue) = self.pool.get_or_init(|| self.start()) else {
+        let Some(pool) = self.pool.get_or_init(|| self.start()) else {
             return Err(HookError::Transport("no worker threads".into()));
         };
         let (tx, rx) = oneshot::channel();
-        match queue.try_send(Job { body, answer: tx }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(HookError::Busy),
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(HookError::Transport("worker threads gone".into()))
-            }
-        }
+        pool.submit(Job { body, answer: tx })?;
         // The worker's own timeout ends the exchange; this one also covers
         // the time the request waited in the queue.
         let answer = crate::time::within(self.config.timeout.0, rx)
@@ -140,14 +163,17 @@ impl Hook {
     }
 
     /// The worker threads and the queue to them.
-    fn start(&self) -> Option<SyncSender<Job>> {
-        let (tx, rx) = mpsc::sync_channel::<Job>(self.config.max_queued);
+    fn start(&self) -> Option<Pool> {
+        let limit = self.config.max_concurrency + self.config.max_queued;
+        let (tx, rx) = mpsc::sync_channel::<Job>(limit);
         let rx = Arc::new(Mutex::new(rx));
+        let outstanding = Arc::new(AtomicUsize::new(0));
         let agent = agent(self.config.timeout.0);
         let mut started = 0;
         for i in 0..self.config.max_concurrency {
             let worker = Worker {
                 rx: rx.clone(),
+                outstanding: outstanding.clone(),
                 agent: agent.clone(),
                 url: self.config.url.clone(),
             };
@@ -161,7 +187,11 @@ impl Hook {
                 }
             }
         }
-        (started > 0).then_some(tx)
+        (started > 0).then_some(Pool {
+            tx,
+            outstanding,
+            limit,
+        })
     }
 }
 
@@ -192,6 +222,8 @@ fn https_config() -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
 
 struct Worker {
     rx: Arc<Mutex<Receiver<Job>>>,
+    /// The pool's count of requests not finished; one less per job done.
+    outstanding: Arc<AtomicUsize>,
     agent: ureq::Agent,
     url: String,
 }
@@ -208,11 +240,11 @@ impl Worker {
                 return;
             };
             // A session that stopped waiting (timeout, gone) needs no answer.
-            if job.answer.is_canceled() {
-                continue;
+            if !job.answer.is_canceled() {
+                let result = self.post(&job.body);
+                let _ = job.answer.send(result);
             }
-            let result = self.post(&job.body);
-            let _ = job.answer.send(result);
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
