@@ -1,8 +1,10 @@
 //! The milter client (engine/src/milter, policy/src/milter) against real
 //! milters: a pymilter script (tests/py/test_milter.py, Debian python3-milter)
-//! over TCP and a unix socket, and rspamd's milter (proxy worker). The tests
-//! drive `MilterSession` on a glommio executor, as the stage pipeline will, and
-//! assert every verdict and modification decoded from the milter's replies.
+//! over TCP and a unix socket, and rspamd's milter (proxy worker). The first
+//! tests drive `MilterSession` on a glommio executor and assert every verdict
+//! and modification decoded from the milter's replies; the last ones run the
+//! `sluice` binary with `[[server.listener.smtp.milter]]` and check the
+//! replies its SMTP clients get and the bytes the next hop receives.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
@@ -16,7 +18,7 @@ use sluice_policy::milter::SessionExtras;
 use sluice_policy::stage::{
     ClientFacts, FilterOutcome, FilterReply, Modification, OnFailure, Stage, StageEvent, Verdict,
 };
-use sluice_testkit::{free_port, py_script, require_tools, wait_until, ChildGuard};
+use sluice_testkit::*;
 
 const PYMILTER: &str = "/usr/lib/python3/dist-packages/Milter/__init__.py";
 
@@ -506,4 +508,230 @@ fn rspamd_milter_rejects_marks_and_accepts() {
             results[2]
         );
     });
+}
+
+// ---- Milters called by the relay's SMTP sessions (the real `sluice` binary) ----
+
+const T: Duration = Duration::from_secs(30);
+const PASSWORD: &str = "milter test password";
+
+/// The next hop for far.test and example.com.
+fn hop_and_route() -> (ScriptedServer, Vec<String>) {
+    routed_hop(&["far.test", "example.com"])
+}
+
+fn relay_with(milter: &str, sets: &[String], dir: Option<tempfile::TempDir>) -> Relay {
+    let mut b = Relay::builder()
+        .set("server.hostname=\"mx.sluice.test\"")
+        .set(format!("auth.users.alice=\"{}\"", hash_password(PASSWORD)))
+        .lset("auth_plaintext", "true")
+        .lset("milter", milter);
+    for s in sets {
+        b = b.set(s.clone());
+    }
+    if let Some(dir) = dir {
+        b = b.dir(dir);
+    }
+    b.start()
+}
+
+fn auth_plain(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+    format!("AUTH PLAIN {token}")
+}
+
+/// The DATA exchange of a message; returns the reply to the final dot.
+fn data(c: &mut Client, subject: &str) -> Reply {
+    c.expect("DATA", 354);
+    c.send(
+        format!(
+            "From: a@snd.test\r\nTo: bob@far.test\r\nSubject: {subject}\r\nX-Remove-Me: yes\r\n\r\noriginal body\r\n.\r\n"
+        )
+        .as_bytes(),
+    );
+    c.read_reply()
+}
+
+#[test]
+fn relay_sessions_consult_pymilter_and_apply_its_changes() {
+    require_tools!(PYMILTER);
+    let (_milter, maddr) = start_tcp_pymilter();
+    let (hop, mut sets) = hop_and_route();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("api.token");
+    std::fs::write(&token, "milter-test-token-0123456789abcdef\n").expect("token");
+    sets.push(format!("admin.token_file=\"{}\"", token.display()));
+    let relay = relay_with(
+        &format!("[{{name=\"py\",socket=\"inet:{maddr}\"}}]"),
+        &sets,
+        Some(dir),
+    );
+
+    // Refusals at MAIL and RCPT with the milter's own replies.
+    let mut c = relay.session();
+    let r = c.cmd(&auth_plain("alice", PASSWORD));
+    assert_eq!(r.code, 235, "{r:?}");
+    let r = c.cmd("MAIL FROM:<reject@snd.test>");
+    assert_eq!(
+        (r.code, r.last()),
+        (550, "550 5.7.1 Sender refused by test milter")
+    );
+    // A transaction given up by RSET: the milter is told ABORT.
+    c.expect("MAIL FROM:<a@snd.test>", 250);
+    c.expect("RCPT TO:<bob@far.test>", 250);
+    c.expect("RSET", 250);
+    c.expect("MAIL FROM:<a@snd.test>", 250);
+    let r = c.cmd("RCPT TO:<refused@far.test>");
+    assert_eq!(
+        (r.code, r.last()),
+        (550, "550 5.1.1 Recipient refused by test milter")
+    );
+    let r = c.cmd("RCPT TO:<tempfail@far.test>");
+    assert_eq!(
+        (r.code, r.last()),
+        (451, "451 4.7.1 Recipient deferred by test milter")
+    );
+    c.expect("RCPT TO:<bob@far.test>", 250);
+    c.expect("RCPT TO:<removed@example.com>", 250);
+    let r = data(&mut c, "hello");
+    assert_eq!(r.code, 250, "{r:?}");
+    let id = queued_id(&r.text()).expect("queued id");
+    // Quarantined by the milter: accepted and held.
+    c.expect("MAIL FROM:<a@snd.test>", 250);
+    c.expect("RCPT TO:<held@far.test>", 250);
+    let r = data(&mut c, "please quarantine");
+    assert_eq!(r.code, 250, "{r:?}");
+    let held = queued_id(&r.text()).expect("held id");
+    // Discarded at RCPT: the whole message goes, answered as accepted.
+    c.expect("MAIL FROM:<a@snd.test>", 250);
+    c.expect("RCPT TO:<carol@far.test>", 250);
+    c.expect("RCPT TO:<discard@far.test>", 250);
+    let r = data(&mut c, "discard me");
+    assert_eq!(r.code, 250, "{r:?}");
+    c.expect("QUIT", 221);
+
+    wait_until(
+        "the modified message at the next hop",
+        T,
+        || !hop.messages().is_empty(),
+        || relay.log(),
+    );
+    let msgs = hop.messages();
+    assert_eq!(msgs.len(), 1, "only the first message leaves: {msgs:?}");
+    let m = &msgs[0];
+    assert!(m.mail.contains("<changed@example.org>"), "{}", m.mail);
+    assert_eq!(m.rcpt_addresses(), ["added@example.com", "bob@far.test"]);
+    let body = m.body_text();
+    assert!(body.starts_with("X-First: inserted\r\n"), "{body}");
+    assert!(body.contains("\r\nSubject: [milter] hello\r\n"), "{body}");
+    assert!(!body.contains("X-Remove-Me"), "{body}");
+    assert!(
+        body.ends_with("\r\n\r\nreplaced body\r\nsecond chunk\r\n"),
+        "{body}"
+    );
+    let macros = body
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Macros: "))
+        .expect("X-Macros");
+    for want in [
+        "j=mx.sluice.test".to_string(),
+        "{daemon_name}=smtp".into(),
+        format!("{{if_addr}}={}", relay.addr().ip()),
+        "{auth_authen}=alice".into(),
+        "{auth_type}=PLAIN".into(),
+        format!("i={id}"),
+        "aborts=1".into(),
+        "helo=client.test".into(),
+    ] {
+        assert!(macros.contains(&want), "{want} in {macros}");
+    }
+    // The held message stays (and nothing else): the discarded one was never stored.
+    wait_until("one message left", T, || relay.count() == 1, || relay.log());
+    let show = relay.show(&held);
+    assert!(show.contains("held"), "{show}");
+    assert_eq!(hop.messages().len(), 1);
+}
+
+#[test]
+fn rspamd_marks_mail_the_relay_delivers() {
+    require_tools!("rspamd");
+    let port = free_port();
+    let _rspamd = start_rspamd(port);
+    let (hop, sets) = hop_and_route();
+    let relay = relay_with(
+        &format!("[{{name=\"rspamd\",socket=\"inet:127.0.0.1:{port}\",stages=[\"data\"]}}]"),
+        &sets,
+        None,
+    );
+    let mut c = relay.session();
+    c.expect("MAIL FROM:<a@snd.test>", 250);
+    c.expect("RCPT TO:<bob@far.test>", 250);
+    let r = data(&mut c, "rspamd-reject now");
+    assert_eq!(r.code, 554, "{r:?}");
+    c.expect("MAIL FROM:<a@snd.test>", 250);
+    c.expect("RCPT TO:<bob@far.test>", 250);
+    let r = data(&mut c, "rspamd-spam here");
+    assert_eq!(r.code, 250, "{r:?}");
+    c.expect("QUIT", 221);
+    wait_until(
+        "the marked message at the next hop",
+        T,
+        || !hop.messages().is_empty(),
+        || relay.log(),
+    );
+    let body = hop.messages()[0].body_text();
+    assert!(body.contains("Subject: rspamd-spam here"), "{body}");
+    assert!(
+        body.lines()
+            .any(|l| l.to_ascii_lowercase().starts_with("x-spam: yes")),
+        "rspamd's header on the delivered bytes: {body}"
+    );
+    wait_until(
+        "the spool to empty",
+        T,
+        || relay.count() == 0,
+        || relay.log(),
+    );
+}
+
+#[test]
+fn a_milter_that_is_down_follows_on_failure() {
+    // Nothing listens on this port.
+    let dead = free_port();
+    let (hop, sets) = hop_and_route();
+
+    let relay = relay_with(
+        &format!("[{{name=\"down\",socket=\"inet:127.0.0.1:{dead}\",stages=[\"rcpt\",\"data\"]}}]"),
+        &sets,
+        None,
+    );
+    let mut c = relay.session();
+    c.expect("MAIL FROM:<a@snd.test>", 250);
+    let r = c.cmd("RCPT TO:<bob@far.test>");
+    assert_eq!((r.code, r.enhanced()), (451, "4.3.0"), "{r:?}");
+    c.expect("QUIT", 221);
+    assert_eq!(relay.count(), 0);
+    drop(relay);
+
+    let relay = relay_with(
+        &format!("[{{name=\"down\",socket=\"inet:127.0.0.1:{dead}\",on_failure=\"accept\"}}]"),
+        &sets,
+        None,
+    );
+    let mut c = relay.session();
+    c.expect("MAIL FROM:<a@snd.test>", 250);
+    c.expect("RCPT TO:<bob@far.test>", 250);
+    let r = data(&mut c, "unfiltered");
+    assert_eq!(r.code, 250, "{r:?}");
+    c.expect("QUIT", 221);
+    wait_until(
+        "delivery without the milter",
+        T,
+        || !hop.messages().is_empty(),
+        || relay.log(),
+    );
+    assert!(hop.messages()[0]
+        .body_text()
+        .contains("Subject: unfiltered"));
 }

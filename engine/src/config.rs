@@ -7,6 +7,7 @@
 
 pub mod delivery;
 pub mod events;
+pub mod hook;
 pub mod milter;
 pub mod shaping;
 pub mod suppression;
@@ -236,13 +237,16 @@ pub struct ListenerConfig {
     /// Milters consulted by this listener's sessions, in order
     /// (`[[server.listener.NAME.milter]]`; see config/milter.rs).
     pub milter: Vec<milter::MilterConfig>,
+    /// HTTP hooks consulted by this listener's sessions, in order, after the
+    /// milters (`[[server.listener.NAME.hook]]`; docs/hooks.md).
+    pub hook: Vec<hook::HookConfig>,
     /// Sieve system scripts per SMTP stage (ARCHITECTURE.md "Programmable
     /// policy"); compiled when the config loads.
     pub sieve: Option<sluice_policy::sieve::SieveConfig>,
     /// Built-in rules at the SMTP stages, tried before Sieve.
     pub filter_rule: Vec<sluice_policy::stage_rules::StageRuleConfig>,
-    /// The filters built from `sieve` and `filter_rule` (and `[lists]`) when
-    /// the config loads; None: the listener has none (the hot path).
+    /// The filters built from `filter_rule`, `sieve`, `milter` (and
+    /// `[lists]`) when the config loads; None: the listener has none (the hot path).
     #[serde(skip)]
     pub filters: Option<std::sync::Arc<crate::filters::Filters>>,
 }
@@ -278,6 +282,7 @@ impl Default for ListenerConfig {
             honor_tls_required_no: false,
             verify: None,
             milter: Vec::new(),
+            hook: Vec::new(),
             sieve: None,
             filter_rule: Vec::new(),
             filters: None,
@@ -608,12 +613,15 @@ impl Config {
         for (name, l) in self.server.listener.iter_mut() {
             let key = |k: &str| format!("server.listener.{name}.{k}");
             let own_name = l.hostname.clone().unwrap_or_else(|| hostname.clone());
-            l.filters = crate::filters::Filters::build(
-                l.sieve.as_ref(),
-                &l.filter_rule,
-                &own_name,
-                lists.clone(),
-            )
+            l.filters = crate::filters::Filters::build(crate::filters::FilterSources {
+                sieve: l.sieve.as_ref(),
+                rules: &l.filter_rule,
+                milters: &l.milter,
+                hooks: &l.hook,
+                hostname: &own_name,
+                lists: lists.clone(),
+                max_message_size: usize::try_from(l.max_message_size.0).unwrap_or(usize::MAX),
+            })
             .map_err(|(k, why)| invalid(key(&k), why))?;
         }
         for (name, l) in &self.server.listener {
@@ -687,7 +695,29 @@ impl Config {
                     return Err(ConfigError::Invalid {
                         origin: origin.to_string(),
                         key: format!("server.listener.{name}.milter[{i}].{k}"),
-                        line: milter_key_line(text, name, i, k),
+                        line: table_key_line(text, name, "milter", i, k),
+                        message: why,
+                    });
+                }
+            }
+            if l.hook.len() > hook::MAX_HOOKS {
+                return Err(invalid(
+                    key("hook"),
+                    format!("at most {} hooks per listener", hook::MAX_HOOKS),
+                ));
+            }
+            for (i, h) in l.hook.iter().enumerate() {
+                let failed = h.check().err().or_else(|| {
+                    l.hook[..i]
+                        .iter()
+                        .any(|o| o.name == h.name)
+                        .then(|| ("name", format!("`{}` is used twice", h.name)))
+                });
+                if let Some((k, why)) = failed {
+                    return Err(ConfigError::Invalid {
+                        origin: origin.to_string(),
+                        key: format!("server.listener.{name}.hook[{i}].{k}"),
+                        line: table_key_line(text, name, "hook", i, k),
                         message: why,
                     });
                 }
@@ -1061,15 +1091,21 @@ fn apply_override(doc: &mut toml_edit::DocumentMut, arg: &str) -> Result<(), Con
     Ok(())
 }
 
-/// Line of `key` in the `index`-th `[[server.listener.NAME.milter]]` table
+/// Line of `key` in the `index`-th `[[server.listener.NAME.TABLE]]` table
 /// (the table's header line when the key is not written).
-fn milter_key_line(text: &str, listener: &str, index: usize, key: &str) -> Option<usize> {
+fn table_key_line(
+    text: &str,
+    listener: &str,
+    table: &str,
+    index: usize,
+    key: &str,
+) -> Option<usize> {
     let doc: toml_edit::Document<&str> = toml_edit::Document::parse(text).ok()?;
     let tables = doc
         .get("server")?
         .get("listener")?
         .get(listener)?
-        .get("milter")?
+        .get(table)?
         .as_array_of_tables()?;
     let table = tables.get(index)?;
     let span = table

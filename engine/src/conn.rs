@@ -23,6 +23,7 @@ use sluice_policy::{Credentials, NetworkList};
 use sluice_spool::{IdGenerator, Spool};
 
 use crate::config::{ListenerConfig, TlsMode};
+use crate::filters::session::FilterSession;
 use crate::metrics::Reject;
 use crate::proxy::{self, ProxyParse};
 use crate::smtp::server::{self, Action, PeerInfo, Session, SessionConfig, Submission};
@@ -201,7 +202,13 @@ pub async fn handle(stream: TcpStream, listener: Arc<ListenerShared>, ctx: Rc<Co
         }
     };
     ctx.sessions.set(ctx.sessions.get() + 1);
-    let result = serve(stream, socket_peer, &listener, &ctx).await;
+    // The session's filter chain (milter connections): made by `serve` when
+    // the listener has filters, told QUIT here however the session ended.
+    let mut chain = None;
+    let result = serve(stream, socket_peer, &listener, &ctx, &mut chain).await;
+    if let Some(chain) = chain {
+        chain.quit().await;
+    }
     ctx.sessions.set(ctx.sessions.get() - 1);
     if let Err(e) = result {
         tracing::debug!(peer = %socket_peer, listener = %listener.name, "connection ended: {e}");
@@ -213,6 +220,7 @@ async fn serve(
     socket_peer: SocketAddr,
     listener: &ListenerShared,
     ctx: &CoreContext,
+    chain: &mut Option<FilterSession>,
 ) -> std::io::Result<()> {
     let session_config = listener.session.load_full();
     let hostname = session_config.hostname.clone();
@@ -222,6 +230,12 @@ async fn serve(
     if !listener.idle_timeout.is_zero() {
         let _ = stream.set_write_timeout(Some(listener.idle_timeout));
     }
+    // Milters' `{if_addr}`: one getsockname, only for listeners with milters.
+    let local_addr = session_config
+        .filters
+        .as_ref()
+        .filter(|f| !f.milters().is_empty())
+        .and_then(|_| stream.local_addr().ok());
     let mut conn = Conn::Plain(stream);
     // Small until data arrives in bulk: idle connections are most of them, and
     // a recycled 64 KiB allocation is zeroed (touched) in full — 10,000 idle
@@ -347,7 +361,10 @@ async fn serve(
     let mut iprev: Option<crate::verify::IprevOutput> = None;
 
     // The listener's filters (issue 14): None on the hot path.
-    let filters = session_config.filters.clone();
+    *chain = session_config
+        .filters
+        .clone()
+        .map(|f| FilterSession::new(f, local_addr));
     let relay = session_config.relay.clone();
     let started = Instant::now();
     let mut session = Session::new(
@@ -370,7 +387,7 @@ async fn serve(
     tracing::debug!(client_ip = %peer.ip(), listener = %listener.name, core = ctx.core, "connected");
     session.greeting();
     if let Some(call) = session.take_filter_call() {
-        let outcome = run_filters(&filters, &call).await;
+        let outcome = run_filters(chain, &call).await;
         session.filter_result(outcome, now_ms());
     }
 
@@ -496,7 +513,7 @@ async fn serve(
                             }
                         }
                     }
-                    if let (true, Some(f)) = (filter_data, &filters) {
+                    if let (true, Some(f)) = (filter_data, chain.as_mut()) {
                         let outcome =
                             data_filters(f, &session, id, &envelope, &body, &summary.auth).await;
                         let verdict = match outcome.verdict {
@@ -571,7 +588,7 @@ async fn serve(
                     };
                     session.spf_result(spf, refusal);
                     if let Some(call) = session.take_filter_call() {
-                        let outcome = run_filters(&filters, &call).await;
+                        let outcome = run_filters(chain, &call).await;
                         session.filter_result(outcome, now_ms());
                     }
                 }
@@ -582,7 +599,7 @@ async fn serve(
                         conn.write_all(session.output()).await?;
                         session.clear_output();
                     }
-                    let outcome = run_filters(&filters, &call).await;
+                    let outcome = run_filters(chain, &call).await;
                     session.filter_result(outcome, now_ms());
                 }
                 Action::Authenticate { user, password } => {
@@ -595,8 +612,11 @@ async fn serve(
                         // The 535 (and anything after it) waits: guessing gets slow.
                         Timer::new(delay).await;
                     }
+                    if let (Some(c), Some(mechanism)) = (chain.as_mut(), session.auth_mechanism()) {
+                        c.set_auth_type(mechanism);
+                    }
                     if let Some(call) = session.take_filter_call() {
-                        let outcome = run_filters(&filters, &call).await;
+                        let outcome = run_filters(chain, &call).await;
                         session.filter_result(outcome, now_ms());
                     }
                 }
@@ -606,6 +626,13 @@ async fn serve(
         if !session.output().is_empty() {
             conn.write_all(session.output()).await?;
             session.clear_output();
+        }
+        // A transaction that ended without a stored message (RSET, refused
+        // at some stage): milters still holding it are told ABORT.
+        if let Some(c) = chain.as_mut() {
+            if !session.in_transaction() {
+                c.abort().await;
+            }
         }
         if session.is_closed() {
             conn.close().await;
@@ -676,11 +703,11 @@ async fn serve(
 
 /// One stage's filters (accept when the listener has none).
 async fn run_filters(
-    filters: &Option<Arc<crate::filters::Filters>>,
+    chain: &mut Option<FilterSession>,
     call: &crate::filters::OwnedEvent,
 ) -> FilterOutcome {
-    match filters {
-        Some(f) => f.run(&call.event(), &SieveExtras::default()).await,
+    match chain {
+        Some(c) => c.run(&call.event(), &SieveExtras::default()).await,
         None => FilterOutcome::accept(),
     }
 }
@@ -688,7 +715,7 @@ async fn run_filters(
 /// The DATA filters on the whole message, with the inbound authentication
 /// results when the listener checked them.
 async fn data_filters(
-    filters: &crate::filters::Filters,
+    filters: &mut FilterSession,
     session: &Session,
     id: sluice_spool::MessageId,
     envelope: &sluice_spool::Envelope,

@@ -16,6 +16,7 @@ pub mod filters;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hooks;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

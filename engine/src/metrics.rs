@@ -106,6 +106,9 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Events lost: channel_full (the events thread fell behind the cores), buffer_full (events.max_buffered reached), storage (buffer write failed), file_error, stopped."),
     ("sluice_events_buffered", Kind::Gauge, "",
      "Events in the durable buffer waiting for the webhook."),
+    // HTTP hooks (docs/hooks.md).
+    ("sluice_hook_calls_total", Kind::Counter, "hook,result",
+     "HTTP hook calls by hook and result: ok, or the failures busy (max_queued requests already waiting), timeout, transport (connect or I/O error), http_status (not 2xx), invalid_reply (the answer is not the documented JSON); each failure applied the hook's on_failure."),
     ("sluice_shaping_actions_total", Kind::Counter, "rule,action",
      "Shaping actions taken because a rule's threshold of matching replies was reached, by rule and action."),
     ("sluice_shaping_active_actions", Kind::Gauge, "",
@@ -694,6 +697,12 @@ pub fn events_dropped_n(reason: &'static str, n: usize) {
 /// Events in the webhook's buffer now.
 pub fn events_buffered(n: u64) {
     gauge!("sluice_events_buffered").set(n as f64);
+}
+
+/// One HTTP hook call and how it ended.
+pub fn hook_call(hook: &str, result: &'static str) {
+    counter!("sluice_hook_calls_total", "hook" => hook.to_string(), "result" => result)
+        .increment(1);
 }
 
 /// A hard bounce put a recipient on the suppression list.

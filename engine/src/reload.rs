@@ -364,6 +364,8 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
     // by its load; a compile error there refused the reload before this.
     l.sieve = n.sieve.clone();
     l.filter_rule = n.filter_rule.clone();
+    l.milter = n.milter.clone();
+    l.hook = n.hook.clone();
     l.filters = n.filters.clone();
 }
 

@@ -13,6 +13,7 @@ mod credentials;
 pub mod dane;
 pub mod dkim;
 mod error;
+pub mod hook;
 pub mod lists;
 pub mod milter;
 pub mod mta_sts;

@@ -4,7 +4,8 @@
 Usage: test_milter.py SOCKET   (e.g. inet:12345@127.0.0.1 or unix:/tmp/x.sock)
 
 Envelope: MAIL FROM reject@... gets 550 5.7.1; RCPT TO tempfail@... gets
-451 4.7.1; RCPT TO discard@... discards the message. At end of message it adds,
+451 4.7.1; RCPT TO refused@... gets 550 5.1.1; RCPT TO discard@... discards
+the message. Each ABORT is counted (X-Macros shows aborts=N). At end of message it adds,
 inserts, changes and deletes header fields, adds and removes recipients,
 changes the sender and replaces the body; a Subject containing "quarantine"
 quarantines. X-Macros echoes macros it saw; X-Body-Len the body length it got.
@@ -21,6 +22,7 @@ class TestMilter(Milter.Base):
         self.subject = ""
         self.body_len = 0
         self.headers = 0
+        self.aborts = 0
 
     def _keep(self, *names):
         for n in names:
@@ -41,7 +43,7 @@ class TestMilter(Milter.Base):
     def envfrom(self, mailfrom, *params):
         self.body_len = 0
         self.headers = 0
-        self._keep("i", "{auth_authen}", "{mail_addr}")
+        self._keep("i", "{auth_authen}", "{auth_type}", "{mail_addr}")
         if mailfrom.lower().startswith("<reject@"):
             self.setreply("550", "5.7.1", "Sender refused by test milter")
             return Milter.REJECT
@@ -52,6 +54,9 @@ class TestMilter(Milter.Base):
         if to.lower().startswith("<tempfail@"):
             self.setreply("451", "4.7.1", "Recipient deferred by test milter")
             return Milter.TEMPFAIL
+        if to.lower().startswith("<refused@"):
+            self.setreply("550", "5.1.1", "Recipient refused by test milter")
+            return Milter.REJECT
         if to.lower().startswith("<discard@"):
             return Milter.DISCARD
         return Milter.CONTINUE
@@ -67,7 +72,14 @@ class TestMilter(Milter.Base):
         self.body_len += len(chunk)
         return Milter.CONTINUE
 
+    def abort(self):
+        self.aborts += 1
+        return Milter.CONTINUE
+
     def eom(self):
+        self._keep("i")
+        if self.aborts:
+            self.macros["aborts"] = str(self.aborts)
         seen = " ".join("%s=%s" % (k, v) for k, v in sorted(self.macros.items()))
         self.addheader("X-Macros", seen)
         self.addheader("X-Body-Len", "%d headers=%d" % (self.body_len, self.headers))

@@ -166,7 +166,7 @@ fn socket<'de, D: Deserializer<'de>>(d: D) -> Result<MilterSocket, D::Error> {
     MilterSocket::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
 }
 
-fn on_failure<'de, D: Deserializer<'de>>(d: D) -> Result<OnFailure, D::Error> {
+pub(super) fn on_failure<'de, D: Deserializer<'de>>(d: D) -> Result<OnFailure, D::Error> {
     match String::deserialize(d)?.as_str() {
         "tempfail" => Ok(OnFailure::Tempfail),
         "accept" => Ok(OnFailure::Accept),

@@ -1,17 +1,18 @@
 //! The filter chain of a listener (issue 14): built-in stage rules, then Sieve,
-//! then (slots for later) milters and HTTP hooks, asked in that order at each
-//! SMTP stage they are configured for. The first answer that is not accept
-//! ends the stage; modifications from the filters that accepted before it (at
-//! DATA only) are kept in order.
+//! then milters, then HTTP hooks, asked in that order at each SMTP stage they
+//! are configured for. The first answer that is not accept ends the stage;
+//! modifications from the filters that accepted before it (at DATA only) are
+//! kept in order.
 //!
 //! The SMTP session never calls this: it emits `Action::Filter` (or, at DATA,
 //! marks its `Action::Store`) only for stages in [`Filters::stages`], and the
-//! connection driver runs the chain and hands the [`FilterOutcome`] back. A
+//! connection driver runs the chain ([`session::FilterSession`], which holds
+//! the session's milter connections) and hands the [`FilterOutcome`] back. A
 //! listener without filters has an empty stage set: nothing is built, nothing
 //! allocated, no action emitted.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sluice_policy::lists::Lists;
 use sluice_policy::sieve::{SieveConfig, SieveExtras, SieveRunError, SieveSet};
@@ -20,7 +21,12 @@ use sluice_policy::stage::{
 };
 use sluice_policy::stage_rules::{StageRuleConfig, StageRules};
 
+use crate::config::hook::HookConfig;
+use crate::config::milter::MilterConfig;
+use crate::hooks::Hook;
+
 pub mod apply;
+pub mod session;
 
 /// A message at least this big is given to Sieve on the blocking thread pool
 /// rather than on the executor (BENCHMARKS.md "Sieve"): parsing dominates a
@@ -54,21 +60,29 @@ impl StageSet {
     }
 }
 
-/// The kinds of filter, in the order they run at every stage. Milters and
-/// HTTP hooks take their places here when they exist.
+/// The kinds of filter, in the order they run at every stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilterKind {
     Rules,
     Sieve,
+    Milter,
+    Hook,
 }
 
 impl FilterKind {
-    pub const ORDER: [FilterKind; 2] = [FilterKind::Rules, FilterKind::Sieve];
+    pub const ORDER: [FilterKind; 4] = [
+        FilterKind::Rules,
+        FilterKind::Sieve,
+        FilterKind::Milter,
+        FilterKind::Hook,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             FilterKind::Rules => "rules",
             FilterKind::Sieve => "sieve",
+            FilterKind::Milter => "milter",
+            FilterKind::Hook => "hook",
         }
     }
 }
@@ -81,6 +95,25 @@ pub struct Filters {
     rules: StageRules,
     sieve: Option<Arc<SieveSet>>,
     lists: Arc<Lists>,
+    /// `[[server.listener.NAME.milter]]`, in order; each session connects
+    /// to one at the first stage that asks it.
+    milters: Vec<MilterConfig>,
+    /// The listener's message size limit (bounds a milter's body replacement).
+    max_message_size: usize,
+    /// `[[server.listener.NAME.hook]]`, in order; shared by every session
+    /// (their threads start at the first call).
+    hooks: Vec<Hook>,
+}
+
+/// What a listener's filters are built from.
+pub struct FilterSources<'a> {
+    pub sieve: Option<&'a SieveConfig>,
+    pub rules: &'a [StageRuleConfig],
+    pub milters: &'a [MilterConfig],
+    pub hooks: &'a [HookConfig],
+    pub hostname: &'a str,
+    pub lists: Arc<Lists>,
+    pub max_message_size: usize,
 }
 
 /// A config error: the key inside the listener table, and why.
@@ -88,13 +121,17 @@ pub type BuildError = (String, String);
 
 impl Filters {
     /// The listener's filters, or None when it has none (the hot path).
-    pub fn build(
-        sieve: Option<&SieveConfig>,
-        rules: &[StageRuleConfig],
-        hostname: &str,
-        lists: Arc<Lists>,
-    ) -> Result<Option<Arc<Filters>>, BuildError> {
-        if sieve.is_none() && rules.is_empty() {
+    pub fn build(src: FilterSources<'_>) -> Result<Option<Arc<Filters>>, BuildError> {
+        let FilterSources {
+            sieve,
+            rules,
+            milters,
+            hooks,
+            hostname,
+            lists,
+            max_message_size,
+        } = src;
+        if sieve.is_none() && rules.is_empty() && milters.is_empty() && hooks.is_empty() {
             return Ok(None);
         }
         let rules = StageRules::new(rules, &lists)
@@ -108,7 +145,11 @@ impl Filters {
         };
         let mut stages = StageSet::EMPTY;
         for stage in Stage::ALL {
-            if rules.has(stage) || sieve.as_ref().is_some_and(|s| s.has(stage)) {
+            if rules.has(stage)
+                || sieve.as_ref().is_some_and(|s| s.has(stage))
+                || milters.iter().any(|m| m.asked_at(stage))
+                || hooks.iter().any(|h| h.asked_at(stage))
+            {
                 stages.insert(stage);
             }
         }
@@ -120,6 +161,9 @@ impl Filters {
             rules,
             sieve,
             lists,
+            milters: milters.to_vec(),
+            max_message_size,
+            hooks: hooks.iter().cloned().map(Hook::new).collect(),
         })))
     }
 
@@ -127,65 +171,47 @@ impl Filters {
         self.stages
     }
 
-    /// Runs the chain for one stage and combines the answers.
-    pub async fn run(&self, event: &StageEvent<'_>, extras: &SieveExtras<'_>) -> FilterOutcome {
-        let mut combined = FilterOutcome::accept();
-        for kind in FilterKind::ORDER {
-            let started = Instant::now();
-            let outcome = match kind {
-                FilterKind::Rules => {
-                    FilterOutcome::with_verdict(self.rules.decide(event, &self.lists))
-                }
-                FilterKind::Sieve => match &self.sieve {
-                    Some(set) if set.has(event.stage) => {
-                        match run_sieve(set, event, extras).await {
-                            Ok(o) => o,
-                            Err(e) => {
-                                tracing::warn!(
-                                    target: "sluice::filter",
-                                    stage = %event.stage,
-                                    client_ip = %event.client.ip,
-                                    filter = "sieve",
-                                    error = %e,
-                                    "filter failed"
-                                );
-                                match set.on_failure() {
-                                    OnFailure::Accept => FilterOutcome::accept(),
-                                    OnFailure::Tempfail => {
-                                        FilterOutcome::with_verdict(failure_verdict())
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    _ => continue,
-                },
-            };
-            tracing::debug!(
-                target: "sluice::filter",
-                stage = %event.stage,
-                filter = kind.name(),
-                verdict = outcome.verdict.name(),
-                micros = started.elapsed().as_micros() as u64,
-                "filter ran"
-            );
-            if event.stage.may_modify() {
-                combined.modifications.extend(outcome.modifications);
-            }
-            if outcome.verdict.is_final() {
-                tracing::info!(
+    pub fn milters(&self) -> &[MilterConfig] {
+        &self.milters
+    }
+
+    pub fn hooks(&self) -> &[Hook] {
+        &self.hooks
+    }
+
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size
+    }
+
+    /// The built-in rules' verdict.
+    fn rules_outcome(&self, event: &StageEvent<'_>) -> FilterOutcome {
+        FilterOutcome::with_verdict(self.rules.decide(event, &self.lists))
+    }
+
+    /// The Sieve script's outcome, None when no script runs at this stage.
+    async fn sieve_outcome(
+        &self,
+        event: &StageEvent<'_>,
+        extras: &SieveExtras<'_>,
+    ) -> Option<FilterOutcome> {
+        let set = self.sieve.as_ref().filter(|s| s.has(event.stage))?;
+        Some(match run_sieve(set, event, extras).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(
                     target: "sluice::filter",
                     stage = %event.stage,
                     client_ip = %event.client.ip,
-                    filter = kind.name(),
-                    verdict = outcome.verdict.name(),
-                    "filter decided"
+                    filter = "sieve",
+                    error = %e,
+                    "filter failed"
                 );
-                combined.verdict = outcome.verdict;
-                return combined;
+                match set.on_failure() {
+                    OnFailure::Accept => FilterOutcome::accept(),
+                    OnFailure::Tempfail => FilterOutcome::with_verdict(failure_verdict()),
+                }
             }
-        }
-        combined
+        })
     }
 }
 
@@ -304,7 +330,16 @@ mod tests {
 
     #[test]
     fn no_filters_build_nothing() {
-        let built = Filters::build(None, &[], "h", Arc::default()).expect("build");
+        let built = Filters::build(FilterSources {
+            sieve: None,
+            rules: &[],
+            milters: &[],
+            hooks: &[],
+            hostname: "h",
+            lists: Arc::default(),
+            max_message_size: 1 << 20,
+        })
+        .expect("build");
         assert!(built.is_none());
     }
 

@@ -7,19 +7,18 @@
 //!
 //! # How the stage pipeline calls it
 //!
+//! `crate::filters::session::FilterSession` does, per SMTP session:
+//!
 //! ```text
-//! // session start (after PROXY, before the greeting), per configured milter:
+//! // the first stage that asks this milter (after rules and Sieve):
 //! let mut m = MilterSession::open(&cfg, &facts, extras, listener.max_message_size).await;
-//! // at each stage, after the built-in rules and Sieve, milters in order:
-//! if m.asked_at(event.stage) {
-//!     let outcome = m.consult(&event).await;   // on_failure already applied
-//!     // outcome.verdict not Accept: it ends the stage (reply from it);
-//!     // at Data, outcome.modifications are applied in order.
-//! }
-//! // RSET, or a transaction that ended without DATA's end (MAIL/RCPT refused,
-//! // client gone quiet after RCPT): m.abort().await
+//! // at each stage it is asked at, milters in order:
+//! let outcome = m.consult(&event).await;   // on_failure already applied
+//! // outcome.verdict not Accept: it ends the stage (reply from it);
+//! // at Data, outcome.modifications are applied in order.
+//! // The session between transactions (RSET, refusals): m.abort().await
 //! // AUTH succeeded: m.set_auth_type("PLAIN") before the Mail stage.
-//! // session end: m.quit().await
+//! // session end: m.quit().await (dropped without it: QUIT written in Drop)
 //! ```
 //!
 //! Stages the milter is not asked at are still shown to it when it is next
@@ -255,6 +254,31 @@ impl MilterSession {
         }
     }
 
+    /// The QUIT frame written without waiting, for a session dropped
+    /// without [`quit`](Self::quit): a few bytes a socket's send buffer
+    /// takes at once. Best effort; the close follows either way.
+    fn quit_now(&mut self) {
+        let Some(Stream::Tcp(stream)) = &self.stream else {
+            return;
+        };
+        if self.failed.is_some() {
+            return;
+        }
+        let bytes = self.proto.quit();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(stream);
+        // SAFETY: `fd` is the open socket owned by `stream`, alive for this
+        // call; `bytes` is a valid buffer of `bytes.len()` bytes. MSG_DONTWAIT
+        // never blocks the executor; MSG_NOSIGNAL avoids SIGPIPE.
+        let _ = unsafe {
+            libc::send(
+                fd,
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+    }
+
     async fn fail_with<T>(&mut self, e: MilterError) -> Result<T, MilterError> {
         self.fail(e.to_string()).await;
         Err(e)
@@ -295,5 +319,12 @@ impl MilterSession {
                 Poll::Done(outcome) => return Ok(outcome),
             }
         }
+    }
+}
+
+impl Drop for MilterSession {
+    fn drop(&mut self) {
+        // After quit() or a failure the stream is gone: nothing to say.
+        self.quit_now();
     }
 }

@@ -342,6 +342,8 @@ pub struct Session {
     extended: bool,
     tls: Option<String>,
     auth_user: Option<String>,
+    /// The SASL mechanism of the AUTH in progress or done (milters' `{auth_type}`).
+    auth_mechanism: Option<&'static str>,
     errors: usize,
     /// Failed AUTH attempts in this session (for the delay and the cap).
     auth_failures: usize,
@@ -385,6 +387,7 @@ impl Session {
             helo: None,
             extended: false,
             auth_user: None,
+            auth_mechanism: None,
             errors: 0,
             auth_failures: 0,
             tx: Transaction::default(),
@@ -1753,6 +1756,11 @@ impl Session {
             self.state = State::Closed;
             return Some(Action::Close);
         }
+        self.auth_mechanism = match mechanism {
+            smtp_proto::AUTH_PLAIN => Some("PLAIN"),
+            smtp_proto::AUTH_LOGIN => Some("LOGIN"),
+            _ => None,
+        };
         match mechanism {
             smtp_proto::AUTH_PLAIN => {
                 if initial.is_empty() {
@@ -1884,6 +1892,11 @@ impl Session {
                 .collect(),
             message: None,
         })
+    }
+
+    /// The SASL mechanism of the successful AUTH, if any.
+    pub fn auth_mechanism(&self) -> Option<&'static str> {
+        self.auth_user.as_ref().and(self.auth_mechanism)
     }
 
     /// What filters know of the client now.

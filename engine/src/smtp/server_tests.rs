@@ -439,8 +439,11 @@ fn auth_after_tls_and_relay_by_authenticated_user() {
     // Wrong password, then LOGIN with the right one.
     h.feed(b"AUTH PLAIN AGFsaWNlAHdyb25n\r\n", 5);
     assert!(h.out.contains("535 5.7.8"));
+    // A failed AUTH names no mechanism (milters' {auth_type}).
+    assert_eq!(h.session.auth_mechanism(), None);
     h.feed(b"AUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\n", 3);
     assert!(h.out.contains("235 2.7.0"), "{}", h.out);
+    assert_eq!(h.session.auth_mechanism(), Some("LOGIN"));
     h.feed(
         b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@remote.test>\r\nBDAT 2 LAST\r\nhi",
         4,

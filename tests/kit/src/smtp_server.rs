@@ -613,6 +613,32 @@ fn send(w: &mut TcpStream, reply: &str) -> std::io::Result<()> {
     w.write_all(out.as_bytes())
 }
 
+/// A scripted next hop on a loopback address of this test, and the relay
+/// `--set`s (delivery on, 1 s retry) that route `domains` to it.
+pub fn routed_hop(domains: &[&str]) -> (ScriptedServer, Vec<String>) {
+    let ip = crate::delivery::loopback();
+    let port = std::net::TcpListener::bind((ip, 0))
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let hop = ScriptedServer::builder()
+        .name("hop.test")
+        .capability("8BITMIME")
+        .start(SocketAddr::new(ip.into(), port));
+    let list: Vec<String> = domains.iter().map(|d| format!("\"{d}\"")).collect();
+    let sets = vec![
+        "delivery.enabled=true".into(),
+        "queue.default.retry=[\"1s\"]".into(),
+        format!("route.hop={{type=\"relay\",host=\"{ip}\",port={port},tls=\"none\"}}"),
+        format!(
+            "rule=[{{match={{recipient_domain=[{}]}},route=\"hop\"}}]",
+            list.join(",")
+        ),
+    ];
+    (hop, sets)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
