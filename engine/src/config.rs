@@ -8,6 +8,7 @@
 pub mod delivery;
 pub mod events;
 pub mod milter;
+pub mod provider;
 pub mod shaping;
 pub mod suppression;
 pub mod tls_rpt;
@@ -71,6 +72,13 @@ pub struct Config {
     /// Per destination host (MX host name, route host or IP): overrides of the
     /// `[delivery] host_*` limits.
     pub host: BTreeMap<String, delivery::HostConfig>,
+    /// Mailbox providers by name (docs/providers.md): merged over the shipped
+    /// presets key by key.
+    pub provider: BTreeMap<String, provider::ProviderConfig>,
+    /// The providers in force, built by `finish` from the presets and
+    /// `provider`.
+    #[serde(skip)]
+    pub providers: provider::Providers,
     /// Ordered match arms choosing queue and route per recipient.
     pub rule: Vec<sluice_policy::RuleConfig>,
     /// DKIM signers and the rules choosing them.
@@ -825,6 +833,25 @@ impl Config {
                 ));
             }
         }
+        self.providers = provider::Providers::build(&self.provider, self.delivery.provider_presets)
+            .map_err(|e| ConfigError::Invalid {
+                // An absent key is blamed on its table's line.
+                line: find_key_line(text, &e.key).or_else(|| {
+                    let table = e.key.rsplit_once('.').map_or("", |(t, _)| t);
+                    find_key_line(text, table)
+                }),
+                origin: origin.to_string(),
+                key: e.key,
+                message: e.message,
+            })?;
+        for (name, dest) in &self.destination {
+            if name != "default" && dest.rollup == Some(true) {
+                return Err(invalid(
+                    format!("destination.{name}.rollup"),
+                    "only `rollup = false` belongs in a domain's own section (a rolled-up site takes [destination.default]'s limits)".into(),
+                ));
+            }
+        }
         for name in self.source_ip.keys() {
             if name != "default" && name.parse::<std::net::IpAddr>().is_err() {
                 return Err(invalid(
@@ -889,6 +916,7 @@ impl Config {
             destinations: self.destination.clone(),
             source_ips: self.source_ip.clone(),
             hosts: self.host.clone(),
+            providers: self.providers.clone(),
         }
     }
 
