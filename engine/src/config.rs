@@ -846,10 +846,12 @@ impl Config {
             })?;
         for (name, dest) in &self.destination {
             if name != "default" && dest.rollup == Some(true) {
-                return Err(invalid(
-                    format!("destination.{name}.rollup"),
-                    "only `rollup = false` belongs in a domain's own section (a rolled-up site takes [destination.default]'s limits)".into(),
-                ));
+                return Err(ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    key: format!("destination.\"{name}\".rollup"),
+                    line: find_path_line(text, &["destination", name, "rollup"]),
+                    message: "only `rollup = false` belongs in a domain's own section (a rolled-up site takes [destination.default]'s limits)".into(),
+                });
             }
         }
         for name in self.source_ip.keys() {
@@ -1066,10 +1068,17 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 /// Line of a dotted key in the file, for errors found after deserialization.
 fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
+    let parts: Vec<&str> = dotted.split('.').collect();
+    find_path_line(text, &parts)
+}
+
+/// Line of a key given as its path (names that contain dots, such as
+/// domains, stay one part).
+fn find_path_line(text: &str, path: &[&str]) -> Option<usize> {
     let doc: toml_edit::Document<&str> = toml_edit::Document::parse(text).ok()?;
     let mut item: &toml_edit::Item = doc.as_item();
     let mut span = None;
-    for key in dotted.split('.') {
+    for key in path {
         let table = item.as_table_like()?;
         let (k, v) = table.get_key_value(key)?;
         span = k.span().or(v.span()).or(span);

@@ -341,6 +341,43 @@ mod tests {
     }
 
     #[test]
+    fn a_host_entry_beats_its_provider_and_providers_count_per_source_ip() {
+        let c = load(
+            "[delivery]\nmax_connections_per_host = 5\n\
+             [provider.google]\nmax_connections = 3\n\
+             [host.\"alt4.aspmx.l.google.com\"]\nmax_connections = 1\n",
+        )
+        .expect("config");
+        let d = c.delivery_config();
+        let google = |ip: &str| LimitKey::Provider {
+            name: "google".into(),
+            source_ip: ip.into(),
+        };
+        assert_eq!(
+            d.limit_key("ASPMX.L.Google.com.", "default"),
+            google("default")
+        );
+        assert_eq!(
+            d.limit_key("aspmx.l.google.com", "192.0.2.7"),
+            google("192.0.2.7"),
+            "one key per provider and source IP"
+        );
+        assert_eq!(d.limits_for(&google("default").as_key()).max_connections, 3);
+        // The operator named this host: its own entry, its own count.
+        let own = d.limit_key("alt4.aspmx.l.google.com.", "default");
+        assert_eq!(own, LimitKey::Host("alt4.aspmx.l.google.com".into()));
+        assert_eq!(d.limits_for(&own.as_key()).max_connections, 1);
+        // No provider: the host under the [delivery] values.
+        let plain = d.limit_key("mx.example.net", "default");
+        assert_eq!(plain, LimitKey::Host("mx.example.net".into()));
+        assert_eq!(d.limits_for(&plain.as_key()).max_connections, 5);
+        assert_eq!(
+            d.limit_key("192.0.2.1", "default"),
+            LimitKey::Host("192.0.2.1".into())
+        );
+    }
+
+    #[test]
     fn limit_keys_round_trip() {
         for k in [
             LimitKey::Host("mx.example.com".into()),

@@ -83,7 +83,7 @@ use sluice_policy::MultiLimiter;
 use sluice_spool::{Envelope, IdGenerator, MessageId, Spool};
 
 use self::config::DeliveryConfig;
-pub use self::job::{JobRecipient, Outcome, Strategy, Target};
+pub use self::job::{mx_set_key, rollup_key, JobRecipient, Outcome, Strategy, Target};
 pub use self::ledger::is_open;
 use self::ledger::Attempt;
 pub use self::mesh::MeshMsg;

@@ -429,7 +429,8 @@ impl CoreDelivery {
         let (mut tried, mut refused) = (0usize, 0usize);
         for ep in endpoints {
             // The host, or its provider per source IP (`[provider.*]`).
-            let key = self.shared.cfg.limit_key(&ep.host, &site.ip_key).as_key();
+            let limit_key = self.shared.cfg.limit_key(&ep.host, &site.ip_key);
+            let key = limit_key.as_key();
             let limits = self.shared.cfg.limits_for(&key);
             if limits.max_connections > 0 {
                 if slot.as_ref().is_none_or(|s| s.host != key) {
@@ -451,6 +452,9 @@ impl CoreDelivery {
             }
             match Connection::open(&ep, cfg, ehlo, &self.shared.tls).await {
                 Ok(mut conn) => {
+                    if let Some(name) = limit_key.provider() {
+                        crate::metrics::provider_connection(name);
+                    }
                     conn.limit_key.clone_from(&key);
                     return Ok(Open {
                         conn,
