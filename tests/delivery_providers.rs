@@ -195,9 +195,10 @@ fn domains_sharing_an_mx_set_share_limits_and_rollup_false_stands_apart() {
         port,
         2,
         &[
-            "destination.default.max_connections=1".into(),
-            "destination.\"r4.dlv.test\".max_connections=1".into(),
-            "destination.\"r4.dlv.test\".rollup=false".into(),
+            // (`--set` keys cannot quote a dotted name: the whole table.)
+            "destination={default={max_connections=1},\
+             \"r4.dlv.test\"={max_connections=1,rollup=false}}"
+                .into(),
             "delivery.idle_timeout=\"300ms\"".into(),
         ],
     );

@@ -280,7 +280,8 @@ impl CoreDelivery {
                 if self.shared.cfg.rollup(domain) {
                     job.rollup = mx
                         .get(domain)
-                        .and_then(|hosts| mx_set_key(hosts))
+                        .map(Vec::as_slice)
+                        .and_then(mx_set_key)
                         .map(|set| rollup_key(&set, &job.target, &job.strategy));
                 }
             }
