@@ -199,7 +199,10 @@ fn domains_sharing_an_mx_set_share_limits_and_rollup_false_stands_apart() {
             "destination={default={max_connections=1},\
              \"r4.dlv.test\"={max_connections=1,rollup=false}}"
                 .into(),
-            "delivery.idle_timeout=\"300ms\"".into(),
+            // Longer than the test's deadline: a connection idling while
+            // another domain of its group waits would stall the test; it
+            // must close at once instead.
+            "delivery.idle_timeout=\"40s\"".into(),
         ],
     );
     // First the three rolled-up domains alone: one connection between them

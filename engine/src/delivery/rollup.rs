@@ -36,6 +36,9 @@ pub(super) struct SiteGroup {
     /// Sites with jobs waiting for a connection slot of the group, oldest
     /// first (each at most once: `Site::group_waiting`).
     waiting: RefCell<VecDeque<Rc<Site>>>,
+    /// Wakes the group's idle connections when a site starts waiting, so
+    /// they close and free their slots instead of idling on.
+    pub(super) wake: event_listener::Event,
 }
 
 impl SiteGroup {
@@ -47,6 +50,7 @@ impl SiteGroup {
             throttle: RefCell::new(SiteThrottle::new(dest)),
             active: Cell::new(0),
             waiting: RefCell::new(VecDeque::new()),
+            wake: event_listener::Event::new(),
         }
     }
 
@@ -94,7 +98,7 @@ impl CoreDelivery {
 
     /// Starts a connection task for `site`, counted in the site and its group.
     pub(super) fn start_connection(self: &Rc<Self>, site: Rc<Site>) {
-        site.count_connection(1);
+        site.count_connection();
         site.group.active.set(site.group.active.get() + 1);
         let me = self.clone();
         glommio::spawn_local(async move { me.connection_task(site).await }).detach();
@@ -114,6 +118,7 @@ impl CoreDelivery {
     fn wait_for_group(&self, site: &Rc<Site>) {
         if !site.group_waiting.replace(true) {
             site.group.waiting.borrow_mut().push_back(site.clone());
+            site.group.wake.notify(usize::MAX);
             tracing::debug!(site = %site.key, group = %site.group.key, "site group at its connection limit: waiting");
         }
     }

@@ -95,8 +95,8 @@ impl Site {
     }
 
     /// One more connection open or opening.
-    pub(super) fn count_connection(&self, n: usize) {
-        self.active.set(self.active.get() + n);
+    pub(super) fn count_connection(&self) {
+        self.active.set(self.active.get() + 1);
     }
 }
 
@@ -191,13 +191,15 @@ impl CoreDelivery {
                     break;
                 }
                 let listener = site.wake.listen();
-                if !site.queue.borrow().is_empty() {
+                // Another domain of the group starting to wait ends the idling.
+                let group_listener = site.group.wake.listen();
+                if !site.queue.borrow().is_empty() || site.group.others_waiting() {
                     continue;
                 }
                 site.idle.set(site.idle.get() + 1);
                 let woke = futures_lite::future::or(
                     async {
-                        listener.await;
+                        futures_lite::future::or(listener, group_listener).await;
                         true
                     },
                     async {
