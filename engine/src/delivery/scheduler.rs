@@ -272,7 +272,7 @@ impl CoreDelivery {
     /// Sends each job to its site's owner core: the owner of its site group
     /// when the domain is rolled up (`mx` has its MX host names), else of
     /// its site.
-    fn hand_out(self: &Rc<Self>, jobs: Vec<Box<Job>>, mx: &MxHosts) {
+    fn hand_out(self: &Rc<Self>, jobs: impl IntoIterator<Item = Box<Job>>, mx: &MxHosts) {
         let peers = self.senders.nr_consumers().max(1);
         let me_peer = self.senders.peer_id();
         for mut job in jobs {
