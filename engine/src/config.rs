@@ -9,6 +9,7 @@ pub mod delivery;
 pub mod events;
 pub mod hook;
 pub mod milter;
+pub mod provider;
 pub mod shaping;
 pub mod suppression;
 pub mod tls_rpt;
@@ -72,6 +73,13 @@ pub struct Config {
     /// Per destination host (MX host name, route host or IP): overrides of the
     /// `[delivery] host_*` limits.
     pub host: BTreeMap<String, delivery::HostConfig>,
+    /// Mailbox providers by name (docs/providers.md): merged over the shipped
+    /// presets key by key.
+    pub provider: BTreeMap<String, provider::ProviderConfig>,
+    /// The providers in force, built by `finish` from the presets and
+    /// `provider`.
+    #[serde(skip)]
+    pub providers: provider::Providers,
     /// Ordered match arms choosing queue and route per recipient.
     pub rule: Vec<sluice_policy::RuleConfig>,
     /// DKIM signers and the rules choosing them.
@@ -906,6 +914,27 @@ impl Config {
                 ));
             }
         }
+        self.providers = provider::Providers::build(&self.provider, self.delivery.provider_presets)
+            .map_err(|e| ConfigError::Invalid {
+                // An absent key is blamed on its table's line.
+                line: find_key_line(text, &e.key).or_else(|| {
+                    let table = e.key.rsplit_once('.').map_or("", |(t, _)| t);
+                    find_key_line(text, table)
+                }),
+                origin: origin.to_string(),
+                key: e.key,
+                message: e.message,
+            })?;
+        for (name, dest) in &self.destination {
+            if name != "default" && dest.rollup == Some(true) {
+                return Err(ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    key: format!("destination.\"{name}\".rollup"),
+                    line: find_path_line(text, &["destination", name, "rollup"]),
+                    message: "only `rollup = false` belongs in a domain's own section (a rolled-up site takes [destination.default]'s limits)".into(),
+                });
+            }
+        }
         for name in self.source_ip.keys() {
             if name != "default" && name.parse::<std::net::IpAddr>().is_err() {
                 return Err(invalid(
@@ -970,6 +999,7 @@ impl Config {
             destinations: self.destination.clone(),
             source_ips: self.source_ip.clone(),
             hosts: self.host.clone(),
+            providers: self.providers.clone(),
         }
     }
 
@@ -1125,10 +1155,17 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 /// Line of a dotted key in the file, for errors found after deserialization.
 fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
+    let parts: Vec<&str> = dotted.split('.').collect();
+    find_path_line(text, &parts)
+}
+
+/// Line of a key given as its path (names that contain dots, such as
+/// domains, stay one part).
+fn find_path_line(text: &str, path: &[&str]) -> Option<usize> {
     let doc: toml_edit::Document<&str> = toml_edit::Document::parse(text).ok()?;
     let mut item: &toml_edit::Item = doc.as_item();
     let mut span = None;
-    for key in dotted.split('.') {
+    for key in path {
         let table = item.as_table_like()?;
         let (k, v) = table.get_key_value(key)?;
         span = k.span().or(v.span()).or(span);

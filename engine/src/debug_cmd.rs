@@ -13,7 +13,9 @@ use sluice_dns::{QueryType, Resolver, Route};
 
 use crate::config::delivery::DeliveryConfig;
 use crate::config::Config;
-use crate::delivery::{dane, domain_of, route_recipient, tls_policy, MxHosts, Target};
+use crate::delivery::{
+    dane, domain_of, mx_set_key, rollup_key, route_recipient, tls_policy, MxHosts, Target,
+};
 
 /// Where the system's resolvers are listed when `dns.servers` is empty.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -464,7 +466,22 @@ async fn tls(
                 None => resolver.resolve_route(&domain).await,
             };
             writeln!(out, "  route {}: MX of {domain}, port {port}", routed.route)?;
+            // MX rollup: the site group this domain's site joins.
+            let names: Vec<String> = route.hosts.iter().map(|h| h.name.clone()).collect();
+            match mx_set_key(&names) {
+                Some(set) if cfg.rollup(&domain) => writeln!(
+                    out,
+                    "  site group: {} (MX rollup: shares [destination.default] limits with domains of the same MX host set)",
+                    rollup_key(&set, &routed.target, &routed.strategy)
+                )?,
+                _ if !cfg.rollup(&domain) => {
+                    writeln!(out, "  site group: none (rollup off for {domain})")?
+                }
+                _ => writeln!(out, "  site group: none (no MX host names)")?,
+            }
+            let ip_key = crate::config::delivery::source_ip_key(routed.strategy.source_ip);
             for host in &route.hosts {
+                print_limit_key(cfg, &host.name, &ip_key, out)?;
                 if host.addrs.is_empty() {
                     writeln!(out, "  {} {}: no address", host.preference, host.name)?;
                     continue;
@@ -499,6 +516,41 @@ async fn tls(
         }
     }
     Ok(())
+}
+
+/// What connections to `host` count against (`[host.*]`, provider, or the
+/// `[delivery] host_*` values), as delivery decides it.
+fn print_limit_key(
+    cfg: &DeliveryConfig,
+    host: &str,
+    ip_key: &str,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    let key = cfg.limit_key(host, ip_key);
+    let limits = cfg.limits_for(&key.as_key());
+    let whose = match key.provider() {
+        Some(name) => format!("provider {name}"),
+        None => "host".to_string(),
+    };
+    let rates = |r: &[sluice_policy::Rate]| {
+        if r.is_empty() {
+            "none".to_string()
+        } else {
+            r.iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    };
+    writeln!(
+        out,
+        "  limits of {host}: {whose}, key {}: max_connections {}, max_messages_per_connection {}, connection_rate {}, message_rate {}",
+        key.as_key(),
+        limits.max_connections,
+        limits.max_messages_per_connection,
+        rates(&limits.connection_rate),
+        rates(&limits.message_rate),
+    )
 }
 
 fn yes_no(b: bool) -> &'static str {

@@ -87,6 +87,8 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Recipients failed permanently (5xx or unroutable), by queue."),
     ("sluice_recipients_expired_total", Kind::Counter, "queue",
      "Recipients given up on because the message outlived its queue lifetime or DELIVERBY time, by queue."),
+    ("sluice_provider_connections_total", Kind::Counter, "provider",
+     "Outbound connections opened to a mailbox provider's hosts (docs/providers.md), counted against the provider's limits, by provider."),
     ("sluice_delivery_failures_total", Kind::Counter, "class,status",
      "Recipient delivery attempts that failed, by bounce class (docs/bounce-classes.md) and status (deferred, failed, expired)."),
     ("sluice_suppression_added_total", Kind::Counter, "",
@@ -591,6 +593,12 @@ pub fn shaping_action(rule: &str, action: &'static str) {
 /// The number of shaping actions in force changed.
 pub fn shaping_active(n: usize) {
     gauge!("sluice_shaping_active_actions").set(n as f64);
+}
+
+/// A connection opened to a provider's host (`[provider.NAME]`): one per
+/// connection, names bounded by the configured providers.
+pub fn provider_connection(provider: &str) {
+    counter!("sluice_provider_connections_total", "provider" => provider.to_string()).increment(1);
 }
 
 /// A limit delayed or refused mail.

@@ -73,6 +73,8 @@ pub(super) fn sites(api: &ApiContext) -> ApiResult {
                 "max": s.max,
                 "active": s.active,
                 "queued": s.queued,
+                "group": s.group,
+                "group_active": s.group_active,
             })
         })
         .collect();

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sluice_policy::{Rate, TlsLevel};
 
+use super::provider::LimitKey;
 use super::{ByteSize, HumanDuration};
 
 /// `delivery.tls` and `route.NAME.tls`: a TLS level, or `implicit` (TLS from
@@ -107,6 +108,9 @@ pub struct DeliverySection {
     /// Bounce classification rules tried before the shipped ones
     /// (docs/bounce-classes.md); re-read on reload.
     pub bounce_rules: Option<std::path::PathBuf>,
+    /// Use the shipped `[provider.*]` presets (engine/presets/providers.toml)
+    /// under the operator's own tables (docs/providers.md).
+    pub provider_presets: bool,
 }
 
 impl Default for DeliverySection {
@@ -138,6 +142,7 @@ impl Default for DeliverySection {
             host_message_rate: Vec::new(),
             host_max_messages_per_connection: 0,
             bounce_rules: None,
+            provider_presets: true,
         }
     }
 }
@@ -245,6 +250,12 @@ pub struct DestinationConfig {
     pub connection_rate: Vec<Rate>,
     /// Messages (transactions) per period over all connections to the site.
     pub message_rate: Vec<Rate>,
+    /// MX rollup: domains whose MX host sets are equal share one site (owner
+    /// core and the limits above). Default on (from `[destination.default]`);
+    /// `rollup = false` in a domain's own section (or in the default one)
+    /// keeps the domain apart. A domain with its own section is apart anyway,
+    /// under its own limits.
+    pub rollup: Option<bool>,
 }
 
 impl Default for DestinationConfig {
@@ -254,6 +265,7 @@ impl Default for DestinationConfig {
             max_messages_per_connection: 100,
             connection_rate: Vec::new(),
             message_rate: Vec::new(),
+            rollup: None,
         }
     }
 }
@@ -310,6 +322,8 @@ pub struct DeliveryConfig {
     pub source_ips: BTreeMap<String, SourceIpConfig>,
     /// `[host."NAME"]` overrides, keyed as in the file.
     pub hosts: BTreeMap<String, HostConfig>,
+    /// `[provider.*]` over the presets, with their matcher.
+    pub providers: super::provider::Providers,
 }
 
 impl DeliveryConfig {
@@ -352,13 +366,7 @@ impl DeliveryConfig {
     /// `[host."NAME"]` entry (names compared without case or trailing dot, IPs
     /// by value), else the `[delivery] host_*` keys.
     pub fn host_limits(&self, host: &str) -> HostLimits {
-        let key = host_key(host);
-        let ip = key.parse::<std::net::IpAddr>().ok();
-        let over = self.hosts.iter().find_map(|(k, v)| {
-            let k = host_key(k);
-            let same = k == key || (ip.is_some() && k.parse::<std::net::IpAddr>().ok() == ip);
-            same.then_some(v)
-        });
+        let over = self.host_override(host);
         let d = &self.delivery;
         let o = over.cloned().unwrap_or_default();
         HostLimits {
@@ -372,6 +380,62 @@ impl DeliveryConfig {
             max_messages_per_connection: o
                 .max_messages_per_connection
                 .unwrap_or(d.host_max_messages_per_connection),
+        }
+    }
+
+    /// The `[host."NAME"]` entry of a host (names compared without case or
+    /// trailing dot, IPs by value).
+    fn host_override(&self, host: &str) -> Option<&HostConfig> {
+        let key = host_key(host);
+        let ip = key.parse::<std::net::IpAddr>().ok();
+        self.hosts.iter().find_map(|(k, v)| {
+            let k = host_key(k);
+            let same = k == key || (ip.is_some() && k.parse::<std::net::IpAddr>().ok() == ip);
+            same.then_some(v)
+        })
+    }
+
+    /// What a connection to `host` from source IP key `ip_key` counts
+    /// against: the host's own `[host."NAME"]` entry when it has one (the
+    /// operator named it), else its provider per source IP, else the host
+    /// under the `[delivery] host_*` values.
+    pub fn limit_key(&self, host: &str, ip_key: &str) -> LimitKey {
+        let key = host_key(host);
+        if self.host_override(&key).is_none() {
+            if let Some(name) = self.providers.provider_of(&key) {
+                return LimitKey::Provider {
+                    name: name.to_string(),
+                    source_ip: ip_key.to_string(),
+                };
+            }
+        }
+        LimitKey::Host(key)
+    }
+
+    /// The limits of a key made by [`DeliveryConfig::limit_key`] (in its
+    /// [`LimitKey::as_key`] form, as the host owners get it).
+    pub fn limits_for(&self, key: &str) -> HostLimits {
+        match LimitKey::parse(key) {
+            LimitKey::Provider { name, .. } => self
+                .providers
+                .limits(&name, &self.delivery)
+                .unwrap_or_else(|| self.host_limits(key)),
+            LimitKey::Host(host) => self.host_limits(&host),
+        }
+    }
+
+    /// Whether a domain's site is rolled up with the other domains of its
+    /// MX host set: its own `[destination."D"]` says (apart unless it says
+    /// otherwise — only `false` is accepted there), else
+    /// `[destination.default] rollup` (on by default).
+    pub fn rollup(&self, domain: &str) -> bool {
+        match self.destinations.get(domain) {
+            Some(own) => own.rollup.unwrap_or(false),
+            None => self
+                .destinations
+                .get("default")
+                .and_then(|d| d.rollup)
+                .unwrap_or(true),
         }
     }
 

@@ -64,7 +64,38 @@ pub struct Strategy {
 /// one destination several levels and a connection runs under one; and the
 /// message's REQUIRETLS or `TLS-Required: No`, for the same reason.
 pub fn site_key(target: &Target, strategy: &Strategy) -> String {
-    let mut key = target.destination();
+    keyed(target.destination(), target, strategy)
+}
+
+/// The key of an MX host set: `mx:` and the host names, lowercase, without
+/// trailing dots, sorted and without repeats (so preference order and
+/// spelling do not matter). None for an empty set (the lookup failed: the
+/// domain stays apart, and its connection reports why).
+pub fn mx_set_key(hosts: &[String]) -> Option<String> {
+    let mut names: Vec<String> = hosts
+        .iter()
+        .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
+        .collect();
+    if names.is_empty() {
+        return None;
+    }
+    names.sort();
+    names.dedup();
+    Some(format!("mx:{}", names.join(",")))
+}
+
+/// The rollup key of a job to an MX target: its MX host set in place of the
+/// domain, with the same strategy and TLS parts as [`site_key`], so domains
+/// sharing it share a site group (owner core and limits) only when their
+/// connections would run the same way.
+pub fn rollup_key(mx_set: &str, target: &Target, strategy: &Strategy) -> String {
+    keyed(mx_set.to_string(), target, strategy)
+}
+
+/// `destination` followed by the strategy and TLS parts of a site key.
+fn keyed(destination: String, target: &Target, strategy: &Strategy) -> String {
+    let mut key = destination;
     if strategy.source_ip.is_some() || strategy.ehlo_name.is_some() {
         key = format!(
             "{key}|{}|{}",
@@ -115,6 +146,10 @@ pub struct Job {
     pub envid: Option<String>,
     pub attempt: u32,
     pub arrival_unix_ms: u64,
+    /// The site group (MX rollup) the job's site belongs to: its
+    /// [`rollup_key`], set by the shard owner when the domain is rolled up;
+    /// None = the site stands alone.
+    pub rollup: Option<String>,
 }
 
 #[derive(Debug, Clone)]

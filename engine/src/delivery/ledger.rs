@@ -111,6 +111,7 @@ pub fn jobs(
                 envid: env.envid.clone(),
                 attempt: env.schedule.attempts + 1,
                 arrival_unix_ms: env.arrival_unix_ms,
+                rollup: None,
             }));
         }
     }

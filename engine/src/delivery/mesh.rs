@@ -218,7 +218,7 @@ impl CoreDelivery {
 
     /// Host-owner side: the host's limiter's answer for one permit.
     fn host_rate_wait(&self, host: &str, kind: HostRate) -> Option<Duration> {
-        let limits = self.shared.cfg.host_limits(host);
+        let limits = self.shared.cfg.limits_for(host);
         let rates = match kind {
             HostRate::Connection => &limits.connection_rate,
             HostRate::Message => &limits.message_rate,
@@ -271,7 +271,7 @@ impl CoreDelivery {
 
     /// Host-owner side: a slot is asked for.
     fn host_acquire(self: &Rc<Self>, host: String, waiter: Waiter) {
-        let max = self.shared.cfg.host_limits(&host).max_connections;
+        let max = self.shared.cfg.limits_for(&host).max_connections;
         let granted = self.hosts.borrow_mut().acquire_max(&host, max, waiter);
         if granted {
             self.host_grant(waiter);

@@ -58,6 +58,7 @@ mod mesh;
 pub mod mta_sts;
 mod notices;
 pub mod outbound;
+mod rollup;
 mod routing;
 mod scheduler;
 pub mod shaping;
@@ -82,7 +83,7 @@ use sluice_policy::MultiLimiter;
 use sluice_spool::{Envelope, IdGenerator, MessageId, Spool};
 
 use self::config::DeliveryConfig;
-pub use self::job::{JobRecipient, Outcome, Strategy, Target};
+pub use self::job::{mx_set_key, rollup_key, JobRecipient, Outcome, Strategy, Target};
 pub use self::ledger::is_open;
 use self::ledger::Attempt;
 pub use self::mesh::MeshMsg;
@@ -128,6 +129,8 @@ pub struct CoreDelivery {
     timers: RefCell<BTreeSet<(u64, MessageId)>>,
     timer_wake: event_listener::Event,
     sites: RefCell<HashMap<String, Rc<Site>>>,
+    /// Site groups (MX rollup) by rollup key, while a site uses them.
+    groups: RefCell<HashMap<String, std::rc::Weak<rollup::SiteGroup>>>,
     /// Shards this core schedules (its own, plus leftovers from runs with more cores).
     shards: Vec<u16>,
     /// This core's share of each queue's message rate (shard-owner side).
@@ -180,6 +183,7 @@ impl CoreDelivery {
             timers: RefCell::new(BTreeSet::new()),
             timer_wake: event_listener::Event::new(),
             sites: RefCell::new(HashMap::new()),
+            groups: RefCell::new(HashMap::new()),
             shards,
             queue_rates: RefCell::new(HashMap::new()),
             host_requests: RefCell::new(HashMap::new()),

@@ -322,6 +322,9 @@ pub struct Connection {
     /// logged and counted, the session goes on as configured.
     sts_testing: bool,
     tls_rpt: Option<std::rc::Rc<super::tls_rpt::Target>>,
+    /// What the connection counts against (`LimitKey::as_key`: the host, or
+    /// `provider:NAME|IP`), for the log.
+    pub limit_key: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -413,6 +416,7 @@ impl Connection {
             dane: endpoint.dane.clone(),
             sts_testing,
             tls_rpt: endpoint.tls_rpt.clone(),
+            limit_key: String::new(),
             lmtp: endpoint.lmtp,
             timeouts: Timeouts {
                 greeting: cfg.greeting_timeout.0,

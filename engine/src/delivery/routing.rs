@@ -262,6 +262,72 @@ mod tests {
     }
 
     #[test]
+    fn rollup_keys_are_the_mx_host_set_with_the_strategy() {
+        use crate::delivery::job::{mx_set_key, rollup_key};
+        let hosts = |h: &[&str]| h.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let a = mx_set_key(&hosts(&["mx2.example.net", "MX1.example.net."])).expect("set");
+        let b = mx_set_key(&hosts(&[
+            "mx1.example.net",
+            "mx2.example.net",
+            "mx1.example.net",
+        ]))
+        .expect("set");
+        assert_eq!(a, "mx:mx1.example.net,mx2.example.net");
+        assert_eq!(a, b, "order, case, dots and repeats do not matter");
+        assert_ne!(mx_set_key(&hosts(&["mx1.example.net"])), Some(a.clone()));
+        assert_eq!(mx_set_key(&[]), None, "a failed lookup rolls nothing up");
+        let t = |domain: &str, level| Target::Mx {
+            domain: domain.into(),
+            port: 25,
+            tls: TlsPolicy {
+                level,
+                basis: Basis::Global,
+                implicit: false,
+            },
+        };
+        let plain = Strategy::default();
+        let from = Strategy {
+            source_ip: Some("192.0.2.7".parse().expect("ip")),
+            ..Strategy::default()
+        };
+        // Two domains, one key; a strategy or TLS level apart, another.
+        let one = rollup_key(&a, &t("a.example", Level::Opportunistic), &plain);
+        assert_eq!(
+            one,
+            rollup_key(&a, &t("b.example", Level::Opportunistic), &plain)
+        );
+        assert_eq!(one, "mx:mx1.example.net,mx2.example.net");
+        assert_eq!(
+            rollup_key(&a, &t("a.example", Level::Opportunistic), &from),
+            "mx:mx1.example.net,mx2.example.net|192.0.2.7|"
+        );
+        assert_eq!(
+            rollup_key(&a, &t("a.example", Level::Verify), &plain),
+            "mx:mx1.example.net,mx2.example.net|tls=verify"
+        );
+    }
+
+    #[test]
+    fn rollup_is_on_by_default_and_off_per_domain_or_globally() {
+        let c = cfg("");
+        assert!(c.rollup("a.example"));
+        let c = cfg("[destination.\"own.example\"]\nmax_connections = 2\n\
+             [destination.\"out.example\"]\nrollup = false\n");
+        assert!(c.rollup("a.example"));
+        assert!(!c.rollup("own.example"), "its own section: its own limits");
+        assert!(!c.rollup("out.example"));
+        let c = cfg("[destination.default]\nrollup = false\n");
+        assert!(!c.rollup("a.example"));
+        // Only `false` belongs in a domain's own section.
+        let err =
+            crate::config::Config::load("t", "[destination.\"x.example\"]\nrollup = true\n", &[])
+                .expect_err("rollup = true per domain")
+                .to_string();
+        assert!(err.contains("destination.\"x.example\".rollup"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
     fn sites_are_split_by_connection_strategy() {
         let t = Target::Mx {
             domain: "example.com".into(),

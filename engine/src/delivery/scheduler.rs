@@ -12,7 +12,7 @@ use glommio::timer::Timer;
 use sluice_policy::MultiLimiter;
 use sluice_spool::{Envelope, MessageId, Reply};
 
-use super::job::{deferred_all, site_key, JobResult, Outcome};
+use super::job::{deferred_all, mx_set_key, rollup_key, site_key, Job, JobResult, Outcome, Target};
 use super::ledger::{self, Admit, Attempt, Effect};
 use super::mesh::{owner_of, MeshMsg};
 use super::routing::{message_facts, MxHosts};
@@ -187,7 +187,6 @@ impl CoreDelivery {
                 return;
             }
         }
-        let peers = self.senders.nr_consumers().max(1);
         let me_peer = self.senders.peer_id();
         let per_tx = self.shared.cfg.delivery.max_recipients_per_transaction;
         let jobs = ledger::jobs(id, me_peer, &envelope, groups, per_tx);
@@ -224,9 +223,71 @@ impl CoreDelivery {
         self.attempts
             .borrow_mut()
             .insert(id, Attempt::new(envelope, outstanding, true));
-        for job in jobs {
+        if !unroutable.is_empty() {
+            self.on_result(JobResult {
+                id,
+                outcomes: unroutable,
+                remote_mta: None,
+                peer_dsn: false,
+                lmtp: false,
+            });
+        }
+        // MX rollup: the site group of each job to a rolled-up domain is its
+        // MX host set, which must be known before the owner core is.
+        let rolled: Vec<String> = {
+            let mut domains: Vec<String> = jobs
+                .iter()
+                .filter_map(|j| match &j.target {
+                    Target::Mx { domain, .. } if self.shared.cfg.rollup(domain) => {
+                        Some(domain.clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            domains.sort();
+            domains.dedup();
+            domains
+        };
+        if rolled.is_empty() {
+            return self.hand_out(jobs, &MxHosts::new());
+        }
+        if let Some(mx) = mx.filter(|m| rolled.iter().all(|d| m.contains_key(d))) {
+            // Already looked up for the rules.
+            return self.hand_out(jobs, mx);
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let mut mx = MxHosts::new();
+            for domain in rolled {
+                let route = me.resolver.resolve_route(&domain).await;
+                mx.insert(domain, route.hosts.into_iter().map(|h| h.name).collect());
+            }
+            if !me.stopped.get() {
+                me.hand_out(jobs, &mx);
+            }
+        })
+        .detach();
+    }
+
+    /// Sends each job to its site's owner core: the owner of its site group
+    /// when the domain is rolled up (`mx` has its MX host names), else of
+    /// its site.
+    fn hand_out(self: &Rc<Self>, jobs: impl IntoIterator<Item = Box<Job>>, mx: &MxHosts) {
+        let peers = self.senders.nr_consumers().max(1);
+        let me_peer = self.senders.peer_id();
+        for mut job in jobs {
+            if let Target::Mx { domain, .. } = &job.target {
+                if self.shared.cfg.rollup(domain) {
+                    job.rollup = mx
+                        .get(domain)
+                        .map(Vec::as_slice)
+                        .and_then(mx_set_key)
+                        .map(|set| rollup_key(&set, &job.target, &job.strategy));
+                }
+            }
+            let id = job.id;
             let key = site_key(&job.target, &job.strategy);
-            let owner = owner_of(&key, peers);
+            let owner = owner_of(job.rollup.as_deref().unwrap_or(&key), peers);
             tracing::debug!(id = %id, site = %key, owner, me = me_peer, "job dispatched");
             if owner == me_peer {
                 self.enqueue(job);
@@ -242,15 +303,6 @@ impl CoreDelivery {
                 })
                 .detach();
             }
-        }
-        if !unroutable.is_empty() {
-            self.on_result(JobResult {
-                id,
-                outcomes: unroutable,
-                remote_mta: None,
-                peer_dsn: false,
-                lmtp: false,
-            });
         }
     }
 

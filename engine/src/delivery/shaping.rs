@@ -341,6 +341,10 @@ pub struct SiteConcurrency {
     pub active: usize,
     /// Jobs waiting at the site.
     pub queued: usize,
+    /// Its MX rollup group (`docs/providers.md`); its own key when alone.
+    pub group: String,
+    /// Connections of the whole group, open or opening.
+    pub group_active: usize,
 }
 
 /// Per-site shaping state kept by the site owner.
@@ -606,6 +610,8 @@ impl CoreDelivery {
                 max: s.max_connections,
                 active: s.active_connections(),
                 queued: s.queue.borrow().len(),
+                group: s.group.key.clone(),
+                group_active: s.group.active.get(),
             })
             .collect();
         out.sort_by(|a, b| a.site.cmp(&b.site));

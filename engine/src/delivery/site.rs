@@ -20,8 +20,9 @@ use super::job::{
 use super::mesh::HostSlot;
 use super::mta_sts;
 use super::outbound::{Connection, Endpoint, SessionFailure};
+use super::rollup::SiteGroup;
 use super::shaping::SiteShaping;
-use super::throttle::{self, HostRate, SiteThrottle};
+use super::throttle::{self, HostRate};
 use super::tls_policy::{self, Level};
 use super::{config, halted, now_ms, CoreDelivery};
 use sluice_spool::Reply;
@@ -35,9 +36,13 @@ pub(super) struct Site {
     strategy: Strategy,
     /// Key of the sending address (`config::source_ip_key`).
     ip_key: String,
+    /// Its group's `max_connections` (slow start and shaping stay below it).
     pub(super) max_connections: usize,
-    max_per_connection: usize,
-    throttle: RefCell<SiteThrottle>,
+    /// The limits it shares with the other domains of its MX host set (or
+    /// has alone): `rollup.rs`.
+    pub(super) group: Rc<SiteGroup>,
+    /// In its group's waiting list.
+    pub(super) group_waiting: Cell<bool>,
     pub(super) queue: RefCell<BinaryHeap<Queued>>,
     /// Slow start, backoff and the message-rate action (`shaping.rs`).
     pub(super) shaping: SiteShaping,
@@ -88,6 +93,11 @@ impl Site {
     pub(super) fn active_connections(&self) -> usize {
         self.active.get()
     }
+
+    /// One more connection open or opening.
+    pub(super) fn count_connection(&self) {
+        self.active.set(self.active.get() + 1);
+    }
 }
 
 impl CoreDelivery {
@@ -110,26 +120,27 @@ impl CoreDelivery {
     /// Site-owner side: queue a job and make sure a connection will take it.
     pub(super) fn enqueue(self: &Rc<Self>, job: Box<Job>) {
         let key = site_key(&job.target, &job.strategy);
-        tracing::debug!(id = %job.id, site = %key, core = self.core, "job queued");
+        tracing::debug!(id = %job.id, site = %key, group = job.rollup.as_deref().unwrap_or(""), core = self.core, "job queued");
         let site = {
             let mut sites = self.sites.borrow_mut();
             sites
                 .entry(key.clone())
                 .or_insert_with(|| {
                     let dest = self.shared.cfg.destination(&job.target.destination());
+                    let group = self.group_for(job.rollup.as_deref(), &key, &dest);
                     Rc::new(Site {
                         key: key.clone(),
                         target: job.target.clone(),
                         strategy: job.strategy.clone(),
                         ip_key: config::source_ip_key(job.strategy.source_ip),
-                        max_connections: dest.max_connections.max(1),
-                        max_per_connection: dest.max_messages_per_connection.max(1),
-                        throttle: RefCell::new(SiteThrottle::new(&dest)),
+                        max_connections: group.max_connections,
                         shaping: SiteShaping::new(
                             self.slow_start().is_some(),
                             self.slow_start().unwrap_or(1),
-                            dest.max_connections.max(1),
+                            group.max_connections,
                         ),
+                        group,
+                        group_waiting: Cell::new(false),
                         queue: RefCell::new(BinaryHeap::new()),
                         active: Cell::new(0),
                         idle: Cell::new(0),
@@ -152,10 +163,8 @@ impl CoreDelivery {
         }
         if site.idle.get() > 0 {
             site.wake.notify(1);
-        } else if site.active.get() < self.site_limit(&site) {
-            site.active.set(site.active.get() + 1);
-            let me = self.clone();
-            glommio::spawn_local(async move { me.connection_task(site).await }).detach();
+        } else {
+            self.connect_or_wait(&site);
         }
     }
 
@@ -165,7 +174,7 @@ impl CoreDelivery {
     /// wait for a slot) rather than fail anything. A job is taken off the queue
     /// only once the connection is open, so while this task waits for a host slot
     /// another connection of the site can still take the job.
-    async fn connection_task(self: Rc<Self>, site: Rc<Site>) {
+    pub(super) async fn connection_task(self: Rc<Self>, site: Rc<Site>) {
         let cfg = &self.shared.cfg.delivery;
         let mut open: Option<Open> = None;
         let mut sent = 0usize;
@@ -177,14 +186,20 @@ impl CoreDelivery {
         let mut host_permit = false;
         loop {
             if site.queue.borrow().is_empty() {
+                if site.group.others_waiting() {
+                    // Another domain of the group waits for this slot.
+                    break;
+                }
                 let listener = site.wake.listen();
-                if !site.queue.borrow().is_empty() {
+                // Another domain of the group starting to wait ends the idling.
+                let group_listener = site.group.wake.listen();
+                if !site.queue.borrow().is_empty() || site.group.others_waiting() {
                     continue;
                 }
                 site.idle.set(site.idle.get() + 1);
                 let woke = futures_lite::future::or(
                     async {
-                        listener.await;
+                        futures_lite::future::or(listener, group_listener).await;
                         true
                     },
                     async {
@@ -209,7 +224,7 @@ impl CoreDelivery {
             }
             if open.is_none() {
                 // The site's connection rate.
-                let wait = site.throttle.borrow_mut().connection_wait(now_ms());
+                let wait = site.group.throttle.borrow_mut().connection_wait(now_ms());
                 if let Some(wait) = wait {
                     crate::metrics::throttled(crate::metrics::Throttle::SiteConnectionRate);
                     tracing::debug!(site = %site.key, wait_ms = wait.as_millis() as u64, "site connection rate: waiting");
@@ -287,7 +302,7 @@ impl CoreDelivery {
                 continue;
             }
             // The site's message rate.
-            let wait = site.throttle.borrow_mut().message_wait(now_ms());
+            let wait = site.group.throttle.borrow_mut().message_wait(now_ms());
             if let Some(wait) = wait {
                 if wait > cfg.idle_timeout.0 {
                     // Do not keep an idle connection (and its host slot) through a
@@ -323,14 +338,8 @@ impl CoreDelivery {
             self.report(&job, result);
             sent += 1;
             // Slow start may allow one more connection now.
-            if site.idle.get() == 0
-                && !site.queue.borrow().is_empty()
-                && site.active.get() < self.site_limit(&site)
-            {
-                site.active.set(site.active.get() + 1);
-                let me = self.clone();
-                let site = site.clone();
-                glommio::spawn_local(async move { me.connection_task(site).await }).detach();
+            if site.idle.get() == 0 && !site.queue.borrow().is_empty() && self.may_connect(&site) {
+                self.start_connection(site.clone());
             }
             if broken {
                 open = None;
@@ -344,12 +353,18 @@ impl CoreDelivery {
             o.conn.quit().await;
         }
         site.active.set(site.active.get() - 1);
-        // A job may have arrived after the idle wait gave up.
-        if !site.queue.borrow().is_empty() && site.active.get() < self.site_limit(&site) {
-            site.active.set(site.active.get() + 1);
-            let me = self.clone();
-            glommio::spawn_local(async move { me.connection_task(site).await }).detach();
-        } else if site.active.get() == 0 {
+        site.group.active.set(site.group.active.get() - 1);
+        let pending = !site.queue.borrow().is_empty();
+        // Other domains of the group that waited for a slot go first.
+        if self.group_slot_freed(&site.group) {
+            if pending {
+                self.connect_or_wait(&site);
+            }
+        } else if pending {
+            // A job may have arrived after the idle wait gave up.
+            self.connect_or_wait(&site);
+        }
+        if site.active.get() == 0 && !pending {
             self.evict_site(site);
         }
     }
@@ -357,15 +372,22 @@ impl CoreDelivery {
     /// An idle site (no connection, nothing queued) leaves the table once its
     /// rate limiters are full again, so the table holds the sites in use, not
     /// every domain ever mailed. The next job makes a new one.
-    fn evict_site(self: &Rc<Self>, site: Rc<Site>) {
+    pub(super) fn evict_site(self: &Rc<Self>, site: Rc<Site>) {
         let idle = |s: &Site| s.active.get() == 0 && s.queue.borrow().is_empty();
-        let at = site.throttle.borrow().forgettable_at();
+        let at = site.group.throttle.borrow().forgettable_at();
         if at <= now_ms() {
             if idle(&site) {
-                let mut sites = self.sites.borrow_mut();
-                if sites.get(&site.key).is_some_and(|s| Rc::ptr_eq(s, &site)) {
-                    sites.remove(&site.key);
+                let removed = {
+                    let mut sites = self.sites.borrow_mut();
+                    let ours = sites.get(&site.key).is_some_and(|s| Rc::ptr_eq(s, &site));
+                    ours.then(|| sites.remove(&site.key))
+                };
+                if removed.is_some() {
                     tracing::debug!(site = %site.key, "idle site evicted");
+                    let group = site.group.key.clone();
+                    drop(removed);
+                    drop(site);
+                    self.drop_group_if_unused(&group);
                 }
             }
             return;
@@ -404,12 +426,14 @@ impl CoreDelivery {
             .as_deref()
             .unwrap_or(&self.shared.ehlo_name);
         let mut slot: Option<HostSlot> = None;
-        let site_max = site.max_per_connection;
+        let site_max = site.group.max_per_connection;
         // Endpoints tried, and those that refused a REQUIRETLS message.
         let (mut tried, mut refused) = (0usize, 0usize);
         for ep in endpoints {
-            let key = throttle::host_key(&ep.host);
-            let limits = self.shared.cfg.host_limits(&key);
+            // The host, or its provider per source IP (`[provider.*]`).
+            let limit_key = self.shared.cfg.limit_key(&ep.host, &site.ip_key);
+            let key = limit_key.as_key();
+            let limits = self.shared.cfg.limits_for(&key);
             if limits.max_connections > 0 {
                 if slot.as_ref().is_none_or(|s| s.host != key) {
                     // Give the previous host's slot back before waiting for another.
@@ -429,7 +453,11 @@ impl CoreDelivery {
                 }
             }
             match Connection::open(&ep, cfg, ehlo, &self.shared.tls).await {
-                Ok(conn) => {
+                Ok(mut conn) => {
+                    if let Some(name) = limit_key.provider() {
+                        crate::metrics::provider_connection(name);
+                    }
+                    conn.limit_key.clone_from(&key);
                     return Ok(Open {
                         conn,
                         _slot: slot,
@@ -438,7 +466,7 @@ impl CoreDelivery {
                             site_max,
                             limits.max_messages_per_connection,
                         ),
-                    })
+                    });
                 }
                 Err(f) => {
                     tracing::info!(host = %ep.host, ip = %ep.addr.ip(), reply = %f.reply, tls_policy = ep.tls.name(), ids = %waiting_ids(site), "connection attempt failed");

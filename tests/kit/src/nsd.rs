@@ -88,6 +88,33 @@ impl Nsd {
         })
     }
 
+    /// Like [`Nsd::start`], plus zones of other names, each as (origin,
+    /// zone-file lines relative to it): MX hosts under real provider names
+    /// (`google.com`…) pointing at loopback addresses.
+    pub fn start_with_zones(records: &str, extra: &[(&str, &str)]) -> Nsd {
+        let zone_text = |origin: &str, records: &str| {
+            format!(
+                "$ORIGIN {origin}.\n$TTL 60\n@ SOA ns.{ZONE}. hostmaster.{ZONE}. 1 3600 600 86400 5\n@ NS ns.{ZONE}.\n{records}\n"
+            )
+        };
+        let zone = format!(
+            "$ORIGIN {ZONE}.\n$TTL 60\n@ SOA ns hostmaster 1 3600 600 86400 5\n@ NS ns\nns A 127.0.0.1\n{records}\n"
+        );
+        let mut clauses = format!("zone:\n  name: {ZONE}\n  zonefile: dlv.zone\n");
+        let mut write = vec![("dlv.zone".to_string(), zone)];
+        for (i, (origin, records)) in extra.iter().enumerate() {
+            let file = format!("extra{i}.zone");
+            clauses.push_str(&format!("zone:\n  name: {origin}\n  zonefile: {file}\n"));
+            write.push((file, zone_text(origin, records)));
+        }
+        Nsd::start_with(|| Zones {
+            dir: None,
+            clauses: clauses.clone(),
+            probe: format!("ns.{ZONE}"),
+            write: write.clone(),
+        })
+    }
+
     /// Serves the fixture zones of tests/dns/zones ([`ZONES`]).
     pub fn fixture() -> Nsd {
         Nsd::start_with(|| Zones {
