@@ -111,21 +111,7 @@ impl HookConfig {
 }
 
 fn stages<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Stage>, D::Error> {
-    let names = Vec::<String>::deserialize(d)?;
-    let mut out = Vec::new();
-    for name in names {
-        let stage = Stage::from_name(&name)
-            .filter(|s| HOOK_STAGES.contains(s))
-            .ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "`{name}` is not a hook stage (connect, ehlo, auth, mail, rcpt, data)"
-                ))
-            })?;
-        if !out.contains(&stage) {
-            out.push(stage);
-        }
-    }
-    Ok(out)
+    super::milter::stage_list(d, &HOOK_STAGES, "hook")
 }
 
 #[cfg(test)]

@@ -177,14 +177,26 @@ pub(super) fn on_failure<'de, D: Deserializer<'de>>(d: D) -> Result<OnFailure, D
 }
 
 fn stages<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Stage>, D::Error> {
+    stage_list(d, &MILTER_STAGES, "milter")
+}
+
+/// A list of stage names, each one of `allowed` (duplicates dropped); the
+/// error names the `kind` of filter and the stages it can be asked at.
+pub(super) fn stage_list<'de, D: Deserializer<'de>>(
+    d: D,
+    allowed: &[Stage],
+    kind: &str,
+) -> Result<Vec<Stage>, D::Error> {
     let names = Vec::<String>::deserialize(d)?;
     let mut out = Vec::new();
     for name in names {
         let stage = Stage::from_name(&name)
-            .filter(|s| MILTER_STAGES.contains(s))
+            .filter(|s| allowed.contains(s))
             .ok_or_else(|| {
+                let choices: Vec<&str> = allowed.iter().map(|s| s.name()).collect();
                 serde::de::Error::custom(format!(
-                    "`{name}` is not a milter stage (connect, ehlo, mail, rcpt, data)"
+                    "`{name}` is not a {kind} stage ({})",
+                    choices.join(", ")
                 ))
             })?;
         if !out.contains(&stage) {
