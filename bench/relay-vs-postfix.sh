@@ -54,7 +54,8 @@
 #   --case "SIZE CONNS RCPTS TLS SETUPS"  measure only this case (repeatable), e.g.
 #                 --case "1024 32 1 off sluice,postfix" (TLS off|starttls|verify; setups from
 #                 ceiling,sluice,sluice1,postfix, the DKIM setups sluice-rsa,sluice-ed,
-#                 postfix-rsa,postfix-ed, and the events setups sluice-evfile,sluice-evhook);
+#                 postfix-rsa,postfix-ed, the events setups sluice-evfile,sluice-evhook,
+#                 and the filter setups sluice-sieve,sluice-milter,sluice-hook);
 #                 bench/ab.sh uses it for A/B runs
 # Needs root (Postfix runs its daemons as user postfix), smtp-source, postfix, curl, jq,
 # openssl (STARTTLS and DKIM cases), opendkim (postfix-rsa / postfix-ed).
@@ -327,6 +328,24 @@ start_webhook() { # PORT DIR: the events webhook (counts events, answers 200)
     PIDS+=("$WEBHOOK_PID")
     wait_listening "$1" "$WEBHOOK_PID" "webhook_sink.py"
 }
+# Filter setups (issue 14): one Sieve script at rcpt and one at data; the test milter
+# (pymilter, tests/py/test_milter.py: it edits headers, recipients and body at end of
+# message); the test HTTP hook (tests/py/test_hook.py) asked at rcpt and data. Only the
+# relay's own CPU is counted, not the Python filter's.
+write_bench_sieve() { # DIR: scripts that run on every message but change nothing for it
+    printf '%s\n' 'require ["envelope", "reject"];' \
+        'if envelope :domain "to" "blocked.invalid" { reject "blocked"; }' >"$1/rcpt.sieve"
+    printf '%s\n' 'require ["editheader", "reject"];' \
+        'if header :contains "subject" "bench-spam-marker" { reject "spam"; }' >"$1/data.sieve"
+}
+start_py_filter() { # PORT DIR SCRIPT ARGS...: a Python milter or hook from tests/py
+    local port=$1 dir=$2 script=$3
+    shift 3
+    /usr/bin/python3 "$REPO/tests/py/$script" "$@" >"$dir/$script.out" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    wait_listening "$port" "$pid" "$script"
+}
 events_seen() { # SETUP DIR -> events the sink of that setup had (file lines or webhook count)
     case "$1" in
         sluice-evfile) wc -l <"$2/events.jsonl" 2>/dev/null | tr -d ' ' || echo 0 ;;
@@ -422,6 +441,18 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
         sluice-evhook)
             start_webhook "$milter_port" "$dir"
             EVENT_ARGS=(--set events.enabled=true --set "events.webhook_url=\"http://127.0.0.1:$milter_port/events\"")
+            start_sluice "$relay_port" "$sink_port" "$dir" 0 "$tls"; EVENT_ARGS=(); target=$relay_port ;;
+        sluice-sieve)
+            write_bench_sieve "$dir"
+            EVENT_ARGS=(--set "server.listener.smtp.sieve={rcpt=\"$dir/rcpt.sieve\",data=\"$dir/data.sieve\"}")
+            start_sluice "$relay_port" "$sink_port" "$dir" 0 "$tls"; EVENT_ARGS=(); target=$relay_port ;;
+        sluice-milter)
+            start_py_filter "$milter_port" "$dir" test_milter.py "inet:$milter_port@127.0.0.1"
+            EVENT_ARGS=(--set "server.listener.smtp.milter=[{name=\"bench\",socket=\"inet:127.0.0.1:$milter_port\"}]")
+            start_sluice "$relay_port" "$sink_port" "$dir" 0 "$tls"; EVENT_ARGS=(); target=$relay_port ;;
+        sluice-hook)
+            start_py_filter "$milter_port" "$dir" test_hook.py "$milter_port" /dev/null
+            EVENT_ARGS=(--set "server.listener.smtp.hook=[{name=\"bench\",url=\"http://127.0.0.1:$milter_port/smtp\",stages=[\"rcpt\",\"data\"]}]")
             start_sluice "$relay_port" "$sink_port" "$dir" 0 "$tls"; EVENT_ARGS=(); target=$relay_port ;;
         postfix) start_postfix "$relay_port" "$sink_port" "$dir" "$tls"; target=$relay_port ;;
         postfix-rsa|postfix-ed)
@@ -622,6 +653,9 @@ label() {
         postfix-ed) echo "Postfix $PF_VERSION + OpenDKIM $OD_VERSION milter, Ed25519" ;;
         sluice-evfile) echo "sluice (cores=$(nproc)), events → file" ;;
         sluice-evhook) echo "sluice (cores=$(nproc)), events → webhook" ;;
+        sluice-sieve) echo "sluice (cores=$(nproc)), Sieve at rcpt and data" ;;
+        sluice-milter) echo "sluice (cores=$(nproc)), pymilter test milter" ;;
+        sluice-hook) echo "sluice (cores=$(nproc)), HTTP hook at rcpt and data" ;;
     esac
 }
 
