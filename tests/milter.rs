@@ -209,7 +209,15 @@ fn pymilter_envelope_verdicts_and_every_modification() {
         let rest: Vec<&Modification> = o
             .modifications
             .iter()
-            .filter(|m| !matches!(m, Modification::AddHeader { index: None, .. }))
+            .filter(|m| {
+                !matches!(
+                    m,
+                    Modification::AddHeader {
+                        index: Some(usize::MAX),
+                        ..
+                    }
+                )
+            })
             .collect();
         assert_eq!(
             rest,
@@ -626,6 +634,14 @@ fn relay_sessions_consult_pymilter_and_apply_its_changes() {
     assert!(body.starts_with("X-First: inserted\r\n"), "{body}");
     assert!(body.contains("\r\nSubject: [milter] hello\r\n"), "{body}");
     assert!(!body.contains("X-Remove-Me"), "{body}");
+    // SMFIR_ADDHEADER appends (as Sendmail and Postfix do): after the Subject.
+    let header_block = body.split("\r\n\r\n").next().unwrap_or_default();
+    let subject_at = header_block.find("\r\nSubject:").expect("Subject");
+    let macros_at = header_block.find("\r\nX-Macros:").expect("X-Macros");
+    assert!(
+        macros_at > subject_at,
+        "added fields go last: {header_block}"
+    );
     assert!(
         body.ends_with("\r\n\r\nreplaced body\r\nsecond chunk\r\n"),
         "{body}"

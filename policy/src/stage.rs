@@ -136,7 +136,8 @@ impl Verdict {
 /// A change to the message a filter asks for at DATA.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Modification {
-    /// Add a header field at the top (`index` 0) or after the given number of fields.
+    /// Add a header field at the top (`index` None or 0) or after the given
+    /// number of fields (past the end: appended).
     AddHeader {
         name: String,
         value: String,

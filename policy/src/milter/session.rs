@@ -740,10 +740,11 @@ impl MilterProtocol {
         let m = match code {
             reply::ADDHEADER => {
                 let name = header_name(f.cstr()?)?;
+                // Appended, as Sendmail and Postfix do (an index past the end).
                 Modification::AddHeader {
                     name,
                     value: crlf_str(&f.cstr()?),
-                    index: None,
+                    index: Some(usize::MAX),
                 }
             }
             reply::INSHEADER => {

@@ -566,7 +566,7 @@ fn each_modification() {
             Modification::AddHeader {
                 name: "X-Added".into(),
                 value: "yes".into(),
-                index: None
+                index: Some(usize::MAX)
             },
             Modification::AddHeader {
                 name: "X-First".into(),
