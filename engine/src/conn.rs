@@ -224,6 +224,11 @@ async fn serve(
 ) -> std::io::Result<()> {
     let session_config = listener.session.load_full();
     let hostname = session_config.hostname.clone();
+    // Replies are batched here (one write per flight of input), so Nagle only
+    // adds delay: where a flight is answered in two writes (replies owed
+    // before a filter or SPF pause, then the rest), the second would wait for
+    // the client's delayed ACK, ~40 ms a message.
+    let _ = stream.set_nodelay(true);
     // The read timers do not cover writes: a client that stops reading (its
     // window full) would hold the session forever. No progress for the idle
     // timeout fails the write and ends the session.
