@@ -74,15 +74,7 @@ fn max_queued() -> usize {
 impl HookConfig {
     /// Cross-key checks: (key, why).
     pub fn check(&self) -> Result<(), (&'static str, String)> {
-        if self.name.is_empty()
-            || self.name.len() > 64
-            || !self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(("name", "1 to 64 letters, digits, '-' or '_'".to_string()));
-        }
+        super::milter::check_filter_name(&self.name)?;
         if let Err(why) = crate::events::webhook::Endpoint::parse(&self.url) {
             return Err(("url", format!("`{}`: {why}", self.url)));
         }

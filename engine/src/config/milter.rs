@@ -129,15 +129,7 @@ fn all_stages() -> Vec<Stage> {
 impl MilterConfig {
     /// Cross-key checks: (key, why).
     pub fn check(&self) -> Result<(), (&'static str, String)> {
-        if self.name.is_empty()
-            || self.name.len() > 64
-            || !self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(("name", "1 to 64 letters, digits, '-' or '_'".to_string()));
-        }
+        check_filter_name(&self.name)?;
         for (key, t) in [
             ("connect_timeout", self.connect_timeout.0),
             ("command_timeout", self.command_timeout.0),
@@ -178,6 +170,18 @@ pub(super) fn on_failure<'de, D: Deserializer<'de>>(d: D) -> Result<OnFailure, D
 
 fn stages<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Stage>, D::Error> {
     stage_list(d, &MILTER_STAGES, "milter")
+}
+
+/// A milter's or hook's `name`: it appears in logs, metrics and the
+/// config's error keys, so it is kept short and plain.
+pub(super) fn check_filter_name(name: &str) -> Result<(), (&'static str, String)> {
+    let plain = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if name.is_empty() || name.len() > 64 || !plain {
+        return Err(("name", "1 to 64 letters, digits, '-' or '_'".to_string()));
+    }
+    Ok(())
 }
 
 /// A list of stage names, each one of `allowed` (duplicates dropped); the
