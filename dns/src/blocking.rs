@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Instant;
 
 use crate::resolver::ResolveError;
-use crate::{build_query, parse_answer, Answer, DnsError, IpPreference, QueryType, Record};
+use crate::{build_query, parse_answer, Answer, DnsError, QueryType, Record};
 use crate::{NegativeKind, ResolverConfig};
 
 const UDP_BUFFER: usize = 4096;
@@ -50,25 +50,14 @@ pub fn addresses_blocking(
     config: &ResolverConfig,
     name: &str,
 ) -> Result<Vec<IpAddr>, ResolveError> {
-    let families: &[QueryType] = match config.ip_preference {
-        IpPreference::Ipv4Only => &[QueryType::A],
-        IpPreference::Ipv6Only => &[QueryType::Aaaa],
-        IpPreference::PreferIpv4 => &[QueryType::A, QueryType::Aaaa],
-        IpPreference::PreferIpv6 => &[QueryType::Aaaa, QueryType::A],
-    };
     let mut addrs = Vec::new();
     let mut failure = None;
     let mut answered = false;
-    for &qtype in families {
+    for &qtype in config.ip_preference.query_types() {
         match lookup_blocking(config, name, qtype) {
             Ok(answer) => {
                 answered = true;
-                for r in &answer.records {
-                    let ip = match r {
-                        Record::A(ip, _) => IpAddr::V4(*ip),
-                        Record::Aaaa(ip, _) => IpAddr::V6(*ip),
-                        _ => continue,
-                    };
+                for ip in answer.records.iter().filter_map(Record::ip_addr) {
                     if !addrs.contains(&ip) {
                         addrs.push(ip);
                     }

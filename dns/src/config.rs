@@ -18,6 +18,19 @@ pub enum IpPreference {
     PreferIpv6,
 }
 
+impl IpPreference {
+    /// The address queries to make, in the order their answers are used.
+    pub fn query_types(self) -> &'static [crate::QueryType] {
+        use crate::QueryType::{Aaaa, A};
+        match self {
+            IpPreference::Ipv4Only => &[A],
+            IpPreference::Ipv6Only => &[Aaaa],
+            IpPreference::PreferIpv4 => &[A, Aaaa],
+            IpPreference::PreferIpv6 => &[Aaaa, A],
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolverConfig {
     /// Recursive resolvers to ask, in order of preference.

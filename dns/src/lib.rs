@@ -176,6 +176,15 @@ impl fmt::Display for Record {
 }
 
 impl Record {
+    /// The address an A or AAAA record holds.
+    pub fn ip_addr(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Record::A(ip, _) => Some(std::net::IpAddr::V4(*ip)),
+            Record::Aaaa(ip, _) => Some(std::net::IpAddr::V6(*ip)),
+            _ => None,
+        }
+    }
+
     pub fn ttl(&self) -> u32 {
         match self {
             Record::Mx { ttl, .. } | Record::Tlsa { ttl, .. } => *ttl,

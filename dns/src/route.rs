@@ -22,7 +22,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use rand::seq::SliceRandom;
 
 use crate::resolver::{join_all, ResolveError, Resolver};
-use crate::{plan_mx, IpPreference, MxPlan, QueryType, Record};
+use crate::{plan_mx, MxPlan, QueryType, Record};
 
 /// MX hosts looked up per route; mail will not get past the first few anyway
 /// (Postfix stops at 5 addresses by default).
@@ -247,12 +247,7 @@ impl Resolver {
             host.error = Some(RouteError::IpLiteralMx(host.name.clone()));
             return host;
         }
-        let families: &[QueryType] = match self.config().ip_preference {
-            IpPreference::Ipv4Only => &[QueryType::A],
-            IpPreference::Ipv6Only => &[QueryType::Aaaa],
-            IpPreference::PreferIpv4 => &[QueryType::A, QueryType::Aaaa],
-            IpPreference::PreferIpv6 => &[QueryType::Aaaa, QueryType::A],
-        };
+        let families = self.config().ip_preference.query_types();
         let results = join_all(
             families
                 .iter()
@@ -285,12 +280,7 @@ impl Resolver {
                     };
                     *slot = Some(slot.map_or(lookup.ttl, |t| t.min(lookup.ttl)));
                     let mut family: Vec<IpAddr> = Vec::new();
-                    for record in lookup.records() {
-                        let addr = match record {
-                            Record::A(a, _) => IpAddr::V4(*a),
-                            Record::Aaaa(a, _) => IpAddr::V6(*a),
-                            _ => continue,
-                        };
+                    for addr in lookup.records().iter().filter_map(Record::ip_addr) {
                         if !family.contains(&addr) && !host.addrs.contains(&addr) {
                             family.push(addr);
                         }

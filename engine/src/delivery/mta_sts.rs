@@ -602,30 +602,13 @@ impl Manager {
         self.tried.insert(domain.clone(), now_secs());
         self.waiting.insert(domain.clone(), Vec::new());
         tracing::info!(%domain, id = %cached.id, "MTA-STS: refreshing the cached policy");
-        let fetch = self.fetch.clone();
-        let tx = self.tx.clone();
-        let id = cached.id.clone();
-        let spawned = std::thread::Builder::new()
-            .name("mta-sts-fetch".into())
-            .spawn({
-                let domain = domain.clone();
-                let id = id.clone();
-                move || {
-                    let host = format!("mta-sts.{domain}");
-                    let result = match sluice_dns::addresses_blocking(&fetch.dns, &host) {
-                        Ok(addrs) => fetch_policy(&domain, &addrs, &fetch),
-                        Err(e) => Err(FetchError::NoAddress(format!("{host}: {e}"))),
-                    };
-                    let _ = tx.send(Msg::Done { domain, id, result });
-                }
-            });
-        if let Err(e) = spawned {
-            self.finish(
-                domain,
-                id,
-                Err(FetchError::Connect(format!("no fetch thread: {e}"))),
-            );
-        }
+        self.spawn_fetch(domain, cached.id.clone(), |domain, fetch| {
+            let host = format!("mta-sts.{domain}");
+            match sluice_dns::addresses_blocking(&fetch.dns, &host) {
+                Ok(addrs) => fetch_policy(domain, &addrs, fetch),
+                Err(e) => Err(FetchError::NoAddress(format!("{host}: {e}"))),
+            }
+        });
     }
 
     fn start_fetch(&mut self, req: Request) {
@@ -641,16 +624,29 @@ impl Manager {
             return;
         }
         self.waiting.insert(req.domain.clone(), vec![req.reply]);
+        let addrs = req.addrs;
+        self.spawn_fetch(req.domain, req.id, move |domain, fetch| {
+            fetch_policy(domain, &addrs, fetch)
+        });
+    }
+
+    /// Runs one fetch on its own thread; its result comes back as
+    /// `Msg::Done`, or at once here when no thread could be started.
+    fn spawn_fetch(
+        &mut self,
+        domain: String,
+        id: String,
+        job: impl FnOnce(&str, &FetchConfig) -> Result<mta_sts::Policy, FetchError> + Send + 'static,
+    ) {
         let fetch = self.fetch.clone();
         let tx = self.tx.clone();
-        let (domain, id, addrs) = (req.domain, req.id, req.addrs);
         let spawned = std::thread::Builder::new()
             .name("mta-sts-fetch".into())
             .spawn({
                 let domain = domain.clone();
                 let id = id.clone();
                 move || {
-                    let result = fetch_policy(&domain, &addrs, &fetch);
+                    let result = job(&domain, &fetch);
                     let _ = tx.send(Msg::Done { domain, id, result });
                 }
             });
