@@ -352,18 +352,20 @@ async fn serve(
     }
 
     // iprev starts when the client connects, beside the session (the
-    // greeting does not wait for DNS); its result joins the message checks.
-    // Dropping the task (the session ends first) cancels it.
+    // greeting does not wait for DNS); its result joins the message checks
+    // and gives filters the client's name.
     let verify_cfg = session_config.verify.clone();
-    let mut iprev_task = match (&verify_cfg, &ctx.verify) {
-        (Some(v), Some(core)) if v.iprev => {
-            let core = core.clone();
-            let ip = peer.ip();
-            Some(glommio::spawn_local(async move { core.iprev(ip).await }))
-        }
-        _ => None,
+    let mut iprev = IprevCheck {
+        task: match (&verify_cfg, &ctx.verify) {
+            (Some(v), Some(core)) if v.iprev => {
+                let core = core.clone();
+                let ip = peer.ip();
+                Some(glommio::spawn_local(async move { core.iprev(ip).await }))
+            }
+            _ => None,
+        },
+        output: None,
     };
-    let mut iprev: Option<crate::verify::IprevOutput> = None;
 
     // The listener's filters (issue 14): None on the hot path.
     *chain = session_config
@@ -392,7 +394,7 @@ async fn serve(
     tracing::debug!(client_ip = %peer.ip(), listener = %listener.name, core = ctx.core, "connected");
     session.greeting();
     if let Some(call) = session.take_filter_call() {
-        let outcome = run_filters(chain, &call).await;
+        let outcome = run_filters(chain, call, &mut iprev).await;
         session.filter_result(outcome, now_ms());
     }
 
@@ -465,9 +467,7 @@ async fn serve(
                     let mut added = Vec::new();
                     let mut body = body;
                     if let (Some(v), Some(core)) = (&verify_cfg, &ctx.verify) {
-                        if let Some(task) = iprev_task.take() {
-                            iprev = Some(task.await);
-                        }
+                        iprev.settle().await;
                         let dkim = ctx.queue.dkim().map(|d| d.load_full());
                         let sealer = dkim
                             .as_deref()
@@ -488,7 +488,7 @@ async fn serve(
                                 &envelope,
                                 body,
                                 spf,
-                                iprev.as_ref(),
+                                iprev.output.as_ref(),
                                 sealer,
                             )
                             .await;
@@ -519,8 +519,10 @@ async fn serve(
                         }
                     }
                     if let (true, Some(f)) = (filter_data, chain.as_mut()) {
+                        let ptr = iprev.verified_name().await;
                         let outcome =
-                            data_filters(f, &session, id, &envelope, &body, &summary.auth).await;
+                            data_filters(f, &session, ptr, id, &envelope, &body, &summary.auth)
+                                .await;
                         let verdict = match outcome.verdict {
                             Verdict::Quarantine { reason } => {
                                 quarantine = Some(reason);
@@ -593,7 +595,7 @@ async fn serve(
                     };
                     session.spf_result(spf, refusal);
                     if let Some(call) = session.take_filter_call() {
-                        let outcome = run_filters(chain, &call).await;
+                        let outcome = run_filters(chain, call, &mut iprev).await;
                         session.filter_result(outcome, now_ms());
                     }
                 }
@@ -604,7 +606,7 @@ async fn serve(
                         conn.write_all(session.output()).await?;
                         session.clear_output();
                     }
-                    let outcome = run_filters(chain, &call).await;
+                    let outcome = run_filters(chain, call, &mut iprev).await;
                     session.filter_result(outcome, now_ms());
                 }
                 Action::Authenticate { user, password } => {
@@ -621,7 +623,7 @@ async fn serve(
                         c.set_auth_type(mechanism);
                     }
                     if let Some(call) = session.take_filter_call() {
-                        let outcome = run_filters(chain, &call).await;
+                        let outcome = run_filters(chain, call, &mut iprev).await;
                         session.filter_result(outcome, now_ms());
                     }
                 }
@@ -706,13 +708,46 @@ async fn serve(
     }
 }
 
+/// The client's iprev check, started at connect when the listener's
+/// `verify` asks for it, awaited the first time the message checks or a
+/// filter need it. Dropping it (the session ends first) cancels the task.
+struct IprevCheck {
+    task: Option<glommio::Task<crate::verify::IprevOutput>>,
+    output: Option<crate::verify::IprevOutput>,
+}
+
+impl IprevCheck {
+    /// Waits for the check, if one is running.
+    async fn settle(&mut self) {
+        if let Some(task) = self.task.take() {
+            self.output = Some(task.await);
+        }
+    }
+
+    /// The client's name for filters (`client.ptr`): the first PTR name
+    /// when iprev passed, else none.
+    async fn verified_name(&mut self) -> Option<String> {
+        self.settle().await;
+        let out = self.output.as_ref()?;
+        if out.result != sluice_policy::auth::IprevResult::Pass {
+            return None;
+        }
+        let name = out.ptr.as_ref()?.first()?;
+        Some(name.trim_end_matches('.').to_string())
+    }
+}
+
 /// One stage's filters (accept when the listener has none).
 async fn run_filters(
     chain: &mut Option<FilterSession>,
-    call: &crate::filters::OwnedEvent,
+    mut call: Box<crate::filters::OwnedEvent>,
+    iprev: &mut IprevCheck,
 ) -> FilterOutcome {
     match chain {
-        Some(c) => c.run(&call.event(), &SieveExtras::default()).await,
+        Some(c) => {
+            call.client.ptr = iprev.verified_name().await;
+            c.run(&call.event(), &SieveExtras::default()).await
+        }
         None => FilterOutcome::accept(),
     }
 }
@@ -722,12 +757,14 @@ async fn run_filters(
 async fn data_filters(
     filters: &mut FilterSession,
     session: &Session,
+    ptr: Option<String>,
     id: sluice_spool::MessageId,
     envelope: &sluice_spool::Envelope,
     body: &[u8],
     auth: &str,
 ) -> FilterOutcome {
-    let client = session.client_facts();
+    let mut client = session.client_facts();
+    client.ptr = ptr;
     let recipients: Vec<String> = envelope
         .recipients
         .iter()

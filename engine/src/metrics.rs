@@ -723,6 +723,12 @@ pub fn suppression_refused(action: &'static str) {
     counter!("sluice_suppression_refused_total", "action" => action).increment(1);
 }
 
+/// The delivery stage's filters refused an attempt (`verdict`: reject,
+/// tempfail, discard or quarantine).
+pub fn delivery_stage_refused(verdict: &'static str) {
+    counter!("sluice_delivery_stage_refused_total", "verdict" => verdict).increment(1);
+}
+
 /// A delivery status notification was queued.
 /// `kind`: "failure", "delay" or "success".
 pub fn dsn_queued(kind: &str) {

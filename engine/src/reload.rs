@@ -64,6 +64,8 @@ pub struct Reloader {
     rules: Arc<ArcSwap<RuleSet>>,
     /// DKIM signers and rules; keys are re-read on every reload.
     dkim: Option<crate::queue::dkim::DkimSwap>,
+    /// Listeners' filters at the delivery stage (rebuilt with the listeners').
+    stage_filters: Option<crate::filters::delivery::DeliveryFiltersSwap>,
 }
 
 /// What a validated reload will store.
@@ -100,6 +102,7 @@ impl Reloader {
             credentials,
             rules,
             dkim: None,
+            stage_filters: None,
         }
     }
 
@@ -107,6 +110,15 @@ impl Reloader {
     /// files, so a rotated key file needs only a SIGHUP).
     pub fn with_dkim(mut self, dkim: crate::queue::dkim::DkimSwap) -> Reloader {
         self.dkim = Some(dkim);
+        self
+    }
+
+    /// Reloads also replace the filters the delivery stage asks.
+    pub fn with_stage_filters(
+        mut self,
+        filters: crate::filters::delivery::DeliveryFiltersSwap,
+    ) -> Reloader {
+        self.stage_filters = Some(filters);
         self
     }
 
@@ -144,6 +156,11 @@ impl Reloader {
         }
         if let Some(rules) = plan.rules {
             self.rules.store(Arc::new(rules));
+        }
+        if let Some(swap) = &self.stage_filters {
+            swap.store(Arc::new(crate::filters::delivery::DeliveryFilters::of_config(
+                &plan.effective,
+            )));
         }
         if let (Some(swap), Some(policy)) = (&self.dkim, plan.dkim) {
             swap.store(Arc::new(crate::queue::dkim::DkimState::new(policy)));

@@ -259,6 +259,11 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         Err(_) => None,
     };
 
+    // Listeners' filters at the delivery stage; a reload swaps them.
+    let stage_filters: crate::filters::delivery::DeliveryFiltersSwap = Arc::new(
+        ArcSwap::from_pointee(crate::filters::delivery::DeliveryFilters::of_config(&config)),
+    );
+
     let delivery = if config.delivery.enabled {
         let resolver = config
             .dns
@@ -308,6 +313,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             rules: admission.rules().clone(),
             admin: crate::delivery::admin::AdminChannels::new(cores),
             tls_rpt,
+            stage_filters: stage_filters.clone(),
         }))
     } else {
         None
@@ -327,7 +333,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             credentials.clone(),
             admission.rules().clone(),
         )
-        .with_dkim(dkim.clone()),
+        .with_dkim(dkim.clone())
+        .with_stage_filters(stage_filters.clone()),
     );
     let signals = spawn_signal_thread(
         shutdown.clone(),

@@ -47,6 +47,8 @@ pub struct SieveConfig {
     pub mail: Option<PathBuf>,
     pub rcpt: Option<PathBuf>,
     pub data: Option<PathBuf>,
+    /// Before each delivery attempt (a verdict only: no modifications).
+    pub delivery: Option<PathBuf>,
     /// Where `include :global "name"` / `include :personal "name"` find
     /// "name.sieve" (or "name"). Unset: include fails to run.
     pub include_dir: Option<PathBuf>,
@@ -70,6 +72,7 @@ impl Default for SieveConfig {
             mail: None,
             rcpt: None,
             data: None,
+            delivery: None,
             include_dir: None,
             max_instructions: 10_000,
             max_redirects: 4,
@@ -99,7 +102,7 @@ impl From<FailureAction> for crate::stage::OnFailure {
 
 impl SieveConfig {
     /// The configured script path of each stage.
-    fn paths(&self) -> [(Stage, Option<&PathBuf>); 6] {
+    fn paths(&self) -> [(Stage, Option<&PathBuf>); 7] {
         [
             (Stage::Connect, self.connect.as_ref()),
             (Stage::Ehlo, self.ehlo.as_ref()),
@@ -107,6 +110,7 @@ impl SieveConfig {
             (Stage::Mail, self.mail.as_ref()),
             (Stage::Rcpt, self.rcpt.as_ref()),
             (Stage::Data, self.data.as_ref()),
+            (Stage::Delivery, self.delivery.as_ref()),
         ]
     }
 }

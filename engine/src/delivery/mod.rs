@@ -34,6 +34,8 @@
 //!   fetched over HTTPS on a management thread, the cache (persisted in the
 //!   spool directory), and what a policy does to a delivery (parsing and
 //!   decisions in `sluice_policy::mta_sts`).
+//! * `stage.rs` — the delivery stage: the receiving listener's filters asked
+//!   before each attempt (issue 14), and what their verdict does.
 //! * `notices.rs` — DSNs the ledger asks for, built and queued.
 //! * `log.rs` — the delivery log (`sluice::delivery`).
 //! * `admin.rs` — operator holds, suspensions and queue actions on this core.
@@ -63,6 +65,7 @@ mod routing;
 mod scheduler;
 pub mod shaping;
 mod site;
+mod stage;
 pub mod throttle;
 pub mod timing;
 pub mod tls_policy;
@@ -111,6 +114,8 @@ pub struct DeliveryShared {
     pub admin: admin::AdminChannels,
     /// TLS reporting (`tls_rpt.enabled`): the store and settings.
     pub tls_rpt: Option<Arc<tls_rpt_io::RptShared>>,
+    /// Listeners' filters asked before each attempt (`stage.rs`).
+    pub stage_filters: crate::filters::delivery::DeliveryFiltersSwap,
 }
 
 /// Delivery state of one core.

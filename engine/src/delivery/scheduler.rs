@@ -128,6 +128,15 @@ impl CoreDelivery {
             Admit::Settle => return self.settle(id, envelope),
             Admit::Attempt => {}
         }
+        if let Some((filters, released)) = self.delivery_filters(id, &envelope) {
+            // The listener's filters decide first (`stage.rs`).
+            return self.delivery_stage(id, envelope, filters, released);
+        }
+        self.route(id, envelope, now);
+    }
+
+    /// Routes an admitted message: its MX hosts first when a rule needs them.
+    pub(super) fn route(self: &Rc<Self>, id: MessageId, envelope: Envelope, now: u64) {
         if self.shared.rules.load().uses_mx() {
             // A rule matches on MX host names: look them up before routing.
             self.resolving.borrow_mut().insert(id);
@@ -388,7 +397,7 @@ impl CoreDelivery {
 
 /// Counts a job's per-recipient outcomes in the queue's metrics; delivered
 /// ones also give their end-to-end delay.
-fn count_outcomes(envelope: &Envelope, outcomes: &[(u32, Outcome)]) {
+pub(super) fn count_outcomes(envelope: &Envelope, outcomes: &[(u32, Outcome)]) {
     let q = crate::metrics::queue(&envelope.queue);
     let now = now_ms();
     for (_, outcome) in outcomes {
@@ -405,8 +414,9 @@ fn count_outcomes(envelope: &Envelope, outcomes: &[(u32, Outcome)]) {
     }
 }
 
-/// Recipients that failed without a connection (at routing, or an operator's
-/// bounce): a suppression event for those the suppression list dropped, a
+/// Recipients that failed or were deferred without a connection (at routing,
+/// an operator's bounce, the delivery stage's filters): a suppression event
+/// for those the suppression list dropped, a deferral event for deferrals, a
 /// bounce event for the others.
 pub(super) fn failure_events(
     id: MessageId,
@@ -418,10 +428,10 @@ pub(super) fn failure_events(
     for (index, outcome) in unroutable {
         let reply = outcome.reply();
         let class = crate::bounce::classify(reply);
-        let kind = if class == sluice_policy::bounce::BounceClass::Suppressed {
-            Kind::Suppression
-        } else {
-            Kind::Bounce
+        let kind = match outcome {
+            Outcome::Deferred(_) => Kind::Deferral,
+            _ if class == sluice_policy::bounce::BounceClass::Suppressed => Kind::Suppression,
+            _ => Kind::Bounce,
         };
         let mut e = Event::new(kind, now, &envelope.sender);
         e.id = Some(id.to_string());

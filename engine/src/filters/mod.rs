@@ -26,6 +26,7 @@ use crate::config::milter::MilterConfig;
 use crate::hooks::Hook;
 
 pub mod apply;
+pub mod delivery;
 pub mod session;
 
 /// A message at least this big is given to Sieve on the blocking thread pool
@@ -57,6 +58,11 @@ impl StageSet {
 
     pub fn is_empty(self) -> bool {
         self.0 == 0
+    }
+
+    /// This set without `stage`.
+    pub fn without(self, stage: Stage) -> StageSet {
+        StageSet(self.0 & !Self::bit(stage))
     }
 }
 
@@ -169,6 +175,17 @@ impl Filters {
 
     pub fn stages(&self) -> StageSet {
         self.stages
+    }
+
+    /// The stages an SMTP session asks (all but delivery, which the shard
+    /// owner runs before each delivery attempt: `delivery.rs`).
+    pub fn session_stages(&self) -> StageSet {
+        self.stages.without(Stage::Delivery)
+    }
+
+    /// Whether anything runs before delivery.
+    pub fn at_delivery(&self) -> bool {
+        self.stages.contains(Stage::Delivery)
     }
 
     pub fn milters(&self) -> &[MilterConfig] {

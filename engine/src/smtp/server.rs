@@ -123,6 +123,10 @@ impl SessionConfig {
         auth_guard: Arc<AuthGuard>,
         sender_logins: &Arc<SenderLogins>,
     ) -> SessionConfig {
+        let session_filters = l
+            .filters
+            .as_ref()
+            .filter(|f| !f.session_stages().is_empty());
         SessionConfig {
             listener: name.to_string(),
             hostname: l
@@ -146,8 +150,9 @@ impl SessionConfig {
             untrusted: UntrustedPolicy::of(l),
             verify: l.verify.clone().map(Arc::new),
             honor_tls_required_no: l.honor_tls_required_no,
-            filter_stages: l.filters.as_ref().map(|f| f.stages()).unwrap_or_default(),
-            filters: l.filters.clone(),
+            // Filters only before delivery leave the session on the hot path.
+            filter_stages: session_filters.map(|f| f.session_stages()).unwrap_or_default(),
+            filters: session_filters.cloned(),
             add_missing_headers: l.add_missing_headers,
             sender_logins: l.enforce_sender_login.then(|| sender_logins.clone()),
         }
