@@ -1272,8 +1272,24 @@ fn filters_see_the_name_iprev_verified() {
         .proxy_probe()
         .start();
     let m = message("a@mail.test", "named");
-    let r = send_from(&relay, "192.0.2.1", "a.hosts.mail.test", "a@mail.test", m.as_bytes());
+    let r = send_from(
+        &relay,
+        "192.0.2.1",
+        "a.hosts.mail.test",
+        "a@mail.test",
+        m.as_bytes(),
+    );
     assert_eq!(r.code, 250, "{r:?}\n{}", relay.log());
-    let r = send_from(&relay, "192.0.2.2", "b.hosts.mail.test", "a@mail.test", m.as_bytes());
-    assert_eq!((r.code, r.last()), (550, "550 5.7.1 Unnamed client"), "{r:?}");
+    let r = send_from(
+        &relay,
+        "192.0.2.2",
+        "b.hosts.mail.test",
+        "a@mail.test",
+        m.as_bytes(),
+    );
+    assert_eq!(
+        (r.code, r.last()),
+        (550, "550 5.7.1 Unnamed client"),
+        "{r:?}"
+    );
 }

@@ -113,9 +113,12 @@ fn a_hook_before_delivery_accepts_rejects_tempfails_discards_and_quarantines() {
         },
         || relay.log(),
     );
-    assert!(received_with(&hop, "Subject: stage-reject\r\n")
-        .iter()
-        .all(|m| m.mail.contains("<>")), "only inside the notice");
+    assert!(
+        received_with(&hop, "Subject: stage-reject\r\n")
+            .iter()
+            .all(|m| m.mail.contains("<>")),
+        "only inside the notice"
+    );
     // Tempfailed: still queued with the hook's reply, and asked again at the
     // retry (the queue retries every second).
     wait_until(
@@ -137,7 +140,12 @@ fn a_hook_before_delivery_accepts_rejects_tempfails_discards_and_quarantines() {
     wait_until(
         "the discarded message gone",
         T,
-        || !relay.messages().iter().any(|m| m["id"] == discarded.as_str()),
+        || {
+            !relay
+                .messages()
+                .iter()
+                .any(|m| m["id"] == discarded.as_str())
+        },
         || relay.log(),
     );
     for (subject, id) in [
@@ -150,7 +158,10 @@ fn a_hook_before_delivery_accepts_rejects_tempfails_discards_and_quarantines() {
             "{subject} ({id}) reached the next hop"
         );
     }
-    assert!(!relay.messages().iter().any(|m| m["id"] == plain.as_str() || m["id"] == rejected.as_str()));
+    assert!(!relay
+        .messages()
+        .iter()
+        .any(|m| m["id"] == plain.as_str() || m["id"] == rejected.as_str()));
     assert_eq!(refused(&relay, "reject"), 1.0);
     assert_eq!(refused(&relay, "discard"), 1.0);
     assert_eq!(refused(&relay, "quarantine"), 1.0);
@@ -159,7 +170,15 @@ fn a_hook_before_delivery_accepts_rejects_tempfails_discards_and_quarantines() {
     // Released by the operator: past the quarantine once, and sent.
     let api = format!("http://127.0.0.1:{}", relay.admin_port);
     let tf = token.display().to_string();
-    let out = sluice(&["queue", "release", &held, "--api", &api, "--token-file", &tf]);
+    let out = sluice(&[
+        "queue",
+        "release",
+        &held,
+        "--api",
+        &api,
+        "--token-file",
+        &tf,
+    ]);
     assert_ok(&out, "sluice queue release");
     wait_until(
         "the released message at the next hop",
@@ -167,16 +186,24 @@ fn a_hook_before_delivery_accepts_rejects_tempfails_discards_and_quarantines() {
         || !received_with(&hop, "Subject: stage-quarantine").is_empty(),
         || relay.log(),
     );
-    assert!(stage_docs(&hook, "stage-quarantine").len() >= 2, "asked again at the release");
+    assert!(
+        stage_docs(&hook, "stage-quarantine").len() >= 2,
+        "asked again at the release"
+    );
 
     // What the hook was told before delivery.
-    let doc = stage_docs(&hook, "plain").pop().expect("the plain message's document");
+    let doc = stage_docs(&hook, "plain")
+        .pop()
+        .expect("the plain message's document");
     assert_eq!(doc["client"]["ip"], "127.0.0.1");
     assert_eq!(doc["client"]["helo"], "client.test");
     assert_eq!(doc["client"]["listener"], "smtp");
     assert_eq!(doc["envelope"]["queue_id"], plain.as_str());
     assert_eq!(doc["envelope"]["sender"], "a@snd.test");
-    assert_eq!(doc["envelope"]["recipients"], serde_json::json!(["bob@far.test"]));
+    assert_eq!(
+        doc["envelope"]["recipients"],
+        serde_json::json!(["bob@far.test"])
+    );
     assert_eq!(doc["argument"], Value::Null);
     // No session stage asks the hook: every document is a delivery one.
     assert!(hook.documents().iter().all(|d| d["stage"] == "delivery"));

@@ -158,9 +158,9 @@ impl Reloader {
             self.rules.store(Arc::new(rules));
         }
         if let Some(swap) = &self.stage_filters {
-            swap.store(Arc::new(crate::filters::delivery::DeliveryFilters::of_config(
-                &plan.effective,
-            )));
+            swap.store(Arc::new(
+                crate::filters::delivery::DeliveryFilters::of_config(&plan.effective),
+            ));
         }
         if let (Some(swap), Some(policy)) = (&self.dkim, plan.dkim) {
             swap.store(Arc::new(crate::queue::dkim::DkimState::new(policy)));

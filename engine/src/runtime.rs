@@ -260,9 +260,10 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     };
 
     // Listeners' filters at the delivery stage; a reload swaps them.
-    let stage_filters: crate::filters::delivery::DeliveryFiltersSwap = Arc::new(
-        ArcSwap::from_pointee(crate::filters::delivery::DeliveryFilters::of_config(&config)),
-    );
+    let stage_filters: crate::filters::delivery::DeliveryFiltersSwap =
+        Arc::new(ArcSwap::from_pointee(
+            crate::filters::delivery::DeliveryFilters::of_config(&config),
+        ));
 
     let delivery = if config.delivery.enabled {
         let resolver = config

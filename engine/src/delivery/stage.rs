@@ -29,7 +29,11 @@ use crate::filters::Filters;
 impl CoreDelivery {
     /// The delivery-stage filters of the listener that received the message,
     /// and whether the operator released it since its last dispatch.
-    pub(super) fn delivery_filters(&self, id: MessageId, envelope: &Envelope) -> Option<(Arc<Filters>, bool)> {
+    pub(super) fn delivery_filters(
+        &self,
+        id: MessageId,
+        envelope: &Envelope,
+    ) -> Option<(Arc<Filters>, bool)> {
         let all = self.shared.stage_filters.load();
         if all.is_empty() {
             return None;
@@ -116,7 +120,10 @@ impl CoreDelivery {
     async fn carry_out(self: Rc<Self>, id: MessageId, envelope: Envelope, verdict: Verdict) {
         match verdict {
             Verdict::Accept => {}
-            Verdict::Reject(r) => self.close_attempt(id, envelope, Outcome::Failed(reply(r, "5.7.1"))).await,
+            Verdict::Reject(r) => {
+                self.close_attempt(id, envelope, Outcome::Failed(reply(r, "5.7.1")))
+                    .await
+            }
             Verdict::Tempfail(r) => {
                 self.close_attempt(id, envelope, Outcome::Deferred(reply(r, "4.7.1")))
                     .await
@@ -180,7 +187,12 @@ fn reply(r: FilterReply, default: &str) -> Reply {
 fn reply_text(verdict: &Verdict) -> String {
     match verdict {
         Verdict::Reject(r) | Verdict::Tempfail(r) => {
-            format!("{} {} {}", r.code, r.enhanced.as_deref().unwrap_or(""), r.text)
+            format!(
+                "{} {} {}",
+                r.code,
+                r.enhanced.as_deref().unwrap_or(""),
+                r.text
+            )
         }
         Verdict::Quarantine { reason } => reason.clone(),
         _ => String::new(),

@@ -151,7 +151,9 @@ impl SessionConfig {
             verify: l.verify.clone().map(Arc::new),
             honor_tls_required_no: l.honor_tls_required_no,
             // Filters only before delivery leave the session on the hot path.
-            filter_stages: session_filters.map(|f| f.session_stages()).unwrap_or_default(),
+            filter_stages: session_filters
+                .map(|f| f.session_stages())
+                .unwrap_or_default(),
             filters: session_filters.cloned(),
             add_missing_headers: l.add_missing_headers,
             sender_logins: l.enforce_sender_login.then(|| sender_logins.clone()),

@@ -24,8 +24,8 @@ use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::dmarc::Policy;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult,
-    MessageAuthenticator, ReceivedSpf, SpfOutput, SpfResult,
+    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator,
+    ReceivedSpf, SpfOutput, SpfResult,
 };
 
 pub use bridge::{Answer, DnsCaches, DnsSource, Query};
