@@ -11,6 +11,7 @@ pub mod hook;
 pub mod milter;
 pub mod provider;
 pub mod shaping;
+pub mod antispam;
 pub mod suppression;
 pub mod tls_rpt;
 
@@ -95,6 +96,22 @@ pub struct Config {
     /// Local lists by name: a file each, one entry a line (Sieve extlists,
     /// stage rules). Read at load and reload.
     pub lists: BTreeMap<String, PathBuf>,
+    /// DNSBL/DNSWL zones (`[[dnsbl.zone]]`), used by listeners with `dnsbl = true`.
+    pub dnsbl: antispam::DnsblSection,
+    /// Greylisting, used by listeners with `greylist = true`.
+    pub greylist: antispam::GreylistSection,
+    /// `dnsbl` and `greylist` as the policy uses them, built by `finish`.
+    #[serde(skip)]
+    pub antispam: AntispamPolicy,
+}
+
+/// What `[dnsbl]`, `[greylist]` and `[lists]` give the RCPT checks.
+#[derive(Debug, Clone, Default)]
+pub struct AntispamPolicy {
+    pub dnsbl: sluice_policy::dnsbl::DnsblPolicy,
+    pub greylist: Option<sluice_policy::greylist::GreylistPolicy>,
+    pub exemptions: sluice_policy::greylist::Exemptions,
+    pub lists: std::sync::Arc<sluice_policy::lists::Lists>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -253,6 +270,10 @@ pub struct ListenerConfig {
     pub sieve: Option<sluice_policy::sieve::SieveConfig>,
     /// Built-in rules at the SMTP stages, tried before Sieve.
     pub filter_rule: Vec<sluice_policy::stage_rules::StageRuleConfig>,
+    /// Ask the `[[dnsbl.zone]]`s about clients (at RCPT).
+    pub dnsbl: bool,
+    /// Greylist (client network, sender, recipient) triplets (at RCPT).
+    pub greylist: bool,
     /// The filters built from `filter_rule`, `sieve`, `milter` (and
     /// `[lists]`) when the config loads; None: the listener has none (the hot path).
     #[serde(skip)]
@@ -293,6 +314,8 @@ impl Default for ListenerConfig {
             hook: Vec::new(),
             sieve: None,
             filter_rule: Vec::new(),
+            dnsbl: false,
+            greylist: false,
             filters: None,
         }
     }
@@ -617,6 +640,32 @@ impl Config {
             invalid(format!("lists.{name}"), e.to_string())
         })?;
         let lists = std::sync::Arc::new(lists);
+        let dnsbl = self
+            .dnsbl
+            .policy()
+            .map_err(|(k, why)| invalid(format!("dnsbl.{k}"), why))?;
+        let greylist = self
+            .greylist
+            .policy()
+            .map_err(|(k, why)| invalid(format!("greylist.{k}"), why))?;
+        let exemptions = self
+            .greylist
+            .exemptions(&lists)
+            .map_err(|(k, why)| invalid(format!("greylist.{k}"), why))?;
+        for (name, l) in &self.server.listener {
+            if l.dnsbl && dnsbl.zones.is_empty() {
+                return Err(invalid(
+                    format!("server.listener.{name}.dnsbl"),
+                    "no [[dnsbl.zone]] is configured".into(),
+                ));
+            }
+        }
+        self.antispam = AntispamPolicy {
+            dnsbl,
+            greylist: Some(greylist),
+            exemptions,
+            lists: lists.clone(),
+        };
         let hostname = self.server.hostname.clone();
         for (name, l) in self.server.listener.iter_mut() {
             let key = |k: &str| format!("server.listener.{name}.{k}");

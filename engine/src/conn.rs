@@ -106,6 +106,9 @@ pub struct CoreContext {
     /// no DNS configured; those listeners then accept unverified, logged at
     /// start).
     pub verify: Option<Rc<crate::verify::CoreVerify>>,
+    /// DNSBL/DNSWL and greylisting for listeners that switch them on (None:
+    /// no listener did at start).
+    pub antispam: Option<Rc<crate::antispam::CoreAntispam>>,
 }
 
 /// Read buffer while a client sends commands (and holds a PROXY header).
@@ -371,6 +374,20 @@ async fn serve(
         .clone()
         .map(|f| FilterSession::new(f, local_addr));
     let relay = session_config.relay.clone();
+    // DNSBL and greylisting at RCPT (before the filters): None on the hot path.
+    let rcpt_checks = ctx
+        .antispam
+        .clone()
+        .filter(|_| session_config.dnsbl || session_config.greylist)
+        .map(|core| {
+            (
+                core,
+                session_config.dnsbl,
+                session_config.greylist,
+                crate::antispam::SessionMemo::default(),
+            )
+        });
+    let mut rcpt_checks = rcpt_checks;
     let started = Instant::now();
     let mut session = Session::new(
         session_config,
@@ -603,6 +620,24 @@ async fn serve(
                     if !session.output().is_empty() {
                         conn.write_all(session.output()).await?;
                         session.clear_output();
+                    }
+                    if let (Stage::Rcpt, Some((core, dnsbl, greylist, memo))) =
+                        (call.stage, rcpt_checks.as_mut())
+                    {
+                        let facts = crate::antispam::RcptFacts {
+                            ip: peer.ip(),
+                            helo: call.client.helo.as_deref().unwrap_or(""),
+                            sender: call.sender.as_deref().unwrap_or(""),
+                            recipient: call.recipient.as_deref().unwrap_or(""),
+                            trusted: session.trusted(),
+                            dnsbl: *dnsbl,
+                            greylist: *greylist,
+                        };
+                        let verdict = core.check_rcpt(memo, &facts, now_ms()).await;
+                        if verdict != Verdict::Accept {
+                            session.filter_result(FilterOutcome::with_verdict(verdict), now_ms());
+                            continue;
+                        }
                     }
                     let outcome = run_filters(chain, &call).await;
                     session.filter_result(outcome, now_ms());
