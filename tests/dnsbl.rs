@@ -309,3 +309,56 @@ fn greylisting_defers_first_sight_passes_a_later_retry_and_remembers_it() {
     let said = smtplib_from(&relay, "198.51.100.7", "e@sender.example", RCPT);
     assert!(said.starts_with("RCPT 451 4.7.1"), "{said}");
 }
+
+/// The figure for the report: what a DNSBL check adds to a connection, with
+/// the zone's answer in the resolver's cache and not (each client a new
+/// address). One zone, NSD on loopback (so "not cached" is a loopback round
+/// trip, not an Internet one). Run by hand:
+/// `cargo nextest run --release -E 'binary(dnsbl)' --run-ignored only`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn dnsbl_cost_per_connection() {
+    require_tools!("nsd");
+    let nsd = zones();
+    const N: u32 = 200;
+    let session = |relay: &Relay, ip: &str| {
+        let mut c = relay.connect();
+        c.send(format!("PROXY TCP4 {ip} 127.0.0.1 40000 25\r\n").as_bytes());
+        assert_eq!(c.read_reply().code, 220);
+        c.expect("EHLO client.example", 250);
+        c.expect("MAIL FROM:<a@sender.example>", 250);
+        c.expect(&format!("RCPT TO:<{RCPT}>"), 250);
+        c.send_line("QUIT");
+    };
+    let per_connection = |relay: &Relay, ip: &dyn Fn(u32) -> String| {
+        let start = Instant::now();
+        for i in 0..N {
+            session(relay, &ip(i));
+        }
+        start.elapsed().as_secs_f64() * 1e6 / f64::from(N)
+    };
+    let ip_of = |i: u32| format!("198.51.{}.{}", 100 + i / 250, 1 + i % 250);
+
+    let plain = relay(&nsd, &[]);
+    let base = per_connection(&plain, &ip_of);
+    drop(plain);
+    let checking = relay(
+        &nsd,
+        &[
+            "server.listener.smtp.dnsbl=true".into(),
+            "dnsbl.zone=[{name=\"bl.test\"}]".into(),
+        ],
+    );
+    let uncached = per_connection(&checking, &ip_of);
+    // One address again and again: its NXDOMAIN stays cached (the zone's
+    // negative TTL is 5 s, far more than the run).
+    session(&checking, "203.0.113.9");
+    let cached = per_connection(&checking, &|_| "203.0.113.9".to_string());
+    println!(
+        "per connection (connect, PROXY, EHLO, MAIL, RCPT, QUIT; {N} each): \
+         no DNSBL {base:.0} µs, DNSBL not cached {uncached:.0} µs (+{:.0}), \
+         DNSBL cached {cached:.0} µs (+{:.0})",
+        uncached - base,
+        cached - base
+    );
+}

@@ -375,7 +375,7 @@ async fn serve(
         .map(|f| FilterSession::new(f, local_addr));
     let relay = session_config.relay.clone();
     // DNSBL and greylisting at RCPT (before the filters): None on the hot path.
-    let rcpt_checks = ctx
+    let mut rcpt_checks = ctx
         .antispam
         .clone()
         .filter(|_| session_config.dnsbl || session_config.greylist)
@@ -387,7 +387,6 @@ async fn serve(
                 crate::antispam::SessionMemo::default(),
             )
         });
-    let mut rcpt_checks = rcpt_checks;
     let started = Instant::now();
     let mut session = Session::new(
         session_config,
