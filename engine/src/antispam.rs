@@ -271,7 +271,12 @@ impl CoreAntispam {
         let ex = &self.shared.policy.exemptions;
         if allowed
             || ex
-                .reason(facts.ip, facts.sender, facts.recipient, &self.shared.policy.lists)
+                .reason(
+                    facts.ip,
+                    facts.sender,
+                    facts.recipient,
+                    &self.shared.policy.lists,
+                )
                 .is_some()
         {
             crate::metrics::greylist("exempt");

@@ -5,13 +5,13 @@
 //! it came from the file, its line. `--set a.b.c=value` overrides are applied to the
 //! parsed document before it is deserialized.
 
+pub mod antispam;
 pub mod delivery;
 pub mod events;
 pub mod hook;
 pub mod milter;
 pub mod provider;
 pub mod shaping;
-pub mod antispam;
 pub mod suppression;
 pub mod tls_rpt;
 
@@ -1232,6 +1232,54 @@ mod tests {
         let from_file = Config::load("sluice.toml", EXAMPLE_CONFIG, &[]).expect("example loads");
         let defaults = Config::load("defaults", "", &[]).expect("defaults load");
         assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn dnsbl_and_greylist_errors_name_the_key() {
+        let bad = |text: &str, want: &str| match Config::load("t.toml", text, &[]) {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, want, "{text}"),
+            other => panic!("{text}: {other:?}"),
+        };
+        bad(
+            "[server.listener.smtp]\ndnsbl = true\n",
+            "server.listener.smtp.dnsbl",
+        );
+        bad(
+            "[[dnsbl.zone]]\nname = \"bl.example\"\naction = \"drop\"\n",
+            "dnsbl.zone[0].action",
+        );
+        bad(
+            "[[dnsbl.zone]]\nname = \"bl.example\"\nresults = { \"x\" = \"reject\" }\n",
+            "dnsbl.zone[0].results",
+        );
+        bad("[[dnsbl.zone]]\nname = \"a..b\"\n", "dnsbl.zone[0].name");
+        bad(
+            "[greylist]\ndelay = \"1h\"\nexpire = \"30m\"\n",
+            "greylist.expire",
+        );
+        bad(
+            "[greylist]\nskip_senders_list = \"nope\"\n",
+            "greylist.skip_senders_list",
+        );
+        let ok = Config::load(
+            "t.toml",
+            "[server.listener.smtp]\ndnsbl = true\ngreylist = true\n\
+             [[dnsbl.zone]]\nname = \"Zen.Example.\"\nsubject = \"sender\"\n\
+             results = { \"127.0.0.3\" = \"score:2\" }\n",
+            &[],
+        )
+        .expect("valid");
+        let zone = &ok.antispam.dnsbl.zones[0];
+        assert_eq!(zone.name, "zen.example");
+        assert_eq!(zone.subject, sluice_policy::dnsbl::Subject::Sender);
+        assert_eq!(
+            zone.results,
+            [(
+                std::net::Ipv4Addr::new(127, 0, 0, 3),
+                sluice_policy::dnsbl::ListAction::Score(2)
+            )]
+        );
+        assert!(ok.antispam.greylist.is_some());
     }
 
     #[test]

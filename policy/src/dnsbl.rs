@@ -239,11 +239,7 @@ impl Decision {
             None => format!("{} (score {})", self.listed_names(), self.score),
         };
         match self.verdict {
-            Verdict::Reject => Some((
-                554,
-                "5.7.1",
-                format!("Error: client [{ip}] listed at {at}"),
-            )),
+            Verdict::Reject => Some((554, "5.7.1", format!("Error: client [{ip}] listed at {at}"))),
             Verdict::Tempfail => Some((
                 451,
                 "4.7.1",
@@ -379,7 +375,10 @@ mod tests {
         assert_eq!(z.domain_query("[192.0.2.1]"), None);
         assert_eq!(z.domain_query("localhost"), None);
         assert_eq!(z.domain_query("bad name.example"), None);
-        assert_eq!(z.domain_query(&format!("{}.example", "a".repeat(250))), None);
+        assert_eq!(
+            z.domain_query(&format!("{}.example", "a".repeat(250))),
+            None
+        );
     }
 
     #[test]
@@ -440,7 +439,10 @@ mod tests {
         let d = policy.decide(&[no(), no(), listed(), listed(), no()]);
         assert_eq!(d.verdict, Verdict::Tempfail);
         assert_eq!(d.score, 2);
-        assert_eq!(d.reply("192.0.2.1".parse().unwrap()).map(|r| r.0), Some(451));
+        assert_eq!(
+            d.reply("192.0.2.1".parse().unwrap()).map(|r| r.0),
+            Some(451)
+        );
 
         let d = policy.decide(&[no(), no(), no(), listed(), listed()]);
         assert_eq!(d.verdict, Verdict::Reject);

@@ -41,7 +41,9 @@ pub enum Entry {
 pub enum Outcome {
     Pass,
     /// 451 4.7.1; the retry passes from `retry_after_ms` on.
-    Defer { retry_after_ms: u64 },
+    Defer {
+        retry_after_ms: u64,
+    },
 }
 
 /// Longest sender and recipient parts of a key: LMDB keys stop at 511
@@ -162,9 +164,7 @@ impl GreylistPolicy {
     pub fn is_expired(&self, entry: Option<Entry>, now_ms: u64) -> bool {
         match entry {
             None => true,
-            Some(Entry::Pending { first_ms }) => {
-                now_ms.saturating_sub(first_ms) > self.expire_ms
-            }
+            Some(Entry::Pending { first_ms }) => now_ms.saturating_sub(first_ms) > self.expire_ms,
             Some(Entry::Passed { until_ms }) => now_ms > until_ms,
         }
     }

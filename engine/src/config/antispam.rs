@@ -84,12 +84,9 @@ impl DnsblSection {
             let action: ListAction = z.action.parse().map_err(|e| (key("action"), e))?;
             let mut results = Vec::with_capacity(z.results.len());
             for (value, act) in &z.results {
-                let ip: Ipv4Addr = value.parse().map_err(|_| {
-                    (
-                        key("results"),
-                        format!("`{value}` is not an IPv4 address"),
-                    )
-                })?;
+                let ip: Ipv4Addr = value
+                    .parse()
+                    .map_err(|_| (key("results"), format!("`{value}` is not an IPv4 address")))?;
                 let act: ListAction = act.parse().map_err(|e| (key("results"), e))?;
                 results.push((ip, act));
             }
@@ -185,7 +182,10 @@ impl GreylistSection {
         let mut nets = self.skip_networks.clone();
         if let Some(name) = &self.skip_clients_list {
             let Some(entries) = lists.entries(name) else {
-                return Err(("skip_clients_list".into(), format!("no list `{name}` in [lists]")));
+                return Err((
+                    "skip_clients_list".into(),
+                    format!("no list `{name}` in [lists]"),
+                ));
             };
             nets.extend(entries.map(str::to_string));
         }
