@@ -41,7 +41,12 @@ const ZONE_SETS: &str = "dnsbl.zone=[\
 {name=\"unserved.invalid\"}]";
 
 fn relay(nsd: &Nsd, sets: &[String]) -> Relay {
+    relay_in(nsd, tempfile::tempdir().expect("tempdir"), sets)
+}
+
+fn relay_in(nsd: &Nsd, dir: tempfile::TempDir, sets: &[String]) -> Relay {
     let mut b = Relay::builder()
+        .dir(dir)
         .set(nsd.servers_set())
         .set("relay.local_domains=[\"rcpt.test\"]")
         .set("relay.relay_networks=[]")
@@ -121,12 +126,22 @@ s.quit()
 fn dnsbl_and_dnswl_answers_decide_at_rcpt() {
     require_tools!("nsd", "swaks");
     let nsd = zones();
-    let relay = relay(
+    // A Sieve script at DATA records what the zones said (${env.dnsbl}).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("data.sieve");
+    std::fs::write(
+        &script,
+        "require [\"editheader\", \"variables\"];\naddheader \"X-DNSBL\" \"listed=${env.dnsbl}\";\n",
+    )
+    .expect("write script");
+    let relay = relay_in(
         &nsd,
+        dir,
         &[
             "server.listener.smtp.dnsbl=true".into(),
             ZONE_SETS.into(),
             "dnsbl.timeout=\"3s\"".into(),
+            format!("server.listener.smtp.sieve.data=\"{}\"", script.display()),
         ],
     );
 
@@ -145,6 +160,12 @@ fn dnsbl_and_dnswl_answers_decide_at_rcpt() {
     // Listed in bl.test and in the DNSWL: passes.
     let said = smtplib_from(&relay, "192.0.2.20", "a@sender.example", RCPT);
     assert!(said.contains("sent"), "{said}\n{}", relay.log());
+    let id = queued_id(&said).expect("queued id");
+    let stored = String::from_utf8_lossy(&relay.body(&id)).into_owned();
+    assert!(
+        stored.contains("X-DNSBL: listed=bl.test,wl.test\r\n"),
+        "{stored}"
+    );
     // Not listed: passes, though unserved.invalid failed (a failed lookup
     // lists nothing).
     let said = smtplib_from(&relay, "192.0.2.30", "a@sender.example", RCPT);

@@ -375,7 +375,7 @@ async fn serve(
         .map(|f| FilterSession::new(f, local_addr));
     let relay = session_config.relay.clone();
     // DNSBL and greylisting at RCPT (before the filters): None on the hot path.
-    let mut rcpt_checks = ctx
+    let mut rcpt_checks: RcptChecks = ctx
         .antispam
         .clone()
         .filter(|_| session_config.dnsbl || session_config.greylist)
@@ -408,7 +408,7 @@ async fn serve(
     tracing::debug!(client_ip = %peer.ip(), listener = %listener.name, core = ctx.core, "connected");
     session.greeting();
     if let Some(call) = session.take_filter_call() {
-        let outcome = run_filters(chain, &call).await;
+        let outcome = run_filters(chain, &call, &dnsbl_listed(&rcpt_checks)).await;
         session.filter_result(outcome, now_ms());
     }
 
@@ -535,8 +535,16 @@ async fn serve(
                         }
                     }
                     if let (true, Some(f)) = (filter_data, chain.as_mut()) {
-                        let outcome =
-                            data_filters(f, &session, id, &envelope, &body, &summary.auth).await;
+                        let outcome = data_filters(
+                            f,
+                            &session,
+                            id,
+                            &envelope,
+                            &body,
+                            &summary.auth,
+                            &dnsbl_listed(&rcpt_checks),
+                        )
+                        .await;
                         let verdict = match outcome.verdict {
                             Verdict::Quarantine { reason } => {
                                 quarantine = Some(reason);
@@ -609,7 +617,7 @@ async fn serve(
                     };
                     session.spf_result(spf, refusal);
                     if let Some(call) = session.take_filter_call() {
-                        let outcome = run_filters(chain, &call).await;
+                        let outcome = run_filters(chain, &call, &dnsbl_listed(&rcpt_checks)).await;
                         session.filter_result(outcome, now_ms());
                     }
                 }
@@ -638,7 +646,7 @@ async fn serve(
                             continue;
                         }
                     }
-                    let outcome = run_filters(chain, &call).await;
+                    let outcome = run_filters(chain, &call, &dnsbl_listed(&rcpt_checks)).await;
                     session.filter_result(outcome, now_ms());
                 }
                 Action::Authenticate { user, password } => {
@@ -655,7 +663,7 @@ async fn serve(
                         c.set_auth_type(mechanism);
                     }
                     if let Some(call) = session.take_filter_call() {
-                        let outcome = run_filters(chain, &call).await;
+                        let outcome = run_filters(chain, &call, &dnsbl_listed(&rcpt_checks)).await;
                         session.filter_result(outcome, now_ms());
                     }
                 }
@@ -740,13 +748,38 @@ async fn serve(
     }
 }
 
+/// The session's RCPT checks: the antispam core, the listener's `dnsbl`
+/// and `greylist` switches, and what the zones said so far.
+type RcptChecks = Option<(
+    Rc<crate::antispam::CoreAntispam>,
+    bool,
+    bool,
+    crate::antispam::SessionMemo,
+)>;
+
+/// The zones that listed the client (Sieve's `${env.dnsbl}`); empty, not
+/// allocated, when nothing was looked up.
+fn dnsbl_listed(checks: &RcptChecks) -> String {
+    checks
+        .as_ref()
+        .map(|(_, _, _, memo)| memo.listed())
+        .unwrap_or_default()
+}
+
 /// One stage's filters (accept when the listener has none).
 async fn run_filters(
     chain: &mut Option<FilterSession>,
     call: &crate::filters::OwnedEvent,
+    dnsbl: &str,
 ) -> FilterOutcome {
     match chain {
-        Some(c) => c.run(&call.event(), &SieveExtras::default()).await,
+        Some(c) => {
+            let extras = SieveExtras {
+                dnsbl,
+                ..SieveExtras::default()
+            };
+            c.run(&call.event(), &extras).await
+        }
         None => FilterOutcome::accept(),
     }
 }
@@ -760,6 +793,7 @@ async fn data_filters(
     envelope: &sluice_spool::Envelope,
     body: &[u8],
     auth: &str,
+    dnsbl: &str,
 ) -> FilterOutcome {
     let client = session.client_facts();
     let recipients: Vec<String> = envelope
@@ -779,7 +813,13 @@ async fn data_filters(
         message: Some(body),
     };
     let (spf, dkim, dmarc) = crate::filters::auth_words(auth);
-    filters.run(&event, &SieveExtras { spf, dkim, dmarc }).await
+    let extras = SieveExtras {
+        spf,
+        dkim,
+        dmarc,
+        dnsbl,
+    };
+    filters.run(&event, &extras).await
 }
 
 enum ReadOutcome {
