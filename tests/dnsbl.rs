@@ -204,7 +204,7 @@ fn dnsbl_and_dnswl_answers_decide_at_rcpt() {
 }
 
 /// A relay greylisting on its listener (delay 3s), checking wl.test as a
-/// DNSWL, delivering rcpt.test to `hop`.
+/// DNSWL, delivering rcpt.test to `hop`; 203.0.113.77 is its relay network.
 fn greylisting_relay(nsd: &Nsd, hop: SocketAddr) -> Relay {
     // The exemption list lives in the relay's own directory (removed with it).
     let dir = tempfile::tempdir().expect("tempdir");
@@ -229,7 +229,7 @@ fn greylisting_relay(nsd: &Nsd, hop: SocketAddr) -> Relay {
     let mut b = Relay::builder()
         .set(nsd.servers_set())
         .set("relay.local_domains=[\"rcpt.test\"]")
-        .set("relay.relay_networks=[]")
+        .set("relay.relay_networks=[\"203.0.113.77/32\"]")
         .lset("proxy_trusted_networks", "[\"127.0.0.0/8\"]")
         .proxy_probe()
         .dir(dir);
@@ -306,6 +306,9 @@ fn greylisting_defers_first_sight_passes_a_later_retry_and_remembers_it() {
     );
     assert!(said.contains("sent"), "{said}");
     let said = smtplib_from(&relay, "192.0.2.20", "d@sender.example", RCPT);
+    assert!(said.contains("sent"), "{said}");
+    // A client in the relay networks is never greylisted.
+    let said = smtplib_from(&relay, "203.0.113.77", "f@sender.example", RCPT);
     assert!(said.contains("sent"), "{said}");
 
     let m = relay.metrics();
