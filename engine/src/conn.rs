@@ -106,6 +106,9 @@ pub struct CoreContext {
     /// no DNS configured; those listeners then accept unverified, logged at
     /// start).
     pub verify: Option<Rc<crate::verify::CoreVerify>>,
+    /// DNSBL/DNSWL and greylisting for listeners that switch them on (None:
+    /// no listener did at start).
+    pub antispam: Option<Rc<crate::antispam::CoreAntispam>>,
 }
 
 /// Read buffer while a client sends commands (and holds a PROXY header).
@@ -373,6 +376,19 @@ async fn serve(
         .clone()
         .map(|f| FilterSession::new(f, local_addr));
     let relay = session_config.relay.clone();
+    // DNSBL and greylisting at RCPT (before the filters): None on the hot path.
+    let mut rcpt_checks: RcptChecks = ctx
+        .antispam
+        .clone()
+        .filter(|_| session_config.dnsbl || session_config.greylist)
+        .map(|core| {
+            (
+                core,
+                session_config.dnsbl,
+                session_config.greylist,
+                crate::antispam::SessionMemo::default(),
+            )
+        });
     let started = Instant::now();
     let mut session = Session::new(
         session_config,
@@ -394,7 +410,7 @@ async fn serve(
     tracing::debug!(client_ip = %peer.ip(), listener = %listener.name, core = ctx.core, "connected");
     session.greeting();
     if let Some(call) = session.take_filter_call() {
-        let outcome = run_filters(chain, call, &mut iprev).await;
+        let outcome = run_filters(chain, call, &mut iprev, &dnsbl_listed(&rcpt_checks)).await;
         session.filter_result(outcome, now_ms());
     }
 
@@ -520,9 +536,17 @@ async fn serve(
                     }
                     if let (true, Some(f)) = (filter_data, chain.as_mut()) {
                         let ptr = iprev.verified_name().await;
-                        let outcome =
-                            data_filters(f, &session, ptr, id, &envelope, &body, &summary.auth)
-                                .await;
+                        let outcome = data_filters(
+                            f,
+                            &session,
+                            ptr,
+                            id,
+                            &envelope,
+                            &body,
+                            &summary.auth,
+                            &dnsbl_listed(&rcpt_checks),
+                        )
+                        .await;
                         let verdict = match outcome.verdict {
                             Verdict::Quarantine { reason } => {
                                 quarantine = Some(reason);
@@ -595,7 +619,8 @@ async fn serve(
                     };
                     session.spf_result(spf, refusal);
                     if let Some(call) = session.take_filter_call() {
-                        let outcome = run_filters(chain, call, &mut iprev).await;
+                        let outcome =
+                            run_filters(chain, call, &mut iprev, &dnsbl_listed(&rcpt_checks)).await;
                         session.filter_result(outcome, now_ms());
                     }
                 }
@@ -606,7 +631,26 @@ async fn serve(
                         conn.write_all(session.output()).await?;
                         session.clear_output();
                     }
-                    let outcome = run_filters(chain, call, &mut iprev).await;
+                    if let (Stage::Rcpt, Some((core, dnsbl, greylist, memo))) =
+                        (call.stage, rcpt_checks.as_mut())
+                    {
+                        let facts = crate::antispam::RcptFacts {
+                            ip: peer.ip(),
+                            helo: call.client.helo.as_deref().unwrap_or(""),
+                            sender: call.sender.as_deref().unwrap_or(""),
+                            recipient: call.recipient.as_deref().unwrap_or(""),
+                            trusted: session.trusted(),
+                            dnsbl: *dnsbl,
+                            greylist: *greylist,
+                        };
+                        let verdict = core.check_rcpt(memo, &facts, now_ms()).await;
+                        if verdict != Verdict::Accept {
+                            session.filter_result(FilterOutcome::with_verdict(verdict), now_ms());
+                            continue;
+                        }
+                    }
+                    let outcome =
+                        run_filters(chain, call, &mut iprev, &dnsbl_listed(&rcpt_checks)).await;
                     session.filter_result(outcome, now_ms());
                 }
                 Action::Authenticate { user, password } => {
@@ -623,7 +667,8 @@ async fn serve(
                         c.set_auth_type(mechanism);
                     }
                     if let Some(call) = session.take_filter_call() {
-                        let outcome = run_filters(chain, call, &mut iprev).await;
+                        let outcome =
+                            run_filters(chain, call, &mut iprev, &dnsbl_listed(&rcpt_checks)).await;
                         session.filter_result(outcome, now_ms());
                     }
                 }
@@ -737,16 +782,39 @@ impl IprevCheck {
     }
 }
 
+/// The session's RCPT checks: the antispam core, the listener's `dnsbl`
+/// and `greylist` switches, and what the zones said so far.
+type RcptChecks = Option<(
+    Rc<crate::antispam::CoreAntispam>,
+    bool,
+    bool,
+    crate::antispam::SessionMemo,
+)>;
+
+/// The zones that listed the client (Sieve's `${env.dnsbl}`); empty, not
+/// allocated, when nothing was looked up.
+fn dnsbl_listed(checks: &RcptChecks) -> String {
+    checks
+        .as_ref()
+        .map(|(_, _, _, memo)| memo.listed())
+        .unwrap_or_default()
+}
+
 /// One stage's filters (accept when the listener has none).
 async fn run_filters(
     chain: &mut Option<FilterSession>,
     mut call: Box<crate::filters::OwnedEvent>,
     iprev: &mut IprevCheck,
+    dnsbl: &str,
 ) -> FilterOutcome {
     match chain {
         Some(c) => {
             call.client.ptr = iprev.verified_name().await;
-            c.run(&call.event(), &SieveExtras::default()).await
+            let extras = SieveExtras {
+                dnsbl,
+                ..SieveExtras::default()
+            };
+            c.run(&call.event(), &extras).await
         }
         None => FilterOutcome::accept(),
     }
@@ -762,6 +830,7 @@ async fn data_filters(
     envelope: &sluice_spool::Envelope,
     body: &[u8],
     auth: &str,
+    dnsbl: &str,
 ) -> FilterOutcome {
     let mut client = session.client_facts();
     client.ptr = ptr;
@@ -782,7 +851,13 @@ async fn data_filters(
         message: Some(body),
     };
     let (spf, dkim, dmarc) = crate::filters::auth_words(auth);
-    filters.run(&event, &SieveExtras { spf, dkim, dmarc }).await
+    let extras = SieveExtras {
+        spf,
+        dkim,
+        dmarc,
+        dnsbl,
+    };
+    filters.run(&event, &extras).await
 }
 
 enum ReadOutcome {

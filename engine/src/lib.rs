@@ -2,6 +2,7 @@
 //! SMTP server. The `sluice` binary (main.rs) is a thin command line over this.
 
 pub mod admin;
+pub mod antispam;
 pub mod auth_guard;
 pub mod bounce;
 pub mod budget;

@@ -95,6 +95,13 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Recipients put on the suppression list by a hard bounce."),
     ("sluice_suppression_refused_total", Kind::Counter, "action",
      "Recipients refused at RCPT (action=refuse) or failed at delivery (action=drop) because they are suppressed."),
+    // DNSBL/DNSWL and greylisting at RCPT (ARCHITECTURE.md "DNSBL, DNSWL and greylisting").
+    ("sluice_dnsbl_lookups_total", Kind::Counter, "zone,result",
+     "DNSBL/DNSWL lookups (resolver cache hits included), by zone and result (listed, clear, failed)."),
+    ("sluice_dnsbl_decisions_total", Kind::Counter, "verdict",
+     "Clients judged by the DNSBL/DNSWL zones, by verdict (pass, allowed, reject, tempfail)."),
+    ("sluice_greylist_total", Kind::Counter, "result",
+     "Recipients checked by greylisting, by result (deferred, passed, exempt, full, error)."),
     // Delivery events (docs/events.md).
     ("sluice_events_produced_total", Kind::Counter, "type",
      "Delivery events made by the cores, by type (reception, delivery, deferral, bounce, expiry, suppression)."),
@@ -727,6 +734,22 @@ pub fn suppression_refused(action: &'static str) {
 /// tempfail, discard or quarantine).
 pub fn delivery_stage_refused(verdict: &'static str) {
     counter!("sluice_delivery_stage_refused_total", "verdict" => verdict).increment(1);
+}
+
+/// One DNSBL/DNSWL zone's answer ("listed", "clear", "failed").
+pub fn dnsbl_lookup(zone: &str, result: &'static str) {
+    counter!("sluice_dnsbl_lookups_total", "zone" => zone.to_string(), "result" => result)
+        .increment(1);
+}
+
+/// The zones' verdict on a client.
+pub fn dnsbl_decision(verdict: &'static str) {
+    counter!("sluice_dnsbl_decisions_total", "verdict" => verdict).increment(1);
+}
+
+/// One recipient through greylisting.
+pub fn greylist(result: &'static str) {
+    counter!("sluice_greylist_total", "result" => result).increment(1);
 }
 
 /// A delivery status notification was queued.

@@ -256,6 +256,11 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                 "dns (needed by server.listener.*.verify): no servers configured and /etc/resolv.conf unreadable: {e}"
             ));
         }
+        Err(e) if config.server.listener.values().any(|l| l.dnsbl) => {
+            return Err(anyhow!(
+                "dns (needed by server.listener.*.dnsbl): no servers configured and /etc/resolv.conf unreadable: {e}"
+            ));
+        }
         Err(_) => None,
     };
 
@@ -264,6 +269,33 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         Arc::new(ArcSwap::from_pointee(
             crate::filters::delivery::DeliveryFilters::of_config(&config),
         ));
+    // DNSBL/DNSWL and greylisting: made when a listener switches either on
+    // at start (`[dnsbl]` and `[greylist]` are read then, not on reload).
+    let antispam = if config
+        .server
+        .listener
+        .values()
+        .any(|l| l.dnsbl || l.greylist)
+    {
+        let greylist = if config.server.listener.values().any(|l| l.greylist) {
+            let table =
+                crate::antispam::Greylist::open(&config.spool.path, config.greylist.max_entries)
+                    .context("opening the greylist table")?;
+            Some(Arc::new(table))
+        } else {
+            None
+        };
+        let a = Arc::new(crate::antispam::Antispam::new(
+            config.antispam.clone(),
+            config.dnsbl.timeout.0,
+            greylist,
+        ));
+        a.start_purge(config.greylist.purge_interval.0)
+            .context("starting the greylist purge thread")?;
+        Some(a)
+    } else {
+        None
+    };
 
     let delivery = if config.delivery.enabled {
         let resolver = config
@@ -369,6 +401,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         let recovery = recovery.clone();
         let dkim = dkim.clone();
         let verify_dns = verify_dns.clone();
+        let antispam = antispam.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(core % cpus))
             .name(&format!("sluice-core-{core}"))
             .io_memory(config.server.io_memory.0 as usize)
@@ -384,6 +417,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                     recovery,
                     dkim,
                     verify_dns,
+                    antispam,
                     listeners,
                     credentials,
                     shutdown,
@@ -543,6 +577,7 @@ async fn core_main(
     recovery: Arc<RecoveryTally>,
     dkim: crate::queue::dkim::DkimSwap,
     verify_dns: Option<sluice_dns::ResolverConfig>,
+    antispam: Option<Arc<crate::antispam::Antispam>>,
     listeners: Vec<(Arc<ListenerShared>, std::net::SocketAddr)>,
     credentials: Arc<ArcSwap<Credentials>>,
     shutdown: Arc<event_listener::Event>,
@@ -590,18 +625,21 @@ async fn core_main(
     );
     // The verifier shares delivery's resolver (one cache per core) when
     // there is one.
-    let verify = match verify_dns {
-        Some(dns) => {
-            let resolver = match &delivery {
-                Some(d) => d.resolver().clone(),
-                None => sluice_dns::Resolver::new(dns),
-            };
-            let v = crate::verify::CoreVerify::new(resolver)
+    // The DNSBL lookups use the same resolver (and cache).
+    let resolver = verify_dns.map(|dns| match &delivery {
+        Some(d) => d.resolver().clone(),
+        None => sluice_dns::Resolver::new(dns),
+    });
+    let verify = match &resolver {
+        Some(resolver) => {
+            let v = crate::verify::CoreVerify::new(resolver.clone())
                 .map_err(|e| anyhow!("core {core}: {e}"))?;
             Some(Rc::new(v))
         }
         None => None,
     };
+    let antispam =
+        antispam.map(|a| Rc::new(crate::antispam::CoreAntispam::new(a, resolver.clone())));
     let ctx = Rc::new(CoreContext {
         core,
         spool,
@@ -613,6 +651,7 @@ async fn core_main(
         shutting_down: shutting_down.clone(),
         sessions: Cell::new(0),
         verify,
+        antispam,
     });
 
     let mut sockets = Vec::new();

@@ -88,6 +88,11 @@ impl Lists {
         self.lists.keys().map(String::as_str)
     }
 
+    /// The entries of list `name` (lowercased), None when there is no such list.
+    pub fn entries(&self, name: &str) -> Option<impl Iterator<Item = &str>> {
+        self.lists.get(name).map(|s| s.iter().map(String::as_str))
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.lists.contains_key(name)
     }

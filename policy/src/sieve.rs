@@ -191,6 +191,9 @@ pub struct SieveExtras<'a> {
     pub spf: &'a str,
     pub dkim: &'a str,
     pub dmarc: &'a str,
+    /// The DNSBL/DNSWL zones listing the client, comma-separated (empty:
+    /// none, or the listener does not ask).
+    pub dnsbl: &'a str,
 }
 
 fn stage_index(stage: Stage) -> usize {
@@ -287,7 +290,7 @@ impl SieveSet {
         let message = event.message.unwrap_or(b"");
         let mut ctx = self.runtime.filter(message);
         let client = event.client;
-        let env: [(&'static str, String); 12] = [
+        let env: [(&'static str, String); 13] = [
             ("remote-ip", client.ip.to_string()),
             ("remote_ip", client.ip.to_string()),
             ("remote-host", client.ptr.clone().unwrap_or_default()),
@@ -306,6 +309,7 @@ impl SieveSet {
             ("spf", extras.spf.to_string()),
             ("dkim", extras.dkim.to_string()),
             ("dmarc", extras.dmarc.to_string()),
+            ("dnsbl", extras.dnsbl.to_string()),
             ("queue_id", event.queue_id.unwrap_or_default().to_string()),
         ];
         for (key, value) in env {

@@ -256,16 +256,18 @@ async fn run_sieve(
     }
     let set = set.clone();
     let owned = OwnedEvent::of(event);
-    let (spf, dkim, dmarc) = (
+    let (spf, dkim, dmarc, dnsbl) = (
         extras.spf.to_string(),
         extras.dkim.to_string(),
         extras.dmarc.to_string(),
+        extras.dnsbl.to_string(),
     );
     let task = glommio::executor().spawn_blocking(move || {
         let extras = SieveExtras {
             spf: &spf,
             dkim: &dkim,
             dmarc: &dmarc,
+            dnsbl: &dnsbl,
         };
         set.run(&owned.event(), &extras)
     });

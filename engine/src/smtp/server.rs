@@ -81,7 +81,12 @@ pub struct SessionConfig {
     /// when it has none.
     pub filters: Option<Arc<crate::filters::Filters>>,
     /// The stages with a filter: checked (a bit test) at every stage.
+    /// RCPT is in it also when the listener checks DNSBLs or greylists
+    /// (the driver runs those before the filters).
     pub filter_stages: crate::filters::StageSet,
+    /// `dnsbl` and `greylist`: checked by the driver at each RCPT.
+    pub dnsbl: bool,
+    pub greylist: bool,
     /// Date and Message-ID added where missing (`add_missing_headers`).
     pub add_missing_headers: AddMissingHeaders,
     /// `[auth.sender_login]` when the listener has `enforce_sender_login`.
@@ -151,9 +156,17 @@ impl SessionConfig {
             verify: l.verify.clone().map(Arc::new),
             honor_tls_required_no: l.honor_tls_required_no,
             // Filters only before delivery leave the session on the hot path.
-            filter_stages: session_filters
-                .map(|f| f.session_stages())
-                .unwrap_or_default(),
+            filter_stages: {
+                let mut set = session_filters
+                    .map(|f| f.session_stages())
+                    .unwrap_or_default();
+                if l.dnsbl || l.greylist {
+                    set.insert(Stage::Rcpt);
+                }
+                set
+            },
+            dnsbl: l.dnsbl,
+            greylist: l.greylist,
             filters: session_filters.cloned(),
             add_missing_headers: l.add_missing_headers,
             sender_logins: l.enforce_sender_login.then(|| sender_logins.clone()),
@@ -418,7 +431,7 @@ impl Session {
 
     /// In the relay networks or authenticated: trusted with envelope
     /// extensions, notices and a larger share of the body budget.
-    fn trusted(&self) -> bool {
+    pub fn trusted(&self) -> bool {
         self.auth_user.is_some() || self.cfg.relay.relay_networks().contains(self.peer.ip)
     }
 
