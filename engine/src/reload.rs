@@ -25,9 +25,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 use rustls::sign::CertifiedKey;
+use sluice_policy::shaping::ShapingRules;
 use sluice_policy::{Credentials, RuleSet};
 
-use crate::config::{Config, ListenerConfig};
+use crate::config::delivery::{DeliveryConfig, DeliverySection, QueueConfig};
+use crate::config::{ByteSize, Config, ListenerConfig};
 use crate::conn::ListenerShared;
 
 /// Where the running configuration came from: `sluice run -c FILE --set K=V…`.
@@ -64,6 +66,8 @@ pub struct Reloader {
     rules: Arc<ArcSwap<RuleSet>>,
     /// DKIM signers and rules; keys are re-read on every reload.
     dkim: Option<crate::queue::dkim::DkimSwap>,
+    /// The delivery snapshot the cores read (routes, queues, limits).
+    delivery: Option<Arc<ArcSwap<DeliveryConfig>>>,
 }
 
 /// What a validated reload will store.
@@ -76,6 +80,9 @@ struct Plan {
     credentials: Option<Credentials>,
     rules: Option<RuleSet>,
     dkim: Option<sluice_policy::dkim::DkimPolicy>,
+    /// Built when a delivery section or the shaping rules changed.
+    delivery: Option<DeliveryConfig>,
+    shaping: Option<(ShapingRules, Option<u32>)>,
 }
 
 impl Reloader {
@@ -100,7 +107,14 @@ impl Reloader {
             credentials,
             rules,
             dkim: None,
+            delivery: None,
         }
+    }
+
+    /// Reloads also replace the delivery configuration the cores read.
+    pub fn with_delivery(mut self, delivery: Arc<ArcSwap<DeliveryConfig>>) -> Reloader {
+        self.delivery = Some(delivery);
+        self
     }
 
     /// Reloads also replace the DKIM signers (keys read again from their
@@ -148,6 +162,16 @@ impl Reloader {
         if let (Some(swap), Some(policy)) = (&self.dkim, plan.dkim) {
             swap.store(Arc::new(crate::queue::dkim::DkimState::new(policy)));
         }
+        if let (Some(swap), Some(mut delivery)) = (&self.delivery, plan.delivery) {
+            // Each core sees the new generation at its next decision.
+            delivery.generation = swap.load().generation + 1;
+            swap.store(Arc::new(delivery));
+        }
+        if let (Some(shaping), Some((rules, slow_start))) =
+            (crate::delivery::shaping::installed(), plan.shaping)
+        {
+            shaping.reconfigure(rules, slow_start);
+        }
         *running = plan.effective;
         let mut summary = if plan.changed.is_empty() {
             "nothing changed".to_string()
@@ -171,14 +195,20 @@ impl Reloader {
         let rules_changed = changed.iter().any(|c| c.starts_with("[[rule]]"));
 
         // Build everything before storing anything.
-        let rules = effective.rule_set().map_err(|e| {
-            let hint = if restart.iter().any(|k| k == "queue" || k == "route") {
-                " (new queues and routes need a restart)"
-            } else {
-                ""
-            };
-            format!("rule: {e}{hint}")
-        })?;
+        let rules = effective.rule_set().map_err(|e| format!("rule: {e}"))?;
+        // Routes, queues and limits: the rules just checked name only routes
+        // and queues of this same snapshot.
+        let delivery_changed = changed.iter().any(|c| is_delivery_key(c));
+        let shaping = if changed.iter().any(|c| c == "shaping") {
+            let rules = effective.shaping.rules().map_err(|e| format!("shaping: {e}"))?;
+            let slow_start = effective
+                .shaping
+                .slow_start
+                .then_some(effective.shaping.slow_start_initial);
+            Some((rules, slow_start))
+        } else {
+            None
+        };
         let relay = Arc::new(
             effective
                 .relay_policy()
@@ -232,6 +262,7 @@ impl Reloader {
             session.starttls = current.starttls;
             sessions.push((shared.clone(), session));
         }
+        let delivery = delivery_changed.then(|| effective.delivery_config());
         Ok(Plan {
             effective,
             changed: dedup(changed),
@@ -241,6 +272,8 @@ impl Reloader {
             credentials: users_changed.then_some(credentials),
             rules: rules_changed.then_some(rules),
             dkim,
+            delivery,
+            shaping,
         })
     }
 }
@@ -286,6 +319,11 @@ fn merge(running: &Config, new: &Config) -> (Config, Vec<String>, Vec<String>) {
     if differs(&effective.dkim, &new.dkim) {
         effective.dkim = new.dkim.clone();
         changed.push("dkim".into());
+    }
+    take_delivery(&mut effective, new, &mut changed);
+    if differs(&effective.shaping, &new.shaping) {
+        effective.shaping = new.shaping.clone();
+        changed.push("shaping".into());
     }
     let restart = restart_only_changes(&effective, new);
     (effective, changed, restart)
@@ -369,6 +407,113 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
     l.filters = n.filters.clone();
 }
 
+/// The delivery keys a reload takes (names as in the summary).
+const DELIVERY_KEYS: [&str; 7] = [
+    "delivery",
+    "queue",
+    "route",
+    "destination",
+    "source_ip",
+    "host",
+    "provider",
+];
+
+fn is_delivery_key(change: &str) -> bool {
+    DELIVERY_KEYS.contains(&change)
+}
+
+/// Takes the new routes, queues, destinations, hosts, source IPs, providers
+/// and `[delivery]` limits, keeping the running value of what is built once at
+/// start: the `[delivery]` keys of [`delivery_restart_keys`], queue quotas
+/// (counted by the admission of the running process) and route client
+/// certificates (loaded into the outbound TLS setup).
+fn take_delivery(effective: &mut Config, new: &Config, changed: &mut Vec<String>) {
+    let mut delivery = new.delivery.clone();
+    let run = &effective.delivery;
+    delivery.enabled = run.enabled;
+    delivery.ehlo_name.clone_from(&run.ehlo_name);
+    delivery.tls_ca_file.clone_from(&run.tls_ca_file);
+    delivery.mta_sts = run.mta_sts;
+    delivery.mta_sts_fetch_timeout = run.mta_sts_fetch_timeout;
+    delivery.mta_sts_https_port = run.mta_sts_https_port;
+    delivery.mta_sts_refresh_interval = run.mta_sts_refresh_interval;
+    delivery.bounce_rules.clone_from(&run.bounce_rules);
+    if differs(&effective.delivery, &delivery) {
+        effective.delivery = delivery;
+        changed.push("delivery".into());
+    }
+    let mut queues = new.queue.clone();
+    for (name, q) in &mut queues {
+        let running = effective.queue.get(name).cloned().unwrap_or_else(|| QueueConfig {
+            max_messages: 0,
+            max_bytes: ByteSize(0),
+            ..QueueConfig::default()
+        });
+        q.max_messages = running.max_messages;
+        q.max_bytes = running.max_bytes;
+    }
+    if differs(&effective.queue, &queues) {
+        effective.queue = queues;
+        changed.push("queue".into());
+    }
+    let mut routes = new.route.clone();
+    for (name, r) in &mut routes {
+        let running = effective.route.get(name);
+        r.tls_client_cert = running.and_then(|r| r.tls_client_cert.clone());
+        r.tls_client_key = running.and_then(|r| r.tls_client_key.clone());
+    }
+    if differs(&effective.route, &routes) {
+        effective.route = routes;
+        changed.push("route".into());
+    }
+    if differs(&effective.destination, &new.destination) {
+        effective.destination = new.destination.clone();
+        changed.push("destination".into());
+    }
+    if differs(&effective.source_ip, &new.source_ip) {
+        effective.source_ip = new.source_ip.clone();
+        changed.push("source_ip".into());
+    }
+    if differs(&effective.host, &new.host) {
+        effective.host = new.host.clone();
+        changed.push("host".into());
+    }
+    if differs(&effective.provider, &new.provider) || differs(&effective.providers, &new.providers)
+    {
+        effective.provider = new.provider.clone();
+        effective.providers = new.providers.clone();
+        changed.push("provider".into());
+    }
+}
+
+/// `[delivery]` keys built into the running process (the TLS setup, the
+/// MTA-STS thread, the EHLO name, the bounce rules path) that differ.
+fn delivery_restart_keys(a: &DeliverySection, b: &DeliverySection) -> Vec<String> {
+    let keys: [(&str, bool); 8] = [
+        ("delivery.enabled", a.enabled != b.enabled),
+        ("delivery.ehlo_name", a.ehlo_name != b.ehlo_name),
+        ("delivery.tls_ca_file", a.tls_ca_file != b.tls_ca_file),
+        ("delivery.mta_sts", a.mta_sts != b.mta_sts),
+        (
+            "delivery.mta_sts_fetch_timeout",
+            differs(&a.mta_sts_fetch_timeout, &b.mta_sts_fetch_timeout),
+        ),
+        (
+            "delivery.mta_sts_https_port",
+            a.mta_sts_https_port != b.mta_sts_https_port,
+        ),
+        (
+            "delivery.mta_sts_refresh_interval",
+            differs(&a.mta_sts_refresh_interval, &b.mta_sts_refresh_interval),
+        ),
+        ("delivery.bounce_rules", a.bounce_rules != b.bounce_rules),
+    ];
+    keys.iter()
+        .filter(|k| k.1)
+        .map(|k| k.0.to_string())
+        .collect()
+}
+
 /// Keys that differ between what runs and the new file but cannot change
 /// without a restart (sockets, executors, spool, delivery engine state).
 fn restart_only_changes(effective: &Config, new: &Config) -> Vec<String> {
@@ -408,20 +553,29 @@ fn restart_only_changes(effective: &Config, new: &Config) -> Vec<String> {
             }
         }
     }
-    let sections: [(&str, bool); 11] = [
+    out.extend(delivery_restart_keys(&effective.delivery, &new.delivery));
+    for (name, q) in &new.queue {
+        let (m, b) = effective
+            .queue
+            .get(name)
+            .map_or((0, 0), |r| (r.max_messages, r.max_bytes.0));
+        if (m, b) != (q.max_messages, q.max_bytes.0) {
+            out.push(format!("queue.{name} quota (max_messages, max_bytes)"));
+        }
+    }
+    for (name, r) in &new.route {
+        let running = effective.route.get(name);
+        if running.and_then(|r| r.tls_client_cert.as_ref()) != r.tls_client_cert.as_ref()
+            || running.and_then(|r| r.tls_client_key.as_ref()) != r.tls_client_key.as_ref()
+        {
+            out.push(format!("route.{name}.tls_client_cert/tls_client_key"));
+        }
+    }
+    let sections: [(&str, bool); 5] = [
         ("spool", differs(&effective.spool, &new.spool)),
         ("log", differs(&effective.log, &new.log)),
         ("admin", differs(&effective.admin, &new.admin)),
         ("dns", differs(&effective.dns, &new.dns)),
-        ("delivery", differs(&effective.delivery, &new.delivery)),
-        ("queue", differs(&effective.queue, &new.queue)),
-        ("route", differs(&effective.route, &new.route)),
-        (
-            "destination",
-            differs(&effective.destination, &new.destination),
-        ),
-        ("source_ip", differs(&effective.source_ip, &new.source_ip)),
-        ("host", differs(&effective.host, &new.host)),
         ("auth", differs(&effective.auth, &new.auth)),
     ];
     out.extend(sections.iter().filter(|s| s.1).map(|s| s.0.to_string()));

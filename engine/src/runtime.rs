@@ -259,6 +259,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         Err(_) => None,
     };
 
+    // Routes, queues, destinations and limits: a reload stores a new snapshot.
+    let delivery_cfg = Arc::new(ArcSwap::from_pointee(config.delivery_config()));
     let delivery = if config.delivery.enabled {
         let resolver = config
             .dns
@@ -295,7 +297,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         };
         Some(Arc::new(DeliveryShared {
             spool: spool.clone(),
-            cfg: config.delivery_config(),
+            cfg: delivery_cfg.clone(),
             hostname: config.server.hostname.clone(),
             ehlo_name: config
                 .delivery
@@ -327,7 +329,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             credentials.clone(),
             admission.rules().clone(),
         )
-        .with_dkim(dkim.clone()),
+        .with_dkim(dkim.clone())
+        .with_delivery(delivery_cfg),
     );
     let signals = spawn_signal_thread(
         shutdown.clone(),
