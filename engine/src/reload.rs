@@ -200,7 +200,10 @@ impl Reloader {
         // and queues of this same snapshot.
         let delivery_changed = changed.iter().any(|c| is_delivery_key(c));
         let shaping = if changed.iter().any(|c| c == "shaping") {
-            let rules = effective.shaping.rules().map_err(|e| format!("shaping: {e}"))?;
+            let rules = effective
+                .shaping
+                .rules()
+                .map_err(|e| format!("shaping: {e}"))?;
             let slow_start = effective
                 .shaping
                 .slow_start
@@ -444,11 +447,15 @@ fn take_delivery(effective: &mut Config, new: &Config, changed: &mut Vec<String>
     }
     let mut queues = new.queue.clone();
     for (name, q) in &mut queues {
-        let running = effective.queue.get(name).cloned().unwrap_or_else(|| QueueConfig {
-            max_messages: 0,
-            max_bytes: ByteSize(0),
-            ..QueueConfig::default()
-        });
+        let running = effective
+            .queue
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| QueueConfig {
+                max_messages: 0,
+                max_bytes: ByteSize(0),
+                ..QueueConfig::default()
+            });
         q.max_messages = running.max_messages;
         q.max_bytes = running.max_bytes;
     }

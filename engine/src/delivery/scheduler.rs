@@ -245,9 +245,7 @@ impl CoreDelivery {
             let mut domains: Vec<String> = jobs
                 .iter()
                 .filter_map(|j| match &j.target {
-                    Target::Mx { domain, .. } if self.cfg().rollup(domain) => {
-                        Some(domain.clone())
-                    }
+                    Target::Mx { domain, .. } if self.cfg().rollup(domain) => Some(domain.clone()),
                     _ => None,
                 })
                 .collect();

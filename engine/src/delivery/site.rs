@@ -133,8 +133,7 @@ impl CoreDelivery {
                 .or_insert_with(|| {
                     let cfg = self.cfg();
                     let dest = cfg.destination(&job.target.destination());
-                    let group =
-                        self.group_for(job.rollup.as_deref(), &key, &dest, cfg.generation);
+                    let group = self.group_for(job.rollup.as_deref(), &key, &dest, cfg.generation);
                     Rc::new(Site {
                         key: key.clone(),
                         target: job.target.clone(),
