@@ -16,8 +16,24 @@
 //! classification rules file (`delivery.bounce_rules`, re-read every time). New sessions and new TLS handshakes
 //! see the new values; sessions already open keep what they started with.
 //!
+//! Delivery: `[route.*]`, `[queue.*]` (not the quotas), `[destination.*]`,
+//! `[host.*]`, `[source_ip.*]`, `[provider.*]` with the presets, the
+//! `[delivery]` limits and timeouts, and `[shaping]` (rules, slow start). The
+//! cores read one `DeliveryConfig` snapshot; its `generation` tells sites and
+//! limiters built under an older one to retune (keeping what they spent).
+//! Queued mail is routed again at its next attempt; mail of a removed queue
+//! follows `[queue.default]`. Shaping actions in force stay.
+//!
+//! Needs a restart (kept running, named in the summary): listener addresses,
+//! TLS mode, proxy and connection settings, `server.*`, `[spool]`, `[log]`,
+//! `[admin]`, `[dns]`, the AUTH failure limits, queue quotas
+//! (`max_messages`, `max_bytes`), route `tls_client_cert`/`tls_client_key`,
+//! and `delivery.enabled`, `ehlo_name`, `tls_ca_file`, `mta_sts*` and the
+//! `bounce_rules` path.
+//!
 //! Swaps are `ArcSwap` stores: readers (a connection opening, a RCPT choosing a
-//! queue, a dispatch choosing a route) do one atomic load, no lock.
+//! queue, a dispatch choosing a route, a site's next step) do one atomic load,
+//! no lock.
 
 use std::fmt::Debug;
 use std::path::PathBuf;
@@ -676,6 +692,80 @@ mod tests {
         assert_eq!(
             changes(&running, &dkim).to_string(),
             "reload\nreloadable: dkim\n"
+        );
+    }
+
+    #[test]
+    fn delivery_sections_reload_and_what_is_built_at_start_is_named() {
+        let running = config(
+            "[queue.bulk]\nmax_messages = 10\n[route.hop]\ntype = \"relay\"\nhost = \"a.test\"\n",
+        );
+        let new = config(
+            "[queue.bulk]\nmax_messages = 10\nretry = [\"1s\"]\n[queue.extra]\n\
+             [route.hop]\ntype = \"relay\"\nhost = \"b.test\"\n\
+             [destination.default]\nmax_connections = 2\n[host.\"mx.test\"]\nmax_connections = 1\n\
+             [source_ip.default]\nmessage_rate = [\"1/s\"]\n[delivery]\nmax_connections_per_host = 3\n\
+             [[shaping.rule]]\nname = \"r\"\ncode = [421]\nthreshold = \"1/1m\"\naction = \"suspend\"\nduration = \"1m\"\n",
+        );
+        let c = changes(&running, &new);
+        assert_eq!(c.verdict(), "reload", "{c}");
+        for key in [
+            "delivery",
+            "queue",
+            "route",
+            "destination",
+            "source_ip",
+            "host",
+            "shaping",
+        ] {
+            assert!(c.reload.iter().any(|k| k == key), "{key} in {c}");
+        }
+        let (effective, _, _) = merge(&running, &new);
+        assert_eq!(effective.route["hop"].host.as_deref(), Some("b.test"));
+        assert_eq!(
+            effective.delivery_config().destination("x").max_connections,
+            2
+        );
+
+        // Quotas, client certificates and the MTA-STS setup need a restart;
+        // the rest of the same sections still reloads.
+        let quota = config(
+            "[queue.bulk]\nmax_messages = 20\n[queue.new]\nmax_bytes = \"1M\"\n\
+             [route.hop]\ntype = \"relay\"\nhost = \"a.test\"\n[delivery]\nmta_sts = false\nidle_timeout = \"1s\"\n",
+        );
+        let c = changes(&running, &quota);
+        assert_eq!(
+            c.restart,
+            vec![
+                "delivery.mta_sts".to_string(),
+                "queue.bulk quota (max_messages, max_bytes)".to_string(),
+                "queue.new quota (max_messages, max_bytes)".to_string(),
+            ],
+            "{c}"
+        );
+        assert!(c.reload.iter().any(|k| k == "delivery"), "{c}");
+        let (effective, _, _) = merge(&running, &quota);
+        assert_eq!(
+            effective.queue["bulk"].max_messages, 10,
+            "the running quota stays"
+        );
+        assert!(
+            effective.delivery.mta_sts,
+            "the running MTA-STS setting stays"
+        );
+    }
+
+    #[test]
+    fn a_removed_queue_takes_the_default_queues_schedule() {
+        let c = config("[queue.default]\nretry = [\"7s\"]\n").delivery_config();
+        assert_eq!(
+            c.queue("gone").retry_delay(1),
+            std::time::Duration::from_secs(7)
+        );
+        let c = config("").delivery_config();
+        assert_eq!(
+            c.queue("gone").retry_delay(1),
+            std::time::Duration::from_secs(120)
         );
     }
 }
