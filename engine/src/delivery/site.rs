@@ -38,6 +38,11 @@ pub(super) struct Site {
     ip_key: String,
     /// The configuration generation its limits (and its group's) are from.
     generation: Cell<u64>,
+    /// Where its connections go: the latest job's target (a reload may move
+    /// a route to another host or port), and how often that changed, so a
+    /// connection to the old place ends before taking another job.
+    current_target: RefCell<Target>,
+    target_version: Cell<u64>,
     /// The limits it shares with the other domains of its MX host set (or
     /// has alone): `rollup.rs`.
     pub(super) group: Rc<SiteGroup>,
@@ -86,6 +91,8 @@ struct Open {
     rated_host: Option<String>,
     /// Messages this connection may carry (site and host limits).
     max_messages: usize,
+    /// The site's `target_version` it was opened for.
+    target_version: u64,
 }
 
 impl Site {
@@ -140,6 +147,8 @@ impl CoreDelivery {
                         strategy: job.strategy.clone(),
                         ip_key: config::source_ip_key(job.strategy.source_ip),
                         generation: Cell::new(cfg.generation),
+                        current_target: RefCell::new(job.target.clone()),
+                        target_version: Cell::new(0),
                         shaping: SiteShaping::new(
                             self.slow_start().is_some(),
                             self.slow_start().unwrap_or(1),
@@ -157,6 +166,12 @@ impl CoreDelivery {
                 .clone()
         };
         self.refresh_limits(&site);
+        if *site.current_target.borrow() != job.target {
+            // Routed under a reloaded route: new connections go there.
+            tracing::info!(site = %site.key, "site target changed (reload): new connections follow it");
+            *site.current_target.borrow_mut() = job.target.clone();
+            site.target_version.set(site.target_version.get() + 1);
+        }
         let seq = site.seq.get();
         site.seq.set(seq + 1);
         site.queue.borrow_mut().push(Queued {
@@ -330,6 +345,17 @@ impl CoreDelivery {
                 Timer::new(wait).await;
                 continue;
             }
+            if open
+                .as_ref()
+                .is_some_and(|o| o.target_version != site.target_version.get())
+            {
+                // The route moved (a reload): this connection goes to the
+                // old place; the next one goes to the new.
+                if let Some(o) = open.take() {
+                    o.conn.quit().await;
+                }
+                continue;
+            }
             let Some(queued) = site.queue.borrow_mut().pop() else {
                 continue;
             };
@@ -443,7 +469,9 @@ impl CoreDelivery {
     async fn connect(self: &Rc<Self>, site: &Site) -> Result<Open, SessionFailure> {
         // One snapshot for the whole attempt (it spans awaits).
         let cfg = self.shared.cfg.load_full();
-        let endpoints = self.endpoints(&site.target, &site.strategy).await?;
+        let target_version = site.target_version.get();
+        let target = site.current_target.borrow().clone();
+        let endpoints = self.endpoints(&target, &site.strategy).await?;
         let mut last = SessionFailure {
             reply: client::Reply::local(451, "4.4.4", "no host to connect to"),
             try_next: true,
@@ -496,6 +524,7 @@ impl CoreDelivery {
                             site_max,
                             limits.max_messages_per_connection,
                         ),
+                        target_version,
                     });
                 }
                 Err(f) => {
