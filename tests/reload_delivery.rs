@@ -294,3 +294,65 @@ fn a_shaping_rule_added_by_reload_fires() {
     );
     drop(server);
 }
+
+#[test]
+fn a_lowered_concurrency_holds_at_a_site_already_in_use() {
+    let ip = loopback();
+    let addr = free_addr(ip);
+    let server = hop("c.test", addr, Duration::from_millis(400), None);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("sluice.toml");
+    delivery_file(&file, addr, "max_connections = 4", "");
+    let relay = relay_with(dir, &file);
+
+    // The site opens several connections (they stay open, idle, afterwards).
+    send(&relay, "wide", 8, "bob");
+    wait_until(
+        "the first 8",
+        T,
+        || server.messages().len() >= 8,
+        || relay.log(),
+    );
+    assert!(
+        server.max_transactions() > 1,
+        "the test needs overlap before the reload"
+    );
+
+    // Same host, one connection: the site and its open connections are the
+    // ones from before, so only retuning them can hold the new limit.
+    delivery_file(&file, addr, "max_connections = 1", "");
+    let (summary, _) = reload(&relay, 1);
+    assert!(summary.contains("destination"), "{summary}");
+    send(&relay, "narrow", 8, "carol");
+    wait_until(
+        "the next 8",
+        T,
+        || {
+            tags(&server)
+                .iter()
+                .filter(|t| t.starts_with("narrow"))
+                .count()
+                == 8
+        },
+        || relay.log(),
+    );
+    // One at a time, each answered after 400 ms: at least 7 × 400 ms from
+    // the first to the last (four at a time would take about 800 ms).
+    let times: Vec<Instant> = server
+        .messages()
+        .iter()
+        .filter(|m| m.body_text().contains("Subject: narrow"))
+        .map(|m| m.at)
+        .collect();
+    let span = times[times.len() - 1].duration_since(times[0]);
+    assert!(
+        span >= Duration::from_millis(2700),
+        "8 messages under max_connections = 1 took only {span:?}"
+    );
+    wait_until(
+        "the spool to empty",
+        T,
+        || relay.count() == 0,
+        || relay.log(),
+    );
+}
