@@ -396,10 +396,11 @@ impl CoreDelivery {
         site.group.active.set(site.group.active.get() - 1);
         let pending = !site.queue.borrow().is_empty();
         // Other domains of the group that waited for a slot go first.
-        if self.group_slot_freed(&site.group) {
-            if pending {
-                self.connect_or_wait(&site);
-            }
+        self.group_slot_freed(&site.group);
+        if pending && site.idle.get() > 0 {
+            // This connection ended over a lowered limit (shaping, a
+            // reload) and left the job it was woken for: an idle one takes it.
+            site.wake.notify(1);
         } else if pending {
             // A job may have arrived after the idle wait gave up.
             self.connect_or_wait(&site);
