@@ -1049,6 +1049,7 @@ impl Config {
             source_ips: self.source_ip.clone(),
             hosts: self.host.clone(),
             providers: self.providers.clone(),
+            generation: 0,
         }
     }
 

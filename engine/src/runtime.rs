@@ -297,6 +297,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         None
     };
 
+    // Routes, queues, destinations and limits: a reload stores a new snapshot.
+    let delivery_cfg = Arc::new(ArcSwap::from_pointee(config.delivery_config()));
     let delivery = if config.delivery.enabled {
         let resolver = config
             .dns
@@ -333,7 +335,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         };
         Some(Arc::new(DeliveryShared {
             spool: spool.clone(),
-            cfg: config.delivery_config(),
+            cfg: delivery_cfg.clone(),
             hostname: config.server.hostname.clone(),
             ehlo_name: config
                 .delivery
@@ -367,7 +369,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             admission.rules().clone(),
         )
         .with_dkim(dkim.clone())
-        .with_stage_filters(stage_filters.clone()),
+        .with_stage_filters(stage_filters.clone())
+        .with_delivery(delivery_cfg),
     );
     let signals = spawn_signal_thread(
         shutdown.clone(),

@@ -101,7 +101,10 @@ pub use crate::time::now_ms;
 /// Everything all cores share about delivery.
 pub struct DeliveryShared {
     pub spool: Arc<Spool>,
-    pub cfg: DeliveryConfig,
+    /// Routes, queues, destinations, hosts, source IPs, providers and the
+    /// `[delivery]` limits; a reload stores a new snapshot (`reload.rs`) and
+    /// readers load it where they decide (dispatch, a site's next step).
+    pub cfg: Arc<arc_swap::ArcSwap<DeliveryConfig>>,
     pub hostname: String,
     pub ehlo_name: String,
     pub tls: OutboundTlsConfig,
@@ -138,8 +141,9 @@ pub struct CoreDelivery {
     groups: RefCell<HashMap<String, std::rc::Weak<rollup::SiteGroup>>>,
     /// Shards this core schedules (its own, plus leftovers from runs with more cores).
     shards: Vec<u16>,
-    /// This core's share of each queue's message rate (shard-owner side).
-    queue_rates: RefCell<HashMap<String, MultiLimiter>>,
+    /// This core's share of each queue's message rate (shard-owner side),
+    /// with the configuration generation it was built under.
+    queue_rates: RefCell<HashMap<String, (u64, MultiLimiter)>>,
     /// Host-owner side: slots of the hosts this core owns.
     hosts: RefCell<HostTable>,
     /// Requester side: host slot requests waiting for a grant.
@@ -179,7 +183,9 @@ impl CoreDelivery {
             core,
             cores,
             resolver: Resolver::new(shared.dns.clone()),
-            hosts: RefCell::new(HostTable::new(shared.cfg.delivery.max_connections_per_host)),
+            hosts: RefCell::new(HostTable::new(
+                shared.cfg.load().delivery.max_connections_per_host,
+            )),
             shared,
             ids,
             senders,
@@ -260,6 +266,17 @@ impl Handoff for CoreDelivery {
 }
 
 impl CoreDelivery {
+    /// The delivery configuration in force: one atomic load. Not to be held
+    /// across an await (take `shared.cfg.load_full()` for that).
+    pub(super) fn cfg(&self) -> arc_swap::Guard<Arc<DeliveryConfig>> {
+        self.shared.cfg.load()
+    }
+
+    /// How long an idle connection waits for another message, now.
+    pub(super) fn idle_timeout(&self) -> Duration {
+        self.cfg().delivery.idle_timeout.0
+    }
+
     /// This core's resolver (shared with inbound verification: one cache).
     pub fn resolver(&self) -> &Resolver {
         &self.resolver

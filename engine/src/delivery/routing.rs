@@ -108,7 +108,7 @@ impl CoreDelivery {
         recipient: &sluice_spool::Recipient,
         mx: Option<&MxHosts>,
     ) -> Result<(String, Target, Strategy), Reply> {
-        let r = route_recipient(&self.shared.cfg, facts, rules, recipient, mx)?;
+        let r = route_recipient(&self.cfg(), facts, rules, recipient, mx)?;
         Ok((r.route, r.target, r.strategy))
     }
 }

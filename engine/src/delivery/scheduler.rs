@@ -72,26 +72,33 @@ impl CoreDelivery {
     /// This core's wait before another message of `queue` may go out; None = now
     /// (and it is counted).
     fn queue_rate_wait(&self, queue: &str, now: u64) -> Option<u64> {
-        let cfg = self.shared.cfg.queues.get(queue)?;
-        if cfg.message_rate.is_empty() {
-            return None;
-        }
+        let cfg = self.cfg();
         let mut rates = self.queue_rates.borrow_mut();
-        let limiter = rates.entry(queue.to_string()).or_insert_with(|| {
-            MultiLimiter::new(
-                cfg.message_rate
-                    .iter()
-                    .map(|r| throttle::per_core_rate(*r, self.cores))
-                    .collect(),
-            )
-        });
+        let Some(q) = cfg.queues.get(queue).filter(|q| !q.message_rate.is_empty()) else {
+            // No rate (or no longer, after a reload).
+            rates.remove(queue);
+            return None;
+        };
+        let share = || {
+            q.message_rate
+                .iter()
+                .map(|r| throttle::per_core_rate(*r, self.cores))
+                .collect::<Vec<_>>()
+        };
+        let (generation, limiter) = rates
+            .entry(queue.to_string())
+            .or_insert_with(|| (cfg.generation, MultiLimiter::new(share())));
+        if *generation != cfg.generation {
+            // A reload: the new rate from the next permit, the spent tokens kept.
+            limiter.retune(&share());
+            *generation = cfg.generation;
+        }
         limiter.try_acquire(now).err()
     }
 
     /// This core's share of the queue's concurrency (0 = no limit).
     fn queue_concurrency(&self, queue: &str) -> usize {
-        self.shared
-            .cfg
+        self.cfg()
             .queues
             .get(queue)
             .map_or(0, |q| throttle::per_core_share(q.concurrency, self.cores))
@@ -197,7 +204,7 @@ impl CoreDelivery {
             }
         }
         let me_peer = self.senders.peer_id();
-        let per_tx = self.shared.cfg.delivery.max_recipients_per_transaction;
+        let per_tx = self.cfg().delivery.max_recipients_per_transaction;
         let jobs = ledger::jobs(id, me_peer, &envelope, groups, per_tx);
         let outstanding = jobs.len() + usize::from(!unroutable.is_empty());
         if outstanding == 0 {
@@ -247,9 +254,7 @@ impl CoreDelivery {
             let mut domains: Vec<String> = jobs
                 .iter()
                 .filter_map(|j| match &j.target {
-                    Target::Mx { domain, .. } if self.shared.cfg.rollup(domain) => {
-                        Some(domain.clone())
-                    }
+                    Target::Mx { domain, .. } if self.cfg().rollup(domain) => Some(domain.clone()),
                     _ => None,
                 })
                 .collect();
@@ -286,7 +291,7 @@ impl CoreDelivery {
         let me_peer = self.senders.peer_id();
         for mut job in jobs {
             if let Target::Mx { domain, .. } = &job.target {
-                if self.shared.cfg.rollup(domain) {
+                if self.cfg().rollup(domain) {
                     job.rollup = mx
                         .get(domain)
                         .map(Vec::as_slice)
@@ -357,7 +362,7 @@ impl CoreDelivery {
     /// the ledger decides (notices, then persist and reschedule, or remove).
     pub(super) async fn finalize(self: Rc<Self>, id: MessageId, attempt: Attempt) {
         let now = now_ms();
-        let queue = self.shared.cfg.queue(&attempt.envelope.queue);
+        let queue = self.cfg().queue(&attempt.envelope.queue);
         let (mut envelope, effects) = ledger::finalize(attempt, &queue, now);
         for effect in effects {
             match effect {
