@@ -95,6 +95,10 @@ pub struct Config {
     /// Local lists by name: a file each, one entry a line (Sieve extlists,
     /// stage rules). Read at load and reload.
     pub lists: BTreeMap<String, PathBuf>,
+    /// Address rewriting, header edits and disclaimers (docs/rewrite.md).
+    pub rewrite: Vec<sluice_policy::rewrite::RewriteRuleConfig>,
+    /// The Sender Rewriting Scheme for forwarded mail (docs/rewrite.md).
+    pub srs: Option<sluice_policy::rewrite::SrsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -257,6 +261,10 @@ pub struct ListenerConfig {
     /// `[lists]`) when the config loads; None: the listener has none (the hot path).
     #[serde(skip)]
     pub filters: Option<std::sync::Arc<crate::filters::Filters>>,
+    /// `[[rewrite]]` and `[srs]` for this listener, built when the config
+    /// loads; None: nothing to rewrite here.
+    #[serde(skip)]
+    pub rewrite: Option<std::sync::Arc<sluice_policy::rewrite::Rewriter>>,
 }
 
 impl Default for ListenerConfig {
@@ -294,6 +302,7 @@ impl Default for ListenerConfig {
             sieve: None,
             filter_rule: Vec::new(),
             filters: None,
+            rewrite: None,
         }
     }
 }
@@ -617,6 +626,33 @@ impl Config {
             invalid(format!("lists.{name}"), e.to_string())
         })?;
         let lists = std::sync::Arc::new(lists);
+        let srs = match &self.srs {
+            Some(c) => {
+                let srs = sluice_policy::rewrite::build_srs(c).map_err(|(k, why)| invalid(k, why))?;
+                if !self
+                    .relay
+                    .local_domains
+                    .iter()
+                    .any(|d| d.trim_end_matches('.').eq_ignore_ascii_case(srs.domain()))
+                {
+                    return Err(invalid(
+                        "srs.domain".into(),
+                        "must be one of relay.local_domains, so bounces to it are accepted".into(),
+                    ));
+                }
+                Some(std::sync::Arc::new(srs))
+            }
+            None => None,
+        };
+        for (name, l) in self.server.listener.iter_mut() {
+            l.rewrite = sluice_policy::rewrite::Rewriter::build(
+                name,
+                &self.rewrite,
+                srs.clone(),
+                lists.clone(),
+            )
+            .map_err(|(k, why)| invalid(k, why))?;
+        }
         let hostname = self.server.hostname.clone();
         for (name, l) in self.server.listener.iter_mut() {
             let key = |k: &str| format!("server.listener.{name}.{k}");
