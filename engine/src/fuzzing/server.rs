@@ -71,6 +71,7 @@ pub fn fuzz_config(flags: u8) -> SessionConfig {
         filter_stages: Default::default(),
         add_missing_headers: crate::config::AddMissingHeaders::No,
         sender_logins: None,
+        rewrite: None,
     }
 }
 

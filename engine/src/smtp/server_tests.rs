@@ -48,6 +48,7 @@ fn config() -> SessionConfig {
         filter_stages: Default::default(),
         add_missing_headers: crate::config::AddMissingHeaders::No,
         sender_logins: None,
+        rewrite: None,
     }
 }
 
