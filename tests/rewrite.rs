@@ -124,7 +124,11 @@ fn inbound_clients_are_not_rewritten_by_outbound_rules() {
     );
     c.expect("QUIT", 221);
     let msgs = wait_for_messages(&hop, 1, &relay);
-    assert!(msgs[0].mail.contains("<ann@internal.test>"), "{}", msgs[0].mail);
+    assert!(
+        msgs[0].mail.contains("<ann@internal.test>"),
+        "{}",
+        msgs[0].mail
+    );
 }
 
 /// pysrs reverses `address` with both secrets; Err is its complaint.
@@ -153,7 +157,11 @@ fn srs_on_forwarding_and_bounces_reversed_with_rotation() {
         .set(format!(
             "srs={{domain=\"srs.local.test\",secrets=[\"{NEW_SECRET}\",\"{OLD_SECRET}\"]}}"
         ))
-        .set(lists_file(dir.path(), "forwards", "fwd@local.test bob@far.test\n"))
+        .set(lists_file(
+            dir.path(),
+            "forwards",
+            "fwd@local.test bob@far.test\n",
+        ))
         .set("rewrite=[{match={direction=\"inbound\"},recipient_map=\"forwards\",srs=true}]");
     for s in sets {
         b = b.set(s);
@@ -297,9 +305,14 @@ fn header_edits_and_a_disclaimer_in_a_multipart_message() {
     );
     assert!(parsed.status.success(), "{}", text(&parsed.stderr));
     let parsed = text(&parsed.stdout);
-    assert!(parsed.starts_with("multipart/mixed True True\n"), "{parsed}");
     assert!(
-        parsed.contains("text/plain 'Hello Bob.\\n--\\nConfidential: for the addressee only.\\n'"),
+        parsed.starts_with("multipart/mixed True True\n"),
+        "{parsed}"
+    );
+    assert!(
+        parsed.contains(
+            "text/plain 'Hello Bob.\\r\\n--\\r\\nConfidential: for the addressee only.\\r\\n'"
+        ),
         "{parsed}"
     );
     assert!(
@@ -323,19 +336,22 @@ fn header_edits_and_a_disclaimer_in_a_multipart_message() {
 fn bad_rewrite_config_names_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (config, key) in [
-        ("[[rewrite]]\nsender = { regex = '(', replace = 'x' }\n", "rewrite[1].sender.regex"),
+        (
+            "[[rewrite]]\nsender = { regex = '(', replace = 'x' }\n",
+            "rewrite[1].sender.regex",
+        ),
         (
             "[srs]\ndomain = \"srs.other.test\"\nsecrets = [\"0123456789abcdef\"]\n",
             "srs.domain",
         ),
-        ("[[rewrite]]\nrecipient_map = \"missing\"\n", "rewrite[1].recipient_map"),
+        (
+            "[[rewrite]]\nrecipient_map = \"missing\"\n",
+            "rewrite[1].recipient_map",
+        ),
     ] {
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, config).expect("write config");
-        let out = run_with_timeout(
-            Command::new(bin()).arg("check-config").arg(&file),
-            T,
-        );
+        let out = run_with_timeout(Command::new(bin()).arg("check-config").arg(&file), T);
         assert!(!out.status.success(), "{config}");
         let err = text(&out.stderr);
         assert!(err.contains(key), "{key}: {err}");

@@ -628,7 +628,8 @@ impl Config {
         let lists = std::sync::Arc::new(lists);
         let srs = match &self.srs {
             Some(c) => {
-                let srs = sluice_policy::rewrite::build_srs(c).map_err(|(k, why)| invalid(k, why))?;
+                let srs =
+                    sluice_policy::rewrite::build_srs(c).map_err(|(k, why)| invalid(k, why))?;
                 if !self
                     .relay
                     .local_domains

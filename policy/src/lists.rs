@@ -184,9 +184,16 @@ mod tests {
     fn maps_look_up_the_address_then_its_domain() {
         let lists = Lists::from_entries([(
             "aliases",
-            vec!["Info@Example.org  team@elsewhere.test", "@old.test @new.test", "plain"],
+            vec![
+                "Info@Example.org  team@elsewhere.test",
+                "@old.test @new.test",
+                "plain",
+            ],
         )]);
-        assert_eq!(lists.lookup("aliases", "info@EXAMPLE.org"), Some("team@elsewhere.test"));
+        assert_eq!(
+            lists.lookup("aliases", "info@EXAMPLE.org"),
+            Some("team@elsewhere.test")
+        );
         assert_eq!(lists.lookup("aliases", "x@old.test"), Some("@new.test"));
         assert_eq!(lists.lookup("aliases", "x@other.test"), None);
         assert_eq!(lists.lookup("aliases", "plain"), None);

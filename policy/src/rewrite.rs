@@ -226,7 +226,12 @@ pub fn build_srs(c: &SrsConfig) -> Result<Srs, ConfigError> {
     if !crate::srs::HASH_LEN_RANGE.contains(&c.hash_length) {
         return Err((key("hash_length"), "must be 4 ..= 27".into()));
     }
-    Ok(Srs::new(&c.domain, &c.secrets, c.max_age_days, c.hash_length))
+    Ok(Srs::new(
+        &c.domain,
+        &c.secrets,
+        c.max_age_days,
+        c.hash_length,
+    ))
 }
 
 impl Rewriter {
@@ -280,8 +285,7 @@ impl Rewriter {
             };
             direction
                 && r.sender_match.as_ref().is_none_or(|re| re.is_match(sender))
-                && r
-                    .sender_list
+                && r.sender_list
                     .as_ref()
                     .is_none_or(|l| self.lists.contains(l, sender, true))
         })
@@ -399,14 +403,19 @@ fn compile(
     }
     let mut add_header = Vec::new();
     for field in &r.add_header {
-        let (name, value) = field
-            .split_once(':')
-            .ok_or_else(|| (key("add_header"), format!("{field:?} is not \"Name: value\"")))?;
+        let (name, value) = field.split_once(':').ok_or_else(|| {
+            (
+                key("add_header"),
+                format!("{field:?} is not \"Name: value\""),
+            )
+        })?;
         check_field_name(name).map_err(|why| (key("add_header"), why))?;
         if value.len() > 998 || value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
             return Err((
                 key("add_header"),
-                format!("the value of {name:?} has a control character or is longer than 998 bytes"),
+                format!(
+                    "the value of {name:?} has a control character or is longer than 998 bytes"
+                ),
             ));
         }
         add_header.push(format!("{}: {}\r\n", name, value.trim()));
@@ -417,10 +426,16 @@ fn compile(
     let disclaimer = match (&r.disclaimer, &r.disclaimer_html) {
         (None, None) => None,
         (None, Some(_)) => {
-            return Err((key("disclaimer_html"), "needs disclaimer (the text form)".into()))
+            return Err((
+                key("disclaimer_html"),
+                "needs disclaimer (the text form)".into(),
+            ))
         }
         (Some(text), html) => {
-            for (k, v) in [("disclaimer", Some(text)), ("disclaimer_html", html.as_ref())] {
+            for (k, v) in [
+                ("disclaimer", Some(text)),
+                ("disclaimer_html", html.as_ref()),
+            ] {
                 let Some(v) = v else { continue };
                 if v.len() > MAX_DISCLAIMER_LEN || !v.is_ascii() || v.contains('\0') {
                     return Err((
@@ -461,7 +476,9 @@ fn compile(
 }
 
 fn check_field_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 76 || name.bytes().any(|b| !(33..=126).contains(&b) || b == b':')
+    if name.is_empty()
+        || name.len() > 76
+        || name.bytes().any(|b| !(33..=126).contains(&b) || b == b':')
     {
         return Err(format!("{name:?} is not a header field name"));
     }
@@ -495,8 +512,12 @@ fn apply(rewrite: &AddressRewrite, address: &str, lists: &Lists) -> Option<Strin
         }
     };
     let usable = new.len() <= MAX_ADDRESS_LEN
-        && new.rsplit_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
-        && !new.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == b'<' || b == b'>');
+        && new
+            .rsplit_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+        && !new
+            .bytes()
+            .any(|b| b.is_ascii_control() || b == b' ' || b == b'<' || b == b'>');
     (usable && !new.eq_ignore_ascii_case(address)).then_some(new)
 }
 
@@ -587,7 +608,8 @@ fn replace_address(raw: &[u8], old: &str, new: &str) -> Option<Vec<u8>> {
     if old.is_empty() || raw.len() < old.len() {
         return None;
     }
-    let part_of_address = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~.@".contains(&b);
+    let part_of_address =
+        |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~.@".contains(&b);
     let mut out = Vec::with_capacity(raw.len() + new.len());
     let mut i = 0;
     let mut found = false;

@@ -17,7 +17,12 @@ fn lists() -> Arc<Lists> {
 }
 
 fn srs() -> Arc<Srs> {
-    Arc::new(Srs::new("srs.local.test", &["0123456789abcdef".into()], 21, 4))
+    Arc::new(Srs::new(
+        "srs.local.test",
+        &["0123456789abcdef".into()],
+        21,
+        4,
+    ))
 }
 
 fn rewriter(rules: &[&str], listener: &str) -> Option<Arc<Rewriter>> {
@@ -50,7 +55,10 @@ fn regex_and_map_rewrite_sender_and_recipient() {
         RecipientRewrite::Rewritten(w) => Some(w.address),
         _ => None,
     };
-    assert_eq!(rewritten("INFO@local.test").as_deref(), Some("team@remote.test"));
+    assert_eq!(
+        rewritten("INFO@local.test").as_deref(),
+        Some("team@remote.test")
+    );
     assert_eq!(rewritten("bob@old.test").as_deref(), Some("bob@new.test"));
     assert_eq!(rewritten("bob@else.test"), None);
 }
@@ -159,7 +167,10 @@ fn config_errors_name_the_key() {
         max_age_days: 21,
         hash_length: 4,
     };
-    assert_eq!(build_srs(&bad_srs).err().map(|e| e.0).as_deref(), Some("srs.secrets"));
+    assert_eq!(
+        build_srs(&bad_srs).err().map(|e| e.0).as_deref(),
+        Some("srs.secrets")
+    );
 }
 
 #[test]
@@ -181,7 +192,15 @@ fn header_edits_and_address_rewrites() {
         String::from_utf8(out).expect("utf8"),
         "X-Added: yes\r\nFrom: Ann <ann@new.test>\r\nTo: team@remote.test, xinfo@local.test\r\nSubject: hi\r\n\r\nbody ann@old.test\r\n"
     );
-    assert_eq!(edit_message(b"Subject: x\r\n\r\nb\r\n", &MessagePlan::default(), None, &[]), None);
+    assert_eq!(
+        edit_message(
+            b"Subject: x\r\n\r\nb\r\n",
+            &MessagePlan::default(),
+            None,
+            &[]
+        ),
+        None
+    );
 }
 
 fn disclaimer() -> Disclaimer {
@@ -202,13 +221,27 @@ fn disclaimer_in_multipart_alternative_keeps_structure() {
     let message = b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nHello\r\n--b1\r\nContent-Type: text/html\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n<html><body>Hi=20there</body></html>\r\n--b1\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=a.txt\r\nContent-Transfer-Encoding: base64\r\n\r\nQUJD\r\n--b1--\r\n";
     let out = add_disclaimer(message, &disclaimer()).expect("added");
     let text = String::from_utf8(out.clone()).expect("utf8");
-    assert!(text.contains("\r\n\r\nHello\r\n-- \r\nConfidential.\r\n--b1\r\n"), "{text}");
-    assert!(text.contains("Hi=20there<p>Confidential.</p></body>"), "{text}");
+    assert!(
+        text.contains("\r\n\r\nHello\r\n-- \r\nConfidential.\r\n--b1\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Hi=20there<p>Confidential.</p></body>"),
+        "{text}"
+    );
     assert!(text.contains("QUJD\r\n--b1--"), "{text}");
-    let parsed = mail_parser::MessageParser::new().parse(&out).expect("parses");
+    let parsed = mail_parser::MessageParser::new()
+        .parse(&out)
+        .expect("parses");
     assert_eq!(parsed.parts.len(), 4);
-    assert!(parsed.body_text(0).unwrap_or_default().contains("Confidential."));
-    assert!(parsed.body_html(0).unwrap_or_default().contains("<p>Confidential.</p>"));
+    assert!(parsed
+        .body_text(0)
+        .unwrap_or_default()
+        .contains("Confidential."));
+    assert!(parsed
+        .body_html(0)
+        .unwrap_or_default()
+        .contains("<p>Confidential.</p>"));
 }
 
 #[test]

@@ -74,7 +74,9 @@ impl Srs {
             domain: domain.trim_end_matches('.').to_ascii_lowercase(),
             secrets: secrets
                 .iter()
-                .map(|s| ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, s.as_bytes()))
+                .map(|s| {
+                    ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, s.as_bytes())
+                })
                 .collect(),
             max_age_days,
             hash_len: hash_len.clamp(*HASH_LEN_RANGE.start(), *HASH_LEN_RANGE.end()),
@@ -90,7 +92,9 @@ impl Srs {
     pub fn is_srs_address(&self, address: &str) -> bool {
         match address.rsplit_once('@') {
             Some((local, domain)) => {
-                domain.trim_end_matches('.').eq_ignore_ascii_case(&self.domain)
+                domain
+                    .trim_end_matches('.')
+                    .eq_ignore_ascii_case(&self.domain)
                     && srs_tag(local).is_some()
             }
             None => false,
@@ -105,7 +109,10 @@ impl Srs {
         if local.is_empty() || domain.is_empty() {
             return None;
         }
-        if domain.trim_end_matches('.').eq_ignore_ascii_case(&self.domain) {
+        if domain
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(&self.domain)
+        {
             return None;
         }
         let new_local = match srs_tag(local) {
@@ -139,7 +146,10 @@ impl Srs {
     /// relays) and, for SRS0, the age.
     pub fn reverse(&self, address: &str, day: u64) -> Result<String, SrsError> {
         let (local, domain) = address.rsplit_once('@').ok_or(SrsError::NotSrs)?;
-        if !domain.trim_end_matches('.').eq_ignore_ascii_case(&self.domain) {
+        if !domain
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(&self.domain)
+        {
             return Err(SrsError::NotSrs);
         }
         let (kind, rest) = srs_tag(local).ok_or(SrsError::NotSrs)?;

@@ -48,8 +48,11 @@ fn srs1_matches_pysrs() {
         Some("SRS1=E2PV=other.test==abcd=XY=orig.test=user@srs.forward.test")
     );
     assert_eq!(
-        s.forward("SRS1=wxyz=first.test==abcd=XY=orig.test=user@second.test", DAY)
-            .as_deref(),
+        s.forward(
+            "SRS1=wxyz=first.test==abcd=XY=orig.test=user@second.test",
+            DAY
+        )
+        .as_deref(),
         Some("SRS1=ovSk=first.test==abcd=XY=orig.test=user@srs.forward.test")
     );
 }
@@ -104,8 +107,14 @@ fn tampering_age_and_shape_are_refused() {
         s.reverse("SRS0=PH7Y=RA=example.org@srs.forward.test", DAY),
         Err(SrsError::Malformed)
     );
-    assert_eq!(s.reverse(good.replace("srs.forward", "x").as_str(), DAY), Err(SrsError::NotSrs));
-    assert_eq!(s.reverse("alice@srs.forward.test", DAY), Err(SrsError::NotSrs));
+    assert_eq!(
+        s.reverse(good.replace("srs.forward", "x").as_str(), DAY),
+        Err(SrsError::NotSrs)
+    );
+    assert_eq!(
+        s.reverse("alice@srs.forward.test", DAY),
+        Err(SrsError::NotSrs)
+    );
     // Only the new secret: the old one's address no longer verifies.
     let rotated_out = Srs::new("srs.forward.test", &["sluice-test-secret".into()], 21, 4);
     assert_eq!(

@@ -1299,7 +1299,10 @@ impl Session {
         let forwarded = foreign_sender && self.tx.recipients.iter().any(|r| !r.local);
         let plan = rw.message_plan(self.trusted(), &original, forwarded);
         if plan.srs {
-            if let Some(new) = rw.srs().and_then(|s| s.forward(&sender, now_ms / 86_400_000)) {
+            if let Some(new) = rw
+                .srs()
+                .and_then(|s| s.forward(&sender, now_ms / 86_400_000))
+            {
                 tracing::info!(
                     target: "sluice::rewrite",
                     id = %id,
@@ -1326,7 +1329,9 @@ impl Session {
         let edited = sluice_policy::rewrite::edit_message(
             message,
             &plan,
-            header_sender.as_ref().map(|(a, b)| (a.as_str(), b.as_str())),
+            header_sender
+                .as_ref()
+                .map(|(a, b)| (a.as_str(), b.as_str())),
             &header_recipients,
         );
         if let Some(edited) = edited {
@@ -1448,7 +1453,9 @@ impl Session {
             Some(new) => (
                 new.as_str(),
                 matches!(
-                    self.cfg.relay.check_recipient(new, self.peer.ip, self.auth_user.is_some()),
+                    self.cfg
+                        .relay
+                        .check_recipient(new, self.peer.ip, self.auth_user.is_some()),
                     RelayDecision::Local
                 ),
             ),
