@@ -41,6 +41,7 @@ fn session_config() -> Arc<SessionConfig> {
         filter_stages: Default::default(),
         add_missing_headers: sluice_engine::config::AddMissingHeaders::No,
         sender_logins: None,
+        rewrite: None,
     })
 }
 
