@@ -43,6 +43,7 @@ fn session_config() -> Arc<SessionConfig> {
         greylist: false,
         add_missing_headers: sluice_engine::config::AddMissingHeaders::No,
         sender_logins: None,
+        rewrite: None,
     })
 }
 

@@ -103,6 +103,10 @@ pub struct Config {
     /// `dnsbl` and `greylist` as the policy uses them, built by `finish`.
     #[serde(skip)]
     pub antispam: AntispamPolicy,
+    /// Address rewriting, header edits and disclaimers (docs/rewrite.md).
+    pub rewrite: Vec<sluice_policy::rewrite::RewriteRuleConfig>,
+    /// The Sender Rewriting Scheme for forwarded mail (docs/rewrite.md).
+    pub srs: Option<sluice_policy::rewrite::SrsConfig>,
 }
 
 /// What `[dnsbl]`, `[greylist]` and `[lists]` give the RCPT checks.
@@ -278,6 +282,10 @@ pub struct ListenerConfig {
     /// `[lists]`) when the config loads; None: the listener has none (the hot path).
     #[serde(skip)]
     pub filters: Option<std::sync::Arc<crate::filters::Filters>>,
+    /// `[[rewrite]]` and `[srs]` for this listener, built when the config
+    /// loads; None: nothing to rewrite here.
+    #[serde(skip)]
+    pub rewrite: Option<std::sync::Arc<sluice_policy::rewrite::Rewriter>>,
 }
 
 impl Default for ListenerConfig {
@@ -317,6 +325,7 @@ impl Default for ListenerConfig {
             dnsbl: false,
             greylist: false,
             filters: None,
+            rewrite: None,
         }
     }
 }
@@ -666,6 +675,34 @@ impl Config {
             exemptions,
             lists: lists.clone(),
         };
+        let srs = match &self.srs {
+            Some(c) => {
+                let srs =
+                    sluice_policy::rewrite::build_srs(c).map_err(|(k, why)| invalid(k, why))?;
+                if !self
+                    .relay
+                    .local_domains
+                    .iter()
+                    .any(|d| d.trim_end_matches('.').eq_ignore_ascii_case(srs.domain()))
+                {
+                    return Err(invalid(
+                        "srs.domain".into(),
+                        "must be one of relay.local_domains, so bounces to it are accepted".into(),
+                    ));
+                }
+                Some(std::sync::Arc::new(srs))
+            }
+            None => None,
+        };
+        for (name, l) in self.server.listener.iter_mut() {
+            l.rewrite = sluice_policy::rewrite::Rewriter::build(
+                name,
+                &self.rewrite,
+                srs.clone(),
+                lists.clone(),
+            )
+            .map_err(|(k, why)| invalid(k, why))?;
+        }
         let hostname = self.server.hostname.clone();
         for (name, l) in self.server.listener.iter_mut() {
             let key = |k: &str| format!("server.listener.{name}.{k}");

@@ -352,6 +352,13 @@ fn merge(running: &Config, new: &Config) -> (Config, Vec<String>, Vec<String>) {
         effective.rule = new.rule.clone();
         changed.push(format!("[[rule]] ({} in force)", new.rule.len()));
     }
+    if differs(&effective.rewrite, &new.rewrite) || differs(&effective.srs, &new.srs) {
+        // Built into each listener's `rewrite` above; kept here for the
+        // next comparison.
+        effective.rewrite = new.rewrite.clone();
+        effective.srs = new.srs.clone();
+        changed.push("rewrite, srs".into());
+    }
     if differs(&effective.dkim, &new.dkim) {
         effective.dkim = new.dkim.clone();
         changed.push("dkim".into());
@@ -441,6 +448,7 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
     l.milter = n.milter.clone();
     l.hook = n.hook.clone();
     l.filters = n.filters.clone();
+    l.rewrite = n.rewrite.clone();
 }
 
 /// The delivery keys a reload takes (names as in the summary).

@@ -73,6 +73,7 @@ pub fn fuzz_config(flags: u8) -> SessionConfig {
         greylist: false,
         add_missing_headers: crate::config::AddMissingHeaders::No,
         sender_logins: None,
+        rewrite: None,
     }
 }
 

@@ -91,6 +91,9 @@ pub struct SessionConfig {
     pub add_missing_headers: AddMissingHeaders,
     /// `[auth.sender_login]` when the listener has `enforce_sender_login`.
     pub sender_logins: Option<Arc<SenderLogins>>,
+    /// `[[rewrite]]` rules for this listener and `[srs]`; None: nothing to
+    /// rewrite (the hot path: one Option test at MAIL, RCPT and the end of DATA).
+    pub rewrite: Option<Arc<sluice_policy::rewrite::Rewriter>>,
 }
 
 /// The listener's `untrusted_*` keys: what a client outside the relay networks,
@@ -170,6 +173,7 @@ impl SessionConfig {
             filters: session_filters.cloned(),
             add_missing_headers: l.add_missing_headers,
             sender_logins: l.enforce_sender_login.then(|| sender_logins.clone()),
+            rewrite: l.rewrite.clone(),
         }
     }
 }
@@ -280,6 +284,12 @@ struct Transaction {
     quarantine: Option<String>,
     /// The recipient waiting for the RCPT filters.
     pending_rcpt: Option<Recipient>,
+    /// The sender as received, when a `[[rewrite]]` rule changed it.
+    original_sender: Option<String>,
+    /// (original, new) addresses header fields follow (`headers = true`):
+    /// the sender for From, the recipients for To and Cc.
+    header_sender: Option<(String, String)>,
+    header_recipients: Vec<(String, String)>,
 }
 
 impl Transaction {
@@ -738,6 +748,9 @@ impl Session {
                 self.fail_body(552, "5.3.4", text);
                 return None;
             }
+            if let (Some(_), Some(id)) = (&self.cfg.rewrite, self.tx.id) {
+                self.rewrite_message(id, now_ms);
+            }
             return Some(self.submit(now_ms));
         }
         None
@@ -1193,13 +1206,19 @@ impl Session {
         self.tx.declared_size = from.size as u64;
         self.tx.requiretls = requiretls;
         // A quoted local part keeps its quotes (see smtp::address).
-        self.tx.sender = Some(super::address::requote(&from.address).into_owned());
+        let sender = super::address::requote(&from.address).into_owned();
+        let spf_sender = sender.clone();
+        self.tx.sender = Some(sender);
+        if self.cfg.rewrite.is_some() {
+            self.rewrite_sender();
+        }
         if self.cfg.verify.as_ref().is_some_and(|v| v.spf) {
-            // The reply waits for SPF (Session::spf_result).
+            // The reply waits for SPF (Session::spf_result), which checks the
+            // sender as the client gave it.
             self.state = State::Paused;
             return Some(Action::CheckSpf {
                 helo: self.helo.clone().unwrap_or_default(),
-                sender: self.tx.sender.clone().unwrap_or_default(),
+                sender: spf_sender,
             });
         }
         if self.filtered(Stage::Mail) {
@@ -1207,6 +1226,138 @@ impl Session {
         }
         self.reply(250, "2.1.0", "Ok");
         None
+    }
+
+    /// `[[rewrite]]` on the sender just taken: routing, filters and the
+    /// spool see the new address.
+    fn rewrite_sender(&mut self) {
+        let (Some(rw), Some(sender)) = (&self.cfg.rewrite, &self.tx.sender) else {
+            return;
+        };
+        let Some(new) = rw.sender(self.trusted(), sender) else {
+            return;
+        };
+        tracing::info!(
+            target: "sluice::rewrite",
+            listener = %self.cfg.listener,
+            client_ip = %self.peer.ip,
+            rule = new.rule,
+            original = %printable(sender),
+            sender = %printable(&new.address),
+            "sender rewritten"
+        );
+        let original = sender.clone();
+        if new.headers {
+            self.tx.header_sender = Some((original.clone(), new.address.clone()));
+        }
+        self.tx.original_sender = Some(original);
+        self.tx.sender = Some(new.address);
+    }
+
+    /// `[[rewrite]]` and SRS on a recipient the relay decision accepted:
+    /// Ok(None) unchanged, Ok(Some) the address routing and the spool see,
+    /// Err when it is refused (an SRS address that does not verify).
+    fn rewrite_recipient(&mut self, address: &str) -> Result<Option<String>, ()> {
+        use sluice_policy::rewrite::RecipientRewrite;
+        let Some(rw) = &self.cfg.rewrite else {
+            return Ok(None);
+        };
+        let sender = self
+            .tx
+            .original_sender
+            .as_deref()
+            .or(self.tx.sender.as_deref())
+            .unwrap_or("");
+        let day = crate::time::now_ms() / 86_400_000;
+        let (new, rule) = match rw.recipient(self.trusted(), sender, address, day) {
+            RecipientRewrite::Unchanged => return Ok(None),
+            RecipientRewrite::SrsRefused(why) => {
+                tracing::info!(
+                    target: "sluice::rewrite",
+                    listener = %self.cfg.listener,
+                    client_ip = %self.peer.ip,
+                    recipient = %printable(address),
+                    "SRS recipient refused: {why}"
+                );
+                // Policy, not a protocol error: not counted towards max_errors.
+                self.reply(550, "5.1.1", &format!("Error: {why}"));
+                return Err(());
+            }
+            RecipientRewrite::SrsReversed(original) => (original, None),
+            RecipientRewrite::Rewritten(w) => {
+                if w.headers {
+                    self.tx
+                        .header_recipients
+                        .push((address.to_string(), w.address.clone()));
+                }
+                (w.address, Some(w.rule))
+            }
+        };
+        tracing::info!(
+            target: "sluice::rewrite",
+            listener = %self.cfg.listener,
+            client_ip = %self.peer.ip,
+            rule = rule.map(|r| r.to_string()).unwrap_or_else(|| "srs".into()),
+            original = %printable(address),
+            recipient = %printable(&new),
+            "recipient rewritten"
+        );
+        Ok(Some(new))
+    }
+
+    /// At the end of DATA: SRS for a forwarded sender, then the header edits,
+    /// header address rewrites and disclaimer of the rules that apply.
+    fn rewrite_message(&mut self, id: MessageId, now_ms: u64) {
+        let Some(rw) = self.cfg.rewrite.clone() else {
+            return;
+        };
+        let sender = self.tx.sender.clone().unwrap_or_default();
+        let original = self.tx.original_sender.clone().unwrap_or(sender.clone());
+        let foreign_sender = sender
+            .rsplit_once('@')
+            .is_some_and(|(_, d)| !self.cfg.relay.is_local_domain(d));
+        let forwarded = foreign_sender && self.tx.recipients.iter().any(|r| !r.local);
+        let plan = rw.message_plan(self.trusted(), &original, forwarded);
+        if plan.srs {
+            if let Some(new) = rw
+                .srs()
+                .and_then(|s| s.forward(&sender, now_ms / 86_400_000))
+            {
+                tracing::info!(
+                    target: "sluice::rewrite",
+                    id = %id,
+                    listener = %self.cfg.listener,
+                    original = %printable(&sender),
+                    sender = %printable(&new),
+                    "sender rewritten with SRS"
+                );
+                self.tx.sender = Some(new);
+            }
+        }
+        let header_sender = self.tx.header_sender.take();
+        let header_recipients = std::mem::take(&mut self.tx.header_recipients);
+        if !plan.edits_message() && header_sender.is_none() && header_recipients.is_empty() {
+            return;
+        }
+        let start = self.tx.received_len.min(self.tx.body.len());
+        let message = &self.tx.body[start..];
+        if plan.disclaimer.is_some() {
+            if let Some(why) = sluice_policy::rewrite::disclaimer_skip(message) {
+                tracing::info!(target: "sluice::rewrite", id = %id, "disclaimer not added: {why:?}");
+            }
+        }
+        let edited = sluice_policy::rewrite::edit_message(
+            message,
+            &plan,
+            header_sender
+                .as_ref()
+                .map(|(a, b)| (a.as_str(), b.as_str())),
+            &header_recipients,
+        );
+        if let Some(edited) = edited {
+            self.tx.body.truncate(start);
+            self.tx.body.extend_from_slice(&edited);
+        }
     }
 
     /// A MAIL command refused before any check: the error reply, no action.
@@ -1310,6 +1461,25 @@ impl Session {
                     return self.error_reply(554, "5.7.1", "Error: relay access denied");
                 }
             }
+        };
+        // Rewriting after the relay decision on the address the client gave
+        // (an alias of a local domain may forward anywhere); `local` then
+        // follows the new address.
+        let rewritten = match self.rewrite_recipient(address) {
+            Ok(r) => r,
+            Err(()) => return,
+        };
+        let (address, local) = match &rewritten {
+            Some(new) => (
+                new.as_str(),
+                matches!(
+                    self.cfg
+                        .relay
+                        .check_recipient(new, self.peer.ip, self.auth_user.is_some()),
+                    RelayDecision::Local
+                ),
+            ),
+            None => (address, local),
         };
         // After the relay decision, so a stranger's non-ASCII relay attempt still
         // reads "relay access denied".

@@ -50,6 +50,7 @@ fn config() -> SessionConfig {
         greylist: false,
         add_missing_headers: crate::config::AddMissingHeaders::No,
         sender_logins: None,
+        rewrite: None,
     }
 }
 
