@@ -8,12 +8,14 @@
 //! blocking pool.
 
 pub mod auth;
+pub mod ban;
 pub mod bounce;
 mod credentials;
 pub mod dane;
 pub mod dkim;
 mod error;
 pub mod hook;
+pub mod inbound_limits;
 pub mod lists;
 pub mod milter;
 pub mod mta_sts;

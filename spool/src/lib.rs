@@ -14,9 +14,11 @@ mod reply;
 mod space;
 mod spool;
 mod suppression;
+mod bans;
 mod table;
 mod writer;
 
+pub use bans::{BanStore, StoredBan, BANS_DIR};
 pub use envelope::{
     BodyType, DeliverBy, DeliverByMode, Envelope, NoticeLimit, Notify, Recipient, RecipientStatus,
     Ret, Schedule, TlsRequest,

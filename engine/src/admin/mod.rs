@@ -11,6 +11,7 @@ mod calls;
 pub mod cli;
 mod queue_view;
 mod shaping_api;
+mod ban_api;
 mod suppression_api;
 
 use std::io::Read;
