@@ -353,13 +353,10 @@ impl InboundLimits {
                 Err(_) => return Ok(permit),
             }
         }
-        let guard_of = |guards: &mut Vec<(usize, MutexGuard<'_, Shard>)>, s: usize| {
-            guards.iter().position(|(i, _)| *i == s).unwrap_or(0)
-        };
         // Phase 1: would every rule allow it?
         let mut tracked = vec![false; wanted.len()];
         for (n, (s, i, key, rate, concurrency)) in wanted.iter().enumerate() {
-            let g = guard_of(&mut guards, *s);
+            let g = guards.iter().position(|(i, _)| i == s).unwrap_or(0);
             let shard = &mut *guards[g].1;
             let rule = &self.rules[*i];
             if !shard.map.contains_key(key) && !self.make_room(shard, now_ms) {
@@ -398,7 +395,7 @@ impl InboundLimits {
             if !tracked[n] {
                 continue;
             }
-            let g = guard_of(&mut guards, s);
+            let g = guards.iter().position(|(i, _)| *i == s).unwrap_or(0);
             let Some(entry) = guards[g].1.map.get_mut(&key) else {
                 continue;
             };

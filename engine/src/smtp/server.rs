@@ -1210,7 +1210,7 @@ impl Session {
         self.mail_seen = true;
         let limited = self.check_limits(
             sluice_policy::inbound_limits::LimitStage::Mail,
-            Some(&from.address),
+            Some(from.address.as_ref()),
             None,
             now_ms,
         );
