@@ -96,7 +96,10 @@ fn rate_per_ip_is_exact_across_cores() {
     assert_eq!(summary["failed"], 0, "{summary:#}");
     assert_eq!(summary["errors_by_code"]["451"], 20, "{summary:#}");
     for ip in sources {
-        assert_eq!(summary["per_source"][ip]["accepted"], 5, "{ip}: {summary:#}");
+        assert_eq!(
+            summary["per_source"][ip]["accepted"], 5,
+            "{ip}: {summary:#}"
+        );
         assert_eq!(summary["per_source"][ip]["refused"], 5, "{ip}: {summary:#}");
     }
     // The relay's side: 20 messages stored, 5 from each address.
@@ -107,11 +110,19 @@ fn rate_per_ip_is_exact_across_cores() {
         let body = text(&relay.body(&e.id));
         let ip = sources
             .iter()
-            .find(|ip| body.lines().next().is_some_and(|l| l.contains(&format!("[{ip}]"))))
+            .find(|ip| {
+                body.lines()
+                    .next()
+                    .is_some_and(|l| l.contains(&format!("[{ip}]")))
+            })
             .unwrap_or_else(|| panic!("no known client in {body:?}"));
         *per_ip.entry(ip.to_string()).or_default() += 1;
     }
-    assert_eq!(per_ip.values().copied().collect::<Vec<_>>(), vec![5; 4], "{per_ip:?}");
+    assert_eq!(
+        per_ip.values().copied().collect::<Vec<_>>(),
+        vec![5; 4],
+        "{per_ip:?}"
+    );
     let m = relay.metrics();
     assert_eq!(
         metric_sum(
@@ -237,7 +248,11 @@ fn bans_for_auth_failures_and_relay_attempts_persist() {
     // Three failed logins from one address: banned at the third.
     let guesser = "203.0.113.7";
     let out = smtplib_bad_logins(&relay, guesser, 3);
-    assert_eq!(out.lines().filter(|l| *l == "refused 535").count(), 3, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| *l == "refused 535").count(),
+        3,
+        "{out}"
+    );
     let (mut c, r) = connect_as(&relay, guesser);
     assert_eq!((r.code, r.enhanced()), (421, "4.7.1"), "{r:?}");
     c.expect_closed();
@@ -282,15 +297,27 @@ fn bans_for_auth_failures_and_relay_attempts_persist() {
     all.sort();
     assert_eq!(all, vec!["192.0.2.99", relayer, guesser], "{list:#}");
     let m = relay.metrics();
-    assert_eq!(metric_sum(&m, "sluice_bans_total{offence=\"auth\"}"), 1.0, "{m}");
-    assert_eq!(metric_sum(&m, "sluice_bans_total{offence=\"relay\"}"), 1.0, "{m}");
+    assert_eq!(
+        metric_sum(&m, "sluice_bans_total{offence=\"auth\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum(&m, "sluice_bans_total{offence=\"relay\"}"),
+        1.0,
+        "{m}"
+    );
     assert!(metric_sum(&m, "sluice_ban_refused_total") >= 2.0, "{m}");
 
     // A restart keeps them (stored by the bans thread: poll the new process).
     relay.terminate();
     relay.restart();
     let (_c, r) = connect_as(&relay, guesser);
-    assert_eq!((r.code, r.enhanced()), (421, "4.7.1"), "after restart: {r:?}");
+    assert_eq!(
+        (r.code, r.enhanced()),
+        (421, "4.7.1"),
+        "after restart: {r:?}"
+    );
     let list = cli(&relay, &token, &["ban", "list"]);
     assert_eq!(banned(&list).len(), 3, "{list:#}");
 

@@ -174,13 +174,23 @@ impl Bans {
         match self.writes.try_send(w) {
             Ok(()) => {}
             // The ban holds in memory; only a restart would forget it.
-            Err(TrySendError::Full(_)) => tracing::warn!("bans thread behind: a ban change was not stored"),
-            Err(TrySendError::Disconnected(_)) => tracing::warn!("bans thread gone: a ban change was not stored"),
+            Err(TrySendError::Full(_)) => {
+                tracing::warn!("bans thread behind: a ban change was not stored")
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::warn!("bans thread gone: a ban change was not stored")
+            }
         }
     }
 
     /// An operator's ban (the API thread). Err: bad input.
-    pub fn add(&self, address: &str, duration_ms: Option<u64>, reason: &str, now_ms: u64) -> Result<(IpAddr, Ban), String> {
+    pub fn add(
+        &self,
+        address: &str,
+        duration_ms: Option<u64>,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(IpAddr, Ban), String> {
         let ip: IpAddr = address
             .trim()
             .parse()
@@ -189,7 +199,8 @@ impl Bans {
         let ban = Ban {
             reason: reason.chars().take(MAX_REASON).collect(),
             added_unix_ms: now_ms,
-            until_unix_ms: now_ms.saturating_add(duration_ms.unwrap_or(self.counter.policy().duration_ms)),
+            until_unix_ms: now_ms
+                .saturating_add(duration_ms.unwrap_or(self.counter.policy().duration_ms)),
         };
         self.set(ip, ban.clone());
         Ok((ip, ban))

@@ -8,11 +8,11 @@
 pub mod delivery;
 pub mod events;
 pub mod hook;
+pub mod limits;
 pub mod milter;
 pub mod provider;
 pub mod shaping;
 pub mod suppression;
-pub mod limits;
 pub mod tls_rpt;
 
 use std::collections::BTreeMap;

@@ -162,7 +162,11 @@ mod tests {
 
     fn counter(auth: &str, exempt: &[&str]) -> OffenceCounter {
         OffenceCounter::new(BanPolicy {
-            thresholds: [Some(auth.parse().expect("rate")), None, Some("2/1m".parse().expect("rate"))],
+            thresholds: [
+                Some(auth.parse().expect("rate")),
+                None,
+                Some("2/1m".parse().expect("rate")),
+            ],
             duration_ms: 3_600_000,
             exempt: NetworkList::parse(exempt).expect("nets"),
             max_tracked: 4,
@@ -178,7 +182,11 @@ mod tests {
         assert_eq!(c.offence(ip, Offence::Auth, t + 1), None);
         let ban = c.offence(ip, Offence::Auth, t + 2).expect("third");
         assert_eq!(ban.until_unix_ms, t + 2 + 3_600_000);
-        assert!(ban.reason.contains("3 failed authentications within 10m"), "{}", ban.reason);
+        assert!(
+            ban.reason.contains("3 failed authentications within 10m"),
+            "{}",
+            ban.reason
+        );
         assert!(ban.active(t + 3) && !ban.active(t + 2 + 3_600_000));
         // Counting starts again.
         assert_eq!(c.offence(ip, Offence::Auth, t + 3), None);
@@ -202,7 +210,11 @@ mod tests {
         assert_eq!(c.offence(ip, Offence::Auth, 0), None);
         assert_eq!(c.offence(ip, Offence::Scan, 0), None);
         for _ in 0..10 {
-            assert_eq!(c.offence(ip, Offence::Relay, 0), None, "relay not configured");
+            assert_eq!(
+                c.offence(ip, Offence::Relay, 0),
+                None,
+                "relay not configured"
+            );
         }
         assert!(c.offence(ip, Offence::Scan, 1).is_some());
         let inside: IpAddr = "10.1.2.3".parse().expect("ip");

@@ -39,7 +39,10 @@ const SWEEP_INTERVAL_MS: u64 = 1_000;
 pub enum LimitKey {
     Ip,
     /// The client address masked to these prefix lengths.
-    Network { v4: u8, v6: u8 },
+    Network {
+        v4: u8,
+        v6: u8,
+    },
     Sender,
     SenderDomain,
     Recipient,
@@ -486,7 +489,11 @@ mod tests {
     #[test]
     fn network_rule_groups_addresses() {
         let l = Arc::new(InboundLimits::new(
-            vec![rule(LimitKey::Network { v4: 24, v6: 64 }, Some("2/h"), None)],
+            vec![rule(
+                LimitKey::Network { v4: 24, v6: 64 },
+                Some("2/h"),
+                None,
+            )],
             1000,
         ));
         let now = 5;
@@ -505,7 +512,11 @@ mod tests {
             .is_ok());
         // IPv4-mapped IPv6 counts as the IPv4 address.
         assert!(l
-            .acquire(LimitStage::Mail, &facts("::ffff:198.51.100.7", None, None), now)
+            .acquire(
+                LimitStage::Mail,
+                &facts("::ffff:198.51.100.7", None, None),
+                now
+            )
             .is_err());
         for _ in 0..2 {
             assert!(l
@@ -513,7 +524,11 @@ mod tests {
                 .is_ok());
         }
         assert!(l
-            .acquire(LimitStage::Mail, &facts("2001:db8:1:2:ffff::9", None, None), now)
+            .acquire(
+                LimitStage::Mail,
+                &facts("2001:db8:1:2:ffff::9", None, None),
+                now
+            )
             .is_err());
     }
 
@@ -547,11 +562,19 @@ mod tests {
         ));
         let t = 0;
         assert!(l
-            .acquire(LimitStage::Mail, &facts("192.0.2.1", Some("A@Example.ORG"), None), t)
+            .acquire(
+                LimitStage::Mail,
+                &facts("192.0.2.1", Some("A@Example.ORG"), None),
+                t
+            )
             .is_ok());
         for _ in 0..20 {
             let r = l
-                .acquire(LimitStage::Mail, &facts("192.0.2.1", Some("b@example.org"), None), t)
+                .acquire(
+                    LimitStage::Mail,
+                    &facts("192.0.2.1", Some("b@example.org"), None),
+                    t,
+                )
                 .expect_err("domain spent");
             assert_eq!(r.rule, "sender_domain-rule");
             assert_eq!(r.key, "example.org");
@@ -559,13 +582,21 @@ mod tests {
         // The IP's 10/m is untouched by the 20 refusals: 9 more for it.
         for n in 0..9 {
             assert!(
-                l.acquire(LimitStage::Mail, &facts("192.0.2.1", Some(&format!("u@d{n}")), None), t)
-                    .is_ok(),
+                l.acquire(
+                    LimitStage::Mail,
+                    &facts("192.0.2.1", Some(&format!("u@d{n}")), None),
+                    t
+                )
+                .is_ok(),
                 "{n}"
             );
         }
         assert!(l
-            .acquire(LimitStage::Mail, &facts("192.0.2.1", Some("u@fresh"), None), t)
+            .acquire(
+                LimitStage::Mail,
+                &facts("192.0.2.1", Some("u@fresh"), None),
+                t
+            )
             .is_err());
     }
 

@@ -48,10 +48,9 @@ impl BanStore {
     pub fn all(&self) -> Result<Vec<(String, StoredBan)>, SpoolError> {
         let mut out = Vec::new();
         self.table.visit(b"", |k, v| {
-            if let (Ok(addr), Ok(ban)) = (
-                std::str::from_utf8(k),
-                postcard::from_bytes::<StoredBan>(v),
-            ) {
+            if let (Ok(addr), Ok(ban)) =
+                (std::str::from_utf8(k), postcard::from_bytes::<StoredBan>(v))
+            {
                 out.push((addr.to_string(), ban));
             }
             true
@@ -91,7 +90,10 @@ mod tests {
         let all = s.all().expect("all");
         assert_eq!(all.len(), 2);
         assert_eq!(s.purge_expired(200).expect("purge"), 1);
-        assert_eq!(s.all().expect("all"), vec![("2001:db8::1".to_string(), ban(300))]);
+        assert_eq!(
+            s.all().expect("all"),
+            vec![("2001:db8::1".to_string(), ban(300))]
+        );
         assert!(s.remove("2001:db8::1").expect("remove"));
         assert!(!s.remove("2001:db8::1").expect("remove"));
     }

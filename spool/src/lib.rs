@@ -5,6 +5,7 @@
 //! threads never block: they hand requests to the writer over a channel and await
 //! a oneshot that resolves only after the commit returned.
 
+mod bans;
 mod envelope;
 mod error;
 mod events;
@@ -14,7 +15,6 @@ mod reply;
 mod space;
 mod spool;
 mod suppression;
-mod bans;
 mod table;
 mod writer;
 

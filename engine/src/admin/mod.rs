@@ -7,11 +7,11 @@
 //! (see `api`).
 
 pub mod api;
+mod ban_api;
 mod calls;
 pub mod cli;
 mod queue_view;
 mod shaping_api;
-mod ban_api;
 mod suppression_api;
 
 use std::io::Read;

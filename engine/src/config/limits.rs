@@ -77,7 +77,11 @@ fn parse_reply(text: &str) -> Result<LimitReply, String> {
 
 impl LimitConfig {
     fn rule(&self, n: usize, listeners: &[&str]) -> Result<LimitRule, LimitError> {
-        let err = |key: &'static str, reason: String| LimitError { rule: n, key, reason };
+        let err = |key: &'static str, reason: String| LimitError {
+            rule: n,
+            key,
+            reason,
+        };
         let key = match self.key.as_str() {
             "ip" => LimitKey::Ip,
             "network" => {
@@ -95,12 +99,12 @@ impl LimitConfig {
             "sender_domain" => LimitKey::SenderDomain,
             "recipient" => LimitKey::Recipient,
             "auth_user" => LimitKey::AuthUser,
-            other => {
-                return Err(err(
-                    "key",
-                    format!("`{other}`: one of ip, network, sender, sender_domain, recipient, auth_user"),
-                ))
-            }
+            other => return Err(err(
+                "key",
+                format!(
+                    "`{other}`: one of ip, network, sender, sender_domain, recipient, auth_user"
+                ),
+            )),
         };
         if !matches!(key, LimitKey::Network { .. })
             && (self.prefix_v4.is_some() || self.prefix_v6.is_some())
@@ -246,8 +250,18 @@ mod tests {
     #[test]
     fn replies_parse_and_are_checked() {
         let r = parse_reply("450 4.7.1 Slow down please").expect("reply");
-        assert_eq!((r.code, r.status.as_str(), r.text.as_str()), (450, "4.7.1", "Slow down please"));
-        for bad in ["", "450", "250 2.0.0 ok", "450 5.7.1 x", "450 4.7 x", "abc 4.7.1 x"] {
+        assert_eq!(
+            (r.code, r.status.as_str(), r.text.as_str()),
+            (450, "4.7.1", "Slow down please")
+        );
+        for bad in [
+            "",
+            "450",
+            "250 2.0.0 ok",
+            "450 5.7.1 x",
+            "450 4.7 x",
+            "abc 4.7.1 x",
+        ] {
             assert!(parse_reply(bad).is_err(), "{bad}");
         }
     }
@@ -261,14 +275,64 @@ mod tests {
         };
         assert!(limit_rules(std::slice::from_ref(&base), &["smtp"]).is_ok());
         let cases: Vec<(LimitConfig, &str)> = vec![
-            (LimitConfig { key: "ipaddr".into(), ..base.clone() }, "key"),
-            (LimitConfig { rate: None, ..base.clone() }, "rate"),
-            (LimitConfig { concurrency: Some(0), ..base.clone() }, "concurrency"),
-            (LimitConfig { listeners: vec!["nope".into()], ..base.clone() }, "listeners"),
-            (LimitConfig { key: "sender".into(), connection_rate: base.rate, ..base.clone() }, "connection_rate"),
-            (LimitConfig { key: "network".into(), prefix_v4: Some(33), ..base.clone() }, "prefix_v4"),
-            (LimitConfig { prefix_v6: Some(48), ..base.clone() }, "prefix_v4"),
-            (LimitConfig { reply: Some("250 2.0.0 fine".into()), ..base.clone() }, "reply"),
+            (
+                LimitConfig {
+                    key: "ipaddr".into(),
+                    ..base.clone()
+                },
+                "key",
+            ),
+            (
+                LimitConfig {
+                    rate: None,
+                    ..base.clone()
+                },
+                "rate",
+            ),
+            (
+                LimitConfig {
+                    concurrency: Some(0),
+                    ..base.clone()
+                },
+                "concurrency",
+            ),
+            (
+                LimitConfig {
+                    listeners: vec!["nope".into()],
+                    ..base.clone()
+                },
+                "listeners",
+            ),
+            (
+                LimitConfig {
+                    key: "sender".into(),
+                    connection_rate: base.rate,
+                    ..base.clone()
+                },
+                "connection_rate",
+            ),
+            (
+                LimitConfig {
+                    key: "network".into(),
+                    prefix_v4: Some(33),
+                    ..base.clone()
+                },
+                "prefix_v4",
+            ),
+            (
+                LimitConfig {
+                    prefix_v6: Some(48),
+                    ..base.clone()
+                },
+                "prefix_v4",
+            ),
+            (
+                LimitConfig {
+                    reply: Some("250 2.0.0 fine".into()),
+                    ..base.clone()
+                },
+                "reply",
+            ),
         ];
         for (cfg, key) in cases {
             let e = limit_rules(&[base.clone(), cfg], &["smtp"]).expect_err(key);
