@@ -110,10 +110,14 @@ pub struct SendArgs {
     /// the next of these addresses (round robin over all connections opened),
     /// so one machine looks like many clients to a PROXY listener.
     #[arg(long, value_name = "IP,IP,...", value_parser = parse_sources)]
-    proxy_sources: Option<Vec<IpAddr>>,
+    proxy_sources: Option<ProxySources>,
 }
 
-fn parse_sources(s: &str) -> Result<Vec<IpAddr>, String> {
+/// `--proxy-sources` (a newtype: clap would read a bare Vec as many values).
+#[derive(Clone, Debug)]
+pub struct ProxySources(Vec<IpAddr>);
+
+fn parse_sources(s: &str) -> Result<ProxySources, String> {
     let list = s
         .split(',')
         .map(|a| {
@@ -125,7 +129,7 @@ fn parse_sources(s: &str) -> Result<Vec<IpAddr>, String> {
     if list.is_empty() || list.len() > 65_536 {
         return Err("between 1 and 65536 addresses".into());
     }
-    Ok(list)
+    Ok(ProxySources(list))
 }
 
 /// The PROXY v1 line for a connection from `src` to `dst` (the family of the
@@ -1011,7 +1015,7 @@ pub fn send(args: SendArgs) -> anyhow::Result<()> {
         timeout: args.timeout,
         ack_log: args.ack_log.is_some(),
         template,
-        proxy_sources: args.proxy_sources.clone().unwrap_or_default(),
+        proxy_sources: args.proxy_sources.clone().map(|p| p.0).unwrap_or_default(),
         next_source: AtomicUsize::new(0),
     });
 

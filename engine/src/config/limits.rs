@@ -99,12 +99,14 @@ impl LimitConfig {
             "sender_domain" => LimitKey::SenderDomain,
             "recipient" => LimitKey::Recipient,
             "auth_user" => LimitKey::AuthUser,
-            other => return Err(err(
-                "key",
-                format!(
+            other => {
+                return Err(err(
+                    "key",
+                    format!(
                     "`{other}`: one of ip, network, sender, sender_domain, recipient, auth_user"
                 ),
-            )),
+                ))
+            }
         };
         if !matches!(key, LimitKey::Network { .. })
             && (self.prefix_v4.is_some() || self.prefix_v6.is_some())
@@ -149,11 +151,21 @@ impl LimitConfig {
     }
 }
 
+/// `[[limit]]` rules at most (every decision walks them).
+pub const MAX_RULES: usize = 256;
+
 /// The rules of `[[limit]]`, validated.
 pub fn limit_rules(
     limits: &[LimitConfig],
     listeners: &[&str],
 ) -> Result<Vec<LimitRule>, LimitError> {
+    if limits.len() > MAX_RULES {
+        return Err(LimitError {
+            rule: MAX_RULES + 1,
+            key: "key",
+            reason: format!("at most {MAX_RULES} [[limit]] rules"),
+        });
+    }
     limits
         .iter()
         .enumerate()
