@@ -20,7 +20,7 @@
 //! key is busy a new key is not limited (counted in [`LimitStats::untracked`]).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -308,9 +308,7 @@ impl InboundLimits {
     }
 
     fn shard_of(&self, key: &TableKey) -> usize {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        (h.finish() as usize) & (SHARDS - 1)
+        (self.hasher.hash_one(key) as usize) & (SHARDS - 1)
     }
 
     /// Checks every rule for `stage` and, when all allow it, takes a token
@@ -322,7 +320,9 @@ impl InboundLimits {
         facts: &LimitFacts<'_>,
         now_ms: u64,
     ) -> Result<LimitPermit, LimitRefusal> {
-        let mut wanted: Vec<(usize, usize, TableKey, Option<Rate>, Option<u32>)> = Vec::new();
+        // (shard, rule, key, rate, concurrency) of each rule that applies.
+        type Wanted = (usize, usize, TableKey, Option<Rate>, Option<u32>);
+        let mut wanted: Vec<Wanted> = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
             if !rule.applies_to(facts.listener) {
                 continue;
