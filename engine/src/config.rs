@@ -9,6 +9,7 @@ pub mod antispam;
 pub mod delivery;
 pub mod events;
 pub mod hook;
+pub mod limits;
 pub mod milter;
 pub mod provider;
 pub mod shaping;
@@ -89,6 +90,10 @@ pub struct Config {
     pub tls_rpt: tls_rpt::TlsRptSection,
     /// Hard-bounced recipients refused or dropped for a while.
     pub suppression: suppression::SuppressionSection,
+    /// Inbound rate and concurrency limits (`[[limit]]`).
+    pub limit: Vec<limits::LimitConfig>,
+    /// Auto-ban of addresses that fail AUTH, try to relay or scan.
+    pub ban: limits::BanSection,
     /// Delivery events to a file and a webhook (docs/events.md).
     pub events: events::EventsSection,
     /// Response-driven shaping rules and slow start.
@@ -1048,6 +1053,27 @@ impl Config {
                 line,
                 message: e.reason,
             });
+        }
+        let listener_names: Vec<&str> = self.server.listener.keys().map(String::as_str).collect();
+        if let Err(e) = limits::limit_rules(&self.limit, &listener_names) {
+            let line = text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| {
+                    let l: String = l.chars().filter(|c| !c.is_whitespace()).collect();
+                    l.starts_with("[[limit]]")
+                })
+                .nth(e.rule.saturating_sub(1))
+                .map(|(i, _)| i + 1);
+            return Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                key: format!("limit[{}].{}", e.rule, e.key),
+                line,
+                message: e.reason,
+            });
+        }
+        if let Err((key, why)) = self.ban.policy(&self.relay.relay_networks) {
+            return Err(invalid(format!("ban.{key}"), why));
         }
         if self.shaping.slow_start_initial == 0 {
             return Err(invalid(

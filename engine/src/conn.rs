@@ -309,6 +309,47 @@ async fn serve(
         }
     }
 
+    // Bans and `[[limit]]` connection rules, on the real client address.
+    if let Some(bans) = crate::bans::installed() {
+        if let Some(ban) = bans.banned(peer.ip(), now_ms()) {
+            crate::metrics::ban_refused();
+            tracing::info!(client_ip = %peer.ip(), listener = %listener.name, reason = %ban.reason, "connection from a banned address refused");
+            let reply = format!(
+                "421 4.7.1 {hostname} Error: your address is banned for abuse, try again later\r\n"
+            );
+            conn.write_all(reply.as_bytes()).await?;
+            conn.close().await;
+            return Ok(());
+        }
+    }
+    let limits = crate::inbound_limits::for_listener(&listener.name);
+    // Held for the session: the connection slots of `concurrency` rules.
+    let _connection_permit = match &limits {
+        Some(l) => {
+            let facts = sluice_policy::inbound_limits::LimitFacts {
+                listener: &listener.name,
+                ip: peer.ip(),
+                sender: None,
+                auth_user: None,
+                recipient: None,
+            };
+            let stage = sluice_policy::inbound_limits::LimitStage::Connect;
+            match crate::inbound_limits::acquire(l, stage, &facts, now_ms()) {
+                Ok(permit) => Some(permit),
+                Err(r) => {
+                    let reply = format!(
+                        "{} {} {hostname} {}\r\n",
+                        r.reply.code, r.reply.status, r.reply.text
+                    );
+                    conn.write_all(reply.as_bytes()).await?;
+                    conn.close().await;
+                    return Ok(());
+                }
+            }
+        }
+        None => None,
+    };
+
     if !admission.admit_ip(peer.ip()) {
         listener.metrics.rejected(Reject::PerIpLimit);
         tracing::warn!(client_ip = %peer.ip(), listener = %listener.name, "per-IP connection limit reached");
@@ -407,6 +448,9 @@ async fn serve(
         }
     }
     session.set_body_budget(listener.body_budget.clone());
+    if let Some(l) = limits {
+        session.set_limits(l);
+    }
     tracing::debug!(client_ip = %peer.ip(), listener = %listener.name, core = ctx.core, "connected");
     session.greeting();
     if let Some(call) = session.take_filter_call() {

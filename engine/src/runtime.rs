@@ -131,6 +131,30 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         }
         crate::suppression::install(list);
     }
+    // Inbound limits: one table for all cores (exact across them).
+    if !config.limit.is_empty() {
+        let names: Vec<&str> = config.server.listener.keys().map(String::as_str).collect();
+        let rules = crate::config::limits::limit_rules(&config.limit, &names)
+            .map_err(|e| anyhow::anyhow!("limit[{}].{}: {}", e.rule, e.key, e.reason))?;
+        crate::inbound_limits::install(Arc::new(
+            sluice_policy::inbound_limits::InboundLimits::new(
+                rules,
+                crate::config::limits::MAX_TRACKED_KEYS,
+            ),
+        ));
+    }
+    // Auto-bans: their own LMDB environment next to the shards.
+    if config.ban.enabled {
+        let policy = config
+            .ban
+            .policy(&config.relay.relay_networks)
+            .map_err(|(k, why)| anyhow::anyhow!("ban.{k}: {why}"))?;
+        let store = sluice_spool::BanStore::open(&config.spool.path, config.spool.sync)
+            .context("opening the ban list")?;
+        let bans = crate::bans::Bans::start(store, policy, crate::time::now_ms())
+            .context("loading the ban list")?;
+        crate::bans::install(bans);
+    }
     // Delivery events (docs/events.md): the events and poster threads, and the
     // durable buffer next to the shards; before any core can make an event.
     if config.events.enabled {

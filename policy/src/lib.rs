@@ -8,6 +8,7 @@
 //! blocking pool.
 
 pub mod auth;
+pub mod ban;
 pub mod bounce;
 mod credentials;
 pub mod dane;
@@ -16,6 +17,7 @@ pub mod dnsbl;
 mod error;
 pub mod greylist;
 pub mod hook;
+pub mod inbound_limits;
 pub mod lists;
 pub mod milter;
 pub mod mta_sts;

@@ -131,7 +131,7 @@ impl RateLimiter {
         self.rate
     }
 
-    fn refill(&mut self, now_ms: u64) {
+    pub(crate) fn refill(&mut self, now_ms: u64) {
         match self.last_ms {
             Some(last) if now_ms > last => {
                 let added = u128::from(now_ms - last) * u128::from(self.rate.count);
@@ -146,7 +146,7 @@ impl RateLimiter {
     }
 
     /// ms from the last refill until a whole token is there; 0 if one is now.
-    fn wait_ms(&self) -> u64 {
+    pub(crate) fn wait_ms(&self) -> u64 {
         let token = u128::from(self.rate.per_ms);
         if self.level >= token {
             return 0;
@@ -157,7 +157,7 @@ impl RateLimiter {
         u64::try_from(missing.div_ceil(per_ms)).unwrap_or(u64::MAX)
     }
 
-    fn take(&mut self) {
+    pub(crate) fn take(&mut self) {
         self.level -= u128::from(self.rate.per_ms);
     }
 

@@ -290,6 +290,9 @@ struct Transaction {
     /// the sender for From, the recipients for To and Cc.
     header_sender: Option<(String, String)>,
     header_recipients: Vec<(String, String)>,
+    /// Slots of `[[limit]]` concurrency rules this transaction holds (given
+    /// back when it ends).
+    limit_permits: Vec<sluice_policy::inbound_limits::LimitPermit>,
 }
 
 impl Transaction {
@@ -398,6 +401,12 @@ pub struct Session {
     discard_session: bool,
     /// A filter at connect, EHLO or AUTH quarantined everything this session sends.
     quarantine_session: Option<String>,
+    /// `[[limit]]` rules that apply to this listener (None: none do).
+    limits: Option<Arc<sluice_policy::inbound_limits::InboundLimits>>,
+    /// A MAIL command was accepted (a session without one is a scan for `[ban]`).
+    mail_seen: bool,
+    /// Ended by the relay (shutdown), not by the client: not a scan.
+    ended_by_us: bool,
 }
 
 /// The reply when the memory budget cannot hold a body.
@@ -431,6 +440,45 @@ impl Session {
             pending_filter: None,
             discard_session: false,
             quarantine_session: None,
+            limits: None,
+            mail_seen: false,
+            ended_by_us: false,
+        }
+    }
+
+    /// Check MAIL and RCPT against these `[[limit]]` rules.
+    pub fn set_limits(&mut self, limits: Arc<sluice_policy::inbound_limits::InboundLimits>) {
+        self.limits = Some(limits);
+    }
+
+    /// `[[limit]]` rules at MAIL or RCPT: Err(()) after the refusal's reply
+    /// (not a protocol error: the client should come back later).
+    fn check_limits(
+        &mut self,
+        stage: sluice_policy::inbound_limits::LimitStage,
+        sender: Option<&str>,
+        recipient: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(), ()> {
+        let Some(limits) = self.limits.clone() else {
+            return Ok(());
+        };
+        let facts = sluice_policy::inbound_limits::LimitFacts {
+            listener: &self.cfg.listener,
+            ip: self.peer.ip,
+            sender,
+            auth_user: self.auth_user.as_deref(),
+            recipient,
+        };
+        match crate::inbound_limits::acquire(&limits, stage, &facts, now_ms) {
+            Ok(permit) => {
+                self.tx.limit_permits.push(permit);
+                Ok(())
+            }
+            Err(r) => {
+                self.reply(r.reply.code, &r.reply.status, &r.reply.text);
+                Err(())
+            }
         }
     }
 
@@ -554,6 +602,7 @@ impl Session {
 
     /// The relay is shutting down or the spool failed: tell the client to come back.
     pub fn shutdown(&mut self) {
+        self.ended_by_us = true;
         let text = format!(
             "{} Service not available, closing connection",
             self.cfg.hostname
@@ -1190,6 +1239,19 @@ impl Session {
                 return self.refuse_mail(553, "5.7.1", &text);
             }
         }
+        // A client refused by a limit did send mail: not a scan.
+        self.mail_seen = true;
+        let limited = self.check_limits(
+            sluice_policy::inbound_limits::LimitStage::Mail,
+            Some(from.address.as_ref()),
+            None,
+            now_ms,
+        );
+        if limited.is_err() {
+            // Nothing of this transaction is kept (its permits included).
+            self.tx = Transaction::default();
+            return None;
+        }
         self.tx.body_type = Some(body_type);
         self.tx.smtputf8 = smtputf8;
         self.tx.ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
@@ -1458,6 +1520,13 @@ impl Session {
                         recipient = %printable(address),
                         "relay denied"
                     );
+                    if let Some(bans) = crate::bans::installed() {
+                        bans.offence(
+                            self.peer.ip,
+                            sluice_policy::ban::Offence::Relay,
+                            crate::time::now_ms(),
+                        );
+                    }
                     return self.error_reply(554, "5.7.1", "Error: relay access denied");
                 }
             }
@@ -1512,6 +1581,18 @@ impl Session {
                 }
                 // Not a protocol error: a bulk client's list simply has it.
                 self.reply(code, status, &text);
+                return;
+            }
+        }
+        if self.limits.is_some() {
+            let sender = self.tx.sender.clone();
+            let limited = self.check_limits(
+                sluice_policy::inbound_limits::LimitStage::Rcpt,
+                sender.as_deref(),
+                Some(address),
+                crate::time::now_ms(),
+            );
+            if limited.is_err() {
                 return;
             }
         }
@@ -2036,6 +2117,9 @@ impl Session {
         self.auth_failures += 1;
         let guard = self.cfg.auth_guard.clone();
         let over_ip_budget = guard.failed(self.peer.ip, now_ms);
+        if let Some(bans) = crate::bans::installed() {
+            bans.offence(self.peer.ip, sluice_policy::ban::Offence::Auth, now_ms);
+        }
         tracing::warn!(
             client_ip = %self.peer.ip,
             user = %printable(&user),
@@ -2281,6 +2365,16 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.flush_metrics();
+        if let Some(bans) = crate::bans::installed() {
+            let scan = !self.mail_seen && self.auth_user.is_none() && !self.ended_by_us;
+            if scan && bans.counts(sluice_policy::ban::Offence::Scan) {
+                bans.offence(
+                    self.peer.ip,
+                    sluice_policy::ban::Offence::Scan,
+                    crate::time::now_ms(),
+                );
+            }
+        }
     }
 }
 
