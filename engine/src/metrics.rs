@@ -95,6 +95,8 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Recipients put on the suppression list by a hard bounce."),
     ("sluice_suppression_refused_total", Kind::Counter, "action",
      "Recipients refused at RCPT (action=refuse) or failed at delivery (action=drop) because they are suppressed."),
+    ("sluice_delivery_stage_refused_total", Kind::Counter, "verdict",
+     "Delivery attempts the receiving listener's delivery-stage filters did not let go (reject, tempfail, discard, quarantine)."),
     // DNSBL/DNSWL and greylisting at RCPT (ARCHITECTURE.md "DNSBL, DNSWL and greylisting").
     ("sluice_dnsbl_lookups_total", Kind::Counter, "zone,result",
      "DNSBL/DNSWL lookups (resolver cache hits included), by zone and result (listed, clear, failed)."),

@@ -155,7 +155,7 @@ mod tests {
                 "hook[0].timeout",
             ),
             (
-                "url = \"http://127.0.0.1:1/\"\nstages = [\"delivery\"]\n",
+                "url = \"http://127.0.0.1:1/\"\nstages = [\"body\"]\n",
                 "stages",
             ),
             ("url = \"http://127.0.0.1:1/\"\nbogus = 1\n", "hook"),
