@@ -170,6 +170,13 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             .start_expiry()
             .context("starting the shaping expiry thread")?;
         crate::delivery::shaping::install(shaping);
+        // Egress pools: warm-up counters kept across restarts.
+        if !config.pools.pools.is_empty() {
+            let pools =
+                crate::delivery::pools::PoolState::open(&config.spool.path, crate::time::now_ms())
+                    .context("opening the warm-up store")?;
+            crate::delivery::pools::install(pools);
+        }
     }
     // Each core walks the shards it schedules once (queue/recovery.rs); the
     // last to finish logs the whole ("spool recovered").

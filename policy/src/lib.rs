@@ -18,6 +18,7 @@ pub mod lists;
 pub mod milter;
 pub mod mta_sts;
 mod network;
+pub mod pool;
 pub mod provider;
 mod relay;
 mod rules;

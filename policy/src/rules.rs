@@ -77,6 +77,8 @@ pub struct RuleConfig {
     pub route: Option<String>,
     /// Local address to connect from.
     pub source_ip: Option<String>,
+    /// A `[pool.NAME]` of source addresses to connect from (instead of `source_ip`).
+    pub pool: Option<String>,
     pub ehlo_name: Option<String>,
     /// Outbound TLS level for the recipients this rule decides; overrides the
     /// route's `tls` and `delivery.tls`.
@@ -180,6 +182,8 @@ pub struct Decision {
     pub queue: String,
     pub route: String,
     pub source_ip: Option<IpAddr>,
+    /// The rule's `pool` (checked against `[pool.*]` by the config).
+    pub pool: Option<String>,
     pub ehlo_name: Option<String>,
     /// The rule's `tls`; None leaves the level to the route and `delivery.tls`.
     pub tls: Option<TlsLevel>,
@@ -325,6 +329,7 @@ fn default_decision(rule: Option<usize>) -> Decision {
         queue: DEFAULT_QUEUE.to_string(),
         route: DEFAULT_ROUTE.to_string(),
         source_ip: None,
+        pool: None,
         ehlo_name: None,
         tls: None,
         rule,
@@ -436,6 +441,18 @@ fn compile_rule(
             ));
         }
         decision.source_ip = Some(ip);
+    }
+    if let Some(pool) = &config.pool {
+        if config.source_ip.is_some() {
+            return Err(bad(
+                "pool",
+                "a rule sets source_ip or pool, not both".into(),
+            ));
+        }
+        if pool.is_empty() {
+            return Err(bad("pool", "empty pool name".into()));
+        }
+        decision.pool = Some(pool.clone());
     }
     if let Some(name) = &config.ehlo_name {
         validate_domain(name).map_err(|reason| bad("ehlo_name", format!("{name:?}: {reason}")))?;
@@ -821,6 +838,7 @@ mod tests {
                 queue: "default".into(),
                 route: "mx".into(),
                 source_ip: None,
+                pool: None,
                 ehlo_name: None,
                 tls: None,
                 rule: None,
@@ -887,6 +905,7 @@ mod tests {
                 queue: "gmail".into(),
                 route: "mx".into(),
                 source_ip: None,
+                pool: None,
                 ehlo_name: None,
                 tls: None,
                 rule: Some(1),

@@ -324,6 +324,8 @@ pub struct DeliveryConfig {
     pub hosts: BTreeMap<String, HostConfig>,
     /// `[provider.*]` over the presets, with their matcher.
     pub providers: super::provider::Providers,
+    /// `[pool.*]` and `[warmup.*]` (docs/pools.md).
+    pub pools: sluice_policy::pool::Pools,
 }
 
 impl DeliveryConfig {

@@ -34,6 +34,9 @@
 //!   fetched over HTTPS on a management thread, the cache (persisted in the
 //!   spool directory), and what a policy does to a delivery (parsing and
 //!   decisions in `sluice_policy::mta_sts`).
+//! * `pools.rs` — egress pools: the member of a rule's `[pool.NAME]` a
+//!   message leaves from (weights, shaping suspensions, unavailable
+//!   addresses, warm-up budgets persisted in `<spool.path>/warmup`).
 //! * `notices.rs` — DSNs the ledger asks for, built and queued.
 //! * `log.rs` — the delivery log (`sluice::delivery`).
 //! * `admin.rs` — operator holds, suspensions and queue actions on this core.
@@ -58,6 +61,7 @@ mod mesh;
 pub mod mta_sts;
 mod notices;
 pub mod outbound;
+pub mod pools;
 mod rollup;
 mod routing;
 mod scheduler;

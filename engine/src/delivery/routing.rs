@@ -10,7 +10,7 @@ use sluice_spool::{Envelope, RecipientStatus, Reply};
 use super::config::{DeliveryConfig, RouteConfig, RouteKind};
 use super::job::{Strategy, Target};
 use super::tls_policy::{self, TlsPolicy};
-use super::CoreDelivery;
+use super::{now_ms, CoreDelivery};
 
 /// What the rules may match on, read once per message.
 pub(super) fn message_facts(envelope: &Envelope) -> sluice_policy::MessageFacts<'_> {
@@ -65,6 +65,7 @@ pub fn route_recipient(
     let strategy = Strategy {
         source_ip: decision.source_ip,
         ehlo_name: decision.ehlo_name.clone(),
+        pool: decision.pool.clone(),
         ..Strategy::default()
     };
     let route = cfg.routes.get(route_name);
@@ -109,7 +110,19 @@ impl CoreDelivery {
         mx: Option<&MxHosts>,
     ) -> Result<(String, Target, Strategy), Reply> {
         let r = route_recipient(&self.shared.cfg, facts, rules, recipient, mx)?;
-        Ok((r.route, r.target, r.strategy))
+        let strategy = match &r.strategy.pool {
+            // A pool's member is chosen per message here (`pools.rs`).
+            Some(pool) => super::pools::choose(
+                &self.shared.cfg,
+                pool,
+                &r.target,
+                &r.strategy,
+                mx,
+                now_ms(),
+            )?,
+            None => r.strategy,
+        };
+        Ok((r.route, r.target, strategy))
     }
 }
 

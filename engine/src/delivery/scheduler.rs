@@ -128,7 +128,9 @@ impl CoreDelivery {
             Admit::Settle => return self.settle(id, envelope),
             Admit::Attempt => {}
         }
-        if self.shared.rules.load().uses_mx() {
+        // A rule matches on MX host names, or warm-up budgets count per
+        // provider (known from the MX hosts).
+        if self.shared.rules.load().uses_mx() || self.needs_mx_for_warmup() {
             // A rule matches on MX host names: look them up before routing.
             self.resolving.borrow_mut().insert(id);
             let me = self.clone();
@@ -143,6 +145,13 @@ impl CoreDelivery {
             return;
         }
         self.send_jobs(id, envelope, None, now);
+    }
+
+    /// Warm-up schedules exist and providers are known: the MX hosts of a
+    /// message's domains are looked up before routing so a warming member's
+    /// budget counts per provider.
+    fn needs_mx_for_warmup(&self) -> bool {
+        self.shared.cfg.pools.any_warmup() && self.shared.cfg.providers.names().next().is_some()
     }
 
     /// Routes the open recipients, groups them into jobs and sends each to its

@@ -128,16 +128,27 @@ impl CoreDelivery {
                 .or_insert_with(|| {
                     let dest = self.shared.cfg.destination(&job.target.destination());
                     let group = self.group_for(job.rollup.as_deref(), &key, &dest);
+                    // `[pool.NAME] per_site_connections`: each member's share of the site.
+                    let per_member = job
+                        .strategy
+                        .pool
+                        .as_ref()
+                        .and_then(|p| self.shared.cfg.pools.pools.get(p))
+                        .map_or(0, |p| p.per_site_connections);
+                    let max_connections = match per_member {
+                        0 => group.max_connections,
+                        n => n.min(group.max_connections),
+                    };
                     Rc::new(Site {
                         key: key.clone(),
                         target: job.target.clone(),
                         strategy: job.strategy.clone(),
                         ip_key: config::source_ip_key(job.strategy.source_ip),
-                        max_connections: group.max_connections,
+                        max_connections,
                         shaping: SiteShaping::new(
                             self.slow_start().is_some(),
                             self.slow_start().unwrap_or(1),
-                            group.max_connections,
+                            max_connections,
                         ),
                         group,
                         group_waiting: Cell::new(false),
