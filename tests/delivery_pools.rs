@@ -217,8 +217,11 @@ fn a_pool_with_no_usable_member_defers_with_a_reason() {
     wait_until(
         "a deferral naming the pool",
         T,
-        || relay.log().contains("no usable source address in pool p"),
-        || relay.log(),
+        || {
+            try_show(&relay, &id)
+                .is_some_and(|s| s.contains("no usable source address in pool p"))
+        },
+        || format!("{:?}\n{}", try_show(&relay, &id), relay.log()),
     );
     let show = relay.show(&id);
     assert!(

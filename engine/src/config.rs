@@ -84,6 +84,8 @@ pub struct Config {
     pub pool: BTreeMap<String, sluice_policy::pool::PoolConfig>,
     /// IP warm-up schedules pool members follow.
     pub warmup: BTreeMap<String, sluice_policy::pool::WarmupConfig>,
+    /// Tenants: rate limits at acceptance and a share of delivery (docs/pools.md).
+    pub tenant: BTreeMap<String, sluice_policy::tenant::TenantConfig>,
     /// `pool` and `warmup` checked, built by `finish`.
     #[serde(skip)]
     pub pools: sluice_policy::pool::Pools,
@@ -955,7 +957,16 @@ impl Config {
         }
         self.pools = sluice_policy::pool::Pools::new(&self.pool, &self.warmup)
             .map_err(|e| invalid(e.key.clone(), e.reason.clone()))?;
+        sluice_policy::tenant::check(&self.tenant).map_err(|(key, reason)| invalid(key, reason))?;
         for (i, rule) in self.rule.iter().enumerate() {
+            if let Some(tenant) = &rule.tenant {
+                if !self.tenant.contains_key(tenant) {
+                    return Err(invalid(
+                        "rule".into(),
+                        format!("rule {}: tenant: no [tenant.{tenant}] section", i + 1),
+                    ));
+                }
+            }
             if let Some(pool) = &rule.pool {
                 if !self.pools.pools.contains_key(pool) {
                     return Err(invalid(
@@ -1020,6 +1031,7 @@ impl Config {
             hosts: self.host.clone(),
             providers: self.providers.clone(),
             pools: self.pools.clone(),
+            tenants: self.tenant.clone(),
         }
     }
 

@@ -93,6 +93,8 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Messages given a source address from an egress pool (docs/pools.md), by pool."),
     ("sluice_pool_exhausted_total", Kind::Counter, "pool",
      "Recipients deferred because no member of their pool was usable (suspended, unavailable or over its warm-up budget), by pool."),
+    ("sluice_tenant_messages_total", Kind::Counter, "tenant,outcome",
+     "Per configured tenant: messages accepted or refused by its rate (outcome accepted, rate_limited) and recipient delivery attempts (delivered, deferred, failed)."),
     ("sluice_delivery_failures_total", Kind::Counter, "class,status",
      "Recipient delivery attempts that failed, by bounce class (docs/bounce-classes.md) and status (deferred, failed, expired)."),
     ("sluice_suppression_added_total", Kind::Counter, "",
@@ -613,6 +615,22 @@ pub fn pool_chosen(pool: &str) {
 /// No member of `[pool.NAME]` was usable: the recipients wait.
 pub fn pool_exhausted(pool: &str) {
     counter!("sluice_pool_exhausted_total", "pool" => pool.to_string()).increment(1);
+}
+
+/// A recipient attempt of a tenant's (names bounded by `[tenant.*]`).
+pub fn tenant_outcome(tenant: &str, outcome: &crate::delivery::Outcome) {
+    let what = match outcome {
+        crate::delivery::Outcome::Delivered(_) => "delivered",
+        crate::delivery::Outcome::Deferred(_) => "deferred",
+        crate::delivery::Outcome::Failed(_) => "failed",
+    };
+    tenant_count(tenant, what);
+}
+
+/// A tenant's counter: "accepted", "rate_limited", or an outcome.
+pub fn tenant_count(tenant: &str, outcome: &'static str) {
+    counter!("sluice_tenant_messages_total", "tenant" => tenant.to_string(), "outcome" => outcome)
+        .increment(1);
 }
 
 /// A limit delayed or refused mail.

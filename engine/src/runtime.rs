@@ -238,11 +238,10 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         cores,
     ));
     crate::metrics::watch_queues(queue_stats.clone());
-    let admission = Arc::new(QueueAdmission::new(
-        rules,
-        &config.queue,
-        queue_stats.clone(),
-    ));
+    let admission = Arc::new(
+        QueueAdmission::new(rules, &config.queue, queue_stats.clone())
+            .with_tenants(config.tenant.clone()),
+    );
 
     // DKIM signers with their keys: a bad key stops the start, naming it.
     let dkim: crate::queue::dkim::DkimSwap = Arc::new(ArcSwap::from_pointee(

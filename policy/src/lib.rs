@@ -19,6 +19,7 @@ pub mod milter;
 pub mod mta_sts;
 mod network;
 pub mod pool;
+pub mod tenant;
 pub mod provider;
 mod relay;
 mod rules;

@@ -79,6 +79,8 @@ pub struct RuleConfig {
     pub source_ip: Option<String>,
     /// A `[pool.NAME]` of source addresses to connect from (instead of `source_ip`).
     pub pool: Option<String>,
+    /// The `[tenant.NAME]` these recipients count for (rate limits, delivery share).
+    pub tenant: Option<String>,
     pub ehlo_name: Option<String>,
     /// Outbound TLS level for the recipients this rule decides; overrides the
     /// route's `tls` and `delivery.tls`.
@@ -184,6 +186,8 @@ pub struct Decision {
     pub source_ip: Option<IpAddr>,
     /// The rule's `pool` (checked against `[pool.*]` by the config).
     pub pool: Option<String>,
+    /// The rule's `tenant` (checked against `[tenant.*]` by the config).
+    pub tenant: Option<String>,
     pub ehlo_name: Option<String>,
     /// The rule's `tls`; None leaves the level to the route and `delivery.tls`.
     pub tls: Option<TlsLevel>,
@@ -330,6 +334,7 @@ fn default_decision(rule: Option<usize>) -> Decision {
         route: DEFAULT_ROUTE.to_string(),
         source_ip: None,
         pool: None,
+        tenant: None,
         ehlo_name: None,
         tls: None,
         rule,
@@ -453,6 +458,12 @@ fn compile_rule(
             return Err(bad("pool", "empty pool name".into()));
         }
         decision.pool = Some(pool.clone());
+    }
+    if let Some(tenant) = &config.tenant {
+        if tenant.is_empty() {
+            return Err(bad("tenant", "empty tenant name".into()));
+        }
+        decision.tenant = Some(tenant.clone());
     }
     if let Some(name) = &config.ehlo_name {
         validate_domain(name).map_err(|reason| bad("ehlo_name", format!("{name:?}: {reason}")))?;
@@ -839,6 +850,7 @@ mod tests {
                 route: "mx".into(),
                 source_ip: None,
                 pool: None,
+                tenant: None,
                 ehlo_name: None,
                 tls: None,
                 rule: None,
@@ -906,6 +918,7 @@ mod tests {
                 route: "mx".into(),
                 source_ip: None,
                 pool: None,
+                tenant: None,
                 ehlo_name: None,
                 tls: None,
                 rule: Some(1),
@@ -918,6 +931,8 @@ mod tests {
                 queue: "slow".into(),
                 route: "smarthost".into(),
                 source_ip: Some("127.0.0.5".parse().expect("ip")),
+                pool: None,
+                tenant: None,
                 ehlo_name: Some("out1.example.net".into()),
                 tls: Some(TlsLevel::Verify),
                 rule: Some(2),

@@ -326,6 +326,8 @@ pub struct DeliveryConfig {
     pub providers: super::provider::Providers,
     /// `[pool.*]` and `[warmup.*]` (docs/pools.md).
     pub pools: sluice_policy::pool::Pools,
+    /// `[tenant.*]`: weights of the delivery fair share.
+    pub tenants: BTreeMap<String, sluice_policy::tenant::TenantConfig>,
 }
 
 impl DeliveryConfig {

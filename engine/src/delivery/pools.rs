@@ -174,7 +174,9 @@ pub(super) fn choose(
         }
     });
     let Some(i) = picked else {
+        drop(guard);
         crate::metrics::pool_exhausted(name);
+        tracing::info!(pool = %name, scope = %scope, "no usable source address in pool: deferred");
         return Err(Reply::new(
             451,
             "4.4.5",
@@ -205,6 +207,7 @@ pub(super) fn choose(
         source_ip: Some(member.ip),
         ehlo_name: member.ehlo_name.clone().or_else(|| base.ehlo_name.clone()),
         pool: Some(name.to_string()),
+        tenant: base.tenant.clone(),
         message_tls: base.message_tls,
     })
 }

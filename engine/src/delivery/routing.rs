@@ -66,6 +66,11 @@ pub fn route_recipient(
         source_ip: decision.source_ip,
         ehlo_name: decision.ehlo_name.clone(),
         pool: decision.pool.clone(),
+        tenant: sluice_policy::tenant::tenant_of(
+            decision.tenant.as_deref(),
+            facts.auth_user,
+            &cfg.tenants,
+        ),
         ..Strategy::default()
     };
     let route = cfg.routes.get(route_name);

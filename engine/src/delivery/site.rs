@@ -50,6 +50,9 @@ pub(super) struct Site {
     idle: Cell<usize>,
     wake: event_listener::Event,
     seq: Cell<u64>,
+    /// With `[tenant.*]` configured: the fair-share tags that order the
+    /// queue in place of arrival (`sluice_policy::tenant`).
+    fair: RefCell<Option<sluice_policy::tenant::FairTags>>,
 }
 
 pub(super) struct Queued {
@@ -157,12 +160,31 @@ impl CoreDelivery {
                         idle: Cell::new(0),
                         wake: event_listener::Event::new(),
                         seq: Cell::new(0),
+                        fair: RefCell::new(
+                            (!self.shared.cfg.tenants.is_empty()).then(Default::default),
+                        ),
                     })
                 })
                 .clone()
         };
-        let seq = site.seq.get();
-        site.seq.set(seq + 1);
+        let seq = match site.fair.borrow_mut().as_mut() {
+            // Tenants compete: the job's place follows its tenant's share.
+            Some(fair) => {
+                let tenant = job.strategy.tenant.as_deref().unwrap_or("");
+                let weight = self
+                    .shared
+                    .cfg
+                    .tenants
+                    .get(tenant)
+                    .map_or(1, |t| t.weight());
+                fair.tag(tenant, weight)
+            }
+            None => {
+                let seq = site.seq.get();
+                site.seq.set(seq + 1);
+                seq
+            }
+        };
         site.queue.borrow_mut().push(Queued {
             priority: job.priority,
             seq,
@@ -330,6 +352,9 @@ impl CoreDelivery {
             let Some(queued) = site.queue.borrow_mut().pop() else {
                 continue;
             };
+            if let Some(fair) = site.fair.borrow_mut().as_mut() {
+                fair.served(queued.seq);
+            }
             let job = queued.job;
             ip_permit = false;
             host_permit = false;
