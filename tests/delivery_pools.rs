@@ -47,7 +47,8 @@ fn relay(hop: &ScriptedServer, members: &str, extra: &[&str]) -> Relay {
 
 fn send(relay: &Relay, n: usize, tag: &str) {
     for i in 0..n {
-        let body = format!("Subject: {tag}{i}\r\nMessage-ID: <{tag}{i}@pool.test>\r\n\r\n{tag}{i}\r\n");
+        let body =
+            format!("Subject: {tag}{i}\r\nMessage-ID: <{tag}{i}@pool.test>\r\n\r\n{tag}{i}\r\n");
         submit(
             relay,
             "sender@pool.test",
@@ -133,7 +134,11 @@ fn blocked_and_unavailable_members_are_skipped() {
     // Everything arrives: mail first given to the blocked or missing member
     // is deferred, then retried from the others.
     let peers = wait_received(&hop, &relay, 30);
-    assert_eq!(count(&peers, ips[3]), 0, "blocked member sent mail: {peers:?}");
+    assert_eq!(
+        count(&peers, ips[3]),
+        0,
+        "blocked member sent mail: {peers:?}"
+    );
     assert_eq!(
         count(&peers, ips[1]) + count(&peers, ips[2]),
         30,
@@ -145,7 +150,9 @@ fn blocked_and_unavailable_members_are_skipped() {
         relay.log()
     );
     assert!(
-        relay.log().contains("source address not available on this host"),
+        relay
+            .log()
+            .contains("source address not available on this host"),
         "the unavailable member was never tried:\n{}",
         relay.log()
     );
@@ -195,7 +202,11 @@ fn warmup_budget_caps_a_member_and_survives_a_restart() {
     hop.reset();
     send(&relay, 10, "b");
     let peers = wait_received(&hop, &relay, 10);
-    assert_eq!(count(&peers, ips[1]), 0, "budget reset by the restart: {peers:?}");
+    assert_eq!(
+        count(&peers, ips[1]),
+        0,
+        "budget reset by the restart: {peers:?}"
+    );
     assert_eq!(count(&peers, ips[2]), 10, "{peers:?}");
 }
 
@@ -217,10 +228,7 @@ fn a_pool_with_no_usable_member_defers_with_a_reason() {
     wait_until(
         "a deferral naming the pool",
         T,
-        || {
-            try_show(&relay, &id)
-                .is_some_and(|s| s.contains("no usable source address in pool p"))
-        },
+        || try_show(&relay, &id).is_some_and(|s| s.contains("no usable source address in pool p")),
         || format!("{:?}\n{}", try_show(&relay, &id), relay.log()),
     );
     let show = relay.show(&id);

@@ -135,7 +135,11 @@ fn a_tenant_over_its_message_rate_is_told_to_try_later() {
     let relay = relay(&hop, &["tenant.c={message_rate=[\"3/h\"]}"]);
     let mut c = relay.session();
     for i in 0..3 {
-        c.send_mail("x@c.test", &["r@dest.test"], format!("Subject: {i}\r\n\r\n{i}\r\n").as_bytes());
+        c.send_mail(
+            "x@c.test",
+            &["r@dest.test"],
+            format!("Subject: {i}\r\n\r\n{i}\r\n").as_bytes(),
+        );
     }
     c.expect("MAIL FROM:<x@c.test>", 250);
     c.expect("RCPT TO:<r@dest.test>", 250);

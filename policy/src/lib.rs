@@ -19,7 +19,6 @@ pub mod milter;
 pub mod mta_sts;
 mod network;
 pub mod pool;
-pub mod tenant;
 pub mod provider;
 mod relay;
 mod rules;
@@ -30,6 +29,7 @@ pub mod stage;
 pub mod stage_message;
 pub mod stage_rules;
 pub mod suppression;
+pub mod tenant;
 mod throttle;
 mod tls;
 

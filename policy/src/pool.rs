@@ -407,10 +407,9 @@ mod tests {
 
     #[test]
     fn weights_hold_and_skipped_members_shift_to_the_others() {
-        let p = pools(
-            "[pool.p]\nmembers = [{ip = \"192.0.2.1\", weight = 3}, {ip = \"192.0.2.2\"}]\n",
-        )
-        .expect("pools");
+        let p =
+            pools("[pool.p]\nmembers = [{ip = \"192.0.2.1\", weight = 3}, {ip = \"192.0.2.2\"}]\n")
+                .expect("pools");
         let pool = &p.pools["p"];
         let mut picker = Picker::default();
         let mut counts = [0; 2];

@@ -153,8 +153,14 @@ mod tests {
     fn the_tenant_comes_from_the_rule_or_a_configured_user() {
         let mut tenants = BTreeMap::new();
         tenants.insert("acme".to_string(), TenantConfig::default());
-        assert_eq!(tenant_of(Some("x"), Some("acme"), &tenants).as_deref(), Some("x"));
-        assert_eq!(tenant_of(None, Some("acme"), &tenants).as_deref(), Some("acme"));
+        assert_eq!(
+            tenant_of(Some("x"), Some("acme"), &tenants).as_deref(),
+            Some("x")
+        );
+        assert_eq!(
+            tenant_of(None, Some("acme"), &tenants).as_deref(),
+            Some("acme")
+        );
         assert_eq!(tenant_of(None, Some("other"), &tenants), None);
         assert_eq!(tenant_of(None, None, &tenants), None);
         let mut bad = tenants.clone();

@@ -150,7 +150,11 @@ pub(super) fn choose(
     now: u64,
 ) -> Result<Strategy, Reply> {
     let Some(pool) = cfg.pools.pools.get(name) else {
-        return Err(Reply::new(451, "4.3.5", format!("pool {name} is not configured")));
+        return Err(Reply::new(
+            451,
+            "4.3.5",
+            format!("pool {name} is not configured"),
+        ));
     };
     let Some(state) = installed() else {
         return Err(Reply::new(451, "4.3.0", "pools are not running"));

@@ -117,14 +117,9 @@ impl CoreDelivery {
         let r = route_recipient(&self.shared.cfg, facts, rules, recipient, mx)?;
         let strategy = match &r.strategy.pool {
             // A pool's member is chosen per message here (`pools.rs`).
-            Some(pool) => super::pools::choose(
-                &self.shared.cfg,
-                pool,
-                &r.target,
-                &r.strategy,
-                mx,
-                now_ms(),
-            )?,
+            Some(pool) => {
+                super::pools::choose(&self.shared.cfg, pool, &r.target, &r.strategy, mx, now_ms())?
+            }
             None => r.strategy,
         };
         Ok((r.route, r.target, strategy))

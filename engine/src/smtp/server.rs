@@ -1540,7 +1540,10 @@ impl Session {
                 self.reply(
                     451,
                     "4.7.1",
-                    &format!("Error: tenant {} is over its message rate, try later", e.tenant),
+                    &format!(
+                        "Error: tenant {} is over its message rate, try later",
+                        e.tenant
+                    ),
                 );
                 return Action::Read;
             }
