@@ -113,18 +113,48 @@ impl CoreDelivery {
         rules: &sluice_policy::RuleSet,
         recipient: &sluice_spool::Recipient,
         mx: Option<&MxHosts>,
+        chosen: &mut PoolChoices,
     ) -> Result<(String, Target, Strategy), Reply> {
         let r = route_recipient(&self.shared.cfg, facts, rules, recipient, mx)?;
         let strategy = match &r.strategy.pool {
-            // A pool's member is chosen per message here (`pools.rs`).
+            // A pool's member is chosen once per message and destination
+            // (`pools.rs`): its recipients there travel together.
             Some(pool) => {
-                super::pools::choose(&self.shared.cfg, pool, &r.target, &r.strategy, mx, now_ms())?
+                let known = chosen
+                    .iter()
+                    .find(|((t, s), _)| *t == r.target && *s == r.strategy)
+                    .map(|(_, member)| member.clone());
+                match known {
+                    Some(member) => member,
+                    None => {
+                        let member = super::pools::choose(
+                            &self.shared.cfg,
+                            pool,
+                            &r.target,
+                            &r.strategy,
+                            mx,
+                            now_ms(),
+                        )?;
+                        if chosen.len() < MAX_POOL_CHOICES {
+                            chosen.push(((r.target.clone(), r.strategy.clone()), member.clone()));
+                        }
+                        member
+                    }
+                }
             }
             None => r.strategy,
         };
         Ok((r.route, r.target, strategy))
     }
 }
+
+/// The pool members chosen for one message: (target, the rule's strategy) →
+/// the member's strategy.
+pub(super) type PoolChoices = Vec<((Target, Strategy), Strategy)>;
+
+/// Most pool choices remembered for one message (one per destination and
+/// pool; beyond this, each further recipient chooses anew).
+const MAX_POOL_CHOICES: usize = 64;
 
 /// MX host names per recipient domain, for rules using `match.mx`.
 pub type MxHosts = HashMap<String, Vec<String>>;

@@ -168,6 +168,7 @@ impl CoreDelivery {
             let rules = self.shared.rules.load();
             let dropping = crate::suppression::installed()
                 .filter(|l| l.action() == sluice_policy::suppression::Action::Drop);
+            let mut chosen = super::routing::PoolChoices::new();
             ledger::group(&envelope, |r| {
                 // `[suppression] action = "drop"`: a suppressed recipient fails
                 // here, without a connection.
@@ -182,7 +183,7 @@ impl CoreDelivery {
                     );
                     return Err(sluice_spool::Reply::new(code, status, text));
                 }
-                self.target_for(&facts, &rules, r, mx)
+                self.target_for(&facts, &rules, r, mx, &mut chosen)
             })
         };
         if crate::events::enabled() {
