@@ -397,12 +397,12 @@ mod tests {
     fn dates_become_unix_days() {
         assert_eq!(parse_date("1970-01-01"), Some(0));
         assert_eq!(parse_date("2000-03-01"), Some(11_017));
-        assert_eq!(parse_date("2026-12-06"), Some(20_428));
+        assert_eq!(parse_date("2026-12-06"), Some(20_793));
         assert_eq!(parse_date("2024-02-29"), Some(19_782));
         assert_eq!(parse_date("2023-02-29"), None);
         assert_eq!(parse_date("2026-13-01"), None);
         assert_eq!(parse_date("yesterday"), None);
-        assert_eq!(unix_day(20_428 * DAY_MS + 5), 20_428);
+        assert_eq!(unix_day(20_793 * DAY_MS + 5), 20_793);
     }
 
     #[test]
@@ -432,7 +432,7 @@ mod tests {
         )
         .expect("pools");
         let m = &p.pools["p"].members;
-        let start = 20_428;
+        let start = 20_793;
         assert_eq!(p.warmup_cap(&m[0], start - 3, None), Some(10));
         assert_eq!(p.warmup_cap(&m[0], start, None), Some(10));
         assert_eq!(p.warmup_cap(&m[0], start + 1, None), Some(20));
