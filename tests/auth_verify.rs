@@ -1245,3 +1245,51 @@ fn large_dkim_signed_message_is_hashed_on_the_blocking_pool() {
         "{metrics}"
     );
 }
+
+#[test]
+fn filters_see_the_name_iprev_verified() {
+    require_tools!("nsd");
+    // As above: 192.0.2.1 has a verified name, 192.0.2.2 none.
+    let nsd = Nsd::fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("mail.sieve");
+    std::fs::write(
+        &script,
+        "require [\"environment\", \"reject\"];\n\
+         if not environment :is \"remote-host\" \"a.hosts.mail.test\" {\n\
+           reject \"550 5.7.1 Unnamed client\";\n\
+         }\n",
+    )
+    .unwrap();
+    let relay = Relay::builder()
+        .set(nsd.servers_set())
+        .set("relay.local_domains=[\"rcpt.test\"]")
+        .set("server.hostname=\"mx.sluice.test\"")
+        .lset("proxy_trusted_networks", "[\"127.0.0.0/8\"]")
+        .lset("verify.spf", "false")
+        .lset("verify.dmarc", "false")
+        .lset("sieve", &format!("{{mail=\"{}\"}}", script.display()))
+        .proxy_probe()
+        .start();
+    let m = message("a@mail.test", "named");
+    let r = send_from(
+        &relay,
+        "192.0.2.1",
+        "a.hosts.mail.test",
+        "a@mail.test",
+        m.as_bytes(),
+    );
+    assert_eq!(r.code, 250, "{r:?}\n{}", relay.log());
+    let r = send_from(
+        &relay,
+        "192.0.2.2",
+        "b.hosts.mail.test",
+        "a@mail.test",
+        m.as_bytes(),
+    );
+    assert_eq!(
+        (r.code, r.last()),
+        (550, "550 5.7.1 Unnamed client"),
+        "{r:?}"
+    );
+}

@@ -39,8 +39,11 @@ fn session_config() -> Arc<SessionConfig> {
         honor_tls_required_no: false,
         filters: None,
         filter_stages: Default::default(),
+        dnsbl: false,
+        greylist: false,
         add_missing_headers: sluice_engine::config::AddMissingHeaders::No,
         sender_logins: None,
+        rewrite: None,
     })
 }
 

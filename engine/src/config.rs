@@ -5,9 +5,11 @@
 //! it came from the file, its line. `--set a.b.c=value` overrides are applied to the
 //! parsed document before it is deserialized.
 
+pub mod antispam;
 pub mod delivery;
 pub mod events;
 pub mod hook;
+pub mod limits;
 pub mod milter;
 pub mod provider;
 pub mod shaping;
@@ -97,6 +99,10 @@ pub struct Config {
     pub tls_rpt: tls_rpt::TlsRptSection,
     /// Hard-bounced recipients refused or dropped for a while.
     pub suppression: suppression::SuppressionSection,
+    /// Inbound rate and concurrency limits (`[[limit]]`).
+    pub limit: Vec<limits::LimitConfig>,
+    /// Auto-ban of addresses that fail AUTH, try to relay or scan.
+    pub ban: limits::BanSection,
     /// Delivery events to a file and a webhook (docs/events.md).
     pub events: events::EventsSection,
     /// Response-driven shaping rules and slow start.
@@ -104,6 +110,26 @@ pub struct Config {
     /// Local lists by name: a file each, one entry a line (Sieve extlists,
     /// stage rules). Read at load and reload.
     pub lists: BTreeMap<String, PathBuf>,
+    /// DNSBL/DNSWL zones (`[[dnsbl.zone]]`), used by listeners with `dnsbl = true`.
+    pub dnsbl: antispam::DnsblSection,
+    /// Greylisting, used by listeners with `greylist = true`.
+    pub greylist: antispam::GreylistSection,
+    /// `dnsbl` and `greylist` as the policy uses them, built by `finish`.
+    #[serde(skip)]
+    pub antispam: AntispamPolicy,
+    /// Address rewriting, header edits and disclaimers (docs/rewrite.md).
+    pub rewrite: Vec<sluice_policy::rewrite::RewriteRuleConfig>,
+    /// The Sender Rewriting Scheme for forwarded mail (docs/rewrite.md).
+    pub srs: Option<sluice_policy::rewrite::SrsConfig>,
+}
+
+/// What `[dnsbl]`, `[greylist]` and `[lists]` give the RCPT checks.
+#[derive(Debug, Clone, Default)]
+pub struct AntispamPolicy {
+    pub dnsbl: sluice_policy::dnsbl::DnsblPolicy,
+    pub greylist: Option<sluice_policy::greylist::GreylistPolicy>,
+    pub exemptions: sluice_policy::greylist::Exemptions,
+    pub lists: std::sync::Arc<sluice_policy::lists::Lists>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -262,10 +288,18 @@ pub struct ListenerConfig {
     pub sieve: Option<sluice_policy::sieve::SieveConfig>,
     /// Built-in rules at the SMTP stages, tried before Sieve.
     pub filter_rule: Vec<sluice_policy::stage_rules::StageRuleConfig>,
+    /// Ask the `[[dnsbl.zone]]`s about clients (at RCPT).
+    pub dnsbl: bool,
+    /// Greylist (client network, sender, recipient) triplets (at RCPT).
+    pub greylist: bool,
     /// The filters built from `filter_rule`, `sieve`, `milter` (and
     /// `[lists]`) when the config loads; None: the listener has none (the hot path).
     #[serde(skip)]
     pub filters: Option<std::sync::Arc<crate::filters::Filters>>,
+    /// `[[rewrite]]` and `[srs]` for this listener, built when the config
+    /// loads; None: nothing to rewrite here.
+    #[serde(skip)]
+    pub rewrite: Option<std::sync::Arc<sluice_policy::rewrite::Rewriter>>,
 }
 
 impl Default for ListenerConfig {
@@ -302,7 +336,10 @@ impl Default for ListenerConfig {
             hook: Vec::new(),
             sieve: None,
             filter_rule: Vec::new(),
+            dnsbl: false,
+            greylist: false,
             filters: None,
+            rewrite: None,
         }
     }
 }
@@ -626,6 +663,60 @@ impl Config {
             invalid(format!("lists.{name}"), e.to_string())
         })?;
         let lists = std::sync::Arc::new(lists);
+        let dnsbl = self
+            .dnsbl
+            .policy()
+            .map_err(|(k, why)| invalid(format!("dnsbl.{k}"), why))?;
+        let greylist = self
+            .greylist
+            .policy()
+            .map_err(|(k, why)| invalid(format!("greylist.{k}"), why))?;
+        let exemptions = self
+            .greylist
+            .exemptions(&lists)
+            .map_err(|(k, why)| invalid(format!("greylist.{k}"), why))?;
+        for (name, l) in &self.server.listener {
+            if l.dnsbl && dnsbl.zones.is_empty() {
+                return Err(invalid(
+                    format!("server.listener.{name}.dnsbl"),
+                    "no [[dnsbl.zone]] is configured".into(),
+                ));
+            }
+        }
+        self.antispam = AntispamPolicy {
+            dnsbl,
+            greylist: Some(greylist),
+            exemptions,
+            lists: lists.clone(),
+        };
+        let srs = match &self.srs {
+            Some(c) => {
+                let srs =
+                    sluice_policy::rewrite::build_srs(c).map_err(|(k, why)| invalid(k, why))?;
+                if !self
+                    .relay
+                    .local_domains
+                    .iter()
+                    .any(|d| d.trim_end_matches('.').eq_ignore_ascii_case(srs.domain()))
+                {
+                    return Err(invalid(
+                        "srs.domain".into(),
+                        "must be one of relay.local_domains, so bounces to it are accepted".into(),
+                    ));
+                }
+                Some(std::sync::Arc::new(srs))
+            }
+            None => None,
+        };
+        for (name, l) in self.server.listener.iter_mut() {
+            l.rewrite = sluice_policy::rewrite::Rewriter::build(
+                name,
+                &self.rewrite,
+                srs.clone(),
+                lists.clone(),
+            )
+            .map_err(|(k, why)| invalid(k, why))?;
+        }
         let hostname = self.server.hostname.clone();
         for (name, l) in self.server.listener.iter_mut() {
             let key = |k: &str| format!("server.listener.{name}.{k}");
@@ -993,6 +1084,27 @@ impl Config {
                 message: e.reason,
             });
         }
+        let listener_names: Vec<&str> = self.server.listener.keys().map(String::as_str).collect();
+        if let Err(e) = limits::limit_rules(&self.limit, &listener_names) {
+            let line = text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| {
+                    let l: String = l.chars().filter(|c| !c.is_whitespace()).collect();
+                    l.starts_with("[[limit]]")
+                })
+                .nth(e.rule.saturating_sub(1))
+                .map(|(i, _)| i + 1);
+            return Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                key: format!("limit[{}].{}", e.rule, e.key),
+                line,
+                message: e.reason,
+            });
+        }
+        if let Err((key, why)) = self.ban.policy(&self.relay.relay_networks) {
+            return Err(invalid(format!("ban.{key}"), why));
+        }
         if self.shaping.slow_start_initial == 0 {
             return Err(invalid(
                 "shaping.slow_start_initial".into(),
@@ -1032,6 +1144,7 @@ impl Config {
             providers: self.providers.clone(),
             pools: self.pools.clone(),
             tenants: self.tenant.clone(),
+            generation: 0,
         }
     }
 
@@ -1215,6 +1328,54 @@ mod tests {
         let from_file = Config::load("sluice.toml", EXAMPLE_CONFIG, &[]).expect("example loads");
         let defaults = Config::load("defaults", "", &[]).expect("defaults load");
         assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn dnsbl_and_greylist_errors_name_the_key() {
+        let bad = |text: &str, want: &str| match Config::load("t.toml", text, &[]) {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, want, "{text}"),
+            other => panic!("{text}: {other:?}"),
+        };
+        bad(
+            "[server.listener.smtp]\ndnsbl = true\n",
+            "server.listener.smtp.dnsbl",
+        );
+        bad(
+            "[[dnsbl.zone]]\nname = \"bl.example\"\naction = \"drop\"\n",
+            "dnsbl.zone[0].action",
+        );
+        bad(
+            "[[dnsbl.zone]]\nname = \"bl.example\"\nresults = { \"x\" = \"reject\" }\n",
+            "dnsbl.zone[0].results",
+        );
+        bad("[[dnsbl.zone]]\nname = \"a..b\"\n", "dnsbl.zone[0].name");
+        bad(
+            "[greylist]\ndelay = \"1h\"\nexpire = \"30m\"\n",
+            "greylist.expire",
+        );
+        bad(
+            "[greylist]\nskip_senders_list = \"nope\"\n",
+            "greylist.skip_senders_list",
+        );
+        let ok = Config::load(
+            "t.toml",
+            "[server.listener.smtp]\ndnsbl = true\ngreylist = true\n\
+             [[dnsbl.zone]]\nname = \"Zen.Example.\"\nsubject = \"sender\"\n\
+             results = { \"127.0.0.3\" = \"score:2\" }\n",
+            &[],
+        )
+        .expect("valid");
+        let zone = &ok.antispam.dnsbl.zones[0];
+        assert_eq!(zone.name, "zen.example");
+        assert_eq!(zone.subject, sluice_policy::dnsbl::Subject::Sender);
+        assert_eq!(
+            zone.results,
+            [(
+                std::net::Ipv4Addr::new(127, 0, 0, 3),
+                sluice_policy::dnsbl::ListAction::Score(2)
+            )]
+        );
+        assert!(ok.antispam.greylist.is_some());
     }
 
     #[test]

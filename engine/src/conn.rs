@@ -106,6 +106,9 @@ pub struct CoreContext {
     /// no DNS configured; those listeners then accept unverified, logged at
     /// start).
     pub verify: Option<Rc<crate::verify::CoreVerify>>,
+    /// DNSBL/DNSWL and greylisting for listeners that switch them on (None:
+    /// no listener did at start).
+    pub antispam: Option<Rc<crate::antispam::CoreAntispam>>,
 }
 
 /// Read buffer while a client sends commands (and holds a PROXY header).
@@ -306,6 +309,47 @@ async fn serve(
         }
     }
 
+    // Bans and `[[limit]]` connection rules, on the real client address.
+    if let Some(bans) = crate::bans::installed() {
+        if let Some(ban) = bans.banned(peer.ip(), now_ms()) {
+            crate::metrics::ban_refused();
+            tracing::info!(client_ip = %peer.ip(), listener = %listener.name, reason = %ban.reason, "connection from a banned address refused");
+            let reply = format!(
+                "421 4.7.1 {hostname} Error: your address is banned for abuse, try again later\r\n"
+            );
+            conn.write_all(reply.as_bytes()).await?;
+            conn.close().await;
+            return Ok(());
+        }
+    }
+    let limits = crate::inbound_limits::for_listener(&listener.name);
+    // Held for the session: the connection slots of `concurrency` rules.
+    let _connection_permit = match &limits {
+        Some(l) => {
+            let facts = sluice_policy::inbound_limits::LimitFacts {
+                listener: &listener.name,
+                ip: peer.ip(),
+                sender: None,
+                auth_user: None,
+                recipient: None,
+            };
+            let stage = sluice_policy::inbound_limits::LimitStage::Connect;
+            match crate::inbound_limits::acquire(l, stage, &facts, now_ms()) {
+                Ok(permit) => Some(permit),
+                Err(r) => {
+                    let reply = format!(
+                        "{} {} {hostname} {}\r\n",
+                        r.reply.code, r.reply.status, r.reply.text
+                    );
+                    conn.write_all(reply.as_bytes()).await?;
+                    conn.close().await;
+                    return Ok(());
+                }
+            }
+        }
+        None => None,
+    };
+
     if !admission.admit_ip(peer.ip()) {
         listener.metrics.rejected(Reject::PerIpLimit);
         tracing::warn!(client_ip = %peer.ip(), listener = %listener.name, "per-IP connection limit reached");
@@ -352,18 +396,20 @@ async fn serve(
     }
 
     // iprev starts when the client connects, beside the session (the
-    // greeting does not wait for DNS); its result joins the message checks.
-    // Dropping the task (the session ends first) cancels it.
+    // greeting does not wait for DNS); its result joins the message checks
+    // and gives filters the client's name.
     let verify_cfg = session_config.verify.clone();
-    let mut iprev_task = match (&verify_cfg, &ctx.verify) {
-        (Some(v), Some(core)) if v.iprev => {
-            let core = core.clone();
-            let ip = peer.ip();
-            Some(glommio::spawn_local(async move { core.iprev(ip).await }))
-        }
-        _ => None,
+    let mut iprev = IprevCheck {
+        task: match (&verify_cfg, &ctx.verify) {
+            (Some(v), Some(core)) if v.iprev => {
+                let core = core.clone();
+                let ip = peer.ip();
+                Some(glommio::spawn_local(async move { core.iprev(ip).await }))
+            }
+            _ => None,
+        },
+        output: None,
     };
-    let mut iprev: Option<crate::verify::IprevOutput> = None;
 
     // The listener's filters (issue 14): None on the hot path.
     *chain = session_config
@@ -371,6 +417,19 @@ async fn serve(
         .clone()
         .map(|f| FilterSession::new(f, local_addr));
     let relay = session_config.relay.clone();
+    // DNSBL and greylisting at RCPT (before the filters): None on the hot path.
+    let mut rcpt_checks: RcptChecks = ctx
+        .antispam
+        .clone()
+        .filter(|_| session_config.dnsbl || session_config.greylist)
+        .map(|core| {
+            (
+                core,
+                session_config.dnsbl,
+                session_config.greylist,
+                crate::antispam::SessionMemo::default(),
+            )
+        });
     let started = Instant::now();
     let mut session = Session::new(
         session_config,
@@ -389,10 +448,13 @@ async fn serve(
         }
     }
     session.set_body_budget(listener.body_budget.clone());
+    if let Some(l) = limits {
+        session.set_limits(l);
+    }
     tracing::debug!(client_ip = %peer.ip(), listener = %listener.name, core = ctx.core, "connected");
     session.greeting();
     if let Some(call) = session.take_filter_call() {
-        let outcome = run_filters(chain, &call).await;
+        let outcome = run_filters(chain, call, &mut iprev, &dnsbl_listed(&rcpt_checks)).await;
         session.filter_result(outcome, now_ms());
     }
 
@@ -465,9 +527,7 @@ async fn serve(
                     let mut added = Vec::new();
                     let mut body = body;
                     if let (Some(v), Some(core)) = (&verify_cfg, &ctx.verify) {
-                        if let Some(task) = iprev_task.take() {
-                            iprev = Some(task.await);
-                        }
+                        iprev.settle().await;
                         let dkim = ctx.queue.dkim().map(|d| d.load_full());
                         let sealer = dkim
                             .as_deref()
@@ -488,7 +548,7 @@ async fn serve(
                                 &envelope,
                                 body,
                                 spf,
-                                iprev.as_ref(),
+                                iprev.output.as_ref(),
                                 sealer,
                             )
                             .await;
@@ -519,8 +579,18 @@ async fn serve(
                         }
                     }
                     if let (true, Some(f)) = (filter_data, chain.as_mut()) {
-                        let outcome =
-                            data_filters(f, &session, id, &envelope, &body, &summary.auth).await;
+                        let ptr = iprev.verified_name().await;
+                        let outcome = data_filters(
+                            f,
+                            &session,
+                            ptr,
+                            id,
+                            &envelope,
+                            &body,
+                            &summary.auth,
+                            &dnsbl_listed(&rcpt_checks),
+                        )
+                        .await;
                         let verdict = match outcome.verdict {
                             Verdict::Quarantine { reason } => {
                                 quarantine = Some(reason);
@@ -593,7 +663,8 @@ async fn serve(
                     };
                     session.spf_result(spf, refusal);
                     if let Some(call) = session.take_filter_call() {
-                        let outcome = run_filters(chain, &call).await;
+                        let outcome =
+                            run_filters(chain, call, &mut iprev, &dnsbl_listed(&rcpt_checks)).await;
                         session.filter_result(outcome, now_ms());
                     }
                 }
@@ -604,7 +675,26 @@ async fn serve(
                         conn.write_all(session.output()).await?;
                         session.clear_output();
                     }
-                    let outcome = run_filters(chain, &call).await;
+                    if let (Stage::Rcpt, Some((core, dnsbl, greylist, memo))) =
+                        (call.stage, rcpt_checks.as_mut())
+                    {
+                        let facts = crate::antispam::RcptFacts {
+                            ip: peer.ip(),
+                            helo: call.client.helo.as_deref().unwrap_or(""),
+                            sender: call.sender.as_deref().unwrap_or(""),
+                            recipient: call.recipient.as_deref().unwrap_or(""),
+                            trusted: session.trusted(),
+                            dnsbl: *dnsbl,
+                            greylist: *greylist,
+                        };
+                        let verdict = core.check_rcpt(memo, &facts, now_ms()).await;
+                        if verdict != Verdict::Accept {
+                            session.filter_result(FilterOutcome::with_verdict(verdict), now_ms());
+                            continue;
+                        }
+                    }
+                    let outcome =
+                        run_filters(chain, call, &mut iprev, &dnsbl_listed(&rcpt_checks)).await;
                     session.filter_result(outcome, now_ms());
                 }
                 Action::Authenticate { user, password } => {
@@ -621,7 +711,8 @@ async fn serve(
                         c.set_auth_type(mechanism);
                     }
                     if let Some(call) = session.take_filter_call() {
-                        let outcome = run_filters(chain, &call).await;
+                        let outcome =
+                            run_filters(chain, call, &mut iprev, &dnsbl_listed(&rcpt_checks)).await;
                         session.filter_result(outcome, now_ms());
                     }
                 }
@@ -706,13 +797,69 @@ async fn serve(
     }
 }
 
+/// The client's iprev check, started at connect when the listener's
+/// `verify` asks for it, awaited the first time the message checks or a
+/// filter need it. Dropping it (the session ends first) cancels the task.
+struct IprevCheck {
+    task: Option<glommio::Task<crate::verify::IprevOutput>>,
+    output: Option<crate::verify::IprevOutput>,
+}
+
+impl IprevCheck {
+    /// Waits for the check, if one is running.
+    async fn settle(&mut self) {
+        if let Some(task) = self.task.take() {
+            self.output = Some(task.await);
+        }
+    }
+
+    /// The client's name for filters (`client.ptr`): the first PTR name
+    /// when iprev passed, else none.
+    async fn verified_name(&mut self) -> Option<String> {
+        self.settle().await;
+        let out = self.output.as_ref()?;
+        if out.result != sluice_policy::auth::IprevResult::Pass {
+            return None;
+        }
+        let name = out.ptr.as_ref()?.first()?;
+        Some(name.trim_end_matches('.').to_string())
+    }
+}
+
+/// The session's RCPT checks: the antispam core, the listener's `dnsbl`
+/// and `greylist` switches, and what the zones said so far.
+type RcptChecks = Option<(
+    Rc<crate::antispam::CoreAntispam>,
+    bool,
+    bool,
+    crate::antispam::SessionMemo,
+)>;
+
+/// The zones that listed the client (Sieve's `${env.dnsbl}`); empty, not
+/// allocated, when nothing was looked up.
+fn dnsbl_listed(checks: &RcptChecks) -> String {
+    checks
+        .as_ref()
+        .map(|(_, _, _, memo)| memo.listed())
+        .unwrap_or_default()
+}
+
 /// One stage's filters (accept when the listener has none).
 async fn run_filters(
     chain: &mut Option<FilterSession>,
-    call: &crate::filters::OwnedEvent,
+    mut call: Box<crate::filters::OwnedEvent>,
+    iprev: &mut IprevCheck,
+    dnsbl: &str,
 ) -> FilterOutcome {
     match chain {
-        Some(c) => c.run(&call.event(), &SieveExtras::default()).await,
+        Some(c) => {
+            call.client.ptr = iprev.verified_name().await;
+            let extras = SieveExtras {
+                dnsbl,
+                ..SieveExtras::default()
+            };
+            c.run(&call.event(), &extras).await
+        }
         None => FilterOutcome::accept(),
     }
 }
@@ -722,12 +869,15 @@ async fn run_filters(
 async fn data_filters(
     filters: &mut FilterSession,
     session: &Session,
+    ptr: Option<String>,
     id: sluice_spool::MessageId,
     envelope: &sluice_spool::Envelope,
     body: &[u8],
     auth: &str,
+    dnsbl: &str,
 ) -> FilterOutcome {
-    let client = session.client_facts();
+    let mut client = session.client_facts();
+    client.ptr = ptr;
     let recipients: Vec<String> = envelope
         .recipients
         .iter()
@@ -745,7 +895,13 @@ async fn data_filters(
         message: Some(body),
     };
     let (spf, dkim, dmarc) = crate::filters::auth_words(auth);
-    filters.run(&event, &SieveExtras { spf, dkim, dmarc }).await
+    let extras = SieveExtras {
+        spf,
+        dkim,
+        dmarc,
+        dnsbl,
+    };
+    filters.run(&event, &extras).await
 }
 
 enum ReadOutcome {

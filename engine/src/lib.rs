@@ -2,7 +2,9 @@
 //! SMTP server. The `sluice` binary (main.rs) is a thin command line over this.
 
 pub mod admin;
+pub mod antispam;
 pub mod auth_guard;
+pub mod bans;
 pub mod bounce;
 pub mod budget;
 pub mod config;
@@ -17,6 +19,7 @@ pub mod filters;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hooks;
+pub mod inbound_limits;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

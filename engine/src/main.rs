@@ -103,6 +103,15 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Auto-bans (addresses refused at connect), through the management API.
+    Ban {
+        #[command(subcommand)]
+        action: admin_cli::BanCommand,
+        #[command(flatten)]
+        api: admin_cli::ApiArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Shaping actions in force (rules that fired, operator suspensions),
     /// through the management API.
     Shaping {
@@ -417,6 +426,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             api,
             config,
         } => admin_cli::run_suppression(&api_client(&api, &config)?, api.json, action, &mut out),
+        Command::Ban {
+            action,
+            api,
+            config,
+        } => admin_cli::run_ban(&api_client(&api, &config)?, api.json, action, &mut out),
         Command::Shaping {
             action,
             api,

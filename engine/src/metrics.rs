@@ -101,6 +101,26 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Recipients put on the suppression list by a hard bounce."),
     ("sluice_suppression_refused_total", Kind::Counter, "action",
      "Recipients refused at RCPT (action=refuse) or failed at delivery (action=drop) because they are suppressed."),
+    // DNSBL/DNSWL and greylisting at RCPT (ARCHITECTURE.md "DNSBL, DNSWL and greylisting").
+    ("sluice_dnsbl_lookups_total", Kind::Counter, "zone,result",
+     "DNSBL/DNSWL lookups (resolver cache hits included), by zone and result (listed, clear, failed)."),
+    ("sluice_dnsbl_decisions_total", Kind::Counter, "verdict",
+     "Clients judged by the DNSBL/DNSWL zones, by verdict (pass, allowed, reject, tempfail)."),
+    ("sluice_greylist_total", Kind::Counter, "result",
+     "Recipients checked by greylisting, by result (deferred, passed, exempt, full, error)."),
+    // Inbound limits and auto-bans.
+    ("sluice_inbound_limit_refused_total", Kind::Counter, "rule,stage",
+     "Connections (stage=connect), MAIL or RCPT commands refused by a [[limit]] rule, by rule name and stage."),
+    ("sluice_inbound_limit_untracked_total", Kind::Counter, "",
+     "Limit checks on keys that could not be tracked (the table was full of busy keys), which were therefore not limited."),
+    ("sluice_ban_offences_total", Kind::Counter, "offence",
+     "Offences counted towards auto-bans: failed AUTH (auth), relay attempts (relay), sessions without mail (scan)."),
+    ("sluice_bans_total", Kind::Counter, "offence",
+     "Addresses banned automatically, by the offence that crossed its threshold."),
+    ("sluice_ban_refused_total", Kind::Counter, "",
+     "Connections refused at connect because the client address is banned."),
+    ("sluice_bans_active", Kind::Gauge, "",
+     "Bans held in memory (an ended ban is dropped when its address next connects or is lifted)."),
     // Delivery events (docs/events.md).
     ("sluice_events_produced_total", Kind::Counter, "type",
      "Delivery events made by the cores, by type (reception, delivery, deferral, bounce, expiry, suppression)."),
@@ -750,9 +770,62 @@ pub fn suppression_added() {
     counter!("sluice_suppression_added_total").increment(1);
 }
 
+/// A `[[limit]]` rule refused a connection, MAIL or RCPT.
+pub fn limit_refused(rule: &str, stage: &'static str) {
+    counter!("sluice_inbound_limit_refused_total", "rule" => rule.to_string(), "stage" => stage)
+        .increment(1);
+}
+
+/// Limit checks that could not track their key (count since the last call).
+pub fn limit_untracked(n: u64) {
+    counter!("sluice_inbound_limit_untracked_total").increment(n);
+}
+
+/// An offence counted towards an auto-ban.
+pub fn ban_offence(offence: &'static str) {
+    counter!("sluice_ban_offences_total", "offence" => offence).increment(1);
+}
+
+/// An address banned automatically.
+pub fn banned(offence: &'static str) {
+    counter!("sluice_bans_total", "offence" => offence).increment(1);
+}
+
+/// A connection refused because its address is banned.
+pub fn ban_refused() {
+    counter!("sluice_ban_refused_total").increment(1);
+}
+
+/// Bans in force.
+pub fn bans_active(n: usize) {
+    gauge!("sluice_bans_active").set(n as f64);
+}
+
 /// A suppressed recipient was refused ("refuse") or dropped ("drop").
 pub fn suppression_refused(action: &'static str) {
     counter!("sluice_suppression_refused_total", "action" => action).increment(1);
+}
+
+/// The delivery stage's filters refused an attempt (`verdict`: reject,
+/// tempfail, discard or quarantine).
+pub fn delivery_stage_refused(verdict: &'static str) {
+    counter!("sluice_delivery_stage_refused_total", "verdict" => verdict).increment(1);
+}
+
+/// One DNSBL/DNSWL zone's answer ("listed", "clear", "failed").
+pub fn dnsbl_lookup(zone: &str, result: &'static str) {
+    counter!("sluice_dnsbl_lookups_total", "zone" => zone.to_string(), "result" => result)
+        .increment(1);
+}
+
+/// The zones' verdict on a client.
+pub fn dnsbl_decision(verdict: &'static str) {
+    counter!("sluice_dnsbl_decisions_total", "verdict" => verdict).increment(1);
+}
+
+/// One recipient through greylisting.
+pub fn greylist(result: &'static str) {
+    counter!("sluice_greylist_total", "result" => result).increment(1);
 }
 
 /// A delivery status notification was queued.

@@ -16,8 +16,24 @@
 //! classification rules file (`delivery.bounce_rules`, re-read every time). New sessions and new TLS handshakes
 //! see the new values; sessions already open keep what they started with.
 //!
+//! Delivery: `[route.*]`, `[queue.*]` (not the quotas), `[destination.*]`,
+//! `[host.*]`, `[source_ip.*]`, `[provider.*]` with the presets, the
+//! `[delivery]` limits and timeouts, and `[shaping]` (rules, slow start). The
+//! cores read one `DeliveryConfig` snapshot; its `generation` tells sites and
+//! limiters built under an older one to retune (keeping what they spent).
+//! Queued mail is routed again at its next attempt; mail of a removed queue
+//! follows `[queue.default]`. Shaping actions in force stay.
+//!
+//! Needs a restart (kept running, named in the summary): listener addresses,
+//! TLS mode, proxy and connection settings, `server.*`, `[spool]`, `[log]`,
+//! `[admin]`, `[dns]`, the AUTH failure limits, queue quotas
+//! (`max_messages`, `max_bytes`), route `tls_client_cert`/`tls_client_key`,
+//! and `delivery.enabled`, `ehlo_name`, `tls_ca_file`, `mta_sts*` and the
+//! `bounce_rules` path.
+//!
 //! Swaps are `ArcSwap` stores: readers (a connection opening, a RCPT choosing a
-//! queue, a dispatch choosing a route) do one atomic load, no lock.
+//! queue, a dispatch choosing a route, a site's next step) do one atomic load,
+//! no lock.
 
 use std::fmt::Debug;
 use std::path::PathBuf;
@@ -25,9 +41,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 use rustls::sign::CertifiedKey;
+use sluice_policy::shaping::ShapingRules;
 use sluice_policy::{Credentials, RuleSet};
 
-use crate::config::{Config, ListenerConfig};
+use crate::config::delivery::{DeliveryConfig, DeliverySection, QueueConfig};
+use crate::config::{ByteSize, Config, ListenerConfig};
 use crate::conn::ListenerShared;
 
 /// Where the running configuration came from: `sluice run -c FILE --set K=V…`.
@@ -64,6 +82,10 @@ pub struct Reloader {
     rules: Arc<ArcSwap<RuleSet>>,
     /// DKIM signers and rules; keys are re-read on every reload.
     dkim: Option<crate::queue::dkim::DkimSwap>,
+    /// Listeners' filters at the delivery stage (rebuilt with the listeners').
+    stage_filters: Option<crate::filters::delivery::DeliveryFiltersSwap>,
+    /// The delivery snapshot the cores read (routes, queues, limits).
+    delivery: Option<Arc<ArcSwap<DeliveryConfig>>>,
 }
 
 /// What a validated reload will store.
@@ -76,6 +98,9 @@ struct Plan {
     credentials: Option<Credentials>,
     rules: Option<RuleSet>,
     dkim: Option<sluice_policy::dkim::DkimPolicy>,
+    /// Built when a delivery section or the shaping rules changed.
+    delivery: Option<DeliveryConfig>,
+    shaping: Option<(ShapingRules, Option<u32>)>,
 }
 
 impl Reloader {
@@ -100,13 +125,30 @@ impl Reloader {
             credentials,
             rules,
             dkim: None,
+            stage_filters: None,
+            delivery: None,
         }
+    }
+
+    /// Reloads also replace the delivery configuration the cores read.
+    pub fn with_delivery(mut self, delivery: Arc<ArcSwap<DeliveryConfig>>) -> Reloader {
+        self.delivery = Some(delivery);
+        self
     }
 
     /// Reloads also replace the DKIM signers (keys read again from their
     /// files, so a rotated key file needs only a SIGHUP).
     pub fn with_dkim(mut self, dkim: crate::queue::dkim::DkimSwap) -> Reloader {
         self.dkim = Some(dkim);
+        self
+    }
+
+    /// Reloads also replace the filters the delivery stage asks.
+    pub fn with_stage_filters(
+        mut self,
+        filters: crate::filters::delivery::DeliveryFiltersSwap,
+    ) -> Reloader {
+        self.stage_filters = Some(filters);
         self
     }
 
@@ -145,8 +187,23 @@ impl Reloader {
         if let Some(rules) = plan.rules {
             self.rules.store(Arc::new(rules));
         }
+        if let Some(swap) = &self.stage_filters {
+            swap.store(Arc::new(
+                crate::filters::delivery::DeliveryFilters::of_config(&plan.effective),
+            ));
+        }
         if let (Some(swap), Some(policy)) = (&self.dkim, plan.dkim) {
             swap.store(Arc::new(crate::queue::dkim::DkimState::new(policy)));
+        }
+        if let (Some(swap), Some(mut delivery)) = (&self.delivery, plan.delivery) {
+            // Each core sees the new generation at its next decision.
+            delivery.generation = swap.load().generation + 1;
+            swap.store(Arc::new(delivery));
+        }
+        if let (Some(shaping), Some((rules, slow_start))) =
+            (crate::delivery::shaping::installed(), plan.shaping)
+        {
+            shaping.reconfigure(rules, slow_start);
         }
         *running = plan.effective;
         let mut summary = if plan.changed.is_empty() {
@@ -171,14 +228,23 @@ impl Reloader {
         let rules_changed = changed.iter().any(|c| c.starts_with("[[rule]]"));
 
         // Build everything before storing anything.
-        let rules = effective.rule_set().map_err(|e| {
-            let hint = if restart.iter().any(|k| k == "queue" || k == "route") {
-                " (new queues and routes need a restart)"
-            } else {
-                ""
-            };
-            format!("rule: {e}{hint}")
-        })?;
+        let rules = effective.rule_set().map_err(|e| format!("rule: {e}"))?;
+        // Routes, queues and limits: the rules just checked name only routes
+        // and queues of this same snapshot.
+        let delivery_changed = changed.iter().any(|c| is_delivery_key(c));
+        let shaping = if changed.iter().any(|c| c == "shaping") {
+            let rules = effective
+                .shaping
+                .rules()
+                .map_err(|e| format!("shaping: {e}"))?;
+            let slow_start = effective
+                .shaping
+                .slow_start
+                .then_some(effective.shaping.slow_start_initial);
+            Some((rules, slow_start))
+        } else {
+            None
+        };
         let relay = Arc::new(
             effective
                 .relay_policy()
@@ -232,6 +298,7 @@ impl Reloader {
             session.starttls = current.starttls;
             sessions.push((shared.clone(), session));
         }
+        let delivery = delivery_changed.then(|| effective.delivery_config());
         Ok(Plan {
             effective,
             changed: dedup(changed),
@@ -241,6 +308,8 @@ impl Reloader {
             credentials: users_changed.then_some(credentials),
             rules: rules_changed.then_some(rules),
             dkim,
+            delivery,
+            shaping,
         })
     }
 }
@@ -283,9 +352,21 @@ fn merge(running: &Config, new: &Config) -> (Config, Vec<String>, Vec<String>) {
         effective.rule = new.rule.clone();
         changed.push(format!("[[rule]] ({} in force)", new.rule.len()));
     }
+    if differs(&effective.rewrite, &new.rewrite) || differs(&effective.srs, &new.srs) {
+        // Built into each listener's `rewrite` above; kept here for the
+        // next comparison.
+        effective.rewrite = new.rewrite.clone();
+        effective.srs = new.srs.clone();
+        changed.push("rewrite, srs".into());
+    }
     if differs(&effective.dkim, &new.dkim) {
         effective.dkim = new.dkim.clone();
         changed.push("dkim".into());
+    }
+    take_delivery(&mut effective, new, &mut changed);
+    if differs(&effective.shaping, &new.shaping) {
+        effective.shaping = new.shaping.clone();
+        changed.push("shaping".into());
     }
     let restart = restart_only_changes(&effective, new);
     (effective, changed, restart)
@@ -367,6 +448,118 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
     l.milter = n.milter.clone();
     l.hook = n.hook.clone();
     l.filters = n.filters.clone();
+    l.rewrite = n.rewrite.clone();
+}
+
+/// The delivery keys a reload takes (names as in the summary).
+const DELIVERY_KEYS: [&str; 7] = [
+    "delivery",
+    "queue",
+    "route",
+    "destination",
+    "source_ip",
+    "host",
+    "provider",
+];
+
+fn is_delivery_key(change: &str) -> bool {
+    DELIVERY_KEYS.contains(&change)
+}
+
+/// Takes the new routes, queues, destinations, hosts, source IPs, providers
+/// and `[delivery]` limits, keeping the running value of what is built once at
+/// start: the `[delivery]` keys of [`delivery_restart_keys`], queue quotas
+/// (counted by the admission of the running process) and route client
+/// certificates (loaded into the outbound TLS setup).
+fn take_delivery(effective: &mut Config, new: &Config, changed: &mut Vec<String>) {
+    let mut delivery = new.delivery.clone();
+    let run = &effective.delivery;
+    delivery.enabled = run.enabled;
+    delivery.ehlo_name.clone_from(&run.ehlo_name);
+    delivery.tls_ca_file.clone_from(&run.tls_ca_file);
+    delivery.mta_sts = run.mta_sts;
+    delivery.mta_sts_fetch_timeout = run.mta_sts_fetch_timeout;
+    delivery.mta_sts_https_port = run.mta_sts_https_port;
+    delivery.mta_sts_refresh_interval = run.mta_sts_refresh_interval;
+    delivery.bounce_rules.clone_from(&run.bounce_rules);
+    if differs(&effective.delivery, &delivery) {
+        effective.delivery = delivery;
+        changed.push("delivery".into());
+    }
+    let mut queues = new.queue.clone();
+    for (name, q) in &mut queues {
+        let running = effective
+            .queue
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| QueueConfig {
+                max_messages: 0,
+                max_bytes: ByteSize(0),
+                ..QueueConfig::default()
+            });
+        q.max_messages = running.max_messages;
+        q.max_bytes = running.max_bytes;
+    }
+    if differs(&effective.queue, &queues) {
+        effective.queue = queues;
+        changed.push("queue".into());
+    }
+    let mut routes = new.route.clone();
+    for (name, r) in &mut routes {
+        let running = effective.route.get(name);
+        r.tls_client_cert = running.and_then(|r| r.tls_client_cert.clone());
+        r.tls_client_key = running.and_then(|r| r.tls_client_key.clone());
+    }
+    if differs(&effective.route, &routes) {
+        effective.route = routes;
+        changed.push("route".into());
+    }
+    if differs(&effective.destination, &new.destination) {
+        effective.destination = new.destination.clone();
+        changed.push("destination".into());
+    }
+    if differs(&effective.source_ip, &new.source_ip) {
+        effective.source_ip = new.source_ip.clone();
+        changed.push("source_ip".into());
+    }
+    if differs(&effective.host, &new.host) {
+        effective.host = new.host.clone();
+        changed.push("host".into());
+    }
+    if differs(&effective.provider, &new.provider) || differs(&effective.providers, &new.providers)
+    {
+        effective.provider = new.provider.clone();
+        effective.providers = new.providers.clone();
+        changed.push("provider".into());
+    }
+}
+
+/// `[delivery]` keys built into the running process (the TLS setup, the
+/// MTA-STS thread, the EHLO name, the bounce rules path) that differ.
+fn delivery_restart_keys(a: &DeliverySection, b: &DeliverySection) -> Vec<String> {
+    let keys: [(&str, bool); 8] = [
+        ("delivery.enabled", a.enabled != b.enabled),
+        ("delivery.ehlo_name", a.ehlo_name != b.ehlo_name),
+        ("delivery.tls_ca_file", a.tls_ca_file != b.tls_ca_file),
+        ("delivery.mta_sts", a.mta_sts != b.mta_sts),
+        (
+            "delivery.mta_sts_fetch_timeout",
+            differs(&a.mta_sts_fetch_timeout, &b.mta_sts_fetch_timeout),
+        ),
+        (
+            "delivery.mta_sts_https_port",
+            a.mta_sts_https_port != b.mta_sts_https_port,
+        ),
+        (
+            "delivery.mta_sts_refresh_interval",
+            differs(&a.mta_sts_refresh_interval, &b.mta_sts_refresh_interval),
+        ),
+        ("delivery.bounce_rules", a.bounce_rules != b.bounce_rules),
+    ];
+    keys.iter()
+        .filter(|k| k.1)
+        .map(|k| k.0.to_string())
+        .collect()
 }
 
 /// Keys that differ between what runs and the new file but cannot change
@@ -408,20 +601,29 @@ fn restart_only_changes(effective: &Config, new: &Config) -> Vec<String> {
             }
         }
     }
-    let sections: [(&str, bool); 11] = [
+    out.extend(delivery_restart_keys(&effective.delivery, &new.delivery));
+    for (name, q) in &new.queue {
+        let (m, b) = effective
+            .queue
+            .get(name)
+            .map_or((0, 0), |r| (r.max_messages, r.max_bytes.0));
+        if (m, b) != (q.max_messages, q.max_bytes.0) {
+            out.push(format!("queue.{name} quota (max_messages, max_bytes)"));
+        }
+    }
+    for (name, r) in &new.route {
+        let running = effective.route.get(name);
+        if running.and_then(|r| r.tls_client_cert.as_ref()) != r.tls_client_cert.as_ref()
+            || running.and_then(|r| r.tls_client_key.as_ref()) != r.tls_client_key.as_ref()
+        {
+            out.push(format!("route.{name}.tls_client_cert/tls_client_key"));
+        }
+    }
+    let sections: [(&str, bool); 5] = [
         ("spool", differs(&effective.spool, &new.spool)),
         ("log", differs(&effective.log, &new.log)),
         ("admin", differs(&effective.admin, &new.admin)),
         ("dns", differs(&effective.dns, &new.dns)),
-        ("delivery", differs(&effective.delivery, &new.delivery)),
-        ("queue", differs(&effective.queue, &new.queue)),
-        ("route", differs(&effective.route, &new.route)),
-        (
-            "destination",
-            differs(&effective.destination, &new.destination),
-        ),
-        ("source_ip", differs(&effective.source_ip, &new.source_ip)),
-        ("host", differs(&effective.host, &new.host)),
         ("auth", differs(&effective.auth, &new.auth)),
     ];
     out.extend(sections.iter().filter(|s| s.1).map(|s| s.0.to_string()));
@@ -515,6 +717,80 @@ mod tests {
         assert_eq!(
             changes(&running, &dkim).to_string(),
             "reload\nreloadable: dkim\n"
+        );
+    }
+
+    #[test]
+    fn delivery_sections_reload_and_what_is_built_at_start_is_named() {
+        let running = config(
+            "[queue.bulk]\nmax_messages = 10\n[route.hop]\ntype = \"relay\"\nhost = \"a.test\"\n",
+        );
+        let new = config(
+            "[queue.bulk]\nmax_messages = 10\nretry = [\"1s\"]\n[queue.extra]\n\
+             [route.hop]\ntype = \"relay\"\nhost = \"b.test\"\n\
+             [destination.default]\nmax_connections = 2\n[host.\"mx.test\"]\nmax_connections = 1\n\
+             [source_ip.default]\nmessage_rate = [\"1/s\"]\n[delivery]\nmax_connections_per_host = 3\n\
+             [[shaping.rule]]\nname = \"r\"\ncode = [421]\nthreshold = \"1/1m\"\naction = \"suspend\"\nduration = \"1m\"\n",
+        );
+        let c = changes(&running, &new);
+        assert_eq!(c.verdict(), "reload", "{c}");
+        for key in [
+            "delivery",
+            "queue",
+            "route",
+            "destination",
+            "source_ip",
+            "host",
+            "shaping",
+        ] {
+            assert!(c.reload.iter().any(|k| k == key), "{key} in {c}");
+        }
+        let (effective, _, _) = merge(&running, &new);
+        assert_eq!(effective.route["hop"].host.as_deref(), Some("b.test"));
+        assert_eq!(
+            effective.delivery_config().destination("x").max_connections,
+            2
+        );
+
+        // Quotas, client certificates and the MTA-STS setup need a restart;
+        // the rest of the same sections still reloads.
+        let quota = config(
+            "[queue.bulk]\nmax_messages = 20\n[queue.new]\nmax_bytes = \"1M\"\n\
+             [route.hop]\ntype = \"relay\"\nhost = \"a.test\"\n[delivery]\nmta_sts = false\nidle_timeout = \"1s\"\n",
+        );
+        let c = changes(&running, &quota);
+        assert_eq!(
+            c.restart,
+            vec![
+                "delivery.mta_sts".to_string(),
+                "queue.bulk quota (max_messages, max_bytes)".to_string(),
+                "queue.new quota (max_messages, max_bytes)".to_string(),
+            ],
+            "{c}"
+        );
+        assert!(c.reload.iter().any(|k| k == "delivery"), "{c}");
+        let (effective, _, _) = merge(&running, &quota);
+        assert_eq!(
+            effective.queue["bulk"].max_messages, 10,
+            "the running quota stays"
+        );
+        assert!(
+            effective.delivery.mta_sts,
+            "the running MTA-STS setting stays"
+        );
+    }
+
+    #[test]
+    fn a_removed_queue_takes_the_default_queues_schedule() {
+        let c = config("[queue.default]\nretry = [\"7s\"]\n").delivery_config();
+        assert_eq!(
+            c.queue("gone").retry_delay(1),
+            std::time::Duration::from_secs(7)
+        );
+        let c = config("").delivery_config();
+        assert_eq!(
+            c.queue("gone").retry_delay(1),
+            std::time::Duration::from_secs(120)
         );
     }
 }

@@ -131,6 +131,30 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         }
         crate::suppression::install(list);
     }
+    // Inbound limits: one table for all cores (exact across them).
+    if !config.limit.is_empty() {
+        let names: Vec<&str> = config.server.listener.keys().map(String::as_str).collect();
+        let rules = crate::config::limits::limit_rules(&config.limit, &names)
+            .map_err(|e| anyhow::anyhow!("limit[{}].{}: {}", e.rule, e.key, e.reason))?;
+        crate::inbound_limits::install(Arc::new(
+            sluice_policy::inbound_limits::InboundLimits::new(
+                rules,
+                crate::config::limits::MAX_TRACKED_KEYS,
+            ),
+        ));
+    }
+    // Auto-bans: their own LMDB environment next to the shards.
+    if config.ban.enabled {
+        let policy = config
+            .ban
+            .policy(&config.relay.relay_networks)
+            .map_err(|(k, why)| anyhow::anyhow!("ban.{k}: {why}"))?;
+        let store = sluice_spool::BanStore::open(&config.spool.path, config.spool.sync)
+            .context("opening the ban list")?;
+        let bans = crate::bans::Bans::start(store, policy, crate::time::now_ms())
+            .context("loading the ban list")?;
+        crate::bans::install(bans);
+    }
     // Delivery events (docs/events.md): the events and poster threads, and the
     // durable buffer next to the shards; before any core can make an event.
     if config.events.enabled {
@@ -262,9 +286,49 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                 "dns (needed by server.listener.*.verify): no servers configured and /etc/resolv.conf unreadable: {e}"
             ));
         }
+        Err(e) if config.server.listener.values().any(|l| l.dnsbl) => {
+            return Err(anyhow!(
+                "dns (needed by server.listener.*.dnsbl): no servers configured and /etc/resolv.conf unreadable: {e}"
+            ));
+        }
         Err(_) => None,
     };
 
+    // Listeners' filters at the delivery stage; a reload swaps them.
+    let stage_filters: crate::filters::delivery::DeliveryFiltersSwap =
+        Arc::new(ArcSwap::from_pointee(
+            crate::filters::delivery::DeliveryFilters::of_config(&config),
+        ));
+    // DNSBL/DNSWL and greylisting: made when a listener switches either on
+    // at start (`[dnsbl]` and `[greylist]` are read then, not on reload).
+    let antispam = if config
+        .server
+        .listener
+        .values()
+        .any(|l| l.dnsbl || l.greylist)
+    {
+        let greylist = if config.server.listener.values().any(|l| l.greylist) {
+            let table =
+                crate::antispam::Greylist::open(&config.spool.path, config.greylist.max_entries)
+                    .context("opening the greylist table")?;
+            Some(Arc::new(table))
+        } else {
+            None
+        };
+        let a = Arc::new(crate::antispam::Antispam::new(
+            config.antispam.clone(),
+            config.dnsbl.timeout.0,
+            greylist,
+        ));
+        a.start_purge(config.greylist.purge_interval.0)
+            .context("starting the greylist purge thread")?;
+        Some(a)
+    } else {
+        None
+    };
+
+    // Routes, queues, destinations and limits: a reload stores a new snapshot.
+    let delivery_cfg = Arc::new(ArcSwap::from_pointee(config.delivery_config()));
     let delivery = if config.delivery.enabled {
         let resolver = config
             .dns
@@ -301,7 +365,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         };
         Some(Arc::new(DeliveryShared {
             spool: spool.clone(),
-            cfg: config.delivery_config(),
+            cfg: delivery_cfg.clone(),
             hostname: config.server.hostname.clone(),
             ehlo_name: config
                 .delivery
@@ -314,6 +378,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             rules: admission.rules().clone(),
             admin: crate::delivery::admin::AdminChannels::new(cores),
             tls_rpt,
+            stage_filters: stage_filters.clone(),
         }))
     } else {
         None
@@ -333,7 +398,9 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             credentials.clone(),
             admission.rules().clone(),
         )
-        .with_dkim(dkim.clone()),
+        .with_dkim(dkim.clone())
+        .with_stage_filters(stage_filters.clone())
+        .with_delivery(delivery_cfg),
     );
     let signals = spawn_signal_thread(
         shutdown.clone(),
@@ -367,6 +434,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         let recovery = recovery.clone();
         let dkim = dkim.clone();
         let verify_dns = verify_dns.clone();
+        let antispam = antispam.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(core % cpus))
             .name(&format!("sluice-core-{core}"))
             .io_memory(config.server.io_memory.0 as usize)
@@ -382,6 +450,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                     recovery,
                     dkim,
                     verify_dns,
+                    antispam,
                     listeners,
                     credentials,
                     shutdown,
@@ -541,6 +610,7 @@ async fn core_main(
     recovery: Arc<RecoveryTally>,
     dkim: crate::queue::dkim::DkimSwap,
     verify_dns: Option<sluice_dns::ResolverConfig>,
+    antispam: Option<Arc<crate::antispam::Antispam>>,
     listeners: Vec<(Arc<ListenerShared>, std::net::SocketAddr)>,
     credentials: Arc<ArcSwap<Credentials>>,
     shutdown: Arc<event_listener::Event>,
@@ -588,18 +658,21 @@ async fn core_main(
     );
     // The verifier shares delivery's resolver (one cache per core) when
     // there is one.
-    let verify = match verify_dns {
-        Some(dns) => {
-            let resolver = match &delivery {
-                Some(d) => d.resolver().clone(),
-                None => sluice_dns::Resolver::new(dns),
-            };
-            let v = crate::verify::CoreVerify::new(resolver)
+    // The DNSBL lookups use the same resolver (and cache).
+    let resolver = verify_dns.map(|dns| match &delivery {
+        Some(d) => d.resolver().clone(),
+        None => sluice_dns::Resolver::new(dns),
+    });
+    let verify = match &resolver {
+        Some(resolver) => {
+            let v = crate::verify::CoreVerify::new(resolver.clone())
                 .map_err(|e| anyhow!("core {core}: {e}"))?;
             Some(Rc::new(v))
         }
         None => None,
     };
+    let antispam =
+        antispam.map(|a| Rc::new(crate::antispam::CoreAntispam::new(a, resolver.clone())));
     let ctx = Rc::new(CoreContext {
         core,
         spool,
@@ -611,6 +684,7 @@ async fn core_main(
         shutting_down: shutting_down.clone(),
         sessions: Cell::new(0),
         verify,
+        antispam,
     });
 
     let mut sockets = Vec::new();

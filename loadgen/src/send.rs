@@ -15,9 +15,10 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,43 @@ pub struct SendArgs {
     /// generated one, under an `X-Loadgen-Token:` field; --size is ignored.
     #[arg(long, value_name = "FILE")]
     message: Option<PathBuf>,
+    /// Start every connection with a PROXY protocol v1 header whose source is
+    /// the next of these addresses (round robin over all connections opened),
+    /// so one machine looks like many clients to a PROXY listener.
+    #[arg(long, value_name = "IP,IP,...", value_parser = parse_sources)]
+    proxy_sources: Option<ProxySources>,
+}
+
+/// `--proxy-sources` (a newtype: clap would read a bare Vec as many values).
+#[derive(Clone, Debug)]
+pub struct ProxySources(Vec<IpAddr>);
+
+fn parse_sources(s: &str) -> Result<ProxySources, String> {
+    let list = s
+        .split(',')
+        .map(|a| {
+            a.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| format!("{a:?} is not an IP address"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if list.is_empty() || list.len() > 65_536 {
+        return Err("between 1 and 65536 addresses".into());
+    }
+    Ok(ProxySources(list))
+}
+
+/// The PROXY v1 line for a connection from `src` to `dst` (the family of the
+/// source; the destination is unspecified when its family differs).
+fn proxy_header(src: IpAddr, dst: SocketAddr, n: usize) -> String {
+    let port = 10_000 + (n % 50_000);
+    let (family, dst_ip) = match (src, dst.ip()) {
+        (IpAddr::V4(_), d @ IpAddr::V4(_)) => ("TCP4", d.to_string()),
+        (IpAddr::V4(_), _) => ("TCP4", "0.0.0.0".to_string()),
+        (IpAddr::V6(_), d @ IpAddr::V6(_)) => ("TCP6", d.to_string()),
+        (IpAddr::V6(_), _) => ("TCP6", "::".to_string()),
+    };
+    format!("PROXY {family} {src} {dst_ip} {port} {}\r\n", dst.port())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -259,6 +297,9 @@ struct Plan {
     ack_log: bool,
     /// `--message`: the file as sent with BDAT, and dot-stuffed for DATA.
     template: Option<(Vec<u8>, Vec<u8>)>,
+    /// `--proxy-sources`, and the next one's index (over all cores).
+    proxy_sources: Vec<IpAddr>,
+    next_source: AtomicUsize,
 }
 
 impl Plan {
@@ -286,6 +327,8 @@ struct CoreOut {
     connection_errors: u64,
     codes: BTreeMap<u16, u64>,
     domains: BTreeMap<String, u64>,
+    /// Per `--proxy-sources` address: (accepted, refused) transactions.
+    sources: BTreeMap<IpAddr, (u64, u64)>,
     acks: String,
     errors: Vec<String>,
 }
@@ -309,6 +352,7 @@ impl CoreOut {
             connection_errors: 0,
             codes: BTreeMap::new(),
             domains: BTreeMap::new(),
+            sources: BTreeMap::new(),
             acks: String::new(),
             errors: Vec::new(),
         }
@@ -329,6 +373,11 @@ impl CoreOut {
         }
         for (d, n) in o.domains {
             *self.domains.entry(d).or_insert(0) += n;
+        }
+        for (ip, (a, r)) in o.sources {
+            let e = self.sources.entry(ip).or_insert((0, 0));
+            e.0 += a;
+            e.1 += r;
         }
         self.acks.push_str(&o.acks);
         self.errors.extend(o.errors);
@@ -355,6 +404,8 @@ enum Stream {
 }
 
 struct Client {
+    /// The `--proxy-sources` address this connection claims.
+    source: Option<IpAddr>,
     stream: Stream,
     buf: Vec<u8>,
     start: usize,
@@ -452,13 +503,22 @@ impl Client {
             .ok_or_else(|| anyhow!("connect timeout"))?
             .map_err(|e| anyhow!("connecting {}: {e}", plan.addr))?;
         let _ = tcp.set_nodelay(true);
+        let source = (!plan.proxy_sources.is_empty()).then(|| {
+            let n = plan.next_source.fetch_add(1, Ordering::Relaxed);
+            (plan.proxy_sources[n % plan.proxy_sources.len()], n)
+        });
         let mut c = Client {
+            source: source.map(|(ip, _)| ip),
             stream: Stream::Plain(tcp),
             buf: vec![0; 16 * 1024],
             start: 0,
             end: 0,
             timeout: plan.timeout,
         };
+        if let Some((ip, n)) = source {
+            c.write_all(proxy_header(ip, plan.addr, n).as_bytes())
+                .await?;
+        }
         c.expect(b"", 220).await?;
         c.expect(b"EHLO loadgen.example.org\r\n", 250).await?;
         if let Some(cfg) = &plan.tls {
@@ -753,12 +813,21 @@ async fn connection(plan: Arc<Plan>, i: usize, out: Rc<RefCell<CoreOut>>) {
         let t0 = scheduled.unwrap_or_else(Instant::now);
         codes.clear();
         let c = client.as_mut().expect("connected");
+        let source = c.source;
         let result = transaction(c, &plan, &token, k, &mut rng, &mut codes).await;
         let done = Instant::now();
         let mut o = out.borrow_mut();
         o.attempted += 1;
         for code in &codes {
             *o.codes.entry(*code).or_insert(0) += 1;
+        }
+        if let Some(ip) = source {
+            let e = o.sources.entry(ip).or_insert((0, 0));
+            match &result {
+                Ok(Some(_)) => e.0 += 1,
+                Ok(None) => e.1 += 1,
+                Err(_) => {}
+            }
         }
         match result {
             Ok(Some(a)) => {
@@ -946,6 +1015,8 @@ pub fn send(args: SendArgs) -> anyhow::Result<()> {
         timeout: args.timeout,
         ack_log: args.ack_log.is_some(),
         template,
+        proxy_sources: args.proxy_sources.clone().map(|p| p.0).unwrap_or_default(),
+        next_source: AtomicUsize::new(0),
     });
 
     let mut handles = Vec::new();
@@ -1023,6 +1094,11 @@ pub fn send(args: SendArgs) -> anyhow::Result<()> {
         "txn_ms": lat(txn),
         "eod_to_250_ms": lat(eod),
         "accepted_per_domain": total.domains,
+        "per_source": total
+            .sources
+            .iter()
+            .map(|(ip, (a, r))| (ip.to_string(), serde_json::json!({"accepted": a, "refused": r})))
+            .collect::<BTreeMap<String, serde_json::Value>>(),
     });
     if !args.json {
         eprintln!(

@@ -8,12 +8,16 @@
 //! blocking pool.
 
 pub mod auth;
+pub mod ban;
 pub mod bounce;
 mod credentials;
 pub mod dane;
 pub mod dkim;
+pub mod dnsbl;
 mod error;
+pub mod greylist;
 pub mod hook;
+pub mod inbound_limits;
 pub mod lists;
 pub mod milter;
 pub mod mta_sts;
@@ -21,10 +25,12 @@ mod network;
 pub mod pool;
 pub mod provider;
 mod relay;
+pub mod rewrite;
 mod rules;
 pub mod sender_login;
 pub mod shaping;
 pub mod sieve;
+pub mod srs;
 pub mod stage;
 pub mod stage_message;
 pub mod stage_rules;

@@ -47,6 +47,8 @@ pub struct SieveConfig {
     pub mail: Option<PathBuf>,
     pub rcpt: Option<PathBuf>,
     pub data: Option<PathBuf>,
+    /// Before each delivery attempt (a verdict only: no modifications).
+    pub delivery: Option<PathBuf>,
     /// Where `include :global "name"` / `include :personal "name"` find
     /// "name.sieve" (or "name"). Unset: include fails to run.
     pub include_dir: Option<PathBuf>,
@@ -70,6 +72,7 @@ impl Default for SieveConfig {
             mail: None,
             rcpt: None,
             data: None,
+            delivery: None,
             include_dir: None,
             max_instructions: 10_000,
             max_redirects: 4,
@@ -99,7 +102,7 @@ impl From<FailureAction> for crate::stage::OnFailure {
 
 impl SieveConfig {
     /// The configured script path of each stage.
-    fn paths(&self) -> [(Stage, Option<&PathBuf>); 6] {
+    fn paths(&self) -> [(Stage, Option<&PathBuf>); 7] {
         [
             (Stage::Connect, self.connect.as_ref()),
             (Stage::Ehlo, self.ehlo.as_ref()),
@@ -107,6 +110,7 @@ impl SieveConfig {
             (Stage::Mail, self.mail.as_ref()),
             (Stage::Rcpt, self.rcpt.as_ref()),
             (Stage::Data, self.data.as_ref()),
+            (Stage::Delivery, self.delivery.as_ref()),
         ]
     }
 }
@@ -187,6 +191,9 @@ pub struct SieveExtras<'a> {
     pub spf: &'a str,
     pub dkim: &'a str,
     pub dmarc: &'a str,
+    /// The DNSBL/DNSWL zones listing the client, comma-separated (empty:
+    /// none, or the listener does not ask).
+    pub dnsbl: &'a str,
 }
 
 fn stage_index(stage: Stage) -> usize {
@@ -283,7 +290,7 @@ impl SieveSet {
         let message = event.message.unwrap_or(b"");
         let mut ctx = self.runtime.filter(message);
         let client = event.client;
-        let env: [(&'static str, String); 12] = [
+        let env: [(&'static str, String); 13] = [
             ("remote-ip", client.ip.to_string()),
             ("remote_ip", client.ip.to_string()),
             ("remote-host", client.ptr.clone().unwrap_or_default()),
@@ -302,6 +309,7 @@ impl SieveSet {
             ("spf", extras.spf.to_string()),
             ("dkim", extras.dkim.to_string()),
             ("dmarc", extras.dmarc.to_string()),
+            ("dnsbl", extras.dnsbl.to_string()),
             ("queue_id", event.queue_id.unwrap_or_default().to_string()),
         ];
         for (key, value) in env {

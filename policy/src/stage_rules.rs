@@ -93,17 +93,15 @@ impl StageRules {
                 key,
                 reason,
             };
-            let stage = Stage::from_name(&c.stage)
-                .filter(|s| *s != Stage::Delivery)
-                .ok_or_else(|| {
-                    err(
-                        "stage",
-                        format!(
-                            "`{}` is not one of connect, ehlo, auth, mail, rcpt, data",
-                            c.stage
-                        ),
-                    )
-                })?;
+            let stage = Stage::from_name(&c.stage).ok_or_else(|| {
+                err(
+                    "stage",
+                    format!(
+                        "`{}` is not one of connect, ehlo, auth, mail, rcpt, data, delivery",
+                        c.stage
+                    ),
+                )
+            })?;
             let globs = |key: &'static str, v: &Option<Vec<String>>| -> Result<_, StageRuleError> {
                 v.as_ref()
                     .map(|items| {

@@ -131,7 +131,7 @@ impl RateLimiter {
         self.rate
     }
 
-    fn refill(&mut self, now_ms: u64) {
+    pub(crate) fn refill(&mut self, now_ms: u64) {
         match self.last_ms {
             Some(last) if now_ms > last => {
                 let added = u128::from(now_ms - last) * u128::from(self.rate.count);
@@ -146,7 +146,7 @@ impl RateLimiter {
     }
 
     /// ms from the last refill until a whole token is there; 0 if one is now.
-    fn wait_ms(&self) -> u64 {
+    pub(crate) fn wait_ms(&self) -> u64 {
         let token = u128::from(self.rate.per_ms);
         if self.level >= token {
             return 0;
@@ -157,8 +157,26 @@ impl RateLimiter {
         u64::try_from(missing.div_ceil(per_ms)).unwrap_or(u64::MAX)
     }
 
-    fn take(&mut self) {
+    pub(crate) fn take(&mut self) {
         self.level -= u128::from(self.rate.per_ms);
+    }
+
+    /// The same bucket under another rate: as full (in fraction of its
+    /// capacity) as this one, refilled from the same instant.
+    fn rescaled(&self, rate: Rate) -> RateLimiter {
+        let mut out = RateLimiter::new(rate);
+        if self.capacity > 0 {
+            // Saturates only for rates far beyond any real configuration
+            // (the result is then capped at full).
+            out.level = self
+                .level
+                .saturating_mul(out.capacity)
+                .checked_div(self.capacity)
+                .unwrap_or(out.capacity)
+                .min(out.capacity);
+        }
+        out.last_ms = self.last_ms;
+        out
     }
 }
 
@@ -197,6 +215,34 @@ impl MultiLimiter {
 
     pub fn rates(&self) -> impl Iterator<Item = Rate> + '_ {
         self.limiters.iter().map(RateLimiter::rate)
+    }
+
+    /// Whether these are the limits in force (same rates, same order).
+    pub fn has_rates(&self, rates: &[Rate]) -> bool {
+        self.rates().eq(rates.iter().copied())
+    }
+
+    /// Puts new rates in force (a configuration reload) without forgetting
+    /// what was spent: a limit whose rate is unchanged keeps its bucket; a
+    /// limit over the same period with a new count keeps its fill fraction
+    /// (a half-empty bucket stays half empty); a new period starts full.
+    pub fn retune(&mut self, rates: &[Rate]) {
+        if self.has_rates(rates) {
+            return;
+        }
+        let old = std::mem::take(&mut self.limiters);
+        self.limiters = rates
+            .iter()
+            .map(|&rate| {
+                let same = old.iter().find(|l| l.rate == rate);
+                let period = old.iter().find(|l| l.rate.per_ms == rate.per_ms);
+                match (same, period) {
+                    (Some(l), _) => l.clone(),
+                    (None, Some(l)) => l.rescaled(rate),
+                    (None, None) => RateLimiter::new(rate),
+                }
+            })
+            .collect();
     }
 }
 
@@ -659,5 +705,34 @@ mod tests {
         assert!(c.try_acquire());
         assert_eq!(c.current(), 2);
         assert_eq!(c.max_seen(), 4);
+    }
+    #[test]
+    fn retune_keeps_unchanged_buckets_and_scales_changed_ones() {
+        let mut m = MultiLimiter::new(vec![rate("10/s"), rate("100/m")]);
+        for _ in 0..10 {
+            assert!(m.try_acquire(0).is_ok());
+        }
+        assert!(m.try_acquire(0).is_err(), "10/s spent");
+        // Same rates: nothing changes.
+        m.retune(&[rate("10/s"), rate("100/m")]);
+        assert!(m.try_acquire(0).is_err());
+        // 10/s → 2/s: the per-second bucket stays empty (same fraction), so
+        // the next permit comes at the new rate's pace, not a fresh burst.
+        m.retune(&[rate("2/s"), rate("100/m")]);
+        assert!(m.has_rates(&[rate("2/s"), rate("100/m")]));
+        assert_eq!(m.try_acquire(0), Err(500));
+        assert!(m.try_acquire(500).is_ok());
+        assert!(m.try_acquire(500).is_err());
+        // The per-minute bucket kept its 11 spent tokens (less the 0.6 s of
+        // refill since): 90 more at t = 600 ms, not 100.
+        m.retune(&[rate("1000/s"), rate("100/m")]);
+        let granted = (0..200).filter(|_| m.try_acquire(600).is_ok()).count();
+        assert_eq!(granted, 90);
+        // A new period starts full; removing every rate lifts the limit.
+        m.retune(&[rate("1/h")]);
+        assert!(m.try_acquire(5000).is_ok());
+        assert!(m.try_acquire(5000).is_err());
+        m.retune(&[]);
+        assert!(m.try_acquire(5000).is_ok());
     }
 }

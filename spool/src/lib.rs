@@ -5,6 +5,7 @@
 //! threads never block: they hand requests to the writer over a channel and await
 //! a oneshot that resolves only after the commit returned.
 
+mod bans;
 mod envelope;
 mod error;
 mod events;
@@ -17,6 +18,7 @@ mod suppression;
 mod table;
 mod writer;
 
+pub use bans::{BanStore, StoredBan, BANS_DIR};
 pub use envelope::{
     BodyType, DeliverBy, DeliverByMode, Envelope, NoticeLimit, Notify, Recipient, RecipientStatus,
     Ret, Schedule, TlsRequest,

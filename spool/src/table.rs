@@ -93,6 +93,12 @@ impl Table {
         Ok(value.map(<[u8]>::to_vec))
     }
 
+    /// How many entries the table holds.
+    pub fn count(&self) -> Result<u64, SpoolError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.read_err(e))?;
+        self.db.len(&rtxn).map_err(|e| self.read_err(e))
+    }
+
     /// Stores (replacing) one value.
     pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), SpoolError> {
         let mut wtxn = self.env.write_txn().map_err(|e| self.write_err(e))?;
@@ -237,6 +243,7 @@ mod tests {
         );
         t.remove(&[b"a".to_vec(), b"zz".to_vec()]).unwrap();
         assert_eq!(t.entries().unwrap(), vec![(b"b".to_vec(), vec![2])]);
+        assert_eq!(t.count().unwrap(), 1);
     }
 
     #[test]

@@ -10,6 +10,9 @@ with a body that is not JSON. Otherwise (docs/hooks.md):
   data: the Subject decides: "hook-reject" rejects 554 5.7.1, "hook-discard"
   discards, "hook-quarantine" quarantines, "hook-edit" accepts with every
   modification; anything else is accepted unchanged.
+  delivery: the Subject decides: "stage-reject" rejects 550 5.7.1,
+  "stage-tempfail" tempfails 451 4.7.1, "stage-discard" discards,
+  "stage-quarantine" quarantines; anything else is accepted.
 """
 import json
 import re
@@ -27,6 +30,8 @@ def decide(doc):
     if doc["stage"] == "rcpt" and (doc.get("argument") or "").startswith("blocked@"):
         return {"action": "reject",
                 "reply": {"code": 550, "enhanced": "5.7.1", "text": "Recipient blocked by hook"}}
+    if doc["stage"] == "delivery":
+        return decide_delivery(doc)
     if doc["stage"] != "data":
         return {"action": "accept"}
     content = (doc.get("message") or {}).get("content", "")
@@ -51,6 +56,24 @@ def decide(doc):
             {"type": "replace_body", "body": "replaced by hook\n"},
         ]}
     return {}
+
+
+def decide_delivery(doc):
+    """Before delivery (tests/delivery_stage.rs): the Subject decides."""
+    content = (doc.get("message") or {}).get("content", "")
+    m = re.search(r"^Subject: (.*?)\r?$", content, re.M)
+    subject = m.group(1) if m else ""
+    if "stage-reject" in subject:
+        return {"action": "reject",
+                "reply": {"code": 550, "enhanced": "5.7.1", "text": "Held back by delivery hook"}}
+    if "stage-tempfail" in subject:
+        return {"action": "tempfail",
+                "reply": {"code": 451, "enhanced": "4.7.1", "text": "Not now, says the delivery hook"}}
+    if "stage-discard" in subject:
+        return {"action": "discard"}
+    if "stage-quarantine" in subject:
+        return {"action": "quarantine", "reason": "delivery hook says hold"}
+    return {"action": "accept"}
 
 
 class Handler(BaseHTTPRequestHandler):

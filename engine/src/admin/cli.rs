@@ -425,6 +425,85 @@ pub fn run_suppression(
 }
 
 #[derive(Subcommand, Debug)]
+pub enum BanCommand {
+    /// Bans in force (address, reason, until).
+    List {
+        /// Bans shown (at most 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Ban an address.
+    Add {
+        address: String,
+        /// How long, e.g. 1h or 7d (default: ban.duration).
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a ban.
+    Remove { address: String },
+}
+
+pub fn run_ban(
+    client: &Client,
+    json: bool,
+    cmd: BanCommand,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let (value, render): (Value, Render) = match cmd {
+        BanCommand::List { limit } => (
+            client.call("GET", "/bans", &[("limit", limit.to_string())])?,
+            |v, o| {
+                let bans = arr(&v["bans"]);
+                if bans.is_empty() {
+                    return writeln!(o, "no banned addresses");
+                }
+                for b in bans {
+                    writeln!(
+                        o,
+                        "{} until {} ({})",
+                        s(&b["address"]),
+                        s(&b["until"]),
+                        s(&b["reason"])
+                    )?;
+                }
+                if v["truncated"].as_bool() == Some(true) {
+                    writeln!(o, "(more bans: raise --limit)")?;
+                }
+                Ok(())
+            },
+        ),
+        BanCommand::Add {
+            address,
+            duration,
+            reason,
+        } => {
+            let mut q = vec![("address", address)];
+            for (k, v) in [("for", duration), ("reason", reason)] {
+                if let Some(v) = v {
+                    q.push((k, v));
+                }
+            }
+            (client.call("POST", "/bans/add", &q)?, |v, o| {
+                writeln!(o, "{} banned until {}", s(&v["address"]), s(&v["until"]))
+            })
+        }
+        BanCommand::Remove { address } => (
+            client.call("POST", "/bans/remove", &[("address", address)])?,
+            |v, o| {
+                if v["removed"].as_bool() == Some(true) {
+                    writeln!(o, "{} no longer banned", s(&v["address"]))
+                } else {
+                    writeln!(o, "{} was not banned", s(&v["address"]))
+                }
+            },
+        ),
+    };
+    emit(json, &value, render, out)
+}
+
+#[derive(Subcommand, Debug)]
 pub enum ShapingCommand {
     /// Shaping actions in force: rules that fired, and operator suspensions.
     List,

@@ -7,6 +7,7 @@
 //! (see `api`).
 
 pub mod api;
+mod ban_api;
 mod calls;
 pub mod cli;
 mod queue_view;

@@ -328,11 +328,21 @@ pub struct DeliveryConfig {
     pub pools: sluice_policy::pool::Pools,
     /// `[tenant.*]`: weights of the delivery fair share.
     pub tenants: BTreeMap<String, sluice_policy::tenant::TenantConfig>,
+    /// Counts the reloads that stored this snapshot (0 at start), so state
+    /// built from an older one (a site's limits) knows to refresh itself.
+    pub generation: u64,
 }
 
 impl DeliveryConfig {
+    /// Schedule of a queue: its own `[queue.NAME]`; for a queue no longer
+    /// configured (removed by a reload while mail of it waits) the default
+    /// queue's, so that mail is retried and expires as the default queue's.
     pub fn queue(&self, name: &str) -> QueueConfig {
-        self.queues.get(name).cloned().unwrap_or_default()
+        self.queues
+            .get(name)
+            .or_else(|| self.queues.get(sluice_policy::DEFAULT_QUEUE))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The route a recipient takes after `deferrals` deferred attempts: the named

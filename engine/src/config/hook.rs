@@ -42,14 +42,15 @@ pub struct HookConfig {
     pub max_queued: usize,
 }
 
-/// Stages a hook can be asked at (delivery is not wired yet).
-pub const HOOK_STAGES: [Stage; 6] = [
+/// Stages a hook can be asked at: every one.
+pub const HOOK_STAGES: [Stage; 7] = [
     Stage::Connect,
     Stage::Ehlo,
     Stage::Auth,
     Stage::Mail,
     Stage::Rcpt,
     Stage::Data,
+    Stage::Delivery,
 ];
 
 /// Most hooks one listener may have.

@@ -162,6 +162,9 @@ pub struct CoreAdmin {
     suspended: RefCell<HashMap<String, u64>>,
     /// Messages left undispatched because of a suspension, by destination.
     parked: RefCell<HashMap<String, HashSet<MessageId>>>,
+    /// Messages the operator released, until their next dispatch: the
+    /// delivery stage's quarantine does not hold them again then.
+    released: RefCell<HashSet<MessageId>>,
 }
 
 /// Removes the message from `finalizing` when its finalize ends.
@@ -433,8 +436,13 @@ impl CoreDelivery {
                     self.admin.holds.borrow_mut().remove(&id);
                     stored.map_err(|e| format!("spool: {e}"))?;
                 }
-                if !hold && !self.admin_busy(id) {
-                    self.admin_redispatch(id);
+                if !hold {
+                    if !self.shared.stage_filters.load().is_empty() {
+                        self.admin.released.borrow_mut().insert(id);
+                    }
+                    if !self.admin_busy(id) {
+                        self.admin_redispatch(id);
+                    }
                 }
                 Ok(())
             }
@@ -503,9 +511,16 @@ impl CoreDelivery {
         }
     }
 
+    /// Whether the operator released the message since its last dispatch
+    /// (and forgets it: once only).
+    pub(super) fn admin_take_released(&self, id: MessageId) -> bool {
+        self.admin.released.borrow_mut().remove(&id)
+    }
+
     /// Drops what this core remembers of a message that is going away.
     fn forget(&self, id: MessageId) {
         self.admin.holds.borrow_mut().remove(&id);
+        self.admin.released.borrow_mut().remove(&id);
         for set in self.admin.parked.borrow_mut().values_mut() {
             set.remove(&id);
         }

@@ -173,8 +173,10 @@ impl CoreDelivery {
 
     /// Source-IP-owner side: the limiter's answer for one permit.
     fn ip_permit_wait(&self, key: &str) -> Option<Duration> {
-        let rates = self.shared.cfg.source_ip_rate(key);
-        self.source_ips.borrow_mut().permit(key, rates, now_ms())
+        let cfg = self.cfg();
+        self.source_ips
+            .borrow_mut()
+            .permit(key, cfg.source_ip_rate(key), now_ms())
     }
 
     /// Source-IP-owner side: a peer asks for a permit.
@@ -223,7 +225,7 @@ impl CoreDelivery {
 
     /// Host-owner side: the host's limiter's answer for one permit.
     fn host_rate_wait(&self, host: &str, kind: HostRate) -> Option<Duration> {
-        let limits = self.shared.cfg.limits_for(host);
+        let limits = self.cfg().limits_for(host);
         let rates = match kind {
             HostRate::Connection => &limits.connection_rate,
             HostRate::Message => &limits.message_rate,
@@ -276,7 +278,7 @@ impl CoreDelivery {
 
     /// Host-owner side: a slot is asked for.
     fn host_acquire(self: &Rc<Self>, host: String, waiter: Waiter) {
-        let max = self.shared.cfg.limits_for(&host).max_connections;
+        let max = self.cfg().limits_for(&host).max_connections;
         let granted = self.hosts.borrow_mut().acquire_max(&host, max, waiter);
         if granted {
             self.host_grant(waiter);

@@ -34,6 +34,8 @@
 //!   fetched over HTTPS on a management thread, the cache (persisted in the
 //!   spool directory), and what a policy does to a delivery (parsing and
 //!   decisions in `sluice_policy::mta_sts`).
+//! * `stage.rs` — the delivery stage: the receiving listener's filters asked
+//!   before each attempt (issue 14), and what their verdict does.
 //! * `pools.rs` — egress pools: the member of a rule's `[pool.NAME]` a
 //!   message leaves from (weights, shaping suspensions, unavailable
 //!   addresses, warm-up budgets persisted in `<spool.path>/warmup`).
@@ -67,6 +69,7 @@ mod routing;
 mod scheduler;
 pub mod shaping;
 mod site;
+mod stage;
 pub mod throttle;
 pub mod timing;
 pub mod tls_policy;
@@ -102,7 +105,10 @@ pub use crate::time::now_ms;
 /// Everything all cores share about delivery.
 pub struct DeliveryShared {
     pub spool: Arc<Spool>,
-    pub cfg: DeliveryConfig,
+    /// Routes, queues, destinations, hosts, source IPs, providers and the
+    /// `[delivery]` limits; a reload stores a new snapshot (`reload.rs`) and
+    /// readers load it where they decide (dispatch, a site's next step).
+    pub cfg: Arc<arc_swap::ArcSwap<DeliveryConfig>>,
     pub hostname: String,
     pub ehlo_name: String,
     pub tls: OutboundTlsConfig,
@@ -115,6 +121,8 @@ pub struct DeliveryShared {
     pub admin: admin::AdminChannels,
     /// TLS reporting (`tls_rpt.enabled`): the store and settings.
     pub tls_rpt: Option<Arc<tls_rpt_io::RptShared>>,
+    /// Listeners' filters asked before each attempt (`stage.rs`).
+    pub stage_filters: crate::filters::delivery::DeliveryFiltersSwap,
 }
 
 /// Delivery state of one core.
@@ -137,8 +145,9 @@ pub struct CoreDelivery {
     groups: RefCell<HashMap<String, std::rc::Weak<rollup::SiteGroup>>>,
     /// Shards this core schedules (its own, plus leftovers from runs with more cores).
     shards: Vec<u16>,
-    /// This core's share of each queue's message rate (shard-owner side).
-    queue_rates: RefCell<HashMap<String, MultiLimiter>>,
+    /// This core's share of each queue's message rate (shard-owner side),
+    /// with the configuration generation it was built under.
+    queue_rates: RefCell<HashMap<String, (u64, MultiLimiter)>>,
     /// Host-owner side: slots of the hosts this core owns.
     hosts: RefCell<HostTable>,
     /// Requester side: host slot requests waiting for a grant.
@@ -178,7 +187,9 @@ impl CoreDelivery {
             core,
             cores,
             resolver: Resolver::new(shared.dns.clone()),
-            hosts: RefCell::new(HostTable::new(shared.cfg.delivery.max_connections_per_host)),
+            hosts: RefCell::new(HostTable::new(
+                shared.cfg.load().delivery.max_connections_per_host,
+            )),
             shared,
             ids,
             senders,
@@ -259,6 +270,17 @@ impl Handoff for CoreDelivery {
 }
 
 impl CoreDelivery {
+    /// The delivery configuration in force: one atomic load. Not to be held
+    /// across an await (take `shared.cfg.load_full()` for that).
+    pub(super) fn cfg(&self) -> arc_swap::Guard<Arc<DeliveryConfig>> {
+        self.shared.cfg.load()
+    }
+
+    /// How long an idle connection waits for another message, now.
+    pub(super) fn idle_timeout(&self) -> Duration {
+        self.cfg().delivery.idle_timeout.0
+    }
+
     /// This core's resolver (shared with inbound verification: one cache).
     pub fn resolver(&self) -> &Resolver {
         &self.resolver

@@ -28,9 +28,12 @@ use super::CoreDelivery;
 pub(super) struct SiteGroup {
     /// The rollup key (`job::rollup_key`), or the lone site's own key.
     pub(super) key: String,
-    pub(super) max_connections: usize,
-    pub(super) max_per_connection: usize,
+    /// Its destination's limits (a reload changes them: [`SiteGroup::retune`]).
+    pub(super) max_connections: Cell<usize>,
+    pub(super) max_per_connection: Cell<usize>,
     pub(super) throttle: RefCell<SiteThrottle>,
+    /// The configuration generation the limits are from.
+    generation: Cell<u64>,
     /// Connections of all the group's sites, open or opening.
     pub(super) active: Cell<usize>,
     /// Sites with jobs waiting for a connection slot of the group, oldest
@@ -42,16 +45,31 @@ pub(super) struct SiteGroup {
 }
 
 impl SiteGroup {
-    pub(super) fn new(key: String, dest: &DestinationConfig) -> SiteGroup {
+    pub(super) fn new(key: String, dest: &DestinationConfig, generation: u64) -> SiteGroup {
         SiteGroup {
             key,
-            max_connections: dest.max_connections.max(1),
-            max_per_connection: dest.max_messages_per_connection.max(1),
+            max_connections: Cell::new(dest.max_connections.max(1)),
+            max_per_connection: Cell::new(dest.max_messages_per_connection.max(1)),
             throttle: RefCell::new(SiteThrottle::new(dest)),
+            generation: Cell::new(generation),
             active: Cell::new(0),
             waiting: RefCell::new(VecDeque::new()),
             wake: event_listener::Event::new(),
         }
+    }
+
+    /// Takes the limits of a reloaded configuration (once per generation):
+    /// connections over a lowered limit are not cut, new ones wait; the rate
+    /// limiters keep what was spent and apply the new rates from the next
+    /// permit.
+    pub(super) fn retune(&self, dest: &DestinationConfig, generation: u64) {
+        if self.generation.replace(generation) == generation {
+            return;
+        }
+        self.max_connections.set(dest.max_connections.max(1));
+        self.max_per_connection
+            .set(dest.max_messages_per_connection.max(1));
+        self.throttle.borrow_mut().retune(dest);
     }
 
     /// Whether another domain of the group waits for a connection slot.
@@ -68,15 +86,16 @@ impl CoreDelivery {
         rollup: Option<&str>,
         site_key: &str,
         dest: &DestinationConfig,
+        generation: u64,
     ) -> Rc<SiteGroup> {
         let Some(key) = rollup else {
-            return Rc::new(SiteGroup::new(site_key.to_string(), dest));
+            return Rc::new(SiteGroup::new(site_key.to_string(), dest, generation));
         };
         let mut groups = self.groups.borrow_mut();
         if let Some(g) = groups.get(key).and_then(Weak::upgrade) {
             return g;
         }
-        let g = Rc::new(SiteGroup::new(key.to_string(), dest));
+        let g = Rc::new(SiteGroup::new(key.to_string(), dest, generation));
         groups.insert(key.to_string(), Rc::downgrade(&g));
         g
     }
@@ -93,7 +112,7 @@ impl CoreDelivery {
     /// own limit (slow start, shaping) and below its group's.
     pub(super) fn may_connect(&self, site: &Site) -> bool {
         site.active_connections() < self.site_limit(site)
-            && site.group.active.get() < site.group.max_connections
+            && site.group.active.get() < site.group.max_connections.get()
     }
 
     /// Starts a connection task for `site`, counted in the site and its group.
@@ -142,7 +161,7 @@ impl CoreDelivery {
                 self.start_connection(next);
                 return true;
             }
-            if group.active.get() >= group.max_connections {
+            if group.active.get() >= group.max_connections.get() {
                 // Still full: keep its turn.
                 next.group_waiting.set(true);
                 group.waiting.borrow_mut().push_front(next);

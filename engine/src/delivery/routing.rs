@@ -115,7 +115,8 @@ impl CoreDelivery {
         mx: Option<&MxHosts>,
         chosen: &mut PoolChoices,
     ) -> Result<(String, Target, Strategy), Reply> {
-        let r = route_recipient(&self.shared.cfg, facts, rules, recipient, mx)?;
+        let cfg = self.cfg();
+        let r = route_recipient(&cfg, facts, rules, recipient, mx)?;
         let strategy = match &r.strategy.pool {
             // A pool's member is chosen once per message and destination
             // (`pools.rs`): its recipients there travel together.
@@ -128,7 +129,7 @@ impl CoreDelivery {
                     Some(member) => member,
                     None => {
                         let member = super::pools::choose(
-                            &self.shared.cfg,
+                            &cfg,
                             pool,
                             &r.target,
                             &r.strategy,

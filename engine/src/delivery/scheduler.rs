@@ -72,26 +72,33 @@ impl CoreDelivery {
     /// This core's wait before another message of `queue` may go out; None = now
     /// (and it is counted).
     fn queue_rate_wait(&self, queue: &str, now: u64) -> Option<u64> {
-        let cfg = self.shared.cfg.queues.get(queue)?;
-        if cfg.message_rate.is_empty() {
-            return None;
-        }
+        let cfg = self.cfg();
         let mut rates = self.queue_rates.borrow_mut();
-        let limiter = rates.entry(queue.to_string()).or_insert_with(|| {
-            MultiLimiter::new(
-                cfg.message_rate
-                    .iter()
-                    .map(|r| throttle::per_core_rate(*r, self.cores))
-                    .collect(),
-            )
-        });
+        let Some(q) = cfg.queues.get(queue).filter(|q| !q.message_rate.is_empty()) else {
+            // No rate (or no longer, after a reload).
+            rates.remove(queue);
+            return None;
+        };
+        let share = || {
+            q.message_rate
+                .iter()
+                .map(|r| throttle::per_core_rate(*r, self.cores))
+                .collect::<Vec<_>>()
+        };
+        let (generation, limiter) = rates
+            .entry(queue.to_string())
+            .or_insert_with(|| (cfg.generation, MultiLimiter::new(share())));
+        if *generation != cfg.generation {
+            // A reload: the new rate from the next permit, the spent tokens kept.
+            limiter.retune(&share());
+            *generation = cfg.generation;
+        }
         limiter.try_acquire(now).err()
     }
 
     /// This core's share of the queue's concurrency (0 = no limit).
     fn queue_concurrency(&self, queue: &str) -> usize {
-        self.shared
-            .cfg
+        self.cfg()
             .queues
             .get(queue)
             .map_or(0, |q| throttle::per_core_share(q.concurrency, self.cores))
@@ -128,6 +135,15 @@ impl CoreDelivery {
             Admit::Settle => return self.settle(id, envelope),
             Admit::Attempt => {}
         }
+        if let Some((filters, released)) = self.delivery_filters(id, &envelope) {
+            // The listener's filters decide first (`stage.rs`).
+            return self.delivery_stage(id, envelope, filters, released);
+        }
+        self.route(id, envelope, now);
+    }
+
+    /// Routes an admitted message: its MX hosts first when a rule needs them.
+    pub(super) fn route(self: &Rc<Self>, id: MessageId, envelope: Envelope, now: u64) {
         // A rule matches on MX host names, or warm-up budgets count per
         // provider (known from the MX hosts).
         if self.shared.rules.load().uses_mx() || self.needs_mx_for_warmup() {
@@ -151,7 +167,8 @@ impl CoreDelivery {
     /// message's domains are looked up before routing so a warming member's
     /// budget counts per provider.
     fn needs_mx_for_warmup(&self) -> bool {
-        self.shared.cfg.pools.any_warmup() && self.shared.cfg.providers.names().next().is_some()
+        let cfg = self.cfg();
+        cfg.pools.any_warmup() && cfg.providers.names().next().is_some()
     }
 
     /// Routes the open recipients, groups them into jobs and sends each to its
@@ -198,7 +215,7 @@ impl CoreDelivery {
             }
         }
         let me_peer = self.senders.peer_id();
-        let per_tx = self.shared.cfg.delivery.max_recipients_per_transaction;
+        let per_tx = self.cfg().delivery.max_recipients_per_transaction;
         let jobs = ledger::jobs(id, me_peer, &envelope, groups, per_tx);
         let outstanding = jobs.len() + usize::from(!unroutable.is_empty());
         if outstanding == 0 {
@@ -248,9 +265,7 @@ impl CoreDelivery {
             let mut domains: Vec<String> = jobs
                 .iter()
                 .filter_map(|j| match &j.target {
-                    Target::Mx { domain, .. } if self.shared.cfg.rollup(domain) => {
-                        Some(domain.clone())
-                    }
+                    Target::Mx { domain, .. } if self.cfg().rollup(domain) => Some(domain.clone()),
                     _ => None,
                 })
                 .collect();
@@ -287,7 +302,7 @@ impl CoreDelivery {
         let me_peer = self.senders.peer_id();
         for mut job in jobs {
             if let Target::Mx { domain, .. } = &job.target {
-                if self.shared.cfg.rollup(domain) {
+                if self.cfg().rollup(domain) {
                     job.rollup = mx
                         .get(domain)
                         .map(Vec::as_slice)
@@ -358,7 +373,7 @@ impl CoreDelivery {
     /// the ledger decides (notices, then persist and reschedule, or remove).
     pub(super) async fn finalize(self: Rc<Self>, id: MessageId, attempt: Attempt) {
         let now = now_ms();
-        let queue = self.shared.cfg.queue(&attempt.envelope.queue);
+        let queue = self.cfg().queue(&attempt.envelope.queue);
         let (mut envelope, effects) = ledger::finalize(attempt, &queue, now);
         for effect in effects {
             match effect {
@@ -398,7 +413,7 @@ impl CoreDelivery {
 
 /// Counts a job's per-recipient outcomes in the queue's metrics; delivered
 /// ones also give their end-to-end delay.
-fn count_outcomes(envelope: &Envelope, outcomes: &[(u32, Outcome)]) {
+pub(super) fn count_outcomes(envelope: &Envelope, outcomes: &[(u32, Outcome)]) {
     let q = crate::metrics::queue(&envelope.queue);
     let now = now_ms();
     for (_, outcome) in outcomes {
@@ -415,8 +430,9 @@ fn count_outcomes(envelope: &Envelope, outcomes: &[(u32, Outcome)]) {
     }
 }
 
-/// Recipients that failed without a connection (at routing, or an operator's
-/// bounce): a suppression event for those the suppression list dropped, a
+/// Recipients that failed or were deferred without a connection (at routing,
+/// an operator's bounce, the delivery stage's filters): a suppression event
+/// for those the suppression list dropped, a deferral event for deferrals, a
 /// bounce event for the others.
 pub(super) fn failure_events(
     id: MessageId,
@@ -428,10 +444,10 @@ pub(super) fn failure_events(
     for (index, outcome) in unroutable {
         let reply = outcome.reply();
         let class = crate::bounce::classify(reply);
-        let kind = if class == sluice_policy::bounce::BounceClass::Suppressed {
-            Kind::Suppression
-        } else {
-            Kind::Bounce
+        let kind = match outcome {
+            Outcome::Deferred(_) => Kind::Deferral,
+            _ if class == sluice_policy::bounce::BounceClass::Suppressed => Kind::Suppression,
+            _ => Kind::Bounce,
         };
         let mut e = Event::new(kind, now, &envelope.sender);
         e.id = Some(id.to_string());

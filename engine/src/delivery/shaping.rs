@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use std::collections::HashSet;
 use std::path::Path;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -72,11 +72,19 @@ impl ActiveAction {
     }
 }
 
+/// The rules in force and the reload that stored them.
+struct Rules {
+    generation: u64,
+    rules: ShapingRules,
+}
+
 /// Process-wide shaping state.
 pub struct Shaping {
-    rules: ShapingRules,
-    /// Initial concurrency under slow start (None: off).
-    slow_start: Option<u32>,
+    /// Replaced by a reload; the actions already taken stay in force.
+    rules: ArcSwap<Rules>,
+    /// Initial concurrency under slow start (0: off; the config refuses 0
+    /// as an initial window).
+    slow_start: AtomicU32,
     table: RecordTable,
     active: ArcSwap<Vec<ActiveAction>>,
     /// Orders table writes against cancels (see [`Shaping::persist`]).
@@ -125,13 +133,25 @@ impl Shaping {
         }
         crate::metrics::shaping_active(active.len());
         Ok(Shaping {
-            rules,
-            slow_start,
+            rules: ArcSwap::from_pointee(Rules {
+                generation: 0,
+                rules,
+            }),
+            slow_start: AtomicU32::new(slow_start.unwrap_or(0)),
             table,
             active: ArcSwap::from_pointee(active),
             writes: Mutex::new(()),
             next: AtomicU64::new(0),
         })
+    }
+
+    /// A reload's rules and slow start. Actions in force stay; the rules'
+    /// windows start counting again (on each core, at its next reply).
+    pub fn reconfigure(&self, rules: ShapingRules, slow_start: Option<u32>) {
+        let generation = self.rules.load().generation + 1;
+        self.rules.store(Arc::new(Rules { generation, rules }));
+        self.slow_start
+            .store(slow_start.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// The actions in force at `now`.
@@ -390,7 +410,7 @@ impl SiteShaping {
 
 thread_local! {
     /// This core's windows: the sites it owns.
-    static SHAPER: RefCell<Shaper> = RefCell::new(Shaper::default());
+    static SHAPER: RefCell<(u64, Shaper)> = RefCell::new((0, Shaper::default()));
 }
 
 /// RFC 3339 time of unix ms, for replies and logs.
@@ -420,7 +440,7 @@ impl CoreDelivery {
     /// Connections the site may have now: the configured limit, lowered by
     /// slow start and a `connections` action.
     pub(super) fn site_limit(&self, site: &Site) -> usize {
-        let mut limit = site.max_connections;
+        let mut limit = site.max_connections();
         if let Some(slow) = site.shaping.slow.borrow().as_ref() {
             limit = limit.min(slow.limit() as usize);
         }
@@ -518,7 +538,8 @@ impl CoreDelivery {
             }
         }
         let Some(shaping) = installed() else { return };
-        if shaping.rules.is_empty() {
+        let rules = shaping.rules.load();
+        if rules.rules.is_empty() {
             return;
         }
         let destination = normalize_destination(&site.target.destination());
@@ -541,8 +562,13 @@ impl CoreDelivery {
                 class: Some(crate::bounce::classify(reply)),
             };
             let fired = SHAPER.with(|s| {
-                s.borrow_mut()
-                    .observe(&shaping.rules, &site.key, &destination, &observed, now)
+                let mut s = s.borrow_mut();
+                if s.0 != rules.generation {
+                    // New rules: windows counted under the old ones (by
+                    // rule index) would be credited to the wrong rule.
+                    *s = (rules.generation, Shaper::default());
+                }
+                s.1.observe(&rules.rules, &site.key, &destination, &observed, now)
             });
             for f in fired {
                 let action = ActiveAction {
@@ -605,7 +631,7 @@ impl CoreDelivery {
         }
         let mut slow = site.shaping.slow.borrow_mut();
         let s = slow.get_or_insert_with(|| {
-            let max = u32::try_from(site.max_connections).unwrap_or(u32::MAX);
+            let max = u32::try_from(site.max_connections()).unwrap_or(u32::MAX);
             SlowStart::new(max, max)
         });
         s.deferral();
@@ -626,7 +652,7 @@ impl CoreDelivery {
                 destination: s.target.destination(),
                 core: self.core,
                 limit: self.site_limit(s),
-                max: s.max_connections,
+                max: s.max_connections(),
                 active: s.active_connections(),
                 queued: s.queue.borrow().len(),
                 group: s.group.key.clone(),
@@ -647,6 +673,8 @@ impl CoreDelivery {
 
     /// Slow start's initial window (None: off).
     pub(super) fn slow_start(&self) -> Option<u32> {
-        installed().and_then(|s| s.slow_start)
+        installed()
+            .map(|s| s.slow_start.load(Ordering::Relaxed))
+            .filter(|&n| n > 0)
     }
 }

@@ -36,11 +36,18 @@ pub(super) struct Site {
     strategy: Strategy,
     /// Key of the sending address (`config::source_ip_key`).
     ip_key: String,
-    /// Its group's `max_connections` (slow start and shaping stay below it).
-    pub(super) max_connections: usize,
+    /// The configuration generation its limits (and its group's) are from.
+    generation: Cell<u64>,
+    /// Where its connections go: the latest job's target (a reload may move
+    /// a route to another host or port), and how often that changed, so a
+    /// connection to the old place ends before taking another job.
+    current_target: RefCell<Target>,
+    target_version: Cell<u64>,
     /// The limits it shares with the other domains of its MX host set (or
     /// has alone): `rollup.rs`.
     pub(super) group: Rc<SiteGroup>,
+    /// `[pool.NAME] per_site_connections` of its member (0: none).
+    member_cap: usize,
     /// In its group's waiting list.
     pub(super) group_waiting: Cell<bool>,
     pub(super) queue: RefCell<BinaryHeap<Queued>>,
@@ -89,12 +96,24 @@ struct Open {
     rated_host: Option<String>,
     /// Messages this connection may carry (site and host limits).
     max_messages: usize,
+    /// The site's `target_version` it was opened for.
+    target_version: u64,
 }
 
 impl Site {
     /// Connections open or opening now.
     pub(super) fn active_connections(&self) -> usize {
         self.active.get()
+    }
+
+    /// Its group's `max_connections`, or its pool member's share when lower
+    /// (slow start and shaping stay below it).
+    pub(super) fn max_connections(&self) -> usize {
+        let group = self.group.max_connections.get();
+        match self.member_cap {
+            0 => group,
+            cap => cap.min(group),
+        }
     }
 
     /// One more connection open or opening.
@@ -129,25 +148,29 @@ impl CoreDelivery {
             sites
                 .entry(key.clone())
                 .or_insert_with(|| {
-                    let dest = self.shared.cfg.destination(&job.target.destination());
-                    let group = self.group_for(job.rollup.as_deref(), &key, &dest);
+                    let cfg = self.cfg();
+                    let dest = cfg.destination(&job.target.destination());
+                    let group = self.group_for(job.rollup.as_deref(), &key, &dest, cfg.generation);
                     // `[pool.NAME] per_site_connections`: each member's share of the site.
-                    let per_member = job
+                    let member_cap = job
                         .strategy
                         .pool
                         .as_ref()
-                        .and_then(|p| self.shared.cfg.pools.pools.get(p))
+                        .and_then(|p| cfg.pools.pools.get(p))
                         .map_or(0, |p| p.per_site_connections);
-                    let max_connections = match per_member {
-                        0 => group.max_connections,
-                        n => n.min(group.max_connections),
+                    let max_connections = match member_cap {
+                        0 => group.max_connections.get(),
+                        n => n.min(group.max_connections.get()),
                     };
                     Rc::new(Site {
                         key: key.clone(),
                         target: job.target.clone(),
                         strategy: job.strategy.clone(),
                         ip_key: config::source_ip_key(job.strategy.source_ip),
-                        max_connections,
+                        generation: Cell::new(cfg.generation),
+                        current_target: RefCell::new(job.target.clone()),
+                        target_version: Cell::new(0),
+                        member_cap,
                         shaping: SiteShaping::new(
                             self.slow_start().is_some(),
                             self.slow_start().unwrap_or(1),
@@ -161,22 +184,24 @@ impl CoreDelivery {
                         wake: event_listener::Event::new(),
                         seq: Cell::new(0),
                         fair: RefCell::new(
-                            (!self.shared.cfg.tenants.is_empty()).then(Default::default),
+                            (!cfg.tenants.is_empty()).then(Default::default),
                         ),
                     })
                 })
                 .clone()
         };
+        self.refresh_limits(&site);
+        if *site.current_target.borrow() != job.target {
+            // Routed under a reloaded route: new connections go there.
+            tracing::info!(site = %site.key, "site target changed (reload): new connections follow it");
+            *site.current_target.borrow_mut() = job.target.clone();
+            site.target_version.set(site.target_version.get() + 1);
+        }
         let seq = match site.fair.borrow_mut().as_mut() {
             // Tenants compete: the job's place follows its tenant's share.
             Some(fair) => {
                 let tenant = job.strategy.tenant.as_deref().unwrap_or("");
-                let weight = self
-                    .shared
-                    .cfg
-                    .tenants
-                    .get(tenant)
-                    .map_or(1, |t| t.weight());
+                let weight = self.cfg().tenants.get(tenant).map_or(1, |t| t.weight());
                 fair.tag(tenant, weight)
             }
             None => {
@@ -208,16 +233,23 @@ impl CoreDelivery {
     /// only once the connection is open, so while this task waits for a host slot
     /// another connection of the site can still take the job.
     pub(super) async fn connection_task(self: Rc<Self>, site: Rc<Site>) {
-        let cfg = &self.shared.cfg.delivery;
         let mut open: Option<Open> = None;
         let mut sent = 0usize;
-        let ip_limited = !self.shared.cfg.source_ip_rate(&site.ip_key).is_empty();
         // A source IP permit granted and not yet used (kept while the site's own
         // message rate makes the next message wait).
         let mut ip_permit = false;
         // The same for the destination host's message rate.
         let mut host_permit = false;
+        // Whether the source IP has a message rate, looked up again after a reload.
+        let mut ip_rated = (u64::MAX, false);
         loop {
+            // A reload's new limits apply from the next step.
+            self.refresh_limits(&site);
+            if ip_rated.0 != site.generation.get() {
+                let cfg = self.cfg();
+                ip_rated = (cfg.generation, !cfg.source_ip_rate(&site.ip_key).is_empty());
+            }
+            let ip_limited = ip_rated.1;
             if site.queue.borrow().is_empty() {
                 if site.group.others_waiting() {
                     // Another domain of the group waits for this slot.
@@ -236,7 +268,7 @@ impl CoreDelivery {
                         true
                     },
                     async {
-                        Timer::new(cfg.idle_timeout.0).await;
+                        Timer::new(self.idle_timeout()).await;
                         false
                     },
                 )
@@ -295,7 +327,7 @@ impl CoreDelivery {
                 match self.source_ip_permit(&site.ip_key).await {
                     None => ip_permit = true,
                     Some(wait) => {
-                        if wait > cfg.idle_timeout.0 {
+                        if wait > self.idle_timeout() {
                             if let Some(o) = open.take() {
                                 o.conn.quit().await;
                             }
@@ -315,7 +347,7 @@ impl CoreDelivery {
                 match self.host_rate_permit(&host, HostRate::Message).await {
                     None => host_permit = true,
                     Some(wait) => {
-                        if wait > cfg.idle_timeout.0 {
+                        if wait > self.idle_timeout() {
                             if let Some(o) = open.take() {
                                 o.conn.quit().await;
                             }
@@ -337,7 +369,7 @@ impl CoreDelivery {
             // The site's message rate.
             let wait = site.group.throttle.borrow_mut().message_wait(now_ms());
             if let Some(wait) = wait {
-                if wait > cfg.idle_timeout.0 {
+                if wait > self.idle_timeout() {
                     // Do not keep an idle connection (and its host slot) through a
                     // long wait.
                     if let Some(o) = open.take() {
@@ -347,6 +379,17 @@ impl CoreDelivery {
                 crate::metrics::throttled(crate::metrics::Throttle::SiteMessageRate);
                 tracing::debug!(site = %site.key, wait_ms = wait.as_millis() as u64, "site message rate: waiting");
                 Timer::new(wait).await;
+                continue;
+            }
+            if open
+                .as_ref()
+                .is_some_and(|o| o.target_version != site.target_version.get())
+            {
+                // The route moved (a reload): this connection goes to the
+                // old place; the next one goes to the new.
+                if let Some(o) = open.take() {
+                    o.conn.quit().await;
+                }
                 continue;
             }
             let Some(queued) = site.queue.borrow_mut().pop() else {
@@ -392,10 +435,11 @@ impl CoreDelivery {
         site.group.active.set(site.group.active.get() - 1);
         let pending = !site.queue.borrow().is_empty();
         // Other domains of the group that waited for a slot go first.
-        if self.group_slot_freed(&site.group) {
-            if pending {
-                self.connect_or_wait(&site);
-            }
+        self.group_slot_freed(&site.group);
+        if pending && site.idle.get() > 0 {
+            // This connection ended over a lowered limit (shaping, a
+            // reload) and left the job it was woken for: an idle one takes it.
+            site.wake.notify(1);
         } else if pending {
             // A job may have arrived after the idle wait gave up.
             self.connect_or_wait(&site);
@@ -403,6 +447,21 @@ impl CoreDelivery {
         if site.active.get() == 0 && !pending {
             self.evict_site(site);
         }
+    }
+
+    /// A reload stored a new configuration: the site and its group take the
+    /// destination's new limits (one load and compare when nothing changed).
+    pub(super) fn refresh_limits(&self, site: &Site) {
+        let cfg = self.cfg();
+        if site.generation.replace(cfg.generation) == cfg.generation {
+            return;
+        }
+        site.group
+            .retune(&cfg.destination(&site.target.destination()), cfg.generation);
+        if let Some(slow) = site.shaping.slow.borrow_mut().as_mut() {
+            slow.set_max(u32::try_from(site.max_connections()).unwrap_or(u32::MAX));
+        }
+        tracing::debug!(site = %site.key, max_connections = site.max_connections(), "site limits reloaded");
     }
 
     /// An idle site (no connection, nothing queued) leaves the table once its
@@ -448,8 +507,11 @@ impl CoreDelivery {
     /// Connects to the site's addresses in order, holding a slot of each host
     /// while trying it when `max_connections_per_host` is set.
     async fn connect(self: &Rc<Self>, site: &Site) -> Result<Open, SessionFailure> {
-        let cfg = &self.shared.cfg.delivery;
-        let endpoints = self.endpoints(&site.target, &site.strategy).await?;
+        // One snapshot for the whole attempt (it spans awaits).
+        let cfg = self.shared.cfg.load_full();
+        let target_version = site.target_version.get();
+        let target = site.current_target.borrow().clone();
+        let endpoints = self.endpoints(&target, &site.strategy).await?;
         let mut last = SessionFailure {
             reply: client::Reply::local(451, "4.4.4", "no host to connect to"),
             try_next: true,
@@ -462,14 +524,14 @@ impl CoreDelivery {
             .as_deref()
             .unwrap_or(&self.shared.ehlo_name);
         let mut slot: Option<HostSlot> = None;
-        let site_max = site.group.max_per_connection;
+        let site_max = site.group.max_per_connection.get();
         // Endpoints tried, and those that refused a REQUIRETLS message.
         let (mut tried, mut refused) = (0usize, 0usize);
         for ep in endpoints {
             // The host, or its provider per source IP (`[provider.*]`).
-            let limit_key = self.shared.cfg.limit_key(&ep.host, &site.ip_key);
+            let limit_key = cfg.limit_key(&ep.host, &site.ip_key);
             let key = limit_key.as_key();
-            let limits = self.shared.cfg.limits_for(&key);
+            let limits = cfg.limits_for(&key);
             if limits.max_connections > 0 {
                 if slot.as_ref().is_none_or(|s| s.host != key) {
                     // Give the previous host's slot back before waiting for another.
@@ -488,7 +550,7 @@ impl CoreDelivery {
                     Timer::new(wait).await;
                 }
             }
-            match Connection::open(&ep, cfg, ehlo, &self.shared.tls).await {
+            match Connection::open(&ep, &cfg.delivery, ehlo, &self.shared.tls).await {
                 Ok(mut conn) => {
                     if let Some(name) = limit_key.provider() {
                         crate::metrics::provider_connection(name);
@@ -502,6 +564,7 @@ impl CoreDelivery {
                             site_max,
                             limits.max_messages_per_connection,
                         ),
+                        target_version,
                     });
                 }
                 Err(f) => {

@@ -54,6 +54,13 @@ impl SiteThrottle {
         }
     }
 
+    /// The destination's rates changed (a reload): in force from the next
+    /// permit, what was spent kept (`MultiLimiter::retune`).
+    pub fn retune(&mut self, dest: &DestinationConfig) {
+        self.connections.retune(&dest.connection_rate);
+        self.messages.retune(&dest.message_rate);
+    }
+
     /// From when forgetting this throttle loses nothing (both buckets full).
     pub fn forgettable_at(&self) -> u64 {
         refilled_at(&self.connections, self.last_ms).max(refilled_at(&self.messages, self.last_ms))
@@ -209,9 +216,10 @@ pub struct SourceIpLimits {
 const SWEEP_MS: u64 = 60_000;
 
 impl SourceIpLimits {
-    /// A message permit for `key`, limited by `rates` (fixed per key: the first
-    /// request's rates build the limiter). None: granted now (and counted).
-    /// Some: ask again after this long.
+    /// A message permit for `key`, limited by `rates` (those in force now: a
+    /// reload that changed them retunes the key's limiter, keeping what was
+    /// spent). None: granted now (and counted). Some: ask again after this
+    /// long.
     pub fn permit(&mut self, key: &str, rates: &[Rate], now_ms: u64) -> Option<Duration> {
         if rates.is_empty() {
             return None;
@@ -225,6 +233,7 @@ impl SourceIpLimits {
         }
         let (limiter, last) = self.limiters.get_mut(key)?;
         *last = (*last).max(now_ms);
+        limiter.retune(rates);
         limiter
             .try_acquire(now_ms)
             .err()
@@ -603,6 +612,25 @@ mod tests {
             t.permit("default", &r, t0 + 500),
             Some(Duration::from_millis(500))
         );
+    }
+
+    #[test]
+    fn permits_follow_a_reloaded_rate_without_a_fresh_burst() {
+        let mut t = SourceIpLimits::default();
+        let t0 = 1_000_000;
+        for _ in 0..10 {
+            assert_eq!(t.permit("host", &[rate("10/s")], t0), None);
+        }
+        // Lowered to 1/s: the spent bucket stays spent, the next permit
+        // comes at the new pace.
+        assert_eq!(
+            t.permit("host", &[rate("1/s")], t0),
+            Some(Duration::from_millis(1000))
+        );
+        assert_eq!(t.permit("host", &[rate("1/s")], t0 + 1000), None);
+        assert!(t.permit("host", &[rate("1/s")], t0 + 1000).is_some());
+        // Raised again: the next permit follows the higher rate.
+        assert_eq!(t.permit("host", &[rate("100/s")], t0 + 1010), None);
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::config::milter::MilterConfig;
 use crate::hooks::Hook;
 
 pub mod apply;
+pub mod delivery;
 pub mod session;
 
 /// A message at least this big is given to Sieve on the blocking thread pool
@@ -57,6 +58,11 @@ impl StageSet {
 
     pub fn is_empty(self) -> bool {
         self.0 == 0
+    }
+
+    /// This set without `stage`.
+    pub fn without(self, stage: Stage) -> StageSet {
+        StageSet(self.0 & !Self::bit(stage))
     }
 }
 
@@ -171,6 +177,17 @@ impl Filters {
         self.stages
     }
 
+    /// The stages an SMTP session asks (all but delivery, which the shard
+    /// owner runs before each delivery attempt: `delivery.rs`).
+    pub fn session_stages(&self) -> StageSet {
+        self.stages.without(Stage::Delivery)
+    }
+
+    /// Whether anything runs before delivery.
+    pub fn at_delivery(&self) -> bool {
+        self.stages.contains(Stage::Delivery)
+    }
+
     pub fn milters(&self) -> &[MilterConfig] {
         &self.milters
     }
@@ -239,16 +256,18 @@ async fn run_sieve(
     }
     let set = set.clone();
     let owned = OwnedEvent::of(event);
-    let (spf, dkim, dmarc) = (
+    let (spf, dkim, dmarc, dnsbl) = (
         extras.spf.to_string(),
         extras.dkim.to_string(),
         extras.dmarc.to_string(),
+        extras.dnsbl.to_string(),
     );
     let task = glommio::executor().spawn_blocking(move || {
         let extras = SieveExtras {
             spf: &spf,
             dkim: &dkim,
             dmarc: &dmarc,
+            dnsbl: &dnsbl,
         };
         set.run(&owned.event(), &extras)
     });

@@ -69,8 +69,11 @@ pub fn fuzz_config(flags: u8) -> SessionConfig {
         honor_tls_required_no: false,
         filters: None,
         filter_stages: Default::default(),
+        dnsbl: false,
+        greylist: false,
         add_missing_headers: crate::config::AddMissingHeaders::No,
         sender_logins: None,
+        rewrite: None,
     }
 }
 

@@ -81,11 +81,19 @@ pub struct SessionConfig {
     /// when it has none.
     pub filters: Option<Arc<crate::filters::Filters>>,
     /// The stages with a filter: checked (a bit test) at every stage.
+    /// RCPT is in it also when the listener checks DNSBLs or greylists
+    /// (the driver runs those before the filters).
     pub filter_stages: crate::filters::StageSet,
+    /// `dnsbl` and `greylist`: checked by the driver at each RCPT.
+    pub dnsbl: bool,
+    pub greylist: bool,
     /// Date and Message-ID added where missing (`add_missing_headers`).
     pub add_missing_headers: AddMissingHeaders,
     /// `[auth.sender_login]` when the listener has `enforce_sender_login`.
     pub sender_logins: Option<Arc<SenderLogins>>,
+    /// `[[rewrite]]` rules for this listener and `[srs]`; None: nothing to
+    /// rewrite (the hot path: one Option test at MAIL, RCPT and the end of DATA).
+    pub rewrite: Option<Arc<sluice_policy::rewrite::Rewriter>>,
 }
 
 /// The listener's `untrusted_*` keys: what a client outside the relay networks,
@@ -123,6 +131,10 @@ impl SessionConfig {
         auth_guard: Arc<AuthGuard>,
         sender_logins: &Arc<SenderLogins>,
     ) -> SessionConfig {
+        let session_filters = l
+            .filters
+            .as_ref()
+            .filter(|f| !f.session_stages().is_empty());
         SessionConfig {
             listener: name.to_string(),
             hostname: l
@@ -146,10 +158,22 @@ impl SessionConfig {
             untrusted: UntrustedPolicy::of(l),
             verify: l.verify.clone().map(Arc::new),
             honor_tls_required_no: l.honor_tls_required_no,
-            filter_stages: l.filters.as_ref().map(|f| f.stages()).unwrap_or_default(),
-            filters: l.filters.clone(),
+            // Filters only before delivery leave the session on the hot path.
+            filter_stages: {
+                let mut set = session_filters
+                    .map(|f| f.session_stages())
+                    .unwrap_or_default();
+                if l.dnsbl || l.greylist {
+                    set.insert(Stage::Rcpt);
+                }
+                set
+            },
+            dnsbl: l.dnsbl,
+            greylist: l.greylist,
+            filters: session_filters.cloned(),
             add_missing_headers: l.add_missing_headers,
             sender_logins: l.enforce_sender_login.then(|| sender_logins.clone()),
+            rewrite: l.rewrite.clone(),
         }
     }
 }
@@ -260,6 +284,15 @@ struct Transaction {
     quarantine: Option<String>,
     /// The recipient waiting for the RCPT filters.
     pending_rcpt: Option<Recipient>,
+    /// The sender as received, when a `[[rewrite]]` rule changed it.
+    original_sender: Option<String>,
+    /// (original, new) addresses header fields follow (`headers = true`):
+    /// the sender for From, the recipients for To and Cc.
+    header_sender: Option<(String, String)>,
+    header_recipients: Vec<(String, String)>,
+    /// Slots of `[[limit]]` concurrency rules this transaction holds (given
+    /// back when it ends).
+    limit_permits: Vec<sluice_policy::inbound_limits::LimitPermit>,
 }
 
 impl Transaction {
@@ -368,6 +401,12 @@ pub struct Session {
     discard_session: bool,
     /// A filter at connect, EHLO or AUTH quarantined everything this session sends.
     quarantine_session: Option<String>,
+    /// `[[limit]]` rules that apply to this listener (None: none do).
+    limits: Option<Arc<sluice_policy::inbound_limits::InboundLimits>>,
+    /// A MAIL command was accepted (a session without one is a scan for `[ban]`).
+    mail_seen: bool,
+    /// Ended by the relay (shutdown), not by the client: not a scan.
+    ended_by_us: bool,
 }
 
 /// The reply when the memory budget cannot hold a body.
@@ -401,6 +440,45 @@ impl Session {
             pending_filter: None,
             discard_session: false,
             quarantine_session: None,
+            limits: None,
+            mail_seen: false,
+            ended_by_us: false,
+        }
+    }
+
+    /// Check MAIL and RCPT against these `[[limit]]` rules.
+    pub fn set_limits(&mut self, limits: Arc<sluice_policy::inbound_limits::InboundLimits>) {
+        self.limits = Some(limits);
+    }
+
+    /// `[[limit]]` rules at MAIL or RCPT: Err(()) after the refusal's reply
+    /// (not a protocol error: the client should come back later).
+    fn check_limits(
+        &mut self,
+        stage: sluice_policy::inbound_limits::LimitStage,
+        sender: Option<&str>,
+        recipient: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(), ()> {
+        let Some(limits) = self.limits.clone() else {
+            return Ok(());
+        };
+        let facts = sluice_policy::inbound_limits::LimitFacts {
+            listener: &self.cfg.listener,
+            ip: self.peer.ip,
+            sender,
+            auth_user: self.auth_user.as_deref(),
+            recipient,
+        };
+        match crate::inbound_limits::acquire(&limits, stage, &facts, now_ms) {
+            Ok(permit) => {
+                self.tx.limit_permits.push(permit);
+                Ok(())
+            }
+            Err(r) => {
+                self.reply(r.reply.code, &r.reply.status, &r.reply.text);
+                Err(())
+            }
         }
     }
 
@@ -411,7 +489,7 @@ impl Session {
 
     /// In the relay networks or authenticated: trusted with envelope
     /// extensions, notices and a larger share of the body budget.
-    fn trusted(&self) -> bool {
+    pub fn trusted(&self) -> bool {
         self.auth_user.is_some() || self.cfg.relay.relay_networks().contains(self.peer.ip)
     }
 
@@ -524,6 +602,7 @@ impl Session {
 
     /// The relay is shutting down or the spool failed: tell the client to come back.
     pub fn shutdown(&mut self) {
+        self.ended_by_us = true;
         let text = format!(
             "{} Service not available, closing connection",
             self.cfg.hostname
@@ -717,6 +796,9 @@ impl Session {
             if let Some(text) = self.hygiene(flags, now_ms) {
                 self.fail_body(552, "5.3.4", text);
                 return None;
+            }
+            if let (Some(_), Some(id)) = (&self.cfg.rewrite, self.tx.id) {
+                self.rewrite_message(id, now_ms);
             }
             return Some(self.submit(now_ms));
         }
@@ -1157,6 +1239,19 @@ impl Session {
                 return self.refuse_mail(553, "5.7.1", &text);
             }
         }
+        // A client refused by a limit did send mail: not a scan.
+        self.mail_seen = true;
+        let limited = self.check_limits(
+            sluice_policy::inbound_limits::LimitStage::Mail,
+            Some(from.address.as_ref()),
+            None,
+            now_ms,
+        );
+        if limited.is_err() {
+            // Nothing of this transaction is kept (its permits included).
+            self.tx = Transaction::default();
+            return None;
+        }
         self.tx.body_type = Some(body_type);
         self.tx.smtputf8 = smtputf8;
         self.tx.ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
@@ -1173,13 +1268,19 @@ impl Session {
         self.tx.declared_size = from.size as u64;
         self.tx.requiretls = requiretls;
         // A quoted local part keeps its quotes (see smtp::address).
-        self.tx.sender = Some(super::address::requote(&from.address).into_owned());
+        let sender = super::address::requote(&from.address).into_owned();
+        let spf_sender = sender.clone();
+        self.tx.sender = Some(sender);
+        if self.cfg.rewrite.is_some() {
+            self.rewrite_sender();
+        }
         if self.cfg.verify.as_ref().is_some_and(|v| v.spf) {
-            // The reply waits for SPF (Session::spf_result).
+            // The reply waits for SPF (Session::spf_result), which checks the
+            // sender as the client gave it.
             self.state = State::Paused;
             return Some(Action::CheckSpf {
                 helo: self.helo.clone().unwrap_or_default(),
-                sender: self.tx.sender.clone().unwrap_or_default(),
+                sender: spf_sender,
             });
         }
         if self.filtered(Stage::Mail) {
@@ -1187,6 +1288,138 @@ impl Session {
         }
         self.reply(250, "2.1.0", "Ok");
         None
+    }
+
+    /// `[[rewrite]]` on the sender just taken: routing, filters and the
+    /// spool see the new address.
+    fn rewrite_sender(&mut self) {
+        let (Some(rw), Some(sender)) = (&self.cfg.rewrite, &self.tx.sender) else {
+            return;
+        };
+        let Some(new) = rw.sender(self.trusted(), sender) else {
+            return;
+        };
+        tracing::info!(
+            target: "sluice::rewrite",
+            listener = %self.cfg.listener,
+            client_ip = %self.peer.ip,
+            rule = new.rule,
+            original = %printable(sender),
+            sender = %printable(&new.address),
+            "sender rewritten"
+        );
+        let original = sender.clone();
+        if new.headers {
+            self.tx.header_sender = Some((original.clone(), new.address.clone()));
+        }
+        self.tx.original_sender = Some(original);
+        self.tx.sender = Some(new.address);
+    }
+
+    /// `[[rewrite]]` and SRS on a recipient the relay decision accepted:
+    /// Ok(None) unchanged, Ok(Some) the address routing and the spool see,
+    /// Err when it is refused (an SRS address that does not verify).
+    fn rewrite_recipient(&mut self, address: &str) -> Result<Option<String>, ()> {
+        use sluice_policy::rewrite::RecipientRewrite;
+        let Some(rw) = &self.cfg.rewrite else {
+            return Ok(None);
+        };
+        let sender = self
+            .tx
+            .original_sender
+            .as_deref()
+            .or(self.tx.sender.as_deref())
+            .unwrap_or("");
+        let day = crate::time::now_ms() / 86_400_000;
+        let (new, rule) = match rw.recipient(self.trusted(), sender, address, day) {
+            RecipientRewrite::Unchanged => return Ok(None),
+            RecipientRewrite::SrsRefused(why) => {
+                tracing::info!(
+                    target: "sluice::rewrite",
+                    listener = %self.cfg.listener,
+                    client_ip = %self.peer.ip,
+                    recipient = %printable(address),
+                    "SRS recipient refused: {why}"
+                );
+                // Policy, not a protocol error: not counted towards max_errors.
+                self.reply(550, "5.1.1", &format!("Error: {why}"));
+                return Err(());
+            }
+            RecipientRewrite::SrsReversed(original) => (original, None),
+            RecipientRewrite::Rewritten(w) => {
+                if w.headers {
+                    self.tx
+                        .header_recipients
+                        .push((address.to_string(), w.address.clone()));
+                }
+                (w.address, Some(w.rule))
+            }
+        };
+        tracing::info!(
+            target: "sluice::rewrite",
+            listener = %self.cfg.listener,
+            client_ip = %self.peer.ip,
+            rule = rule.map(|r| r.to_string()).unwrap_or_else(|| "srs".into()),
+            original = %printable(address),
+            recipient = %printable(&new),
+            "recipient rewritten"
+        );
+        Ok(Some(new))
+    }
+
+    /// At the end of DATA: SRS for a forwarded sender, then the header edits,
+    /// header address rewrites and disclaimer of the rules that apply.
+    fn rewrite_message(&mut self, id: MessageId, now_ms: u64) {
+        let Some(rw) = self.cfg.rewrite.clone() else {
+            return;
+        };
+        let sender = self.tx.sender.clone().unwrap_or_default();
+        let original = self.tx.original_sender.clone().unwrap_or(sender.clone());
+        let foreign_sender = sender
+            .rsplit_once('@')
+            .is_some_and(|(_, d)| !self.cfg.relay.is_local_domain(d));
+        let forwarded = foreign_sender && self.tx.recipients.iter().any(|r| !r.local);
+        let plan = rw.message_plan(self.trusted(), &original, forwarded);
+        if plan.srs {
+            if let Some(new) = rw
+                .srs()
+                .and_then(|s| s.forward(&sender, now_ms / 86_400_000))
+            {
+                tracing::info!(
+                    target: "sluice::rewrite",
+                    id = %id,
+                    listener = %self.cfg.listener,
+                    original = %printable(&sender),
+                    sender = %printable(&new),
+                    "sender rewritten with SRS"
+                );
+                self.tx.sender = Some(new);
+            }
+        }
+        let header_sender = self.tx.header_sender.take();
+        let header_recipients = std::mem::take(&mut self.tx.header_recipients);
+        if !plan.edits_message() && header_sender.is_none() && header_recipients.is_empty() {
+            return;
+        }
+        let start = self.tx.received_len.min(self.tx.body.len());
+        let message = &self.tx.body[start..];
+        if plan.disclaimer.is_some() {
+            if let Some(why) = sluice_policy::rewrite::disclaimer_skip(message) {
+                tracing::info!(target: "sluice::rewrite", id = %id, "disclaimer not added: {why:?}");
+            }
+        }
+        let edited = sluice_policy::rewrite::edit_message(
+            message,
+            &plan,
+            header_sender
+                .as_ref()
+                .map(|(a, b)| (a.as_str(), b.as_str())),
+            &header_recipients,
+        );
+        if let Some(edited) = edited {
+            self.tx.body.truncate(start);
+            self.tx.body.extend_from_slice(&edited);
+        }
     }
 
     /// A MAIL command refused before any check: the error reply, no action.
@@ -1287,9 +1520,35 @@ impl Session {
                         recipient = %printable(address),
                         "relay denied"
                     );
+                    if let Some(bans) = crate::bans::installed() {
+                        bans.offence(
+                            self.peer.ip,
+                            sluice_policy::ban::Offence::Relay,
+                            crate::time::now_ms(),
+                        );
+                    }
                     return self.error_reply(554, "5.7.1", "Error: relay access denied");
                 }
             }
+        };
+        // Rewriting after the relay decision on the address the client gave
+        // (an alias of a local domain may forward anywhere); `local` then
+        // follows the new address.
+        let rewritten = match self.rewrite_recipient(address) {
+            Ok(r) => r,
+            Err(()) => return,
+        };
+        let (address, local) = match &rewritten {
+            Some(new) => (
+                new.as_str(),
+                matches!(
+                    self.cfg
+                        .relay
+                        .check_recipient(new, self.peer.ip, self.auth_user.is_some()),
+                    RelayDecision::Local
+                ),
+            ),
+            None => (address, local),
         };
         // After the relay decision, so a stranger's non-ASCII relay attempt still
         // reads "relay access denied".
@@ -1322,6 +1581,18 @@ impl Session {
                 }
                 // Not a protocol error: a bulk client's list simply has it.
                 self.reply(code, status, &text);
+                return;
+            }
+        }
+        if self.limits.is_some() {
+            let sender = self.tx.sender.clone();
+            let limited = self.check_limits(
+                sluice_policy::inbound_limits::LimitStage::Rcpt,
+                sender.as_deref(),
+                Some(address),
+                crate::time::now_ms(),
+            );
+            if limited.is_err() {
                 return;
             }
         }
@@ -1868,6 +2139,9 @@ impl Session {
         self.auth_failures += 1;
         let guard = self.cfg.auth_guard.clone();
         let over_ip_budget = guard.failed(self.peer.ip, now_ms);
+        if let Some(bans) = crate::bans::installed() {
+            bans.offence(self.peer.ip, sluice_policy::ban::Offence::Auth, now_ms);
+        }
         tracing::warn!(
             client_ip = %self.peer.ip,
             user = %printable(&user),
@@ -2113,6 +2387,16 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.flush_metrics();
+        if let Some(bans) = crate::bans::installed() {
+            let scan = !self.mail_seen && self.auth_user.is_none() && !self.ended_by_us;
+            if scan && bans.counts(sluice_policy::ban::Offence::Scan) {
+                bans.offence(
+                    self.peer.ip,
+                    sluice_policy::ban::Offence::Scan,
+                    crate::time::now_ms(),
+                );
+            }
+        }
     }
 }
 

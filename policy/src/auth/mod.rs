@@ -24,14 +24,14 @@ use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::dmarc::Policy;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, IprevResult,
-    MessageAuthenticator, ReceivedSpf, SpfOutput, SpfResult,
+    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator,
+    ReceivedSpf, SpfOutput, SpfResult,
 };
 
 pub use bridge::{Answer, DnsCaches, DnsSource, Query};
 pub use config::{Action, ActionConfig, VerifyConfig, DEFAULT_OFFLOAD_SIZE};
 pub use headers::strip_own_results;
-pub use mail_auth::IprevOutput;
+pub use mail_auth::{IprevOutput, IprevResult};
 
 /// Rounds one check may take: SPF's ten DNS-querying terms plus the first
 /// record and a spare.

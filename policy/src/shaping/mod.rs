@@ -483,6 +483,13 @@ impl SlowStart {
         self.limit
     }
 
+    /// A new ceiling (the site's configured limit changed): a lower one caps
+    /// the window at once, a higher one is grown into as before.
+    pub fn set_max(&mut self, max: u32) {
+        self.max = max.max(1);
+        self.limit = self.limit.min(self.max);
+    }
+
     /// A delivery succeeded; `backoff` when the site is in backoff mode.
     pub fn success(&mut self, backoff: bool) {
         if self.limit >= self.max {

@@ -276,3 +276,17 @@ fn windows_are_bounded() {
     }
     assert!(s.tracked() <= MAX_TRACKED);
 }
+
+#[test]
+fn slow_start_follows_a_new_ceiling() {
+    let mut s = SlowStart::new(4, 8);
+    s.set_max(2);
+    assert_eq!(s.limit(), 2, "a lower ceiling caps the window at once");
+    s.success(false);
+    assert_eq!(s.limit(), 2);
+    s.set_max(3);
+    s.success(false);
+    assert_eq!(s.limit(), 3, "a higher ceiling is grown into");
+    s.set_max(0);
+    assert_eq!(s.limit(), 1, "never below one connection");
+}

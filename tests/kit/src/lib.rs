@@ -18,7 +18,8 @@
 //! - [`dns`]: running the resolver in a test, and a scripted DNS server;
 //! - [`dnssec`]: signed zones on NSD behind a validating unbound (secure,
 //!   bogus and insecure answers for the DANE tests);
-//! - [`mta_sts`]: an HTTPS MTA-STS policy server (Python) serving what the test writes.
+//! - [`mta_sts`]: an HTTPS MTA-STS policy server (Python) serving what the test writes;
+//! - [`hook`]: the test HTTP hook (Python), logging the documents it is sent.
 //!
 //! Tests `use sluice_testkit::*;` for the everyday items; the DNS pieces stay
 //! under [`dns`] and [`nsd`].
@@ -27,6 +28,7 @@ pub mod client;
 pub mod delivery;
 pub mod dns;
 pub mod dnssec;
+pub mod hook;
 pub mod mta_sts;
 pub mod nsd;
 pub mod postfix;
@@ -38,6 +40,7 @@ pub mod tls_receiver;
 
 pub use client::*;
 pub use delivery::*;
+pub use hook::HookServer;
 pub use nsd::{Nsd, BROKEN_ZONE};
 pub use postfix::{can_run_postfix, PostfixRelay};
 pub use process::*;
