@@ -82,6 +82,15 @@ pub struct Config {
     /// `provider`.
     #[serde(skip)]
     pub providers: provider::Providers,
+    /// Egress pools of source addresses a rule can choose (docs/pools.md).
+    pub pool: BTreeMap<String, sluice_policy::pool::PoolConfig>,
+    /// IP warm-up schedules pool members follow.
+    pub warmup: BTreeMap<String, sluice_policy::pool::WarmupConfig>,
+    /// Tenants: rate limits at acceptance and a share of delivery (docs/pools.md).
+    pub tenant: BTreeMap<String, sluice_policy::tenant::TenantConfig>,
+    /// `pool` and `warmup` checked, built by `finish`.
+    #[serde(skip)]
+    pub pools: sluice_policy::pool::Pools,
     /// Ordered match arms choosing queue and route per recipient.
     pub rule: Vec<sluice_policy::RuleConfig>,
     /// DKIM signers and the rules choosing them.
@@ -1037,6 +1046,27 @@ impl Config {
         if let Err(e) = self.rule_set() {
             return Err(invalid("rule".into(), e.to_string()));
         }
+        self.pools = sluice_policy::pool::Pools::new(&self.pool, &self.warmup)
+            .map_err(|e| invalid(e.key.clone(), e.reason.clone()))?;
+        sluice_policy::tenant::check(&self.tenant).map_err(|(key, reason)| invalid(key, reason))?;
+        for (i, rule) in self.rule.iter().enumerate() {
+            if let Some(tenant) = &rule.tenant {
+                if !self.tenant.contains_key(tenant) {
+                    return Err(invalid(
+                        "rule".into(),
+                        format!("rule {}: tenant: no [tenant.{tenant}] section", i + 1),
+                    ));
+                }
+            }
+            if let Some(pool) = &rule.pool {
+                if !self.pools.pools.contains_key(pool) {
+                    return Err(invalid(
+                        "rule".into(),
+                        format!("rule {}: pool: no [pool.{pool}] section", i + 1),
+                    ));
+                }
+            }
+        }
         if let Err(e) = self.shaping.rules() {
             let line = text
                 .lines()
@@ -1112,6 +1142,8 @@ impl Config {
             source_ips: self.source_ip.clone(),
             hosts: self.host.clone(),
             providers: self.providers.clone(),
+            pools: self.pools.clone(),
+            tenants: self.tenant.clone(),
             generation: 0,
         }
     }

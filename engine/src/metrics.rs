@@ -89,6 +89,12 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Recipients given up on because the message outlived its queue lifetime or DELIVERBY time, by queue."),
     ("sluice_provider_connections_total", Kind::Counter, "provider",
      "Outbound connections opened to a mailbox provider's hosts (docs/providers.md), counted against the provider's limits, by provider."),
+    ("sluice_pool_choices_total", Kind::Counter, "pool",
+     "Messages given a source address from an egress pool (docs/pools.md), by pool."),
+    ("sluice_pool_exhausted_total", Kind::Counter, "pool",
+     "Recipients deferred because no member of their pool was usable (suspended, unavailable or over its warm-up budget), by pool."),
+    ("sluice_tenant_messages_total", Kind::Counter, "tenant,outcome",
+     "Per configured tenant: messages accepted or refused by its rate (outcome accepted, rate_limited) and recipient delivery attempts (delivered, deferred, failed)."),
     ("sluice_delivery_failures_total", Kind::Counter, "class,status",
      "Recipient delivery attempts that failed, by bounce class (docs/bounce-classes.md) and status (deferred, failed, expired)."),
     ("sluice_suppression_added_total", Kind::Counter, "",
@@ -621,6 +627,32 @@ pub fn shaping_active(n: usize) {
 /// connection, names bounded by the configured providers.
 pub fn provider_connection(provider: &str) {
     counter!("sluice_provider_connections_total", "provider" => provider.to_string()).increment(1);
+}
+
+/// A message given a member of `[pool.NAME]` (names bounded by the config).
+pub fn pool_chosen(pool: &str) {
+    counter!("sluice_pool_choices_total", "pool" => pool.to_string()).increment(1);
+}
+
+/// No member of `[pool.NAME]` was usable: the recipients wait.
+pub fn pool_exhausted(pool: &str) {
+    counter!("sluice_pool_exhausted_total", "pool" => pool.to_string()).increment(1);
+}
+
+/// A recipient attempt of a tenant's (names bounded by `[tenant.*]`).
+pub fn tenant_outcome(tenant: &str, outcome: &crate::delivery::Outcome) {
+    let what = match outcome {
+        crate::delivery::Outcome::Delivered(_) => "delivered",
+        crate::delivery::Outcome::Deferred(_) => "deferred",
+        crate::delivery::Outcome::Failed(_) => "failed",
+    };
+    tenant_count(tenant, what);
+}
+
+/// A tenant's counter: "accepted", "rate_limited", or an outcome.
+pub fn tenant_count(tenant: &str, outcome: &'static str) {
+    counter!("sluice_tenant_messages_total", "tenant" => tenant.to_string(), "outcome" => outcome)
+        .increment(1);
 }
 
 /// A limit delayed or refused mail.

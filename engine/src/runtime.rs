@@ -194,6 +194,13 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             .start_expiry()
             .context("starting the shaping expiry thread")?;
         crate::delivery::shaping::install(shaping);
+        // Egress pools: warm-up counters kept across restarts.
+        if !config.pools.pools.is_empty() {
+            let pools =
+                crate::delivery::pools::PoolState::open(&config.spool.path, crate::time::now_ms())
+                    .context("opening the warm-up store")?;
+            crate::delivery::pools::install(pools);
+        }
     }
     // Each core walks the shards it schedules once (queue/recovery.rs); the
     // last to finish logs the whole ("spool recovered").
@@ -255,11 +262,10 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         cores,
     ));
     crate::metrics::watch_queues(queue_stats.clone());
-    let admission = Arc::new(QueueAdmission::new(
-        rules,
-        &config.queue,
-        queue_stats.clone(),
-    ));
+    let admission = Arc::new(
+        QueueAdmission::new(rules, &config.queue, queue_stats.clone())
+            .with_tenants(config.tenant.clone()),
+    );
 
     // DKIM signers with their keys: a bad key stops the start, naming it.
     let dkim: crate::queue::dkim::DkimSwap = Arc::new(ArcSwap::from_pointee(

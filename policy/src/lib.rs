@@ -22,6 +22,7 @@ pub mod lists;
 pub mod milter;
 pub mod mta_sts;
 mod network;
+pub mod pool;
 pub mod provider;
 mod relay;
 pub mod rewrite;
@@ -34,6 +35,7 @@ pub mod stage;
 pub mod stage_message;
 pub mod stage_rules;
 pub mod suppression;
+pub mod tenant;
 mod throttle;
 mod tls;
 

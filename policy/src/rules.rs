@@ -77,6 +77,10 @@ pub struct RuleConfig {
     pub route: Option<String>,
     /// Local address to connect from.
     pub source_ip: Option<String>,
+    /// A `[pool.NAME]` of source addresses to connect from (instead of `source_ip`).
+    pub pool: Option<String>,
+    /// The `[tenant.NAME]` these recipients count for (rate limits, delivery share).
+    pub tenant: Option<String>,
     pub ehlo_name: Option<String>,
     /// Outbound TLS level for the recipients this rule decides; overrides the
     /// route's `tls` and `delivery.tls`.
@@ -180,6 +184,10 @@ pub struct Decision {
     pub queue: String,
     pub route: String,
     pub source_ip: Option<IpAddr>,
+    /// The rule's `pool` (checked against `[pool.*]` by the config).
+    pub pool: Option<String>,
+    /// The rule's `tenant` (checked against `[tenant.*]` by the config).
+    pub tenant: Option<String>,
     pub ehlo_name: Option<String>,
     /// The rule's `tls`; None leaves the level to the route and `delivery.tls`.
     pub tls: Option<TlsLevel>,
@@ -325,6 +333,8 @@ fn default_decision(rule: Option<usize>) -> Decision {
         queue: DEFAULT_QUEUE.to_string(),
         route: DEFAULT_ROUTE.to_string(),
         source_ip: None,
+        pool: None,
+        tenant: None,
         ehlo_name: None,
         tls: None,
         rule,
@@ -436,6 +446,24 @@ fn compile_rule(
             ));
         }
         decision.source_ip = Some(ip);
+    }
+    if let Some(pool) = &config.pool {
+        if config.source_ip.is_some() {
+            return Err(bad(
+                "pool",
+                "a rule sets source_ip or pool, not both".into(),
+            ));
+        }
+        if pool.is_empty() {
+            return Err(bad("pool", "empty pool name".into()));
+        }
+        decision.pool = Some(pool.clone());
+    }
+    if let Some(tenant) = &config.tenant {
+        if tenant.is_empty() {
+            return Err(bad("tenant", "empty tenant name".into()));
+        }
+        decision.tenant = Some(tenant.clone());
     }
     if let Some(name) = &config.ehlo_name {
         validate_domain(name).map_err(|reason| bad("ehlo_name", format!("{name:?}: {reason}")))?;
@@ -821,6 +849,8 @@ mod tests {
                 queue: "default".into(),
                 route: "mx".into(),
                 source_ip: None,
+                pool: None,
+                tenant: None,
                 ehlo_name: None,
                 tls: None,
                 rule: None,
@@ -887,6 +917,8 @@ mod tests {
                 queue: "gmail".into(),
                 route: "mx".into(),
                 source_ip: None,
+                pool: None,
+                tenant: None,
                 ehlo_name: None,
                 tls: None,
                 rule: Some(1),
@@ -899,6 +931,8 @@ mod tests {
                 queue: "slow".into(),
                 route: "smarthost".into(),
                 source_ip: Some("127.0.0.5".parse().expect("ip")),
+                pool: None,
+                tenant: None,
                 ehlo_name: Some("out1.example.net".into()),
                 tls: Some(TlsLevel::Verify),
                 rule: Some(2),

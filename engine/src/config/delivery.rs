@@ -324,6 +324,10 @@ pub struct DeliveryConfig {
     pub hosts: BTreeMap<String, HostConfig>,
     /// `[provider.*]` over the presets, with their matcher.
     pub providers: super::provider::Providers,
+    /// `[pool.*]` and `[warmup.*]` (docs/pools.md).
+    pub pools: sluice_policy::pool::Pools,
+    /// `[tenant.*]`: weights of the delivery fair share.
+    pub tenants: BTreeMap<String, sluice_policy::tenant::TenantConfig>,
     /// Counts the reloads that stored this snapshot (0 at start), so state
     /// built from an older one (a site's limits) knows to refresh itself.
     pub generation: u64,

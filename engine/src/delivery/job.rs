@@ -53,6 +53,11 @@ impl Target {
 pub struct Strategy {
     pub source_ip: Option<IpAddr>,
     pub ehlo_name: Option<String>,
+    /// The `[pool.NAME]` the source address was chosen from (`pools.rs`).
+    pub pool: Option<String>,
+    /// The tenant the recipients count for (`[tenant.NAME]`): not part of
+    /// the site key; the site shares its deliveries between tenants.
+    pub tenant: Option<String>,
     /// The message's REQUIRETLS or `TLS-Required: No` (RFC 8689): its
     /// sessions run under their own policy, so they get their own site.
     pub message_tls: MessageTls,

@@ -75,6 +75,8 @@ pub fn group(
                     None => groups.push((target, strategy, name, vec![jr])),
                 }
             }
+            // A transient refusal (no usable pool member) waits for a retry.
+            Err(reply) if reply.class() == 4 => unroutable.push((index, Outcome::Deferred(reply))),
             Err(reply) => unroutable.push((index, Outcome::Failed(reply))),
         }
     }

@@ -105,6 +105,11 @@ impl CoreDelivery {
 
     /// Sends a job's result to its shard owner.
     pub(super) fn report(self: &Rc<Self>, job: &Job, result: JobResult) {
+        if let Some(tenant) = &job.strategy.tenant {
+            for (_, outcome) in &result.outcomes {
+                crate::metrics::tenant_outcome(tenant, outcome);
+            }
+        }
         if job.reply_to == self.senders.peer_id() {
             self.on_result(result);
             return;

@@ -36,6 +36,9 @@
 //!   decisions in `sluice_policy::mta_sts`).
 //! * `stage.rs` — the delivery stage: the receiving listener's filters asked
 //!   before each attempt (issue 14), and what their verdict does.
+//! * `pools.rs` — egress pools: the member of a rule's `[pool.NAME]` a
+//!   message leaves from (weights, shaping suspensions, unavailable
+//!   addresses, warm-up budgets persisted in `<spool.path>/warmup`).
 //! * `notices.rs` — DSNs the ledger asks for, built and queued.
 //! * `log.rs` — the delivery log (`sluice::delivery`).
 //! * `admin.rs` — operator holds, suspensions and queue actions on this core.
@@ -60,6 +63,7 @@ mod mesh;
 pub mod mta_sts;
 mod notices;
 pub mod outbound;
+pub mod pools;
 mod rollup;
 mod routing;
 mod scheduler;

@@ -371,7 +371,15 @@ impl Connection {
         let tcp = match connect_tcp(endpoint.addr, endpoint.source_ip, cfg.connect_timeout.0).await
         {
             Ok(s) => s,
-            Err(e) => return Err(stage_err("connect to", e.to_string())),
+            Err(e) => {
+                if let (std::io::ErrorKind::AddrNotAvailable, Some(ip)) =
+                    (e.kind(), endpoint.source_ip)
+                {
+                    // Not an address of this host (any more): pools skip it.
+                    super::pools::source_unavailable(ip, super::now_ms());
+                }
+                return Err(stage_err("connect to", e.to_string()));
+            }
         };
         let _ = tcp.set_nodelay(true);
         // A peer that stops reading (its window full) would block a write

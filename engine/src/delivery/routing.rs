@@ -10,7 +10,7 @@ use sluice_spool::{Envelope, RecipientStatus, Reply};
 use super::config::{DeliveryConfig, RouteConfig, RouteKind};
 use super::job::{Strategy, Target};
 use super::tls_policy::{self, TlsPolicy};
-use super::CoreDelivery;
+use super::{now_ms, CoreDelivery};
 
 /// What the rules may match on, read once per message.
 pub(super) fn message_facts(envelope: &Envelope) -> sluice_policy::MessageFacts<'_> {
@@ -65,6 +65,12 @@ pub fn route_recipient(
     let strategy = Strategy {
         source_ip: decision.source_ip,
         ehlo_name: decision.ehlo_name.clone(),
+        pool: decision.pool.clone(),
+        tenant: sluice_policy::tenant::tenant_of(
+            decision.tenant.as_deref(),
+            facts.auth_user,
+            &cfg.tenants,
+        ),
         ..Strategy::default()
     };
     let route = cfg.routes.get(route_name);
@@ -107,11 +113,49 @@ impl CoreDelivery {
         rules: &sluice_policy::RuleSet,
         recipient: &sluice_spool::Recipient,
         mx: Option<&MxHosts>,
+        chosen: &mut PoolChoices,
     ) -> Result<(String, Target, Strategy), Reply> {
-        let r = route_recipient(&self.cfg(), facts, rules, recipient, mx)?;
-        Ok((r.route, r.target, r.strategy))
+        let cfg = self.cfg();
+        let r = route_recipient(&cfg, facts, rules, recipient, mx)?;
+        let strategy = match &r.strategy.pool {
+            // A pool's member is chosen once per message and destination
+            // (`pools.rs`): its recipients there travel together.
+            Some(pool) => {
+                let known = chosen
+                    .iter()
+                    .find(|((t, s), _)| *t == r.target && *s == r.strategy)
+                    .map(|(_, member)| member.clone());
+                match known {
+                    Some(member) => member,
+                    None => {
+                        let member = super::pools::choose(
+                            &cfg,
+                            pool,
+                            &r.target,
+                            &r.strategy,
+                            mx,
+                            now_ms(),
+                        )?;
+                        if chosen.len() < MAX_POOL_CHOICES {
+                            chosen.push(((r.target.clone(), r.strategy.clone()), member.clone()));
+                        }
+                        member
+                    }
+                }
+            }
+            None => r.strategy,
+        };
+        Ok((r.route, r.target, strategy))
     }
 }
+
+/// The pool members chosen for one message: (target, the rule's strategy) →
+/// the member's strategy.
+pub(super) type PoolChoices = Vec<((Target, Strategy), Strategy)>;
+
+/// Most pool choices remembered for one message (one per destination and
+/// pool; beyond this, each further recipient chooses anew).
+const MAX_POOL_CHOICES: usize = 64;
 
 /// MX host names per recipient domain, for rules using `match.mx`.
 pub type MxHosts = HashMap<String, Vec<String>>;

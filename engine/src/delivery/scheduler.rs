@@ -144,7 +144,9 @@ impl CoreDelivery {
 
     /// Routes an admitted message: its MX hosts first when a rule needs them.
     pub(super) fn route(self: &Rc<Self>, id: MessageId, envelope: Envelope, now: u64) {
-        if self.shared.rules.load().uses_mx() {
+        // A rule matches on MX host names, or warm-up budgets count per
+        // provider (known from the MX hosts).
+        if self.shared.rules.load().uses_mx() || self.needs_mx_for_warmup() {
             // A rule matches on MX host names: look them up before routing.
             self.resolving.borrow_mut().insert(id);
             let me = self.clone();
@@ -161,6 +163,14 @@ impl CoreDelivery {
         self.send_jobs(id, envelope, None, now);
     }
 
+    /// Warm-up schedules exist and providers are known: the MX hosts of a
+    /// message's domains are looked up before routing so a warming member's
+    /// budget counts per provider.
+    fn needs_mx_for_warmup(&self) -> bool {
+        let cfg = self.cfg();
+        cfg.pools.any_warmup() && cfg.providers.names().next().is_some()
+    }
+
     /// Routes the open recipients, groups them into jobs and sends each to its
     /// site's owner (after the queue's concurrency and rate allow it).
     fn send_jobs(
@@ -175,6 +185,7 @@ impl CoreDelivery {
             let rules = self.shared.rules.load();
             let dropping = crate::suppression::installed()
                 .filter(|l| l.action() == sluice_policy::suppression::Action::Drop);
+            let mut chosen = super::routing::PoolChoices::new();
             ledger::group(&envelope, |r| {
                 // `[suppression] action = "drop"`: a suppressed recipient fails
                 // here, without a connection.
@@ -189,7 +200,7 @@ impl CoreDelivery {
                     );
                     return Err(sluice_spool::Reply::new(code, status, text));
                 }
-                self.target_for(&facts, &rules, r, mx)
+                self.target_for(&facts, &rules, r, mx, &mut chosen)
             })
         };
         if crate::events::enabled() {

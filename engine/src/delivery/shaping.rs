@@ -164,6 +164,25 @@ impl Shaping {
             .collect()
     }
 
+    /// Whether a `suspend-source-ip` action in force holds source address
+    /// `ip` for `target`'s destination (its site key names the address).
+    pub(super) fn source_suspended(
+        &self,
+        target: &super::job::Target,
+        ip: std::net::IpAddr,
+        now: u64,
+    ) -> bool {
+        let raw = target.destination();
+        let destination = normalize_destination(&raw);
+        let prefix = format!("{raw}|{ip}|");
+        self.active.load().iter().any(|a| {
+            a.until_unix_ms > now
+                && a.destination == destination
+                && a.action == Action::SuspendSourceIp.name()
+                && a.site.starts_with(&prefix)
+        })
+    }
+
     /// Suspensions in force (destination, until), for every core's table at start.
     pub fn suspensions(&self, now: u64) -> Vec<(String, u64)> {
         self.list(now)

@@ -46,6 +46,8 @@ pub(super) struct Site {
     /// The limits it shares with the other domains of its MX host set (or
     /// has alone): `rollup.rs`.
     pub(super) group: Rc<SiteGroup>,
+    /// `[pool.NAME] per_site_connections` of its member (0: none).
+    member_cap: usize,
     /// In its group's waiting list.
     pub(super) group_waiting: Cell<bool>,
     pub(super) queue: RefCell<BinaryHeap<Queued>>,
@@ -55,6 +57,9 @@ pub(super) struct Site {
     idle: Cell<usize>,
     wake: event_listener::Event,
     seq: Cell<u64>,
+    /// With `[tenant.*]` configured: the fair-share tags that order the
+    /// queue in place of arrival (`sluice_policy::tenant`).
+    fair: RefCell<Option<sluice_policy::tenant::FairTags>>,
 }
 
 pub(super) struct Queued {
@@ -101,9 +106,14 @@ impl Site {
         self.active.get()
     }
 
-    /// Its group's `max_connections` (slow start and shaping stay below it).
+    /// Its group's `max_connections`, or its pool member's share when lower
+    /// (slow start and shaping stay below it).
     pub(super) fn max_connections(&self) -> usize {
-        self.group.max_connections.get()
+        let group = self.group.max_connections.get();
+        match self.member_cap {
+            0 => group,
+            cap => cap.min(group),
+        }
     }
 
     /// One more connection open or opening.
@@ -141,6 +151,17 @@ impl CoreDelivery {
                     let cfg = self.cfg();
                     let dest = cfg.destination(&job.target.destination());
                     let group = self.group_for(job.rollup.as_deref(), &key, &dest, cfg.generation);
+                    // `[pool.NAME] per_site_connections`: each member's share of the site.
+                    let member_cap = job
+                        .strategy
+                        .pool
+                        .as_ref()
+                        .and_then(|p| cfg.pools.pools.get(p))
+                        .map_or(0, |p| p.per_site_connections);
+                    let max_connections = match member_cap {
+                        0 => group.max_connections.get(),
+                        n => n.min(group.max_connections.get()),
+                    };
                     Rc::new(Site {
                         key: key.clone(),
                         target: job.target.clone(),
@@ -149,10 +170,11 @@ impl CoreDelivery {
                         generation: Cell::new(cfg.generation),
                         current_target: RefCell::new(job.target.clone()),
                         target_version: Cell::new(0),
+                        member_cap,
                         shaping: SiteShaping::new(
                             self.slow_start().is_some(),
                             self.slow_start().unwrap_or(1),
-                            group.max_connections.get(),
+                            max_connections,
                         ),
                         group,
                         group_waiting: Cell::new(false),
@@ -161,6 +183,9 @@ impl CoreDelivery {
                         idle: Cell::new(0),
                         wake: event_listener::Event::new(),
                         seq: Cell::new(0),
+                        fair: RefCell::new(
+                            (!cfg.tenants.is_empty()).then(Default::default),
+                        ),
                     })
                 })
                 .clone()
@@ -172,8 +197,19 @@ impl CoreDelivery {
             *site.current_target.borrow_mut() = job.target.clone();
             site.target_version.set(site.target_version.get() + 1);
         }
-        let seq = site.seq.get();
-        site.seq.set(seq + 1);
+        let seq = match site.fair.borrow_mut().as_mut() {
+            // Tenants compete: the job's place follows its tenant's share.
+            Some(fair) => {
+                let tenant = job.strategy.tenant.as_deref().unwrap_or("");
+                let weight = self.cfg().tenants.get(tenant).map_or(1, |t| t.weight());
+                fair.tag(tenant, weight)
+            }
+            None => {
+                let seq = site.seq.get();
+                site.seq.set(seq + 1);
+                seq
+            }
+        };
         site.queue.borrow_mut().push(Queued {
             priority: job.priority,
             seq,
@@ -359,6 +395,9 @@ impl CoreDelivery {
             let Some(queued) = site.queue.borrow_mut().pop() else {
                 continue;
             };
+            if let Some(fair) = site.fair.borrow_mut().as_mut() {
+                fair.served(queued.seq);
+            }
             let job = queued.job;
             ip_permit = false;
             host_permit = false;

@@ -137,6 +137,17 @@ pub struct QueueAdmission {
     /// (max_messages, max_bytes) per queue with a quota; 0 = unlimited.
     limits: HashMap<String, (u64, u64)>,
     pub stats: Arc<QueueStats>,
+    /// `[tenant.*]` (empty: no tenant checks at all).
+    tenants: BTreeMap<String, sluice_policy::tenant::TenantConfig>,
+    /// Each rate-limited tenant's message rate, for all cores together.
+    tenant_rates: std::sync::Mutex<HashMap<String, sluice_policy::MultiLimiter>>,
+}
+
+/// A tenant over its `message_rate`: the name and the wait in ms.
+#[derive(Debug)]
+pub struct TenantOverRate {
+    pub tenant: String,
+    pub wait_ms: u64,
 }
 
 impl QueueAdmission {
@@ -154,6 +165,66 @@ impl QueueAdmission {
             rules: Arc::new(ArcSwap::new(rules)),
             limits,
             stats,
+            tenants: BTreeMap::new(),
+            tenant_rates: std::sync::Mutex::default(),
+        }
+    }
+
+    /// With `[tenant.*]` rate limits checked at the end of data.
+    pub fn with_tenants(
+        mut self,
+        tenants: BTreeMap<String, sluice_policy::tenant::TenantConfig>,
+    ) -> QueueAdmission {
+        self.tenants = tenants;
+        self
+    }
+
+    /// Counts a message of the tenant `recipient` (the first) gives it
+    /// against the tenant's `message_rate`; Err when over it. Ok(None)
+    /// without a tenant.
+    pub fn tenant_permit(
+        &self,
+        facts: &MessageFacts<'_>,
+        recipient: &str,
+        now: u64,
+    ) -> Result<Option<String>, TenantOverRate> {
+        if self.tenants.is_empty() {
+            return Ok(None);
+        }
+        let rules = self.rules.load();
+        let decision = rules.evaluate(facts, recipient, None);
+        let Some(tenant) = sluice_policy::tenant::tenant_of(
+            decision.tenant.as_deref(),
+            facts.auth_user,
+            &self.tenants,
+        ) else {
+            return Ok(None);
+        };
+        let rates = self
+            .tenants
+            .get(&tenant)
+            .map(|t| t.message_rate.clone())
+            .unwrap_or_default();
+        if rates.is_empty() {
+            crate::metrics::tenant_count(&tenant, "accepted");
+            return Ok(Some(tenant));
+        }
+        let verdict = self
+            .tenant_rates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(tenant.clone())
+            .or_insert_with(|| sluice_policy::MultiLimiter::new(rates))
+            .try_acquire(now);
+        match verdict {
+            Ok(()) => {
+                crate::metrics::tenant_count(&tenant, "accepted");
+                Ok(Some(tenant))
+            }
+            Err(wait_ms) => {
+                crate::metrics::tenant_count(&tenant, "rate_limited");
+                Err(TenantOverRate { tenant, wait_ms })
+            }
         }
     }
 

@@ -1796,6 +1796,28 @@ impl Session {
                 );
                 return Action::Read;
             }
+            // `[tenant.NAME] message_rate`: over it, try later.
+            if let Err(e) = queues.tenant_permit(&facts, &first.address, crate::time::now_ms()) {
+                tracing::info!(
+                    target: "sluice::smtp",
+                    id = %id,
+                    listener = %self.cfg.listener,
+                    client_ip = %self.peer.ip,
+                    tenant = %e.tenant,
+                    wait_ms = e.wait_ms,
+                    result = 451,
+                    "transaction rejected: tenant over its message rate"
+                );
+                self.reply(
+                    451,
+                    "4.7.1",
+                    &format!(
+                        "Error: tenant {} is over its message rate, try later",
+                        e.tenant
+                    ),
+                );
+                return Action::Read;
+            }
         }
         // Every recipient discarded at RCPT, or the session or transaction
         // discarded by a filter: answered like a stored message, never stored.

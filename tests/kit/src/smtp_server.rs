@@ -63,6 +63,8 @@ pub struct Received {
     pub at: Instant,
     /// Index of the connection (in accept order) that carried it.
     pub conn: usize,
+    /// The client's address (its source IP tells which egress address sent it).
+    pub peer: Option<SocketAddr>,
     /// The MAIL command line.
     pub mail: String,
     /// The RCPT command lines answered 2xx.
@@ -318,6 +320,7 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
             let mut s = Session {
                 sh: &sh2,
                 conn: n,
+                peer: stream.peer_addr().ok(),
                 in_tx: false,
             };
             let _ = s.run(stream);
@@ -339,6 +342,7 @@ enum Next {
 struct Session<'a> {
     sh: &'a Shared,
     conn: usize,
+    peer: Option<SocketAddr>,
     in_tx: bool,
 }
 
@@ -587,6 +591,7 @@ impl Session<'_> {
             lock(&self.sh.record).messages.push(Received {
                 at: Instant::now(),
                 conn: self.conn,
+                peer: self.peer,
                 mail: mail.to_string(),
                 rcpts: rcpts.to_vec(),
                 body,
