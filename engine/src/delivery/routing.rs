@@ -128,14 +128,8 @@ impl CoreDelivery {
                 match known {
                     Some(member) => member,
                     None => {
-                        let member = super::pools::choose(
-                            &cfg,
-                            pool,
-                            &r.target,
-                            &r.strategy,
-                            mx,
-                            now_ms(),
-                        )?;
+                        let member =
+                            super::pools::choose(&cfg, pool, &r.target, &r.strategy, mx, now_ms())?;
                         if chosen.len() < MAX_POOL_CHOICES {
                             chosen.push(((r.target.clone(), r.strategy.clone()), member.clone()));
                         }

@@ -183,9 +183,7 @@ impl CoreDelivery {
                         idle: Cell::new(0),
                         wake: event_listener::Event::new(),
                         seq: Cell::new(0),
-                        fair: RefCell::new(
-                            (!cfg.tenants.is_empty()).then(Default::default),
-                        ),
+                        fair: RefCell::new((!cfg.tenants.is_empty()).then(Default::default)),
                     })
                 })
                 .clone()
