@@ -18,7 +18,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
 use sluice_policy::sieve::SieveExtras;
-use sluice_policy::stage::{FilterOutcome, Stage, StageEvent, Verdict};
+use sluice_policy::stage::{ClientFacts, FilterOutcome, Stage, StageEvent, Verdict};
 use sluice_policy::{Credentials, NetworkList};
 use sluice_spool::{IdGenerator, Spool};
 
@@ -579,11 +579,11 @@ async fn serve(
                         }
                     }
                     if let (true, Some(f)) = (filter_data, chain.as_mut()) {
-                        let ptr = iprev.verified_name().await;
+                        let mut client = session.client_facts();
+                        client.ptr = iprev.verified_name().await;
                         let outcome = data_filters(
                             f,
-                            &session,
-                            ptr,
+                            &client,
                             id,
                             &envelope,
                             &body,
@@ -868,16 +868,13 @@ async fn run_filters(
 /// results when the listener checked them.
 async fn data_filters(
     filters: &mut FilterSession,
-    session: &Session,
-    ptr: Option<String>,
+    client: &ClientFacts,
     id: sluice_spool::MessageId,
     envelope: &sluice_spool::Envelope,
     body: &[u8],
     auth: &str,
     dnsbl: &str,
 ) -> FilterOutcome {
-    let mut client = session.client_facts();
-    client.ptr = ptr;
     let recipients: Vec<String> = envelope
         .recipients
         .iter()
@@ -886,7 +883,7 @@ async fn data_filters(
     let queue_id = id.to_string();
     let event = StageEvent {
         stage: Stage::Data,
-        client: &client,
+        client,
         queue_id: Some(&queue_id),
         sender: Some(&envelope.sender),
         sender_params: &[],

@@ -28,8 +28,10 @@
 //! TLS mode, proxy and connection settings, `server.*`, `[spool]`, `[log]`,
 //! `[admin]`, `[dns]`, the AUTH failure limits, queue quotas
 //! (`max_messages`, `max_bytes`), route `tls_client_cert`/`tls_client_key`,
-//! and `delivery.enabled`, `ehlo_name`, `tls_ca_file`, `mta_sts*` and the
-//! `bounce_rules` path.
+//! `delivery.enabled`, `ehlo_name`, `tls_ca_file`, `mta_sts*` and the
+//! `bounce_rules` path, and the sections read when the relay starts:
+//! `[pool.*]`, `[warmup.*]`, `[tenant.*]`, `[[limit]]`, `[ban]`, `[dnsbl]`
+//! and `[greylist]`.
 //!
 //! Swaps are `ArcSwap` stores: readers (a connection opening, a RCPT choosing a
 //! queue, a dispatch choosing a route, a site's next step) do one atomic load,
@@ -619,12 +621,20 @@ fn restart_only_changes(effective: &Config, new: &Config) -> Vec<String> {
             out.push(format!("route.{name}.tls_client_cert/tls_client_key"));
         }
     }
-    let sections: [(&str, bool); 5] = [
+    let sections: [(&str, bool); 12] = [
         ("spool", differs(&effective.spool, &new.spool)),
         ("log", differs(&effective.log, &new.log)),
         ("admin", differs(&effective.admin, &new.admin)),
         ("dns", differs(&effective.dns, &new.dns)),
         ("auth", differs(&effective.auth, &new.auth)),
+        // Read when the relay starts (their state is built then).
+        ("pool", differs(&effective.pool, &new.pool)),
+        ("warmup", differs(&effective.warmup, &new.warmup)),
+        ("tenant", differs(&effective.tenant, &new.tenant)),
+        ("limit", differs(&effective.limit, &new.limit)),
+        ("ban", differs(&effective.ban, &new.ban)),
+        ("dnsbl", differs(&effective.dnsbl, &new.dnsbl)),
+        ("greylist", differs(&effective.greylist, &new.greylist)),
     ];
     out.extend(sections.iter().filter(|s| s.1).map(|s| s.0.to_string()));
     out
@@ -681,6 +691,11 @@ mod tests {
         assert_eq!(
             restart_only_changes(&running, &new),
             vec!["server.cores".to_string(), "spool".to_string()]
+        );
+        let new = config("[greylist]\ndelay=\"1m\"\n[ban]\nduration=\"2h\"\n");
+        assert_eq!(
+            restart_only_changes(&running, &new),
+            vec!["ban".to_string(), "greylist".to_string()]
         );
         assert!(restart_only_changes(&running, &running.clone()).is_empty());
     }
