@@ -26,6 +26,13 @@ LOG = sys.argv[2]
 LOCK = threading.Lock()
 
 
+def subject_of(doc):
+    """The Subject of the message in the document ("" without one)."""
+    content = (doc.get("message") or {}).get("content", "")
+    m = re.search(r"^Subject: (.*?)\r?$", content, re.M)
+    return m.group(1) if m else ""
+
+
 def decide(doc):
     if doc["stage"] == "rcpt" and (doc.get("argument") or "").startswith("blocked@"):
         return {"action": "reject",
@@ -34,9 +41,7 @@ def decide(doc):
         return decide_delivery(doc)
     if doc["stage"] != "data":
         return {"action": "accept"}
-    content = (doc.get("message") or {}).get("content", "")
-    m = re.search(r"^Subject: (.*?)\r?$", content, re.M)
-    subject = m.group(1) if m else ""
+    subject = subject_of(doc)
     if "hook-reject" in subject:
         return {"action": "reject",
                 "reply": {"code": 554, "enhanced": "5.7.1", "text": "Content refused by hook"}}
@@ -60,9 +65,7 @@ def decide(doc):
 
 def decide_delivery(doc):
     """Before delivery (tests/delivery_stage.rs): the Subject decides."""
-    content = (doc.get("message") or {}).get("content", "")
-    m = re.search(r"^Subject: (.*?)\r?$", content, re.M)
-    subject = m.group(1) if m else ""
+    subject = subject_of(doc)
     if "stage-reject" in subject:
         return {"action": "reject",
                 "reply": {"code": 550, "enhanced": "5.7.1", "text": "Held back by delivery hook"}}
