@@ -644,22 +644,28 @@ fn arc_chains_from_dkimpy_validate_and_sluice_seals_validate_with_dkimpy() {
     );
 }
 
-#[test]
-fn iprev_at_connect_passes_and_refuses_with_5_7_25() {
-    require_tools!("nsd");
-    // tests/dns/zones: 192.0.2.1 PTR a.hosts.mail.test, which has A
-    // 192.0.2.1; 192.0.2.2 has no PTR.
-    let nsd = Nsd::fixture();
-    let relay = Relay::builder()
+/// A relay checking only iprev on its "smtp" listener (PROXY from loopback),
+/// with one more listener key.
+fn iprev_relay(nsd: &Nsd, (key, value): (&str, &str)) -> Relay {
+    Relay::builder()
         .set(nsd.servers_set())
         .set("relay.local_domains=[\"rcpt.test\"]")
         .set("server.hostname=\"mx.sluice.test\"")
         .lset("proxy_trusted_networks", "[\"127.0.0.0/8\"]")
         .lset("verify.spf", "false")
         .lset("verify.dmarc", "false")
-        .lset("verify.action.iprev_fail", "\"reject\"")
+        .lset(key, value)
         .proxy_probe()
-        .start();
+        .start()
+}
+
+#[test]
+fn iprev_at_connect_passes_and_refuses_with_5_7_25() {
+    require_tools!("nsd");
+    // tests/dns/zones: 192.0.2.1 PTR a.hosts.mail.test, which has A
+    // 192.0.2.1; 192.0.2.2 has no PTR.
+    let nsd = Nsd::fixture();
+    let relay = iprev_relay(&nsd, ("verify.action.iprev_fail", "\"reject\""));
     let m = message("a@mail.test", "iprev");
     let r = send_from(
         &relay,
@@ -1261,16 +1267,10 @@ fn filters_see_the_name_iprev_verified() {
          }\n",
     )
     .unwrap();
-    let relay = Relay::builder()
-        .set(nsd.servers_set())
-        .set("relay.local_domains=[\"rcpt.test\"]")
-        .set("server.hostname=\"mx.sluice.test\"")
-        .lset("proxy_trusted_networks", "[\"127.0.0.0/8\"]")
-        .lset("verify.spf", "false")
-        .lset("verify.dmarc", "false")
-        .lset("sieve", &format!("{{mail=\"{}\"}}", script.display()))
-        .proxy_probe()
-        .start();
+    let relay = iprev_relay(
+        &nsd,
+        ("sieve", &format!("{{mail=\"{}\"}}", script.display())),
+    );
     let m = message("a@mail.test", "named");
     let r = send_from(
         &relay,
