@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use super::calls::{err, parse_duration, rfc3339, ApiError, ApiResult};
+use super::calls::{err, for_duration_ms, list_limit, rfc3339, ApiError, ApiResult};
 use super::Request;
 use crate::bans::Bans;
 use crate::delivery::now_ms;
@@ -13,8 +13,6 @@ use crate::delivery::now_ms;
 const MAX_LIST: usize = 10_000;
 /// Default of `limit`.
 const DEFAULT_LIST: usize = 1_000;
-/// Longest operator ban.
-const MAX_BAN: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 86_400);
 
 fn bans() -> Result<&'static Bans, ApiError> {
     crate::bans::installed()
@@ -30,13 +28,7 @@ fn address(req: &Request) -> Result<&str, ApiError> {
 /// GET: `limit` (default 1000, at most 10000).
 pub(super) fn list(req: &Request) -> ApiResult {
     let b = bans()?;
-    let limit = match req.param("limit") {
-        Some(l) => l
-            .parse::<usize>()
-            .map_err(|_| err(400, format!("limit: `{l}` is not a number")))?
-            .min(MAX_LIST),
-        None => DEFAULT_LIST,
-    };
+    let limit = list_limit(req, DEFAULT_LIST, MAX_LIST)?;
     let rows = b.list(now_ms(), limit);
     let entries: Vec<Value> = rows
         .iter()
@@ -56,16 +48,7 @@ pub(super) fn list(req: &Request) -> ApiResult {
 pub(super) fn add(req: &Request) -> ApiResult {
     let b = bans()?;
     let addr = address(req)?;
-    let duration = match req.param("for") {
-        Some(v) => {
-            let d = parse_duration("for", v)?;
-            if d.is_zero() || d > MAX_BAN {
-                return Err(err(400, "for: between 1s and 10 years"));
-            }
-            Some(d.as_millis() as u64)
-        }
-        None => None,
-    };
+    let duration = for_duration_ms(req)?;
     let reason = req.param("reason").unwrap_or("added by the operator");
     let (ip, ban) = b
         .add(addr, duration, reason, now_ms())

@@ -82,6 +82,34 @@ pub(super) fn parse_duration(name: &str, v: &str) -> Result<Duration, ApiError> 
     humantime::parse_duration(v).map_err(|e| err(400, format!("{name}: `{v}`: {e}")))
 }
 
+/// Longest `for` an operator may give an entry (a ban, a suppression).
+const MAX_FOR: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// The optional `for` parameter in milliseconds, between 1 s and 10 years
+/// (None: the caller's default).
+pub(super) fn for_duration_ms(req: &Request) -> Result<Option<u64>, ApiError> {
+    let Some(v) = req.param("for") else {
+        return Ok(None);
+    };
+    let d = parse_duration("for", v)?;
+    if d.is_zero() || d > MAX_FOR {
+        return Err(err(400, "for: between 1s and 10 years"));
+    }
+    Ok(Some(d.as_millis() as u64))
+}
+
+/// `limit` of a list call: `default` when absent, at most `max` (more is
+/// cut to it, not refused).
+pub(super) fn list_limit(req: &Request, default: usize, max: usize) -> Result<usize, ApiError> {
+    match req.param("limit") {
+        Some(l) => Ok(l
+            .parse::<usize>()
+            .map_err(|_| err(400, format!("limit: `{l}` is not a number")))?
+            .min(max)),
+        None => Ok(default),
+    }
+}
+
 pub(super) fn parse_count(
     req: &Request,
     name: &str,

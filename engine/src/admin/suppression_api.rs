@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use sluice_policy::bounce::BounceClass;
 use sluice_spool::SuppressionRow;
 
-use super::calls::{err, parse_duration, rfc3339, ApiError, ApiResult};
+use super::calls::{err, for_duration_ms, list_limit, rfc3339, ApiError, ApiResult};
 use super::Request;
 use crate::delivery::now_ms;
 use crate::suppression::{AddError, Suppressions};
@@ -15,8 +15,6 @@ use crate::suppression::{AddError, Suppressions};
 pub const MAX_LIST: usize = 10_000;
 /// Default of `limit`.
 const DEFAULT_LIST: usize = 1_000;
-/// Longest operator entry.
-const MAX_TTL: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 86_400);
 
 fn list_of() -> Result<&'static Suppressions, ApiError> {
     crate::suppression::installed()
@@ -51,13 +49,7 @@ fn row_json(r: &SuppressionRow, now: u64) -> Value {
 /// GET: `scope` (optional), `limit` (default 1000, at most 10000).
 pub(super) fn list(req: &Request) -> ApiResult {
     let s = list_of()?;
-    let limit = match req.param("limit") {
-        Some(l) => l
-            .parse::<usize>()
-            .map_err(|_| err(400, format!("limit: `{l}` is not a number")))?
-            .min(MAX_LIST),
-        None => DEFAULT_LIST,
-    };
+    let limit = list_limit(req, DEFAULT_LIST, MAX_LIST)?;
     let now = now_ms();
     let rows = s.list(req.param("scope"), limit).map_err(add_err)?;
     Ok(json!({
@@ -88,16 +80,7 @@ pub(super) fn add(req: &Request) -> ApiResult {
             .map_err(|e: String| err(400, format!("class: {e}")))?,
         None => BounceClass::PolicyBlock,
     };
-    let ttl = match req.param("for") {
-        Some(v) => {
-            let d = parse_duration("for", v)?;
-            if d.is_zero() || d > MAX_TTL {
-                return Err(err(400, "for: between 1s and 10 years"));
-            }
-            Some(d.as_millis() as u64)
-        }
-        None => None,
-    };
+    let ttl = for_duration_ms(req)?;
     let reason = req.param("reason").unwrap_or("added by the operator");
     let (scope, recipient, entry) = s
         .add(scope, recipient, class, reason, ttl, now_ms())
