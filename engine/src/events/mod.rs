@@ -175,20 +175,55 @@ impl Event {
 
     /// The JSON object (one line: no newline inside).
     pub fn to_json(&self) -> Vec<u8> {
-        // Serializing plain strings, numbers and options cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        let mut out = Vec::with_capacity(512);
+        self.write_json(&mut out);
+        out
+    }
+
+    /// Appends the JSON object to `out` (the events thread reuses one buffer
+    /// for a whole batch rather than allocating per event).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        // Serializing plain strings, numbers and options into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, self);
     }
 }
 
 fn rfc3339_ms<S: serde::Serializer>(ms: &u64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_time(*ms))
+    let mut text = [0u8; 24];
+    s.serialize_str(write_time(*ms, &mut text))
 }
 
 /// `2026-12-06T04:22:38.123Z`.
 pub fn format_time(ms: u64) -> String {
+    let mut text = [0u8; 24];
+    write_time(ms, &mut text).to_string()
+}
+
+/// Formats `ms` (Unix time in milliseconds) into `text` without allocating:
+/// a strftime pattern parsed per event was a visible part of what events cost.
+fn write_time(ms: u64, text: &mut [u8; 24]) -> &str {
+    use chrono::{Datelike, Timelike};
     let dt = chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX))
         .unwrap_or_default();
-    dt.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    let year = u32::try_from(dt.year()).unwrap_or(0).min(9999);
+    let fields: [(usize, u32, usize); 7] = [
+        (0, year, 4),
+        (5, dt.month(), 2),
+        (8, dt.day(), 2),
+        (11, dt.hour(), 2),
+        (14, dt.minute(), 2),
+        (17, dt.second(), 2),
+        (20, dt.timestamp_subsec_millis().min(999), 3),
+    ];
+    *text = *b"0000-00-00T00:00:00.000Z";
+    for (at, mut value, width) in fields {
+        for i in (0..width).rev() {
+            text[at + i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    }
+    // Only ASCII digits and separators were written.
+    std::str::from_utf8(text).unwrap_or("1970-01-01T00:00:00.000Z")
 }
 
 /// The reception event of a message just stored.
@@ -376,6 +411,13 @@ mod tests {
             assert!(v.get(key).is_some(), "{key} missing");
         }
         assert!(!e.to_json().contains(&b'\n'));
+    }
+
+    #[test]
+    fn time_is_rfc3339_with_milliseconds_and_zero_padded() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_time(1_765_000_000_007), "2025-12-06T05:46:40.007Z");
+        assert_eq!(format_time(1_000_000_000_999), "2001-09-09T01:46:40.999Z");
     }
 
     #[test]

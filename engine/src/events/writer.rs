@@ -68,6 +68,7 @@ pub fn start(
         poster,
         max_buffered: cfg.max_buffered,
         batch_size: cfg.webhook_batch_size as u64,
+        text: Vec::new(),
     };
     std::thread::Builder::new()
         .name("sluice-events".into())
@@ -88,6 +89,8 @@ struct Writer {
     poster: Option<std::thread::Thread>,
     max_buffered: u64,
     batch_size: u64,
+    /// The batch's JSON, kept between batches so its allocation is reused.
+    text: Vec<u8>,
 }
 
 impl Writer {
@@ -131,7 +134,11 @@ impl Writer {
                 Msg::Event(e) => events.push(e),
             }
         }
-        let mut lines: Vec<Vec<u8>> = Vec::with_capacity(events.len());
+        // Every event's JSON, back to back in one buffer; `ends[i]` is where
+        // event i's ends.
+        let mut text: Vec<u8> = std::mem::take(&mut self.text);
+        text.clear();
+        let mut ends: Vec<usize> = Vec::with_capacity(events.len());
         let mut pending = 0u64;
         let mut buffered = 0usize;
         let mut full = 0usize;
@@ -144,17 +151,19 @@ impl Writer {
             };
             for event in events.iter_mut() {
                 enrich(&mut txn, event)?;
-                let json = event.to_json();
+                let start = text.len();
+                event.write_json(&mut text);
+                let json = &text[start..];
                 if self.poster.is_some() {
                     if count >= self.max_buffered {
                         full += 1;
                     } else {
-                        txn.push_pending(&json)?;
+                        txn.push_pending(json)?;
                         count += 1;
                         buffered += 1;
                     }
                 }
-                lines.push(json);
+                ends.push(text.len());
             }
             for id in &removed {
                 txn.delete_meta(id)?;
@@ -170,7 +179,12 @@ impl Writer {
             }
             buffered = 0;
             full = 0;
-            lines = events.iter().map(|e| e.to_json()).collect();
+            text.clear();
+            ends.clear();
+            for e in &events {
+                e.write_json(&mut text);
+                ends.push(text.len());
+            }
         }
         if full > 0 {
             crate::metrics::events_dropped_n("buffer_full", full);
@@ -181,14 +195,19 @@ impl Writer {
             crate::metrics::events_buffered(pending);
         }
         if let Some(f) = self.file.as_mut() {
-            let written = lines
+            let mut start = 0;
+            let written = ends
                 .iter()
-                .try_for_each(|l| f.write_line(l))
+                .try_for_each(|&end| {
+                    let line = &text[start..end];
+                    start = end;
+                    f.write_line(line)
+                })
                 .and_then(|()| f.flush());
             match written {
-                Ok(()) => crate::metrics::events_written("file", lines.len()),
+                Ok(()) => crate::metrics::events_written("file", ends.len()),
                 Err(e) => {
-                    crate::metrics::events_dropped_n("file_error", lines.len());
+                    crate::metrics::events_dropped_n("file_error", ends.len());
                     tracing::error!(target: "sluice::events", error = %e, "events file write failed");
                 }
             }
@@ -201,6 +220,7 @@ impl Writer {
         for tx in flushes {
             let _ = tx.try_send(());
         }
+        self.text = text;
     }
 }
 
