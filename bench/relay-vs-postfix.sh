@@ -55,7 +55,9 @@
 #                 --case "1024 32 1 off sluice,postfix" (TLS off|starttls|verify; setups from
 #                 ceiling,sluice,sluice1,postfix, the DKIM setups sluice-rsa,sluice-ed,
 #                 postfix-rsa,postfix-ed, the events setups sluice-evfile,sluice-evhook,
-#                 and the filter setups sluice-sieve,sluice-milter,sluice-hook);
+#                 the filter setups sluice-sieve,sluice-milter,sluice-hook, and the limits
+#                 null-haproxy (HAProxy forwarding TCP: no SMTP work, no spool) and
+#                 sluice-nosync (spool.sync = false: no fsync before the 250));
 #                 bench/ab.sh uses it for A/B runs
 # Needs root (Postfix runs its daemons as user postfix), smtp-source, postfix, curl, jq,
 # openssl (STARTTLS and DKIM cases), opendkim (postfix-rsa / postfix-ed).
@@ -319,6 +321,31 @@ start_sluice() { # PORT SINK_PORT DIR CORES TLS [DKIM_ALG]
     wait_listening "$1" "$RELAY_PID" "sluice" "$3/sluice.err"
 }
 
+# The "null relay": HAProxy in TCP mode, one sink connection per source connection, no
+# SMTP work and no spool: the floor of what one more hop costs on this machine.
+start_haproxy() { # PORT SINK_PORT DIR
+    command -v haproxy >/dev/null || die "null-haproxy needs haproxy (apt-get install haproxy)"
+    cat >"$3/haproxy.cfg" <<CFG
+global
+    nbthread $(nproc)
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend smtp
+    bind 127.0.0.1:$1
+    default_backend sink
+backend sink
+    server sink 127.0.0.1:$2
+CFG
+    haproxy -f "$3/haproxy.cfg" -db >"$3/haproxy.out" 2>&1 &
+    RELAY_PID=$!
+    PIDS+=("$RELAY_PID")
+    wait_listening "$1" "$RELAY_PID" "haproxy" "$3/haproxy.out"
+}
+
 EVENT_ARGS=()
 WEBHOOK_PID=""
 start_webhook() { # PORT DIR: the events webhook (counts events, answers 200)
@@ -435,6 +462,10 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
         ceiling) target=$sink_port ;;
         sluice|sluice-rsa|sluice-ed) start_sluice "$relay_port" "$sink_port" "$dir" 0 "$tls" "$alg"; target=$relay_port ;;
         sluice1) start_sluice "$relay_port" "$sink_port" "$dir" 1 "$tls"; target=$relay_port ;;
+        sluice-nosync)
+            EVENT_ARGS=(--set spool.sync=false)
+            start_sluice "$relay_port" "$sink_port" "$dir" 0 "$tls"; EVENT_ARGS=(); target=$relay_port ;;
+        null-haproxy) start_haproxy "$relay_port" "$sink_port" "$dir"; target=$relay_port ;;
         sluice-evfile)
             EVENT_ARGS=(--set events.enabled=true --set "events.file=\"$dir/events.jsonl\"")
             start_sluice "$relay_port" "$sink_port" "$dir" 0 "$tls"; EVENT_ARGS=(); target=$relay_port ;;
@@ -646,6 +677,8 @@ label() {
         ceiling) echo "ceiling (source → sink)" ;;
         sluice) echo "sluice (cores=$(nproc))" ;;
         sluice1) echo "sluice (cores=1)" ;;
+        sluice-nosync) echo "sluice (cores=$(nproc)), spool.sync = false" ;;
+        null-haproxy) echo "null relay: HAProxy $(haproxy -v 2>/dev/null | awk 'NR==1 {print $3}') TCP mode" ;;
         postfix) echo "Postfix $PF_VERSION" ;;
         sluice-rsa) echo "sluice (cores=$(nproc)), DKIM RSA-2048" ;;
         sluice-ed) echo "sluice (cores=$(nproc)), DKIM Ed25519" ;;
