@@ -28,6 +28,13 @@ pub struct EventStore {
     pending: Database<Bytes, Bytes>,
     meta: Database<Bytes, Bytes>,
     next_seq: AtomicU64,
+    /// Every pending event below this sequence number was acknowledged by the
+    /// webhook. They are deleted by the writer's next batch, not by a commit
+    /// (and an fsync) of their own: an acknowledgement lost in a crash only
+    /// posts those events again, which at-least-once allows.
+    acked_below: AtomicU64,
+    /// Acknowledged events not deleted yet.
+    unpurged: AtomicU64,
     dir: PathBuf,
 }
 
@@ -44,6 +51,8 @@ pub struct Batch<'s> {
     store: &'s EventStore,
     txn: RwTxn<'s>,
     seq: u64,
+    /// Acknowledged events this batch deleted.
+    purged: u64,
 }
 
 impl Batch<'_> {
@@ -90,11 +99,40 @@ impl Batch<'_> {
     }
 
     /// Makes the batch durable (fsync unless the spool runs without sync).
+    /// Deletes the events the webhook acknowledged so far (in this batch's
+    /// transaction, so with its commit).
+    pub fn purge_acknowledged(&mut self) -> Result<(), SpoolError> {
+        let below = self.store.acked_below.load(Ordering::Acquire);
+        if below == 0 {
+            return Ok(());
+        }
+        let end = below.to_be_bytes();
+        let range = (
+            std::ops::Bound::Unbounded,
+            std::ops::Bound::Excluded(&end[..]),
+        );
+        let n = self
+            .store
+            .pending
+            .delete_range(&mut self.txn, &range)
+            .map_err(|e| self.store.storage(e))?;
+        self.purged += n as u64;
+        Ok(())
+    }
+
     pub fn commit(self) -> Result<(), SpoolError> {
         let seq = self.seq;
         let store = self.store;
+        let purged = self.purged;
         self.txn.commit().map_err(|e| store.storage(e))?;
         store.next_seq.store(seq, Ordering::Relaxed);
+        if purged > 0 {
+            let _ = store
+                .unpurged
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    Some(n.saturating_sub(purged))
+                });
+        }
         Ok(())
     }
 }
@@ -138,6 +176,8 @@ impl EventStore {
             pending,
             meta,
             next_seq: AtomicU64::new(next),
+            acked_below: AtomicU64::new(0),
+            unpurged: AtomicU64::new(0),
             dir,
         })
     }
@@ -156,6 +196,7 @@ impl EventStore {
             store: self,
             txn,
             seq: self.next_seq.load(Ordering::Relaxed),
+            purged: 0,
         })
     }
 
@@ -163,7 +204,17 @@ impl EventStore {
     pub fn oldest(&self, n: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
         let rtxn = self.env.read_txn().map_err(|e| self.storage(e))?;
         let mut out = Vec::with_capacity(n.min(4096));
-        for item in self.pending.iter(&rtxn).map_err(|e| self.storage(e))? {
+        // Acknowledged events still stored (not purged yet) are skipped.
+        let start = self.acked_below.load(Ordering::Acquire).to_be_bytes();
+        let range = (
+            std::ops::Bound::Included(&start[..]),
+            std::ops::Bound::Unbounded,
+        );
+        let iter = self
+            .pending
+            .range(&rtxn, &range)
+            .map_err(|e| self.storage(e))?;
+        for item in iter {
             if out.len() >= n {
                 break;
             }
@@ -175,21 +226,25 @@ impl EventStore {
         Ok(out)
     }
 
-    /// Events buffered now.
+    /// Events waiting for the webhook (acknowledged ones not counted).
     pub fn pending_len(&self) -> Result<u64, SpoolError> {
         let rtxn = self.env.read_txn().map_err(|e| self.storage(e))?;
-        self.pending.len(&rtxn).map_err(|e| self.storage(e))
+        let stored = self.pending.len(&rtxn).map_err(|e| self.storage(e))?;
+        Ok(stored.saturating_sub(self.unpurged.load(Ordering::Acquire)))
     }
 
-    /// Removes acknowledged events (one transaction).
-    pub fn acknowledge(&self, seqs: &[u64]) -> Result<(), SpoolError> {
-        let mut wtxn = self.env.write_txn().map_err(|e| self.storage(e))?;
-        for seq in seqs {
-            self.pending
-                .delete(&mut wtxn, &seq.to_be_bytes())
-                .map_err(|e| self.storage(e))?;
-        }
-        wtxn.commit().map_err(|e| self.storage(e))
+    /// The webhook took every event up to and including `last` (`count` of
+    /// them, the oldest pending): they are no longer posted, and the writer's
+    /// next batch deletes them.
+    pub fn acknowledge_through(&self, last: u64, count: usize) {
+        self.unpurged.fetch_add(count as u64, Ordering::AcqRel);
+        self.acked_below
+            .fetch_max(last.saturating_add(1), Ordering::AcqRel);
+    }
+
+    /// Acknowledged events are waiting to be deleted.
+    pub fn has_unpurged(&self) -> bool {
+        self.unpurged.load(Ordering::Acquire) > 0
     }
 }
 
@@ -217,10 +272,20 @@ mod tests {
             let first = s.oldest(2).unwrap();
             assert_eq!(first[0], (0, b"{\"n\":0}".to_vec()));
             assert_eq!(first[1].0, 1);
-            s.acknowledge(&[0, 1]).unwrap();
+            s.acknowledge_through(1, 2);
+            assert_eq!(s.pending_len().unwrap(), 298, "acknowledged: not pending");
+            assert_eq!(
+                s.oldest(1).unwrap()[0].0,
+                2,
+                "acknowledged: not posted again"
+            );
+            let mut b = s.batch().unwrap();
+            b.purge_acknowledged().unwrap();
+            b.commit().unwrap();
+            assert!(!s.has_unpurged());
         }
         let s = EventStore::open(dir.path(), true, 1 << 20).unwrap();
-        assert_eq!(s.pending_len().unwrap(), 298);
+        assert_eq!(s.pending_len().unwrap(), 298, "the purge was committed");
         let next = s.oldest(1).unwrap();
         assert_eq!(next[0].0, 2, "order kept over the reopen");
         let mut b = s.batch().unwrap();

@@ -137,10 +137,9 @@ impl Poster {
             match self.post(&body(&batch)) {
                 Ok(status) if (200..300).contains(&status) => {
                     failures = 0;
-                    let seqs: Vec<u64> = batch.iter().map(|e| e.0).collect();
-                    if let Err(e) = self.store.acknowledge(&seqs) {
-                        // Sent again later: at-least-once.
-                        tracing::error!(target: "sluice::events", error = %e, "removing posted events failed");
+                    // The batch is the oldest pending events, in order.
+                    if let Some((last, _)) = batch.last() {
+                        self.store.acknowledge_through(*last, batch.len());
                     }
                     crate::metrics::events_posted(batch.len());
                 }

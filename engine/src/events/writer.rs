@@ -99,7 +99,13 @@ impl Writer {
         loop {
             match rx.recv_timeout(Duration::from_secs(1)) {
                 Ok(m) => batch.push(m),
-                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    // Idle: events the webhook took are deleted by an empty batch.
+                    if self.store.has_unpurged() {
+                        self.write(&mut batch);
+                    }
+                    continue;
+                }
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             // Collect the rest of the batch by sleeping through the window and
@@ -144,6 +150,7 @@ impl Writer {
         let mut full = 0usize;
         let done = (|| -> Result<(), sluice_spool::SpoolError> {
             let mut txn = self.store.batch()?;
+            txn.purge_acknowledged()?;
             let mut count = if self.poster.is_some() {
                 txn.pending_len()?
             } else {
