@@ -12,8 +12,10 @@
 # (32 connections, to example.com) through one instance: delivered msg/s = M ÷ (source start →
 # the sink's last message), plus the source's acceptance msg/s and p99 end of data → 250.
 #
-# Order: warm-up (M through each), C control pairs (EMPTY, FULL, both still empty: how much the
-# two instances differ by themselves), the fill of FULL, then P pairs EMPTY, FULL, EMPTY, FULL…
+# Order: warm-up (M through each), C control pairs (both still empty: how much the two
+# instances differ by themselves), the fill of FULL, then P pairs: EMPTY, FULL / FULL, EMPTY
+# alternately (after a measurement the script waits until that instance has removed what it
+# delivered, read from its metrics, so its spool writes do not fall into the next one)
 # with FULL ÷ EMPTY per pair and the median; RssAnon / RssFile / VmHWM of both; then a restart
 # of FULL (and of EMPTY, for comparison): exec → listening, and the "spool recovered" log line.
 #
@@ -27,7 +29,7 @@
 #   --fill-procs F    loadgen processes filling in parallel (default 2), each with
 #   --fill-conns K    connections (default 64)
 #   --size BYTES      message size, headers included (default 1024)
-#   --port-base PORT  first of 5 loopback ports (default 31000)
+#   --port-base PORT  first of 7 loopback ports (default 31000)
 #   --workdir DIR     parent of the temp dir (default /var/tmp; a real disk, not tmpfs)
 #   --bin-dir DIR     sluice and sluice-loadgen (default target/release; nothing is built)
 # Prints a markdown section on stdout (it never edits BENCHMARKS.md); progress on stderr.
@@ -66,12 +68,14 @@ for tool in curl jq timeout ss du; do command -v "$tool" >/dev/null || die "miss
 for b in sluice sluice-loadgen; do [ -x "$BIN_SRC/$b" ] || die "missing $BIN_SRC/$b"; done
 
 declare -A RELAY_PORT=([empty]=$PORT_BASE [full]=$((PORT_BASE + 1)))
+declare -A ADMIN_PORT=([empty]=$((PORT_BASE + 5)) [full]=$((PORT_BASE + 6)))
 SINK_PORT=$((PORT_BASE + 2)) STATS_PORT=$((PORT_BASE + 3))
 CLOSED_PORT=$((PORT_BASE + 4))   # nothing listens here: the held route
 SEND_TIMEOUT=1800          # s, any one loadgen run (the fill included)
 DELIVERY_TIMEOUT=600       # s, for the sink to get a measurement's messages
 START_TIMEOUT_TICKS=6000   # x 0.1 s, for sluice to listen (recovery of a big spool included)
 STOP_TIMEOUT_TICKS=600     # x 0.1 s, after SIGTERM
+QUIET_TIMEOUT=120          # s, for an instance to remove the messages it delivered
 
 # ---------------------------------------------------------------------------------------
 PIDS=() WORK=""
@@ -133,7 +137,8 @@ median() {
 [ -d "$WORK_PARENT" ] || die "no such directory: $WORK_PARENT"
 fstype=$(stat -f -c %T "$WORK_PARENT")
 case "$fstype" in tmpfs|ramfs) die "$WORK_PARENT is $fstype: fsync would be free" ;; esac
-for p in "${RELAY_PORT[empty]}" "${RELAY_PORT[full]}" "$SINK_PORT" "$STATS_PORT" "$CLOSED_PORT"; do
+for p in "${RELAY_PORT[empty]}" "${RELAY_PORT[full]}" "$SINK_PORT" "$STATS_PORT" "$CLOSED_PORT" \
+    "${ADMIN_PORT[empty]}" "${ADMIN_PORT[full]}"; do
     ! port_listening "$p" || die "port $p is in use; pick another --port-base"
 done
 WORK=$(mktemp -d "$WORK_PARENT/sluice-queue-abab.XXXXXX")
@@ -161,7 +166,8 @@ level = "warn,sluice_engine::runtime=info"
 servers = ["127.0.0.1:9"]
 
 [admin]
-listen = ""
+# GET /metrics: the script waits for the default queue to be empty between measurements.
+listen = "127.0.0.1:${ADMIN_PORT[$1]}"
 
 [delivery]
 enabled = true
@@ -224,6 +230,24 @@ send() { # OUT PORT DOMAIN MESSAGES CONNS [extra...] -> JSON in OUT
     [ "$acc" = "$n" ] || die "loadgen: accepted $acc of $n ($(jq -c .errors_by_code "$out"))"
 }
 
+# Messages of queue "default" still in NAME's spool (delivered ones are removed after the sink's
+# 250, in later commits), or empty when the metrics cannot be read.
+default_queue() { # NAME
+    curl -s --max-time 2 "http://127.0.0.1:${ADMIN_PORT[$1]}/metrics" |
+        awk '/^sluice_queue_messages\{queue="default"\}/ { print $NF; exit }' || true
+}
+# Waits (bounded) until NAME has removed every delivered message: the removals of one
+# measurement must not run during the next one, which would bias against the second of a pair.
+wait_quiet() { # NAME
+    local i=0 q
+    while [ $i -lt $((QUIET_TIMEOUT * 10)) ]; do
+        q=$(default_queue "$1")
+        [ "$q" != 0 ] || return 0
+        sleep 0.1; i=$((i + 1))
+    done
+    die "sluice $1 still holds ${q:-?} messages of queue default after ${QUIET_TIMEOUT} s"
+}
+
 # One measurement: M fresh messages through instance NAME to the sink.
 # Sets MEAS to "delivered_msg_s accepted_msg_s p99_ms" (no subshell: a failure stops the script).
 MEAS=""
@@ -241,22 +265,31 @@ measure() { # NAME TAG
     done
     [ "${got:-0}" -ge "$want" ] || die "sink got $((${got:-0} - base)) of $M in time"
     last=$(sink_stat last_message_unix_ms)
+    wait_quiet "$name"
     MEAS=$(awk -v n="$M" -v ms=$((last - t0)) -v acc="$(jq -r '.msgs_per_sec' "$out")" \
         -v p99="$(jq -r '.eod_to_250_ms.p99' "$out")" \
         'BEGIN { printf "%.0f %.0f %.1f\n", n * 1000 / ms, acc, p99 }')
 }
 
-# Pairs: EMPTY then FULL, KIND rows appended to ROWS, FULL ÷ EMPTY ratios to the named arrays.
+# Pairs: EMPTY then FULL in odd pairs, FULL then EMPTY in even ones (so any effect of going
+# second shows, and falls on both); KIND rows appended to ROWS, FULL ÷ EMPTY ratios to the named arrays.
 ROWS="" CONTROL_RATIOS=() FULL_RATIOS=() FULL_P99_RATIOS=()
 run_pairs() { # KIND COUNT
-    local kind=$1 k de ae pe df af pf r
+    local kind=$1 k de ae pe df af pf r order
     for ((k = 1; k <= $2; k++)); do
-        measure empty "$kind-$k-empty"; read -r de ae pe <<<"$MEAS"
-        measure full "$kind-$k-full"; read -r df af pf <<<"$MEAS"
+        if [ $((k % 2)) = 1 ]; then
+            order="EMPTY, FULL"
+            measure empty "$kind-$k-empty"; read -r de ae pe <<<"$MEAS"
+            measure full "$kind-$k-full"; read -r df af pf <<<"$MEAS"
+        else
+            order="FULL, EMPTY"
+            measure full "$kind-$k-full"; read -r df af pf <<<"$MEAS"
+            measure empty "$kind-$k-empty"; read -r de ae pe <<<"$MEAS"
+        fi
         r=$(ratio "$df" "$de")
         if [ "$kind" = control ]; then CONTROL_RATIOS+=("$r"); else
             FULL_RATIOS+=("$r"); FULL_P99_RATIOS+=("$(ratio "$pf" "$pe")"); fi
-        ROWS+="| $kind $k | $de | $df | **$r** | $ae | $af | $pe | $pf |"$'\n'
+        ROWS+="| $kind $k | $order | $de | $df | **$r** | $ae | $af | $pe | $pf |"$'\n'
         log "$kind pair $k: delivered empty $de/s, full $df/s (× $r); accepted $ae / $af; p99 $pe / $pf ms"
     done
 }
@@ -334,10 +367,10 @@ cat <<EOF
 - Load average (1/5/15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER
 - Two sluice instances side by side, same configuration (fsync on, spool defaults) except ports and spool: EMPTY and FULL; held.example → queue "held" (retry 1d, message_rate 1/h) → a closed loopback port; everything else → one \`sluice-loadgen sink\`
 - Measurement: \`sluice-loadgen send --connections 32 --messages $M --size $SIZE --domain example.com --json\` at one instance; delivered = $M ÷ (source start → the sink's last message); accepted msg/s and p99 end of data → 250 from the source's JSON. Warm-up: $M through each (not counted)
-- Control pairs: before the fill, both empty (the two instances' own difference). Fill: $FILL_PROCS × \`sluice-loadgen send --connections $FILL_CONNS --messages N/$FILL_PROCS --size $SIZE --domain held.example\` into FULL, then pairs EMPTY, FULL, EMPTY, FULL…
+- Control pairs: before the fill, both empty (the two instances' own difference). Fill: $FILL_PROCS × \`sluice-loadgen send --connections $FILL_CONNS --messages N/$FILL_PROCS --size $SIZE --domain held.example\` into FULL, then pairs alternating EMPTY, FULL / FULL, EMPTY; before each next measurement the script waits until the instance just measured has removed what it delivered (\`sluice_queue_messages{queue="default"}\` = 0 at its admin listener)
 
-| pair | EMPTY delivered msg/s | FULL delivered msg/s | FULL ÷ EMPTY | EMPTY accepted msg/s | FULL accepted msg/s | EMPTY p99 ms | FULL p99 ms |
-|---|--:|--:|--:|--:|--:|--:|--:|
+| pair | order | EMPTY delivered msg/s | FULL delivered msg/s | FULL ÷ EMPTY | EMPTY accepted msg/s | FULL accepted msg/s | EMPTY p99 ms | FULL p99 ms |
+|---|---|--:|--:|--:|--:|--:|--:|--:|
 ${ROWS%$'\n'}
 
 - **FULL ÷ EMPTY delivered, median of $PAIRS pairs with $N held: $(median "${FULL_RATIOS[@]}")**; p99 FULL ÷ EMPTY: $(median "${FULL_P99_RATIOS[@]}")
