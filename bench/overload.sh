@@ -17,7 +17,7 @@
 #
 # Usage: bench/overload.sh [--connections C] [--quota Q] [--delay-data D] [--load S] [--drain S]
 #                          [--segment S] [--runs LIST] [--port-base P] [--workdir DIR]
-#                          [--bin-dir DIR] [--samples-dir DIR]
+#                          [--size BYTES] [--bin-dir DIR] [--samples-dir DIR]
 #   --connections C  source connections (default 256)
 #   --quota Q        max_messages of [queue.default] in the quota run (default 20000)
 #   --delay-data D   the sink's delay before each end-of-data reply (default 20ms)
@@ -25,6 +25,7 @@
 #   --drain S        seconds sampled after the load (default 30); LOAD + DRAIN ≤ 120
 #   --segment S      seconds per source segment (default 5)
 #   --runs LIST      which runs, in order (default "no-quota,quota")
+#   --size BYTES     message size, headers included (default 1024)
 #   --port-base P    first of 4 loopback ports (default 31100)
 #   --workdir DIR    parent of the temp dir (default /var/tmp; a real disk, not tmpfs)
 #   --bin-dir DIR    sluice and sluice-loadgen (default target/release; nothing is built)
@@ -52,6 +53,7 @@ while [ $# -gt 0 ]; do
         --drain) DRAIN=${2:?}; [[ "$DRAIN" =~ ^[0-9]+$ ]] || die "$1 wants seconds"; shift ;;
         --segment) SEG=${2:?}; posint "$1" "$SEG"; shift ;;
         --runs) RUNS=${2:?}; shift ;;
+        --size) SIZE=${2:?}; posint "$1" "$SIZE"; shift ;;
         --port-base) PORT_BASE=${2:?}; posint "$1" "$PORT_BASE"; shift ;;
         --workdir) WORK_PARENT=${2:?}; shift ;;
         --bin-dir) BIN_SRC=${2:?}; shift ;;
@@ -224,7 +226,11 @@ run_one() { # RUN
         pid_alive "$relay_pid" || die "sluice died in run $run"
         sleep 0.5
     done
-    touch "$dir/sampler.stop"; stop_pid "$SAMPLER_PID"
+    # The sampler sees the stop file within one period; TERM only if it does not.
+    touch "$dir/sampler.stop"
+    local w=0
+    while pid_alive "$SAMPLER_PID" && ! is_zombie "$SAMPLER_PID" && [ $w -lt 30 ]; do sleep 0.1; w=$((w + 1)); done
+    stop_pid "$SAMPLER_PID"
     local hwm; hwm=$(awk '$1 == "VmHWM:" { printf "%.0f", $2 / 1024 }' "/proc/$relay_pid/status")
     stop_pid "$relay_pid"; stop_pid "$sink_pid"
     [ -z "$SAMPLES_DIR" ] || cp "$dir/samples.tsv" "$SAMPLES_DIR/$run-samples.tsv"
@@ -252,7 +258,7 @@ run_one() { # RUN
     [ "$run" = no-quota ] || title="[queue.default] max_messages = $QUOTA"
     local totals
     totals=$(jq -s '{acc: (map(.accepted) | add), rej: (map(.rejected) | add),
-        e452: (map(.errors_by_code | to_entries[] | select(.key | startswith("452")) | .value) | add // 0)}' "$dir"/seg-*.json)
+        n452: (map(.errors_by_code | to_entries[] | select(.key | startswith("452")) | .value) | add // 0)}' "$dir"/seg-*.json)
     SECTIONS+="
 ### Run \"$run\": $title
 
@@ -260,7 +266,7 @@ run_one() { # RUN
 |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|
 ${rows%$'\n'}
 
-- Totals over the load: accepted $(jq -r .acc <<<"$totals"), refused $(jq -r .rej <<<"$totals") (452: $(jq -r .e452 <<<"$totals")); sluice VmHWM $hwm MiB; samples: $(wc -l <"$dir/samples.tsv") over $(((load_end + DRAIN * 1000) / 1000)) s
+- Totals over the load: accepted $(jq -r .acc <<<"$totals"), refused $(jq -r .rej <<<"$totals") (452: $(jq -r .n452 <<<"$totals")); sluice VmHWM $hwm MiB; samples: $(wc -l <"$dir/samples.tsv") over $(((load_end + DRAIN * 1000) / 1000)) s
 "
     log "run $run done"
 }
