@@ -32,13 +32,15 @@
 #   --port-base PORT  first of 7 loopback ports (default 31000)
 #   --workdir DIR     parent of the temp dir (default /var/tmp; a real disk, not tmpfs)
 #   --bin-dir DIR     sluice and sluice-loadgen (default target/release; nothing is built)
+#   --swap            FULL takes the first ports and starts first (default: EMPTY does), to see
+#                     whether an instance's slot, not its queue, makes a difference
 # Prints a markdown section on stdout (it never edits BENCHMARKS.md); progress on stderr.
 set -Eeuo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 INVOCATION="bench/queue-scale-abab.sh${*:+ $*}"
 N=1000000 M=20000 PAIRS=5 CONTROL=2 FILL_PROCS=2 FILL_CONNS=64 SIZE=1024 PORT_BASE=31000
-WORK_PARENT=/var/tmp BIN_SRC="$REPO/target/release"
+WORK_PARENT=/var/tmp BIN_SRC="$REPO/target/release" SWAP=0
 
 usage() { sed -n '2,/^set -E/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "queue-scale-abab: $*" >&2; exit 1; }
@@ -57,6 +59,7 @@ while [ $# -gt 0 ]; do
         --port-base) PORT_BASE=${2:?}; posint "$1" "$PORT_BASE"; shift ;;
         --workdir) WORK_PARENT=${2:?}; shift ;;
         --bin-dir) BIN_SRC=${2:?}; shift ;;
+        --swap) SWAP=1 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -67,8 +70,10 @@ done
 for tool in curl jq timeout ss du; do command -v "$tool" >/dev/null || die "missing $tool"; done
 for b in sluice sluice-loadgen; do [ -x "$BIN_SRC/$b" ] || die "missing $BIN_SRC/$b"; done
 
-declare -A RELAY_PORT=([empty]=$PORT_BASE [full]=$((PORT_BASE + 1)))
-declare -A ADMIN_PORT=([empty]=$((PORT_BASE + 5)) [full]=$((PORT_BASE + 6)))
+FIRST=empty SECOND=full
+[ "$SWAP" = 0 ] || { FIRST=full SECOND=empty; }
+declare -A RELAY_PORT=([$FIRST]=$PORT_BASE [$SECOND]=$((PORT_BASE + 1)))
+declare -A ADMIN_PORT=([$FIRST]=$((PORT_BASE + 5)) [$SECOND]=$((PORT_BASE + 6)))
 SINK_PORT=$((PORT_BASE + 2)) STATS_PORT=$((PORT_BASE + 3))
 CLOSED_PORT=$((PORT_BASE + 4))   # nothing listens here: the held route
 SEND_TIMEOUT=1800          # s, any one loadgen run (the fill included)
@@ -307,8 +312,8 @@ log "work dir $WORK ($fstype); N=$N, M=$M, $CONTROL control + $PAIRS pairs"
 
 write_conf empty; write_conf full
 start_sink
-start_sluice empty empty-run1
-start_sluice full full-run1
+start_sluice "$FIRST" "$FIRST-run1"
+start_sluice "$SECOND" "$SECOND-run1"
 log "warm-up: $M messages through each"
 measure empty warmup-empty
 measure full warmup-full
@@ -365,7 +370,7 @@ cat <<EOF
 - Command: \`$INVOCATION\` (tree \`$GIT_REV\`; $BIN_INFO; run took ${ELAPSED} s)
 - Machine: nproc $(nproc) ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)); \`free -g\`: $(free -g | awk '/^Mem:/ { print "total " $2 " GiB, available " $7 }'); kernel $(uname -r); spools on $fstype
 - Load average (1/5/15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER
-- Two sluice instances side by side, same configuration (fsync on, spool defaults) except ports and spool: EMPTY and FULL; held.example → queue "held" (retry 1d, message_rate 1/h) → a closed loopback port; everything else → one \`sluice-loadgen sink\`
+- Two sluice instances side by side, same configuration (fsync on, spool defaults) except ports and spool: EMPTY and FULL ($FIRST on the first ports and started first); held.example → queue "held" (retry 1d, message_rate 1/h) → a closed loopback port; everything else → one \`sluice-loadgen sink\`
 - Measurement: \`sluice-loadgen send --connections 32 --messages $M --size $SIZE --domain example.com --json\` at one instance; delivered = $M ÷ (source start → the sink's last message); accepted msg/s and p99 end of data → 250 from the source's JSON. Warm-up: $M through each (not counted)
 - Control pairs: before the fill, both empty (the two instances' own difference). Fill: $FILL_PROCS × \`sluice-loadgen send --connections $FILL_CONNS --messages N/$FILL_PROCS --size $SIZE --domain held.example\` into FULL, then pairs alternating EMPTY, FULL / FULL, EMPTY; before each next measurement the script waits until the instance just measured has removed what it delivered (\`sluice_queue_messages{queue="default"}\` = 0 at its admin listener)
 
