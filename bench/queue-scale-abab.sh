@@ -66,7 +66,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 [ "$PAIRS" -ge 3 ] || die "--pairs: at least 3"
-[ "$CONTROL" -le 20 ] && [ "$PAIRS" -le 20 ] || die "at most 20 pairs of either kind"
+if [ "$CONTROL" -gt 20 ] || [ "$PAIRS" -gt 20 ]; then die "at most 20 pairs of either kind"; fi
 for tool in curl jq timeout ss du; do command -v "$tool" >/dev/null || die "missing $tool"; done
 for b in sluice sluice-loadgen; do [ -x "$BIN_SRC/$b" ] || die "missing $BIN_SRC/$b"; done
 
