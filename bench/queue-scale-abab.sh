@@ -253,16 +253,14 @@ wait_quiet() { # NAME
     die "sluice $1 still holds ${q:-?} messages of queue default after ${QUIET_TIMEOUT} s"
 }
 
-# "WRITE_BYTES COMMITS COMMIT_SECONDS BATCH_OPS" of NAME now: bytes it sent to storage
-# (/proc/PID/io) and its spool commit histograms' count and sums, to tell where a difference
-# between EMPTY and FULL comes from (a deeper LMDB tree writes more pages per commit).
+# "COMMITS COMMIT_SECONDS" of NAME now: its spool commit histogram's count and sum, to see
+# whether a difference between EMPTY and FULL is in the commits (a deeper LMDB tree copies
+# more pages per write). (/proc/PID/io write_bytes is no use here: the journal thread does
+# the writeback that fdatasync starts, and it often counts nothing for sluice.)
 io_snapshot() { # NAME
-    local wb
-    wb=$(awk '$1 == "write_bytes:" { print $2 }' "/proc/${RELAY_PID[$1]}/io" 2>/dev/null || echo 0)
-    curl -s --max-time 2 "http://127.0.0.1:${ADMIN_PORT[$1]}/metrics" | awk -v wb="${wb:-0}" '
+    curl -s --max-time 2 "http://127.0.0.1:${ADMIN_PORT[$1]}/metrics" | awk '
         /^sluice_spool_commit_seconds_count/ { c = $NF } /^sluice_spool_commit_seconds_sum/ { s = $NF }
-        /^sluice_spool_commit_batch_size_sum/ { b = $NF }
-        END { printf "%d %d %.6f %d\n", wb, c, s, b }' || echo "0 0 0 0"
+        END { printf "%d %.6f\n", c, s }' || echo "0 0"
 }
 
 # One measurement: M fresh messages through instance NAME to the sink.
@@ -286,10 +284,10 @@ measure() { # NAME TAG
     last=$(sink_stat last_message_unix_ms)
     wait_quiet "$name"
     io1=$(io_snapshot "$name")
-    # Per message over the whole life of the M messages (store, delivered, removed):
-    # KiB written to storage, commits, and the mean commit time in ms.
+    # Over the whole life of the M messages (stored, delivered, removed): commits per
+    # message and the mean commit time in ms.
     IOM=$(awk -v m="$M" -v a="$io0" -v b="$io1" 'BEGIN { split(a, x, " "); split(b, y, " ");
-        c = y[2] - x[2]; printf "%.1f %.2f %.2f\n", (y[1] - x[1]) / 1024 / m, c / m, (c > 0 ? (y[3] - x[3]) * 1000 / c : 0) }')
+        c = y[1] - x[1]; printf "%.2f %.2f\n", c / m, (c > 0 ? (y[2] - x[2]) * 1000 / c : 0) }')
     MEAS=$(awk -v n="$M" -v ms=$((last - t0)) -v acc="$(jq -r '.msgs_per_sec' "$out")" \
         -v p99="$(jq -r '.eod_to_250_ms.p99' "$out")" \
         'BEGIN { printf "%.0f %.0f %.1f\n", n * 1000 / ms, acc, p99 }')
@@ -297,23 +295,24 @@ measure() { # NAME TAG
 
 # Pairs: EMPTY then FULL in odd pairs, FULL then EMPTY in even ones (so any effect of going
 # second shows, and falls on both); KIND rows appended to ROWS, FULL ÷ EMPTY ratios to the named arrays.
-ROWS="" CONTROL_RATIOS=() FULL_RATIOS=() FULL_P99_RATIOS=()
+ROWS="" CONTROL_RATIOS=() FULL_RATIOS=() FULL_P99_RATIOS=() FULL_COMMIT_RATIOS=()
 run_pairs() { # KIND COUNT
-    local kind=$1 k de ae pe df af pf r order we ce me wf cf mf
+    local kind=$1 k de ae pe df af pf r order ce me cf mf
     for ((k = 1; k <= $2; k++)); do
         if [ $((k % 2)) = 1 ]; then
             order="EMPTY, FULL"
-            measure empty "$kind-$k-empty"; read -r de ae pe <<<"$MEAS"; read -r we ce me <<<"$IOM"
-            measure full "$kind-$k-full"; read -r df af pf <<<"$MEAS"; read -r wf cf mf <<<"$IOM"
+            measure empty "$kind-$k-empty"; read -r de ae pe <<<"$MEAS"; read -r ce me <<<"$IOM"
+            measure full "$kind-$k-full"; read -r df af pf <<<"$MEAS"; read -r cf mf <<<"$IOM"
         else
             order="FULL, EMPTY"
-            measure full "$kind-$k-full"; read -r df af pf <<<"$MEAS"; read -r wf cf mf <<<"$IOM"
-            measure empty "$kind-$k-empty"; read -r de ae pe <<<"$MEAS"; read -r we ce me <<<"$IOM"
+            measure full "$kind-$k-full"; read -r df af pf <<<"$MEAS"; read -r cf mf <<<"$IOM"
+            measure empty "$kind-$k-empty"; read -r de ae pe <<<"$MEAS"; read -r ce me <<<"$IOM"
         fi
         r=$(ratio "$df" "$de")
         if [ "$kind" = control ]; then CONTROL_RATIOS+=("$r"); else
-            FULL_RATIOS+=("$r"); FULL_P99_RATIOS+=("$(ratio "$pf" "$pe")"); fi
-        ROWS+="| $kind $k | $order | $de | $df | **$r** | $ae | $af | $pe | $pf | $we / $wf | $ce / $cf | $me / $mf |"$'\n'
+            FULL_RATIOS+=("$r"); FULL_P99_RATIOS+=("$(ratio "$pf" "$pe")")
+            FULL_COMMIT_RATIOS+=("$(ratio "$mf" "$me")"); fi
+        ROWS+="| $kind $k | $order | $de | $df | **$r** | $ae | $af | $pe | $pf | $ce / $cf | $me / $mf |"$'\n'
         log "$kind pair $k: delivered empty $de/s, full $df/s (× $r); accepted $ae / $af; p99 $pe / $pf ms"
     done
 }
@@ -391,14 +390,14 @@ cat <<EOF
 - Load average (1/5/15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER
 - Two sluice instances side by side, same configuration (fsync on, spool defaults) except ports and spool: EMPTY and FULL ($FIRST on the first ports and started first); held.example → queue "held" (retry 1d, message_rate 1/h) → a closed loopback port; everything else → one \`sluice-loadgen sink\`
 - Measurement: \`sluice-loadgen send --connections 32 --messages $M --size $SIZE --domain example.com --json\` at one instance; delivered = $M ÷ (source start → the sink's last message); accepted msg/s and p99 end of data → 250 from the source's JSON. Warm-up: $M through each (not counted)
-- Per measurement, over the M messages' whole life (stored, delivered, removed: until the wait above ends): KiB the instance wrote to storage (\`write_bytes\` of /proc/PID/io) per message, spool commits per message and their mean time (\`sluice_spool_commit_seconds\` sum ÷ count)
+- Per measurement, over the M messages' whole life (stored, delivered, removed: until the wait above ends): spool commits per message and their mean time (\`sluice_spool_commit_seconds\` sum ÷ count)
 - Control pairs: before the fill, both empty (the two instances' own difference). Fill: $FILL_PROCS × \`sluice-loadgen send --connections $FILL_CONNS --messages N/$FILL_PROCS --size $SIZE --domain held.example\` into FULL, then pairs alternating EMPTY, FULL / FULL, EMPTY; before each next measurement the script waits until the instance just measured has removed what it delivered (\`sluice_queue_messages{queue="default"}\` = 0 at its admin listener)
 
-| pair | order | EMPTY delivered msg/s | FULL delivered msg/s | FULL ÷ EMPTY | EMPTY accepted msg/s | FULL accepted msg/s | EMPTY p99 ms | FULL p99 ms | KiB written per msg, EMPTY / FULL | commits per msg, EMPTY / FULL | mean commit ms, EMPTY / FULL |
-|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|
+| pair | order | EMPTY delivered msg/s | FULL delivered msg/s | FULL ÷ EMPTY | EMPTY accepted msg/s | FULL accepted msg/s | EMPTY p99 ms | FULL p99 ms | commits per msg, EMPTY / FULL | mean commit ms, EMPTY / FULL |
+|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|
 ${ROWS%$'\n'}
 
-- **FULL ÷ EMPTY delivered, median of $PAIRS pairs with $N held: $(median "${FULL_RATIOS[@]}")**; p99 FULL ÷ EMPTY: $(median "${FULL_P99_RATIOS[@]}")
+- **FULL ÷ EMPTY delivered, median of $PAIRS pairs with $N held: $(median "${FULL_RATIOS[@]}")**; p99 FULL ÷ EMPTY: $(median "${FULL_P99_RATIOS[@]}"); mean commit time FULL ÷ EMPTY: $(median "${FULL_COMMIT_RATIOS[@]}")
 $([ "$CONTROL" = 0 ] || echo "- control (both empty), median of $CONTROL: $(median "${CONTROL_RATIOS[@]}")")
 
 | memory, MiB: VmRSS (RssAnon + RssFile) | EMPTY | FULL |
