@@ -36,7 +36,8 @@
 # start until the sink received the last message), relay CPU seconds per 1000 messages
 # (/proc utime+stime; for Postfix the master and all its processes, reaped ones included via
 # the master's cutime/cstime), peak memory (sluice: VmHWM; Postfix: peak of the summed PSS of
-# its processes, sampled every 0.5 s), and ratios against Postfix and the ceiling.
+# its processes, sampled every 0.5 s; sluice also the peaks of RssAnon and RssFile, sampled every
+# 0.5 s), and ratios against Postfix and the ceiling.
 #
 # Usage: bench/relay-vs-postfix.sh [--quick] [--messages N] [--port-base P] [--no-build]
 #                                  [--append | --no-append] [--workdir DIR]
@@ -265,6 +266,25 @@ start_pss_sampler() { # MASTER_PID OUTFILE STOPFILE [EXTRA_PID]
     SAMPLER_PID=$!
 }
 
+# Background sampler of one process's peak RssAnon and peak RssFile (KiB, "ANON FILE" in
+# OUTFILE), every 0.5 s; bounded; stops on a stop file. VmHWM alone cannot tell the heap from
+# LMDB's file-backed map pages.
+start_rss_sampler() { # PID OUTFILE STOPFILE
+    (
+        pa=0 pf=0 i=0
+        while [ ! -e "$3" ] && [ $i -lt $((2 * (SOURCE_TIMEOUT + DELIVERY_TIMEOUT + 60))) ]; do
+            read -r a f < <(awk '$1 == "RssAnon:" { a = $2 } $1 == "RssFile:" { f = $2 } END { print a + 0, f + 0 }' \
+                "/proc/$1/status" 2>/dev/null || echo "0 0")
+            [ "$a" -gt "$pa" ] && pa=$a
+            [ "$f" -gt "$pf" ] && pf=$f
+            echo "$pa $pf" >"$2"
+            sleep 0.5; i=$((i + 1))
+        done
+    ) &
+    PIDS+=($!)
+    RSS_SAMPLER_PID=$!
+}
+
 # ---------------------------------------------------------------------------------------
 start_sink() { # PORT STATS_PORT DIR [TLS: off|starttls|sink-verify] [DKIM_ALG]
     local tls_args=() token_args=()
@@ -439,8 +459,8 @@ sink_stat() { # STATS_PORT FIELD -> value (empty on failure)
 }
 
 # ---------------------------------------------------------------------------------------
-declare -A ACC E2E CPU MEM SINKCONN NOTE P99
-SAMPLER_PID="" SINK_PID="" RELAY_PID=""
+declare -A ACC E2E CPU MEM MEMSPLIT SINKCONN NOTE P99
+SAMPLER_PID="" RSS_SAMPLER_PID="" SINK_PID="" RELAY_PID=""
 
 measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
     local ci=$1 setup=$2 size=$3 conns=$4 mi=$5 rcpts=$6 tls=$7
@@ -492,7 +512,10 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
         *) die "unknown setup $setup" ;;
     esac
 
-    SAMPLER_PID=""
+    SAMPLER_PID="" RSS_SAMPLER_PID=""
+    if [ -n "$RELAY_PID" ] && ! is_postfix "$setup"; then
+        start_rss_sampler "$RELAY_PID" "$dir/rss.peak" "$dir/rss.stop"
+    fi
     if is_postfix "$setup"; then
         start_pss_sampler "$RELAY_PID" "$dir/pss.peak" "$dir/pss.stop" "$OPENDKIM_PID"
         # shellcheck disable=SC2046
@@ -543,6 +566,12 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
     elif [ -n "$RELAY_PID" ] && pid_alive "$RELAY_PID"; then
         cpu1=$(cpu_ticks_pids "$RELAY_PID")
         mem=$(vmhwm_kib "$RELAY_PID")
+    fi
+    MEMSPLIT[$key]=""
+    if [ -n "$RSS_SAMPLER_PID" ]; then
+        touch "$dir/rss.stop"
+        stop_pid "$RSS_SAMPLER_PID"
+        MEMSPLIT[$key]=$(awk '{ printf "%.0f / %.0f", $1 / 1024, $2 / 1024 }' "$dir/rss.peak" 2>/dev/null || true)
     fi
     last=$(sink_stat "$stats_port" last_message_unix_ms)
     SINKCONN[$key]=$(sink_stat "$stats_port" connections)
@@ -693,8 +722,8 @@ label() {
 }
 
 table() {
-    echo "| case | setup | accepted msg/s | delivered msg/s | p99 end of data → 250 ms | relay CPU s/1000 msg | relay peak MiB | sink conns | accepted ÷ Postfix | delivered ÷ Postfix | delivered ÷ ceiling | notes |"
-    echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+    echo "| case | setup | accepted msg/s | delivered msg/s | p99 end of data → 250 ms | relay CPU s/1000 msg | relay peak MiB | relay RssAnon / RssFile peak MiB | sink conns | accepted ÷ Postfix | delivered ÷ Postfix | delivered ÷ ceiling | notes |"
+    echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
     local ci size conns rcpts tls setups list setup key pf ce desc
     for ci in "${!CASES[@]}"; do
         read -r size conns rcpts tls setups <<<"${CASES[$ci]}"
@@ -714,9 +743,9 @@ table() {
             if [[ "$setup" == sluice-ev* ]]; then
                 note="delivered ÷ sluice events off: $(ratio "${E2E[$key]:-}" "${E2E[$ci/sluice]:-}"); accepted ÷ off: $(ratio "${ACC[$key]:-}" "${ACC[$ci/sluice]:-}")${note:+; $note}"
             fi
-            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' \
                 "$desc" "$(label "$setup")" \
-                "${ACC[$key]:-–}" "${E2E[$key]:-–}" "${P99[$key]:-–}" "${CPU[$key]:-–}" "${MEM[$key]:-–}" "${SINKCONN[$key]:-–}" \
+                "${ACC[$key]:-–}" "${E2E[$key]:-–}" "${P99[$key]:-–}" "${CPU[$key]:-–}" "${MEM[$key]:-–}" "${MEMSPLIT[$key]:-–}" "${SINKCONN[$key]:-–}" \
                 "$(ratio "${ACC[$key]:-}" "${ACC[$pf]:-}")" "$(ratio "${E2E[$key]:-}" "${E2E[$pf]:-}")" \
                 "$(ratio "${E2E[$key]:-}" "${E2E[$ce]:-}")" "$note"
         done
@@ -756,7 +785,7 @@ section() {
 - Postfix: a private instance (own config, queue and data directories under the temp dir; \`postfix -c DIR start\`) from \`bench/postfix/main.cf.in\` and \`master.cf.in\`: Debian's shipped services and durability (queue files fsynced), no chroot, relayhost=[127.0.0.1]:SINKPORT, smtpd STARTTLS (smtpd_tls_security_level=may, same cert) only in the STARTTLS and verify cases, no TLS to the sink except in the verify cases (smtp_tls_security_level=verify, smtp_tls_CAfile=CA, smtp_tls_verify_cert_match=hostname, localhost; the sink then presents a certificate for IP 127.0.0.1 and DNS localhost issued by CA, a test CA from the openssl CLI), default_destination_concurrency_limit=50, default_process_limit=300, logging to a file through postlogd; fresh queue per measurement
 $(dkim_desc)
 $(events_desc)
-- accepted = messages ÷ source wall time; delivered = messages ÷ (source start → the sink's last message); relay CPU = utime+stime (Postfix: master and all its processes, reaped ones included); relay peak = sluice VmHWM, Postfix peak of the summed PSS of its processes sampled every 0.5 s; sink conns = connections the sink saw (the relay's connection reuse)
+- accepted = messages ÷ source wall time; delivered = messages ÷ (source start → the sink's last message); relay CPU = utime+stime (Postfix: master and all its processes, reaped ones included); relay peak = sluice VmHWM, Postfix peak of the summed PSS of its processes sampled every 0.5 s; relay RssAnon / RssFile = the peaks of each, sampled every 0.5 s (anonymous: heap, session and delivery buffers; file: LMDB's mapped spool pages, page cache); sink conns = connections the sink saw (the relay's connection reuse)
 
 $(table)
 EOF
