@@ -264,7 +264,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     crate::metrics::watch_queues(queue_stats.clone());
     let admission = Arc::new(
         QueueAdmission::new(rules, &config.queue, queue_stats.clone())
-            .with_tenants(config.tenant.clone()),
+            .with_tenants(config.tenant_policy()),
     );
 
     // DKIM signers with their keys: a bad key stops the start, naming it.

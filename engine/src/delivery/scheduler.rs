@@ -200,7 +200,14 @@ impl CoreDelivery {
                     );
                     return Err(sluice_spool::Reply::new(code, status, text));
                 }
-                self.target_for(&facts, &rules, r, mx, &mut chosen)
+                self.target_for(
+                    &facts,
+                    envelope.tenant.as_deref(),
+                    &rules,
+                    r,
+                    mx,
+                    &mut chosen,
+                )
             })
         };
         if crate::events::enabled() {
