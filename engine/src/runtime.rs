@@ -400,7 +400,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         )
         .with_dkim(dkim.clone())
         .with_stage_filters(stage_filters.clone())
-        .with_delivery(delivery_cfg),
+        .with_delivery(delivery_cfg)
+        .with_admission(admission.clone()),
     );
     let signals = spawn_signal_thread(
         shutdown.clone(),
