@@ -1352,6 +1352,7 @@ fn store_raw(path: &std::path::Path, bodies: &[Vec<u8>]) {
             hold_until_unix: 0,
             deliver_by: None,
             tls_request: Default::default(),
+            tenant: None,
             schedule: Default::default(),
         };
         let id = ids.next(now_ms);

@@ -238,3 +238,101 @@ fn a_pool_with_no_usable_member_defers_with_a_reason() {
     );
     assert!(hop.messages().is_empty());
 }
+
+#[test]
+fn a_deferred_attempt_does_not_spend_the_warmup_budget() {
+    let ips = loopbacks(2);
+    // The hop defers the "later" recipients, takes the rest.
+    let hop = ScriptedServer::builder()
+        .name("hop.pool.test")
+        .on_arg("RCPT", "later", Act::Reply("451 4.3.0 not now".into()))
+        .start(SocketAddr::new(ips[0].into(), 0));
+    let members = member(
+        ips[1],
+        &format!("warmup=\"new\",warmup_start=\"{}\"", today()),
+    );
+    // One attempt each in the test's time: a deferred message waits an hour.
+    let relay = relay(
+        &hop,
+        &members,
+        &["warmup.new.schedule=[3]", "queue.default.retry=[\"1h\"]"],
+    );
+    let later: Vec<String> = (0..3)
+        .map(|i| {
+            submit(
+                &relay,
+                "sender@pool.test",
+                "",
+                &[&format!("later{i}@dest.test")],
+                format!("Subject: later{i}\r\n\r\nx\r\n").as_bytes(),
+            )
+        })
+        .collect();
+    // Each is deferred by the hop (its result recorded in the spool).
+    wait_until(
+        "the three deferred by the hop",
+        T,
+        || {
+            later.iter().all(|id| {
+                try_show(&relay, id)
+                    .is_some_and(|s| s.contains("451 4.3.0") && s.contains("deferred"))
+            })
+        },
+        || relay.log(),
+    );
+    assert!(hop.messages().is_empty());
+    // Three deferred attempts spent nothing: the day's three go out.
+    send(&relay, 3, "ok");
+    let peers = wait_received(&hop, &relay, 3);
+    assert_eq!(count(&peers, ips[1]), 3, "{peers:?}");
+    // Three delivered: the cap holds for the next one.
+    let id = submit(
+        &relay,
+        "sender@pool.test",
+        "",
+        &["over@dest.test"],
+        b"Subject: over\r\n\r\nx\r\n",
+    );
+    wait_until(
+        "the fourth deferred for the budget",
+        T,
+        || try_show(&relay, &id).is_some_and(|s| s.contains("no usable source address in pool p")),
+        || format!("{:?}\n{}", try_show(&relay, &id), relay.log()),
+    );
+    assert_eq!(hop.messages().len(), 3);
+}
+
+#[test]
+fn per_site_connections_caps_each_member_at_a_site() {
+    let ips = loopbacks(3);
+    // Slow at each message, so the relay wants many connections at once.
+    let hop = ScriptedServer::builder()
+        .name("hop.pool.test")
+        .capability("PIPELINING")
+        .on(END_OF_DATA, Act::Delay(Duration::from_millis(150)))
+        .start(SocketAddr::new(ips[0].into(), 0));
+    let members = format!(
+        "{},{}",
+        member(ips[1], "ehlo_name=\"a.pool.test\""),
+        member(ips[2], "ehlo_name=\"b.pool.test\"")
+    );
+    let relay = relay(
+        &hop,
+        &members,
+        &[
+            "pool.p.per_site_connections=2",
+            "destination.default.max_connections=10",
+        ],
+    );
+    send(&relay, 40, "c");
+    let peers = wait_received(&hop, &relay, 40);
+    assert_eq!(count(&peers, ips[1]) + count(&peers, ips[2]), 40);
+    let by_ip = hop.max_sessions_by_ip();
+    let most = |ip: Ipv4Addr| by_ip.get(&IpAddr::V4(ip)).copied().unwrap_or(0);
+    eprintln!("most sessions at once per member: {by_ip:?}");
+    // The site alone would allow 10 per member.
+    assert!(most(ips[1]) <= 2, "{by_ip:?}");
+    assert!(most(ips[2]) <= 2, "{by_ip:?}");
+    // And the cap is reached, so the test sees concurrency at all.
+    assert!(most(ips[1]).max(most(ips[2])) == 2, "{by_ip:?}");
+}

@@ -356,3 +356,125 @@ fn a_lowered_concurrency_holds_at_a_site_already_in_use() {
         || relay.log(),
     );
 }
+
+fn today() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%F"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The pool and tenant part of a file: everything to far.test leaves from
+/// pool `p` by route `hop`; the tenant comes from `X-Tenant`.
+fn pool_file(path: &Path, hop: SocketAddr, members: &str, tenant_rate: &str) {
+    let text = format!(
+        "[queue.default]\nretry = [\"1s\"]\n\n\
+         [route.hop]\ntype = \"relay\"\nhost = \"{}\"\nport = {}\ntls = \"none\"\n\n\
+         [warmup.new]\nschedule = [3]\n\n\
+         [pool.p]\nmembers = [{members}]\n\n\
+         [tenants]\nheader = \"X-Tenant\"\n\n\
+         [tenant.t]\nmessage_rate = [\"{tenant_rate}\"]\n\n\
+         [[rule]]\nmatch = {{ recipient_domain = [\"far.test\"] }}\nroute = \"hop\"\npool = \"p\"\n",
+        hop.ip(),
+        hop.port()
+    );
+    std::fs::write(path, text).expect("write the config file");
+}
+
+/// Sends one message of tenant `t` (by its header field); the end of data's code.
+fn send_tenant(relay: &Relay, tag: &str) -> u16 {
+    let mut c = relay.session();
+    c.expect("MAIL FROM:<alice@snd.reload.test>", 250);
+    c.expect(&format!("RCPT TO:<{tag}@far.test>"), 250);
+    c.expect("DATA", 354);
+    c.send(format!("X-Tenant: t\r\nSubject: {tag}\r\n\r\n{tag}\r\n.\r\n").as_bytes());
+    let r = c.read_reply();
+    c.send_line("QUIT");
+    r.code
+}
+
+#[test]
+fn sighup_changes_pool_members_and_a_tenant_rate_keeping_warmup_counts() {
+    let ips = loopbacks(3);
+    let hop = ScriptedServer::builder()
+        .name("hop.reload.test")
+        .start(SocketAddr::new(ips[0].into(), 0));
+    let warming = format!(
+        "{{ ip = \"{}\", warmup = \"new\", warmup_start = \"{}\" }}",
+        ips[1],
+        today()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("sluice.toml");
+    // Before: one member, warming at 3 a day; tenant t may send 20 an hour.
+    pool_file(&file, hop.addr(), &warming, "20/h");
+    let relay = relay_with(dir, &file);
+    let mut accepted: Vec<String> = Vec::new();
+    for i in 0..6 {
+        let tag = format!("before{i}");
+        assert_eq!(send_tenant(&relay, &tag), 250, "{tag}");
+        accepted.push(tag);
+    }
+    // Three leave from the warming member; the rest wait, its budget spent.
+    wait_until(
+        "three messages at the hop and the rest deferred",
+        T,
+        || hop.messages().len() >= 3 && relay.log().contains("no usable source address in pool p"),
+        || relay.log(),
+    );
+    assert_eq!(hop.messages().len(), 3);
+
+    // The pool gains a member, tenant t's rate drops to 2 an hour.
+    let added = format!("{warming}, {{ ip = \"{}\" }}", ips[2]);
+    pool_file(&file, hop.addr(), &added, "2/h");
+    let (summary, took) = reload(&relay, 1);
+    eprintln!(
+        "FIGURE reload: SIGHUP to new pool members and tenant rate in force: {} ms",
+        took.as_millis()
+    );
+    assert!(summary.contains("pool"), "{summary}");
+    assert!(summary.contains("tenant"), "{summary}");
+    assert!(!summary.contains("need a restart"), "{summary}");
+
+    // The new rate holds at once (the old one had 14 of 20 left): of three
+    // more, at least one is told to try later.
+    let mut refused = 0;
+    for i in 0..3 {
+        let tag = format!("after{i}");
+        match send_tenant(&relay, &tag) {
+            250 => accepted.push(tag),
+            451 => refused += 1,
+            code => panic!("{tag}: {code}"),
+        }
+    }
+    assert!(refused >= 1, "the lowered tenant rate was not applied");
+    assert!(
+        metric_sum(
+            &relay.metrics(),
+            "sluice_tenant_messages_total{tenant=\"t\",outcome=\"rate_limited\"}"
+        ) >= 1.0
+    );
+
+    // Every accepted message arrives once; the queued ones and the new ones
+    // leave from the new member, the warming one stays at its 3.
+    let n = accepted.len();
+    wait_until(
+        &format!("{n} messages at the hop"),
+        T,
+        || hop.messages().len() >= n,
+        || relay.log(),
+    );
+    let mut got = tags(&hop);
+    got.sort();
+    accepted.sort();
+    assert_eq!(got, accepted, "each accepted message once");
+    let from = |ip: Ipv4Addr| {
+        hop.messages()
+            .iter()
+            .filter(|m| m.peer.map(|p| p.ip()) == Some(ip.into()))
+            .count()
+    };
+    assert_eq!(from(ips[1]), 3, "the warming member's budget was reset");
+    assert_eq!(from(ips[2]), n - 3);
+}

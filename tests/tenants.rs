@@ -1,10 +1,16 @@
-//! Tenants (`[tenant.NAME]`, a rule's `tenant`): one tenant's flood does not
-//! starve another at a slow shared site, and a tenant's message rate is
-//! enforced at the end of data. Real relay, real SMTP in and out: a scripted
-//! next hop that takes one connection at a time and pauses at each message.
+//! Tenants (`[tenant.NAME]`, a rule's `tenant`, the `[tenants] header`):
+//! one tenant's flood does not starve another at a slow shared site, and a
+//! tenant's message rate is enforced at the end of data; a tenant named by a
+//! header field is limited, stored with the message across a restart, and
+//! counted at delivery and in events. Real relay, real SMTP in and out
+//! (swaks sets the header): a scripted next hop that takes one connection at
+//! a time and pauses at each message, or defers until it is replaced.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 use sluice_testkit::*;
 
@@ -158,6 +164,178 @@ fn a_tenant_over_its_message_rate_is_told_to_try_later() {
             "sluice_tenant_messages_total{tenant=\"c\",outcome=\"rate_limited\"}"
         ),
         1.0,
+        "{metrics}"
+    );
+}
+
+/// swaks from `from` to `to` with an `X-Tenant` header field; its transcript.
+fn swaks_tenant(relay: &Relay, from: &str, to: &str, tenant: &str) -> String {
+    let out = swaks(
+        relay,
+        &[
+            "--from",
+            from,
+            "--to",
+            to,
+            "--header",
+            &format!("X-Tenant: {tenant}"),
+        ],
+    );
+    text(&out.stdout)
+}
+
+/// The events file's objects.
+fn file_events(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+fn tenant_metric(relay: &Relay, tenant: &str, outcome: &str) -> f64 {
+    metric_sum(
+        &relay.metrics(),
+        &format!("sluice_tenant_messages_total{{tenant=\"{tenant}\",outcome=\"{outcome}\"}}"),
+    )
+}
+
+#[test]
+fn a_tenant_named_by_a_header_is_limited_stored_and_counted_at_delivery() {
+    let ips = loopbacks(1);
+    // The first next hop defers everything, so the mail is still queued when
+    // the relay restarts.
+    let deferring = ScriptedServer::builder()
+        .on("MAIL", Act::Reply("451 4.3.0 not now".into()))
+        .start(SocketAddr::new(ips[0].into(), 0));
+    let hop_addr = deferring.addr();
+    let events = tempfile::tempdir().expect("tempdir");
+    let file = events.path().join("events.jsonl");
+    let mut relay = Relay::builder()
+        .cores(2)
+        .set("delivery.enabled=true")
+        .set("queue.default.retry=[\"1s\"]")
+        .set(format!(
+            "route.hop={{type=\"relay\",host=\"{}\",port={},tls=\"none\"}}",
+            hop_addr.ip(),
+            hop_addr.port()
+        ))
+        .set("rule=[{match={recipient_domain=[\"dest.test\"]},route=\"hop\"}]")
+        .set("tenant.b={message_rate=[\"2/h\"]}")
+        .set("tenant.misc={}")
+        .set("tenants.header=\"X-Tenant\"")
+        .set("tenants.default=\"misc\"")
+        .set("events.enabled=true")
+        .set(format!("events.file=\"{}\"", file.display()))
+        .start();
+    // Two of b's are taken; the third is over b's rate, named in the reply.
+    for i in 0..2 {
+        let t = swaks_tenant(&relay, "x@any.test", &format!("b{i}@dest.test"), "b");
+        assert!(t.contains("<-  250 2.0.0"), "{t}");
+    }
+    let t = swaks_tenant(&relay, "x@any.test", "b2@dest.test", "b");
+    assert!(t.contains("451 4.7.1"), "{t}");
+    assert!(t.contains("tenant b is over its message rate"), "{t}");
+    // A name that is no tenant counts for the default.
+    let t = swaks_tenant(&relay, "x@any.test", "u@dest.test", "nobody");
+    assert!(t.contains("<-  250 2.0.0"), "{t}");
+    assert_eq!(tenant_metric(&relay, "b", "accepted"), 2.0);
+    assert_eq!(tenant_metric(&relay, "b", "rate_limited"), 1.0);
+    assert_eq!(tenant_metric(&relay, "misc", "accepted"), 1.0);
+    // Delivery counts the attempts for the header's tenant: nothing else
+    // (no rule tenant, no AUTH) names it.
+    wait_until(
+        "the deferrals counted for b and misc",
+        Duration::from_secs(30),
+        || {
+            tenant_metric(&relay, "b", "deferred") >= 2.0
+                && tenant_metric(&relay, "misc", "deferred") >= 1.0
+        },
+        || relay.metrics(),
+    );
+    // Restart with the mail queued: the tenant comes back from the spool.
+    relay.terminate();
+    drop(deferring);
+    let hop = ScriptedServer::builder().start(hop_addr);
+    relay.restart();
+    wait_until(
+        "the three messages at the next hop",
+        Duration::from_secs(60),
+        || hop.messages().len() >= 3,
+        || format!("{} delivered\n{}", hop.messages().len(), relay.log()),
+    );
+    wait_until(
+        "the deliveries counted per tenant after the restart",
+        Duration::from_secs(10),
+        || {
+            tenant_metric(&relay, "b", "delivered") >= 2.0
+                && tenant_metric(&relay, "misc", "delivered") >= 1.0
+        },
+        || relay.metrics(),
+    );
+    assert_eq!(hop.messages().len(), 3, "each message once");
+    // Events carry the tenant the message counts for (not the raw value).
+    let mut seen = Vec::new();
+    wait_until(
+        "the delivery events",
+        Duration::from_secs(10),
+        || {
+            seen = file_events(&file);
+            seen.iter().filter(|e| e["type"] == "delivery").count() >= 3
+        },
+        || format!("{:#?}", file_events(&file)),
+    );
+    let tenant_of = |kind: &str, rcpt: &str| {
+        seen.iter()
+            .find(|e| {
+                e["type"] == kind
+                    && (e["recipient"] == rcpt
+                        || e["recipients"]
+                            .as_array()
+                            .is_some_and(|r| r.iter().any(|x| x == rcpt)))
+            })
+            .map(|e| e["tenant"].clone())
+            .unwrap_or_else(|| panic!("no {kind} event for {rcpt}: {seen:#?}"))
+    };
+    assert_eq!(tenant_of("reception", "b0@dest.test"), "b");
+    assert_eq!(tenant_of("delivery", "b1@dest.test"), "b");
+    assert_eq!(tenant_of("reception", "u@dest.test"), "misc");
+    assert_eq!(tenant_of("delivery", "u@dest.test"), "misc");
+}
+
+#[test]
+fn an_untrusted_client_cannot_name_a_tenant() {
+    let ips = loopbacks(1);
+    let hop = ScriptedServer::builder().start(SocketAddr::new(ips[0].into(), 0));
+    // Loopback is not a relay network here: the client is an outsider
+    // sending to a local domain.
+    let relay = Relay::builder()
+        .set("delivery.enabled=true")
+        .set("relay.relay_networks=[]")
+        .set("relay.local_domains=[\"dest.test\"]")
+        .set(format!(
+            "route.hop={{type=\"relay\",host=\"{}\",port={},tls=\"none\"}}",
+            hop.addr().ip(),
+            hop.addr().port()
+        ))
+        .set("rule=[{match={recipient_domain=[\"dest.test\"]},route=\"hop\"}]")
+        .set("tenant.b={message_rate=[\"1/h\"]}")
+        .set("tenants.header=\"X-Tenant\"")
+        .start();
+    for i in 0..3 {
+        let t = swaks_tenant(&relay, "x@any.test", &format!("r{i}@dest.test"), "b");
+        assert!(t.contains("<-  250 2.0.0"), "{t}");
+    }
+    wait_until(
+        "the three messages at the next hop",
+        Duration::from_secs(30),
+        || hop.messages().len() >= 3,
+        || relay.log(),
+    );
+    let metrics = relay.metrics();
+    assert_eq!(
+        metric_sum(&metrics, "sluice_tenant_messages_total{tenant=\"b\""),
+        0.0,
         "{metrics}"
     );
 }

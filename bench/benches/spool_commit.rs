@@ -39,6 +39,7 @@ fn envelope(size: usize) -> Envelope {
         hold_until_unix: 0,
         deliver_by: None,
         tls_request: Default::default(),
+        tenant: None,
         schedule: Default::default(),
     }
 }

@@ -88,6 +88,8 @@ pub struct Config {
     pub warmup: BTreeMap<String, sluice_policy::pool::WarmupConfig>,
     /// Tenants: rate limits at acceptance and a share of delivery (docs/pools.md).
     pub tenant: BTreeMap<String, sluice_policy::tenant::TenantConfig>,
+    /// Where a tenant comes from besides rules and AUTH: a header field.
+    pub tenants: sluice_policy::tenant::TenantsConfig,
     /// `pool` and `warmup` checked, built by `finish`.
     #[serde(skip)]
     pub pools: sluice_policy::pool::Pools,
@@ -1049,6 +1051,8 @@ impl Config {
         self.pools = sluice_policy::pool::Pools::new(&self.pool, &self.warmup)
             .map_err(|e| invalid(e.key.clone(), e.reason.clone()))?;
         sluice_policy::tenant::check(&self.tenant).map_err(|(key, reason)| invalid(key, reason))?;
+        sluice_policy::tenant::check_source(&self.tenants, &self.tenant)
+            .map_err(|(key, reason)| invalid(key, reason))?;
         for (i, rule) in self.rule.iter().enumerate() {
             if let Some(tenant) = &rule.tenant {
                 if !self.tenant.contains_key(tenant) {
@@ -1130,6 +1134,14 @@ impl Config {
         &self,
     ) -> Result<sluice_policy::dkim::DkimPolicy, sluice_policy::PolicyError> {
         self.dkim_plan()?.load()
+    }
+
+    /// `[tenant.*]` and `[tenants]` as the end of data uses them.
+    pub fn tenant_policy(&self) -> crate::queue::admission::TenantPolicy {
+        crate::queue::admission::TenantPolicy {
+            tenants: self.tenant.clone(),
+            source: self.tenants.clone(),
+        }
     }
 
     /// The delivery-related sections, for the delivery engine.

@@ -355,6 +355,7 @@ async fn tls(
     let routed = route_recipient(
         cfg,
         &q.facts,
+        None,
         rules,
         &recipient,
         rules.uses_mx().then_some(&mx),

@@ -18,11 +18,15 @@
 //!
 //! Delivery: `[route.*]`, `[queue.*]` (not the quotas), `[destination.*]`,
 //! `[host.*]`, `[source_ip.*]`, `[provider.*]` with the presets, the
-//! `[delivery]` limits and timeouts, and `[shaping]` (rules, slow start). The
-//! cores read one `DeliveryConfig` snapshot; its `generation` tells sites and
-//! limiters built under an older one to retune (keeping what they spent).
-//! Queued mail is routed again at its next attempt; mail of a removed queue
-//! follows `[queue.default]`. Shaping actions in force stay.
+//! `[delivery]` limits and timeouts, `[shaping]` (rules, slow start), and the
+//! egress pools, warm-up schedules and tenants (`[pool.*]`, `[warmup.*]`,
+//! `[tenant.*]`, `[tenants]`). The cores read one `DeliveryConfig` snapshot;
+//! its `generation` tells sites and limiters built under an older one to
+//! retune (keeping what they spent). Queued mail is routed again at its next
+//! attempt; mail of a removed queue follows `[queue.default]`. Shaping actions
+//! in force stay; warm-up counts are kept per address and destination, so a
+//! reload never gives a member a fresh budget; tenant rate limiters keep what
+//! they spent (`QueueAdmission::set_tenants`).
 //!
 //! Needs a restart (kept running, named in the summary): listener addresses,
 //! TLS mode, proxy and connection settings, `server.*`, `[spool]`, `[log]`,
@@ -30,8 +34,7 @@
 //! (`max_messages`, `max_bytes`), route `tls_client_cert`/`tls_client_key`,
 //! `delivery.enabled`, `ehlo_name`, `tls_ca_file`, `mta_sts*` and the
 //! `bounce_rules` path, and the sections read when the relay starts:
-//! `[pool.*]`, `[warmup.*]`, `[tenant.*]`, `[[limit]]`, `[ban]`, `[dnsbl]`
-//! and `[greylist]`.
+//! `[[limit]]`, `[ban]`, `[dnsbl]` and `[greylist]`.
 //!
 //! Swaps are `ArcSwap` stores: readers (a connection opening, a RCPT choosing a
 //! queue, a dispatch choosing a route, a site's next step) do one atomic load,
@@ -88,6 +91,8 @@ pub struct Reloader {
     stage_filters: Option<crate::filters::delivery::DeliveryFiltersSwap>,
     /// The delivery snapshot the cores read (routes, queues, limits).
     delivery: Option<Arc<ArcSwap<DeliveryConfig>>>,
+    /// The end of data's tenants (`[tenant.*]` rates, `[tenants]` header).
+    admission: Option<Arc<crate::queue::admission::QueueAdmission>>,
 }
 
 /// What a validated reload will store.
@@ -102,6 +107,8 @@ struct Plan {
     dkim: Option<sluice_policy::dkim::DkimPolicy>,
     /// Built when a delivery section or the shaping rules changed.
     delivery: Option<DeliveryConfig>,
+    /// `[tenant.*]` or `[tenants]` changed (the end of data's copy is replaced).
+    tenants: bool,
     shaping: Option<(ShapingRules, Option<u32>)>,
 }
 
@@ -129,7 +136,17 @@ impl Reloader {
             dkim: None,
             stage_filters: None,
             delivery: None,
+            admission: None,
         }
+    }
+
+    /// Reloads also replace the tenants the end of data counts.
+    pub fn with_admission(
+        mut self,
+        admission: Arc<crate::queue::admission::QueueAdmission>,
+    ) -> Reloader {
+        self.admission = Some(admission);
+        self
     }
 
     /// Reloads also replace the delivery configuration the cores read.
@@ -173,6 +190,12 @@ impl Reloader {
         // the running one: a new path needs a restart); a bad file refuses
         // the reload.
         let bounce = crate::bounce::load(running.delivery.bounce_rules.as_deref())?;
+        // Pools added to a relay started without any: their warm-up store
+        // opens now (a failure refuses the reload).
+        if self.delivery.is_some() && !plan.effective.pools.pools.is_empty() {
+            crate::delivery::pools::open_if_needed(&running.spool.path, crate::time::now_ms())
+                .map_err(|e| format!("pool: opening the warm-up store: {e}"))?;
+        }
         // Everything is valid: store it all.
         crate::bounce::install(bounce);
         for (listener, key) in plan.certs {
@@ -196,6 +219,9 @@ impl Reloader {
         }
         if let (Some(swap), Some(policy)) = (&self.dkim, plan.dkim) {
             swap.store(Arc::new(crate::queue::dkim::DkimState::new(policy)));
+        }
+        if let (Some(admission), true) = (&self.admission, plan.tenants) {
+            admission.set_tenants(plan.effective.tenant_policy());
         }
         if let (Some(swap), Some(mut delivery)) = (&self.delivery, plan.delivery) {
             // Each core sees the new generation at its next decision.
@@ -301,7 +327,9 @@ impl Reloader {
             sessions.push((shared.clone(), session));
         }
         let delivery = delivery_changed.then(|| effective.delivery_config());
+        let tenants = changed.iter().any(|c| c == "tenant" || c == "tenants");
         Ok(Plan {
+            tenants,
             effective,
             changed: dedup(changed),
             restart,
@@ -454,7 +482,7 @@ fn take_reloadable(l: &mut ListenerConfig, n: &ListenerConfig) {
 }
 
 /// The delivery keys a reload takes (names as in the summary).
-const DELIVERY_KEYS: [&str; 7] = [
+const DELIVERY_KEYS: [&str; 10] = [
     "delivery",
     "queue",
     "route",
@@ -462,6 +490,9 @@ const DELIVERY_KEYS: [&str; 7] = [
     "source_ip",
     "host",
     "provider",
+    "pool",
+    "warmup",
+    "tenant",
 ];
 
 fn is_delivery_key(change: &str) -> bool {
@@ -533,6 +564,25 @@ fn take_delivery(effective: &mut Config, new: &Config, changed: &mut Vec<String>
         effective.provider = new.provider.clone();
         effective.providers = new.providers.clone();
         changed.push("provider".into());
+    }
+    // Pools and warm-up schedules are checked together (`pools`, built by
+    // the new file's load): a member's schedule names a `[warmup.*]`.
+    if differs(&effective.pool, &new.pool) {
+        effective.pool = new.pool.clone();
+        changed.push("pool".into());
+    }
+    if differs(&effective.warmup, &new.warmup) {
+        effective.warmup = new.warmup.clone();
+        changed.push("warmup".into());
+    }
+    effective.pools = new.pools.clone();
+    if differs(&effective.tenant, &new.tenant) {
+        effective.tenant = new.tenant.clone();
+        changed.push("tenant".into());
+    }
+    if differs(&effective.tenants, &new.tenants) {
+        effective.tenants = new.tenants.clone();
+        changed.push("tenants".into());
     }
 }
 
@@ -621,16 +671,13 @@ fn restart_only_changes(effective: &Config, new: &Config) -> Vec<String> {
             out.push(format!("route.{name}.tls_client_cert/tls_client_key"));
         }
     }
-    let sections: [(&str, bool); 12] = [
+    let sections: [(&str, bool); 9] = [
         ("spool", differs(&effective.spool, &new.spool)),
         ("log", differs(&effective.log, &new.log)),
         ("admin", differs(&effective.admin, &new.admin)),
         ("dns", differs(&effective.dns, &new.dns)),
         ("auth", differs(&effective.auth, &new.auth)),
         // Read when the relay starts (their state is built then).
-        ("pool", differs(&effective.pool, &new.pool)),
-        ("warmup", differs(&effective.warmup, &new.warmup)),
-        ("tenant", differs(&effective.tenant, &new.tenant)),
         ("limit", differs(&effective.limit, &new.limit)),
         ("ban", differs(&effective.ban, &new.ban)),
         ("dnsbl", differs(&effective.dnsbl, &new.dnsbl)),
@@ -682,6 +729,24 @@ mod tests {
             restart[0].starts_with("server.listener.smtp"),
             "{restart:?}"
         );
+    }
+
+    #[test]
+    fn pools_warmup_and_tenants_reload_without_a_restart() {
+        let running = config("[tenant.a]\n");
+        let new = config(
+            "[tenant.a]\nmessage_rate = [\"1/s\"]\n[tenants]\nheader = \"X-Tenant\"\n\
+             [warmup.w]\nschedule = [5]\n\
+             [pool.p]\nmembers = [{ip = \"192.0.2.1\", warmup = \"w\", warmup_start = \"2026-12-01\"}]\n",
+        );
+        let c = changes(&running, &new);
+        assert_eq!(c.verdict(), "reload", "{c}");
+        for key in ["pool", "warmup", "tenant", "tenants"] {
+            assert!(c.reload.iter().any(|k| k == key), "{key}: {c}");
+        }
+        let (effective, _, _) = merge(&running, &new);
+        assert_eq!(effective.pools, new.pools);
+        assert_eq!(effective.tenants.header, "X-Tenant");
     }
 
     #[test]

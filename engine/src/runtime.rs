@@ -264,7 +264,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     crate::metrics::watch_queues(queue_stats.clone());
     let admission = Arc::new(
         QueueAdmission::new(rules, &config.queue, queue_stats.clone())
-            .with_tenants(config.tenant.clone()),
+            .with_tenants(config.tenant_policy()),
     );
 
     // DKIM signers with their keys: a bad key stops the start, naming it.
@@ -400,7 +400,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         )
         .with_dkim(dkim.clone())
         .with_stage_filters(stage_filters.clone())
-        .with_delivery(delivery_cfg),
+        .with_delivery(delivery_cfg)
+        .with_admission(admission.clone()),
     );
     let signals = spawn_signal_thread(
         shutdown.clone(),

@@ -318,11 +318,16 @@ impl Picker {
     }
 }
 
-/// Messages each warming member sent today, per scope; stored as
-/// `"IP|scope"` → (day, count).
+/// Messages each warming member delivered today, per scope; stored as
+/// `"IP|scope"` → (day, count). Besides, the messages dispatched and not yet
+/// answered (reservations, memory only): the cap is checked against both, so
+/// a burst cannot overshoot it, but only a delivery is counted — a deferred
+/// or failed attempt gives its reservation back.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WarmupCounts {
     counts: HashMap<String, (u64, u64)>,
+    /// `"IP|scope"` → (day, messages in flight).
+    held: HashMap<String, (u64, u64)>,
 }
 
 /// The key of a member's counter for a scope.
@@ -336,6 +341,53 @@ impl WarmupCounts {
         match self.counts.get(key) {
             Some((d, n)) if *d == day => *n,
             _ => 0,
+        }
+    }
+
+    /// Delivered plus in flight for `key` on `day`: what the cap is checked against.
+    pub fn used(&self, key: &str, day: u64) -> u64 {
+        let held = match self.held.get(key) {
+            Some((d, n)) if *d == day => *n,
+            _ => 0,
+        };
+        self.sent(key, day) + held
+    }
+
+    /// Reserves one message for `key` on `day` (it is being dispatched).
+    /// False when the table is full (the caller treats the member as over
+    /// budget, which only defers).
+    pub fn reserve(&mut self, key: &str, day: u64) -> bool {
+        if !self.held.contains_key(key) && self.held.len() >= MAX_COUNTERS {
+            self.held.retain(|_, (d, n)| *d >= day && *n > 0);
+            if self.held.len() >= MAX_COUNTERS {
+                return false;
+            }
+        }
+        let entry = self.held.entry(key.to_string()).or_insert((day, 0));
+        if entry.0 != day {
+            *entry = (day, 0);
+        }
+        entry.1 += 1;
+        true
+    }
+
+    /// The attempt a reservation of `key` was made for is over: the
+    /// reservation is given back, and a delivery is counted on `day`
+    /// (Some(new count), to be stored). A reservation of an earlier day was
+    /// dropped with its day; the delivery still counts today.
+    pub fn settle(&mut self, key: &str, day: u64, delivered: bool) -> Option<u64> {
+        if let Some(entry) = self.held.get_mut(key) {
+            if entry.0 == day {
+                entry.1 = entry.1.saturating_sub(1);
+            }
+            if entry.1 == 0 || entry.0 != day {
+                self.held.remove(key);
+            }
+        }
+        if delivered {
+            self.charge(key, day)
+        } else {
+            None
         }
     }
 
@@ -460,6 +512,31 @@ mod tests {
         // Full: yesterday's counters make room for today's.
         assert_eq!(c.charge("new", 6), Some(1));
         assert!(c.counts.len() <= 2);
+    }
+
+    #[test]
+    fn only_deliveries_count_and_reservations_hold_the_cap() {
+        let mut c = WarmupCounts::default();
+        // Two dispatched: both count against the cap while in flight.
+        assert!(c.reserve("a", 5));
+        assert!(c.reserve("a", 5));
+        assert_eq!(c.used("a", 5), 2);
+        assert_eq!(c.sent("a", 5), 0);
+        // One deferred: its reservation is given back, nothing counted.
+        assert_eq!(c.settle("a", 5, false), None);
+        assert_eq!(c.used("a", 5), 1);
+        // One delivered: counted (and stored by the caller).
+        assert_eq!(c.settle("a", 5, true), Some(1));
+        assert_eq!((c.used("a", 5), c.sent("a", 5)), (1, 1));
+        assert!(c.held.is_empty());
+        // A reservation of yesterday delivered today counts today.
+        assert!(c.reserve("b", 5));
+        assert_eq!(c.settle("b", 6, true), Some(1));
+        assert_eq!(c.used("b", 6), 1);
+        assert!(c.held.is_empty());
+        // An extra settle never goes below zero.
+        assert_eq!(c.settle("a", 5, false), None);
+        assert_eq!(c.used("a", 5), 1);
     }
 
     #[test]

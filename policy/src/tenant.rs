@@ -1,10 +1,11 @@
 //! Tenants, sans-IO: who a message counts for, and the delivery fair share.
 //!
 //! * A message's tenant is the `tenant` of the rule that decided its
-//!   recipient, else its authenticated user when a `[tenant.USER]` section
-//!   names it ([`tenant_of`]). Only configured names are tenants, so every
-//!   set keyed by tenant (limiters, metric labels, fair-share tags) is bounded
-//!   by the configuration.
+//!   recipient, else the one named by the `[tenants] header` field (read from
+//!   trusted clients only, [`from_header`]), else its authenticated user when
+//!   a `[tenant.USER]` section names it ([`tenant_of`]). Only configured names
+//!   are tenants, so every set keyed by tenant (limiters, metric labels,
+//!   fair-share tags) is bounded by the configuration.
 //! * Fair share at a site is start-time fair queueing: each job gets a finish
 //!   tag `max(virtual time, tenant's last tag) + SCALE / weight`, the site
 //!   serves the lowest tag first, and serving a job moves the virtual time to
@@ -42,6 +43,74 @@ impl TenantConfig {
     }
 }
 
+/// Longest tenant name a header may carry (and a `[tenant.NAME]` may have).
+pub const MAX_NAME: usize = 64;
+/// Longest header field name accepted for `tenants.header`.
+pub const MAX_HEADER_NAME: usize = 64;
+
+/// `[tenants]`: where a tenant comes from besides rules and AUTH.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantsConfig {
+    /// Header field naming the message's tenant, read at the end of data
+    /// from trusted clients; "" (default) reads none.
+    pub header: String,
+    /// The tenant of a message whose header names no configured tenant (an
+    /// unknown or malformed value); none: such a message falls through to
+    /// its authenticated user, as if the header were absent.
+    pub default: Option<String>,
+}
+
+impl TenantsConfig {
+    /// The header field to read, when one is configured.
+    pub fn header(&self) -> Option<&str> {
+        (!self.header.is_empty()).then_some(self.header.as_str())
+    }
+}
+
+/// A value a header may name a tenant with: 1 to [`MAX_NAME`] bytes of
+/// ASCII letters, digits, `.`, `_` and `-`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=MAX_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The tenant a header value names: itself when it is a configured tenant,
+/// else `[tenants] default` (which may be none). No value: none.
+pub fn from_header(
+    value: Option<&str>,
+    tenants: &BTreeMap<String, TenantConfig>,
+    source: &TenantsConfig,
+) -> Option<String> {
+    let value = value?.trim();
+    if valid_name(value) && tenants.contains_key(value) {
+        return Some(value.to_string());
+    }
+    source.default.clone()
+}
+
+/// `[tenants]` that cannot be used (the dotted key and why).
+pub fn check_source(
+    source: &TenantsConfig,
+    tenants: &BTreeMap<String, TenantConfig>,
+) -> Result<(), (String, String)> {
+    let h = &source.header;
+    if h.len() > MAX_HEADER_NAME || !h.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+        return Err((
+            "tenants.header".into(),
+            format!("must be a header field name (printable ASCII, no colon, at most {MAX_HEADER_NAME} characters)"),
+        ));
+    }
+    if let Some(d) = &source.default {
+        if !tenants.contains_key(d) {
+            return Err(("tenants.default".into(), format!("no [tenant.{d}] section")));
+        }
+    }
+    Ok(())
+}
+
 /// A tenant setting that cannot be used (the dotted key and why).
 pub fn check(tenants: &BTreeMap<String, TenantConfig>) -> Result<(), (String, String)> {
     if tenants.len() > MAX_TENANTS {
@@ -51,21 +120,30 @@ pub fn check(tenants: &BTreeMap<String, TenantConfig>) -> Result<(), (String, St
         if t.weight == Some(0) {
             return Err((format!("tenant.{name}.weight"), "must be at least 1".into()));
         }
-        if name.is_empty() || name.len() > 64 {
-            return Err((format!("tenant.{name}"), "name of 1 to 64 bytes".into()));
+        if name.is_empty() || name.len() > MAX_NAME {
+            return Err((
+                format!("tenant.{name}"),
+                format!("name of 1 to {MAX_NAME} bytes"),
+            ));
         }
     }
     Ok(())
 }
 
-/// The tenant of a recipient: its rule's, else the authenticated user's own
-/// `[tenant.USER]`, else none.
+/// The tenant of a recipient: its rule's, else `named` (the header's at the
+/// end of data, the one stored with the message at delivery) while it is
+/// still configured, else the authenticated user's own `[tenant.USER]`,
+/// else none.
 pub fn tenant_of(
     rule_tenant: Option<&str>,
+    named: Option<&str>,
     auth_user: Option<&str>,
     tenants: &BTreeMap<String, TenantConfig>,
 ) -> Option<String> {
     if let Some(t) = rule_tenant {
+        return Some(t.to_string());
+    }
+    if let Some(t) = named.filter(|t| tenants.contains_key(*t)) {
         return Some(t.to_string());
     }
     auth_user
@@ -153,16 +231,27 @@ mod tests {
     fn the_tenant_comes_from_the_rule_or_a_configured_user() {
         let mut tenants = BTreeMap::new();
         tenants.insert("acme".to_string(), TenantConfig::default());
+        tenants.insert("shop".to_string(), TenantConfig::default());
         assert_eq!(
-            tenant_of(Some("x"), Some("acme"), &tenants).as_deref(),
+            tenant_of(Some("x"), Some("shop"), Some("acme"), &tenants).as_deref(),
             Some("x")
         );
         assert_eq!(
-            tenant_of(None, Some("acme"), &tenants).as_deref(),
+            tenant_of(None, None, Some("acme"), &tenants).as_deref(),
             Some("acme")
         );
-        assert_eq!(tenant_of(None, Some("other"), &tenants), None);
-        assert_eq!(tenant_of(None, None, &tenants), None);
+        // A named tenant (header, or stored) comes before the user's.
+        assert_eq!(
+            tenant_of(None, Some("shop"), Some("acme"), &tenants).as_deref(),
+            Some("shop")
+        );
+        // One no longer configured (a reload removed it) is passed over.
+        assert_eq!(
+            tenant_of(None, Some("gone"), Some("acme"), &tenants).as_deref(),
+            Some("acme")
+        );
+        assert_eq!(tenant_of(None, None, Some("other"), &tenants), None);
+        assert_eq!(tenant_of(None, None, None, &tenants), None);
         let mut bad = tenants.clone();
         bad.insert(
             "z".into(),
@@ -172,5 +261,45 @@ mod tests {
             },
         );
         assert_eq!(check(&bad).map_err(|e| e.0), Err("tenant.z.weight".into()));
+    }
+
+    #[test]
+    fn a_header_names_a_configured_tenant_or_gets_the_default() {
+        let mut tenants = BTreeMap::new();
+        tenants.insert("acme".to_string(), TenantConfig::default());
+        tenants.insert("misc".to_string(), TenantConfig::default());
+        let mut source = TenantsConfig {
+            header: "X-Tenant".into(),
+            default: None,
+        };
+        assert_eq!(
+            from_header(Some(" acme "), &tenants, &source).as_deref(),
+            Some("acme")
+        );
+        assert_eq!(from_header(None, &tenants, &source), None);
+        // Unknown, malformed, too long: the default, here none.
+        assert_eq!(from_header(Some("other"), &tenants, &source), None);
+        source.default = Some("misc".into());
+        for bad in ["other", "ac me", "acme;x", "", &"a".repeat(65), "acmé"] {
+            assert_eq!(
+                from_header(Some(bad), &tenants, &source).as_deref(),
+                Some("misc"),
+                "{bad:?}"
+            );
+        }
+        assert!(valid_name("a.b_c-9"));
+        assert!(!valid_name(&"a".repeat(65)));
+        assert_eq!(check_source(&source, &tenants), Ok(()));
+        source.default = Some("nobody".into());
+        assert_eq!(
+            check_source(&source, &tenants).map_err(|e| e.0),
+            Err("tenants.default".into())
+        );
+        source.default = None;
+        source.header = "X-Tenant:".into();
+        assert_eq!(
+            check_source(&source, &tenants).map_err(|e| e.0),
+            Err("tenants.header".into())
+        );
     }
 }

@@ -21,7 +21,10 @@ use crate::{MessageId, Reply, SpoolError};
 /// 8 appends a third record ([`Extension8`]: the sender's transport security
 /// request, RFC 8689) after version 7's; version 7 envelopes decode with its
 /// default.
-const ENVELOPE_VERSION: u8 = 8;
+/// 9 appends a fourth record ([`Extension9`]: the tenant the message counts
+/// for) after version 8's; version 8 envelopes decode with no tenant.
+const ENVELOPE_VERSION: u8 = 9;
+const ENVELOPE_V8: u8 = 8;
 const ENVELOPE_V7: u8 = 7;
 const ENVELOPE_V6: u8 = 6;
 const ENVELOPE_V5: u8 = 5;
@@ -45,6 +48,12 @@ struct Extension5 {
 #[derive(Default, Serialize, Deserialize)]
 struct Extension8 {
     tls_request: TlsRequest,
+}
+
+/// Fields stored after version 8's extension record (version 9 on).
+#[derive(Default, Serialize, Deserialize)]
+struct Extension9 {
+    tenant: Option<String>,
 }
 
 /// What the sender asked of the transport security of the message's onward
@@ -116,6 +125,12 @@ pub struct Envelope {
     /// extension record, not in the version 7 layout.
     #[serde(skip)]
     pub tls_request: TlsRequest,
+    /// The `[tenant.NAME]` the message counted for at reception (from its
+    /// header, rules or AUTH), so delivery shares and counts it the same
+    /// way. Stored in the version 9 extension record; older envelopes have
+    /// none.
+    #[serde(skip)]
+    pub tenant: Option<String>,
 }
 
 /// A DELIVERBY request: what to do when the deadline passes undelivered.
@@ -237,13 +252,32 @@ impl Envelope {
         let ext8 = Extension8 {
             tls_request: self.tls_request,
         };
-        postcard::to_extend(&ext8, out).map_err(enc)
+        let out = postcard::to_extend(&ext8, out).map_err(enc)?;
+        let ext9 = Extension9 {
+            tenant: self.tenant.clone(),
+        };
+        postcard::to_extend(&ext9, out).map_err(enc)
     }
 
     pub(crate) fn decode(id: MessageId, bytes: &[u8]) -> Result<Envelope, SpoolError> {
         let corrupt = |e: postcard::Error| SpoolError::Corrupt(format!("envelope {id}: {e}"));
         match bytes.split_first() {
             Some((&ENVELOPE_VERSION, rest)) => {
+                let (mut env, ext) =
+                    postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
+                let (ext, ext5) = postcard::take_from_bytes::<Extension>(ext).map_err(corrupt)?;
+                let (ext5, ext8) =
+                    postcard::take_from_bytes::<Extension5>(ext5).map_err(corrupt)?;
+                let (ext8, ext9) =
+                    postcard::take_from_bytes::<Extension8>(ext8).map_err(corrupt)?;
+                let ext9: Extension9 = postcard::from_bytes(ext9).map_err(corrupt)?;
+                env.schedule.held = ext.held;
+                env.schedule.notices = ext5.notices;
+                env.tls_request = ext8.tls_request;
+                env.tenant = ext9.tenant;
+                Ok(env)
+            }
+            Some((&ENVELOPE_V8, rest)) => {
                 let (mut env, ext) =
                     postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
                 let (ext, ext5) = postcard::take_from_bytes::<Extension>(ext).map_err(corrupt)?;
@@ -407,6 +441,7 @@ mod v4 {
                 deliver_by: e.deliver_by,
                 schedule: e.schedule,
                 tls_request: super::TlsRequest::Policy,
+                tenant: None,
             }
         }
     }
@@ -659,7 +694,55 @@ mod tests {
             deliver_by: None,
             schedule: Schedule::default(),
             tls_request: TlsRequest::Policy,
+            tenant: None,
         }
+    }
+
+    #[test]
+    fn the_tenant_round_trips() {
+        for tenant in [None, Some("acme".to_string())] {
+            let mut env = sample();
+            env.tenant = tenant;
+            env.tls_request = TlsRequest::RequireTls;
+            let bytes = env.encode().expect("encode");
+            assert_eq!(bytes[0], ENVELOPE_VERSION);
+            assert_eq!(Envelope::decode(MessageId(5), &bytes).expect("decode"), env);
+        }
+    }
+
+    #[test]
+    fn version_8_envelopes_still_decode_without_a_tenant() {
+        // Version 8 as earlier releases wrote it: the layout and three
+        // extension records, no tenant record after them.
+        let mut env = sample();
+        env.schedule.held = true;
+        env.schedule.notices = NoticeLimit::HeadersOnly;
+        env.tls_request = TlsRequest::RequireTls;
+        let bytes = postcard::to_extend(&env, vec![ENVELOPE_V8]).expect("encode v8");
+        let bytes = postcard::to_extend(&Extension { held: true }, bytes).expect("ext");
+        let bytes = postcard::to_extend(
+            &Extension5 {
+                notices: NoticeLimit::HeadersOnly,
+            },
+            bytes,
+        )
+        .expect("ext5");
+        let bytes = postcard::to_extend(
+            &Extension8 {
+                tls_request: TlsRequest::RequireTls,
+            },
+            bytes,
+        )
+        .expect("ext8");
+        let back = Envelope::decode(MessageId(1), &bytes).expect("v8 decodes");
+        assert_eq!(back, env);
+        assert_eq!(back.tenant, None);
+        // Written back, it is version 9 and keeps a tenant set since.
+        let mut env9 = back.clone();
+        env9.tenant = Some("acme".into());
+        let new = env9.encode().expect("encode");
+        assert_eq!(new[0], ENVELOPE_VERSION);
+        assert_eq!(Envelope::decode(MessageId(1), &new).expect("v9"), env9);
     }
 
     #[test]
@@ -699,12 +782,12 @@ mod tests {
         let back = Envelope::decode(MessageId(1), &bytes).expect("v7 decodes");
         assert_eq!(back, env);
         assert_eq!(back.tls_request, TlsRequest::Policy);
-        // Written back, it is version 8 and keeps a request set since.
+        // Written back, it is the current version and keeps a request set since.
         let mut env8 = env.clone();
         env8.tls_request = TlsRequest::RequireTls;
         let new = env8.encode().expect("encode");
         assert_eq!(new[0], ENVELOPE_VERSION);
-        assert_eq!(Envelope::decode(MessageId(1), &new).expect("v8"), env8);
+        assert_eq!(Envelope::decode(MessageId(1), &new).expect("current"), env8);
     }
 
     #[test]

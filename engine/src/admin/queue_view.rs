@@ -471,6 +471,7 @@ mod tests {
             hold_until_unix: 0,
             deliver_by: None,
             tls_request: Default::default(),
+            tenant: None,
             schedule: sluice_spool::Schedule {
                 held,
                 ..Default::default()

@@ -61,6 +61,11 @@ pub struct Strategy {
     /// The message's REQUIRETLS or `TLS-Required: No` (RFC 8689): its
     /// sessions run under their own policy, so they get their own site.
     pub message_tls: MessageTls,
+    /// The warm-up counter (`"IP|scope"`) this job holds a reservation of,
+    /// settled when its result is reported (`pools::settle`): a delivery
+    /// counts, anything else gives the reservation back. Not part of the
+    /// site key.
+    pub warmup: Option<String>,
 }
 
 /// The site key: destination plus connection strategy, since a connection from

@@ -105,6 +105,13 @@ impl CoreDelivery {
 
     /// Sends a job's result to its shard owner.
     pub(super) fn report(self: &Rc<Self>, job: &Job, result: JobResult) {
+        if let Some(key) = &job.strategy.warmup {
+            let delivered = result
+                .outcomes
+                .iter()
+                .any(|(_, o)| matches!(o, super::job::Outcome::Delivered(_)));
+            super::pools::settle(key, delivered, super::now_ms());
+        }
         if let Some(tenant) = &job.strategy.tenant {
             for (_, outcome) in &result.outcomes {
                 crate::metrics::tenant_outcome(tenant, outcome);

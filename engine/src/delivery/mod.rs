@@ -359,6 +359,7 @@ fn generated_envelope(
         listener: listener.into(),
         client_ip: None,
         tls_request: sluice_spool::TlsRequest::Policy,
+        tenant: None,
         helo: String::new(),
         auth_user: None,
         tls: None,

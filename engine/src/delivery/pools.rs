@@ -12,8 +12,13 @@
 //!   deferred with a 451 saying so.
 //! * The state is process-wide behind one mutex (pools are only consulted
 //!   for rules that name one; nothing else takes the lock).
-//! * A warming member's count is charged when it is chosen; the new value is
-//!   handed to a writer thread that stores it (never written on an executor).
+//! * A warming member's budget is reserved when it is chosen (delivered plus
+//!   in flight must stay under the cap, so a burst cannot overshoot it) and
+//!   counted only when the attempt delivers ([`settle`]): a deferred or
+//!   failed attempt, or one that never left (held by the queue's limits, the
+//!   operator's suspension), gives the reservation back. Counted values are
+//!   handed to a writer thread that stores them (never written on an
+//!   executor); reservations are memory only, as is what they stand for.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -24,7 +29,7 @@ use sluice_policy::pool::{counter_key, decode_counter, unix_day, Picker, WarmupC
 use sluice_spool::{RecordTable, Reply, SpoolError};
 
 use super::config::DeliveryConfig;
-use super::job::{Strategy, Target};
+use super::job::{Job, Strategy, Target};
 use super::routing::MxHosts;
 
 /// Directory (and table) name under the spool path.
@@ -107,6 +112,16 @@ pub fn install(state: Arc<PoolState>) {
     let _ = INSTALLED.set(state);
 }
 
+/// Opens and installs the pool state unless it runs already (a reload adding
+/// the first pool). Blocking: called off the executors.
+pub fn open_if_needed(spool_path: &Path, now: u64) -> Result<(), SpoolError> {
+    // The reloader's mutex keeps two reloads from racing here.
+    if installed().is_none() {
+        install(PoolState::open(spool_path, now)?);
+    }
+    Ok(())
+}
+
 /// A bind to `ip` failed with EADDRNOTAVAIL: the pools leave it out for a while.
 pub fn source_unavailable(ip: IpAddr, now: u64) {
     let Some(state) = installed() else { return };
@@ -173,7 +188,7 @@ pub(super) fn choose(
             return false;
         }
         match cfg.pools.warmup_cap(m, today, provider.as_deref()) {
-            Some(cap) => counts.sent(&counter_key(m.ip, &scope), today) < cap,
+            Some(cap) => counts.used(&counter_key(m.ip, &scope), today) < cap,
             None => true,
         }
     });
@@ -190,22 +205,19 @@ pub(super) fn choose(
         ));
     };
     let member = &pool.members[i];
+    let mut warmup = None;
     if member.warmup.is_some() {
         let key = counter_key(member.ip, &scope);
-        if inner.counts.charge(&key, today).is_none() {
+        if !inner.counts.reserve(&key, today) {
             return Err(Reply::new(
                 451,
                 "4.4.5",
                 format!("pool {name}: warm-up counters full"),
             ));
         }
-        drop(guard);
-        if let Some(tx) = lock(&state.dirty).as_ref() {
-            let _ = tx.send(key);
-        }
-    } else {
-        drop(guard);
+        warmup = Some(key);
     }
+    drop(guard);
     crate::metrics::pool_chosen(name);
     Ok(Strategy {
         source_ip: Some(member.ip),
@@ -213,5 +225,44 @@ pub(super) fn choose(
         pool: Some(name.to_string()),
         tenant: base.tenant.clone(),
         message_tls: base.message_tls,
+        warmup,
     })
+}
+
+/// The attempt a warm-up reservation of `key` was made for is over: a
+/// delivery counts (and is stored), anything else gives it back.
+pub(super) fn settle(key: &str, delivered: bool, now: u64) {
+    let Some(state) = installed() else { return };
+    let counted = lock(&state.inner)
+        .counts
+        .settle(key, unix_day(now), delivered);
+    if counted.is_some() {
+        if let Some(tx) = lock(&state.dirty).as_ref() {
+            let _ = tx.send(key.to_string());
+        }
+    }
+}
+
+/// Gives back the reservations of jobs that will not be sent this time.
+pub(super) fn release<'a>(jobs: impl IntoIterator<Item = &'a Job>, now: u64) {
+    for job in jobs {
+        if let Some(key) = &job.strategy.warmup {
+            settle(key, false, now);
+        }
+    }
+}
+
+/// One reservation is made per member choice, but a choice's recipients may
+/// travel in several jobs (split per transaction, or routes sharing a
+/// target): only the first of them settles it.
+pub(super) fn one_settlement_per_choice(jobs: &mut [Box<Job>]) {
+    let mut seen: Vec<String> = Vec::new();
+    for job in jobs {
+        if let Some(key) = job.strategy.warmup.take() {
+            if !seen.contains(&key) {
+                seen.push(key.clone());
+                job.strategy.warmup = Some(key);
+            }
+        }
+    }
 }

@@ -39,11 +39,13 @@ pub struct Routed {
 /// first matching `[[rule]]` decides (with the domain's MX host names when
 /// they were looked up); what no rule decides takes the rule set's built-in
 /// routes ("local", "default" when configured); a route's fallback takes over
-/// after `fallback_after` deferrals of this recipient. Pure: delivery and
-/// `sluice debug tls` both call it.
+/// after `fallback_after` deferrals of this recipient. `tenant` is the one
+/// stored with the message at reception. Pure: delivery and `sluice debug
+/// tls` both call it.
 pub fn route_recipient(
     cfg: &DeliveryConfig,
     facts: &sluice_policy::MessageFacts<'_>,
+    tenant: Option<&str>,
     rules: &sluice_policy::RuleSet,
     recipient: &sluice_spool::Recipient,
     mx: Option<&MxHosts>,
@@ -68,6 +70,7 @@ pub fn route_recipient(
         pool: decision.pool.clone(),
         tenant: sluice_policy::tenant::tenant_of(
             decision.tenant.as_deref(),
+            tenant,
             facts.auth_user,
             &cfg.tenants,
         ),
@@ -110,13 +113,14 @@ impl CoreDelivery {
     pub(super) fn target_for(
         &self,
         facts: &sluice_policy::MessageFacts<'_>,
+        tenant: Option<&str>,
         rules: &sluice_policy::RuleSet,
         recipient: &sluice_spool::Recipient,
         mx: Option<&MxHosts>,
         chosen: &mut PoolChoices,
     ) -> Result<(String, Target, Strategy), Reply> {
         let cfg = self.cfg();
-        let r = route_recipient(&cfg, facts, rules, recipient, mx)?;
+        let r = route_recipient(&cfg, facts, tenant, rules, recipient, mx)?;
         let strategy = match &r.strategy.pool {
             // A pool's member is chosen once per message and destination
             // (`pools.rs`): its recipients there travel together.

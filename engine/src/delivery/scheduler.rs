@@ -200,15 +200,36 @@ impl CoreDelivery {
                     );
                     return Err(sluice_spool::Reply::new(code, status, text));
                 }
-                self.target_for(&facts, &rules, r, mx, &mut chosen)
+                self.target_for(
+                    &facts,
+                    envelope.tenant.as_deref(),
+                    &rules,
+                    r,
+                    mx,
+                    &mut chosen,
+                )
             })
         };
         if crate::events::enabled() {
             failure_events(id, &envelope, &unroutable, now);
         }
         // Destinations suspended by the operator: their recipients wait; when
-        // nothing else is to be done, wake at the suspension's end.
-        if let Some(until) = self.admin_park_suspended(id, &mut groups, now) {
+        // nothing else is to be done, wake at the suspension's end. Warm-up
+        // reservations of the groups parked are given back.
+        let reserved: Vec<String> = groups
+            .iter()
+            .filter_map(|(_, s, _, _)| s.warmup.clone())
+            .collect();
+        let parked = self.admin_park_suspended(id, &mut groups, now);
+        for key in reserved {
+            if !groups
+                .iter()
+                .any(|(_, s, _, _)| s.warmup.as_ref() == Some(&key))
+            {
+                super::pools::settle(&key, false, now);
+            }
+        }
+        if let Some(until) = parked {
             if groups.is_empty() && unroutable.is_empty() {
                 self.schedule(until, id);
                 return;
@@ -216,7 +237,8 @@ impl CoreDelivery {
         }
         let me_peer = self.senders.peer_id();
         let per_tx = self.cfg().delivery.max_recipients_per_transaction;
-        let jobs = ledger::jobs(id, me_peer, &envelope, groups, per_tx);
+        let mut jobs = ledger::jobs(id, me_peer, &envelope, groups, per_tx);
+        super::pools::one_settlement_per_choice(&mut jobs);
         let outstanding = jobs.len() + usize::from(!unroutable.is_empty());
         if outstanding == 0 {
             // Nothing open (e.g. recovered after its last result was persisted).
@@ -235,11 +257,13 @@ impl CoreDelivery {
             crate::metrics::throttled(crate::metrics::Throttle::QueueConcurrency);
             tracing::debug!(id = %id, queue = %envelope.queue, "queue concurrency: held");
             self.queue_slots.borrow_mut().hold(&envelope.queue, id);
+            super::pools::release(jobs.iter().map(|j| &**j), now);
             return;
         }
         if let Some(wait) = self.queue_rate_wait(&envelope.queue, now) {
             crate::metrics::throttled(crate::metrics::Throttle::QueueRate);
             self.schedule(now + wait, id);
+            super::pools::release(jobs.iter().map(|j| &**j), now);
             return;
         }
         if limit > 0 {
@@ -321,8 +345,12 @@ impl CoreDelivery {
                 // If the peer is gone (shutdown), defer instead of losing track.
                 let fallback =
                     deferred_all(&job, Reply::new(451, "4.3.2", "delivery core unavailable"));
+                let warmup = job.strategy.warmup.clone();
                 glommio::spawn_local(async move {
                     if me.senders.send_to(owner, MeshMsg::Job(job)).await.is_err() {
+                        if let Some(key) = warmup {
+                            super::pools::settle(&key, false, now_ms());
+                        }
                         me.on_result(fallback);
                     }
                 })

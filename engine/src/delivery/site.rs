@@ -46,8 +46,9 @@ pub(super) struct Site {
     /// The limits it shares with the other domains of its MX host set (or
     /// has alone): `rollup.rs`.
     pub(super) group: Rc<SiteGroup>,
-    /// `[pool.NAME] per_site_connections` of its member (0: none).
-    member_cap: usize,
+    /// `[pool.NAME] per_site_connections` of its member (0: none), read
+    /// again when a reload brings a new generation.
+    member_cap: Cell<usize>,
     /// In its group's waiting list.
     pub(super) group_waiting: Cell<bool>,
     pub(super) queue: RefCell<BinaryHeap<Queued>>,
@@ -110,7 +111,7 @@ impl Site {
     /// (slow start and shaping stay below it).
     pub(super) fn max_connections(&self) -> usize {
         let group = self.group.max_connections.get();
-        match self.member_cap {
+        match self.member_cap.get() {
             0 => group,
             cap => cap.min(group),
         }
@@ -120,6 +121,16 @@ impl Site {
     pub(super) fn count_connection(&self) {
         self.active.set(self.active.get() + 1);
     }
+}
+
+/// `[pool.NAME] per_site_connections`: each pool member's share of a site
+/// (0: none, the site's own limit).
+fn member_cap(cfg: &config::DeliveryConfig, strategy: &Strategy) -> usize {
+    strategy
+        .pool
+        .as_ref()
+        .and_then(|p| cfg.pools.pools.get(p))
+        .map_or(0, |p| p.per_site_connections)
 }
 
 impl CoreDelivery {
@@ -151,13 +162,7 @@ impl CoreDelivery {
                     let cfg = self.cfg();
                     let dest = cfg.destination(&job.target.destination());
                     let group = self.group_for(job.rollup.as_deref(), &key, &dest, cfg.generation);
-                    // `[pool.NAME] per_site_connections`: each member's share of the site.
-                    let member_cap = job
-                        .strategy
-                        .pool
-                        .as_ref()
-                        .and_then(|p| cfg.pools.pools.get(p))
-                        .map_or(0, |p| p.per_site_connections);
+                    let member_cap = member_cap(&cfg, &job.strategy);
                     let max_connections = match member_cap {
                         0 => group.max_connections.get(),
                         n => n.min(group.max_connections.get()),
@@ -170,7 +175,7 @@ impl CoreDelivery {
                         generation: Cell::new(cfg.generation),
                         current_target: RefCell::new(job.target.clone()),
                         target_version: Cell::new(0),
-                        member_cap,
+                        member_cap: Cell::new(member_cap),
                         shaping: SiteShaping::new(
                             self.slow_start().is_some(),
                             self.slow_start().unwrap_or(1),
@@ -194,6 +199,10 @@ impl CoreDelivery {
             tracing::info!(site = %site.key, "site target changed (reload): new connections follow it");
             *site.current_target.borrow_mut() = job.target.clone();
             site.target_version.set(site.target_version.get() + 1);
+        }
+        if site.fair.borrow().is_none() && !self.cfg().tenants.is_empty() {
+            // Tenants added by a reload: the site starts sharing from now on.
+            *site.fair.borrow_mut() = Some(Default::default());
         }
         let seq = match site.fair.borrow_mut().as_mut() {
             // Tenants compete: the job's place follows its tenant's share.
@@ -456,6 +465,7 @@ impl CoreDelivery {
         }
         site.group
             .retune(&cfg.destination(&site.target.destination()), cfg.generation);
+        site.member_cap.set(member_cap(&cfg, &site.strategy));
         if let Some(slow) = site.shaping.slow.borrow_mut().as_mut() {
             slow.set_max(u32::try_from(site.max_connections()).unwrap_or(u32::MAX));
         }

@@ -91,6 +91,7 @@ pub(super) mod tests {
             hold_until_unix: 0,
             deliver_by: None,
             tls_request: Default::default(),
+            tenant: None,
             schedule: Schedule::default(),
         }
     }

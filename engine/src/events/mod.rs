@@ -231,7 +231,8 @@ pub fn reception(id: sluice_spool::MessageId, env: &sluice_spool::Envelope, meta
     let mut e = Event::new(Kind::Reception, crate::time::now_ms(), &env.sender);
     e.id = Some(id.to_string());
     e.message_id = meta.message_id;
-    e.tenant = meta.tenant;
+    // The tenant the message counts for, else the raw `tenant_header` value.
+    e.tenant = env.tenant.clone().or(meta.tenant);
     e.campaign = meta.campaign;
     e.recipients = Some(env.recipients.iter().map(|r| r.address.clone()).collect());
     e.size = Some(env.size);

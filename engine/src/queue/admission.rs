@@ -137,10 +137,29 @@ pub struct QueueAdmission {
     /// (max_messages, max_bytes) per queue with a quota; 0 = unlimited.
     limits: HashMap<String, (u64, u64)>,
     pub stats: Arc<QueueStats>,
-    /// `[tenant.*]` (empty: no tenant checks at all).
-    tenants: BTreeMap<String, sluice_policy::tenant::TenantConfig>,
-    /// Each rate-limited tenant's message rate, for all cores together.
+    /// `[tenant.*]` and `[tenants]` (no tenants: no tenant checks at all);
+    /// a reload stores new ones here.
+    tenants: ArcSwap<TenantPolicy>,
+    /// Each rate-limited tenant's message rate, for all cores together
+    /// (retuned to the rates in force when next used, keeping what it spent).
     tenant_rates: std::sync::Mutex<HashMap<String, sluice_policy::MultiLimiter>>,
+}
+
+/// What the end of data needs to find a message's tenant.
+#[derive(Debug, Clone, Default)]
+pub struct TenantPolicy {
+    pub tenants: BTreeMap<String, sluice_policy::tenant::TenantConfig>,
+    pub source: sluice_policy::tenant::TenantsConfig,
+}
+
+impl TenantPolicy {
+    /// The header field naming the tenant, when tenants and one are configured.
+    pub fn header(&self) -> Option<&str> {
+        if self.tenants.is_empty() {
+            return None;
+        }
+        self.source.header()
+    }
 }
 
 /// A tenant over its `message_rate`: the name and the wait in ms.
@@ -165,57 +184,80 @@ impl QueueAdmission {
             rules: Arc::new(ArcSwap::new(rules)),
             limits,
             stats,
-            tenants: BTreeMap::new(),
+            tenants: ArcSwap::from_pointee(TenantPolicy::default()),
             tenant_rates: std::sync::Mutex::default(),
         }
     }
 
     /// With `[tenant.*]` rate limits checked at the end of data.
-    pub fn with_tenants(
-        mut self,
-        tenants: BTreeMap<String, sluice_policy::tenant::TenantConfig>,
-    ) -> QueueAdmission {
-        self.tenants = tenants;
+    pub fn with_tenants(self, policy: TenantPolicy) -> QueueAdmission {
+        self.tenants.store(Arc::new(policy));
         self
+    }
+
+    /// Puts reloaded `[tenant.*]` and `[tenants]` in force: the next end of
+    /// data uses them. Limiters of tenants no longer configured are dropped;
+    /// the others keep what they spent.
+    pub fn set_tenants(&self, policy: TenantPolicy) {
+        self.tenant_rates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|name, _| policy.tenants.contains_key(name));
+        self.tenants.store(Arc::new(policy));
+    }
+
+    /// The tenants in force (the session asks it for the header to read).
+    pub fn tenant_policy(&self) -> arc_swap::Guard<Arc<TenantPolicy>> {
+        self.tenants.load()
     }
 
     /// Counts a message of the tenant `recipient` (the first) gives it
     /// against the tenant's `message_rate`; Err when over it. Ok(None)
-    /// without a tenant.
+    /// without a tenant. `header` is the value of the `[tenants] header`
+    /// field, when it is configured and the client is trusted with it.
     pub fn tenant_permit(
         &self,
         facts: &MessageFacts<'_>,
         recipient: &str,
+        header: Option<&str>,
         now: u64,
     ) -> Result<Option<String>, TenantOverRate> {
-        if self.tenants.is_empty() {
+        let policy = self.tenants.load();
+        if policy.tenants.is_empty() {
             return Ok(None);
         }
         let rules = self.rules.load();
         let decision = rules.evaluate(facts, recipient, None);
+        let named = sluice_policy::tenant::from_header(header, &policy.tenants, &policy.source);
         let Some(tenant) = sluice_policy::tenant::tenant_of(
             decision.tenant.as_deref(),
+            named.as_deref(),
             facts.auth_user,
-            &self.tenants,
+            &policy.tenants,
         ) else {
             return Ok(None);
         };
-        let rates = self
+        let rates = policy
             .tenants
             .get(&tenant)
-            .map(|t| t.message_rate.clone())
+            .map(|t| t.message_rate.as_slice())
             .unwrap_or_default();
         if rates.is_empty() {
             crate::metrics::tenant_count(&tenant, "accepted");
             return Ok(Some(tenant));
         }
-        let verdict = self
-            .tenant_rates
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(tenant.clone())
-            .or_insert_with(|| sluice_policy::MultiLimiter::new(rates))
-            .try_acquire(now);
+        let verdict = {
+            let mut limiters = self
+                .tenant_rates
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let limiter = limiters
+                .entry(tenant.clone())
+                .or_insert_with(|| sluice_policy::MultiLimiter::new(rates.to_vec()));
+            // A reload may have changed the rates: they apply from now on.
+            limiter.retune(rates);
+            limiter.try_acquire(now)
+        };
         match verdict {
             Ok(()) => {
                 crate::metrics::tenant_count(&tenant, "accepted");

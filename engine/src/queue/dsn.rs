@@ -760,6 +760,7 @@ line two\r\n";
             hold_until_unix: 0,
             deliver_by: None,
             tls_request: Default::default(),
+            tenant: None,
             schedule: Schedule::default(),
         }
     }

@@ -1767,6 +1767,7 @@ impl Session {
             .queue
             .clone()
             .unwrap_or_else(|| sluice_policy::DEFAULT_QUEUE.to_string());
+        let mut tenant = None;
         if let (Some(queues), Some(first)) = (self.queues.clone(), tx.recipients.first()) {
             let facts = sluice_policy::MessageFacts {
                 listener: &self.cfg.listener,
@@ -1796,27 +1797,45 @@ impl Session {
                 );
                 return Action::Read;
             }
+            // The `[tenants] header` field names the tenant, for trusted
+            // clients only (an outsider must not spend a tenant's budget).
+            let policy = queues.tenant_policy();
+            let header = match policy.header() {
+                Some(name) if self.trusted() => {
+                    let [value] = crate::events::headers::read(&tx.body, [name]);
+                    value
+                }
+                _ => None,
+            };
             // `[tenant.NAME] message_rate`: over it, try later.
-            if let Err(e) = queues.tenant_permit(&facts, &first.address, crate::time::now_ms()) {
-                tracing::info!(
-                    target: "sluice::smtp",
-                    id = %id,
-                    listener = %self.cfg.listener,
-                    client_ip = %self.peer.ip,
-                    tenant = %e.tenant,
-                    wait_ms = e.wait_ms,
-                    result = 451,
-                    "transaction rejected: tenant over its message rate"
-                );
-                self.reply(
-                    451,
-                    "4.7.1",
-                    &format!(
-                        "Error: tenant {} is over its message rate, try later",
-                        e.tenant
-                    ),
-                );
-                return Action::Read;
+            match queues.tenant_permit(
+                &facts,
+                &first.address,
+                header.as_deref(),
+                crate::time::now_ms(),
+            ) {
+                Ok(t) => tenant = t,
+                Err(e) => {
+                    tracing::info!(
+                        target: "sluice::smtp",
+                        id = %id,
+                        listener = %self.cfg.listener,
+                        client_ip = %self.peer.ip,
+                        tenant = %e.tenant,
+                        wait_ms = e.wait_ms,
+                        result = 451,
+                        "transaction rejected: tenant over its message rate"
+                    );
+                    self.reply(
+                        451,
+                        "4.7.1",
+                        &format!(
+                            "Error: tenant {} is over its message rate, try later",
+                            e.tenant
+                        ),
+                    );
+                    return Action::Read;
+                }
             }
         }
         // Every recipient discarded at RCPT, or the session or transaction
@@ -1842,6 +1861,7 @@ impl Session {
             hold_until_unix: tx.hold_until_unix,
             deliver_by: tx.deliver_by,
             tls_request: self.tls_request(tx.requiretls, &tx.body),
+            tenant,
             schedule: Schedule {
                 notices: self.notice_limit(),
                 ..Default::default()

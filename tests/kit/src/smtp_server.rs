@@ -108,6 +108,8 @@ struct Record {
     in_tx_max: usize,
     /// Sessions left hanging by [`Act::Hang`] or [`Act::StopReading`].
     hung: usize,
+    /// Per client address: sessions open now, and the most open at once.
+    open_by_ip: std::collections::BTreeMap<std::net::IpAddr, (usize, usize)>,
 }
 
 struct Shared {
@@ -268,6 +270,16 @@ impl ScriptedServer {
         lock(&self.shared.record).in_tx_max
     }
 
+    /// Per client address, the most sessions it had open at once (counted
+    /// from accept to close).
+    pub fn max_sessions_by_ip(&self) -> std::collections::BTreeMap<std::net::IpAddr, usize> {
+        lock(&self.shared.record)
+            .open_by_ip
+            .iter()
+            .map(|(ip, (_, max))| (*ip, *max))
+            .collect()
+    }
+
     /// Sessions left hanging ([`Act::Hang`], [`Act::StopReading`]).
     pub fn hung(&self) -> usize {
         lock(&self.shared.record).hung
@@ -316,15 +328,27 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
         let sh2 = sh.clone();
         let n = conn;
         conn += 1;
+        let peer = stream.peer_addr().ok();
+        if let Some(p) = peer {
+            let mut r = lock(&sh.record);
+            let e = r.open_by_ip.entry(p.ip()).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(e.0);
+        }
         let t = std::thread::spawn(move || {
             let mut s = Session {
                 sh: &sh2,
                 conn: n,
-                peer: stream.peer_addr().ok(),
+                peer,
                 in_tx: false,
             };
             let _ = s.run(stream);
             s.end_tx();
+            if let Some(p) = peer {
+                if let Some(e) = lock(&sh2.record).open_by_ip.get_mut(&p.ip()) {
+                    e.0 = e.0.saturating_sub(1);
+                }
+            }
         });
         lock(&sh.sessions).push(t);
     }
