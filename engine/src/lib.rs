@@ -6,6 +6,7 @@ pub mod antispam;
 pub mod auth_guard;
 pub mod bans;
 pub mod bounce;
+pub mod cluster_io;
 pub mod budget;
 pub mod config;
 pub mod conn;
