@@ -93,16 +93,21 @@ fn kill_n2_under_load() -> Option<Scene> {
     let pg = Postgres::start();
     let ip = loopback();
     let port = mx_port(&[ip]);
-    let nsd = Nsd::start(&format!("dlv MX 10 mx1\nmx1 A {ip}"));
+    let nsd = Nsd::start(&format!("cluster MX 10 mx1\nmx1 A {ip}"));
     // 40 ms per message and two connections per node: about 50 messages a
     // second per node at most.
-    let sink = LoadgenSink::start(&[SocketAddr::new(ip.into(), port)], &["--delay-data", "40ms"]);
+    let sink = LoadgenSink::start(
+        &[SocketAddr::new(ip.into(), port)],
+        &["--delay-data", "40ms"],
+    );
     let nodes: Vec<Relay> = ["n1", "n2", "n3"]
         .iter()
         .map(|n| node(&pg, &nsd, port, n))
         .collect();
     let dir = tempfile::tempdir().unwrap();
-    let acks: Vec<PathBuf> = (1..=3).map(|i| dir.path().join(format!("n{i}.acks"))).collect();
+    let acks: Vec<PathBuf> = (1..=3)
+        .map(|i| dir.path().join(format!("n{i}.acks")))
+        .collect();
 
     let out = run_with_timeout(
         &mut send_cmd(&nodes[1], "n2", TO_N2, &acks[1]),
@@ -110,7 +115,10 @@ fn kill_n2_under_load() -> Option<Scene> {
     );
     let sent: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("loadgen send: {e}; stderr {}", text(&out.stderr)));
-    assert_eq!(sent["accepted"], TO_N2, "n2 acknowledged every message: {sent}");
+    assert_eq!(
+        sent["accepted"], TO_N2,
+        "n2 acknowledged every message: {sent}"
+    );
 
     // n1 and n3 take load while n2 dies.
     let others: Vec<std::thread::JoinHandle<Value>> = [0usize, 2]
@@ -166,7 +174,8 @@ fn wait_all_delivered(s: &Scene) -> BTreeMap<String, u64> {
                 "{} missing, e.g. {:?}\nengine: {}\nn1 log:\n{}",
                 missing.len(),
                 &missing[..missing.len().min(10)],
-                s.pg.try_psql("SELECT node_id, epoch, state FROM sluice_node").unwrap_or_default(),
+                s.pg.try_psql("SELECT node_id, epoch, state FROM sluice_node")
+                    .unwrap_or_default(),
                 s.nodes[0].log()
             )
         },
@@ -178,7 +187,12 @@ fn wait_all_delivered(s: &Scene) -> BTreeMap<String, u64> {
 /// one transaction per connection n2 had open, plus results not yet synced.
 fn assert_duplicates_bounded(tokens: &BTreeMap<String, u64>) {
     let dup: Vec<(&String, &u64)> = tokens.iter().filter(|(_, n)| **n > 1).collect();
-    eprintln!("cluster: {} token(s) delivered more than once: {dup:?}", dup.len());
+    eprintln!(
+        "cluster: {} token(s) delivered more than once: {dup:?}",
+        dup.len()
+    );
+    // In flight: one transaction per connection; plus deliveries whose
+    // removal had not reached the engine (the test's sync_interval, 50 ms).
     assert!(
         dup.len() as u64 <= MAX_CONNECTIONS * 4,
         "more duplicates than attempts in flight at the kill: {dup:?}"
@@ -198,7 +212,10 @@ fn api_cluster(relay: &Relay) -> Value {
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let (head, body) = resp.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "GET /api/v1/cluster: {resp}");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "GET /api/v1/cluster: {resp}"
+    );
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
@@ -261,27 +278,37 @@ fn returning_node_does_not_redeliver() {
         return;
     };
     let before = wait_all_delivered(&s);
-    let epoch_dead: i64 = s
-        .pg
-        .psql("SELECT epoch FROM sluice_node WHERE node_id = 'n2'")
-        .trim()
-        .parse()
-        .unwrap();
+    let epoch_dead: i64 =
+        s.pg.psql("SELECT epoch FROM sluice_node WHERE node_id = 'n2'")
+            .trim()
+            .parse()
+            .unwrap();
     s.nodes[1].restart();
     // Before listening, n2 dropped what the others took over: its spool is
     // empty, so there is nothing it could send again.
-    assert_eq!(s.nodes[1].count(), 0, "n2 kept taken-over mail:\n{}", s.nodes[1].log());
+    assert_eq!(
+        s.nodes[1].count(),
+        0,
+        "n2 kept taken-over mail:\n{}",
+        s.nodes[1].log()
+    );
     let log = s.nodes[1].log();
     let dropped = log.matches("cluster: dropped, taken over").count();
     assert!(dropped > 0, "no drop logged:\n{log}");
     let v = api_cluster(&s.nodes[1]);
     let n2 = node_row(&v, "n2");
     assert_eq!(n2["state"], "up", "{v}");
-    assert!(n2["epoch"].as_i64().unwrap() > epoch_dead, "a new epoch at the rejoin: {v}");
+    assert!(
+        n2["epoch"].as_i64().unwrap() > epoch_dead,
+        "a new epoch at the rejoin: {v}"
+    );
     assert_eq!(v["local"]["dropped"].as_u64().unwrap(), dropped as u64);
     // It takes mail again, and delivers it.
     let ack = s._dir.path().join("n2-again.acks");
-    let out = run_with_timeout(&mut send_cmd(&s.nodes[1], "again", 5, &ack), Duration::from_secs(60));
+    let out = run_with_timeout(
+        &mut send_cmd(&s.nodes[1], "again", 5, &ack),
+        Duration::from_secs(60),
+    );
     assert_ok(&out, "loadgen send to the returned n2");
     s.acks.push(ack);
     let acked = acked_tokens(&s.acks[3..]);
@@ -297,7 +324,11 @@ fn returning_node_does_not_redeliver() {
     // Nothing of the first round went out again after the return.
     let after = s.sink.tokens();
     for (t, n) in &before {
-        assert_eq!(after.get(t), Some(n), "{t} delivered again after n2 returned");
+        assert_eq!(
+            after.get(t),
+            Some(n),
+            "{t} delivered again after n2 returned"
+        );
     }
 }
 
@@ -309,13 +340,19 @@ fn frozen_node_is_fenced() {
     let pg = Postgres::start();
     let ip = loopback();
     let port = mx_port(&[ip]);
-    let nsd = Nsd::start(&format!("dlv MX 10 mx1\nmx1 A {ip}"));
-    let sink = LoadgenSink::start(&[SocketAddr::new(ip.into(), port)], &["--delay-data", "40ms"]);
+    let nsd = Nsd::start(&format!("cluster MX 10 mx1\nmx1 A {ip}"));
+    let sink = LoadgenSink::start(
+        &[SocketAddr::new(ip.into(), port)],
+        &["--delay-data", "40ms"],
+    );
     let n1 = node(&pg, &nsd, port, "n1");
     let mut n2 = node(&pg, &nsd, port, "n2");
     let dir = tempfile::tempdir().unwrap();
     let ack = dir.path().join("n2.acks");
-    let out = run_with_timeout(&mut send_cmd(&n2, "n2", TO_N2, &ack), Duration::from_secs(120));
+    let out = run_with_timeout(
+        &mut send_cmd(&n2, "n2", TO_N2, &ack),
+        Duration::from_secs(120),
+    );
     assert_ok(&out, "loadgen send to n2");
     let pid = n2.pid() as i32;
     // SAFETY: kill(2) on the pid of a child this test started and still holds.
@@ -350,8 +387,11 @@ fn frozen_node_is_fenced() {
     );
     let dup: Vec<_> = tokens.iter().filter(|(_, n)| **n > 1).collect();
     eprintln!("frozen: {at_cont} at the sink at SIGCONT, duplicates {dup:?}");
+    // Attempts on the wire at the SIGSTOP, and results not yet synced then,
+    // may be made again by n1; a woken node that went on delivering would
+    // send far more twice (its whole queue, at the sink's pace).
     assert!(
-        dup.len() as u64 <= MAX_CONNECTIONS * 2,
+        dup.len() as u64 <= MAX_CONNECTIONS * 4,
         "the woken node delivered what n1 took over: {dup:?}"
     );
 }

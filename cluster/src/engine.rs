@@ -109,13 +109,13 @@ pub(crate) async fn check_epoch(
 /// (which fences any other process still running under its id).
 pub(crate) async fn join(c: &mut Client, s: &Settings) -> Result<i64, ClusterError> {
     let t = c.transaction().await?;
-    t.execute("SELECT pg_advisory_xact_lock($1)", &[&crate::schema::SCHEMA_LOCK])
-        .await?;
+    t.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&crate::schema::SCHEMA_LOCK],
+    )
+    .await?;
     let exists: bool = t
-        .query_one(
-            "SELECT to_regclass('sluice_taken') IS NOT NULL",
-            &[],
-        )
+        .query_one("SELECT to_regclass('sluice_taken') IS NOT NULL", &[])
         .await?
         .try_get(0)?;
     if !exists {
@@ -129,7 +129,11 @@ pub(crate) async fn join(c: &mut Client, s: &Settings) -> Result<i64, ClusterErr
                lease_until = EXCLUDED.lease_until, version = EXCLUDED.version,
                started_at = now(), taken_by = NULL
              RETURNING epoch",
-            &[&s.node_id, &s.lease.as_secs_f64(), &env!("CARGO_PKG_VERSION")],
+            &[
+                &s.node_id,
+                &s.lease.as_secs_f64(),
+                &env!("CARGO_PKG_VERSION"),
+            ],
         )
         .await?;
     let epoch: i64 = row.try_get(0)?;

@@ -157,7 +157,8 @@ async fn run(
         return;
     }
     let (tx, rx) = async_channel::bounded(REPLICATION_QUEUE);
-    node.spool.set_replicator(Arc::new(ChannelReplicator { tx }));
+    node.spool
+        .set_replicator(Arc::new(ChannelReplicator { tx }));
     let _ = ready.send(Ok(()));
 
     tokio::spawn(heartbeat_loop(node.clone()));
@@ -304,8 +305,9 @@ impl Replicator for ChannelReplicator {
         // On a writer thread (a plain thread): waiting here is backpressure.
         if let Err(e) = self.tx.send_blocking(batch) {
             for s in e.into_inner().stores {
-                s.reply
-                    .send(Err(SpoolError::Replication("cluster thread stopped".into())));
+                s.reply.send(Err(SpoolError::Replication(
+                    "cluster thread stopped".into(),
+                )));
             }
         }
     }
@@ -580,7 +582,9 @@ async fn import_batch(node: &Node, db: &mut Db, origin: &str) -> Result<usize, C
         };
         let core = &node.imports[i % node.imports.len()];
         if core.send(import).await.is_err() {
-            return Err(ClusterError::Thread("a core's import queue is closed".into()));
+            return Err(ClusterError::Thread(
+                "a core's import queue is closed".into(),
+            ));
         }
         waiting.push((id, done));
     }

@@ -99,4 +99,3 @@ pub fn status_text(nodes: &[NodeStatus]) -> String {
     }
     out
 }
-

@@ -99,7 +99,10 @@ impl ClusterSection {
             ));
         }
         if self.sync_interval.0.is_zero() || self.sync_interval.0 > Duration::from_secs(60) {
-            return Err(("cluster.sync_interval", "must be more than 0 and at most 60s".into()));
+            return Err((
+                "cluster.sync_interval",
+                "must be more than 0 and at most 60s".into(),
+            ));
         }
         if !(1..=10_000).contains(&self.import_batch) {
             return Err(("cluster.import_batch", "must be 1..=10000".into()));

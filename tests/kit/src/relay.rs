@@ -43,7 +43,8 @@ impl RelayBuilder {
     }
 
     /// Cluster mode (docs/cluster.md) on the engine `dsn` as node `node`,
-    /// with a lease (3 s) and sweep (1 s) short enough for a bounded test.
+    /// with a lease (3 s), sweep (1 s) and sync (50 ms) short enough for a
+    /// bounded test.
     pub fn cluster(self, dsn: &str, node: &str) -> Self {
         self.set("cluster.enabled=true")
             .set(format!("cluster.node_id=\"{node}\""))
@@ -51,6 +52,7 @@ impl RelayBuilder {
             .set("cluster.lease=\"3s\"")
             .set("cluster.sweep_interval=\"1s\"")
             .set("cluster.engine_timeout=\"2s\"")
+            .set("cluster.sync_interval=\"50ms\"")
     }
 
     pub fn cores(mut self, n: usize) -> Self {
