@@ -6,6 +6,7 @@
 //! parsed document before it is deserialized.
 
 pub mod antispam;
+pub mod cluster;
 pub mod delivery;
 pub mod events;
 pub mod hook;
@@ -123,6 +124,8 @@ pub struct Config {
     pub rewrite: Vec<sluice_policy::rewrite::RewriteRuleConfig>,
     /// The Sender Rewriting Scheme for forwarded mail (docs/rewrite.md).
     pub srs: Option<sluice_policy::rewrite::SrsConfig>,
+    /// Cluster mode on a PostgreSQL engine (docs/cluster.md).
+    pub cluster: cluster::ClusterSection,
 }
 
 /// What `[dnsbl]`, `[greylist]` and `[lists]` give the RCPT checks.
@@ -926,6 +929,9 @@ impl Config {
             return Err(invalid(key.into(), message));
         }
         if let Err((key, message)) = self.events.check() {
+            return Err(invalid(key.into(), message));
+        }
+        if let Err((key, message)) = self.cluster.check() {
             return Err(invalid(key.into(), message));
         }
         if self.delivery.mta_sts_refresh_interval.0.is_zero() {

@@ -122,6 +122,14 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Cluster mode: the nodes, epochs, leases and queue per node, as the
+    /// cluster engine (`[cluster] engine`) has them.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterCommand,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// DKIM keys.
     Dkim {
         #[command(subcommand)]
@@ -138,6 +146,16 @@ enum Command {
 }
 
 /// The old offline spellings, each now its `sluice queue … --offline`.
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Every node: epoch, state, lease left, messages queued, who took it over.
+    Status {
+        /// JSON, as `GET /api/v1/cluster` answers (without `local`).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Subcommand)]
 enum DkimCommand {
     /// Make a signing key: writes DIR/DOMAIN.SELECTOR.pem (PKCS#8, mode 0600,
@@ -396,6 +414,22 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let password = line.trim_end_matches(['\r', '\n']);
             anyhow::ensure!(!password.is_empty(), "no password on stdin");
             writeln!(out, "{}", sluice_policy::hash_password(password)?)?;
+            Ok(())
+        }
+        Command::Cluster { action, config } => {
+            let ClusterCommand::Status { json } = action;
+            let cfg = load_from(config_path(&config).as_deref(), &config.set)?;
+            anyhow::ensure!(
+                cfg.cluster.enabled,
+                "cluster.enabled is false in this configuration"
+            );
+            let nodes = sluice_cluster::status_blocking(&cfg.cluster.settings())?;
+            if json {
+                let v = sluice_engine::cluster_io::status_json(&nodes, None);
+                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+            } else {
+                out.write_all(sluice_engine::cluster_io::status_text(&nodes).as_bytes())?;
+            }
             Ok(())
         }
         Command::ExampleConfig => {

@@ -671,7 +671,7 @@ fn restart_only_changes(effective: &Config, new: &Config) -> Vec<String> {
             out.push(format!("route.{name}.tls_client_cert/tls_client_key"));
         }
     }
-    let sections: [(&str, bool); 9] = [
+    let sections: [(&str, bool); 10] = [
         ("spool", differs(&effective.spool, &new.spool)),
         ("log", differs(&effective.log, &new.log)),
         ("admin", differs(&effective.admin, &new.admin)),
@@ -682,6 +682,8 @@ fn restart_only_changes(effective: &Config, new: &Config) -> Vec<String> {
         ("ban", differs(&effective.ban, &new.ban)),
         ("dnsbl", differs(&effective.dnsbl, &new.dnsbl)),
         ("greylist", differs(&effective.greylist, &new.greylist)),
+        // The node joined with these; its thread and connections stay.
+        ("cluster", differs(&effective.cluster, &new.cluster)),
     ];
     out.extend(sections.iter().filter(|s| s.1).map(|s| s.0.to_string()));
     out

@@ -112,6 +112,23 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         })
         .with_context(|| format!("opening spool at {}", config.spool.path.display()))?,
     );
+    // Cluster mode: join (a new epoch, the recovered spool reconciled with
+    // the engine) before any core recovers its shards or opens a listener.
+    let mut import_rx = Vec::new();
+    let cluster = if config.cluster.enabled {
+        let mut import_tx = Vec::with_capacity(cores);
+        for _ in 0..cores {
+            let (tx, rx) = async_channel::bounded(sluice_cluster::IMPORT_QUEUE);
+            import_tx.push(tx);
+            import_rx.push(rx);
+        }
+        let c = sluice_cluster::start(config.cluster.settings(), spool.clone(), import_tx)
+            .context("cluster: joining")?;
+        Some(Arc::new(c))
+    } else {
+        None
+    };
+    let mut import_rx = import_rx.into_iter();
     // Bounce classification rules (shipped, plus delivery.bounce_rules).
     crate::bounce::install(
         crate::bounce::load(config.delivery.bounce_rules.as_deref()).map_err(anyhow::Error::msg)?,
@@ -379,6 +396,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             admin: crate::delivery::admin::AdminChannels::new(cores),
             tls_rpt,
             stage_filters: stage_filters.clone(),
+            lease: cluster.as_ref().map(|c| c.lease.clone()),
         }))
     } else {
         None
@@ -414,6 +432,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     let api = crate::admin::api::ApiContext {
         spool: Some(spool.clone()),
         cores: delivery.as_ref().map(|d| d.admin.senders()),
+        cluster: cluster.clone(),
     };
     let admin = start_admin(&config, &reloader, api)?;
 
@@ -436,6 +455,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         let dkim = dkim.clone();
         let verify_dns = verify_dns.clone();
         let antispam = antispam.clone();
+        let import = import_rx.next();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(core % cpus))
             .name(&format!("sluice-core-{core}"))
             .io_memory(config.server.io_memory.0 as usize)
@@ -452,6 +472,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
                     dkim,
                     verify_dns,
                     antispam,
+                    import,
                     listeners,
                     credentials,
                     shutdown,
@@ -612,6 +633,7 @@ async fn core_main(
     dkim: crate::queue::dkim::DkimSwap,
     verify_dns: Option<sluice_dns::ResolverConfig>,
     antispam: Option<Arc<crate::antispam::Antispam>>,
+    import: Option<async_channel::Receiver<sluice_cluster::Import>>,
     listeners: Vec<(Arc<ListenerShared>, std::net::SocketAddr)>,
     credentials: Arc<ArcSwap<Credentials>>,
     shutdown: Arc<event_listener::Event>,
@@ -651,6 +673,11 @@ async fn core_main(
             None
         }
     };
+    // Cluster mode: a dead node's messages come in here (after recovery, so
+    // the scheduler takes them like any new message).
+    if let Some(rx) = import {
+        crate::cluster_io::spawn_importer(queue.clone(), ids.clone(), rx);
+    }
     crate::metrics::spawn_core_collector(
         core,
         delivery

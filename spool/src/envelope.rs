@@ -238,7 +238,8 @@ pub enum RecipientStatus {
 }
 
 impl Envelope {
-    pub(crate) fn encode(&self) -> Result<Vec<u8>, SpoolError> {
+    /// The stored form (what the spool writes and a cluster engine copies).
+    pub fn encode(&self) -> Result<Vec<u8>, SpoolError> {
         let enc = |e: postcard::Error| SpoolError::Encode(e.to_string());
         let out = postcard::to_extend(self, vec![ENVELOPE_VERSION]).map_err(enc)?;
         let ext = Extension {
@@ -259,7 +260,8 @@ impl Envelope {
         postcard::to_extend(&ext9, out).map_err(enc)
     }
 
-    pub(crate) fn decode(id: MessageId, bytes: &[u8]) -> Result<Envelope, SpoolError> {
+    /// Decodes an envelope as stored (`id` names it in errors only).
+    pub fn decode(id: MessageId, bytes: &[u8]) -> Result<Envelope, SpoolError> {
         let corrupt = |e: postcard::Error| SpoolError::Corrupt(format!("envelope {id}: {e}"));
         match bytes.split_first() {
             Some((&ENVELOPE_VERSION, rest)) => {

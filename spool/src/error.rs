@@ -32,6 +32,10 @@ pub enum SpoolError {
     /// Opening the spool (directories, environments).
     #[error("spool open: {0}")]
     Io(String),
+    /// Cluster mode: the batch could not be written to the cluster engine
+    /// (or this node is fenced); the message was not kept (451 4.3.0).
+    #[error("not replicated: {0}")]
+    Replication(String),
     /// An envelope that cannot be encoded (should not happen).
     #[error("envelope encode: {0}")]
     Encode(String),

@@ -80,6 +80,8 @@ struct Shard {
 pub struct Spool {
     shards: Vec<Shard>,
     pub(crate) health: Arc<Health>,
+    /// Cluster mode's replica log; empty otherwise.
+    replicator: crate::writer::ReplicatorSlot,
 }
 
 fn io_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> SpoolError {
@@ -157,6 +159,7 @@ impl Spool {
         let mut spool = Spool {
             shards: Vec::with_capacity(usize::from(n)),
             health: Arc::default(),
+            replicator: Arc::default(),
         };
         for i in 0..n {
             let dir = shard_dir(&cfg.path, i);
@@ -174,6 +177,7 @@ impl Spool {
                 health: spool.health.clone(),
                 max_batch: cfg.max_batch.max(1),
                 metrics: crate::writer::WriterMetrics::new(),
+                replicator: spool.replicator.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("spool-writer-{i}"))
@@ -217,6 +221,7 @@ impl Spool {
         Ok(Spool {
             shards,
             health: Arc::default(),
+            replicator: Arc::default(),
         })
     }
 
@@ -505,6 +510,35 @@ impl Spool {
             stats.messages += get(META_MESSAGES)?;
         }
         Ok(stats)
+    }
+
+    /// Cluster mode: from now on every committed batch goes to `replicator`,
+    /// which answers the stores. Set once; false if one was set already.
+    pub fn set_replicator(&self, replicator: Arc<dyn crate::Replicator>) -> bool {
+        self.replicator.set(replicator).is_ok()
+    }
+
+    /// A stored message as it is on disk: the encoded envelope and the body
+    /// (with its prefix), copied out (cluster reconciliation).
+    pub fn stored(&self, id: MessageId) -> Result<(Vec<u8>, Vec<u8>), SpoolError> {
+        let s = self.shard_of(id)?;
+        let rtxn = self.read_txn(s)?;
+        let key = id.key();
+        let envelope = s
+            .dbs
+            .envelopes
+            .get(&rtxn, &key)
+            .map_err(|e| self.storage(e))?
+            .ok_or(SpoolError::NotFound(id))?
+            .to_vec();
+        let body = s
+            .dbs
+            .bodies
+            .get(&rtxn, &key)
+            .map_err(|e| self.storage(e))?
+            .ok_or(SpoolError::NotFound(id))?
+            .to_vec();
+        Ok((envelope, body))
     }
 
     /// True once a storage error failed the spool closed.

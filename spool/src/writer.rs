@@ -11,7 +11,11 @@ use heed::types::{Bytes, Str, U64};
 use heed::{Database, Env, MdbError, PutFlags, WithoutTls};
 use tracing::{debug, error, warn};
 
+use crate::replica::{Committed, Replicator, StoreReply, StoredMessage};
 use crate::{space, MessageId, SpoolError};
+
+/// Set once when cluster mode starts; read once per committed batch.
+pub(crate) type ReplicatorSlot = std::sync::Arc<OnceLock<std::sync::Arc<dyn Replicator>>>;
 
 pub(crate) type IdDb = Database<Bytes, Bytes>;
 pub(crate) type MetaDb = Database<Str, U64<heed::byteorder::BigEndian>>;
@@ -126,6 +130,7 @@ pub(crate) struct Writer {
     pub health: std::sync::Arc<Health>,
     pub max_batch: usize,
     pub metrics: WriterMetrics,
+    pub replicator: ReplicatorSlot,
 }
 
 /// Group-commit metrics (names documented in METRICS.md). The handles are
@@ -188,16 +193,14 @@ impl Writer {
                     .commit_seconds
                     .record(started.elapsed().as_secs_f64());
                 self.metrics.batch_size.record(batch.len() as f64);
-                for (op, r) in batch.drain(..).zip(results) {
-                    let _ = op.reply.send(r);
-                }
+                self.finish(batch.drain(..).zip(results));
             }
             Err(e) if self.is_capacity(&e, batch) && batch.len() > 1 => {
                 // Retry one by one so a single huge message only fails itself.
                 warn!(shard = self.shard, batch = batch.len(), error = %e, "spool batch did not fit, retrying singly");
                 for op in batch.drain(..) {
                     let r = self.commit_single(&op);
-                    let _ = op.reply.send(r);
+                    self.finish(std::iter::once((op, r)));
                 }
             }
             Err(e) if self.is_capacity(&e, batch) => {
@@ -208,6 +211,53 @@ impl Writer {
                 let err = self.fail(e);
                 reply_all(batch, &err);
             }
+        }
+    }
+
+    /// Answers the callers of committed operations. In cluster mode the
+    /// replicator gets the batch, and answers the stores itself once their
+    /// copy is durable in the cluster engine (one Option test per batch).
+    fn finish(&self, done: impl Iterator<Item = (Op, Result<(), SpoolError>)>) {
+        let Some(replicator) = self.replicator.get() else {
+            for (op, r) in done {
+                let _ = op.reply.send(r);
+            }
+            return;
+        };
+        let mut batch = Committed {
+            shard: self.shard,
+            ..Committed::default()
+        };
+        for (Op { kind, reply }, r) in done {
+            if r.is_err() {
+                let _ = reply.send(r);
+                continue;
+            }
+            match kind {
+                OpKind::Store {
+                    id,
+                    envelope,
+                    prefix,
+                    body,
+                } => batch.stores.push(StoredMessage {
+                    id,
+                    envelope,
+                    prefix,
+                    body,
+                    reply: StoreReply(reply),
+                }),
+                OpKind::Update { id, envelope } => {
+                    batch.updates.push((id, envelope));
+                    let _ = reply.send(Ok(()));
+                }
+                OpKind::Remove { id } => {
+                    batch.removes.push(id);
+                    let _ = reply.send(Ok(()));
+                }
+            }
+        }
+        if !batch.is_empty() {
+            replicator.committed(batch);
         }
     }
 

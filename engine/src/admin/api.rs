@@ -62,6 +62,7 @@ pub enum Op {
     ShapingList,
     ShapingCancel,
     ShapingSites,
+    Cluster,
 }
 
 pub struct Route {
@@ -198,6 +199,11 @@ pub const ROUTES: &[Route] = &[
         path: "/api/v1/shaping/sites",
         op: Op::ShapingSites,
     },
+    Route {
+        method: "GET",
+        path: "/api/v1/cluster",
+        op: Op::Cluster,
+    },
 ];
 
 /// Finds the route: Ok(op, path parameters), or the 404/405 to answer.
@@ -273,6 +279,7 @@ pub fn handle(state: &AdminState, req: &Request) -> Response {
         Op::ShapingList => super::shaping_api::list(),
         Op::ShapingCancel => super::shaping_api::cancel(api, &params[0]),
         Op::ShapingSites => super::shaping_api::sites(api),
+        Op::Cluster => cluster(api),
         Op::Reload => unreachable!("answered above"),
     };
     match result {
@@ -284,6 +291,17 @@ pub fn handle(state: &AdminState, req: &Request) -> Response {
 // ---------------------------------------------------------------------------------
 // Changes, through the owning cores
 // ---------------------------------------------------------------------------------
+
+/// The engine's view of the nodes plus this node's counters (on this admin
+/// thread: its own short connection, bounded by `cluster.engine_timeout`).
+fn cluster(api: &ApiContext) -> ApiResult {
+    let Some(c) = &api.cluster else {
+        return Err(err(404, "cluster mode is off (cluster.enabled = false)"));
+    };
+    let nodes = sluice_cluster::status_blocking(&c.settings)
+        .map_err(|e| err(503, format!("cluster engine: {e}")))?;
+    Ok(crate::cluster_io::status_json(&nodes, Some(c)))
+}
 
 fn cancel_mode(req: &Request) -> Result<QueueAction, ApiError> {
     match req.param("mode").unwrap_or("bounce") {

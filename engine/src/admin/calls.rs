@@ -22,6 +22,8 @@ pub struct ApiContext {
     pub spool: Option<Arc<Spool>>,
     /// Command senders indexed by core; None when delivery is disabled.
     pub cores: Option<Vec<UnboundedSender<Command>>>,
+    /// Cluster mode's node (None when `cluster.enabled` is false).
+    pub cluster: Option<Arc<sluice_cluster::Cluster>>,
 }
 
 /// An error answer: HTTP status and message.

@@ -802,6 +802,7 @@ impl Client {
             api: super::api::ApiContext {
                 spool: Some(Arc::new(spool)),
                 cores: None,
+                cluster: None,
             },
         };
         let req = super::Request {

@@ -123,6 +123,8 @@ pub struct DeliveryShared {
     pub tls_rpt: Option<Arc<tls_rpt_io::RptShared>>,
     /// Listeners' filters asked before each attempt (`stage.rs`).
     pub stage_filters: crate::filters::delivery::DeliveryFiltersSwap,
+    /// Cluster mode: no attempt starts once this node's lease ran out.
+    pub lease: Option<Arc<sluice_cluster::LeaseClock>>,
 }
 
 /// Delivery state of one core.

@@ -18,6 +18,9 @@ use super::mesh::{owner_of, MeshMsg};
 use super::routing::{message_facts, MxHosts};
 use super::{halted, now_ms, persist, throttle, CoreDelivery};
 
+/// A dispatch held back by a run-out cluster lease is looked at again after this.
+const LEASE_RECHECK_MS: u64 = 1_000;
+
 impl CoreDelivery {
     /// Wakes each message when its time comes (retry, release, deadline) and
     /// dispatches it.
@@ -128,6 +131,14 @@ impl CoreDelivery {
         if self.admin_held(id, &envelope) {
             // Held by the operator: nothing until released (which dispatches).
             return;
+        }
+        if let Some(lease) = &self.shared.lease {
+            if !lease.allows(lease.now_ms()) {
+                // Cluster mode, lease run out (engine unreachable, or this
+                // node was frozen): another node may own the message now.
+                // Look again after a heartbeat may have renewed it.
+                return self.schedule(now_ms() + LEASE_RECHECK_MS, id);
+            }
         }
         let now = now_ms();
         match ledger::admit(&envelope, now) {

@@ -32,6 +32,7 @@ pub mod hook;
 pub mod mta_sts;
 pub mod nsd;
 pub mod postfix;
+pub mod postgres;
 pub mod process;
 pub mod procfs;
 pub mod relay;

@@ -42,6 +42,19 @@ impl RelayBuilder {
         self.set(kv)
     }
 
+    /// Cluster mode (docs/cluster.md) on the engine `dsn` as node `node`,
+    /// with a lease (3 s), sweep (1 s) and sync (50 ms) short enough for a
+    /// bounded test.
+    pub fn cluster(self, dsn: &str, node: &str) -> Self {
+        self.set("cluster.enabled=true")
+            .set(format!("cluster.node_id=\"{node}\""))
+            .set(format!("cluster.engine=[\"{dsn}\"]"))
+            .set("cluster.lease=\"3s\"")
+            .set("cluster.sweep_interval=\"1s\"")
+            .set("cluster.engine_timeout=\"2s\"")
+            .set("cluster.sync_interval=\"50ms\"")
+    }
+
     pub fn cores(mut self, n: usize) -> Self {
         self.cores = n;
         self
