@@ -217,9 +217,11 @@ fn assert_duplicates_bounded(tokens: &BTreeMap<String, u64>) {
         dup.len()
     );
     // In flight: one transaction per connection; plus deliveries whose
-    // removal had not reached the engine (the test's sync_interval, 50 ms).
+    // removal had not reached the engine (the test's sync_interval, 50 ms,
+    // stretched on a busy machine). Without the sync, all of n2's earlier
+    // deliveries would come twice; without fencing, its whole queue.
     assert!(
-        dup.len() as u64 <= MAX_CONNECTIONS * 4,
+        dup.len() as u64 <= MAX_CONNECTIONS * 6,
         "more duplicates than attempts in flight at the kill: {dup:?}"
     );
 }
@@ -416,7 +418,7 @@ fn frozen_node_is_fenced() {
     // may be made again by n1; a woken node that went on delivering would
     // send far more twice (its whole queue, at the sink's pace).
     assert!(
-        dup.len() as u64 <= MAX_CONNECTIONS * 4,
+        dup.len() as u64 <= MAX_CONNECTIONS * 6,
         "the woken node delivered what n1 took over: {dup:?}"
     );
 }
