@@ -132,12 +132,26 @@ fn kill_n2_under_load() -> Option<Scene> {
         })
         .collect();
     let mut nodes = nodes;
+    let at_kill = sink.tokens();
     nodes[1].kill9();
+    let killed = std::time::Instant::now();
     let stranded = nodes[1].count();
     eprintln!("cluster: n2 killed with {stranded} message(s) in its spool");
     assert!(
         stranded > 0,
         "n2 had delivered everything before the kill: nothing to take over"
+    );
+    // The failover figure (reported, not asserted): from the kill to the
+    // first of n2's messages delivered by a survivor.
+    wait_until(
+        "a survivor to deliver one of n2's messages",
+        Duration::from_secs(60),
+        || n2_token_arrived(&sink, &at_kill),
+        || nodes[0].log(),
+    );
+    eprintln!(
+        "cluster: failover (kill to first delivery of a stranded message) {} ms",
+        killed.elapsed().as_millis()
     );
     for t in others {
         let v = t.join().unwrap();
@@ -151,6 +165,17 @@ fn kill_n2_under_load() -> Option<Scene> {
         acks,
         _dir: dir,
     })
+}
+
+/// Whether the sink has a token of n2 from a survivor: more new ones than n2
+/// had transactions open at the kill (those may complete at the sink after it).
+fn n2_token_arrived(sink: &LoadgenSink, at_kill: &BTreeMap<String, u64>) -> bool {
+    let new = sink
+        .tokens()
+        .keys()
+        .filter(|t| t.starts_with("lg-n2-") && !at_kill.contains_key(*t))
+        .count();
+    new as u64 > MAX_CONNECTIONS
 }
 
 /// Waits until every acknowledged token is at the sink; returns token → count.
@@ -192,9 +217,11 @@ fn assert_duplicates_bounded(tokens: &BTreeMap<String, u64>) {
         dup.len()
     );
     // In flight: one transaction per connection; plus deliveries whose
-    // removal had not reached the engine (the test's sync_interval, 50 ms).
+    // removal had not reached the engine (the test's sync_interval, 50 ms,
+    // stretched on a busy machine). Without the sync, all of n2's earlier
+    // deliveries would come twice; without fencing, its whole queue.
     assert!(
-        dup.len() as u64 <= MAX_CONNECTIONS * 4,
+        dup.len() as u64 <= MAX_CONNECTIONS * 6,
         "more duplicates than attempts in flight at the kill: {dup:?}"
     );
 }
@@ -391,7 +418,7 @@ fn frozen_node_is_fenced() {
     // may be made again by n1; a woken node that went on delivering would
     // send far more twice (its whole queue, at the sink's pace).
     assert!(
-        dup.len() as u64 <= MAX_CONNECTIONS * 4,
+        dup.len() as u64 <= MAX_CONNECTIONS * 6,
         "the woken node delivered what n1 took over: {dup:?}"
     );
 }
