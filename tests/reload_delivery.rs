@@ -420,7 +420,10 @@ fn sighup_changes_pool_members_and_a_tenant_rate_keeping_warmup_counts() {
     wait_until(
         "three messages at the hop and the rest deferred",
         T,
-        || hop.messages().len() >= 3 && relay.log().contains("no usable source address in pool p"),
+        || {
+            hop.messages().len() >= 3
+                && metric_sum(&relay.metrics(), "sluice_pool_exhausted_total{pool=\"p\"}") >= 1.0
+        },
         || relay.log(),
     );
     assert_eq!(hop.messages().len(), 3);

@@ -242,6 +242,21 @@ fn a_tenant_named_by_a_header_is_limited_stored_and_counted_at_delivery() {
     assert_eq!(tenant_metric(&relay, "b", "accepted"), 2.0);
     assert_eq!(tenant_metric(&relay, "b", "rate_limited"), 1.0);
     assert_eq!(tenant_metric(&relay, "misc", "accepted"), 1.0);
+    // The queue shows what each message counts for.
+    let shown: Vec<String> = relay.list().iter().map(|e| relay.show(&e.id)).collect();
+    assert_eq!(
+        shown.iter().filter(|s| s.contains("tenant: b\n")).count(),
+        2,
+        "{shown:#?}"
+    );
+    assert_eq!(
+        shown
+            .iter()
+            .filter(|s| s.contains("tenant: misc\n"))
+            .count(),
+        1,
+        "{shown:#?}"
+    );
     // Delivery counts the attempts for the header's tenant: nothing else
     // (no rule tenant, no AUTH) names it.
     wait_until(

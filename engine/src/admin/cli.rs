@@ -1214,6 +1214,9 @@ fn print_show_fields(m: &Value, o: &mut dyn Write) -> std::io::Result<()> {
     if m["tls_request"].as_str().is_some_and(|r| r != "policy") {
         line("tls_request", plain(&m["tls_request"]))?;
     }
+    if !m["tenant"].is_null() {
+        line("tenant", plain(&m["tenant"]))?;
+    }
     Ok(())
 }
 

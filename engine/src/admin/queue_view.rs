@@ -420,6 +420,8 @@ pub(super) fn show(api: &ApiContext, id: &str) -> ApiResult {
             sluice_spool::TlsRequest::RequireTls => "requiretls",
             sluice_spool::TlsRequest::Optional => "tls-required-no",
         },
+        // The tenant it counted for at reception (docs/pools.md).
+        "tenant": env.tenant,
         "headers": headers,
         "headers_truncated": truncated,
     });

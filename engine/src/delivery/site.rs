@@ -200,10 +200,6 @@ impl CoreDelivery {
             *site.current_target.borrow_mut() = job.target.clone();
             site.target_version.set(site.target_version.get() + 1);
         }
-        if site.fair.borrow().is_none() && !self.cfg().tenants.is_empty() {
-            // Tenants added by a reload: the site starts sharing from now on.
-            *site.fair.borrow_mut() = Some(Default::default());
-        }
         let seq = match site.fair.borrow_mut().as_mut() {
             // Tenants compete: the job's place follows its tenant's share.
             Some(fair) => {
@@ -466,6 +462,10 @@ impl CoreDelivery {
         site.group
             .retune(&cfg.destination(&site.target.destination()), cfg.generation);
         site.member_cap.set(member_cap(&cfg, &site.strategy));
+        if site.fair.borrow().is_none() && !cfg.tenants.is_empty() {
+            // Tenants added by a reload: the site shares from its next job on.
+            *site.fair.borrow_mut() = Some(Default::default());
+        }
         if let Some(slow) = site.shaping.slow.borrow_mut().as_mut() {
             slow.set_max(u32::try_from(site.max_connections()).unwrap_or(u32::MAX));
         }
