@@ -20,7 +20,7 @@ mod settings;
 pub use engine::NodeStatus;
 pub use fence::{Fenced, EXIT_FENCED};
 pub use lease::LeaseClock;
-pub use node::{start, status_blocking, Cluster, Import, Stats, IMPORT_QUEUE};
+pub use node::{set_exit, start, status_blocking, Cluster, Import, Stats, IMPORT_QUEUE};
 pub use settings::{EngineDown, Settings};
 /// Parses a `cluster.engine` entry (the config check uses it).
 pub use tokio_postgres::Config as EngineConfig;

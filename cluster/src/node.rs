@@ -245,12 +245,24 @@ async fn replicate_from_spool(
     Ok(rows.len())
 }
 
+/// How the process exits when fenced: the engine installs one that writes
+/// out its buffered log lines first.
+static EXIT: std::sync::OnceLock<fn(i32) -> !> = std::sync::OnceLock::new();
+
+/// Installs the exit used when the node finds itself fenced.
+pub fn set_exit(exit: fn(i32) -> !) {
+    let _ = EXIT.set(exit);
+}
+
 /// Fenced while running: nothing more may start; exit with a status of its
 /// own so the service manager restarts the node into a fresh join.
 fn fenced_exit(node: &Node, why: &str) -> ! {
     node.lease.revoke();
     error!(target: "sluice::cluster", node = %node.s.node_id, epoch = node.epoch, reason = why, "cluster: fenced, exiting");
-    std::process::exit(EXIT_FENCED);
+    match EXIT.get() {
+        Some(exit) => exit(EXIT_FENCED),
+        None => std::process::exit(EXIT_FENCED),
+    }
 }
 
 fn set_engine_up(node: &Node, up: bool) {

@@ -28,8 +28,34 @@ pub fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) 
     stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
+/// The log writer's guard: dropping it writes out the buffered lines.
+static WRITER: std::sync::Mutex<Option<WorkerGuard>> = std::sync::Mutex::new(None);
+
+/// Held by `run`: when dropped, the buffered log lines are written out.
+pub struct LogGuard;
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        flush();
+    }
+}
+
+/// Writes out the buffered log lines and stops the writer (once).
+fn flush() {
+    let guard = WRITER.lock().map(|mut g| g.take()).unwrap_or(None);
+    drop(guard);
+}
+
+/// Exits the process with `code` after writing out the buffered log lines
+/// (`std::process::exit` runs no destructors, so the last lines, which say
+/// why, would be lost).
+pub fn exit(code: i32) -> ! {
+    flush();
+    std::process::exit(code)
+}
+
 /// Installs the global subscriber; hold the guard until exit.
-pub fn init(config: &Config) -> WorkerGuard {
+pub fn init(config: &Config) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = NonBlockingBuilder::default()
@@ -48,7 +74,10 @@ pub fn init(config: &Config) -> WorkerGuard {
         LogFormat::Json => builder.with_ansi(false).json().flatten_event(true).init(),
         LogFormat::Text => builder.with_ansi(colour).init(),
     }
-    guard
+    if let Ok(mut slot) = WRITER.lock() {
+        *slot = Some(guard);
+    }
+    LogGuard
 }
 
 #[cfg(test)]

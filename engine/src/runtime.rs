@@ -122,6 +122,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             import_tx.push(tx);
             import_rx.push(rx);
         }
+        // A fenced node's last log line says why it exits: write it out first.
+        sluice_cluster::set_exit(crate::logging::exit);
         let c = sluice_cluster::start(config.cluster.settings(), spool.clone(), import_tx)
             .context("cluster: joining")?;
         Some(Arc::new(c))
