@@ -17,8 +17,10 @@ use crate::config::events::EventsSection;
 /// Events taken from the channel per batch, at most.
 const MAX_BATCH: usize = 4096;
 /// How long a batch collects events after its first: one commit (and fsync)
-/// and one file write for all of them, instead of one per event.
-const BATCH_WINDOW: Duration = Duration::from_millis(20);
+/// and one file write for all of them, instead of one per event. 100 ms, not
+/// 20: the buffer's fsyncs share the disk with the spool's group commits, and
+/// at 50 a second they slowed pipelined relaying by 10–15% (BENCHMARKS.md).
+const BATCH_WINDOW: Duration = Duration::from_millis(100);
 
 /// Starts the events thread (and the webhook poster) and installs the
 /// emitter. `tls`: the verifying client config for https:// webhooks.
