@@ -64,51 +64,9 @@ START_TIMEOUT_TICKS=6000   # x 0.1 s, for sluice to listen (recovery of a big sp
 STOP_TIMEOUT_TICKS=600     # x 0.1 s, after SIGTERM
 
 # ---------------------------------------------------------------------------------------
-PIDS=() WORK=""
-pid_alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
-stop_pid() {
-    local pid=$1 i=0
-    pid_alive "$pid" || { wait "$pid" 2>/dev/null || true; return 0; }
-    pkill -TERM -P "$pid" 2>/dev/null || true   # its children (a fill subshell's timeout + loadgen)
-    kill -TERM "$pid" 2>/dev/null || true
-    while pid_alive "$pid" && [ $i -lt $STOP_TIMEOUT_TICKS ]; do
-        if [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" = Z ]; then break; fi
-        sleep 0.1; i=$((i + 1))
-    done
-    if [ $i -ge $STOP_TIMEOUT_TICKS ] && pid_alive "$pid" && [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]; then
-        log "pid $pid did not exit after SIGTERM; SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-    local rc=$? pid
-    trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
-        if [ "$rc" = 0 ]; then rm -rf "$WORK"; else log "kept $WORK for inspection"; fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-port_listening() { [ -n "$(ss -Htln "sport = :$1" 2>/dev/null)" ]; }
-wait_listening() { # PORT PID WHAT
-    local i=0
-    while ! port_listening "$1"; do
-        pid_alive "$2" || die "$3 exited before listening on :$1 (see $WORK)"
-        [ $i -lt $START_TIMEOUT_TICKS ] || die "$3 not listening on :$1 in time"
-        sleep 0.1; i=$((i + 1))
-    done
-}
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
+# shellcheck source=bench/lib/procs.sh
+source "$REPO/bench/lib/procs.sh"
 status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
-# "RSS MiB (anon + file)": VmRSS with its anonymous part and its file-backed part (LMDB's
-# memory map: page cache that the kernel can drop, not heap).
-rss_split() { awk '$1 == "VmRSS:" { r = $2 } $1 == "RssAnon:" { a = $2 } $1 == "RssFile:" { f = $2 }
-    END { printf "%.0f (%.0f + %.0f)", r / 1024, a / 1024, f / 1024 }' "/proc/$1/status"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.0f", k / 1024 }'; }
 sink_stat() { curl -s --max-time 2 "http://127.0.0.1:$STATS_PORT/stats" | jq -r ".$1 // empty" 2>/dev/null || true; }
 

@@ -366,18 +366,19 @@ fn merge(running: &Config, new: &Config) -> (Config, Vec<String>, Vec<String>) {
         effective.lists = new.lists.clone();
         changed.push("lists".into());
     }
-    if differs(&effective.relay, &new.relay) {
-        effective.relay = new.relay.clone();
-        changed.push("relay".into());
-    }
-    if differs(&effective.auth.users, &new.auth.users) {
-        effective.auth.users = new.auth.users.clone();
-        changed.push("auth.users".into());
-    }
-    if differs(&effective.auth.sender_login, &new.auth.sender_login) {
-        effective.auth.sender_login = new.auth.sender_login.clone();
-        changed.push("auth.sender_login".into());
-    }
+    adopt(&mut effective.relay, &new.relay, "relay", &mut changed);
+    adopt(
+        &mut effective.auth.users,
+        &new.auth.users,
+        "auth.users",
+        &mut changed,
+    );
+    adopt(
+        &mut effective.auth.sender_login,
+        &new.auth.sender_login,
+        "auth.sender_login",
+        &mut changed,
+    );
     if differs(&effective.rule, &new.rule) {
         effective.rule = new.rule.clone();
         changed.push(format!("[[rule]] ({} in force)", new.rule.len()));
@@ -389,15 +390,14 @@ fn merge(running: &Config, new: &Config) -> (Config, Vec<String>, Vec<String>) {
         effective.srs = new.srs.clone();
         changed.push("rewrite, srs".into());
     }
-    if differs(&effective.dkim, &new.dkim) {
-        effective.dkim = new.dkim.clone();
-        changed.push("dkim".into());
-    }
+    adopt(&mut effective.dkim, &new.dkim, "dkim", &mut changed);
     take_delivery(&mut effective, new, &mut changed);
-    if differs(&effective.shaping, &new.shaping) {
-        effective.shaping = new.shaping.clone();
-        changed.push("shaping".into());
-    }
+    adopt(
+        &mut effective.shaping,
+        &new.shaping,
+        "shaping",
+        &mut changed,
+    );
     let restart = restart_only_changes(&effective, new);
     (effective, changed, restart)
 }
@@ -515,10 +515,7 @@ fn take_delivery(effective: &mut Config, new: &Config, changed: &mut Vec<String>
     delivery.mta_sts_https_port = run.mta_sts_https_port;
     delivery.mta_sts_refresh_interval = run.mta_sts_refresh_interval;
     delivery.bounce_rules.clone_from(&run.bounce_rules);
-    if differs(&effective.delivery, &delivery) {
-        effective.delivery = delivery;
-        changed.push("delivery".into());
-    }
+    adopt(&mut effective.delivery, &delivery, "delivery", changed);
     let mut queues = new.queue.clone();
     for (name, q) in &mut queues {
         let running = effective
@@ -533,32 +530,27 @@ fn take_delivery(effective: &mut Config, new: &Config, changed: &mut Vec<String>
         q.max_messages = running.max_messages;
         q.max_bytes = running.max_bytes;
     }
-    if differs(&effective.queue, &queues) {
-        effective.queue = queues;
-        changed.push("queue".into());
-    }
+    adopt(&mut effective.queue, &queues, "queue", changed);
     let mut routes = new.route.clone();
     for (name, r) in &mut routes {
         let running = effective.route.get(name);
         r.tls_client_cert = running.and_then(|r| r.tls_client_cert.clone());
         r.tls_client_key = running.and_then(|r| r.tls_client_key.clone());
     }
-    if differs(&effective.route, &routes) {
-        effective.route = routes;
-        changed.push("route".into());
-    }
-    if differs(&effective.destination, &new.destination) {
-        effective.destination = new.destination.clone();
-        changed.push("destination".into());
-    }
-    if differs(&effective.source_ip, &new.source_ip) {
-        effective.source_ip = new.source_ip.clone();
-        changed.push("source_ip".into());
-    }
-    if differs(&effective.host, &new.host) {
-        effective.host = new.host.clone();
-        changed.push("host".into());
-    }
+    adopt(&mut effective.route, &routes, "route", changed);
+    adopt(
+        &mut effective.destination,
+        &new.destination,
+        "destination",
+        changed,
+    );
+    adopt(
+        &mut effective.source_ip,
+        &new.source_ip,
+        "source_ip",
+        changed,
+    );
+    adopt(&mut effective.host, &new.host, "host", changed);
     if differs(&effective.provider, &new.provider) || differs(&effective.providers, &new.providers)
     {
         effective.provider = new.provider.clone();
@@ -567,23 +559,11 @@ fn take_delivery(effective: &mut Config, new: &Config, changed: &mut Vec<String>
     }
     // Pools and warm-up schedules are checked together (`pools`, built by
     // the new file's load): a member's schedule names a `[warmup.*]`.
-    if differs(&effective.pool, &new.pool) {
-        effective.pool = new.pool.clone();
-        changed.push("pool".into());
-    }
-    if differs(&effective.warmup, &new.warmup) {
-        effective.warmup = new.warmup.clone();
-        changed.push("warmup".into());
-    }
+    adopt(&mut effective.pool, &new.pool, "pool", changed);
+    adopt(&mut effective.warmup, &new.warmup, "warmup", changed);
     effective.pools = new.pools.clone();
-    if differs(&effective.tenant, &new.tenant) {
-        effective.tenant = new.tenant.clone();
-        changed.push("tenant".into());
-    }
-    if differs(&effective.tenants, &new.tenants) {
-        effective.tenants = new.tenants.clone();
-        changed.push("tenants".into());
-    }
+    adopt(&mut effective.tenant, &new.tenant, "tenant", changed);
+    adopt(&mut effective.tenants, &new.tenants, "tenants", changed);
 }
 
 /// `[delivery]` keys built into the running process (the TLS setup, the
@@ -687,6 +667,14 @@ fn restart_only_changes(effective: &Config, new: &Config) -> Vec<String> {
     ];
     out.extend(sections.iter().filter(|s| s.1).map(|s| s.0.to_string()));
     out
+}
+
+/// Takes `new` into the running `value` when they differ, naming the change.
+fn adopt<T: Debug + Clone>(value: &mut T, new: &T, name: &str, changed: &mut Vec<String>) {
+    if differs(value, new) {
+        value.clone_from(new);
+        changed.push(name.into());
+    }
 }
 
 /// Configuration types have Debug but not PartialEq; their Debug output is
