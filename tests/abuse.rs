@@ -1353,6 +1353,7 @@ fn store_raw(path: &std::path::Path, bodies: &[Vec<u8>]) {
             deliver_by: None,
             tls_request: Default::default(),
             tenant: None,
+            header_facts: None,
             schedule: Default::default(),
         };
         let id = ids.next(now_ms);

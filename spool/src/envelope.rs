@@ -1,4 +1,5 @@
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +24,10 @@ use crate::{MessageId, Reply, SpoolError};
 /// default.
 /// 9 appends a fourth record ([`Extension9`]: the tenant the message counts
 /// for) after version 8's; version 8 envelopes decode with no tenant.
-const ENVELOPE_VERSION: u8 = 9;
+/// 10 appends a fifth record ([`Extension10`]: the header facts delivery
+/// events carry) after version 9's; version 9 envelopes decode with none.
+const ENVELOPE_VERSION: u8 = 10;
+const ENVELOPE_V9: u8 = 9;
 const ENVELOPE_V8: u8 = 8;
 const ENVELOPE_V7: u8 = 7;
 const ENVELOPE_V6: u8 = 6;
@@ -54,6 +58,32 @@ struct Extension8 {
 #[derive(Default, Serialize, Deserialize)]
 struct Extension9 {
     tenant: Option<String>,
+}
+
+/// Fields stored after version 9's extension record (version 10 on).
+#[derive(Default, Serialize, Deserialize)]
+struct Extension10 {
+    header_facts: Option<HeaderFacts>,
+}
+
+/// The same record written from a borrowed envelope (postcard encodes an
+/// `Option<&T>` as it encodes an `Option<T>`).
+#[derive(Serialize)]
+struct Extension10Ref<'a> {
+    header_facts: Option<&'a HeaderFacts>,
+}
+
+/// What reception read from the message's header for its delivery events
+/// (only when events are on): every later event of the message carries it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderFacts {
+    /// The Message-ID field, as written.
+    pub message_id: Option<String>,
+    /// The raw value of `[events] tenant_header` (used when the message
+    /// counted for no `[tenant.NAME]`).
+    pub tenant: Option<String>,
+    /// The raw value of `[events] campaign_header`.
+    pub campaign: Option<String>,
 }
 
 /// What the sender asked of the transport security of the message's onward
@@ -131,6 +161,11 @@ pub struct Envelope {
     /// none.
     #[serde(skip)]
     pub tenant: Option<String>,
+    /// Header facts for delivery events (none when events are off). Stored
+    /// in the version 10 extension record; shared, not copied, by the jobs
+    /// of an attempt.
+    #[serde(skip)]
+    pub header_facts: Option<Arc<HeaderFacts>>,
 }
 
 /// A DELIVERBY request: what to do when the deadline passes undelivered.
@@ -257,7 +292,11 @@ impl Envelope {
         let ext9 = Extension9 {
             tenant: self.tenant.clone(),
         };
-        postcard::to_extend(&ext9, out).map_err(enc)
+        let out = postcard::to_extend(&ext9, out).map_err(enc)?;
+        let ext10 = Extension10Ref {
+            header_facts: self.header_facts.as_deref(),
+        };
+        postcard::to_extend(&ext10, out).map_err(enc)
     }
 
     /// Decodes an envelope as stored (`id` names it in errors only).
@@ -265,6 +304,24 @@ impl Envelope {
         let corrupt = |e: postcard::Error| SpoolError::Corrupt(format!("envelope {id}: {e}"));
         match bytes.split_first() {
             Some((&ENVELOPE_VERSION, rest)) => {
+                let (mut env, ext) =
+                    postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
+                let (ext, ext5) = postcard::take_from_bytes::<Extension>(ext).map_err(corrupt)?;
+                let (ext5, ext8) =
+                    postcard::take_from_bytes::<Extension5>(ext5).map_err(corrupt)?;
+                let (ext8, ext9) =
+                    postcard::take_from_bytes::<Extension8>(ext8).map_err(corrupt)?;
+                let (ext9, ext10) =
+                    postcard::take_from_bytes::<Extension9>(ext9).map_err(corrupt)?;
+                let ext10: Extension10 = postcard::from_bytes(ext10).map_err(corrupt)?;
+                env.schedule.held = ext.held;
+                env.schedule.notices = ext5.notices;
+                env.tls_request = ext8.tls_request;
+                env.tenant = ext9.tenant;
+                env.header_facts = ext10.header_facts.map(Arc::new);
+                Ok(env)
+            }
+            Some((&ENVELOPE_V9, rest)) => {
                 let (mut env, ext) =
                     postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
                 let (ext, ext5) = postcard::take_from_bytes::<Extension>(ext).map_err(corrupt)?;
@@ -444,6 +501,7 @@ mod v4 {
                 schedule: e.schedule,
                 tls_request: super::TlsRequest::Policy,
                 tenant: None,
+                header_facts: None,
             }
         }
     }
@@ -697,6 +755,7 @@ mod tests {
             schedule: Schedule::default(),
             tls_request: TlsRequest::Policy,
             tenant: None,
+            header_facts: None,
         }
     }
 
@@ -710,6 +769,42 @@ mod tests {
             assert_eq!(bytes[0], ENVELOPE_VERSION);
             assert_eq!(Envelope::decode(MessageId(5), &bytes).expect("decode"), env);
         }
+    }
+
+    #[test]
+    fn header_facts_round_trip() {
+        let mut env = sample();
+        env.tenant = Some("acme".into());
+        env.header_facts = Some(Arc::new(HeaderFacts {
+            message_id: Some("<a@b.test>".into()),
+            tenant: None,
+            campaign: Some("spring".into()),
+        }));
+        let bytes = env.encode().expect("encode");
+        assert_eq!(bytes[0], ENVELOPE_VERSION);
+        assert_eq!(Envelope::decode(MessageId(6), &bytes).expect("decode"), env);
+    }
+
+    #[test]
+    fn version_9_envelopes_still_decode_without_header_facts() {
+        // Version 9 as earlier releases wrote it: the layout and four
+        // extension records, no header facts after them.
+        let mut env = sample();
+        env.tenant = Some("acme".into());
+        let bytes = postcard::to_extend(&env, vec![ENVELOPE_V9]).expect("encode v9");
+        let bytes = postcard::to_extend(&Extension { held: false }, bytes).expect("ext");
+        let bytes = postcard::to_extend(&Extension5::default(), bytes).expect("ext5");
+        let bytes = postcard::to_extend(&Extension8::default(), bytes).expect("ext8");
+        let bytes = postcard::to_extend(
+            &Extension9 {
+                tenant: Some("acme".into()),
+            },
+            bytes,
+        )
+        .expect("ext9");
+        let back = Envelope::decode(MessageId(1), &bytes).expect("v9 decodes");
+        assert_eq!(back, env);
+        assert_eq!(back.header_facts, None);
     }
 
     #[test]

@@ -1,13 +1,11 @@
 //! The delivery events' durable buffer: its own LMDB environment in
 //! `<spool path>/events`, next to the shards.
 //!
-//! Two tables:
-//! - `pending`: events not yet acknowledged by the webhook, keyed by a
-//!   big-endian sequence number (so key order is arrival order); values are
-//!   the event's JSON as the sink will post it.
-//! - `meta`: per queued message, what reception read from its header (the
-//!   Message-ID, tenant and campaign), so later events of the message carry
-//!   it without the envelope growing a field; removed with the message.
+//! One table, `pending`: events not yet acknowledged by the webhook, keyed
+//! by a big-endian sequence number (so key order is arrival order); values
+//! are the event's JSON as the sink will post it. (Releases before envelope
+//! version 10 also kept a `meta` table of header facts per message here; the
+//! envelope carries them now and an old table is emptied at open.)
 //!
 //! Writes are whole batches in one transaction and block (commit fsyncs):
 //! call them from the events thread, never from an executor.
@@ -26,7 +24,6 @@ pub const EVENTS_DIR: &str = "events";
 pub struct EventStore {
     env: heed::Env<WithoutTls>,
     pending: Database<Bytes, Bytes>,
-    meta: Database<Bytes, Bytes>,
     next_seq: AtomicU64,
     /// Every pending event below this sequence number was acknowledged by the
     /// webhook. They are deleted by the writer's next batch, not by a commit
@@ -66,30 +63,6 @@ impl Batch<'_> {
         self.store
             .pending
             .put_with_flags(&mut self.txn, heed::PutFlags::APPEND, &key, json)
-            .map_err(|e| self.store.storage(e))
-    }
-
-    /// What reception stored for this message (also within this batch).
-    pub fn meta(&self, id: &str) -> Result<Option<Vec<u8>>, SpoolError> {
-        self.store
-            .meta
-            .get(&self.txn, id.as_bytes())
-            .map(|v| v.map(<[u8]>::to_vec))
-            .map_err(|e| self.store.storage(e))
-    }
-
-    pub fn put_meta(&mut self, id: &str, value: &[u8]) -> Result<(), SpoolError> {
-        self.store
-            .meta
-            .put(&mut self.txn, id.as_bytes(), value)
-            .map_err(|e| self.store.storage(e))
-    }
-
-    pub fn delete_meta(&mut self, id: &str) -> Result<(), SpoolError> {
-        self.store
-            .meta
-            .delete(&mut self.txn, id.as_bytes())
-            .map(|_| ())
             .map_err(|e| self.store.storage(e))
     }
 
@@ -166,9 +139,13 @@ impl EventStore {
         let pending = env
             .create_database(&mut wtxn, Some("pending"))
             .map_err(|e| io(&e))?;
-        let meta = env
-            .create_database(&mut wtxn, Some("meta"))
-            .map_err(|e| io(&e))?;
+        // The header facts table of earlier releases: the envelope holds
+        // them now, so what it kept would never be deleted.
+        let old_meta: Option<Database<Bytes, Bytes>> =
+            env.open_database(&wtxn, Some("meta")).map_err(|e| io(&e))?;
+        if let Some(old) = old_meta {
+            old.clear(&mut wtxn).map_err(|e| io(&e))?;
+        }
         let next = match pending.last(&wtxn).map_err(|e| io(&e))? {
             Some((k, _)) => seq_of(k).map_or(0, |s| s + 1),
             None => 0,
@@ -177,7 +154,6 @@ impl EventStore {
         Ok(EventStore {
             env,
             pending,
-            meta,
             next_seq: AtomicU64::new(next),
             acked_below: AtomicU64::new(0),
             unpurged: AtomicU64::new(0),
@@ -260,13 +236,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pending_survives_reopen_in_order_and_meta_is_kept_until_deleted() {
+    fn pending_survives_reopen_in_order() {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = EventStore::open(dir.path(), true, 1 << 20).unwrap();
             let mut b = s.batch().unwrap();
-            b.put_meta("id1", b"m").unwrap();
-            assert_eq!(b.meta("id1").unwrap().as_deref(), Some(&b"m"[..]));
             for i in 0..300u32 {
                 b.push_pending(format!("{{\"n\":{i}}}").as_bytes()).unwrap();
             }
@@ -293,8 +267,6 @@ mod tests {
         assert_eq!(next[0].0, 2, "order kept over the reopen");
         let mut b = s.batch().unwrap();
         b.push_pending(b"late").unwrap();
-        assert_eq!(b.meta("id1").unwrap().as_deref(), Some(&b"m"[..]));
-        b.delete_meta("id1").unwrap();
         b.commit().unwrap();
         let all = s.oldest(1000).unwrap();
         assert_eq!(
@@ -302,6 +274,28 @@ mod tests {
             &(300, b"late".to_vec()),
             "sequence continues"
         );
-        assert_eq!(s.batch().unwrap().meta("id1").unwrap(), None);
+    }
+
+    #[test]
+    fn an_old_header_facts_table_is_emptied_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = dir.path().join(EVENTS_DIR);
+        std::fs::create_dir_all(&events).unwrap();
+        {
+            let mut opts = EnvOpenOptions::new().read_txn_without_tls();
+            opts.max_dbs(2).map_size(1 << 20);
+            // SAFETY: a test's own directory, opened once here and closed
+            // before the store opens it.
+            let env = unsafe { opts.open(&events) }.unwrap();
+            let mut w = env.write_txn().unwrap();
+            let meta: Database<Bytes, Bytes> = env.create_database(&mut w, Some("meta")).unwrap();
+            meta.put(&mut w, b"id1", b"m").unwrap();
+            w.commit().unwrap();
+            env.prepare_for_closing().wait();
+        }
+        let s = EventStore::open(dir.path(), true, 1 << 20).unwrap();
+        let r = s.env.read_txn().unwrap();
+        let meta: Database<Bytes, Bytes> = s.env.open_database(&r, Some("meta")).unwrap().unwrap();
+        assert_eq!(meta.len(&r).unwrap(), 0);
     }
 }

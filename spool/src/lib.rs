@@ -21,8 +21,8 @@ mod writer;
 
 pub use bans::{BanStore, StoredBan, BANS_DIR};
 pub use envelope::{
-    BodyType, DeliverBy, DeliverByMode, Envelope, NoticeLimit, Notify, Recipient, RecipientStatus,
-    Ret, Schedule, TlsRequest,
+    BodyType, DeliverBy, DeliverByMode, Envelope, HeaderFacts, NoticeLimit, Notify, Recipient,
+    RecipientStatus, Ret, Schedule, TlsRequest,
 };
 pub use error::SpoolError;
 pub use events::{Batch as EventBatch, EventStore, EVENTS_DIR};

@@ -54,6 +54,7 @@ fn envelope(size: usize) -> Envelope {
         deliver_by: None,
         tls_request: Default::default(),
         tenant: None,
+        header_facts: None,
         schedule: Default::default(),
     }
 }

@@ -474,6 +474,7 @@ mod tests {
             deliver_by: None,
             tls_request: Default::default(),
             tenant: None,
+            header_facts: None,
             schedule: sluice_spool::Schedule {
                 held,
                 ..Default::default()

@@ -459,7 +459,6 @@ impl CoreDelivery {
                     .await
                     .map_err(|e| format!("spool: {e}"))?;
                 self.queue.removed(&envelope);
-                crate::events::message_removed(&id.to_string());
                 Ok(())
             }
             QueueAction::Bounce => {

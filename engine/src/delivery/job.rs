@@ -160,6 +160,9 @@ pub struct Job {
     /// [`rollup_key`], set by the shard owner when the domain is rolled up;
     /// None = the site stands alone.
     pub rollup: Option<String>,
+    /// What reception read from the header, for delivery events (shared
+    /// with the envelope; none when events are off).
+    pub header_facts: Option<std::sync::Arc<sluice_spool::HeaderFacts>>,
 }
 
 #[derive(Debug, Clone)]

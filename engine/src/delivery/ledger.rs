@@ -114,6 +114,7 @@ pub fn jobs(
                 attempt: env.schedule.attempts + 1,
                 arrival_unix_ms: env.arrival_unix_ms,
                 rollup: None,
+                header_facts: env.header_facts.clone(),
             }));
         }
     }

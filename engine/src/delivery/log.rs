@@ -101,6 +101,7 @@ impl CoreDelivery {
         if crate::events::enabled() {
             let mut e = Event::new(Kind::Expiry, now, &envelope.sender);
             e.id = Some(id.to_string());
+            e.set_header_facts(envelope.tenant.as_deref(), envelope.header_facts.as_deref());
             e.recipient = Some(r.address.clone());
             e.size = Some(envelope.size);
             e.queue = Some(envelope.queue.clone());
@@ -128,7 +129,6 @@ impl CoreDelivery {
 
     /// The message left the queue: every recipient delivered or failed.
     pub(super) fn log_removed(&self, id: MessageId, envelope: &Envelope, now: u64) {
-        crate::events::message_removed(&id.to_string());
         tracing::info!(
             target: "sluice::delivery",
             id = %id,
@@ -156,6 +156,7 @@ fn attempt_event(
     };
     let mut e = Event::new(kind, now_ms(), &job.sender);
     e.id = Some(job.id.to_string());
+    e.set_header_facts(job.strategy.tenant.as_deref(), job.header_facts.as_deref());
     e.recipient = Some(rcpt.to_string());
     e.size = Some(job.size);
     e.queue = Some(job.queue.clone());

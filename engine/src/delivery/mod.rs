@@ -362,6 +362,7 @@ fn generated_envelope(
         client_ip: None,
         tls_request: sluice_spool::TlsRequest::Policy,
         tenant: None,
+        header_facts: None,
         helo: String::new(),
         auth_user: None,
         tls: None,

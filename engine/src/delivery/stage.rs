@@ -133,7 +133,6 @@ impl CoreDelivery {
                 match self.shared.spool.remove(id).await {
                     Ok(()) => {
                         self.queue.removed(&envelope);
-                        crate::events::message_removed(&id.to_string());
                     }
                     Err(e) => tracing::error!(id = %id, "discarding before delivery: {e}"),
                 }

@@ -92,6 +92,7 @@ pub(super) mod tests {
             deliver_by: None,
             tls_request: Default::default(),
             tenant: None,
+            header_facts: None,
             schedule: Schedule::default(),
         }
     }

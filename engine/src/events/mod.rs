@@ -7,11 +7,12 @@
 //!   bounded channel. A full channel drops the event and counts it
 //!   (`sluice_events_dropped_total{reason="channel_full"}`): delivery is never
 //!   slowed by events.
-//! - One events thread (`writer.rs`) takes them in batches: fills in what
-//!   reception read from the header (Message-ID, tenant, campaign: kept per
-//!   message in LMDB, `<spool.path>/events`, so the envelope does not grow),
-//!   appends JSON lines to the file (`file.rs`) and, when a webhook is
-//!   configured, stores the batch in the durable buffer (one transaction).
+//! - What reception reads from the header (Message-ID, tenant, campaign:
+//!   [`HeaderFacts`]) is stored in the envelope, so every later event of the
+//!   message carries it with no lookup.
+//! - One events thread (`writer.rs`) takes them in batches: appends JSON
+//!   lines to the file (`file.rs`) and, when a webhook is configured, stores
+//!   the batch in the durable buffer (`<spool.path>/events`, one transaction).
 //! - One poster thread (`webhook.rs`) POSTs the oldest buffered events in
 //!   batches and removes them only when the webhook answers 2xx: delivery to
 //!   the webhook is at-least-once, across restarts and kill -9.
@@ -25,7 +26,7 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::OnceLock;
 
 use serde::Serialize;
-use sluice_spool::Reply;
+use sluice_spool::{HeaderFacts, Reply};
 
 pub use writer::start;
 
@@ -173,6 +174,17 @@ impl Event {
         }
     }
 
+    /// The message's header facts: Message-ID and campaign as read at
+    /// reception; the tenant the message counts for (`tenant`), else the raw
+    /// `tenant_header` value.
+    pub fn set_header_facts(&mut self, tenant: Option<&str>, facts: Option<&HeaderFacts>) {
+        self.message_id = facts.and_then(|f| f.message_id.clone());
+        self.tenant = tenant
+            .map(str::to_string)
+            .or_else(|| facts.and_then(|f| f.tenant.clone()));
+        self.campaign = facts.and_then(|f| f.campaign.clone());
+    }
+
     /// The JSON object (one line: no newline inside).
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(512);
@@ -227,13 +239,10 @@ fn write_time(ms: u64, text: &mut [u8; 24]) -> &str {
 }
 
 /// The reception event of a message just stored.
-pub fn reception(id: sluice_spool::MessageId, env: &sluice_spool::Envelope, meta: Meta) -> Event {
+pub fn reception(id: sluice_spool::MessageId, env: &sluice_spool::Envelope) -> Event {
     let mut e = Event::new(Kind::Reception, crate::time::now_ms(), &env.sender);
     e.id = Some(id.to_string());
-    e.message_id = meta.message_id;
-    // The tenant the message counts for, else the raw `tenant_header` value.
-    e.tenant = env.tenant.clone().or(meta.tenant);
-    e.campaign = meta.campaign;
+    e.set_header_facts(env.tenant.as_deref(), env.header_facts.as_deref());
     e.recipients = Some(env.recipients.iter().map(|r| r.address.clone()).collect());
     e.size = Some(env.size);
     e.queue = Some(env.queue.clone());
@@ -258,20 +267,10 @@ pub fn suppressed_at_rcpt(
     e
 }
 
-/// What reception read from the header, kept per queued message.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Meta {
-    pub message_id: Option<String>,
-    pub tenant: Option<String>,
-    pub campaign: Option<String>,
-}
-
 /// What the cores send to the events thread.
 #[derive(Debug)]
 pub(crate) enum Msg {
     Event(Box<Event>),
-    /// The message left the queue: its header facts are forgotten.
-    Removed(String),
     /// Answer once everything sent before is written (shutdown).
     Flush(SyncSender<()>),
 }
@@ -317,16 +316,9 @@ pub fn emit(event: Event) {
     send(Msg::Event(Box::new(event)));
 }
 
-/// A message left the queue (all recipients done).
-pub fn message_removed(id: &str) {
-    if enabled() {
-        send(Msg::Removed(id.to_string()));
-    }
-}
-
 /// Reads the Message-ID and the configured tenant and campaign fields from
 /// a message's header block (only when events are on).
-pub fn reception_meta(message: &[u8]) -> Option<Meta> {
+pub fn reception_meta(message: &[u8]) -> Option<HeaderFacts> {
     let e = EMITTER.get()?;
     let [message_id, tenant, campaign] = headers::read(
         message,
@@ -336,7 +328,7 @@ pub fn reception_meta(message: &[u8]) -> Option<Meta> {
             e.campaign_header.as_str(),
         ],
     );
-    Some(Meta {
+    Some(HeaderFacts {
         message_id,
         tenant,
         campaign,

@@ -1,5 +1,5 @@
-//! The events thread: takes events from the cores in batches, fills in the
-//! header facts reception stored, writes the file and the durable buffer.
+//! The events thread: takes events from the cores in batches, writes the
+//! file and the durable buffer.
 
 use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -11,7 +11,7 @@ use sluice_spool::EventStore;
 
 use super::file::FileSink;
 use super::webhook::{Endpoint, Poster};
-use super::{Emitter, Event, Kind, Meta, Msg, EMITTER};
+use super::{Emitter, Event, Msg, EMITTER};
 use crate::config::events::EventsSection;
 
 /// Events taken from the channel per batch, at most.
@@ -130,14 +130,10 @@ impl Writer {
 
     fn write(&mut self, batch: &mut Vec<Msg>) {
         // Sorted out first, so a storage error cannot keep anything in `batch`.
-        // Removals go after the events (a message's removal follows its
-        // events, so the batch's events still find their header facts).
         let mut flushes = Vec::new();
         let mut events: Vec<Box<Event>> = Vec::with_capacity(batch.len());
-        let mut removed = Vec::new();
         for msg in batch.drain(..) {
             match msg {
-                Msg::Removed(id) => removed.push(id),
                 Msg::Flush(tx) => flushes.push(tx),
                 Msg::Event(e) => events.push(e),
             }
@@ -151,34 +147,31 @@ impl Writer {
         let mut buffered = 0usize;
         let mut full = 0usize;
         let done = (|| -> Result<(), sluice_spool::SpoolError> {
-            let mut txn = self.store.batch()?;
-            txn.purge_acknowledged()?;
-            let mut count = if self.poster.is_some() {
-                txn.pending_len()?
-            } else {
-                0
+            // Without a webhook the buffer is never written: no transaction.
+            let mut txn = match self.poster {
+                Some(_) => {
+                    let mut txn = self.store.batch()?;
+                    txn.purge_acknowledged()?;
+                    pending = txn.pending_len()?;
+                    Some(txn)
+                }
+                None => None,
             };
-            for event in events.iter_mut() {
-                enrich(&mut txn, event)?;
+            for event in &events {
                 let start = text.len();
                 event.write_json(&mut text);
-                let json = &text[start..];
-                if self.poster.is_some() {
-                    if count >= self.max_buffered {
+                if let Some(txn) = txn.as_mut() {
+                    if pending >= self.max_buffered {
                         full += 1;
                     } else {
-                        txn.push_pending(json)?;
-                        count += 1;
+                        txn.push_pending(&text[start..])?;
+                        pending += 1;
                         buffered += 1;
                     }
                 }
                 ends.push(text.len());
             }
-            for id in &removed {
-                txn.delete_meta(id)?;
-            }
-            pending = count;
-            txn.commit()
+            txn.map_or(Ok(()), |t| t.commit())
         })();
         if let Err(e) = done {
             // The file still gets the events; the webhook loses this batch.
@@ -231,37 +224,4 @@ impl Writer {
         }
         self.text = text;
     }
-}
-
-/// Reception stores the message's header facts; later events get them.
-fn enrich(
-    txn: &mut sluice_spool::EventBatch<'_>,
-    event: &mut Event,
-) -> Result<(), sluice_spool::SpoolError> {
-    let Some(id) = event.id.as_deref() else {
-        return Ok(());
-    };
-    if event.kind == Kind::Reception {
-        let meta = Meta {
-            message_id: event.message_id.clone(),
-            tenant: event.tenant.clone(),
-            campaign: event.campaign.clone(),
-        };
-        if meta != Meta::default() {
-            let bytes = serde_json::to_vec(&meta).unwrap_or_default();
-            txn.put_meta(id, &bytes)?;
-        }
-        return Ok(());
-    }
-    if event.message_id.is_some() || event.tenant.is_some() || event.campaign.is_some() {
-        return Ok(());
-    }
-    if let Some(bytes) = txn.meta(id)? {
-        if let Ok(meta) = serde_json::from_slice::<Meta>(&bytes) {
-            event.message_id = meta.message_id;
-            event.tenant = meta.tenant;
-            event.campaign = meta.campaign;
-        }
-    }
-    Ok(())
 }

@@ -761,6 +761,7 @@ line two\r\n";
             deliver_by: None,
             tls_request: Default::default(),
             tenant: None,
+            header_facts: None,
             schedule: Schedule::default(),
         }
     }

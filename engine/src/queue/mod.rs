@@ -126,7 +126,9 @@ impl CoreQueue {
         added: Vec<u8>,
         body: Vec<u8>,
     ) -> Result<String, EnqueueError> {
-        let meta = crate::events::reception_meta(&body);
+        // Events on: the header facts every event of the message carries,
+        // stored in its envelope.
+        envelope.header_facts = crate::events::reception_meta(&body).map(std::sync::Arc::new);
         let (body, signed) = self.sign(&envelope, body).await;
         let signed = signed.inspect_err(|e| {
             tracing::warn!(target: "sluice::dkim", id = %id, error = %e, "signing failed: message refused");
@@ -135,8 +137,8 @@ impl CoreQueue {
         prefix.extend_from_slice(&added);
         envelope.size += prefix.len() as u64;
         self.store_prefixed(id, &envelope, prefix, body).await?;
-        if let Some(meta) = meta {
-            crate::events::emit(crate::events::reception(id, &envelope, meta));
+        if crate::events::enabled() {
+            crate::events::emit(crate::events::reception(id, &envelope));
         }
         self.admitted(id, envelope);
         Ok(signed.signers)

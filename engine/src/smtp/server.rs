@@ -1862,6 +1862,7 @@ impl Session {
             deliver_by: tx.deliver_by,
             tls_request: self.tls_request(tx.requiretls, &tx.body),
             tenant,
+            header_facts: None,
             schedule: Schedule {
                 notices: self.notice_limit(),
                 ..Default::default()
