@@ -289,6 +289,12 @@ fn a_tenant_named_by_a_header_is_limited_stored_and_counted_at_delivery() {
         || relay.metrics(),
     );
     assert_eq!(hop.messages().len(), 3, "each message once");
+    // The field was an instruction to the relay: not passed on
+    // (`tenants.strip_header`, default true).
+    for m in hop.messages() {
+        let text = String::from_utf8_lossy(&m.body).to_ascii_lowercase();
+        assert!(!text.contains("x-tenant:"), "{text}");
+    }
     // Events carry the tenant the message counts for (not the raw value).
     let mut seen = Vec::new();
     wait_until(
@@ -353,4 +359,9 @@ fn an_untrusted_client_cannot_name_a_tenant() {
         0.0,
         "{metrics}"
     );
+    // Not read, so not removed either: an outsider's field is its own.
+    for m in hop.messages() {
+        let text = String::from_utf8_lossy(&m.body).to_ascii_lowercase();
+        assert!(text.contains("x-tenant: b"), "{text}");
+    }
 }

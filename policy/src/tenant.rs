@@ -49,7 +49,7 @@ pub const MAX_NAME: usize = 64;
 pub const MAX_HEADER_NAME: usize = 64;
 
 /// `[tenants]`: where a tenant comes from besides rules and AUTH.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantsConfig {
     /// Header field naming the message's tenant, read at the end of data
@@ -59,6 +59,19 @@ pub struct TenantsConfig {
     /// unknown or malformed value); none: such a message falls through to
     /// its authenticated user, as if the header were absent.
     pub default: Option<String>,
+    /// Remove the header field from the message once read (true): it is an
+    /// instruction to this relay, not something the recipients should see.
+    pub strip_header: bool,
+}
+
+impl Default for TenantsConfig {
+    fn default() -> TenantsConfig {
+        TenantsConfig {
+            header: String::new(),
+            default: None,
+            strip_header: true,
+        }
+    }
 }
 
 impl TenantsConfig {
@@ -270,7 +283,7 @@ mod tests {
         tenants.insert("misc".to_string(), TenantConfig::default());
         let mut source = TenantsConfig {
             header: "X-Tenant".into(),
-            default: None,
+            ..TenantsConfig::default()
         };
         assert_eq!(
             from_header(Some(" acme "), &tenants, &source).as_deref(),

@@ -63,6 +63,52 @@ pub fn read<const N: usize>(message: &[u8], names: [&str; N]) -> [Option<String>
     out
 }
 
+/// Removes every occurrence of the named field (with its folded lines) from
+/// the message's header block (the first [`MAX_SCAN`] bytes, up to the blank
+/// line); the body is not touched. Returns how many were removed.
+pub fn remove(message: &mut Vec<u8>, name: &str) -> usize {
+    if name.is_empty() {
+        return 0;
+    }
+    let scan = message.len().min(MAX_SCAN);
+    // Byte ranges of the fields to drop, found first, cut after.
+    let mut drop: Vec<(usize, usize)> = Vec::new();
+    let mut in_field = false;
+    let mut at = 0;
+    while at < scan {
+        let end = message[at..scan]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(scan, |i| at + i + 1);
+        let line = &message[at..end];
+        let bare = line.strip_suffix(b"\n").unwrap_or(line);
+        let bare = bare.strip_suffix(b"\r").unwrap_or(bare);
+        if bare.is_empty() {
+            break; // end of the header
+        }
+        if bare[0] == b' ' || bare[0] == b'\t' {
+            if in_field {
+                if let Some(last) = drop.last_mut() {
+                    last.1 = end;
+                }
+            }
+        } else {
+            in_field = bare
+                .iter()
+                .position(|&b| b == b':')
+                .is_some_and(|c| bare[..c].trim_ascii().eq_ignore_ascii_case(name.as_bytes()));
+            if in_field {
+                drop.push((at, end));
+            }
+        }
+        at = end;
+    }
+    for &(start, end) in drop.iter().rev() {
+        message.drain(start..end);
+    }
+    drop.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,6 +120,25 @@ mod tests {
         assert_eq!(mid.as_deref(), Some("<abc@example.test>"));
         assert_eq!(tenant.as_deref(), Some("acme"));
         assert_eq!(campaign, None, "the body is not the header");
+    }
+
+    #[test]
+    fn remove_drops_every_occurrence_with_its_folds_and_not_the_body() {
+        let mut msg = b"Received: x\r\nX-Tenant: acme\r\n\tfolded\r\nSubject: hi\r\nx-tenant: b\r\n\r\nX-Tenant: body\r\n".to_vec();
+        assert_eq!(remove(&mut msg, "X-Tenant"), 2);
+        assert_eq!(
+            msg,
+            b"Received: x\r\nSubject: hi\r\n\r\nX-Tenant: body\r\n".to_vec()
+        );
+        assert_eq!(
+            remove(&mut msg, "X-Tenant"),
+            0,
+            "the body is not the header"
+        );
+        assert_eq!(remove(&mut msg, ""), 0);
+        let mut bare = b"X-Tenant: a\nB: c\n\nbody".to_vec();
+        assert_eq!(remove(&mut bare, "x-tenant"), 1);
+        assert_eq!(bare, b"B: c\n\nbody".to_vec());
     }
 
     #[test]

@@ -160,6 +160,11 @@ impl TenantPolicy {
         }
         self.source.header()
     }
+
+    /// The header field is removed from the message once read.
+    pub fn strip_header(&self) -> bool {
+        self.source.strip_header
+    }
 }
 
 /// A tenant over its `message_rate`: the name and the wait in ms.

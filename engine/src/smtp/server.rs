@@ -1755,7 +1755,7 @@ impl Session {
     }
 
     fn submit(&mut self, now_ms: u64) -> Action {
-        let tx = std::mem::take(&mut self.tx);
+        let mut tx = std::mem::take(&mut self.tx);
         let Some(id) = tx.id else {
             self.error_reply(503, "5.5.1", "Error: no transaction");
             return Action::Read;
@@ -1803,6 +1803,10 @@ impl Session {
             let header = match policy.header() {
                 Some(name) if self.trusted() => {
                     let [value] = crate::events::headers::read(&tx.body, [name]);
+                    // An instruction to this relay, not for the recipients.
+                    if value.is_some() && policy.strip_header() {
+                        crate::events::headers::remove(&mut tx.body, name);
+                    }
                     value
                 }
                 _ => None,
