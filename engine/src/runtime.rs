@@ -399,6 +399,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             tls_rpt,
             stage_filters: stage_filters.clone(),
             lease: cluster.as_ref().map(|c| c.lease.clone()),
+            limits: cluster.as_ref().and_then(|c| c.limits.clone()),
         }))
     } else {
         None

@@ -440,7 +440,7 @@ impl CoreDelivery {
     /// Connections the site may have now: the configured limit, lowered by
     /// slow start and a `connections` action.
     pub(super) fn site_limit(&self, site: &Site) -> usize {
-        let mut limit = site.max_connections();
+        let mut limit = site.max_connections().min(self.group_max(&site.group));
         if let Some(slow) = site.shaping.slow.borrow().as_ref() {
             limit = limit.min(slow.limit() as usize);
         }
