@@ -404,6 +404,14 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     } else {
         None
     };
+    // Cluster mode with shared limits: other nodes' suspensions and shaping
+    // actions applied here, and this node's shared.
+    if let (Some(c), Some(d)) = (&cluster, &delivery) {
+        if let Some(a) = &c.actions {
+            crate::cluster_actions::install(a.clone(), &c.settings.node_id, d.admin.senders())
+                .context("starting the cluster-actions thread")?;
+        }
+    }
     let mesh = MeshBuilder::<MeshMsg, Full>::full(cores, 1024);
 
     let shutdown = Arc::new(event_listener::Event::new());
