@@ -472,9 +472,9 @@ impl Task {
         match r {
             Ok(up) => {
                 self.succeeded();
-                self.h
-                    .nodes_up
-                    .store(usize::try_from(up).unwrap_or(1).max(1), Ordering::Relaxed);
+                let up = usize::try_from(up).unwrap_or(1).max(1);
+                self.h.nodes_up.store(up, Ordering::Relaxed);
+                metrics::gauge!("sluice_cluster_nodes_up").set(up as f64);
             }
             Err(e) => self.failed("slot renewal", &e),
         }

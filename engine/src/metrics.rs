@@ -203,6 +203,8 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Shared-limit calls to the cluster engine (call slot, release, permits; result taken, full, granted, wait, error, queue_full, dropped)."),
     ("sluice_cluster_limit_call_seconds", Kind::Histogram, "call",
      "Round trip of one shared-limit call on the cluster thread (slot, permits)."),
+    ("sluice_cluster_nodes_up", Kind::Gauge, "",
+     "Nodes up in the cluster at this node's last look (shared limits: the lease size and the fallback share)."),
     ("sluice_cluster_limits_fallback", Kind::Gauge, "",
      "1 while the cluster engine is unreachable and the local (fallback) limits are in force."),
     ("sluice_cluster_actions_total", Kind::Counter, "direction",
