@@ -452,7 +452,7 @@ impl Task {
             if !keys.is_empty() {
                 c.execute(
                     "UPDATE sluice_conn_slot AS c
-                       SET expires_at = clock_timestamp() + $4 * interval '1 millisecond'
+                       SET expires_at = clock_timestamp() + $4::int8 * interval '1 millisecond'
                       FROM unnest($2::text[], $3::int4[]) AS h(key, slot)
                      WHERE c.key = h.key AND c.slot = h.slot AND c.node_id = $1",
                     &[&me, &keys, &slots, &lease_ms],
