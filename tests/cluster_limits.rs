@@ -103,7 +103,11 @@ fn load(nodes: &[Relay], per_node: usize, tag: &str) -> Vec<String> {
                     let mut tags = Vec::new();
                     for i in 0..per_node {
                         let t = format!("{tag}-n{}-{i}", n + 1);
-                        c.send_mail("alice@snd.dlv.test", &[&format!("u{i}@{DOMAIN}")], &body(&t));
+                        c.send_mail(
+                            "alice@snd.dlv.test",
+                            &[&format!("u{i}@{DOMAIN}")],
+                            &body(&t),
+                        );
                         tags.push(t);
                     }
                     c.send_line("QUIT");
@@ -190,7 +194,10 @@ fn shared_connection_limit_holds() {
         return;
     };
     let sessions: usize = s.rec.max_sessions_by_ip().values().sum();
-    assert!(most <= 3, "{most} transactions at once over a shared limit of 3");
+    assert!(
+        most <= 3,
+        "{most} transactions at once over a shared limit of 3"
+    );
     assert!(
         sessions <= 3,
         "{sessions} sessions at once over a shared limit of 3"
@@ -273,8 +280,13 @@ fn stop_engine(pg: &Postgres) {
     let root = text(&uid.stdout).trim() == "0";
     let mut cmd = if root {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
-            .arg(&bin);
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg(&bin);
         c
     } else {
         Command::new(&bin)
@@ -316,7 +328,11 @@ fn engine_unreachable_falls_back_to_local_limits() {
         wait_until(
             "each node to count three nodes up",
             Duration::from_secs(20),
-            || n.metrics().lines().any(|l| l == "sluice_cluster_nodes_up 3"),
+            || {
+                n.metrics()
+                    .lines()
+                    .any(|l| l == "sluice_cluster_nodes_up 3")
+            },
             || n.metrics(),
         );
     }
@@ -327,7 +343,10 @@ fn engine_unreachable_falls_back_to_local_limits() {
     wait_delivered(&s, &tags, Duration::from_secs(90));
     let most = s.rec.max_transactions();
     eprintln!("cluster limits: engine down: most transactions at once {most}");
-    assert!(most <= 3, "{most} transactions at once with the engine down");
+    assert!(
+        most <= 3,
+        "{most} transactions at once with the engine down"
+    );
     for (i, n) in s.nodes.iter().enumerate() {
         let log = n.log();
         let warnings = log.matches(FALLBACK_WARNING).count();

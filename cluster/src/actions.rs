@@ -101,8 +101,6 @@ pub(crate) fn new() -> (Arc<Actions>, async_channel::Receiver<Publish>) {
     )
 }
 
-
-
 struct Task {
     s: Settings,
     poll: Duration,
@@ -202,11 +200,13 @@ impl Task {
         .await;
         match r {
             Ok(id) => {
-                metrics::counter!("sluice_cluster_actions_total", "direction" => "shared").increment(1);
+                metrics::counter!("sluice_cluster_actions_total", "direction" => "shared")
+                    .increment(1);
                 info!(target: "sluice::cluster", id, scope = p.scope, key = %p.key, "cluster: action shared");
             }
             Err(e) => {
-                metrics::counter!("sluice_cluster_actions_total", "direction" => "lost").increment(1);
+                metrics::counter!("sluice_cluster_actions_total", "direction" => "lost")
+                    .increment(1);
                 warn!(target: "sluice::cluster", scope = p.scope, key = %p.key, error = %e, "cluster: action not shared; it holds on this node only");
                 self.failed("action", &e);
             }
@@ -258,7 +258,8 @@ impl Task {
                         // The relay cannot take it now: from here next time.
                         return;
                     }
-                    metrics::counter!("sluice_cluster_actions_total", "direction" => "applied").increment(1);
+                    metrics::counter!("sluice_cluster_actions_total", "direction" => "applied")
+                        .increment(1);
                 }
                 self.last = ev.id;
             }

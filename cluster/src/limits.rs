@@ -41,12 +41,7 @@ pub fn fallback_connections(limit: usize, nodes_up: usize, share: FallbackShare)
 
 /// A rate (`count` per `per_ms`) while the engine is unreachable: the same
 /// period, the count divided (at least one).
-pub fn fallback_rate(
-    count: u32,
-    per_ms: u64,
-    nodes_up: usize,
-    share: FallbackShare,
-) -> (u32, u64) {
+pub fn fallback_rate(count: u32, per_ms: u64, nodes_up: usize, share: FallbackShare) -> (u32, u64) {
     match share {
         FallbackShare::Full => (count, per_ms),
         FallbackShare::Divide => {
@@ -172,7 +167,10 @@ mod tests {
         assert_eq!(fallback_connections(3, 3, FallbackShare::Divide), 1);
         assert_eq!(fallback_connections(2, 3, FallbackShare::Divide), 1);
         assert_eq!(fallback_connections(3, 3, FallbackShare::Full), 3);
-        assert_eq!(fallback_rate(30, 1000, 3, FallbackShare::Divide), (10, 1000));
+        assert_eq!(
+            fallback_rate(30, 1000, 3, FallbackShare::Divide),
+            (10, 1000)
+        );
         assert_eq!(fallback_rate(2, 1000, 4, FallbackShare::Divide), (1, 2000));
         assert_eq!(fallback_rate(2, 1000, 4, FallbackShare::Full), (2, 1000));
     }

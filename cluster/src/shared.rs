@@ -134,7 +134,9 @@ impl SharedLimits {
     /// Asks for a slot of `key` below `limit`. None: not asked (queue full).
     pub fn take_slot(&self, key: &str, limit: usize) -> Option<oneshot::Receiver<SlotAnswer>> {
         let (reply, rx) = oneshot::channel();
-        let limit = u32::try_from(limit).unwrap_or(MAX_SLOTS).clamp(1, MAX_SLOTS);
+        let limit = u32::try_from(limit)
+            .unwrap_or(MAX_SLOTS)
+            .clamp(1, MAX_SLOTS);
         self.call(Call::TakeSlot {
             key: key.to_string(),
             limit,
@@ -150,7 +152,8 @@ impl SharedLimits {
         want: u32,
     ) -> Option<oneshot::Receiver<PermitAnswer>> {
         let (reply, rx) = oneshot::channel();
-        self.call(Call::Permits { rates, want, reply }).then_some(rx)
+        self.call(Call::Permits { rates, want, reply })
+            .then_some(rx)
     }
 
     fn call(&self, c: Call) -> bool {
@@ -180,8 +183,6 @@ pub(crate) fn new(
     });
     (h, rx)
 }
-
-
 
 struct Task {
     s: Settings,

@@ -77,12 +77,7 @@ pub fn shaping_taken(action: &ActiveAction) {
     let Some(a) = ACTIONS.get() else { return };
     match serde_json::to_string(action) {
         Ok(json) => {
-            a.publish(
-                "add",
-                &action.destination,
-                Some(json),
-                action.until_unix_ms,
-            );
+            a.publish("add", &action.destination, Some(json), action.until_unix_ms);
         }
         Err(e) => tracing::warn!(id = %action.id, error = %e, "cluster: shaping action not shared"),
     }

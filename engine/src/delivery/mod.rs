@@ -55,8 +55,8 @@
 //!   the store and the daily sending.
 
 pub mod admin;
-pub mod dane;
 mod cluster_limits;
+pub mod dane;
 mod job;
 pub mod ledger;
 mod log;

@@ -12,12 +12,12 @@ use std::rc::Rc;
 use glommio::timer::Timer;
 use sluice_dns::{QueryType, Record, RouteError};
 
+use super::cluster_limits::{PermitStep, SlotStep};
 use super::dane::{self, Dane};
 use super::job::{
     deferred_all, notify_keywords, result_for_failure, ret_keyword, site_key, Job, JobResult,
     Outcome, Strategy, Target,
 };
-use super::cluster_limits::{PermitStep, SlotStep};
 use super::mesh::HostSlot;
 use super::mta_sts;
 use super::outbound::{Connection, Endpoint, SessionFailure};
