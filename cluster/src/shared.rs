@@ -256,11 +256,8 @@ impl Task {
 
     /// Whether a call may go to the engine now (not while it is known
     /// unreachable, except one retry a second).
-    fn may_try(&mut self) -> bool {
-        match self.retry_at {
-            Some(at) if Instant::now() < at => false,
-            _ => true,
-        }
+    fn may_try(&self) -> bool {
+        self.retry_at.is_none_or(|at| Instant::now() >= at)
     }
 
     fn failed(&mut self, what: &'static str, e: &ClusterError) {

@@ -166,7 +166,7 @@ impl ClusterSection {
             sync_interval: self.sync_interval.0,
             import_batch: self.import_batch,
             engine_timeout: self.engine_timeout.0,
-            shared_limits: self.shared_limits.then(|| SharedLimitSettings {
+            shared_limits: self.shared_limits.then_some(SharedLimitSettings {
                 slot_lease: self.slot_lease.0,
                 permit_lease: self.permit_lease.0,
                 fallback_share: match self.fallback_share {
