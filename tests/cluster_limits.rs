@@ -442,3 +442,50 @@ fn suspension_on_one_node_is_obeyed_by_another() {
         n2.log()
     );
 }
+
+#[test]
+fn dead_node_slots_free_after_the_slot_lease() {
+    // One connection to the destination across the cluster; the sink holds
+    // n1's transaction open, so n1 keeps its slot until it is killed.
+    let extra = vec![format!(
+        "destination={{\"{DOMAIN}\"={{max_connections=1}}}}"
+    )];
+    let Some(mut s) = scene(2, Duration::from_secs(15), &extra) else {
+        return;
+    };
+    load(&s.nodes[..1], 1, "holder");
+    wait_until(
+        "n1 to hold the destination's slot",
+        Duration::from_secs(20),
+        || s.pg.psql("SELECT node_id FROM sluice_conn_slot").trim() == "n1",
+        || s.pg.psql("SELECT * FROM sluice_conn_slot"),
+    );
+    s.nodes[0].kill9();
+    let killed = Instant::now();
+    // n2's mail now goes through at once at the sink; only the slot of the
+    // dead n1 (left in the engine) stands in its way until it expires.
+    s.rec.set(END_OF_DATA, None);
+    let tags = load(&s.nodes[1..], 1, "after");
+    assert_eq!(
+        s.pg.psql("SELECT node_id FROM sluice_conn_slot").trim(),
+        "n1",
+        "the dead node's slot went before its lease"
+    );
+    wait_until(
+        "n2's message at the sink",
+        Duration::from_secs(30),
+        || {
+            s.rec
+                .messages()
+                .iter()
+                .any(|m| text(&m.body).contains(&format!("Subject: {}\r\n", tags[0])))
+        },
+        || s.nodes[1].log(),
+    );
+    let waited = killed.elapsed();
+    eprintln!("cluster limits: a dead node's slot freed after {waited:?} (slot lease 3 s)");
+    assert!(
+        waited >= Duration::from_secs(2),
+        "n2 connected after {waited:?}, before the dead node's slot (lease 3 s) ran out"
+    );
+}

@@ -304,16 +304,23 @@ impl CoreDelivery {
                     Timer::new(wait).await;
                     continue;
                 }
-                // The cluster-wide connection limit (shared limits on).
-                let cluster_slot = match self.cluster_slot(&site).await {
-                    SlotStep::Taken(s) => Some(s),
-                    SlotStep::Local => None,
-                    SlotStep::Wait(wait) => {
-                        crate::metrics::throttled(crate::metrics::Throttle::ClusterConnectionLimit);
-                        tracing::debug!(site = %site.key, "cluster connection limit: waiting");
-                        Timer::new(wait).await;
-                        continue;
+                // The cluster-wide connection limit (shared limits on; off,
+                // this Option test is all).
+                let cluster_slot = if self.shared.limits.is_some() {
+                    match self.cluster_slot(&site).await {
+                        SlotStep::Taken(s) => Some(s),
+                        SlotStep::Local => None,
+                        SlotStep::Wait(wait) => {
+                            crate::metrics::throttled(
+                                crate::metrics::Throttle::ClusterConnectionLimit,
+                            );
+                            tracing::debug!(site = %site.key, "cluster connection limit: waiting");
+                            Timer::new(wait).await;
+                            continue;
+                        }
                     }
+                } else {
+                    None
                 };
                 match self.connect(&site).await {
                     Ok(mut o) => {
@@ -386,17 +393,19 @@ impl CoreDelivery {
                 Timer::new(wait).await;
                 continue;
             }
-            // The cluster-wide message rate (shared limits on).
-            if !cluster_permit {
+            // The cluster-wide message rate (shared limits on; off, this
+            // Option test is all).
+            if !cluster_permit && self.shared.limits.is_some() {
                 match self.cluster_permit(&site).await {
+                    // Kept until a job is taken (the queue may have changed).
                     PermitStep::Go => cluster_permit = true,
                     PermitStep::Wait(wait) => {
                         crate::metrics::throttled(crate::metrics::Throttle::ClusterMessageRate);
                         tracing::debug!(site = %site.key, wait_ms = wait.as_millis() as u64, "cluster message rate: waiting");
                         Timer::new(wait).await;
+                        continue;
                     }
                 }
-                continue;
             }
             // The site's message rate.
             let wait = site.group.throttle.borrow_mut().message_wait(now_ms());
