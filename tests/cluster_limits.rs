@@ -13,6 +13,8 @@
 //! * `engine_unreachable_falls_back_to_local_limits` (test 7): PostgreSQL
 //!   stopped for good: the nodes accept and deliver, the limit split between
 //!   them holds, and each logs the fallback warning once.
+//! * `dead_node_slots_free_after_the_slot_lease`: the slot of a SIGKILLed
+//!   node holds until its lease runs out, then another node's mail goes.
 //! * `suspension_on_one_node_is_obeyed_by_another`: an operator suspension
 //!   made through n1's API stops n2's delivery; the resume on n1 lets it go.
 

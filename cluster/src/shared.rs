@@ -224,15 +224,17 @@ pub(crate) async fn run(
     let tick = (t.slot_lease / 3).max(Duration::from_millis(100));
     let mut next_tick = Instant::now();
     loop {
+        // First, so a steady stream of calls never starves the renewal.
+        if Instant::now() >= next_tick {
+            t.renew().await;
+            next_tick = Instant::now() + tick;
+        }
         let wait = next_tick.saturating_duration_since(Instant::now());
         match tokio::time::timeout(wait, rx.recv()).await {
             Ok(Ok(call)) => t.answer(call).await,
             // Every handle is gone: the relay is stopping.
             Ok(Err(_)) => return,
-            Err(_) => {
-                t.renew().await;
-                next_tick = Instant::now() + tick;
-            }
+            Err(_) => {}
         }
     }
 }
