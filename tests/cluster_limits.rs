@@ -17,6 +17,8 @@
 //!   node holds until its lease runs out, then another node's mail goes.
 //! * `suspension_on_one_node_is_obeyed_by_another`: an operator suspension
 //!   made through n1's API stops n2's delivery; the resume on n1 lets it go.
+//! * `shaping_action_and_its_cancel_reach_every_node`: a rule fired on n1
+//!   is in force on n2 under the same id; its cancel on n2 ends it on n1.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -489,5 +491,74 @@ fn dead_node_slots_free_after_the_slot_lease() {
     assert!(
         waited >= Duration::from_secs(2),
         "n2 connected after {waited:?}, before the dead node's slot (lease 3 s) ran out"
+    );
+}
+
+const TSS04: &str = "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred";
+
+/// The ids of the actions of shaping rule `rule` in force on `relay`.
+fn shaping_ids(relay: &Relay, rule: &str) -> Vec<String> {
+    let (_, v) = api(relay, "GET", "/api/v1/shaping/actions");
+    v["actions"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter(|a| a["rule"] == rule)
+                .filter_map(|a| a["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn shaping_action_and_its_cancel_reach_every_node() {
+    // A rule that suspends the destination at the first TSS04 deferral.
+    let rule = format!(
+        "shaping.rule=[{{name=\"tss\",site=\"{DOMAIN}\",code=[421],enhanced=[\"4.7\"],\
+         text='\\[TSS04\\]',threshold=\"1/1m\",action=\"suspend\",duration=\"1h\"}}]"
+    );
+    let Some(s) = scene(2, Duration::ZERO, &[rule]) else {
+        return;
+    };
+    let (n1, n2) = (&s.nodes[0], &s.nodes[1]);
+    s.rec.set("MAIL", Some(Act::Reply(TSS04.into())));
+    load(std::slice::from_ref(n1), 1, "tss");
+    wait_until(
+        "the rule to fire on n1",
+        Duration::from_secs(20),
+        || !shaping_ids(n1, "tss").is_empty(),
+        || n1.log(),
+    );
+    let id = shaping_ids(n1, "tss").remove(0);
+    assert!(id.starts_with("n1-"), "action id {id} names its node");
+    wait_until(
+        "n2 to take n1's shaping action",
+        Duration::from_secs(10),
+        || shaping_ids(n2, "tss") == [id.clone()],
+        || n2.log(),
+    );
+    assert!(suspended_on(n2), "n2 does not suspend the destination");
+    // Cancelled on n2: n1 ends it too, and both deliver again.
+    let (status, v) = api(n2, "POST", &format!("/api/v1/shaping/actions/{id}/cancel"));
+    assert_eq!(status, 200, "{v}");
+    wait_until(
+        "n1 to end the action cancelled on n2",
+        Duration::from_secs(10),
+        || shaping_ids(n1, "tss").is_empty(),
+        || n1.log(),
+    );
+    assert!(!suspended_on(n1) && !suspended_on(n2));
+    s.rec.set("MAIL", None);
+    let tags = load(std::slice::from_ref(n2), 1, "after");
+    wait_until(
+        "n2's message after the cancel",
+        Duration::from_secs(30),
+        || {
+            s.rec
+                .messages()
+                .iter()
+                .any(|m| text(&m.body).contains(&format!("Subject: {}\r\n", tags[0])))
+        },
+        || n2.log(),
     );
 }
