@@ -151,8 +151,9 @@ fn wait_delivered(s: &Scene, tags: &[String], within: Duration) -> Vec<Received>
     msgs
 }
 
-/// The shared-limit call figures from a node's metrics: (calls, mean µs).
-fn call_cost(relay: &Relay, call: &str) -> (f64, f64) {
+/// The shared-limit call figures from a node's metrics: (calls, mean µs,
+/// the bucket bound under which half the calls fell, µs).
+fn call_cost(relay: &Relay, call: &str) -> (f64, f64, f64) {
     let m = relay.metrics();
     let get = |suffix: &str| -> f64 {
         let prefix = format!("sluice_cluster_limit_call_seconds_{suffix}{{call=\"{call}\"}} ");
@@ -162,15 +163,27 @@ fn call_cost(relay: &Relay, call: &str) -> (f64, f64) {
             .unwrap_or(0.0)
     };
     let (sum, count) = (get("sum"), get("count"));
-    (count, if count > 0.0 { sum / count * 1e6 } else { 0.0 })
+    let bucket = format!("sluice_cluster_limit_call_seconds_bucket{{call=\"{call}\",le=\"");
+    let median = m
+        .lines()
+        .filter_map(|l| l.strip_prefix(&bucket))
+        .filter_map(|rest| {
+            let (le, n) = rest.split_once("\"} ")?;
+            Some((le.parse::<f64>().ok()?, n.trim().parse::<f64>().ok()?))
+        })
+        .find(|(_, n)| count > 0.0 && *n >= count / 2.0)
+        .map_or(0.0, |(le, _)| le * 1e6);
+    let mean = if count > 0.0 { sum / count * 1e6 } else { 0.0 };
+    (count, mean, median)
 }
 
 fn report_costs(nodes: &[Relay]) {
     for (i, n) in nodes.iter().enumerate() {
-        let (slots, slot_us) = call_cost(n, "slot");
-        let (permits, permit_us) = call_cost(n, "permits");
+        let (slots, slot_us, slot_p50) = call_cost(n, "slot");
+        let (permits, permit_us, permit_p50) = call_cost(n, "permits");
         eprintln!(
-            "cluster limits: n{} slot calls {slots} (mean {slot_us:.0} µs), permit calls {permits} (mean {permit_us:.0} µs)",
+            "cluster limits: n{} slot calls {slots} (mean {slot_us:.0} µs, half under {slot_p50:.0} µs), \
+             permit calls {permits} (mean {permit_us:.0} µs, half under {permit_p50:.0} µs)",
             i + 1
         );
     }
