@@ -143,7 +143,10 @@ impl CoreDelivery {
                     Some(PermitAnswer::Granted(n)) => {
                         let mut bank = share.bank.borrow_mut();
                         bank.granted(n);
-                        // Spent, not asked again: the call just came back.
+                        // One for this message. Should that leave half or
+                        // less, the next message asks (not this one: the
+                        // call just came back), so the ask `spend` may have
+                        // started is ended again with `granted(0)`.
                         match bank.spend() {
                             Spend::Ask => PermitStep::Wait(PERMIT_RETRY),
                             _ => {
