@@ -43,6 +43,15 @@ impl Db {
 }
 
 pub(crate) async fn connect(s: &Settings) -> Result<Client, ClusterError> {
+    connect_notified(s, None).await
+}
+
+/// Like [`connect`]; each NOTIFY the connection receives is signalled on
+/// `notify` (a full channel drops it: one wake-up is as good as several).
+pub(crate) async fn connect_notified(
+    s: &Settings,
+    notify: Option<tokio::sync::mpsc::Sender<()>>,
+) -> Result<Client, ClusterError> {
     let mut last = String::from("cluster.engine is empty");
     for (i, dsn) in s.engine.iter().enumerate() {
         let mut cfg: tokio_postgres::Config = match dsn.parse() {
@@ -57,10 +66,23 @@ pub(crate) async fn connect(s: &Settings) -> Result<Client, ClusterError> {
             .target_session_attrs(TargetSessionAttrs::ReadWrite)
             .application_name("sluice");
         match tokio::time::timeout(s.engine_timeout, cfg.connect(NoTls)).await {
-            Ok(Ok((client, conn))) => {
+            Ok(Ok((client, mut conn))) => {
+                let notify = notify.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(target: "sluice::cluster", error = %e, "engine connection closed");
+                    loop {
+                        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                                if let Some(n) = &notify {
+                                    let _ = n.try_send(());
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => {
+                                tracing::debug!(target: "sluice::cluster", error = %e, "engine connection closed");
+                                return;
+                            }
+                            None => return,
+                        }
                     }
                 });
                 return Ok(client);
@@ -120,6 +142,13 @@ pub(crate) async fn join(c: &mut Client, s: &Settings) -> Result<i64, ClusterErr
         .try_get(0)?;
     if !exists {
         t.batch_execute(crate::schema::CREATE).await?;
+    }
+    let limits: bool = t
+        .query_one("SELECT to_regclass('sluice_action') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !limits {
+        t.batch_execute(crate::schema::CREATE_LIMITS).await?;
     }
     let row = t
         .query_one(

@@ -5,7 +5,7 @@
 //! stops starting attempts. It counts from when a heartbeat was *sent*, minus
 //! a margin, so it always runs out before the engine's does.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The part of a lease the node gives up to clock drift and scheduling delay.
@@ -25,6 +25,11 @@ pub struct LeaseClock {
     origin: Instant,
     /// Local ms since `origin`; 0 = not valid (before the join, or fenced).
     valid_until_ms: AtomicU64,
+    /// `engine_down = "accept-local"`: while the engine cannot be reached
+    /// (not fenced: unreachable), the node delivers on as a single node.
+    deliver_unreachable: AtomicBool,
+    /// The last heartbeat failed to reach the engine.
+    unreachable: AtomicBool,
 }
 
 impl Default for LeaseClock {
@@ -38,6 +43,8 @@ impl LeaseClock {
         LeaseClock {
             origin: Instant::now(),
             valid_until_ms: AtomicU64::new(0),
+            deliver_unreachable: AtomicBool::new(false),
+            unreachable: AtomicBool::new(false),
         }
     }
 
@@ -56,12 +63,29 @@ impl LeaseClock {
 
     /// Fenced: nothing more may start, whatever the last heartbeat said.
     pub fn revoke(&self) {
+        self.deliver_unreachable.store(false, Ordering::Release);
         self.valid_until_ms.store(0, Ordering::Release);
+    }
+
+    /// `engine_down = "accept-local"`: an unreachable engine does not stop
+    /// delivery (a partitioned node may then deliver what a survivor also
+    /// takes over: duplicates, never a loss; docs/cluster.md).
+    pub fn deliver_while_unreachable(&self) {
+        self.deliver_unreachable.store(true, Ordering::Release);
+    }
+
+    /// The heartbeat's last outcome: the engine could (not) be reached. A
+    /// node frozen past its lease has not failed a heartbeat: it stays
+    /// stopped until the next one.
+    pub fn set_unreachable(&self, unreachable: bool) {
+        self.unreachable.store(unreachable, Ordering::Release);
     }
 
     /// May an attempt start at `now_ms`?
     pub fn allows(&self, now_ms: u64) -> bool {
         now_ms < self.valid_until_ms.load(Ordering::Acquire)
+            || (self.unreachable.load(Ordering::Acquire)
+                && self.deliver_unreachable.load(Ordering::Acquire))
     }
 
     /// Ms left at `now_ms` (0 when run out).
@@ -95,6 +119,21 @@ mod tests {
         c.renewed(20_000, Duration::from_secs(3));
         c.renewed(19_000, Duration::from_secs(3));
         assert!(c.allows(22_000));
+    }
+
+    #[test]
+    fn accept_local_delivers_on_while_the_engine_is_unreachable() {
+        let c = LeaseClock::new();
+        c.renewed(1_000, Duration::from_secs(3));
+        c.set_unreachable(true);
+        assert!(!c.allows(5_000), "tempfail: stopped at the lease");
+        c.deliver_while_unreachable();
+        assert!(c.allows(5_000));
+        c.set_unreachable(false);
+        assert!(!c.allows(5_000), "reachable again: the lease rules");
+        c.set_unreachable(true);
+        c.revoke();
+        assert!(!c.allows(5_000), "fenced: never");
     }
 
     #[test]

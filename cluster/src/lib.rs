@@ -5,10 +5,15 @@
 //! * `lease`, `fence`, `reconcile`, `pending` — the decisions, sans I/O, with
 //!   time passed in;
 //! * `engine` — the SQL;
-//! * `node` — the sluice-cluster thread (tokio, never on the executors).
+//! * `node` — the sluice-cluster thread (tokio, never on the executors);
+//! * `limits` (sans I/O), `shared` and `actions` — item 3: connection slots
+//!   and rate permits shared through the engine, suspensions and shaping
+//!   actions shared by `sluice_action` with LISTEN/NOTIFY.
 
+pub mod actions;
 pub mod fence;
 pub mod lease;
+pub mod limits;
 pub mod pending;
 pub mod reconcile;
 pub mod schema;
@@ -16,12 +21,13 @@ pub mod schema;
 mod engine;
 mod node;
 mod settings;
+pub mod shared;
 
 pub use engine::NodeStatus;
 pub use fence::{Fenced, EXIT_FENCED};
 pub use lease::LeaseClock;
 pub use node::{set_exit, start, status_blocking, Cluster, Import, Stats, IMPORT_QUEUE};
-pub use settings::{EngineDown, Settings};
+pub use settings::{EngineDown, Settings, SharedLimitSettings};
 /// Parses a `cluster.engine` entry (the config check uses it).
 pub use tokio_postgres::Config as EngineConfig;
 

@@ -66,6 +66,10 @@ pub struct Cluster {
     /// Read by every core's scheduler before a dispatch.
     pub lease: Arc<LeaseClock>,
     pub stats: Arc<Stats>,
+    /// `shared_limits = true`: the cores' way to the shared limits.
+    pub limits: Option<Arc<crate::shared::SharedLimits>>,
+    /// `shared_limits = true`: suspensions and shaping actions shared.
+    pub actions: Option<Arc<crate::actions::Actions>>,
 }
 
 struct Node {
@@ -87,8 +91,17 @@ pub fn start(
     imports: Vec<async_channel::Sender<Import>>,
 ) -> Result<Cluster, ClusterError> {
     let lease = Arc::new(LeaseClock::new());
+    if settings.engine_down == EngineDown::AcceptLocal {
+        // The single-node promise during an engine outage: delivery goes on.
+        lease.deliver_while_unreachable();
+    }
     let stats = Arc::new(Stats::default());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let shared = item3_handles(&settings);
+    let (limits, actions) = (
+        shared.as_ref().map(|h| h.limits.clone()),
+        shared.as_ref().map(|h| h.actions.clone()),
+    );
     let (s, l, st) = (settings.clone(), lease.clone(), stats.clone());
     std::thread::Builder::new()
         .name("sluice-cluster".into())
@@ -103,7 +116,7 @@ pub fn start(
                     return;
                 }
             };
-            rt.block_on(run(s, spool, l, st, imports, ready_tx));
+            rt.block_on(run(s, spool, l, st, imports, shared, ready_tx));
         })
         .map_err(|e| ClusterError::Thread(e.to_string()))?;
     ready_rx
@@ -113,6 +126,8 @@ pub fn start(
         settings,
         lease,
         stats,
+        limits,
+        actions,
     })
 }
 
@@ -122,6 +137,7 @@ async fn run(
     lease: Arc<LeaseClock>,
     stats: Arc<Stats>,
     imports: Vec<async_channel::Sender<Import>>,
+    shared: Option<Item3>,
     ready: std::sync::mpsc::Sender<Result<(), ClusterError>>,
 ) {
     let mut db = Db::new(&s);
@@ -161,6 +177,9 @@ async fn run(
         .set_replicator(Arc::new(ChannelReplicator { tx }));
     let _ = ready.send(Ok(()));
 
+    if let Some(h) = shared {
+        spawn_item3(&node.s, h);
+    }
     tokio::spawn(heartbeat_loop(node.clone()));
     tokio::spawn(replication_loop(node.clone(), rx));
     sweep_loop(node, db).await;
@@ -294,10 +313,12 @@ async fn heartbeat_loop(node: Arc<Node>) {
         match r {
             Ok(()) => {
                 node.lease.renewed(sent, node.s.lease);
+                node.lease.set_unreachable(false);
                 set_engine_up(&node, true);
             }
             Err(ClusterError::Fenced(f)) => fenced_exit(&node, &f.0),
             Err(e) => {
+                node.lease.set_unreachable(true);
                 db.broken();
                 set_engine_up(&node, false);
                 warner.warn("heartbeat", &e);
@@ -640,4 +661,35 @@ pub fn status_blocking(settings: &Settings) -> Result<Vec<engine::NodeStatus>, C
             engine::status(&c).await
         },
     ))
+}
+
+/// Item 3's handles, made before the thread starts (the relay holds them
+/// from the join on) and their tasks' receivers.
+struct Item3 {
+    limits: Arc<crate::shared::SharedLimits>,
+    limit_rx: async_channel::Receiver<crate::shared::Call>,
+    actions: Arc<crate::actions::Actions>,
+    action_rx: async_channel::Receiver<crate::actions::Publish>,
+}
+
+fn item3_handles(s: &Settings) -> Option<Item3> {
+    let l = s.shared_limits.as_ref()?;
+    let (limits, limit_rx) = crate::shared::new(s, l);
+    let (actions, action_rx) = crate::actions::new();
+    Some(Item3 {
+        limits,
+        limit_rx,
+        actions,
+        action_rx,
+    })
+}
+
+/// The shared-limits and actions tasks, each with its own connection.
+fn spawn_item3(s: &Settings, h: Item3) {
+    let Some(l) = s.shared_limits.clone() else {
+        return;
+    };
+    let poll = l.action_poll;
+    tokio::spawn(crate::shared::run(s.clone(), l, h.limits, h.limit_rx));
+    tokio::spawn(crate::actions::run(s.clone(), poll, h.actions, h.action_rx));
 }

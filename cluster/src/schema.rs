@@ -33,3 +33,63 @@ CREATE TABLE IF NOT EXISTS sluice_taken (
     taken_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (origin_node, msg_id));
 ";
+
+/// Item 3's tables and functions (shared limits, actions): created at join
+/// when `sluice_action` is missing (an engine first used by an older node
+/// has the tables above only). Every statement is idempotent.
+pub const CREATE_LIMITS: &str = "
+CREATE UNLOGGED TABLE IF NOT EXISTS sluice_conn_slot (
+    key        text   NOT NULL,
+    slot       int    NOT NULL,
+    node_id    text   NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (key, slot));
+CREATE INDEX IF NOT EXISTS sluice_conn_slot_node ON sluice_conn_slot (node_id);
+CREATE UNLOGGED TABLE IF NOT EXISTS sluice_rate (
+    key text PRIMARY KEY,
+    tat bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS sluice_action (
+    id          bigserial PRIMARY KEY,
+    scope       text NOT NULL,
+    key         text NOT NULL,
+    action      jsonb,
+    until       timestamptz NOT NULL,
+    origin_node text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now());
+-- The first free slot below lim (a missing row, or one past its lease), or -1.
+CREATE OR REPLACE FUNCTION sluice_take_slot(k text, lim int, node text, lease_ms bigint)
+RETURNS int LANGUAGE plpgsql AS $$
+DECLARE s int;
+BEGIN
+  FOR s IN 0 .. lim - 1 LOOP
+    INSERT INTO sluice_conn_slot AS c (key, slot, node_id, expires_at)
+      VALUES (k, s, node, clock_timestamp() + lease_ms * interval '1 millisecond')
+      ON CONFLICT (key, slot) DO UPDATE
+        SET node_id = EXCLUDED.node_id, expires_at = EXCLUDED.expires_at
+        WHERE c.expires_at < clock_timestamp();
+    IF FOUND THEN RETURN s; END IF;
+  END LOOP;
+  RETURN -1;
+END $$;
+-- GCRA on the engine's clock: up to `want` permits of a rate whose emission
+-- interval is iv µs and window win µs. Returns (granted, µs to wait when 0).
+CREATE OR REPLACE FUNCTION sluice_take_permits(k text, iv bigint, win bigint, want int)
+RETURNS TABLE(granted int, wait_us bigint) LANGUAGE plpgsql AS $$
+DECLARE
+  now_us bigint := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
+  t bigint;
+  base bigint;
+  n bigint;
+BEGIN
+  INSERT INTO sluice_rate (key, tat) VALUES (k, now_us) ON CONFLICT (key) DO NOTHING;
+  SELECT r.tat INTO t FROM sluice_rate r WHERE r.key = k FOR UPDATE;
+  base := greatest(t, now_us);
+  n := least(want::bigint, (win - (base - now_us)) / iv);
+  IF n < 1 THEN
+    RETURN QUERY SELECT 0, greatest(base + iv - win - now_us, 1);
+    RETURN;
+  END IF;
+  UPDATE sluice_rate SET tat = base + n * iv WHERE key = k;
+  RETURN QUERY SELECT n::int, 0::bigint;
+END $$;
+";

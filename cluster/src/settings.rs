@@ -25,6 +25,22 @@ pub struct Settings {
     pub import_batch: usize,
     /// Bound on connecting and on each engine round trip.
     pub engine_timeout: Duration,
+    /// Item 3: destinations' connection and message-rate limits held across
+    /// the cluster (None: off, the local limits only).
+    pub shared_limits: Option<SharedLimitSettings>,
+}
+
+/// `[cluster] shared_limits = true` and its keys.
+#[derive(Debug, Clone)]
+pub struct SharedLimitSettings {
+    /// A connection slot's lease: renewed every third of it while the
+    /// connection lives; a dead node's slots free after it.
+    pub slot_lease: Duration,
+    /// A rate call leases about this long's share of the rate.
+    pub permit_lease: Duration,
+    pub fallback_share: crate::limits::FallbackShare,
+    /// The backstop poll of `sluice_action` (LISTEN/NOTIFY is the fast path).
+    pub action_poll: Duration,
 }
 
 impl Settings {

@@ -7,6 +7,7 @@ pub mod auth_guard;
 pub mod bans;
 pub mod bounce;
 pub mod budget;
+pub mod cluster_actions;
 pub mod cluster_io;
 pub mod config;
 pub mod conn;

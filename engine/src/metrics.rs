@@ -199,6 +199,16 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Messages of dead nodes taken into this node's spool."),
     ("sluice_cluster_dropped_total", Kind::Counter, "",
      "Messages this node dropped at its rejoin because a survivor had taken them over."),
+    ("sluice_cluster_limit_calls_total", Kind::Counter, "call,result",
+     "Shared-limit calls to the cluster engine (call slot, release, permits; result taken, full, granted, wait, error, queue_full, dropped)."),
+    ("sluice_cluster_limit_call_seconds", Kind::Histogram, "call",
+     "Round trip of one shared-limit call on the cluster thread (slot, permits)."),
+    ("sluice_cluster_nodes_up", Kind::Gauge, "",
+     "Nodes up in the cluster at this node's last look (shared limits: the lease size and the fallback share)."),
+    ("sluice_cluster_limits_fallback", Kind::Gauge, "",
+     "1 while the cluster engine is unreachable and the local (fallback) limits are in force."),
+    ("sluice_cluster_actions_total", Kind::Counter, "direction",
+     "Suspensions and shaping actions shared through the engine (shared, lost) or applied from other nodes (applied)."),
     // DNS.
     ("sluice_dns_queries_total", Kind::Counter, "",
      "DNS lookups asked of the resolver, cache hits included."),
@@ -225,6 +235,12 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
 
 /// Buckets (upper bounds, seconds or counts) per histogram.
 const BUCKETS: &[(&str, &[f64])] = &[
+    (
+        "sluice_cluster_limit_call_seconds",
+        &[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+        ],
+    ),
     (
         "sluice_spool_commit_seconds",
         &[
@@ -568,10 +584,14 @@ pub enum Throttle {
     QueueConcurrency,
     /// `[queue.X] max_messages` / `max_bytes` (452 4.3.1 to the client).
     QueueQuota,
+    /// Cluster mode: the destination's connection limit across the cluster.
+    ClusterConnectionLimit,
+    /// Cluster mode: the destination's message rate across the cluster.
+    ClusterMessageRate,
 }
 
 impl Throttle {
-    const ALL: [Throttle; 9] = [
+    const ALL: [Throttle; 11] = [
         Throttle::SiteConnectionRate,
         Throttle::SiteMessageRate,
         Throttle::SourceIpRate,
@@ -581,6 +601,8 @@ impl Throttle {
         Throttle::QueueRate,
         Throttle::QueueConcurrency,
         Throttle::QueueQuota,
+        Throttle::ClusterConnectionLimit,
+        Throttle::ClusterMessageRate,
     ];
 
     pub fn label(self) -> &'static str {
@@ -594,6 +616,8 @@ impl Throttle {
             Throttle::QueueRate => "queue_rate",
             Throttle::QueueConcurrency => "queue_concurrency",
             Throttle::QueueQuota => "queue_quota",
+            Throttle::ClusterConnectionLimit => "cluster_connection_limit",
+            Throttle::ClusterMessageRate => "cluster_message_rate",
         }
     }
 }

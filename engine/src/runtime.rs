@@ -399,10 +399,19 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             tls_rpt,
             stage_filters: stage_filters.clone(),
             lease: cluster.as_ref().map(|c| c.lease.clone()),
+            limits: cluster.as_ref().and_then(|c| c.limits.clone()),
         }))
     } else {
         None
     };
+    // Cluster mode with shared limits: other nodes' suspensions and shaping
+    // actions applied here, and this node's shared.
+    if let (Some(c), Some(d)) = (&cluster, &delivery) {
+        if let Some(a) = &c.actions {
+            crate::cluster_actions::install(a.clone(), &c.settings.node_id, d.admin.senders())
+                .context("starting the cluster-actions thread")?;
+        }
+    }
     let mesh = MeshBuilder::<MeshMsg, Full>::full(cores, 1024);
 
     let shutdown = Arc::new(event_listener::Event::new());

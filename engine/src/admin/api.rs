@@ -450,6 +450,8 @@ fn suspend(api: &ApiContext, name: &str, req: &Request) -> ApiResult {
             .operator_suspend(&destination, until)
             .map_err(|e| err(500, format!("suspension not stored: {e}")))?;
     }
+    // Cluster mode: every node suspends it.
+    crate::cluster_actions::suspended(&destination, until);
     Ok(json!({
         "destination": destination,
         "suspended": true,
@@ -468,6 +470,7 @@ fn resume(api: &ApiContext, name: &str) -> ApiResult {
         destination: destination.clone(),
         reply,
     })?;
+    crate::cluster_actions::resumed(&destination);
     let was: Vec<bool> = was.into_iter().map(|w| w || shaped > 0).collect();
     Ok(json!({
         "destination": destination,

@@ -46,6 +46,7 @@ pub(super) fn cancel(api: &ApiContext, id: &str) -> ApiResult {
     let Some(action) = shaping()?.cancel(id) else {
         return Err(err(404, format!("no shaping action {id} in force")));
     };
+    crate::cluster_actions::cancelled(&action);
     if action.action == "suspend" {
         let senders = cores(api)?;
         broadcast(senders, |reply| Command::Resume {

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use serde::Deserialize;
-use sluice_cluster::{EngineDown, Settings};
+use sluice_cluster::limits::FallbackShare;
+use sluice_cluster::{EngineDown, Settings, SharedLimitSettings};
 
 use super::HumanDuration;
 
@@ -18,6 +19,14 @@ const MAX_ENGINES: usize = 8;
 pub enum EngineDownMode {
     Tempfail,
     AcceptLocal,
+}
+
+/// `cluster.fallback_share`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FallbackShareMode {
+    Divide,
+    Full,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -41,6 +50,17 @@ pub struct ClusterSection {
     pub import_batch: usize,
     /// Bound on connecting to the engine and on each engine round trip.
     pub engine_timeout: HumanDuration,
+    /// Every destination's `max_connections` and `message_rate` hold across
+    /// the cluster, and suspensions and shaping actions reach every node.
+    pub shared_limits: bool,
+    /// A connection slot's lease (renewed every third of it).
+    pub slot_lease: HumanDuration,
+    /// A rate call leases about this long's share of the rate.
+    pub permit_lease: HumanDuration,
+    /// Local limits while the engine is unreachable.
+    pub fallback_share: FallbackShareMode,
+    /// Backstop poll of the shared actions (LISTEN/NOTIFY is the fast path).
+    pub action_poll: HumanDuration,
 }
 
 impl Default for ClusterSection {
@@ -55,6 +75,11 @@ impl Default for ClusterSection {
             sync_interval: HumanDuration(Duration::from_millis(100)),
             import_batch: 500,
             engine_timeout: HumanDuration(Duration::from_secs(5)),
+            shared_limits: false,
+            slot_lease: HumanDuration(Duration::from_secs(60)),
+            permit_lease: HumanDuration(Duration::from_secs(1)),
+            fallback_share: FallbackShareMode::Divide,
+            action_poll: HumanDuration(Duration::from_secs(5)),
         }
     }
 }
@@ -113,6 +138,18 @@ impl ClusterSection {
                 "must be more than 0 and at most cluster.lease".into(),
             ));
         }
+        let between = |d: Duration, lo: u64, hi: u64| {
+            d >= Duration::from_millis(lo) && d <= Duration::from_millis(hi)
+        };
+        if !between(self.slot_lease.0, 1_000, 3_600_000) {
+            return Err(("cluster.slot_lease", "must be 1s..=1h".into()));
+        }
+        if !between(self.permit_lease.0, 10, 60_000) {
+            return Err(("cluster.permit_lease", "must be 10ms..=60s".into()));
+        }
+        if !between(self.action_poll.0, 100, 3_600_000) {
+            return Err(("cluster.action_poll", "must be 100ms..=1h".into()));
+        }
         Ok(())
     }
 
@@ -129,6 +166,15 @@ impl ClusterSection {
             sync_interval: self.sync_interval.0,
             import_batch: self.import_batch,
             engine_timeout: self.engine_timeout.0,
+            shared_limits: self.shared_limits.then_some(SharedLimitSettings {
+                slot_lease: self.slot_lease.0,
+                permit_lease: self.permit_lease.0,
+                fallback_share: match self.fallback_share {
+                    FallbackShareMode::Divide => FallbackShare::Divide,
+                    FallbackShareMode::Full => FallbackShare::Full,
+                },
+                action_poll: self.action_poll.0,
+            }),
         }
     }
 }
@@ -169,5 +215,14 @@ mod tests {
         let mut c = on();
         c.lease = HumanDuration(Duration::from_millis(10));
         assert_eq!(c.check().unwrap_err().0, "cluster.lease");
+        let mut c = on();
+        c.slot_lease = HumanDuration(Duration::from_millis(10));
+        assert_eq!(c.check().unwrap_err().0, "cluster.slot_lease");
+        let mut c = on();
+        c.permit_lease = HumanDuration(Duration::from_secs(600));
+        assert_eq!(c.check().unwrap_err().0, "cluster.permit_lease");
+        let mut c = on();
+        c.action_poll = HumanDuration(Duration::ZERO);
+        assert_eq!(c.check().unwrap_err().0, "cluster.action_poll");
     }
 }

@@ -55,6 +55,7 @@
 //!   the store and the daily sending.
 
 pub mod admin;
+mod cluster_limits;
 pub mod dane;
 mod job;
 pub mod ledger;
@@ -125,6 +126,9 @@ pub struct DeliveryShared {
     pub stage_filters: crate::filters::delivery::DeliveryFiltersSwap,
     /// Cluster mode: no attempt starts once this node's lease ran out.
     pub lease: Option<Arc<sluice_cluster::LeaseClock>>,
+    /// Cluster mode with `shared_limits`: connection slots and rate permits
+    /// from the engine (`cluster_limits.rs`).
+    pub limits: Option<Arc<sluice_cluster::shared::SharedLimits>>,
 }
 
 /// Delivery state of one core.

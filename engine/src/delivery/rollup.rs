@@ -42,6 +42,8 @@ pub(super) struct SiteGroup {
     /// Wakes the group's idle connections when a site starts waiting, so
     /// they close and free their slots instead of idling on.
     pub(super) wake: event_listener::Event,
+    /// Cluster mode, shared limits: leased rate permits (`cluster_limits.rs`).
+    pub(super) share: super::cluster_limits::GroupShare,
 }
 
 impl SiteGroup {
@@ -55,6 +57,7 @@ impl SiteGroup {
             active: Cell::new(0),
             waiting: RefCell::new(VecDeque::new()),
             wake: event_listener::Event::new(),
+            share: Default::default(),
         }
     }
 
@@ -112,7 +115,7 @@ impl CoreDelivery {
     /// own limit (slow start, shaping) and below its group's.
     pub(super) fn may_connect(&self, site: &Site) -> bool {
         site.active_connections() < self.site_limit(site)
-            && site.group.active.get() < site.group.max_connections.get()
+            && site.group.active.get() < self.group_max(&site.group)
     }
 
     /// Starts a connection task for `site`, counted in the site and its group.
@@ -161,7 +164,7 @@ impl CoreDelivery {
                 self.start_connection(next);
                 return true;
             }
-            if group.active.get() >= group.max_connections.get() {
+            if group.active.get() >= self.group_max(group) {
                 // Still full: keep its turn.
                 next.group_waiting.set(true);
                 group.waiting.borrow_mut().push_front(next);

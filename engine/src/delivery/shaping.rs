@@ -90,6 +90,9 @@ pub struct Shaping {
     /// Orders table writes against cancels (see [`Shaping::persist`]).
     writes: Mutex<()>,
     next: AtomicU64,
+    /// Cluster mode with shared actions: this node's id, so the ids of the
+    /// actions it takes are unique in the cluster.
+    id_prefix: OnceLock<String>,
 }
 
 static INSTALLED: OnceLock<Arc<Shaping>> = OnceLock::new();
@@ -142,6 +145,7 @@ impl Shaping {
             active: ArcSwap::from_pointee(active),
             writes: Mutex::new(()),
             next: AtomicU64::new(0),
+            id_prefix: OnceLock::new(),
         })
     }
 
@@ -194,7 +198,25 @@ impl Shaping {
 
     fn new_id(&self, now: u64) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        format!("{now:x}-{n}")
+        match self.id_prefix.get() {
+            Some(p) => format!("{p}-{now:x}-{n}"),
+            None => format!("{now:x}-{n}"),
+        }
+    }
+
+    /// Cluster mode: action ids start with the node's id.
+    pub fn set_id_prefix(&self, node: &str) {
+        let _ = self.id_prefix.set(node.to_string());
+    }
+
+    /// An action another node took (`cluster_actions`): in force here too,
+    /// and stored. False when already in force (or the list is full). Blocking.
+    pub fn adopt(&self, action: &ActiveAction) -> Result<bool, SpoolError> {
+        if !self.insert(action) {
+            return Ok(false);
+        }
+        self.persist(action)?;
+        Ok(true)
     }
 
     /// Adds to the list in memory (non-blocking); false when an action of the
@@ -440,7 +462,7 @@ impl CoreDelivery {
     /// Connections the site may have now: the configured limit, lowered by
     /// slow start and a `connections` action.
     pub(super) fn site_limit(&self, site: &Site) -> usize {
-        let mut limit = site.max_connections();
+        let mut limit = site.max_connections().min(self.group_max(&site.group));
         if let Some(slow) = site.shaping.slow.borrow().as_ref() {
             limit = limit.min(slow.limit() as usize);
         }
@@ -598,6 +620,8 @@ impl CoreDelivery {
             site = %action.site, reply = %action.reply, until = %rfc3339(action.until_unix_ms),
             core = self.core, "shaping action taken"
         );
+        // Cluster mode: the other nodes take it too.
+        crate::cluster_actions::shaping_taken(&action);
         if kind == Action::Suspend {
             // Every shard owner parks the destination's mail.
             for tx in self.shared.admin.senders() {

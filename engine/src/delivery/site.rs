@@ -12,6 +12,7 @@ use std::rc::Rc;
 use glommio::timer::Timer;
 use sluice_dns::{QueryType, Record, RouteError};
 
+use super::cluster_limits::{PermitStep, SlotStep};
 use super::dane::{self, Dane};
 use super::job::{
     deferred_all, notify_keywords, result_for_failure, ret_keyword, site_key, Job, JobResult,
@@ -93,6 +94,8 @@ impl Ord for Queued {
 struct Open {
     conn: Connection,
     _slot: Option<HostSlot>,
+    /// Cluster mode: the cluster-wide connection slot (given back on drop).
+    _cluster_slot: Option<sluice_cluster::shared::Slot>,
     /// The host (`throttle::host_key`), when it has a message rate.
     rated_host: Option<String>,
     /// Messages this connection may carry (site and host limits).
@@ -245,6 +248,8 @@ impl CoreDelivery {
         let mut host_permit = false;
         // Whether the source IP has a message rate, looked up again after a reload.
         let mut ip_rated = (u64::MAX, false);
+        // The same for the cluster-wide message rate (shared limits).
+        let mut cluster_permit = false;
         loop {
             // A reload's new limits apply from the next step.
             self.refresh_limits(&site);
@@ -299,8 +304,27 @@ impl CoreDelivery {
                     Timer::new(wait).await;
                     continue;
                 }
+                // The cluster-wide connection limit (shared limits on; off,
+                // this Option test is all).
+                let cluster_slot = if self.shared.limits.is_some() {
+                    match self.cluster_slot(&site).await {
+                        SlotStep::Taken(s) => Some(s),
+                        SlotStep::Local => None,
+                        SlotStep::Wait(wait) => {
+                            crate::metrics::throttled(
+                                crate::metrics::Throttle::ClusterConnectionLimit,
+                            );
+                            tracing::debug!(site = %site.key, "cluster connection limit: waiting");
+                            Timer::new(wait).await;
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
                 match self.connect(&site).await {
-                    Ok(o) => {
+                    Ok(mut o) => {
+                        o._cluster_slot = cluster_slot;
                         open = Some(o);
                         sent = 0;
                         host_permit = false;
@@ -369,6 +393,20 @@ impl CoreDelivery {
                 Timer::new(wait).await;
                 continue;
             }
+            // The cluster-wide message rate (shared limits on; off, this
+            // Option test is all).
+            if !cluster_permit && self.shared.limits.is_some() {
+                match self.cluster_permit(&site).await {
+                    // Kept until a job is taken (the queue may have changed).
+                    PermitStep::Go => cluster_permit = true,
+                    PermitStep::Wait(wait) => {
+                        crate::metrics::throttled(crate::metrics::Throttle::ClusterMessageRate);
+                        tracing::debug!(site = %site.key, wait_ms = wait.as_millis() as u64, "cluster message rate: waiting");
+                        Timer::new(wait).await;
+                        continue;
+                    }
+                }
+            }
             // The site's message rate.
             let wait = site.group.throttle.borrow_mut().message_wait(now_ms());
             if let Some(wait) = wait {
@@ -404,6 +442,7 @@ impl CoreDelivery {
             let job = queued.job;
             ip_permit = false;
             host_permit = false;
+            cluster_permit = false;
             let Some(o) = open.as_mut() else { continue };
             let started = std::time::Instant::now();
             let result = self.deliver(&mut o.conn, &job).await;
@@ -567,6 +606,7 @@ impl CoreDelivery {
                     return Ok(Open {
                         conn,
                         _slot: slot,
+                        _cluster_slot: None,
                         rated_host: (!limits.message_rate.is_empty()).then_some(key),
                         max_messages: throttle::messages_per_connection(
                             site_max,

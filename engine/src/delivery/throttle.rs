@@ -61,6 +61,12 @@ impl SiteThrottle {
         self.messages.retune(&dest.message_rate);
     }
 
+    /// The destination's message rates (shared across the cluster when
+    /// `cluster.shared_limits` is on).
+    pub fn message_rates(&self) -> Vec<Rate> {
+        self.messages.rates().collect()
+    }
+
     /// From when forgetting this throttle loses nothing (both buckets full).
     pub fn forgettable_at(&self) -> u64 {
         refilled_at(&self.connections, self.last_ms).max(refilled_at(&self.messages, self.last_ms))
