@@ -2,12 +2,13 @@
 //! spool in PostgreSQL, node leases with fencing epochs, and the takeover of
 //! a dead node's mail by the survivors.
 //!
-//! * `lease`, `fence`, `reconcile`, `pending` — the decisions, sans I/O, with
+//! * `lease`, `fence`, `judge`, `reconcile`, `pending` — the decisions, sans I/O, with
 //!   time passed in;
 //! * `engine` — the SQL;
 //! * `node` — the sluice-cluster thread (tokio, never on the executors).
 
 pub mod fence;
+pub mod judge;
 pub mod lease;
 pub mod pending;
 pub mod reconcile;
