@@ -86,7 +86,8 @@ fn acked_tokens(acks: &[PathBuf]) -> Vec<String> {
     out
 }
 
-/// One message by hand, tagged with `token` the way loadgen tags its own;
+/// One message by hand, tagged with `token` where the sink reads loadgen's
+/// (its Message-ID);
 /// returns the end-of-data reply.
 fn probe(relay: &Relay, token: &str) -> Reply {
     let mut c = relay.session();
@@ -95,7 +96,7 @@ fn probe(relay: &Relay, token: &str) -> Reply {
     c.expect("DATA", 354);
     c.send(
         format!(
-            "X-Loadgen-Token: {token}\r\nSubject: probe\r\nFrom: <probe@client.test>\r\n\r\nprobe\r\n.\r\n"
+            "Message-ID: <{token}@client.test>\r\nSubject: probe\r\nFrom: <probe@client.test>\r\n\r\nprobe\r\n.\r\n"
         )
         .as_bytes(),
     );
