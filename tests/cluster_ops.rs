@@ -3,19 +3,19 @@
 //! `sluice` nodes (one core each) delivering by MX (real NSD) into one
 //! `sluice-loadgen sink`, `sluice-loadgen send` loading them.
 //!
-//! * test 6, `engine_restart_under_load_*`: the engine is stopped (fast shutdown)
-//!    for longer than a lease while the three nodes take load, then started
-//!    again on the same port and data directory. Every token that got a 250
-//!    reaches the sink; the nodes reconnect by themselves (same processes,
-//!    same epochs, none declared dead); with `engine_down = "tempfail"` the
-//!    gap's mail gets 451 4.3.0, with `"accept-local"` it gets 250 and the
-//!    unreplicated gauge rises, then drains back to 0.
-//! * `leaving_node_hands_over_at_once` (item 4's `sluice cluster leave`): a node holding mail (its route is a
-//!    closed port: a site that defers) runs `sluice cluster leave`: it stops
-//!    (status 0), shows `left`, and the others deliver all of its mail, once
-//!    each, long before its 60 s lease would have run out; started again with
-//!    the same configuration it rejoins (new epoch, the handed-over mail
-//!    dropped from its spool) and takes mail again.
+//! * test 6, `engine_restart_under_load_*`: the engine is stopped (fast
+//!   shutdown) for longer than a lease while the three nodes take load, then
+//!   started again on the same port and data directory. Every token that got
+//!   a 250 reaches the sink; the nodes reconnect by themselves (same
+//!   processes, same epochs, none declared dead); with `engine_down =
+//!   "tempfail"` the gap's mail gets 451 4.3.0, with `"accept-local"` it gets
+//!   250 and the unreplicated gauge rises, then drains back to 0.
+//! * `leaving_node_hands_over_at_once` (`sluice cluster leave`): a node
+//!   holding mail (its MX port is closed: a site that defers) leaves: it stops
+//!   (status 0), shows `left`, and the others deliver all of its mail, once
+//!   each, long before its 60 s lease would have run out; started again with
+//!   the same configuration it rejoins (new epoch, the handed-over mail
+//!   dropped from its spool) and takes mail again.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
