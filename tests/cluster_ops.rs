@@ -16,6 +16,9 @@
 //!   each, long before its 60 s lease would have run out; started again with
 //!   the same configuration it rejoins (new epoch, the handed-over mail
 //!   dropped from its spool) and takes mail again.
+//! * `stop_writes_the_last_removals`: with a long `sync_interval`, a node's
+//!   deliveries are still rows in the engine when it gets SIGTERM; the stop
+//!   writes their removals, so no taker would send them again.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -454,4 +457,57 @@ fn leaving_node_hands_over_at_once() {
         assert_eq!(r.code, 250, "{r:?}");
     }
     assert_eq!(count_of(&pg, "n2"), 3, "the rejoined node replicates again");
+}
+
+#[test]
+fn stop_writes_the_last_removals() {
+    if !require_tools(&["nsd"]) || !require_postgres() {
+        return;
+    }
+    let pg = Postgres::start();
+    let ip = loopback();
+    let port = mx_port(&[ip]);
+    let nsd = Nsd::start(&format!("ops MX 10 mx1\nmx1 A {ip}"));
+    let sink = LoadgenSink::start(&[SocketAddr::new(ip.into(), port)], &[]);
+    // Removals wait for the interval (or 1,000 of them): none before the stop.
+    let mut n1 = node_builder(&pg, &nsd, port, "n1", "tempfail")
+        .set("cluster.sync_interval=\"60s\"")
+        .start();
+    let dir = tempfile::tempdir().unwrap();
+    let ack = dir.path().join("n1.acks");
+    let mut send = Command::new(loadgen_bin());
+    send.args(["send", "--json", "--target", &n1.addr_string()])
+        .args(["--connections", "2", "--cores", "1", "--messages", "30"])
+        .args(["--size", "1024", "--domain", DOMAIN, "--run-id", "stop"])
+        .arg("--ack-log")
+        .arg(&ack);
+    assert_ok(
+        &run_with_timeout(&mut send, Duration::from_secs(60)),
+        "loadgen send",
+    );
+    let acked = acked_tokens(std::slice::from_ref(&ack));
+    assert_eq!(acked.len(), 30);
+    wait_until(
+        "n1's mail at the sink",
+        Duration::from_secs(30),
+        || {
+            let t = sink.tokens();
+            acked.iter().all(|a| t.contains_key(a))
+        },
+        || n1.log(),
+    );
+    wait_until(
+        "n1's spool to empty",
+        Duration::from_secs(10),
+        || n1.count() == 0,
+        || n1.log(),
+    );
+    assert_eq!(
+        count_of(&pg, "n1"),
+        30,
+        "the removals are still waiting for the sync interval"
+    );
+    let status = n1.terminate();
+    assert_eq!(status.code(), Some(0), "{}", n1.log());
+    assert_eq!(count_of(&pg, "n1"), 0, "the stop wrote the removals");
 }

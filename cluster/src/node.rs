@@ -38,6 +38,8 @@ const MAX_MERGED: usize = 2_000;
 pub const IMPORT_QUEUE: usize = 1_024;
 /// Longest wait for a core to store an imported message.
 const IMPORT_WAIT: Duration = Duration::from_secs(60);
+/// Longest the replication task waits before it looks for a stop request.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 /// Engine-down warnings: at most one per this.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -384,7 +386,9 @@ async fn replication_loop(
             let _ = req.reply.send(r);
             return;
         }
-        let wait = interval.saturating_sub(last_sync.elapsed());
+        // Woken at least every STOP_CHECK to see a stop request, whatever
+        // the sync interval (up to 60 s).
+        let wait = interval.saturating_sub(last_sync.elapsed()).min(STOP_CHECK);
         let first = match tokio::time::timeout(wait, rx.recv()).await {
             Ok(Ok(b)) => Some(b),
             // Every sender is gone: the spool has shut down.
