@@ -3,8 +3,11 @@
 //! system: no user, no systemctl, no sysctl --load), the INSTALLED binary runs
 //! with the RENDERED config and queues mail from swaks (plain and STARTTLS), a
 //! config that `sluice check-config` rejects never replaces the installed one, a
-//! second run in --check mode changes nothing, ansible-lint passes, and the
-//! Prometheus scrape job passes promtool (when installed).
+//! second run in --check mode changes nothing, ansible-lint passes (on the
+//! sluice role and the cluster engine's sluice_engine role), and the
+//! Prometheus scrape job passes promtool (when installed). The cluster
+//! variables render a `[cluster]` section `sluice check-config` accepts (the
+//! engine itself is not started: no system PostgreSQL from a test).
 //!
 //! Needs ansible-playbook and ansible-lint (`apt-get install -y ansible
 //! ansible-lint`): without them the test fails under CI=true and skips otherwise.
@@ -380,6 +383,7 @@ fn role_installs_a_working_relay_and_is_idempotent() {
         "-c",
         ".ansible-lint",
         "roles/sluice",
+        "roles/sluice_engine",
         "site.yml",
         "tests/test.yml",
     ]);
@@ -397,4 +401,83 @@ fn role_installs_a_working_relay_and_is_idempotent() {
         );
         assert_ok(&out, "promtool check config");
     }
+}
+
+#[test]
+fn role_renders_a_cluster_section() {
+    require_tools!("ansible-playbook");
+    let work = tempfile::tempdir().expect("tempdir");
+    let work = work.path();
+    let prefix = work.join("prefix");
+    let vars = serde_json::json!({
+        "sluice_prefix": prefix,
+        "sluice_binary_src": bin(),
+        "sluice_manage_user": false,
+        "sluice_user": id("-un"),
+        "sluice_group": id("-gn"),
+        "sluice_file_owner": id("-un"),
+        "sluice_file_group": id("-gn"),
+        "sluice_manage_systemd": false,
+        "sluice_manage_sysctl": false,
+        "sluice_hostname": "relay.test",
+        "sluice_cores": 1,
+        "sluice_listeners": [{"name": "smtp", "bind": format!("127.0.0.1:{}", free_port())}],
+        "sluice_dns_servers": ["127.0.0.1:9"],
+        "sluice_delivery_enabled": false,
+        "sluice_admin_enabled": false,
+        "sluice_cluster_enabled": true,
+        "sluice_cluster_engine": [
+            "host=pg1.example.net port=5432 user=sluice dbname=sluice password=s3cret",
+            "host=pg2.example.net port=5432 user=sluice dbname=sluice password=s3cret"
+        ],
+        "sluice_cluster_options": {"lease": "20s", "engine_down": "accept-local"},
+    });
+    let vars_file = work.join("vars.json");
+    std::fs::write(&vars_file, vars.to_string()).expect("write vars");
+    let out = playbook(work, &[&vars_file], &[]);
+    assert_ok(&out, "ansible-playbook (cluster mode)");
+    let config = prefix.join("etc/sluice/sluice.toml");
+    let rendered = std::fs::read_to_string(&config).expect("rendered sluice.toml");
+    // node_id defaults to the inventory name (localhost here).
+    for line in [
+        "[cluster]",
+        "enabled = true",
+        "node_id = \"localhost\"",
+        "engine = [\"host=pg1.example.net port=5432 user=sluice dbname=sluice password=s3cret\", \"host=pg2.example.net port=5432 user=sluice dbname=sluice password=s3cret\"]",
+        "engine_down = \"accept-local\"",
+        "lease = \"20s\"",
+    ] {
+        assert!(
+            rendered.lines().any(|l| l == line),
+            "no {line:?} in:\n{rendered}"
+        );
+    }
+    // The installed binary takes it (the play's validate ran it too).
+    let check = run_with_timeout(
+        Command::new(prefix.join("usr/local/bin/sluice"))
+            .arg("check-config")
+            .arg(&config),
+        Duration::from_secs(30),
+    );
+    assert_ok(&check, "sluice check-config on the rendered [cluster]");
+
+    // A bad cluster variable fails the play, naming the key.
+    let mut bad = vars.clone();
+    bad["sluice_cluster_options"]["engine_down"] = serde_json::json!("maybe");
+    let bad_file = work.join("bad.json");
+    std::fs::write(&bad_file, bad.to_string()).expect("write bad vars");
+    let out = playbook(work, &[&bad_file], &[]);
+    assert!(
+        !out.status.success(),
+        "engine_down = \"maybe\" was accepted"
+    );
+    assert!(
+        text(&out.stdout).contains("cluster.engine_down"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&config).expect("config still there"),
+        rendered
+    );
 }

@@ -182,6 +182,26 @@ pub(crate) async fn heartbeat(c: &Client, s: &Settings, epoch: i64) -> Result<()
     fence::heartbeat_outcome(n).map_err(ClusterError::Fenced)
 }
 
+/// `sluice cluster leave`: the node's row goes to `left` with a new epoch
+/// (which fences any write of this process still to come); its messages
+/// are then taken over by the next sweep of any other node.
+pub(crate) async fn leave(c: &Client, me: &str, epoch: i64) -> Result<(), ClusterError> {
+    let n = c
+        .execute(
+            "UPDATE sluice_node SET state = 'left', epoch = epoch + 1, lease_until = now(), taken_by = NULL
+             WHERE node_id = $1 AND epoch = $2 AND state = 'up'",
+            &[&me, &epoch],
+        )
+        .await?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(ClusterError::Fenced(fence::Fenced(
+            "leave matched no row (epoch bumped or state changed)".into(),
+        )))
+    }
+}
+
 /// One message's rows: id, stored envelope, body (prefix included).
 pub(crate) struct Row<'a> {
     pub id: i64,
@@ -280,11 +300,13 @@ pub(crate) async fn ids_of(
 }
 
 /// Declares nodes past their lease dead, bumping their epoch (the fence).
-/// Returns the nodes taken over.
+/// Returns the nodes taken over. A server started less than a lease ago
+/// judges nobody: no node could renew while it was down (see `judge`).
 pub(crate) async fn sweep(
     c: &mut Client,
     me: &str,
     epoch: i64,
+    lease: Duration,
 ) -> Result<Vec<String>, ClusterError> {
     let t = c.transaction().await?;
     check_epoch(&t, me, epoch).await?;
@@ -292,8 +314,9 @@ pub(crate) async fn sweep(
         .query(
             "SELECT node_id FROM sluice_node
              WHERE state = 'up' AND node_id <> $1 AND lease_until < now()
+               AND pg_postmaster_start_time() < now() - make_interval(secs => $2)
              FOR UPDATE SKIP LOCKED",
-            &[&me],
+            &[&me, &lease.as_secs_f64()],
         )
         .await?;
     let mut dead = Vec::with_capacity(rows.len());

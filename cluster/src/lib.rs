@@ -2,7 +2,7 @@
 //! spool in PostgreSQL, node leases with fencing epochs, and the takeover of
 //! a dead node's mail by the survivors.
 //!
-//! * `lease`, `fence`, `reconcile`, `pending` — the decisions, sans I/O, with
+//! * `lease`, `fence`, `judge`, `reconcile`, `pending` — the decisions, sans I/O, with
 //!   time passed in;
 //! * `engine` — the SQL;
 //! * `node` — the sluice-cluster thread (tokio, never on the executors);
@@ -12,6 +12,7 @@
 
 pub mod actions;
 pub mod fence;
+pub mod judge;
 pub mod lease;
 pub mod limits;
 pub mod pending;

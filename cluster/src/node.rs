@@ -23,6 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::engine::{self, Db, Row};
 use crate::fence::EXIT_FENCED;
+use crate::judge;
 use crate::lease::LeaseClock;
 use crate::pending::PendingSync;
 use crate::reconcile;
@@ -37,6 +38,8 @@ const MAX_MERGED: usize = 2_000;
 pub const IMPORT_QUEUE: usize = 1_024;
 /// Longest wait for a core to store an imported message.
 const IMPORT_WAIT: Duration = Duration::from_secs(60);
+/// Longest the replication task waits before it looks for a stop request.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 /// Engine-down warnings: at most one per this.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -70,6 +73,10 @@ pub struct Cluster {
     pub limits: Option<Arc<crate::shared::SharedLimits>>,
     /// `shared_limits = true`: suspensions and shaping actions shared.
     pub actions: Option<Arc<crate::actions::Actions>>,
+    /// Set by `sluice cluster leave`: the stop that follows hands the node's
+    /// mail over and marks it `left` (see [`Cluster::stop`]).
+    pub leaving: AtomicBool,
+    stop_tx: async_channel::Sender<StopRequest>,
 }
 
 struct Node {
@@ -79,6 +86,10 @@ struct Node {
     lease: Arc<LeaseClock>,
     stats: Arc<Stats>,
     imports: Vec<async_channel::Sender<Import>>,
+    /// Lease-clock ms of the last failed engine call (0: none), for the sweep's judgement.
+    last_engine_error_ms: AtomicU64,
+    /// Marked `left` by its own stop: the fence that follows is expected.
+    left: AtomicBool,
 }
 
 /// Joins the cluster (tables, new epoch, reconciliation of the recovered
@@ -102,6 +113,7 @@ pub fn start(
         shared.as_ref().map(|h| h.limits.clone()),
         shared.as_ref().map(|h| h.actions.clone()),
     );
+    let (stop_tx, stop_rx) = async_channel::bounded(1);
     let (s, l, st) = (settings.clone(), lease.clone(), stats.clone());
     std::thread::Builder::new()
         .name("sluice-cluster".into())
@@ -116,7 +128,7 @@ pub fn start(
                     return;
                 }
             };
-            rt.block_on(run(s, spool, l, st, imports, shared, ready_tx));
+            rt.block_on(run(s, spool, l, st, imports, shared, ready_tx, stop_rx));
         })
         .map_err(|e| ClusterError::Thread(e.to_string()))?;
     ready_rx
@@ -128,6 +140,8 @@ pub fn start(
         stats,
         limits,
         actions,
+        leaving: AtomicBool::new(false),
+        stop_tx,
     })
 }
 
@@ -139,6 +153,7 @@ async fn run(
     imports: Vec<async_channel::Sender<Import>>,
     shared: Option<Item3>,
     ready: std::sync::mpsc::Sender<Result<(), ClusterError>>,
+    stop: async_channel::Receiver<StopRequest>,
 ) {
     let mut db = Db::new(&s);
     let joined = engine::bounded(s.engine_timeout * 4, "join", async {
@@ -167,6 +182,8 @@ async fn run(
         lease,
         stats,
         imports,
+        last_engine_error_ms: AtomicU64::new(0),
+        left: AtomicBool::new(false),
     });
     if let Err(e) = reconcile(&node, &mut db).await {
         let _ = ready.send(Err(e));
@@ -181,7 +198,7 @@ async fn run(
         spawn_item3(&node.s, h);
     }
     tokio::spawn(heartbeat_loop(node.clone()));
-    tokio::spawn(replication_loop(node.clone(), rx));
+    tokio::spawn(replication_loop(node.clone(), rx, stop));
     sweep_loop(node, db).await;
 }
 
@@ -277,6 +294,14 @@ pub fn set_exit(exit: fn(i32) -> !) {
 /// own so the service manager restarts the node into a fresh join.
 fn fenced_exit(node: &Node, why: &str) -> ! {
     node.lease.revoke();
+    if node.left.load(Ordering::Acquire) {
+        // This node marked itself left (its own epoch bump): the process is
+        // on its way out through `Cluster::stop`, whose answer was sent.
+        // Nothing more may run on this thread.
+        loop {
+            std::thread::park();
+        }
+    }
     error!(target: "sluice::cluster", node = %node.s.node_id, epoch = node.epoch, reason = why, "cluster: fenced, exiting");
     match EXIT.get() {
         Some(exit) => exit(EXIT_FENCED),
@@ -285,8 +310,17 @@ fn fenced_exit(node: &Node, why: &str) -> ! {
 }
 
 fn set_engine_up(node: &Node, up: bool) {
+    if !up {
+        engine_failed(node);
+    }
     node.stats.engine_up.store(up, Ordering::Relaxed);
     metrics::gauge!("sluice_cluster_engine_up").set(if up { 1.0 } else { 0.0 });
+}
+
+fn engine_failed(node: &Node) {
+    // max(1): 0 means "never".
+    let now = node.lease.now_ms().max(1);
+    node.last_engine_error_ms.store(now, Ordering::Relaxed);
 }
 
 /// Logs an engine failure at most once per [`WARN_EVERY`] per task.
@@ -346,7 +380,11 @@ impl Replicator for ChannelReplicator {
     }
 }
 
-async fn replication_loop(node: Arc<Node>, rx: async_channel::Receiver<Committed>) {
+async fn replication_loop(
+    node: Arc<Node>,
+    rx: async_channel::Receiver<Committed>,
+    stop: async_channel::Receiver<StopRequest>,
+) {
     let mut db = Db::new(&node.s);
     let mut warner = Warner(None);
     let mut pending = PendingSync::default();
@@ -355,7 +393,23 @@ async fn replication_loop(node: Arc<Node>, rx: async_channel::Receiver<Committed
     let interval = node.s.sync_interval;
     let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
     loop {
-        let wait = interval.saturating_sub(last_sync.elapsed());
+        if let Ok(req) = stop.try_recv() {
+            let r = finish(
+                &node,
+                &mut db,
+                &mut warner,
+                &rx,
+                &mut pending,
+                &mut unreplicated,
+                req.leave,
+            )
+            .await;
+            let _ = req.reply.send(r);
+            return;
+        }
+        // Woken at least every STOP_CHECK to see a stop request, whatever
+        // the sync interval (up to 60 s).
+        let wait = interval.saturating_sub(last_sync.elapsed()).min(STOP_CHECK);
         let first = match tokio::time::timeout(wait, rx.recv()).await {
             Ok(Ok(b)) => Some(b),
             // Every sender is gone: the spool has shut down.
@@ -519,6 +573,7 @@ async fn catch_up(node: &Node, db: &mut Db, warner: &mut Warner, unreplicated: &
             Err(ClusterError::Fenced(f)) => fenced_exit(node, &f.0),
             Err(e) => {
                 db.broken();
+                engine_failed(node);
                 warner.warn("catch-up", &e);
                 return;
             }
@@ -536,6 +591,7 @@ async fn sweep_loop(node: Arc<Node>, mut db: Db) {
             Err(ClusterError::Fenced(f)) => fenced_exit(&node, &f.0),
             Err(e) => {
                 db.broken();
+                engine_failed(&node);
                 warner.warn("sweep", &e);
             }
         }
@@ -544,10 +600,20 @@ async fn sweep_loop(node: Arc<Node>, mut db: Db) {
 
 async fn sweep_once(node: &Node, db: &mut Db) -> Result<(), ClusterError> {
     let me = node.s.node_id.as_str();
-    let dead = engine::bounded(node.s.engine_timeout, "sweep", async {
-        engine::sweep(db.client().await?, me, node.epoch).await
-    })
-    .await?;
+    let last_error = match node.last_engine_error_ms.load(Ordering::Relaxed) {
+        0 => None,
+        at => Some(at),
+    };
+    let lease_ms = u64::try_from(node.s.lease_ms()).unwrap_or(u64::MAX);
+    let dead = if judge::may_judge(node.lease.now_ms(), last_error, lease_ms) {
+        engine::bounded(node.s.engine_timeout, "sweep", async {
+            engine::sweep(db.client().await?, me, node.epoch, node.s.lease).await
+        })
+        .await?
+    } else {
+        // Just back from an engine outage: the others may not have renewed yet.
+        Vec::new()
+    };
     for d in &dead {
         warn!(target: "sluice::cluster", node = %d, "cluster: node missed its lease; taking over its mail");
     }
@@ -692,4 +758,90 @@ fn spawn_item3(s: &Settings, h: Item3) {
     let poll = l.action_poll;
     tokio::spawn(crate::shared::run(s.clone(), l, h.limits, h.limit_rx));
     tokio::spawn(crate::actions::run(s.clone(), poll, h.actions, h.action_rx));
+}
+
+/// A stop of the relay, asked of the replication task once the spool's
+/// writers have drained (every committed batch is then in its queue).
+struct StopRequest {
+    leave: bool,
+    reply: std::sync::mpsc::Sender<Result<(), ClusterError>>,
+}
+
+impl Cluster {
+    /// At the relay's stop, after the spool's writers have drained: writes
+    /// the last envelope updates and removals (so the others do not deliver
+    /// again what this node delivered), and, when `leaving` was set, marks
+    /// the node `left` with a new epoch, so the next sweep of any other node
+    /// takes over what it still holds at once instead of after its lease.
+    pub fn stop(&self, wait: std::time::Duration) -> Result<(), ClusterError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let leave = self.leaving.load(Ordering::Acquire);
+        self.stop_tx
+            .try_send(StopRequest { leave, reply })
+            .map_err(|_| {
+                ClusterError::Thread("stop already asked, or the thread is gone".into())
+            })?;
+        answer
+            .recv_timeout(wait)
+            .map_err(|_| ClusterError::Timeout("the stop's last sync"))?
+    }
+}
+
+/// The replication task's last work (see [`Cluster::stop`]).
+async fn finish(
+    node: &Node,
+    db: &mut Db,
+    warner: &mut Warner,
+    rx: &async_channel::Receiver<Committed>,
+    pending: &mut PendingSync,
+    unreplicated: &mut Vec<u64>,
+    leave: bool,
+) -> Result<(), ClusterError> {
+    let mut stores = Vec::new();
+    while let Ok(b) = rx.try_recv() {
+        stores.extend(b.stores);
+        for (id, env) in b.updates {
+            pending.update(id.0, env);
+        }
+        for id in b.removes {
+            pending.remove(id.0);
+        }
+    }
+    if !stores.is_empty() {
+        replicate_stores(node, db, warner, stores, unreplicated).await;
+    }
+    if !unreplicated.is_empty() {
+        catch_up(node, db, warner, unreplicated).await;
+    }
+    if !pending.is_empty() {
+        sync_pending(node, db, warner, pending).await;
+    }
+    // The cores have stopped; nothing may start from here on either way.
+    node.lease.revoke();
+    if !pending.is_empty() || !unreplicated.is_empty() {
+        return Err(ClusterError::Thread(format!(
+            "the engine did not take the last changes ({} pending, {} unreplicated){}",
+            pending.len(),
+            unreplicated.len(),
+            if leave {
+                "; not leaving: the node stays up until its lease runs out"
+            } else {
+                ""
+            }
+        )));
+    }
+    if leave {
+        node.left.store(true, Ordering::Release);
+        let me = node.s.node_id.as_str();
+        let r = engine::bounded(node.s.engine_timeout, "leave", async {
+            engine::leave(db.client().await?, me, node.epoch).await
+        })
+        .await;
+        if let Err(e) = r {
+            node.left.store(false, Ordering::Release);
+            return Err(e);
+        }
+        info!(target: "sluice::cluster", node = %me, epoch = node.epoch, "cluster: left; the other nodes take over this node's mail");
+    }
+    Ok(())
 }

@@ -80,6 +80,30 @@ pub fn status_json(nodes: &[NodeStatus], me: Option<&Cluster>) -> Value {
     json!({ "nodes": nodes, "local": local })
 }
 
+/// `sluice cluster leave`: polls the engine until this node's row is `left`
+/// (its relay has stopped and synced); Err when `wait` passes first.
+pub fn wait_left(
+    settings: &sluice_cluster::Settings,
+    wait: std::time::Duration,
+) -> anyhow::Result<NodeStatus> {
+    let until = std::time::Instant::now() + wait;
+    loop {
+        let nodes = sluice_cluster::status_blocking(settings)?;
+        let me = nodes.into_iter().find(|n| n.node_id == settings.node_id);
+        match me {
+            Some(n) if n.state == "left" => return Ok(n),
+            Some(n) if std::time::Instant::now() >= until => anyhow::bail!(
+                "{} is still {} after {}s (see the relay's log)",
+                n.node_id,
+                n.state,
+                wait.as_secs()
+            ),
+            None => anyhow::bail!("{} is not in the cluster", settings.node_id),
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(200)),
+        }
+    }
+}
+
 /// A short table for the CLI.
 pub fn status_text(nodes: &[NodeStatus]) -> String {
     let mut out = format!(

@@ -154,6 +154,17 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Take this node (cluster.node_id) out of the cluster: the running relay
+    /// stops accepting and stops, syncs its last changes, and is marked `left`;
+    /// the other nodes take over the mail it still holds at their next sweep.
+    /// Starting it again with cluster.enabled rejoins it.
+    Leave {
+        /// Seconds to wait for the engine to show the node `left`.
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+        #[command(flatten)]
+        api: admin_cli::ApiArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -416,8 +427,37 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             writeln!(out, "{}", sluice_policy::hash_password(password)?)?;
             Ok(())
         }
-        Command::Cluster { action, config } => {
-            let ClusterCommand::Status { json } = action;
+        Command::Cluster {
+            action: ClusterCommand::Leave { wait, api },
+            config,
+        } => {
+            let cfg = load_from(config_path(&config).as_deref(), &config.set)?;
+            anyhow::ensure!(
+                cfg.cluster.enabled,
+                "cluster.enabled is false in this configuration"
+            );
+            let client = admin_cli::Client::new(&api, &cfg)?;
+            client.call("POST", "/cluster/leave", &[])?;
+            let node = sluice_engine::cluster_io::wait_left(
+                &cfg.cluster.settings(),
+                std::time::Duration::from_secs(wait),
+            )?;
+            if api.json {
+                let v = sluice_engine::cluster_io::status_json(std::slice::from_ref(&node), None);
+                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{} left the cluster (epoch {}); {} message(s) of it go to the other nodes",
+                    node.node_id, node.epoch, node.queued
+                )?;
+            }
+            Ok(())
+        }
+        Command::Cluster {
+            action: ClusterCommand::Status { json },
+            config,
+        } => {
             let cfg = load_from(config_path(&config).as_deref(), &config.set)?;
             anyhow::ensure!(
                 cfg.cluster.enabled,

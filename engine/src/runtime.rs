@@ -440,10 +440,19 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     )?;
 
     // The management API reads the spool itself and asks the cores to act.
+    let stop: Arc<dyn Fn() + Send + Sync> = {
+        let (shutdown, shutting_down, stop_started) = (
+            shutdown.clone(),
+            shutting_down.clone(),
+            stop_started.clone(),
+        );
+        Arc::new(move || begin_stop(&shutdown, &shutting_down, &stop_started))
+    };
     let api = crate::admin::api::ApiContext {
         spool: Some(spool.clone()),
         cores: delivery.as_ref().map(|d| d.admin.senders()),
         cluster: cluster.clone(),
+        stop: Some(stop),
     };
     let admin = start_admin(&config, &reloader, api)?;
 
@@ -535,6 +544,17 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     // The events the cores made are written (file and buffer) before exit.
     crate::events::flush(Duration::from_secs(5));
     spool.shutdown();
+    if let Some(c) = &cluster {
+        // The writers have drained: the cluster thread writes the last
+        // removals (and, after `sluice cluster leave`, marks the node left).
+        // Bounded: a sync and a leave, each bounded by engine_timeout.
+        match c.stop(c.settings.engine_timeout * 2) {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(target: "sluice::cluster", error = %e, "cluster: the stop's last sync failed")
+            }
+        }
+    }
     drop(signals);
     match failed {
         Some(e) => Err(e),
@@ -821,17 +841,24 @@ fn spawn_signal_thread(
                     let _ = reloader.reload();
                     continue;
                 }
-                let _ = stop_started.set(Instant::now());
-                tracing::info!(
-                    signal = sig,
-                    "shutting down: no new connections, draining sessions"
-                );
-                shutting_down.store(true, Ordering::SeqCst);
-                shutdown.notify(usize::MAX);
+                tracing::info!(signal = sig, "stop asked by signal");
+                begin_stop(&shutdown, &shutting_down, &stop_started);
             }
         })
         .context("starting signal thread")?;
     Ok(handle)
+}
+
+/// The stop: accept loops end, sessions drain, then the writers.
+fn begin_stop(
+    shutdown: &event_listener::Event,
+    shutting_down: &AtomicBool,
+    stop_started: &OnceLock<Instant>,
+) {
+    let _ = stop_started.set(Instant::now());
+    tracing::info!("shutting down: no new connections, draining sessions");
+    shutting_down.store(true, Ordering::SeqCst);
+    shutdown.notify(usize::MAX);
 }
 
 #[cfg(test)]

@@ -63,6 +63,7 @@ pub enum Op {
     ShapingCancel,
     ShapingSites,
     Cluster,
+    ClusterLeave,
 }
 
 pub struct Route {
@@ -204,6 +205,11 @@ pub const ROUTES: &[Route] = &[
         path: "/api/v1/cluster",
         op: Op::Cluster,
     },
+    Route {
+        method: "POST",
+        path: "/api/v1/cluster/leave",
+        op: Op::ClusterLeave,
+    },
 ];
 
 /// Finds the route: Ok(op, path parameters), or the 404/405 to answer.
@@ -280,6 +286,7 @@ pub fn handle(state: &AdminState, req: &Request) -> Response {
         Op::ShapingCancel => super::shaping_api::cancel(api, &params[0]),
         Op::ShapingSites => super::shaping_api::sites(api),
         Op::Cluster => cluster(api),
+        Op::ClusterLeave => cluster_leave(api),
         Op::Reload => unreachable!("answered above"),
     };
     match result {
@@ -291,6 +298,25 @@ pub fn handle(state: &AdminState, req: &Request) -> Response {
 // ---------------------------------------------------------------------------------
 // Changes, through the owning cores
 // ---------------------------------------------------------------------------------
+
+/// `sluice cluster leave`: the relay stops as for SIGTERM (no new
+/// connections, sessions drained); at the end of the stop the cluster thread
+/// writes the last changes and marks the node `left`, and the other nodes
+/// take over what it still holds at their next sweep.
+fn cluster_leave(api: &ApiContext) -> ApiResult {
+    let Some(c) = &api.cluster else {
+        return Err(err(404, "cluster mode is off (cluster.enabled = false)"));
+    };
+    let Some(stop) = &api.stop else {
+        return Err(err(501, "this relay cannot be stopped through the API"));
+    };
+    let already = c.leaving.swap(true, std::sync::atomic::Ordering::AcqRel);
+    if !already {
+        tracing::warn!(target: "sluice::cluster", node = %c.settings.node_id, "cluster: leaving (asked through the API): stopping, then handing over");
+        stop();
+    }
+    Ok(json!({ "node_id": c.settings.node_id, "leaving": true }))
+}
 
 /// The engine's view of the nodes plus this node's counters (on this admin
 /// thread: its own short connection, bounded by `cluster.engine_timeout`).

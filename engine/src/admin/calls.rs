@@ -24,6 +24,8 @@ pub struct ApiContext {
     pub cores: Option<Vec<UnboundedSender<Command>>>,
     /// Cluster mode's node (None when `cluster.enabled` is false).
     pub cluster: Option<Arc<sluice_cluster::Cluster>>,
+    /// Starts the relay's stop, as SIGTERM does (`sluice cluster leave`).
+    pub stop: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// An error answer: HTTP status and message.

@@ -803,6 +803,7 @@ impl Client {
                 spool: Some(Arc::new(spool)),
                 cores: None,
                 cluster: None,
+                stop: None,
             },
         };
         let req = super::Request {

@@ -43,7 +43,33 @@ pub struct Postgres {
     guard: ChildGuard,
     pub port: u16,
     data: PathBuf,
+    sock: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+/// The postmaster on `data`, listening on 127.0.0.1:`port`.
+fn spawn_server(bin: &Path, data: &Path, sock: &Path, port: u16) -> ChildGuard {
+    let child = as_server_user(&bin.join("postgres"))
+        .arg("-D")
+        .arg(data)
+        .args(["-p", &port.to_string(), "-k"])
+        .arg(sock)
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_connections=60",
+            "-c",
+            "shared_buffers=32MB",
+            "-c",
+            "log_min_messages=warning",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting postgres");
+    ChildGuard::new(child, "postgres")
 }
 
 fn is_root() -> bool {
@@ -104,42 +130,52 @@ impl Postgres {
             text(&out.stderr)
         );
         let port = free_port();
-        let child = as_server_user(&bin.join("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-k"])
-            .arg(&sock)
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "max_connections=60",
-                "-c",
-                "shared_buffers=32MB",
-                "-c",
-                "log_min_messages=warning",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting postgres");
         let mut pg = Postgres {
-            guard: ChildGuard::new(child, "postgres"),
+            guard: spawn_server(&bin, &data, &sock, port),
             port,
             data,
+            sock,
             _dir: dir,
         };
+        pg.wait_ready();
+        pg
+    }
+
+    /// Polls until the server answers a query (30 s at most).
+    fn wait_ready(&mut self) {
         let until = Instant::now() + Duration::from_secs(30);
         loop {
-            assert!(pg.guard.is_running(), "postgres exited during start-up");
-            if pg.try_psql("SELECT 1").is_ok_and(|s| s.trim() == "1") {
-                break;
+            assert!(self.guard.is_running(), "postgres exited during start-up");
+            if self.try_psql("SELECT 1").is_ok_and(|s| s.trim() == "1") {
+                return;
             }
             assert!(Instant::now() < until, "postgres not ready within 30s");
             std::thread::sleep(Duration::from_millis(100));
         }
-        pg
+    }
+
+    /// Fast shutdown (SIGINT: open sessions are ended, in-flight
+    /// transactions rolled back, a checkpoint written), waiting for the
+    /// postmaster to exit. The data directory and port are kept for [`start_again`].
+    ///
+    /// [`start_again`]: Postgres::start_again
+    pub fn stop(&mut self) {
+        self.guard.signal(libc::SIGINT);
+        let status = self.guard.wait_timeout(Duration::from_secs(30));
+        assert!(status.is_some(), "postgres did not stop within 30s");
+    }
+
+    /// Starts the server again on the same data directory and port.
+    pub fn start_again(&mut self) {
+        assert!(!self.guard.is_running(), "postgres is still running");
+        let bin = pg_bin_dir().expect("PostgreSQL server binaries");
+        self.guard = spawn_server(&bin, &self.data, &self.sock, self.port);
+        self.wait_ready();
+    }
+
+    /// The postmaster's pid (its backends are its children).
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
     }
 
     /// The connection string a node's `cluster.engine` lists.
@@ -177,6 +213,9 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        if !self.guard.is_running() {
+            return;
+        }
         // Immediate shutdown: the postmaster stops its backends before it exits
         // (a SIGKILL of the postmaster alone would leave them behind for a while).
         self.guard.signal(libc::SIGQUIT);
