@@ -115,7 +115,10 @@ for round in $(seq 1 "$ROUNDS"); do
         for cores in 1 2; do
             # fsync off first: its "rest of a message's time" feeds the fsync-on cell's bound.
             for sync in false true; do
-                read -r rate relay_us src_us sink_us commits commit_ms per_commit < <(cell "$cores" "$sync" "$conns")
+                # Not in a subshell: the pids it starts must reach this shell's PIDS,
+                # so the exit trap stops them if the cell fails.
+                cell "$cores" "$sync" "$conns" >"$WORK/cell.out"
+                read -r rate relay_us src_us sink_us commits commit_ms per_commit <"$WORK/cell.out"
                 RATE[$cores-$sync-$conns]=$rate
                 cpu_bound=$(awk -v p="$NPROC" -v a="$relay_us" -v b="$src_us" -v c="$sink_us" 'BEGIN { printf "%.0f", p * 1e6 / (a + b + c) }')
                 if [ "$sync" = true ]; then

@@ -71,19 +71,6 @@ fn send_cmd(relay: &Relay, run_id: &str, messages: u64, ack: &Path) -> Command {
     c
 }
 
-fn acked_tokens(acks: &[PathBuf]) -> Vec<String> {
-    let mut out = Vec::new();
-    for a in acks {
-        let text = std::fs::read_to_string(a).unwrap_or_default();
-        out.extend(
-            text.lines()
-                .filter_map(|l| l.split_whitespace().next())
-                .map(str::to_string),
-        );
-    }
-    out
-}
-
 /// Starts the engine, the sink and three nodes; loads n2 and kills it with
 /// mail in its spool while n1 and n3 take load.
 fn kill_n2_under_load() -> Option<Scene> {

@@ -76,19 +76,6 @@ fn timed_load(relay: &Relay, run_id: &str, secs: u64, rate: u64, ack: &Path) -> 
     c
 }
 
-fn acked_tokens(acks: &[PathBuf]) -> Vec<String> {
-    let mut out = Vec::new();
-    for a in acks {
-        let text = std::fs::read_to_string(a).unwrap_or_default();
-        out.extend(
-            text.lines()
-                .filter_map(|l| l.split_whitespace().next())
-                .map(str::to_string),
-        );
-    }
-    out
-}
-
 /// One message by hand, tagged with `token` where the sink reads loadgen's
 /// (its Message-ID);
 /// returns the end-of-data reply.

@@ -303,59 +303,12 @@ impl Envelope {
     pub fn decode(id: MessageId, bytes: &[u8]) -> Result<Envelope, SpoolError> {
         let corrupt = |e: postcard::Error| SpoolError::Corrupt(format!("envelope {id}: {e}"));
         match bytes.split_first() {
-            Some((&ENVELOPE_VERSION, rest)) => {
-                let (mut env, ext) =
+            // Versions 7 on share the layout and differ only in how many
+            // extension records follow it.
+            Some((&v @ ENVELOPE_V7..=ENVELOPE_VERSION, rest)) => {
+                let (env, records) =
                     postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
-                let (ext, ext5) = postcard::take_from_bytes::<Extension>(ext).map_err(corrupt)?;
-                let (ext5, ext8) =
-                    postcard::take_from_bytes::<Extension5>(ext5).map_err(corrupt)?;
-                let (ext8, ext9) =
-                    postcard::take_from_bytes::<Extension8>(ext8).map_err(corrupt)?;
-                let (ext9, ext10) =
-                    postcard::take_from_bytes::<Extension9>(ext9).map_err(corrupt)?;
-                let ext10: Extension10 = postcard::from_bytes(ext10).map_err(corrupt)?;
-                env.schedule.held = ext.held;
-                env.schedule.notices = ext5.notices;
-                env.tls_request = ext8.tls_request;
-                env.tenant = ext9.tenant;
-                env.header_facts = ext10.header_facts.map(Arc::new);
-                Ok(env)
-            }
-            Some((&ENVELOPE_V9, rest)) => {
-                let (mut env, ext) =
-                    postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
-                let (ext, ext5) = postcard::take_from_bytes::<Extension>(ext).map_err(corrupt)?;
-                let (ext5, ext8) =
-                    postcard::take_from_bytes::<Extension5>(ext5).map_err(corrupt)?;
-                let (ext8, ext9) =
-                    postcard::take_from_bytes::<Extension8>(ext8).map_err(corrupt)?;
-                let ext9: Extension9 = postcard::from_bytes(ext9).map_err(corrupt)?;
-                env.schedule.held = ext.held;
-                env.schedule.notices = ext5.notices;
-                env.tls_request = ext8.tls_request;
-                env.tenant = ext9.tenant;
-                Ok(env)
-            }
-            Some((&ENVELOPE_V8, rest)) => {
-                let (mut env, ext) =
-                    postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
-                let (ext, ext5) = postcard::take_from_bytes::<Extension>(ext).map_err(corrupt)?;
-                let (ext5, ext8) =
-                    postcard::take_from_bytes::<Extension5>(ext5).map_err(corrupt)?;
-                let ext8: Extension8 = postcard::from_bytes(ext8).map_err(corrupt)?;
-                env.schedule.held = ext.held;
-                env.schedule.notices = ext5.notices;
-                env.tls_request = ext8.tls_request;
-                Ok(env)
-            }
-            Some((&ENVELOPE_V7, rest)) => {
-                let (mut env, ext) =
-                    postcard::take_from_bytes::<Envelope>(rest).map_err(corrupt)?;
-                let (ext, ext5) = postcard::take_from_bytes::<Extension>(ext).map_err(corrupt)?;
-                let ext5: Extension5 = postcard::from_bytes(ext5).map_err(corrupt)?;
-                env.schedule.held = ext.held;
-                env.schedule.notices = ext5.notices;
-                Ok(env)
+                with_records(env, records, v).map_err(corrupt)
             }
             Some((&ENVELOPE_V6, rest)) => {
                 let (env, ext) =
@@ -397,6 +350,31 @@ impl Envelope {
             None => Err(SpoolError::Corrupt(format!("envelope {id}: empty"))),
         }
     }
+}
+
+/// Reads the extension records a version `v` (7 or later) envelope carries
+/// after its layout into `env`: held and notices (7), the TLS request (8),
+/// the tenant (9), the header facts (10).
+fn with_records(mut env: Envelope, bytes: &[u8], v: u8) -> Result<Envelope, postcard::Error> {
+    let (ext, rest) = postcard::take_from_bytes::<Extension>(bytes)?;
+    let (ext5, mut rest) = postcard::take_from_bytes::<Extension5>(rest)?;
+    env.schedule.held = ext.held;
+    env.schedule.notices = ext5.notices;
+    if v >= ENVELOPE_V8 {
+        let (ext8, r) = postcard::take_from_bytes::<Extension8>(rest)?;
+        env.tls_request = ext8.tls_request;
+        rest = r;
+    }
+    if v >= ENVELOPE_V9 {
+        let (ext9, r) = postcard::take_from_bytes::<Extension9>(rest)?;
+        env.tenant = ext9.tenant;
+        rest = r;
+    }
+    if v >= ENVELOPE_VERSION {
+        let (ext10, _) = postcard::take_from_bytes::<Extension10>(rest)?;
+        env.header_facts = ext10.header_facts.map(Arc::new);
+    }
+    Ok(env)
 }
 
 /// The version 3–6 layout (the client address as text), decoded and converted.

@@ -71,7 +71,7 @@ impl Default for ClusterSection {
             engine: Vec::new(),
             lease: HumanDuration(Duration::from_secs(15)),
             sweep_interval: HumanDuration(Duration::from_secs(5)),
-            engine_down: EngineDownMode::Tempfail,
+            engine_down: EngineDownMode::AcceptLocal,
             sync_interval: HumanDuration(Duration::from_millis(100)),
             import_batch: 500,
             engine_timeout: HumanDuration(Duration::from_secs(5)),

@@ -103,6 +103,21 @@ impl Saved {
     }
 }
 
+/// The tokens `sluice-loadgen send --ack-log` wrote to `acks` (one line per
+/// message acknowledged with a 250, token first); unreadable logs add none.
+pub fn acked_tokens(acks: &[PathBuf]) -> Vec<String> {
+    let mut out = Vec::new();
+    for a in acks {
+        let text = std::fs::read_to_string(a).unwrap_or_default();
+        out.extend(
+            text.lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .map(str::to_string),
+        );
+    }
+    out
+}
+
 pub struct LoadgenSink {
     guard: ChildGuard,
     pub listen: Vec<SocketAddr>,
