@@ -128,7 +128,11 @@ pub fn start(
                     return;
                 }
             };
-            rt.block_on(run(s, spool, l, st, imports, shared, ready_tx, stop_rx));
+            let control = Control {
+                ready: ready_tx,
+                stop: stop_rx,
+            };
+            rt.block_on(run(s, spool, l, st, imports, shared, control));
         })
         .map_err(|e| ClusterError::Thread(e.to_string()))?;
     ready_rx
@@ -145,6 +149,14 @@ pub fn start(
     })
 }
 
+/// How the starting thread and the relay's stop reach the cluster thread.
+struct Control {
+    /// The join's outcome, awaited by [`start`].
+    ready: std::sync::mpsc::Sender<Result<(), ClusterError>>,
+    /// The relay's stop (and leave), for the replication task.
+    stop: async_channel::Receiver<StopRequest>,
+}
+
 async fn run(
     s: Settings,
     spool: Arc<Spool>,
@@ -152,9 +164,9 @@ async fn run(
     stats: Arc<Stats>,
     imports: Vec<async_channel::Sender<Import>>,
     shared: Option<Item3>,
-    ready: std::sync::mpsc::Sender<Result<(), ClusterError>>,
-    stop: async_channel::Receiver<StopRequest>,
+    control: Control,
 ) {
+    let Control { ready, stop } = control;
     let mut db = Db::new(&s);
     let joined = engine::bounded(s.engine_timeout * 4, "join", async {
         let sent = lease.now_ms();
