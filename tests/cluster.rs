@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_testkit::postgres::{require_postgres, Postgres};
+use sluice_testkit::postgres::{cluster_stage, ClusterStage, Postgres};
 use sluice_testkit::*;
 
 const DOMAIN: &str = "cluster.dlv.test";
@@ -74,13 +74,7 @@ fn send_cmd(relay: &Relay, run_id: &str, messages: u64, ack: &Path) -> Command {
 /// Starts the engine, the sink and three nodes; loads n2 and kills it with
 /// mail in its spool while n1 and n3 take load.
 fn kill_n2_under_load() -> Option<Scene> {
-    if !require_tools(&["nsd"]) || !require_postgres() {
-        return None;
-    }
-    let pg = Postgres::start();
-    let ip = loopback();
-    let port = mx_port(&[ip]);
-    let nsd = Nsd::start(&format!("cluster MX 10 mx1\nmx1 A {ip}"));
+    let ClusterStage { pg, nsd, ip, port } = cluster_stage("cluster")?;
     // 40 ms per message and two connections per node: about 50 messages a
     // second per node at most.
     let sink = LoadgenSink::start(
@@ -348,13 +342,9 @@ fn returning_node_does_not_redeliver() {
 
 #[test]
 fn frozen_node_is_fenced() {
-    if !require_tools(&["nsd"]) || !require_postgres() {
+    let Some(ClusterStage { pg, nsd, ip, port }) = cluster_stage("cluster") else {
         return;
-    }
-    let pg = Postgres::start();
-    let ip = loopback();
-    let port = mx_port(&[ip]);
-    let nsd = Nsd::start(&format!("cluster MX 10 mx1\nmx1 A {ip}"));
+    };
     let sink = LoadgenSink::start(
         &[SocketAddr::new(ip.into(), port)],
         &["--delay-data", "40ms"],

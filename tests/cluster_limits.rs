@@ -26,7 +26,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sluice_testkit::postgres::{pg_bin_dir, require_postgres, Postgres};
+use sluice_testkit::postgres::{cluster_stage, pg_bin_dir, ClusterStage, Postgres};
 use sluice_testkit::*;
 
 const DOMAIN: &str = "lim.dlv.test";
@@ -43,13 +43,7 @@ struct Scene {
 /// The engine, NSD (DOMAIN's MX on a fresh loopback address), the recorder
 /// there (end of data answered after `delay`) and `n` nodes with `extra`.
 fn scene(n: usize, delay: Duration, extra: &[String]) -> Option<Scene> {
-    if !require_tools(&["nsd"]) || !require_postgres() {
-        return None;
-    }
-    let pg = Postgres::start();
-    let ip = loopback();
-    let port = mx_port(&[ip]);
-    let nsd = Nsd::start(&format!("lim MX 10 mx1\nmx1 A {ip}"));
+    let ClusterStage { pg, nsd, ip, port } = cluster_stage("lim")?;
     let rec = ScriptedServer::builder()
         .name("rec.test")
         .capability("8BITMIME")

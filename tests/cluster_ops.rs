@@ -27,7 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sluice_testkit::postgres::{require_postgres, Postgres};
+use sluice_testkit::postgres::{cluster_stage, ClusterStage, Postgres};
 use sluice_testkit::*;
 
 const DOMAIN: &str = "ops.dlv.test";
@@ -114,14 +114,16 @@ fn node_rows(pg: &Postgres) -> BTreeMap<String, (i64, String)> {
 }
 
 fn engine_restart_under_load(engine_down: &str) {
-    if !require_tools(&["nsd"]) || !require_postgres() {
+    let Some(ClusterStage {
+        mut pg,
+        nsd,
+        ip,
+        port,
+    }) = cluster_stage("ops")
+    else {
         return;
-    }
+    };
     let accept_local = engine_down == "accept-local";
-    let mut pg = Postgres::start();
-    let ip = loopback();
-    let port = mx_port(&[ip]);
-    let nsd = Nsd::start(&format!("ops MX 10 mx1\nmx1 A {ip}"));
     let sink = LoadgenSink::start(&[SocketAddr::new(ip.into(), port)], &[]);
     let mut nodes: Vec<Relay> = ["n1", "n2", "n3"]
         .iter()
@@ -331,13 +333,9 @@ fn count_of(pg: &Postgres, origin: &str) -> i64 {
 
 #[test]
 fn leaving_node_hands_over_at_once() {
-    if !require_tools(&["nsd"]) || !require_postgres() {
+    let Some(ClusterStage { pg, nsd, ip, port }) = cluster_stage("ops") else {
         return;
-    }
-    let pg = Postgres::start();
-    let ip = loopback();
-    let port = mx_port(&[ip]);
-    let nsd = Nsd::start(&format!("ops MX 10 mx1\nmx1 A {ip}"));
+    };
     let sink = LoadgenSink::start(&[SocketAddr::new(ip.into(), port)], &[]);
     // Nothing listens on n2's port: it holds what it accepts.
     let closed = free_port();
@@ -448,13 +446,9 @@ fn leaving_node_hands_over_at_once() {
 
 #[test]
 fn stop_writes_the_last_removals() {
-    if !require_tools(&["nsd"]) || !require_postgres() {
+    let Some(ClusterStage { pg, nsd, ip, port }) = cluster_stage("ops") else {
         return;
-    }
-    let pg = Postgres::start();
-    let ip = loopback();
-    let port = mx_port(&[ip]);
-    let nsd = Nsd::start(&format!("ops MX 10 mx1\nmx1 A {ip}"));
+    };
     let sink = LoadgenSink::start(&[SocketAddr::new(ip.into(), port)], &[]);
     // Removals wait for the interval (or 1,000 of them): none before the stop.
     let mut n1 = node_builder(&pg, &nsd, port, "n1", "tempfail")

@@ -222,3 +222,28 @@ impl Drop for Postgres {
         let _ = self.guard.wait_timeout(Duration::from_secs(10));
     }
 }
+
+/// What every cluster test starts with: PostgreSQL, and NSD serving
+/// `<zone> MX 10 mx1` with `mx1` on a fresh loopback address, whose SMTP
+/// port (the nodes' `delivery.mx_port`) the test's sink listens on.
+pub struct ClusterStage {
+    pub pg: Postgres,
+    pub nsd: crate::nsd::Nsd,
+    /// mx1's address.
+    pub ip: std::net::Ipv4Addr,
+    /// The port a sink on `ip` listens on.
+    pub port: u16,
+}
+
+/// The [`ClusterStage`] of a test whose domain is `zone`; none (the test
+/// returns) when nsd or PostgreSQL is missing outside CI.
+pub fn cluster_stage(zone: &str) -> Option<ClusterStage> {
+    if !crate::process::require_tools(&["nsd"]) || !require_postgres() {
+        return None;
+    }
+    let pg = Postgres::start();
+    let ip = crate::delivery::loopback();
+    let port = crate::delivery::mx_port(&[ip]);
+    let nsd = crate::nsd::Nsd::start(&format!("{zone} MX 10 mx1\nmx1 A {ip}"));
+    Some(ClusterStage { pg, nsd, ip, port })
+}
