@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use sluice_testkit::postgres::{cluster_stage, ClusterStage, Postgres};
+use sluice_testkit::postgres::{cluster_node, cluster_stage, ClusterStage, Postgres};
 use sluice_testkit::*;
 
 const DOMAIN: &str = "cluster.dlv.test";
@@ -41,16 +41,7 @@ struct Scene {
 }
 
 fn node(pg: &Postgres, nsd: &Nsd, port: u16, name: &str) -> Relay {
-    Relay::builder()
-        .cores(1)
-        .cluster(&pg.dsn(), name)
-        .set("delivery.enabled=true")
-        .set("log.format=\"json\"")
-        .set(nsd.servers_set())
-        .set("dns.timeout=\"1s\"")
-        .set(format!("delivery.mx_port={port}"))
-        .set("delivery.connect_timeout=\"5s\"")
-        .set("queue.default.retry=[\"1s\"]")
+    cluster_node(pg, nsd, port, name)
         .set(format!(
             "destination={{\"{DOMAIN}\"={{max_connections={MAX_CONNECTIONS}}}}}"
         ))

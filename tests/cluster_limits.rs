@@ -26,7 +26,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sluice_testkit::postgres::{cluster_stage, pg_bin_dir, ClusterStage, Postgres};
+use sluice_testkit::postgres::{cluster_node, cluster_stage, pg_bin_dir, ClusterStage, Postgres};
 use sluice_testkit::*;
 
 const DOMAIN: &str = "lim.dlv.test";
@@ -54,20 +54,11 @@ fn scene(n: usize, delay: Duration, extra: &[String]) -> Option<Scene> {
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     let nodes = (1..=n)
         .map(|i| {
-            let mut b = Relay::builder()
-                .cores(1)
-                .cluster(&pg.dsn(), &format!("n{i}"))
+            let mut b = cluster_node(&pg, &nsd, port, &format!("n{i}"))
                 .set("cluster.shared_limits=true")
                 .set("cluster.slot_lease=\"3s\"")
                 .set("cluster.permit_lease=\"1s\"")
                 .set("cluster.action_poll=\"1s\"")
-                .set("delivery.enabled=true")
-                .set("log.format=\"json\"")
-                .set(nsd.servers_set())
-                .set("dns.timeout=\"1s\"")
-                .set(format!("delivery.mx_port={port}"))
-                .set("delivery.connect_timeout=\"5s\"")
-                .set("queue.default.retry=[\"1s\"]")
                 .set(format!("admin.token_file=\"{}\"", token.display()));
             for e in extra {
                 b = b.set(e.clone());

@@ -27,7 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sluice_testkit::postgres::{cluster_stage, ClusterStage, Postgres};
+use sluice_testkit::postgres::{cluster_node, cluster_stage, ClusterStage, Postgres};
 use sluice_testkit::*;
 
 const DOMAIN: &str = "ops.dlv.test";
@@ -45,17 +45,7 @@ fn node_builder(
     name: &str,
     engine_down: &str,
 ) -> RelayBuilder {
-    Relay::builder()
-        .cores(1)
-        .cluster(&pg.dsn(), name)
-        .set(format!("cluster.engine_down=\"{engine_down}\""))
-        .set("delivery.enabled=true")
-        .set("log.format=\"json\"")
-        .set(nsd.servers_set())
-        .set("dns.timeout=\"1s\"")
-        .set(format!("delivery.mx_port={port}"))
-        .set("delivery.connect_timeout=\"5s\"")
-        .set("queue.default.retry=[\"1s\"]")
+    cluster_node(pg, nsd, port, name).set(format!("cluster.engine_down=\"{engine_down}\""))
 }
 
 /// `loadgen send` to `relay` for `secs` at `rate` msg/s, acks logged to `ack`.

@@ -548,11 +548,8 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         // The writers have drained: the cluster thread writes the last
         // removals (and, after `sluice cluster leave`, marks the node left).
         // Bounded: a sync and a leave, each bounded by engine_timeout.
-        match c.stop(c.settings.engine_timeout * 2) {
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!(target: "sluice::cluster", error = %e, "cluster: the stop's last sync failed")
-            }
+        if let Err(e) = c.stop(c.settings.engine_timeout * 2) {
+            tracing::error!(target: "sluice::cluster", error = %e, "cluster: the stop's last sync failed");
         }
     }
     drop(signals);

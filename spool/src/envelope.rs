@@ -60,6 +60,12 @@ struct Extension9 {
     tenant: Option<String>,
 }
 
+/// [`Extension9`] written from a borrowed envelope (no copy of the tenant).
+#[derive(Serialize)]
+struct Extension9Ref<'a> {
+    tenant: Option<&'a str>,
+}
+
 /// Fields stored after version 9's extension record (version 10 on).
 #[derive(Default, Serialize, Deserialize)]
 struct Extension10 {
@@ -275,28 +281,42 @@ pub enum RecipientStatus {
 impl Envelope {
     /// The stored form (what the spool writes and a cluster engine copies).
     pub fn encode(&self) -> Result<Vec<u8>, SpoolError> {
+        self.encode_as(ENVELOPE_VERSION)
+    }
+
+    /// The layout and the extension records of version `v` (7 or later):
+    /// the writing side of [`with_records`]; tests write older versions
+    /// with it.
+    fn encode_as(&self, v: u8) -> Result<Vec<u8>, SpoolError> {
         let enc = |e: postcard::Error| SpoolError::Encode(e.to_string());
-        let out = postcard::to_extend(self, vec![ENVELOPE_VERSION]).map_err(enc)?;
+        let mut out = postcard::to_extend(self, vec![v]).map_err(enc)?;
         let ext = Extension {
             held: self.schedule.held,
         };
-        let out = postcard::to_extend(&ext, out).map_err(enc)?;
+        out = postcard::to_extend(&ext, out).map_err(enc)?;
         let ext5 = Extension5 {
             notices: self.schedule.notices,
         };
-        let out = postcard::to_extend(&ext5, out).map_err(enc)?;
-        let ext8 = Extension8 {
-            tls_request: self.tls_request,
-        };
-        let out = postcard::to_extend(&ext8, out).map_err(enc)?;
-        let ext9 = Extension9 {
-            tenant: self.tenant.clone(),
-        };
-        let out = postcard::to_extend(&ext9, out).map_err(enc)?;
-        let ext10 = Extension10Ref {
-            header_facts: self.header_facts.as_deref(),
-        };
-        postcard::to_extend(&ext10, out).map_err(enc)
+        out = postcard::to_extend(&ext5, out).map_err(enc)?;
+        if v >= ENVELOPE_V8 {
+            let ext8 = Extension8 {
+                tls_request: self.tls_request,
+            };
+            out = postcard::to_extend(&ext8, out).map_err(enc)?;
+        }
+        if v >= ENVELOPE_V9 {
+            let ext9 = Extension9Ref {
+                tenant: self.tenant.as_deref(),
+            };
+            out = postcard::to_extend(&ext9, out).map_err(enc)?;
+        }
+        if v >= ENVELOPE_VERSION {
+            let ext10 = Extension10Ref {
+                header_facts: self.header_facts.as_deref(),
+            };
+            out = postcard::to_extend(&ext10, out).map_err(enc)?;
+        }
+        Ok(out)
     }
 
     /// Decodes an envelope as stored (`id` names it in errors only).
@@ -769,17 +789,7 @@ mod tests {
         // extension records, no header facts after them.
         let mut env = sample();
         env.tenant = Some("acme".into());
-        let bytes = postcard::to_extend(&env, vec![ENVELOPE_V9]).expect("encode v9");
-        let bytes = postcard::to_extend(&Extension { held: false }, bytes).expect("ext");
-        let bytes = postcard::to_extend(&Extension5::default(), bytes).expect("ext5");
-        let bytes = postcard::to_extend(&Extension8::default(), bytes).expect("ext8");
-        let bytes = postcard::to_extend(
-            &Extension9 {
-                tenant: Some("acme".into()),
-            },
-            bytes,
-        )
-        .expect("ext9");
+        let bytes = env.encode_as(ENVELOPE_V9).expect("encode v9");
         let back = Envelope::decode(MessageId(1), &bytes).expect("v9 decodes");
         assert_eq!(back, env);
         assert_eq!(back.header_facts, None);
@@ -793,22 +803,7 @@ mod tests {
         env.schedule.held = true;
         env.schedule.notices = NoticeLimit::HeadersOnly;
         env.tls_request = TlsRequest::RequireTls;
-        let bytes = postcard::to_extend(&env, vec![ENVELOPE_V8]).expect("encode v8");
-        let bytes = postcard::to_extend(&Extension { held: true }, bytes).expect("ext");
-        let bytes = postcard::to_extend(
-            &Extension5 {
-                notices: NoticeLimit::HeadersOnly,
-            },
-            bytes,
-        )
-        .expect("ext5");
-        let bytes = postcard::to_extend(
-            &Extension8 {
-                tls_request: TlsRequest::RequireTls,
-            },
-            bytes,
-        )
-        .expect("ext8");
+        let bytes = env.encode_as(ENVELOPE_V8).expect("encode v8");
         let back = Envelope::decode(MessageId(1), &bytes).expect("v8 decodes");
         assert_eq!(back, env);
         assert_eq!(back.tenant, None);
@@ -845,15 +840,7 @@ mod tests {
         let mut env = sample();
         env.schedule.held = true;
         env.schedule.notices = NoticeLimit::FailuresOnly;
-        let bytes = postcard::to_extend(&env, vec![ENVELOPE_V7]).expect("encode v7");
-        let bytes = postcard::to_extend(&Extension { held: true }, bytes).expect("ext");
-        let bytes = postcard::to_extend(
-            &Extension5 {
-                notices: NoticeLimit::FailuresOnly,
-            },
-            bytes,
-        )
-        .expect("ext5");
+        let bytes = env.encode_as(ENVELOPE_V7).expect("encode v7");
         let back = Envelope::decode(MessageId(1), &bytes).expect("v7 decodes");
         assert_eq!(back, env);
         assert_eq!(back.tls_request, TlsRequest::Policy);

@@ -247,3 +247,24 @@ pub fn cluster_stage(zone: &str) -> Option<ClusterStage> {
     let nsd = crate::nsd::Nsd::start(&format!("{zone} MX 10 mx1\nmx1 A {ip}"));
     Some(ClusterStage { pg, nsd, ip, port })
 }
+
+/// A cluster node as the cluster tests run one: one core, `name` in the
+/// engine `pg`, delivery on through `nsd`'s MX to `port`, JSON logs, short
+/// DNS, connect and retry times.
+pub fn cluster_node(
+    pg: &Postgres,
+    nsd: &crate::nsd::Nsd,
+    port: u16,
+    name: &str,
+) -> crate::relay::RelayBuilder {
+    crate::relay::Relay::builder()
+        .cores(1)
+        .cluster(&pg.dsn(), name)
+        .set("delivery.enabled=true")
+        .set("log.format=\"json\"")
+        .set(nsd.servers_set())
+        .set("dns.timeout=\"1s\"")
+        .set(format!("delivery.mx_port={port}"))
+        .set("delivery.connect_timeout=\"5s\"")
+        .set("queue.default.retry=[\"1s\"]")
+}
