@@ -124,9 +124,12 @@ fn open_env(
     if let Some(size) = map_size {
         opts.map_size(size);
     }
-    // SAFETY: the only flags we pass are READ_ONLY and NO_SYNC. NO_SYNC trades
-    // durability against a system crash (not memory safety) and is only used
-    // when the operator asked for sync = false (benchmarks).
+    // SAFETY: the only flags we pass are READ_ONLY, NO_META_SYNC and NO_SYNC;
+    // none affects memory safety. NO_META_SYNC keeps the file consistent
+    // (LMDB flushes the data pages before it writes the meta page); the
+    // writer makes each meta page durable before it answers (writer.rs).
+    // NO_SYNC trades durability against a system crash and is only used when
+    // the operator asked for sync = false (benchmarks).
     unsafe {
         opts.flags(flags);
     }
@@ -151,7 +154,7 @@ impl Spool {
         }
         let map_size = cfg.map_size.max(1).div_ceil(MAP_ALIGN) * MAP_ALIGN;
         let flags = if cfg.sync {
-            EnvFlags::empty()
+            EnvFlags::NO_META_SYNC
         } else {
             EnvFlags::NO_SYNC
         };
@@ -166,6 +169,10 @@ impl Spool {
             fs::create_dir_all(&dir).map_err(|e| io_err(dir.display(), e))?;
             let env = open_env(&dir, Some(map_size), flags)?;
             let dbs = create_dbs(&env).map_err(|e| io_err(dir.display(), e))?;
+            if cfg.sync {
+                // create_dbs committed without flushing its meta page.
+                env.force_sync().map_err(|e| io_err(dir.display(), e))?;
+            }
             // A reader killed with -9 leaves its slot behind; reclaim it.
             env.clear_stale_readers()
                 .map_err(|e| io_err(dir.display(), e))?;
@@ -178,6 +185,7 @@ impl Spool {
                 max_batch: cfg.max_batch.max(1),
                 metrics: crate::writer::WriterMetrics::new(),
                 replicator: spool.replicator.clone(),
+                defer_meta_sync: cfg.sync,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("spool-writer-{i}"))

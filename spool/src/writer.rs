@@ -131,6 +131,58 @@ pub(crate) struct Writer {
     pub max_batch: usize,
     pub metrics: WriterMetrics,
     pub replicator: ReplicatorSlot,
+    /// The environment was opened with NO_META_SYNC (spool.sync = true): a
+    /// commit flushes its data pages but leaves its meta page in the page
+    /// cache, so its callers are answered only after a later flush.
+    pub defer_meta_sync: bool,
+}
+
+/// An operation that committed, with its outcome, not yet answered.
+type Done = (Op, Result<(), SpoolError>);
+
+/// When a committed operation may be answered, with the meta-page flush
+/// deferred: a commit flushes its data pages and the meta page written by
+/// the commit before it, not its own. So a batch is durable once the next
+/// commit (or an explicit flush) has ended. Sans-IO: the writer tells it what
+/// happened and answers what it hands back.
+pub(crate) struct AckGate<T> {
+    defer: bool,
+    unflushed: Vec<T>,
+}
+
+impl<T> AckGate<T> {
+    pub fn new(defer: bool, capacity: usize) -> AckGate<T> {
+        AckGate {
+            defer,
+            unflushed: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// A commit ended: without deferral its batch is durable now; with it,
+    /// the batch before it is, and this one waits.
+    pub fn committed(&mut self, batch: impl IntoIterator<Item = T>) -> Vec<T> {
+        if !self.defer {
+            return batch.into_iter().collect();
+        }
+        let durable = std::mem::take(&mut self.unflushed);
+        self.unflushed.extend(batch);
+        durable
+    }
+
+    /// Outcomes to answer after the next explicit flush, releasing nothing.
+    pub fn hold(&mut self, done: impl IntoIterator<Item = T>) {
+        self.unflushed.extend(done);
+    }
+
+    /// An explicit flush ended: everything committed is durable.
+    pub fn flushed(&mut self) -> Vec<T> {
+        std::mem::take(&mut self.unflushed)
+    }
+
+    /// True when some caller waits for a flush.
+    pub fn waiting(&self) -> bool {
+        !self.unflushed.is_empty()
+    }
 }
 
 /// Group-commit metrics (names documented in METRICS.md). The handles are
@@ -150,11 +202,23 @@ impl WriterMetrics {
 }
 
 impl Writer {
+    /// Group commit with the meta-page flush deferred (`defer_meta_sync`):
+    /// LMDB's commit is a data-page fdatasync followed by an O_DSYNC write of
+    /// the meta page, two device flushes in a row. With NO_META_SYNC the meta
+    /// page is written without its flush, and the next commit's fdatasync
+    /// (which flushes every dirty page of the file, that meta page included)
+    /// makes it durable. So under load each commit costs one flush, and a
+    /// batch is answered after the commit that follows it; when nothing
+    /// follows, an explicit fdatasync answers it at once. Nobody hears "done"
+    /// before both its data and its meta page were flushed, and LMDB keeps the
+    /// file consistent whichever meta page a crash leaves newest.
     pub fn run(self, rx: Receiver<Msg>) {
         let mut batch: Vec<Op> = Vec::with_capacity(self.max_batch);
+        let mut gate: AckGate<Done> = AckGate::new(self.defer_meta_sync, self.max_batch);
         let mut shutting = false;
         loop {
-            if !shutting {
+            // Block for work only when nobody is waiting on a flush.
+            if !shutting && !gate.waiting() {
                 match rx.recv() {
                     Ok(Msg::Op(op)) => batch.push(op),
                     Ok(Msg::Shutdown) => shutting = true,
@@ -166,23 +230,49 @@ impl Writer {
                 match rx.try_recv() {
                     Ok(Msg::Op(op)) => batch.push(op),
                     Ok(Msg::Shutdown) => shutting = true,
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        shutting = true;
+                        break;
+                    }
                 }
             }
-            if batch.is_empty() {
-                if shutting {
-                    break;
-                }
-                continue;
+            if !batch.is_empty() {
+                self.commit_batch(&mut batch, &mut gate);
+            } else if gate.waiting() {
+                self.flush(&mut gate);
+            } else if shutting {
+                break;
             }
-            self.commit_batch(&mut batch);
         }
+        self.flush(&mut gate);
         debug!(shard = self.shard, "spool writer stopped");
     }
 
-    fn commit_batch(&self, batch: &mut Vec<Op>) {
+    /// Makes the last commit's meta page durable, then answers its callers.
+    fn flush(&self, gate: &mut AckGate<Done>) {
+        if !gate.waiting() {
+            return;
+        }
+        // With sync = false nothing is flushed, ever (benchmarks only).
+        let synced = if self.defer_meta_sync {
+            self.env.force_sync()
+        } else {
+            Ok(())
+        };
+        match synced {
+            Ok(()) => self.finish(gate.flushed().into_iter()),
+            Err(e) => {
+                let err = self.fail(e);
+                fail_all(gate.flushed(), &err);
+            }
+        }
+    }
+
+    fn commit_batch(&self, batch: &mut Vec<Op>, gate: &mut AckGate<Done>) {
         if let Err(e) = self.health.check() {
             reply_all(batch, &e);
+            fail_all(gate.flushed(), &e);
             return;
         }
         let started = Instant::now();
@@ -193,23 +283,28 @@ impl Writer {
                     .commit_seconds
                     .record(started.elapsed().as_secs_f64());
                 self.metrics.batch_size.record(batch.len() as f64);
-                self.finish(batch.drain(..).zip(results));
+                let durable = gate.committed(batch.drain(..).zip(results));
+                self.finish(durable.into_iter());
             }
             Err(e) if self.is_capacity(&e, batch) && batch.len() > 1 => {
                 // Retry one by one so a single huge message only fails itself.
                 warn!(shard = self.shard, batch = batch.len(), error = %e, "spool batch did not fit, retrying singly");
                 for op in batch.drain(..) {
                     let r = self.commit_single(&op);
-                    self.finish(std::iter::once((op, r)));
+                    // A failed single commit flushed nothing: hold, flush once after.
+                    gate.hold(std::iter::once((op, r)));
                 }
+                self.flush(gate);
             }
             Err(e) if self.is_capacity(&e, batch) => {
                 warn!(shard = self.shard, error = %e, "spool full");
                 reply_all(batch, &SpoolError::Full);
+                self.flush(gate);
             }
             Err(e) => {
                 let err = self.fail(e);
                 reply_all(batch, &err);
+                fail_all(gate.flushed(), &err);
             }
         }
     }
@@ -375,8 +470,60 @@ fn bump(meta: &MetaDb, wtxn: &mut heed::RwTxn, key: &str, by: u64) -> Result<(),
     meta.put(wtxn, key, &now.wrapping_add(by))
 }
 
+/// Committed but never made durable: the callers hear the failure.
+fn fail_all(done: Vec<Done>, e: &SpoolError) {
+    for (op, _) in done {
+        let _ = op.reply.send(Err(e.clone()));
+    }
+}
+
 fn reply_all(batch: &mut Vec<Op>, e: &SpoolError) {
     for op in batch.drain(..) {
         let _ = op.reply.send(Err(e.clone()));
+    }
+}
+
+#[cfg(test)]
+mod ack_gate_tests {
+    use super::AckGate;
+
+    #[test]
+    fn a_batch_is_answered_after_the_commit_that_follows_it() {
+        let mut gate = AckGate::new(true, 4);
+        assert!(
+            gate.committed([1, 2]).is_empty(),
+            "its own commit left the meta page unflushed"
+        );
+        assert!(gate.waiting());
+        assert_eq!(
+            gate.committed([3]),
+            vec![1, 2],
+            "the next commit's fdatasync flushed it"
+        );
+        assert_eq!(gate.committed([4, 5]), vec![3]);
+        assert_eq!(
+            gate.flushed(),
+            vec![4, 5],
+            "an explicit flush answers the last batch"
+        );
+        assert!(!gate.waiting());
+        assert!(gate.flushed().is_empty());
+    }
+
+    #[test]
+    fn held_outcomes_wait_for_an_explicit_flush() {
+        let mut gate = AckGate::new(true, 4);
+        assert!(gate.committed([1]).is_empty());
+        gate.hold([2]);
+        gate.hold([3]);
+        assert!(gate.waiting());
+        assert_eq!(gate.flushed(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn without_deferral_a_commit_answers_its_own_batch() {
+        let mut gate = AckGate::new(false, 4);
+        assert_eq!(gate.committed([1, 2]), vec![1, 2]);
+        assert!(!gate.waiting());
     }
 }
