@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Overload timeline (issue 18 item 5): many connections offering mail faster than the next hop
 # takes it. Does the relay push back (a queue quota's 452 4.3.1, slower 250s) or let its queue,
-# memory and latency grow without bound? Two runs in one invocation, the same in all but one key:
+# memory and latency grow without bound? Runs in one invocation, the same in all but one key:
 #   no-quota  [queue.default] without a quota (the default)
 #   quota     [queue.default] max_messages = Q (452 4.3.1 at RCPT, DATA or end of data beyond)
+#   ready     no quota, [delivery] max_ready_messages = R (the heap bound on messages due now:
+#             beyond it they wait in the spool as ids)
 # Per run: a fresh sluice (fsync on, defaults otherwise, admin listener on loopback for
 # /metrics) relays everything to one sluice-loadgen sink that waits --delay-data before each
 # end-of-data reply, so delivery is bounded by the site's connections (destination.default
@@ -15,16 +17,18 @@
 # A sampler reads every 0.5 s: queue depth (sum of sluice_queue_messages), messages accepted
 # (sluice_messages_received_total), recipients at the sink, and sluice's RssAnon / RssFile.
 #
-# Usage: bench/overload.sh [--connections C] [--quota Q] [--delay-data D] [--load S] [--drain S]
+# Usage: bench/overload.sh [--connections C] [--quota Q] [--ready R] [--delay-data D] [--load S]
+#                          [--drain S]
 #                          [--segment S] [--runs LIST] [--port-base P] [--workdir DIR]
 #                          [--size BYTES] [--bin-dir DIR] [--samples-dir DIR]
 #   --connections C  source connections (default 256)
 #   --quota Q        max_messages of [queue.default] in the quota run (default 20000)
+#   --ready R        delivery.max_ready_messages in the ready run (default 20000)
 #   --delay-data D   the sink's delay before each end-of-data reply (default 20ms)
 #   --load S         seconds of offered load (default 60)
 #   --drain S        seconds sampled after the load (default 30); LOAD + DRAIN ≤ 120
 #   --segment S      seconds per source segment (default 5)
-#   --runs LIST      which runs, in order (default "no-quota,quota")
+#   --runs LIST      which runs, in order (default "no-quota,quota"; add ready)
 #   --size BYTES     message size, headers included (default 1024)
 #   --port-base P    first of 4 loopback ports (default 31100)
 #   --workdir DIR    parent of the temp dir (default /var/tmp; a real disk, not tmpfs)
@@ -35,7 +39,7 @@ set -Eeuo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 INVOCATION="bench/overload.sh${*:+ $*}"
-CONNS=256 QUOTA=20000 DELAY=20ms LOAD=60 DRAIN=30 SEG=5 RUNS="no-quota,quota" PORT_BASE=31100
+CONNS=256 QUOTA=20000 READY=20000 DELAY=20ms LOAD=60 DRAIN=30 SEG=5 RUNS="no-quota,quota" PORT_BASE=31100
 WORK_PARENT=/var/tmp BIN_SRC="$REPO/target/release" SAMPLES_DIR=""
 SIZE=1024
 
@@ -48,6 +52,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --connections) CONNS=${2:?}; posint "$1" "$CONNS"; shift ;;
         --quota) QUOTA=${2:?}; posint "$1" "$QUOTA"; shift ;;
+        --ready) READY=${2:?}; posint "$1" "$READY"; shift ;;
         --delay-data) DELAY=${2:?}; [[ "$DELAY" =~ ^[0-9]+(ms|s)$ ]] || die "$1 wants e.g. 20ms"; shift ;;
         --load) LOAD=${2:?}; posint "$1" "$LOAD"; shift ;;
         --drain) DRAIN=${2:?}; [[ "$DRAIN" =~ ^[0-9]+$ ]] || die "$1 wants seconds"; shift ;;
@@ -66,7 +71,7 @@ done
 [ $((LOAD + DRAIN)) -le 120 ] || die "--load + --drain: at most 120 s per run"
 [ "$SEG" -le "$LOAD" ] || die "--segment longer than --load"
 IFS=, read -r -a RUN_LIST <<<"$RUNS"
-for r in "${RUN_LIST[@]}"; do case "$r" in no-quota|quota) ;; *) die "--runs: no-quota or quota, not $r" ;; esac; done
+for r in "${RUN_LIST[@]}"; do case "$r" in no-quota|quota|ready) ;; *) die "--runs: no-quota, quota or ready, not $r" ;; esac; done
 for tool in curl jq timeout ss; do command -v "$tool" >/dev/null || die "missing $tool"; done
 for b in sluice sluice-loadgen; do [ -x "$BIN_SRC/$b" ] || die "missing $BIN_SRC/$b"; done
 
@@ -93,6 +98,8 @@ cp -p "$BIN_SRC/sluice" "$BIN_SRC/sluice-loadgen" "$BIN/"
 [ -z "$SAMPLES_DIR" ] || mkdir -p "$SAMPLES_DIR"
 
 write_conf() { # RUN DIR
+    local ready_line=""
+    [ "$1" != ready ] || ready_line="max_ready_messages = $READY"
     cat >"$2/sluice.toml" <<EOF
 # bench/overload.sh, run "$1": fsync on (default), everything relayed to the slow sink.
 [server.listener.smtp]
@@ -115,6 +122,7 @@ listen = "127.0.0.1:$ADMIN_PORT"
 [delivery]
 enabled = true
 tls = "none"
+$ready_line
 
 [route.default]
 type = "relay"
@@ -217,7 +225,8 @@ run_one() { # RUN
         lo=$hi
     done
     local title="no queue quota"
-    [ "$run" = no-quota ] || title="[queue.default] max_messages = $QUOTA"
+    [ "$run" != quota ] || title="[queue.default] max_messages = $QUOTA"
+    [ "$run" != ready ] || title="no queue quota, [delivery] max_ready_messages = $READY"
     local totals
     totals=$(jq -s '{acc: (map(.accepted) | add), rej: (map(.rejected) | add),
         n452: (map(.errors_by_code | to_entries[] | select(.key | startswith("452")) | .value) | add // 0)}' "$dir"/seg-*.json)
@@ -267,12 +276,12 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
 cat <<EOF
 
-## Overload: $CONNS connections against a slower next hop, without and with a queue quota — $DATE
+## Overload: $CONNS connections against a slower next hop ($RUNS) — $DATE
 
 - Command: \`$INVOCATION\` (tree \`$GIT_REV\`; $BIN_INFO; run took ${ELAPSED} s)
 - Machine: nproc $(nproc) ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)); \`free -g\`: $(free -g | awk '/^Mem:/ { print "total " $2 " GiB, available " $7 }'); kernel $(uname -r); spool on $fstype
 - Load average (1/5/15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER
-- sluice (fresh spool per run): fsync on, defaults (destination.default max_connections 16, max_messages_per_connection 100), route.default → the sink; the quota run adds \`[queue.default] max_messages = $QUOTA\`
+- sluice (fresh spool per run): fsync on, defaults (destination.default max_connections 16, max_messages_per_connection 100), route.default → the sink; the quota run adds \`[queue.default] max_messages = $QUOTA\`, the ready run \`[delivery] max_ready_messages = $READY\`
 - Sink: \`sluice-loadgen sink --no-tokens --delay-data $DELAY\` (each end-of-data reply $DELAY late: delivery ≤ 16 ÷ $DELAY per second)
 - Source: $((LOAD / SEG)) back-to-back segments of \`sluice-loadgen send --connections $CONNS --duration ${SEG}s --size $SIZE --domain example.com --timeout 30s --json\`; p99 and 452s per segment from its JSON; then ${DRAIN} s with no load
 - Every 0.5 s: queue depth = Σ \`sluice_queue_messages\`, accepted = Δ Σ \`sluice_messages_received_total\`, delivered = Δ the sink's recipients, RssAnon/RssFile from /proc/PID/status; a row gives the values at the interval's end, the max over it, and rates over it

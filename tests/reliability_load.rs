@@ -437,3 +437,85 @@ fn client_that_never_reads_its_replies_is_shed_by_the_write_timeout() {
     let mut s = relay.session();
     s.expect("QUIT", 221);
 }
+
+/// `delivery.max_ready_messages`: with acceptance far ahead of a slow next
+/// hop, the messages held in memory for delivery stay at the bound while the
+/// rest wait in the spool as their ids (the `sluice_delivery_waiting_messages`
+/// gauge), and every one is delivered once, in the end.
+#[test]
+fn a_backlog_beyond_max_ready_messages_waits_in_the_spool_and_is_all_delivered() {
+    const READY: u64 = 20;
+    const BURST: u64 = 400;
+    let ip = loopback();
+    let port = mx_port(&[ip]);
+    // Two connections, each end of data answered 20 ms late: about 100/s out,
+    // while the burst comes in at thousands a second.
+    let sink = LoadgenSink::start(
+        &[SocketAddr::new(ip.into(), port)],
+        &["--delay-data", "20ms"],
+    );
+    let relay = Relay::builder()
+        .cores(2)
+        .set("delivery.enabled=true")
+        .set(format!("delivery.max_ready_messages={READY}"))
+        .set("destination.default.max_connections=2")
+        .set(format!(
+            "route.sink={{type=\"smtp\",host=\"{ip}\",port={port},tls=\"none\"}}"
+        ))
+        .set("rule=[{route=\"sink\"}]")
+        .start();
+    let out = run_with_timeout(
+        Command::new(loadgen_bin())
+            .args(["send", "--json", "--target", &relay.addr_string()])
+            .args(["--connections", "16", "--messages", &BURST.to_string()])
+            .args(["--size", "1024"]),
+        Duration::from_secs(120),
+    );
+    let sent: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("loadgen send: {e}; stderr {}", text(&out.stderr)));
+    assert_eq!(
+        sent["accepted"].as_u64(),
+        Some(BURST),
+        "all accepted: {sent}"
+    );
+
+    // While it drains: what is queued but not waiting is what the cores hold
+    // in memory (plus a few being removed).
+    let mut most_waiting = 0.0f64;
+    let mut most_held = 0.0f64;
+    wait_until(
+        "every message at the sink",
+        Duration::from_secs(120),
+        || {
+            let m = relay.metrics();
+            let waiting = metric_sum(&m, "sluice_delivery_waiting_messages");
+            let queued = metric_sum(&m, "sluice_queue_messages{");
+            most_waiting = most_waiting.max(waiting);
+            most_held = most_held.max(queued - waiting);
+            sink.messages() >= BURST
+        },
+        || relay.log(),
+    );
+    eprintln!("max_ready_messages {READY}: most waiting {most_waiting}, most held {most_held}");
+    assert!(
+        most_waiting >= (BURST / 2) as f64,
+        "most of the burst waited as ids: at most {most_waiting} did"
+    );
+    assert!(
+        most_held <= (READY + 8) as f64,
+        "at most the bound (and a few being removed) held in memory: {most_held}"
+    );
+    wait_until(
+        "the queue to empty",
+        Duration::from_secs(30),
+        || relay.count() == 0,
+        || relay.log(),
+    );
+    let m = relay.metrics();
+    assert_eq!(
+        metric_sum(&m, "sluice_delivery_waiting_messages"),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(sink.messages(), BURST, "each delivered once");
+}

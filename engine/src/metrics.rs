@@ -103,6 +103,8 @@ pub const CATALOGUE: &[(&str, Kind, &str, &str)] = &[
      "Recipients refused at RCPT (action=refuse) or failed at delivery (action=drop) because they are suppressed."),
     ("sluice_delivery_stage_refused_total", Kind::Counter, "verdict",
      "Delivery attempts the receiving listener's delivery-stage filters did not let go (reject, tempfail, discard, quarantine)."),
+    ("sluice_delivery_waiting_messages", Kind::Gauge, "core",
+     "Messages due now waiting as their id only, beyond the core's share of delivery.max_ready_messages."),
     // DNSBL/DNSWL and greylisting at RCPT (ARCHITECTURE.md "DNSBL, DNSWL and greylisting").
     ("sluice_dnsbl_lookups_total", Kind::Counter, "zone,result",
      "DNSBL/DNSWL lookups (resolver cache hits included), by zone and result (listed, clear, failed)."),
@@ -647,6 +649,12 @@ pub fn global() -> &'static Global {
         dsn: ["failure", "delay", "success"]
             .map(|k| counter!("sluice_dsn_messages_total", "kind" => k)),
     })
+}
+
+/// Messages due now waiting (ids only) on `core` beyond its share of
+/// `delivery.max_ready_messages`.
+pub fn ready_waiting(core: u16, n: usize) {
+    gauge!("sluice_delivery_waiting_messages", "core" => core.to_string()).set(n as f64);
 }
 
 /// A shaping rule fired.

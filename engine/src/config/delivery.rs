@@ -105,6 +105,14 @@ pub struct DeliverySection {
     /// Messages over one connection to a destination host; 0 = no host limit.
     /// The site's `max_messages_per_connection` still applies: the smaller wins.
     pub host_max_messages_per_connection: usize,
+    /// Most messages due now held in memory for delivery, over all cores
+    /// (each core holds its share); 0 = no bound. One costs about 2 KiB
+    /// (envelope, jobs in the site queues). Beyond it a message due now waits
+    /// as its id only (8 bytes), in arrival order, and is read back from the
+    /// spool as attempts end: acceptance outrunning delivery grows the spool,
+    /// not memory. Mail behind a slow destination can then delay mail to
+    /// others until its turn, so keep it well above the normal backlog.
+    pub max_ready_messages: usize,
     /// Bounce classification rules tried before the shipped ones
     /// (docs/bounce-classes.md); re-read on reload.
     pub bounce_rules: Option<std::path::PathBuf>,
@@ -141,6 +149,7 @@ impl Default for DeliverySection {
             host_connection_rate: Vec::new(),
             host_message_rate: Vec::new(),
             host_max_messages_per_connection: 0,
+            max_ready_messages: 1_000_000,
             bounce_rules: None,
             provider_presets: true,
         }

@@ -8,6 +8,10 @@
 //!   core that owns the job's site, merges the results and carries out what
 //!   the ledger decides. Only this core writes the message. It also applies the
 //!   per-queue message rate and concurrency at dispatch.
+//! * `ready.rs` — the memory bound on messages due now
+//!   (`delivery.max_ready_messages`): beyond this core's share, a message
+//!   due now waits as its id only, in order, and is read back from the spool
+//!   as attempts end.
 //! * `ledger.rs` — the decisions, **sans-IO**: whether a woken message is
 //!   attempted (FUTURERELEASE, DELIVERBY, retry time), how recipients group
 //!   into jobs, how results merge into the envelope, and what follows an
@@ -65,6 +69,7 @@ pub mod mta_sts;
 mod notices;
 pub mod outbound;
 pub mod pools;
+mod ready;
 mod rollup;
 mod routing;
 mod scheduler;
@@ -78,7 +83,7 @@ pub mod tls_rpt;
 pub mod tls_rpt_io;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,6 +151,12 @@ pub struct CoreDelivery {
     resolving: RefCell<std::collections::HashSet<MessageId>>,
     timers: RefCell<BTreeSet<(u64, MessageId)>>,
     timer_wake: event_listener::Event,
+    /// Messages due now beyond this core's share of
+    /// `delivery.max_ready_messages`: ids only (8 bytes each, the envelope
+    /// stays on disk), in order, dispatched as attempts end (`ready.rs`).
+    waiting: RefCell<VecDeque<MessageId>>,
+    /// A task is dispatching from `waiting`.
+    pumping: Cell<bool>,
     sites: RefCell<HashMap<String, Rc<Site>>>,
     /// Site groups (MX rollup) by rollup key, while a site uses them.
     groups: RefCell<HashMap<String, std::rc::Weak<rollup::SiteGroup>>>,
@@ -201,6 +212,8 @@ impl CoreDelivery {
             senders,
             attempts: RefCell::new(HashMap::new()),
             resolving: RefCell::new(Default::default()),
+            waiting: RefCell::new(VecDeque::new()),
+            pumping: Cell::new(false),
             timers: RefCell::new(BTreeSet::new()),
             timer_wake: event_listener::Event::new(),
             sites: RefCell::new(HashMap::new()),
@@ -270,6 +283,10 @@ impl Handoff for CoreDelivery {
     fn accepted(&self, id: MessageId, envelope: Envelope) {
         // The scheduler's methods take the Rc (they spawn tasks holding it).
         if let Some(me) = self.me() {
+            if me.must_wait(id) {
+                // Stored; read back when its turn comes.
+                return;
+            }
             me.dispatch(id, envelope);
         }
     }

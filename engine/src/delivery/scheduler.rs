@@ -34,6 +34,7 @@ impl CoreDelivery {
                     self.timers.borrow_mut().remove(&(due, id));
                     if self.attempts.borrow().contains_key(&id)
                         || self.resolving.borrow().contains(&id)
+                        || self.must_wait(id)
                     {
                         continue;
                     }
@@ -50,10 +51,27 @@ impl CoreDelivery {
                     glommio::yield_if_needed().await;
                 }
                 Some((due, _)) => {
-                    let wait = Duration::from_millis((due - now).min(60_000));
+                    // A backstop for waiting messages no ending attempt wakes.
+                    let longest = if self.waiting.borrow().is_empty() {
+                        60_000
+                    } else {
+                        1_000
+                    };
+                    self.pump_waiting();
+                    let wait = Duration::from_millis((due - now).min(longest));
                     futures_lite::future::or(
                         async {
                             Timer::new(wait).await;
+                        },
+                        listener,
+                    )
+                    .await;
+                }
+                None if !self.waiting.borrow().is_empty() => {
+                    self.pump_waiting();
+                    futures_lite::future::or(
+                        async {
+                            Timer::new(Duration::from_secs(1)).await;
                         },
                         listener,
                     )
@@ -166,6 +184,7 @@ impl CoreDelivery {
                 me.resolving.borrow_mut().remove(&id);
                 if !me.stopped.get() {
                     me.send_jobs(id, envelope, Some(&mx), now_ms());
+                    me.pump_waiting();
                 }
             })
             .detach();
@@ -398,6 +417,7 @@ impl CoreDelivery {
             }
         };
         if let Some(attempt) = done {
+            self.pump_waiting();
             let me = self.clone();
             let busy = self.admin_finalizing(id);
             glommio::spawn_local(async move {
