@@ -519,3 +519,82 @@ fn a_backlog_beyond_max_ready_messages_waits_in_the_spool_and_is_all_delivered()
     );
     assert_eq!(sink.messages(), BURST, "each delivered once");
 }
+
+/// A backlog recovered at start (messages queued while delivery was off) is
+/// due all at once: past the bound it waits as ids through the timer path,
+/// not only the hand-off after a 250, and every message still goes out once.
+#[test]
+fn a_recovered_backlog_beyond_max_ready_messages_waits_and_is_all_delivered() {
+    const READY: u64 = 20;
+    const BACKLOG: u64 = 300;
+    let spool_dir = tempfile::tempdir().expect("tempdir");
+    let spool = format!("spool.path={}", spool_dir.path().join("spool").display());
+
+    // Accept and queue only (delivery off), then stop.
+    let mut queuing = Relay::builder().cores(2).set(spool.clone()).start();
+    let out = run_with_timeout(
+        Command::new(loadgen_bin())
+            .args(["send", "--json", "--target", &queuing.addr_string()])
+            .args(["--connections", "8", "--messages", &BACKLOG.to_string()])
+            .args(["--size", "1024"]),
+        Duration::from_secs(120),
+    );
+    let sent: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("loadgen send: {e}; stderr {}", text(&out.stderr)));
+    assert_eq!(sent["accepted"].as_u64(), Some(BACKLOG), "{sent}");
+    assert!(queuing.terminate().success(), "{}", queuing.log());
+    drop(queuing);
+
+    // The same spool with delivery on, a slow sink and a bound of 20.
+    let ip = loopback();
+    let port = mx_port(&[ip]);
+    let sink = LoadgenSink::start(
+        &[SocketAddr::new(ip.into(), port)],
+        &["--delay-data", "20ms"],
+    );
+    let relay = Relay::builder()
+        .cores(2)
+        .set(spool)
+        .set("delivery.enabled=true")
+        .set(format!("delivery.max_ready_messages={READY}"))
+        .set("destination.default.max_connections=2")
+        .set(format!(
+            "route.sink={{type=\"smtp\",host=\"{ip}\",port={port},tls=\"none\"}}"
+        ))
+        .set("rule=[{route=\"sink\"}]")
+        .start();
+    let mut most_waiting = 0.0f64;
+    let mut most_held = 0.0f64;
+    wait_until(
+        "every recovered message at the sink",
+        Duration::from_secs(120),
+        || {
+            let m = relay.metrics();
+            let waiting = metric_sum(&m, "sluice_delivery_waiting_messages");
+            let queued = metric_sum(&m, "sluice_queue_messages{");
+            most_waiting = most_waiting.max(waiting);
+            most_held = most_held.max(queued - waiting);
+            sink.messages() >= BACKLOG
+        },
+        || relay.log(),
+    );
+    eprintln!(
+        "recovered {BACKLOG}, bound {READY}: most waiting {most_waiting}, most held {most_held}"
+    );
+    assert!(
+        most_waiting >= (BACKLOG / 2) as f64,
+        "most of the recovered backlog waited as ids: at most {most_waiting} did"
+    );
+    assert!(
+        most_held <= (READY + 8) as f64,
+        "at most the bound (and a few being removed) held in memory: {most_held}"
+    );
+    wait_until(
+        "the queue to empty",
+        Duration::from_secs(30),
+        // Its spool is not the kit's own directory: ask the running relay.
+        || metric_sum(&relay.metrics(), "sluice_queue_messages{") == 0.0,
+        || relay.log(),
+    );
+    assert_eq!(sink.messages(), BACKLOG, "each delivered once");
+}
