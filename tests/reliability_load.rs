@@ -438,23 +438,20 @@ fn client_that_never_reads_its_replies_is_shed_by_the_write_timeout() {
     s.expect("QUIT", 221);
 }
 
-/// `delivery.max_ready_messages`: with acceptance far ahead of a slow next
-/// hop, the messages held in memory for delivery stay at the bound while the
-/// rest wait in the spool as their ids (the `sluice_delivery_waiting_messages`
-/// gauge), and every one is delivered once, in the end.
-#[test]
-fn a_backlog_beyond_max_ready_messages_waits_in_the_spool_and_is_all_delivered() {
-    const READY: u64 = 20;
-    const BURST: u64 = 400;
+/// The bound of the `max_ready_messages` tests: far below their backlogs.
+const READY: u64 = 20;
+
+/// A sink answering each end of data 20 ms late, and a 2-core relay with
+/// delivery on, `max_ready_messages = READY` and at most two connections to
+/// the sink: about 100 messages a second out, while loadgen offers thousands.
+fn slow_sink_and_bounded_relay(extra: &[String]) -> (LoadgenSink, Relay) {
     let ip = loopback();
     let port = mx_port(&[ip]);
-    // Two connections, each end of data answered 20 ms late: about 100/s out,
-    // while the burst comes in at thousands a second.
     let sink = LoadgenSink::start(
         &[SocketAddr::new(ip.into(), port)],
         &["--delay-data", "20ms"],
     );
-    let relay = Relay::builder()
+    let mut builder = Relay::builder()
         .cores(2)
         .set("delivery.enabled=true")
         .set(format!("delivery.max_ready_messages={READY}"))
@@ -462,25 +459,33 @@ fn a_backlog_beyond_max_ready_messages_waits_in_the_spool_and_is_all_delivered()
         .set(format!(
             "route.sink={{type=\"smtp\",host=\"{ip}\",port={port},tls=\"none\"}}"
         ))
-        .set("rule=[{route=\"sink\"}]")
-        .start();
+        .set("rule=[{route=\"sink\"}]");
+    for kv in extra {
+        builder = builder.set(kv.clone());
+    }
+    (sink, builder.start())
+}
+
+/// loadgen sends `n` messages of 1 KiB over `connections`; all must be accepted.
+fn send_all(relay: &Relay, n: u64, connections: u32) {
     let out = run_with_timeout(
         Command::new(loadgen_bin())
             .args(["send", "--json", "--target", &relay.addr_string()])
-            .args(["--connections", "16", "--messages", &BURST.to_string()])
-            .args(["--size", "1024"]),
+            .args(["--connections", &connections.to_string()])
+            .args(["--messages", &n.to_string(), "--size", "1024"]),
         Duration::from_secs(120),
     );
     let sent: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("loadgen send: {e}; stderr {}", text(&out.stderr)));
-    assert_eq!(
-        sent["accepted"].as_u64(),
-        Some(BURST),
-        "all accepted: {sent}"
-    );
+    assert_eq!(sent["accepted"].as_u64(), Some(n), "all accepted: {sent}");
+}
 
-    // While it drains: what is queued but not waiting is what the cores hold
-    // in memory (plus a few being removed).
+/// Watches the relay until the sink has `n` messages and the queue is empty;
+/// asserts that most of them waited as ids, that never more than the bound
+/// (and a few being removed) were held in memory, that the waiting gauge is
+/// back at 0, and that each message arrived once.
+fn assert_drained_within_the_bound(relay: &Relay, sink: &LoadgenSink, n: u64) {
+    // What is queued but not waiting is what the cores hold in memory.
     let mut most_waiting = 0.0f64;
     let mut most_held = 0.0f64;
     wait_until(
@@ -492,23 +497,24 @@ fn a_backlog_beyond_max_ready_messages_waits_in_the_spool_and_is_all_delivered()
             let queued = metric_sum(&m, "sluice_queue_messages{");
             most_waiting = most_waiting.max(waiting);
             most_held = most_held.max(queued - waiting);
-            sink.messages() >= BURST
+            sink.messages() >= n
         },
         || relay.log(),
     );
-    eprintln!("max_ready_messages {READY}: most waiting {most_waiting}, most held {most_held}");
+    eprintln!("{n} messages, bound {READY}: most waiting {most_waiting}, most held {most_held}");
     assert!(
-        most_waiting >= (BURST / 2) as f64,
-        "most of the burst waited as ids: at most {most_waiting} did"
+        most_waiting >= (n / 2) as f64,
+        "most of the backlog waited as ids: at most {most_waiting} did"
     );
     assert!(
         most_held <= (READY + 8) as f64,
         "at most the bound (and a few being removed) held in memory: {most_held}"
     );
+    // The queue gauge, not the kit's offline count: a test may name its own spool.
     wait_until(
         "the queue to empty",
         Duration::from_secs(30),
-        || relay.count() == 0,
+        || metric_sum(&relay.metrics(), "sluice_queue_messages{") == 0.0,
         || relay.log(),
     );
     let m = relay.metrics();
@@ -517,7 +523,19 @@ fn a_backlog_beyond_max_ready_messages_waits_in_the_spool_and_is_all_delivered()
         0.0,
         "{m}"
     );
-    assert_eq!(sink.messages(), BURST, "each delivered once");
+    assert_eq!(sink.messages(), n, "each delivered once");
+}
+
+/// `delivery.max_ready_messages`: with acceptance far ahead of a slow next
+/// hop, the messages held in memory for delivery stay at the bound while the
+/// rest wait in the spool as their ids (the `sluice_delivery_waiting_messages`
+/// gauge), and every one is delivered once, in the end.
+#[test]
+fn a_backlog_beyond_max_ready_messages_waits_in_the_spool_and_is_all_delivered() {
+    const BURST: u64 = 400;
+    let (sink, relay) = slow_sink_and_bounded_relay(&[]);
+    send_all(&relay, BURST, 16);
+    assert_drained_within_the_bound(&relay, &sink, BURST);
 }
 
 /// A backlog recovered at start (messages queued while delivery was off) is
@@ -525,76 +543,17 @@ fn a_backlog_beyond_max_ready_messages_waits_in_the_spool_and_is_all_delivered()
 /// not only the hand-off after a 250, and every message still goes out once.
 #[test]
 fn a_recovered_backlog_beyond_max_ready_messages_waits_and_is_all_delivered() {
-    const READY: u64 = 20;
     const BACKLOG: u64 = 300;
     let spool_dir = tempfile::tempdir().expect("tempdir");
     let spool = format!("spool.path={}", spool_dir.path().join("spool").display());
 
     // Accept and queue only (delivery off), then stop.
     let mut queuing = Relay::builder().cores(2).set(spool.clone()).start();
-    let out = run_with_timeout(
-        Command::new(loadgen_bin())
-            .args(["send", "--json", "--target", &queuing.addr_string()])
-            .args(["--connections", "8", "--messages", &BACKLOG.to_string()])
-            .args(["--size", "1024"]),
-        Duration::from_secs(120),
-    );
-    let sent: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("loadgen send: {e}; stderr {}", text(&out.stderr)));
-    assert_eq!(sent["accepted"].as_u64(), Some(BACKLOG), "{sent}");
+    send_all(&queuing, BACKLOG, 8);
     assert!(queuing.terminate().success(), "{}", queuing.log());
     drop(queuing);
 
-    // The same spool with delivery on, a slow sink and a bound of 20.
-    let ip = loopback();
-    let port = mx_port(&[ip]);
-    let sink = LoadgenSink::start(
-        &[SocketAddr::new(ip.into(), port)],
-        &["--delay-data", "20ms"],
-    );
-    let relay = Relay::builder()
-        .cores(2)
-        .set(spool)
-        .set("delivery.enabled=true")
-        .set(format!("delivery.max_ready_messages={READY}"))
-        .set("destination.default.max_connections=2")
-        .set(format!(
-            "route.sink={{type=\"smtp\",host=\"{ip}\",port={port},tls=\"none\"}}"
-        ))
-        .set("rule=[{route=\"sink\"}]")
-        .start();
-    let mut most_waiting = 0.0f64;
-    let mut most_held = 0.0f64;
-    wait_until(
-        "every recovered message at the sink",
-        Duration::from_secs(120),
-        || {
-            let m = relay.metrics();
-            let waiting = metric_sum(&m, "sluice_delivery_waiting_messages");
-            let queued = metric_sum(&m, "sluice_queue_messages{");
-            most_waiting = most_waiting.max(waiting);
-            most_held = most_held.max(queued - waiting);
-            sink.messages() >= BACKLOG
-        },
-        || relay.log(),
-    );
-    eprintln!(
-        "recovered {BACKLOG}, bound {READY}: most waiting {most_waiting}, most held {most_held}"
-    );
-    assert!(
-        most_waiting >= (BACKLOG / 2) as f64,
-        "most of the recovered backlog waited as ids: at most {most_waiting} did"
-    );
-    assert!(
-        most_held <= (READY + 8) as f64,
-        "at most the bound (and a few being removed) held in memory: {most_held}"
-    );
-    wait_until(
-        "the queue to empty",
-        Duration::from_secs(30),
-        // Its spool is not the kit's own directory: ask the running relay.
-        || metric_sum(&relay.metrics(), "sluice_queue_messages{") == 0.0,
-        || relay.log(),
-    );
-    assert_eq!(sink.messages(), BACKLOG, "each delivered once");
+    // The same spool with delivery on behind the slow sink.
+    let (sink, relay) = slow_sink_and_bounded_relay(&[spool]);
+    assert_drained_within_the_bound(&relay, &sink, BACKLOG);
 }
