@@ -651,10 +651,10 @@ pub fn global() -> &'static Global {
     })
 }
 
-/// Messages due now waiting (ids only) on `core` beyond its share of
-/// `delivery.max_ready_messages`.
-pub fn ready_waiting(core: u16, n: usize) {
-    gauge!("sluice_delivery_waiting_messages", "core" => core.to_string()).set(n as f64);
+/// The gauge of messages due now waiting (ids only) on `core` beyond its
+/// share of `delivery.max_ready_messages`; the core keeps the handle.
+pub fn ready_waiting(core: u16) -> Gauge {
+    gauge!("sluice_delivery_waiting_messages", "core" => core.to_string())
 }
 
 /// A shaping rule fired.

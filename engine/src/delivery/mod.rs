@@ -155,6 +155,8 @@ pub struct CoreDelivery {
     /// `delivery.max_ready_messages`: ids only (8 bytes each, the envelope
     /// stays on disk), in order, dispatched as attempts end (`ready.rs`).
     waiting: RefCell<VecDeque<MessageId>>,
+    /// `waiting.len()` as `sluice_delivery_waiting_messages{core}`.
+    waiting_gauge: metrics::Gauge,
     /// A task is dispatching from `waiting`.
     pumping: Cell<bool>,
     sites: RefCell<HashMap<String, Rc<Site>>>,
@@ -213,6 +215,7 @@ impl CoreDelivery {
             attempts: RefCell::new(HashMap::new()),
             resolving: RefCell::new(Default::default()),
             waiting: RefCell::new(VecDeque::new()),
+            waiting_gauge: crate::metrics::ready_waiting(core),
             pumping: Cell::new(false),
             timers: RefCell::new(BTreeSet::new()),
             timer_wake: event_listener::Event::new(),

@@ -24,6 +24,11 @@ impl CoreDelivery {
         self.attempts.borrow().len() + self.resolving.borrow().len()
     }
 
+    /// Message `id` is being attempted (or its MX hosts looked up) already.
+    pub(super) fn in_flight(&self, id: MessageId) -> bool {
+        self.attempts.borrow().contains_key(&id) || self.resolving.borrow().contains(&id)
+    }
+
     /// True when message `id`, due now, must wait its turn (it is queued as
     /// its id): the bound is reached, or others already wait before it.
     pub(super) fn must_wait(&self, id: MessageId) -> bool {
@@ -36,7 +41,7 @@ impl CoreDelivery {
             return false;
         }
         waiting.push_back(id);
-        crate::metrics::ready_waiting(self.core, waiting.len());
+        self.waiting_gauge.set(waiting.len() as f64);
         true
     }
 
@@ -69,7 +74,7 @@ impl CoreDelivery {
             let next = if cap == 0 || self.ready_in_memory() < cap {
                 let mut waiting = self.waiting.borrow_mut();
                 let next = waiting.pop_front();
-                crate::metrics::ready_waiting(self.core, waiting.len());
+                self.waiting_gauge.set(waiting.len() as f64);
                 next
             } else {
                 None
@@ -77,7 +82,7 @@ impl CoreDelivery {
             let Some(id) = next else {
                 return;
             };
-            if self.attempts.borrow().contains_key(&id) || self.resolving.borrow().contains(&id) {
+            if self.in_flight(id) {
                 continue;
             }
             match self.shared.spool.envelope(id) {

@@ -32,10 +32,7 @@ impl CoreDelivery {
             match next {
                 Some((due, id)) if due <= now => {
                     self.timers.borrow_mut().remove(&(due, id));
-                    if self.attempts.borrow().contains_key(&id)
-                        || self.resolving.borrow().contains(&id)
-                        || self.must_wait(id)
-                    {
+                    if self.in_flight(id) || self.must_wait(id) {
                         continue;
                     }
                     if self.shared.spool.is_failed() {
@@ -50,34 +47,28 @@ impl CoreDelivery {
                     // Let other tasks run between dispatches of a large backlog.
                     glommio::yield_if_needed().await;
                 }
-                Some((due, _)) => {
-                    // A backstop for waiting messages no ending attempt wakes.
-                    let longest = if self.waiting.borrow().is_empty() {
-                        60_000
-                    } else {
-                        1_000
+                _ => {
+                    // Messages waiting for room (ready.rs) get a 1 s backstop
+                    // in case no ending attempt wakes them.
+                    let backstop = (!self.waiting.borrow().is_empty()).then_some(1_000);
+                    self.pump_waiting();
+                    let wait_ms = match next {
+                        Some((due, _)) => Some((due - now).min(backstop.unwrap_or(60_000))),
+                        None => backstop,
                     };
-                    self.pump_waiting();
-                    let wait = Duration::from_millis((due - now).min(longest));
-                    futures_lite::future::or(
-                        async {
-                            Timer::new(wait).await;
-                        },
-                        listener,
-                    )
-                    .await;
+                    match wait_ms {
+                        Some(ms) => {
+                            futures_lite::future::or(
+                                async {
+                                    Timer::new(Duration::from_millis(ms)).await;
+                                },
+                                listener,
+                            )
+                            .await;
+                        }
+                        None => listener.await,
+                    }
                 }
-                None if !self.waiting.borrow().is_empty() => {
-                    self.pump_waiting();
-                    futures_lite::future::or(
-                        async {
-                            Timer::new(Duration::from_secs(1)).await;
-                        },
-                        listener,
-                    )
-                    .await;
-                }
-                None => listener.await,
             }
         }
     }
