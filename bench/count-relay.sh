@@ -13,6 +13,7 @@
 # Usage: bench/count-relay.sh [--messages N] [--cores "1 2"] [--sources "loadgen smtp-source"]
 #                             [--bin-dir DIR] [--port-base P]
 # Needs root (uprobes, tracepoints), perf (linux-perf), smtp-source (postfix), curl, jq.
+# LIBC=PATH names the libc to probe when --bin-dir holds a wrapper script rather than the binary.
 set -Eeuo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,7 +35,7 @@ done
 [[ "$N" =~ ^[1-9][0-9]*$ ]] || die "--messages wants a positive integer"
 for t in perf curl jq ss /usr/sbin/smtp-source; do command -v "$t" >/dev/null || die "missing $t"; done
 RELAY_PORT=$PORT_BASE SINK_PORT=$((PORT_BASE + 1)) STATS_PORT=$((PORT_BASE + 2))
-LIBC=$(ldd "$BIN/sluice" | awk '/libc\.so/ {print $3}')
+LIBC=${LIBC:-$(ldd "$BIN/sluice" | awk '/libc\.so/ {print $3}')}
 [ -f "$LIBC" ] || die "cannot find the libc sluice links"
 
 PIDS=() WORK=$(mktemp -d /var/tmp/sluice-count.XXXXXX)

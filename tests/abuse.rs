@@ -1319,6 +1319,7 @@ fn store_raw(path: &std::path::Path, bodies: &[Vec<u8>]) {
         map_size: 64 << 20,
         max_batch: 64,
         sync: true,
+        removal_linger: std::time::Duration::ZERO,
     })
     .expect("open spool");
     let ids = IdGenerator::new(0, None);

@@ -77,6 +77,7 @@ fn spool_commit(c: &mut Criterion) {
                     map_size: 32 << 30,
                     max_batch: 1024,
                     sync: true,
+                    removal_linger: std::time::Duration::ZERO,
                 })
                 .expect("open spool"),
             );

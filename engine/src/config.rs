@@ -29,6 +29,8 @@ use serde::Deserialize;
 /// Text of the example configuration shipped in the repository; its values are
 /// the built-in defaults, and a test keeps the two in agreement.
 pub const EXAMPLE_CONFIG: &str = include_str!("../../sluice.toml");
+/// Longest a finished message's removal may wait for a commit to ride.
+const MAX_REMOVAL_LINGER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -356,6 +358,9 @@ pub struct SpoolSection {
     pub map_size: ByteSize,
     pub max_batch: usize,
     pub sync: bool,
+    /// How long a finished message's removal may wait to ride a commit that
+    /// happens anyway; zero commits each removal at once.
+    pub removal_linger: HumanDuration,
 }
 
 impl Default for SpoolSection {
@@ -365,6 +370,7 @@ impl Default for SpoolSection {
             map_size: ByteSize(4 << 30),
             max_batch: 512,
             sync: true,
+            removal_linger: HumanDuration(Duration::from_millis(10)),
         }
     }
 }
@@ -889,6 +895,12 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if self.spool.removal_linger.0 > MAX_REMOVAL_LINGER {
+            return Err(invalid(
+                "spool.removal_linger".into(),
+                "must be at most 10s (finished messages stay on disk and in the queue counts that long)".into(),
+            ));
+        }
         if self.spool.map_size.0 < (1 << 20) {
             return Err(invalid(
                 "spool.map_size".into(),
@@ -1346,6 +1358,21 @@ mod tests {
         let from_file = Config::load("sluice.toml", EXAMPLE_CONFIG, &[]).expect("example loads");
         let defaults = Config::load("defaults", "", &[]).expect("defaults load");
         assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn removal_linger_is_bounded_and_zero_turns_it_off() {
+        match Config::load("t.toml", "[spool]\nremoval_linger = \"11s\"\n", &[]) {
+            Err(ConfigError::Invalid { key, line, .. }) => {
+                assert_eq!(key, "spool.removal_linger");
+                assert_eq!(line, Some(2));
+            }
+            other => panic!("11s accepted: {other:?}"),
+        }
+        let off = Config::load("t.toml", "[spool]\nremoval_linger = \"0s\"\n", &[]).expect("0s");
+        assert!(off.spool.removal_linger.0.is_zero());
+        let default = Config::load("t.toml", "", &[]).expect("defaults");
+        assert_eq!(default.spool.removal_linger.0, Duration::from_millis(10));
     }
 
     #[test]

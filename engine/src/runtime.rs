@@ -109,6 +109,7 @@ pub fn run(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             map_size: config.spool.map_size.0 as usize,
             max_batch: config.spool.max_batch,
             sync: config.spool.sync,
+            removal_linger: config.spool.removal_linger.0,
         })
         .with_context(|| format!("opening spool at {}", config.spool.path.display()))?,
     );

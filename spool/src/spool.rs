@@ -34,6 +34,9 @@ pub struct SpoolConfig {
     pub max_batch: usize,
     /// fsync on every commit. `false` is for benchmarks only.
     pub sync: bool,
+    /// How long a removal may wait to ride a commit that happens anyway
+    /// (a store or update) before it commits alone; zero commits it at once.
+    pub removal_linger: Duration,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -186,6 +189,7 @@ impl Spool {
                 metrics: crate::writer::WriterMetrics::new(),
                 replicator: spool.replicator.clone(),
                 defer_meta_sync: cfg.sync,
+                removal_linger: cfg.removal_linger,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("spool-writer-{i}"))

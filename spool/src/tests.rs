@@ -12,6 +12,7 @@ fn cfg(path: &Path, shards: u16) -> SpoolConfig {
         map_size: 64 << 20,
         max_batch: 256,
         sync: true,
+        removal_linger: std::time::Duration::ZERO,
     }
 }
 
@@ -458,6 +459,7 @@ fn update_replaces_envelope_and_fails_for_missing() {
         map_size: 16 << 20,
         max_batch: 64,
         sync: false,
+        removal_linger: std::time::Duration::ZERO,
     })
     .expect("open");
     let ids = IdGenerator::new(0, None);
@@ -478,4 +480,104 @@ fn update_replaces_envelope_and_fails_for_missing() {
     futures_lite::future::block_on(spool.remove(id)).expect("remove");
     let err = futures_lite::future::block_on(spool.update(id, &env)).expect_err("gone");
     assert_eq!(err, SpoolError::NotFound(id));
+}
+
+/// A spool whose removals wait up to `linger` for a commit to ride.
+fn lingering(path: &Path, linger: std::time::Duration) -> Spool {
+    Spool::open(&SpoolConfig {
+        removal_linger: linger,
+        ..cfg(path, 1)
+    })
+    .expect("open")
+}
+
+#[test]
+fn a_removal_rides_the_next_store_commit_instead_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    // Far longer than the test: the removal can only end by riding the store.
+    let spool = lingering(dir.path(), std::time::Duration::from_secs(10));
+    let g = IdGenerator::new(0, None);
+    let done = g.next(1);
+    block_on(spool.store(0, done, &envelope(3), body(3))).unwrap();
+    let before = spool.stats().unwrap().commits;
+    let removal = spool.remove(done);
+    let started = std::time::Instant::now();
+    block_on(spool.store(0, g.next(1), &envelope(3), body(3))).unwrap();
+    block_on(removal).unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "the removal waited for its linger instead of riding the store"
+    );
+    assert_eq!(
+        spool.stats().unwrap().commits - before,
+        1,
+        "the store and the removal were one commit"
+    );
+    assert_eq!(spool.count().unwrap(), 1);
+    assert_eq!(spool.envelope(done), Err(SpoolError::NotFound(done)));
+}
+
+#[test]
+fn a_lone_removal_commits_by_itself_once_its_linger_is_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let linger = std::time::Duration::from_millis(100);
+    let spool = lingering(dir.path(), linger);
+    let id = IdGenerator::new(0, None).next(1);
+    block_on(spool.store(0, id, &envelope(3), body(3))).unwrap();
+    let before = spool.stats().unwrap().commits;
+    let started = std::time::Instant::now();
+    block_on(spool.remove(id)).unwrap();
+    assert!(
+        started.elapsed() >= linger,
+        "a removal with nothing to ride committed before its linger was over"
+    );
+    assert_eq!(spool.stats().unwrap().commits - before, 1);
+    assert_eq!(spool.count().unwrap(), 0);
+}
+
+#[test]
+fn held_removals_are_committed_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = IdGenerator::new(0, None);
+    let ids: Vec<MessageId> = (0..3).map(|_| g.next(1)).collect();
+    {
+        let spool = lingering(dir.path(), std::time::Duration::from_secs(10));
+        for &id in &ids {
+            block_on(spool.store(0, id, &envelope(3), body(3))).unwrap();
+        }
+        let removals: Vec<_> = ids[..2].iter().map(|&id| spool.remove(id)).collect();
+        spool.shutdown();
+        for removal in removals {
+            block_on(removal).expect("a held removal is committed, not dropped, at shutdown");
+        }
+    }
+    let reopened = Spool::open(&cfg(dir.path(), 1)).unwrap();
+    assert_eq!(reopened.count().unwrap(), 1, "both removals are on disk");
+    assert!(reopened.envelope(ids[2]).is_ok());
+}
+
+#[test]
+fn a_batch_full_of_removals_commits_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&SpoolConfig {
+        removal_linger: std::time::Duration::from_secs(10),
+        max_batch: 4,
+        ..cfg(dir.path(), 1)
+    })
+    .unwrap();
+    let g = IdGenerator::new(0, None);
+    let ids: Vec<MessageId> = (0..4).map(|_| g.next(1)).collect();
+    for &id in &ids {
+        block_on(spool.store(0, id, &envelope(3), body(3))).unwrap();
+    }
+    let started = std::time::Instant::now();
+    let removals: Vec<_> = ids.iter().map(|&id| spool.remove(id)).collect();
+    for removal in removals {
+        block_on(removal).unwrap();
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "four removals fill a batch of four and commit at once"
+    );
+    assert_eq!(spool.count().unwrap(), 0);
 }

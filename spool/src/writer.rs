@@ -2,9 +2,9 @@
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 use heed::types::{Bytes, Str, U64};
@@ -135,6 +135,9 @@ pub(crate) struct Writer {
     /// commit flushes its data pages but leaves its meta page in the page
     /// cache, so its callers are answered only after a later flush.
     pub defer_meta_sync: bool,
+    /// How long a removal may wait for a commit that happens anyway
+    /// (`spool.removal_linger`; zero commits removals like any other op).
+    pub removal_linger: Duration,
 }
 
 /// An operation that committed, with its outcome, not yet answered.
@@ -185,6 +188,69 @@ impl<T> AckGate<T> {
     }
 }
 
+/// Removals held back from starting a commit of their own. A removal needs
+/// no prompt flush: lost in a crash, it only means the message is delivered
+/// once more after the restart, which at-least-once delivery already allows
+/// between the next hop's 250 and the removal's commit. So a removal waits,
+/// up to `limit`, to ride a commit that has to happen anyway (stores and
+/// updates, whose callers wait for durability); under load that is almost
+/// always within a millisecond. Half the commits of a relay under load were
+/// removals alone, each a full B-tree path, free-list and meta-page write.
+/// Sans-IO: the writer passes the time in.
+pub(crate) struct RemovalLinger<T> {
+    limit: Duration,
+    max: usize,
+    held: Vec<T>,
+    since: Option<Instant>,
+}
+
+impl<T> RemovalLinger<T> {
+    pub fn new(limit: Duration, max: usize) -> RemovalLinger<T> {
+        RemovalLinger {
+            limit,
+            max: max.max(1),
+            held: Vec::new(),
+            since: None,
+        }
+    }
+
+    /// False when removals commit like any other operation (limit zero).
+    pub fn enabled(&self) -> bool {
+        !self.limit.is_zero()
+    }
+
+    pub fn hold(&mut self, op: T, now: Instant) {
+        self.since.get_or_insert(now);
+        self.held.push(op);
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// When the oldest held removal must be committed, ridden or not.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.since.map(|since| since + self.limit)
+    }
+
+    /// The held removals must commit now, alone if need be: the oldest has
+    /// waited its limit, or they fill a batch.
+    pub fn due(&self, now: Instant) -> bool {
+        !self.held.is_empty()
+            && (self.held.len() >= self.max || self.deadline().is_some_and(|at| now >= at))
+    }
+
+    /// Hands every held removal to the commit about to run.
+    pub fn release_into(&mut self, batch: &mut Vec<T>) {
+        batch.append(&mut self.held);
+        self.since = None;
+    }
+}
+
 /// Group-commit metrics (names documented in METRICS.md). The handles are
 /// made once per writer, so a commit costs two histogram records.
 pub(crate) struct WriterMetrics {
@@ -215,20 +281,22 @@ impl Writer {
     pub fn run(self, rx: Receiver<Msg>) {
         let mut batch: Vec<Op> = Vec::with_capacity(self.max_batch);
         let mut gate: AckGate<Done> = AckGate::new(self.defer_meta_sync, self.max_batch);
+        let mut linger: RemovalLinger<Op> = RemovalLinger::new(self.removal_linger, self.max_batch);
         let mut shutting = false;
         loop {
-            // Block for work only when nobody is waiting on a flush.
+            // Block for work only when nobody is waiting on a flush; with
+            // removals held, no longer than the oldest may wait.
             if !shutting && !gate.waiting() {
-                match rx.recv() {
-                    Ok(Msg::Op(op)) => batch.push(op),
-                    Ok(Msg::Shutdown) => shutting = true,
-                    Err(_) => break,
+                match next_request(&rx, linger.deadline()) {
+                    Ok(Msg::Op(op)) => sort_op(op, &mut batch, &mut linger),
+                    Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => shutting = true,
+                    Err(RecvTimeoutError::Timeout) => {}
                 }
             }
             // Whatever queued up while the last commit was fsyncing joins this txn.
-            while batch.len() < self.max_batch {
+            while batch.len() + linger.len() < self.max_batch {
                 match rx.try_recv() {
-                    Ok(Msg::Op(op)) => batch.push(op),
+                    Ok(Msg::Op(op)) => sort_op(op, &mut batch, &mut linger),
                     Ok(Msg::Shutdown) => shutting = true,
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
@@ -237,9 +305,13 @@ impl Writer {
                     }
                 }
             }
-            if !batch.is_empty() {
+            let removals_due = linger.due(Instant::now()) || (shutting && !linger.is_empty());
+            if !batch.is_empty() || removals_due {
+                linger.release_into(&mut batch);
                 self.commit_batch(&mut batch, &mut gate);
             } else if gate.waiting() {
+                // Held removals stay held: a bare flush is cheaper than a
+                // commit that writes their pages now.
                 self.flush(&mut gate);
             } else if shutting {
                 break;
@@ -465,6 +537,41 @@ impl Writer {
     }
 }
 
+/// How long the writer polls its queue, yielding the CPU between polls,
+/// before it sleeps while removals are held.
+const POLL_BEFORE_SLEEP: Duration = Duration::from_micros(200);
+
+/// The next request, waiting no later than `deadline` (None: for as long as
+/// it takes). With removals held the relay is delivering, and a store is
+/// likely within a commit's time: the writer polls for it before it sleeps,
+/// so the store neither waits for this thread's wake-up nor makes its sender
+/// pay for one. Without that poll, lingering cost the pipelined load 2–7% of
+/// its rate on a 2-vCPU box (BENCHMARKS.md, 2026-12-07).
+fn next_request(rx: &Receiver<Msg>, deadline: Option<Instant>) -> Result<Msg, RecvTimeoutError> {
+    let Some(deadline) = deadline else {
+        return rx.recv().map_err(|_| RecvTimeoutError::Disconnected);
+    };
+    let poll_until = (Instant::now() + POLL_BEFORE_SLEEP).min(deadline);
+    loop {
+        match rx.try_recv() {
+            Ok(msg) => return Ok(msg),
+            Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+            Err(TryRecvError::Empty) if Instant::now() < poll_until => std::thread::yield_now(),
+            Err(TryRecvError::Empty) => break,
+        }
+    }
+    rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+}
+
+/// Removals wait in `linger` (when it is on); everything else commits next.
+fn sort_op(op: Op, batch: &mut Vec<Op>, linger: &mut RemovalLinger<Op>) {
+    if linger.enabled() && matches!(op.kind, OpKind::Remove { .. }) {
+        linger.hold(op, Instant::now());
+    } else {
+        batch.push(op);
+    }
+}
+
 fn bump(meta: &MetaDb, wtxn: &mut heed::RwTxn, key: &str, by: u64) -> Result<(), heed::Error> {
     let now = meta.get(wtxn, key)?.unwrap_or(0);
     meta.put(wtxn, key, &now.wrapping_add(by))
@@ -525,5 +632,74 @@ mod ack_gate_tests {
         let mut gate = AckGate::new(false, 4);
         assert_eq!(gate.committed([1, 2]), vec![1, 2]);
         assert!(!gate.waiting());
+    }
+}
+
+#[cfg(test)]
+mod removal_linger_tests {
+    use std::time::{Duration, Instant};
+
+    use super::RemovalLinger;
+
+    const LIMIT: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn a_held_removal_is_due_only_once_the_oldest_has_waited_the_limit() {
+        let start = Instant::now();
+        let mut linger = RemovalLinger::new(LIMIT, 8);
+        assert!(linger.enabled());
+        assert_eq!(linger.deadline(), None, "nothing held, nothing to wake for");
+        assert!(!linger.due(start));
+        linger.hold(1, start);
+        linger.hold(2, start + Duration::from_millis(30));
+        assert_eq!(
+            linger.deadline(),
+            Some(start + LIMIT),
+            "the oldest removal sets the deadline"
+        );
+        assert!(!linger.due(start + Duration::from_millis(49)));
+        assert!(linger.due(start + LIMIT));
+    }
+
+    #[test]
+    fn a_full_batch_of_removals_is_due_at_once() {
+        let start = Instant::now();
+        let mut linger = RemovalLinger::new(LIMIT, 3);
+        for op in 0..2 {
+            linger.hold(op, start);
+        }
+        assert!(!linger.due(start));
+        linger.hold(2, start);
+        assert!(linger.due(start), "three held fill a batch of three");
+    }
+
+    #[test]
+    fn releasing_hands_every_removal_over_and_restarts_the_clock() {
+        let start = Instant::now();
+        let mut linger = RemovalLinger::new(LIMIT, 8);
+        linger.hold(1, start);
+        linger.hold(2, start);
+        let mut batch = vec![0];
+        linger.release_into(&mut batch);
+        assert_eq!(
+            batch,
+            vec![0, 1, 2],
+            "removals ride after the batch's own ops"
+        );
+        assert!(linger.is_empty());
+        assert_eq!(linger.deadline(), None);
+        let later = start + Duration::from_secs(1);
+        linger.hold(3, later);
+        assert_eq!(
+            linger.deadline(),
+            Some(later + LIMIT),
+            "the clock starts again with the next held removal"
+        );
+    }
+
+    #[test]
+    fn a_zero_limit_turns_lingering_off() {
+        let linger: RemovalLinger<u8> = RemovalLinger::new(Duration::ZERO, 8);
+        assert!(!linger.enabled());
     }
 }
