@@ -591,7 +591,7 @@ measure() { # CASE_INDEX SETUP SIZE CONNS MEAS_INDEX RCPTS TLS
     fi
     if [ -n "$cpu0" ] && [ -n "$cpu1" ]; then
         CPU[$key]=$(awk -v d=$((cpu1 - cpu0)) -v hz="$CLK_TCK" -v n="$MESSAGES" \
-            'BEGIN { printf "%.2f", d / hz / n * 1000 }')
+            'BEGIN { printf "%.3f", d / hz / n * 1000 }')
     else
         CPU[$key]=""
     fi

@@ -191,17 +191,21 @@ impl<T> AckGate<T> {
 /// Removals held back from starting a commit of their own. A removal needs
 /// no prompt flush: lost in a crash, it only means the message is delivered
 /// once more after the restart, which at-least-once delivery already allows
-/// between the next hop's 250 and the removal's commit. So a removal waits,
-/// up to `limit`, to ride a commit that has to happen anyway (stores and
-/// updates, whose callers wait for durability); under load that is almost
-/// always within a millisecond. Half the commits of a relay under load were
-/// removals alone, each a full B-tree path, free-list and meta-page write.
-/// Sans-IO: the writer passes the time in.
+/// between the next hop's 250 and the removal's commit. So while stores or
+/// updates are flowing (one was queued within the last `limit`), a removal
+/// waits, up to `limit`, to ride the commit they are about to make; under
+/// load that is almost always within a millisecond. When nothing else is
+/// being written (a queue draining), removals commit at once as before, so a
+/// crash then costs no more duplicates than it did. Half the commits of a
+/// relay under load were removals alone, each a full B-tree path, free-list
+/// and meta-page write. Sans-IO: the writer passes the time in.
 pub(crate) struct RemovalLinger<T> {
     limit: Duration,
     max: usize,
     held: Vec<T>,
     since: Option<Instant>,
+    /// When the last store or update was queued.
+    last_write: Option<Instant>,
 }
 
 impl<T> RemovalLinger<T> {
@@ -211,12 +215,26 @@ impl<T> RemovalLinger<T> {
             max: max.max(1),
             held: Vec::new(),
             since: None,
+            last_write: None,
         }
     }
 
     /// False when removals commit like any other operation (limit zero).
     pub fn enabled(&self) -> bool {
         !self.limit.is_zero()
+    }
+
+    /// A store or update was queued: a commit is coming that removals can ride.
+    pub fn saw_write(&mut self, now: Instant) {
+        self.last_write = Some(now);
+    }
+
+    /// A removal queued at `now` waits only while other writes are flowing.
+    pub fn should_hold(&self, now: Instant) -> bool {
+        self.enabled()
+            && self
+                .last_write
+                .is_some_and(|at| now.saturating_duration_since(at) < self.limit)
     }
 
     pub fn hold(&mut self, op: T, now: Instant) {
@@ -563,13 +581,19 @@ fn next_request(rx: &Receiver<Msg>, deadline: Option<Instant>) -> Result<Msg, Re
     rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
 }
 
-/// Removals wait in `linger` (when it is on); everything else commits next.
+/// Removals wait in `linger` while other writes flow; everything else
+/// commits next.
 fn sort_op(op: Op, batch: &mut Vec<Op>, linger: &mut RemovalLinger<Op>) {
-    if linger.enabled() && matches!(op.kind, OpKind::Remove { .. }) {
-        linger.hold(op, Instant::now());
+    let now = Instant::now();
+    if matches!(op.kind, OpKind::Remove { .. }) {
+        if linger.should_hold(now) {
+            linger.hold(op, now);
+            return;
+        }
     } else {
-        batch.push(op);
+        linger.saw_write(now);
     }
+    batch.push(op);
 }
 
 fn bump(meta: &MetaDb, wtxn: &mut heed::RwTxn, key: &str, by: u64) -> Result<(), heed::Error> {
@@ -699,7 +723,28 @@ mod removal_linger_tests {
 
     #[test]
     fn a_zero_limit_turns_lingering_off() {
-        let linger: RemovalLinger<u8> = RemovalLinger::new(Duration::ZERO, 8);
+        let mut linger: RemovalLinger<u8> = RemovalLinger::new(Duration::ZERO, 8);
         assert!(!linger.enabled());
+        let now = Instant::now();
+        linger.saw_write(now);
+        assert!(!linger.should_hold(now));
+    }
+
+    #[test]
+    fn removals_wait_only_while_other_writes_flow() {
+        let start = Instant::now();
+        let mut linger: RemovalLinger<u8> = RemovalLinger::new(LIMIT, 8);
+        assert!(
+            !linger.should_hold(start),
+            "no store seen yet: a draining queue commits its removals at once"
+        );
+        linger.saw_write(start);
+        assert!(linger.should_hold(start + Duration::from_millis(49)));
+        assert!(
+            !linger.should_hold(start + LIMIT),
+            "no store for a whole linger: nothing to ride"
+        );
+        linger.saw_write(start + Duration::from_secs(1));
+        assert!(linger.should_hold(start + Duration::from_secs(1)));
     }
 }
