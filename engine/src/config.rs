@@ -898,7 +898,10 @@ impl Config {
         if self.spool.removal_linger.0 > MAX_REMOVAL_LINGER {
             return Err(invalid(
                 "spool.removal_linger".into(),
-                "must be at most 10s (finished messages stay on disk and in the queue counts that long)".into(),
+                format!(
+                    "must be at most {} (finished messages stay on disk and in the queue counts that long)",
+                    humantime::format_duration(MAX_REMOVAL_LINGER)
+                ),
             ));
         }
         if self.spool.map_size.0 < (1 << 20) {
