@@ -108,10 +108,10 @@ pub struct DeliverySection {
     /// Most messages due now held in memory for delivery, over all cores
     /// (each core holds its share); 0 = no bound. One costs about 2 KiB
     /// (envelope, jobs in the site queues). Beyond it a message due now waits
-    /// as its id only (8 bytes), in arrival order, and is read back from the
-    /// spool as attempts end: acceptance outrunning delivery grows the spool,
-    /// not memory. Mail behind a slow destination can then delay mail to
-    /// others until its turn, so keep it well above the normal backlog.
+    /// as its id only (8 bytes), in its destination's line, and is read back
+    /// from the spool as attempts end: acceptance outrunning delivery grows
+    /// the spool, not memory. Lines are served in turn and one destination
+    /// holds at most half a core's share (`delivery/ready_lines.rs`).
     pub max_ready_messages: usize,
     /// Bounce classification rules tried before the shipped ones
     /// (docs/bounce-classes.md); re-read on reload.

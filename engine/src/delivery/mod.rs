@@ -10,8 +10,9 @@
 //!   per-queue message rate and concurrency at dispatch.
 //! * `ready.rs` — the memory bound on messages due now
 //!   (`delivery.max_ready_messages`): beyond this core's share, a message
-//!   due now waits as its id only, in order, and is read back from the spool
-//!   as attempts end.
+//!   due now waits as its id only, and is read back from the spool as
+//!   attempts end. `ready_lines.rs` decides who goes next: a line per
+//!   destination served in turn, none holding more than half the share.
 //! * `ledger.rs` — the decisions, **sans-IO**: whether a woken message is
 //!   attempted (FUTURERELEASE, DELIVERBY, retry time), how recipients group
 //!   into jobs, how results merge into the envelope, and what follows an
@@ -70,6 +71,7 @@ mod notices;
 pub mod outbound;
 pub mod pools;
 mod ready;
+mod ready_lines;
 mod rollup;
 mod routing;
 mod scheduler;
@@ -83,7 +85,7 @@ pub mod tls_rpt;
 pub mod tls_rpt_io;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -151,11 +153,13 @@ pub struct CoreDelivery {
     resolving: RefCell<std::collections::HashSet<MessageId>>,
     timers: RefCell<BTreeSet<(u64, MessageId)>>,
     timer_wake: event_listener::Event,
-    /// Messages due now beyond this core's share of
+    /// Messages held in memory for delivery, per destination, and those due
+    /// now waiting for room under this core's share of
     /// `delivery.max_ready_messages`: ids only (8 bytes each, the envelope
-    /// stays on disk), in order, dispatched as attempts end (`ready.rs`).
-    waiting: RefCell<VecDeque<MessageId>>,
-    /// `waiting.len()` as `sluice_delivery_waiting_messages{core}`.
+    /// stays on disk), a line per destination, dispatched in turn as attempts
+    /// end (`ready.rs`, `ready_lines.rs`).
+    ready: RefCell<ready_lines::ReadyLines>,
+    /// The waiting count as `sluice_delivery_waiting_messages{core}`.
     waiting_gauge: metrics::Gauge,
     /// A task is dispatching from `waiting`.
     pumping: Cell<bool>,
@@ -214,7 +218,7 @@ impl CoreDelivery {
             senders,
             attempts: RefCell::new(HashMap::new()),
             resolving: RefCell::new(Default::default()),
-            waiting: RefCell::new(VecDeque::new()),
+            ready: RefCell::new(Default::default()),
             waiting_gauge: crate::metrics::ready_waiting(core),
             pumping: Cell::new(false),
             timers: RefCell::new(BTreeSet::new()),
@@ -286,7 +290,7 @@ impl Handoff for CoreDelivery {
     fn accepted(&self, id: MessageId, envelope: Envelope) {
         // The scheduler's methods take the Rc (they spawn tasks holding it).
         if let Some(me) = self.me() {
-            if me.must_wait(id) {
+            if me.must_wait(id, &envelope) {
                 // Stored; read back when its turn comes.
                 return;
             }

@@ -4,14 +4,25 @@
 //! site queues): about 2 KiB. When acceptance outruns delivery that backlog
 //! would grow with the queue. Past this core's share of the bound, a message
 //! due now (fresh from SMTP, or woken by its timer) waits as its id only, in
-//! arrival order; as attempts end, the waiting ones are read back from the
-//! spool and dispatched. Nothing is refused or lost: the spool holds them.
+//! its destination's line (`ready_lines.rs`: lines served in turn, no
+//! destination holding more than half the share); as attempts end, the
+//! waiting ones are read back from the spool and dispatched. Nothing is
+//! refused or lost: the spool holds them.
 
 use std::rc::Rc;
 
-use sluice_spool::{MessageId, SpoolError};
+use sluice_spool::{Envelope, MessageId, SpoolError};
 
 use super::{halted, throttle, CoreDelivery};
+
+/// The destination a message counts against: its first recipient's domain.
+fn destination(envelope: &Envelope) -> String {
+    envelope
+        .recipients
+        .first()
+        .map(|r| super::routing::domain_of(&r.address))
+        .unwrap_or_default()
+}
 
 impl CoreDelivery {
     /// This core's share of `delivery.max_ready_messages` (0 = no bound).
@@ -19,36 +30,50 @@ impl CoreDelivery {
         throttle::per_core_share(self.cfg().delivery.max_ready_messages, self.cores)
     }
 
-    /// Messages this core holds in memory for delivery now.
-    fn ready_in_memory(&self) -> usize {
-        self.attempts.borrow().len() + self.resolving.borrow().len()
-    }
-
     /// Message `id` is being attempted (or its MX hosts looked up) already.
     pub(super) fn in_flight(&self, id: MessageId) -> bool {
         self.attempts.borrow().contains_key(&id) || self.resolving.borrow().contains(&id)
     }
 
+    /// Message `id` is held in memory for delivery now: an attempt, or its MX
+    /// hosts or filters being asked. Every insert into `attempts` or
+    /// `resolving` goes through here, so the per-destination counts hold.
+    pub(super) fn hold_in_memory(&self, id: MessageId, envelope: &Envelope) {
+        self.ready.borrow_mut().enter(id, &destination(envelope));
+    }
+
+    /// Message `id` left memory (the counterpart of `hold_in_memory`).
+    pub(super) fn release_from_memory(&self, id: MessageId) {
+        if !self.in_flight(id) {
+            self.ready.borrow_mut().leave(id);
+        }
+    }
+
     /// True when message `id`, due now, must wait its turn (it is queued as
-    /// its id): the bound is reached, or others already wait before it.
-    pub(super) fn must_wait(&self, id: MessageId) -> bool {
+    /// its id): the share is full, its destination holds half of it, or
+    /// others for its destination already wait before it.
+    pub(super) fn must_wait(&self, id: MessageId, envelope: &Envelope) -> bool {
         let cap = self.ready_cap();
         if cap == 0 {
             return false;
         }
-        let mut waiting = self.waiting.borrow_mut();
-        if waiting.is_empty() && self.ready_in_memory() < cap {
+        let mut ready = self.ready.borrow_mut();
+        if !ready.must_wait(id, &destination(envelope), cap) {
             return false;
         }
-        waiting.push_back(id);
-        self.waiting_gauge.set(waiting.len() as f64);
+        self.waiting_gauge.set(ready.waiting() as f64);
         true
+    }
+
+    /// Messages due now that wait for room.
+    pub(super) fn waiting_count(&self) -> usize {
+        self.ready.borrow().waiting()
     }
 
     /// An attempt ended: dispatch waiting messages while there is room. One
     /// task at a time does it, yielding between messages.
     pub(super) fn pump_waiting(self: &Rc<Self>) {
-        if self.pumping.get() || self.waiting.borrow().is_empty() {
+        if self.pumping.get() || self.waiting_count() == 0 {
             return;
         }
         self.pumping.set(true);
@@ -71,13 +96,11 @@ impl CoreDelivery {
                 return;
             }
             let cap = self.ready_cap();
-            let next = if cap == 0 || self.ready_in_memory() < cap {
-                let mut waiting = self.waiting.borrow_mut();
-                let next = waiting.pop_front();
-                self.waiting_gauge.set(waiting.len() as f64);
+            let next = {
+                let mut ready = self.ready.borrow_mut();
+                let next = ready.next(cap);
+                self.waiting_gauge.set(ready.waiting() as f64);
                 next
-            } else {
-                None
             };
             let Some(id) = next else {
                 return;

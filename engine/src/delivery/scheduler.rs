@@ -32,7 +32,7 @@ impl CoreDelivery {
             match next {
                 Some((due, id)) if due <= now => {
                     self.timers.borrow_mut().remove(&(due, id));
-                    if self.in_flight(id) || self.must_wait(id) {
+                    if self.in_flight(id) {
                         continue;
                     }
                     if self.shared.spool.is_failed() {
@@ -41,6 +41,8 @@ impl CoreDelivery {
                         continue;
                     }
                     match self.shared.spool.envelope(id) {
+                        // Its destination decides whether it waits for room.
+                        Ok(env) if self.must_wait(id, &env) => {}
                         Ok(env) => self.dispatch(id, env),
                         Err(e) => tracing::warn!(id = %id, "scheduled message unreadable: {e}"),
                     }
@@ -50,7 +52,7 @@ impl CoreDelivery {
                 _ => {
                     // Messages waiting for room (ready.rs) get a 1 s backstop
                     // in case no ending attempt wakes them.
-                    let backstop = (!self.waiting.borrow().is_empty()).then_some(1_000);
+                    let backstop = (self.waiting_count() > 0).then_some(1_000);
                     self.pump_waiting();
                     let wait_ms = match next {
                         Some((due, _)) => Some((due - now).min(backstop.unwrap_or(60_000))),
@@ -169,10 +171,12 @@ impl CoreDelivery {
         if self.shared.rules.load().uses_mx() || self.needs_mx_for_warmup() {
             // A rule matches on MX host names: look them up before routing.
             self.resolving.borrow_mut().insert(id);
+            self.hold_in_memory(id, &envelope);
             let me = self.clone();
             glommio::spawn_local(async move {
                 let mx = me.mx_hosts(&envelope).await;
                 me.resolving.borrow_mut().remove(&id);
+                me.release_from_memory(id);
                 if !me.stopped.get() {
                     me.send_jobs(id, envelope, Some(&mx), now_ms());
                     me.pump_waiting();
@@ -292,6 +296,7 @@ impl CoreDelivery {
                 .borrow_mut()
                 .start(&envelope.queue, outstanding);
         }
+        self.hold_in_memory(id, &envelope);
         self.attempts
             .borrow_mut()
             .insert(id, Attempt::new(envelope, outstanding, true));
@@ -408,6 +413,7 @@ impl CoreDelivery {
             }
         };
         if let Some(attempt) = done {
+            self.release_from_memory(id);
             self.pump_waiting();
             let me = self.clone();
             let busy = self.admin_finalizing(id);
