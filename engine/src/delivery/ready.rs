@@ -36,8 +36,9 @@ impl CoreDelivery {
     }
 
     /// Message `id` is held in memory for delivery now: an attempt, or its MX
-    /// hosts or filters being asked. Every insert into `attempts` or
-    /// `resolving` goes through here, so the per-destination counts hold.
+    /// hosts or filters being asked. Called at every insert into `attempts`
+    /// or `resolving` (and `release_from_memory` at every removal), so the
+    /// per-destination counts hold.
     pub(super) fn hold_in_memory(&self, id: MessageId, envelope: &Envelope) {
         self.ready.borrow_mut().enter(id, &destination(envelope));
     }
