@@ -530,6 +530,14 @@ fn assert_drained_within_the_bound(relay: &Relay, sink: &LoadgenSink, n: u64) {
         "{m}"
     );
     assert_eq!(sink.messages(), n, "each delivered once");
+    assert_ready_counts_held(relay);
+}
+
+/// The ready bound's per-destination counts never needed the safety net
+/// (a removal that skipped `release_from_memory` would have tripped it).
+fn assert_ready_counts_held(relay: &Relay) {
+    let log = relay.log();
+    assert!(!log.contains("counts corrected"), "{log}");
 }
 
 /// `delivery.max_ready_messages`: with acceptance far ahead of a slow next
@@ -621,6 +629,7 @@ fn a_slow_destinations_backlog_does_not_hold_back_mail_for_another() {
         || relay.log(),
     );
     assert_eq!((slow.messages(), fast.messages()), (SLOW_BACKLOG, FAST));
+    assert_ready_counts_held(&relay);
     assert_eq!(
         metric_sum(&relay.metrics(), "sluice_delivery_waiting_messages"),
         0.0

@@ -66,6 +66,26 @@ impl CoreDelivery {
         true
     }
 
+    /// The safety net under the pairing above: more messages counted as
+    /// held than `attempts` and `resolving` hold means a removal missed
+    /// `release_from_memory`. Forget those (logged), or their destination
+    /// would stay at its limit and its line would never move.
+    fn correct_held_counts(&self) {
+        let in_memory = self.attempts.borrow().len() + self.resolving.borrow().len();
+        let mut ready = self.ready.borrow_mut();
+        if ready.held() <= in_memory {
+            return;
+        }
+        let attempts = self.attempts.borrow();
+        let resolving = self.resolving.borrow();
+        let dropped = ready.retain_held(|id| attempts.contains_key(&id) || resolving.contains(&id));
+        tracing::warn!(
+            core = self.core,
+            dropped,
+            "ready bound: messages counted as held were no longer in memory; counts corrected"
+        );
+    }
+
     /// Messages due now that wait for room.
     pub(super) fn waiting_count(&self) -> usize {
         self.ready.borrow().waiting()
@@ -96,6 +116,7 @@ impl CoreDelivery {
                 halted();
                 return;
             }
+            self.correct_held_counts();
             let cap = self.ready_cap();
             let next = {
                 let mut ready = self.ready.borrow_mut();
