@@ -534,7 +534,8 @@ fn assert_drained_within_the_bound(relay: &Relay, sink: &LoadgenSink, n: u64) {
 }
 
 /// The ready bound's per-destination counts never needed the safety net
-/// (a removal that skipped `release_from_memory` would have tripped it).
+/// (a removal that bypassed `end_attempt` / `end_resolving` would have
+/// tripped it).
 fn assert_ready_counts_held(relay: &Relay) {
     let log = relay.log();
     assert!(!log.contains("counts corrected"), "{log}");

@@ -13,6 +13,7 @@ use std::rc::Rc;
 
 use sluice_spool::{Envelope, MessageId, SpoolError};
 
+use super::ledger::Attempt;
 use super::{halted, throttle, CoreDelivery};
 
 /// The destination a message counts against: its first recipient's domain.
@@ -35,19 +36,32 @@ impl CoreDelivery {
         self.attempts.borrow().contains_key(&id) || self.resolving.borrow().contains(&id)
     }
 
-    /// Message `id` is held in memory for delivery now: an attempt, or its MX
-    /// hosts or filters being asked. Called at every insert into `attempts`
-    /// or `resolving` (and `release_from_memory` at every removal), so the
-    /// per-destination counts hold.
-    pub(super) fn hold_in_memory(&self, id: MessageId, envelope: &Envelope) {
-        self.ready.borrow_mut().enter(id, &destination(envelope));
+    /// Message `id` is being attempted: it enters `attempts`, and is counted
+    /// against its destination. `attempts` and `resolving` change only
+    /// through these four methods, so the per-destination counts hold.
+    pub(super) fn start_attempt(&self, id: MessageId, attempt: Attempt) {
+        self.ready
+            .borrow_mut()
+            .enter(id, &destination(&attempt.envelope));
+        self.attempts.borrow_mut().insert(id, attempt);
     }
 
-    /// Message `id` left memory (the counterpart of `hold_in_memory`).
-    pub(super) fn release_from_memory(&self, id: MessageId) {
-        if !self.in_flight(id) {
-            self.ready.borrow_mut().leave(id);
-        }
+    /// Message `id`'s attempt is complete: it leaves memory.
+    pub(super) fn end_attempt(&self, id: MessageId) -> Option<Attempt> {
+        self.ready.borrow_mut().leave(id);
+        self.attempts.borrow_mut().remove(&id)
+    }
+
+    /// Message `id`'s MX hosts or delivery filters are being asked.
+    pub(super) fn start_resolving(&self, id: MessageId, envelope: &Envelope) {
+        self.ready.borrow_mut().enter(id, &destination(envelope));
+        self.resolving.borrow_mut().insert(id);
+    }
+
+    /// Message `id`'s MX hosts or filters answered.
+    pub(super) fn end_resolving(&self, id: MessageId) {
+        self.ready.borrow_mut().leave(id);
+        self.resolving.borrow_mut().remove(&id);
     }
 
     /// True when message `id`, due now, must wait its turn (it is queued as
@@ -66,9 +80,9 @@ impl CoreDelivery {
         true
     }
 
-    /// The safety net under the pairing above: more messages counted as
-    /// held than `attempts` and `resolving` hold means a removal missed
-    /// `release_from_memory`. Forget those (logged), or their destination
+    /// The safety net under the methods above: more messages counted as
+    /// held than `attempts` and `resolving` hold means a removal bypassed
+    /// them. Forget those (logged), or their destination
     /// would stay at its limit and its line would never move.
     fn correct_held_counts(&self) {
         let in_memory = self.attempts.borrow().len() + self.resolving.borrow().len();

@@ -170,13 +170,11 @@ impl CoreDelivery {
         // provider (known from the MX hosts).
         if self.shared.rules.load().uses_mx() || self.needs_mx_for_warmup() {
             // A rule matches on MX host names: look them up before routing.
-            self.resolving.borrow_mut().insert(id);
-            self.hold_in_memory(id, &envelope);
+            self.start_resolving(id, &envelope);
             let me = self.clone();
             glommio::spawn_local(async move {
                 let mx = me.mx_hosts(&envelope).await;
-                me.resolving.borrow_mut().remove(&id);
-                me.release_from_memory(id);
+                me.end_resolving(id);
                 if !me.stopped.get() {
                     me.send_jobs(id, envelope, Some(&mx), now_ms());
                     me.pump_waiting();
@@ -296,10 +294,7 @@ impl CoreDelivery {
                 .borrow_mut()
                 .start(&envelope.queue, outstanding);
         }
-        self.hold_in_memory(id, &envelope);
-        self.attempts
-            .borrow_mut()
-            .insert(id, Attempt::new(envelope, outstanding, true));
+        self.start_attempt(id, Attempt::new(envelope, outstanding, true));
         if !unroutable.is_empty() {
             self.on_result(JobResult {
                 id,
@@ -388,7 +383,7 @@ impl CoreDelivery {
     /// Shard-owner side: merge a job's result; finalize when the attempt is complete.
     pub(super) fn on_result(self: &Rc<Self>, result: JobResult) {
         let id = result.id;
-        let done = {
+        let last = {
             let mut attempts = self.attempts.borrow_mut();
             let Some(attempt) = attempts.get_mut(&id) else {
                 return;
@@ -406,14 +401,10 @@ impl CoreDelivery {
                     self.schedule(now, held);
                 }
             }
-            if last {
-                attempts.remove(&id)
-            } else {
-                None
-            }
+            last
         };
+        let done = if last { self.end_attempt(id) } else { None };
         if let Some(attempt) = done {
-            self.release_from_memory(id);
             self.pump_waiting();
             let me = self.clone();
             let busy = self.admin_finalizing(id);

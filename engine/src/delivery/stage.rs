@@ -53,8 +53,7 @@ impl CoreDelivery {
         filters: Arc<Filters>,
         released: bool,
     ) {
-        self.resolving.borrow_mut().insert(id);
-        self.hold_in_memory(id, &envelope);
+        self.start_resolving(id, &envelope);
         let me = self.clone();
         glommio::spawn_local(async move {
             let verdict = me.ask_before_delivery(id, &envelope, filters).await;
@@ -63,8 +62,7 @@ impl CoreDelivery {
             }
             let let_through = released && matches!(verdict, Verdict::Quarantine { .. });
             if verdict == Verdict::Accept || let_through {
-                me.resolving.borrow_mut().remove(&id);
-                me.release_from_memory(id);
+                me.end_resolving(id);
                 me.route(id, envelope, now_ms());
                 return;
             }
@@ -78,8 +76,7 @@ impl CoreDelivery {
             );
             crate::metrics::delivery_stage_refused(verdict.name());
             me.clone().carry_out(id, envelope, verdict).await;
-            me.resolving.borrow_mut().remove(&id);
-            me.release_from_memory(id);
+            me.end_resolving(id);
         })
         .detach();
     }
