@@ -73,9 +73,10 @@ pub fn loadgen_bin() -> PathBuf {
 /// the port between our check and the relay's bind (which failed CI once).
 const FREE_PORTS: std::ops::Range<u16> = 10_000..32_000;
 
-/// A free loopback port: a port of [`FREE_PORTS`] that binds now, released again. Each
-/// test process starts at its own point of the range (pid, clock) and walks on, so tests
-/// running side by side rarely try the same ports.
+/// A free loopback port: a port of [`FREE_PORTS`] that binds now, released again, and
+/// that no other test process has claimed. Each test process starts at its own point of
+/// the range (pid, clock) and walks on, so tests running side by side rarely try the
+/// same ports.
 pub fn free_port() -> u16 {
     free_port_where(|port| TcpListener::bind(("127.0.0.1", port)).is_ok())
 }
@@ -101,11 +102,40 @@ pub(crate) fn free_port_where(usable: impl Fn(u16) -> bool) -> u16 {
         // Step by a prime so processes that start near each other spread apart.
         let n = NEXT.fetch_add(97, Ordering::Relaxed) % span;
         let port = FREE_PORTS.start + n as u16;
-        if usable(port) {
+        if usable(port) && claim(port) {
             return port;
         }
     }
     panic!("no free loopback port in {FREE_PORTS:?}")
+}
+
+/// Claims `port` for this test process until it exits: an flock on a file
+/// named after the port. A port that binds now may be bound by the relay only
+/// seconds later (an Ansible run, say), and another test process walking the
+/// range must not hand it out meanwhile (that failed a suite run once).
+fn claim(port: u16) -> bool {
+    use std::os::fd::AsRawFd;
+    static CLAIMS: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("sluice-testkit-ports");
+    let _ = std::fs::create_dir_all(&dir);
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(port.to_string()))
+    else {
+        // No claim possible: the bind check alone decides, as before.
+        return true;
+    };
+    // SAFETY: flock on a descriptor `file` owns and keeps open; LOCK_NB never blocks.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return false;
+    }
+    // Held until the process exits, which releases the lock.
+    if let Ok(mut claims) = CLAIMS.lock() {
+        claims.push(file);
+    }
+    true
 }
 
 static NONCE: AtomicUsize = AtomicUsize::new(0);
